@@ -1,0 +1,38 @@
+"""`mamballama convert TEACHER --ratio R --output DIR`"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def command(
+    teacher: str = typer.Argument(..., help="Local HF checkpoint dir, a .gguf file, a hub id, or 'default' "
+                                  "(the embedded SmolLM2-135M-Instruct)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory to write the hybrid to."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of layers that keep attention, 0..1 "
+                                          "(evenly spaced, last layer included). Default 0.5."),
+    attn_layers: Optional[str] = typer.Option(None, "--attn-layers", help="Explicit attention layers, e.g. "
+                                              "3,7,11 (overrides --ratio; 'none' for an all-Mamba model)."),
+    draft_layers: Optional[str] = typer.Option(None, "--draft-layers", help="Instead of a hybrid, cut a small "
+                                               "Transformer draft from these teacher layers, e.g. 0,10,20,29."),
+    mixer: Optional[str] = typer.Option(None, "--mixer", help="mamba2 (default) or mamba1."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (teacher's), float32, bfloat16, float16."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the freshly initialised parameters."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+):
+    from mamballama_cli.config import merge_config
+    from mamballama_cli.convert import ConvertConfig, print_summary, run_convert
+
+    cfg = merge_config(
+        ConvertConfig,
+        config_file=config,
+        overrides=dict(teacher=teacher, output=output, ratio=ratio, attn_layers=attn_layers,
+                       draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed, force=force or None),
+    )
+    summary = run_convert(cfg)
+    print_summary(summary, json_out)

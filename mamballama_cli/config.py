@@ -1,0 +1,125 @@
+"""One documented config per command, merged once: defaults < template YAML < --config FILE < CLI flags.
+
+Unknown keys are errors with a did-you-mean; cross-field checks live in each config's ``validate``; the
+resolved config is saved beside every artefact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mamballama_cli.errors import UsageError
+
+T = TypeVar("T")
+
+TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def find_template(name: str) -> Path:
+    """A template by name ("distill-paper") or path. Templates live in the repo's templates/ folder."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for candidate in (TEMPLATES_DIR / f"{name}.yaml", TEMPLATES_DIR / name):
+        if candidate.is_file():
+            return candidate
+    known = sorted(x.stem for x in TEMPLATES_DIR.glob("*.yaml")) if TEMPLATES_DIR.is_dir() else []
+    hint = difflib.get_close_matches(name, known, n=1)
+    raise UsageError(
+        f"template {name!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + (f" Available: {', '.join(known)}" if known else "")
+    )
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UsageError(f"config file {path}{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {path} must hold a mapping of keys to values")
+    return data
+
+
+def _check_keys(cls, data: dict, source: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            raise UsageError(
+                f"unknown key {key!r} in {source}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+
+
+def _coerce(tp, value, key: str):
+    """Coerce YAML/CLI values to the dataclass field type for simple types and nested dataclasses."""
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _coerce(args[0], value, key)
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return build(tp, value, source=f"key {key!r}")
+    if origin is list and isinstance(value, list):
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_coerce(inner, v, key) for v in value]
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"{key}: {value!r} is not a number")
+    if tp is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise UsageError(f"{key}: {value!r} is not an integer")
+    return value
+
+
+def build(cls: type[T], data: dict, source: str = "config") -> T:
+    _check_keys(cls, data, source)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints.get(k, Any), v, k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def merge_config(cls: type[T], *, template: str | None = None, config_file: str | Path | None = None,
+                 overrides: dict | None = None) -> T:
+    """defaults < template < config file < overrides (keys whose value is None are 'not given')."""
+    data: dict = {}
+    if template:
+        tpath = find_template(template)
+        tdata = read_yaml(tpath)
+        _check_keys(cls, tdata, f"template {tpath.name}")
+        data.update(tdata)
+    if config_file:
+        fdata = read_yaml(config_file)
+        _check_keys(cls, fdata, f"config file {config_file}")
+        data.update(fdata)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    cfg = build(cls, data)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

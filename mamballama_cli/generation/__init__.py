@@ -1,0 +1,1 @@
+"""Generation: plain decoding and speculative decoding for recurrent state."""

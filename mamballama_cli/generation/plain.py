@@ -1,0 +1,132 @@
+"""Plain (non-speculative) generation with streaming text and timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    new_tokens: int
+    time_to_first_token_s: float
+    total_s: float
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        dt = self.total_s - self.time_to_first_token_s
+        return (self.new_tokens - 1) / dt if self.new_tokens > 1 and dt > 0 else float("nan")
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
+    """(1, n) input ids; with ``chat`` the tokenizer's chat template and a generation prompt are applied."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            from mamballama_cli.errors import UsageError
+
+            raise UsageError("--chat: this model's tokenizer has no chat template; drop --chat to use raw text")
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return ids
+
+
+class TextStream:
+    """Incremental detokeniser: emits only the new suffix, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_ids) -> None:
+        self.ids.extend(int(t) for t in token_ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        if self.on_text and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted):])
+        self.emitted = text
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if self.on_text and len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted):])
+        self.emitted = text
+        return text
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        eos = getattr(src, "eos_token_id", None)
+        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if e is not None and int(e) not in ids:
+                ids.append(int(e))
+    return ids
+
+
+class _Streamer:
+    """transformers streamer protocol (put/end) feeding a TextStream and recording time to first token."""
+
+    def __init__(self, stream: TextStream):
+        self.stream, self.first_token_at = stream, None
+        self._prompt_seen = False
+
+    def put(self, value):
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.stream.push(value.reshape(-1).tolist())
+
+    def end(self):
+        pass
+
+
+def generate(model, tokenizer, input_ids: torch.Tensor, sampling: SamplingConfig,
+             on_text: Callable[[str], None] | None = None) -> GenerationResult:
+    """Decode with transformers' generate (hybrid cache: O(1) per token in Mamba layers)."""
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    stops = stop_token_ids(model, tokenizer)
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                  eos_token_id=stops or None, pad_token_id=(stops[0] if stops else None))
+    if not sampling.greedy:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    stream = TextStream(tokenizer, on_text)
+    streamer = _Streamer(stream)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer, **kwargs)
+    total = time.perf_counter() - start
+    new_ids = out[0, input_ids.shape[1]:].tolist()
+    text = stream.finish()
+    ttft = (streamer.first_token_at - start) if streamer.first_token_at else total
+    return GenerationResult(text, input_ids.shape[1], len(new_ids), ttft, total, new_ids)

@@ -1,0 +1,258 @@
+"""Mamba token mixers that replace attention, initialised from that layer's attention weights.
+
+Mamba-2 mixer (design.md section 2), per token:
+    [z, x, B, C, dt_raw] = in_proj(h)          z, C: n_h*P / n_h*N;  x, B: n_kv*P / n_kv*N;  dt_raw: n_h
+    [x, B, C] = silu(causal_conv1d([x, B, C]))
+    dt = softplus(dt_raw + dt_bias);  A = -exp(A_log)
+    SSM head i reads x and B of group i // (n_h / n_kv) and its own C (GQA kept, not duplicated)
+    y = SSD(x, dt, A, B, C) + D * x
+    out = out_proj(rmsnorm(y * silu(z)))       norm groups of P channels, one per head
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamballama_cli import ops
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.n_heads = config.mamba_n_heads
+        self.n_groups = config.mamba_n_groups
+        self.headdim = config.mamba_headdim
+        self.d_state = config.mamba_d_state
+        self.d_conv = config.mamba_d_conv
+        self.chunk_size = config.mamba_chunk_size
+        self.activation = None if config.mamba_activation in (None, "identity") else config.mamba_activation
+        self.gated_norm = config.mamba_gated_norm
+        self.eps = config.rms_norm_eps
+        self.dt_min, self.dt_max = config.mamba_dt_min, config.mamba_dt_max
+        self.dt_init_floor = config.mamba_dt_init_floor
+        self.A_init_range = tuple(config.mamba_A_init_range)
+
+        self.d_z = self.n_heads * self.headdim
+        self.d_x = self.n_groups * self.headdim
+        self.d_B = self.n_groups * self.d_state
+        self.d_C = self.n_heads * self.d_state
+        self.conv_dim = self.d_x + self.d_B + self.d_C
+        d_in_proj = self.d_z + self.conv_dim + self.n_heads
+        self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            kernel_size=self.d_conv,
+            groups=self.conv_dim,
+            padding=self.d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_z, eps=self.eps, group_size=self.headdim)
+        self.out_proj = nn.Linear(self.d_z, self.hidden_size, bias=config.mamba_proj_bias)
+        self.init_ssm_parameters()
+
+    # --- layout ------------------------------------------------------------------------------------------
+    def in_proj_slices(self) -> dict[str, slice]:
+        """Row ranges of in_proj.weight: z, x, B, C, dt (in that order)."""
+        sizes = {"z": self.d_z, "x": self.d_x, "B": self.d_B, "C": self.d_C, "dt": self.n_heads}
+        out, start = {}, 0
+        for name, size in sizes.items():
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def role_targets(self) -> dict[str, tuple[str, slice | None]]:
+        """Where each attention weight lands (the converter's table names roles, the mixer owns layout)."""
+        s = self.in_proj_slices()
+        targets = {
+            "x": ("in_proj.weight", s["x"]),  # W_V
+            "B": ("in_proj.weight", s["B"]),  # W_K
+            "C": ("in_proj.weight", s["C"]),  # W_Q
+            "out": ("out_proj.weight", None),  # W_O
+        }
+        if self.in_proj.bias is not None:
+            targets.update(x_bias=("in_proj.bias", s["x"]), B_bias=("in_proj.bias", s["B"]),
+                           C_bias=("in_proj.bias", s["C"]))
+        if self.out_proj.bias is not None:
+            targets["out_bias"] = ("out_proj.bias", None)
+        return targets
+
+    def fresh_targets(self) -> list[tuple[str, slice | None]]:
+        """Parameters (or row ranges) the attention weights do not provide; initialised fresh."""
+        s = self.in_proj_slices()
+        fresh = [("in_proj.weight", s["z"]), ("in_proj.weight", s["dt"]), ("conv1d.weight", None),
+                 ("dt_bias", None), ("A_log", None), ("D", None), ("norm.weight", None)]
+        if self.conv1d.bias is not None:
+            fresh.append(("conv1d.bias", None))
+        if self.in_proj.bias is not None:
+            fresh += [("in_proj.bias", s["z"]), ("in_proj.bias", s["dt"])]
+        return fresh
+
+    @torch.no_grad()
+    def assign_role(self, role: str, tensor: Tensor) -> None:
+        name, rows = self.role_targets()[role]
+        param = self.get_parameter(name)
+        target = param if rows is None else param[rows]
+        if target.shape != tensor.shape:
+            raise ValueError(f"role {role!r} -> {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+        target.copy_(tensor.to(param.dtype))
+
+    def conv_slices(self) -> dict[str, slice]:
+        return {
+            "x": slice(0, self.d_x),
+            "B": slice(self.d_x, self.d_x + self.d_B),
+            "C": slice(self.d_x + self.d_B, self.conv_dim),
+        }
+
+    # --- initialisation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_ssm_parameters(self, init_mod=None) -> None:
+        """dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]; A_log = log U[A_init_range]; D = 1.
+
+        ``init_mod`` is transformers' guarded ``initialization`` module when called from ``_init_weights``
+        (it skips parameters already loaded from a checkpoint); plain copies otherwise.
+        """
+        if self.dt_bias.device.type == "meta":
+            return
+        dt = torch.exp(
+            torch.rand(self.n_heads) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+        ).clamp(min=self.dt_init_floor)
+        lo, hi = self.A_init_range
+        values = {
+            self.dt_bias: inverse_softplus(dt),
+            self.A_log: torch.log(torch.empty(self.n_heads).uniform_(lo, hi)),
+            self.D: torch.ones(self.n_heads),
+            self.norm.weight: torch.ones(self.d_z),
+        }
+        for param, value in values.items():
+            if init_mod is not None:
+                init_mod.copy_(param, value.to(param.dtype))
+            else:
+                param.copy_(value)
+
+    @torch.no_grad()
+    def reset_fresh_parameters(self) -> None:
+        """Fresh init of everything the attention weights do not provide (design.md section 2)."""
+        w = self.in_proj.weight
+        s = self.in_proj_slices()
+        for part in ("z", "dt"):
+            fresh = torch.empty_like(w[s[part]])
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear's default
+            w[s[part]] = fresh
+        if self.in_proj.bias is not None:
+            self.in_proj.bias.zero_()
+        self.conv1d.reset_parameters()
+        self.init_ssm_parameters()
+
+    # --- state -------------------------------------------------------------------------------------------
+    def allocate_state(self, batch_size: int, dtype: torch.dtype, device) -> dict[str, Tensor]:
+        return {
+            "conv": torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, dtype=dtype, device=device),
+            "ssm": torch.zeros(
+                batch_size, self.n_heads, self.headdim, self.d_state, dtype=torch.float32, device=device
+            ),
+        }
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.split(xbc, [self.d_x, self.d_B, self.d_C], dim=-1)
+
+    def _expand_heads(self, x: Tensor) -> Tensor:
+        """(..., n_groups, P) -> (..., n_heads, P): head i reads group i // (n_heads / n_groups)."""
+        r = self.n_heads // self.n_groups
+        return x if r == 1 else x.repeat_interleave(r, dim=-2)
+
+    def ssm_inputs(self, zxbcdt: Tensor, conv_state: Tensor | None, mask: Tensor | None):
+        """Shared by prefill and speculative verification: conv, split and discretisation inputs.
+
+        zxbcdt: (batch, seqlen, d_in_proj). Returns z, x, B, C, dt_raw, new_conv_state with
+        x (b, l, n_groups, P), B (b, l, n_groups, N), C (b, l, n_heads, N), dt_raw (b, l, n_heads).
+        """
+        b, seqlen, _ = zxbcdt.shape
+        z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        weight = self.conv1d.weight[:, 0, :]  # (conv_dim, width)
+        xbc, new_conv = ops.causal_conv1d(
+            xbc.transpose(1, 2), weight, self.conv1d.bias, initial_state=conv_state, activation=self.activation
+        )
+        xbc = xbc.transpose(1, 2)  # (b, l, conv_dim)
+        if mask is not None:
+            xbc = torch.where(mask[..., None].bool(), xbc, torch.zeros_like(xbc))
+        x, B, C = self._split_xbc(xbc)
+        x = x.reshape(b, seqlen, self.n_groups, self.headdim)
+        B = B.reshape(b, seqlen, self.n_groups, self.d_state)
+        C = C.reshape(b, seqlen, self.n_heads, self.d_state)
+        return z, x, B, C, dt_raw, new_conv
+
+    def output(self, y: Tensor, z: Tensor) -> Tensor:
+        """y (b, l, n_heads * P) -> gated norm -> out_proj."""
+        if self.gated_norm:
+            y = ops.rmsnorm_gated(y, z, self.norm.weight, self.eps, self.headdim)
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
+
+    def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
+                continuing: bool = False) -> Tensor:
+        """hidden (batch, seqlen, hidden). ``state`` (from the cache) is read when ``continuing`` and
+        always updated in place; attention_mask (batch, seqlen), given only when some position is padding,
+        zeros padded positions so that they neither write to the state nor disturb the conv window."""
+        b, seqlen, _ = hidden.shape
+        if attention_mask is not None:
+            hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
+        zxbcdt = self.in_proj(hidden)
+        A = -torch.exp(self.A_log.float())
+
+        if state is not None and continuing and seqlen == 1:
+            return self._step(zxbcdt[:, 0], state, A)[:, None]
+
+        conv_state = state["conv"] if (state is not None and continuing) else None
+        ssm_state = state["ssm"] if (state is not None and continuing) else None
+        z, x, B, C, dt_raw, new_conv = self.ssm_inputs(zxbcdt, conv_state, attention_mask)
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        y, final_state = ops.ssd_scan(
+            self._expand_heads(x), dt, A, B, C, chunk_size=self.chunk_size, D=self.D, initial_state=ssm_state
+        )
+        if state is not None:
+            state["conv"].copy_(new_conv)
+            state["ssm"].copy_(final_state)
+        return self.output(y.reshape(b, seqlen, self.d_z), z)
+
+    def _step(self, zxbcdt: Tensor, state: dict, A: Tensor) -> Tensor:
+        """One token: zxbcdt (batch, d_in_proj) -> (batch, hidden). Updates state in place."""
+        b = zxbcdt.shape[0]
+        z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        xbc, new_conv = ops.causal_conv1d_update(
+            xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias, self.activation
+        )
+        state["conv"].copy_(new_conv)
+        x, B, C = self._split_xbc(xbc)
+        x = self._expand_heads(x.reshape(b, self.n_groups, self.headdim))
+        B = B.reshape(b, self.n_groups, self.d_state)
+        C = C.reshape(b, self.n_heads, self.d_state)
+        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
+        new_state, y = ops.ssm_step(state["ssm"], x, dt, A, B, C, self.D)
+        state["ssm"].copy_(new_state)
+        return self.output(y.reshape(b, self.d_z), z)
+
+
+class GatedRMSNorm(nn.Module):
+    """Parameter holder for the gated RMSNorm (``norm.weight``); the math is in ops.rmsnorm_gated."""
+
+    def __init__(self, dim: int, eps: float, group_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.group_size = eps, group_size
+
+    def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
+        return ops.rmsnorm_gated(y, z, self.weight, self.eps, self.group_size)

@@ -1,0 +1,133 @@
+"""One dispatch for every op the mixers use.
+
+Each op has a pure-PyTorch reference (``*_ref``, the CPU path and the ground truth) and may have fast
+implementations registered for CUDA tensors. :func:`dispatch` picks the first fast implementation whose
+probe succeeded for the tensor's device, else the reference. ``MAMBALLAMA_KERNELS=ref`` forces the
+references everywhere (useful to bisect a numerical difference).
+
+Public ops (the signatures every implementation honours):
+    ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None) -> (y, final_state)
+    ssm_step(state, x, dt, A, B, C, D=None) -> (new_state, y)
+    causal_conv1d(x, weight, bias=None, initial_state=None, activation=None) -> (y, final_state)
+    causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> (y, new_state)
+    rmsnorm_gated(y, z, weight, eps, group_size) -> out
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
+from mamballama_cli.ops.norm import rmsnorm_gated_ref
+from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssm_step_ref
+
+
+def _ssd_scan_ref(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
+    # The reference accumulates in at least float32 whatever the activations' dtype (bf16 training).
+    work = torch.promote_types(x.dtype, torch.float32)
+    y, state = ssd_chunk_scan_ref(
+        x.to(work), dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state
+    )
+    return y.to(x.dtype), state
+
+
+@dataclass
+class FastImpl:
+    name: str
+    fn: Callable
+    probe: Callable[[], tuple[bool, str]]  # -> (usable, reason); called once, lazily
+    _result: tuple[bool, str] | None = field(default=None, repr=False)
+
+    def usable(self) -> tuple[bool, str]:
+        if self._result is None:
+            try:
+                self._result = self.probe()
+            except Exception as exc:  # a broken install must fall back, not crash the model
+                self._result = (False, f"{type(exc).__name__}: {exc}")
+        return self._result
+
+
+REFERENCES: dict[str, Callable] = {
+    "ssd_scan": _ssd_scan_ref,
+    "ssm_step": ssm_step_ref,
+    "causal_conv1d": causal_conv1d_ref,
+    "causal_conv1d_update": causal_conv1d_update_ref,
+    "rmsnorm_gated": rmsnorm_gated_ref,
+}
+FAST: dict[str, list[FastImpl]] = {name: [] for name in REFERENCES}
+_fast_loaded = False
+
+
+def register_fast(op: str, name: str, fn: Callable, probe: Callable[[], tuple[bool, str]]) -> None:
+    """Register a CUDA implementation of ``op``; earlier registrations take precedence."""
+    if op not in REFERENCES:
+        raise KeyError(f"unknown op {op!r}; ops are {sorted(REFERENCES)}")
+    FAST[op].append(FastImpl(name, fn, probe))
+
+
+def _load_fast() -> None:
+    global _fast_loaded
+    if _fast_loaded:
+        return
+    _fast_loaded = True
+    try:
+        from mamballama_cli.ops import cuda as _cuda  # noqa: F401  (registers fast impls if present)
+    except ImportError:
+        pass
+
+
+def forced_reference() -> bool:
+    return os.environ.get("MAMBALLAMA_KERNELS", "").lower() in ("ref", "reference", "torch")
+
+
+def dispatch(op: str, device) -> tuple[str, Callable]:
+    """Return (backend name, function) for ``op`` on ``device``."""
+    if getattr(device, "type", device) == "cuda" and not forced_reference():
+        _load_fast()
+        for impl in FAST[op]:
+            ok, _ = impl.usable()
+            if ok:
+                return impl.name, impl.fn
+    return "torch-ref", REFERENCES[op]
+
+
+def backend_report(device="cuda") -> list[dict]:
+    """Per op: which backend runs on ``device`` and why the others do not."""
+    _load_fast()
+    rows = []
+    for op in REFERENCES:
+        chosen, _ = dispatch(op, device)
+        notes = []
+        for impl in FAST[op]:
+            ok, reason = impl.usable()
+            notes.append(f"{impl.name}: {'ok' if ok else reason}")
+        if forced_reference():
+            notes.append("MAMBALLAMA_KERNELS=ref forces the reference")
+        rows.append({"op": op, "backend": chosen, "candidates": notes})
+    return rows
+
+
+def ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
+    return dispatch("ssd_scan", x.device)[1](
+        x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state
+    )
+
+
+def ssm_step(state, x, dt, A, B, C, D=None):
+    return dispatch("ssm_step", x.device)[1](state, x, dt, A, B, C, D)
+
+
+def causal_conv1d(x, weight, bias=None, initial_state=None, activation=None):
+    return dispatch("causal_conv1d", x.device)[1](x, weight, bias, initial_state, activation)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    return dispatch("causal_conv1d_update", x.device)[1](x, conv_state, weight, bias, activation)
+
+
+def rmsnorm_gated(y, z, weight, eps, group_size):
+    return dispatch("rmsnorm_gated", y.device)[1](y, z, weight, eps, group_size)

@@ -1,0 +1,87 @@
+"""Builders for tiny teachers, hybrids and tokenizers used across the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 96
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tiny_llama_config(n_heads=4, n_kv=2, tie=False, rope="default", layers=4, hidden=64, vocab=VOCAB, **kw):
+    from transformers import LlamaConfig
+
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope == "llama3":
+        rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    return LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=hidden // n_heads,
+        max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tie, rope_parameters=rope_parameters,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1, **kw,
+    )
+
+
+def tiny_llama(seed=0, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
+    # Non-trivial norms so that copying them is actually tested.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_tokenizer(vocab=VOCAB):
+    """A byte-ish word-level tokenizer with ChatML specials and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)]
+    vocab_map = {t: i for i, t in enumerate(specials)}
+    for ch in chars:
+        if len(vocab_map) >= vocab:
+            break
+        vocab_map.setdefault(ch, len(vocab_map))
+    tok = Tokenizer(models.WordLevel(vocab=vocab_map, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def save_teacher(dirpath: Path, model=None, tokenizer=True, **kw) -> Path:
+    model = model if model is not None else tiny_llama(**kw)
+    dirpath = Path(dirpath)
+    model.save_pretrained(dirpath, safe_serialization=True)
+    if tokenizer:
+        tiny_tokenizer(model.config.vocab_size).save_pretrained(dirpath)
+    return dirpath
+
+
+def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", **kw):
+    """A converted tiny hybrid (via the real converter) in float32."""
+    from mamballama_cli.convert.converter import convert_model
+
+    teacher = tiny_llama(seed=seed, n_heads=n_heads, n_kv=n_kv, **kw)
+    student, _ = convert_model(teacher, list(attn_layers), mixer=mixer, dtype=torch.float32, seed=seed)
+    return student, teacher
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())

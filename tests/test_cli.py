@@ -1,0 +1,190 @@
+"""The CLI through its real entry point: help, version, convert and generate, and every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clihelp import run_cli
+from helpers import save_teacher, tiny_llama
+
+COMMANDS = ["convert", "distill", "sft", "dpo", "generate", "eval"]
+
+
+def test_help_lists_the_six_commands_without_importing_torch():
+    out = subprocess.run([sys.executable, "-c",
+                          "import sys; sys.argv=['mamballama','--help']\n"
+                          "from mamballama_cli.cli.main import main\n"
+                          "try:\n    main()\nexcept SystemExit:\n    pass\n"
+                          "assert 'torch' not in sys.modules, 'help imported torch'\n"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for cmd in COMMANDS:
+        assert f"  {cmd} " in out.stdout
+
+
+def test_console_script_version():
+    exe = Path(sys.executable).parent / "mamballama"
+    if not exe.exists():
+        pytest.skip("console script not installed (pip install -e .)")
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("mamballama ")
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("teacher"), n_heads=4, n_kv=2)
+
+
+def test_convert_then_generate_through_the_cli(teacher_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hybrid"
+    r = run_cli(["convert", teacher_dir, "--ratio", "0.5", "--output", out, "--json"], capsys)
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["attn_layers"] == [1, 3] and summary["mamba_layers"] == [0, 2]
+    assert summary["state_memory"]["hybrid_kv_bytes_per_token"] * 2 == summary["state_memory"]["teacher_kv_bytes_per_token"]
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "convert_summary.json", "tokenizer.json"} <= files
+    assert json.loads((out / "convert_summary.json").read_text())["attn_layers"] == [1, 3]
+    assert "chat_template" in (out / "tokenizer_config.json").read_text() or "chat_template.jinja" in files
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]
+
+    r = run_cli(["generate", out, "--chat", "--prompt", "hello", "-n", "8", "--stats-json", tmp_path / "s.json"], capsys)
+    assert r.code == 0, r.err
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["new_tokens"] >= 1 and stats["prompt_tokens"] > 5
+    assert "tok/s" in r.err  # timing goes to stderr, text to stdout
+    assert "tok/s" not in r.out
+
+    r2 = run_cli(["generate", out, "--prompt", "-", "-n", "5", "--seed", "3", "-t", "0.8"], capsys,
+                 stdin="hello from stdin", monkeypatch=monkeypatch)
+    assert r2.code == 0, r2.err
+
+
+def test_attn_layers_override_and_all_mamba(teacher_dir, tmp_path, capsys):
+    r = run_cli(["convert", teacher_dir, "--attn-layers", "2", "--output", tmp_path / "a", "--json"], capsys)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["attn_layers"] == [2]
+    r = run_cli(["convert", teacher_dir, "--ratio", "0", "--output", tmp_path / "b", "--json"], capsys)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["attn_layers"] == []
+
+
+# --- bad input: one line, non-zero exit, nothing written ----------------------------------------------------
+def assert_one_line_error(r, *needles):
+    assert r.code != 0
+    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_ratio_outside_range(teacher_dir, tmp_path, capsys):
+    r = run_cli(["convert", teacher_dir, "--ratio", "1.5", "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "--ratio 1.5", "[0, 1]")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("layers,msg", [("1,9", "layer 9 is out of range"), ("1,1", "layer 1 is repeated"),
+                                        ("1,x", "'x' is not a layer index")])
+def test_bad_attention_layers(teacher_dir, tmp_path, capsys, layers, msg):
+    r = run_cli(["convert", teacher_dir, "--attn-layers", layers, "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, msg)
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_path_missing(tmp_path, capsys):
+    r = run_cli(["convert", tmp_path / "nope", "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_dir_without_weights(tmp_path, capsys):
+    d = tmp_path / "t"
+    d.mkdir()
+    tiny_llama().config.save_pretrained(d)
+    r = run_cli(["convert", d, "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "holds no weights")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    r = run_cli(["convert", d, "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "pickle", "safetensors")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unsupported_architecture_names_supported_families(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(d)
+    r = run_cli(["convert", d, "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "model_type='gpt2'", "llama")
+    assert not (tmp_path / "o").exists()
+
+
+def test_non_empty_output_needs_force(teacher_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = run_cli(["convert", teacher_dir, "--output", out], capsys)
+    assert_one_line_error(r, "not empty", "--force")
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    r = run_cli(["convert", teacher_dir, "--output", out, "--force", "--json"], capsys)
+    assert r.code == 0, r.err
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_gguf_without_gguf_package(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "block"
+    (blocker / "gguf").mkdir(parents=True)
+    (blocker / "gguf" / "__init__.py").write_text("raise ImportError('gguf blocked for this test')\n")
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + b"\0" * 64)
+    code = ("import sys; sys.argv=['mamballama','convert',%r,'--output',%r]\n"
+            "from mamballama_cli.cli.main import main\nmain()\n") % (str(f), str(tmp_path / "o"))
+    env = {**__import__("os").environ, "PYTHONPATH": str(blocker)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0
+    assert "pip install gguf" in out.stderr and out.stderr.count("error:") == 1, out.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_hub_id_offline_fails_clearly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    r = run_cli(["convert", "someorg/some-model", "--output", tmp_path / "o"], capsys)
+    assert_one_line_error(r, "someorg/some-model", "Hugging Face Hub", "local directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_config_key_gets_did_you_mean(teacher_dir, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("ratoi: 0.5\n")
+    r = run_cli(["convert", teacher_dir, "--output", tmp_path / "o", "--config", cfg], capsys)
+    assert_one_line_error(r, "'ratoi'", "did you mean 'ratio'")
+
+
+def test_not_built_command_exits_2(capsys):
+    r = run_cli(["dpo", "--anything"], capsys)
+    assert r.code == 2 and "not built yet" in r.err
+
+
+def test_default_teacher_reuses_cache(tmp_path, capsys, monkeypatch):
+    """`convert default` loads the cached safetensors copy when present instead of re-reading the GGUF."""
+    from mamballama_cli.convert import teacher as T
+
+    fake_gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    fake_gguf.write_bytes(b"GGUF-stand-in")
+    monkeypatch.setattr(T, "default_gguf_path", lambda: fake_gguf)
+    target = T.default_teacher_dir()
+    save_teacher(target)
+    (target / "mamballama_teacher.json").write_text(json.dumps({"gguf_size": fake_gguf.stat().st_size}))
+
+    def no_gguf(*a, **k):
+        raise AssertionError("the GGUF must not be read when the cache is valid")
+
+    monkeypatch.setattr(T, "_load_gguf", no_gguf)
+    r = run_cli(["convert", "default", "--ratio", "0.5", "--output", tmp_path / "o", "--json"], capsys)
+    assert r.code == 0, r.err
+    assert "using the cached default teacher" in r.err
+    assert json.loads(r.out)["teacher"]["name_or_path"] == "SmolLM2-135M-Instruct"
