@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+HELP = "Turn a Transformer teacher into a hybrid whose Mamba layers start from its attention."
+
 
 def command(
     teacher: str = typer.Argument(..., help="Local HF checkpoint dir, a .gguf file, a hub id, or 'default' "

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+HELP = "Generate text from a hybrid or Transformer checkpoint (stdout: text, stderr: timing)."
+
 
 def command(
     model: str = typer.Argument(..., help="Checkpoint directory (hybrid or transformers model), or 'default'."),

@@ -8,8 +8,9 @@ import traceback
 import typer
 
 from mamballama_cli import __version__
-from mamballama_cli.cli import common, convert, generate
-from mamballama_cli.cli.common import STATE, not_built
+from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft
+from mamballama_cli.cli import eval as eval_cmd
+from mamballama_cli.cli.common import STATE
 
 app = typer.Typer(
     name="mamballama",
@@ -36,22 +37,21 @@ def root(
     STATE["verbose"] = verbose
 
 
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
-app.command("convert", help="Turn a Transformer teacher into a hybrid whose Mamba layers start from its attention.")(
-    convert.command
-)
-app.command("distill", help="Distil a hybrid from its teacher (KL/CE, progressive stages).",
-            context_settings=_PASS_THROUGH)(not_built("distill", 4))
-app.command("sft", help="Supervised fine-tuning of a hybrid or draft.", context_settings=_PASS_THROUGH)(
-    not_built("sft", 4))
-app.command("dpo", help="Direct preference optimisation (sigmoid DPO).", context_settings=_PASS_THROUGH)(
-    not_built("dpo", 4))
-app.command("generate", help="Generate text from a hybrid or Transformer checkpoint (stdout: text, stderr: timing).")(
-    generate.command
-)
-app.command("eval", help="Evaluate a student against its teacher (quality, retrieval, speed).",
-            context_settings=_PASS_THROUGH)(not_built("eval", 6))
+def _add(name: str, module) -> None:
+    """Each command module exposes HELP, command and optionally CONTEXT (click context settings)."""
+    app.command(name, help=module.HELP, context_settings=getattr(module, "CONTEXT", None))(module.command)
+
+
+_add("convert", convert)
+_add("distill", distill)
+_add("sft", sft)
+_add("dpo", dpo)
+_add("generate", generate)
+app.add_typer(eval_cmd.app, name="eval")
+_add("export", export)
+app.add_typer(plugins_cmd.app, name="plugins")
+_add("env", env)
 
 
 def main() -> None:

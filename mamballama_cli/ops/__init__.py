@@ -62,6 +62,16 @@ FAST: dict[str, list[FastImpl]] = {name: [] for name in REFERENCES}
 _fast_loaded = False
 
 
+# Modules that register fast implementations when imported (each may be absent).
+FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1")
+
+
+def register_reference(op: str, fn: Callable) -> None:
+    """Declare a new op by its pure-PyTorch reference (other mixers add their ops this way)."""
+    REFERENCES[op] = fn
+    FAST.setdefault(op, [])
+
+
 def register_fast(op: str, name: str, fn: Callable, probe: Callable[[], tuple[bool, str]]) -> None:
     """Register a CUDA implementation of ``op``; earlier registrations take precedence."""
     if op not in REFERENCES:
@@ -74,10 +84,13 @@ def _load_fast() -> None:
     if _fast_loaded:
         return
     _fast_loaded = True
-    try:
-        from mamballama_cli.ops import cuda as _cuda  # noqa: F401  (registers fast impls if present)
-    except ImportError:
-        pass
+    import importlib
+
+    for module in FAST_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
 
 
 def forced_reference() -> bool:

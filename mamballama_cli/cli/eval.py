@@ -1,0 +1,35 @@
+"""`mamballama eval`: a group whose default subcommand is the report.
+
+    mamballama eval MODEL --teacher T --tasks ...   -> eval_report.command
+    mamballama eval speed ...                       -> eval_speed.command
+"""
+
+from __future__ import annotations
+
+import typer
+from typer.core import TyperGroup
+
+from mamballama_cli.cli import eval_report, eval_speed
+
+
+class _DefaultToReport(TyperGroup):
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["report", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultToReport,
+    help="Evaluate a student against its teacher (quality, retrieval, speed). "
+    "`mamballama eval MODEL ...` runs the report; `mamballama eval speed ...` the speed benchmark.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+app.command("report", help=eval_report.HELP, context_settings=getattr(eval_report, "CONTEXT", None))(
+    eval_report.command
+)
+app.command("speed", help=eval_speed.HELP, context_settings=getattr(eval_speed, "CONTEXT", None))(
+    eval_speed.command
+)
