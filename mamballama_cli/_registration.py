@@ -3,18 +3,22 @@
 ``import mamballama_cli`` must be cheap (the CLI's ``--help`` answers in well under a second), yet after it
 ``AutoModelForCausalLM.from_pretrained(dir)`` must know ``model_type: mamballama``. We therefore register
 when transformers' auto modules are imported: immediately if they already are, otherwise through a
-post-import hook on ``sys.meta_path`` that fires once, right after those modules finish loading.
+post-import hook on ``sys.meta_path``.
+
+The hook never registers while a transformers module is still half-initialised: our modeling code imports
+transformers internals (``modeling_layers``) that may be exactly the module whose import pulled in the auto
+classes. Registration is then deferred to the end of the outermost transformers import.
 """
 
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 
 _CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 _MODELING_MODULE = "transformers.models.auto.modeling_auto"
 _done: set[str] = set()
+_pending: set[str] = set()
 
 
 def _importing(module: str, name: str) -> bool:
@@ -48,43 +52,69 @@ def register_model() -> None:
     AutoModelForCausalLM.register(MamballamaConfig, MamballamaForCausalLM, exist_ok=True)
 
 
-_HOOKS = {_CONFIG_MODULE: register_config, _MODELING_MODULE: register_model}
+_HOOKS = {_CONFIG_MODULE: "config", _MODELING_MODULE: "model"}
+_REGISTER = {"config": register_config, "model": register_model}
+
+
+def _transformers_busy(except_name: str) -> bool:
+    """Is any transformers module (other than ``except_name``) still executing its body?"""
+    for name, mod in list(sys.modules.items()):
+        if name == except_name or not name.startswith("transformers"):
+            continue
+        spec = getattr(mod, "__spec__", None)
+        if spec is not None and getattr(spec, "_initializing", False):
+            return True
+    return False
+
+
+def _flush(just_loaded: str) -> None:
+    if not _pending or _transformers_busy(just_loaded):
+        return
+    for what in ("config", "model"):
+        if what in _pending:
+            _pending.discard(what)
+            _REGISTER[what]()
 
 
 class _Loader(importlib.abc.Loader):
-    """Wraps the real loader and runs our registration after the module body executed."""
+    """Wraps a transformers module's loader; after its body ran, registers whatever is pending."""
 
-    def __init__(self, inner: importlib.abc.Loader, callback):
-        self._inner, self._callback = inner, callback
+    def __init__(self, inner, fullname: str):
+        self._inner, self._fullname = inner, fullname
+
+    def __getattr__(self, name):  # get_source, get_filename, resource readers...
+        return getattr(self._inner, name)
 
     def create_module(self, spec):
         return self._inner.create_module(spec)
 
     def exec_module(self, module):
         self._inner.exec_module(module)
-        self._callback()
+        what = _HOOKS.get(self._fullname)
+        if what is not None and what not in _done:
+            _pending.add(what)
+        _flush(self._fullname)
 
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        callback = _HOOKS.get(fullname)
-        if callback is None:
+        if not fullname.startswith("transformers") or (not _pending and _done >= {"config", "model"}):
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
-            if spec is not None and spec.loader is not None:
-                spec.loader = _Loader(spec.loader, callback)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _Loader(spec.loader, fullname)
                 return spec
         return None
 
 
 def install() -> None:
-    if _MODELING_MODULE in sys.modules:
-        register_model()
-        return
-    if _CONFIG_MODULE in sys.modules:
-        register_config()
+    for module, what in _HOOKS.items():
+        if module in sys.modules:
+            _pending.add(what)
+    _flush("")
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())

@@ -93,4 +93,4 @@ def test_dispatch_uses_reference_on_cpu():
     name, fn = ops.dispatch("ssd_scan", torch.device("cpu"))
     assert name == "torch-ref"
     rows = ops.backend_report("cpu")
-    assert {r["op"] for r in rows} == {"ssd_scan", "ssm_step", "causal_conv1d", "causal_conv1d_update", "rmsnorm_gated"}
+    assert {"ssd_scan", "ssm_step", "causal_conv1d", "causal_conv1d_update", "rmsnorm_gated"} <= {r["op"] for r in rows}
