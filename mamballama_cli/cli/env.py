@@ -1,7 +1,26 @@
-"""`mamballama env` (not built yet: issue 3)."""
+"""`mamballama env`: versions, devices and, per op, which kernel backend runs and why."""
 
-from mamballama_cli.cli.common import not_built
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
 
 HELP = "Print versions, devices and, per op, which kernel backend is used and why."
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
-command = not_built("env", 3)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def command(
+    device: Optional[str] = typer.Option(None, "--device", help="Device whose backends to report: cuda (default "
+                                         "when present), cuda:1, cpu."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+):
+    from mamballama_cli.ops.cuda import environment_report, format_environment
+
+    report = environment_report(device)
+    if json_out:
+        import json
+
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_environment(report))

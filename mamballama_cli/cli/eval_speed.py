@@ -1,7 +1,77 @@
-"""`mamballama eval speed ...` (decode speed and memory benchmark; not built yet: issue 3)."""
+"""`mamballama eval speed (--shape NAME | --model CKPT) [--output JSON]`: decode speed and memory benchmark."""
 
-from mamballama_cli.cli.common import not_built
+from __future__ import annotations
 
-HELP = "Benchmark time to first token, decode tokens/s and memory for teacher vs hybrid."
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
-command = not_built("eval speed", 3)
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+HELP = ("Benchmark time to first token, decode tokens/s (batch 1, 8, 32) and memory against prompt length "
+        "for the hybrid and its teacher, with the memory-bandwidth floor of this device.")
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+def command(
+    shape: Optional[str] = typer.Option(None, "--shape", help="Named shape with random weights: llama3-8b, "
+                                        "llama3.2-1b, smollm2-135m, tiny."),
+    model: Optional[str] = typer.Option(None, "--model", help="Hybrid checkpoint directory (instead of --shape)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint (with --model; default: "
+                                          "the teacher recorded in the hybrid's config)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="With --shape: fraction of layers that keep "
+                                          "attention (default 0.25)."),
+    attn_layers: Optional[str] = typer.Option(None, "--attn-layers", help="With --shape: explicit attention "
+                                              "layers, e.g. 3,7,11."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), "
+                                        "bfloat16, float16, float32."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length of the batch runs "
+                                                "(default 128)."),
+    new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Tokens decoded in the batch runs "
+                                             "(default 256)."),
+    batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Comma-separated (default 1,8,32)."),
+    contexts: Optional[str] = typer.Option(None, "--contexts", help="Prompt lengths of the memory sweep, "
+                                           "batch 1 (default 1k,2k,4k,8k,16k,32k,64k); '' for none."),
+    context_new_tokens: Optional[int] = typer.Option(None, "--context-new-tokens", help="Tokens decoded at "
+                                                     "each context length (default 32)."),
+    teacher_new_tokens: Optional[int] = typer.Option(None, "--teacher-new-tokens", help="Cap on the tokens the "
+                                                     "eager transformers teacher decodes per batch run (default "
+                                                     "32; its rate is steady)."),
+    models: Optional[str] = typer.Option(None, "--models", help="hybrid,teacher (default both)."),
+    teacher_engines: Optional[str] = typer.Option(None, "--teacher-engines", help="transformers (default) "
+                                                  "and/or static: the teacher's layers on the hybrid's static "
+                                                  "decoder, e.g. transformers,static."),
+    no_graphs: bool = typer.Option(False, "--no-graphs", help="Run the hybrid's decode step eagerly (no CUDA "
+                                   "graph)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+):
+    from mamballama_cli.config import merge_config
+    from mamballama_cli.evaluation.speed import SpeedConfig, format_table, parse_int_list, run_speed, write_result
+
+    def names(text):
+        return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
+
+    cfg = merge_config(
+        SpeedConfig,
+        config_file=config,
+        overrides=dict(
+            shape=shape, model=model, teacher=teacher, ratio=ratio, attn_layers=attn_layers, dtype=dtype,
+            device=device, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+            contexts=[] if contexts is not None and not contexts.strip() else parse_int_list(contexts, "--contexts"),
+            context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
+            teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
+        ),
+    )
+    if cfg.output:
+        parent = Path(cfg.output).expanduser().resolve().parent
+        if not parent.is_dir():
+            from mamballama_cli.errors import UsageError
+
+            raise UsageError(f"--output {cfg.output}: folder {parent} does not exist")
+    result = run_speed(cfg)
+    print(format_table(result), flush=True)
+    if cfg.output:
+        write_result(result, cfg.output)

@@ -30,6 +30,7 @@ class GenerationResult:
     time_to_first_token_s: float
     total_s: float
     token_ids: list[int] = field(default_factory=list)
+    engine: str = "transformers"  # or "static-graph" / "static-eager" (generation/fast.py)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -106,9 +107,42 @@ class _Streamer:
         pass
 
 
+ENGINES = ("auto", "static", "transformers")
+
+
+def choose_engine(model, engine: str = "auto") -> str:
+    """"static" (generation/fast.py: static cache, CUDA-graph step) or "transformers" (generate()).
+
+    auto: static for hybrids on CUDA, transformers otherwise. "static" on CPU runs the same step eagerly.
+    """
+    if engine not in ENGINES:
+        from mamballama_cli.errors import UsageError
+
+        raise UsageError(f"--engine {engine!r} is not one of {', '.join(ENGINES)}")
+    if engine == "transformers":
+        return engine
+    from mamballama_cli.generation.fast import unsupported_reason
+
+    why = unsupported_reason(model)
+    if engine == "static":
+        if why:
+            from mamballama_cli.errors import UsageError
+
+            raise UsageError(f"--engine static: {why}; use --engine transformers")
+        return "static"
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "static" if (on_cuda and why is None) else "transformers"
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, sampling: SamplingConfig,
-             on_text: Callable[[str], None] | None = None) -> GenerationResult:
-    """Decode with transformers' generate (hybrid cache: O(1) per token in Mamba layers)."""
+             on_text: Callable[[str], None] | None = None, engine: str = "auto") -> GenerationResult:
+    """Decode one prompt. On CUDA, hybrids use the static decoder with a captured step
+    (:mod:`mamballama_cli.generation.fast`); otherwise transformers' generate with the hybrid cache
+    (O(1) per token in Mamba layers)."""
+    if choose_engine(model, engine) == "static":
+        from mamballama_cli.generation.fast import generate_fast
+
+        return generate_fast(model, tokenizer, input_ids, sampling, on_text=on_text)
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     if sampling.seed is not None:

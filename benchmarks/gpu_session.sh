@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One call on the CUDA machine: environment report, the gpu-marked tests, the speed benchmark.
+# From the project root, with the wheels in ./.whl and ../shared/gpu copied to ./.gpu:
+#     source .gpu/activate.sh && bash benchmarks/gpu_session.sh [STEP ...]
+# Steps (in the order given): env, b1 (hybrid batch-1 decode only), profile (kernel times of one step),
+# fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
+# fast-vs-reference test, all), full (the whole speed benchmark). Default: env tests full.
+# DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left.
+# Logs, tables and JSON land in $OUT (default ./out).
+set -uo pipefail
+STEPS=${*:-env tests full}
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+DEADLINE=${DEADLINE:-3600}
+stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+left() {  # timeout for a step: its own cap or the time left before the deadline, whichever is less
+    local cap=$1 rest=$(( DEADLINE - ($(date +%s) - t0) - 5 ))
+    (( rest < cap )) && cap=$rest
+    (( cap < 1 )) && cap=1
+    echo "$cap"
+}
+speed() {  # name, timeout cap, extra args
+    local name=$1 cap=$2; shift 2
+    stamp "speed $name: $*"
+    timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio 0.25 "$@" \
+        --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
+    echo "exit $?"; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
+}
+gputest() {  # name, timeout cap, pytest selection...
+    local name=$1 cap=$2; shift 2
+    stamp "gpu tests $name"
+    timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 -m gpu -p no:cacheprovider -o addopts="" "$@" \
+        > "$OUT/tests-$name.log" 2>&1
+    echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
+}
+
+for step in $STEPS; do
+    case $step in
+        env) stamp env; python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
+        b1) speed b1 200 --models hybrid --batch-sizes 1 --contexts "" ;;
+        profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
+                 echo "exit $?"; head -40 "$OUT/profile.txt" ;;
+        fasttests) gputest fast 150 tests/test_fast_decode.py ;;
+        optests) gputest ops 300 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
+        modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
+        tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
+        full) speed full 400 ${SPEED_ARGS:-} ;;
+        *) echo "unknown step $step" ;;
+    esac
+done
+ls -la "$OUT"
+stamp done

@@ -1,0 +1,17 @@
+"""Decode speed and memory benchmark of design.md section 5 (a thin wrapper around `mamballama eval speed`).
+
+Usage:  python benchmarks/speed.py [eval-speed options]
+With no options it runs the reference case: Llama-3-8B shape, 25% attention, random bf16 weights, batch
+1/8/32 with a 128-token prompt and 256 new tokens, and the 1K..64K context sweep, teacher beside hybrid.
+Run `mamballama eval speed --help` for the options; results go to stdout (table) and --output (JSON).
+"""
+
+import sys
+
+from mamballama_cli.cli.main import main
+
+DEFAULT = ["--shape", "llama3-8b", "--ratio", "0.25", "--prompt-tokens", "128", "--new-tokens", "256"]
+
+if __name__ == "__main__":
+    sys.argv = ["mamballama", "eval", "speed", *(sys.argv[1:] or DEFAULT)]
+    main()

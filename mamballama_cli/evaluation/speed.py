@@ -1,0 +1,601 @@
+"""Decode speed and memory of the hybrid against its teacher (``mamballama eval speed``).
+
+Measured per model:
+
+* **decode**: time to first token and decode tokens/s at several batch sizes for one prompt length;
+* **context**: time to first token, decode tokens/s, peak memory and cache bytes against prompt length
+  (1K .. 64K tokens by default), batch 1;
+* **floor**: the memory-bandwidth floor of batch-1 decoding on this device: the weight bytes one step
+  must read over the copy bandwidth measured here (a large device-to-device copy, bytes read + written).
+
+Models: the hybrid decodes with the static decoder (generation/fast.py: static cache, CUDA-graph step,
+on-device sampling). The teacher runs through transformers: an eager forward per token with its dynamic
+cache, the fastest uncompiled transformers path (design.md section 5: generate with the dynamic cache
+reaches 11.8 tok/s at 8B, with the static cache 4.6). ``teacher_engines`` may add "static": the teacher's
+own layers run by the same static decoder (a hybrid whose layers all keep attention is exactly the
+teacher), which separates the architecture's cost from the engine's.
+
+Everything is greedy on random prompts with no stop token, so every run decodes exactly the tokens asked.
+Peak memory is torch's peak allocation (weights + cache + activations) on CUDA; on CPU it is not
+measured. Only one model is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from mamballama_cli.errors import UsageError
+
+DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+
+
+@dataclass
+class SpeedConfig:
+    """Options of ``mamballama eval speed`` (flags of the same names; lists as comma-separated values)."""
+
+    model: str | None = None  # hybrid checkpoint directory (or use shape)
+    teacher: str | None = None  # teacher checkpoint (with model); default: the hybrid's recorded teacher
+    shape: str | None = None  # named shape with random weights (evaluation/shapes.py)
+    ratio: float = 0.25  # with shape: fraction of layers that keep attention
+    attn_layers: str | None = None  # with shape: explicit attention layers, e.g. "3,7,11"
+    dtype: str = "auto"
+    device: str = "auto"
+    prompt_tokens: int = 128
+    new_tokens: int = 256
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    contexts: list[int] = field(default_factory=lambda: list(DEFAULT_CONTEXTS))
+    context_new_tokens: int = 32
+    teacher_new_tokens: int = 32  # an eager teacher decodes at a steady, launch-bound rate: fewer suffice
+    models: list[str] = field(default_factory=lambda: ["hybrid", "teacher"])
+    teacher_engines: list[str] = field(default_factory=lambda: ["transformers"])
+    graphs: bool = True  # capture the hybrid's decode step in a CUDA graph (CUDA only)
+    seed: int = 0
+    output: str | None = None
+
+    def validate(self) -> None:
+        if (self.model is None) == (self.shape is None):
+            raise UsageError("pass exactly one of --model CHECKPOINT or --shape NAME (e.g. --shape llama3-8b)")
+        if self.shape is not None:
+            from mamballama_cli.evaluation.shapes import shape_kwargs
+
+            shape_kwargs(self.shape)
+            if not 0.0 <= self.ratio <= 1.0:
+                raise UsageError(f"--ratio {self.ratio} is outside [0, 1]")
+        for name in ("prompt_tokens", "new_tokens", "context_new_tokens", "teacher_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_sizes", "contexts"):
+            values = getattr(self, name)
+            if any((not isinstance(v, int)) or v < 1 for v in values):
+                raise UsageError(f"--{name.replace('_', '-')}: {values} must be positive integers")
+        for m in self.models:
+            if m not in ("hybrid", "teacher"):
+                raise UsageError(f"--models: {m!r} is not 'hybrid' or 'teacher'")
+        for e in self.teacher_engines:
+            if e not in ("transformers", "static"):
+                raise UsageError(f"--teacher-engines: {e!r} is not 'transformers' or 'static'")
+
+
+def _int_with_k(text: str) -> int:
+    text = text.strip().lower()
+    return int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+
+
+def parse_int_list(text: str | None, flag: str) -> list[int] | None:
+    """"1,8,32" -> [1, 8, 32]; "1k,32k" -> [1024, 32768]; None stays None (not given)."""
+    if text is None:
+        return None
+    try:
+        values = [_int_with_k(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} {text!r}: give comma-separated integers, e.g. 1,8,32 or 1k,32k") from None
+    if not values:
+        raise UsageError(f"{flag} is empty")
+    return values
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Device helpers
+# ------------------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device, collect: bool = False) -> None:
+    """Return cached GPU memory; ``collect`` also runs the garbage collector (slow: only between models)."""
+    import torch
+
+    if collect:
+        gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    _free(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device) -> int | None:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
+    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (median of ``reps``)."""
+    import torch
+
+    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes(model) -> dict:
+    """Total parameter bytes and the bytes one batch-1 decode step reads (an untied embedding table is
+    read one row per token, so it does not count; a tied one is read in full as the LM head)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel() * p.element_size()
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    tied = emb.data_ptr() == head.data_ptr()
+    emb_bytes = emb.numel() * emb.element_size()
+    return {"total": total, "read_per_token": total - (0 if tied else emb_bytes), "tied_embeddings": tied}
+
+
+def device_info(device) -> dict:
+    import torch
+    import transformers
+
+    info = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(name=props.name, memory_bytes=int(props.total_memory),
+                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    else:
+        info.update(name=platform.processor() or platform.machine(), cores=__import__("os").cpu_count())
+    for mod in ("triton", "mamba_ssm", "causal_conv1d"):
+        info[mod] = package_version(mod)
+    return info
+
+
+def package_version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in (name, name.replace("_", "-")):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Runners: one measurement = prefill (time to first token) + a timed run of decode steps
+# ------------------------------------------------------------------------------------------------
+def _prompt(vocab: int, batch: int, length: int, device, seed: int):
+    import torch
+
+    gen = torch.Generator().manual_seed(seed * 1000003 + batch * 7919 + length)
+    return torch.randint(3, vocab, (batch, length), generator=gen).to(device)
+
+
+def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int) -> dict:
+    """The static decoder (CUDA graph on CUDA when ``graphs``): prefill, then new_tokens - 1 steps."""
+    from mamballama_cli.generation.fast import StaticDecoder
+
+    device = model.lm_head.weight.device
+    ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
+    _reset_peak(device)
+    dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda")
+    # Warm-up at the same length: records the graph and compiles every kernel. Triton specialises
+    # integer arguments (== 1, multiple of 16: the chunk count of the scan, say), so a shorter warm-up
+    # prompt can leave a compilation inside the timed prefill.
+    dec.prefill(ids)
+    dec.decode(2, sync_every=2)
+    _sync(device)
+    t0 = time.perf_counter()
+    first = dec.prefill(ids)
+    first.tolist()  # the first token is on the host
+    t1 = time.perf_counter()
+    dec.decode(new_tokens - 1, sync_every=1 << 30)
+    _sync(device)
+    t2 = time.perf_counter()
+    mem = dec.cache.memory_bytes()
+    row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
+    row.update(engine=dec.engine, kv_bytes=mem["kv_bytes"], state_bytes=mem["state_bytes"],
+               backends=dict(dec.backends))
+    del dec
+    return row
+
+
+def _cache_name(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_transformers(model, batch: int, prompt_len: int, new_tokens: int, seed: int) -> dict:
+    """A transformers model, eager: one forward per token with its dynamic cache, greedy, no stop token."""
+    import torch
+
+    device = model.get_output_embeddings().weight.device
+    ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
+    kw = _cache_name(model)
+
+    def run(prompt, steps):
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        first = nxt.tolist()  # host sync: time to first token
+        t_first = time.perf_counter()
+        cache = out[kw]
+        for _ in range(steps):
+            out = model(input_ids=nxt, use_cache=True, **{kw: cache})
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            cache = out[kw]
+        _sync(device)
+        return first, t_first, cache
+
+    with torch.no_grad():
+        run(ids[:, : min(prompt_len, 64)], 2)  # warm-up
+        _reset_peak(device)
+        t0 = time.perf_counter()
+        _, t1, cache = run(ids, new_tokens - 1)
+        t2 = time.perf_counter()
+    cfg = model.config
+    elt = model.get_output_embeddings().weight.element_size()
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    # K/V for prompt + new tokens, the capacity the static decoder allocates, so the two compare alike
+    kv = cfg.num_hidden_layers * 2 * batch * n_kv * (prompt_len + new_tokens) * hd * elt
+    row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
+    row.update(engine="transformers-eager", kv_bytes=kv, state_bytes=0)
+    del cache
+    return row
+
+
+def _row(batch, prompt_len, new_tokens, t0, t1, t2, device) -> dict:
+    decode_s = t2 - t1
+    per_seq = (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else float("nan")
+    return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
+            "ttft_s": t1 - t0, "decode_s": decode_s, "decode_tok_s": per_seq,
+            "aggregate_tok_s": per_seq * batch, "peak_mem_bytes": _peak(device)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the models
+# ------------------------------------------------------------------------------------------------
+def _attn_layers(cfg: SpeedConfig, num_layers: int) -> list[int]:
+    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
+
+    if cfg.attn_layers is not None:
+        return parse_layer_list(cfg.attn_layers, num_layers)
+    return attention_layers_for_ratio(num_layers, cfg.ratio)
+
+
+class _Models:
+    """Builds one model at a time: the hybrid, the transformers teacher, the teacher as an all-attention
+    hybrid (for the static engine)."""
+
+    def __init__(self, cfg: SpeedConfig, device, dtype):
+        self.cfg, self.device, self.dtype = cfg, device, dtype
+        self.describe: dict = {}
+
+    def hybrid(self):
+        import torch
+
+        from mamballama_cli.models.modeling import MamballamaForCausalLM
+
+        if self.cfg.shape:
+            from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
+
+            tc = teacher_config(self.cfg.shape)
+            hc = hybrid_config(tc, _attn_layers(self.cfg, tc.num_hidden_layers))
+            self.describe.update(shape=self.cfg.shape, attn_layers=hc.attn_layers)
+            return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
+        from mamballama_cli.loading import checkpoint_dir
+        from transformers import AutoModelForCausalLM
+
+        import mamballama_cli  # noqa: F401
+
+        path = checkpoint_dir(self.cfg.model)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
+        if not isinstance(model, MamballamaForCausalLM):
+            raise UsageError(f"--model {self.cfg.model}: not a mamballama hybrid ({type(model).__name__}); "
+                             "pass a checkpoint written by convert/distill")
+        self.describe.update(model=str(path), attn_layers=model.config.attn_layers)
+        torch.manual_seed(self.cfg.seed)
+        return model
+
+    def teacher_path(self):
+        if self.cfg.teacher:
+            return self.cfg.teacher
+        if self.cfg.model:
+            from mamballama_cli.loading import checkpoint_dir
+            from transformers import AutoConfig
+
+            import mamballama_cli  # noqa: F401
+
+            cfg = AutoConfig.from_pretrained(str(checkpoint_dir(self.cfg.model)))
+            name = (getattr(cfg, "teacher", None) or {}).get("name_or_path")
+            return name
+        return None
+
+    def teacher(self):
+        """The transformers teacher (random weights at the shape, or the checkpoint)."""
+        if self.cfg.shape:
+            from transformers import LlamaForCausalLM
+
+            from mamballama_cli.evaluation.shapes import random_model, teacher_config
+
+            return random_model(LlamaForCausalLM, teacher_config(self.cfg.shape), self.dtype, self.device,
+                                self.cfg.seed)
+        spec = self.teacher_path()
+        if not spec:
+            return None
+        from mamballama_cli.convert.teacher import load_teacher
+
+        loaded = load_teacher(spec, dtype=self.dtype, allow_download=False)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        self.describe["teacher"] = spec
+        return model.to(self.device).eval()
+
+    def teacher_as_hybrid(self):
+        """The teacher with every layer kept as attention, in the hybrid class (exactly the teacher)."""
+        from mamballama_cli.models.modeling import MamballamaForCausalLM
+
+        if self.cfg.shape:
+            from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
+
+            tc = teacher_config(self.cfg.shape)
+            hc = hybrid_config(tc, list(range(tc.num_hidden_layers)))
+            return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
+        teacher = self.teacher()
+        if teacher is None:
+            return None
+        from mamballama_cli.convert.converter import convert_model
+
+        hybrid, _ = convert_model(teacher, list(range(teacher.config.num_hidden_layers)), dtype=self.dtype)
+        del teacher
+        _free(self.device, collect=True)
+        return hybrid.to(self.device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------
+def _guarded(rows: list, base: dict, fn, *args) -> None:
+    """Run one measurement; an error (out of memory at a long context, say) is recorded, not fatal."""
+    try:
+        row = fn(*args)
+    except Exception as exc:  # keep the other measurements
+        log(f"  failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        traceback.print_exc(file=sys.stderr)
+        row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            row["error"] = "out of memory"
+    rows.append({**base, **row})
+    _free(base["_device"])
+
+
+def _measure_model(rows, cfg: SpeedConfig, label: str, engine: str, model, device) -> None:
+    static = engine == "static"
+    new_batch = cfg.new_tokens if (static or label == "hybrid") else min(cfg.new_tokens, cfg.teacher_new_tokens)
+    new_ctx = cfg.context_new_tokens
+    for b in cfg.batch_sizes:
+        log(f"[{label}/{engine}] batch {b}: prompt {cfg.prompt_tokens}, {new_batch} new tokens")
+        base = {"section": "decode", "model": label, "_device": device}
+        if static:
+            _guarded(rows, base, run_static, model, b, cfg.prompt_tokens, new_batch, cfg.graphs, cfg.seed)
+        else:
+            _guarded(rows, base, run_transformers, model, b, cfg.prompt_tokens, new_batch, cfg.seed)
+    for n in cfg.contexts:
+        log(f"[{label}/{engine}] context {n}: batch 1, {new_ctx} new tokens")
+        base = {"section": "context", "model": label, "_device": device}
+        if static:
+            _guarded(rows, base, run_static, model, 1, n, new_ctx, cfg.graphs, cfg.seed)
+        else:
+            _guarded(rows, base, run_transformers, model, 1, n, new_ctx, cfg.seed)
+
+
+def run_speed(cfg: SpeedConfig) -> dict:
+    import torch
+
+    from mamballama_cli.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device.type == "cuda":
+        if device.index is None:  # memory statistics want an explicit index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    models = _Models(cfg, device, dtype)
+    result: dict = {"machine": device_info(device), "config": {k: v for k, v in vars(cfg).items()},
+                    "dtype": str(dtype).replace("torch.", ""), "rows": [], "floor": {}}
+    log(f"device {result['machine'].get('name')} ({device}), {result['dtype']}")
+    bw = copy_bandwidth(device)
+    result["floor"]["copy_bandwidth_bytes_per_s"] = bw
+    log(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    rows: list = result["rows"]
+
+    def floor_of(label, model):
+        wb = weight_bytes(model)
+        result["floor"][label] = {"weight_bytes": wb["total"], "read_bytes_per_token": wb["read_per_token"],
+                                  "tok_s_all_weights": bw / wb["total"],
+                                  "tok_s_read_weights": bw / wb["read_per_token"]}
+
+    with torch.no_grad():
+        if "hybrid" in cfg.models:
+            model = models.hybrid()
+            floor_of("hybrid", model)
+            _measure_model(rows, cfg, "hybrid", "static", model, device)
+            del model
+            _free(device, collect=True)
+        if "teacher" in cfg.models:
+            if "transformers" in cfg.teacher_engines:
+                model = models.teacher()
+                if model is None:
+                    log("no teacher: pass --teacher PATH (the hybrid records no local teacher)")
+                else:
+                    floor_of("teacher", model)
+                    _measure_model(rows, cfg, "teacher", "transformers", model, device)
+                    del model
+                    _free(device, collect=True)
+            if "static" in cfg.teacher_engines:
+                model = models.teacher_as_hybrid()
+                if model is not None:
+                    floor_of("teacher", model)
+                    _measure_model(rows, cfg, "teacher", "static", model, device)
+                    del model
+                    _free(device, collect=True)
+    for row in rows:
+        row.pop("_device", None)
+    result["models"] = models.describe
+    result["summary"] = summarise(result, cfg)
+    return result
+
+
+def _pick(rows, section, model, engine_prefix, **match):
+    for r in rows:
+        if r.get("section") == section and r.get("model") == model and "error" not in r \
+                and str(r.get("engine", "")).startswith(engine_prefix) \
+                and all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def summarise(result: dict, cfg: SpeedConfig) -> dict:
+    rows, floor = result["rows"], result["floor"]
+    out: dict = {}
+    h1 = _pick(rows, "decode", "hybrid", "static", batch=1)
+    if h1 and "hybrid" in floor:
+        out["hybrid_batch1_decode_tok_s"] = h1["decode_tok_s"]
+        out["hybrid_fraction_of_floor_all_weights"] = h1["decode_tok_s"] / floor["hybrid"]["tok_s_all_weights"]
+        out["hybrid_fraction_of_floor_read_weights"] = h1["decode_tok_s"] / floor["hybrid"]["tok_s_read_weights"]
+    if cfg.shape == "llama3-8b" and h1:
+        out["target_tok_s"] = 200
+        out["target_met"] = bool(h1["decode_tok_s"] >= 200)
+    ctx = 32768 if 32768 in cfg.contexts else (max(cfg.contexts) if cfg.contexts else None)
+    if ctx is not None:
+        h = _pick(rows, "context", "hybrid", "static", prompt_tokens=ctx)
+        t = _pick(rows, "context", "teacher", "transformers", prompt_tokens=ctx) or \
+            _pick(rows, "context", "teacher", "static", prompt_tokens=ctx)
+        if h and t:
+            out["context"] = ctx
+            out["hybrid_cache_bytes"] = h["kv_bytes"] + h["state_bytes"]
+            out["teacher_kv_bytes"] = t["kv_bytes"]
+            out["cache_ratio"] = out["hybrid_cache_bytes"] / t["kv_bytes"] if t["kv_bytes"] else float("nan")
+            out["hybrid_decode_tok_s"] = h["decode_tok_s"]
+            out["teacher_decode_tok_s"] = t["decode_tok_s"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def _fmt_bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _fmt(v, spec) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_table(result: dict) -> str:
+    lines = []
+    m = result["machine"]
+    lines.append(f"# mamballama eval speed: {m.get('name')} ({m.get('device')}), {result['dtype']}, "
+                 f"torch {m.get('torch')}, transformers {m.get('transformers')}, {m.get('date')}")
+    fl = result["floor"]
+    lines.append(f"copy bandwidth: {fl['copy_bandwidth_bytes_per_s'] / 1e12:.3f} TB/s (read + write)")
+    for label in ("hybrid", "teacher"):
+        if label in fl:
+            f = fl[label]
+            lines.append(f"memory floor, {label}: {_fmt_bytes(f['weight_bytes'])} of weights -> "
+                         f"{f['tok_s_all_weights']:.1f} tok/s; {_fmt_bytes(f['read_bytes_per_token'])} read per "
+                         f"token -> {f['tok_s_read_weights']:.1f} tok/s (batch 1)")
+    header = (f"{'section':8} {'model':8} {'engine':19} {'batch':>5} {'prompt':>7} {'new':>5} {'TTFT s':>8} "
+              f"{'tok/s/seq':>10} {'tok/s all':>10} {'peak mem':>10} {'K/V':>10} {'state':>10}")
+    lines += ["", header, "-" * len(header)]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"{r['section']:8} {r['model']:8} {'':19} {r.get('batch', 1):>5} "
+                         f"{r.get('prompt_tokens', ''):>7}  error: {r['error']}")
+            continue
+        lines.append(
+            f"{r['section']:8} {r['model']:8} {r['engine']:19} {r['batch']:>5} {r['prompt_tokens']:>7} "
+            f"{r['new_tokens']:>5} {_fmt(r['ttft_s'], '8.3f')} {_fmt(r['decode_tok_s'], '10.1f')} "
+            f"{_fmt(r['aggregate_tok_s'], '10.1f')} {_fmt_bytes(r['peak_mem_bytes']):>10} "
+            f"{_fmt_bytes(r['kv_bytes']):>10} {_fmt_bytes(r['state_bytes']):>10}"
+        )
+    s = result.get("summary", {})
+    if s:
+        lines.append("")
+        if "hybrid_batch1_decode_tok_s" in s:
+            lines.append(f"hybrid, batch 1: {s['hybrid_batch1_decode_tok_s']:.1f} tok/s = "
+                         f"{100 * s['hybrid_fraction_of_floor_all_weights']:.1f}% of the floor over all weights, "
+                         f"{100 * s['hybrid_fraction_of_floor_read_weights']:.1f}% of the floor over the weights "
+                         "read")
+        if "target_tok_s" in s:
+            lines.append(f"target >= {s['target_tok_s']} tok/s: {'met' if s['target_met'] else 'NOT met'}")
+        if "cache_ratio" in s:
+            lines.append(f"at {s['context']} tokens: hybrid K/V + state {_fmt_bytes(s['hybrid_cache_bytes'])} = "
+                         f"{100 * s['cache_ratio']:.1f}% of the teacher's K/V {_fmt_bytes(s['teacher_kv_bytes'])}; "
+                         f"decode {s['hybrid_decode_tok_s']:.1f} vs {s['teacher_decode_tok_s']:.1f} tok/s")
+    return "\n".join(lines)
+
+
+def write_result(result: dict, path: str) -> None:
+    from mamballama_cli.io import write_json_atomic
+
+    write_json_atomic(path, result)

@@ -1,0 +1,525 @@
+"""Fast decoding of a hybrid: a static cache, the one-token step captured in a CUDA graph, sampling on device.
+
+:class:`StaticDecoder` owns a preallocated :class:`~mamballama_cli.models.cache.HybridCache` (attention K/V of
+a fixed capacity plus the Mamba conv windows and SSM states) and a handful of device tensors: the input
+token, the write position, the emitted-token history and the per-row "finished" flags. Its decode step
+reads and writes only those, so on CUDA it is captured once per batch size into a CUDA graph and replayed
+for every token: no Python, no kernel launches and no host synchronisation per token.
+
+The step walks the layers itself rather than calling the model's ``forward``, so that a layer costs few
+kernels: fused residual-add + RMSNorm, one GEMM for [gate; up] and one for [q; k; v] (the module parameters
+become views into one buffer, :func:`fuse_projections`, so the checkpoint layout is unchanged), SwiGLU, the
+conv-window update, the whole Mamba-2 recurrence with D and the gated norm in one kernel, RoPE + K/V write
+at the device-side position, and split-K attention over the static buffer. Each of these is an op with a
+pure-PyTorch reference below (the CPU path, run eagerly) and a Triton kernel in :mod:`mamballama_cli.ops.cuda`.
+
+The prompt goes through the model's own ``forward`` (the prefill uses the SSD chunk scan), writing the
+same cache. On CPU the decoder runs the same step eagerly on the references; greedy output equals the
+plain ``transformers.generate`` path.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamballama_cli import ops
+from mamballama_cli.ops.conv import causal_conv1d_update_ref
+from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
+from mamballama_cli.ops.ssd import ssm_step_ref
+
+# ================================================================================================
+# Reference twins of the decode ops (pure PyTorch; the Triton kernels in ops/cuda.py must match them)
+# ================================================================================================
+
+
+def add_rmsnorm_ref(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """h = residual + x (x alone when residual is None); returns (rmsnorm(h) * weight, h).
+
+    x, residual: (..., hidden); weight: (hidden,). Numerics as the model's layer: the sum in x's dtype,
+    then Llama's RMSNorm.
+    """
+    h = x if residual is None else residual + x
+    return rmsnorm_ref(h, weight, eps), h
+
+
+def swiglu_ref(gate_up: Tensor) -> Tensor:
+    """gate_up (..., 2 * inter) = [gate | up] -> silu(gate) * up (..., inter)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                            activation: str | None = None) -> Tensor:
+    """causal_conv1d_update for one new input x (batch, dim) that slides ``conv_state`` (batch, dim, width-1)
+    in place; returns y (batch, dim)."""
+    y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    conv_state.copy_(new_state)
+    return y
+
+
+def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: Tensor, dt_bias: Tensor,
+                       A_log: Tensor, D: Tensor | None, z: Tensor | None, norm_weight: Tensor | None,
+                       eps: float) -> Tensor:
+    """One Mamba-2 recurrence step for GQA-tied x and B, followed by the gated RMSNorm. Updates ``state``.
+
+    state: (batch, nheads, headdim, dstate) float32; x: (batch, ngroups, headdim); B: (batch, ngroups, dstate);
+    C: (batch, nheads, dstate); dt_raw: (batch, nheads) before dt_bias and softplus; dt_bias, A_log, D:
+    (nheads,); z: (batch, nheads, headdim) or None; norm_weight: (nheads * headdim,) or None (no norm, no
+    gate). Head i reads x and B of group i // (nheads / ngroups). Returns (batch, nheads * headdim) in x's
+    dtype, what out_proj reads. Same arithmetic as Mamba2Mixer._step.
+    """
+    b, h, p, _ = state.shape
+    dt = F.softplus(dt_raw.float() + dt_bias.float())
+    A = -torch.exp(A_log.float())
+    xh = x.repeat_interleave(h // x.shape[1], dim=1)
+    # Under autograd the old state is saved for backward: read it from a copy before overwriting it.
+    new_state, y = ssm_step_ref(state.clone() if torch.is_grad_enabled() else state, xh, dt, A, B, C, D)
+    state.copy_(new_state)
+    y = y.reshape(b, h * p)
+    if norm_weight is not None:
+        y = rmsnorm_gated_ref(y, z.reshape(b, h * p) if z is not None else None, norm_weight, eps, p)
+    return y
+
+
+def rope_kv_write_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, k_cache: Tensor, v_cache: Tensor,
+                      pos: Tensor, n_heads: int, n_kv: int) -> Tensor:
+    """Rotate q and k of one new token, write k and v into the caches at ``pos``; return rotated q.
+
+    qkv: (batch, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim);
+    k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: (1,) int64 on the device. Returns q as
+    (batch, n_heads, head_dim).
+    """
+    from mamballama_cli.models.rope import apply_rotary
+
+    b, hd = qkv.shape[0], k_cache.shape[-1]
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    q, k, v = q.reshape(b, n_heads, 1, hd), k.reshape(b, n_kv, 1, hd), v.reshape(b, n_kv, 1, hd)
+    cos = cos_table.index_select(0, pos)[None].expand(b, 1, -1)  # (batch, 1, rotary_dim)
+    sin = sin_table.index_select(0, pos)[None].expand(b, 1, -1)
+    q, k = apply_rotary(q, k, cos, sin)
+    k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+    return q[:, :, 0]
+
+
+def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, scale: float) -> Tensor:
+    """Attention of one query per head over the first ``length`` positions of static K/V buffers.
+
+    q: (batch, n_heads, head_dim); k_cache, v_cache: (batch, n_kv, capacity, head_dim); length: (1,) int64
+    on the device (no host sync). Returns (batch, n_heads, head_dim) in q's dtype.
+    """
+    nh, n_kv, cap = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
+    if n_kv != nh:
+        k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
+    valid = torch.arange(cap, device=q.device) < length.to(q.device)  # (capacity,)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[None, None, None], scale=scale)
+    return out[:, :, 0]
+
+
+DECODE_REFERENCES = {
+    "add_rmsnorm": add_rmsnorm_ref,
+    "swiglu": swiglu_ref,
+    "conv_update_inplace": conv_update_inplace_ref,
+    "ssm_step_gated": ssm_step_gated_ref,
+    "rope_kv_write": rope_kv_write_ref,
+    "decode_attention": decode_attention_ref,
+}
+for _name, _fn in DECODE_REFERENCES.items():
+    if _name not in ops.REFERENCES:
+        ops.register_reference(_name, _fn)
+
+# The ops one decode step uses.
+DECODE_OPS = tuple(DECODE_REFERENCES)
+
+
+# ================================================================================================
+# Sampling on the device
+# ================================================================================================
+def argmax_last(x: Tensor, block: int = 512) -> Tensor:
+    """argmax over the last dim of (batch, n), first index on ties, in two parallel stages.
+
+    torch's single-pass argmax over a 128K vocabulary runs one block per row (~37 us on an H200, one of
+    the slowest kernels of a decode step); a max per block of ``block`` entries, then an argmax over the
+    block maxima takes a few microseconds. The first maximal block holds the first maximal index.
+    """
+    b, n = x.shape
+    if n < 16 * block:
+        return x.argmax(dim=-1)
+    pad = (-n) % block
+    if pad:
+        x = F.pad(x, (0, pad), value=float("-inf"))
+    values, idx = x.reshape(b, -1, block).max(dim=-1)  # (batch, blocks): first maximum within each block
+    best = values.argmax(dim=-1, keepdim=True)  # first block holding the overall maximum
+    return (best * block + idx.gather(-1, best)).squeeze(-1)
+
+
+def sample_tokens(logits: Tensor, sampling) -> Tensor:
+    """(batch, vocab) -> (batch,) int64, without a host sync (so it can be captured in a CUDA graph).
+
+    Greedy is argmax (first index on ties, as transformers). Otherwise temperature, top-k and top-p as
+    transformers' warpers, then the Gumbel-max trick: argmax(scores + Gumbel noise) is a sample of
+    softmax(scores).
+    """
+    if sampling.greedy:
+        return argmax_last(logits)
+    scores = logits.float() / sampling.temperature
+    if sampling.top_k and sampling.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_scores, idx = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        drop = (probs.cumsum(dim=-1) - probs) > sampling.top_p  # keep the smallest prefix holding top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, sorted_scores)
+    u = torch.rand_like(scores).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
+
+
+# ================================================================================================
+# Fused projections
+# ================================================================================================
+def _fuse(owner: torch.nn.Module, names: list[str]) -> tuple[Tensor, Tensor | None]:
+    """One buffer holding the weights (and biases) of ``owner.<names>`` stacked by rows; the Linear
+    parameters become views into it, so the model and its state_dict keep their layout and values."""
+    key = "_mamballama_fused_" + "_".join(names)
+    lins = [getattr(owner, n) for n in names]
+    cached = owner.__dict__.get(key)
+    if cached is not None:
+        W, bias = cached
+        start, ok = 0, True
+        for lin in lins:
+            ok = ok and lin.weight.data_ptr() == W[start].data_ptr() and lin.weight.dtype == W.dtype
+            start += lin.weight.shape[0]
+        if ok:
+            return cached
+    with torch.no_grad():
+        W = torch.cat([lin.weight.data for lin in lins], dim=0)
+        bias = None
+        if any(lin.bias is not None for lin in lins):
+            bias = torch.cat([lin.bias.data if lin.bias is not None
+                              else W.new_zeros(lin.weight.shape[0]) for lin in lins])
+        start = 0
+        for lin in lins:
+            rows = lin.weight.shape[0]
+            lin.weight.data = W[start:start + rows]
+            if lin.bias is not None:
+                lin.bias.data = bias[start:start + rows]
+            start += rows
+    owner.__dict__[key] = (W, bias)  # a plain attribute: not a parameter, not in the state_dict
+    return W, bias
+
+
+def fuse_projections(model) -> None:
+    """[gate; up] of every MLP and [q; k; v] of every attention layer into one buffer each (in place).
+
+    A decode step then runs one GEMM where it ran two or three. Parameter names, shapes and values are
+    unchanged (``save_pretrained`` writes the usual layout); moving the model with ``.to()`` un-shares the
+    views, and the decoder then fuses again.
+    """
+    for layer in model.model.layers:
+        _fuse(layer.mlp, ["gate_proj", "up_proj"])
+        if layer.is_attention:
+            _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
+
+
+# ================================================================================================
+# The decoder
+# ================================================================================================
+def unsupported_reason(model) -> str | None:
+    """None when :class:`StaticDecoder` can decode ``model``; else why not (the plain path is used)."""
+    from mamballama_cli.models.modeling import MamballamaForCausalLM
+
+    if not isinstance(model, MamballamaForCausalLM):
+        return f"{type(model).__name__} is not a mamballama hybrid"
+    cfg = model.config
+    if cfg.mixer != "mamba2":
+        return f"mixer {cfg.mixer!r} (the static decoder runs Mamba-2 mixers)"
+    if cfg.sliding_window is not None:
+        return "sliding-window attention"
+    if cfg.hidden_act not in ("silu", "swish"):
+        return f"hidden_act {cfg.hidden_act!r}"
+    return None
+
+
+@dataclass
+class _Layer:
+    idx: int
+    attention: bool
+    ln1: Tensor
+    ln2: Tensor
+    gate_up_w: Tensor
+    gate_up_b: Tensor | None
+    down_w: Tensor
+    down_b: Tensor | None
+    module: torch.nn.Module  # self_attn or mamba
+    qkv_w: Tensor | None = None
+    qkv_b: Tensor | None = None
+    conv_w: Tensor | None = None
+
+
+class StaticDecoder:
+    """Prefill + captured one-token decode steps for one batch size and one cache capacity.
+
+    >>> dec = StaticDecoder(model, batch_size=1, max_length=prompt_len + max_new)
+    >>> first = dec.prefill(input_ids)      # (batch,) sampled from the prompt's last logits
+    >>> dec.decode(max_new - 1)             # more tokens; dec.tokens_so_far() -> (batch, n) int64
+
+    ``capture`` defaults to True on CUDA (a CUDA graph of the step, recorded on the first prefill) and
+    must be False elsewhere (the step then runs eagerly). Sampling parameters are fixed per decoder
+    (they are baked into the graph). ``stop_ids`` finish a row; finished rows then repeat the first stop
+    id. All rows share one prompt length (no padding).
+    """
+
+    def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None):
+        from mamballama_cli.generation.plain import SamplingConfig
+        from mamballama_cli.models.cache import HybridCache
+
+        why = unsupported_reason(model)
+        if why:
+            raise ValueError(f"the static decoder cannot run this model: {why}")
+        cfg = model.config
+        self.model = model
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.sampling = sampling or SamplingConfig(temperature=0.0)
+        self.capture = (self.device.type == "cuda") if capture is None else bool(capture)
+        if self.capture and self.device.type != "cuda":
+            raise ValueError("CUDA-graph capture needs the model on a CUDA device")
+        self.eps = cfg.rms_norm_eps
+        self.fns: dict[str, Callable] = {}
+        self.backends: dict[str, str] = {}
+        for op in DECODE_OPS:
+            self.backends[op], self.fns[op] = ops.dispatch(op, self.device)
+
+        fuse_projections(model)
+        base = model.model
+        self.embed_w = base.embed_tokens.weight
+        self.norm_w = base.norm.weight
+        self.lm_head_w = model.lm_head.weight
+        self.layers: list[_Layer] = []
+        for i, layer in enumerate(base.layers):
+            gate_up_w, gate_up_b = _fuse(layer.mlp, ["gate_proj", "up_proj"])
+            entry = _Layer(i, layer.is_attention, layer.input_layernorm.weight,
+                           layer.post_attention_layernorm.weight, gate_up_w, gate_up_b, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias,
+                           layer.self_attn if layer.is_attention else layer.mamba)
+            if layer.is_attention:
+                entry.qkv_w, entry.qkv_b = _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
+            else:
+                entry.conv_w = layer.mamba.conv1d.weight[:, 0, :]  # (conv_dim, width)
+            self.layers.append(entry)
+
+        self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
+                                 max_length=self.max_length)
+        with torch.no_grad():
+            positions = torch.arange(self.max_length, device=self.device)[None]
+            cos, sin = base.rotary_emb(positions, self.dtype)  # the model's own tables: identical rotations
+            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
+        dev, b = self.device, self.batch_size
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # where the next input token's K/V go
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # column of history to write next
+        self.tokens = torch.zeros(b, dtype=torch.long, device=dev)  # input of the next step
+        self.history = torch.zeros(b, self.max_length, dtype=torch.long, device=dev)
+        self.done = torch.zeros(b, dtype=torch.bool, device=dev)
+        stops = [int(s) for s in stop_ids]
+        self.stop = torch.tensor(stops, dtype=torch.long, device=dev) if stops else None
+        self.pad_id = stops[0] if stops else 0
+        self.graph = None
+        self.emitted = 0  # host mirror of step_idx
+
+    @property
+    def engine(self) -> str:
+        return "static-graph" if self.capture else "static-eager"
+
+    # --- one step ------------------------------------------------------------------------------------
+    def _emit(self, nxt: Tensor) -> None:
+        if self.stop is not None:
+            nxt = torch.where(self.done, torch.full_like(nxt, self.pad_id), nxt)
+            self.done |= (nxt[:, None] == self.stop[None, :]).any(dim=-1)
+        self.history.index_copy_(1, self.step_idx, nxt[:, None])
+        self.tokens.copy_(nxt)
+        self.step_idx.add_(1)
+
+    def _attention(self, layer: _Layer, x: Tensor, length: Tensor) -> Tensor:
+        attn = layer.module
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # (batch, (n_heads + 2 n_kv) * head_dim)
+        k_cache, v_cache = self.cache.key[layer.idx], self.cache.value[layer.idx]
+        q = self.fns["rope_kv_write"](qkv, self.cos, self.sin, k_cache, v_cache, self.pos, attn.n_heads, attn.n_kv)
+        o = self.fns["decode_attention"](q, k_cache, v_cache, length, attn.scaling)  # (batch, n_heads, head_dim)
+        return F.linear(o.reshape(x.shape[0], -1), attn.o_proj.weight, attn.o_proj.bias)
+
+    def _mamba(self, layer: _Layer, x: Tensor) -> Tensor:
+        m = layer.module
+        b = x.shape[0]
+        state = self.cache.mamba[layer.idx]
+        zxbcdt = F.linear(x, m.in_proj.weight, m.in_proj.bias)  # (batch, d_in_proj)
+        z, xbc, dt_raw = torch.split(zxbcdt, [m.d_z, m.conv_dim, m.n_heads], dim=-1)
+        xbc = self.fns["conv_update_inplace"](xbc, state["conv"], layer.conv_w, m.conv1d.bias, m.activation)
+        xs, Bs, Cs = torch.split(xbc, [m.d_x, m.d_B, m.d_C], dim=-1)
+        gated = m.gated_norm
+        y = self.fns["ssm_step_gated"](
+            state["ssm"], xs.reshape(b, m.n_groups, m.headdim), Bs.reshape(b, m.n_groups, m.d_state),
+            Cs.reshape(b, m.n_heads, m.d_state), dt_raw, m.dt_bias, m.A_log, m.D,
+            z.reshape(b, m.n_heads, m.headdim) if gated else None, m.norm.weight if gated else None, m.eps,
+        )  # (batch, n_heads * headdim)
+        return F.linear(y.to(m.out_proj.weight.dtype), m.out_proj.weight, m.out_proj.bias)
+
+    def _step(self) -> None:
+        """Embed self.tokens at self.pos, run every layer, sample, emit; all in place (graph-safe)."""
+        add_norm, swiglu = self.fns["add_rmsnorm"], self.fns["swiglu"]
+        length = self.pos + 1
+        hidden = F.embedding(self.tokens, self.embed_w)  # (batch, hidden)
+        residual = None
+        for layer in self.layers:
+            x, residual = add_norm(hidden, residual, layer.ln1, self.eps)
+            hidden = self._attention(layer, x, length) if layer.attention else self._mamba(layer, x)
+            x, residual = add_norm(hidden, residual, layer.ln2, self.eps)
+            hidden = F.linear(swiglu(F.linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
+        x, _ = add_norm(hidden, residual, self.norm_w, self.eps)
+        self._emit(sample_tokens(F.linear(x, self.lm_head_w), self.sampling))
+        self.pos.add_(1)
+
+    # --- state ---------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.cache.reset()
+        for t in (self.pos, self.step_idx, self.tokens, self.history):
+            t.zero_()
+        self.done.zero_()
+        self.emitted = 0
+
+    def _capture(self) -> None:
+        # Warm up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then record one
+        # step. The warm-up writes garbage into the state; reset() clears it before the prompt is read.
+        # It also draws random numbers when sampling: restore the generator so a seed set before the
+        # first prefill gives the same tokens as on every later prefill.
+        rng = torch.cuda.get_rng_state(self.device)
+        self.reset()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.reset()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+        torch.cuda.set_rng_state(rng, self.device)
+        self.reset()
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor) -> Tensor:
+        """Read the prompt (batch, prompt_len) into the cache; sample and return the first new token (batch,)."""
+        b, n = input_ids.shape
+        if b != self.batch_size:
+            raise ValueError(f"batch of {b} prompts, but this decoder was built for {self.batch_size}")
+        if n + 1 > self.max_length:
+            raise ValueError(f"prompt of {n} tokens leaves no room in a cache of {self.max_length}")
+        if self.capture and self.graph is None:
+            self._capture()
+        self.reset()
+        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        first = sample_tokens(out.logits[:, -1], self.sampling)
+        self.pos.fill_(n)
+        self._emit(first)
+        self.emitted = 1
+        return first
+
+    @property
+    def room(self) -> int:
+        """Steps left before the cache is full."""
+        return self.max_length - self.cache.seqlen
+
+    @torch.no_grad()
+    def decode(self, steps: int, on_tokens: Callable[[list[list[int]]], None] | None = None,
+               sync_every: int | None = None) -> int:
+        """Run up to ``steps`` steps after :meth:`prefill`; returns how many ran.
+
+        The host synchronises only every ``sync_every`` steps (default 8 with a graph, else 1): then it
+        passes the new tokens (one list per row) to ``on_tokens`` and stops once every row is finished.
+        """
+        if self.emitted == 0:
+            raise RuntimeError("call prefill() before decode()")
+        steps = min(int(steps), self.room)
+        sync_every = sync_every or (8 if self.graph is not None else 1)
+        shown = self.emitted
+        ran = 0
+        for i in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
+            self.cache.seqlen += 1
+            self.emitted += 1
+            ran += 1
+            if (i + 1) % sync_every == 0 or i == steps - 1:
+                if on_tokens is not None:
+                    on_tokens(self.history[:, shown:self.emitted].tolist())
+                    shown = self.emitted
+                if self.stop is not None and bool(self.done.all()):
+                    break
+        return ran
+
+    def tokens_so_far(self) -> Tensor:
+        """(batch, emitted) int64: every token sampled since the prefill (finished rows padded)."""
+        return self.history[:, : self.emitted]
+
+
+# ================================================================================================
+# generate() on the static decoder
+# ================================================================================================
+def get_decoder(model, batch_size: int, max_length: int, sampling, stop_ids, capture=None) -> StaticDecoder:
+    """A decoder for this model, batch size and sampling, reused across calls while its cache is big enough
+    (a captured graph is kept per batch size)."""
+    key = (batch_size, sampling.temperature, sampling.top_p, sampling.top_k, tuple(stop_ids), capture)
+    store = model.__dict__.setdefault("_mamballama_decoders", {})
+    dec = store.get(key)
+    if dec is None or dec.max_length < max_length or dec.device != model.lm_head.weight.device:
+        store.pop(key, None)
+        dec = None
+        if model.lm_head.weight.is_cuda:
+            torch.cuda.empty_cache()
+        dec = StaticDecoder(model, batch_size, max_length, sampling, stop_ids, capture)
+        store[key] = dec
+    return dec
+
+
+def generate_fast(model, tokenizer, input_ids: Tensor, sampling, on_text=None, capture=None):
+    """Same contract as :func:`mamballama_cli.generation.plain.generate`, on the static decoder."""
+    from mamballama_cli.generation.plain import GenerationResult, TextStream, stop_token_ids
+
+    device = model.lm_head.weight.device
+    input_ids = input_ids.to(device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    stops = stop_token_ids(model, tokenizer)
+    n_prompt = input_ids.shape[1]
+    # Round the capacity up so that nearby prompt lengths reuse one captured graph.
+    capacity = -(-(n_prompt + sampling.max_new_tokens) // 256) * 256
+    dec = get_decoder(model, input_ids.shape[0], capacity, sampling, stops, capture)
+    stream = TextStream(tokenizer, on_text)
+    start = time.perf_counter()
+    first = dec.prefill(input_ids)
+    stream.push(first[:1].tolist())  # one host sync: the first token is out
+    ttft = time.perf_counter() - start
+    if not (dec.stop is not None and bool(dec.done.all())):
+        dec.decode(sampling.max_new_tokens - 1, on_tokens=lambda rows: stream.push(rows[0]))
+    ids = dec.tokens_so_far()[0].tolist()
+    if stops:  # drop the padding after the first stop token (transformers keeps that stop token)
+        for i, t in enumerate(ids):
+            if t in stops:
+                ids = ids[: i + 1]
+                break
+    total = time.perf_counter() - start
+    text = stream.finish()
+    return GenerationResult(text, n_prompt, len(ids), ttft, total, ids, engine=dec.engine)

@@ -1,0 +1,220 @@
+"""The static decoder (generation/fast.py): static cache, captured step, on-device sampling.
+
+On CPU the step runs eagerly on the reference ops and must reproduce transformers' generate on the same
+model token for token; on CUDA (gpu marker) the captured step must reproduce the uncaptured one.
+"""
+
+import json
+
+import pytest
+import torch
+
+from clihelp import run_cli
+from helpers import tiny_hybrid, tiny_tokenizer
+from mamballama_cli.generation.fast import StaticDecoder, fuse_projections, generate_fast, sample_tokens
+from mamballama_cli.generation.plain import SamplingConfig, generate
+
+
+def plain_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    """One tiny converted hybrid (attention in layers 1 and 3) shared by the CPU tests; none modifies it."""
+    return tiny_hybrid()[0]
+
+
+def prompts(batch, length, vocab=96, seed=0):
+    return torch.randint(5, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", ["default", "gqa3"])
+def test_static_decoder_greedy_equals_transformers_generate(hybrid, shape):
+    # gqa3: three query heads per KV head (a group size that is not a power of two), attention in layer 2 only
+    model = hybrid if shape == "default" else tiny_hybrid(attn_layers=(2,), n_heads=6, n_kv=2, hidden=48)[0]
+    ids = prompts(2, 9)
+    expected = plain_greedy(model, ids, 12)
+    dec = StaticDecoder(model, batch_size=2, max_length=9 + 12, capture=False)
+    first = dec.prefill(ids)
+    assert torch.equal(first, expected[:, 0])
+    assert dec.decode(11) == 11
+    assert torch.equal(dec.tokens_so_far(), expected)
+    assert dec.cache.seqlen == 9 + 11 and dec.room == 1
+    assert dec.decode(100) == 1  # capped by the cache's capacity
+    mem = dec.cache.memory_bytes()
+    assert mem["kv_bytes"] > 0 and mem["state_bytes"] > 0
+
+
+def test_decoder_is_reusable_across_prompts(hybrid):
+    model = hybrid
+    dec = StaticDecoder(model, 1, 24, capture=False)
+    runs = []
+    for seed in (1, 2, 1):
+        dec.prefill(prompts(1, 7, seed=seed))
+        dec.decode(6)
+        runs.append(dec.tokens_so_far().clone())
+    assert torch.equal(runs[0], runs[2]) and not torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[1], plain_greedy(model, prompts(1, 7, seed=2), 7))
+    with pytest.raises(ValueError, match="no room"):
+        dec.prefill(prompts(1, 24))
+    with pytest.raises(ValueError, match="batch of 2"):
+        dec.prefill(prompts(2, 5))
+
+
+def test_generate_static_engine_stops_like_transformers(hybrid, monkeypatch):
+    model = hybrid
+    tok = tiny_tokenizer()
+    ids = prompts(1, 8)
+    free = plain_greedy(model, ids, 10)[0].tolist()
+    stop = free[4]  # a stop token that greedy decoding really emits
+    monkeypatch.setattr(model.generation_config, "eos_token_id", stop)
+    sampling = SamplingConfig(max_new_tokens=10)
+    plain = generate(model, tok, ids, sampling, engine="transformers")
+    pieces = []
+    fast = generate(model, tok, ids, sampling, on_text=pieces.append, engine="static")
+    assert fast.engine == "static-eager" and plain.engine == "transformers"
+    assert fast.token_ids == plain.token_ids == free[: free.index(stop) + 1]
+    assert fast.text == plain.text == "".join(pieces)
+
+
+def test_fused_projections_keep_outputs_and_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_hybrid()
+    ids = prompts(2, 10)
+    before = model(ids).logits
+    keys = list(model.state_dict())
+    fuse_projections(model)
+    mlp = model.model.layers[0].mlp
+    fused, _ = mlp.__dict__["_mamballama_fused_gate_proj_up_proj"]
+    assert mlp.up_proj.weight.data_ptr() == fused[mlp.gate_proj.weight.shape[0]].data_ptr()
+    assert torch.equal(model(ids).logits, before)
+    assert list(model.state_dict()) == keys
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(ids).logits, before)
+
+
+def test_device_sampling_distribution_and_warpers():
+    logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))[None].expand(20000, 3).contiguous()
+    torch.manual_seed(0)
+    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0)), minlength=3) / 20000
+    assert torch.allclose(counts, torch.tensor([0.7, 0.2, 0.1]), atol=0.015)
+    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0, top_p=0.75)), minlength=3) / 20000
+    assert counts[2] == 0 and abs(counts[0] - 0.7 / 0.9) < 0.015
+    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0, top_k=1)), minlength=3)
+    assert counts.tolist() == [20000, 0, 0]
+
+
+def test_two_stage_argmax_matches_argmax_with_ties():
+    from mamballama_cli.generation.fast import argmax_last
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (128256, 49152, 100000):
+        x = torch.randint(-50, 50, (6, n), generator=gen).to(torch.bfloat16)  # many ties at the maximum
+        x[1, :] = 7
+        x[2, -1] = 99
+        x[3, 5000] = x[3, 9] = 99  # tie across blocks: the first wins
+        assert torch.equal(argmax_last(x), x.float().argmax(dim=-1))
+
+
+def test_sampled_static_decoding_is_seeded_and_top_k1_is_greedy(hybrid):
+    model = hybrid
+    ids = prompts(1, 6)
+
+    def run(**kw):
+        torch.manual_seed(kw.pop("seed", 0))
+        dec = StaticDecoder(model, 1, 20, sampling=SamplingConfig(**kw), capture=False)
+        dec.prefill(ids)
+        dec.decode(8)
+        return dec.tokens_so_far()
+
+    assert torch.equal(run(temperature=0.9, seed=3), run(temperature=0.9, seed=3))
+    assert torch.equal(run(temperature=0.9, top_k=1), plain_greedy(model, ids, 9))
+
+
+def test_generate_cli_engines_agree(hybrid, tmp_path, capsys):
+    model = hybrid
+    ckpt = tmp_path / "hybrid"
+    model.save_pretrained(ckpt, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(ckpt)
+    outs = {}
+    for engine in ("static", "transformers"):
+        stats = tmp_path / f"{engine}.json"
+        res = run_cli(["generate", ckpt, "--prompt", "hello there", "-n", "12", "--engine", engine,
+                       "--stats-json", stats], capsys)
+        assert res.code == 0, res.err
+        outs[engine] = (res.out, json.loads(stats.read_text()))
+    assert outs["static"][0] == outs["transformers"][0]
+    assert outs["static"][1]["engine"] == "static-eager"
+    assert outs["transformers"][1]["engine"] == "transformers"
+    bad = run_cli(["generate", ckpt, "--prompt", "x", "--engine", "fastest"], capsys)
+    assert bad.code != 0 and "--engine 'fastest'" in bad.err
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA: the captured step
+# ------------------------------------------------------------------------------------------------
+def gpu_model(dtype, attn_layers=(1, 3)):
+    model, _ = tiny_hybrid(attn_layers=attn_layers, n_heads=4, n_kv=2, hidden=128, layers=4, seed=1)
+    return model.to("cuda", dtype).eval()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_captured_decoding_equals_uncaptured(dtype, batch):
+    model = gpu_model(dtype)
+    ids = prompts(batch, 33).cuda()
+    runs = {}
+    for capture in (True, False):
+        dec = StaticDecoder(model, batch, 33 + 64, capture=capture)
+        assert dec.engine == ("static-graph" if capture else "static-eager")
+        assert all(b != "torch-ref" for b in dec.backends.values()), dec.backends
+        dec.prefill(ids)
+        dec.decode(63)
+        runs[capture] = dec.tokens_so_far().cpu()
+    assert runs[True].shape == (batch, 64)
+    assert torch.equal(runs[True], runs[False])
+
+
+@pytest.mark.gpu
+def test_captured_decoding_equals_transformers_generate_fp32():
+    model = gpu_model(torch.float32)
+    ids = prompts(2, 20).cuda()
+    dec = StaticDecoder(model, 2, 20 + 40)
+    dec.prefill(ids)
+    dec.decode(39)
+    assert torch.equal(dec.tokens_so_far(), plain_greedy(model, ids, 40))
+
+
+@pytest.mark.gpu
+def test_captured_sampling_is_seeded():
+    model = gpu_model(torch.bfloat16)
+    ids = prompts(1, 10).cuda()
+    dec = StaticDecoder(model, 1, 50, sampling=SamplingConfig(temperature=1.0, top_p=0.9))
+    out = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        dec.prefill(ids)
+        dec.decode(39)
+        out.append(dec.tokens_so_far().clone())
+    assert torch.equal(out[0], out[1])
+
+
+@pytest.mark.gpu
+def test_generate_uses_the_captured_decoder_on_cuda():
+    model = gpu_model(torch.float32)
+    tok = tiny_tokenizer()
+    ids = prompts(1, 12)
+    sampling = SamplingConfig(max_new_tokens=30)
+    fast = generate(model, tok, ids, sampling)
+    plain = generate(model, tok, ids, sampling, engine="transformers")
+    assert fast.engine == "static-graph"
+    assert fast.token_ids == plain.token_ids and fast.text == plain.text
+    again = generate_fast(model, tok, ids, sampling)  # the captured decoder is reused
+    assert again.token_ids == fast.token_ids
