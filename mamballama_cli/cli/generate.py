@@ -24,12 +24,45 @@ def command(
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     stats_json: Optional[str] = typer.Option(None, "--stats-json", help="Write timing statistics as JSON here."),
+    # --- speculative decoding (generation/speculative.py) ---
+    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding with --draft (lossless)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft: a checkpoint dir sharing the tokenizer (e.g. "
+                                        "from `convert --draft-layers`), or a provider NAME[:ARG] (self, teacher, "
+                                        "layers:0,29, or a mamballama.drafts plugin). Implies --speculative."),
+    draft_k: int = typer.Option(4, "-k", "--draft-tokens", help="Draft tokens per target call (K)."),
+    cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
+                                               help="Capture the verify and draft steps in CUDA graphs (default: "
+                                               "on with CUDA)."),
+    compare_plain: bool = typer.Option(True, "--compare-plain/--no-compare-plain",
+                                       help="With --speculative, also time the target's plain decoding of the same "
+                                       "prompt and length (speedup in the statistics)."),
+    draft_runner: str = typer.Option("auto", "--draft-runner", help="auto, hybrid, transformers or refeed."),
+    engine: str = typer.Option("auto", "--engine", help="Plain decoding: auto (static decoder with a CUDA-graph "
+                               "step for hybrids on CUDA, else transformers), static, transformers."),
 ):
     from mamballama_cli.cli.common import err, read_prompt
     from mamballama_cli.generation.plain import SamplingConfig, encode_prompt, generate
     from mamballama_cli.loading import load_causal_lm
 
     text = read_prompt(prompt)
+    if speculative or draft:
+        from mamballama_cli.config import merge_config
+        from mamballama_cli.generation.speculative import SpeculativeConfig, format_stats, run_speculative
+
+        cfg = merge_config(SpeculativeConfig, overrides=dict(
+            target=model, draft=draft or "", k=draft_k, prompt=text, chat=chat, system=system,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            dtype=dtype, device=device, cuda_graphs=cuda_graphs, compare_plain=compare_plain,
+            draft_runner=draft_runner, stats_json=stats_json))
+        spec_stats = run_speculative(cfg, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        err(format_stats(spec_stats))
+        if stats_json:
+            from mamballama_cli.io import write_json_atomic
+
+            write_json_atomic(stats_json, {k: v for k, v in spec_stats.items() if k != "text"})
+        return
     lm, tok, path = load_causal_lm(model, dtype=dtype, device=device)
     if tok is None:
         from mamballama_cli.errors import MamballamaError
@@ -42,7 +75,7 @@ def command(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = generate(lm, tok, ids, sampling, on_text=emit)
+    result = generate(lm, tok, ids, sampling, on_text=emit, engine=engine)
     sys.stdout.write("\n")
     sys.stdout.flush()
     stats = {
@@ -54,10 +87,11 @@ def command(
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "device": str(next(lm.parameters()).device),
         "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
+        "engine": result.engine,
     }
     err(f"[{stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new; first token "
         f"{stats['time_to_first_token_s']:.3f} s; decode {stats['decode_tokens_per_s']:.1f} tok/s on "
-        f"{stats['device']} {stats['dtype']}]")
+        f"{stats['device']} {stats['dtype']}, {stats['engine']}]")
     if stats_json:
         from mamballama_cli.io import write_json_atomic
 

@@ -34,3 +34,57 @@ plugins.drafts.register(
         load=_load_path,
     )
 )
+
+
+def _load_self(target_model=None, **_):
+    """The target drafting for itself: every draft is accepted at temperature 0 (an overhead check)."""
+    if target_model is None:
+        raise ValueError("the 'self' draft needs the target model")
+    return target_model
+
+
+def _teacher_spec(target_model) -> str:
+    from mamballama_cli.errors import MamballamaError
+
+    info = getattr(target_model.config, "teacher", None) or {}
+    if info.get("kind") == "default":
+        return "default"
+    teacher = info.get("name_or_path")
+    if not teacher:
+        raise MamballamaError("the target records no teacher (config.teacher.name_or_path); pass --draft DIR")
+    return teacher
+
+
+def _load_teacher(target_model=None, **_):
+    """The Transformer the hybrid was converted from (as recorded in its config)."""
+    from mamballama_cli.convert.teacher import load_teacher
+
+    return load_teacher(_teacher_spec(target_model), allow_download=False)[0]
+
+
+def _load_layers(target_model=None, arg: str | None = None, **_):
+    """A shrunk draft cut in memory from the target's teacher, e.g. ``layers:0,29`` (untrained: to try the
+    pipeline; `convert --draft-layers` + `sft`/`distill` makes a useful one)."""
+    from mamballama_cli.convert.draft import build_draft
+    from mamballama_cli.convert.placement import parse_layer_list
+    from mamballama_cli.convert.teacher import load_teacher
+    from mamballama_cli.errors import UsageError
+
+    if not arg:
+        raise UsageError("--draft layers:LIST needs teacher layers, e.g. --draft layers:0,10,20,29")
+    teacher = load_teacher(_teacher_spec(target_model), allow_download=False)[0]
+    layers = parse_layer_list(arg, teacher.config.num_hidden_layers, flag="--draft layers:")
+    if not layers:
+        raise UsageError("--draft layers:LIST: list at least one teacher layer, e.g. layers:0,29")
+    return build_draft(teacher, layers)
+
+
+plugins.drafts.register(DraftSpec(
+    name="self", description="the target itself (accepts everything at temperature 0; measures overhead)",
+    load=_load_self))
+plugins.drafts.register(DraftSpec(
+    name="teacher", description="the Transformer the hybrid was converted from (config.teacher)",
+    load=_load_teacher))
+plugins.drafts.register(DraftSpec(
+    name="layers", description="layers:0,10,20,29 - a shrunk draft cut from the teacher in memory (untrained)",
+    load=_load_layers))

@@ -63,7 +63,7 @@ _fast_loaded = False
 
 
 # Modules that register fast implementations when imported (each may be absent).
-FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1")
+FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay")
 
 
 def register_reference(op: str, fn: Callable) -> None:

@@ -1,0 +1,228 @@
+"""Cost of one speculative verify call vs one plain decode step, and the speedup they imply.
+
+Target: a Llama-3-8B-shape hybrid with 25% attention (layers 3, 7, ..., 31), random weights, bf16.
+Draft: a 4-layer Llama of the same width (what `convert --draft-layers 0,10,20,31` cuts), random weights,
+run as an all-attention hybrid exactly as `generate --speculative` runs it on CUDA.
+
+Measured on CUDA with every step captured in a CUDA graph and timed with CUDA events:
+  plain_step_ms   one plain decode step of the target (generation/fast.py's StaticDecoder graph, the
+                  engine `mamballama generate` uses on CUDA)
+  verify_step_ms  one verify call on K+1 tokens (generation/speculative.py's graph: replay + K+1 steps)
+  draft_step_ms   one draft step (one token)
+  loop            an end-to-end `speculative_generate` run (random weights: the draft is almost never
+                  accepted, so it measures the per-round cost including host-side acceptance)
+Implied speedup at per-token acceptance a: tokens per call E = (1 - a^(K+1)) / (1 - a), and
+  speedup = E * plain_step / (K * draft_step + verify_step + host overhead per round).
+
+Usage (on the GPU machine):
+  python benchmarks/speculative_verify.py --k 4 --context 512 --json runs/speculative_verify.json
+  python benchmarks/speculative_verify.py --shape tiny --device cpu     # smoke test of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    # Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, head dim 128, MLP 14336, vocab 128256.
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0),
+    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=8,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=32, rope_theta=10000.0),
+}
+
+
+def build_models(shape: str, ratio: float, draft_layers: int, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import mamballama_cli  # noqa: F401
+    from mamballama_cli.convert.placement import attention_layers_for_ratio
+    from mamballama_cli.generation.speculative import as_hybrid
+    from mamballama_cli.models.configuration import MamballamaConfig
+    from mamballama_cli.models.modeling import MamballamaForCausalLM
+
+    s = dict(SHAPES[shape])
+    theta = s.pop("rope_theta")
+    attn = attention_layers_for_ratio(s["num_hidden_layers"], ratio)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: an 8B model never exists in fp32
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            target = MamballamaForCausalLM(MamballamaConfig(
+                **s, attn_layers=attn, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                tie_word_embeddings=False, rms_norm_eps=1e-5)).eval()
+            dcfg = LlamaConfig(**{**s, "num_hidden_layers": draft_layers}, rope_theta=theta, rms_norm_eps=1e-5,
+                               tie_word_embeddings=False)
+            draft_llama = LlamaForCausalLM(dcfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    draft = as_hybrid(draft_llama)
+    return target, draft, attn
+
+
+def cuda_time(fn, iters: int, warmup: int = 5) -> float:
+    """Mean milliseconds per call (CUDA events; host time elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) * 1000 / iters
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ratio", type=float, default=0.25, help="attention fraction of the target")
+    ap.add_argument("--draft-layers", type=int, default=4)
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--loop-tokens", type=int, default=128, help="new tokens of the end-to-end run (0: skip)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+
+    from mamballama_cli import ops
+    from mamballama_cli.generation.speculative import HybridRunner, speculative_generate
+
+    dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
+    graphs = device.type == "cuda"
+    K = args.k
+    t0 = time.perf_counter()
+    target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device)
+    print(f"built target ({params(target) / 1e9:.2f}B params, attention layers {attn}) and draft "
+          f"({params(draft) / 1e9:.2f}B params, {args.draft_layers} layers) in {time.perf_counter() - t0:.0f} s",
+          file=sys.stderr)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, target.config.vocab_size, (1, args.context), generator=gen).to(device)
+    capacity = args.context + 4 * args.iters + 64 + 2 * (K + 1)
+
+    # 1. Plain decode step: the static decoder of `mamballama generate` (graph on CUDA).
+    plain_engine = "speculative runner, T=1 (generation/fast.py unavailable)"
+    try:
+        from mamballama_cli.generation.fast import StaticDecoder
+
+        dec = StaticDecoder(target, 1, capacity, capture=graphs)
+        dec.prefill(prompt)
+        step = dec.graph.replay if dec.graph is not None else dec._step
+        plain_ms = cuda_time(step, args.iters)
+        plain_engine = dec.engine
+        dec = None
+    except ImportError:
+        plain_ms = None
+
+    # 2. The same plain step through the speculative runner (one token, one replayed step), same capture.
+    runner = HybridRunner(target, 1, capacity, window=K + 1)
+    if graphs:
+        runner.capture([(1, True, 0), (K + 1, True, 0)])
+    runner.prefill(prompt)
+    pos = args.context
+
+    def runner_step(T, keep):
+        ids = torch.zeros(1, T, dtype=torch.long, device=device)
+
+        def call():
+            runner.start, runner.wlen, runner.keep = pos, 0, keep  # same position every call: steady state
+            runner.extend(ids, rebase=True)
+        return call
+
+    runner_plain_ms = cuda_time(runner_step(1, 1), args.iters)
+    if plain_ms is None:
+        plain_ms = runner_plain_ms
+    verify_ms = {r: cuda_time(runner_step(K + 1, r), args.iters) for r in (1, K + 1)}
+    runner.cache = runner.layers = None  # free its buffers before the next one
+
+    # 3. Draft step (one token), graph captured the way speculative_generate does it.
+    d_runner = HybridRunner(draft, 1, capacity, window=K + 1, keep_live=True)
+    if graphs:
+        d_runner.capture([(1, True, 0)])
+    d_runner.prefill(prompt)
+
+    def draft_call():
+        d_runner.start, d_runner.wlen, d_runner.keep = pos, 0, 1
+        d_runner.extend(torch.zeros(1, 1, dtype=torch.long, device=device), rebase=True)
+
+    draft_ms = cuda_time(draft_call, args.iters)
+    d_runner.cache = d_runner.layers = None
+
+    # 4. End to end (random weights: drafts are almost never accepted; this is the per-round cost).
+    loop = None
+    if args.loop_tokens:
+        torch.cuda.empty_cache() if graphs else None
+        res = speculative_generate(target, draft, prompt, k=K, max_new_tokens=args.loop_tokens,
+                                   cuda_graphs=graphs)
+        s = res.stats
+        round_ms = (s.total_s - s.time_to_first_token_s) * 1000 / max(s.rounds, 1)
+        loop = {"rounds": s.rounds, "acceptance_rate": round(s.acceptance_rate, 4),
+                "tokens_per_call": round(s.tokens_per_call, 3), "round_ms": round(round_ms, 3),
+                "host_overhead_ms_per_round": round(round_ms - K * draft_ms - verify_ms[1], 3),
+                "tokens_per_s": round(s.tokens_per_s, 2)}
+    overhead = max(loop["host_overhead_ms_per_round"], 0.0) if loop else 0.0
+
+    verify = verify_ms[K + 1]  # the most replay work a call can have (all K drafts and the bonus kept)
+    implied = {}
+    for a in (0.6, 0.7, 0.8):
+        e = (1 - a ** (K + 1)) / (1 - a)
+        round_cost = K * draft_ms + verify
+        implied[str(a)] = {"tokens_per_call": round(e, 3),
+                           "speedup": round(e * plain_ms / round_cost, 3),
+                           "speedup_with_host_overhead": round(e * plain_ms / (round_cost + overhead), 3)}
+    result = {
+        "benchmark": "speculative_verify",
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"device": torch.cuda.get_device_name(device) if graphs else platform.processor() or "cpu",
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context,
+        "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
+        "replay_backend": ops.dispatch("ssm_replay", device)[0],
+        "plain_engine": plain_engine,
+        "plain_step_ms": round(plain_ms, 4),
+        "runner_plain_step_ms": round(runner_plain_ms, 4),
+        "verify_step_ms": round(verify, 4),
+        "verify_step_ms_replay1": round(verify_ms[1], 4),
+        "draft_step_ms": round(draft_ms, 4),
+        "verify_over_plain": round(verify / plain_ms, 3),
+        "verify_target_met": verify / plain_ms <= 1.25,
+        "implied": implied,
+        "loop": loop,
+    }
+    print(json.dumps(result, indent=2))
+    print(f"verify (K+1={K + 1}) {verify:.3f} ms = {verify / plain_ms:.2f}x plain step {plain_ms:.3f} ms "
+          f"({'meets' if result['verify_target_met'] else 'MISSES'} <= 1.25x); draft step {draft_ms:.3f} ms; "
+          + ", ".join(f"a={a}: {v['speedup']}x" for a, v in implied.items()), file=sys.stderr)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""CUDA: the fused Triton replay kernel against the reference, and speculative decoding with CUDA graphs."""
+
+import copy
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def _inputs(b, h, g, p, n, W, T, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dt)
+
+    state = r(b, h, p, n, dt=torch.float32)
+    old = (r(b, W, g, p), r(b, W, h) * 2 - 3, r(b, W, g, n))  # x, raw dt, B of the last window
+    new = (r(b, T, g, p), r(b, T, h) * 2 - 3, r(b, T, g, n), r(b, T, h, n))  # x, raw dt, B, C
+    A = -torch.rand(h, generator=gen, device="cuda") * 4 - 0.05
+    dt_bias = r(h, dt=torch.float32)
+    D = r(h, dt=torch.float32)
+    counts = torch.randint(0, W + 1, (b,), generator=gen, device="cuda")
+    return state, old, counts, new, A, dt_bias, D
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("b,h,g,p,n,K", [(1, 32, 8, 128, 128, 4), (2, 9, 3, 64, 64, 2), (3, 4, 4, 5, 6, 8)])
+def test_triton_replay_kernel_equals_reference(dtype, tol, b, h, g, p, n, K):
+    from mamballama_cli.ops.replay import ssm_replay_ref
+    from mamballama_cli.ops.triton_replay import ssm_replay_triton
+
+    state, old, counts, new, A, dt_bias, D = _inputs(b, h, g, p, n, K + 1, K + 1, dtype, seed=b * 100 + K)
+    want = ssm_replay_ref(state, *old, counts, *new, A, dt_bias, D, return_final=True)
+    got = ssm_replay_triton(state, *old, counts, *new, A, dt_bias, D, return_final=True)
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    for w, g_ in zip(want, got):
+        assert _rel(g_, w) <= tol
+    # in place checkpoint and live state, no old window (a draft's "continue" step), no D
+    s_in = state.clone()
+    live = torch.empty_like(state)
+    empty = tuple(t[:, :0] for t in old)
+    y, s_out, f = ssm_replay_triton(s_in, *empty, torch.zeros_like(counts), *(t[:, :1] for t in new), A, dt_bias,
+                                    None, state_out=s_in, final_out=live)
+    ry, _, rf = ssm_replay_ref(state, *empty, torch.zeros_like(counts), *(t[:, :1] for t in new), A, dt_bias,
+                               None, return_final=True)
+    assert s_out is s_in and f is live and torch.equal(s_in, state)
+    assert _rel(y, ry) <= tol and _rel(live, rf) <= 2e-5
+
+
+def test_triton_replay_in_a_cuda_graph_reads_the_count_from_memory():
+    """One captured kernel serves every accepted count: the loop bound is read on the device."""
+    from mamballama_cli.ops.replay import ssm_replay_ref
+    from mamballama_cli.ops.triton_replay import ssm_replay_triton
+
+    K = 4
+    state, old, _, new, A, dt_bias, D = _inputs(2, 8, 2, 64, 32, K + 1, K + 1, torch.float32, seed=7)
+    ckpt = state.clone()
+    n_buf = torch.zeros(2, dtype=torch.long, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ssm_replay_triton(ckpt, *old, n_buf, *new, A, dt_bias, D)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, out, _ = ssm_replay_triton(ckpt, *old, n_buf, *new, A, dt_bias, D)
+    for r0, r1 in [(0, K + 1), (3, 1), (K + 1, K + 1)]:
+        n_buf.copy_(torch.tensor([r0, r1]))
+        ckpt.copy_(state)
+        graph.replay()
+        ry, rs, _ = ssm_replay_ref(state, *old, n_buf, *new, A, dt_bias, D)
+        assert _rel(y, ry) <= 2e-5 and _rel(out, rs) <= 2e-5
+
+
+def _perturbed(model, scale, seed=7):
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_((scale * p.std() * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
+    return draft
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculative_with_cuda_graphs_equals_target_greedy(k):
+    from helpers import tiny_hybrid
+    from mamballama_cli.generation.speculative import speculative_generate
+
+    target, teacher = tiny_hybrid(seed=0)
+    target, teacher = target.cuda(), teacher.cuda()
+    prompt = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.no_grad():
+        want = target.generate(prompt, max_new_tokens=48, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[:, 6:].tolist()
+    for draft in (_perturbed(target, 0.02), teacher):
+        res = speculative_generate(target, draft, prompt, k=k, max_new_tokens=48, cuda_graphs=True)
+        assert res.extra["cuda_graphs"] and res.extra["draft_runner"] == "HybridRunner"
+        assert res.tokens == want
+    eager = speculative_generate(target, _perturbed(target, 0.02), prompt, k=k, max_new_tokens=48,
+                                 cuda_graphs=False)
+    assert eager.tokens == want
+
+
+def test_graph_replay_equals_the_eager_walk():
+    from helpers import tiny_hybrid
+    from mamballama_cli.generation.speculative import HybridRunner
+
+    target, _ = tiny_hybrid(seed=1)
+    target = target.cuda()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, 96, (1, 9), generator=gen).cuda()
+    windows = [torch.randint(3, 96, (1, 5), generator=gen).cuda() for _ in range(3)]
+    graphed = HybridRunner(target, 1, 64, window=5)
+    graphed.capture([(5, True, 0)])
+    eager = HybridRunner(target, 1, 64, window=5)
+    for runner in (graphed, eager):
+        runner.prefill(prompt)
+    for i, w in enumerate(windows):
+        a, b = graphed.extend(w, rebase=True), eager.extend(w, rebase=True)
+        assert (a - b).abs().max().item() <= 1e-4
+        graphed.commit(i + 1)
+        eager.commit(i + 1)
