@@ -1,7 +1,79 @@
-"""`mamballama distill` (not built yet: issue 4)."""
+"""`mamballama distill MODEL --data FILE --output RUN [--teacher T] [--template distill-paper]`"""
 
-from mamballama_cli.cli.common import not_built
+from __future__ import annotations
 
-HELP = "Distil a hybrid from its teacher (KL/CE, progressive stages)."
-CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
-command = not_built("distill", 4)
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+HELP = "Distil a hybrid from its teacher: forward/reverse KL and CE on responses, progressive stages."
+CONTEXT: dict = {}  # click context settings (none needed)
+
+
+def command(
+    model: str = typer.Argument(..., help="The student: a hybrid from `convert` (or the teacher itself, with a "
+                                "template whose stages convert it), a checkpoint directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="JSONL ({'messages': [...]} or {'text': ...}), a Hugging "
+                                       "Face dataset name, or builtin:pydoc-topics."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory: checkpoints, metrics, final "
+                                         "model."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint, .gguf, hub id or 'default' "
+                                          "(default: the teacher recorded by convert)."),
+    template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/: distill-paper "
+                                           "(progressive stages + end-to-end) or distill-e2e."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out data: KL and CE to the teacher at "
+                                            "stage starts and ends."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per stage (instead of --epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data per stage (default 1)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (with a "
+                                            "checkpoint); --resume continues."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048)."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Sequences per device per "
+                                                   "forward."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (replaces the template's stage values)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (0: off)."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warm-up: a fraction (<1) or steps (>=1)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, linear or constant."),
+    w_kl: Optional[float] = typer.Option(None, "--w-kl", help="Weight of KL(teacher || student)."),
+    w_rkl: Optional[float] = typer.Option(None, "--w-rkl", help="Weight of KL(student || teacher)."),
+    w_ce: Optional[float] = typer.Option(None, "--w-ce", help="Weight of CE on the response tokens."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Softening of both distributions."),
+    trainable: Optional[str] = typer.Option(None, "--trainable", help="all, or mixers (Mamba mixers only)."),
+    packing: Optional[str] = typer.Option(None, "--packing", help="auto, on or off (hybrids are never packed)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, "
+                                                  "fp16, no."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: stage ends)."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
+    log_every: Optional[int] = typer.Option(None, "--log-every"),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Final model dtype (auto: the input's)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed data lines (with a "
+                                        "count) instead of stopping."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
+    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="Run under `accelerate "
+                                                    "launch` with this config (templates/accelerate/*.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
+):
+    from mamballama_cli.training.config import DistillConfig
+    from mamballama_cli.training.launch import run_command
+
+    overrides = dict(
+        model=model, data=data, output=output, teacher=teacher, eval_data=eval_data, steps=steps, epochs=epochs,
+        max_steps=max_steps, seq_len=seq_len, micro_batch_size=micro_batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, warmup=warmup, schedule=schedule, w_kl=w_kl, w_rkl=w_rkl, w_ce=w_ce,
+        temperature=temperature, trainable=trainable, packing=packing, mixed_precision=mixed_precision,
+        gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every,
+        keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every, save_dtype=save_dtype,
+        skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
+        accelerate_config=accelerate_config,
+    )
+    run_command("distill", DistillConfig, template=template, config_file=config, overrides=overrides,
+                json_out=json_out)

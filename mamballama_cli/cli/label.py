@@ -1,0 +1,47 @@
+"""`mamballama label TEACHER --prompts FILE --output FILE` (pseudo-labels for sequence-level distillation)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+HELP = "Have the teacher answer a prompt file (pseudo-labels, resumable JSONL) for distill/sft."
+
+
+def command(
+    teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help=".jsonl ({'prompt': ...} or {'messages': "
+                                          "[...]}) or .txt (one prompt per line)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file of {'messages': [...]} records."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message before every prompt."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default 512."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy (default)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generate call (default 8)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), ..."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    resume: bool = typer.Option(False, "--resume", help="Keep the answers already in --output; label the rest."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+):
+    from mamballama_cli.config import merge_config
+    from mamballama_cli.training.label import LabelConfig, run_label
+
+    cfg = merge_config(LabelConfig, config_file=config, overrides=dict(
+        teacher=teacher, prompts=prompts, output=output, system=system, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, limit=limit, dtype=dtype,
+        device=device, skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
+    ))
+    summary = run_label(cfg)
+    if json_out:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"labelled {summary['labelled_now']} prompt(s) ({summary['already_done']} already done, "
+              f"{summary['new_tokens']} new tokens) -> {summary['output']}")

@@ -1,0 +1,323 @@
+"""Configs of `distill`, `sft` and `dpo`: one dataclass per command, merged once, stages resolved here.
+
+Precedence is defaults < template < --config FILE < flags, and it holds for stage values too: a key given at
+the top level of a higher source (``--lr`` on the command line, ``lr:`` in ``--config``) replaces that key in
+every stage of a lower source (the template's stages). Inside one source a stage's own value beats the top
+level, which is the stage default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mamballama_cli.errors import UsageError
+
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+TRAINABLE = ("all", "mixers")
+PACKING = ("auto", "on", "off")
+SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+# Keys that steer the run but not what it computes: excluded from the config hash that --resume compares.
+# The global batch (micro_batch_size x gradient_accumulation_steps x processes) is compared on its own, so a
+# run may resume on another number of GPUs or with another micro-batch as long as the global batch holds.
+RUN_CONTROL_KEYS = frozenset({
+    "output", "force", "resume", "max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
+    "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
+    "gradient_checkpointing", "save_dtype",
+})
+
+
+@dataclass
+class Stage:
+    """One stage of a distillation recipe. Unset keys take the run's top-level value."""
+
+    name: str | None = None
+    steps: int | None = None  # optimizer steps; else ``epochs`` passes over the data
+    epochs: float | None = None
+    attn_ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba)
+    attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides attn_ratio)
+    trainable: str | None = None  # "mixers" (Mamba mixers only) or "all"
+    lr: float | None = None
+    betas: list[float] | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    warmup: float | None = None  # < 1: fraction of the stage's steps; >= 1: steps
+    schedule: str | None = None
+    min_lr_ratio: float | None = None
+    w_kl: float | None = None
+    w_rkl: float | None = None
+    w_ce: float | None = None
+    temperature: float | None = None
+
+
+# Stage keys that inherit from the top level of the config.
+INHERITED = ("steps", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
+             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature")
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by distill, sft and dpo (also readable from --config FILE or a --template)."""
+
+    model: str = ""  # the model to train: a checkpoint directory or 'default'
+    data: str = ""  # JSONL file, a Hugging Face dataset name, or builtin:pydoc-topics
+    data_split: str = "train"  # split of a Hugging Face dataset
+    eval_data: str | None = None  # held-out data of the same format (evaluated at stage starts and ends)
+    output: str = ""
+    force: bool = False
+    resume: bool = False
+    seq_len: int = 2048
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    steps: int | None = None  # optimizer steps per stage (overrides epochs)
+    epochs: float = 1.0
+    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total; resume continues
+    lr: float = 2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    warmup: float = 0.01
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.0
+    trainable: str = "all"
+    mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 0  # steps between checkpoints (0: only at stage ends and at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    eval_every: int = 0  # steps between held-out evaluations (0: stage starts and ends only)
+    skip_bad_lines: bool = False
+    save_dtype: str = "auto"  # dtype of the final model (auto: the input model's)
+    accelerate_config: str | None = None
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UsageError("MODEL is required: the checkpoint directory to train")
+        if not self.data:
+            raise UsageError("--data is required: a JSONL file, a Hugging Face dataset name or builtin:pydoc-topics")
+        if not self.output:
+            raise UsageError("--output is required: the run directory (checkpoints, metrics, final model)")
+        if self.force and self.resume:
+            raise UsageError("--force and --resume contradict each other: --force starts over, --resume continues")
+        for name, low in (("seq_len", 8), ("micro_batch_size", 1), ("gradient_accumulation_steps", 1),
+                          ("keep_checkpoints", 1), ("log_every", 1)):
+            if int(getattr(self, name)) < low:
+                raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps {self.max_steps} must be at least 1")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UsageError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise UsageError(f"--save-dtype {self.save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+        _check_stage_values(self, "")
+
+    def resolved_stages(self) -> list["ResolvedStage"]:
+        return [resolve_stage(self, Stage(name="train"), 0)]
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`mamballama distill`: KL/CE to a frozen teacher, optionally in progressive stages."""
+
+    teacher: str | None = None  # default: the teacher recorded in the model's config
+    w_kl: float = 1.0  # forward KL(teacher || student)
+    w_rkl: float = 0.0  # reverse KL(student || teacher)
+    w_ce: float = 0.0  # cross-entropy on the response tokens
+    temperature: float = 1.0
+    packing: str = "auto"
+    stages: list[Stage] = field(default_factory=list)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.packing not in PACKING:
+            raise UsageError(f"--packing {self.packing!r} is not one of {', '.join(PACKING)}")
+        for i, st in enumerate(self.stages):
+            _check_stage_values(st, f"stages[{i}].")
+        resolved = self.resolved_stages()
+        if not any(s.w_kl or s.w_rkl or s.w_ce for s in resolved):
+            raise UsageError("every loss weight is 0: set --w-kl, --w-rkl or --w-ce")
+
+    def resolved_stages(self) -> list["ResolvedStage"]:
+        specs = list(self.stages) or [Stage(name="train")]
+        return [resolve_stage(self, st, i) for i, st in enumerate(specs)]
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """`mamballama sft`: cross-entropy on response tokens, optionally plus KL to a teacher."""
+
+    teacher: str | None = None
+    w_kl: float = 0.0
+    w_rkl: float = 0.0
+    w_ce: float = 1.0
+    temperature: float = 1.0
+    packing: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.packing not in PACKING:
+            raise UsageError(f"--packing {self.packing!r} is not one of {', '.join(PACKING)}")
+        if (self.w_kl or self.w_rkl) and not self.teacher:
+            raise UsageError("--w-kl/--w-rkl need a --teacher to take the KL to")
+        if not (self.w_kl or self.w_rkl or self.w_ce):
+            raise UsageError("every loss weight is 0: set --w-ce (and --w-kl with a --teacher)")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """`mamballama dpo`: sigmoid DPO against a frozen reference (default: the input model)."""
+
+    reference: str | None = None
+    beta: float = 0.01
+    max_prompt_length: int | None = None  # prompt tokens kept (from the end); default: half of seq_len
+    label_smoothing: float = 0.0  # conservative DPO; 0 = plain sigmoid DPO
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise UsageError(f"--beta {self.beta} must be positive")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UsageError(f"--label-smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.max_prompt_length is None:
+            self.max_prompt_length = self.seq_len // 2
+        if not 1 <= self.max_prompt_length < self.seq_len:
+            raise UsageError(f"--max-prompt-length {self.max_prompt_length} must be below --seq-len {self.seq_len}")
+
+
+@dataclass
+class ResolvedStage:
+    """A stage with every value filled in (steps may still be None until the data size is known)."""
+
+    index: int
+    name: str
+    steps: int | None
+    epochs: float
+    attn_layers: str | None
+    attn_ratio: float | None
+    trainable: str
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    max_grad_norm: float
+    warmup: float
+    schedule: str
+    min_lr_ratio: float
+    w_kl: float = 0.0
+    w_rkl: float = 0.0
+    w_ce: float = 1.0
+    temperature: float = 1.0
+
+    def warmup_steps(self, steps: int) -> int:
+        return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
+
+
+def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
+    def pick(key, default=None):
+        v = getattr(st, key, None)
+        if v is None:
+            v = getattr(cfg, key, default)
+        return default if v is None else v
+
+    steps = st.steps if st.steps is not None else (cfg.steps if st.epochs is None else None)
+    epochs = st.epochs if st.epochs is not None else cfg.epochs
+    betas = pick("betas")
+    return ResolvedStage(
+        index=index, name=st.name or f"stage{index + 1}", steps=steps, epochs=float(epochs),
+        attn_layers=st.attn_layers, attn_ratio=st.attn_ratio, trainable=pick("trainable", "all"),
+        lr=float(pick("lr")), betas=(float(betas[0]), float(betas[1])), weight_decay=float(pick("weight_decay")),
+        max_grad_norm=float(pick("max_grad_norm") or 0.0), warmup=float(pick("warmup")),
+        schedule=pick("schedule"), min_lr_ratio=float(pick("min_lr_ratio")), w_kl=float(pick("w_kl", 0.0)),
+        w_rkl=float(pick("w_rkl", 0.0)), w_ce=float(pick("w_ce", 0.0)), temperature=float(pick("temperature", 1.0)),
+    )
+
+
+def _check_stage_values(obj, prefix: str) -> None:
+    def flag(name):
+        return f"{prefix}{name}" if prefix else f"--{name.replace('_', '-')}"
+
+    v = getattr(obj, "schedule", None)
+    if v is not None and v not in SCHEDULES:
+        raise UsageError(f"{flag('schedule')} {v!r} is not one of {', '.join(SCHEDULES)}")
+    v = getattr(obj, "trainable", None)
+    if v is not None and v not in TRAINABLE:
+        raise UsageError(f"{flag('trainable')} {v!r} is not one of {', '.join(TRAINABLE)}")
+    v = getattr(obj, "lr", None)
+    if v is not None and not v > 0:
+        raise UsageError(f"{flag('lr')} {v} must be positive")
+    v = getattr(obj, "temperature", None)
+    if v is not None and not v > 0:
+        raise UsageError(f"{flag('temperature')} {v} must be positive")
+    for key in ("w_kl", "w_rkl", "w_ce", "weight_decay", "max_grad_norm", "warmup", "min_lr_ratio"):
+        v = getattr(obj, key, None)
+        if v is not None and v < 0:
+            raise UsageError(f"{flag(key)} {v} must not be negative")
+    v = getattr(obj, "betas", None)
+    if v is not None and (len(v) != 2 or not all(0 <= float(b) < 1 for b in v)):
+        raise UsageError(f"{flag('betas')} {v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
+    v = getattr(obj, "attn_ratio", None)
+    if v is not None and not 0 <= v <= 1:
+        raise UsageError(f"{flag('attn_ratio')} {v} is outside [0, 1]")
+    v = getattr(obj, "steps", None)
+    if v is not None and int(v) < 1:
+        raise UsageError(f"{flag('steps')} {v} must be at least 1")
+    v = getattr(obj, "epochs", None)
+    if v is not None and not v > 0:
+        raise UsageError(f"{flag('epochs')} {v} must be positive")
+
+
+def merge_train_config(cls, *, template: str | None, config_file: str | Path | None, overrides: dict):
+    """defaults < template < config file < flags, with flags (and file keys) replacing stage values below them."""
+    from mamballama_cli.config import _check_keys, build, find_template, read_yaml
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    layers: list[tuple[str, dict]] = []
+    if template:
+        tpath = find_template(template)
+        layers.append((f"template {tpath.name}", read_yaml(tpath)))
+    if config_file:
+        layers.append((f"config file {config_file}", read_yaml(config_file)))
+    layers.append(("command line", given))
+    for source, data in layers:
+        _check_keys(cls, data, source)
+        for i, st in enumerate(data.get("stages") or []):
+            if not isinstance(st, dict):
+                raise UsageError(f"{source}: stages[{i}] must be a mapping of stage keys")
+            _check_keys(Stage, st, f"{source} stages[{i}]")
+    merged: dict = {}
+    for depth, (_, data) in enumerate(layers):
+        above = {k for _, d in layers[depth + 1:] for k in d}  # top-level keys a higher source sets
+        strip = {k for k in above if k in INHERITED}
+        if strip & {"steps", "epochs"}:  # a length given higher up replaces both spellings below
+            strip |= {"steps", "epochs"}
+        data = dict(data)
+        if "stages" in data:
+            data["stages"] = [{k: v for k, v in st.items() if k not in strip} for st in data["stages"] or []]
+        for k in ("steps", "epochs"):
+            if k in strip and k not in above:
+                data.pop(k, None)
+        merged.update(data)
+    cfg = build(cls, merged)
+    cfg.validate()
+    return cfg
+
+
+def config_dict(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def config_hash(cfg_dict: dict) -> str:
+    """Hash of what the run computes: the resolved config without run-control keys."""
+    core = {k: v for k, v in cfg_dict.items() if k not in RUN_CONTROL_KEYS}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    keys = sorted((set(old) | set(new)) - RUN_CONTROL_KEYS)
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -1,0 +1,85 @@
+"""Losses as sums over target tokens (or pairs); the trainer divides by the count of the whole global batch.
+
+Returning sums rather than means is what makes gradient accumulation exact: a mean per micro-batch weighs a
+token of a short micro-batch more than one of a long micro-batch, and dividing by the number of micro-batches
+instead of by tokens is the off-by-one-micro-batch family of bugs of the reference code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, target_mask: Tensor, *,
+            w_kl: float = 1.0, w_rkl: float = 0.0, w_ce: float = 0.0, temperature: float = 1.0,
+            ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Weighted forward KL, reverse KL and cross-entropy, summed over the masked positions.
+
+    student_logits, teacher_logits: (batch, seqlen, vocab), position t predicting ``targets[:, t]``.
+    target_mask: (batch, seqlen) bool, True only where the target is a response token; prompt, padding and
+    the last position are False, so neither KL nor CE ever sees them.
+
+    forward KL = KL(p_teacher || p_student), reverse KL = KL(p_student || p_teacher), both between the
+    temperature-softened distributions and scaled by T^2 (gradients then keep their size as T changes).
+    CE is on the hard targets at temperature 1. Returns (weighted sum, detached per-term sums).
+    """
+    s = student_logits[target_mask].float()  # (n, vocab): only response positions are ever materialised in fp32
+    y = targets[target_mask]
+    metrics: dict[str, Tensor] = {}
+    total = s.new_zeros(())
+    if w_ce:
+        ce = F.cross_entropy(s, y, reduction="sum")
+        total = total + w_ce * ce
+        metrics["ce"] = ce.detach()
+    else:
+        with torch.no_grad():
+            metrics["ce"] = F.cross_entropy(s, y, reduction="sum")
+    if teacher_logits is not None:
+        t = teacher_logits[target_mask].float()
+        T = float(temperature)
+        log_ps = F.log_softmax(s / T, dim=-1)
+        log_pt = F.log_softmax(t / T, dim=-1)
+        scale = T * T
+        if w_kl:
+            fkl = (log_pt.exp() * (log_pt - log_ps)).sum() * scale
+            total = total + w_kl * fkl
+            metrics["kl"] = fkl.detach()
+        else:
+            with torch.no_grad():
+                metrics["kl"] = (log_pt.exp() * (log_pt - log_ps)).sum() * scale
+        if w_rkl:
+            rkl = (log_ps.exp() * (log_ps - log_pt)).sum() * scale
+            total = total + w_rkl * rkl
+            metrics["rkl"] = rkl.detach()
+    metrics["loss"] = total.detach()
+    return total, metrics
+
+
+def sequence_logps(logits: Tensor, targets: Tensor, target_mask: Tensor) -> Tensor:
+    """Sum of log p(target) over the masked positions of each row: (batch, seqlen, vocab) -> (batch,)."""
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(target_mask)[target_mask]
+    logp = torch.log_softmax(logits[target_mask].float(), dim=-1)  # (n, vocab): response positions only
+    picked = logp.gather(-1, targets[target_mask].unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(logits.shape[0], device=logits.device, dtype=picked.dtype).index_add(0, rows, picked)
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, *,
+             beta: float, label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sigmoid DPO (Rafailov et al. 2023), summed over pairs. Inputs are (pairs,) summed response log-probs.
+
+    loss = -log sigmoid(beta * margin) with margin = (pi_c - ref_c) - (pi_r - ref_r); with label smoothing e
+    (conservative DPO) it is -(1 - e) log sigmoid(beta m) - e log sigmoid(-beta m).
+    """
+    margin = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    logits = beta * margin
+    losses = -F.logsigmoid(logits) * (1 - label_smoothing) - F.logsigmoid(-logits) * label_smoothing
+    metrics = {
+        "loss": losses.sum().detach(),
+        "margin": margin.sum().detach(),  # chosen-minus-rejected log-ratio, summed over pairs
+        "accuracy": (margin > 0).float().sum().detach(),
+        "reward_chosen": (beta * (policy_chosen - ref_chosen)).sum().detach(),
+        "reward_rejected": (beta * (policy_rejected - ref_rejected)).sum().detach(),
+    }
+    return losses.sum(), metrics

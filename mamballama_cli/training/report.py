@@ -1,0 +1,122 @@
+"""Progress on rank 0 (a rich bar on a terminal, plain lines otherwise; both on stderr) and metrics as JSONL."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+class Reporter:
+    """Writes ``metrics.jsonl`` and shows progress. A no-op on every process but the main one."""
+
+    KEYS = ("loss", "kl", "rkl", "ce", "margin", "accuracy")
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.total = total_steps
+        self.progress = None
+        self.task = None
+        self.t0 = time.perf_counter()
+        self.steps_done_here = 0
+        if not enabled:
+            return
+        self._truncate_after(resume_step)
+        self.file = self.path.open("a", buffering=1)
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total_steps, completed=resume_step, stats="")
+
+    def _truncate_after(self, step: int) -> None:
+        """On resume, forget records past the checkpoint so the curve has each step once."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            if rec.get("step", 0) <= step:
+                kept.append(line)
+        self.path.write_text("".join(k + "\n" for k in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            self.file.write(json.dumps(record) + "\n")
+
+    def stage(self, name: str, steps: int) -> None:
+        if self.enabled and self.progress is None:
+            print(f"stage {name}: {steps} step(s)", file=sys.stderr, flush=True)
+
+    def step(self, record: dict, log_line: bool) -> None:
+        if not self.enabled:
+            return
+        self.write(record)
+        self.steps_done_here += 1
+        stats = "  ".join(f"{k} {_fmt(record[k])}" for k in self.KEYS if k in record)
+        stats += f"  {record.get('tokens_per_s', 0):,.0f} tok/s"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=record["step"], description=record.get("stage", "train"),
+                                 stats=stats)
+        elif log_line:
+            eta = self.eta(record["step"])
+            print(f"[{record.get('stage', '')}] step {record['step']}/{self.total}  {stats}  lr {record['lr']:.3g}"
+                  f"  eta {eta}", file=sys.stderr, flush=True)
+
+    def eta(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.t0
+        if self.steps_done_here == 0:
+            return "-"
+        left = (self.total - step) * elapsed / self.steps_done_here
+        return time.strftime("%H:%M:%S", time.gmtime(max(0.0, left)))
+
+    def eval(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.write(record)
+        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k.startswith("eval_"))
+        msg = f"eval at step {record['step']} ({record.get('stage', '')}): {shown}"
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def note(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.console.print(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.stop()
+        self.file.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []

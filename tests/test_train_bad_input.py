@@ -1,0 +1,181 @@
+"""Every bad input of distill / sft / dpo / label through the CLI: one line naming the problem, non-zero exit,
+nothing lost."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clihelp import run_cli
+from helpers import save_teacher, tiny_llama, tiny_tokenizer
+
+DATA = Path(__file__).parent / "data"
+TRAIN = str(DATA / "chat_train.jsonl")
+FAST = ["--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from mamballama_cli.convert.converter import convert_model
+
+    root = tmp_path_factory.mktemp("bad")
+    teacher = tiny_llama(seed=0)
+    tdir = save_teacher(root / "teacher", model=teacher)
+    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
+                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
+    hybrid.save_pretrained(root / "hybrid")
+    tiny_tokenizer().save_pretrained(root / "hybrid")
+    return {"teacher": tdir, "hybrid": root / "hybrid", "root": root}
+
+
+def one_line_error(r, *needles):
+    assert r.code != 0, r.err
+    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_data_file(models, tmp_path, capsys):
+    r = run_cli(["distill", models["hybrid"], "--data", tmp_path / "nope.jsonl", "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "nope.jsonl", "does not exist")
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_line_names_file_and_line_or_is_skipped(models, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    lines = Path(TRAIN).read_text().splitlines()[:6]
+    lines[3] = lines[3][:40]  # cut in the middle of a JSON object
+    bad.write_text("\n".join(lines) + "\n")
+    r = run_cli(["sft", models["hybrid"], "--data", bad, "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "bad.jsonl line 4", "not valid JSON", "--skip-bad-lines")
+    assert not (tmp_path / "o").exists()
+    r = run_cli(["sft", models["hybrid"], "--data", bad, "-o", tmp_path / "o", *FAST, "--skip-bad-lines"], capsys)
+    assert r.code == 0, r.err
+    assert "skipped 1 malformed line" in r.err and "line 4" in r.err
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "no messages here"}) + "\n")
+    r = run_cli(["distill", models["hybrid"], "--data", wrong, "-o", tmp_path / "o2", *FAST], capsys)
+    one_line_error(r, "wrong.jsonl line 1", "expected 'messages', 'text'")
+
+
+def test_preference_file_without_rejected(models, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
+    r = run_cli(["dpo", models["hybrid"], "--data", f, "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "p.jsonl line 1", "'rejected'")
+
+
+def test_teacher_with_another_vocabulary_size_is_refused(models, tmp_path, capsys):
+    other = save_teacher(tmp_path / "t80", model=tiny_llama(vocab=80))
+    r = run_cli(["distill", models["hybrid"], "--teacher", other, "--data", TRAIN, "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "vocabulary of 80 tokens", "96", "same vocabulary")
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_with_another_tokenizer_is_refused(models, tmp_path, capsys):
+    """Same vocabulary size, different token ids: the KL would compare unrelated tokens."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = save_teacher(tmp_path / "t", model=tiny_llama(), tokenizer=False)
+    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
+    chars = [chr(c) for c in reversed(range(32, 127))][: 96 - len(specials)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tk = Tokenizer(tmodels.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<pad>").save_pretrained(d)
+    r = run_cli(["distill", models["hybrid"], "--teacher", d, "--data", TRAIN, "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "tokenise differently", "same id")
+
+
+def test_resume_refuses_a_different_config_and_needs_a_checkpoint(models, tmp_path, capsys):
+    out = tmp_path / "run"
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--max-steps", "1",
+                 "--seq-len", "96", "--micro-batch-size", "2"], capsys)
+    assert r.code == 0, r.err
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--seq-len", "96",
+                 "--micro-batch-size", "2", "--w-ce", "1", "--resume"], capsys)
+    one_line_error(r, "different config", "w_ce: 0.0 -> 1.0")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--seq-len", "96",
+                 "--micro-batch-size", "1", "--resume"], capsys)
+    one_line_error(r, "global batch of 2", "gives 1")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "empty", *FAST, "--resume"], capsys)
+    one_line_error(r, "--resume", "no complete checkpoint")
+
+
+def test_out_of_memory_names_the_remedies(models, tmp_path, capsys, monkeypatch):
+    from mamballama_cli.training import trainer
+
+    def oom(model, inputs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer, "forward_logits", oom)
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "o", *FAST], capsys)
+    one_line_error(r, "out of memory", "--micro-batch-size 2", "--gradient-checkpointing", "ZeRO-3")
+
+
+def test_output_guard_and_option_checks(models, tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, *FAST], capsys)
+    one_line_error(r, "not empty", "--force")
+    assert (out / "keep.txt").read_text() == "precious"
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "p", *FAST, "--packing", "on"], capsys)
+    one_line_error(r, "--packing on", "Mamba")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "p", "--template", "distill-papr"],
+                capsys)
+    one_line_error(r, "did you mean 'distill-paper'")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("stages:\n  - {attn_ratio: 0.25}\n  - {attn_ratio: 0.5}\n")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "s", *FAST, "--config", cfg], capsys)
+    one_line_error(r, "already Mamba layers")
+    cfg.write_text("stages:\n  - {attn_raito: 0.25}\n")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "s", "--config", cfg], capsys)
+    one_line_error(r, "'attn_raito'", "did you mean 'attn_ratio'")
+    r = run_cli(["sft", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "s", "--w-kl", "1"], capsys)
+    one_line_error(r, "--w-kl", "--teacher")
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "s", "--accelerate-config", "nope"],
+                capsys)
+    one_line_error(r, "--accelerate-config nope", "ddp", "zero3")
+
+
+def test_flags_replace_template_stage_values(tmp_path):
+    """--lr on the command line wins over the template's per-stage learning rates (precedence holds for stages)."""
+    from mamballama_cli.training.config import DistillConfig, merge_train_config
+
+    base = dict(model="m", data="d", output="o")
+    cfg = merge_train_config(DistillConfig, template="distill-paper", config_file=None, overrides=base)
+    assert [s.lr for s in cfg.resolved_stages()] == [8e-5, 8e-5, 8e-5, 2e-5]
+    assert [s.steps for s in cfg.resolved_stages()] == [None] * 4  # one epoch each
+    cfg = merge_train_config(DistillConfig, template="distill-paper", config_file=None,
+                             overrides={**base, "lr": 1e-3, "steps": 7})
+    assert [(s.lr, s.steps) for s in cfg.resolved_stages()] == [(1e-3, 7)] * 4
+    assert [s.w_kl for s in cfg.resolved_stages()] == [0.1, 0.1, 0.1, 1.0]  # untouched keys stay per stage
+    f = tmp_path / "c.yaml"
+    f.write_text("max_grad_norm: 0.5\n")
+    cfg = merge_train_config(DistillConfig, template="distill-paper", config_file=f, overrides=base)
+    assert {s.max_grad_norm for s in cfg.resolved_stages()} == {0.5}
+
+
+def test_label_bad_inputs(models, tmp_path, capsys):
+    r = run_cli(["label", models["teacher"], "--prompts", tmp_path / "none.jsonl", "-o", tmp_path / "l.jsonl"], capsys)
+    one_line_error(r, "none.jsonl", "does not exist")
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    r = run_cli(["label", models["teacher"], "--prompts", p, "-o", tmp_path / "l.jsonl"], capsys)
+    one_line_error(r, "p.jsonl line 2", "not valid JSON")
+    assert not (tmp_path / "l.jsonl").exists()
