@@ -179,3 +179,7 @@ def family_for(teacher_config) -> TeacherFamily:
             f"{'; '.join(supported)} (a plugin can add more: see docs/plugins.md)"
         )
     return family
+
+
+# More built-in families (Mistral, Qwen2); they register through plugins.teachers like any plugin.
+from mamballama_cli.convert import families_more  # noqa: E402,F401
