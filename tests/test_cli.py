@@ -164,11 +164,6 @@ def test_unknown_config_key_gets_did_you_mean(teacher_dir, tmp_path, capsys):
     assert_one_line_error(r, "'ratoi'", "did you mean 'ratio'")
 
 
-def test_not_built_command_exits_2(capsys):
-    r = run_cli(["dpo", "--anything"], capsys)
-    assert r.code == 2 and "not built yet" in r.err
-
-
 def test_default_teacher_reuses_cache(tmp_path, capsys, monkeypatch):
     """`convert default` loads the cached safetensors copy when present instead of re-reading the GGUF."""
     from mamballama_cli.convert import teacher as T

@@ -1,27 +1,14 @@
-"""Shared CLI plumbing: error reporting, stdin prompts, not-yet-built commands."""
+"""Shared CLI plumbing: error reporting, stdin prompts."""
 
 from __future__ import annotations
 
 import sys
-
-import typer
 
 STATE = {"verbose": False}
 
 
 def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def not_built(command: str, issue: int):
-    """A command whose core is not built yet: one line, exit 2."""
-
-    def _command(ctx: typer.Context):
-        err(f"error: mamballama {command} is not built yet (tracked in issue {issue})")
-        raise typer.Exit(2)
-
-    _command.__doc__ = f"[not built yet: issue {issue}]"
-    return _command
 
 
 def read_prompt(prompt: str | None) -> str:

@@ -9,6 +9,7 @@ import typer
 
 from mamballama_cli import __version__
 from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft
+from mamballama_cli.cli import data as data_cmd
 from mamballama_cli.cli import eval as eval_cmd
 from mamballama_cli.cli.common import STATE
 
@@ -47,6 +48,9 @@ _add("convert", convert)
 _add("distill", distill)
 _add("sft", sft)
 _add("dpo", dpo)
+from mamballama_cli.cli import label as label_cmd  # noqa: E402  (pseudo-labels for distill)
+_add("label", label_cmd)
+app.add_typer(data_cmd.app, name="data")
 _add("generate", generate)
 app.add_typer(eval_cmd.app, name="eval")
 _add("export", export)

