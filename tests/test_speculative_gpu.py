@@ -82,7 +82,7 @@ def _perturbed(model, scale, seed=7):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in draft.parameters():
-            p.add_((scale * p.std() * torch.randn(p.shape, generator=gen)).to(p.device, p.dtype))
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * (scale * p.std()))
     return draft
 
 
