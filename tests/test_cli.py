@@ -183,3 +183,20 @@ def test_default_teacher_reuses_cache(tmp_path, capsys, monkeypatch):
     assert r.code == 0, r.err
     assert "using the cached default teacher" in r.err
     assert json.loads(r.out)["teacher"]["name_or_path"] == "SmolLM2-135M-Instruct"
+
+
+def test_library_chatter_on_stdout_does_not_pollute_results(teacher_dir, tmp_path, capsys, monkeypatch):
+    """Libraries that print while loading (DeepSpeed does) must not break `convert --json | jq`."""
+    from mamballama_cli.convert import teacher as T
+
+    real_load = T.load_teacher
+
+    def chatty_load(*args, **kwargs):
+        print("[WARNING] some library: setting accelerator to CPU")  # what DeepSpeed prints on import
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(T, "load_teacher", chatty_load)
+    r = run_cli(["convert", teacher_dir, "--ratio", "0.5", "--output", tmp_path / "o", "--json"], capsys)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["attn_layers"] == [1, 3]
+    assert "setting accelerator" in r.err

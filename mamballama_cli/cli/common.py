@@ -1,10 +1,24 @@
-"""Shared CLI plumbing: error reporting, stdin prompts."""
+"""Shared CLI plumbing: the results stream, error reporting, stdin prompts."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
+from mamballama_cli.output import results_to_stdout_only
+
 STATE = {"verbose": False}
+
+
+def command_io(fn):
+    """Run a command with stdout reserved for results (mamballama_cli.output explains why)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with results_to_stdout_only():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def err(msg: str) -> None:

@@ -7,11 +7,15 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import command_io
+from mamballama_cli.output import out
+
 app = typer.Typer(help="Build offline training data from packaged public text (see docs/results.md).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
 @app.command("build", help="Write prompts (for `mamballama label`) and plain text, with a held-out split.")
+@command_io
 def build(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory to write the data set to."),
     sources: Optional[str] = typer.Option(None, "--sources", help="Comma list of pydoc, shakespeare, humaneval, "
@@ -31,4 +35,4 @@ def build(
                        overrides=dict(output=output, sources=sources, heldout_fraction=heldout_fraction,
                                       max_passages=max_passages, seed=seed, force=force or None))
     manifest = build_data(cfg)
-    print(json.dumps(manifest, indent=2))
+    out(json.dumps(manifest, indent=2))

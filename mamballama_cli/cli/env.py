@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.output import out
+
 HELP = "Print versions, devices and, per op, which kernel backend is used and why."
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -21,6 +23,6 @@ def command(
     if json_out:
         import json
 
-        print(json.dumps(report, indent=2))
+        out(json.dumps(report, indent=2))
     else:
-        print(format_environment(report))
+        out(format_environment(report))

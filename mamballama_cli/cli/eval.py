@@ -10,6 +10,7 @@ import typer
 from typer.core import TyperGroup
 
 from mamballama_cli.cli import eval_report, eval_speed
+from mamballama_cli.cli.common import command_io
 
 
 class _DefaultToReport(TyperGroup):
@@ -28,8 +29,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 app.command("report", help=eval_report.HELP, context_settings=getattr(eval_report, "CONTEXT", None))(
-    eval_report.command
+    command_io(eval_report.command)
 )
 app.command("speed", help=eval_speed.HELP, context_settings=getattr(eval_speed, "CONTEXT", None))(
-    eval_speed.command
+    command_io(eval_speed.command)
 )

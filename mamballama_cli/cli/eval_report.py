@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.output import out
+
 HELP = "Evaluate MODEL against its teacher: perplexity, agreement, passkey/needle, lm-eval tasks, chat answers."
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -90,6 +92,6 @@ def command(
     )
     result = run_eval(cfg)
     if json_out:
-        print(json.dumps({"output": result["output"], "rows": result["rows"], "timing": result["timing"]}, indent=2))
+        out(json.dumps({"output": result["output"], "rows": result["rows"], "timing": result["timing"]}, indent=2))
     else:
-        print(result["table"])
+        out(result["table"])

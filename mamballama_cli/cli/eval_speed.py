@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.output import out
+
 HELP = ("Benchmark time to first token, decode tokens/s (batch 1, 8, 32) and memory against prompt length "
         "for the hybrid and its teacher, with the memory-bandwidth floor of this device.")
 CONTEXT = {"help_option_names": ["-h", "--help"]}
@@ -72,6 +74,6 @@ def command(
 
             raise UsageError(f"--output {cfg.output}: folder {parent} does not exist")
     result = run_speed(cfg)
-    print(format_table(result), flush=True)
+    out(format_table(result))
     if cfg.output:
         write_result(result, cfg.output)

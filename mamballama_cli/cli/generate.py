@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Optional
 
 import typer
+
+from mamballama_cli.output import out
 
 HELP = "Generate text from a hybrid or Transformer checkpoint (stdout: text, stderr: timing)."
 
@@ -54,9 +54,8 @@ def command(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             dtype=dtype, device=device, cuda_graphs=cuda_graphs, compare_plain=compare_plain,
             draft_runner=draft_runner, stats_json=stats_json))
-        spec_stats = run_speculative(cfg, on_text=lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        spec_stats = run_speculative(cfg, on_text=lambda piece: out(piece, end=""))
+        out()
         err(format_stats(spec_stats))
         if stats_json:
             from mamballama_cli.io import write_json_atomic
@@ -72,12 +71,10 @@ def command(
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
 
     def emit(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        out(piece, end="")
 
     result = generate(lm, tok, ids, sampling, on_text=emit, engine=engine)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    out()
     stats = {
         "model": str(path),
         "prompt_tokens": result.prompt_tokens,

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.output import out
+
 HELP = "Have the teacher answer a prompt file (pseudo-labels, resumable JSONL) for distill/sft."
 
 
@@ -41,7 +43,7 @@ def command(
     ))
     summary = run_label(cfg)
     if json_out:
-        print(json.dumps(summary, indent=2))
+        out(json.dumps(summary, indent=2))
     else:
-        print(f"labelled {summary['labelled_now']} prompt(s) ({summary['already_done']} already done, "
+        out(f"labelled {summary['labelled_now']} prompt(s) ({summary['already_done']} already done, "
               f"{summary['new_tokens']} new tokens) -> {summary['output']}")

@@ -6,6 +6,9 @@ import json
 
 import typer
 
+from mamballama_cli.cli.common import command_io
+from mamballama_cli.output import console, out
+
 app = typer.Typer(
     help="Installed plugins: teacher families and draft providers.",
     no_args_is_help=True,
@@ -43,14 +46,14 @@ def plugin_rows() -> tuple[list[dict], list[str]]:
 
 
 @app.command("list", help="List plugins (built-ins included), their versions and what each registers.")
+@command_io
 def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
     import sys
 
     rows, errors = plugin_rows()
     if json_out:
-        print(json.dumps({"registrations": rows, "errors": errors}, indent=2))
+        out(json.dumps({"registrations": rows, "errors": errors}, indent=2))
     else:
-        from rich.console import Console
         from rich.table import Table
 
         t = Table(title="mamballama plugins")
@@ -61,7 +64,7 @@ def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON
             what = "teacher family" if r["kind"] == "teacher" else "draft provider"
             covers = ", ".join(r["model_types"]) if r["kind"] == "teacher" else r["description"]
             t.add_row(r["plugin"], r["version"] or "-", what, r["name"], covers)
-        Console().print(t)
+        console().print(t)
     # A broken plugin does not stop the others from loading; say which one failed and why.
     for e in errors:
         print(f"warning: plugin not loaded: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mamballama_cli.output import console, out
 from mamballama_cli.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -80,8 +81,6 @@ def run_convert(cfg: ConvertConfig) -> dict:
     else:
         attn_layers = attention_layers_for_ratio(n_layers, float(cfg.ratio))
 
-    import torch
-
     from mamballama_cli.convert.converter import conversion_summary, convert_model
     from mamballama_cli.io import atomic_dir, write_json_atomic
 
@@ -146,9 +145,7 @@ def summary_table(summary: dict):
 
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        out(json.dumps(summary, indent=2, default=str))
         return
-    from rich.console import Console
-
-    Console().print(summary_table(summary))
+    console().print(summary_table(summary))
     print(f"summary written to {Path(summary['output']) / 'convert_summary.json'}", file=sys.stderr)

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mamballama_cli.output import console, out
 from mamballama_cli.errors import MamballamaError, UsageError
 
 FORMATS = ("granite-hybrid",)
@@ -254,9 +255,8 @@ def verify_logits(model, export_dir: Path, dtype, grouped_norm: bool, seqlen: in
 
 def print_summary(summary: dict, as_json: bool) -> None:
     if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+        out(json.dumps(summary, indent=2, default=str))
         return
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"exported {summary['source']} -> {summary['output']} ({summary['architecture']})")
@@ -283,7 +283,7 @@ def print_summary(summary: dict, as_json: bool) -> None:
         )
     else:
         t.add_row("verification", str(v.get("skipped", "-")))
-    Console().print(t)
+    console().print(t)
     for c in summary["caveats"] + summary["not_verified"]:
         print(f"note: {c}", file=sys.stderr)
     print(f"summary written to {Path(summary['output']) / 'export_summary.json'}", file=sys.stderr)

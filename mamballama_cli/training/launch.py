@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mamballama_cli.output import out
 from mamballama_cli.errors import UsageError
 
 CHILD_ENV = "MAMBALLAMA_UNDER_ACCELERATE"
@@ -69,9 +70,9 @@ def run_command(kind: str, cls, *, template: str | None, config_file, overrides:
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if json_out:
-        print(json.dumps(summary, indent=2, default=str))
+        out(json.dumps(summary, indent=2, default=str))
         return
-    print(format_summary(summary))
+    out(format_summary(summary))
 
 
 def format_summary(s: dict) -> str:

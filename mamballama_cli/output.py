@@ -1,0 +1,42 @@
+"""Where results go: the real stdout, kept apart from library chatter.
+
+While a CLI command runs, ``sys.stdout`` points at stderr (see :func:`results_to_stdout_only`) so that
+libraries printing while they load (DeepSpeed announces its accelerator on stdout, for one) cannot pollute
+piped output such as `mamballama convert ... --json | jq`. Results are written with :func:`out` or
+:func:`console`, which use the real stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+_RESULTS: list = [None]
+
+
+@contextlib.contextmanager
+def results_to_stdout_only():
+    real = sys.stdout
+    _RESULTS[0], sys.stdout = real, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, _RESULTS[0] = real, None
+
+
+def results_stream():
+    return _RESULTS[0] or sys.stdout
+
+
+def out(text: str = "", end: str = "\n") -> None:
+    """Write a result (not a log line) to the real stdout."""
+    stream = results_stream()
+    stream.write(text + end)
+    stream.flush()
+
+
+def console():
+    """A rich console on the results stream (for tables that are results, not progress)."""
+    from rich.console import Console
+
+    return Console(file=results_stream())
