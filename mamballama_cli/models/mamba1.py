@@ -27,11 +27,11 @@ from torch import Tensor, nn
 
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError
-from mamballama_cli.models.mixers import inverse_softplus
+from mamballama_cli.models.mixers import AttentionInitMixer, inverse_softplus
 from mamballama_cli.ops import selective_scan as sscan
 
 
-class Mamba1Mixer(nn.Module):
+class Mamba1Mixer(AttentionInitMixer):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -80,50 +80,12 @@ class Mamba1Mixer(nn.Module):
         self.init_ssm_parameters()
 
     # --- layout ------------------------------------------------------------------------------------------
-    def in_proj_slices(self) -> dict[str, slice]:
-        """Row ranges of in_proj.weight: z, x, B, C, dt (in that order; dt holds the dt_rank low-rank rows)."""
-        sizes = {"z": self.d_inner, "x": self.d_x, "B": self.d_x, "C": self.d_inner, "dt": self.dt_rank}
-        out, start = {}, 0
-        for name, size in sizes.items():
-            out[name] = slice(start, start + size)
-            start += size
-        return out
+    FRESH_PARAMS = ("conv1d.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D")
 
-    def role_targets(self) -> dict[str, tuple[str, slice | None]]:
-        """Where each attention weight lands: rows of in_proj in the teacher's own order (head-major)."""
-        s = self.in_proj_slices()
-        targets = {
-            "x": ("in_proj.weight", s["x"]),  # W_V
-            "B": ("in_proj.weight", s["B"]),  # W_K
-            "C": ("in_proj.weight", s["C"]),  # W_Q
-            "out": ("out_proj.weight", None),  # W_O
-        }
-        if self.in_proj.bias is not None:
-            targets.update(x_bias=("in_proj.bias", s["x"]), B_bias=("in_proj.bias", s["B"]),
-                           C_bias=("in_proj.bias", s["C"]))
-        if self.out_proj.bias is not None:
-            targets["out_bias"] = ("out_proj.bias", None)
-        return targets
-
-    def fresh_targets(self) -> list[tuple[str, slice | None]]:
-        """Parameters (or row ranges) the attention weights do not provide; initialised fresh."""
-        s = self.in_proj_slices()
-        fresh = [("in_proj.weight", s["z"]), ("in_proj.weight", s["dt"]), ("conv1d.weight", None),
-                 ("dt_proj.weight", None), ("dt_proj.bias", None), ("A_log", None), ("D", None)]
-        if self.conv1d.bias is not None:
-            fresh.append(("conv1d.bias", None))
-        if self.in_proj.bias is not None:
-            fresh += [("in_proj.bias", s["z"]), ("in_proj.bias", s["dt"])]
-        return fresh
-
-    @torch.no_grad()
-    def assign_role(self, role: str, tensor: Tensor) -> None:
-        name, rows = self.role_targets()[role]
-        param = self.get_parameter(name)
-        target = param if rows is None else param[rows]
-        if target.shape != tensor.shape:
-            raise ValueError(f"role {role!r} -> {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-        target.copy_(tensor.to(param.dtype))
+    def in_proj_sizes(self) -> dict[str, int]:
+        """Rows of in_proj.weight: z, x, B, C, dt (dt holds the dt_rank low-rank rows), in the teacher's own
+        head-major row order for x (W_V), B (W_K) and C (W_Q)."""
+        return {"z": self.d_inner, "x": self.d_x, "B": self.d_x, "C": self.d_inner, "dt": self.dt_rank}
 
     # --- initialisation ----------------------------------------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,63 @@ def inverse_softplus(x: Tensor) -> Tensor:
     return x + torch.log(-torch.expm1(-x))
 
 
-class Mamba2Mixer(nn.Module):
+class AttentionInitMixer(nn.Module):
+    """What the converter needs from a mixer initialised from attention (Mamba-2 and Mamba-1 share it).
+
+    A subclass has ``in_proj`` (rows named by :meth:`in_proj_sizes`: z, x, B, C, dt), ``out_proj``, ``conv1d``
+    and lists the parameters the attention weights do not provide in ``FRESH_PARAMS``. The converter's table
+    names *roles* (x = W_V, B = W_K, C = W_Q, out = W_O); the mixer owns where each role lands.
+    """
+
+    FRESH_PARAMS: tuple[str, ...] = ()
+
+    def in_proj_sizes(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def in_proj_slices(self) -> dict[str, slice]:
+        out, start = {}, 0
+        for name, size in self.in_proj_sizes().items():
+            out[name] = slice(start, start + size)
+            start += size
+        return out
+
+    def role_targets(self) -> dict[str, tuple[str, slice | None]]:
+        """Where each attention weight lands."""
+        s = self.in_proj_slices()
+        targets = {
+            "x": ("in_proj.weight", s["x"]),  # W_V
+            "B": ("in_proj.weight", s["B"]),  # W_K
+            "C": ("in_proj.weight", s["C"]),  # W_Q
+            "out": ("out_proj.weight", None),  # W_O
+        }
+        if self.in_proj.bias is not None:
+            targets.update(x_bias=("in_proj.bias", s["x"]), B_bias=("in_proj.bias", s["B"]),
+                           C_bias=("in_proj.bias", s["C"]))
+        if self.out_proj.bias is not None:
+            targets["out_bias"] = ("out_proj.bias", None)
+        return targets
+
+    def fresh_targets(self) -> list[tuple[str, slice | None]]:
+        """Parameters (or row ranges) the attention weights do not provide; initialised fresh."""
+        s = self.in_proj_slices()
+        fresh = [("in_proj.weight", s["z"]), ("in_proj.weight", s["dt"])] + [(n, None) for n in self.FRESH_PARAMS]
+        if self.conv1d.bias is not None:
+            fresh.append(("conv1d.bias", None))
+        if self.in_proj.bias is not None:
+            fresh += [("in_proj.bias", s["z"]), ("in_proj.bias", s["dt"])]
+        return fresh
+
+    @torch.no_grad()
+    def assign_role(self, role: str, tensor: Tensor) -> None:
+        name, rows = self.role_targets()[role]
+        param = self.get_parameter(name)
+        target = param if rows is None else param[rows]
+        if target.shape != tensor.shape:
+            raise ValueError(f"role {role!r} -> {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
+        target.copy_(tensor.to(param.dtype))
+
+
+class Mamba2Mixer(AttentionInitMixer):
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -65,50 +121,11 @@ class Mamba2Mixer(nn.Module):
         self.init_ssm_parameters()
 
     # --- layout ------------------------------------------------------------------------------------------
-    def in_proj_slices(self) -> dict[str, slice]:
-        """Row ranges of in_proj.weight: z, x, B, C, dt (in that order)."""
-        sizes = {"z": self.d_z, "x": self.d_x, "B": self.d_B, "C": self.d_C, "dt": self.n_heads}
-        out, start = {}, 0
-        for name, size in sizes.items():
-            out[name] = slice(start, start + size)
-            start += size
-        return out
+    FRESH_PARAMS = ("conv1d.weight", "dt_bias", "A_log", "D", "norm.weight")
 
-    def role_targets(self) -> dict[str, tuple[str, slice | None]]:
-        """Where each attention weight lands (the converter's table names roles, the mixer owns layout)."""
-        s = self.in_proj_slices()
-        targets = {
-            "x": ("in_proj.weight", s["x"]),  # W_V
-            "B": ("in_proj.weight", s["B"]),  # W_K
-            "C": ("in_proj.weight", s["C"]),  # W_Q
-            "out": ("out_proj.weight", None),  # W_O
-        }
-        if self.in_proj.bias is not None:
-            targets.update(x_bias=("in_proj.bias", s["x"]), B_bias=("in_proj.bias", s["B"]),
-                           C_bias=("in_proj.bias", s["C"]))
-        if self.out_proj.bias is not None:
-            targets["out_bias"] = ("out_proj.bias", None)
-        return targets
-
-    def fresh_targets(self) -> list[tuple[str, slice | None]]:
-        """Parameters (or row ranges) the attention weights do not provide; initialised fresh."""
-        s = self.in_proj_slices()
-        fresh = [("in_proj.weight", s["z"]), ("in_proj.weight", s["dt"]), ("conv1d.weight", None),
-                 ("dt_bias", None), ("A_log", None), ("D", None), ("norm.weight", None)]
-        if self.conv1d.bias is not None:
-            fresh.append(("conv1d.bias", None))
-        if self.in_proj.bias is not None:
-            fresh += [("in_proj.bias", s["z"]), ("in_proj.bias", s["dt"])]
-        return fresh
-
-    @torch.no_grad()
-    def assign_role(self, role: str, tensor: Tensor) -> None:
-        name, rows = self.role_targets()[role]
-        param = self.get_parameter(name)
-        target = param if rows is None else param[rows]
-        if target.shape != tensor.shape:
-            raise ValueError(f"role {role!r} -> {name}: shape {tuple(tensor.shape)} != {tuple(target.shape)}")
-        target.copy_(tensor.to(param.dtype))
+    def in_proj_sizes(self) -> dict[str, int]:
+        """Rows of in_proj.weight: z, x, B, C, dt (in that order)."""
+        return {"z": self.d_z, "x": self.d_x, "B": self.d_B, "C": self.d_C, "dt": self.n_heads}
 
     def conv_slices(self) -> dict[str, slice]:
         return {
