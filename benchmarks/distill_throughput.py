@@ -37,6 +37,21 @@ def smollm2_shaped_teacher():
     return LlamaForCausalLM(cfg)
 
 
+def write_profile(step, sync, path: str) -> None:
+    """Kernel table of one profiled step (GPU time), sorted by total time, to ``path``."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        sync()
+    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table + "\n")
+    print(f"profile of one step written to {path}", file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default", help="teacher checkpoint dir, .gguf, or 'default'")
@@ -49,6 +64,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup-steps", type=int, default=3)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--json-out", default="benchmarks/results/distill_throughput.json")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="also profile one optimizer step (torch.profiler) and write its kernel table here")
     args = ap.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -117,6 +134,9 @@ def main(argv=None) -> dict:
         step()
     sync()
     dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    if args.profile:
+        write_profile(step, sync, args.profile)
     tokens = args.steps * args.accumulation * mb * L
     result = {
         "tokens_per_s": round(tokens / dt, 1),
@@ -130,7 +150,7 @@ def main(argv=None) -> dict:
         "accumulation": args.accumulation,
         "gradient_checkpointing": args.gradient_checkpointing,
         "precision": "bf16 autocast, fp32 master weights; teacher bf16" if device.type == "cuda" else "fp32",
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "peak_memory_gib": round(peak, 2) if peak is not None else None,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "kernels": {r["op"]: r["backend"] for r in ops.backend_report(device.type)},
         "torch": torch.__version__,

@@ -7,7 +7,8 @@
 #   TINY=1 bash benchmarks/pipeline_smollm2.sh               # a minutes-long smoke run on CPU
 #
 # Knobs (environment): WORK (runs/smollm2), RES ($WORK/results), DATA (a `mamballama data build` output;
-# built if absent), STEPS (optimizer steps per student), DRAFT_STEPS, SEQ (2048), MB (micro-batch), LR,
+# built if absent), STEPS (optimizer steps per student), DRAFT_STEPS, SEQ (2048), MB (micro-batch), ACCUM
+# (micro-batches per step; a step's sequences are sorted by length across them, so less padding), LR,
 # LABEL_N (max new tokens per teacher answer), LABEL_BS, LENGTHS (passkey lengths), TRIALS, DEADLINE (s).
 set -uo pipefail
 WORK=${WORK:-runs/smollm2}
@@ -24,6 +25,7 @@ STEPS=${STEPS:-400}
 DRAFT_STEPS=${DRAFT_STEPS:-300}
 SEQ=${SEQ:-2048}
 MB=${MB:-16}
+ACCUM=${ACCUM:-1}
 LR=${LR:-2e-4}
 LABEL_N=${LABEL_N:-256}
 LABEL_BS=${LABEL_BS:-96}
@@ -42,26 +44,23 @@ stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
 left() { local r=$(( DEADLINE - ($(date +%s) - t0) )); (( r < 5 )) && r=5; echo "$r"; }
 on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$gpu "$@"; }  # on GPU CMD...
 
-stage "start: STEPS=$STEPS DRAFT_STEPS=$DRAFT_STEPS SEQ=$SEQ MB=$MB LR=$LR LABEL_N=$LABEL_N LENGTHS=$LENGTHS"
+stage "start: STEPS=$STEPS DRAFT_STEPS=$DRAFT_STEPS SEQ=$SEQ MB=$MB ACCUM=$ACCUM LR=$LR LABEL_N=$LABEL_N LENGTHS=$LENGTHS"
 "${MM[@]}" env > "$RES/env.txt" 2>&1
 
 # 1. Data: prompts and plain text from packaged sources, with a held-out split.
 if [ ! -f "$DATA/manifest.json" ]; then stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; fi
 cp "$DATA/manifest.json" "$RES/data_manifest.json"
 
-# 2. The teacher answers the prompts (sequence-level KD), two halves on two GPUs.
+# 2. The teacher answers the prompts (sequence-level KD). Labelling resumes: answers already in
+#    $WORK/labels-train.jsonl / labels-heldout.jsonl (e.g. written on a CPU machine beforehand) are kept.
 P="$WORK/prompts"; mkdir -p "$P"
 if [ -n "$LIMIT" ]; then head -n "$LIMIT" "$DATA/prompts-train.jsonl" > "$P/all.jsonl"
 else cp "$DATA/prompts-train.jsonl" "$P/all.jsonl"; fi
-n=$(wc -l < "$P/all.jsonl"); half=$(( (n + 1) / 2 ))
-head -n "$half" "$P/all.jsonl" > "$P/a.jsonl"; tail -n +"$(( half + 1 ))" "$P/all.jsonl" > "$P/b.jsonl"
+n=$(wc -l < "$P/all.jsonl")
 stage "label $n train prompts + held-out prompts (max $LABEL_N new tokens)"
-on "$G0" "${MM[@]}" label default --prompts "$P/a.jsonl" --output "$WORK/labels-a.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --force > "$RES/label-a.log" 2>&1 &
-on "$G1" "${MM[@]}" label default --prompts "$P/b.jsonl" --output "$WORK/labels-b.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --force > "$RES/label-b.log" 2>&1 &
-wait
-on "$G0" "${MM[@]}" label default --prompts "$DATA/prompts-heldout.jsonl" --output "$WORK/labels-heldout.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --force > "$RES/label-h.log" 2>&1
+on "$G0" "${MM[@]}" label default --prompts "$DATA/prompts-heldout.jsonl" --output "$WORK/labels-heldout.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --resume > "$RES/label-h.log" 2>&1
+on "$G0" "${MM[@]}" label default --prompts "$P/all.jsonl" --output "$WORK/labels-train.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --resume > "$RES/label-train.log" 2>&1
 tail -n 2 "$RES"/label-*.log
-cat "$WORK/labels-a.jsonl" "$WORK/labels-b.jsonl" > "$WORK/labels-train.jsonl"
 
 # Training mix: teacher answers + plain text. Held-out: unseen text, and the teacher's answers to unseen prompts.
 if [ -n "$TEXT_LIMIT" ]; then head -n "$TEXT_LIMIT" "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
@@ -87,7 +86,7 @@ stage "convert"
 #    KD-fine-tuned (sft with a KL term to the teacher) beside the 50% student.
 stage "distill ($STEPS steps each) and draft KD ($DRAFT_STEPS steps)"
 common=(--data "$WORK/train.jsonl" --eval-data "$WORK/labels-heldout.jsonl" --seq-len "$SEQ"
-        --micro-batch-size "$MB" --gradient-accumulation-steps 1 --lr "$LR" --warmup 0.05 --save-every 100
+        --micro-batch-size "$MB" --gradient-accumulation-steps "$ACCUM" --lr "$LR" --warmup 0.05 --save-every 100
         --log-every 10 --force --json)
 on "$G0" timeout "$(left)" "${MM[@]}" distill "$WORK/h50" --template distill-e2e --steps "$STEPS" --output "$WORK/run50" \
     "${common[@]}" > "$RES/distill-50.json" 2> "$RES/distill-50.log" &

@@ -94,6 +94,40 @@ def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def profile_tables(runner, pos: int, K: int, target, capacity: int, prompt, path: str, steps: int = 5) -> None:
+    """Kernel tables of the verify call (K+1 tokens, all replayed) and of the plain decode step, both eager."""
+    from mamballama_cli.generation.fast import StaticDecoder
+
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    tables = []
+    ids = torch.zeros(1, K + 1, dtype=torch.long, device=runner.device)
+    runner.pos_t.fill_(pos)
+    runner.keep_t.fill_(K + 1)
+    for _ in range(2):
+        runner._walk(ids, runner.pos_t, runner.keep_t, True, 0, kv_len=None)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            runner._walk(ids, runner.pos_t, runner.keep_t, True, 0, kv_len=None)
+        torch.cuda.synchronize()
+    tables.append(f"verify call, K+1 = {K + 1}, eager, {steps} calls")
+    tables.append(prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=90))
+    dec = StaticDecoder(target, 1, capacity, capture=False)
+    dec.prefill(prompt)
+    dec.decode(2)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            dec._step()
+        torch.cuda.synchronize()
+    tables.append(f"plain decode step (StaticDecoder), eager, {steps} steps")
+    tables.append(prof.key_averages().table(sort_by="device_time_total", row_limit=45, max_name_column_width=90))
+    dec = None
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n\n".join(tables) + "\n")
+    print(f"profiles written to {path}", file=sys.stderr)
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -107,6 +141,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
     args = ap.parse_args()
 
     from mamballama_cli import ops
@@ -155,6 +191,8 @@ def main() -> None:
         return call
 
     runner_plain_ms = cuda_time(runner_step(1, 1), args.iters)
+    if args.profile:
+        profile_tables(runner, pos, K, target, capacity, prompt, args.profile)
     if plain_ms is None:
         plain_ms = runner_plain_ms
     verify_ms = {r: cuda_time(runner_step(K + 1, r), args.iters) for r in (1, K + 1)}

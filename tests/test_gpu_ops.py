@@ -104,6 +104,41 @@ def test_rmsnorm_gated_forward_backward(gen, dtype):
         assert rel(t.grad, r.grad) < TOL_GRAD[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rmsnorm_forward_backward(gen, dtype):
+    x = rnd(gen, 3, 7, 576, dtype=dtype, requires_grad=True)
+    w = (1 + 0.1 * rnd(gen, 576)).to(dtype).detach().requires_grad_(True)
+    out = fast("rmsnorm")(x, w, 1e-5)
+    refs = [t.detach().double().requires_grad_(True) for t in (x, w)]
+    out_ref = ops.REFERENCES["rmsnorm"](*refs, 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape and rel(out, out_ref) < TOL[dtype]
+    g = rnd(gen, *out.shape)
+    (out.float() * g).sum().backward()
+    (out_ref * g.double()).sum().backward()
+    for t, r in zip((x, w), refs):
+        assert rel(t.grad, r.grad) < TOL_GRAD[dtype]
+
+
+def test_padded_in_proj_equals_in_proj_forward_backward(gen):
+    """Mamba2Mixer.project_in pads the weight to aligned rows on CUDA: same values and gradients."""
+    from mamballama_cli.models.configuration import MamballamaConfig
+    from mamballama_cli.models.mixers import Mamba2Mixer
+
+    cfg = MamballamaConfig(vocab_size=64, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=3, num_key_value_heads=1, head_dim=32, attn_layers=[1])
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(cfg, 0).to(DEV)
+    assert mixer.in_proj.out_features % 8, "the test needs an unaligned in_proj"
+    h = rnd(gen, 2, 100, 96, requires_grad=True)
+    out = mixer.project_in(h)
+    ref = F.linear(h, mixer.in_proj.weight, mixer.in_proj.bias)
+    assert out.shape == ref.shape and rel(out, ref) < 1e-5
+    g = rnd(gen, *out.shape)
+    gh, gw = torch.autograd.grad((out * g).sum(), (h, mixer.in_proj.weight))
+    rh, rw = torch.autograd.grad((ref * g).sum(), (h, mixer.in_proj.weight))
+    assert rel(gh, rh) < 1e-5 and rel(gw, rw) < 1e-5
+
+
 def test_prefill_conv_backend_is_usable_or_reference(gen):
     """causal-conv1d's kernel when it imports and runs; otherwise the reference (F.conv1d) on the GPU."""
     name, fn = ops.dispatch("causal_conv1d", torch.device(DEV))

@@ -16,11 +16,11 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
+from mamballama_cli import ops
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
-from mamballama_cli.ops.norm import rmsnorm_ref
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
     from transformers import initialization as init
@@ -45,7 +45,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return rmsnorm_ref(x, self.weight, self.variance_epsilon)
+        return ops.rmsnorm(x, self.weight, self.variance_epsilon)  # the reference on CPU, a fused kernel on CUDA
 
 
 class MLP(nn.Module):

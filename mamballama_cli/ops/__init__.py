@@ -11,6 +11,7 @@ Public ops (the signatures every implementation honours):
     causal_conv1d(x, weight, bias=None, initial_state=None, activation=None) -> (y, final_state)
     causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> (y, new_state)
     rmsnorm_gated(y, z, weight, eps, group_size) -> out
+    rmsnorm(x, weight, eps) -> out          (Llama's RMSNorm; training and prefill, with autograd)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 
 from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
-from mamballama_cli.ops.norm import rmsnorm_gated_ref
+from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
 from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssm_step_ref
 
 
@@ -57,13 +58,15 @@ REFERENCES: dict[str, Callable] = {
     "causal_conv1d": causal_conv1d_ref,
     "causal_conv1d_update": causal_conv1d_update_ref,
     "rmsnorm_gated": rmsnorm_gated_ref,
+    "rmsnorm": rmsnorm_ref,
 }
 FAST: dict[str, list[FastImpl]] = {name: [] for name in REFERENCES}
 _fast_loaded = False
 
 
 # Modules that register fast implementations when imported (each may be absent).
-FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay")
+FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
+                "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton")
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -144,3 +147,7 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
 
 def rmsnorm_gated(y, z, weight, eps, group_size):
     return dispatch("rmsnorm_gated", y.device)[1](y, z, weight, eps, group_size)
+
+
+def rmsnorm(x, weight, eps):
+    return dispatch("rmsnorm", x.device)[1](x, weight, eps)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mamballama_cli import ops
 from mamballama_cli.generation import fast as _decode_refs  # registers the decode ops' references
 from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
-from mamballama_cli.ops.norm import rmsnorm_gated_ref
+from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
 from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssm_step_ref
 
 try:
@@ -481,6 +481,18 @@ def rmsnorm_gated_mamba(y, z, weight, eps, group_size):
     return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
 
 
+def rmsnorm_mamba(x, weight, eps):
+    """Llama's RMSNorm through mamba_ssm's fused Triton layer norm (forward and backward in one kernel each).
+
+    The reference runs six elementwise kernels forward and more backward over the activations; in training
+    that is one of the larger costs of a small-width model. Rounds once at the end (the reference rounds the
+    normalised input to the input dtype before the weight), a difference well inside bf16's precision.
+    """
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+
+    return rms_norm_fn(x, weight, None, eps=eps)
+
+
 def causal_conv1d_pkg(x, weight, bias=None, initial_state=None, activation=None):
     from causal_conv1d import causal_conv1d_fn
 
@@ -589,6 +601,11 @@ def _check_gated_norm(gen):
     return _rel(rmsnorm_gated_mamba(y, z, w, 1e-5, 16), rmsnorm_gated_ref(y.double(), z.double(), w, 1e-5, 16))
 
 
+def _check_rmsnorm(gen):
+    x, w = _rand(gen, 3, 5, 300), 1 + 0.1 * _rand(gen, 300)
+    return _rel(rmsnorm_mamba(x, w, 1e-5), rmsnorm_ref(x.double(), w.double(), 1e-5))
+
+
 def _check_conv_pkg(gen):
     x, w, bias, s0 = _rand(gen, 2, 64, 20), _rand(gen, 64, 4), _rand(gen, 64), _rand(gen, 2, 64, 3)
     y, s = causal_conv1d_pkg(x, w, bias, s0, "silu")
@@ -666,6 +683,7 @@ def _register() -> None:
         _probe(_check_ssm_step, "mamba_ssm.ops.triton.selective_state_update"))
     reg("rmsnorm_gated", mamba, rmsnorm_gated_mamba,
         _probe(_check_gated_norm, "mamba_ssm.ops.triton.layernorm_gated"))
+    reg("rmsnorm", mamba, rmsnorm_mamba, _probe(_check_rmsnorm, "mamba_ssm.ops.triton.layer_norm", tol=1e-4))
     conv_pkg = f"causal-conv1d {_module_version('causal_conv1d')}"
     reg("causal_conv1d", conv_pkg, causal_conv1d_pkg, _probe(_check_conv_pkg, "causal_conv1d"))
     reg("causal_conv1d_update", conv_pkg, causal_conv1d_update_pkg,
