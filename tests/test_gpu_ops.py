@@ -148,6 +148,29 @@ def test_prefill_conv_backend_is_usable_or_reference(gen):
     assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-6, name
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,with_bias", [("silu", True), (None, False)])
+def test_causal_conv1d_forward_backward_from_zeros(gen, dtype, act, with_bias):
+    """The training conv (no carried state) on a channel-last column slice, as the mixer feeds it."""
+    b, L, dim = 3, 333, 200
+    base = rnd(gen, b, L, dim + 24, dtype=dtype)
+    x = base[..., 8:8 + dim].transpose(1, 2).detach().requires_grad_(True)  # (b, dim, L), strided
+    w = rnd(gen, dim, 4, dtype=dtype, requires_grad=True)
+    bias = rnd(gen, dim, dtype=dtype, requires_grad=True) if with_bias else None
+    name, fn = ops.dispatch("causal_conv1d", torch.device(DEV))
+    y, s = fn(x, w, bias, None, act)
+    leaves = [t for t in (x, w, bias) if t is not None]
+    refs = [t.detach().double().requires_grad_(True) for t in leaves]
+    y_ref, s_ref = ops.REFERENCES["causal_conv1d"](refs[0], refs[1], refs[2] if with_bias else None, None, act)
+    assert y.shape == y_ref.shape and y.dtype == dtype and rel(y, y_ref) < TOL[dtype], name
+    assert torch.equal(s.double(), s_ref)
+    g = rnd(gen, *y.shape)
+    (y.float() * g).sum().backward()
+    (y_ref * g.double()).sum().backward()
+    for t, r in zip(leaves, refs):
+        assert rel(t.grad, r.grad) < TOL_GRAD[dtype], name
+
+
 # ------------------------------------------------------------------------------------------------
 # Decode kernels (mamballama-triton)
 # ------------------------------------------------------------------------------------------------
