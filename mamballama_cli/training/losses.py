@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mamballama_cli import ops
+
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, target_mask: Tensor, *,
             w_kl: float = 1.0, w_rkl: float = 0.0, w_ce: float = 0.0, temperature: float = 1.0,
@@ -55,6 +57,19 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tens
             metrics["rkl"] = rkl.detach()
     metrics["loss"] = total.detach()
     return total, metrics
+
+
+ops.register_reference("kd_loss", kd_loss)  # the ops package never imports training: the reference registers here
+
+
+def kd_loss_auto(student_logits: Tensor, teacher_logits: Tensor | None, targets: Tensor, target_mask: Tensor, *,
+                 w_kl: float = 1.0, w_rkl: float = 0.0, w_ce: float = 0.0, temperature: float = 1.0,
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`kd_loss` through op dispatch: the fused Triton kernel of :mod:`mamballama_cli.ops.kd_triton` on CUDA
+    when its probe passes, :func:`kd_loss` itself elsewhere or with ``MAMBALLAMA_KERNELS=ref``. Same contract."""
+    _, fn = ops.dispatch("kd_loss", student_logits.device)
+    return fn(student_logits, teacher_logits, targets, target_mask, w_kl=w_kl, w_rkl=w_rkl, w_ce=w_ce,
+              temperature=temperature)
 
 
 def sequence_logps(logits: Tensor, targets: Tensor, target_mask: Tensor) -> Tensor:

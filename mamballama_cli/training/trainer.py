@@ -27,7 +27,7 @@ from mamballama_cli.training.config import (ResolvedStage, config_dict, config_d
                                             config_hash)
 from mamballama_cli.training.data import (BatchPlan, as_items, collate, collate_pairs, encode_pairs,
                                           encode_records, pack, read_records, split_global_batch)
-from mamballama_cli.training.losses import dpo_loss, kd_loss, sequence_logps
+from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
 from mamballama_cli.training.models import (check_same_vocabulary, default_teacher, has_mamba_layers,
                                             load_frozen, load_trainable, model_inputs, packing_support, relayout,
                                             set_trainable, target_attention_layers)
@@ -190,8 +190,8 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
             t_logits = forward_logits(job.frozen, inputs)
     with acc.autocast():
         s_logits = forward_logits(model, inputs)
-    total, metrics = kd_loss(s_logits, t_logits, batch["targets"].to(device), batch["target_mask"].to(device),
-                             w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce, temperature=st.temperature)
+    total, metrics = kd_loss_auto(s_logits, t_logits, batch["targets"].to(device), batch["target_mask"].to(device),
+                                  w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce, temperature=st.temperature)
     metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
     return total, metrics
 
