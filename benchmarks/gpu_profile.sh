@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Where the time goes on the GPU: kernel tables of the speculative verify call vs the plain decode step
-# (Llama-3-8B shape) and of one distillation step (SmolLM2-135M shape), plus the speculative gpu tests.
+# (Llama-3-8B shape) and of one distillation step (SmolLM2-135M shape), then gpu tests (TESTS: files, KEXPR: -k).
 # From the project root on the CUDA machine:  source .gpu/activate.sh && bash benchmarks/gpu_profile.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
@@ -19,7 +19,9 @@ timeout 150 python3 benchmarks/distill_throughput.py --random --ratio 0.5 --seq-
 echo "exit $?" >> "$OUT/distill_throughput.txt"; tail -n 2 "$OUT/distill_throughput.txt"
 if [ -n "${TESTS:-}" ]; then
   stamp "gpu tests: $TESTS"
-  timeout 200 python3 -m pytest -q -rfE -m gpu -p no:cacheprovider -o addopts="" $TESTS > "$OUT/gpu-tests.log" 2>&1
+  timeout ${TESTS_CAP:-200} python3 -m pytest -q -rfE -m gpu -p no:cacheprovider -o addopts="" $TESTS ${KEXPR:+-k "$KEXPR"} \
+      > "$OUT/gpu-tests.log" 2>&1
   echo "pytest exit $?" >> "$OUT/gpu-tests.log"; tail -n 5 "$OUT/gpu-tests.log"
 fi
+python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1
 stamp "done"
