@@ -39,6 +39,7 @@ from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.rope import apply_rotary
 from mamballama_cli.ops.replay import ssm_replay
+from mamballama_cli.ops.verify_ref import VERIFY_REFERENCES  # noqa: F401  (registers the verify ops)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -73,8 +74,8 @@ class Mamba2ReplayLayer:
 
     ``window`` is the most tokens one window holds (K+1). Buffers are allocated once (CUDA graphs). The
     layer uses the mixer's own parameters and pieces (in_proj, conv1d weights, A_log, dt_bias, D, output),
-    with one conv over [buffered prefix, new inputs] so that the conv buffer and the window are each
-    written by a single copy.
+    with one conv over [buffered prefix, new inputs] (the op ``spec_conv``, which also writes the conv
+    buffer) and the window written by a single copy.
     """
 
     def __init__(self, mixer, batch_size: int, window: int, dtype, device, keep_live: bool):
@@ -90,7 +91,8 @@ class Mamba2ReplayLayer:
         self.win_dt = torch.zeros(b, window, m.n_heads, dtype=dtype, device=device)
         # conv inputs (pre-conv x, B, C): w1 before the window, then the window's own
         self.conv = torch.zeros(b, m.conv_dim, w1 + window, dtype=dtype, device=device)
-        self._arange = torch.arange(w1, device=device)
+        self._no_shift = torch.zeros(b, dtype=torch.long, device=device)  # continue steps: no replay, no shift
+        self.spec_conv = ops.dispatch("spec_conv", device)[1]
         with torch.no_grad():
             self.A = -torch.exp(m.A_log.float())  # (nheads,): fixed while decoding
             self.conv_w = m.conv1d.weight[:, 0, :]  # (conv_dim, width)
@@ -114,32 +116,27 @@ class Mamba2ReplayLayer:
         (which then holds ``wlen`` entries) from the live state."""
         m = self.mixer
         b, T, _ = hidden.shape
-        w1 = self.w1
         zxbcdt = m.in_proj(hidden)
         z, xbc_in, dt_raw = torch.split(zxbcdt, [m.d_z, m.conv_dim, m.n_heads], dim=-1)
         if rebase:
-            idx = (keep_t.reshape(b, 1) + self._arange)[:, None, :].expand(b, m.conv_dim, w1)
-            prefix = self.conv.gather(2, idx)  # (b, conv_dim, w1): the w1 inputs before the new window
-            start, n_replay, offset = self.ckpt, keep_t, 0
+            # the w1 conv inputs before the new window start keep_t entries into the buffer
+            start, n_replay, offset, shift = self.ckpt, keep_t, 0, keep_t
             old = self._window(self.win_xB, self.win_dt)
         else:
             if wlen + T > self.window:
                 raise RuntimeError(f"replay window holds {self.window} tokens; {wlen + T} were fed")
-            prefix = self.conv[:, :, wlen : wlen + w1]
-            start, n_replay, offset = self.live, keep_t.new_zeros(b), wlen
+            start, n_replay, offset, shift = self.live, self._no_shift, wlen, self._no_shift
             old = self._window(self.win_xB[:, :0], self.win_dt[:, :0])
-        full = torch.cat([prefix, xbc_in.transpose(1, 2)], dim=-1)  # (b, conv_dim, w1 + T)
-        # A causal conv from zeros over [prefix, new] gives the new positions exactly their conv outputs.
-        post, _ = ops.causal_conv1d(full, self.conv_w, m.conv1d.bias, None, m.activation)
-        post = post[..., w1:].transpose(1, 2)  # (b, T, conv_dim) = silu(conv) of [x | B | C]
+        # Conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` (it holds only conv
+        # inputs, which the replay does not read): post (b, T, conv_dim) = silu(conv) of [x | B | C].
+        post = self.spec_conv(xbc_in, self.conv, shift, offset, self.conv_w, m.conv1d.bias, m.activation)
         x, _, B = self._window(post[..., : self.d_xB], dt_raw)
-        C = post[..., self.d_xB :].reshape(b, T, m.n_heads, m.d_state)
+        C = post[..., self.d_xB :].view(b, T, m.n_heads, m.d_state)
         y, _, _ = ssm_replay(
             start, *old, n_replay, x, dt_raw, B, C, self.A, m.dt_bias, m.D,
             state_out=self.ckpt if rebase else None, final_out=self.live,
         )
         # Only now overwrite the window: the replay above read the old one.
-        self.conv[:, :, offset : offset + w1 + T].copy_(full)
         self.win_xB[:, offset : offset + T].copy_(post[..., : self.d_xB])
         self.win_dt[:, offset : offset + T].copy_(dt_raw)
         return m.output(y.reshape(b, T, m.d_z), z)
@@ -164,8 +161,10 @@ class HybridRunner:
     state of each Mamba layer lives in its replay layer. ``start`` is the committed position where the
     current window begins, ``wlen`` how many tokens the window holds, ``keep`` how many of them are correct.
     :meth:`capture` (CUDA) records every step shape used in a CUDA graph before the prefill; ``static``
-    runs the very same computation eagerly (positions and replay counts read from device tensors,
-    attention over the whole buffer under a mask), which is how the CPU tests check the graph path.
+    runs the very same computation eagerly (positions and replay counts read from device tensors), which
+    is how the CPU tests check the graph path. Attention layers use the window ops ``rope_kv_write_window``
+    and ``window_attention`` (fused kernels on CUDA; query t attends to positions [0, pos + t] whatever
+    the buffer length); sliding-window layers keep a masked SDPA over the buffer.
     """
 
     def __init__(self, model, batch_size: int, max_length: int, window: int, keep_live: bool = False,
@@ -192,6 +191,8 @@ class HybridRunner:
                     for i, layer in enumerate(self.base.layers) if layer.is_attention}
         self.add_norm = ops.dispatch("add_rmsnorm", self.device)[1]
         self.swiglu = ops.dispatch("swiglu", self.device)[1]
+        self.rope_window = ops.dispatch("rope_kv_write_window", self.device)[1]
+        self.window_attention = ops.dispatch("window_attention", self.device)[1]
         with torch.no_grad():  # the model's own rotary tables, indexed by position on the device
             cos, sin = self.base.rotary_emb(torch.arange(max_length, device=self.device)[None], self.dtype)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
@@ -203,10 +204,16 @@ class HybridRunner:
         self.calls = 0
 
     # --- the walk over layers (eager, and what the graphs capture) -----------------------------------
-    def _attention(self, i: int, attn, x: Tensor, idx: Tensor, kv_len: int | None) -> Tensor:
+    def _attention(self, i: int, attn, x: Tensor, pos_t: Tensor, idx: Tensor, kv_len: int | None) -> Tensor:
         b, T, _ = x.shape
         nh, nkv, hd = attn.n_heads, attn.n_kv, attn.head_dim
         qkv = F.linear(x, *self.qkv[i])
+        kb, vb = self.cache.key[i], self.cache.value[i]
+        if attn.sliding_window is None:
+            # RoPE + K/V write at pos_t + t, then causal attention over [0, pos_t + t]: kv_len is not needed
+            q = self.rope_window(qkv, self.cos, self.sin, kb, vb, pos_t, nh, nkv)  # (b, T, nh, hd)
+            out = self.window_attention(q, kb, vb, pos_t, attn.scaling)
+            return attn.o_proj(out.reshape(b, T, nh * hd))
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(b, T, nh, hd).transpose(1, 2)
         k = k.view(b, T, nkv, hd).transpose(1, 2)
@@ -214,7 +221,6 @@ class HybridRunner:
         cos = self.cos.index_select(0, idx)[None].expand(b, T, -1)
         sin = self.sin.index_select(0, idx)[None].expand(b, T, -1)
         q, k = apply_rotary(q, k, cos, sin)
-        kb, vb = self.cache.key[i], self.cache.value[i]
         kb.index_copy_(2, idx, k.to(kb.dtype))
         vb.index_copy_(2, idx, v.to(vb.dtype))
         L = kb.shape[2] if kv_len is None else kv_len  # graphs attend over the whole buffer, masked
@@ -243,7 +249,7 @@ class HybridRunner:
         for i, layer in enumerate(base.layers):
             x, residual = self.add_norm(hidden, residual, layer.input_layernorm.weight, self.eps)
             if layer.is_attention:
-                hidden = self._attention(i, layer.self_attn, x, idx, kv_len)
+                hidden = self._attention(i, layer.self_attn, x, pos_t, idx, kv_len)
             else:
                 hidden = self.layers[i].extend(x, keep_t, rebase, wlen)
             x, residual = self.add_norm(hidden, residual, layer.post_attention_layernorm.weight, self.eps)

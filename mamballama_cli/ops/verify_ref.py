@@ -1,0 +1,119 @@
+"""Pure-PyTorch references of the multi-token ops of a speculative verify call (design.md section 4).
+
+A verify call runs a window of T = K + 1 tokens at positions pos .. pos + T - 1 through the target. These
+three ops are what :class:`~mamballama_cli.generation.speculative.HybridRunner` and
+:class:`~mamballama_cli.generation.speculative.Mamba2ReplayLayer` run per layer besides the GEMMs and the
+replay op; each is the T-token generalisation of a one-token decode op of
+:mod:`mamballama_cli.generation.fast` and equals it at T = 1. The fused Triton kernels live in
+:mod:`mamballama_cli.ops.triton_verify`. Positions are read from device tensors, so every op can run
+inside a captured CUDA graph.
+
+rope_kv_write_window(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv) -> q
+    qkv: (batch, T, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim)
+    in qkv's dtype; k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: one int64 on the device.
+    Token t sits at position pos + t: q and k are rotated with table row pos + t (``apply_rotary`` of
+    models/rope.py: q * cos + rotate_half(q) * sin, each product rounded to the activation dtype, the
+    dims past rotary_dim passed through), k and v are written into the caches at pos + t. Returns the
+    rotated q as (batch, T, n_heads, head_dim).
+
+window_attention(q, k_cache, v_cache, pos, scale) -> out
+    q: (batch, T, n_heads, head_dim); caches as above. Query t attends to cache positions [0, pos + t]
+    (causal within the window), head h to KV head h // (n_heads // n_kv). Returns (batch, T, n_heads,
+    head_dim) in q's dtype. No sliding window (the runner keeps its masked SDPA for those models).
+
+spec_conv(xbc, conv_buf, shift, offset, weight, bias, activation) -> post
+    xbc: (batch, T, conv_dim), any strides (a column slice of in_proj's output); conv_buf: (batch,
+    conv_dim, w1 + window) with w1 = width - 1; shift: (batch,) int64 on the device; offset: a Python int;
+    weight: (conv_dim, width); bias: (conv_dim,) or None; activation: "silu" or None.
+    prefix = conv_buf[:, :, offset + shift : offset + shift + w1] (per row), seq = [prefix | xbc^T] along
+    time, post[:, t] = act(bias + sum_j weight[:, j] * seq[:, t + j]) for the T new positions (a causal
+    depthwise conv), and conv_buf[:, :, offset : offset + w1 + T] = seq in place. Returns post contiguous
+    (batch, T, conv_dim). A rebase step of the replay layer is (offset 0, shift = accepted count), a
+    continue step (offset = window length, shift 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamballama_cli.models.rope import apply_rotary
+from mamballama_cli.ops.conv import causal_conv1d_ref
+
+
+def _positions(pos: Tensor, T: int) -> Tensor:
+    """(T,) int64: pos, pos + 1, ..., pos + T - 1 on pos's device (no host sync)."""
+    return pos.reshape(1).to(torch.long) + torch.arange(T, device=pos.device)
+
+
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def rope_kv_write_window_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, k_cache: Tensor, v_cache: Tensor,
+                             pos: Tensor, n_heads: int, n_kv: int) -> Tensor:
+    """Rotate T new tokens' q and k at positions pos + t, write k and v into the caches; return q (module doc)."""
+    b, T, _ = qkv.shape
+    hd = k_cache.shape[-1]
+    idx = _positions(pos, T)
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    q = q.reshape(b, T, n_heads, hd).transpose(1, 2)  # (b, heads, T, hd): apply_rotary's layout
+    k = k.reshape(b, T, n_kv, hd).transpose(1, 2)
+    v = v.reshape(b, T, n_kv, hd).transpose(1, 2)
+    cos = cos_table.index_select(0, idx)[None].expand(b, T, -1)  # (b, T, rotary_dim)
+    sin = sin_table.index_select(0, idx)[None].expand(b, T, -1)
+    q, k = apply_rotary(q, k, cos, sin)
+    k_cache.index_copy_(2, idx, k.to(k_cache.dtype))
+    v_cache.index_copy_(2, idx, v.to(v_cache.dtype))
+    return q.transpose(1, 2)
+
+
+def window_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor, scale: float) -> Tensor:
+    """Causal attention of T window queries over the cache prefix [0, pos + t] (see the module docstring)."""
+    T, nh = q.shape[1], q.shape[2]
+    n_kv, cap = k_cache.shape[1], k_cache.shape[2]
+    idx = _positions(pos, T)
+    # Attend over the live prefix only when its length can be read (a host sync; not while capturing a
+    # graph, which then attends over the whole buffer under the same mask).
+    L = cap if _capturing(q) else min(cap, int(pos.reshape(-1)[0]) + T)
+    kj = torch.arange(L, device=q.device)[None, :]
+    mask = kj <= idx[:, None]  # (T, L): a new token sees everything up to itself
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=mask[None, None],
+        scale=scale, enable_gqa=n_kv != nh,
+    )  # (b, nh, T, hd)
+    return out.transpose(1, 2)
+
+
+def spec_conv_ref(xbc: Tensor, conv_buf: Tensor, shift: Tensor, offset: int, weight: Tensor,
+                  bias: Tensor | None = None, activation: str | None = None) -> Tensor:
+    """Causal depthwise conv of T new inputs after a buffered prefix; updates ``conv_buf`` (module doc)."""
+    b, T, dim = xbc.shape
+    w1 = weight.shape[-1] - 1
+    start = shift.reshape(b, 1).to(device=conv_buf.device, dtype=torch.long) + offset
+    idx = (start + torch.arange(w1, device=conv_buf.device))[:, None, :].expand(b, dim, w1)
+    prefix = conv_buf.gather(2, idx)  # (b, dim, w1): the w1 inputs before the new ones
+    seq = torch.cat([prefix, xbc.transpose(1, 2)], dim=-1)  # (b, dim, w1 + T)
+    # A causal conv from zeros over [prefix, new] gives the new positions exactly their conv outputs.
+    post, _ = causal_conv1d_ref(seq, weight, bias, None, activation)
+    conv_buf[:, :, offset : offset + w1 + T].copy_(seq)
+    return post[..., w1:].transpose(1, 2).contiguous()
+
+
+VERIFY_REFERENCES = {
+    "rope_kv_write_window": rope_kv_write_window_ref,
+    "window_attention": window_attention_ref,
+    "spec_conv": spec_conv_ref,
+}
+
+
+def _register() -> None:
+    from mamballama_cli import ops
+
+    for name, fn in VERIFY_REFERENCES.items():
+        if name not in ops.REFERENCES:
+            ops.register_reference(name, fn)
+
+
+_register()
