@@ -26,6 +26,7 @@ DRAFT_STEPS=${DRAFT_STEPS:-300}
 SEQ=${SEQ:-2048}
 MB=${MB:-16}
 ACCUM=${ACCUM:-1}
+SAVE_EVERY=${SAVE_EVERY:-100}
 LR=${LR:-2e-4}
 LABEL_N=${LABEL_N:-256}
 LABEL_BS=${LABEL_BS:-96}
@@ -59,7 +60,16 @@ else cp "$DATA/prompts-train.jsonl" "$P/all.jsonl"; fi
 n=$(wc -l < "$P/all.jsonl")
 stage "label $n train prompts + held-out prompts (max $LABEL_N new tokens)"
 on "$G0" "${MM[@]}" label default --prompts "$DATA/prompts-heldout.jsonl" --output "$WORK/labels-heldout.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --resume > "$RES/label-h.log" 2>&1
+# 3. Students and draft, initialised from the teacher (beside the labelling: the teacher is cached by now).
+stage "convert (50%, 25%, 4-layer draft), the last two beside the labelling"
+"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" --force --json > "$RES/convert-h50.json"  # caches the teacher
+convert_all() {
+  "${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" --force --json > "$RES/convert-h25.json"
+  "${MM[@]}" convert default --draft-layers 0,10,20,29 --output "$WORK/d4" --force --json > "$RES/convert-d4.json"
+}
+convert_all > "$RES/convert.log" 2>&1 &
 on "$G0" "${MM[@]}" label default --prompts "$P/all.jsonl" --output "$WORK/labels-train.jsonl" -n "$LABEL_N" --batch-size "$LABEL_BS" --resume > "$RES/label-train.log" 2>&1
+wait
 tail -n 2 "$RES"/label-*.log
 
 # Training mix: teacher answers + plain text. Held-out: unseen text, and the teacher's answers to unseen prompts.
@@ -76,17 +86,12 @@ with open(f"{work}/heldout-answers.jsonl", "w") as out:
 EOF
 wc -l "$WORK"/*.jsonl | tee "$RES/data_counts.txt"
 
-# 3. Students and draft, initialised from the teacher.
-stage "convert"
-"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" --force --json > "$RES/convert-h50.json"
-"${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" --force --json > "$RES/convert-h25.json"
-"${MM[@]}" convert default --draft-layers 0,10,20,29 --output "$WORK/d4" --force --json > "$RES/convert-d4.json"
 
 # 4. End-to-end distillation (forward KL on the teacher's logits) of both students at once; the draft is
 #    KD-fine-tuned (sft with a KL term to the teacher) beside the 50% student.
 stage "distill ($STEPS steps each) and draft KD ($DRAFT_STEPS steps)"
 common=(--data "$WORK/train.jsonl" --eval-data "$WORK/labels-heldout.jsonl" --seq-len "$SEQ"
-        --micro-batch-size "$MB" --gradient-accumulation-steps "$ACCUM" --lr "$LR" --warmup 0.05 --save-every 100
+        --micro-batch-size "$MB" --gradient-accumulation-steps "$ACCUM" --lr "$LR" --warmup 0.05 --save-every "$SAVE_EVERY"
         --log-every 10 --force --json)
 on "$G0" timeout "$(left)" "${MM[@]}" distill "$WORK/h50" --template distill-e2e --steps "$STEPS" --output "$WORK/run50" \
     "${common[@]}" > "$RES/distill-50.json" 2> "$RES/distill-50.log" &
