@@ -228,6 +228,24 @@ def check_rope_window(device, dtype, b, T, nh, nkv, hd, cap, pos, partial=1.0, s
     assert torch.equal(kf[:, :, untouched], k0[:, :, untouched])
 
 
+def check_rope_one_token(device, dtype, b, nh, nkv, hd, cap, pos, seed=0):
+    """The decode step's launcher (ops/cuda.py, T = 1) of the kernel the window op shares."""
+    from mamballama_cli.generation.fast import rope_kv_write_ref
+    from mamballama_cli.ops.cuda import rope_kv_write_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cos, sin = _tables(cap, hd, dtype, device, 1.0)
+    qkv = _rnd(gen, b, (nh + 2 * nkv) * hd, dtype=dtype, device=device)
+    k0, v0 = (_rnd(gen, b, nkv, cap, hd, dtype=dtype, device=device) for _ in range(2))
+    where = torch.tensor([pos], device=device)
+    kf, vf, kr, vr = k0.clone(), v0.clone(), k0.clone(), v0.clone()
+    q = rope_kv_write_triton(qkv, cos, sin, kf, vf, where, nh, nkv)
+    q_ref = rope_kv_write_ref(qkv, cos, sin, kr, vr, where, nh, nkv)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3}.get(dtype, 8e-3)
+    assert q.shape == (b, nh, hd) and _rel(q, q_ref) < tol and _rel(kf, kr) < tol, (_rel(q, q_ref), _rel(kf, kr))
+    assert torch.equal(vf, vr)
+
+
 def check_window_attention(device, dtype, b, T, nh, nkv, hd, cap, pos, seed=0):
     from mamballama_cli.ops.triton_verify import window_attention_triton
 
@@ -294,6 +312,7 @@ cases = [(torch.float32, 1, 5, 8, 2, 32, 150, 62), (torch.float32, 3, 1, 4, 4, 1
 for dtype, b, T, nh, nkv, hd, cap, pos in cases:
     t.check_rope_window("cpu", dtype, b, T, nh, nkv, hd, cap, pos, partial=0.5 if nkv == 1 else 1.0)
     t.check_window_attention("cpu", dtype, b, T, nh, nkv, hd, cap, pos)
+    t.check_rope_one_token("cpu", dtype, b, nh, nkv, hd, cap, pos)
 for dtype, b, T, rebase, with_bias, act in [(torch.float32, 3, 5, True, True, "silu"),
                                             (torch.float32, 1, 1, False, False, None),
                                             (torch.float16, 2, 3, False, True, "silu")]:
