@@ -115,3 +115,23 @@ def test_gradients_flow_through_every_parameter():
     loss.backward()
     missing = [n for n, p in student.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def test_rmsnorm_casts_once_under_autocast_without_changing_the_forward(monkeypatch):
+    """Under autocast the norm hands its consumers (all projections) the autocast dtype directly."""
+    from helpers import tiny_hybrid
+
+    from mamballama_cli import ops
+    from mamballama_cli.models import modeling
+
+    model, _ = tiny_hybrid(seed=0)
+    ids = torch.randint(3, 96, (2, 17), generator=torch.Generator().manual_seed(0))
+    norm = model.model.layers[0].input_layernorm
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(torch.randn(2, 3, norm.weight.shape[0])).dtype == torch.bfloat16
+        fast = model(ids).logits
+    assert norm(torch.randn(2, 3, norm.weight.shape[0])).dtype == torch.float32  # no autocast: no cast
+    monkeypatch.setattr(modeling.RMSNorm, "forward", lambda self, x: ops.rmsnorm(x, self.weight, self.variance_epsilon))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(ids).logits
+    assert torch.equal(fast, plain)
