@@ -42,6 +42,8 @@ def command(
     w_rkl: Optional[float] = typer.Option(None, "--w-rkl", help="Weight of KL(student || teacher)."),
     w_ce: Optional[float] = typer.Option(None, "--w-ce", help="Weight of CE on the response tokens."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Softening of both distributions."),
+    w_hidden: Optional[float] = typer.Option(None, "--w-hidden", help="Weight of the layer-wise alignment of each "
+                                             "Mamba layer to the teacher layer it replaced (one process)."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="all, or mixers (Mamba mixers only)."),
     packing: Optional[str] = typer.Option(None, "--packing", help="auto, on or off (hybrids are never packed)."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, "
@@ -69,7 +71,7 @@ def command(
         max_steps=max_steps, seq_len=seq_len, micro_batch_size=micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, warmup=warmup, schedule=schedule, w_kl=w_kl, w_rkl=w_rkl, w_ce=w_ce,
-        temperature=temperature, trainable=trainable, packing=packing, mixed_precision=mixed_precision,
+        temperature=temperature, w_hidden=w_hidden, trainable=trainable, packing=packing, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every, save_dtype=save_dtype,
         skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,

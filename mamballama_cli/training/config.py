@@ -53,11 +53,12 @@ class Stage:
     w_rkl: float | None = None
     w_ce: float | None = None
     temperature: float | None = None
+    w_hidden: float | None = None  # layer-wise alignment of the Mamba layers to the teacher's (training/align.py)
 
 
 # Stage keys that inherit from the top level of the config.
 INHERITED = ("steps", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
-             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature")
+             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden")
 
 
 @dataclass
@@ -131,6 +132,7 @@ class DistillConfig(TrainConfig):
     w_rkl: float = 0.0  # reverse KL(student || teacher)
     w_ce: float = 0.0  # cross-entropy on the response tokens
     temperature: float = 1.0
+    w_hidden: float = 0.0  # teacher-forced alignment of each Mamba layer to the teacher layer it replaced
     packing: str = "auto"
     stages: list[Stage] = field(default_factory=list)
 
@@ -141,8 +143,9 @@ class DistillConfig(TrainConfig):
         for i, st in enumerate(self.stages):
             _check_stage_values(st, f"stages[{i}].")
         resolved = self.resolved_stages()
-        if not any(s.w_kl or s.w_rkl or s.w_ce for s in resolved):
-            raise UsageError("every loss weight is 0: set --w-kl, --w-rkl or --w-ce")
+        for s in resolved:
+            if not (s.w_kl or s.w_rkl or s.w_ce or s.w_hidden):
+                raise UsageError(f"stage {s.name!r}: every loss weight is 0: set --w-kl, --w-rkl, --w-ce or --w-hidden")
 
     def resolved_stages(self) -> list["ResolvedStage"]:
         specs = list(self.stages) or [Stage(name="train")]
@@ -213,6 +216,7 @@ class ResolvedStage:
     w_rkl: float = 0.0
     w_ce: float = 1.0
     temperature: float = 1.0
+    w_hidden: float = 0.0
 
     def warmup_steps(self, steps: int) -> int:
         return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
@@ -235,6 +239,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
         max_grad_norm=float(pick("max_grad_norm") or 0.0), warmup=float(pick("warmup")),
         schedule=pick("schedule"), min_lr_ratio=float(pick("min_lr_ratio")), w_kl=float(pick("w_kl", 0.0)),
         w_rkl=float(pick("w_rkl", 0.0)), w_ce=float(pick("w_ce", 0.0)), temperature=float(pick("temperature", 1.0)),
+        w_hidden=float(pick("w_hidden", 0.0)),
     )
 
 
@@ -254,7 +259,7 @@ def _check_stage_values(obj, prefix: str) -> None:
     v = getattr(obj, "temperature", None)
     if v is not None and not v > 0:
         raise UsageError(f"{flag('temperature')} {v} must be positive")
-    for key in ("w_kl", "w_rkl", "w_ce", "weight_decay", "max_grad_norm", "warmup", "min_lr_ratio"):
+    for key in ("w_kl", "w_rkl", "w_ce", "w_hidden", "weight_decay", "max_grad_norm", "warmup", "min_lr_ratio"):
         v = getattr(obj, key, None)
         if v is not None and v < 0:
             raise UsageError(f"{flag(key)} {v} must not be negative")

@@ -424,7 +424,8 @@ def collate(items: list[Item], pad_id: int):
     targets[:, :-1] = ids[:, 1:]
     target_mask = torch.zeros_like(mask)
     target_mask[:, :-1] = mask[:, 1:]
-    return {"input_ids": ids, "targets": targets, "target_mask": target_mask, "position_ids": pos,
+    valid = torch.arange(L)[None, :] < torch.tensor([len(it) for it in items])[:, None]  # real (unpadded) tokens
+    return {"input_ids": ids, "targets": targets, "target_mask": target_mask, "position_ids": pos, "valid": valid,
             "n_tokens": int(sum(len(it) for it in items))}
 
 

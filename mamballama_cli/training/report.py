@@ -20,7 +20,7 @@ def _fmt(v) -> str:
 class Reporter:
     """Writes ``metrics.jsonl`` and shows progress. A no-op on every process but the main one."""
 
-    KEYS = ("loss", "kl", "rkl", "ce", "margin", "accuracy")
+    KEYS = ("loss", "kl", "rkl", "ce", "hidden", "margin", "accuracy")
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int):
         self.enabled = enabled

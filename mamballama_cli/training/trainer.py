@@ -23,6 +23,7 @@ import torch
 
 from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.training import checkpoint as ck
+from mamballama_cli.training import align
 from mamballama_cli.training.config import (ResolvedStage, config_dict, config_differences,
                                             config_hash)
 from mamballama_cli.training.data import (BatchPlan, as_items, collate, collate_pairs, encode_pairs,
@@ -184,20 +185,43 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
         return total, metrics
     batch = collate(items, job.pad_id)
     inputs = model_inputs(batch, device)
-    t_logits = None
+    w_hidden = getattr(st, "w_hidden", 0.0)
+    logits_needed = bool(st.w_kl or st.w_rkl or st.w_ce)
+    t_logits, store, handles = None, {}, []
     if job.frozen is not None:
-        with torch.no_grad(), acc.autocast():
-            t_logits = forward_logits(job.frozen, inputs)
-    with acc.autocast():
-        s_logits = forward_logits(model, inputs)
-    total, metrics = kd_loss_auto(s_logits, t_logits, batch["targets"].to(device), batch["target_mask"].to(device),
-                                  w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce, temperature=st.temperature)
+        if w_hidden:  # the teacher's forward also records the inputs and outputs of the layers to align
+            handles, store = align.capture_layers(job.frozen, align.mamba_layer_indices(acc.unwrap_model(model)))
+        try:
+            with torch.no_grad(), acc.autocast():
+                if logits_needed:
+                    t_logits = forward_logits(job.frozen, inputs)
+                else:  # alignment alone: the teacher's layers, not its head
+                    job.frozen.model(**inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    if logits_needed:
+        with acc.autocast():
+            s_logits = forward_logits(model, inputs)
+        total, metrics = kd_loss_auto(s_logits, t_logits, batch["targets"].to(device),
+                                      batch["target_mask"].to(device), w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce,
+                                      temperature=st.temperature)
+    else:
+        total, metrics = torch.zeros((), device=device), {}
+    if w_hidden:
+        with acc.autocast():
+            hidden, n_valid = align.alignment_loss(acc.unwrap_model(model), store, batch["valid"].to(device))
+        # per real token, counted like the other terms (the trainer divides by the global batch's target tokens)
+        hidden = hidden * (float(batch["target_mask"].sum()) / n_valid)
+        total = total + w_hidden * hidden
+        metrics["hidden"] = hidden.detach()
+        metrics["loss"] = total.detach()
     metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
     return total, metrics
 
 
 METRIC_KEYS = {
-    "distill": ("loss", "kl", "rkl", "ce"),
+    "distill": ("loss", "kl", "rkl", "ce", "hidden"),
     "sft": ("loss", "kl", "rkl", "ce"),
     "dpo": ("loss", "margin", "accuracy", "reward_chosen", "reward_rejected"),
 }
@@ -239,6 +263,7 @@ def evaluate(job: Job, acc, model, cfg) -> dict:
     out = {f"eval_{k}": v / n for k, v in total.items() if k != "loss" or job.kind == "dpo"}
     if job.kind != "dpo":
         out.pop("eval_rkl", None)
+        out.pop("eval_hidden", None)  # held-out numbers are KL and CE; the alignment term is a training signal
         if job.frozen is None:
             out.pop("eval_kl", None)
     return out
@@ -531,6 +556,9 @@ def run_training(cfg, kind: str) -> dict:
 
     # Tokenise and lay out the data.
     stages = cfg.resolved_stages()
+    if any(getattr(st, "w_hidden", 0.0) for st in stages) and acc.num_processes > 1:
+        raise UsageError(f"--w-hidden (layer-wise alignment) runs on one process; this run has {acc.num_processes}. "
+                         "Run the alignment stage alone without accelerate launch, then the rest distributed")
     if kind == "dpo":
         job.items = encode_pairs(tok, records, cfg.seq_len, cfg.max_prompt_length)
         job.eval_items = encode_pairs(tok, eval_records, cfg.seq_len, cfg.max_prompt_length) if eval_records else None
