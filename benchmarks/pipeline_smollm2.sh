@@ -27,6 +27,8 @@ SEQ=${SEQ:-2048}
 MB=${MB:-16}
 ACCUM=${ACCUM:-1}
 SAVE_EVERY=${SAVE_EVERY:-100}
+ALIGN_STEPS=${ALIGN_STEPS:-0}   # > 0: layer-wise alignment (distill --w-hidden) of each student before its KD
+ALIGN_LR=${ALIGN_LR:-1e-3}
 LR=${LR:-2e-4}
 LABEL_N=${LABEL_N:-256}
 LABEL_BS=${LABEL_BS:-96}
@@ -45,7 +47,7 @@ stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
 left() { local r=$(( DEADLINE - ($(date +%s) - t0) )); (( r < 5 )) && r=5; echo "$r"; }
 on() { local gpu=$1; shift; CUDA_VISIBLE_DEVICES=$gpu "$@"; }  # on GPU CMD...
 
-stage "start: STEPS=$STEPS DRAFT_STEPS=$DRAFT_STEPS SEQ=$SEQ MB=$MB ACCUM=$ACCUM LR=$LR LABEL_N=$LABEL_N LENGTHS=$LENGTHS"
+stage "start: ALIGN_STEPS=$ALIGN_STEPS STEPS=$STEPS DRAFT_STEPS=$DRAFT_STEPS SEQ=$SEQ MB=$MB ACCUM=$ACCUM LR=$LR LABEL_N=$LABEL_N LENGTHS=$LENGTHS"
 "${MM[@]}" env > "$RES/env.txt" 2>&1
 
 # 1. Data: prompts and plain text from packaged sources, with a held-out split.
@@ -93,10 +95,18 @@ stage "distill ($STEPS steps each) and draft KD ($DRAFT_STEPS steps)"
 common=(--data "$WORK/train.jsonl" --eval-data "$WORK/labels-heldout.jsonl" --seq-len "$SEQ"
         --micro-batch-size "$MB" --gradient-accumulation-steps "$ACCUM" --lr "$LR" --warmup 0.05 --save-every "$SAVE_EVERY"
         --log-every 10 --force --json)
-on "$G0" timeout "$(left)" "${MM[@]}" distill "$WORK/h50" --template distill-e2e --steps "$STEPS" --output "$WORK/run50" \
-    "${common[@]}" > "$RES/distill-50.json" 2> "$RES/distill-50.log" &
-on "$G1" timeout "$(left)" "${MM[@]}" distill "$WORK/h25" --template distill-e2e --steps "$STEPS" --output "$WORK/run25" \
-    "${common[@]}" > "$RES/distill-25.json" 2> "$RES/distill-25.log" &
+student() {  # student() RATIO: optional layer-wise alignment (ALIGN_STEPS > 0), then end-to-end KD
+  local r=$1 src="$WORK/h$1"
+  if [ "$ALIGN_STEPS" -gt 0 ]; then
+    "${MM[@]}" distill "$src" --w-hidden 1 --w-kl 0 --trainable mixers --steps "$ALIGN_STEPS" --output "$WORK/align$r" \
+        "${common[@]}" --lr "$ALIGN_LR" > "$RES/align-$r.json" 2> "$RES/align-$r.log"
+    src="$WORK/align$r"
+  fi
+  "${MM[@]}" distill "$src" --template distill-e2e --steps "$STEPS" --output "$WORK/run$r" \
+      "${common[@]}" > "$RES/distill-$r.json" 2> "$RES/distill-$r.log"
+}
+on "$G0" timeout "$(left)" bash -c "$(declare -f student); $(declare -p MM common RES WORK ALIGN_STEPS ALIGN_LR STEPS); student 50" &
+on "$G1" timeout "$(left)" bash -c "$(declare -f student); $(declare -p MM common RES WORK ALIGN_STEPS ALIGN_LR STEPS); student 25" &
 on "$G0" timeout "$(left)" "${MM[@]}" sft "$WORK/d4" --teacher default --w-kl 1 --w-ce 0 --steps "$DRAFT_STEPS" \
     --output "$WORK/rund4" "${common[@]}" > "$RES/sft-d4.json" 2> "$RES/sft-d4.log" &
 wait
@@ -107,6 +117,7 @@ for r in run50 run25 rund4; do
   [ -f "$WORK/$r/model.safetensors" ] || { last=$(ls -d "$WORK/$r"/checkpoints/step-* 2>/dev/null | tail -1); [ -n "$last" ] && ln -sfn "$last" "$WORK/$r-model" && echo "$r: using $last" | tee -a "$RES/timeline.txt"; }
   [ -f "$WORK/$r/model.safetensors" ] && ln -sfn "$r" "$WORK/$r-model"
 done
+for r in align50 align25; do [ -f "$WORK/$r/metrics.jsonl" ] && cp "$WORK/$r/metrics.jsonl" "$RES/metrics-$r.jsonl"; done
 tail -n 3 "$RES"/distill-*.log "$RES"/sft-d4.log
 
 # 5. Evaluation: held-out perplexity/agreement/KL, passkey at multiples of the distillation length.
