@@ -85,3 +85,18 @@ def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", *
 
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# Prepended to scripts that run Triton kernels under TRITON_INTERPRET=1. Triton's interpreter holds scalars as
+# 1-element arrays and calls int() on them for loop bounds that are runtime values, which numpy >= 2.3 refuses;
+# this converts through reshape (interpreter only: compiled kernels are unaffected).
+INTERPRETER_PATCH = r"""
+import numpy as np
+from triton.runtime import interpreter
+
+_patch = interpreter._patch_lang_tensor
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+interpreter._patch_lang_tensor = _patched
+"""

@@ -290,17 +290,9 @@ def check_spec_conv(device, dtype, b, T, dim, width, window, rebase, with_bias=T
 _INTERPRETER_SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import numpy as np
 import torch
-from triton.runtime import interpreter
-
-# Triton's interpreter holds scalars as 1-element arrays and calls int() on them for loop bounds read from
-# memory, which numpy >= 2.3 refuses; convert through reshape (interpreter-only, no effect on compiled code).
-_patch = interpreter._patch_lang_tensor
-def _patched(tensor, scope):
-    _patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-interpreter._patch_lang_tensor = _patched
+from helpers import INTERPRETER_PATCH
+exec(INTERPRETER_PATCH)
 
 import test_verify_ops as t
 

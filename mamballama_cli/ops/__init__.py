@@ -11,7 +11,7 @@ Public ops (the signatures every implementation honours):
     causal_conv1d(x, weight, bias=None, initial_state=None, activation=None) -> (y, final_state)
     causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> (y, new_state)
     rmsnorm_gated(y, z, weight, eps, group_size) -> out
-    rmsnorm(x, weight, eps) -> out          (Llama's RMSNorm; training and prefill, with autograd)
+    rmsnorm(x, weight, eps, out_dtype=None) -> out   (Llama's RMSNorm; training and prefill, with autograd)
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _fast_loaded = False
 
 
 # Modules that register fast implementations when imported (each may be absent).
-FAST_MODULES = ("mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
+FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
                 "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton",
                 "mamballama_cli.ops.triton_conv")
 
@@ -150,5 +150,5 @@ def rmsnorm_gated(y, z, weight, eps, group_size):
     return dispatch("rmsnorm_gated", y.device)[1](y, z, weight, eps, group_size)
 
 
-def rmsnorm(x, weight, eps):
-    return dispatch("rmsnorm", x.device)[1](x, weight, eps)
+def rmsnorm(x, weight, eps, out_dtype=None):
+    return dispatch("rmsnorm", x.device)[1](x, weight, eps, out_dtype)

@@ -172,42 +172,35 @@ if triton is not None:
         tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
 
     @triton.jit
-    def _rope_kv_write_kernel(QKV, COS, SIN, POS, QOUT, KC, VC, T, n_heads, n_kv, headdim, half_rot,
-                              qkv_sb, qkv_st, cos_st, sin_st, q_sb, q_st, q_sh,
-                              kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+    def _rope_kv_write_kernel(QKV, COS, SIN, POS, QOUT, KC, VC, n_heads, n_kv, headdim, half_rot,
+                              qkv_sb, cs_st, q_sb, q_sh, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
                               BLOCK_D: tl.constexpr):
-        # Program (sequence x token, head) for T new tokens at positions pos .. pos + T - 1 (pos read on the
-        # device: no host sync, so the step can live in a CUDA graph). Heads 0..n_heads-1 are query heads
-        # (rotated, written to QOUT); the next n_kv are key heads (rotated, written with their value head into
-        # the caches at pos + t). The decode step calls it with T = 1, speculative verification with K + 1.
-        pbt = tl.program_id(0)
+        # Programs 0..n_heads-1 rotate a query head; the next n_kv rotate a key head and store it and its
+        # value head at the device-side position (no host sync, so the step can live in a CUDA graph).
+        pb = tl.program_id(0)
         j = tl.program_id(1)
-        pb = pbt // T
-        t = pbt % T
-        pos = tl.load(POS).to(tl.int32) + t
         d = tl.arange(0, BLOCK_D)
         md = d < headdim
-        row = QKV + pb * qkv_sb + t * qkv_st  # [q heads | k heads | v heads], contiguous within a row
-        base = row + j * headdim
+        pos = tl.load(POS)
+        base = QKV + pb * qkv_sb + j * headdim  # [q heads | k heads | v heads]
         x = tl.load(base + d, mask=md, other=0.0)
         in_rot = d < 2 * half_rot
         first = d < half_rot
         partner = tl.where(first, d + half_rot, d - half_rot)
         xp = tl.load(base + partner, mask=md & in_rot, other=0.0)
-        c = tl.load(COS + pos * cos_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
-        s = tl.load(SIN + pos * sin_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
+        c = tl.load(COS + pos * cs_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
+        s = tl.load(SIN + pos * cs_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
         # q * cos + rotate_half(q) * sin, each product rounded to the activation dtype as torch does
         a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-        xpf = xp.to(tl.float32)
-        rh = tl.where(first, -xpf, xpf)  # negated in float32 (exact; Triton's interpreter cannot negate bf16)
-        b = (rh * s).to(x.dtype).to(tl.float32)
+        rh = tl.where(first, -xp, xp)
+        b = (rh.to(tl.float32) * s).to(x.dtype).to(tl.float32)
         out = tl.where(in_rot, (a + b).to(x.dtype), x)
         if j < n_heads:
-            tl.store(QOUT + pb * q_sb + t * q_st + j * q_sh + d, out.to(QOUT.dtype.element_ty), mask=md)
+            tl.store(QOUT + pb * q_sb + j * q_sh + d, out.to(QOUT.dtype.element_ty), mask=md)
         else:
             kh = j - n_heads
             tl.store(KC + pb * kc_sb + kh * kc_sh + pos * kc_st + d, out.to(KC.dtype.element_ty), mask=md)
-            v = tl.load(row + (n_heads + n_kv + kh) * headdim + d, mask=md, other=0.0)
+            v = tl.load(QKV + pb * qkv_sb + (n_heads + n_kv + kh) * headdim + d, mask=md, other=0.0)
             tl.store(VC + pb * vc_sb + kh * vc_sh + pos * vc_st + d, v.to(VC.dtype.element_ty), mask=md)
 
     @triton.jit
@@ -389,8 +382,8 @@ def rope_kv_write_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_hea
     q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     with _device_guard(qkv):
         _rope_kv_write_kernel[(b, n_heads + n_kv)](
-            qkv, cos_table, sin_table, pos, q, k_cache, v_cache, 1, n_heads, n_kv, hd, rot // 2,
-            qkv.stride(0), 0, cos_table.stride(0), sin_table.stride(0), q.stride(0), 0, q.stride(1),
+            qkv, cos_table, sin_table, pos, q, k_cache, v_cache, n_heads, n_kv, hd, rot // 2,
+            qkv.stride(0), cos_table.stride(0), q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             BLOCK_D=_next_pow2(hd), num_warps=1,
@@ -488,7 +481,7 @@ def rmsnorm_gated_mamba(y, z, weight, eps, group_size):
     return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
 
 
-def rmsnorm_mamba(x, weight, eps):
+def rmsnorm_mamba(x, weight, eps, out_dtype=None):
     """Llama's RMSNorm through mamba_ssm's fused Triton layer norm (forward and backward in one kernel each).
 
     The reference runs six elementwise kernels forward and more backward over the activations; in training
@@ -497,7 +490,8 @@ def rmsnorm_mamba(x, weight, eps):
     """
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
 
-    return rms_norm_fn(x, weight, None, eps=eps)
+    out = rms_norm_fn(x, weight, None, eps=eps)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def causal_conv1d_pkg(x, weight, bias=None, initial_state=None, activation=None):

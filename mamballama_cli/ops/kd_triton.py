@@ -63,32 +63,6 @@ def _kd_loss_reference(student_logits, teacher_logits, targets, target_mask, *, 
 if triton is not None:
 
     @triton.jit
-    def _block_terms(zrow, urow, cols, msk, inv_t, lse_s, lse_1, lse_t, ce_w, y_safe,
-                     UNIT_T: tl.constexpr, HAS_TEACHER: tl.constexpr):
-        """One vocabulary block of a row, once the row's log-sum-exps are known: log p_s, p_s (at T), the CE
-        part of the gradient (softmax at T = 1 minus the one-hot target, times ce_w), and log p_t, p_t (the
-        student's own values stand in for them without a teacher)."""
-        z = tl.load(zrow + cols, mask=msk, other=0.0).to(tl.float32)
-        if UNIT_T:
-            log_ps = z - lse_s
-        else:
-            log_ps = z * inv_t - lse_s
-        ps = tl.exp(log_ps)
-        if UNIT_T:
-            g = ce_w * ps
-        else:
-            g = ce_w * tl.exp(z - lse_1)
-        g = tl.where(cols == y_safe, g - ce_w, g)
-        if HAS_TEACHER:
-            u = tl.load(urow + cols, mask=msk, other=0.0).to(tl.float32)
-            log_pt = u * inv_t - lse_t
-            pt = tl.exp(log_pt)
-        else:
-            log_pt = log_ps
-            pt = ps
-        return log_ps, ps, g, log_pt, pt
-
-    @triton.jit
     def _kd_fwd_kernel(Z, U, Y, M, TERMS, G,
                        L, z_sb, z_sl, u_sb, u_sl,
                        inv_t, t2, c_kl, c_rkl, w_ce,
@@ -153,9 +127,21 @@ if triton is not None:
             for start in range(0, V, BLOCK_V):
                 cols = start + offs
                 msk = cols < V
-                log_ps, ps, g, log_pt, pt = _block_terms(zrow, urow, cols, msk, inv_t, lse_s, lse_1, lse_t, ce_w,
-                                                         y_safe, UNIT_T, HAS_TEACHER)
+                z = tl.load(zrow + cols, mask=msk, other=0.0).to(tl.float32)
+                if UNIT_T:
+                    log_ps = z - lse_s
+                else:
+                    log_ps = z * inv_t - lse_s
+                ps = tl.exp(log_ps)
+                if UNIT_T:
+                    g = ce_w * ps
+                else:
+                    g = ce_w * tl.exp(z - lse_1)
+                g = tl.where(cols == y_safe, g - ce_w, g)
                 if HAS_TEACHER:
+                    u = tl.load(urow + cols, mask=msk, other=0.0).to(tl.float32)
+                    log_pt = u * inv_t - lse_t
+                    pt = tl.exp(log_pt)
                     diff = log_pt - log_ps
                     acc_f += tl.where(msk, pt * diff, 0.0)
                     if HAS_RKL:
@@ -171,8 +157,20 @@ if triton is not None:
                 for start in range(0, V, BLOCK_V):
                     cols = start + offs
                     msk = cols < V
-                    log_ps, ps, g, log_pt, pt = _block_terms(zrow, urow, cols, msk, inv_t, lse_s, lse_1, lse_t,
-                                                             ce_w, y_safe, UNIT_T, True)
+                    z = tl.load(zrow + cols, mask=msk, other=0.0).to(tl.float32)
+                    u = tl.load(urow + cols, mask=msk, other=0.0).to(tl.float32)
+                    if UNIT_T:
+                        log_ps = z - lse_s
+                    else:
+                        log_ps = z * inv_t - lse_s
+                    ps = tl.exp(log_ps)
+                    log_pt = u * inv_t - lse_t
+                    pt = tl.exp(log_pt)
+                    if UNIT_T:
+                        g = ce_w * ps
+                    else:
+                        g = ce_w * tl.exp(z - lse_1)
+                    g = tl.where(cols == y_safe, g - ce_w, g)
                     g += c_kl * (ps - pt) + c_rkl * ps * (log_ps - log_pt - rkl)
                     tl.store(grow + cols, g.to(G.dtype.element_ty), mask=msk)
 

@@ -29,9 +29,14 @@ def rmsnorm_gated_ref(
     return (hg.reshape(h.shape) * weight.float()).to(dtype)
 
 
-def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """Llama's RMSNorm: normalise in float32, scale by the weight in the input dtype."""
+def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Llama's RMSNorm: normalise in float32, round to the input dtype, scale by the weight.
+
+    The result has the promoted dtype of input and weight, or ``out_dtype`` when given (the model asks for the
+    autocast dtype, which is what every consumer of the norm would cast it to).
+    """
     dtype = x.dtype
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(dtype)
+    out = weight * h.to(dtype)
+    return out if out_dtype is None else out.to(out_dtype)

@@ -31,9 +31,14 @@ BLOCK_C = 64
 
 
 @triton.jit
-def _conv_pre(X, W, BIAS, pb, t, c, mc, L, x_sb, x_sc, x_st,
-              WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
-    """Pre-activation conv outputs of a (BT positions x BC channels) tile, in float32, inputs before 0 = 0."""
+def _conv_fwd_kernel(X, W, BIAS, Y, L, dim,
+                     x_sb, x_sc, x_st, y_sb, y_sc, y_st,
+                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr):
+    pb = tl.program_id(0)
+    t = tl.program_id(1) * BT + tl.arange(0, BT)
+    c = tl.program_id(2) * BC + tl.arange(0, BC)
+    mc = c < dim
     acc = tl.zeros([BT, BC], dtype=tl.float32)
     if HAS_BIAS:
         acc += tl.load(BIAS + c, mask=mc, other=0.0).to(tl.float32)[None, :]
@@ -43,19 +48,6 @@ def _conv_pre(X, W, BIAS, pb, t, c, mc, L, x_sb, x_sc, x_st,
         xv = tl.load(X + pb * x_sb + tt[:, None] * x_st + c[None, :] * x_sc, mask=m, other=0.0)
         w = tl.load(W + c * WIDTH + j, mask=mc, other=0.0).to(tl.float32)
         acc += xv.to(tl.float32) * w[None, :]
-    return acc
-
-
-@triton.jit
-def _conv_fwd_kernel(X, W, BIAS, Y, L, dim,
-                     x_sb, x_sc, x_st, y_sb, y_sc, y_st,
-                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                     BT: tl.constexpr, BC: tl.constexpr):
-    pb = tl.program_id(0)
-    t = tl.program_id(1) * BT + tl.arange(0, BT)
-    c = tl.program_id(2) * BC + tl.arange(0, BC)
-    mc = c < dim
-    acc = _conv_pre(X, W, BIAS, pb, t, c, mc, L, x_sb, x_sc, x_st, WIDTH, HAS_BIAS, BT, BC)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     m = (t < L)[:, None] & mc[None, :]
@@ -78,7 +70,15 @@ def _conv_bwd_g_kernel(X, W, BIAS, DY, G, DWP, DBP, L, dim, n_tb,
     m = mt[:, None] & mc[None, :]
     dy = tl.load(DY + pb * dy_sb + t[:, None] * dy_st + c[None, :] * dy_sc, mask=m, other=0.0).to(tl.float32)
     if SILU:
-        pre = _conv_pre(X, W, BIAS, pb, t, c, mc, L, x_sb, x_sc, x_st, WIDTH, HAS_BIAS, BT, BC)
+        pre = tl.zeros([BT, BC], dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(BIAS + c, mask=mc, other=0.0).to(tl.float32)[None, :]
+        for j in tl.static_range(WIDTH):
+            tt = t - (WIDTH - 1) + j
+            mm = ((tt >= 0) & (tt < L))[:, None] & mc[None, :]
+            xv = tl.load(X + pb * x_sb + tt[:, None] * x_st + c[None, :] * x_sc, mask=mm, other=0.0)
+            w = tl.load(W + c * WIDTH + j, mask=mc, other=0.0).to(tl.float32)
+            pre += xv.to(tl.float32) * w[None, :]
         sig = tl.sigmoid(pre)
         g = dy * sig * (1.0 + pre * (1.0 - sig))
     else:

@@ -5,8 +5,8 @@ small kernels on table lookups, rotary elementwise ops, two index copies, a mask
 the whole static buffer, and each Mamba-2 layer a gather, a cat, a conv, an activation and copies. Here:
 
 * ``rope_kv_write_window``: one kernel rotates q and k of every window token with its table row
-  pos + t (the roundings of ``apply_rotary``) and writes k and v into the caches at pos + t; it is the
-  decode step's kernel of :mod:`mamballama_cli.ops.cuda`, launched over T tokens instead of one;
+  pos + t (the roundings of ``apply_rotary``, as the one-token kernel of :mod:`mamballama_cli.ops.cuda`)
+  and writes k and v into the caches at pos + t;
 * ``window_attention``: split-K ("flash-decoding") over the buffer, one program per (sequence, KV head,
   slice of positions) handling the group's query heads times the T queries as the rows of one tile, each
   row masked to its causal limit pos + t; the slices are merged by log-sum-exp with the one-token
@@ -48,6 +48,44 @@ def _check_device(*tensors) -> None:
 # ================================================================================================
 # Kernels
 # ================================================================================================
+@triton.jit
+def _rope_window_kernel(QKV, COS, SIN, POS, QOUT, KC, VC, T, n_heads, n_kv, headdim, half_rot,
+                        qkv_sb, qkv_st, cos_st, sin_st, q_sb, q_st, q_sh,
+                        kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
+                        BLOCK_D: tl.constexpr):
+    # Program (sequence x token, head): heads 0..n_heads-1 are query heads (rotated, written to QOUT), the
+    # next n_kv key heads (rotated, written with their value head into the caches at pos + t).
+    pbt = tl.program_id(0)
+    j = tl.program_id(1)
+    pb = pbt // T
+    t = pbt % T
+    pos = tl.load(POS).to(tl.int32) + t
+    d = tl.arange(0, BLOCK_D)
+    md = d < headdim
+    row = QKV + pb * qkv_sb + t * qkv_st  # [q heads | k heads | v heads], contiguous within a row
+    base = row + j * headdim
+    x = tl.load(base + d, mask=md, other=0.0)
+    in_rot = d < 2 * half_rot
+    first = d < half_rot
+    partner = tl.where(first, d + half_rot, d - half_rot)
+    xp = tl.load(base + partner, mask=md & in_rot, other=0.0)
+    c = tl.load(COS + pos * cos_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
+    s = tl.load(SIN + pos * sin_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
+    # q * cos + rotate_half(q) * sin, each product rounded to the activation dtype as torch does
+    a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
+    xpf = xp.to(tl.float32)
+    rh = tl.where(first, -xpf, xpf)  # negated in float32 (exact; Triton's interpreter cannot negate bf16)
+    b = (rh * s).to(x.dtype).to(tl.float32)
+    out = tl.where(in_rot, (a + b).to(x.dtype), x)
+    if j < n_heads:
+        tl.store(QOUT + pb * q_sb + t * q_st + j * q_sh + d, out.to(QOUT.dtype.element_ty), mask=md)
+    else:
+        kh = j - n_heads
+        tl.store(KC + pb * kc_sb + kh * kc_sh + pos * kc_st + d, out.to(KC.dtype.element_ty), mask=md)
+        v = tl.load(row + (n_heads + n_kv + kh) * headdim + d, mask=md, other=0.0)
+        tl.store(VC + pb * vc_sb + kh * vc_sh + pos * vc_st + d, v.to(VC.dtype.element_ty), mask=md)
+
+
 @triton.jit
 def _window_attn_split_kernel(Q, K, V, POS, OP, LSE, scale, T, n_kv, group, headdim, split_len,
                               q_sb, q_st, q_sh, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
@@ -175,7 +213,7 @@ def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(b, T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
     with _device(qkv):
-        _cuda._rope_kv_write_kernel[(b * T, n_heads + n_kv)](
+        _rope_window_kernel[(b * T, n_heads + n_kv)](
             qkv, cos_table, sin_table, pos, q, k_cache, v_cache, T, n_heads, n_kv, hd, rot // 2,
             qkv.stride(0), qkv.stride(1), cos_table.stride(0), sin_table.stride(0), q.stride(0), q.stride(1),
             q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
