@@ -34,12 +34,12 @@ when nobody registered it yet); without Triton it registers nothing.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
 from mamballama_cli import ops
+from mamballama_cli.ops.cuda import _device_guard
 
 try:
     import triton
@@ -196,11 +196,6 @@ if triton is not None:
         s = tl.load(S).to(tl.float32)
         g = tl.load(G + offs, mask=msk, other=0.0).to(tl.float32)
         tl.store(G + offs, (g * s).to(G.dtype.element_ty), mask=msk)
-
-
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:

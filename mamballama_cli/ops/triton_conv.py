@@ -17,14 +17,13 @@ the reference. Importing this module registers the kernel for ``causal_conv1d`` 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.conv import causal_conv1d_ref
+from mamballama_cli.ops.cuda import _device_guard
 
 BLOCK_T = 64
 BLOCK_C = 64
@@ -113,11 +112,6 @@ def _conv_bwd_dx_kernel(G, W, DX, L, dim, dx_sb, dx_sc, dx_st,
     tl.store(DX + pb * dx_sb + t[:, None] * dx_st + c[None, :] * dx_sc, acc.to(DX.dtype.element_ty), mask=m)
 
 
-def _on(t: torch.Tensor):
-    """Launch on t's GPU (a no-op on CPU, where only Triton's interpreter runs these kernels)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _grid(b: int, L: int, dim: int):
     return (b, triton.cdiv(L, BLOCK_T), triton.cdiv(dim, BLOCK_C))
 
@@ -134,7 +128,7 @@ class _CausalConv(torch.autograd.Function):
         width = weight.shape[-1]
         w = weight.contiguous()
         y = _channel_last(b, dim, L, x.dtype, x.device)
-        with _on(x):
+        with _device_guard(x):
             _conv_fwd_kernel[_grid(b, L, dim)](
                 x, w, bias if bias is not None else w, y, L, dim, *x.stride(), *y.stride(),
                 WIDTH=width, HAS_BIAS=bias is not None, SILU=silu, BT=BLOCK_T, BC=BLOCK_C, num_warps=4,
@@ -153,7 +147,7 @@ class _CausalConv(torch.autograd.Function):
         dwp = torch.empty(b * n_tb, width, dim, dtype=torch.float32, device=x.device)
         dbp = torch.empty(b * n_tb, dim, dtype=torch.float32, device=x.device) if bias is not None else dwp
         dx = _channel_last(b, dim, L, x.dtype, x.device)
-        with _on(x):
+        with _device_guard(x):
             _conv_bwd_g_kernel[_grid(b, L, dim)](
                 x, w, bias if bias is not None else w, dy, g, dwp, dbp, L, dim, n_tb, *x.stride(), *dy.stride(),
                 WIDTH=width, HAS_BIAS=bias is not None, SILU=ctx.silu, BT=BLOCK_T, BC=BLOCK_C, num_warps=4,

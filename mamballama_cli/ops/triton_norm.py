@@ -21,7 +21,6 @@ forward and backward on a random input before first use).
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -29,6 +28,7 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
+from mamballama_cli.ops.cuda import _device_guard
 from mamballama_cli.ops.norm import rmsnorm_ref
 
 MAX_N = 16384  # one row per program in registers; wider rows use the next backend
@@ -71,10 +71,6 @@ def _rms_bwd_kernel(X, W, DY, RSTD, DX, DWP, M, N, x_s, dy_s, dx_s, rows_per_pro
     tl.store(DWP + pid * N + cols, dw, mask=mask)
 
 
-def _on(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _programs(device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -94,7 +90,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         w = weight.contiguous()
         if M:
-            with _on(x):
+            with _device_guard(x):
                 _rms_fwd_kernel[(M,)](x2, w, y, rstd, M, N, x2.stride(0), y.stride(0), float(eps),
                                       BLOCK_N=triton.next_power_of_2(N), ROUND_X=x.dtype != torch.float32,
                                       num_warps=4 if N <= 4096 else 8)
@@ -114,7 +110,7 @@ class _RMSNorm(torch.autograd.Function):
         per = triton.cdiv(M, programs) if M else 0
         dwp = torch.zeros(programs, N, dtype=torch.float32, device=x2.device)
         if M:
-            with _on(x2):
+            with _device_guard(x2):
                 _rms_bwd_kernel[(programs,)](x2, w, dy2, rstd, dx, dwp, M, N, x2.stride(0), dy2.stride(0),
                                              dx.stride(0), per, BLOCK_N=triton.next_power_of_2(N),
                                              num_warps=4 if N <= 4096 else 8)

@@ -192,10 +192,6 @@ def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
 # ================================================================================================
 # Launchers (same signatures as the references)
 # ================================================================================================
-def _device(t):
-    return _cuda._device_guard(t)
-
-
 def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv):
     """Same contract as :func:`mamballama_cli.ops.verify_ref.rope_kv_write_window_ref`."""
     if _cuda._needs_grad(qkv):
@@ -212,7 +208,7 @@ def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos
     sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(b, T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
-    with _device(qkv):
+    with _cuda._device_guard(qkv):
         _rope_window_kernel[(b * T, n_heads + n_kv)](
             qkv, cos_table, sin_table, pos, q, k_cache, v_cache, T, n_heads, n_kv, hd, rot // 2,
             qkv.stride(0), qkv.stride(1), cos_table.stride(0), sin_table.stride(0), q.stride(0), q.stride(1),
@@ -241,7 +237,7 @@ def window_attention_triton(q, k_cache, v_cache, pos, scale):
     part = torch.empty(b, T, nh, n_splits, hd, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, T, nh, n_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, T, nh, hd, dtype=q.dtype, device=q.device)
-    with _device(q):
+    with _cuda._device_guard(q):
         _window_attn_split_kernel[(b * n_kv, n_splits)](
             q, k_cache, v_cache, pos, part, lse, float(scale), T, n_kv, group, hd, split_len,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -274,7 +270,7 @@ def spec_conv_triton(xbc, conv_buf, shift, offset, weight, bias=None, activation
     _check_device(xbc, conv_buf, shift, weight)
     shift = shift.reshape(b)
     out = torch.empty(b, T, dim, dtype=xbc.dtype, device=xbc.device)
-    with _device(xbc):
+    with _cuda._device_guard(xbc):
         _spec_conv_kernel[(b, triton.cdiv(dim, SPEC_CONV_BLOCK_D))](
             xbc, conv_buf, shift, weight, bias if bias is not None else weight, out, T, dim, int(offset),
             *xbc.stride(), *conv_buf.stride(), weight.stride(0), weight.stride(1), *out.stride(),
