@@ -62,7 +62,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--accumulation", type=int, default=2, help="micro-batches per optimizer step")
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup-steps", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time this many windows of --steps steps; the result is their median (all are reported)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--teacher-impl", choices=("hf", "mamballama"), default="hf",
+                    help="run the teacher as loaded (transformers' Llama), or as mamballama's own model with every "
+                         "layer attention (a --ratio 1.0 conversion: the same function, through mamballama's kernels)")
     ap.add_argument("--json-out", default="benchmarks/results/distill_throughput.json")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="also profile one optimizer step (torch.profiler) and write its kernel table here")
@@ -91,6 +96,10 @@ def main(argv=None) -> dict:
     teacher = teacher.float().eval()
     attn = attention_layers_for_ratio(teacher.config.num_hidden_layers, args.ratio)
     student, _ = convert_model(teacher, attn, dtype=torch.float32, seed=0)
+    if args.teacher_impl == "mamballama":
+        teacher, _ = convert_model(teacher, list(range(teacher.config.num_hidden_layers)), dtype=torch.float32, seed=0)
+        teacher.config.use_cache = False
+        teacher.eval()
     student.config.use_cache = False
     student.train()
     if args.gradient_checkpointing:
@@ -129,11 +138,14 @@ def main(argv=None) -> dict:
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    dt = time.perf_counter() - t0
+    windows = []
+    for _ in range(max(1, args.repeats)):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        windows.append(time.perf_counter() - t0)
+    dt = sorted(windows)[len(windows) // 2]  # the median window (the upper one of an even count)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     if args.profile:
         write_profile(step, sync, args.profile)
@@ -141,6 +153,7 @@ def main(argv=None) -> dict:
     result = {
         "tokens_per_s": round(tokens / dt, 1),
         "seconds_per_step": round(dt / args.steps, 4),
+        "tokens_per_s_windows": [round(tokens / w, 1) for w in windows],
         "tokens_per_step": args.accumulation * mb * L,
         "teacher": name,
         "attn_layers": attn,
@@ -148,6 +161,7 @@ def main(argv=None) -> dict:
         "seq_len": L,
         "micro_batch_size": mb,
         "accumulation": args.accumulation,
+        "teacher_impl": args.teacher_impl,
         "gradient_checkpointing": args.gradient_checkpointing,
         "precision": "bf16 autocast, fp32 master weights; teacher bf16" if device.type == "cuda" else "fp32",
         "peak_memory_gib": round(peak, 2) if peak is not None else None,

@@ -128,6 +128,34 @@ def test_rmsnorm_forward_backward(gen, impl, dtype, out_dtype):
         assert rel(t.grad, r.grad) < TOL_GRAD[dtype]
 
 
+@pytest.mark.parametrize("q_dtype,tab_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("hq,hk,head_dim", [(9, 3, 64), (32, 8, 128)])  # SmolLM2, Llama-3-8B
+def test_rotary_forward_backward(gen, q_dtype, tab_dtype, hq, hk, head_dim):
+    """ops/triton_rope.py (the model's RoPE on CUDA) against the reference: q as the transposed view of a
+    projection, tables per batch row; bf16 with float32 tables is training under autocast."""
+    b, L = 2, 300
+    q = rnd(gen, b, L, hq, head_dim, dtype=q_dtype).transpose(1, 2).requires_grad_(True)
+    k = rnd(gen, b, L, hk, head_dim, dtype=q_dtype).transpose(1, 2).requires_grad_(True)
+    pos = torch.arange(L, device=DEV)[None].expand(b, L) + torch.tensor([[0], [1000]], device=DEV)
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device=DEV).float() / head_dim))
+    ang = pos[..., None].float() * inv
+    cos, sin = torch.cat([ang, ang], -1).cos().to(tab_dtype), torch.cat([ang, ang], -1).sin().to(tab_dtype)
+    qo, ko = fast("rotary")(q, k, cos, sin)
+    refs = [t.detach().double().requires_grad_(True) for t in (q, k)]
+    qr, kr = ops.REFERENCES["rotary"](*refs, cos.double(), sin.double())
+    assert qo.dtype == ko.dtype == q_dtype and qo.shape == q.shape and ko.shape == k.shape
+    tol = 1e-6 if q_dtype == torch.float32 else 1e-2
+    assert rel(qo, qr) < tol and rel(ko, kr) < tol
+    if q_dtype == tab_dtype:  # same arithmetic and roundings as the reference in that dtype: equal
+        same = ops.REFERENCES["rotary"](q.detach(), k.detach(), cos, sin)
+        assert torch.equal(qo, same[0]) and torch.equal(ko, same[1])
+    gq, gk = rnd(gen, *q.shape), rnd(gen, *k.shape)
+    ((qo.float() * gq).sum() + (ko.float() * gk).sum()).backward()
+    ((qr * gq.double()).sum() + (kr * gk.double()).sum()).backward()
+    assert rel(q.grad, refs[0].grad) < tol and rel(k.grad, refs[1].grad) < tol
+
+
 def test_padded_in_proj_equals_in_proj_forward_backward(gen):
     """Mamba2Mixer.project_in pads the weight to aligned rows on CUDA: same values and gradients."""
     from mamballama_cli.models.configuration import MamballamaConfig

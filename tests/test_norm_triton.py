@@ -1,8 +1,8 @@
 """The Triton RMSNorm (ops/triton_norm.py) against its reference, on CPU through Triton's interpreter.
 
 Forward and both gradients, with and without a requested output dtype, rows wider and narrower than a power of
-two, more rows than the backward has programs (so a program strides over several rows and the weight gradient
-is a sum of partial sums). float64/float32 check the arithmetic; float16 input checks the reference's rounding of
+two, more row tiles than the backward has programs (so a program strides over several tiles, the last past the end,
+and the weight gradient is a sum of partial sums). float64/float32 check the arithmetic; float16 input checks the reference's rounding of
 the normalised input (the interpreter mishandles bfloat16). The compiled kernels run in tests/test_gpu_ops.py.
 """
 
@@ -27,7 +27,8 @@ from mamballama_cli.ops.norm import rmsnorm_ref
 torch.manual_seed(0)
 out = []
 cases = [(torch.float64, torch.float64, None, (3, 7, 96)), (torch.float32, torch.float32, torch.float16, (2, 11, 100)),
-         (torch.float16, torch.float32, None, (13, 64)), (torch.float32, torch.float32, None, (1, 1, 5))]
+         (torch.float16, torch.float32, None, (13, 64)), (torch.float32, torch.float32, None, (1, 1, 5)),
+         (torch.float64, torch.float64, None, (5, 40, 64))]
 for xdt, wdt, odt, shape in cases:
     x = (torch.randn(*shape, dtype=torch.float64) * 3).to(xdt)
     w = (1 + 0.1 * torch.randn(shape[-1], dtype=torch.float64)).to(wdt)

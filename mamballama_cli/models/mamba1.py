@@ -197,7 +197,9 @@ class Mamba1Mixer(AttentionInitMixer):
         """y (..., d_inner) -> y * silu(z) -> out_proj."""
         if self.gated:
             y = (y.float() * F.silu(z.float())).to(y.dtype)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
                 continuing: bool = False) -> Tensor:

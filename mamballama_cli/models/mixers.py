@@ -234,7 +234,9 @@ class Mamba2Mixer(AttentionInitMixer):
         """y (b, l, n_heads * P) -> gated norm -> out_proj."""
         if self.gated_norm:
             y = ops.rmsnorm_gated(y, z, self.norm.weight, self.eps, self.headdim)
-        return self.out_proj(y.to(self.out_proj.weight.dtype))
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
                 continuing: bool = False) -> Tensor:

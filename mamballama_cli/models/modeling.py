@@ -20,7 +20,7 @@ from mamballama_cli import ops
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
-from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
+from mamballama_cli.models.rope import RotaryEmbedding, rope_inv_freq
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
     from transformers import initialization as init
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         q = self.q_proj(hidden).view(b, q_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = ops.rotary(q, k, cos, sin)  # reference on CPU, one kernel each way on CUDA
         if cache is not None:
             k, v = cache.kv_update(self.layer_idx, k, v)
         kv_len = k.shape[2]

@@ -11,6 +11,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mamballama_cli.ops.rope_ops import apply_rotary, rotate_half  # noqa: F401  (re-exported)
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -54,21 +56,3 @@ class RotaryEmbedding(nn.Module):
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q, k: (batch, heads, seqlen, head_dim); cos, sin: (batch, seqlen, rotary_dim)."""
-    cos, sin = cos[:, None], sin[:, None]
-    rot = cos.shape[-1]
-    if rot == q.shape[-1]:
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q_rot, q_pass = q[..., :rot], q[..., rot:]
-    k_rot, k_pass = k[..., :rot], k[..., rot:]
-    q_rot = q_rot * cos + rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + rotate_half(k_rot) * sin
-    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)

@@ -3,7 +3,8 @@
 Each op has a pure-PyTorch reference (``*_ref``, the CPU path and the ground truth) and may have fast
 implementations registered for CUDA tensors. :func:`dispatch` picks the first fast implementation whose
 probe succeeded for the tensor's device, else the reference. ``MAMBALLAMA_KERNELS=ref`` forces the
-references everywhere (useful to bisect a numerical difference).
+references everywhere, ``MAMBALLAMA_REF_OPS=rotary,rmsnorm`` for the ops named (useful to bisect a numerical
+difference or to measure one kernel's share of a step).
 
 Public ops (the signatures every implementation honours):
     ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None) -> (y, final_state)
@@ -12,6 +13,7 @@ Public ops (the signatures every implementation honours):
     causal_conv1d_update(x, conv_state, weight, bias=None, activation=None) -> (y, new_state)
     rmsnorm_gated(y, z, weight, eps, group_size) -> out
     rmsnorm(x, weight, eps, out_dtype=None) -> out   (Llama's RMSNorm; training and prefill, with autograd)
+    rotary(q, k, cos, sin) -> (q, k)                  (RoPE of attention; results in q's dtype; with autograd)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
 from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
+from mamballama_cli.ops.rope_ops import rotary_ref
 from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssm_step_ref
 
 
@@ -59,6 +62,7 @@ REFERENCES: dict[str, Callable] = {
     "causal_conv1d_update": causal_conv1d_update_ref,
     "rmsnorm_gated": rmsnorm_gated_ref,
     "rmsnorm": rmsnorm_ref,
+    "rotary": rotary_ref,
 }
 FAST: dict[str, list[FastImpl]] = {name: [] for name in REFERENCES}
 _fast_loaded = False
@@ -67,7 +71,7 @@ _fast_loaded = False
 # Modules that register fast implementations when imported (each may be absent).
 FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
                 "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton",
-                "mamballama_cli.ops.triton_conv")
+                "mamballama_cli.ops.triton_conv", "mamballama_cli.ops.triton_rope")
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -97,13 +101,16 @@ def _load_fast() -> None:
             pass
 
 
-def forced_reference() -> bool:
-    return os.environ.get("MAMBALLAMA_KERNELS", "").lower() in ("ref", "reference", "torch")
+def forced_reference(op: str | None = None) -> bool:
+    """True when the references are forced everywhere, or (given ``op``) for that op by MAMBALLAMA_REF_OPS."""
+    if os.environ.get("MAMBALLAMA_KERNELS", "").lower() in ("ref", "reference", "torch"):
+        return True
+    return op is not None and op in {s.strip() for s in os.environ.get("MAMBALLAMA_REF_OPS", "").split(",")}
 
 
 def dispatch(op: str, device) -> tuple[str, Callable]:
     """Return (backend name, function) for ``op`` on ``device``."""
-    if getattr(device, "type", device) == "cuda" and not forced_reference():
+    if getattr(device, "type", device) == "cuda" and not forced_reference(op):
         _load_fast()
         for impl in FAST[op]:
             ok, _ = impl.usable()
@@ -122,8 +129,8 @@ def backend_report(device="cuda") -> list[dict]:
         for impl in FAST[op]:
             ok, reason = impl.usable()
             notes.append(f"{impl.name}: {'ok' if ok else reason}")
-        if forced_reference():
-            notes.append("MAMBALLAMA_KERNELS=ref forces the reference")
+        if forced_reference(op):
+            notes.append("MAMBALLAMA_KERNELS=ref or MAMBALLAMA_REF_OPS forces the reference")
         rows.append({"op": op, "backend": chosen, "candidates": notes})
     return rows
 
@@ -152,3 +159,7 @@ def rmsnorm_gated(y, z, weight, eps, group_size):
 
 def rmsnorm(x, weight, eps, out_dtype=None):
     return dispatch("rmsnorm", x.device)[1](x, weight, eps, out_dtype)
+
+
+def rotary(q, k, cos, sin):
+    return dispatch("rotary", q.device)[1](q, k, cos, sin)

@@ -50,31 +50,35 @@ def _rms_fwd_kernel(X, W, Y, RSTD, M, N, x_s, y_s, eps, BLOCK_N: tl.constexpr, R
 
 
 @triton.jit
-def _rms_bwd_kernel(X, W, DY, RSTD, DX, DWP, M, N, x_s, dy_s, dx_s, rows_per_program,
-                    BLOCK_N: tl.constexpr):
+def _rms_bwd_kernel(X, W, DY, RSTD, DX, DWP, M, N, x_s, dy_s, dx_s, tiles_per_program,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Program pid takes the tiles of BLOCK_M consecutive rows numbered pid * tiles_per_program + i: whole tiles keep
+    # several rows' loads in flight at once (one row at a time left the loop waiting on memory latency).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for i in range(0, rows_per_program):
-        row = pid * rows_per_program + i
-        m = mask & (row < M)  # the last program's rows may run past M
-        x = tl.load(X + row * x_s + cols, mask=m, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * dy_s + cols, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row, mask=row < M, other=0.0)
-        x_hat = x * rstd
-        wdy = w * dy
-        c = tl.sum(x_hat * wdy, axis=0) / N
-        tl.store(DX + row * dx_s + cols, (rstd * (wdy - x_hat * c)).to(DX.dtype.element_ty), mask=m)
+    cmask = cols < N
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i in range(0, tiles_per_program):
+        rows = (pid * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M  # the last tiles may run past M
+        m = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * x_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * dy_s + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        x_hat = x * rstd[:, None]
+        wdy = w[None, :] * dy
+        c = tl.sum(x_hat * wdy, axis=1) / N
+        tl.store(DX + rows[:, None] * dx_s + cols[None, :],
+                 (rstd[:, None] * (wdy - x_hat * c[:, None])).to(DX.dtype.element_ty), mask=m)
         dw += dy * x_hat
-    tl.store(DWP + pid * N + cols, dw, mask=mask)
+    tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
 def _programs(device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # Triton's interpreter on CPU
+    return 2  # Triton's interpreter on CPU: few programs, so each strides over several tiles in the tests
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -106,14 +110,17 @@ class _RMSNorm(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty(M, N, dtype=ctx.x_dtype, device=x2.device)
-        programs = max(1, min(_programs(x2.device), M))
-        per = triton.cdiv(M, programs) if M else 0
+        block_n = triton.next_power_of_2(N)
+        block_m = max(1, min(16, 4096 // block_n))
+        tiles = triton.cdiv(M, block_m)
+        programs = max(1, min(_programs(x2.device), tiles))
+        per = triton.cdiv(tiles, programs) if M else 0
         dwp = torch.zeros(programs, N, dtype=torch.float32, device=x2.device)
         if M:
             with _device_guard(x2):
                 _rms_bwd_kernel[(programs,)](x2, w, dy2, rstd, dx, dwp, M, N, x2.stride(0), dy2.stride(0),
-                                             dx.stride(0), per, BLOCK_N=triton.next_power_of_2(N),
-                                             num_warps=4 if N <= 4096 else 8)
+                                             dx.stride(0), per, BLOCK_M=block_m, BLOCK_N=block_n,
+                                             num_warps=4 if block_m * block_n <= 4096 else 8)
         return dx.view(ctx.shape), dwp.sum(0).to(w.dtype), None, None
 
 

@@ -234,10 +234,22 @@ def packing_support(model) -> tuple[bool, str]:
     return ok, "" if ok else "its attention does not restart at packed boundaries given position ids"
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor onto ``device``; to CUDA through pinned memory without blocking the host.
+
+    A copy from pageable memory makes the host wait until the GPU has finished all queued work, which empties
+    the queue at every micro-batch: the next kernels then start only as fast as Python launches them.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def model_inputs(batch: dict, device) -> dict:
-    out = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+    out = {"input_ids": to_device(batch["input_ids"], device), "use_cache": False}
     if batch.get("position_ids") is not None:
-        out["position_ids"] = batch["position_ids"].to(device)
+        out["position_ids"] = to_device(batch["position_ids"], device)
     return out
 
 

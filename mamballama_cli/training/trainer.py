@@ -31,7 +31,7 @@ from mamballama_cli.training.data import (BatchPlan, as_items, collate, collate_
 from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
 from mamballama_cli.training.models import (check_same_vocabulary, default_teacher, has_mamba_layers,
                                             load_frozen, load_trainable, model_inputs, packing_support, relayout,
-                                            set_trainable, target_attention_layers)
+                                            set_trainable, target_attention_layers, to_device)
 from mamballama_cli.training.report import Reporter
 
 
@@ -173,7 +173,7 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
     if job.kind == "dpo":
         batch = collate_pairs(items, job.pad_id)
         inputs = model_inputs(batch, device)
-        targets, mask = batch["targets"].to(device), batch["target_mask"].to(device)
+        targets, mask = to_device(batch["targets"], device), to_device(batch["target_mask"], device)
         n = len(items)
         with torch.no_grad(), acc.autocast():
             ref = sequence_logps(forward_logits(job.frozen, inputs), targets, mask)
@@ -203,14 +203,14 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
     if logits_needed:
         with acc.autocast():
             s_logits = forward_logits(model, inputs)
-        total, metrics = kd_loss_auto(s_logits, t_logits, batch["targets"].to(device),
-                                      batch["target_mask"].to(device), w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce,
+        total, metrics = kd_loss_auto(s_logits, t_logits, to_device(batch["targets"], device),
+                                      to_device(batch["target_mask"], device), w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce,
                                       temperature=st.temperature)
     else:
         total, metrics = torch.zeros((), device=device), {}
     if w_hidden:
         with acc.autocast():
-            hidden, n_valid = align.alignment_loss(acc.unwrap_model(model), store, batch["valid"].to(device))
+            hidden, n_valid = align.alignment_loss(acc.unwrap_model(model), store, to_device(batch["valid"], device))
         # per real token, counted like the other terms (the trainer divides by the global batch's target tokens)
         hidden = hidden * (float(batch["target_mask"].sum()) / n_valid)
         total = total + w_hidden * hidden
