@@ -109,6 +109,38 @@ def test_deepspeed_zero_matches_plain_and_resumes_exactly_on_cpu(tmp_path, stage
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-5, (full, resumed)
 
 
+@pytest.mark.slow
+def test_deepspeed_zero3_two_cpu_processes_match_one_and_resume(tmp_path):
+    """DeepSpeed ZeRO-3 across two CPU processes (parameters, gradients and Adam state partitioned, fp32) follows
+    one plain process that accumulates the same two micro-batches; a two-process run stopped halfway resumes onto
+    the same curve; the final weights, gathered on rank 0, equal the plain run's."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    _, hybrid = hybrid_dirs(tmp_path)
+    args = ["distill", str(hybrid), "--data", TRAIN, "--steps", "4", "--lr", "3e-3", "--seq-len", "96",
+            "--micro-batch-size", "2", "--warmup", "0", "--mixed-precision", "no", "--w-ce", "0.3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ds = {**env, "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29575",
+                "-m", "mamballama_cli"]
+    one = subprocess.run([sys.executable, "-m", "mamballama_cli", *args, "--gradient-accumulation-steps", "2",
+                          "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for out, extra in (("z3", []), ("half", ["--max-steps", "2"]), ("half", ["--resume"])):
+        r = subprocess.run(torchrun + args + ["--output", str(tmp_path / out), *extra], env=ds, capture_output=True,
+                           text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "x 2 process(es) [deepspeed]" in r.stderr
+    plain, z3, resumed = (losses(tmp_path / d) for d in ("one", "z3", "half"))
+    assert len(plain) == len(z3) == len(resumed) == 4
+    assert max(abs(a - b) for a, b in zip(plain, z3)) < 1e-5, (plain, z3)
+    assert max(abs(a - b) for a, b in zip(z3, resumed)) < 1e-5, (z3, resumed)
+    w_one, w_z3 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
+    assert w_one.keys() == w_z3.keys()
+    assert max(float((w_one[k] - w_z3[k]).abs().max()) for k in w_one) < 1e-5
+
+
 @pytest.mark.gpu
 def test_bf16_distill_and_resume_on_one_gpu(tmp_path, capsys):
     _, hybrid = hybrid_dirs(tmp_path)

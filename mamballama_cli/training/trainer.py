@@ -59,7 +59,27 @@ def make_accelerator(cfg):
                       gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     # The recipe decides accumulation, not an environment variable left by `accelerate launch`.
     acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    _world_from_process_group(acc)
     return acc
+
+
+def _world_from_process_group(acc) -> None:
+    """Make accelerate's process count and rank those of the process group when they disagree.
+
+    On a host without an accelerator, accelerate (1.x) lets DeepSpeed initialise a process group of all the
+    launched processes but keeps its own state at one process with every rank 0, so each rank would take itself
+    for the main process and DeepSpeed would refuse the batch sizes. This happens only there (CPU runs of ZeRO,
+    e.g. tests/test_train_distributed.py); with GPUs the two already agree and nothing is changed.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not (dist.is_available() and dist.is_initialized()) or acc.num_processes == dist.get_world_size():
+        return
+    fix = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
+           "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        shared.update(fix)
 
 
 def engine_name(acc) -> str:
