@@ -1,9 +1,9 @@
 """The Triton RMSNorm (ops/triton_norm.py) against its reference, on CPU through Triton's interpreter.
 
 Forward and both gradients, with and without a requested output dtype, rows wider and narrower than a power of
-two, more row tiles than the backward has programs (so a program strides over several tiles, the last past the end,
-and the weight gradient is a sum of partial sums). float64/float32 check the arithmetic; float16 input checks the reference's rounding of
-the normalised input (the interpreter mishandles bfloat16). The compiled kernels run in tests/test_gpu_ops.py.
+two, more row tiles than the backward has programs (so a program strides over several tiles, the last past the
+end, and the weight gradient is a sum of partial sums). float64/float32 check the arithmetic; float16 input checks
+the reference's rounding of the normalised input (the interpreter mishandles bfloat16). The compiled kernels run in tests/test_gpu_ops.py.
 """
 
 import importlib.util

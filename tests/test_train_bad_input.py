@@ -179,3 +179,25 @@ def test_label_bad_inputs(models, tmp_path, capsys):
     r = run_cli(["label", models["teacher"], "--prompts", p, "-o", tmp_path / "l.jsonl"], capsys)
     one_line_error(r, "p.jsonl line 2", "not valid JSON")
     assert not (tmp_path / "l.jsonl").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU host the two processes form a real DDP group")
+def test_processes_that_accelerate_runs_alone_are_refused(models, tmp_path):
+    """Two launched processes that accelerate would run as two lone trainings (a GPU config without GPUs) stop at
+    once with one line that says how to launch CPU processes, before writing anything."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29561", "-m", "mamballama_cli", "distill", str(models["hybrid"]), "--data", TRAIN,
+                        "--output", str(tmp_path / "run"), *FAST], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0
+    errors = {ln for ln in r.stderr.splitlines() if ln.startswith("error:")}
+    assert len(errors) == 1, r.stderr[-3000:]  # both ranks print the same line
+    line = errors.pop()
+    assert "2 processes were launched" in line and "accelerate launch --cpu" in line, line
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

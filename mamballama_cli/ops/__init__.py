@@ -69,8 +69,8 @@ _fast_loaded = False
 
 
 # Modules that register fast implementations when imported (each may be absent).
-FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
-                "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton",
+FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1",
+                "mamballama_cli.ops.triton_replay", "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton",
                 "mamballama_cli.ops.triton_conv", "mamballama_cli.ops.triton_rope")
 
 

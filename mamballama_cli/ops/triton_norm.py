@@ -134,7 +134,8 @@ def rmsnorm_triton(x, weight, eps, out_dtype=None):
 
 def _probe() -> tuple[bool, str]:
     if os.environ.get("MAMBALLAMA_TRITON_NORM") != "1":
-        return False, "off by default (not faster than mamba_ssm's in a whole step); MAMBALLAMA_TRITON_NORM=1 turns it on"
+        return False, ("off by default (not faster than mamba_ssm's in a whole step); "
+                       "MAMBALLAMA_TRITON_NORM=1 turns it on")
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -64,22 +64,33 @@ def make_accelerator(cfg):
 
 
 def _world_from_process_group(acc) -> None:
-    """Make accelerate's process count and rank those of the process group when they disagree.
+    """Check that accelerate sees every launched process; under DeepSpeed on a CPU host, make it.
 
     On a host without an accelerator, accelerate (1.x) lets DeepSpeed initialise a process group of all the
     launched processes but keeps its own state at one process with every rank 0, so each rank would take itself
-    for the main process and DeepSpeed would refuse the batch sizes. This happens only there (CPU runs of ZeRO,
-    e.g. tests/test_train_distributed.py); with GPUs the two already agree and nothing is changed.
+    for the main process and DeepSpeed would refuse the batch sizes: there the count and rank are taken from the
+    process group (CPU runs of ZeRO, e.g. tests/test_train_distributed.py; with GPUs the two already agree).
+    Any other disagreement (a GPU config launched on a host without GPUs) would run each process as a lone
+    training writing the same run directory, and is refused.
     """
     import torch.distributed as dist
     from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
 
-    if not (dist.is_available() and dist.is_initialized()) or acc.num_processes == dist.get_world_size():
+    grouped = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if grouped else int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes == world:
         return
-    fix = {"num_processes": dist.get_world_size(), "process_index": dist.get_rank(),
-           "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
-    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
-        shared.update(fix)
+    if grouped and acc.distributed_type == DistributedType.DEEPSPEED:
+        fix = {"num_processes": world, "process_index": dist.get_rank(),
+               "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+            shared.update(fix)
+        return
+    raise UsageError(
+        f"{world} processes were launched but accelerate runs them as {acc.num_processes} (distributed type "
+        f"{acc.distributed_type.value}): a GPU config on a host without GPUs? Launch CPU processes with "
+        f"`accelerate launch --cpu` (or use_cpu: true in the config), or run on the GPUs")
 
 
 def engine_name(acc) -> str:
@@ -224,8 +235,8 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
         with acc.autocast():
             s_logits = forward_logits(model, inputs)
         total, metrics = kd_loss_auto(s_logits, t_logits, to_device(batch["targets"], device),
-                                      to_device(batch["target_mask"], device), w_kl=st.w_kl, w_rkl=st.w_rkl, w_ce=st.w_ce,
-                                      temperature=st.temperature)
+                                      to_device(batch["target_mask"], device), w_kl=st.w_kl, w_rkl=st.w_rkl,
+                                      w_ce=st.w_ce, temperature=st.temperature)
     else:
         total, metrics = torch.zeros((), device=device), {}
     if w_hidden:
