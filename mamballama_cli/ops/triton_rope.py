@@ -157,7 +157,7 @@ def _check_rotary(gen):
                 dq, dk = torch.autograd.grad((qo.float() * gq.float()).sum() + (ko.float() * gk.float()).sum(),
                                              (qi, ki))
             res.append((qo, ko, dq, dk))
-        errs += [_rel(a, r) for a, r in zip(*res)]
+        errs += [_rel(a.detach(), r.detach()) for a, r in zip(*res)]
         if res[0][0].dtype != res[1][0].dtype:
             return float("inf")
     return max(errs)
