@@ -6,7 +6,8 @@
 # Logs and JSON land in $OUT (default ./out). From the project root:
 #   source .gpu/activate.sh && bash benchmarks/gpu_suite.sh
 # DEADLINE (seconds) caps the whole run; TEACHER (a checkpoint dir / .gguf) makes the throughput run use real
-# weights instead of random ones of the same shape.
+# weights instead of random ones of the same shape. PARITY_ENGINES (ddp,fsdp,zero3) and PARITY_CAP (240 s) choose
+# and bound the parity step, e.g. PARITY_ENGINES=zero3 PARITY_CAP=420 for ZeRO-3 alone.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 G0=${G0:-0}
@@ -42,8 +43,8 @@ stream_b() {
   echo "exit $?" >> "$OUT/distill_throughput.txt"
   if [ "$G0" != "$G1" ]; then
     stamp "B: 2-GPU parity (DDP, FSDP, ZeRO-3 vs one GPU)"
-    CUDA_VISIBLE_DEVICES=$G0,$G1 timeout "$(left 240)" python3 benchmarks/multigpu_parity.py --random smollm2 \
-        --out "$OUT/parity" > "$OUT/parity.txt" 2>&1
+    CUDA_VISIBLE_DEVICES=$G0,$G1 timeout "$(left ${PARITY_CAP:-240})" python3 benchmarks/multigpu_parity.py --random smollm2 \
+        --engines "${PARITY_ENGINES:-ddp,fsdp,zero3}" --out "$OUT/parity" > "$OUT/parity.txt" 2>&1
     echo "exit $?" >> "$OUT/parity.txt"
     cp "$OUT/parity/parity.json" "$OUT/parity.json" 2>/dev/null
   fi

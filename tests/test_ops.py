@@ -94,3 +94,38 @@ def test_dispatch_uses_reference_on_cpu():
     assert name == "torch-ref"
     rows = ops.backend_report("cpu")
     assert {"ssd_scan", "ssm_step", "causal_conv1d", "causal_conv1d_update", "rmsnorm_gated"} <= {r["op"] for r in rows}
+
+
+def test_ref_ops_forces_the_reference_for_the_ops_named_only(monkeypatch):
+    """MAMBALLAMA_REF_OPS names ops whose reference runs even on CUDA (a fake fast kernel that always probes ok
+    stands in for a GPU here); the other ops keep their fast kernel."""
+    from mamballama_cli import ops
+
+    monkeypatch.setattr(ops, "_fast_loaded", True)  # no real kernel modules: only the fake ones below
+    monkeypatch.setattr(ops, "FAST", {name: [] for name in ops.REFERENCES})
+    for op in ("rotary", "rmsnorm"):
+        ops.register_fast(op, "fake", lambda *a, **k: None, lambda: (True, "ok"))
+    assert ops.dispatch("rotary", "cuda")[0] == "fake" and ops.dispatch("rmsnorm", "cuda")[0] == "fake"
+    monkeypatch.setenv("MAMBALLAMA_REF_OPS", "rotary, ssd_scan")
+    assert ops.dispatch("rotary", "cuda") == ("torch-ref", ops.REFERENCES["rotary"])
+    assert ops.dispatch("rmsnorm", "cuda")[0] == "fake"
+    report = {r["op"]: r for r in ops.backend_report("cuda")}
+    assert report["rotary"]["backend"] == "torch-ref" and report["rmsnorm"]["backend"] == "fake"
+    assert any("MAMBALLAMA_REF_OPS" in note for note in report["rotary"]["candidates"])
+    monkeypatch.setenv("MAMBALLAMA_KERNELS", "ref")
+    assert ops.dispatch("rmsnorm", "cuda")[0] == "torch-ref"
+
+
+def test_rotary_op_keeps_q_dtype_and_equals_apply_rotary():
+    """The rotary op's reference is apply_rotary with the result in q's dtype (float32 math under mixed inputs)."""
+    from mamballama_cli import ops
+    from mamballama_cli.models.rope import apply_rotary
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 5, 8).to(torch.bfloat16), torch.randn(2, 2, 5, 8).to(torch.bfloat16)
+    ang = torch.rand(2, 5, 4) * 3
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    qo, ko = ops.rotary(q, k, cos, sin)
+    qr, kr = apply_rotary(q, k, cos, sin)
+    assert qo.dtype == ko.dtype == torch.bfloat16 and qr.dtype == torch.float32
+    assert torch.equal(qo, qr.to(torch.bfloat16)) and torch.equal(ko, kr.to(torch.bfloat16))
