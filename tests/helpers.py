@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -100,3 +103,17 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 interpreter._patch_lang_tensor = _patched
 """
+
+
+def run_interpreted(script: str, *args: str, timeout: int = 300) -> str:
+    """Run ``script`` in a fresh Python under Triton's interpreter and return its stdout (the variable must be set
+    before triton is imported, hence the subprocess). A failing script fails the test with its stderr."""
+    proc = subprocess.run([sys.executable, "-c", script, *args], env={**os.environ, "TRITON_INTERPRET": "1"},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def interpreted_json(script: str, *args: str, timeout: int = 300):
+    """:func:`run_interpreted`, and the JSON the script printed on its last line."""
+    return json.loads(run_interpreted(script, *args, timeout=timeout).strip().splitlines()[-1])

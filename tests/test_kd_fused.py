@@ -8,15 +8,13 @@ imported) on small shapes; it skips when triton is not installed.
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 import zlib
 
 import pytest
 import torch
 
+from helpers import interpreted_json
 from mamballama_cli.training.losses import kd_loss, kd_loss_auto
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -88,11 +86,7 @@ def test_fused_kd_kernel_under_the_triton_interpreter():
         ("float32", 1.0, WEIGHTS["rkl+ce"]),
         ("bfloat16", 2.0, WEIGHTS["kl+rkl+ce"]),
     ]
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, json.dumps(cases)], check=False,
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = interpreted_json(_INTERPRETER_SCRIPT, json.dumps(cases), timeout=120)
     for (dtype, T, w), r in zip(cases, results):
         assert r["keys"] == r["ref_keys"], (dtype, T, w, r)
         assert r["masked_grad"] == 0.0, (dtype, T, w, r)

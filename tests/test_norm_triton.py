@@ -7,13 +7,11 @@ the reference's rounding of the normalised input (the interpreter mishandles bfl
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import interpreted_json
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -48,10 +46,6 @@ print(json.dumps(out))
 
 
 def test_triton_rmsnorm_matches_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(Path(__file__).parent)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    for case in json.loads(proc.stdout.strip().splitlines()[-1]):
+    for case in interpreted_json(SCRIPT, str(Path(__file__).parent)):
         tol = 2e-3 if "float16" in case["case"] else 1e-5  # float16 output or input: its rounding
         assert case["dtype_ok"] and case["y"] < tol and case["gx"] < tol and case["gw"] < tol, case

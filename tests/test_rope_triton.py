@@ -8,13 +8,11 @@ interpreter mishandles bfloat16, so float16 stands in for it. The compiled kerne
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import interpreted_json
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -65,11 +63,7 @@ print(json.dumps(out))
 
 
 def test_triton_rotary_matches_reference_under_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(Path(__file__).parent)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    cases = json.loads(proc.stdout.strip().splitlines()[-1])
+    cases = interpreted_json(SCRIPT, str(Path(__file__).parent))
     assert cases[-1] == {"partial_equal": True}
     for case in cases[:-1]:
         assert case["dtype_ok"], case

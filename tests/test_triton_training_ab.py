@@ -8,12 +8,10 @@ tests/test_conv_triton.py, and the gpu-marked ones). Skipped when triton is not 
 """
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 
 import pytest
+
+from helpers import interpreted_json
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -58,10 +56,7 @@ print(json.dumps(curve))
 
 
 def run(mode: str) -> list:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, mode], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return interpreted_json(SCRIPT, mode)
 
 
 def test_training_with_triton_kernels_follows_the_reference_curve():

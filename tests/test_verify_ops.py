@@ -10,15 +10,13 @@ near the start and the end of the buffer, batch 1 and 3, and inside a captured C
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import run_interpreted
 from mamballama_cli.generation.fast import conv_update_inplace_ref, decode_attention_ref, rope_kv_write_ref
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary
 from mamballama_cli.ops.conv import causal_conv1d_ref
@@ -315,10 +313,8 @@ print("ok")
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_verify_kernels_under_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, str(Path(__file__).parent)], check=False,
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+    out = run_interpreted(_INTERPRETER_SCRIPT, str(Path(__file__).parent))
+    assert out.strip().endswith("ok"), out[-3000:]
 
 
 # ------------------------------------------------------------------------------------------------
