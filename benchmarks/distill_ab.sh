@@ -6,17 +6,8 @@
 #   VARIANTS="base||;no-rope|MAMBALLAMA_REF_OPS=rotary|;mb32|| --micro-batch-size 32 --accumulation 1" \
 #     bash benchmarks/distill_ab.sh
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-if [ -n "${TESTS:-}" ]; then
-  stamp "gpu tests: $TESTS ${KEXPR:+-k $KEXPR}"
-  timeout ${TESTS_CAP:-240} python3 -m pytest -q -rfE -m gpu -p no:cacheprovider -o addopts="" $TESTS ${KEXPR:+-k "$KEXPR"} \
-      > "$OUT/gpu-tests.log" 2>&1
-  echo "pytest exit $?" >> "$OUT/gpu-tests.log"; tail -n 8 "$OUT/gpu-tests.log"
-fi
+source "$(dirname "$0")/device_common.sh"
+run_gpu_tests 240
 IFS=';' read -r -a specs <<< "${VARIANTS:-base||}"
 for spec in "${specs[@]}"; do
   IFS='|' read -r name envs extra <<< "$spec"

