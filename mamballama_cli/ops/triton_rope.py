@@ -76,13 +76,13 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, L, HQ, HK,
                   HALF, BLOCK_H, ROUND)
 
 
-def _as_bhld(x: torch.Tensor) -> torch.Tensor:
+def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _launch(q, k, cos, sin, backward: bool, round_products: bool):
     """Rotate q and k (batch, heads, seqlen, head_dim) with tables (1 or batch, seqlen, head_dim)."""
-    q, k = _as_bhld(q), _as_bhld(k)
+    q, k = _unit_last_stride(q), _unit_last_stride(k)
     qo, ko = torch.empty_like(q), torch.empty_like(k)  # same strides as the inputs (dense views)
     b, hq, L, D = q.shape
     hk = k.shape[1]
@@ -108,18 +108,12 @@ class _Rotary(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin, round_products: bool):
         ctx.save_for_backward(cos, sin)
         ctx.round_products = round_products
-        ctx.q_meta, ctx.k_meta = (q.shape, q.dtype, q.device), (k.shape, k.dtype, k.device)
         return _launch(q, k, cos, sin, False, round_products)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gq, gk):
+    def backward(ctx, gq, gk):  # an output that does not reach the loss arrives as zeros (materialized grads)
         cos, sin = ctx.saved_tensors
-        # A missing gradient (an output that does not reach the loss) is a zero one.
-        if gq is None:
-            gq = torch.zeros(*ctx.q_meta[0], dtype=ctx.q_meta[1], device=ctx.q_meta[2])
-        if gk is None:
-            gk = torch.zeros(*ctx.k_meta[0], dtype=ctx.k_meta[1], device=ctx.k_meta[2])
         dq, dk = _launch(gq, gk, cos, sin, True, ctx.round_products)
         return dq, dk, None, None, None
 
