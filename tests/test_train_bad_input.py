@@ -12,7 +12,7 @@ from helpers import save_teacher, tiny_llama, tiny_tokenizer
 
 DATA = Path(__file__).parent / "data"
 TRAIN = str(DATA / "chat_train.jsonl")
-FAST = ["--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
+FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,14 +101,14 @@ def test_teacher_with_another_tokenizer_is_refused(models, tmp_path, capsys):
 
 def test_resume_refuses_a_different_config_and_needs_a_checkpoint(models, tmp_path, capsys):
     out = tmp_path / "run"
-    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--max-steps", "1",
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--template", "none", "--steps", "2", "--max-steps", "1",
                  "--seq-len", "96", "--micro-batch-size", "2"], capsys)
     assert r.code == 0, r.err
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--seq-len", "96",
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--template", "none", "--steps", "2", "--seq-len", "96",
                  "--micro-batch-size", "2", "--w-ce", "1", "--resume"], capsys)
     one_line_error(r, "different config", "w_ce: 0.0 -> 1.0")
-    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--steps", "2", "--seq-len", "96",
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", out, "--template", "none", "--steps", "2", "--seq-len", "96",
                  "--micro-batch-size", "1", "--resume"], capsys)
     one_line_error(r, "global batch of 2", "gives 1")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before

@@ -15,14 +15,28 @@ def command(
                                   "(the embedded SmolLM2-135M-Instruct)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory to write the hybrid to."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of layers that keep attention, 0..1 "
-                                          "(evenly spaced, last layer included). Default 0.5."),
+                                          "(evenly spaced, last layer included; with --attn-layers auto, the "
+                                          "count). Default 0.5."),
     attn_layers: Optional[str] = typer.Option(None, "--attn-layers", help="Explicit attention layers, e.g. "
-                                              "3,7,11 (overrides --ratio; 'none' for an all-Mamba model)."),
+                                              "3,7,11 (overrides --ratio; 'none' for an all-Mamba model), or "
+                                              "'auto' with --ratio: keep attention where converting hurts most, "
+                                              "measured on calibration text."),
     draft_layers: Optional[str] = typer.Option(None, "--draft-layers", help="Instead of a hybrid, cut a small "
                                                "Transformer draft from these teacher layers, e.g. 0,10,20,29."),
     mixer: Optional[str] = typer.Option(None, "--mixer", help="mamba2 (default) or mamba1."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (teacher's), float32, bfloat16, float16."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the freshly initialised parameters."),
+    init: Optional[str] = typer.Option(None, "--init", help="How the mixers' fresh parts start: 'calibrated' "
+                                       "(default: identity conv, open gate, D=0, output gains fitted by least "
+                                       "squares to the attention output on built-in text), 'paper' (random conv "
+                                       "and gate, D=1), or key=value pairs, e.g. 'gains=false'."),
+    calibration_seqs: Optional[int] = typer.Option(None, "--calibration-seqs", help="Calibration sequences of "
+                                                   "built-in text (default 8)."),
+    calibration_len: Optional[int] = typer.Option(None, "--calibration-len", help="Tokens per calibration "
+                                                  "sequence (default 256)."),
+    placement_score: Optional[str] = typer.Option(None, "--placement-score", help="For --attn-layers auto: 'kl' "
+                                                  "(default: KL to the teacher with that layer alone converted) "
+                                                  "or 'residual' (calibrated relative error of the layer)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
@@ -34,7 +48,9 @@ def command(
         ConvertConfig,
         config_file=config,
         overrides=dict(teacher=teacher, output=output, ratio=ratio, attn_layers=attn_layers,
-                       draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed, force=force or None),
+                       draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed, force=force or None,
+                       init=init, calibration_seqs=calibration_seqs, calibration_len=calibration_len,
+                       placement_score=placement_score),
     )
     summary = run_convert(cfg)
     print_summary(summary, json_out)

@@ -20,13 +20,18 @@ def command(
                                          "model."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint, .gguf, hub id or 'default' "
                                           "(default: the teacher recorded by convert)."),
-    template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/: distill-paper "
-                                           "(progressive stages + end-to-end) or distill-e2e."),
+    template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/ (default: "
+                                           "distill-default: layer-wise alignment, then KD of the mixers, then "
+                                           "KD of everything); distill-paper (the paper's recipe), distill-e2e, "
+                                           "distill-align; 'none' for flags alone."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out data: KL and CE to the teacher at "
                                             "stage starts and ends."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps per stage (instead of --epochs)."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="Tokens per stage (instead of --steps/--epochs)."),
     epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data per stage (default 1)."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Wall-clock budget: stop there and "
+                                                "still write the final model."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps in all (with a "
                                             "checkpoint); --resume continues."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048)."),
@@ -44,8 +49,13 @@ def command(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Softening of both distributions."),
     w_hidden: Optional[float] = typer.Option(None, "--w-hidden", help="Weight of the layer-wise alignment of each "
                                              "Mamba layer to the teacher layer it replaced (one process)."),
+    loss_positions: Optional[str] = typer.Option(None, "--loss-positions", help="responses (the target "
+                                                 "tokens) or all (every real token, prompts included)."),
+    kl_reduction: Optional[str] = typer.Option(None, "--kl-reduction", help="token (mean per token) or "
+                                               "sequence (summed per sequence, as the paper's code)."),
     trainable: Optional[str] = typer.Option(None, "--trainable", help="all, or mixers (Mamba mixers only)."),
-    packing: Optional[str] = typer.Option(None, "--packing", help="auto, on or off (hybrids are never packed)."),
+    packing: Optional[str] = typer.Option(None, "--packing", help="auto, on, off, or concat (records joined into "
+                                          "full rows, positions running on: exact for KD with any model)."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, "
                                                   "fp16, no."),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
@@ -68,6 +78,7 @@ def command(
 
     overrides = dict(
         model=model, data=data, output=output, teacher=teacher, eval_data=eval_data, steps=steps, epochs=epochs,
+        tokens=tokens, max_seconds=max_seconds, loss_positions=loss_positions, kl_reduction=kl_reduction,
         max_steps=max_steps, seq_len=seq_len, micro_batch_size=micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, warmup=warmup, schedule=schedule, w_kl=w_kl, w_rkl=w_rkl, w_ce=w_ce,
@@ -77,5 +88,7 @@ def command(
         skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
         accelerate_config=accelerate_config,
     )
+    if template is None:
+        template = "distill-default"
     run_command("distill", DistillConfig, template=template, config_file=config, overrides=overrides,
                 json_out=json_out)

@@ -19,23 +19,38 @@ class ConvertConfig:
 
     teacher: str = "default"
     output: str = ""
-    ratio: float = 0.5  # fraction of layers that keep attention
+    ratio: float | None = None  # fraction of layers that keep attention (0.5 when neither this nor attn_layers)
     attn_layers: str | None = None  # explicit list "3,7,11" (overrides ratio); "" or "none" = no attention
     draft_layers: str | None = None  # build a shrunk Transformer draft from these teacher layers instead
     mixer: str = "mamba2"
     dtype: str = "auto"  # auto = the teacher's stored dtype
     seed: int = 0
     force: bool = False
+    init: str = "calibrated"  # calibrated | paper | key=value,... (convert/calibrate.py)
+    calibration_seqs: int = 8  # sequences of built-in text that calibrate and measure the converted layers
+    calibration_len: int = 256  # tokens per calibration sequence
+    placement_score: str = "kl"  # --attn-layers auto: kl (that layer alone converted) | residual
 
     def validate(self) -> None:
         if not self.output:
             raise UsageError("--output is required: the directory to write the hybrid to")
-        if not 0.0 <= float(self.ratio) <= 1.0:
+        if self.ratio is not None and not 0.0 <= float(self.ratio) <= 1.0:
             raise UsageError(f"--ratio {self.ratio} is outside [0, 1]; it is the fraction of layers that keep attention")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.mixer not in ("mamba2", "mamba1"):
             raise UsageError(f"--mixer {self.mixer!r} is not supported; use mamba2 (default) or mamba1")
+        from mamballama_cli.convert.calibrate import init_spec
+
+        init_spec(self.init)
+        if int(self.calibration_seqs) < 1 or int(self.calibration_len) < 16:
+            raise UsageError(f"--calibration-seqs {self.calibration_seqs} / --calibration-len "
+                             f"{self.calibration_len}: need at least 1 sequence of at least 16 tokens")
+        if self.placement_score not in ("kl", "residual"):
+            raise UsageError(f"--placement-score {self.placement_score!r} is not one of kl, residual")
+        if self.attn_layers is not None and self.attn_layers.strip().lower() == "auto" and self.ratio is None:
+            raise UsageError("--attn-layers auto needs --ratio: the fraction of layers that keep attention "
+                             "(e.g. --attn-layers auto --ratio 0.5)")
 
 
 def check_mamba1_teacher(tconfig, d_state: int = 16) -> None:
@@ -76,24 +91,43 @@ def run_convert(cfg: ConvertConfig) -> dict:
         from mamballama_cli.convert.draft import run_draft_convert
 
         return run_draft_convert(cfg, out_dir)
-    if cfg.attn_layers is not None:
+    ratio = 0.5 if cfg.ratio is None and cfg.attn_layers is None else cfg.ratio
+    auto = cfg.attn_layers is not None and cfg.attn_layers.strip().lower() == "auto"
+    if cfg.attn_layers is not None and not auto:
         attn_layers = parse_layer_list(cfg.attn_layers, n_layers)
     else:
-        attn_layers = attention_layers_for_ratio(n_layers, float(cfg.ratio))
+        attn_layers = attention_layers_for_ratio(n_layers, float(ratio))
 
+    import torch
+
+    from mamballama_cli.convert.calibrate import init_spec
     from mamballama_cli.convert.converter import conversion_summary, convert_model
     from mamballama_cli.io import atomic_dir, write_json_atomic
 
+    spec = init_spec(cfg.init)
     teacher, tokenizer, source = load_teacher(cfg.teacher, dtype=torch_dtype(cfg.dtype))
     dtype = torch_dtype(cfg.dtype) or next(teacher.parameters()).dtype
+    calib = None
+    if spec.needs_data or auto or tokenizer is not None:
+        calib = CalibrationRun(teacher, tokenizer, cfg)
+    placement = None
+    if auto:
+        placement = calib.auto_placement(len(attn_layers), spec, cfg.mixer, cfg.seed, cfg.placement_score)
+        attn_layers = placement["attn_layers"]
     log(f"converting {source.name} ({family.name}, {n_layers} layers) -> {cfg.mixer} hybrid keeping attention in "
         f"{len(attn_layers)} layer(s): {attn_layers}")
     student, report = convert_model(
-        teacher, attn_layers, mixer=cfg.mixer, dtype=dtype, seed=cfg.seed,
+        teacher, attn_layers, mixer=cfg.mixer, dtype=torch.float32, seed=cfg.seed,
         teacher_info={"name_or_path": source.name, "kind": source.kind},
     )
+    calibration = calib.run(student, spec) if calib is not None else {"init": cfg.init, "measured": False}
+    if placement is not None:
+        calibration["placement"] = placement
+    student = student.to(dtype)
     summary = conversion_summary(teacher, student, report, dtype,
-                                 ratio=None if cfg.attn_layers is not None else float(cfg.ratio))
+                                 ratio=None if (cfg.attn_layers is not None and not auto) else float(ratio))
+    summary["init"] = cfg.init
+    summary["calibration"] = calibration
     from mamballama_cli import __version__
 
     summary["mamballama_version"] = __version__
@@ -105,6 +139,144 @@ def run_convert(cfg: ConvertConfig) -> dict:
         write_json_atomic(tmp / "mamballama_config.json", {"command": "convert", **asdict(cfg)})
     summary["output"] = str(out_dir)
     return summary
+
+
+class CalibrationRun:
+    """Built-in calibration text, the teacher on it, and the numbers convert reports (convert/calibrate.py).
+
+    The teacher runs in float32 on CPU (bfloat16 matrix products are slow there and the fit wants the
+    precision) or in its own dtype on a CUDA device when one is present.
+    """
+
+    def __init__(self, teacher, tokenizer, cfg: ConvertConfig):
+        import torch
+
+        from mamballama_cli.convert.calibrate import builtin_documents, token_block
+
+        self.teacher = teacher
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.restore = (next(teacher.parameters()).device, next(teacher.parameters()).dtype)
+        self.calc_dtype = torch.float32 if self.device.type == "cpu" else self.restore[1]
+        if tokenizer is None:
+            raise UsageError(f"the teacher {cfg.teacher} has no tokenizer, which calibration needs; "
+                             "add tokenizer files or pass --init paper")
+        n, L = int(cfg.calibration_seqs), int(cfg.calibration_len)
+        self.ids = token_block(tokenizer, builtin_documents(heldout=False), n, L)
+        self.heldout = token_block(tokenizer, builtin_documents(heldout=True), n, L)
+        self.text = {"source": "CPython pydoc topics (training split of `mamballama data build`)",
+                     "sequences": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1]),
+                     "heldout_source": "pydoc topics held out by `mamballama data build` (5%, seed 0)",
+                     "heldout_tokens": int(self.heldout.numel())}
+
+    def _teacher(self):
+        return self.teacher.to(device=self.device, dtype=self.calc_dtype)
+
+    def _done(self):
+        self.teacher.to(device=self.restore[0], dtype=self.restore[1])
+
+    def run(self, student, spec) -> dict:
+        """Calibrate ``student`` in place (float32) and measure it; returns the summary's calibration block."""
+        import time
+
+        import torch
+
+        from mamballama_cli.convert.calibrate import calibrate_hybrid, dropped_mixers, perplexity
+
+        t0 = time.perf_counter()
+        teacher = self._teacher()
+        student.to(self.device)
+        try:
+            with _progress("calibrating converted layers", len(student.config.mamba_layers)) as tick:
+                layers = calibrate_hybrid(student, teacher, self.ids, spec, progress=tick)
+            ppl = {"teacher": perplexity(teacher, self.heldout), "hybrid": perplexity(student, self.heldout)}
+            if layers:
+                with dropped_mixers(student):
+                    ppl["mamba_layers_dropped"] = perplexity(student, self.heldout)
+        finally:
+            student.to("cpu")
+            self._done()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        mean = (lambda key, part: sum(r[part][key] for r in layers) / len(layers)) if layers else None
+        return {
+            "init": spec.__dict__, "text": self.text, "measured": True,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "step0_perplexity": ppl,
+            "mean_rel_error": {"mapped": mean("rel_error", "mapped"), "final": mean("rel_error", "final")}
+            if layers else None,
+            "layers": layers,
+        }
+
+    def auto_placement(self, n_keep: int, spec, mixer: str, seed: int, score: str) -> dict:
+        """Keep attention in the ``n_keep`` layers whose conversion hurts most.
+
+        Every layer is converted once (calibrated start), then scored on the calibration text either by the
+        KL(teacher || teacher with that layer alone converted) per token (``kl``) or by its calibrated
+        relative error against the attention output (``residual``).
+        """
+        import torch
+        import torch.nn.functional as F
+
+        from mamballama_cli.convert.calibrate import calibrate_hybrid
+        from mamballama_cli.convert.converter import convert_model
+
+        teacher = self._teacher()
+        L = teacher.config.num_hidden_layers
+        try:
+            allm, _ = convert_model(teacher, [], mixer=mixer, dtype=torch.float32, seed=seed)
+            allm.to(self.device)
+            with _progress("placement: converting every layer", L) as tick:
+                layers = calibrate_hybrid(allm, teacher, self.ids, spec, progress=tick)
+            residual = {r["layer"]: r["final"]["rel_error"] for r in layers}
+            kl: dict[int, float] = {}
+            if score == "kl":
+                ids = self.ids.to(self.device)
+                with torch.no_grad():
+                    ref = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                with _progress("placement: KL with one layer converted", L) as tick:
+                    for i in range(L):
+                        mixer_mod = allm.model.layers[i].mamba.to(self.calc_dtype)
+
+                        def swap(module, args, kwargs, output, m=mixer_mod):
+                            x = args[0] if args else kwargs["hidden_states"]
+                            return (m(x),) + tuple(output[1:]) if isinstance(output, tuple) else m(x)
+
+                        h = teacher.model.layers[i].self_attn.register_forward_hook(swap, with_kwargs=True)
+                        try:
+                            with torch.no_grad():
+                                lp = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                        finally:
+                            h.remove()
+                        kl[i] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+                        tick(i)
+            scores = kl if score == "kl" else residual
+            keep = sorted(sorted(scores, key=lambda i: -scores[i])[:n_keep])
+        finally:
+            self._done()
+        return {"method": "auto", "score": score, "attn_layers": keep, "kl_one_layer_converted": kl or None,
+                "calibrated_rel_error": residual}
+
+
+class _progress:
+    """A rich progress bar on stderr for a known number of steps; ``tick(anything)`` advances it."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total = what, total
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from rich.console import Console
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=Console(file=sys.stderr), transient=True)
+        self.bar.start()
+        task = self.bar.add_task(self.what, total=self.total)
+        return lambda _=None: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        self.bar.stop()
+        return False
 
 
 def format_bytes(n: float) -> str:
@@ -140,6 +312,35 @@ def summary_table(summary: dict):
     for ctx, v in m["at_context"].items():
         t.add_row(f"state at {int(ctx) // 1024}K tokens", format_bytes(v["teacher_bytes"]),
                   format_bytes(v["hybrid_bytes"]))
+    cal = summary.get("calibration") or {}
+    ppl = cal.get("step0_perplexity")
+    if ppl:
+        t.add_row(f"held-out perplexity ({cal['text']['heldout_tokens']} tokens)", f"{ppl['teacher']:.2f}",
+                  f"{ppl['hybrid']:.2f}")
+        if "mamba_layers_dropped" in ppl:
+            t.add_row("  with those layers dropped instead", "", f"{ppl['mamba_layers_dropped']:.2f}")
+    return t
+
+
+def layer_table(summary: dict):
+    """Per converted layer: relative error and norm ratio against the attention output it replaces."""
+    from rich.table import Table
+
+    cal = summary.get("calibration") or {}
+    layers = cal.get("layers") or []
+    if not layers:
+        return None
+    init = summary.get("init", "calibrated")
+    t = Table(title=f"converted layers vs their attention output ({cal['text']['sequences']} x "
+                    f"{cal['text']['seq_len']} tokens of calibration text, teacher-forced)")
+    t.add_column("layer", justify="right")
+    t.add_column("rel. error, mapped", justify="right")
+    t.add_column(f"rel. error, {init} start", justify="right")
+    t.add_column("norm ratio", justify="right")
+    t.add_column("cosine", justify="right")
+    for r in layers:
+        t.add_row(str(r["layer"]), f"{r['mapped']['rel_error']:.3f}", f"{r['final']['rel_error']:.3f}",
+                  f"{r['final']['norm_ratio']:.3f}", f"{r['final']['cosine']:.3f}")
     return t
 
 
@@ -148,4 +349,7 @@ def print_summary(summary: dict, as_json: bool) -> None:
         out(json.dumps(summary, indent=2, default=str))
         return
     console().print(summary_table(summary))
+    lt = layer_table(summary)
+    if lt is not None:
+        console().print(lt)
     print(f"summary written to {Path(summary['output']) / 'convert_summary.json'}", file=sys.stderr)

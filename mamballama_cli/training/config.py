@@ -19,14 +19,14 @@ from mamballama_cli.errors import UsageError
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TRAINABLE = ("all", "mixers")
-PACKING = ("auto", "on", "off")
+PACKING = ("auto", "on", "off", "concat")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Keys that steer the run but not what it computes: excluded from the config hash that --resume compares.
 # The global batch (micro_batch_size x gradient_accumulation_steps x processes) is compared on its own, so a
 # run may resume on another number of GPUs or with another micro-batch as long as the global batch holds.
 RUN_CONTROL_KEYS = frozenset({
-    "output", "force", "resume", "max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
+    "output", "force", "resume", "max_steps", "max_seconds", "save_every", "keep_checkpoints", "log_every", "eval_every",
     "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
     "gradient_checkpointing", "save_dtype",
 })
@@ -37,7 +37,8 @@ class Stage:
     """One stage of a distillation recipe. Unset keys take the run's top-level value."""
 
     name: str | None = None
-    steps: int | None = None  # optimizer steps; else ``epochs`` passes over the data
+    steps: int | None = None  # optimizer steps; else ``tokens``, else ``epochs`` passes over the data
+    tokens: float | None = None  # stage length in tokens (steps = tokens / (global batch x mean item length))
     epochs: float | None = None
     attn_ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba)
     attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides attn_ratio)
@@ -54,11 +55,16 @@ class Stage:
     w_ce: float | None = None
     temperature: float | None = None
     w_hidden: float | None = None  # layer-wise alignment of the Mamba layers to the teacher's (training/align.py)
+    loss_positions: str | None = None  # responses (targets only) | all (every real token of every record)
+    kl_reduction: str | None = None  # token (mean per token) | sequence (sum per sequence, the paper's code)
 
 
 # Stage keys that inherit from the top level of the config.
-INHERITED = ("steps", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
-             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden")
+INHERITED = ("steps", "tokens", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
+             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "loss_positions", "kl_reduction")
+
+LOSS_POSITIONS = ("responses", "all")
+KL_REDUCTIONS = ("token", "sequence")
 
 
 @dataclass
@@ -75,9 +81,11 @@ class TrainConfig:
     seq_len: int = 2048
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
-    steps: int | None = None  # optimizer steps per stage (overrides epochs)
+    steps: int | None = None  # optimizer steps per stage (overrides tokens and epochs)
+    tokens: float | None = None  # tokens per stage (overrides epochs)
     epochs: float = 1.0
     max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total; resume continues
+    max_seconds: float | None = None  # a wall-clock budget: stop there, checkpoint, and write the final model
     lr: float = 2e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -113,6 +121,8 @@ class TrainConfig:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"--max-steps {self.max_steps} must be at least 1")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise UsageError(f"--max-seconds {self.max_seconds} must be positive")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UsageError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.save_dtype not in SAVE_DTYPES:
@@ -133,6 +143,8 @@ class DistillConfig(TrainConfig):
     w_ce: float = 0.0  # cross-entropy on the response tokens
     temperature: float = 1.0
     w_hidden: float = 0.0  # teacher-forced alignment of each Mamba layer to the teacher layer it replaced
+    loss_positions: str = "responses"  # responses | all (every real token: the teacher's logits on prompts too)
+    kl_reduction: str = "token"  # token | sequence (KL summed per sequence, as the paper's code's batchmean)
     packing: str = "auto"
     stages: list[Stage] = field(default_factory=list)
 
@@ -217,6 +229,9 @@ class ResolvedStage:
     w_ce: float = 1.0
     temperature: float = 1.0
     w_hidden: float = 0.0
+    loss_positions: str = "responses"
+    kl_reduction: str = "token"
+    tokens: float | None = None
 
     def warmup_steps(self, steps: int) -> int:
         return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
@@ -229,7 +244,11 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
             v = getattr(cfg, key, default)
         return default if v is None else v
 
-    steps = st.steps if st.steps is not None else (cfg.steps if st.epochs is None else None)
+    own_length = st.steps is not None or st.tokens is not None or st.epochs is not None
+    steps = st.steps if st.steps is not None else (cfg.steps if not own_length else None)
+    tokens = st.tokens if st.tokens is not None else (getattr(cfg, "tokens", None) if not own_length else None)
+    if steps is not None:
+        tokens = None
     epochs = st.epochs if st.epochs is not None else cfg.epochs
     betas = pick("betas")
     return ResolvedStage(
@@ -239,7 +258,8 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
         max_grad_norm=float(pick("max_grad_norm") or 0.0), warmup=float(pick("warmup")),
         schedule=pick("schedule"), min_lr_ratio=float(pick("min_lr_ratio")), w_kl=float(pick("w_kl", 0.0)),
         w_rkl=float(pick("w_rkl", 0.0)), w_ce=float(pick("w_ce", 0.0)), temperature=float(pick("temperature", 1.0)),
-        w_hidden=float(pick("w_hidden", 0.0)),
+        w_hidden=float(pick("w_hidden", 0.0)), loss_positions=pick("loss_positions", "responses"),
+        kl_reduction=pick("kl_reduction", "token"), tokens=None if tokens is None else float(tokens),
     )
 
 
@@ -256,6 +276,15 @@ def _check_stage_values(obj, prefix: str) -> None:
     v = getattr(obj, "lr", None)
     if v is not None and not v > 0:
         raise UsageError(f"{flag('lr')} {v} must be positive")
+    v = getattr(obj, "loss_positions", None)
+    if v is not None and v not in LOSS_POSITIONS:
+        raise UsageError(f"{flag('loss_positions')} {v!r} is not one of {', '.join(LOSS_POSITIONS)}")
+    v = getattr(obj, "kl_reduction", None)
+    if v is not None and v not in KL_REDUCTIONS:
+        raise UsageError(f"{flag('kl_reduction')} {v!r} is not one of {', '.join(KL_REDUCTIONS)}")
+    v = getattr(obj, "tokens", None)
+    if v is not None and not float(v) >= 1:
+        raise UsageError(f"{flag('tokens')} {v} must be at least 1")
     v = getattr(obj, "temperature", None)
     if v is not None and not v > 0:
         raise UsageError(f"{flag('temperature')} {v} must be positive")
@@ -282,6 +311,8 @@ def merge_train_config(cls, *, template: str | None, config_file: str | Path | N
     from mamballama_cli.config import _check_keys, build, find_template, read_yaml
 
     given = {k: v for k, v in overrides.items() if v is not None}
+    if template is not None and template.strip().lower() == "none":  # flags (and --config) alone
+        template = None
     layers: list[tuple[str, dict]] = []
     if template:
         tpath = find_template(template)
@@ -299,12 +330,12 @@ def merge_train_config(cls, *, template: str | None, config_file: str | Path | N
     for depth, (_, data) in enumerate(layers):
         above = {k for _, d in layers[depth + 1:] for k in d}  # top-level keys a higher source sets
         strip = {k for k in above if k in INHERITED}
-        if strip & {"steps", "epochs"}:  # a length given higher up replaces both spellings below
-            strip |= {"steps", "epochs"}
+        if strip & {"steps", "tokens", "epochs"}:  # a length given higher up replaces every spelling below
+            strip |= {"steps", "tokens", "epochs"}
         data = dict(data)
         if "stages" in data:
             data["stages"] = [{k: v for k, v in st.items() if k not in strip} for st in data["stages"] or []]
-        for k in ("steps", "epochs"):
+        for k in ("steps", "tokens", "epochs"):
             if k in strip and k not in above:
                 data.pop(k, None)
         merged.update(data)

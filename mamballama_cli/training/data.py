@@ -395,6 +395,27 @@ def pack(examples: list[Example], seq_len: int) -> list[Item]:
     return rows
 
 
+def pack_concat(examples: list[Example], seq_len: int) -> list[Item]:
+    """Concatenate the examples (in the given order) and cut the stream into rows of exactly ``seq_len``.
+
+    Unlike :func:`pack`, positions run on across example boundaries, as in the usual "concatenate and chunk"
+    pre-training layout: every model (teacher and student alike) reads the row as one text, so a Mamba layer's
+    state carrying over a boundary is what the teacher's attention sees too, and a KL to the teacher stays
+    exact. Every row is full: no padding, no wasted compute. The tail shorter than ``seq_len`` is kept as a
+    last, shorter row.
+    """
+    ids: list[int] = []
+    mask: list[bool] = []
+    for ex in examples:
+        ids += list(ex.ids)
+        mask += list(ex.mask)
+    rows = [Item(ids[s:s + seq_len], mask[s:s + seq_len]) for s in range(0, len(ids), seq_len)]
+    for row in rows:
+        if row.mask:
+            row.mask[0] = False
+    return [r for r in rows if len(r) > 1]
+
+
 def as_items(examples: list[Example]) -> list[Item]:
     return [Item(ex.ids, ex.mask) for ex in examples]
 

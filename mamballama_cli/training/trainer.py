@@ -27,7 +27,7 @@ from mamballama_cli.training import align
 from mamballama_cli.training.config import (ResolvedStage, config_dict, config_differences,
                                             config_hash)
 from mamballama_cli.training.data import (BatchPlan, as_items, collate, collate_pairs, encode_pairs,
-                                          encode_records, pack, read_records, split_global_batch)
+                                          encode_records, pack, pack_concat, read_records, split_global_batch)
 from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
 from mamballama_cli.training.models import (check_same_vocabulary, default_teacher, has_mamba_layers,
                                             load_frozen, load_trainable, model_inputs, packing_support, relayout,
@@ -191,15 +191,33 @@ class Job:
             return [len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in self.items]
         return [len(it) for it in self.items]
 
-    def count(self, indices: list[int]) -> int:
-        """The loss normaliser of a global batch: target tokens, or pairs for DPO."""
+    def count(self, indices: list[int], loss_positions: str = "responses") -> int:
+        """The loss normaliser of a global batch: target tokens (every predicted position with
+        ``loss_positions: all``), or pairs for DPO."""
         if self.kind == "dpo":
             return len(indices)
+        if loss_positions == "all":
+            return sum(max(len(self.items[i]) - 1, 0) for i in indices)
         return sum(self.items[i].n_targets for i in indices)
 
 
-def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tuple[torch.Tensor, dict]:
-    """Loss sum and metric sums of one micro-batch."""
+def loss_mask(batch: dict, loss_positions: str) -> torch.Tensor:
+    """Positions whose next-token loss counts: the response targets, or every real token that has a successor
+    (``all``: the teacher's logits on prompts and plain text are signal too; padding never counts)."""
+    if loss_positions != "all":
+        return batch["target_mask"]
+    valid = batch["valid"]
+    mask = torch.zeros_like(valid)
+    mask[:, :-1] = valid[:, :-1] & valid[:, 1:]
+    if batch.get("position_ids") is not None:  # packed rows: no position predicts the next example's first token
+        mask[:, :-1] &= batch["position_ids"][:, 1:] != 0
+    return mask
+
+
+def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg, kl_scale: float = 1.0
+               ) -> tuple[torch.Tensor, dict]:
+    """Loss sum and metric sums of one micro-batch. ``kl_scale`` multiplies the KL weights (the paper's KL summed
+    per sequence: target tokens over sequences of the global batch)."""
     device = acc.device
     if job.kind == "dpo":
         batch = collate_pairs(items, job.pad_id)
@@ -234,8 +252,9 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
     if logits_needed:
         with acc.autocast():
             s_logits = forward_logits(model, inputs)
+        mask = loss_mask(batch, getattr(st, "loss_positions", "responses"))
         total, metrics = kd_loss_auto(s_logits, t_logits, to_device(batch["targets"], device),
-                                      to_device(batch["target_mask"], device), w_kl=st.w_kl, w_rkl=st.w_rkl,
+                                      to_device(mask, device), w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale,
                                       w_ce=st.w_ce, temperature=st.temperature)
     else:
         total, metrics = torch.zeros((), device=device), {}
@@ -243,7 +262,7 @@ def micro_step(job: Job, acc, model, items: list, st: ResolvedStage, cfg) -> tup
         with acc.autocast():
             hidden, n_valid = align.alignment_loss(acc.unwrap_model(model), store, to_device(batch["valid"], device))
         # per real token, counted like the other terms (the trainer divides by the global batch's target tokens)
-        hidden = hidden * (float(batch["target_mask"].sum()) / n_valid)
+        hidden = hidden * (float(loss_mask(batch, getattr(st, "loss_positions", "responses")).sum()) / n_valid)
         total = total + w_hidden * hidden
         metrics["hidden"] = hidden.detach()
         metrics["loss"] = total.detach()
@@ -600,7 +619,8 @@ def run_training(cfg, kind: str) -> dict:
         if use_pack:
             g = torch.Generator().manual_seed(cfg.seed)
             order = torch.randperm(len(examples), generator=g).tolist()
-            job.items = pack([examples[i] for i in order], cfg.seq_len)
+            packer = pack_concat if cfg.packing == "concat" else pack
+            job.items = packer([examples[i] for i in order], cfg.seq_len)
         else:
             job.items = as_items(examples)
         job.eval_items = as_items(encode_records(tok, eval_records, cfg.seq_len)) if eval_records else None
@@ -608,7 +628,10 @@ def run_training(cfg, kind: str) -> dict:
     n_targets = sum(it.n_targets for it in job.items) if kind != "dpo" else None
 
     plans = [BatchPlan(len(job.items), global_batch, cfg.seed, st.index) for st in stages]
-    stage_steps = [st.steps if st.steps is not None else plans[i].steps_for(st.epochs) for i, st in enumerate(stages)]
+    mean_len = sum(lengths) / max(len(lengths), 1)
+    stage_steps = [st.steps if st.steps is not None
+                   else max(1, math.ceil(st.tokens / (global_batch * mean_len))) if st.tokens is not None
+                   else plans[i].steps_for(st.epochs) for i, st in enumerate(stages)]
     total_steps = sum(stage_steps)
     log(f"{kind}: {len(job.items)} {'pairs' if kind == 'dpo' else 'rows'} from {cfg.data}"
         + (f" ({n_targets:,} target tokens)" if n_targets is not None else "")
@@ -629,7 +652,7 @@ def run_training(cfg, kind: str) -> dict:
     reporter = Reporter(run_dir, main, total_steps, gstep)
     h = config_hash(cfg_d)
     last_ckpt = resume_ckpt
-    stopped = False
+    stopped = timed_out = False
     last_record: dict = {}
     evals: list[dict] = []
 
@@ -670,6 +693,9 @@ def run_training(cfg, kind: str) -> dict:
                 if cfg.max_steps is not None and gstep >= cfg.max_steps:
                     stopped = True
                     break
+                if out_of_time(acc, cfg, t_start):
+                    timed_out = True
+                    break
                 record = train_step(job, acc, model, optimizer, st, plan, step, steps, lengths, cfg, engine)
                 gstep += 1
                 last_record = record = {"step": gstep, **record}
@@ -692,14 +718,15 @@ def run_training(cfg, kind: str) -> dict:
                                                       last_record), cfg_d, tok, cfg.keep_checkpoints)
             acc.free_memory()
             del model, optimizer
-            if stopped:
+            if stopped or timed_out:
                 break
     finally:
         reporter.close()
 
     summary = {
         "command": kind, "output": str(run_dir), "steps": gstep, "total_steps": total_steps,
-        "stopped_early": stopped, "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "stopped_early": stopped or timed_out, "time_budget_reached": timed_out,
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
         "last": last_record, "evals": evals, "engine": engine, "processes": W, "global_batch": global_batch,
         "mixed_precision": acc.mixed_precision,
         "packing": packing_note, "seconds": round(time.perf_counter() - t_start, 2),
@@ -724,12 +751,13 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
     lr = lr_at(st, step, steps)
     set_lr(optimizer, lr)  # before the last backward: DeepSpeed steps inside it
     indices = plan.global_indices(step)
-    norm = max(job.count(indices), 1)
+    norm = max(job.count(indices, getattr(st, "loss_positions", "responses")), 1)
+    kl_scale = norm / len(indices) if getattr(st, "kl_reduction", "token") == "sequence" else 1.0
     sums: dict[str, torch.Tensor] = {}
     for micro in split_global_batch(indices, lengths, cfg.micro_batch_size, G, W, acc.process_index):
         with acc.accumulate(model):
             try:
-                total, metrics = micro_step(job, acc, model, [job.items[i] for i in micro], st, cfg)
+                total, metrics = micro_step(job, acc, model, [job.items[i] for i in micro], st, cfg, kl_scale)
                 acc.backward(total * (G * W / norm))
             except torch.OutOfMemoryError as exc:
                 raise out_of_memory(cfg) from exc
@@ -751,6 +779,16 @@ def trainer_state(gstep, si, st, stage_step, stage_steps, h, global_batch, world
     return {"global_step": gstep, "stage": si, "stage_name": st.name, "stage_step": stage_step,
             "stage_steps": stage_steps, "config_hash": h, "global_batch": global_batch, "world_size": world,
             "engine": engine, "last": record}
+
+
+def out_of_time(acc, cfg, t_start: float) -> bool:
+    """--max-seconds reached (every process agrees: the main process's clock decides)."""
+    if cfg.max_seconds is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t_start >= cfg.max_seconds)], device=acc.device)
+    if acc.num_processes > 1:
+        flag = acc.reduce(flag, reduction="sum")
+    return bool(flag.item() > 0)
 
 
 def clip_and_norm(acc, model, st: ResolvedStage, engine: str) -> float | None:
@@ -776,6 +814,8 @@ def decide_packing(cfg, student, frozen, stages) -> tuple[bool, str]:
     mode = getattr(cfg, "packing", "off")
     if mode == "off":
         return False, "off (--packing off)"
+    if mode == "concat":
+        return True, f"concat (examples concatenated into full rows of {cfg.seq_len}, positions running on)"
     reason = None
     if any(st.attn_layers is not None or st.attn_ratio is not None for st in stages):
         reason = "the stages turn layers into Mamba layers, which carry state across packed boundaries"

@@ -1,0 +1,173 @@
+"""Summarise a benchmarks/study_smollm2.sh run: curves, tables and the targets of issue 14.
+
+    python benchmarks/study_report.py --results runs/study/results --out runs/study/results
+
+Reads the run's metrics-*.jsonl (held-out CE at eval steps, tokens per step), eval-*-results.json (perplexity,
+agreement, KL, passkey), convert-*.json (the step-0 numbers) and data-generate.json. Writes study.json (every
+number the docs quote), study.md (the tables) and curves.png (held-out perplexity against tokens trained, and
+against wall time, per run, with the teacher's line and the +25% / +50% targets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+RUNS = {
+    "d50": "50% attention, default recipe (even spacing)",
+    "d25": "25% attention, default recipe (even spacing)",
+    "d50auto": "50% attention, default recipe, --attn-layers auto",
+    "p50": "50% attention, the paper's start and recipe",
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def curve(metrics: list[dict]) -> list[dict]:
+    """(tokens trained, seconds, stage, held-out perplexity) at every held-out evaluation."""
+    tokens = seconds = 0.0
+    by_step: dict[int, tuple[float, float]] = {0: (0.0, 0.0)}
+    for r in metrics:
+        if "eval_ce" in r:
+            continue
+        tokens += r.get("tokens", 0)
+        seconds += r.get("step_s", 0.0)
+        by_step[r["step"]] = (tokens, seconds)
+    out = []
+    for r in metrics:
+        if "eval_ce" in r:
+            t, s = by_step.get(r["step"], (tokens, seconds))
+            out.append({"step": r["step"], "stage": r.get("stage"), "tokens": t, "seconds": round(s, 1),
+                        "ppl": math.exp(r["eval_ce"]), "kl": r.get("eval_kl")})
+    return out
+
+
+def eval_rows(res: dict | None) -> dict:
+    """metric name -> (teacher, student) from an eval results.json."""
+    rows = {}
+    for r in (res or {}).get("rows", []):
+        rows[r["metric"]] = (r.get("teacher"), r.get("student"))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    res, out = Path(args.results), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    study: dict = {"runs": {}, "timeline": (res / "timeline.txt").read_text() if (res / "timeline.txt").is_file()
+                   else ""}
+    gen = read_json(res / "data-generate.json")
+    if gen:
+        study["data_generate"] = {k: gen.get(k) for k in ("tokens", "sampled_tokens", "sequences", "seconds",
+                                                          "tokens_per_s", "batch_size", "device") if k in gen}
+    teacher_ppl = None
+    for name, what in RUNS.items():
+        rec: dict = {"what": what}
+        conv = read_json(res / f"convert-{ {'d50': 'h50', 'd25': 'h25', 'd50auto': 'h50auto', 'p50': 'h50paper'}[name] }.json")
+        if conv:
+            cal = conv.get("calibration") or {}
+            rec["attn_layers"] = conv.get("attn_layers")
+            rec["step0_perplexity"] = cal.get("step0_perplexity")
+            rec["mean_rel_error"] = cal.get("mean_rel_error")
+            if cal.get("placement"):
+                rec["placement"] = {k: cal["placement"].get(k) for k in ("score", "attn_layers")}
+        rec["curve"] = curve(read_jsonl(res / f"metrics-{name}.jsonl"))
+        summ = read_json(res / f"summary-{name}.json")
+        if summ:
+            rec["training"] = {k: summ.get(k) for k in ("steps", "total_steps", "seconds", "time_budget_reached",
+                                                        "stopped_early")}
+            rec["tokens_trained"] = rec["curve"][-1]["tokens"] if rec["curve"] else None
+        ev = eval_rows(read_json(res / f"eval-{name}-results.json"))
+        if ev:
+            rec["eval"] = {k: {"teacher": v[0], "student": v[1]} for k, v in ev.items()}
+            for k, (t, s) in ev.items():
+                if k.startswith("perplexity (") and t is not None:
+                    teacher_ppl = t
+                    rec["heldout_ppl"] = s
+                    rec["ratio_to_teacher"] = s / t if s and t else None
+        study["runs"][name] = rec
+    study["teacher_heldout_ppl"] = teacher_ppl
+    d50, d25 = study["runs"].get("d50", {}), study["runs"].get("d25", {})
+    study["targets"] = {
+        "d50_within_25pct": (d50.get("ratio_to_teacher") or math.inf) <= 1.25,
+        "d50_within_10pct_aim": (d50.get("ratio_to_teacher") or math.inf) <= 1.10,
+        "d25_within_50pct": (d25.get("ratio_to_teacher") or math.inf) <= 1.50,
+        "d25_within_20pct_aim": (d25.get("ratio_to_teacher") or math.inf) <= 1.20,
+    }
+    (out / "study.json").write_text(json.dumps(study, indent=1))
+
+    lines = ["| run | attention layers | tokens trained | held-out ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, rec in study["runs"].items():
+        ev = rec.get("eval", {})
+        agree = next((v["student"] for k, v in ev.items() if k.startswith("next-token agreement")), None)
+        kl = next((v["student"] for k, v in ev.items() if k.startswith("KL(")), None)
+        pk = [v["student"] for k, v in ev.items() if k.startswith("accuracy @")]
+        f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+        lines.append(f"| {rec['what']} | {rec.get('attn_layers')} | {f((rec.get('tokens_trained') or 0) / 1e6, 1)} M | "
+                     f"{f(rec.get('heldout_ppl'))} | {f(rec.get('ratio_to_teacher'), 3)} | {f(agree, 3)} | {f(kl, 3)} | "
+                     f"{' / '.join(f(x) for x in pk) or '-'} |")
+    tpk = [v["teacher"] for k, v in (d50.get("eval") or {}).items() if k.startswith("accuracy @")]
+    lines.append(f"| teacher | all | - | {f(teacher_ppl)} | 1 | - | - | {' / '.join(f(x) for x in tpk) or '-'} |")
+    (out / "study.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps(study["targets"]))
+    plot(study, out / "curves.png")
+
+
+def plot(study: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for name, rec in study["runs"].items():
+        c = rec.get("curve") or []
+        if not c:
+            continue
+        axes[0].plot([p["tokens"] / 1e6 for p in c], [p["ppl"] for p in c], marker=".", label=rec["what"])
+        axes[1].plot([p["seconds"] / 60 for p in c], [p["ppl"] for p in c], marker=".", label=rec["what"])
+    t = study.get("teacher_heldout_ppl")
+    for ax in axes:
+        if t:
+            ax.axhline(t, color="k", lw=1, ls="--", label="teacher")
+            ax.axhline(1.25 * t, color="tab:green", lw=1, ls=":", label="teacher + 25%")
+            ax.axhline(1.5 * t, color="tab:olive", lw=1, ls=":", label="teacher + 50%")
+        ax.set_yscale("log")
+        ax.set_ylabel("held-out text perplexity")
+    axes[0].set_xlabel("tokens trained (M)")
+    axes[1].set_xlabel("training wall time (min, four runs sharing one GPU)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct students: held-out perplexity while training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

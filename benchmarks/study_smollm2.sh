@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# The quality study of issue 14 on the embedded default teacher (SmolLM2-135M-Instruct), in one sitting on one GPU:
+#
+#   teacher-generated data -> convert (calibrated start; 50%, 25%, 50% with --attn-layers auto, and the paper's
+#   start for the paper's recipe) -> distill (the default recipe; the paper's recipe at equal wall time) -> eval
+#   (held-out perplexity, agreement, KL, passkey at 1x/4x/20x, greedy answers beside the teacher's) -> report.
+#
+#   bash benchmarks/study_smollm2.sh                 # one GPU; about 22 minutes on an H200 with the defaults
+#   TINY=1 bash benchmarks/study_smollm2.sh          # a smoke run of every step on CPU (minutes)
+#
+# Inputs: DATA, a `mamballama data build` output (built here if absent). Results land in $RES (default
+# $WORK/results): the timeline, every command's JSON and log, metrics.jsonl of every run, eval reports and
+# heatmaps, answers.md, and study.json / curves.png from benchmarks/study_report.py. docs/results.md quotes them.
+#
+# Knobs (environment): WORK, RES, DATA, GEN_TOKENS (teacher-generated tokens), GEN_BS, GEN_NEW (max new tokens
+# per generated sequence), BUDGET_S (wall-clock seconds of training, shared by the four runs on one GPU),
+# ALIGN_TOK / KDM_TOK / KDA_TOK (the default recipe's stage lengths), PAPER_TOK (each of the paper recipe's two
+# stages), SEQ, MB, ACCUM, EVAL_EVERY, PPL_TOKENS, LENGTHS, TRIALS.
+set -uo pipefail
+WORK=${WORK:-runs/study}
+RES=${RES:-$WORK/results}
+DATA=${DATA:-$WORK/data}
+if [ -n "${TINY:-}" ]; then
+  GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-240}
+  ALIGN_TOK=${ALIGN_TOK:-3000}; KDM_TOK=${KDM_TOK:-3000}; KDA_TOK=${KDA_TOK:-3000}; PAPER_TOK=${PAPER_TOK:-4500}
+  SEQ=${SEQ:-128}; MB=${MB:-4}; ACCUM=${ACCUM:-1}; EVAL_EVERY=${EVAL_EVERY:-2}; PPL_TOKENS=${PPL_TOKENS:-1024}
+  LENGTHS=${LENGTHS:-1x}; TRIALS=${TRIALS:-1}; TEXT_LIMIT=${TEXT_LIMIT:-16}; EVAL_LIMIT=${EVAL_LIMIT:-4}
+  ANSWER_N=${ANSWER_N:-16}
+fi
+GEN_TOKENS=${GEN_TOKENS:-16000000}
+GEN_BS=${GEN_BS:-512}
+GEN_NEW=${GEN_NEW:-768}
+BUDGET_S=${BUDGET_S:-720}
+ALIGN_TOK=${ALIGN_TOK:-4000000}
+KDM_TOK=${KDM_TOK:-9000000}
+KDA_TOK=${KDA_TOK:-9000000}
+PAPER_TOK=${PAPER_TOK:-11000000}
+SEQ=${SEQ:-1024}
+MB=${MB:-16}
+ACCUM=${ACCUM:-2}
+EVAL_EVERY=${EVAL_EVERY:-40}
+PPL_TOKENS=${PPL_TOKENS:-32768}
+LENGTHS=${LENGTHS:-1x,4x,20x}
+TRIALS=${TRIALS:-3}
+TEXT_LIMIT=${TEXT_LIMIT:-}
+EVAL_LIMIT=${EVAL_LIMIT:-}
+ANSWER_N=${ANSWER_N:-160}
+mkdir -p "$WORK" "$RES"
+t0=$(date +%s)
+PY=${PY:-python3}
+MM=("$PY" -m mamballama_cli)
+stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
+
+stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S ALIGN_TOK=$ALIGN_TOK KDM_TOK=$KDM_TOK KDA_TOK=$KDA_TOK PAPER_TOK=$PAPER_TOK SEQ=$SEQ MB=$MB ACCUM=$ACCUM"
+"${MM[@]}" env > "$RES/env.txt" 2>&1
+[ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
+cp "$DATA/manifest.json" "$RES/data_manifest.json"
+if [ -n "$TEXT_LIMIT" ]; then head -n "$TEXT_LIMIT" "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
+else cp "$DATA/text-train.jsonl" "$WORK/text-train.jsonl"; fi
+if [ -n "$EVAL_LIMIT" ]; then head -n "$EVAL_LIMIT" "$DATA/text-heldout.jsonl" > "$WORK/text-heldout.jsonl"
+else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
+
+# 1. Convert. The first one caches the teacher (GGUF -> safetensors); then data generation and the other
+#    conversions run side by side.
+stage "convert h50 (calibrated start; caches the teacher)"
+"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
+stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h50-paper"
+"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
+    --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force --json \
+    > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
+gen_pid=$!
+{
+  "${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" --force --json > "$RES/convert-h25.json" 2> "$RES/convert-h25.log"
+  "${MM[@]}" convert default --ratio 0.5 --attn-layers auto --output "$WORK/h50auto" --force --json > "$RES/convert-h50auto.json" 2> "$RES/convert-h50auto.log"
+  "${MM[@]}" convert default --ratio 0.5 --init paper --output "$WORK/h50paper" --force --json > "$RES/convert-h50paper.json" 2> "$RES/convert-h50paper.log"
+} &
+wait
+stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
+
+# 2. Train. The default recipe is templates/distill-default.yaml with the stage lengths of this study; the
+#    paper's recipe is benchmarks/study/paper50.yaml. All four runs share the GPU, each under --max-seconds.
+"$PY" - "$WORK/default-recipe.yaml" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
+import sys, yaml
+out, *tok, seq, mb, accum = sys.argv[1:]
+cfg = yaml.safe_load(open("templates/distill-default.yaml"))
+for st, t in zip(cfg["stages"], tok):
+    st["tokens"] = float(t)
+cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
+yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
+EOF
+"$PY" - "$WORK/paper-recipe.yaml" "$PAPER_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
+import sys, yaml
+out, tok, seq, mb, accum = sys.argv[1:]
+cfg = yaml.safe_load(open("benchmarks/study/paper50.yaml"))
+for st in cfg["stages"]:
+    st["tokens"] = float(tok)
+cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
+yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
+EOF
+train_data="$WORK/gen,$WORK/text-train.jsonl"
+[ -f "$WORK/gen/manifest.json" ] || { train_data="$WORK/text-train.jsonl"; stage "no generated data: training on packaged text only"; }
+common=(--data "$train_data" --eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
+        --max-seconds "$BUDGET_S" --force --json)
+stage "distill x4 side by side (budget $BUDGET_S s each)"
+run() {  # run NAME MODEL CONFIG
+  "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" "${common[@]}" \
+      > "$RES/distill-$1.json" 2> "$RES/distill-$1.log"
+  echo "distill $1 exit $?" >> "$RES/timeline.txt"
+}
+run d50 h50 "$WORK/default-recipe.yaml" &
+run d25 h25 "$WORK/default-recipe.yaml" &
+run d50auto h50auto "$WORK/default-recipe.yaml" &
+run p50 h50paper "$WORK/paper-recipe.yaml" &
+wait
+for r in d50 d25 d50auto p50; do
+  cp "$WORK/run-$r/metrics.jsonl" "$RES/metrics-$r.jsonl" 2>/dev/null
+  cp "$WORK/run-$r/training_summary.json" "$RES/summary-$r.json" 2>/dev/null
+done
+
+# 3. Evaluate every student against the teacher (and the teacher alone), side by side.
+stage "eval"
+ev=(--teacher default --tasks perplexity,passkey --ppl-data "$WORK/text-heldout.jsonl" --ppl-max-tokens "$PPL_TOKENS"
+    --ppl-max-length "$SEQ" --lengths "$LENGTHS" --depths 0,0.5,1 --trials "$TRIALS" --force)
+for r in d50 d25 d50auto p50; do
+  [ -f "$WORK/run-$r/config.json" ] || continue
+  "${MM[@]}" eval "$WORK/run-$r" "${ev[@]}" --output "$WORK/eval-$r" > "$RES/eval-$r.txt" 2> "$RES/eval-$r.log" &
+done
+"${MM[@]}" eval "$WORK/h50" "${ev[@]}" --tasks perplexity --output "$WORK/eval-h50-start" > "$RES/eval-h50-start.txt" 2> "$RES/eval-h50-start.log" &
+"$PY" benchmarks/study_answers.py --prompts "$DATA/prompts-heldout.jsonl" -n 5 --max-new-tokens "$ANSWER_N" \
+    --models "teacher=default,d50=$WORK/run-d50,d25=$WORK/run-d25,d50auto=$WORK/run-d50auto,p50=$WORK/run-p50" \
+    --output "$RES/answers.md" > "$RES/answers.log" 2>&1 &
+wait
+for r in d50 d25 d50auto p50 h50-start; do
+  cp "$WORK/eval-$r/results.json" "$RES/eval-$r-results.json" 2>/dev/null
+  cp "$WORK/eval-$r/report.md" "$RES/eval-$r-report.md" 2>/dev/null
+  for png in "$WORK/eval-$r"/*.png; do [ -f "$png" ] && cp "$png" "$RES/eval-$r-$(basename "$png")"; done
+done
+stage "report"
+"$PY" benchmarks/study_report.py --results "$RES" --out "$RES" > "$RES/report.log" 2>&1
+tail -n 30 "$RES/report.log"
+stage "done"

@@ -1,0 +1,137 @@
+"""The default distillation recipe and the loss options of issue 14, through the real CLI on tiny models."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from clihelp import run_cli
+from helpers import save_teacher, tiny_llama, tiny_tokenizer
+
+DATA = Path(__file__).parent / "data"
+TRAIN, EVAL = str(DATA / "chat_train.jsonl"), str(DATA / "chat_eval.jsonl")
+SMALL = ["--seq-len", "96", "--micro-batch-size", "2", "--gradient-accumulation-steps", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from mamballama_cli.convert.converter import convert_model
+
+    root = tmp_path_factory.mktemp("recipe")
+    teacher = tiny_llama(seed=0, n_heads=4, n_kv=2)
+    tdir = save_teacher(root / "teacher", model=teacher)
+    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
+                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
+    hdir = root / "hybrid"
+    hybrid.save_pretrained(hdir)
+    tiny_tokenizer().save_pretrained(hdir)
+    return {"teacher": tdir, "hybrid": hdir}
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train(capsys, model, out, *args) -> dict:
+    r = run_cli(["distill", model, "--output", out, "--json", *args], capsys)
+    assert r.code == 0, r.err[-3000:]
+    return json.loads(r.out)
+
+
+def test_distill_without_a_template_runs_the_default_recipe(models, tmp_path, capsys):
+    """align (mixers only, alignment loss, no logits) -> kd-mixers -> kd-all, lengths in tokens."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    s = train(capsys, models["hybrid"], out, "--data", TRAIN, "--tokens", "300", *SMALL)
+    recs = [r for r in metrics(out) if "loss" in r]
+    stages = [r["stage"] for r in recs]
+    assert stages[0] == "align" and "kd-mixers" in stages and stages[-1] == "kd-all"
+    align = [r for r in recs if r["stage"] == "align"]
+    kd = [r for r in recs if r["stage"] != "align"]
+    assert all("hidden" in r and "kl" not in r for r in align)
+    assert all("kl" in r and "hidden" not in r for r in kd)
+    # tokens -> steps: ceil(300 / (global batch 2 x mean row length)) per stage, the same for all three
+    per_stage = {st: stages.count(st) for st in ("align", "kd-mixers", "kd-all")}
+    assert len(set(per_stage.values())) == 1 and s["total_steps"] == 3 * per_stage["align"]
+    cfg = json.loads((out / "run_config.yaml").read_text()) if False else None  # noqa: F841  (yaml below)
+    import yaml
+
+    run_cfg = yaml.safe_load((out / "run_config.yaml").read_text())
+    assert run_cfg["loss_positions"] == "all" and run_cfg["packing"] == "concat"
+    # the final model loads and differs from the input in mixers and elsewhere (kd-all trains everything)
+    before = load_file(str(models["hybrid"] / "model.safetensors"))
+    after = load_file(str(out / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k].to(before[k].dtype))}
+    assert any(".mamba." in k for k in changed) and any("mlp" in k for k in changed)
+
+
+def test_loss_positions_all_takes_the_teacher_on_prompts_but_never_on_padding():
+    from mamballama_cli.training.data import Item, collate
+    from mamballama_cli.training.trainer import loss_mask
+
+    items = [Item([1, 5, 6, 7, 8, 2], [False, False, False, True, True, True]), Item([1, 9, 2], [False, True, True])]
+    batch = collate(items, pad_id=0)
+    resp = loss_mask(batch, "responses")
+    every = loss_mask(batch, "all")
+    assert torch.equal(resp, batch["target_mask"])
+    # row 0: positions 0..4 predict a real next token; row 1: positions 0..1; padding and last tokens never
+    assert every.tolist() == [[True] * 5 + [False], [True, True, False, False, False, False]]
+    assert bool((every | ~resp).all())  # every response target is also an 'all' position
+
+
+def test_kl_reduction_sequence_weighs_kl_per_sequence_like_the_papers_code(models, tmp_path, capsys):
+    """loss = w_kl * KL summed per sequence (averaged over sequences) + w_ce * CE per token."""
+    out = tmp_path / "seq"
+    train(capsys, models["hybrid"], out, "--template", "none", "--data", TRAIN, "--steps", "2", "--w-kl", "0.1",
+          "--w-ce", "1", "--kl-reduction", "sequence", "--lr", "1e-9", *SMALL)
+    for r in (x for x in metrics(out) if "loss" in x):
+        gb = 2  # items in the global batch (micro-batch 2 x accumulation 1)
+        expected = 0.1 * r["kl"] * r["count"] / gb + r["ce"]
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
+        assert r["count"] / gb > 5  # many tokens per sequence: KL dominates as in the paper's code
+    out2 = tmp_path / "tok"
+    train(capsys, models["hybrid"], out2, "--template", "none", "--data", TRAIN, "--steps", "1", "--w-kl", "0.1",
+          "--w-ce", "1", "--lr", "1e-9", *SMALL)
+    r = next(x for x in metrics(out2) if "loss" in x)
+    assert r["loss"] == pytest.approx(0.1 * r["kl"] + r["ce"], rel=1e-5)
+
+
+def test_max_seconds_stops_and_still_writes_the_final_model(models, tmp_path, capsys):
+    out = tmp_path / "budget"
+    s = train(capsys, models["hybrid"], out, "--template", "none", "--data", TRAIN, "--steps", "50",
+              "--max-seconds", "0.01", *SMALL)
+    assert s["time_budget_reached"] and s["steps"] < 50
+    assert (out / "model.safetensors").is_file() and s.get("model") == str(out)
+
+
+def test_concat_packing_fills_every_row(models, tmp_path, capsys):
+    from mamballama_cli.training.data import Example, pack_concat
+
+    rows = pack_concat([Example([1, 2, 3], [False, True, True]), Example([4, 5, 6, 7], [False, False, True, True]),
+                        Example([8, 9], [False, True])], 4)
+    assert [r.ids for r in rows] == [[1, 2, 3, 4], [5, 6, 7, 8], [9]][:2]  # the 1-token tail predicts nothing
+    assert rows[0].mask == [False, True, True, False] and rows[1].mask == [False, True, True, False]
+    out = tmp_path / "concat"
+    s = train(capsys, models["hybrid"], out, "--template", "none", "--data", TRAIN, "--steps", "2",
+              "--packing", "concat", *SMALL)
+    assert s["packing"].startswith("concat")
+    recs = [r for r in metrics(out) if "loss" in r]
+    assert all(r["tokens"] == 2 * 96 for r in recs)  # two full rows per step, no padding
+
+
+def test_bad_recipe_options_are_one_line_errors(models, tmp_path, capsys):
+    for flag, value in (("--loss-positions", "prompts"), ("--kl-reduction", "batch"), ("--tokens", "0"),
+                        ("--max-seconds", "-1")):
+        r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "--output", tmp_path / "x", flag, value], capsys)
+        assert r.code != 0 and len(r.err.strip().splitlines()) == 1, (flag, r.err)
+        assert flag.lstrip("-").replace("-", "_") in r.err or flag in r.err
