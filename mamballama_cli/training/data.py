@@ -404,15 +404,17 @@ def pack_concat(examples: list[Example], seq_len: int) -> list[Item]:
     exact. Every row is full: no padding, no wasted compute. The tail shorter than ``seq_len`` is kept as a
     last, shorter row.
     """
-    ids: list[int] = []
-    mask: list[bool] = []
-    for ex in examples:
-        ids += list(ex.ids)
-        mask += list(ex.mask)
-    rows = [Item(ids[s:s + seq_len], mask[s:s + seq_len]) for s in range(0, len(ids), seq_len)]
-    for row in rows:
-        if row.mask:
-            row.mask[0] = False
+    import numpy as np
+
+    if not examples:
+        return []
+    ids = np.concatenate([np.asarray(ex.ids, dtype=np.int64) for ex in examples])
+    mask = np.concatenate([np.asarray(ex.mask, dtype=bool) for ex in examples])
+    rows = []
+    for s in range(0, len(ids), seq_len):
+        m = mask[s:s + seq_len].tolist()
+        m[0] = False
+        rows.append(Item(ids[s:s + seq_len].tolist(), m))
     return [r for r in rows if len(r) > 1]
 
 
