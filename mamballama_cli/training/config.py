@@ -279,7 +279,7 @@ def _check_stage_values(obj, prefix: str) -> None:
 
 def merge_train_config(cls, *, template: str | None, config_file: str | Path | None, overrides: dict):
     """defaults < template < config file < flags, with flags (and file keys) replacing stage values below them."""
-    from mamballama_cli.config import _check_keys, build, find_template, read_yaml
+    from mamballama_cli.config import _check_keys, build, check_types, find_template, read_yaml
 
     given = {k: v for k, v in overrides.items() if v is not None}
     layers: list[tuple[str, dict]] = []
@@ -295,6 +295,7 @@ def merge_train_config(cls, *, template: str | None, config_file: str | Path | N
             if not isinstance(st, dict):
                 raise UsageError(f"{source}: stages[{i}] must be a mapping of stage keys")
             _check_keys(Stage, st, f"{source} stages[{i}]")
+        check_types(cls, data, source)
     merged: dict = {}
     for depth, (_, data) in enumerate(layers):
         above = {k for _, d in layers[depth + 1:] for k in d}  # top-level keys a higher source sets
