@@ -28,7 +28,7 @@ SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN_CONTROL_KEYS = frozenset({
     "output", "force", "resume", "max_steps", "save_every", "keep_checkpoints", "log_every", "eval_every",
     "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
-    "gradient_checkpointing", "save_dtype",
+    "gradient_checkpointing", "save_dtype", "nan_patience",
 })
 
 
@@ -95,6 +95,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # steps between held-out evaluations (0: stage starts and ends only)
     skip_bad_lines: bool = False
+    nan_patience: int = 0  # consecutive steps with a non-finite loss or gradient tolerated (skipped); 0: stop at once
     save_dtype: str = "auto"  # dtype of the final model (auto: the input model's)
     accelerate_config: str | None = None
 
@@ -111,6 +112,8 @@ class TrainConfig:
                           ("keep_checkpoints", 1), ("log_every", 1)):
             if int(getattr(self, name)) < low:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        if self.nan_patience < 0:
+            raise UsageError(f"--nan-patience {self.nan_patience} must be 0 (stop at the first) or more")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"--max-steps {self.max_steps} must be at least 1")
         if self.mixed_precision not in MIXED_PRECISION:
