@@ -131,13 +131,43 @@ def _require_gguf() -> None:
         raise MamballamaError("reading GGUF files needs the gguf package; run: pip install gguf") from None
 
 
+def _unreadable_gguf(path: Path, exc: BaseException) -> MamballamaError:
+    """A GGUF whose header is valid but whose metadata or tensors are not: say so instead of transformers'
+    "config file is not valid JSON"."""
+    why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return MamballamaError(f"teacher {str(path)!r} is not a readable GGUF file: its metadata or tensors cannot be "
+                           f"parsed ({type(exc).__name__}: {why}); the file is truncated or corrupted, download it "
+                           "again")
+
+
+def _gguf_config(path: Path):
+    """The config of a GGUF teacher; a damaged file is a one-line error naming it."""
+    from transformers import AutoConfig
+
+    _require_gguf()
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers reports a damaged GGUF as "config file is not valid JSON"
+        cause = exc
+        try:  # the reader's own complaint says more
+            from gguf import GGUFReader
+
+            GGUFReader(str(path))
+        except Exception as reader_exc:  # noqa: BLE001
+            cause = reader_exc
+        raise _unreadable_gguf(path, cause) from exc
+
+
 def _load_gguf(gguf_path: Path, dtype):
     _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading GGUF {gguf_path.name} (dequantising; this takes about half a minute)...")
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _unreadable_gguf(gguf_path, exc) from exc
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -194,7 +224,13 @@ def load_teacher(spec: str, dtype=None, allow_download: bool = True):
         log(f"using the cached default teacher {path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
-    except ValueError as exc:
+    except Exception as exc:
+        from mamballama_cli.loading import unreadable_weights
+
+        if damaged := unreadable_weights(spec, path, exc):
+            raise damaged from exc
+        if not isinstance(exc, ValueError):
+            raise
         msg = str(exc).splitlines()[0]
         raise MamballamaError(f"teacher {spec!r}: transformers cannot load it ({msg})") from exc
     try:
@@ -211,14 +247,12 @@ def peek_teacher_config(spec: str):
 
     source = resolve_teacher(spec)
     if source.kind == "gguf":
-        _require_gguf()
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name), source
+        return _gguf_config(source.path), source
     if source.kind == "default":
         target = default_teacher_dir()
         if (target / "config.json").is_file():
             return AutoConfig.from_pretrained(str(target)), source
-        _require_gguf()
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name), source
+        return _gguf_config(source.path), source
     try:
         return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False), source
     except ValueError as exc:

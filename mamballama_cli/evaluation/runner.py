@@ -336,6 +336,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     tasks = cfg.task_list()
     preflight(cfg, tasks)
+    from mamballama_cli.io import check_writable_parent
+
+    check_writable_parent(Path(cfg.output).expanduser())  # before any checkpoint is read or hashed
     pair = ModelPair(cfg.model, cfg.teacher, cfg.dtype, cfg.device)
     check_lengths(cfg, tasks, pair, resolve_distill_length(cfg, pair, warn=True))
     hash_cache = cache_dir() / "checkpoint_hashes.json"

@@ -138,7 +138,14 @@ def run_export(cfg: ExportConfig) -> dict:
     from mamballama_cli.io import atomic_dir, write_json_atomic
 
     log(f"loading {src} ...")
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", trust_remote_code=False).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", trust_remote_code=False).eval()
+    except Exception as exc:
+        from mamballama_cli.loading import unreadable_weights
+
+        if damaged := unreadable_weights(cfg.model, src, exc):
+            raise damaged from exc
+        raise
     dtype = next(model.parameters()).dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     hcfg = model.config
     gconfig = granite.granite_config(hcfg, dtype)
