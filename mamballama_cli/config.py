@@ -63,8 +63,48 @@ def _check_keys(cls, data: dict, source: str) -> None:
             )
 
 
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+
+
+def _bool(value, key: str) -> bool:
+    """A real boolean, 0/1, or one of yes/no/true/false/on/off/1/0 (any case); anything else names the key."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise UsageError(f"{key}: {value!r} is not a boolean; use true or false (or yes/no, on/off, 1/0)")
+
+
+def _int(value, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise UsageError(f"{key}: {value!r} is not an integer; give a whole number")
+
+
+def _float(value, key: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise UsageError(f"{key}: {value!r} is not a number; give e.g. 0.5 or 1e-4")
+
+
 def _coerce(tp, value, key: str):
-    """Coerce YAML/CLI values to the dataclass field type for simple types and nested dataclasses."""
+    """Coerce YAML/CLI values to the dataclass field type: booleans, integers and numbers strictly (a wrong
+    type is a one-line error naming the key), nested dataclasses and lists element by element."""
     if value is None:
         return None
     origin = typing.get_origin(tp)
@@ -74,28 +114,38 @@ def _coerce(tp, value, key: str):
             return _coerce(args[0], value, key)
         return value
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return build(tp, value, source=f"key {key!r}")
-    if origin is list and isinstance(value, list):
+        return build(tp, value, source=f"key {key!r}", prefix=f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            if typing.get_args(tp) and typing.get_args(tp)[0] is str:
+                return value  # comma strings stand for lists of names (evaluation.config.split_list)
+            raise UsageError(f"{key}: {value!r} is not a list; write it as a YAML list, e.g. [x, y]")
         (inner,) = typing.get_args(tp) or (Any,)
-        return [_coerce(inner, v, key) for v in value]
-    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise UsageError(f"{key}: {value!r} is not a number")
-    if tp is int and isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            raise UsageError(f"{key}: {value!r} is not an integer")
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        return _bool(value, key)
+    if tp is int:
+        return _int(value, key)
+    if tp is float:
+        return _float(value, key)
     return value
 
 
-def build(cls: type[T], data: dict, source: str = "config") -> T:
+def build(cls: type[T], data: dict, source: str = "config", prefix: str = "") -> T:
+    """``cls`` from ``data``: unknown keys and values of the wrong type are errors naming the key."""
     _check_keys(cls, data, source)
     hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(hints.get(k, Any), v, k) for k, v in data.items()}
+    kwargs = {k: _coerce(hints.get(k, Any), v, f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)
+
+
+def check_types(cls, data: dict, source: str) -> None:
+    """Check one source's values against ``cls`` (keys and types) so that an error names that source."""
+    try:
+        build(cls, data, source)
+    except UsageError as exc:
+        msg = str(exc)
+        raise UsageError(msg if msg.startswith(("unknown key", source)) else f"{source}: {msg}") from None
 
 
 def merge_config(cls: type[T], *, template: str | None = None, config_file: str | Path | None = None,
@@ -105,11 +155,11 @@ def merge_config(cls: type[T], *, template: str | None = None, config_file: str 
     if template:
         tpath = find_template(template)
         tdata = read_yaml(tpath)
-        _check_keys(cls, tdata, f"template {tpath.name}")
+        check_types(cls, tdata, f"template {tpath.name}")
         data.update(tdata)
     if config_file:
         fdata = read_yaml(config_file)
-        _check_keys(cls, fdata, f"config file {config_file}")
+        check_types(cls, fdata, f"config file {config_file}")
         data.update(fdata)
     for key, value in (overrides or {}).items():
         if value is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata as md
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,8 +56,14 @@ class Registry:
                     obj = obj()
                 for item in obj if isinstance(obj, (list, tuple)) else [obj]:
                     self.register(item, origin=origin, entry_point=f"{ep.name} = {ep.value}")
-            except Exception as exc:  # a broken plugin must not take the CLI down
-                self.errors.append(f"{origin}: entry point {ep.name!r} failed to load: {exc}")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the CLI down
+                what = (f"called sys.exit({exc.code!r}) on import" if isinstance(exc, SystemExit)
+                        else f"failed to load: {type(exc).__name__}: {exc}")
+                error = f"{origin}: entry point {ep.name!r} {what}"
+                self.errors.append(error)
+                print(f"warning: plugin not loaded: {error}", file=sys.stderr, flush=True)
 
     def get(self, name: str) -> Any | None:
         self._ensure_loaded()

@@ -26,10 +26,13 @@ def err(msg: str) -> None:
 
 
 def read_prompt(prompt: str | None) -> str:
-    if prompt is None or prompt == "-":
-        if prompt is None and sys.stdin.isatty():
-            from mamballama_cli.errors import UsageError
+    """The prompt text: ``--prompt TEXT``, or stdin only when asked with ``--prompt -``; never empty."""
+    from mamballama_cli.errors import UsageError
 
-            raise UsageError("no prompt: pass --prompt TEXT, or --prompt - to read it from stdin")
-        return sys.stdin.read()
-    return prompt
+    if prompt is None:
+        raise UsageError("no prompt: pass --prompt TEXT, or --prompt - to read it from stdin")
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        where = "stdin was empty" if prompt == "-" else "--prompt is empty"
+        raise UsageError(f"{where}; give the text to continue, e.g. --prompt 'Once upon a time'")
+    return text

@@ -67,6 +67,9 @@ def command(
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Final model dtype (auto: the input's)."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed data lines (with a "
                                         "count) instead of stopping."),
+    nan_patience: Optional[int] = typer.Option(None, "--nan-patience", help="Consecutive steps with a non-finite "
+                                               "loss or gradient to skip before stopping (default 0: stop at the "
+                                               "first, keeping the last finite checkpoint)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
     accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="Run under `accelerate "
@@ -85,7 +88,7 @@ def command(
         temperature=temperature, w_hidden=w_hidden, trainable=trainable, packing=packing, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every, save_dtype=save_dtype,
-        skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
+        skip_bad_lines=skip_bad_lines or None, nan_patience=nan_patience, resume=resume or None, force=force or None,
         accelerate_config=accelerate_config,
     )
     if template is None:

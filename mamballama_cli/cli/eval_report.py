@@ -63,6 +63,8 @@ def command(
     judge_modes: Optional[str] = typer.Option(None, "--judge-modes", help="single,pairwise (default both)."),
     judge_concurrency: Optional[int] = typer.Option(None, "--judge-concurrency", help="Parallel judge requests "
                                                     "(default 4)."),
+    allow_judge_failures: bool = typer.Option(False, "--allow-judge-failures", help="Exit 0 even when every "
+                                              "judge call failed (by default that is an error)."),
     speed_contexts: Optional[str] = typer.Option(None, "--speed-contexts", help="speed: prompt lengths of the "
                                                  "context sweep (default 1k,4k; '' for none)."),
     speed_batch_sizes: Optional[str] = typer.Option(None, "--speed-batch-sizes", help="speed: batch sizes "
@@ -87,7 +89,8 @@ def command(
                        lm_eval_include=lm_eval_include, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
                        mt_bench=mt_bench, alpaca_eval=alpaca_eval, max_new_tokens=max_new_tokens,
                        judge_base_url=judge_base_url, judge_model=judge_model, judge_api_key_env=judge_api_key_env,
-                       judge_modes=judge_modes, judge_concurrency=judge_concurrency, speed_contexts=speed_contexts,
+                       judge_modes=judge_modes, judge_concurrency=judge_concurrency,
+                       allow_judge_failures=allow_judge_failures or None, speed_contexts=speed_contexts,
                        speed_batch_sizes=speed_batch_sizes, speed_new_tokens=speed_new_tokens),
     )
     result = run_eval(cfg)

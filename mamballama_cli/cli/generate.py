@@ -41,10 +41,14 @@ def command(
                                "step for hybrids on CUDA, else transformers), static, transformers."),
 ):
     from mamballama_cli.cli.common import err, read_prompt
-    from mamballama_cli.generation.plain import SamplingConfig, encode_prompt, generate
+    from mamballama_cli.generation.plain import SamplingConfig, check_request, encode_prompt, generate
     from mamballama_cli.loading import load_causal_lm
 
     text = read_prompt(prompt)
+    if stats_json:  # a path that cannot be written fails now, not after loading and decoding
+        from mamballama_cli.io import check_output_file
+
+        check_output_file(stats_json, "--stats-json")
     if speculative or draft:
         from mamballama_cli.config import merge_config
         from mamballama_cli.generation.speculative import SpeculativeConfig, format_stats, run_speculative
@@ -68,6 +72,7 @@ def command(
 
         raise MamballamaError(f"model {model!r} has no tokenizer files; convert it again or copy the teacher's")
     ids = encode_prompt(tok, text, chat, system)
+    check_request(lm, ids.shape[1], max_new_tokens, engine)
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
 
     def emit(piece: str) -> None:

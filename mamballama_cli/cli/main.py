@@ -77,7 +77,8 @@ def main() -> None:
             common.err("error: out of memory; reduce --micro-batch-size or sequence length, enable gradient "
                        "checkpointing, or shard with ZeRO-3/FSDP")
             sys.exit(1)
-        common.err(f"error: {type(exc).__name__}: {exc} (rerun with --verbose for the traceback)")
+        hint = "" if STATE["verbose"] else " (rerun with --verbose for the traceback)"  # shown above otherwise
+        common.err(f"error: {type(exc).__name__}: {exc}{hint}")
         sys.exit(1)
 
 

@@ -48,8 +48,6 @@ def plugin_rows() -> tuple[list[dict], list[str]]:
 @app.command("list", help="List plugins (built-ins included), their versions and what each registers.")
 @command_io
 def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
-    import sys
-
     rows, errors = plugin_rows()
     if json_out:
         out(json.dumps({"registrations": rows, "errors": errors}, indent=2))
@@ -65,6 +63,4 @@ def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON
             covers = ", ".join(r["model_types"]) if r["kind"] == "teacher" else r["description"]
             t.add_row(r["plugin"], r["version"] or "-", what, r["name"], covers)
         console().print(t)
-    # A broken plugin does not stop the others from loading; say which one failed and why.
-    for e in errors:
-        print(f"warning: plugin not loaded: {e}", file=sys.stderr)
+    # A broken plugin does not stop the others from loading; the registry warned on stderr when it failed.

@@ -47,6 +47,9 @@ def command(
     eval_every: Optional[int] = typer.Option(None, "--eval-every"),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype"),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    nan_patience: Optional[int] = typer.Option(None, "--nan-patience", help="Consecutive steps with a non-finite "
+                                               "loss or gradient to skip before stopping (default 0: stop at the "
+                                               "first, keeping the last finite checkpoint)."),
     resume: bool = typer.Option(False, "--resume"),
     force: bool = typer.Option(False, "--force"),
     accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config"),
@@ -63,7 +66,7 @@ def command(
         temperature=temperature, trainable=trainable, packing=packing, mixed_precision=mixed_precision,
         gradient_checkpointing=gradient_checkpointing, seed=seed, save_every=save_every,
         keep_checkpoints=keep_checkpoints, log_every=log_every, eval_every=eval_every, save_dtype=save_dtype,
-        skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
+        skip_bad_lines=skip_bad_lines or None, nan_patience=nan_patience, resume=resume or None, force=force or None,
         accelerate_config=accelerate_config,
     )
     run_command("sft", SFTConfig, template=template, config_file=config, overrides=overrides, json_out=json_out)

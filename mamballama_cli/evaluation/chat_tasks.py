@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mamballama_cli.evaluation.config import EvalConfig
 from mamballama_cli.evaluation.models import STUDENT, TEACHER
-from mamballama_cli.evaluation.runner import Run, _sha, log
+from mamballama_cli.evaluation.runner import Run, _sha, log, safe_name
 
 def _judge_client(cfg: EvalConfig):
     from mamballama_cli.evaluation.judge import JudgeClient
@@ -31,6 +31,11 @@ def _run_jobs(run: Run, jobs: list, label: str) -> list:
     with ThreadPoolExecutor(max_workers=run.cfg.judge_concurrency) as pool:
         results = list(pool.map(lambda job: job(), jobs))
     log(f"[{label}] judged in {time.perf_counter() - t0:.1f} s")
+    failed = [r for r in results if r["status"] == "failed"]
+    run.judge_calls["total"] += len(results)
+    run.judge_calls["failed"] += len(failed)
+    if failed and not run.judge_calls["first_failure"]:
+        run.judge_calls["first_failure"] = failed[0].get("detail") or "no detail"
     return results
 
 
@@ -105,8 +110,10 @@ def _win_rate(results: list[dict]) -> tuple[float | None, float | None]:
 def _judge_settings(cfg: EvalConfig, **extra) -> dict:
     from mamballama_cli.evaluation.judge import PROMPT_VERSION
 
-    return {"judge_model": cfg.judge_model, "judge_url": cfg.judge_base_url, "prompt_version": PROMPT_VERSION,
-            "max_tokens": cfg.judge_max_tokens, **extra}
+    from mamballama_cli.redact import redact_url
+
+    return {"judge_model": cfg.judge_model, "judge_url": redact_url(cfg.judge_base_url),
+            "prompt_version": PROMPT_VERSION, "max_tokens": cfg.judge_max_tokens, **extra}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -136,7 +143,7 @@ def task_mt_bench(run: Run) -> None:
 
             answers[role][q["question_id"]] = run.store.run("mt-bench-answer", role, f"q{q['question_id']}",
                                                             settings, compute)
-        _write_jsonl(run.out / "mt_bench" / "model_answer" / f"{pair.name(role)}.jsonl",
+        _write_jsonl(run.out / "mt_bench" / "model_answer" / f"{safe_name(pair.name(role))}.jsonl",
                      [chat.mt_bench_record(q["question_id"], pair.name(role), answers[role][q["question_id"]])
                       for q in questions])
     rep.note("MT-Bench", f"questions: {source} ({len(questions)}); answers in FastChat's format under "
@@ -205,7 +212,7 @@ def task_mt_bench(run: Run) -> None:
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+    return safe_name(re.sub(r"[^A-Za-z0-9_.-]+", "_", text))
 
 
 def task_alpaca_eval(run: Run) -> None:
@@ -232,8 +239,8 @@ def task_alpaca_eval(run: Run) -> None:
         name = pair.name(role)
         from mamballama_cli.io import write_json_atomic
 
-        (run.out / "alpaca_eval" / name).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run.out / "alpaca_eval" / name / "model_outputs.json",
+        (run.out / "alpaca_eval" / safe_name(name)).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.out / "alpaca_eval" / safe_name(name) / "model_outputs.json",
                           [chat.alpaca_eval_record(item, out, name) for item, out in zip(items, outputs[role])])
     lens = {role: sum(len(o) for o in outs) / len(outs) for role, outs in outputs.items()}
     rep.add("alpaca-eval", "mean answer length (characters)", lens.get(TEACHER), lens[STUDENT])
@@ -276,7 +283,8 @@ def task_alpaca_eval(run: Run) -> None:
                  f"{c['total']} judgments parsed ({c['unparsed']} unparsed, {c['refused']} refused, "
                  f"{c['malformed']} malformed, {c['failed']} failed)")
         rep.details.setdefault("alpaca-eval", {})[f"{role}_pair_counts"] = c
-        _write_jsonl(run.out / "alpaca_eval" / pair.name(role) / f"annotations_{_slug(cfg.judge_model)}.jsonl",
+        _write_jsonl(run.out / "alpaca_eval" / safe_name(pair.name(role)) /
+                     f"annotations_{_slug(cfg.judge_model)}.jsonl",
                      [{"instruction": items[i // 2]["instruction"], **res} for i, res in enumerate(results)])
     if has_reference:
         rep.add("alpaca-eval", f"win rate vs {baseline_name} (ties 0.5)", rates.get(TEACHER, (None,))[0],

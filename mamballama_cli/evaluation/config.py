@@ -73,6 +73,7 @@ class EvalConfig:
     judge_backoff_s: float = 2.0
     judge_timeout_s: float = 120.0
     judge_max_tokens: int = 1024
+    allow_judge_failures: bool = False  # exit 0 even when every judge call failed
 
     # speed (the speed benchmark of `mamballama eval speed`, run with small settings for the report)
     speed_contexts: str | None = "1k,4k"  # prompt lengths of the memory/context sweep ("" for none)

@@ -55,17 +55,33 @@ class Reply:
 class JudgeClient:
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", retries: int = 5,
                  backoff_s: float = 2.0, timeout_s: float = 120.0, max_tokens: int = 1024):
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        from urllib.parse import unquote, urlsplit, urlunsplit
+
+        from mamballama_cli.redact import redact_url, url_secrets
+
+        parts = urlsplit(base_url)
+        parts = parts._replace(path=parts.path.rstrip("/") + "/chat/completions")  # a query stays a query
+        self._basic = None
+        if "@" in parts.netloc:  # credentials in the URL: sent as Basic auth (urllib cannot take them in the URL)
+            self._basic = (unquote(parts.username or ""), unquote(parts.password or ""))
+            parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+        self.url = urlunsplit(parts)
+        self.shown_url = redact_url(urlunsplit(parts._replace(netloc=urlsplit(base_url).netloc)))  # for messages
         self.model = model
         self.api_key_env = api_key_env
         self._key = os.environ.get(api_key_env) or None
+        # scrubbed from error texts (very short values would garble them; they only leak inside URLs, redacted)
+        self._secrets = [s for s in [self._key, *url_secrets(base_url)] if s and len(s) >= 4]
         self.retries, self.backoff_s, self.timeout_s, self.max_tokens = retries, backoff_s, timeout_s, max_tokens
         self._lock = threading.Lock()
         self._limit_key = "max_tokens"
         self.calls = 0
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
+        """``text`` without the API key or any credential of the URL."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text.replace(self.url, self.shown_url)
 
     def _wait(self, attempt: int, retry_after: str | None) -> None:
         delay = self.backoff_s * (2 ** attempt)
@@ -92,6 +108,11 @@ class JudgeClient:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        elif self._basic:
+            import base64
+
+            token = base64.b64encode(f"{self._basic[0]}:{self._basic[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
         last = ""
         for attempt in range(self.retries + 1):
             with self._lock:
@@ -104,8 +125,10 @@ class JudgeClient:
                 text = self._scrub(exc.read().decode("utf-8", "replace")[:200]) if exc.fp else ""
                 if exc.code in (401, 403):
                     who = f"${self.api_key_env}" if self._key else f"no key (${self.api_key_env} is not set)"
-                    raise MamballamaError(f"the judge endpoint {self.url} rejected the credentials (HTTP {exc.code}) "
-                                          f"sent from {who}; set it to a valid key") from None
+                    if not self._key and self._basic:
+                        who = "the credentials in --judge-base-url"
+                    raise MamballamaError(f"the judge endpoint {self.shown_url} rejected the credentials (HTTP "
+                                          f"{exc.code}) sent from {who}; set it to a valid key") from None
                 last = f"HTTP {exc.code}: {text}"
                 if exc.code == 429 or exc.code >= 500:
                     if attempt < self.retries:

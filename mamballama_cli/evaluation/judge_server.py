@@ -39,6 +39,33 @@ def make_server(model, tokenizer, name: str, host: str = "127.0.0.1", port: int 
             self.end_headers()
             self.wfile.write(body)
 
+        def _read_request(self):
+            """((messages, max_tokens), None) for a valid chat-completions body, else (None, what is wrong)."""
+            try:
+                length = int(self.headers.get("Content-Length", 0))
+                req = json.loads(self.rfile.read(length)) if length > 0 else None
+            except (ValueError, UnicodeDecodeError):
+                return None, "body must be JSON with messages: [{role, content}, ...]"
+            if not isinstance(req, dict):
+                return None, "body must be a JSON object with messages: [{role, content}, ...]"
+            msgs = req.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                return None, "messages must be a non-empty list of {role, content} objects"
+            messages = []
+            for m in msgs:
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict)) or None
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
+                    return None, "every message must be an object with a string role and a string content"
+                messages.append({"role": m["role"], "content": content})
+            limit = req.get("max_tokens", req.get("max_completion_tokens"))
+            if limit is None:
+                limit = max_new_tokens
+            elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                return None, f"max_tokens must be a positive integer, got {limit!r}"
+            return (messages, min(limit, max_new_tokens)), None
+
         def do_GET(self):
             if self.path.rstrip("/").endswith("/models"):
                 self._send(200, {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "local"}]})
@@ -49,15 +76,18 @@ def make_server(model, tokenizer, name: str, host: str = "127.0.0.1", port: int 
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 self._send(404, {"error": {"message": f"no route {self.path}; use /v1/chat/completions"}})
                 return
-            try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in req["messages"]]
-            except (ValueError, KeyError, TypeError):
-                self._send(400, {"error": {"message": "body must be JSON with messages: [{role, content}, ...]"}})
+            req, problem = self._read_request()
+            if problem:
+                self._send(400, {"error": {"message": problem, "type": "invalid_request_error"}})
                 return
-            limit = min(int(req.get("max_tokens") or max_new_tokens), max_new_tokens)
-            with lock:
-                text = chat_reply(model, tokenizer, messages, limit)
+            messages, limit = req
+            try:
+                with lock:
+                    text = chat_reply(model, tokenizer, messages, limit)
+            except Exception as exc:  # answer the client instead of dropping the connection
+                self._send(500, {"error": {"message": f"generation failed: {type(exc).__name__}: {exc}",
+                                           "type": "server_error"}})
+                return
             self._send(200, {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion",
                              "created": int(time.time()), "model": name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

@@ -106,7 +106,9 @@ def command_line() -> str:
     argv = list(sys.argv)
     if argv and Path(argv[0]).name in ("mamballama", "__main__.py"):
         argv[0] = "mamballama"
-    return shlex.join(argv)
+    from mamballama_cli.redact import redact_text
+
+    return redact_text(shlex.join(argv))  # a --judge-base-url with credentials is written redacted
 
 
 def model_block(spec: str, path: Path, config, sha256: str) -> dict:

@@ -27,6 +27,15 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def safe_name(name: str) -> str:
+    """A task or model name as one file name inside the output directory: no separators, no '..', no dot first
+    (an lm-eval task named '../../x' must not write outside --output)."""
+    import re
+
+    cleaned = re.sub(r"[^\w.=+-]+", "_", str(name)).lstrip(".")
+    return cleaned[:120] or "_"
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -39,6 +48,7 @@ class Run:
         self._lms: dict = {}
         self._builders: dict = {}
         self.lock = threading.Lock()
+        self.judge_calls = {"total": 0, "failed": 0, "first_failure": ""}  # judgments asked in this run
 
     def model_key(self, role: str) -> dict:
         return {"model_sha256": self.hashes[role]}
@@ -219,13 +229,13 @@ def task_lm_eval(run: Run) -> None:
                 for task_name, rows in samples.items():
                     from mamballama_cli.evaluation.store import write_text_atomic
 
-                    write_text_atomic(d / f"{task_name}.samples.jsonl",
+                    write_text_atomic(d / f"{safe_name(task_name)}.samples.jsonl",
                                       "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
                 return results
 
             results = run.store.run("lm-eval", role, name, settings, compute)
             (work / role).mkdir(parents=True, exist_ok=True)
-            write_json_atomic(work / role / f"{name}.json", results)  # lm-eval's own results JSON
+            write_json_atomic(work / role / f"{safe_name(name)}.json", results)  # lm-eval's own results JSON
             for r in L.metric_rows(results):
                 by_metric.setdefault((r["name"], r["metric"]), {})[role] = r
     for (name, metric), per_role in by_metric.items():
@@ -326,6 +336,9 @@ def run_eval(cfg: EvalConfig) -> dict:
     t_start = time.perf_counter()
     tasks = cfg.task_list()
     preflight(cfg, tasks)
+    from mamballama_cli.io import check_writable_parent
+
+    check_writable_parent(Path(cfg.output).expanduser())  # before any checkpoint is read or hashed
     pair = ModelPair(cfg.model, cfg.teacher, cfg.dtype, cfg.device)
     check_lengths(cfg, tasks, pair, resolve_distill_length(cfg, pair, warn=True))
     hash_cache = cache_dir() / "checkpoint_hashes.json"
@@ -344,7 +357,11 @@ def run_eval(cfg: EvalConfig) -> dict:
     from mamballama_cli.io import write_json_atomic
     from mamballama_cli.config import to_dict
 
-    write_json_atomic(out / "eval_config.json", {"command": "eval", **to_dict(cfg)})
+    from mamballama_cli.redact import redact_url
+
+    written = to_dict(cfg)
+    written["judge_base_url"] = redact_url(cfg.judge_base_url)
+    write_json_atomic(out / "eval_config.json", {"command": "eval", **written})
     restore = _exit_on_sigterm()
     try:
         for task in tasks:
@@ -352,8 +369,10 @@ def run_eval(cfg: EvalConfig) -> dict:
             _task(task)(run)
             log(f"[{task}] done in {time.perf_counter() - t0:.1f} s")
     except BaseException as exc:
-        report.errors.append(f"stopped during the run: {type(exc).__name__}: {str(exc)[:200]} (rerun the same "
-                             "command to resume)")
+        from mamballama_cli.redact import redact_text
+
+        report.errors.append(f"stopped during the run: {type(exc).__name__}: {redact_text(str(exc))[:200]} (rerun "
+                             "the same command to resume)")
         raise
     finally:
         restore()
@@ -362,4 +381,12 @@ def run_eval(cfg: EvalConfig) -> dict:
         report.write(out, title, repro, timing)
         log(f"wrote {out / 'report.md'} and {out / 'results.json'} ({timing['wall_s']:.0f} s; "
             f"{store.computed} cell(s) computed, {store.reused} reused)")
+    calls = run.judge_calls
+    if calls["total"] and calls["failed"] == calls["total"] and not cfg.allow_judge_failures:
+        raise MamballamaError(
+            f"all {calls['total']} judge call(s) failed (first: {calls['first_failure'][:160]}); the report has no "
+            f"judgments. Check --judge-base-url and the endpoint, or pass --allow-judge-failures to accept this")
+    if calls["failed"]:
+        log(f"warning: {calls['failed']} of {calls['total']} judge call(s) failed; rerun the same command to ask "
+            "them again")
     return {"output": str(out), "rows": report.rows, "table": report.table(), "timing": timing}

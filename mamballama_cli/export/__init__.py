@@ -138,7 +138,14 @@ def run_export(cfg: ExportConfig) -> dict:
     from mamballama_cli.io import atomic_dir, write_json_atomic
 
     log(f"loading {src} ...")
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", trust_remote_code=False).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", trust_remote_code=False).eval()
+    except Exception as exc:
+        from mamballama_cli.loading import unreadable_weights
+
+        if damaged := unreadable_weights(cfg.model, src, exc):
+            raise damaged from exc
+        raise
     dtype = next(model.parameters()).dtype if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     hcfg = model.config
     gconfig = granite.granite_config(hcfg, dtype)
@@ -229,6 +236,13 @@ def verify_logits(model, export_dir: Path, dtype, grouped_norm: bool, seqlen: in
         b = exported(ids, use_cache=False).logits
     diff = (a - b).abs().max().item()
     scale = max(1.0, a.abs().max().item())
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        # A NaN compares false with every tolerance: non-finite logits are a failure whatever the tolerance says.
+        which = "the hybrid's" if not torch.isfinite(a).all() else "the export's"
+        raise MamballamaError(
+            f"export verification failed: {which} logits are not finite (NaN or inf); nothing was written. "
+            "Check the hybrid's weights for NaN (e.g. from a diverged training run)"
+        )
     exact_expected = grouped_norm or not model.config.mamba_layers
     result = {
         "tokens": seqlen,
@@ -238,7 +252,7 @@ def verify_logits(model, export_dir: Path, dtype, grouped_norm: bool, seqlen: in
     }
     if exact_expected:
         result["tolerance"] = tol = 1e-4 * scale
-        if diff > tol:
+        if not diff <= tol:  # written so that a NaN difference fails too
             raise MamballamaError(
                 f"export verification failed: max logit difference {diff:.3g} exceeds {tol:.3g}; "
                 "nothing was written. Please report this with the hybrid's config.json"

@@ -494,6 +494,43 @@ def get_decoder(model, batch_size: int, max_length: int, sampling, stop_ids, cap
     return dec
 
 
+def static_capacity(n_prompt: int, max_new_tokens: int) -> int:
+    """Cache capacity for a request, rounded up so that nearby prompt lengths reuse one captured graph."""
+    return -(-(n_prompt + max_new_tokens) // 256) * 256
+
+
+def static_cache_bytes(model, batch_size: int, capacity: int) -> int:
+    """What a :class:`StaticDecoder` of ``capacity`` tokens allocates beyond the weights: the attention layers'
+    K/V, the token history and the rotary tables (the Mamba state does not grow with the context)."""
+    cfg = model.config
+    elsize = model.lm_head.weight.element_size()
+    n_attn = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i))
+    kv = 2 * n_attn * batch_size * cfg.num_key_value_heads * capacity * cfg.head_dim * elsize
+    return kv + batch_size * capacity * 8 + 2 * capacity * cfg.head_dim * elsize
+
+
+def available_bytes(device) -> int | None:
+    """Free memory on ``device`` (CUDA: free device memory; CPU: available RAM), or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def generate_fast(model, tokenizer, input_ids: Tensor, sampling, on_text=None, capture=None):
     """Same contract as :func:`mamballama_cli.generation.plain.generate`, on the static decoder."""
     from mamballama_cli.generation.plain import GenerationResult, TextStream, stop_token_ids
@@ -504,8 +541,7 @@ def generate_fast(model, tokenizer, input_ids: Tensor, sampling, on_text=None, c
         torch.manual_seed(sampling.seed)
     stops = stop_token_ids(model, tokenizer)
     n_prompt = input_ids.shape[1]
-    # Round the capacity up so that nearby prompt lengths reuse one captured graph.
-    capacity = -(-(n_prompt + sampling.max_new_tokens) // 256) * 256
+    capacity = static_capacity(n_prompt, sampling.max_new_tokens)
     dec = get_decoder(model, input_ids.shape[0], capacity, sampling, stops, capture)
     stream = TextStream(tokenizer, on_text)
     start = time.perf_counter()

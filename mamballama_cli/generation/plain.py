@@ -134,6 +134,48 @@ def choose_engine(model, engine: str = "auto") -> str:
     return "static" if (on_cuda and why is None) else "transformers"
 
 
+def _gib(n: float) -> str:
+    """Bytes in binary units, e.g. 60.3 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def check_request(model, n_prompt: int, max_new_tokens: int, engine: str = "auto", batch_size: int = 1) -> None:
+    """Refuse before allocating anything: an empty prompt, more tokens than the model's context length
+    (max_position_embeddings), or a static cache larger than the free memory. Each error says the limit and
+    the -n that fits."""
+    from mamballama_cli.errors import UsageError
+
+    if n_prompt < 1:
+        raise UsageError("the prompt encodes to no tokens; pass a non-empty --prompt")
+    static = choose_engine(model, engine) == "static"
+    need = None
+    if static:
+        from mamballama_cli.generation.fast import static_cache_bytes, static_capacity
+
+        need = static_cache_bytes(model, batch_size, static_capacity(n_prompt, max_new_tokens))
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and n_prompt + max_new_tokens > ctx:
+        if n_prompt >= ctx:
+            raise UsageError(f"the prompt has {n_prompt} tokens, as many as the model's context length of {ctx} "
+                             "(max_position_embeddings) or more; shorten it")
+        memory = f"; its static cache would need {_gib(need)}" if need is not None else ""
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the prompt ({n_prompt} tokens) plus {max_new_tokens} "
+                         f"new tokens exceed the model's context length of {ctx} tokens (max_position_embeddings)"
+                         f"{memory}; pass -n {ctx - n_prompt} or less")
+    if need is not None:
+        from mamballama_cli.generation.fast import available_bytes
+
+        device = next(model.parameters()).device
+        free = available_bytes(device)
+        if free is not None and need > 0.9 * free:
+            raise UsageError(f"--max-new-tokens {max_new_tokens}: the static cache for {n_prompt + max_new_tokens} "
+                             f"tokens needs {_gib(need)}, but only {_gib(free)} is free on {device} (the model's "
+                             f"context length is {ctx}); lower -n or use --engine transformers")
+
+
 def generate(model, tokenizer, input_ids: torch.Tensor, sampling: SamplingConfig,
              on_text: Callable[[str], None] | None = None, engine: str = "auto") -> GenerationResult:
     """Decode one prompt. On CUDA, hybrids use the static decoder with a captured step

@@ -839,7 +839,8 @@ def check_same_tokenizer(target_tok, draft_tok, target, draft) -> None:
 def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | None = None) -> dict:
     """Load target and draft, decode speculatively (streaming text), optionally time plain decoding of the
     same prompt and length, and return the statistics."""
-    from mamballama_cli.generation.plain import SamplingConfig, TextStream, encode_prompt, generate, stop_token_ids
+    from mamballama_cli.generation.plain import (SamplingConfig, TextStream, check_request, encode_prompt, generate,
+                                                 stop_token_ids)
     from mamballama_cli.loading import load_causal_lm
 
     resolve_draft(cfg.draft)  # a bad --draft fails before any weights are read
@@ -856,6 +857,7 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
     draft, draft_tok, draft_name = load_draft(cfg.draft, target, target_path, cfg.dtype, cfg.device)
     check_same_tokenizer(tok, draft_tok, target, draft)
     ids = encode_prompt(tok, cfg.prompt, cfg.chat, cfg.system).to(next(target.parameters()).device)
+    check_request(target, ids.shape[1], cfg.max_new_tokens, "transformers")  # empty prompt, context length
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k)
     stops = stop_token_ids(target, tok)
     stream = TextStream(tok, on_text)

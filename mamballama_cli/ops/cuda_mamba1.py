@@ -16,6 +16,8 @@ machines without CUDA, Triton or mamba_ssm.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mamballama_cli import ops
@@ -37,7 +39,9 @@ def _probe_inputs(dim=32, ngroups=2, dstate=16, seqlen=19, batch=2):
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    """Relative error; inf for non-finite values (a NaN would slip through ``max`` and ``err <= tol``)."""
+    err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    return err if math.isfinite(err) else float("inf")
 
 
 # --- selective_scan: mamba_ssm's CUDA extension ---------------------------------------------------------------

@@ -21,6 +21,7 @@ step was not faster with it than with mamba_ssm's kernel inside the measurement'
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -147,7 +148,8 @@ def _probe() -> tuple[bool, str]:
     xr, wr = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
     ref = rmsnorm_ref(xr, wr, 1e-5)
     rx, rw = torch.autograd.grad((ref * g.double()).sum(), (xr, wr))
-    err = max(float((a.double() - b).norm() / b.norm()) for a, b in ((out, ref), (gx, rx), (gw, rw)))
+    errs = [float((a.double() - b).norm() / b.norm()) for a, b in ((out, ref), (gx, rx), (gw, rw))]
+    err = max(errs) if all(math.isfinite(e) for e in errs) else float("inf")  # max() would drop a NaN
     if not err < 1e-5:
         return False, f"wrong result on a probe input (relative error {err:.2e}, forward and backward)"
     return True, f"ok (probe relative error {err:.1e}, forward and backward)"

@@ -7,6 +7,7 @@ Layout of ``RUN/checkpoints/step-00000100/``:
     rng/rank{r}.safetensors + rank{r}.json             torch (CPU and CUDA), Python and NumPy generators
     trainer_state.json                                 stage, step, config hash, global batch, engine
     run_config.yaml                                    the resolved config of the run
+    checksums.json                                     sha256 of every other file, verified on --resume
 
 A checkpoint is written into ``.step-N.partial`` and renamed into place once every process has written its
 part, so a crash leaves either the whole checkpoint or none; the newest ``keep_checkpoints`` are kept.
@@ -14,20 +15,40 @@ part, so a crash leaves either the whole checkpoint or none; the newest ``keep_c
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mamballama_cli.errors import MamballamaError
-from mamballama_cli.io import write_json_atomic as write_json  # noqa: F401  (used by the trainer)
+from mamballama_cli.io import write_json_atomic
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
+CHECKSUMS = "checksums.json"
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so that strict JSON parsers read it (null, not NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Strict JSON, atomically (used by the trainer for trainer_state.json and training_summary.json)."""
+    write_json_atomic(path, finite_json(data))
 
 
 # --- nested state <-> (tensors, JSON) -------------------------------------------------------------------------
@@ -164,9 +185,54 @@ def begin(run_dir: Path, step: int) -> Path:
     return tmp
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(ckpt: Path) -> list[str]:
+    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _hash_all(ckpt: Path, names: list[str]) -> dict[str, str]:
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:  # hashlib releases the GIL
+        return dict(zip(names, pool.map(lambda n: _sha256(ckpt / n), names)))
+
+
+def write_checksums(ckpt: Path) -> None:
+    """Record the sha256 of every file of a complete checkpoint directory."""
+    (ckpt / CHECKSUMS).write_text(json.dumps({"sha256": _hash_all(ckpt, _files(ckpt))}, indent=1) + "\n")
+
+
+def verify_checksums(ckpt: Path) -> bool:
+    """Check every file against checksums.json; a missing or changed file is an error naming it. Returns False
+    for a checkpoint written before checksums existed (nothing to verify)."""
+    try:
+        recorded = json.loads((ckpt / CHECKSUMS).read_text())["sha256"]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise MamballamaError(f"checkpoint {ckpt}: {CHECKSUMS} is unreadable ({exc}); delete {ckpt} to resume from "
+                              "the previous checkpoint") from None
+    missing = [n for n in recorded if not (ckpt / n).is_file()]
+    if missing:
+        raise MamballamaError(f"checkpoint {ckpt}: {missing[0]} is missing; delete {ckpt} to resume from the "
+                              "previous checkpoint")
+    actual = _hash_all(ckpt, sorted(recorded))
+    for name in sorted(recorded):
+        if actual[name] != recorded[name]:
+            raise MamballamaError(f"checkpoint {ckpt}: {name} does not match its sha256 in {CHECKSUMS} (corrupted "
+                                  f"or modified); delete {ckpt} to resume from the previous checkpoint")
+    return True
+
+
 def commit(run_dir: Path, step: int, keep: int) -> Path:
-    """Rank 0: rename the partial directory into place, then drop all but the newest ``keep`` checkpoints."""
+    """Rank 0: checksum the partial directory, rename it into place, then drop all but the newest ``keep``."""
     tmp, final = partial_dir(run_dir, step), final_dir(run_dir, step)
+    write_checksums(tmp)
     if final.exists():  # the same step saved again (e.g. the end of a stage that is also a save_every step)
         old = final.with_name(final.name + ".old")
         os.replace(final, old)

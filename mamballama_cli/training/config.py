@@ -28,7 +28,7 @@ SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN_CONTROL_KEYS = frozenset({
     "output", "force", "resume", "max_steps", "max_seconds", "save_every", "keep_checkpoints", "log_every", "eval_every",
     "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
-    "gradient_checkpointing", "save_dtype",
+    "gradient_checkpointing", "save_dtype", "nan_patience",
 })
 
 
@@ -103,6 +103,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # steps between held-out evaluations (0: stage starts and ends only)
     skip_bad_lines: bool = False
+    nan_patience: int = 0  # consecutive steps with a non-finite loss or gradient tolerated (skipped); 0: stop at once
     save_dtype: str = "auto"  # dtype of the final model (auto: the input model's)
     accelerate_config: str | None = None
 
@@ -119,6 +120,8 @@ class TrainConfig:
                           ("keep_checkpoints", 1), ("log_every", 1)):
             if int(getattr(self, name)) < low:
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least {low}")
+        if self.nan_patience < 0:
+            raise UsageError(f"--nan-patience {self.nan_patience} must be 0 (stop at the first) or more")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"--max-steps {self.max_steps} must be at least 1")
         if self.max_seconds is not None and not self.max_seconds > 0:
@@ -308,7 +311,7 @@ def _check_stage_values(obj, prefix: str) -> None:
 
 def merge_train_config(cls, *, template: str | None, config_file: str | Path | None, overrides: dict):
     """defaults < template < config file < flags, with flags (and file keys) replacing stage values below them."""
-    from mamballama_cli.config import _check_keys, build, find_template, read_yaml
+    from mamballama_cli.config import _check_keys, build, check_types, find_template, read_yaml
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if template is not None and template.strip().lower() == "none":  # flags (and --config) alone
@@ -326,6 +329,7 @@ def merge_train_config(cls, *, template: str | None, config_file: str | Path | N
             if not isinstance(st, dict):
                 raise UsageError(f"{source}: stages[{i}] must be a mapping of stage keys")
             _check_keys(Stage, st, f"{source} stages[{i}]")
+        check_types(cls, data, source)
     merged: dict = {}
     for depth, (_, data) in enumerate(layers):
         above = {k for _, d in layers[depth + 1:] for k in d}  # top-level keys a higher source sets

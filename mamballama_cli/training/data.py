@@ -242,14 +242,47 @@ def response_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]
     return full, spans
 
 
-def encode_chat(tok, messages: list[dict]) -> Example:
+# A record's text is cut to a character window before it is tokenised, so that one huge record (a 50 MB text) costs
+# memory bounded by --seq-len, not by its size: the window starts at WINDOW_CHARS_PER_TOKEN characters per token
+# wanted and doubles until the tokens that lie clear of the cut (in the first 3/4 of the window) cover what is kept.
+# A record shorter than the window is tokenised whole, exactly as before.
+WINDOW_CHARS_PER_TOKEN = 8
+WINDOW_MIN_CHARS = 4096
+
+
+def _window(max_tokens: int | None) -> int | None:
+    return None if max_tokens is None else max(WINDOW_MIN_CHARS, WINDOW_CHARS_PER_TOKEN * (max_tokens + 1))
+
+
+def _stable(offsets, cut: int) -> int:
+    """How many leading tokens end clear of a cut at character ``cut`` (those a longer text tokenises the same)."""
+    limit = cut - cut // 4
+    return sum(1 for _, e in offsets if e <= limit)
+
+
+def _clip_messages(messages: list[dict], chars: int) -> tuple[list[dict], bool]:
+    clipped = [{**m, "content": m["content"][:chars]} if len(m["content"]) > chars else m for m in messages]
+    return clipped, any(len(m["content"]) > chars for m in messages)
+
+
+def encode_chat(tok, messages: list[dict], max_tokens: int | None = None) -> Example:
+    """Render with the chat template, tokenise, mask all but the assistant turns. With ``max_tokens`` only a
+    window of characters large enough for that many tokens is tokenised (the tokens kept are the same)."""
     if not getattr(tok, "chat_template", None):
         raise MamballamaError("the tokenizer has no chat template, so 'messages' records cannot be rendered; "
                               "use {'text': ...} records or a tokenizer with a chat template")
     if not getattr(tok, "is_fast", False):
         raise MamballamaError("masking chat data needs a fast tokenizer (character offsets); this one is slow")
-    full, spans = response_spans(tok, messages)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    chars = _window(max_tokens)
+    while True:
+        msgs, clipped = (messages, False) if chars is None else _clip_messages(messages, chars)
+        full, spans = response_spans(tok, msgs)
+        cut = chars is not None and len(full) > chars
+        text = full[:chars] if cut else full
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        if not (cut or clipped) or _stable(enc["offset_mapping"], chars) > max_tokens:
+            break
+        chars *= 2
     ids = list(enc["input_ids"])
     mask = []
     for s, e in enc["offset_mapping"]:
@@ -259,28 +292,64 @@ def encode_chat(tok, messages: list[dict]) -> Example:
     return Example(ids, mask)
 
 
-def encode_text(tok, text: str) -> Example:
-    ids = list(tok(text)["input_ids"])
+def _tokenize_prefix(tok, text: str, max_tokens: int | None, **kw) -> tuple[list[int], bool]:
+    """(ids, whole): the ids of ``text``, or, for a text longer than the window, more than ``max_tokens`` leading
+    ids computed from a window of its characters (the same ids the whole text starts with; whole is False)."""
+    chars = _window(max_tokens)
+    while chars is not None and len(text) > chars:
+        if getattr(tok, "is_fast", False):
+            enc = tok(text[:chars], return_offsets_mapping=True, **kw)
+            n = _stable(enc["offset_mapping"], chars)
+            if n > max_tokens:
+                return list(enc["input_ids"])[:n], False
+        else:  # a slow tokenizer has no offsets: keep tokens far from the cut instead
+            ids = list(tok(text[:chars], **kw)["input_ids"])
+            if len(ids) > 2 * max_tokens + 64:
+                return ids[:max_tokens + 1], False
+        chars *= 2
+    return list(tok(text, **kw)["input_ids"]), True
+
+
+def _tokenize_suffix(tok, text: str, max_tokens: int, **kw) -> list[int]:
+    """The last ``max_tokens`` ids of ``text`` (fewer for a short text), tokenising only a window of its last
+    characters when it is long (the mirror image of :func:`_tokenize_prefix`)."""
+    chars = _window(max_tokens)
+    while len(text) > chars and getattr(tok, "is_fast", False):
+        enc = tok(text[-chars:], return_offsets_mapping=True, add_special_tokens=False)
+        clear = [i for i, (a, _) in zip(enc["input_ids"], enc["offset_mapping"]) if a >= chars // 4]
+        if len(clear) >= max_tokens:
+            return clear[-max_tokens:]
+        chars *= 2
+    return list(tok(text, **kw)["input_ids"])[-max_tokens:]
+
+
+def encode_text(tok, text: str, max_tokens: int | None = None) -> Example:
+    """Every token a target. With ``max_tokens`` a long text is tokenised through a window of its characters
+    (:func:`_tokenize_prefix`); its end-of-text token would lie beyond what is kept anyway."""
+    ids, whole = _tokenize_prefix(tok, text, max_tokens)
     eos = tok.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
+    if whole and eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     return Example(ids, [False] + [True] * (len(ids) - 1))
 
 
-def encode_record(tok, rec: Record) -> Example:
+def encode_record(tok, rec: Record, max_tokens: int | None = None) -> Example:
+    """A record as tokens and target mask; ``max_tokens`` (what will be kept) bounds the text tokenised."""
     d = rec.data
     try:
         if "messages" in d:
-            return encode_chat(tok, d["messages"])
+            return encode_chat(tok, d["messages"], max_tokens)
         if "text" in d:
-            return encode_text(tok, d["text"])
+            return encode_text(tok, d["text"], max_tokens)
         response = d.get("response", d.get("completion"))
         if getattr(tok, "chat_template", None):
             return encode_chat(tok, [{"role": "user", "content": d["prompt"]},
-                                     {"role": "assistant", "content": response}])
-        p = list(tok(d["prompt"])["input_ids"])
-        r = list(tok(response, add_special_tokens=False)["input_ids"]) + (
-            [tok.eos_token_id] if tok.eos_token_id is not None else [])
+                                     {"role": "assistant", "content": response}], max_tokens)
+        p, whole = _tokenize_prefix(tok, d["prompt"], max_tokens)
+        if not whole:  # the prompt alone fills what is kept: no response token would be
+            return Example(p, [False] * len(p))
+        r, whole = _tokenize_prefix(tok, response, max_tokens, add_special_tokens=False)
+        r += [tok.eos_token_id] if whole and tok.eos_token_id is not None else []
         return Example(p + r, [False] * len(p) + [True] * len(r))
     except MamballamaError:
         raise
@@ -292,7 +361,7 @@ def encode_records(tok, records: list[Record], seq_len: int) -> list[Example]:
     """Tokenise, truncate to ``seq_len`` and drop examples left without a target token."""
     out, dropped = [], 0
     for rec in records:
-        ex = encode_record(tok, rec)
+        ex = encode_record(tok, rec, max_tokens=seq_len)
         ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
         if sum(ex.mask) == 0:
             dropped += 1
@@ -340,16 +409,17 @@ def encode_pair(tok, rec: Record, seq_len: int, max_prompt_len: int) -> PairExam
                 if not full.startswith(prefix):
                     raise ValueError("the chat template does not render the prompt as a prefix of the answer")
                 outs.append(full[len(prefix):])
-            p = list(tok(prefix, add_special_tokens=False)["input_ids"])
-            c, r = (list(tok(x, add_special_tokens=False)["input_ids"]) for x in outs)
+            p = _tokenize_suffix(tok, prefix, max_prompt_len, add_special_tokens=False)
+            c, r = (_tokenize_prefix(tok, x, seq_len, add_special_tokens=False)[0] for x in outs)
         else:
             text = d["prompt"] if isinstance(d["prompt"], str) else "\n".join(m["content"] for m in prompt_msgs)
-            p = list(tok(text)["input_ids"])
+            p = _tokenize_suffix(tok, text, max_prompt_len)
             eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
-            c, r = (list(tok(x, add_special_tokens=False)["input_ids"]) + eos for x in responses)
+            c, r = (ids + (eos if whole else []) for ids, whole in
+                    (_tokenize_prefix(tok, x, seq_len, add_special_tokens=False) for x in responses))
     except Exception as exc:
         raise DataError(f"{rec.where}: cannot encode this preference pair ({type(exc).__name__}: {exc})") from exc
-    p = p[-max_prompt_len:]  # keep the end of a long prompt: it is what the answer follows
+    # the end of a long prompt is kept (it is what the answer follows); only windows of long texts are tokenised
     room = seq_len - len(p)
     return PairExample(p, c[:room], r[:room])
 

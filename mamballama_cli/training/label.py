@@ -133,6 +133,9 @@ def run_label(cfg: LabelConfig) -> dict:
     out = Path(cfg.output)
     if out.is_dir():
         raise UsageError(f"--output {out} is a directory; give a .jsonl file path")
+    from mamballama_cli.io import check_writable_parent
+
+    check_writable_parent(out)  # before the teacher is loaded
     prompts = read_prompts(cfg)
     done: set[int] = set()
     if out.is_file() and out.stat().st_size > 0:

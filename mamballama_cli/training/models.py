@@ -26,7 +26,13 @@ def load_trainable(spec: str, dtype=torch.float32):
     path = checkpoint_dir(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:
+        from mamballama_cli.loading import unreadable_weights
+
+        if damaged := unreadable_weights(spec, path, exc):
+            raise damaged from exc
+        if not isinstance(exc, (ValueError, OSError)):
+            raise
         raise MamballamaError(f"model {spec!r}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
     try:
         tok = AutoTokenizer.from_pretrained(str(path))

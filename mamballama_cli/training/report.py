@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 
 def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None:
         return "-"
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -61,8 +60,11 @@ class Reporter:
         self.path.write_text("".join(k + "\n" for k in kept))
 
     def write(self, record: dict) -> None:
+        """One strict JSON line: a non-finite value is written as null (a bare NaN breaks strict parsers)."""
         if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
+            from mamballama_cli.training.checkpoint import finite_json
+
+            self.file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
     def stage(self, name: str, steps: int) -> None:
         if self.enabled and self.progress is None:

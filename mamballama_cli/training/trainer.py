@@ -513,6 +513,9 @@ def prepare_run_dir(acc, cfg, cfg_d: dict, global_batch: int) -> Path | None:
         ckpt = ck.latest_checkpoint(run_dir)
         if ckpt is None:
             raise MamballamaError(f"--resume: {run_dir} holds no complete checkpoint; start without --resume")
+        if not ck.verify_checksums(ckpt):
+            log(f"note: {ckpt} predates checkpoint checksums; resuming without verifying its files",
+                acc.is_main_process)
         import yaml
 
         saved_cfg = yaml.safe_load((ckpt / "run_config.yaml").read_text()) or {}
@@ -655,6 +658,7 @@ def run_training(cfg, kind: str) -> dict:
     stopped = timed_out = False
     last_record: dict = {}
     evals: list[dict] = []
+    bad_steps = 0  # consecutive steps with a non-finite loss or gradient
 
     try:
         for si in range(si0, len(stages)):
@@ -698,9 +702,18 @@ def run_training(cfg, kind: str) -> dict:
                     break
                 record = train_step(job, acc, model, optimizer, st, plan, step, steps, lengths, cfg, engine)
                 gstep += 1
-                last_record = record = {"step": gstep, **record}
+                record = {"step": gstep, **record}
                 stage_done = step + 1
                 reporter.step(record, gstep % cfg.log_every == 0 or step + 1 == steps)
+                what = non_finite(record, acc.scaler is not None)
+                bad_steps = bad_steps + 1 if what else 0
+                if what and (bad_steps > cfg.nan_patience or engine == "deepspeed"):
+                    raise diverged(cfg, st, record, what, bad_steps, last_ckpt, gstep == 1)
+                if what:
+                    reporter.note(f"warning: step {gstep}: {what}; update skipped ({bad_steps}/{cfg.nan_patience} "
+                                  "of --nan-patience)")
+                else:
+                    last_record = record
                 if cfg.eval_every and job.eval_items and gstep % cfg.eval_every == 0 and step + 1 < steps:
                     ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
                     reporter.eval(ev)
@@ -764,7 +777,11 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
         for k, v in metrics.items():  # kept on the device: one synchronisation per step, in reduce_sums
             sums[k] = sums[k] + v.detach() if k in sums else v.detach()
     grad_norm = clip_and_norm(acc, model, st, engine)
-    optimizer.step()
+    # A non-finite gradient would turn every weight into NaN: skip the update (fp16's loss scaler skips its own
+    # overflow steps, and DeepSpeed has already stepped); the run loop decides whether to stop (--nan-patience).
+    skip = grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None and engine != "deepspeed"
+    if not skip:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     tot = reduce_sums(acc, sums, METRIC_KEYS[job.kind] + ("n_tokens",))
     dt = time.perf_counter() - t0
@@ -807,6 +824,35 @@ def out_of_memory(cfg) -> MamballamaError:
         "--gradient-checkpointing, or shard the model with DeepSpeed ZeRO-3 (--accelerate-config "
         "templates/accelerate/zero3.yaml)"
     )
+
+
+def non_finite(record: dict, scaled: bool) -> str | None:
+    """What is not finite in a step's record (the loss, a loss term or the gradient norm), or None.
+
+    Under fp16's loss scaler an infinite gradient norm is the scaler's own overflow signal, not divergence."""
+    for key in ("loss", *(k for k in record if k in ("kl", "rkl", "ce", "hidden", "margin"))):
+        v = record.get(key)
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"the {'loss' if key == 'loss' else key + ' term'} is {v}"
+    g = record.get("grad_norm")
+    if isinstance(g, float) and not math.isfinite(g) and not scaled:
+        return f"the gradient norm is {g}"
+    return None
+
+
+def diverged(cfg, st: ResolvedStage, record: dict, what: str, bad_steps: int, last_ckpt,
+             first: bool) -> MamballamaError:
+    """The one-line error of a run stopped by a non-finite loss or gradient: step, likely cause, what is kept."""
+    if first:
+        cause = ("the input model or data already produce it (check the weights for NaN), or mixed precision "
+                 "overflows (try --mixed-precision no)")
+    else:
+        cause = (f"a learning rate too high (--lr {st.lr:.3g}, {record.get('lr', st.lr):.3g} at this step); lower "
+                 "--lr (e.g. 10x) and keep --max-grad-norm clipping on")
+    kept = f"the last finite checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved before it"
+    after = f" for {bad_steps} consecutive steps (--nan-patience {cfg.nan_patience})" if bad_steps > 1 else ""
+    return MamballamaError(f"training stopped at step {record['step']} (stage {st.name}): {what}{after}; likely "
+                           f"cause: {cause}. No model was written; {kept}")
 
 
 def decide_packing(cfg, student, frozen, stages) -> tuple[bool, str]:
