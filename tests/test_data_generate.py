@@ -18,7 +18,7 @@ from helpers import save_teacher, tiny_llama, tiny_tokenizer
 DATA = Path(__file__).parent / "data"
 PROMPTS = f"{DATA / 'prompts.jsonl'},{DATA / 'text.jsonl'}"  # chat prompts, and texts for continuations
 GEN = ["--max-new-tokens", "12", "--batch-size", "4", "--device", "cpu"]
-FAST = ["--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
+FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -123,7 +123,12 @@ def test_generate_writes_shards_and_manifest_and_distill_trains_on_them(models, 
     assert r.code == 0, r.err
     assert f"distill: {kept} rows from {out}" in r.err
     assert f"{len(plens) - kept} example(s) have no response token within --seq-len 96" in r.err
-    assert json.loads(r.out)["steps"] == 1
+    # The default recipe (templates/distill-default.yaml: concatenated rows, loss on every position) on shards.
+    r = run_cli(["distill", models["hybrid"], "--data", out, "-o", tmp_path / "run2", "--json", "--steps", "1",
+                 "--seq-len", "128", "--micro-batch-size", "2"], capsys)
+    assert r.code == 0, r.err
+    assert "packing concat (examples concatenated" in r.err
+    assert json.loads(r.out)["steps"] == 3  # align, kd-mixers, kd-all: one step each
 
 
 def test_generate_builtin_prompts_and_greedy_is_reproducible(models, tmp_path, capsys):

@@ -154,7 +154,7 @@ def test_shard_examples_are_views_with_sampled_targets_and_collate_like_lists(tm
     import numpy as np
 
     from mamballama_cli.shards import Shard
-    from mamballama_cli.training.data import Example, ShardRecord, as_items, collate, pack
+    from mamballama_cli.training.data import Example, ShardRecord, as_items, collate, pack, pack_concat
 
     g = np.random.default_rng(0)
     seqs = [(g.integers(5, 90, n).astype(np.int32), p) for n, p in ((9, 4), (5, 5), (12, 1), (30, 3))]
@@ -167,11 +167,13 @@ def test_shard_examples_are_views_with_sampled_targets_and_collate_like_lists(tm
     assert all(np.shares_memory(e.ids, rec.shard.tokens) for e in exs)
     as_lists = [Example(e.ids.tolist(), e.mask.tolist()) for e in exs]
     for a, b in ((collate(as_items(exs), 0), collate(as_items(as_lists), 0)),
-                 (collate(pack(exs, 20), 0), collate(pack(as_lists, 20), 0))):
+                 (collate(pack(exs, 20), 0), collate(pack(as_lists, 20), 0)),
+                 (collate(pack_concat(exs, 8), 0), collate(pack_concat(as_lists, 8), 0))):
         for k in ("input_ids", "targets", "target_mask", "position_ids", "valid"):
             assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
     assert [it.n_targets for it in as_items(exs)] == [5, 9, 7]
-    assert isinstance(pack(exs, 20)[0].ids, np.ndarray)
+    assert isinstance(pack(exs, 20)[0].ids, np.ndarray) and isinstance(pack_concat(exs, 8)[0].ids, np.ndarray)
+    assert not pack_concat(exs, 8)[1].mask[0] and exs[0].mask[8]  # a row starts without a target; shard untouched
 
 
 def test_a_large_shard_folder_loads_as_views(tmp_path):
