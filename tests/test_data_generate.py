@@ -279,3 +279,18 @@ def test_local_data_set_without_the_named_field(models, tmp_path, capsys):
     r = run_cli(["distill", models["hybrid"], "--data", empty, "-o", tmp_path / "o", *FAST], capsys)
     one_line_error(r, "neither a shard folder", "save_to_disk")
     assert not (tmp_path / "o").exists()
+
+
+def test_default_batch_size_fills_a_share_of_the_free_gpu_memory(monkeypatch):
+    """On CUDA the default batch is the largest power of two up to 1024 whose cache fits 40% of the free memory."""
+    from mamballama_cli.generation import fast
+    from mamballama_cli.training.generate_data import auto_batch_size
+    from helpers import tiny_hybrid
+
+    model, _ = tiny_hybrid()
+    per_row = fast.static_cache_bytes(model, 1, 1536)
+    cuda = torch.device("cuda")
+    for free, want in ((10**15, 1024), (per_row * 300 / 0.4, 256), (per_row * 512 / 0.4, 512), (0, 8)):
+        monkeypatch.setattr(fast, "available_bytes", lambda device, free=free: free)
+        assert auto_batch_size(model, 1536, cuda) == want
+    assert auto_batch_size(model, 1536, torch.device("cpu")) == 8

@@ -413,22 +413,19 @@ def load_generator(spec: str, device, dtype):
     return model, tok, name, stops
 
 
-def auto_batch_size(model, max_length: int, device, dtype, share: float = 0.4, most: int = 1024) -> int:
+def auto_batch_size(model, max_length: int, device, share: float = 0.4, most: int = 1024) -> int:
     """Rows for the static decoder on CUDA: the largest power of two up to ``most`` whose cache (K/V at full
-    capacity, Mamba states) takes at most ``share`` of the free device memory; 8 on CPU.
+    capacity, token history) takes at most ``share`` of the free device memory; 8 on CPU.
 
-    Larger batches amortise the per-step cost (on one H200 the default teacher writes 86k tokens/s at 256 rows,
-    114k at 512, 140k at 1024; docs/data.md); the rest of the memory is left to the prefill's activations.
+    Larger batches amortise the per-step cost (the default teacher on one H200: docs/data.md); the rest of the
+    memory is left to the prefill's activations.
     """
-    import torch
-
-    from mamballama_cli.models.cache import HybridCache
+    from mamballama_cli.generation.fast import available_bytes, static_cache_bytes
 
     if device.type != "cuda":
         return 8
-    sizes = HybridCache(model.config, 1, dtype=dtype, device="meta", max_length=max_length).memory_bytes()
-    per_row = sum(sizes.values())
-    free, _ = torch.cuda.mem_get_info(device)
+    per_row = static_cache_bytes(model, 1, max_length)
+    free = available_bytes(device) or 0
     batch = most
     while batch > 8 and batch * per_row > share * free:
         batch //= 2
@@ -505,7 +502,7 @@ def run_generate(cfg: GenerateDataConfig, on_progress: Callable[[int, int], None
         generator = load_generator(cfg.teacher, device, dtype)
     model, tok, name, stops = generator
     if cfg.batch_size is None:
-        cfg.batch_size = auto_batch_size(model, cfg.max_prompt_tokens + cfg.max_new_tokens, device, dtype)
+        cfg.batch_size = auto_batch_size(model, cfg.max_prompt_tokens + cfg.max_new_tokens, device)
     if sampler is not None and (sampler.batch_size != cfg.batch_size or sampler.max_new != cfg.max_new_tokens):
         raise ValueError("the sampler passed in was built for another batch size or --max-new-tokens")
     pool = build_pool(cfg, tok)
