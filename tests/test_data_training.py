@@ -147,3 +147,58 @@ def test_unreachable_hub_dataset_fails_with_its_name(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match="someorg/no-such-dataset"):
         read_records("someorg/no-such-dataset")
+
+
+def test_shard_examples_are_views_with_sampled_targets_and_collate_like_lists(tmp_path):
+    """Pre-tokenised shards: no copy per sequence, loss on the sampled tokens only, the same batches as lists."""
+    import numpy as np
+
+    from mamballama_cli.shards import Shard
+    from mamballama_cli.training.data import Example, ShardRecord, as_items, collate, pack, pack_concat
+
+    g = np.random.default_rng(0)
+    seqs = [(g.integers(5, 90, n).astype(np.int32), p) for n, p in ((9, 4), (5, 5), (12, 1), (30, 3))]
+    rec = ShardRecord("s/shard-00000.safetensors", Shard.from_sequences(seqs), {})
+    exs = rec.examples(seq_len=10)
+    assert len(exs) == 3  # the second has no sampled token; the last is cut to 10 tokens
+    assert [len(e.ids) for e in exs] == [9, 10, 10]
+    assert [e.mask.tolist() for e in exs] == [[False] * 4 + [True] * 5, [False] + [True] * 9,
+                                             [False] * 3 + [True] * 7]
+    assert all(np.shares_memory(e.ids, rec.shard.tokens) for e in exs)
+    as_lists = [Example(e.ids.tolist(), e.mask.tolist()) for e in exs]
+    for a, b in ((collate(as_items(exs), 0), collate(as_items(as_lists), 0)),
+                 (collate(pack(exs, 20), 0), collate(pack(as_lists, 20), 0)),
+                 (collate(pack_concat(exs, 8), 0), collate(pack_concat(as_lists, 8), 0))):
+        for k in ("input_ids", "targets", "target_mask", "position_ids", "valid"):
+            assert (a[k] is None and b[k] is None) or torch.equal(a[k], b[k]), k
+    assert [it.n_targets for it in as_items(exs)] == [5, 9, 7]
+    assert isinstance(pack(exs, 20)[0].ids, np.ndarray) and isinstance(pack_concat(exs, 8)[0].ids, np.ndarray)
+    assert not pack_concat(exs, 8)[1].mask[0] and exs[0].mask[8]  # a row starts without a target; shard untouched
+
+
+def test_a_large_shard_folder_loads_as_views(tmp_path):
+    """Two million tokens in 8k sequences: items are views into one array per shard (bounded memory)."""
+    import numpy as np
+
+    from mamballama_cli.io import write_json_atomic
+    from mamballama_cli.shards import FORMAT, Shard, shard_name, tokenizer_identity, write_shard
+    from mamballama_cli.training.data import as_items, encode_records, read_records
+
+    tok = tiny_tokenizer()
+    g = np.random.default_rng(0)
+    entries = []
+    for i in range(2):
+        lens = g.integers(64, 192, 4000)
+        tokens = g.integers(5, 90, int(lens.sum())).astype(np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        shard = Shard(tokens, offsets, g.integers(1, 32, 4000).astype(np.int32))
+        entries.append({"file": shard_name(i), "tokens": shard.n_tokens, "sha256": write_shard(tmp_path / shard_name(i),
+                                                                                               shard)})
+    write_json_atomic(tmp_path / "manifest.json", {"format": FORMAT, "version": 1, "complete": True,
+                                                   "shards": entries, "tokenizer": tokenizer_identity(tok)})
+    records = read_records(str(tmp_path))
+    items = as_items(encode_records(tok, records, seq_len=128))
+    assert len(items) == 8000
+    assert all(np.shares_memory(items[i].ids, records[i // 4000].shard.tokens) for i in range(0, 8000, 997))
+    assert sum(it.n_targets for it in items) == sum(
+        int(np.minimum(np.diff(r.shard.offsets), 128).sum() - r.shard.prompt_lens.sum()) for r in records)

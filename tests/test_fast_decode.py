@@ -81,6 +81,48 @@ def test_generate_static_engine_stops_like_transformers(hybrid, monkeypatch):
     assert fast.text == plain.text == "".join(pieces)
 
 
+def test_forced_tokens_batch_prompts_of_unequal_lengths(hybrid):
+    """Prefill the shortest prompt, force the rest of the longer ones: each row's greedy continuation is the one
+    its prompt gets decoded alone; a stop id inside a forced prompt does not finish the row."""
+    model = hybrid
+    lengths = [5, 9, 7, 12]
+    full = [prompts(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    new = 10
+    alone = [plain_greedy(model, p[None], new)[0] for p in full]
+    n0 = min(lengths)
+    F = max(lengths) - n0
+    forced = torch.zeros(len(full), F, dtype=torch.long)
+    for i, p in enumerate(full):
+        forced[i, : len(p) - n0] = p[n0:]
+    forced_len = torch.tensor([n - n0 for n in lengths])
+    stop = int(full[3][n0 + 2])  # a token row 3 reads as a forced prompt token
+    dec = StaticDecoder(model, len(full), max(lengths) + new, stop_ids=[stop], capture=False, forcing=True)
+    first = dec.prefill(torch.stack([p[:n0] for p in full]), forced, forced_len)
+    assert first[0] == alone[0][0] and first[3] == full[3][n0]
+    dec.decode(F + new - 1)
+    hist = dec.tokens_so_far()
+    assert hist.shape == (len(full), F + new)
+    for i, p in enumerate(full):
+        f = len(p) - n0
+        assert torch.equal(hist[i, :f], p[n0:])  # the prompt's rest, as forced
+        got, want = hist[i, f:f + new].tolist(), alone[i].tolist()
+        if stop in want:  # rows stop (and then repeat the stop id) at a sampled stop token only
+            cut = want.index(stop) + 1
+            assert got[:cut] == want[:cut] and set(got[cut:]) <= {stop}
+        else:
+            assert got == want
+    # Without forced tokens the same decoder is a plain one: equal prompts decode as before.
+    same = prompts(4, 6, seed=3)
+    dec.prefill(same)
+    dec.decode(new - 1)
+    plain = StaticDecoder(model, 4, 6 + new, stop_ids=[stop], capture=False)
+    plain.prefill(same)
+    plain.decode(new - 1)
+    assert torch.equal(dec.tokens_so_far(), plain.tokens_so_far())
+    with pytest.raises(ValueError, match="forcing=True"):
+        plain.prefill(same, forced[:, :2], forced_len)
+
+
 def test_fused_projections_keep_outputs_and_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -218,3 +260,25 @@ def test_generate_uses_the_captured_decoder_on_cuda():
     assert fast.token_ids == plain.token_ids and fast.text == plain.text
     again = generate_fast(model, tok, ids, sampling)  # the captured decoder is reused
     assert again.token_ids == fast.token_ids
+
+
+@pytest.mark.gpu
+def test_captured_forced_tokens_equal_uncaptured():
+    """The forced-token step is graph-safe: captured and eager runs give the same rows, forced prefix included."""
+    model = gpu_model(torch.float32)
+    lengths = [8, 13, 10]
+    full = [prompts(1, n, seed=20 + i)[0].cuda() for i, n in enumerate(lengths)]
+    n0, F = min(lengths), max(lengths) - min(lengths)
+    forced = torch.zeros(3, F, dtype=torch.long, device="cuda")
+    for i, p in enumerate(full):
+        forced[i, : len(p) - n0] = p[n0:]
+    forced_len = torch.tensor([n - n0 for n in lengths], device="cuda")
+    runs = {}
+    for capture in (True, False):
+        dec = StaticDecoder(model, 3, max(lengths) + 30, capture=capture, forcing=True)
+        for _ in range(2):  # the second prefill re-arms the forced buffers of a captured graph
+            dec.prefill(torch.stack([p[:n0] for p in full]), forced, forced_len)
+            dec.decode(F + 29, sync_every=64)
+        runs[capture] = dec.tokens_so_far().cpu()
+    assert torch.equal(runs[True], runs[False])
+    assert torch.equal(runs[True][1, : lengths[1] - n0], full[1][n0:].cpu())

@@ -1,7 +1,10 @@
-"""`mamballama data build`: an offline distillation set from text shipped in installed packages."""
+"""`mamballama data build` (an offline distillation set from text shipped in installed packages) and `mamballama
+data generate` (the teacher writes token shards for distill/sft)."""
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +13,7 @@ import typer
 from mamballama_cli.cli.common import command_io
 from mamballama_cli.output import out
 
-app = typer.Typer(help="Build offline training data from packaged public text (see docs/results.md).",
+app = typer.Typer(help="Offline training data: packaged public text (build), teacher-sampled shards (generate).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
@@ -36,3 +39,80 @@ def build(
                                       max_passages=max_passages, seed=seed, force=force or None))
     manifest = build_data(cfg)
     out(json.dumps(manifest, indent=2))
+
+
+@app.command("generate", help="The teacher samples answers to chat prompts and continuations of text, written as "
+             "resumable token shards (safetensors + manifest.json) for distill/sft --data DIR.")
+@command_io
+def generate(
+    teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="'builtin' (packaged text, as `data build`; "
+                                          "default) or JSONL files / local data sets, comma-separated: 'prompt' or "
+                                          "'messages' records are chat prompts, 'text' records start continuations."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Stop once this many tokens (prompt + sampled) are "
+                                         "written."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for the shards and manifest.json."),
+    continuation_fraction: Optional[float] = typer.Option(None, "--continuation-fraction", help="Share of rows that "
+                                                          "are free continuations of 16-64 tokens of plain text "
+                                                          "(default 0.5)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Default 1.0; 0 = greedy."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Default 1.0 (off)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="Default 0 (off)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Sampled tokens per row at "
+                                                 "most (default 512)."),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="Longer chat prompts are left "
+                                                    "out (default 1024)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows decoded together (default: on CUDA "
+                                             "as many as fit in 40% of the free memory, up to 1024; 8 on CPU)."),
+    shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 1,000,000)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), ..."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Decode steps between checks for finished "
+                                             "batches (default 64 on CUDA, 1 on CPU)."),
+    data_split: Optional[str] = typer.Option(None, "--data-split", help="Split of a saved DatasetDict in --prompts."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field of --prompts records holding the "
+                                             "prompt (a string or a message list)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    resume: bool = typer.Option(False, "--resume", help="Continue after the last complete shard in --output."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+):
+    import json
+
+    from mamballama_cli.config import merge_config
+    from mamballama_cli.training.generate_data import GenerateDataConfig, run_generate
+
+    cfg = merge_config(GenerateDataConfig, config_file=config, overrides=dict(
+        teacher=teacher, prompts=prompts, tokens=tokens, output=output, continuation_fraction=continuation_fraction,
+        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+        max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, shard_tokens=shard_tokens, seed=seed,
+        dtype=dtype, device=device, sync_every=sync_every, data_split=data_split, text_field=text_field,
+        skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
+    ))
+    with _token_progress() as on_progress:
+        summary = run_generate(cfg, on_progress=on_progress)
+    out(json.dumps(summary, indent=2))
+
+
+@contextmanager
+def _token_progress():
+    """A rich bar on stderr: tokens written of those wanted, and tokens/s of this run."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+                        TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), console=Console(stderr=True))
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "task" not in state:
+            state.update(task=progress.add_task("generate", total=total, completed=done, rate=""), start=done,
+                         t0=time.perf_counter())
+            return
+        dt = time.perf_counter() - state["t0"]
+        rate = f"{(done - state['start']) / dt:,.0f} tok/s" if dt > 0 else ""
+        progress.update(state["task"], completed=min(done, total), rate=rate)
+
+    with progress:
+        yield update

@@ -14,7 +14,8 @@ CONTEXT: dict = {}  # click context settings (none needed)
 def command(
     model: str = typer.Argument(..., help="Checkpoint directory to train (usually the distilled/SFT hybrid)."),
     data: Optional[str] = typer.Option(None, "--data", help="JSONL of {'prompt', 'chosen', 'rejected'} (strings or "
-                                       "message lists), or a Hugging Face dataset name."),
+                                       "message lists), a local data set (save_to_disk folder, .parquet, .arrow) or a "
+                                       "Hugging Face dataset name; several comma-separated are concatenated."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Frozen reference model (default: MODEL)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="DPO beta (default 0.01, the paper's)."),

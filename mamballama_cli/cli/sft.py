@@ -13,8 +13,13 @@ CONTEXT: dict = {}  # click context settings (none needed)
 
 def command(
     model: str = typer.Argument(..., help="Checkpoint directory to fine-tune (a hybrid, a draft, any causal LM)."),
-    data: Optional[str] = typer.Option(None, "--data", help="JSONL ({'messages': [...]}, {'text': ...} or "
-                                       "{'prompt', 'response'}), a Hugging Face dataset name, or builtin:pydoc-topics."),
+    data: Optional[str] = typer.Option(None, "--data", help="JSONL ({'messages': [...]}, {'text': ...} or {'prompt', "
+                                       "'response'}), a local data set (save_to_disk folder, .parquet, .arrow), a "
+                                       "shard folder from `data generate`, a Hugging Face dataset name, or "
+                                       "builtin:pydoc-topics; several comma-separated are concatenated."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding each record's text (a "
+                                             "string) or conversation (a message list); default: messages, text "
+                                             "or prompt+response."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Optional teacher for a KL term (--w-kl)."),
     template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/ (e.g. sft)."),
@@ -59,7 +64,7 @@ def command(
     from mamballama_cli.training.launch import run_command
 
     overrides = dict(
-        model=model, data=data, output=output, teacher=teacher, eval_data=eval_data, steps=steps, epochs=epochs,
+        model=model, data=data, text_field=text_field, output=output, teacher=teacher, eval_data=eval_data, steps=steps, epochs=epochs,
         max_steps=max_steps, seq_len=seq_len, micro_batch_size=micro_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps, lr=lr, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, warmup=warmup, schedule=schedule, w_ce=w_ce, w_kl=w_kl, w_rkl=w_rkl,

@@ -276,9 +276,16 @@ class StaticDecoder:
     must be False elsewhere (the step then runs eagerly). Sampling parameters are fixed per decoder
     (they are baked into the graph). ``stop_ids`` finish a row; finished rows then repeat the first stop
     id. All rows share one prompt length (no padding).
+
+    Prompts of unequal lengths go through ``forcing=True``: prefill the shortest length, and pass the rest of
+    each longer prompt to :meth:`prefill` as forced tokens. While a row's step index is below its forced
+    length, the step emits (and feeds back) the row's next prompt token instead of its sample, so after the
+    forced steps every row continues exactly as if its whole prompt had been prefilled. Forced tokens never
+    finish a row, even when one is a stop id (a chat template's end-of-turn, say).
     """
 
-    def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None):
+    def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None,
+                 forcing: bool = False):
         from mamballama_cli.generation.plain import SamplingConfig
         from mamballama_cli.models.cache import HybridCache
 
@@ -332,6 +339,9 @@ class StaticDecoder:
         stops = [int(s) for s in stop_ids]
         self.stop = torch.tensor(stops, dtype=torch.long, device=dev) if stops else None
         self.pad_id = stops[0] if stops else 0
+        # Forced tokens (graph-safe: fixed buffers the captured step reads); None keeps the step as it was.
+        self.forced = torch.zeros(b, self.max_length, dtype=torch.long, device=dev) if forcing else None
+        self.forced_len = torch.zeros(b, dtype=torch.long, device=dev) if forcing else None
         self.graph = None
         self.emitted = 0  # host mirror of step_idx
 
@@ -341,9 +351,14 @@ class StaticDecoder:
 
     # --- one step ------------------------------------------------------------------------------------
     def _emit(self, nxt: Tensor) -> None:
+        forcing = None
+        if self.forced is not None:
+            forcing = self.step_idx < self.forced_len  # (batch,): rows still reading their prompt
+            nxt = torch.where(forcing, self.forced.index_select(1, self.step_idx)[:, 0], nxt)
         if self.stop is not None:
             nxt = torch.where(self.done, torch.full_like(nxt, self.pad_id), nxt)
-            self.done |= (nxt[:, None] == self.stop[None, :]).any(dim=-1)
+            stopped = (nxt[:, None] == self.stop[None, :]).any(dim=-1)
+            self.done |= stopped if forcing is None else stopped & ~forcing
         self.history.index_copy_(1, self.step_idx, nxt[:, None])
         self.tokens.copy_(nxt)
         self.step_idx.add_(1)
@@ -392,6 +407,9 @@ class StaticDecoder:
         self.cache.reset()
         for t in (self.pos, self.step_idx, self.tokens, self.history):
             t.zero_()
+        if self.forced is not None:
+            self.forced.zero_()
+            self.forced_len.zero_()
         self.done.zero_()
         self.emitted = 0
 
@@ -417,23 +435,39 @@ class StaticDecoder:
         self.reset()
 
     @torch.no_grad()
-    def prefill(self, input_ids: Tensor) -> Tensor:
-        """Read the prompt (batch, prompt_len) into the cache; sample and return the first new token (batch,)."""
+    def prefill(self, input_ids: Tensor, forced: Tensor | None = None, forced_len: Tensor | None = None) -> Tensor:
+        """Read the prompt (batch, prompt_len) into the cache; sample and return the first new token (batch,).
+
+        With a decoder built with ``forcing=True``: ``forced`` (batch, F) holds the rest of each row's prompt
+        and ``forced_len`` (batch,) how many of those F tokens the row has; the first ``forced_len[row]`` emitted
+        tokens of the row are these (the returned first token too, for a row with any).
+        """
         b, n = input_ids.shape
         if b != self.batch_size:
             raise ValueError(f"batch of {b} prompts, but this decoder was built for {self.batch_size}")
         if n + 1 > self.max_length:
             raise ValueError(f"prompt of {n} tokens leaves no room in a cache of {self.max_length}")
+        if forced is not None:
+            if self.forced is None:
+                raise ValueError("forced tokens need a decoder built with forcing=True")
+            if forced_len is None or forced.shape[0] != b or forced_len.shape != (b,):
+                raise ValueError(f"forced tokens: expected forced (batch {b}, F) and forced_len ({b},)")
+            if n + forced.shape[1] + 1 > self.max_length:
+                raise ValueError(f"prompt of {n} + {forced.shape[1]} forced tokens leaves no room in a cache of "
+                                 f"{self.max_length}")
         if self.capture and self.graph is None:
             self._capture()
         self.reset()
+        if forced is not None:
+            self.forced[:, : forced.shape[1]].copy_(forced)
+            self.forced_len.copy_(forced_len)
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
         first = sample_tokens(out.logits[:, -1], self.sampling)
         self.pos.fill_(n)
         self._emit(first)
         self.emitted = 1
-        return first
+        return first if self.forced is None else self.tokens.clone()
 
     @property
     def room(self) -> int:

@@ -72,8 +72,9 @@ class TrainConfig:
     """Options shared by distill, sft and dpo (also readable from --config FILE or a --template)."""
 
     model: str = ""  # the model to train: a checkpoint directory or 'default'
-    data: str = ""  # JSONL file, a Hugging Face dataset name, or builtin:pydoc-topics
+    data: str = ""  # JSONL, local data set (folder/.parquet/.arrow), shard folder, hub name, builtin; comma list
     data_split: str = "train"  # split of a Hugging Face dataset
+    text_field: str | None = None  # the field holding each record's text or message list (default: the usual keys)
     eval_data: str | None = None  # held-out data of the same format (evaluated at stage starts and ends)
     output: str = ""
     force: bool = False
@@ -111,7 +112,9 @@ class TrainConfig:
         if not self.model:
             raise UsageError("MODEL is required: the checkpoint directory to train")
         if not self.data:
-            raise UsageError("--data is required: a JSONL file, a Hugging Face dataset name or builtin:pydoc-topics")
+            raise UsageError("--data is required: a JSONL file, a local data set (folder, .parquet, .arrow), a shard "
+                             "folder from `mamballama data generate`, a Hugging Face dataset name or "
+                             "builtin:pydoc-topics")
         if not self.output:
             raise UsageError("--output is required: the run directory (checkpoints, metrics, final model)")
         if self.force and self.resume:
@@ -199,6 +202,8 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.text_field:
+            raise UsageError("text_field applies to distill and sft; dpo reads 'prompt', 'chosen' and 'rejected'")
         if self.beta <= 0:
             raise UsageError(f"--beta {self.beta} must be positive")
         if not 0 <= self.label_smoothing < 0.5:

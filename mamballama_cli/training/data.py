@@ -1,6 +1,11 @@
 """Training data: read records, apply the chat template, mask everything but responses, pack or pad, batch.
 
-Record formats (one JSON object per line of a .jsonl file, or rows of a Hugging Face dataset):
+Sources (``--data``; several, comma-separated, are concatenated): a .jsonl file; a local Hugging Face
+``datasets`` folder (``Dataset.save_to_disk``) or a .parquet / .arrow file; a shard folder from `mamballama data
+generate` (pre-tokenised: no templating, targets = the teacher's sampled tokens; mamballama_cli/shards.py);
+``builtin:pydoc-topics``; or a Hugging Face dataset name.
+
+Record formats (one JSON object per line of a .jsonl file, or rows of a data set):
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
     {"text": "..."}                                   every token is a target
     {"prompt": "...", "response": "..."}              ("completion" also accepted)
@@ -25,6 +30,9 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 from mamballama_cli.errors import MamballamaError, UsageError
 
@@ -51,24 +59,113 @@ class Record:
         return f"{self.source} line {self.line}"
 
 
-# --- reading ---------------------------------------------------------------------------------------------------
-def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_bad: bool = False) -> list[Record]:
-    """Records from a JSONL file, a builtin source or a Hugging Face dataset; each checked against ``kind``.
+@dataclass
+class ShardRecord:
+    """One shard of pre-tokenised sequences (mamballama_cli/shards.py), kept as flat numpy arrays."""
 
+    source: str  # the shard file
+    shard: object  # shards.Shard
+    tokenizer: dict  # the manifest's tokenizer identity
+
+    @property
+    def where(self) -> str:
+        return self.source
+
+    def examples(self, seq_len: int) -> list["Example"]:
+        """Sequences truncated to ``seq_len`` as views into the shard's arrays; targets = the sampled tokens.
+
+        Sequences left without a sampled token inside ``seq_len`` are dropped.
+        """
+        sh = self.shard
+        lens = np.diff(sh.offsets)
+        prompt = sh.prompt_lens.astype(np.int64)
+        # mask[t] = token t of its sequence is a sampled (response) token; one bool per token for the whole shard
+        within = np.arange(sh.n_tokens, dtype=np.int64) - np.repeat(sh.offsets[:-1], lens)
+        mask = within >= np.repeat(prompt, lens)
+        keep = np.minimum(lens, seq_len)
+        starts = sh.offsets[:-1]
+        return [Example(sh.tokens[o:o + k], mask[o:o + k])
+                for o, k, p in zip(starts.tolist(), keep.tolist(), prompt.tolist()) if k > p]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+def split_data_spec(spec: str) -> list[str]:
+    """``--data a,b`` -> [a, b] (several sources are concatenated in the order given)."""
+    parts = [p.strip() for p in str(spec).split(",") if p.strip()]
+    if not parts:
+        raise UsageError(f"--data {spec!r} names no data")
+    return parts
+
+
+def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_bad: bool = False,
+                 text_field: str | None = None) -> list:
+    """Records from JSONL files, local data sets, builtin sources or Hugging Face datasets, each checked against
+    ``kind``; shard folders come back as :class:`ShardRecord` (pre-tokenised, for ``kind='chat'`` only).
+
+    ``text_field`` names the field holding each record's text (a string) or conversation (a message list).
     A bad line stops the run with its file and line number, unless ``skip_bad`` (then it is counted and named).
     """
+    out: list = []
+    for part in split_data_spec(spec):
+        path = Path(part).expanduser()
+        if path.is_dir() and _is_shards(path):
+            if kind != "chat":
+                need = "preference pairs" if kind == "preference" else "prompts"
+                raise DataError(f"data {part} holds pre-tokenised shards from `mamballama data generate`; this "
+                                f"command needs {need} (JSONL or a data set)")
+            out += read_shard_dir(path)
+            continue
+        out += _checked(part, load_records(part, split=split, skip_bad=skip_bad, text_field=text_field), kind,
+                        skip_bad)
+    return out
+
+
+def _is_shards(path: Path) -> bool:
+    from mamballama_cli.shards import is_shard_dir
+
+    return is_shard_dir(path)
+
+
+def read_shard_dir(path: Path) -> list[ShardRecord]:
+    """The complete shards a manifest lists, each checked against its sha256."""
+    from mamballama_cli.shards import read_manifest, read_shard, verify_shard
+
+    manifest = read_manifest(path)
+    entries = manifest.get("shards") or []
+    if not entries:
+        raise DataError(f"data {path} holds no complete shard yet; run `mamballama data generate ... --resume`")
+    if not manifest.get("complete"):
+        log(f"note: {path} is incomplete ({manifest.get('tokens', 0):,} of {manifest.get('target_tokens', 0):,} "
+            f"tokens); training on its {len(entries)} complete shard(s)")
+    return [ShardRecord(str(path / e["file"]), read_shard(verify_shard(path, e)), manifest.get("tokenizer") or {})
+            for e in entries]
+
+
+def load_records(spec: str, *, split: str = "train", skip_bad: bool = False, text_field: str | None = None,
+                 string_key: str = "text") -> list[Record]:
+    """Unchecked records of one source: a builtin, a .jsonl file, a local data set (folder, .parquet, .arrow)
+    or a Hugging Face dataset name. ``text_field`` maps each record to {string_key: value} (a string) or
+    {'messages': value} (a message list)."""
     if spec.startswith(BUILTIN_PREFIX):
         records = _builtin(spec[len(BUILTIN_PREFIX):])
+        fields = None
     else:
         path = Path(spec).expanduser()
-        if path.is_file():
-            records = _read_jsonl(path, skip_bad)
-        elif path.exists():
-            raise DataError(f"data {spec!r} is a directory; pass a .jsonl file")
-        elif path.suffix in (".jsonl", ".json", ".txt") or "/" not in spec or spec.startswith((".", "/", "~")):
+        if path.is_dir() or (path.is_file() and path.suffix in (".parquet", ".arrow")):
+            records, fields = _local_dataset(path, split)
+        elif path.is_file():
+            records, fields = _read_jsonl(path, skip_bad), None
+        elif path.suffix in (".jsonl", ".json", ".txt", ".parquet", ".arrow") or "/" not in spec or spec.startswith(
+                (".", "/", "~")):
             raise DataError(f"data file {spec} does not exist")
         else:
-            records = _hf_dataset(spec, split)
+            records, fields = _hf_dataset(spec, split), None
+    if text_field:
+        records = _pick_field(spec, records, text_field, fields, string_key)
+    return records
+
+
+def _checked(spec: str, records: list[Record], kind: str, skip_bad: bool) -> list[Record]:
     checker = {"chat": _check_chat, "preference": _check_preference, "prompt": _check_prompt}[kind]
     good, bad = [], []
     for rec in records:
@@ -84,6 +181,64 @@ def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_ba
     if not good:
         raise DataError(f"data {spec} holds no usable records" + (f" ({len(bad)} skipped)" if bad else ""))
     return good
+
+
+def _pick_field(spec: str, records: list[Record], name: str, fields: list[str] | None,
+                string_key: str = "text") -> list[Record]:
+    """Each record becomes {string_key: value} (a string) or {'messages': value} (a message list)."""
+    if fields is not None and name not in fields:
+        raise DataError(f"data {spec} has no field {name!r}; its fields are: {', '.join(fields)} "
+                        "(pass --text-field with one of them)")
+    out = []
+    for rec in records:
+        if name not in rec.data:
+            raise DataError(f"{rec.where} has no field {name!r}; its fields are: {', '.join(sorted(rec.data))} "
+                            "(pass --text-field with one of them)")
+        value = rec.data[name]
+        out.append(Record(rec.source, rec.line, {"messages" if isinstance(value, list) else string_key: value}))
+    return out
+
+
+def _local_dataset(path: Path, split: str) -> tuple[list[Record], list[str]]:
+    """Rows of a ``datasets`` folder (save_to_disk), a .parquet or an .arrow file, and the field names."""
+    if path.suffix == ".parquet" and path.is_file():
+        pq = _need("pyarrow.parquet", path)
+        table = pq.read_table(str(path))
+    elif path.suffix == ".arrow" and path.is_file():
+        pa = _need("pyarrow", path)
+        try:  # the Arrow IPC file format, else the stream format (what `datasets` writes)
+            table = pa.ipc.open_file(str(path)).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_stream(str(path)).read_all()
+    else:
+        if not any((path / n).is_file() for n in ("state.json", "dataset_dict.json", "dataset_info.json")):
+            raise DataError(f"data {path} is a directory but neither a shard folder (manifest.json from `mamballama "
+                            "data generate`) nor a saved `datasets` folder (Dataset.save_to_disk); pass a .jsonl, "
+                            ".parquet or .arrow file")
+        datasets = _need("datasets", path)
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as exc:
+            raise DataError(f"data {path}: `datasets` cannot load this folder ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"data {path} has no split {split!r}; its splits are: {', '.join(ds)} "
+                                "(pass --data-split)")
+            ds = ds[split]
+        rows = ds.to_list()
+        return [Record(str(path), i + 1, row) for i, row in enumerate(rows)], list(ds.column_names)
+    return [Record(str(path), i + 1, row) for i, row in enumerate(table.to_pylist())], list(table.column_names)
+
+
+def _need(module: str, path: Path):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"data {path}: reading it needs the {module.split('.')[0]} package: pip install "
+                        "'mamballama[train]' (or pass a .jsonl file)") from None
 
 
 def _read_jsonl(path: Path, skip_bad: bool) -> list[Record]:
@@ -203,8 +358,14 @@ def _check_prompt(d: dict) -> str | None:
 # --- templating and masking ------------------------------------------------------------------------------------
 @dataclass
 class Example:
-    ids: list[int]
-    mask: list[bool]  # True where the token is a target (part of a response); mask[0] is always False
+    """A tokenised sequence: lists, or numpy views into a shard's arrays (pre-tokenised data is never copied)."""
+
+    ids: Sequence[int]
+    mask: Sequence[bool]  # True where the token is a target (part of a response); mask[0] is always False
+
+
+def count_true(mask: Sequence[bool]) -> int:
+    return int(np.count_nonzero(mask)) if isinstance(mask, np.ndarray) else sum(mask)
 
 
 def _render(tok, messages, add_generation_prompt=False) -> str:
@@ -357,13 +518,23 @@ def encode_record(tok, rec: Record, max_tokens: int | None = None) -> Example:
         raise DataError(f"{rec.where}: cannot render it with the chat template ({type(exc).__name__}: {exc})") from exc
 
 
-def encode_records(tok, records: list[Record], seq_len: int) -> list[Example]:
-    """Tokenise, truncate to ``seq_len`` and drop examples left without a target token."""
+def encode_records(tok, records: list, seq_len: int) -> list[Example]:
+    """Tokenise, truncate to ``seq_len`` and drop examples left without a target token.
+
+    Shards (:class:`ShardRecord`) are already tokenised: they are checked against ``tok`` and passed through.
+    """
     out, dropped = [], 0
+    ident = None
     for rec in records:
+        if isinstance(rec, ShardRecord):
+            ident = _check_shard_tokenizer(tok, rec, ident)
+            exs = rec.examples(seq_len)
+            dropped += rec.shard.n_sequences - len(exs)
+            out += exs
+            continue
         ex = encode_record(tok, rec, max_tokens=seq_len)
         ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
-        if sum(ex.mask) == 0:
+        if count_true(ex.mask) == 0:
             dropped += 1
             continue
         out.append(ex)
@@ -372,6 +543,18 @@ def encode_records(tok, records: list[Record], seq_len: int) -> list[Example]:
     if not out:
         raise DataError(f"no example keeps a response token within --seq-len {seq_len}; raise --seq-len")
     return out
+
+
+def _check_shard_tokenizer(tok, rec: ShardRecord, mine: dict | None) -> dict:
+    """This run's tokenizer identity (``mine``, computed once), after checking the shard was written with it."""
+    from mamballama_cli.shards import describe_tokenizer, same_tokenizer, tokenizer_identity
+
+    mine = mine or tokenizer_identity(tok)
+    if not same_tokenizer(mine, rec.tokenizer):
+        raise DataError(f"data {Path(rec.source).parent} was written with tokenizer {describe_tokenizer(rec.tokenizer)}"
+                        f" but this run tokenises with {describe_tokenizer(mine)}: token ids would mean other "
+                        "tokens; generate the data with this model's teacher (`mamballama data generate`)")
+    return mine
 
 
 # --- preference pairs ------------------------------------------------------------------------------------------
@@ -435,16 +618,18 @@ def encode_pairs(tok, records: list[Record], seq_len: int, max_prompt_len: int) 
 # --- items: padded examples or packed rows ---------------------------------------------------------------------
 @dataclass
 class Item:
-    ids: list[int]
-    mask: list[bool]
-    positions: list[int] | None = None  # restarting position ids of a packed row
+    """One row of a batch. ``ids``/``mask`` are lists, or numpy arrays (views into shards: not copied)."""
+
+    ids: Sequence[int]
+    mask: Sequence[bool]
+    positions: Sequence[int] | None = None  # restarting position ids of a packed row
 
     def __len__(self) -> int:
         return len(self.ids)
 
     @property
     def n_targets(self) -> int:
-        return sum(self.mask)
+        return count_true(self.mask)
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Item]:
@@ -452,17 +637,30 @@ def pack(examples: list[Example], seq_len: int) -> list[Item]:
 
     Each example keeps mask[0] = False, so no token is ever trained to follow the previous example.
     """
-    rows, cur = [], Item([], [], [])
+    rows, cur, n = [], [], 0
     for ex in examples:
-        if cur.ids and len(cur.ids) + len(ex.ids) > seq_len:
-            rows.append(cur)
-            cur = Item([], [], [])
-        cur.ids += ex.ids
-        cur.mask += ex.mask
-        cur.positions += list(range(len(ex.ids)))
-    if cur.ids:
-        rows.append(cur)
+        if cur and n + len(ex.ids) > seq_len:
+            rows.append(_join(cur))
+            cur, n = [], 0
+        cur.append(ex)
+        n += len(ex.ids)
+    if cur:
+        rows.append(_join(cur))
     return rows
+
+
+def _join(examples: list[Example]) -> Item:
+    """One packed row: lists stay lists; numpy-backed examples become one array per field."""
+    if any(isinstance(ex.ids, np.ndarray) for ex in examples):
+        return Item(np.concatenate([np.asarray(ex.ids) for ex in examples]),
+                    np.concatenate([np.asarray(ex.mask, dtype=bool) for ex in examples]),
+                    np.concatenate([np.arange(len(ex.ids)) for ex in examples]))
+    ids, mask, pos = [], [], []
+    for ex in examples:
+        ids += ex.ids
+        mask += ex.mask
+        pos += range(len(ex.ids))
+    return Item(ids, mask, pos)
 
 
 def pack_concat(examples: list[Example], seq_len: int) -> list[Item]:
@@ -474,17 +672,16 @@ def pack_concat(examples: list[Example], seq_len: int) -> list[Item]:
     exact. Every row is full: no padding, no wasted compute. The tail shorter than ``seq_len`` is kept as a
     last, shorter row.
     """
-    import numpy as np
-
     if not examples:
         return []
-    ids = np.concatenate([np.asarray(ex.ids, dtype=np.int64) for ex in examples])
+    arrays = any(isinstance(ex.ids, np.ndarray) for ex in examples)  # shards: rows stay numpy (views, int32)
+    ids = np.concatenate([np.asarray(ex.ids, dtype=np.int32 if arrays else np.int64) for ex in examples])
     mask = np.concatenate([np.asarray(ex.mask, dtype=bool) for ex in examples])
     rows = []
     for s in range(0, len(ids), seq_len):
-        m = mask[s:s + seq_len].tolist()
+        m = mask[s:s + seq_len] if arrays else mask[s:s + seq_len].tolist()
         m[0] = False
-        rows.append(Item(ids[s:s + seq_len].tolist(), m))
+        rows.append(Item(ids[s:s + seq_len] if arrays else ids[s:s + seq_len].tolist(), m))
     return [r for r in rows if len(r) > 1]
 
 
@@ -505,13 +702,13 @@ def collate(items: list[Item], pad_id: int):
         pos = torch.arange(L).repeat(b, 1)
     for i, it in enumerate(items):
         n = len(it)
-        ids[i, :n] = torch.tensor(it.ids)
-        mask[i, :n] = torch.tensor(it.mask)
+        ids[i, :n] = torch.as_tensor(it.ids)
+        mask[i, :n] = torch.as_tensor(it.mask)
         if it.positions is not None:
             # Padding continues the last segment's positions: it follows every real token, so causal
             # attention keeps it out of their outputs.
-            tail = it.positions[-1] + 1 if it.positions else 0
-            pos[i, :n] = torch.tensor(it.positions)
+            tail = int(it.positions[-1]) + 1 if len(it.positions) else 0
+            pos[i, :n] = torch.as_tensor(it.positions)
             pos[i, n:] = torch.arange(tail, tail + L - n)
     targets = torch.full_like(ids, pad_id)
     targets[:, :-1] = ids[:, 1:]

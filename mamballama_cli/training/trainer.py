@@ -576,9 +576,11 @@ def run_training(cfg, kind: str) -> dict:
     resume_ckpt = prepare_run_dir(acc, cfg, cfg_d, global_batch)
     # Read the data before loading any model: a bad file should fail in a second, not after a minute.
     rec_kind = "preference" if kind == "dpo" else "chat"
-    records = read_records(cfg.data, split=cfg.data_split, kind=rec_kind, skip_bad=cfg.skip_bad_lines)
-    eval_records = (read_records(cfg.eval_data, split=cfg.data_split, kind=rec_kind, skip_bad=cfg.skip_bad_lines)
-                    if cfg.eval_data else None)
+    # Shard folders come back pre-tokenised; encode_records checks them against the tokenizer and passes them on.
+    records = read_records(cfg.data, split=cfg.data_split, kind=rec_kind, skip_bad=cfg.skip_bad_lines,
+                           text_field=cfg.text_field)
+    eval_records = (read_records(cfg.eval_data, split=cfg.data_split, kind=rec_kind, skip_bad=cfg.skip_bad_lines,
+                                 text_field=cfg.text_field) if cfg.eval_data else None)
 
     start_spec = str(resume_ckpt) if resume_ckpt else cfg.model
     with whole_models(acc):
