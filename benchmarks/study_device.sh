@@ -47,8 +47,6 @@ for f in "$RES"/distill-*.log "$RES"/data-generate.log; do
   [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 3 | cut -c1-300; }
 done
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
-if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null || [ "$mode" = pack ]; then
-  tail -n 30 "$WORK/study.log"
-  tar czf "$OUT/results.tgz" -C "$WORK" results
-  ls -la "$OUT"
-fi
+# Always pack what is there (a partial study is worth having if the lease ends first).
+tail -n 12 "$WORK/study.log" 2>/dev/null
+[ -d "$RES" ] && tar czf "$OUT/results.tgz" -C "$WORK" results && ls -la "$OUT"

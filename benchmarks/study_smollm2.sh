@@ -5,7 +5,7 @@
 #   start for the paper's recipe) -> distill (the default recipe; the paper's recipe at equal wall time) -> eval
 #   (held-out perplexity, agreement, KL, passkey at 1x/4x/20x, greedy answers beside the teacher's) -> report.
 #
-#   bash benchmarks/study_smollm2.sh                 # one GPU; about 13 minutes on an H200 with the defaults
+#   bash benchmarks/study_smollm2.sh                 # one GPU; about 9 minutes on an H200 with the defaults
 #   TINY=1 bash benchmarks/study_smollm2.sh          # a smoke run of every step on CPU (minutes)
 #
 # Inputs: DATA, a `mamballama data build` output (built here if absent). Results land in $RES (default
@@ -28,14 +28,14 @@ if [ -n "${TINY:-}" ]; then
   ANSWER_N=${ANSWER_N:-16}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
-GEN_TOKENS=${GEN_TOKENS:-6000000}
+GEN_TOKENS=${GEN_TOKENS:-4000000}
 GEN_BS=${GEN_BS:-1024}
 GEN_NEW=${GEN_NEW:-512}
-BUDGET_S=${BUDGET_S:-480}
-ALIGN_TOK=${ALIGN_TOK:-3000000}
-KDM_TOK=${KDM_TOK:-6000000}
-KDA_TOK=${KDA_TOK:-6000000}
-PAPER_TOK=${PAPER_TOK:-7500000}
+BUDGET_S=${BUDGET_S:-300}
+ALIGN_TOK=${ALIGN_TOK:-2000000}
+KDM_TOK=${KDM_TOK:-4500000}
+KDA_TOK=${KDA_TOK:-4500000}
+PAPER_TOK=${PAPER_TOK:-5500000}
 SEQ=${SEQ:-1024}
 MB=${MB:-16}
 ACCUM=${ACCUM:-2}
@@ -66,7 +66,7 @@ else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
 stage "convert h50 (calibrated start; caches the teacher)"
 "${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" $CONVERT_ARGS --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
 stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h50-paper"
-"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
+"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
     --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
 gen_pid=$!
