@@ -73,6 +73,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--teacher-eval-ppl", type=float, default=None,
+                    help="the teacher's perplexity on the runs' --eval-data (benchmarks/heldout_ce.py), for the "
+                         "curves' teacher line and the end-of-training ratios when `eval` did not run")
     args = ap.parse_args()
     res, out = Path(args.results), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,6 +113,13 @@ def main() -> None:
                     rec["ratio_to_teacher"] = s / t if s and t else None
         study["runs"][name] = rec
     study["teacher_heldout_ppl"] = teacher_ppl
+    study["teacher_eval_data_ppl"] = args.teacher_eval_ppl
+    if args.teacher_eval_ppl:
+        for rec in study["runs"].values():
+            if rec.get("curve"):
+                last = rec["curve"][-1]["ppl"]
+                rec["end_of_training_eval_ppl"] = last
+                rec["end_of_training_ratio_to_teacher"] = last / args.teacher_eval_ppl
     d50, d25 = study["runs"].get("d50", {}), study["runs"].get("d25", {})
     study["targets"] = {
         "d50_within_25pct": (d50.get("ratio_to_teacher") or math.inf) <= 1.25,
@@ -119,19 +129,22 @@ def main() -> None:
     }
     (out / "study.json").write_text(json.dumps(study, indent=1))
 
-    lines = ["| run | attention layers | tokens trained | held-out ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | attention layers | tokens trained | eval-data ppl, start -> end (x teacher) | eval ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, rec in study["runs"].items():
         ev = rec.get("eval", {})
         agree = next((v["student"] for k, v in ev.items() if k.startswith("next-token agreement")), None)
         kl = next((v["student"] for k, v in ev.items() if k.startswith("KL(")), None)
         pk = [v["student"] for k, v in ev.items() if k.startswith("accuracy @")]
         f = lambda x, p=2: "-" if x is None else f"{x:.{p}f}"  # noqa: E731
+        c = rec.get("curve") or []
+        trail = (f"{c[0]['ppl']:.1f} -> {c[-1]['ppl']:.2f}" + (f" ({rec['end_of_training_ratio_to_teacher']:.2f}x)"
+                 if rec.get("end_of_training_ratio_to_teacher") else "")) if c else "-"
         lines.append(f"| {rec['what']} | {rec.get('attn_layers')} | {f((rec.get('tokens_trained') or 0) / 1e6, 1)} M | "
-                     f"{f(rec.get('heldout_ppl'))} | {f(rec.get('ratio_to_teacher'), 3)} | {f(agree, 3)} | {f(kl, 3)} | "
+                     f"{trail} | {f(rec.get('heldout_ppl'))} | {f(rec.get('ratio_to_teacher'), 3)} | {f(agree, 3)} | {f(kl, 3)} | "
                      f"{' / '.join(f(x) for x in pk) or '-'} |")
     tpk = [v["teacher"] for k, v in (d50.get("eval") or {}).items() if k.startswith("accuracy @")]
-    lines.append(f"| teacher | all | - | {f(teacher_ppl)} | 1 | - | - | {' / '.join(f(x) for x in tpk) or '-'} |")
+    lines.append(f"| teacher | all | - | {f(args.teacher_eval_ppl)} | {f(teacher_ppl)} | 1 | - | - | {' / '.join(f(x) for x in tpk) or '-'} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(json.dumps(study["targets"]))
@@ -153,16 +166,16 @@ def plot(study: dict, path: Path) -> None:
             continue
         axes[0].plot([p["tokens"] / 1e6 for p in c], [p["ppl"] for p in c], marker=".", label=rec["what"])
         axes[1].plot([p["seconds"] / 60 for p in c], [p["ppl"] for p in c], marker=".", label=rec["what"])
-    t = study.get("teacher_heldout_ppl")
+    t = study.get("teacher_eval_data_ppl") or study.get("teacher_heldout_ppl")
     for ax in axes:
         if t:
             ax.axhline(t, color="k", lw=1, ls="--", label="teacher")
             ax.axhline(1.25 * t, color="tab:green", lw=1, ls=":", label="teacher + 25%")
             ax.axhline(1.5 * t, color="tab:olive", lw=1, ls=":", label="teacher + 50%")
         ax.set_yscale("log")
-        ax.set_ylabel("held-out text perplexity")
+        ax.set_ylabel("held-out text perplexity (distill --eval-data)")
     axes[0].set_xlabel("tokens trained (M)")
-    axes[1].set_xlabel("training wall time (min, four runs sharing one GPU)")
+    axes[1].set_xlabel("training time (min, steps only; four runs sharing one GPU)")
     axes[0].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct students: held-out perplexity while training")
     fig.tight_layout()
