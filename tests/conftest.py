@@ -30,3 +30,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
         if "multigpu" in item.keywords and n_gpu < 2:
             item.add_marker(pytest.mark.skip(reason="needs two or more CUDA devices"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and spinning threads crawl on a shared machine
+    (modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny teacher and the hybrid converted from it (layers 0 and 2 Mamba), both saved with tokenizers."""
+    import torch
+
+    from helpers import save_teacher, tiny_llama, tiny_tokenizer
+    from mamballama_cli.convert.converter import convert_model
+
+    root = tmp_path_factory.mktemp("models")
+    teacher = tiny_llama(seed=0, n_heads=4, n_kv=2)
+    tdir = save_teacher(root / "teacher", model=teacher)
+    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
+                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
+    hybrid.save_pretrained(root / "hybrid")
+    tiny_tokenizer().save_pretrained(root / "hybrid")
+    return {"teacher": tdir, "hybrid": root / "hybrid", "root": root}

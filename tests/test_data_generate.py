@@ -15,35 +15,13 @@ import torch
 from clihelp import run_cli
 from helpers import save_teacher, tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 DATA = Path(__file__).parent / "data"
 PROMPTS = f"{DATA / 'prompts.jsonl'},{DATA / 'text.jsonl'}"  # chat prompts, and texts for continuations
 GEN = ["--max-new-tokens", "12", "--batch-size", "4", "--device", "cpu"]
 FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; one thread also keeps CPU runs bit-identical."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny Llama teacher (with tokenizer) and the hybrid converted from it."""
-    from mamballama_cli.convert.converter import convert_model
-
-    root = tmp_path_factory.mktemp("gen")
-    teacher = tiny_llama(seed=0)
-    tdir = save_teacher(root / "teacher", model=teacher)
-    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
-                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
-    hybrid.save_pretrained(root / "hybrid")
-    tiny_tokenizer().save_pretrained(root / "hybrid")
-    return {"teacher": tdir, "hybrid": root / "hybrid", "root": root}
 
 
 def one_line_error(r, *needles):

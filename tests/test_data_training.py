@@ -8,16 +8,9 @@ import torch
 
 from helpers import tiny_hybrid, tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and spinning threads crawl on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

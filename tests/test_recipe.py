@@ -7,34 +7,12 @@ import pytest
 import torch
 
 from clihelp import run_cli
-from helpers import save_teacher, tiny_llama, tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 DATA = Path(__file__).parent / "data"
 TRAIN, EVAL = str(DATA / "chat_train.jsonl"), str(DATA / "chat_eval.jsonl")
 SMALL = ["--seq-len", "96", "--micro-batch-size", "2", "--gradient-accumulation-steps", "1"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from mamballama_cli.convert.converter import convert_model
-
-    root = tmp_path_factory.mktemp("recipe")
-    teacher = tiny_llama(seed=0, n_heads=4, n_kv=2)
-    tdir = save_teacher(root / "teacher", model=teacher)
-    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
-                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
-    hdir = root / "hybrid"
-    hybrid.save_pretrained(hdir)
-    tiny_tokenizer().save_pretrained(hdir)
-    return {"teacher": tdir, "hybrid": hdir}
 
 
 def metrics(run_dir) -> list[dict]:
@@ -63,7 +41,6 @@ def test_distill_without_a_template_runs_the_default_recipe(models, tmp_path, ca
     # tokens -> steps: ceil(300 / (global batch 2 x mean row length)) per stage, the same for all three
     per_stage = {st: stages.count(st) for st in ("align", "kd-mixers", "kd-all")}
     assert len(set(per_stage.values())) == 1 and s["total_steps"] == 3 * per_stage["align"]
-    cfg = json.loads((out / "run_config.yaml").read_text()) if False else None  # noqa: F841  (yaml below)
     import yaml
 
     run_cfg = yaml.safe_load((out / "run_config.yaml").read_text())

@@ -23,33 +23,12 @@ import mamballama_cli.models.modeling  # noqa: F401  (import order: see tests/te
 from clihelp import run_cli
 from helpers import save_teacher, tiny_llama, tiny_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 TRAIN = str(DATA / "chat_train.jsonl")
 FAST = ["--seq-len", "96", "--micro-batch-size", "2"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny teacher and its 50% hybrid (attention in layers 1 and 3), both with tokenizers."""
-    from mamballama_cli.convert.converter import convert_model
-
-    root = tmp_path_factory.mktemp("robust")
-    teacher = tiny_llama(seed=0)
-    tdir = save_teacher(root / "teacher", model=teacher)
-    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
-                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
-    hybrid.save_pretrained(root / "hybrid")
-    tiny_tokenizer().save_pretrained(root / "hybrid")
-    return {"teacher": tdir, "hybrid": root / "hybrid", "root": root}
 
 
 def one_line_error(r, *needles, code=None):

@@ -62,5 +62,5 @@ def test_converted_default_starts_no_worse_than_dropping_those_layers(tmp_path, 
     r = run_cli(["convert", "default", "--ratio", "0.5", "--output", tmp_path / "h2", "--calibration-seqs", "2"],
                 capsys)
     assert r.code == 0, r.err
-    assert "rel. error, calibrated start" in r.out and "held-out perplexity" in r.out
+    assert "rel. error" in r.out and "calibrated" in r.out and "perplexity" in r.out  # (rich may wrap headers)
     assert torch.isfinite(torch.tensor(hybrid))

@@ -9,36 +9,13 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from clihelp import run_cli
-from helpers import save_teacher, tiny_llama, tiny_tokenizer
+from helpers import tiny_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 DATA = Path(__file__).parent / "data"
 TRAIN, EVAL, PAIRS, PROMPTS = (str(DATA / n) for n in ("chat_train.jsonl", "chat_eval.jsonl", "pairs.jsonl",
                                                          "prompts.jsonl"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and spinning threads crawl on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny teacher and the hybrid converted from it (layers 0 and 2 Mamba), both with tokenizers."""
-    from mamballama_cli.convert.converter import convert_model
-
-    root = tmp_path_factory.mktemp("train")
-    teacher = tiny_llama(seed=0, n_heads=4, n_kv=2)
-    tdir = save_teacher(root / "teacher", model=teacher)
-    hybrid, _ = convert_model(teacher, [1, 3], dtype=torch.float32, seed=0,
-                              teacher_info={"name_or_path": str(tdir), "kind": "dir"})
-    hdir = root / "hybrid"
-    hybrid.save_pretrained(hdir)
-    tiny_tokenizer().save_pretrained(hdir)
-    return {"teacher": tdir, "hybrid": hdir, "root": root}
 
 
 def metrics(run_dir) -> list[dict]:

@@ -134,18 +134,9 @@ def token_block(tokenizer, docs: list[str], n_seqs: int, seq_len: int) -> Tensor
 def capture_attention(teacher, layers: list[int], input_ids: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
     """Run the teacher once; for each listed layer return (input of its attention after the layer's norm,
     output of its attention), detached."""
-    store: dict[int, tuple[Tensor, Tensor]] = {}
-    handles = []
+    from mamballama_cli.models.hooks import capture_io
 
-    def make(i: int):
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            store[i] = (x.detach(), y.detach())
-        return hook
-
-    for i in layers:
-        handles.append(teacher.model.layers[i].self_attn.register_forward_hook(make(i), with_kwargs=True))
+    handles, store = capture_io({i: teacher.model.layers[i].self_attn for i in layers})
     try:
         teacher(input_ids=input_ids.to(teacher.device))
     finally:

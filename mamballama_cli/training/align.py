@@ -21,8 +21,9 @@ DDP's reducer) are not supported: the trainer refuses ``w_hidden`` with more tha
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from mamballama_cli.models.hooks import capture_io
 
 
 def mamba_layer_indices(student) -> list[int]:
@@ -33,24 +34,12 @@ def mamba_layer_indices(student) -> list[int]:
 def capture_layers(teacher, indices: list[int]) -> tuple[list, dict[int, tuple[Tensor, Tensor]]]:
     """Forward hooks on ``teacher.model.layers[i]`` storing (input, output) hidden states, detached.
 
-    Returns (handles, store); remove the handles after the teacher's forward. Works with transformers' decoder
-    layers (hidden states passed positionally or as ``hidden_states``; a tensor or a tuple returned) and with
-    mamballama's own.
+    Returns (handles, store); remove the handles after the teacher's forward (models/hooks.py).
     """
     layers = teacher.model.layers
     if indices and max(indices) >= len(layers):
         raise ValueError(f"the teacher has {len(layers)} layers; the student aligns layer {max(indices)}")
-    store: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def make(i: int):
-        def hook(module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            store[i] = (x.detach(), y.detach())
-        return hook
-
-    handles = [layers[i].register_forward_hook(make(i), with_kwargs=True) for i in indices]
-    return handles, store
+    return capture_io({i: layers[i] for i in indices})
 
 
 def alignment_loss(student, store: dict[int, tuple[Tensor, Tensor]], valid: Tensor) -> tuple[Tensor, Tensor]:
