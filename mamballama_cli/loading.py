@@ -48,31 +48,6 @@ def checkpoint_dir(spec: str) -> Path:
     return path
 
 
-def unreadable_weights(spec: str, path: Path, exc: BaseException) -> MamballamaError | None:
-    """A one-line error naming the damaged weights file of ``path`` and the fix, when ``exc`` (raised while
-    loading) comes from a truncated or corrupted safetensors file; None for any other failure."""
-    if type(exc).__name__ != "SafetensorError" and not isinstance(exc, EOFError):
-        return None
-    from safetensors import safe_open
-
-    bad, why = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    for f in sorted(Path(path).glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt"):
-                pass
-        except Exception as e:  # noqa: BLE001  (any failure names this file)
-            bad, why = f, str(e).splitlines()[0] if str(e) else type(e).__name__
-            break
-    what = bad if bad is not None else f"the weights in {path}"
-    from mamballama_cli.convert.teacher import default_teacher_dir
-
-    if Path(path).resolve() == default_teacher_dir().resolve():
-        return MamballamaError(f"the cached default teacher is damaged: {what} cannot be read ({why}); delete "
-                               f"{path} (rm -r '{path}') and rerun, which rebuilds it from the GGUF")
-    return MamballamaError(f"model {spec!r}: {what} cannot be read ({why}); the file is truncated or corrupted: "
-                           "copy or download it again")
-
-
 def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto"):
     """(model in eval mode on device, tokenizer or None, path)."""
     import mamballama_cli  # noqa: F401  (registers the hybrid with the Auto classes)
@@ -81,6 +56,8 @@ def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto"):
     dt = resolve_dtype(dtype, dev)
     path = checkpoint_dir(spec)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mamballama_cli.convert.teacher import unreadable_weights
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, trust_remote_code=False)

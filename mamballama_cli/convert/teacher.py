@@ -225,8 +225,6 @@ def load_teacher(spec: str, dtype=None, allow_download: bool = True):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto", trust_remote_code=False)
     except Exception as exc:
-        from mamballama_cli.loading import unreadable_weights
-
         if damaged := unreadable_weights(spec, path, exc):
             raise damaged from exc
         if not isinstance(exc, ValueError):
@@ -258,3 +256,26 @@ def peek_teacher_config(spec: str):
     except ValueError as exc:
         msg = str(exc).splitlines()[0]
         raise MamballamaError(f"teacher {spec!r}: unsupported or unreadable config ({msg})") from exc
+
+
+def unreadable_weights(spec: str, path: Path, exc: BaseException) -> MamballamaError | None:
+    """A one-line error naming the damaged weights file of ``path`` and the fix, when ``exc`` (raised while
+    loading) comes from a truncated or corrupted safetensors file; None for any other failure."""
+    if type(exc).__name__ != "SafetensorError" and not isinstance(exc, EOFError):
+        return None
+    from safetensors import safe_open
+
+    bad, why = None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # noqa: BLE001  (any failure names this file)
+            bad, why = f, str(e).splitlines()[0] if str(e) else type(e).__name__
+            break
+    what = bad if bad is not None else f"the weights in {path}"
+    if Path(path).resolve() == default_teacher_dir().resolve():
+        return MamballamaError(f"the cached default teacher is damaged: {what} cannot be read ({why}); delete "
+                               f"{path} (rm -r '{path}') and rerun, which rebuilds it from the GGUF")
+    return MamballamaError(f"model {spec!r}: {what} cannot be read ({why}); the file is truncated or corrupted: "
+                           "copy or download it again")

@@ -141,7 +141,7 @@ def run_export(cfg: ExportConfig) -> dict:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype="auto", trust_remote_code=False).eval()
     except Exception as exc:
-        from mamballama_cli.loading import unreadable_weights
+        from mamballama_cli.convert.teacher import unreadable_weights
 
         if damaged := unreadable_weights(cfg.model, src, exc):
             raise damaged from exc

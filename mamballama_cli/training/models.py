@@ -27,7 +27,7 @@ def load_trainable(spec: str, dtype=torch.float32):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
     except Exception as exc:
-        from mamballama_cli.loading import unreadable_weights
+        from mamballama_cli.convert.teacher import unreadable_weights
 
         if damaged := unreadable_weights(spec, path, exc):
             raise damaged from exc
