@@ -35,6 +35,7 @@ The idea of fitting a converted layer to the attention output it replaces, teach
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -281,19 +282,14 @@ def perplexity(model, input_ids: Tensor, batch: int = 4) -> float:
     return math.exp(total / max(count, 1))
 
 
-class dropped_mixers:
-    """Context manager: every Mamba mixer of ``student`` outputs zeros (the teacher without those attention
-    layers: the baseline a converted start must beat)."""
-
-    def __init__(self, student):
-        self.mixers = [layer.mamba for layer in student.model.layers if not layer.is_attention]
-        self.handles: list = []
-
-    def __enter__(self):
-        self.handles = [m.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)) for m in self.mixers]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
+@contextlib.contextmanager
+def dropped_mixers(student):
+    """Every Mamba mixer of ``student`` outputs zeros while inside (the teacher without those attention layers:
+    the baseline a converted start must beat)."""
+    mixers = [layer.mamba for layer in student.model.layers if not layer.is_attention]
+    handles = [m.register_forward_hook(lambda mod, args, out: torch.zeros_like(out)) for m in mixers]
+    try:
+        yield
+    finally:
+        for h in handles:
             h.remove()
-        return False

@@ -1,0 +1,96 @@
+"""The calibrated start and the per-layer report of `convert`, and `--attn-layers auto`, on tiny models (issue 14)."""
+
+import json
+
+import pytest
+import torch
+
+from clihelp import run_cli
+from helpers import save_teacher, tiny_hybrid
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def test_least_squares_gains_are_the_best_per_channel_fit():
+    """fit_gains solves the normal equations: no other per-channel gain vector fits the target better."""
+    from mamballama_cli.convert.calibrate import fit_gains
+
+    student, _ = tiny_hybrid()
+    mixer = student.model.layers[0].mamba
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(3, 40, mixer.out_proj.in_features, generator=g)
+    a = torch.randn(3, 40, mixer.out_proj.out_features, generator=g)
+    W = mixer.out_proj.weight.detach().double()
+
+    def err(gains):
+        return float(((u.double() * gains) @ W.T - a.double()).pow(2).sum())
+
+    best = fit_gains(mixer, u, a, ridge=0.0)
+    assert err(best) <= err(torch.zeros_like(best)) and err(best) <= err(torch.ones_like(best))
+    for _ in range(5):
+        assert err(best) <= err(best + 0.01 * torch.randn(best.shape, generator=g, dtype=best.dtype)) + 1e-9
+
+
+def test_calibrated_layers_are_never_further_from_attention_than_a_dropped_layer():
+    from mamballama_cli.convert.calibrate import INITS, calibrate_hybrid
+
+    student, teacher = tiny_hybrid(attn_layers=(3,))
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(1))
+    records = calibrate_hybrid(student, teacher, ids, INITS["calibrated"])
+    assert [r["layer"] for r in records] == [0, 1, 2]
+    for r in records:
+        assert r["final"]["rel_error"] <= 1.0 + 1e-6  # zero gains are a candidate of the fit
+        assert r["final"]["rel_error"] < r["mapped"]["rel_error"]
+        mixer = student.model.layers[r["layer"]].mamba
+        assert float(mixer.D.detach().abs().max()) == 0.0
+        w = mixer.conv1d.weight[:, 0]
+        assert torch.equal(w[:, -1], torch.ones_like(w[:, -1])) and float(w[:, :-1].abs().max()) == 0.0
+        z = mixer.in_proj.weight[mixer.in_proj_slices()["z"]]
+        head = z[: mixer.headdim]
+        assert torch.equal(head, head[:1].expand_as(head))  # one gate row per head: the open gate
+
+
+def test_convert_reports_every_layer_and_the_step0_perplexities(tmp_path, capsys):
+    teacher = save_teacher(tmp_path / "t", n_heads=4, n_kv=2)
+    r = run_cli(["convert", teacher, "--ratio", "0.5", "--output", tmp_path / "h", "--calibration-seqs", "2",
+                 "--calibration-len", "64", "--json"], capsys)
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    cal = s["calibration"]
+    assert cal["measured"] and cal["init"]["conv"] == "identity" and cal["text"]["sequences"] == 2
+    assert [x["layer"] for x in cal["layers"]] == s["mamba_layers"]
+    assert set(cal["step0_perplexity"]) == {"teacher", "hybrid", "mamba_layers_dropped"}
+    assert json.loads((tmp_path / "h" / "convert_summary.json").read_text())["calibration"]["layers"]
+    # the paper's start: measured too, but its parts stay fresh (random conv, D = 1)
+    r = run_cli(["convert", teacher, "--ratio", "0.5", "--init", "paper", "--output", tmp_path / "p",
+                 "--calibration-seqs", "2", "--calibration-len", "64", "--json"], capsys)
+    assert r.code == 0, r.err
+    p = json.loads(r.out)["calibration"]
+    assert p["init"]["D"] == 1.0 and not p["init"]["gains"]
+    assert all(x["final"] == x["structured"] for x in p["layers"])
+
+
+def test_attn_layers_auto_keeps_as_many_layers_as_even_spacing(tmp_path, capsys):
+    teacher = save_teacher(tmp_path / "t", n_heads=4, n_kv=2, layers=6)
+    for score in ("kl", "residual"):
+        r = run_cli(["convert", teacher, "--attn-layers", "auto", "--ratio", "0.5", "--placement-score", score,
+                     "--output", tmp_path / score, "--calibration-seqs", "2", "--calibration-len", "64", "--json"],
+                    capsys)
+        assert r.code == 0, r.err
+        s = json.loads(r.out)
+        pl = s["calibration"]["placement"]
+        assert len(s["attn_layers"]) == 3 and pl["attn_layers"] == s["attn_layers"]
+        scores = pl["kl_one_layer_converted"] if score == "kl" else pl["calibrated_rel_error"]
+        scores = {int(k): v for k, v in scores.items()}
+        kept = sorted(scores, key=lambda i: -scores[i])[:3]
+        assert sorted(kept) == s["attn_layers"]  # the layers whose conversion hurts most keep attention
+
+
+def test_bad_calibration_options_are_one_line_errors(tmp_path, capsys):
+    teacher = save_teacher(tmp_path / "t", n_heads=4, n_kv=2)
+    for args, needle in ((["--attn-layers", "auto"], "--ratio"), (["--init", "bogus"], "--init"),
+                         (["--init", "conv=sideways"], "conv"), (["--placement-score", "x"], "placement"),
+                         (["--calibration-len", "4"], "calibration")):
+        r = run_cli(["convert", teacher, "--output", tmp_path / "o", *args], capsys)
+        assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and needle in r.err, (args, r.err)
+        assert not (tmp_path / "o").exists()
