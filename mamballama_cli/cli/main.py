@@ -8,7 +8,7 @@ import traceback
 import typer
 
 from mamballama_cli import __version__
-from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft
+from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft, templates_cmd
 from mamballama_cli.cli import data as data_cmd
 from mamballama_cli.cli import eval as eval_cmd
 from mamballama_cli.cli.common import STATE, command_io
@@ -57,6 +57,7 @@ _add("generate", generate)
 app.add_typer(eval_cmd.app, name="eval")
 _add("export", export)
 app.add_typer(plugins_cmd.app, name="plugins")
+app.add_typer(templates_cmd.app, name="templates")
 _add("env", env)
 
 

@@ -21,7 +21,8 @@ def launched_by_accelerate() -> bool:
 
 
 def resolve_accelerate_config(spec: str) -> Path:
-    """A file path, or the name of one of templates/accelerate/*.yaml (single-gpu, ddp, fsdp, zero2, zero3)."""
+    """A file path, or the name of one of templates/accelerate/*.yaml (single-gpu, ddp, fsdp, zero2, zero3), read
+    from the package's copy (mamballama_cli/templates/accelerate/) so that it works after a wheel install."""
     from mamballama_cli.config import TEMPLATES_DIR
 
     path = Path(spec).expanduser()
