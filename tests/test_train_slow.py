@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,6 @@ def test_default_recipe_beats_the_papers_at_equal_wall_time(tmp_path, capsys):
         s = json.loads(r.out)
         assert s["time_budget_reached"], s  # both ran out their wall-clock budget: equal time
         results[name] = s["evals"][-1]["eval_kl"]
-        print(f"{name}: {s['steps']} steps in {s['seconds']} s; held-out KL "
-              f"{s['evals'][0]['eval_kl']:.3f} -> {s['evals'][-1]['eval_kl']:.3f}")  # shown with pytest -s
+        print(f"{name}: {s['steps']} steps in {s['seconds']} s; held-out KL {s['evals'][0]['eval_kl']:.3f} -> "
+              f"{s['evals'][-1]['eval_kl']:.3f}", file=sys.__stderr__)  # past capsys, for the record
     assert results["ours"] < results["paper"], results
