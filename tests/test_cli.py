@@ -153,7 +153,9 @@ def test_gguf_without_gguf_package(tmp_path, capsys, monkeypatch):
 def test_hub_id_offline_fails_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = run_cli(["convert", "someorg/some-model", "--output", tmp_path / "o"], capsys)
-    assert_one_line_error(r, "someorg/some-model", "Hugging Face Hub", "local directory")
+    assert_one_line_error(r, "someorg/some-model", "Hugging Face Hub", "local directory",
+                          "hf download someorg/some-model --local-dir DIR")
+    assert "huggingface-cli" not in r.err  # deprecated by huggingface_hub
     assert not (tmp_path / "o").exists()
 
 
