@@ -202,3 +202,23 @@ def test_library_chatter_on_stdout_does_not_pollute_results(teacher_dir, tmp_pat
     assert r.code == 0, r.err
     assert json.loads(r.out)["attn_layers"] == [1, 3]
     assert "setting accelerator" in r.err
+
+
+def test_library_progress_bars_only_with_verbose(teacher_dir, tmp_path):
+    """transformers' per-file bars stay off stderr unless -v; the project's own lines stay."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # as a user's shell has it
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def convert(*flags, out):
+        r = subprocess.run([sys.executable, "-m", "mamballama_cli", *flags, "convert", str(teacher_dir), "--ratio",
+                            "0.5", "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    quiet = convert(out=tmp_path / "q")
+    assert "converting" in quiet
+    assert "Loading weights" not in quiet and "Writing model shards" not in quiet, quiet
+    loud = convert("-v", out=tmp_path / "v")
+    assert "Loading weights" in loud and "Writing model shards" in loud, loud

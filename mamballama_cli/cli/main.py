@@ -33,9 +33,11 @@ def _version(value: bool):
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors, and the libraries' "
+                                 "own progress bars (loading and writing weights, downloads)."),
 ):
     STATE["verbose"] = verbose
+    common.library_output(verbose)
 
 
 
