@@ -222,3 +222,37 @@ def test_library_progress_bars_only_with_verbose(teacher_dir, tmp_path):
     assert "Loading weights" not in quiet and "Writing model shards" not in quiet, quiet
     loud = convert("-v", out=tmp_path / "v")
     assert "Loading weights" in loud and "Writing model shards" in loud, loud
+
+
+def _leaf_commands():
+    import typer
+
+    from mamballama_cli.cli.main import app
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):  # a group (typer vendors click: no isinstance against click's classes)
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_option_of_every_command_has_help_and_placeholders_are_explained():
+    leaves = _leaf_commands()
+    assert {"convert", "distill", "sft", "dpo", "eval report", "eval speed", "data build"} <= {n for n, _ in leaves}
+    missing = [f"{name} {p.opts[0]}" for name, cmd in leaves for p in cmd.params
+               if p.param_type_name == "option" and not (p.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+    # typer writes {model} for a required argument and <str>/<int> for an option's value: each help says so
+    unexplained = [name for name, cmd in leaves if "Notation:" not in (cmd.epilog or "")]
+    assert not unexplained, unexplained
+
+
+def test_eval_help_shows_the_report_options(capsys):
+    r = run_cli(["eval", "--help"], capsys)
+    assert r.code == 0
+    for flag in ("--teacher", "--tasks", "--output", "speed"):
+        assert flag in r.out, r.out
+    assert "Notation:" in r.out
