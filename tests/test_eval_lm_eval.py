@@ -127,3 +127,23 @@ def test_lm_eval_own_cli_with_the_wrapper(setup, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "wrapped_mc" in out.stdout and "acc" in out.stdout
     assert list((tmp_path / "res").rglob("results_*.json"))
+
+
+def test_lm_eval_git_hash_leaves_stderr_alone_outside_a_repository(tmp_path, monkeypatch, capfd):
+    """lm-eval's ``git describe`` printed "fatal: not a git repository" on stderr during `eval`."""
+    import shutil
+
+    from lm_eval import evaluator
+
+    from mamballama_cli.evaluation.lm_eval_tasks import quiet_git_hash
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    evaluator.get_git_commit_hash()
+    assert "fatal" in capfd.readouterr().err  # what lm-eval alone does here
+    with quiet_git_hash():
+        assert evaluator.get_git_commit_hash() is None
+    assert capfd.readouterr().err == ""
+    assert evaluator.get_git_commit_hash.__module__ == "lm_eval.loggers.utils"  # restored

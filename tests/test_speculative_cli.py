@@ -49,6 +49,9 @@ def test_speculative_greedy_prints_the_plain_greedy_text_and_writes_stats(pair, 
     assert stats["draft_runner"] == "TransformersRunner" and stats["target_runner"] == "HybridRunner"
     assert "acceptance" in spec.err and "tokens/call" in spec.err and "speedup" in spec.err
     assert "acceptance" not in spec.out
+    # the summary counts the target's calls as the JSON does: the prefill and one verify call per round
+    assert stats["target_calls"] == stats["rounds"] + 1
+    assert f"in {stats['target_calls']} target calls (prefill + {stats['rounds']} verify)" in spec.err, spec.err
 
 
 def test_builtin_self_draft_accepts_everything_and_sampling_is_seeded(pair, tmp_path, capsys):

@@ -360,3 +360,24 @@ def test_a_crash_leaves_the_last_good_checkpoint_resumable(models, tmp_path, cap
     assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
     a, b = losses(tmp_path / "a"), losses(out)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def test_distill_says_what_the_recipe_sets_and_shows_micro_batches_inside_a_long_step(models, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """A 2-record file with accumulation 8 is epoch 16 after 2 steps: the first lines say so; a step that runs
+    long shows its micro-batches (here every step counts as long)."""
+    from mamballama_cli.training.report import Reporter
+
+    monkeypatch.setattr(Reporter, "MICRO_AFTER_S", 0.0)
+    monkeypatch.setattr(Reporter, "MICRO_EVERY_S", 0.0)
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(line + "\n" for line in Path(TRAIN).read_text().splitlines()[:2]))
+    r = run_cli(["distill", models["hybrid"], "--output", tmp_path / "run", "--template", "none", "--data", data,
+                 "--steps", "2", "--micro-batch-size", "1", "--gradient-accumulation-steps", "8", "--lr", "1e-4",
+                 "--seq-len", "128"], capsys)
+    assert r.code == 0, r.err
+    recipe = [x for x in r.err.splitlines() if x.startswith("recipe:")]
+    assert recipe == ["recipe: global batch 8 over 2 row(s); stages: train 2 step(s) = epoch 8, lr 0.0001, "
+                      "trainable all"], r.err
+    assert "step 1/2: micro-batch 7/8" in r.err and "step 2/2: micro-batch 1/8" in r.err, r.err
+    assert "micro-batch 8/8" not in r.err  # the step's own line follows at once

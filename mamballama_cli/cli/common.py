@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from mamballama_cli.output import results_to_stdout_only
 
 STATE = {"verbose": False}
+
+# How the help of every command writes its placeholders (typer's notation), said under each command's help.
+NOTATION = ("Notation: {model} is a required argument, [x] an optional one; <str>, <int>, <float>, <path> "
+            "give the kind of value an option takes.")
 
 
 def command_io(fn):
@@ -19,6 +24,22 @@ def command_io(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def library_output(verbose: bool) -> None:
+    """Libraries' per-file progress bars (transformers' "Loading weights", "Writing model shards", the Hub's
+    downloads) only with --verbose: a run shows the project's own progress. Set before transformers is imported
+    (it reads the Hub's switch then), and switched directly when it already is (in-process callers)."""
+    if not verbose:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar() if verbose else hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        enable_progress_bars() if verbose else disable_progress_bars()
 
 
 def err(msg: str) -> None:

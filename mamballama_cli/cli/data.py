@@ -10,14 +10,15 @@ from typing import Optional
 
 import typer
 
-from mamballama_cli.cli.common import command_io
+from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import out
 
 app = typer.Typer(help="Offline training data: packaged public text (build), teacher-sampled shards (generate).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
-@app.command("build", help="Write prompts (for `mamballama label`) and plain text, with a held-out split.")
+@app.command("build", help="Write prompts (for `mamballama label`) and plain text, with a held-out split.",
+             epilog=NOTATION)
 @command_io
 def build(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory to write the data set to."),
@@ -25,7 +26,7 @@ def build(
                                           "writingbench (default: all installed)."),
     heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Default 0.05."),
     max_passages: Optional[int] = typer.Option(None, "--max-passages", help="Shakespeare paraphrase prompts."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the held-out split (default 0)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
 ):
@@ -42,7 +43,7 @@ def build(
 
 
 @app.command("generate", help="The teacher samples answers to chat prompts and continuations of text, written as "
-             "resumable token shards (safetensors + manifest.json) for distill/sft --data DIR.")
+             "resumable token shards (safetensors + manifest.json) for distill/sft --data DIR.", epilog=NOTATION)
 @command_io
 def generate(
     teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
@@ -65,7 +66,7 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows decoded together (default: on CUDA "
                                              "as many as fit in 40% of the free memory, up to 1024; 8 on CPU)."),
     shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 1,000,000)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling and prompt-order seed (default 0)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), ..."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
     sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Decode steps between checks for finished "
@@ -73,7 +74,8 @@ def generate(
     data_split: Optional[str] = typer.Option(None, "--data-split", help="Split of a saved DatasetDict in --prompts."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="Field of --prompts records holding the "
                                              "prompt (a string or a message list)."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed prompt lines (with a count) "
+                                        "instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete shard in --output."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),

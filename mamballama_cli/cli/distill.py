@@ -42,9 +42,11 @@ def command(
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default 2048)."),
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Sequences per device per "
                                                    "forward."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps",
+                                                              help="Micro-batches per optimizer step (global batch = "
+                                                              "micro-batch x this x processes; default 1)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (replaces the template's stage values)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (0: off)."),
     warmup: Optional[float] = typer.Option(None, "--warmup", help="Warm-up: a fraction (<1) or steps (>=1)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, linear or constant."),
@@ -63,12 +65,18 @@ def command(
                                           "full rows, positions running on: exact for KD with any model)."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, "
                                                   "fp16, no."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Recompute activations in the backward pass: less "
+                                                          "memory, slower."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the data order and of freshly initialised "
+                                       "parameters (default 0)."),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: stage ends)."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
-    log_every: Optional[int] = typer.Option(None, "--log-every"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept in the run "
+                                                   "directory, older ones deleted (default 2)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between progress lines when stderr is "
+                                            "not a terminal (metrics.jsonl has every step)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations "
+                                             "(default 0: stage starts and ends only)."),
     save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Final model dtype (auto: the input's)."),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed data lines (with a "
                                         "count) instead of stopping."),

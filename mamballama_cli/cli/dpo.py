@@ -25,34 +25,47 @@ def command(
     template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/ (e.g. dpo)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out pairs: margin and accuracy."),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    epochs: Optional[float] = typer.Option(None, "--epochs"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs)."),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (with a "
+                                            "checkpoint); --resume continues."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Prompt + answer tokens per row."),
     micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Pairs per device per forward."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay"),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm"),
-    warmup: Optional[float] = typer.Option(None, "--warmup"),
-    schedule: Optional[str] = typer.Option(None, "--schedule"),
-    trainable: Optional[str] = typer.Option(None, "--trainable"),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision"),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    save_every: Optional[int] = typer.Option(None, "--save-every"),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints"),
-    log_every: Optional[int] = typer.Option(None, "--log-every"),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every"),
-    save_dtype: Optional[str] = typer.Option(None, "--save-dtype"),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps",
+                                                              help="Micro-batches per optimizer step (global batch = "
+                                                              "micro-batch x this x processes; default 1)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-5)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (0: off)."),
+    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warm-up: a fraction (<1) or steps (>=1)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, linear or constant."),
+    trainable: Optional[str] = typer.Option(None, "--trainable", help="all, or mixers (Mamba mixers only)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, fp16, "
+                                                  "no."),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                                          help="Recompute activations in the backward pass: less "
+                                                          "memory, slower."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the data order and of freshly initialised "
+                                       "parameters (default 0)."),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: only at the "
+                                             "end)."),
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept in the run "
+                                                   "directory, older ones deleted (default 2)."),
+    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between progress lines when stderr is "
+                                            "not a terminal (metrics.jsonl has every step)."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations "
+                                             "(default 0: stage starts and ends only)."),
+    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Final model dtype (auto: the input's)."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed data lines (with a count) "
+                                        "instead of stopping."),
     nan_patience: Optional[int] = typer.Option(None, "--nan-patience", help="Consecutive steps with a non-finite "
                                                "loss or gradient to skip before stopping (default 0: stop at the "
                                                "first, keeping the last finite checkpoint)."),
-    resume: bool = typer.Option(False, "--resume"),
-    force: bool = typer.Option(False, "--force"),
-    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config"),
-    json_out: bool = typer.Option(False, "--json"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
+    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="Run under `accelerate "
+                                                    "launch` with this config (templates/accelerate/*.yaml)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
 ):
     from mamballama_cli.training.config import DPOConfig
     from mamballama_cli.training.launch import run_command

@@ -45,7 +45,8 @@ def command(
                                                   "decoder, e.g. transformers,static."),
     no_graphs: bool = typer.Option(False, "--no-graphs", help="Run the hybrid's decode step eagerly (no CUDA "
                                    "graph)."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights and prompt tokens (default "
+                                       "0)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
 ):

@@ -11,7 +11,7 @@ from mamballama_cli import __version__
 from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft, templates_cmd
 from mamballama_cli.cli import data as data_cmd
 from mamballama_cli.cli import eval as eval_cmd
-from mamballama_cli.cli.common import STATE, command_io
+from mamballama_cli.cli.common import NOTATION, STATE, command_io
 
 app = typer.Typer(
     name="mamballama",
@@ -33,15 +33,17 @@ def _version(value: bool):
 @app.callback()
 def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors, and the libraries' "
+                                 "own progress bars (loading and writing weights, downloads)."),
 ):
     STATE["verbose"] = verbose
+    common.library_output(verbose)
 
 
 
 def _add(name: str, module) -> None:
     """Each command module exposes HELP, command and optionally CONTEXT (click context settings)."""
-    app.command(name, help=module.HELP, context_settings=getattr(module, "CONTEXT", None))(
+    app.command(name, help=module.HELP, context_settings=getattr(module, "CONTEXT", None), epilog=NOTATION)(
         command_io(module.command)
     )
 

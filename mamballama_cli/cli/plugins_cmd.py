@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from mamballama_cli.cli.common import command_io
+from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import console, out
 
 app = typer.Typer(
@@ -45,7 +45,8 @@ def plugin_rows() -> tuple[list[dict], list[str]]:
     return rows, errors
 
 
-@app.command("list", help="List plugins (built-ins included), their versions and what each registers.")
+@app.command("list", help="List plugins (built-ins included), their versions and what each registers.",
+             epilog=NOTATION)
 @command_io
 def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
     rows, errors = plugin_rows()

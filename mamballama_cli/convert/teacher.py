@@ -117,7 +117,7 @@ def download_from_hub(repo_id: str) -> Path:
         reason = hint or f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
         raise MamballamaError(
             f"teacher {repo_id!r}: could not fetch it from the Hugging Face Hub ({reason}); download it on a "
-            "connected machine (huggingface-cli download) and pass the local directory"
+            f"connected machine (hf download {repo_id} --local-dir DIR) and pass the local directory"
         ) from exc
     path = Path(local)
     _check_local_dir(path, repo_id)

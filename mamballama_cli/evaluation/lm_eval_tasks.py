@@ -13,8 +13,10 @@ Task directories in ``--lm-eval-include`` are searched as well (lm-eval's ``--in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError, UsageError
@@ -115,6 +117,32 @@ def task_manager(include: list[str], needs_index: bool):
     return TaskManager(include_path=paths, include_defaults=needs_index)
 
 
+@contextlib.contextmanager
+def quiet_git_hash():
+    """lm-eval records ``git describe`` of the working directory and lets git print "fatal: not a git
+    repository" on stderr outside one; the same hash (or None) without git's stderr, unless --verbose."""
+    from lm_eval import evaluator
+
+    from mamballama_cli.cli.common import STATE
+
+    real = getattr(evaluator, "get_git_commit_hash", None)
+    if real is None or STATE["verbose"]:
+        yield
+        return
+
+    def quiet():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    evaluator.get_git_commit_hash = quiet
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = real
+
+
 def run_task(lm, spec, manager, limit, num_fewshot, seed: int) -> tuple[dict, dict]:
     """(lm-eval's results JSON without samples, {task: samples}) for one task on one model."""
     from lm_eval import simple_evaluate
@@ -123,9 +151,10 @@ def run_task(lm, spec, manager, limit, num_fewshot, seed: int) -> tuple[dict, di
     if limit is not None:
         limit = int(limit) if float(limit) >= 1 else float(limit)
     try:
-        results = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-                                  log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                                  fewshot_random_seed=seed)
+        with quiet_git_hash():
+            results = simple_evaluate(model=lm, tasks=[spec], task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                                      log_samples=True, random_seed=seed, numpy_random_seed=seed,
+                                      torch_random_seed=seed, fewshot_random_seed=seed)
     except KeyError as exc:
         raise UsageError(f"--lm-eval-tasks: lm-eval does not know {exc}; check the name (lm-eval ls tasks) or pass "
                          "a task .yaml / multiple-choice .jsonl") from None

@@ -908,8 +908,11 @@ def format_stats(stats: dict) -> str:
         v = stats.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else "n/a"
 
-    line = (f"[speculative k={stats['k']}: {stats['new_tokens']} new tokens in {stats['rounds']} target calls; "
-            f"acceptance {num('acceptance_rate', '.3f')}, {num('tokens_per_call', '.2f')} tokens/call, "
+    # The target's calls are the prefill plus one verify call per round: the same count as target_calls in the
+    # statistics JSON (tokens/call is per verify call, as tokens_per_call).
+    line = (f"[speculative k={stats['k']}: {stats['new_tokens']} new tokens in {stats['target_calls']} target calls "
+            f"(prefill + {stats['rounds']} verify); "
+            f"acceptance {num('acceptance_rate', '.3f')}, {num('tokens_per_call', '.2f')} tokens/call (verify), "
             f"{num('tokens_per_s', '.1f')} tok/s")
     if "plain" in stats:
         line += (f"; plain {stats['plain']['tokens_per_s']} tok/s, speedup {stats.get('speedup', float('nan'))}x "

@@ -20,6 +20,8 @@ class Reporter:
     """Writes ``metrics.jsonl`` and shows progress. A no-op on every process but the main one."""
 
     KEYS = ("loss", "kl", "rkl", "ce", "hidden", "margin", "accuracy")
+    MICRO_AFTER_S = 5.0  # progress inside a step only once it has run this long (a long step on CPU) ...
+    MICRO_EVERY_S = 5.0  # ... and then at most this often
 
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int):
         self.enabled = enabled
@@ -29,6 +31,8 @@ class Reporter:
         self.task = None
         self.t0 = time.perf_counter()
         self.steps_done_here = 0
+        self.step_no = 0
+        self.step_t0 = self.micro_t = 0.0
         if not enabled:
             return
         self._truncate_after(resume_step)
@@ -84,6 +88,26 @@ class Reporter:
             eta = self.eta(record["step"])
             print(f"[{record.get('stage', '')}] step {record['step']}/{self.total}  {stats}  lr {record['lr']:.3g}"
                   f"  eta {eta}", file=sys.stderr, flush=True)
+
+    def begin_step(self, step: int) -> None:
+        self.step_no, self.step_t0 = step, time.perf_counter()
+        self.micro_t = self.step_t0
+
+    def micro(self, done: int, total: int) -> None:
+        """Micro-batch ``done`` of ``total`` finished: shown only inside a step that runs long (not part of the
+        metrics). On a terminal it lives in the bar's stats; otherwise it is a plain line."""
+        if not self.enabled or done >= total:
+            return
+        now = time.perf_counter()
+        if now - self.step_t0 < self.MICRO_AFTER_S or (self.micro_t != self.step_t0
+                                                        and now - self.micro_t < self.MICRO_EVERY_S):
+            return
+        self.micro_t = now
+        msg = f"step {self.step_no}/{self.total}: micro-batch {done}/{total} ({now - self.step_t0:.0f} s)"
+        if self.progress is not None:
+            self.progress.update(self.task, stats=msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
 
     def eta(self, step: int) -> str:
         elapsed = time.perf_counter() - self.t0

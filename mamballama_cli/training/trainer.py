@@ -642,6 +642,7 @@ def run_training(cfg, kind: str) -> dict:
         + (f" ({n_targets:,} target tokens)" if n_targets is not None else "")
         + f"; packing {packing_note}; global batch {global_batch} = micro {mb} x accumulation {G} x {W} "
           f"process(es) [{engine}]; {len(stages)} stage(s), {total_steps} step(s)", main)
+    log(recipe_line(stages, stage_steps, plans, global_batch, len(job.items)), main)
 
     # Where to start.
     si0, step0, gstep = 0, 0, 0
@@ -702,7 +703,9 @@ def run_training(cfg, kind: str) -> dict:
                 if out_of_time(acc, cfg, t_start):
                     timed_out = True
                     break
-                record = train_step(job, acc, model, optimizer, st, plan, step, steps, lengths, cfg, engine)
+                reporter.begin_step(gstep + 1)
+                record = train_step(job, acc, model, optimizer, st, plan, step, steps, lengths, cfg, engine,
+                                    on_micro=reporter.micro)
                 gstep += 1
                 record = {"step": gstep, **record}
                 stage_done = step + 1
@@ -758,9 +761,17 @@ def run_training(cfg, kind: str) -> dict:
     return summary
 
 
+def recipe_line(stages, stage_steps: list[int], plans: list[BatchPlan], global_batch: int, n_items: int) -> str:
+    """What the recipe (template, file and flags) sets, in steps of this data: one line at the start of a run."""
+    parts = [f"{st.name} {n} step(s) = epoch {plan.epoch_at(n):.3g}, lr {st.lr:.3g}, trainable {st.trainable}"
+             for st, n, plan in zip(stages, stage_steps, plans)]
+    return f"recipe: global batch {global_batch} over {n_items} row(s); stages: " + "; ".join(parts)
+
+
 def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPlan, step: int, steps: int,
-               lengths: list[int], cfg, engine: str) -> dict:
-    """One optimizer step on global batch ``step`` of the stage; returns its metrics over the global batch."""
+               lengths: list[int], cfg, engine: str, on_micro=None) -> dict:
+    """One optimizer step on global batch ``step`` of the stage; returns its metrics over the global batch.
+    ``on_micro(done, total)`` is called after each of this process's micro-batches (progress inside a step)."""
     t0 = time.perf_counter()
     G, W = cfg.gradient_accumulation_steps, acc.num_processes
     lr = lr_at(st, step, steps)
@@ -769,7 +780,8 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
     norm = max(job.count(indices, getattr(st, "loss_positions", "responses")), 1)
     kl_scale = norm / len(indices) if getattr(st, "kl_reduction", "token") == "sequence" else 1.0
     sums: dict[str, torch.Tensor] = {}
-    for micro in split_global_batch(indices, lengths, cfg.micro_batch_size, G, W, acc.process_index):
+    micros = split_global_batch(indices, lengths, cfg.micro_batch_size, G, W, acc.process_index)
+    for done, micro in enumerate(micros, 1):
         with acc.accumulate(model):
             try:
                 total, metrics = micro_step(job, acc, model, [job.items[i] for i in micro], st, cfg, kl_scale)
@@ -778,6 +790,8 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
                 raise out_of_memory(cfg) from exc
         for k, v in metrics.items():  # kept on the device: one synchronisation per step, in reduce_sums
             sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+        if on_micro is not None:
+            on_micro(done, len(micros))
     grad_norm = clip_and_norm(acc, model, st, engine)
     # A non-finite gradient would turn every weight into NaN: skip the update (fp16's loss scaler skips its own
     # overflow steps, and DeepSpeed has already stepped); the run loop decides whether to stop (--nan-patience).
