@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from mamballama_cli.cli.common import command_io
+from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import out
 
 app = typer.Typer(
@@ -38,7 +38,7 @@ def description(path: Path) -> str:
 
 
 @app.command("list", help="List the templates with their first comment line (distill: --template NAME; "
-                          "accelerate/NAME: --accelerate-config NAME).")
+                          "accelerate/NAME: --accelerate-config NAME).", epilog=NOTATION)
 @command_io
 def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
     rows = [{"name": name, "description": description(path)} for name, path in template_files().items()]
@@ -51,7 +51,7 @@ def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JS
 
 
 @app.command("show", help="Print a template's YAML on stdout, e.g. `mamballama templates show distill-default "
-                          "> my.yaml`, then `--config my.yaml` or `--template my.yaml`.")
+                          "> my.yaml`, then `--config my.yaml` or `--template my.yaml`.", epilog=NOTATION)
 @command_io
 def show_template(name: str = typer.Argument(..., help="A name from `mamballama templates list` "
                                                         "(e.g. distill-e2e, accelerate/ddp).")):
