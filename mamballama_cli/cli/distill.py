@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import TEXT_FIELD_OPTION, TRAIN_DATA_OPTION
+
 HELP = "Distil a hybrid from its teacher: forward/reverse KL and CE on responses, progressive stages."
 CONTEXT: dict = {}  # click context settings (none needed)
 
@@ -14,13 +16,8 @@ CONTEXT: dict = {}  # click context settings (none needed)
 def command(
     model: str = typer.Argument(..., help="The student: a hybrid from `convert` (or the teacher itself, with a "
                                 "template whose stages convert it), a checkpoint directory."),
-    data: Optional[str] = typer.Option(None, "--data", help="JSONL ({'messages': [...]}, {'text': ...} or {'prompt', "
-                                       "'response'}), a local data set (save_to_disk folder, .parquet, .arrow), a "
-                                       "shard folder from `data generate`, a Hugging Face dataset name, or "
-                                       "builtin:pydoc-topics; several comma-separated are concatenated."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding each record's text (a "
-                                             "string) or conversation (a message list); default: messages, text "
-                                             "or prompt+response."),
+    data: Optional[str] = TRAIN_DATA_OPTION,
+    text_field: Optional[str] = TEXT_FIELD_OPTION,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory: checkpoints, metrics, final "
                                          "model."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher checkpoint, .gguf, hub id or 'default' "

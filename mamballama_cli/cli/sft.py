@@ -7,19 +7,16 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import TEXT_FIELD_OPTION, TRAIN_DATA_OPTION
+
 HELP = "Supervised fine-tuning (CE on responses, optional KL to a teacher) of a hybrid or draft."
 CONTEXT: dict = {}  # click context settings (none needed)
 
 
 def command(
     model: str = typer.Argument(..., help="Checkpoint directory to fine-tune (a hybrid, a draft, any causal LM)."),
-    data: Optional[str] = typer.Option(None, "--data", help="JSONL ({'messages': [...]}, {'text': ...} or {'prompt', "
-                                       "'response'}), a local data set (save_to_disk folder, .parquet, .arrow), a "
-                                       "shard folder from `data generate`, a Hugging Face dataset name, or "
-                                       "builtin:pydoc-topics; several comma-separated are concatenated."),
-    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding each record's text (a "
-                                             "string) or conversation (a message list); default: messages, text "
-                                             "or prompt+response."),
+    data: Optional[str] = TRAIN_DATA_OPTION,
+    text_field: Optional[str] = TEXT_FIELD_OPTION,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Optional teacher for a KL term (--w-kl)."),
     template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/ (e.g. sft)."),
