@@ -5,7 +5,7 @@ step-0 held-out perplexity (beside the teacher and the dropped-layer baseline), 
 then the held-out perplexity during teacher-forced layer-wise alignment of every Mamba layer at once
 (training/align.py's loss, AdamW), at equal steps. Writes JSON (and a plot with --plot).
 
-    python benchmarks/init_study.py --ratio 0.5 --steps 40 --out docs/results/init-study.json --plot docs/results/init-study.png
+    python benchmarks/init_study.py --ratio 0.5 --steps 20 --out docs/results/init-study.json --plot docs/results/init-study.png
 """
 
 from __future__ import annotations
@@ -42,9 +42,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="default")
     ap.add_argument("--ratio", type=float, default=0.5)
-    ap.add_argument("--starts", default=",".join(STARTS))
-    ap.add_argument("--train-starts", default="paper,paper+gains,identity-conv,D=0,calibrated",
-                    help="starts to align (a subset of --starts; names may hold commas, so match by prefix list)")
+    ap.add_argument("--starts", default=";".join(STARTS), help="';'-separated names of STARTS (names hold commas)")
+    ap.add_argument("--train-starts", default="paper;paper+gains;calibrated",
+                    help="';'-separated starts to align after measuring them")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--batch", type=int, default=8)
@@ -71,7 +71,8 @@ def main() -> None:
     t_ppl = perplexity(teacher, heldout)
     print(f"teacher held-out perplexity {t_ppl:.2f}", file=sys.stderr)
 
-    wanted = [s for s in STARTS if s in args.starts.split(",") or s in args.starts]
+    wanted = names(args.starts)
+    training = names(args.train_starts)
     result = {"date": date.today().isoformat(), "machine": platform.processor() or platform.machine(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "command": " ".join(sys.argv),
               "teacher": args.teacher, "ratio": args.ratio, "attn_layers": attn, "teacher_ppl": t_ppl,
@@ -91,7 +92,7 @@ def main() -> None:
                "layers": layers}
         print(f"{name:32s} step-0 ppl {ppl0:12.1f}  dropped {dropped:8.1f}  rel err {rec['mean_rel_error']:.3f}  "
               f"norm ratio {rec['mean_norm_ratio']:.3f}", file=sys.stderr)
-        if name in args.train_starts.split(";") or name in _split_names(args.train_starts):
+        if name in training:
             rec["curve"] = align_run(student, teacher, pool, heldout, args)
         result["starts"][name] = rec
         del student
@@ -105,13 +106,12 @@ def main() -> None:
                       for k, v in result["starts"].items()}, indent=1))
 
 
-def _split_names(text: str) -> list[str]:
-    """Start names contain commas; take the longest known names greedily."""
-    out, rest = [], text
-    for name in sorted(STARTS, key=len, reverse=True):
-        if name in rest:
-            out.append(name)
-            rest = rest.replace(name, "")
+def names(text: str) -> list[str]:
+    """';'-separated start names, each one of STARTS."""
+    out = [n.strip() for n in text.split(";") if n.strip()]
+    unknown = [n for n in out if n not in STARTS]
+    if unknown:
+        raise SystemExit(f"unknown start(s) {unknown}; choose from {list(STARTS)}")
     return out
 
 
@@ -149,9 +149,9 @@ def align_run(student, teacher, pool, heldout, args) -> list[dict]:
         student.eval()
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             ppl = perplexity(student, heldout)
-            curve.append({"step": step + 1, "ppl": ppl, "loss": float(loss),
+            curve.append({"step": step + 1, "ppl": ppl, "loss": float(loss.detach()),
                           "seconds": round(time.perf_counter() - t0, 1)})
-            print(f"  step {step + 1:4d}  align loss {float(loss):.4f}  held-out ppl {ppl:.2f}", file=sys.stderr)
+            print(f"  step {step + 1:4d}  align loss {float(loss.detach()):.4f}  held-out ppl {ppl:.2f}", file=sys.stderr)
     return curve
 
 
