@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The quality study of issue 14 on the embedded default teacher (SmolLM2-135M-Instruct), in one sitting on one GPU:
 #
-#   teacher-generated data -> convert (calibrated start; 50%, 25%, 50% with --attn-layers auto, and the paper's
-#   start for the paper's recipe) -> distill (the default recipe; the paper's recipe at equal wall time) -> eval
+#   teacher-generated data -> convert (calibrated start; 50% and 25%, each with even spacing and with --attn-layers
+#   auto, and the paper's start for the paper's recipe) -> distill (the default recipe; the paper's recipe at equal wall time) -> eval
 #   (held-out perplexity, agreement, KL, passkey at 1x/4x/20x, greedy answers beside the teacher's) -> report.
 #
-#   bash benchmarks/study_smollm2.sh                 # one GPU; about 9 minutes on an H200 with the defaults
+#   bash benchmarks/study_smollm2.sh                 # one GPU; about 24 minutes on an H200 with the defaults
 #   TINY=1 bash benchmarks/study_smollm2.sh          # a smoke run of every step on CPU (minutes)
 #
 # Inputs: DATA, a `mamballama data build` output (built here if absent). Results land in $RES (default
@@ -13,9 +13,9 @@
 # heatmaps, answers.md, and study.json / curves.png from benchmarks/study_report.py. docs/results.md quotes them.
 #
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS (teacher-generated tokens), GEN_BS, GEN_NEW (max new tokens
-# per generated sequence), BUDGET_S (wall-clock seconds of training, shared by the four runs on one GPU),
+# per generated sequence), BUDGET_S (wall-clock seconds of training, each of the five runs sharing one GPU),
 # ALIGN_TOK / KDM_TOK / KDA_TOK (the default recipe's stage lengths), PAPER_TOK (each of the paper recipe's two
-# stages), SEQ, MB, ACCUM, EVAL_EVERY, PPL_TOKENS, LENGTHS, TRIALS.
+# stages), SEQ, MB, ACCUM, EVAL_EVERY, PPL_TOKENS, LENGTHS, TRIALS, EVAL_CAP.
 set -uo pipefail
 WORK=${WORK:-runs/study}
 RES=${RES:-$WORK/results}
@@ -25,17 +25,17 @@ if [ -n "${TINY:-}" ]; then
   ALIGN_TOK=${ALIGN_TOK:-3000}; KDM_TOK=${KDM_TOK:-3000}; KDA_TOK=${KDA_TOK:-3000}; PAPER_TOK=${PAPER_TOK:-4500}
   SEQ=${SEQ:-128}; MB=${MB:-4}; ACCUM=${ACCUM:-1}; EVAL_EVERY=${EVAL_EVERY:-2}; PPL_TOKENS=${PPL_TOKENS:-1024}
   LENGTHS=${LENGTHS:-1x}; TRIALS=${TRIALS:-1}; TEXT_LIMIT=${TEXT_LIMIT:-16}; EVAL_LIMIT=${EVAL_LIMIT:-4}
-  ANSWER_N=${ANSWER_N:-16}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
+  ANSWER_N=${ANSWER_N:-16}; EVAL_CAP=${EVAL_CAP:-3600}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
-GEN_TOKENS=${GEN_TOKENS:-4000000}
+GEN_TOKENS=${GEN_TOKENS:-10000000}
 GEN_BS=${GEN_BS:-1024}
 GEN_NEW=${GEN_NEW:-512}
-BUDGET_S=${BUDGET_S:-300}
-ALIGN_TOK=${ALIGN_TOK:-2000000}
-KDM_TOK=${KDM_TOK:-4500000}
-KDA_TOK=${KDA_TOK:-4500000}
-PAPER_TOK=${PAPER_TOK:-5500000}
+BUDGET_S=${BUDGET_S:-780}
+ALIGN_TOK=${ALIGN_TOK:-2500000}
+KDM_TOK=${KDM_TOK:-7000000}
+KDA_TOK=${KDA_TOK:-4000000}
+PAPER_TOK=${PAPER_TOK:-7000000}
 SEQ=${SEQ:-1024}
 MB=${MB:-16}
 ACCUM=${ACCUM:-2}
@@ -46,6 +46,8 @@ TRIALS=${TRIALS:-2}
 TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
+EVAL_CAP=${EVAL_CAP:-360}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
+RUNS="d50 d25 d50auto d25auto p50"
 mkdir -p "$WORK" "$RES"
 t0=$(date +%s)
 PY=${PY:-python3}
@@ -65,21 +67,21 @@ else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
 #    conversions run side by side.
 stage "convert h50 (calibrated start; caches the teacher)"
 "${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" $CONVERT_ARGS --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
-stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h50-paper"
+stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h25-auto, h50-paper (two at a time)"
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
     --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
-gen_pid=$!
-{
-  "${MM[@]}" convert default --ratio 0.25 --output "$WORK/h25" $CONVERT_ARGS --force --json > "$RES/convert-h25.json" 2> "$RES/convert-h25.log"
-  "${MM[@]}" convert default --ratio 0.5 --attn-layers auto --output "$WORK/h50auto" $CONVERT_ARGS --force --json > "$RES/convert-h50auto.json" 2> "$RES/convert-h50auto.log"
-  "${MM[@]}" convert default --ratio 0.5 --init paper --output "$WORK/h50paper" $CONVERT_ARGS --force --json > "$RES/convert-h50paper.json" 2> "$RES/convert-h50paper.log"
-} &
+conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/NAME
+  local name=$1; shift
+  "${MM[@]}" convert default "$@" --output "$WORK/$name" $CONVERT_ARGS --force --json > "$RES/convert-$name.json" 2> "$RES/convert-$name.log"
+}
+{ conv h25 --ratio 0.25; conv h50paper --ratio 0.5 --init paper; } &
+{ conv h50auto --ratio 0.5 --attn-layers auto; conv h25auto --ratio 0.25 --attn-layers auto; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 
 # 2. Train. The default recipe is templates/distill-default.yaml with the stage lengths of this study; the
-#    paper's recipe is benchmarks/study/paper50.yaml. All four runs share the GPU, each under --max-seconds.
+#    paper's recipe is benchmarks/study/paper50.yaml. All five runs share the GPU, each under --max-seconds.
 "$PY" - "$WORK/default-recipe.yaml" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
 import sys, yaml
 out, *tok, seq, mb, accum = sys.argv[1:]
@@ -102,7 +104,7 @@ train_data="$WORK/gen,$WORK/text-train.jsonl"
 [ -f "$WORK/gen/manifest.json" ] || { train_data="$WORK/text-train.jsonl"; stage "no generated data: training on packaged text only"; }
 common=(--data "$train_data" --eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
         --max-seconds "$BUDGET_S" --force --json)
-stage "distill x4 side by side (budget $BUDGET_S s each)"
+stage "distill x5 side by side (budget $BUDGET_S s each)"
 run() {  # run NAME MODEL CONFIG
   "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" "${common[@]}" \
       > "$RES/distill-$1.json" 2> "$RES/distill-$1.log"
@@ -111,9 +113,10 @@ run() {  # run NAME MODEL CONFIG
 run d50 h50 "$WORK/default-recipe.yaml" &
 run d25 h25 "$WORK/default-recipe.yaml" &
 run d50auto h50auto "$WORK/default-recipe.yaml" &
+run d25auto h25auto "$WORK/default-recipe.yaml" &
 run p50 h50paper "$WORK/paper-recipe.yaml" &
 wait
-for r in d50 d25 d50auto p50; do
+for r in $RUNS; do
   cp "$WORK/run-$r/metrics.jsonl" "$RES/metrics-$r.jsonl" 2>/dev/null
   cp "$WORK/run-$r/training_summary.json" "$RES/summary-$r.json" 2>/dev/null
 done
@@ -122,16 +125,16 @@ done
 stage "eval"
 ev=(--teacher default --tasks perplexity,passkey --ppl-data "$WORK/text-heldout.jsonl" --ppl-max-tokens "$PPL_TOKENS"
     --ppl-max-length "$SEQ" --lengths "$LENGTHS" --depths 0,0.5,1 --trials "$TRIALS" --force)
-for r in d50 d25 d50auto p50; do
+for r in $RUNS; do
   [ -f "$WORK/run-$r/config.json" ] || continue
-  "${MM[@]}" eval "$WORK/run-$r" "${ev[@]}" --output "$WORK/eval-$r" > "$RES/eval-$r.txt" 2> "$RES/eval-$r.log" &
+  timeout "$EVAL_CAP" "${MM[@]}" eval "$WORK/run-$r" "${ev[@]}" --output "$WORK/eval-$r" > "$RES/eval-$r.txt" 2> "$RES/eval-$r.log" &
 done
-"${MM[@]}" eval "$WORK/h50" "${ev[@]}" --tasks perplexity --output "$WORK/eval-h50-start" > "$RES/eval-h50-start.txt" 2> "$RES/eval-h50-start.log" &
-"$PY" benchmarks/study_answers.py --prompts "$DATA/prompts-heldout.jsonl" -n 5 --max-new-tokens "$ANSWER_N" \
-    --models "teacher=default,d50=$WORK/run-d50,d25=$WORK/run-d25,d50auto=$WORK/run-d50auto,p50=$WORK/run-p50" \
+timeout "$EVAL_CAP" "${MM[@]}" eval "$WORK/h50" "${ev[@]}" --tasks perplexity --output "$WORK/eval-h50-start" > "$RES/eval-h50-start.txt" 2> "$RES/eval-h50-start.log" &
+timeout "$EVAL_CAP" "$PY" benchmarks/study_answers.py --prompts "$DATA/prompts-heldout.jsonl" -n 5 --max-new-tokens "$ANSWER_N" \
+    --models "teacher=default,d50=$WORK/run-d50,d25=$WORK/run-d25,d50auto=$WORK/run-d50auto,d25auto=$WORK/run-d25auto,p50=$WORK/run-p50" \
     --output "$RES/answers.md" > "$RES/answers.log" 2>&1 &
 wait
-for r in d50 d25 d50auto p50 h50-start; do
+for r in $RUNS h50-start; do
   cp "$WORK/eval-$r/results.json" "$RES/eval-$r-results.json" 2>/dev/null
   cp "$WORK/eval-$r/report.md" "$RES/eval-$r-report.md" 2>/dev/null
   for png in "$WORK/eval-$r"/*.png; do [ -f "$png" ] && cp "$png" "$RES/eval-$r-$(basename "$png")"; done
