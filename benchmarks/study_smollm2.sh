@@ -47,14 +47,15 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-360}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
-RUNS="d50 d25 d50auto d25auto p50"
+RUNS=${RUNS:-d50 d25 d50auto d25auto p50}   # which students: d50 d25 d50auto d25auto p50 (d50 always converts first)
+wants() { [[ " $RUNS " == *" $1 "* ]]; }
 mkdir -p "$WORK" "$RES"
 t0=$(date +%s)
 PY=${PY:-python3}
 MM=("$PY" -m mamballama_cli)
 stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
 
-stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S ALIGN_TOK=$ALIGN_TOK KDM_TOK=$KDM_TOK KDA_TOK=$KDA_TOK PAPER_TOK=$PAPER_TOK SEQ=$SEQ MB=$MB ACCUM=$ACCUM"
+stage "start: RUNS=\"$RUNS\" GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S ALIGN_TOK=$ALIGN_TOK KDM_TOK=$KDM_TOK KDA_TOK=$KDA_TOK PAPER_TOK=$PAPER_TOK SEQ=$SEQ MB=$MB ACCUM=$ACCUM"
 "${MM[@]}" env > "$RES/env.txt" 2>&1
 [ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
 cp "$DATA/manifest.json" "$RES/data_manifest.json"
@@ -67,7 +68,7 @@ else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
 #    conversions run side by side.
 stage "convert h50 (calibrated start; caches the teacher)"
 "${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" $CONVERT_ARGS --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
-stage "data generate ($GEN_TOKENS tokens) beside convert h25, h50-auto, h25-auto, h50-paper (two at a time)"
+stage "data generate ($GEN_TOKENS tokens) beside the other conversions (two at a time)"
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
     --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
@@ -75,8 +76,8 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
   local name=$1; shift
   "${MM[@]}" convert default "$@" --output "$WORK/$name" $CONVERT_ARGS --force --json > "$RES/convert-$name.json" 2> "$RES/convert-$name.log"
 }
-{ conv h25 --ratio 0.25; conv h50paper --ratio 0.5 --init paper; } &
-{ conv h50auto --ratio 0.5 --attn-layers auto; conv h25auto --ratio 0.25 --attn-layers auto; } &
+{ ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
+{ ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 
@@ -104,17 +105,22 @@ train_data="$WORK/gen,$WORK/text-train.jsonl"
 [ -f "$WORK/gen/manifest.json" ] || { train_data="$WORK/text-train.jsonl"; stage "no generated data: training on packaged text only"; }
 common=(--data "$train_data" --eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
         --max-seconds "$BUDGET_S" --force --json)
-stage "distill x5 side by side (budget $BUDGET_S s each)"
+stage "distill $RUNS side by side (budget $BUDGET_S s each)"
 run() {  # run NAME MODEL CONFIG
   "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" "${common[@]}" \
       > "$RES/distill-$1.json" 2> "$RES/distill-$1.log"
   echo "distill $1 exit $?" >> "$RES/timeline.txt"
 }
-run d50 h50 "$WORK/default-recipe.yaml" &
-run d25 h25 "$WORK/default-recipe.yaml" &
-run d50auto h50auto "$WORK/default-recipe.yaml" &
-run d25auto h25auto "$WORK/default-recipe.yaml" &
-run p50 h50paper "$WORK/paper-recipe.yaml" &
+for r in $RUNS; do
+  case $r in
+    d50) run d50 h50 "$WORK/default-recipe.yaml" & ;;
+    d25) run d25 h25 "$WORK/default-recipe.yaml" & ;;
+    d50auto) run d50auto h50auto "$WORK/default-recipe.yaml" & ;;
+    d25auto) run d25auto h25auto "$WORK/default-recipe.yaml" & ;;
+    p50) run p50 h50paper "$WORK/paper-recipe.yaml" & ;;
+    *) echo "unknown run $r (known: d50 d25 d50auto d25auto p50)" >&2 ;;
+  esac
+done
 wait
 for r in $RUNS; do
   cp "$WORK/run-$r/metrics.jsonl" "$RES/metrics-$r.jsonl" 2>/dev/null
@@ -131,7 +137,7 @@ for r in $RUNS; do
 done
 timeout "$EVAL_CAP" "${MM[@]}" eval "$WORK/h50" "${ev[@]}" --tasks perplexity --output "$WORK/eval-h50-start" > "$RES/eval-h50-start.txt" 2> "$RES/eval-h50-start.log" &
 timeout "$EVAL_CAP" "$PY" benchmarks/study_answers.py --prompts "$DATA/prompts-heldout.jsonl" -n 5 --max-new-tokens "$ANSWER_N" \
-    --models "teacher=default,d50=$WORK/run-d50,d25=$WORK/run-d25,d50auto=$WORK/run-d50auto,d25auto=$WORK/run-d25auto,p50=$WORK/run-p50" \
+    --models "teacher=default$(for r in $RUNS; do printf ",%s=%s" "$r" "$WORK/run-$r"; done)" \
     --output "$RES/answers.md" > "$RES/answers.log" 2>&1 &
 wait
 for r in $RUNS h50-start; do
