@@ -20,10 +20,13 @@ RUNS = {
     "d25": "25% attention, default recipe (even spacing)",
     "d50auto": "50% attention, default recipe, --attn-layers auto",
     "d25auto": "25% attention, default recipe, --attn-layers auto",
+    "d50kr": "50% attention, default recipe, --attn-layers auto --placement-score kl+recall",
+    "d25kr": "25% attention, default recipe, --attn-layers auto --placement-score kl+recall",
     "p50": "50% attention, the paper's start and recipe",
 }
 
-CONVERTED = {"d50": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "p50": "h50paper"}
+CONVERTED = {"d50": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "d50kr": "h50kr", "d25kr": "h25kr",
+             "p50": "h50paper"}
 TARGETS = {"50": (1.25, 1.10), "25": (1.50, 1.20)}  # issue 14: (must, aim) as a multiple of the teacher's perplexity
 
 

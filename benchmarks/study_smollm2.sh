@@ -47,7 +47,7 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-360}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
-RUNS=${RUNS:-d50 d25 d50auto d25auto p50}   # which students: d50 d25 d50auto d25auto p50 (d50 always converts first)
+RUNS=${RUNS:-d50 d25 d50auto d25auto p50}   # which students: d50 d25 d50auto d25auto d50kr d25kr p50 (h50 always converts first)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
 mkdir -p "$WORK" "$RES"
 t0=$(date +%s)
@@ -78,6 +78,7 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
 }
 { ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto; } &
+{ ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall; ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 
@@ -117,8 +118,10 @@ for r in $RUNS; do
     d25) run d25 h25 "$WORK/default-recipe.yaml" & ;;
     d50auto) run d50auto h50auto "$WORK/default-recipe.yaml" & ;;
     d25auto) run d25auto h25auto "$WORK/default-recipe.yaml" & ;;
+    d50kr) run d50kr h50kr "$WORK/default-recipe.yaml" & ;;
+    d25kr) run d25kr h25kr "$WORK/default-recipe.yaml" & ;;
     p50) run p50 h50paper "$WORK/paper-recipe.yaml" & ;;
-    *) echo "unknown run $r (known: d50 d25 d50auto d25auto p50)" >&2 ;;
+    *) echo "unknown run $r (known: d50 d25 d50auto d25auto d50kr d25kr p50)" >&2 ;;
   esac
 done
 wait

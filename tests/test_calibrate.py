@@ -72,18 +72,60 @@ def test_convert_reports_every_layer_and_the_step0_perplexities(tmp_path, capsys
 
 def test_attn_layers_auto_keeps_as_many_layers_as_even_spacing(tmp_path, capsys):
     teacher = save_teacher(tmp_path / "t", n_heads=4, n_kv=2, layers=6)
-    for score in ("kl", "residual"):
+    from mamballama_cli.convert import combine_scores
+
+    for score in ("kl", "residual", "recall", "kl+recall"):
         r = run_cli(["convert", teacher, "--attn-layers", "auto", "--ratio", "0.5", "--placement-score", score,
                      "--output", tmp_path / score, "--calibration-seqs", "2", "--calibration-len", "64", "--json"],
                     capsys)
         assert r.code == 0, r.err
         s = json.loads(r.out)
         pl = s["calibration"]["placement"]
-        assert len(s["attn_layers"]) == 3 and pl["attn_layers"] == s["attn_layers"]
-        scores = pl["kl_one_layer_converted"] if score == "kl" else pl["calibrated_rel_error"]
-        scores = {int(k): v for k, v in scores.items()}
+        assert len(s["attn_layers"]) == 3 and pl["attn_layers"] == s["attn_layers"] and pl["score"] == score
+        parts = {name: {int(k): v for k, v in (pl[key] or {}).items()} for name, key in
+                 (("kl", "kl_one_layer_converted"), ("recall", "recall_nll_increase_one_layer_converted"),
+                  ("residual", "calibrated_rel_error"))}
+        assert bool(parts["kl"]) == ("kl" in score) and bool(parts["recall"]) == ("recall" in score)
+        if "recall" in score:
+            assert pl["recall_nll_teacher"] > 0 and all(v >= 0 for v in parts["recall"].values())
+        scores = combine_scores(score, parts["kl"], parts["recall"], parts["residual"])
+        assert sorted(scores) == list(range(6))
         kept = sorted(scores, key=lambda i: -scores[i])[:3]
         assert sorted(kept) == s["attn_layers"]  # the layers whose conversion hurts most keep attention
+
+
+def test_kl_plus_recall_scales_each_part_by_its_mean():
+    from mamballama_cli.convert import combine_scores
+
+    kl = {0: 1.0, 1: 3.0, 2: 2.0}  # mean 2
+    recall = {0: 9.0, 1: 0.0, 2: 0.0}  # mean 3
+    both = combine_scores("kl+recall", kl, recall, {})
+    assert both == pytest.approx({0: 0.5 + 3.0, 1: 1.5, 2: 1.0})
+    assert combine_scores("kl+recall", kl, {0: 0.0, 1: 0.0, 2: 0.0}, {}) == pytest.approx({0: 0.5, 1: 1.5, 2: 1.0})
+    assert combine_scores("recall", kl, recall, {}) == recall and combine_scores("kl", kl, recall, {}) == kl
+
+
+def test_recall_probes_state_the_code_before_asking_for_it():
+    from helpers import tiny_tokenizer
+
+    from mamballama_cli.convert.calibrate import builtin_documents, recall_probes
+
+    tok = tiny_tokenizer()
+    probes = recall_probes(tok, builtin_documents(heldout=False)[:3], n=4, length=96, seed=3)
+    assert len(probes) == 4
+    codes = set()
+    for ids, k in probes:
+        assert ids.shape == (1, 96) and k > 0
+        answer = ids[0, -k:].tolist()
+        body = ids[0, :-k].tolist()
+        # the answer's tokens occur earlier in the probe, inside the stated fact
+        assert any(body[i:i + k] == answer for i in range(len(body) - k)), "the code is never stated"
+        codes.add(tok.decode(answer).replace(" ", ""))
+    assert len(codes) > 1  # a fresh code per probe
+    from mamballama_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="calibration-len"):
+        recall_probes(tok, builtin_documents(heldout=False)[:1], n=1, length=20)
 
 
 def test_bad_calibration_options_are_one_line_errors(tmp_path, capsys):

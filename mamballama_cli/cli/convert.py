@@ -35,8 +35,10 @@ def command(
     calibration_len: Optional[int] = typer.Option(None, "--calibration-len", help="Tokens per calibration "
                                                   "sequence (default 256)."),
     placement_score: Optional[str] = typer.Option(None, "--placement-score", help="For --attn-layers auto: 'kl' "
-                                                  "(default: KL to the teacher with that layer alone converted) "
-                                                  "or 'residual' (calibrated relative error of the layer)."),
+                                                  "(default: KL to the teacher with that layer alone converted), "
+                                                  "'recall' (worse recall of a code stated earlier in the text, "
+                                                  "that layer alone converted), 'kl+recall' (both, each scaled "
+                                                  "by its mean) or 'residual' (calibrated relative error)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
     json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),

@@ -29,7 +29,7 @@ class ConvertConfig:
     init: str = "calibrated"  # calibrated | paper | key=value,... (convert/calibrate.py)
     calibration_seqs: int = 8  # sequences of built-in text that calibrate and measure the converted layers
     calibration_len: int = 256  # tokens per calibration sequence
-    placement_score: str = "kl"  # --attn-layers auto: kl (that layer alone converted) | residual
+    placement_score: str = "kl"  # --attn-layers auto: kl | recall | kl+recall (that layer alone converted) | residual
 
     def validate(self) -> None:
         if not self.output:
@@ -46,8 +46,8 @@ class ConvertConfig:
         if int(self.calibration_seqs) < 1 or int(self.calibration_len) < 16:
             raise UsageError(f"--calibration-seqs {self.calibration_seqs} / --calibration-len "
                              f"{self.calibration_len}: need at least 1 sequence of at least 16 tokens")
-        if self.placement_score not in ("kl", "residual"):
-            raise UsageError(f"--placement-score {self.placement_score!r} is not one of kl, residual")
+        if self.placement_score not in PLACEMENT_SCORES:
+            raise UsageError(f"--placement-score {self.placement_score!r} is not one of {', '.join(PLACEMENT_SCORES)}")
         if self.attn_layers is not None and self.attn_layers.strip().lower() == "auto" and self.ratio is None:
             raise UsageError("--attn-layers auto needs --ratio: the fraction of layers that keep attention "
                              "(e.g. --attn-layers auto --ratio 0.5)")
@@ -153,7 +153,7 @@ class CalibrationRun:
 
         from mamballama_cli.convert.calibrate import builtin_documents, token_block
 
-        self.teacher = teacher
+        self.teacher, self.tokenizer = teacher, tokenizer
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         self.restore = (next(teacher.parameters()).device, next(teacher.parameters()).dtype)
         self.calc_dtype = torch.float32 if self.device.type == "cpu" else self.restore[1]
@@ -210,18 +210,21 @@ class CalibrationRun:
     def auto_placement(self, n_keep: int, spec, mixer: str, seed: int, score: str) -> dict:
         """Keep attention in the ``n_keep`` layers whose conversion hurts most.
 
-        Every layer is converted once (calibrated start), then scored on the calibration text either by the
-        KL(teacher || teacher with that layer alone converted) per token (``kl``) or by its calibrated
-        relative error against the attention output (``residual``).
+        Every layer is converted once (calibrated start), then scored with that layer alone converted in the
+        teacher: ``kl`` is KL(teacher || converted) per token on the calibration text; ``recall`` is how much
+        worse the code tokens of associative-recall probes are predicted (nats per token, clipped at 0);
+        ``kl+recall`` adds the two, each divided by its mean over layers; ``residual`` is the layer's calibrated
+        relative error against its attention output (no extra forwards).
         """
         import torch
         import torch.nn.functional as F
 
-        from mamballama_cli.convert.calibrate import calibrate_hybrid
+        from mamballama_cli.convert.calibrate import builtin_documents, calibrate_hybrid, recall_nll, recall_probes
         from mamballama_cli.convert.converter import convert_model
 
         teacher = self._teacher()
         L = teacher.config.num_hidden_layers
+        want_kl, want_recall = score in ("kl", "kl+recall"), score in ("recall", "kl+recall")
         try:
             allm, _ = convert_model(teacher, [], mixer=mixer, dtype=torch.float32, seed=seed)
             allm.to(self.device)
@@ -229,11 +232,17 @@ class CalibrationRun:
                 layers = calibrate_hybrid(allm, teacher, self.ids, spec, progress=tick)
             residual = {r["layer"]: r["final"]["rel_error"] for r in layers}
             kl: dict[int, float] = {}
-            if score == "kl":
+            recall: dict[int, float] = {}
+            probes, base = None, None
+            if want_recall:
+                probes = recall_probes(self.tokenizer, builtin_documents(heldout=False), int(self.ids.shape[0]),
+                                       int(self.ids.shape[1]), seed)
+                base = recall_nll(teacher, probes)
+            if want_kl or want_recall:
                 ids = self.ids.to(self.device)
                 with torch.no_grad():
-                    ref = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
-                with _progress("placement: KL with one layer converted", L) as tick:
+                    ref = F.log_softmax(teacher(input_ids=ids).logits.float(), -1) if want_kl else None
+                with _progress(f"placement: {score} with one layer converted", L) as tick:
                     for i in range(L):
                         mixer_mod = allm.model.layers[i].mamba.to(self.calc_dtype)
 
@@ -243,18 +252,42 @@ class CalibrationRun:
 
                         h = teacher.model.layers[i].self_attn.register_forward_hook(swap, with_kwargs=True)
                         try:
-                            with torch.no_grad():
-                                lp = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                            if want_kl:
+                                with torch.no_grad():
+                                    lp = F.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+                                kl[i] = float((ref.exp() * (ref - lp)).sum(-1).mean())
+                            if want_recall:
+                                recall[i] = max(0.0, recall_nll(teacher, probes) - base)
                         finally:
                             h.remove()
-                        kl[i] = float((ref.exp() * (ref - lp)).sum(-1).mean())
                         tick(i)
-            scores = kl if score == "kl" else residual
+            scores = combine_scores(score, kl, recall, residual)
             keep = sorted(sorted(scores, key=lambda i: -scores[i])[:n_keep])
         finally:
             self._done()
         return {"method": "auto", "score": score, "attn_layers": keep, "kl_one_layer_converted": kl or None,
-                "calibrated_rel_error": residual}
+                "recall_nll_increase_one_layer_converted": recall or None,
+                "recall_nll_teacher": base, "calibrated_rel_error": residual}
+
+
+PLACEMENT_SCORES = ("kl", "recall", "kl+recall", "residual")
+
+
+def combine_scores(score: str, kl: dict[int, float], recall: dict[int, float],
+                   residual: dict[int, float]) -> dict[int, float]:
+    """Per-layer scores for --placement-score (higher = keep attention). ``kl+recall`` divides each part by its
+    mean over layers so that neither unit dominates; a part that is zero everywhere adds nothing."""
+    if score == "residual":
+        return dict(residual)
+    if score == "kl":
+        return dict(kl)
+    if score == "recall":
+        return dict(recall)
+    def scaled(d: dict[int, float]) -> dict[int, float]:
+        mean = sum(d.values()) / len(d) if d else 0.0
+        return {i: (v / mean if mean > 0 else 0.0) for i, v in d.items()}
+    a, b = scaled(kl), scaled(recall)
+    return {i: a.get(i, 0.0) + b.get(i, 0.0) for i in set(a) | set(b)}
 
 
 class _progress:

@@ -130,6 +130,59 @@ def token_block(tokenizer, docs: list[str], n_seqs: int, seq_len: int) -> Tensor
     return torch.tensor(ids[:need], dtype=torch.long).view(n_seqs, seq_len)
 
 
+def recall_probes(tokenizer, docs: list[str], n: int, length: int, seed: int = 0) -> list[tuple[Tensor, int]]:
+    """``n`` associative-recall probes of ``length`` tokens, for placement by recall.
+
+    Each probe is built token by token: a sentence stating a random five-digit code, placed at a spread of depths
+    in built-in text, then a question and the code itself. Returns (ids of shape (1, length), number of code
+    tokens at its end). A model recalls the code when it predicts those last tokens; how much worse it predicts
+    them with one layer converted is that layer's recall score. The wording is not the eval's passkey prompt."""
+    import random
+
+    rng = random.Random(seed)
+    filler: list[int] = []
+    for doc in docs:
+        filler += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(filler) >= 4 * length:
+            break
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    probes = []
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    for k in range(n):
+        code = str(rng.randint(10000, 99999))
+        fact = enc(f" The code is {code}. ")
+        question = enc("\nThe code is")
+        answer = enc(f" {code}")
+        room = length - len(bos) - len(fact) - len(question) - len(answer)
+        if room < 8:
+            raise UsageError(f"--calibration-len {length} is too short for a recall probe; use "
+                             f"{length - room + 8} or more")
+        pool = filler or enc("The day was calm and nothing happened. ")
+        while len(pool) < room:
+            pool = pool + pool
+        start = rng.randrange(len(pool) - room + 1)
+        text = pool[start:start + room]
+        depth = int(room * (0.1 + 0.8 * k / max(1, n - 1)))
+        ids = bos + text[:depth] + fact + text[depth:] + question + answer
+        probes.append((torch.tensor([ids], dtype=torch.long), len(answer)))
+    return probes
+
+
+@torch.no_grad()
+def recall_nll(model, probes: list[tuple[Tensor, int]]) -> float:
+    """Mean negative log-likelihood per code token over the probes (teacher-forced)."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids, k in probes:
+        ids = ids.to(device)
+        logits = model(input_ids=ids).logits[0, -k - 1:-1].float()
+        total += float(F.cross_entropy(logits, ids[0, -k:], reduction="sum"))
+        count += k
+    return total / max(count, 1)
+
+
 # --- teacher-forced inputs and outputs ----------------------------------------------------------------------
 @torch.no_grad()
 def capture_attention(teacher, layers: list[int], input_ids: Tensor) -> dict[int, tuple[Tensor, Tensor]]:
