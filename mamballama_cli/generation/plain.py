@@ -8,18 +8,7 @@ from typing import Callable
 
 import torch
 
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
+from mamballama_cli.generation.sampling import SamplingConfig, transformers_kwargs
 
 
 @dataclass
@@ -190,12 +179,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, sampling: SamplingConfig
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     stops = stop_token_ids(model, tokenizer)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
-                  eos_token_id=stops or None, pad_token_id=(stops[0] if stops else None))
-    if not sampling.greedy:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None,
+                  pad_token_id=(stops[0] if stops else None), **transformers_kwargs(sampling))
     stream = TextStream(tokenizer, on_text)
     streamer = _Streamer(stream)
     start = time.perf_counter()
