@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamballama_cli import ops
+from mamballama_cli.generation.result import GenerationResult, TextStream, stop_token_ids
 from mamballama_cli.generation.sampling import SamplingConfig, sample
 from mamballama_cli.ops.conv import causal_conv1d_update_ref
 from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
@@ -523,8 +524,6 @@ def available_bytes(device) -> int | None:
 
 def generate_fast(model, tokenizer, input_ids: Tensor, sampling, on_text=None, capture=None):
     """Same contract as :func:`mamballama_cli.generation.plain.generate`, on the static decoder."""
-    from mamballama_cli.generation.plain import GenerationResult, TextStream, stop_token_ids
-
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     if sampling.seed is not None:

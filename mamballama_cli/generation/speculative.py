@@ -810,7 +810,8 @@ def check_same_tokenizer(target_tok, draft_tok, target, draft) -> None:
 def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | None = None) -> dict:
     """Load target and draft, decode speculatively (streaming text), optionally time plain decoding of the
     same prompt and length, and return the statistics."""
-    from mamballama_cli.generation.plain import TextStream, check_request, encode_prompt, generate, stop_token_ids
+    from mamballama_cli.generation.plain import check_request, encode_prompt, generate
+    from mamballama_cli.generation.result import TextStream, stop_token_ids
     from mamballama_cli.loading import load_causal_lm
 
     resolve_draft(cfg.draft)  # a bad --draft fails before any weights are read

@@ -394,7 +394,7 @@ def load_generator(spec: str, device, dtype):
 
     from mamballama_cli.convert.converter import convert_model
     from mamballama_cli.generation.fast import unsupported_reason
-    from mamballama_cli.generation.plain import stop_token_ids
+    from mamballama_cli.generation.result import stop_token_ids
     from mamballama_cli.models.modeling import MamballamaForCausalLM
     from mamballama_cli.training.models import load_frozen
 

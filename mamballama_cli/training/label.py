@@ -125,7 +125,7 @@ def run_label(cfg: LabelConfig) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mamballama_cli.generation.plain import stop_token_ids
+    from mamballama_cli.generation.result import stop_token_ids
     from mamballama_cli.generation.sampling import SamplingConfig, transformers_kwargs
     from mamballama_cli.loading import resolve_device, resolve_dtype
     from mamballama_cli.training.models import load_frozen
