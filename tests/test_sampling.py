@@ -26,7 +26,7 @@ def kept(probs, **kw) -> list[int]:
     return torch.isfinite(scores).nonzero().flatten().tolist()
 
 
-# --- top-p ---------------------------------------------------------------------------------------------------------
+# --- top-p --------------------------------------------------------------------------------------------------
 def test_top_p_keeps_every_token_tied_at_the_cut():
     # The prefix 0.4 + 0.3 reaches 0.7; the other 0.3 is tied with the last token kept, so it stays too,
     # whichever of the two 0.3s the sort happens to put first.
@@ -81,7 +81,7 @@ def test_top_p_mass_kept_reaches_top_p_and_is_minimal_up_to_ties():
         assert bool(((probs * keep).sum(-1) - smallest < top_p).all())
 
 
-# --- top-k, temperature, greedy ------------------------------------------------------------------------------------
+# --- top-k, temperature, greedy -----------------------------------------------------------------------------
 def test_top_k_keeps_the_k_most_likely_and_ties_with_the_kth():
     assert kept([0.1, 0.4, 0.2, 0.3], top_k=2) == [1, 3]
     assert kept([0.1, 0.4, 0.2, 0.3], top_k=1) == [1]
@@ -111,7 +111,7 @@ def test_temperature_zero_is_greedy():
     assert sample(logits, cfg).tolist() == [1, 0]
     assert probabilities(logits, cfg).tolist() == [[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
     assert transformers_kwargs(cfg)["do_sample"] is False
-    # top_k=1 samples the greedy token when the maximum is unique; a tie at the top keeps both (top-k's tie rule)
+    # top_k=1 samples the greedy token when the maximum is unique; a tie at the top keeps both (top-k ties)
     torch.manual_seed(0)
     assert sample(logits[1:].repeat(50, 1), SamplingConfig(temperature=0.7, top_k=1)).tolist() == [0] * 50
     assert set(sample(logits[:1].repeat(200, 1), SamplingConfig(temperature=0.7, top_k=1)).tolist()) == {1, 2}
@@ -135,19 +135,20 @@ def test_transformers_processor_is_the_same_filter():
     logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
     cfg = SamplingConfig(temperature=0.8, top_p=0.6, top_k=10)
     kw = transformers_kwargs(cfg)
-    assert kw["do_sample"] is True and kw["temperature"] is None and kw["top_p"] is None and kw["top_k"] is None
+    assert kw["do_sample"] is True
+    assert kw["temperature"] is None and kw["top_p"] is None and kw["top_k"] is None  # its warpers off
     (proc,) = kw["logits_processor"]
     assert isinstance(proc, LogitsFilter)
     assert torch.equal(proc(None, logits), filter_logits(logits, cfg))
 
 
-# --- every path samples through filter_logits ----------------------------------------------------------------------
+# --- every path samples through filter_logits ---------------------------------------------------------------
 FORCED = 7
 
 
 @pytest.fixture
 def only_token_7(monkeypatch):
-    """Replace the filter by one that keeps token FORCED alone; a path that samples through it emits only that."""
+    """Replace the filter by one keeping token FORCED alone: a path sampling through it emits only FORCED."""
     calls = []
 
     def forced(logits, cfg):

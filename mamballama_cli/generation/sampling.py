@@ -2,7 +2,7 @@
 
 :func:`filter_logits` is the only implementation of the three. The paths use it as follows:
 
-* plain ``transformers`` generation passes it to ``generate()`` as a logits processor
+* plain ``transformers`` generation (and ``label``) passes it to ``generate()`` as a logits processor
   (:func:`transformers_kwargs`), with transformers' own warpers switched off;
 * the static decoder (generation/fast.py) samples with :func:`sample`, inside its captured CUDA graph;
 * speculative decoding needs the distribution itself for rejection sampling: :func:`probabilities`.
@@ -109,7 +109,7 @@ def sample(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator | Non
 
 
 class LogitsFilter:
-    """A transformers logits processor applying :func:`filter_logits` (``generate(logits_processor=[...])``)."""
+    """A transformers logits processor that applies :func:`filter_logits`."""
 
     def __init__(self, cfg: SamplingConfig):
         self.cfg = cfg
