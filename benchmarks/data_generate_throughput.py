@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
 
     import mamballama_cli  # noqa: F401
     from mamballama_cli.convert.converter import convert_model
-    from mamballama_cli.generation.plain import SamplingConfig, stop_token_ids
+    from mamballama_cli.generation.result import stop_token_ids
+    from mamballama_cli.generation.sampling import SamplingConfig
     from mamballama_cli.loading import resolve_device, resolve_dtype
     from mamballama_cli.training.generate_data import (BatchSampler, GenerateDataConfig, auto_batch_size, build_pool,
                                                        load_generator, run_generate, shard_batches)

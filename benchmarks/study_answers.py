@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--output", required=True)
     args = ap.parse_args()
 
-    from mamballama_cli.generation.plain import SamplingConfig, encode_prompt, generate
+    from mamballama_cli.generation.plain import encode_prompt, generate
+    from mamballama_cli.generation.sampling import SamplingConfig
     from mamballama_cli.loading import load_causal_lm
 
     rows = [json.loads(x) for x in Path(args.prompts).read_text().splitlines() if x.strip()]

@@ -11,8 +11,9 @@ import torch
 
 from clihelp import run_cli
 from helpers import tiny_hybrid, tiny_tokenizer
-from mamballama_cli.generation.fast import StaticDecoder, fuse_projections, generate_fast, sample_tokens
-from mamballama_cli.generation.plain import SamplingConfig, generate
+from mamballama_cli.generation.fast import StaticDecoder, fuse_projections, generate_fast
+from mamballama_cli.generation.plain import generate
+from mamballama_cli.generation.sampling import SamplingConfig, sample
 
 
 def plain_greedy(model, ids, n):
@@ -144,16 +145,16 @@ def test_fused_projections_keep_outputs_and_checkpoint(tmp_path):
 def test_device_sampling_distribution_and_warpers():
     logits = torch.log(torch.tensor([0.7, 0.2, 0.1]))[None].expand(20000, 3).contiguous()
     torch.manual_seed(0)
-    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0)), minlength=3) / 20000
+    counts = torch.bincount(sample(logits, SamplingConfig(temperature=1.0)), minlength=3) / 20000
     assert torch.allclose(counts, torch.tensor([0.7, 0.2, 0.1]), atol=0.015)
-    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0, top_p=0.75)), minlength=3) / 20000
+    counts = torch.bincount(sample(logits, SamplingConfig(temperature=1.0, top_p=0.75)), minlength=3) / 20000
     assert counts[2] == 0 and abs(counts[0] - 0.7 / 0.9) < 0.015
-    counts = torch.bincount(sample_tokens(logits, SamplingConfig(temperature=1.0, top_k=1)), minlength=3)
+    counts = torch.bincount(sample(logits, SamplingConfig(temperature=1.0, top_k=1)), minlength=3)
     assert counts.tolist() == [20000, 0, 0]
 
 
 def test_two_stage_argmax_matches_argmax_with_ties():
-    from mamballama_cli.generation.fast import argmax_last
+    from mamballama_cli.generation.sampling import argmax_last
 
     gen = torch.Generator().manual_seed(0)
     for n in (128256, 49152, 100000):

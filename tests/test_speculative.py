@@ -7,14 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_hybrid
-from mamballama_cli.generation.speculative import (
-    HybridRunner,
-    Sampling,
-    accept_sampled,
-    as_hybrid,
-    speculative_generate,
-    warp,
-)
+from mamballama_cli.generation.sampling import SamplingConfig, probabilities
+from mamballama_cli.generation.speculative import HybridRunner, accept_sampled, as_hybrid, speculative_generate
 from mamballama_cli.ops.replay import ssm_replay_ref
 from mamballama_cli.ops.ssd import ssm_step_ref
 
@@ -272,7 +266,7 @@ def test_sampled_speculative_decoding_follows_the_target_distribution():
     with torch.no_grad():  # sharper than a random init, so that the distributions are far from uniform
         target.lm_head.weight.mul_(4)
     draft = perturbed(target, 0.2)
-    sampling = Sampling(temperature=1.0)
+    sampling = SamplingConfig(temperature=1.0)
     prompt = torch.tensor([[1, 3, 4, 2]])
     n0 = prompt.shape[1]
     observed = torch.zeros(V, dtype=torch.float64)
@@ -283,8 +277,8 @@ def test_sampled_speculative_decoding_follows_the_target_distribution():
         res = speculative_generate(target, draft, prompt, k=K, max_new_tokens=new, sampling=sampling, seed=trial)
         seq = torch.cat([prompt, torch.tensor([res.tokens[0]])], 1)
         with torch.no_grad():
-            p = warp(target(seq).logits[0, n0 - 1 : -1], sampling).double()
-            q = warp(draft(seq).logits[0, n0 - 1 : -1], sampling).double()
+            p = probabilities(target(seq).logits[0, n0 - 1 : -1], sampling).double()
+            q = probabilities(draft(seq).logits[0, n0 - 1 : -1], sampling).double()
         observed += torch.bincount(seq[0, n0:], minlength=V).double()
         expected_p += p.sum(0)
         expected_q += q.sum(0)
@@ -301,11 +295,11 @@ def test_sampling_with_top_k_and_top_p_never_emits_tokens_outside_the_target_sup
     target, _ = tiny_hybrid(seed=0)
     draft = perturbed(target, 0.3)
     prompt = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
-    sampling = Sampling(temperature=0.8, top_p=0.5, top_k=5)
+    sampling = SamplingConfig(temperature=0.8, top_p=0.5, top_k=5)
     res = speculative_generate(target, draft, prompt, k=4, max_new_tokens=24, sampling=sampling, seed=3)
     seq = torch.cat([prompt, torch.tensor([res.tokens[0]])], 1)
     with torch.no_grad():
-        p = warp(target(seq).logits[0, prompt.shape[1] - 1 : -1], sampling)
+        p = probabilities(target(seq).logits[0, prompt.shape[1] - 1 : -1], sampling)
     assert bool((p.gather(-1, seq[0, prompt.shape[1]:, None]) > 0).all())
     again = speculative_generate(target, draft, prompt, k=4, max_new_tokens=24, sampling=sampling, seed=3)
     assert again.tokens == res.tokens  # --seed makes sampled runs reproducible

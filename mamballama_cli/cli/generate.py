@@ -19,7 +19,8 @@ def command(
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", min=1, help="New tokens to generate at most."),
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling: keep the most likely "
-                                "tokens up to this probability (1 = off)."),
+                                "tokens until their mass reaches this probability, with every token tied at the "
+                                "cut (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="0 = off."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (with --temperature > 0)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."),
@@ -42,7 +43,8 @@ def command(
                                "step for hybrids on CUDA, else transformers), static, transformers."),
 ):
     from mamballama_cli.cli.common import err, read_prompt
-    from mamballama_cli.generation.plain import SamplingConfig, check_request, encode_prompt, generate
+    from mamballama_cli.generation.plain import check_request, encode_prompt, generate
+    from mamballama_cli.generation.sampling import SamplingConfig
     from mamballama_cli.loading import load_causal_lm
 
     text = read_prompt(prompt)

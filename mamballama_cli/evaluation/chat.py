@@ -70,7 +70,8 @@ def load_alpaca_eval(path: str | None) -> tuple[list[dict], str]:
 
 def chat_reply(model, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     """Greedy reply to a conversation, formatted by the tokenizer's chat template."""
-    from mamballama_cli.generation.plain import SamplingConfig, generate
+    from mamballama_cli.generation.plain import generate
+    from mamballama_cli.generation.sampling import SamplingConfig
 
     if not getattr(tokenizer, "chat_template", None):
         raise UsageError("chat benchmarks need a chat model: this tokenizer has no chat template")

@@ -147,7 +147,8 @@ def score_trials(trials: list[Trial], answer: Callable[[str], str]) -> dict:
 
 def greedy_answerer(model, tokenizer, max_new_tokens: int) -> Callable[[str], str]:
     """answer(prompt) with the model's greedy continuation (no chat template: the prompt is a completion)."""
-    from mamballama_cli.generation.plain import SamplingConfig, generate
+    from mamballama_cli.generation.plain import generate
+    from mamballama_cli.generation.sampling import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
 

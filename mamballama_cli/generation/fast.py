@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamballama_cli import ops
+from mamballama_cli.generation.result import GenerationResult, TextStream, stop_token_ids
+from mamballama_cli.generation.sampling import SamplingConfig, sample
 from mamballama_cli.ops.conv import causal_conv1d_update_ref
 from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
 from mamballama_cli.ops.ssd import ssm_step_ref
@@ -140,50 +142,6 @@ DECODE_OPS = tuple(DECODE_REFERENCES)
 
 
 # ================================================================================================
-# Sampling on the device
-# ================================================================================================
-def argmax_last(x: Tensor, block: int = 512) -> Tensor:
-    """argmax over the last dim of (batch, n), first index on ties, in two parallel stages.
-
-    torch's single-pass argmax over a 128K vocabulary runs one block per row (~37 us on an H200, one of
-    the slowest kernels of a decode step); a max per block of ``block`` entries, then an argmax over the
-    block maxima takes a few microseconds. The first maximal block holds the first maximal index.
-    """
-    b, n = x.shape
-    if n < 16 * block:
-        return x.argmax(dim=-1)
-    pad = (-n) % block
-    if pad:
-        x = F.pad(x, (0, pad), value=float("-inf"))
-    values, idx = x.reshape(b, -1, block).max(dim=-1)  # (batch, blocks): first maximum within each block
-    best = values.argmax(dim=-1, keepdim=True)  # first block holding the overall maximum
-    return (best * block + idx.gather(-1, best)).squeeze(-1)
-
-
-def sample_tokens(logits: Tensor, sampling) -> Tensor:
-    """(batch, vocab) -> (batch,) int64, without a host sync (so it can be captured in a CUDA graph).
-
-    Greedy is argmax (first index on ties, as transformers). Otherwise temperature, top-k and top-p as
-    transformers' warpers, then the Gumbel-max trick: argmax(scores + Gumbel noise) is a sample of
-    softmax(scores).
-    """
-    if sampling.greedy:
-        return argmax_last(logits)
-    scores = logits.float() / sampling.temperature
-    if sampling.top_k and sampling.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, sampling.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, idx = torch.sort(scores, dim=-1, descending=True)
-        probs = sorted_scores.softmax(dim=-1)
-        drop = (probs.cumsum(dim=-1) - probs) > sampling.top_p  # keep the smallest prefix holding top_p
-        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-        scores = torch.full_like(scores, float("-inf")).scatter(-1, idx, sorted_scores)
-    u = torch.rand_like(scores).clamp_(min=torch.finfo(torch.float32).tiny)
-    return (scores - torch.log(-torch.log(u))).argmax(dim=-1)
-
-
-# ================================================================================================
 # Fused projections
 # ================================================================================================
 def _fuse(owner: torch.nn.Module, names: list[str]) -> tuple[Tensor, Tensor | None]:
@@ -286,7 +244,6 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None,
                  forcing: bool = False):
-        from mamballama_cli.generation.plain import SamplingConfig
         from mamballama_cli.models.cache import HybridCache
 
         why = unsupported_reason(model)
@@ -399,7 +356,7 @@ class StaticDecoder:
             x, residual = add_norm(hidden, residual, layer.ln2, self.eps)
             hidden = F.linear(swiglu(F.linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
         x, _ = add_norm(hidden, residual, self.norm_w, self.eps)
-        self._emit(sample_tokens(F.linear(x, self.lm_head_w), self.sampling))
+        self._emit(sample(F.linear(x, self.lm_head_w), self.sampling))
         self.pos.add_(1)
 
     # --- state ---------------------------------------------------------------------------------------
@@ -463,7 +420,7 @@ class StaticDecoder:
             self.forced_len.copy_(forced_len)
         out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
                          logits_to_keep=1)
-        first = sample_tokens(out.logits[:, -1], self.sampling)
+        first = sample(out.logits[:, -1], self.sampling)
         self.pos.fill_(n)
         self._emit(first)
         self.emitted = 1
@@ -567,8 +524,6 @@ def available_bytes(device) -> int | None:
 
 def generate_fast(model, tokenizer, input_ids: Tensor, sampling, on_text=None, capture=None):
     """Same contract as :func:`mamballama_cli.generation.plain.generate`, on the static decoder."""
-    from mamballama_cli.generation.plain import GenerationResult, TextStream, stop_token_ids
-
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     if sampling.seed is not None:

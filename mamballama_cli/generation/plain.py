@@ -3,39 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt_tokens: int
-    new_tokens: int
-    time_to_first_token_s: float
-    total_s: float
-    token_ids: list[int] = field(default_factory=list)
-    engine: str = "transformers"  # or "static-graph" / "static-eager" (generation/fast.py)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        dt = self.total_s - self.time_to_first_token_s
-        return (self.new_tokens - 1) / dt if self.new_tokens > 1 and dt > 0 else float("nan")
+from mamballama_cli.generation.result import GenerationResult, TextStream, stop_token_ids
+from mamballama_cli.generation.sampling import SamplingConfig, transformers_kwargs
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None) -> torch.Tensor:
@@ -50,41 +23,6 @@ def encode_prompt(tokenizer, prompt: str, chat: bool, system: str | None = None)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     else:
         ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    return ids
-
-
-class TextStream:
-    """Incremental detokeniser: emits only the new suffix, holding back incomplete UTF-8 sequences."""
-
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None):
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def push(self, token_ids) -> None:
-        self.ids.extend(int(t) for t in token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        if self.on_text and len(text) > len(self.emitted):
-            self.on_text(text[len(self.emitted):])
-        self.emitted = text
-
-    def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if self.on_text and len(text) > len(self.emitted):
-            self.on_text(text[len(self.emitted):])
-        self.emitted = text
-        return text
-
-
-def stop_token_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
-        eos = getattr(src, "eos_token_id", None)
-        for e in eos if isinstance(eos, (list, tuple)) else [eos]:
-            if e is not None and int(e) not in ids:
-                ids.append(int(e))
     return ids
 
 
@@ -190,12 +128,8 @@ def generate(model, tokenizer, input_ids: torch.Tensor, sampling: SamplingConfig
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)
     stops = stop_token_ids(model, tokenizer)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
-                  eos_token_id=stops or None, pad_token_id=(stops[0] if stops else None))
-    if not sampling.greedy:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=stops or None,
+                  pad_token_id=(stops[0] if stops else None), **transformers_kwargs(sampling))
     stream = TextStream(tokenizer, on_text)
     streamer = _Streamer(stream)
     start = time.perf_counter()

@@ -27,7 +27,7 @@ import inspect
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -36,6 +36,7 @@ from torch import Tensor
 
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.rope import apply_rotary
 from mamballama_cli.ops.replay import ssm_replay
@@ -481,38 +482,8 @@ def make_runner(model, batch_size: int, max_length: int, window: int, keep_live:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sampling and acceptance
+# Acceptance (the distributions come from generation/sampling.py)
 # --------------------------------------------------------------------------------------------------------
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-def warp(logits: Tensor, s: Sampling) -> Tensor:
-    """Probabilities after temperature, top-k, top-p (in that order, as transformers applies them).
-
-    The target's distribution *is* this processed distribution; drafts are processed the same way.
-    """
-    logits = logits.float() / s.temperature
-    if s.top_k and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        before = probs.cumsum(-1) - probs  # mass of the tokens ranked above
-        drop = before >= s.top_p  # keep the smallest prefix reaching top_p (always the first token)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    return logits.softmax(-1)
-
-
 def draw(probs: Tensor, gen: torch.Generator | None) -> Tensor:
     """One sample per row: probs (..., V) -> (...)."""
     flat = probs.reshape(-1, probs.shape[-1])
@@ -628,7 +599,7 @@ def speculative_generate(
     *,
     k: int = 4,
     max_new_tokens: int = 128,
-    sampling: Sampling | None = None,
+    sampling: SamplingConfig | None = None,
     stop_tokens: list[int] | tuple[int, ...] = (),
     seed: int | None = None,
     cuda_graphs: bool | None = None,
@@ -646,7 +617,7 @@ def speculative_generate(
     """
     if k < 1:
         raise UsageError(f"-k {k}: the draft must propose at least one token per round")
-    sampling = sampling or Sampling()
+    sampling = sampling or SamplingConfig()
     device = input_ids.device
     b, n_prompt = input_ids.shape
     window = k + 1
@@ -678,7 +649,7 @@ def speculative_generate(
     def pick(logits: Tensor) -> tuple[Tensor, Tensor | None]:
         if sampling.greedy:
             return logits.argmax(-1), None
-        probs = warp(logits, sampling)
+        probs = probabilities(logits, sampling)
         return draw(probs, gen), probs
 
     def emit(tokens: Tensor) -> bool:
@@ -730,7 +701,7 @@ def speculative_generate(
         if sampling.greedy:
             accepted, nxt = accept_greedy(d, t_logits)
         else:
-            accepted, nxt = accept_sampled(d, torch.stack(qs, dim=1), warp(t_logits, sampling), gen)
+            accepted, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, sampling), gen)
         m, nxt = lockstep(accepted, nxt, d)
 
         # 3. Commit: the target keeps the last token and m drafts; the draft keeps what it fed correctly.
@@ -839,8 +810,8 @@ def check_same_tokenizer(target_tok, draft_tok, target, draft) -> None:
 def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | None = None) -> dict:
     """Load target and draft, decode speculatively (streaming text), optionally time plain decoding of the
     same prompt and length, and return the statistics."""
-    from mamballama_cli.generation.plain import (SamplingConfig, TextStream, check_request, encode_prompt, generate,
-                                                 stop_token_ids)
+    from mamballama_cli.generation.plain import check_request, encode_prompt, generate
+    from mamballama_cli.generation.result import TextStream, stop_token_ids
     from mamballama_cli.loading import load_causal_lm
 
     resolve_draft(cfg.draft)  # a bad --draft fails before any weights are read
@@ -858,7 +829,8 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
     check_same_tokenizer(tok, draft_tok, target, draft)
     ids = encode_prompt(tok, cfg.prompt, cfg.chat, cfg.system).to(next(target.parameters()).device)
     check_request(target, ids.shape[1], cfg.max_new_tokens, "transformers")  # empty prompt, context length
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.top_k)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, seed=cfg.seed)
     stops = stop_token_ids(target, tok)
     stream = TextStream(tok, on_text)
     shown = [0]
@@ -883,8 +855,7 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
              "sampling": asdict(sampling), "device": str(ids.device),
              "dtype": str(next(target.parameters()).dtype).replace("torch.", "")}
     if cfg.compare_plain:
-        plain_cfg = SamplingConfig(max_new_tokens=max(1, s.new_tokens), temperature=cfg.temperature,
-                                   top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed)
+        plain_cfg = replace(sampling, max_new_tokens=max(1, s.new_tokens))
         generate(target, tok, ids, SamplingConfig(max_new_tokens=2))  # warm-up: kernels compiled, caches hot
         plain = generate(target, tok, ids, plain_cfg)
         stats["plain"] = {"new_tokens": plain.new_tokens, "total_s": round(plain.total_s, 4),

@@ -394,7 +394,7 @@ def load_generator(spec: str, device, dtype):
 
     from mamballama_cli.convert.converter import convert_model
     from mamballama_cli.generation.fast import unsupported_reason
-    from mamballama_cli.generation.plain import stop_token_ids
+    from mamballama_cli.generation.result import stop_token_ids
     from mamballama_cli.models.modeling import MamballamaForCausalLM
     from mamballama_cli.training.models import load_frozen
 
@@ -488,7 +488,7 @@ def run_generate(cfg: GenerateDataConfig, on_progress: Callable[[int, int], None
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mamballama_cli.generation.plain import SamplingConfig
+    from mamballama_cli.generation.sampling import SamplingConfig
     from mamballama_cli.io import write_json_atomic
     from mamballama_cli.loading import resolve_device, resolve_dtype
     from mamballama_cli.shards import FORMAT, MANIFEST, VERSION, shard_name, tokenizer_identity, write_shard

@@ -125,7 +125,8 @@ def run_label(cfg: LabelConfig) -> dict:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mamballama_cli.generation.plain import stop_token_ids
+    from mamballama_cli.generation.result import stop_token_ids
+    from mamballama_cli.generation.sampling import SamplingConfig, transformers_kwargs
     from mamballama_cli.loading import resolve_device, resolve_dtype
     from mamballama_cli.training.models import load_frozen
 
@@ -155,6 +156,7 @@ def run_label(cfg: LabelConfig) -> dict:
     if not getattr(tok, "chat_template", None):
         raise MamballamaError(f"teacher {cfg.teacher!r} has no chat template; pseudo-labels are chat answers")
     stops = stop_token_ids(model, tok)
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
     log(f"labelling {len(todo)} of {len(prompts)} prompt(s) with {name} (batch {cfg.batch_size}, "
         f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'}, max {cfg.max_new_tokens} new "
@@ -173,11 +175,7 @@ def run_label(cfg: LabelConfig) -> dict:
             mask = torch.tensor([[0] * (L - len(e)) + [1] * len(e) for e in encoded], device=device)
             torch.manual_seed(cfg.seed + ids[0])
             kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=stops or None, pad_token_id=pad,
-                          do_sample=cfg.temperature > 0)
-            if cfg.temperature > 0:
-                kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p)
-            else:
-                kwargs.update(temperature=None, top_p=None, top_k=None)
+                          **transformers_kwargs(sampling))
             with torch.inference_mode():
                 gen = model.generate(input_ids, attention_mask=mask, **kwargs)[:, L:].tolist()
             for i, seq in zip(ids, gen):
