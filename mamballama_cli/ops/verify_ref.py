@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamballama_cli.models.rope import apply_rotary
+from mamballama_cli.ops.rope_ops import apply_rotary
 from mamballama_cli.ops.conv import causal_conv1d_ref
 
 
