@@ -39,7 +39,7 @@ import os
 import torch
 
 from mamballama_cli import ops
-from mamballama_cli.ops.cuda import _device_guard
+from mamballama_cli.ops.common import _device_guard
 from mamballama_cli.ops.kd import kd_loss as _kd_loss_reference  # registers the op's reference
 
 try:
@@ -307,7 +307,7 @@ def kd_loss_fused(student_logits, teacher_logits, targets, target_mask, *, w_kl:
 # ------------------------------------------------------------------------------------------------
 def _check_kd(gen):
     """Largest relative error of the fused op against the reference (total, metrics, gradient)."""
-    from mamballama_cli.ops.cuda import _rand, _rel
+    from mamballama_cli.ops.common import _rand, _rel
 
     b, L, V = 2, 19, 1000
     s = _rand(gen, b, L, V) * 3
@@ -330,7 +330,7 @@ def _check_kd(gen):
 
 
 def _register() -> None:
-    from mamballama_cli.ops.cuda import _probe
+    from mamballama_cli.ops.common import _probe
 
     ops.register_fast("kd_loss", "mamballama-triton", kd_loss_fused, _probe(_check_kd, tol=1e-4))
 
