@@ -7,7 +7,10 @@ post-import hook on ``sys.meta_path``.
 
 The hook never registers while a transformers module is still half-initialised: our modeling code imports
 transformers internals (``modeling_layers``) that may be exactly the module whose import pulled in the auto
-classes. Registration is then deferred to the end of the outermost transformers import.
+classes. Registration is then deferred to the end of the outermost transformers import. Likewise, when the
+auto classes arrive while our own configuration or modeling module is still executing its body, registration
+waits for the end of that module's import: the same hook wraps their loaders. This module is the one place
+that registers; the model modules know nothing of it (the layers run one way: registration -> models).
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ import sys
 
 _CONFIG_MODULE = "transformers.models.auto.configuration_auto"
 _MODELING_MODULE = "transformers.models.auto.modeling_auto"
+_OUR_CONFIG = "mamballama_cli.models.configuration"
+_OUR_MODELING = "mamballama_cli.models.modeling"
 _done: set[str] = set()
 _pending: set[str] = set()
 
 
 def _importing(module: str, name: str) -> bool:
-    """True while ``module`` is half-initialised (it registers itself when its body finishes)."""
+    """True while ``module`` is half-initialised (registration then waits for the end of its import)."""
     mod = sys.modules.get(module)
     return mod is not None and not hasattr(mod, name)
 
 
 def register_config() -> None:
-    if "config" in _done or _importing("mamballama_cli.models.configuration", "MamballamaConfig"):
+    if "config" in _done:
+        return
+    if _importing(_OUR_CONFIG, "MamballamaConfig"):
+        _pending.add("config")  # flushed when that module's body has run
         return
     _done.add("config")
     from transformers import AutoConfig
@@ -39,9 +47,15 @@ def register_config() -> None:
 
 
 def register_model() -> None:
-    if "model" in _done or _importing("mamballama_cli.models.modeling", "MamballamaForCausalLM"):
+    if "model" in _done:
+        return
+    if _importing(_OUR_MODELING, "MamballamaForCausalLM"):
+        _pending.add("model")  # flushed when that module's body has run
         return
     register_config()
+    if "config" not in _done:  # the configuration module is still executing its body
+        _pending.add("model")
+        return
     _done.add("model")
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -53,6 +67,7 @@ def register_model() -> None:
 
 
 _HOOKS = {_CONFIG_MODULE: "config", _MODELING_MODULE: "model"}
+_OURS = (_OUR_CONFIG, _OUR_MODELING)  # their end flushes what waited for them
 _REGISTER = {"config": register_config, "model": register_model}
 
 
@@ -73,11 +88,12 @@ def _flush(just_loaded: str) -> None:
     for what in ("config", "model"):
         if what in _pending:
             _pending.discard(what)
-            _REGISTER[what]()
+            _REGISTER[what]()  # re-adds itself to _pending when one of our modules is still half-initialised
 
 
 class _Loader(importlib.abc.Loader):
-    """Wraps a transformers module's loader; after its body ran, registers whatever is pending."""
+    """Wraps a transformers module's (or one of our model modules') loader; after its body ran, registers
+    whatever is pending."""
 
     def __init__(self, inner, fullname: str):
         self._inner, self._fullname = inner, fullname
@@ -98,7 +114,9 @@ class _Loader(importlib.abc.Loader):
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith("transformers") or (not _pending and _done >= {"config", "model"}):
+        if _done >= {"config", "model"} and not _pending:
+            return None
+        if not fullname.startswith("transformers") and fullname not in _OURS:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

@@ -3,7 +3,7 @@
 While a CLI command runs, ``sys.stdout`` points at stderr (see :func:`results_to_stdout_only`) so that
 libraries printing while they load (DeepSpeed announces its accelerator on stdout, for one) cannot pollute
 piped output such as `mamballama convert ... --json | jq`. Results are written with :func:`out` or
-:func:`console`, which use the real stdout.
+:func:`console`, which use the real stdout. ``STATE["verbose"]`` says whether library chatter is wanted.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import contextlib
 import sys
 
 _RESULTS: list = [None]
+
+# Process-wide switches of the CLI that lower layers read too (set by the top-level callback in cli/main.py).
+STATE = {"verbose": False}
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ Two groups:
     mamballama.drafts    -> DraftSpec objects (or a callable / list returning them)
 
 Built-ins go through the very same ``register`` call as third-party plugins: the Llama family is
-registered by :mod:`mamballama_cli.convert.families` exactly as a plugin would register its own.
+registered by :mod:`mamballama_cli.convert.families` (Mistral and Qwen2 by ``families_more``) exactly as a
+plugin would register its own.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Registration:
 @dataclass
 class Registry:
     group: str
-    builtin_module: str  # imported before the first lookup so built-ins are present
+    builtin_modules: tuple[str, ...]  # imported before the first lookup so built-ins are present
     _items: dict[str, Registration] = field(default_factory=dict)
     _loaded: bool = False
     errors: list[str] = field(default_factory=list)
@@ -46,7 +47,8 @@ class Registry:
         if self._loaded:
             return
         self._loaded = True
-        importlib.import_module(self.builtin_module)
+        for module in self.builtin_modules:
+            importlib.import_module(module)
         for ep in md.entry_points(group=self.group):
             dist = getattr(ep, "dist", None)
             origin = f"{dist.name} {dist.version}" if dist is not None else ep.value
@@ -84,8 +86,8 @@ class Registry:
         return None
 
 
-teachers = Registry(TEACHER_GROUP, "mamballama_cli.convert.families")
-drafts = Registry(DRAFT_GROUP, "mamballama_cli.generation.drafts")
+teachers = Registry(TEACHER_GROUP, ("mamballama_cli.convert.families", "mamballama_cli.convert.families_more"))
+drafts = Registry(DRAFT_GROUP, ("mamballama_cli.generation.drafts",))
 
 
 def plugin_distributions() -> list[dict]:

@@ -15,7 +15,7 @@ class Result:
 
 def run_cli(args, capsys, stdin: str | None = None, monkeypatch=None) -> Result:
     from mamballama_cli.cli.main import main
-    from mamballama_cli.cli.common import STATE
+    from mamballama_cli.output import STATE
 
     STATE["verbose"] = False
     old_argv = sys.argv

@@ -67,7 +67,7 @@ print(json.dumps(results))
 
 def _cli(args) -> tuple[int, str, str]:
     """The real entry point, in-process, for module-scoped fixtures (run_cli needs the per-test capsys)."""
-    from mamballama_cli.cli.common import STATE
+    from mamballama_cli.output import STATE
     from mamballama_cli.cli.main import main
 
     STATE["verbose"] = False

@@ -1,4 +1,4 @@
-"""The fused distillation loss (ops/kd_triton.py) against its reference twin, training.losses.kd_loss.
+"""The fused distillation loss (ops/kd_triton.py) against its reference twin, ops.kd.kd_loss.
 
 GPU tests (``pytest -m gpu``) compare the compiled kernel with the reference on random inputs: total, every
 metric, and the gradient w.r.t. the student logits. The CPU test runs the same kernel under Triton's
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from helpers import interpreted_json
-from mamballama_cli.training.losses import kd_loss, kd_loss_auto
+from mamballama_cli.ops.kd import kd_loss
+from mamballama_cli.training.losses import kd_loss_auto
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEV = "cuda"
@@ -46,7 +47,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(r"""
     import torch
     from mamballama_cli.ops import kd_triton
     assert not [m for m in sys.modules if m.startswith("mamballama_cli.training")], "ops imported training"
-    from mamballama_cli.training.losses import kd_loss
+    from mamballama_cli.ops.kd import kd_loss
 
     def rel(a, b):
         a, b = a.detach().double(), b.detach().double()

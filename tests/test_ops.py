@@ -129,3 +129,48 @@ def test_rotary_op_keeps_q_dtype_and_equals_apply_rotary():
     qr, kr = apply_rotary(q, k, cos, sin)
     assert qo.dtype == ko.dtype == torch.bfloat16 and qr.dtype == torch.float32
     assert torch.equal(qo, qr.to(torch.bfloat16)) and torch.equal(ko, kr.to(torch.bfloat16))
+
+
+def test_ops_import_nothing_above_them():
+    """ops/ is the ground floor: importing every ops module (kernels included) loads no other part of the package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import mamballama_cli.ops as ops\n"
+        "for m in pkgutil.iter_modules(ops.__path__):\n"
+        "    try:\n"
+        "        importlib.import_module('mamballama_cli.ops.' + m.name)\n"
+        "    except ImportError:\n"
+        "        pass  # a kernel module whose package (triton) is absent\n"
+        "above = sorted(m for m in sys.modules if m.startswith('mamballama_cli.')\n"
+        "               and not m.startswith('mamballama_cli.ops') and m != 'mamballama_cli._registration')\n"
+        "print(above)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_fast_implementations_rank_by_module_not_by_import_order():
+    """Implementations of one op rank in the order of ops.FAST_MODULES whichever module was imported first
+    (installed packages' kernels ahead of the project's, as ops/external.py was registered before)."""
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+
+    code = (
+        "import mamballama_cli.ops.triton_conv, mamballama_cli.ops.triton_norm\n"
+        "from mamballama_cli import ops\n"
+        "ops._load_fast()\n"
+        "for op in ('rmsnorm', 'causal_conv1d', 'causal_conv1d_update'):\n"
+        "    print(op, [i.fn.__module__.rsplit('.', 1)[1] for i in ops.FAST[op]])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[:3] == [
+        "rmsnorm ['external', 'triton_norm']",
+        "causal_conv1d ['external', 'triton_conv']",
+        "causal_conv1d_update ['external', 'triton_decode']",
+    ]

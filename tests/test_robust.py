@@ -167,7 +167,7 @@ def test_export_verification_fails_on_non_finite_logits(tmp_path, capsys):
 def test_relative_errors_of_the_op_probes_treat_nan_as_a_failure():
     """The fast ops' probes take max() over several relative errors and compare with a tolerance; Python's max
     drops a NaN that is not first, so each error is inf when not finite."""
-    from mamballama_cli.ops.cuda import _rel
+    from mamballama_cli.ops.common import _rel
     from mamballama_cli.ops.cuda_mamba1 import _rel_err
 
     good, bad = torch.ones(4), torch.tensor([1.0, float("nan"), 1.0, 1.0])

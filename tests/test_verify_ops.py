@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import run_interpreted
-from mamballama_cli.generation.fast import conv_update_inplace_ref, decode_attention_ref, rope_kv_write_ref
+from mamballama_cli.ops.decode import conv_update_inplace_ref, decode_attention_ref, rope_kv_write_ref
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary
 from mamballama_cli.ops.conv import causal_conv1d_ref
 from mamballama_cli.ops.verify_ref import rope_kv_write_window_ref, spec_conv_ref, window_attention_ref
@@ -227,9 +227,9 @@ def check_rope_window(device, dtype, b, T, nh, nkv, hd, cap, pos, partial=1.0, s
 
 
 def check_rope_one_token(device, dtype, b, nh, nkv, hd, cap, pos, seed=0):
-    """The decode step's launcher (ops/cuda.py, T = 1) of the kernel the window op shares."""
-    from mamballama_cli.generation.fast import rope_kv_write_ref
-    from mamballama_cli.ops.cuda import rope_kv_write_triton
+    """The decode step's launcher (ops/triton_decode.py, T = 1) of the kernel the window op shares."""
+    from mamballama_cli.ops.decode import rope_kv_write_ref
+    from mamballama_cli.ops.triton_decode import rope_kv_write_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cos, sin = _tables(cap, hd, dtype, device, 1.0)

@@ -10,8 +10,6 @@ import typer
 
 from mamballama_cli.output import results_to_stdout_only
 
-STATE = {"verbose": False}
-
 # How the help of every command writes its placeholders (typer's notation), said under each command's help.
 NOTATION = ("Notation: {model} is a required argument, [x] an optional one; <str>, <int>, <float>, <path> "
             "give the kind of value an option takes.")

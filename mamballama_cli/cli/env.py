@@ -17,8 +17,6 @@ def command(
                                          "when present), cuda:1, cpu."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ):
-    from mamballama_cli.ops.cuda import environment_report, format_environment
-
     report = environment_report(device)
     if json_out:
         import json
@@ -26,3 +24,68 @@ def command(
         out(json.dumps(report, indent=2))
     else:
         out(format_environment(report))
+
+
+def environment_report(device: str | None = None) -> dict:
+    """Versions, devices and, per op, the backend that runs on ``device`` (cuda when present) and why."""
+    import os
+    import platform
+    import sys
+
+    import torch
+
+    from mamballama_cli import __version__, ops
+    from mamballama_cli.evaluation.speed import package_version
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    versions = {"mamballama": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "torch_cuda": torch.version.cuda}
+    for name in ("transformers", "triton", "mamba_ssm", "causal_conv1d", "accelerate", "safetensors"):
+        versions[name] = package_version(name)
+    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append({"device": f"cuda:{i}", "name": p.name, "capability": f"{p.major}.{p.minor}",
+                            "memory_bytes": int(p.total_memory), "multiprocessors": p.multi_processor_count})
+    rows = []
+    for row in ops.backend_report(dev):
+        if row["backend"] == "torch-ref":
+            if dev.type != "cuda":
+                why = "reference on CPU (fast kernels are CUDA-only)"
+            elif ops.forced_reference():
+                why = "MAMBALLAMA_KERNELS=ref forces the reference"
+            elif row["candidates"]:
+                why = "no fast kernel usable: " + "; ".join(row["candidates"])
+            else:
+                why = "no fast kernel registered"
+        else:
+            why = next((c.split(": ", 1)[1] for c in row["candidates"] if c.startswith(row["backend"] + ":")), "ok")
+        rows.append({"op": row["op"], "backend": row["backend"], "why": why, "candidates": row["candidates"]})
+    return {"versions": versions, "executable": sys.executable, "devices": devices, "report_device": str(dev),
+            "ops": rows}
+
+
+def format_environment(report: dict) -> str:
+    v = report["versions"]
+    lines = [f"mamballama {v['mamballama']}  python {v['python']}  torch {v['torch']}"
+             + (f" (CUDA {v['torch_cuda']})" if v.get("torch_cuda") else " (no CUDA build)")]
+    lines.append("  ".join(f"{k} {v[k] or 'not installed'}"
+                           for k in ("transformers", "triton", "mamba_ssm", "causal_conv1d", "accelerate")))
+    lines.append("devices:")
+    for d in report["devices"]:
+        if d["device"] == "cpu":
+            lines.append(f"  cpu      {d['name']}, {d['cores']} cores")
+        else:
+            lines.append(f"  {d['device']:8} {d['name']}, compute {d['capability']}, "
+                         f"{d['memory_bytes'] / 2**30:.0f} GiB, {d['multiprocessors']} SMs")
+    if len(report["devices"]) == 1:
+        lines.append("  (no CUDA device)")
+    lines.append(f"kernels on {report['report_device']}:")
+    width = max(len(r["op"]) for r in report["ops"])
+    bwidth = max(len(r["backend"]) for r in report["ops"])
+    for r in report["ops"]:
+        lines.append(f"  {r['op']:{width}}  {r['backend']:{bwidth}}  {r['why']}")
+    return "\n".join(lines)

@@ -11,7 +11,8 @@ from mamballama_cli import __version__
 from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft, templates_cmd
 from mamballama_cli.cli import data as data_cmd
 from mamballama_cli.cli import eval as eval_cmd
-from mamballama_cli.cli.common import NOTATION, STATE, command_io
+from mamballama_cli.cli.common import NOTATION, command_io
+from mamballama_cli.output import STATE
 
 app = typer.Typer(
     name="mamballama",

@@ -3,7 +3,8 @@
 A family is data: which ``model_type`` values it covers, how the teacher config becomes a hybrid config,
 and the key table (:class:`MappingTable`) the converter applies and checks. Built-in families register
 through :mod:`mamballama_cli.plugins` exactly like third-party ones (entry-point group
-``mamballama.teachers``).
+``mamballama.teachers``). More built-in families (Mistral, Qwen2) live in :mod:`families_more`, which builds
+on this module; the registry imports both before its first lookup.
 """
 
 from __future__ import annotations
@@ -179,7 +180,3 @@ def family_for(teacher_config) -> TeacherFamily:
             f"{'; '.join(supported)} (a plugin can add more: see docs/plugins.md)"
         )
     return family
-
-
-# More built-in families (Mistral, Qwen2); they register through plugins.teachers like any plugin.
-from mamballama_cli.convert import families_more  # noqa: E402,F401

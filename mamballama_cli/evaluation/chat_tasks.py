@@ -11,7 +11,7 @@ from pathlib import Path
 
 from mamballama_cli.evaluation.config import EvalConfig
 from mamballama_cli.evaluation.models import STUDENT, TEACHER
-from mamballama_cli.evaluation.runner import Run, _sha, log, safe_name
+from mamballama_cli.evaluation.run import Run, log, safe_name, short_sha
 
 def _judge_client(cfg: EvalConfig):
     from mamballama_cli.evaluation.judge import JudgeClient
@@ -161,7 +161,7 @@ def task_mt_bench(run: Run) -> None:
                 ans = answers[role][q["question_id"]]
                 for turn in range(len(q["turns"])):
                     user = single_prompt(q["turns"], ans, turn, q.get("reference"))
-                    settings = _judge_settings(cfg, prompt=_sha(SINGLE_SYSTEM + user))
+                    settings = _judge_settings(cfg, prompt=short_sha(SINGLE_SYSTEM + user))
                     jobs.append(_single_job(run, client, "mt-bench", role, f"q{q['question_id']}-t{turn + 1}",
                                             settings, SINGLE_SYSTEM, user))
                     keys.append((role, q["question_id"], turn))
@@ -194,7 +194,7 @@ def task_mt_bench(run: Run) -> None:
             for first in ("student", "baseline"):
                 a, b = (s_ans, t_ans) if first == "student" else (t_ans, s_ans)
                 user = pair_prompt(q["turns"], a, b)
-                settings = _judge_settings(cfg, prompt=_sha(user), first=first)
+                settings = _judge_settings(cfg, prompt=short_sha(user), first=first)
                 jobs.append(_pair_job(run, client, "mt-bench", f"q{q['question_id']}-{first}-first", settings, user,
                                       first))
         results = _run_jobs(run, jobs, "mt-bench pairwise")
@@ -274,7 +274,7 @@ def task_alpaca_eval(run: Run) -> None:
             for first in ("student", "baseline"):
                 a, b = (mine, base) if first == "student" else (base, mine)
                 user = pair_prompt([item["instruction"]], [a], [b])
-                settings = _judge_settings(cfg, prompt=_sha(user), first=first)
+                settings = _judge_settings(cfg, prompt=short_sha(user), first=first)
                 jobs.append(_pair_job(run, client, "alpaca-eval", f"{role}-i{k}-{first}-first", settings, user, first))
         results = _run_jobs(run, jobs, f"alpaca-eval {role}")
         c = _count(results, "verdict")

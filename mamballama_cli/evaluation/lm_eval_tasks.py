@@ -123,7 +123,7 @@ def quiet_git_hash():
     repository" on stderr outside one; the same hash (or None) without git's stderr, unless --verbose."""
     from lm_eval import evaluator
 
-    from mamballama_cli.cli.common import STATE
+    from mamballama_cli.output import STATE
 
     real = getattr(evaluator, "get_git_commit_hash", None)
     if real is None or STATE["verbose"]:

@@ -7,63 +7,20 @@ cached rerun only rewrites the report. Whatever happens, the report of the finis
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 import threading
 import time
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.evaluation import chat_tasks, speed_task
 from mamballama_cli.evaluation.config import EvalConfig, parse_depths, parse_lengths, split_list
 from mamballama_cli.evaluation.models import STUDENT, TEACHER, ModelPair
 from mamballama_cli.evaluation.report import Report
+from mamballama_cli.evaluation.run import Run, log, resolve_distill_length, safe_name, short_sha
 from mamballama_cli.evaluation.store import CellStore, prepare_output
 
 RETRIEVAL_NEW_TOKENS = {"passkey": 8, "needle": 12}
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def safe_name(name: str) -> str:
-    """A task or model name as one file name inside the output directory: no separators, no '..', no dot first
-    (an lm-eval task named '../../x' must not write outside --output)."""
-    import re
-
-    cleaned = re.sub(r"[^\w.=+-]+", "_", str(name)).lstrip(".")
-    return cleaned[:120] or "_"
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-class Run:
-    """State shared by the task functions of one run."""
-
-    def __init__(self, cfg: EvalConfig, pair: ModelPair, store: CellStore, out: Path, hashes: dict, report: Report):
-        self.cfg, self.pair, self.store, self.out, self.hashes, self.report = cfg, pair, store, out, hashes, report
-        self._lms: dict = {}
-        self._builders: dict = {}
-        self.lock = threading.Lock()
-        self.judge_calls = {"total": 0, "failed": 0, "first_failure": ""}  # judgments asked in this run
-
-    def model_key(self, role: str) -> dict:
-        return {"model_sha256": self.hashes[role]}
-
-    def distill_length(self) -> int | None:
-        return resolve_distill_length(self.cfg, self.pair)
-
-
-def resolve_distill_length(cfg: EvalConfig, pair: ModelPair, warn: bool = False) -> int | None:
-    """The checkpoint's config.distill_max_length when recorded, else --distill-length, else None."""
-    recorded = pair.distill_length()
-    if warn and recorded and cfg.distill_length and int(cfg.distill_length) != int(recorded):
-        log(f"note: the checkpoint records distill_max_length {recorded}; --distill-length {cfg.distill_length} "
-            "is ignored")
-    return int(recorded) if recorded else (int(cfg.distill_length) if cfg.distill_length else None)
 
 
 # --- perplexity, agreement, KL ------------------------------------------------------------------------
@@ -78,7 +35,7 @@ def task_perplexity(run: Run) -> None:
     for src in sources:
         docs = [haystack.builtin_text()] if src == haystack.BUILTIN else load_documents(src, cfg.ppl_field)
         label = "built-in text" if src == haystack.BUILTIN else Path(src).name
-        settings = {"source": src, "content": _sha("\0".join(docs)), "max_length": cfg.ppl_max_length,
+        settings = {"source": src, "content": short_sha("\0".join(docs)), "max_length": cfg.ppl_max_length,
                     "max_tokens": cfg.ppl_max_tokens, "student": run.hashes[STUDENT],
                     "teacher": run.hashes.get(TEACHER)}
 
@@ -121,7 +78,7 @@ def task_retrieval(run: Run, kind: str) -> None:
         hay_sentences = haystack.sentences(text)
     base = {"kind": kind, "trials": cfg.trials, "seed": cfg.seed, "prompt_version": PROMPT_VERSION,
             "max_new_tokens": RETRIEVAL_NEW_TOKENS[kind],
-            "haystack": _sha("".join(hay_sentences)) if hay_sentences else None}
+            "haystack": short_sha("".join(hay_sentences)) if hay_sentences else None}
     grids: dict[str, list[list[float]]] = {}
     per_length: dict[str, list[dict]] = {}
     cells_total = len(pair.roles) * len(lengths) * len(depths)
@@ -215,9 +172,9 @@ def task_lm_eval(run: Run) -> None:
         for name, spec in specs:
             data_hash = None
             if isinstance(spec, dict):
-                data_hash = _sha(Path(spec["dataset_kwargs"]["data_files"]["test"]).read_text())
+                data_hash = short_sha(Path(spec["dataset_kwargs"]["data_files"]["test"]).read_text())
             elif Path(spec).is_file():
-                data_hash = _sha(Path(spec).read_text())
+                data_hash = short_sha(Path(spec).read_text())
             settings = {"spec": spec, "data": data_hash, "limit": cfg.limit, "num_fewshot": cfg.num_fewshot,
                         "seed": cfg.seed, "include": split_list(cfg.lm_eval_include), **run.model_key(role)}
 
@@ -247,18 +204,16 @@ def task_lm_eval(run: Run) -> None:
                     f"{cfg.num_fewshot}, seed {cfg.seed}.")
 
 
-def _task(name: str):
-    """The function running one task (chat and speed live in their own modules)."""
-    if name in ("mt-bench", "alpaca-eval"):
-        from mamballama_cli.evaluation import chat_tasks
-
-        return chat_tasks.task_mt_bench if name == "mt-bench" else chat_tasks.task_alpaca_eval
-    if name == "speed":
-        from mamballama_cli.evaluation.speed_task import task_speed
-
-        return task_speed
-    return {"perplexity": task_perplexity, "passkey": lambda run: task_retrieval(run, "passkey"),
-            "needle": lambda run: task_retrieval(run, "needle"), "lm-eval": task_lm_eval}[name]
+# The function running each task (chat and speed live in their own modules).
+TASK_FUNCTIONS = {
+    "perplexity": task_perplexity,
+    "passkey": lambda run: task_retrieval(run, "passkey"),
+    "needle": lambda run: task_retrieval(run, "needle"),
+    "lm-eval": task_lm_eval,
+    "mt-bench": chat_tasks.task_mt_bench,
+    "alpaca-eval": chat_tasks.task_alpaca_eval,
+    "speed": speed_task.task_speed,
+}
 
 
 # --- the run -----------------------------------------------------------------------------------------------
@@ -269,9 +224,7 @@ def preflight(cfg: EvalConfig, tasks: list[str]) -> None:
     from mamballama_cli.evaluation.perplexity import load_documents
 
     if "speed" in tasks:
-        from mamballama_cli.evaluation.speed_task import speed_available
-
-        if why := speed_available():
+        if why := speed_task.speed_available():
             raise MamballamaError(why)
     if "lm-eval" in tasks:
         from mamballama_cli.evaluation.lm_eval_tasks import require_lm_eval
@@ -366,7 +319,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     try:
         for task in tasks:
             t0 = time.perf_counter()
-            _task(task)(run)
+            TASK_FUNCTIONS[task](run)
             log(f"[{task}] done in {time.perf_counter() - t0:.1f} s")
     except BaseException as exc:
         from mamballama_cli.redact import redact_text

@@ -7,7 +7,7 @@ import importlib.util
 
 from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.evaluation.models import STUDENT, TEACHER
-from mamballama_cli.evaluation.runner import Run
+from mamballama_cli.evaluation.run import Run
 
 SPEED_MODULE = "mamballama_cli.evaluation.speed"
 

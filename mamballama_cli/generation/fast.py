@@ -11,7 +11,8 @@ kernels: fused residual-add + RMSNorm, one GEMM for [gate; up] and one for [q; k
 become views into one buffer, :func:`fuse_projections`, so the checkpoint layout is unchanged), SwiGLU, the
 conv-window update, the whole Mamba-2 recurrence with D and the gated norm in one kernel, RoPE + K/V write
 at the device-side position, and split-K attention over the static buffer. Each of these is an op with a
-pure-PyTorch reference below (the CPU path, run eagerly) and a Triton kernel in :mod:`mamballama_cli.ops.cuda`.
+pure-PyTorch reference in :mod:`mamballama_cli.ops.decode` (the CPU path, run eagerly) and a Triton kernel in
+:mod:`mamballama_cli.ops.triton_decode`.
 
 The prompt goes through the model's own ``forward`` (the prefill uses the SSD chunk scan), writing the
 same cache. On CPU the decoder runs the same step eagerly on the references; greedy output equals the
@@ -31,114 +32,7 @@ from torch import Tensor
 from mamballama_cli import ops
 from mamballama_cli.generation.result import GenerationResult, TextStream, stop_token_ids
 from mamballama_cli.generation.sampling import SamplingConfig, sample
-from mamballama_cli.ops.conv import causal_conv1d_update_ref
-from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
-from mamballama_cli.ops.ssd import ssm_step_ref
-
-# ================================================================================================
-# Reference twins of the decode ops (pure PyTorch; the Triton kernels in ops/cuda.py must match them)
-# ================================================================================================
-
-
-def add_rmsnorm_ref(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """h = residual + x (x alone when residual is None); returns (rmsnorm(h) * weight, h).
-
-    x, residual: (..., hidden); weight: (hidden,). Numerics as the model's layer: the sum in x's dtype,
-    then Llama's RMSNorm.
-    """
-    h = x if residual is None else residual + x
-    return rmsnorm_ref(h, weight, eps), h
-
-
-def swiglu_ref(gate_up: Tensor) -> Tensor:
-    """gate_up (..., 2 * inter) = [gate | up] -> silu(gate) * up (..., inter)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
-                            activation: str | None = None) -> Tensor:
-    """causal_conv1d_update for one new input x (batch, dim) that slides ``conv_state`` (batch, dim, width-1)
-    in place; returns y (batch, dim)."""
-    y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
-    conv_state.copy_(new_state)
-    return y
-
-
-def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: Tensor, dt_bias: Tensor,
-                       A_log: Tensor, D: Tensor | None, z: Tensor | None, norm_weight: Tensor | None,
-                       eps: float) -> Tensor:
-    """One Mamba-2 recurrence step for GQA-tied x and B, followed by the gated RMSNorm. Updates ``state``.
-
-    state: (batch, nheads, headdim, dstate) float32; x: (batch, ngroups, headdim); B: (batch, ngroups, dstate);
-    C: (batch, nheads, dstate); dt_raw: (batch, nheads) before dt_bias and softplus; dt_bias, A_log, D:
-    (nheads,); z: (batch, nheads, headdim) or None; norm_weight: (nheads * headdim,) or None (no norm, no
-    gate). Head i reads x and B of group i // (nheads / ngroups). Returns (batch, nheads * headdim) in x's
-    dtype, what out_proj reads. Same arithmetic as Mamba2Mixer._step.
-    """
-    b, h, p, _ = state.shape
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
-    A = -torch.exp(A_log.float())
-    xh = x.repeat_interleave(h // x.shape[1], dim=1)
-    # Under autograd the old state is saved for backward: read it from a copy before overwriting it.
-    new_state, y = ssm_step_ref(state.clone() if torch.is_grad_enabled() else state, xh, dt, A, B, C, D)
-    state.copy_(new_state)
-    y = y.reshape(b, h * p)
-    if norm_weight is not None:
-        y = rmsnorm_gated_ref(y, z.reshape(b, h * p) if z is not None else None, norm_weight, eps, p)
-    return y
-
-
-def rope_kv_write_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, k_cache: Tensor, v_cache: Tensor,
-                      pos: Tensor, n_heads: int, n_kv: int) -> Tensor:
-    """Rotate q and k of one new token, write k and v into the caches at ``pos``; return rotated q.
-
-    qkv: (batch, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim);
-    k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: (1,) int64 on the device. Returns q as
-    (batch, n_heads, head_dim).
-    """
-    from mamballama_cli.models.rope import apply_rotary
-
-    b, hd = qkv.shape[0], k_cache.shape[-1]
-    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
-    q, k, v = q.reshape(b, n_heads, 1, hd), k.reshape(b, n_kv, 1, hd), v.reshape(b, n_kv, 1, hd)
-    cos = cos_table.index_select(0, pos)[None].expand(b, 1, -1)  # (batch, 1, rotary_dim)
-    sin = sin_table.index_select(0, pos)[None].expand(b, 1, -1)
-    q, k = apply_rotary(q, k, cos, sin)
-    k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-    v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-    return q[:, :, 0]
-
-
-def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, scale: float) -> Tensor:
-    """Attention of one query per head over the first ``length`` positions of static K/V buffers.
-
-    q: (batch, n_heads, head_dim); k_cache, v_cache: (batch, n_kv, capacity, head_dim); length: (1,) int64
-    on the device (no host sync). Returns (batch, n_heads, head_dim) in q's dtype.
-    """
-    nh, n_kv, cap = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-    k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-    if n_kv != nh:
-        k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
-    valid = torch.arange(cap, device=q.device) < length.to(q.device)  # (capacity,)
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[None, None, None], scale=scale)
-    return out[:, :, 0]
-
-
-DECODE_REFERENCES = {
-    "add_rmsnorm": add_rmsnorm_ref,
-    "swiglu": swiglu_ref,
-    "conv_update_inplace": conv_update_inplace_ref,
-    "ssm_step_gated": ssm_step_gated_ref,
-    "rope_kv_write": rope_kv_write_ref,
-    "decode_attention": decode_attention_ref,
-}
-for _name, _fn in DECODE_REFERENCES.items():
-    if _name not in ops.REFERENCES:
-        ops.register_reference(_name, _fn)
-
-# The ops one decode step uses.
-DECODE_OPS = tuple(DECODE_REFERENCES)
+from mamballama_cli.ops.decode import DECODE_OPS  # registers the decode ops' references
 
 
 # ================================================================================================

@@ -177,11 +177,3 @@ def normalise_rope_parameters(rope_parameters, rope_theta=None, rope_scaling=Non
     params.setdefault("rope_theta", 10000.0)
     return params
 
-
-def _register() -> None:
-    from mamballama_cli._registration import register_config
-
-    register_config()
-
-
-_register()

@@ -396,11 +396,3 @@ class MamballamaForCausalLM(MamballamaPreTrainedModel, GenerationMixin):
         model_kwargs[self._CACHE_KEY] = cache
         return model_kwargs
 
-
-def _register() -> None:
-    from mamballama_cli._registration import register_model
-
-    register_model()
-
-
-_register()

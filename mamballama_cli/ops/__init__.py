@@ -68,10 +68,12 @@ FAST: dict[str, list[FastImpl]] = {name: [] for name in REFERENCES}
 _fast_loaded = False
 
 
-# Modules that register fast implementations when imported (each may be absent).
-FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.cuda", "mamballama_cli.ops.cuda_mamba1",
-                "mamballama_cli.ops.triton_replay", "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton",
-                "mamballama_cli.ops.triton_conv", "mamballama_cli.ops.triton_rope")
+# Modules that register fast implementations when imported (each may be absent). Their order is the precedence
+# of implementations of one op (see _load_fast): installed packages' kernels (mamba_ssm, causal-conv1d) first.
+FAST_MODULES = ("mamballama_cli.ops.external", "mamballama_cli.ops.triton_decode", "mamballama_cli.ops.triton_norm",
+                "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
+                "mamballama_cli.ops.triton_verify", "mamballama_cli.ops.kd_triton", "mamballama_cli.ops.triton_conv",
+                "mamballama_cli.ops.triton_rope")
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -99,6 +101,15 @@ def _load_fast() -> None:
             importlib.import_module(module)
         except ImportError:
             pass
+    # Whichever module a caller happened to import first, implementations of one op rank in the order of
+    # FAST_MODULES (the defining module of each), then in the order they were registered.
+    for impls in FAST.values():
+        impls.sort(key=_precedence)
+
+
+def _precedence(impl: FastImpl) -> int:
+    module = getattr(impl.fn, "__module__", None)
+    return FAST_MODULES.index(module) if module in FAST_MODULES else len(FAST_MODULES)
 
 
 def forced_reference(op: str | None = None) -> bool:

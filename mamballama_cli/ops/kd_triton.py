@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the distillation loss (reference: :func:`mamballama_cli.training.losses.kd_loss`).
+"""Fused Triton kernel for the distillation loss (reference: :func:`mamballama_cli.ops.kd.kd_loss`).
 
 Op ``kd_loss(student_logits, teacher_logits, targets, target_mask, *, w_kl, w_rkl, w_ce, temperature)
 -> (total, metrics)``, the contract of the reference:
@@ -28,8 +28,8 @@ Per row (z student, u teacher, y target, T temperature, p_s = softmax(z/T), p_t 
     d ce  / dz = softmax(z) - onehot(y)
 Targets outside [0, vocab) (e.g. -100, cross_entropy's ignore_index) contribute no CE and no CE gradient.
 
-Importing this module registers the kernel for ``kd_loss`` on CUDA (and a lazy adapter to the reference
-when nobody registered it yet); without Triton it registers nothing.
+Importing this module registers the kernel for ``kd_loss`` on CUDA (after its reference, ops/kd.py); without
+Triton it registers nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ import os
 import torch
 
 from mamballama_cli import ops
-from mamballama_cli.ops.cuda import _device_guard
+from mamballama_cli.ops.common import _device_guard
+from mamballama_cli.ops.kd import kd_loss as _kd_loss_reference  # registers the op's reference
 
 try:
     import triton
@@ -49,15 +50,6 @@ except Exception:  # noqa: BLE001  # pragma: no cover - a broken install registe
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
 DEFAULT_BLOCK_V = 4096
-
-
-def _kd_loss_reference(student_logits, teacher_logits, targets, target_mask, *, w_kl=1.0, w_rkl=0.0, w_ce=0.0,
-                       temperature=1.0):
-    """The reference, imported at call time so that the ops package never imports the training package."""
-    from mamballama_cli.training.losses import kd_loss
-
-    return kd_loss(student_logits, teacher_logits, targets, target_mask, w_kl=w_kl, w_rkl=w_rkl, w_ce=w_ce,
-                   temperature=temperature)
 
 
 if triton is not None:
@@ -286,7 +278,7 @@ class _KDLossFunction(torch.autograd.Function):
 
 def kd_loss_fused(student_logits, teacher_logits, targets, target_mask, *, w_kl: float = 1.0,
                   w_rkl: float = 0.0, w_ce: float = 0.0, temperature: float = 1.0, block_v: int | None = None):
-    """Same contract as :func:`mamballama_cli.training.losses.kd_loss` (module docstring); one fused kernel.
+    """Same contract as :func:`mamballama_cli.ops.kd.kd_loss` (module docstring); one fused kernel.
 
     ``block_v`` overrides the vocabulary block (a power of two; tests use a small one to exercise the
     streaming over several blocks).
@@ -315,7 +307,7 @@ def kd_loss_fused(student_logits, teacher_logits, targets, target_mask, *, w_kl:
 # ------------------------------------------------------------------------------------------------
 def _check_kd(gen):
     """Largest relative error of the fused op against the reference (total, metrics, gradient)."""
-    from mamballama_cli.ops.cuda import _rand, _rel
+    from mamballama_cli.ops.common import _rand, _rel
 
     b, L, V = 2, 19, 1000
     s = _rand(gen, b, L, V) * 3
@@ -338,10 +330,8 @@ def _check_kd(gen):
 
 
 def _register() -> None:
-    from mamballama_cli.ops.cuda import _probe
+    from mamballama_cli.ops.common import _probe
 
-    if "kd_loss" not in ops.REFERENCES:  # training.losses registers kd_loss itself when it is imported
-        ops.register_reference("kd_loss", _kd_loss_reference)
     ops.register_fast("kd_loss", "mamballama-triton", kd_loss_fused, _probe(_check_kd, tol=1e-4))
 
 

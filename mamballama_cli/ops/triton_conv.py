@@ -23,7 +23,7 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.conv import causal_conv1d_ref
-from mamballama_cli.ops.cuda import _device_guard
+from mamballama_cli.ops.common import _device_guard
 
 BLOCK_T = 64
 BLOCK_C = 64

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
-from mamballama_cli.ops.cuda import _device_guard
+from mamballama_cli.ops.common import _device_guard
 from mamballama_cli.ops.norm import rmsnorm_ref
 
 MAX_N = 16384  # one row per program in registers; wider rows use the next backend

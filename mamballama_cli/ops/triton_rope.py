@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
-from mamballama_cli.ops.cuda import _device_guard
+from mamballama_cli.ops.common import _device_guard
 from mamballama_cli.ops.rope_ops import rotary_ref
 
 
@@ -131,7 +131,7 @@ def rotary_triton(q, k, cos, sin):
 
 def _check_rotary(gen):
     """Largest relative error against the reference: float32 math (autocast) and bf16 math, with gradients."""
-    from mamballama_cli.ops.cuda import _rel
+    from mamballama_cli.ops.common import _rel
 
     errs = []
     for q_dtype, tab_dtype in ((torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
@@ -158,7 +158,7 @@ def _check_rotary(gen):
 
 
 def _register() -> None:
-    from mamballama_cli.ops.cuda import _probe
+    from mamballama_cli.ops.common import _probe
 
     ops.register_fast("rotary", "mamballama-triton", rotary_triton, _probe(_check_rotary, tol=1e-2))
 

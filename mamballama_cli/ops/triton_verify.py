@@ -5,7 +5,7 @@ small kernels on table lookups, rotary elementwise ops, two index copies, a mask
 the whole static buffer, and each Mamba-2 layer a gather, a cat, a conv, an activation and copies. Here:
 
 * ``rope_kv_write_window``: one kernel rotates q and k of every window token with its table row
-  pos + t (the roundings of ``apply_rotary``, as the one-token kernel of :mod:`mamballama_cli.ops.cuda`)
+  pos + t (the roundings of ``apply_rotary``, as the one-token kernel of ops/triton_decode.py)
   and writes k and v into the caches at pos + t;
 * ``window_attention``: split-K ("flash-decoding") over the buffer, one program per (sequence, KV head,
   slice of positions) handling the group's query heads times the T queries as the rows of one tile, each
@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
-from mamballama_cli.ops import cuda as _cuda
+from mamballama_cli.ops.common import _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
+from mamballama_cli.ops.triton_decode import DECODE_BLOCK_T, _decode_attn_combine_kernel, decode_splits
 from mamballama_cli.ops.verify_ref import (  # also registers the ops' references
     rope_kv_write_window_ref,
     spec_conv_ref,
@@ -38,7 +39,6 @@ from mamballama_cli.ops.verify_ref import (  # also registers the ops' reference
 )
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
-_next_pow2 = _cuda._next_pow2
 
 
 def _check_device(*tensors) -> None:
@@ -194,7 +194,7 @@ def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
 # ================================================================================================
 def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv):
     """Same contract as :func:`mamballama_cli.ops.verify_ref.rope_kv_write_window_ref`."""
-    if _cuda._needs_grad(qkv):
+    if _needs_grad(qkv):
         return rope_kv_write_window_ref(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv)
     b, T, width = qkv.shape
     hd = k_cache.shape[-1]
@@ -208,7 +208,7 @@ def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos
     sin_table = sin_table if sin_table.stride(-1) == 1 else sin_table.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     q = torch.empty(b, T, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
-    with _cuda._device_guard(qkv):
+    with _device_guard(qkv):
         _rope_window_kernel[(b * T, n_heads + n_kv)](
             qkv, cos_table, sin_table, pos, q, k_cache, v_cache, T, n_heads, n_kv, hd, rot // 2,
             qkv.stride(0), qkv.stride(1), cos_table.stride(0), sin_table.stride(0), q.stride(0), q.stride(1),
@@ -221,7 +221,7 @@ def rope_kv_write_window_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos
 
 def window_attention_triton(q, k_cache, v_cache, pos, scale):
     """Same contract as :func:`mamballama_cli.ops.verify_ref.window_attention_ref`."""
-    if _cuda._needs_grad(q):
+    if _needs_grad(q):
         return window_attention_ref(q, k_cache, v_cache, pos, scale)
     b, T, nh, hd = q.shape
     n_kv, cap = k_cache.shape[1], k_cache.shape[2]
@@ -231,23 +231,23 @@ def window_attention_triton(q, k_cache, v_cache, pos, scale):
         q = q.contiguous()
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     group = nh // n_kv
-    n_splits, split_len = _cuda.decode_splits(cap, b, n_kv)
+    n_splits, split_len = decode_splits(cap, b, n_kv)
     # Partials as (b, T, nh, split, hd): viewed as (b, T * nh, split, hd) they are the one-token combine
     # kernel's (b, heads, split, hd) input with "head" t * nh + h, which is also where out (b, T, nh, hd) keeps it.
     part = torch.empty(b, T, nh, n_splits, hd, dtype=torch.float32, device=q.device)
     lse = torch.empty(b, T, nh, n_splits, dtype=torch.float32, device=q.device)
     out = torch.empty(b, T, nh, hd, dtype=q.dtype, device=q.device)
-    with _cuda._device_guard(q):
+    with _device_guard(q):
         _window_attn_split_kernel[(b * n_kv, n_splits)](
             q, k_cache, v_cache, pos, part, lse, float(scale), T, n_kv, group, hd, split_len,
             q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
             lse.stride(2),
-            BLOCK_R=max(16, _next_pow2(group * T)), BLOCK_T=_cuda.DECODE_BLOCK_T, BLOCK_D=max(16, _next_pow2(hd)),
+            BLOCK_R=max(16, _next_pow2(group * T)), BLOCK_T=DECODE_BLOCK_T, BLOCK_D=max(16, _next_pow2(hd)),
             IEEE=q.dtype == torch.float32, num_warps=4,
         )
-        _cuda._decode_attn_combine_kernel[(b, T * nh)](
+        _decode_attn_combine_kernel[(b, T * nh)](
             part, lse, out, n_splits, hd, part.stride(0), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(2), out.stride(0), out.stride(2),
             BLOCK_S=_next_pow2(n_splits), BLOCK_D=_next_pow2(hd), num_warps=4,
@@ -260,7 +260,7 @@ SPEC_CONV_BLOCK_D = 64
 
 def spec_conv_triton(xbc, conv_buf, shift, offset, weight, bias=None, activation=None):
     """Same contract as :func:`mamballama_cli.ops.verify_ref.spec_conv_ref`."""
-    if _cuda._needs_grad(xbc, weight, bias) or activation not in (None, "identity", "silu", "swish"):
+    if _needs_grad(xbc, weight, bias) or activation not in (None, "identity", "silu", "swish"):
         return spec_conv_ref(xbc, conv_buf, shift, offset, weight, bias, activation)
     b, T, dim = xbc.shape
     width = weight.shape[-1]
@@ -270,7 +270,7 @@ def spec_conv_triton(xbc, conv_buf, shift, offset, weight, bias=None, activation
     _check_device(xbc, conv_buf, shift, weight)
     shift = shift.reshape(b)
     out = torch.empty(b, T, dim, dtype=xbc.dtype, device=xbc.device)
-    with _cuda._device_guard(xbc):
+    with _device_guard(xbc):
         _spec_conv_kernel[(b, triton.cdiv(dim, SPEC_CONV_BLOCK_D))](
             xbc, conv_buf, shift, weight, bias if bias is not None else weight, out, T, dim, int(offset),
             *xbc.stride(), *conv_buf.stride(), weight.stride(0), weight.stride(1), *out.stride(),
@@ -285,47 +285,47 @@ def spec_conv_triton(xbc, conv_buf, shift, offset, weight, bias=None, activation
 # ================================================================================================
 def _check_rope_window(gen):
     b, T, nh, nkv, hd, cap = 2, 5, 4, 2, 32, 40
-    qkv = _cuda._rand(gen, b, T, (nh + 2 * nkv) * hd)
+    qkv = _rand(gen, b, T, (nh + 2 * nkv) * hd)
     ang = torch.rand(cap, hd // 2, generator=gen, device="cuda") * 6
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
     pos = torch.tensor([31], device="cuda")
-    kc, vc = _cuda._rand(gen, b, nkv, cap, hd), _cuda._rand(gen, b, nkv, cap, hd)
+    kc, vc = _rand(gen, b, nkv, cap, hd), _rand(gen, b, nkv, cap, hd)
     kr, vr = kc.clone(), vc.clone()
     q = rope_kv_write_window_triton(qkv, cos, sin, kc, vc, pos, nh, nkv)
     q_ref = rope_kv_write_window_ref(qkv, cos, sin, kr, vr, pos, nh, nkv)
-    return max(_cuda._rel(q, q_ref), _cuda._rel(kc, kr), _cuda._rel(vc, vr))
+    return max(_rel(q, q_ref), _rel(kc, kr), _rel(vc, vr))
 
 
 def _check_window_attention(gen):
     b, T, nh, nkv, hd, cap = 2, 5, 8, 2, 32, 300
-    q = _cuda._rand(gen, b, T, nh, hd)
-    kc, vc = _cuda._rand(gen, b, nkv, cap, hd), _cuda._rand(gen, b, nkv, cap, hd)
+    q = _rand(gen, b, T, nh, hd)
+    kc, vc = _rand(gen, b, nkv, cap, hd), _rand(gen, b, nkv, cap, hd)
     pos = torch.tensor([190], device="cuda")  # the window straddles a slice boundary (split_len 64)
     out = window_attention_triton(q, kc, vc, pos, hd**-0.5)
     ref = window_attention_ref(q.double(), kc.double(), vc.double(), pos, hd**-0.5)
-    return _cuda._rel(out, ref)
+    return _rel(out, ref)
 
 
 def _check_spec_conv(gen):
     b, T, dim, width, window = 3, 5, 200, 4, 5
-    full = _cuda._rand(gen, b, T, dim + 16)
+    full = _rand(gen, b, T, dim + 16)
     xbc = full[..., 8 : 8 + dim]  # a strided column slice, as in the replay layer
-    buf = _cuda._rand(gen, b, dim, width - 1 + window)
-    w, bias = _cuda._rand(gen, dim, width), _cuda._rand(gen, dim)
+    buf = _rand(gen, b, dim, width - 1 + window)
+    w, bias = _rand(gen, dim, width), _rand(gen, dim)
     shift = torch.tensor([0, 2, 5], device="cuda")
     got_buf, ref_buf = buf.clone(), buf.clone()
     out = spec_conv_triton(xbc, got_buf, shift, 0, w, bias, "silu")
     ref = spec_conv_ref(xbc, ref_buf, shift, 0, w, bias, "silu")
     if not torch.equal(got_buf, ref_buf):
         return float("inf")  # the buffer update is a copy: exact
-    return _cuda._rel(out, ref)
+    return _rel(out, ref)
 
 
 def _register() -> None:
     ours = "mamballama-triton"
-    ops.register_fast("rope_kv_write_window", ours, rope_kv_write_window_triton, _cuda._probe(_check_rope_window))
-    ops.register_fast("window_attention", ours, window_attention_triton, _cuda._probe(_check_window_attention))
-    ops.register_fast("spec_conv", ours, spec_conv_triton, _cuda._probe(_check_spec_conv))
+    ops.register_fast("rope_kv_write_window", ours, rope_kv_write_window_triton, _probe(_check_rope_window))
+    ops.register_fast("window_attention", ours, window_attention_triton, _probe(_check_window_attention))
+    ops.register_fast("spec_conv", ours, spec_conv_triton, _probe(_check_spec_conv))
 
 
 _register()

@@ -12,7 +12,7 @@ rope_kv_write_window(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, 
     qkv: (batch, T, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim)
     in qkv's dtype; k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: one int64 on the device.
     Token t sits at position pos + t: q and k are rotated with table row pos + t (``apply_rotary`` of
-    models/rope.py: q * cos + rotate_half(q) * sin, each product rounded to the activation dtype, the
+    ops/rope_ops.py: q * cos + rotate_half(q) * sin, each product rounded to the activation dtype, the
     dims past rotary_dim passed through), k and v are written into the caches at pos + t. Returns the
     rotated q as (batch, T, n_heads, head_dim).
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamballama_cli.models.rope import apply_rotary
+from mamballama_cli.ops.rope_ops import apply_rotary
 from mamballama_cli.ops.conv import causal_conv1d_ref
 
 

@@ -159,7 +159,6 @@ def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_
 
     import copy
 
-    import mamballama_cli.convert.families  # noqa: F401  (the built-in families register on import)
     from mamballama_cli import plugins as plugin_registry
     from mamballama_cli.models.modeling import MamballamaForCausalLM
 

@@ -1,60 +1,38 @@
-"""Fast CUDA implementations of the ops in :mod:`mamballama_cli.ops`, registered through ``register_fast``.
+"""Triton kernels of the captured decode step (:class:`mamballama_cli.generation.fast.StaticDecoder`).
 
-Two sources:
+Fused residual-add + RMSNorm, SwiGLU, the conv-window update, the whole Mamba-2 recurrence step with GQA
+indexing + D + gated RMSNorm, RoPE + K/V write at a device-side position, and split-K decode attention over
+a static K/V buffer with a device-side length. Each has a pure-PyTorch twin in :mod:`mamballama_cli.ops.decode`
+(or the ops package for ``causal_conv1d_update``) that its probe and the gpu tests compare it with. The
+launchers are decode-only: under autograd they fall back to the reference.
 
-* mamba_ssm's Triton kernels: the SSD chunk scan with initial and final states (prefill and training,
-  forward and backward), ``selective_state_update`` (one recurrent step) and the gated RMSNorm. mamba_ssm is
-  often installed without its CUDA extension; only the Triton modules are needed, and each probe imports and
-  runs exactly what it uses, so the package being present proves nothing by itself.
-* Triton kernels of this project for the captured decode step (:mod:`mamballama_cli.generation.fast`):
-  fused residual-add + RMSNorm, SwiGLU, the conv-window update, the whole Mamba-2 recurrence step with
-  GQA indexing + D + gated RMSNorm, RoPE + K/V write at a device-side position, and split-K decode
-  attention over a static K/V buffer with a device-side length. Each has a pure-PyTorch twin (the
-  ``*_ref`` functions of generation/fast.py or the ops package) that the gpu tests compare it with.
-
-causal-conv1d's kernels are used for the prefill conv when that package imports and runs; otherwise the
-reference (a depthwise ``F.conv1d``, which is already a single cuDNN call) stays in place.
-
-Every probe runs its kernel once on small random CUDA inputs and compares it with the reference, so a
-broken install falls back to the reference with the reason recorded (``mamballama env`` prints it).
+Importing this module registers the decode ops' references (ops/decode.py) and, on CUDA, these kernels.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 
 import torch
-import torch.nn.functional as F
 
 from mamballama_cli import ops
-from mamballama_cli.generation import fast as _decode_refs  # registers the decode ops' references
-from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
-from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
-from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssm_step_ref
+from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references
+from mamballama_cli.ops.common import (
+    _check_conv_update,
+    _device_guard,
+    _needs_grad,
+    _next_pow2,
+    _probe,
+    _rand,
+    _rel,
+)
+from mamballama_cli.ops.conv import causal_conv1d_update_ref
 
 try:
     import triton
     import triton.language as tl
-
-    TRITON_ERROR = None
-except Exception as exc:  # pragma: no cover - depends on the machine
+except Exception:  # pragma: no cover - depends on the machine; the probes say why (ops/common.py)
     triton = tl = None
-    TRITON_ERROR = f"triton does not import ({type(exc).__name__}: {exc})"
-
-
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 # ================================================================================================
@@ -430,209 +408,8 @@ def decode_attention_triton(q, k_cache, v_cache, length, scale):
 
 
 # ================================================================================================
-# mamba_ssm's Triton kernels
+# Probes: run once on small random CUDA inputs, compare with the reference
 # ================================================================================================
-def _expand_groups(t, groups: int):
-    """(..., g, n) -> (..., groups, n), group i reading g-group i // (groups // g)."""
-    g = t.shape[-2]
-    return t if g == groups else t.repeat_interleave(groups // g, dim=-2)
-
-
-def ssd_scan_mamba(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None):
-    """mamba_chunk_scan_combined with initial and final states (differentiable through both)."""
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-
-    # mamba_ssm needs B and C at the same group count; here C has one group per head, B one per KV head
-    groups = max(B.shape[2], C.shape[2])  # n_kv or n_heads: both divide the head count
-    B, C = _expand_groups(B, groups), _expand_groups(C, groups)
-    y, final = mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D=D, initial_states=initial_state, return_final_states=True
-    )
-    return y, final
-
-
-_ZERO_BIAS: dict = {}
-
-
-def ssm_step_mamba(state, x, dt, A, B, C, D=None):
-    """selective_state_update; updates ``state`` in place and returns it."""
-    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-
-    if _needs_grad(state, x, dt, A, B, C, D) or state.dtype not in (torch.float32, x.dtype):
-        return ssm_step_ref(state, x, dt, A, B, C, D)
-    b, h, p = x.shape
-    n = state.shape[-1]
-    groups = max(B.shape[1], C.shape[1])
-    B, C = _expand_groups(B, groups), _expand_groups(C, groups)
-    key = (h, state.device)
-    if key not in _ZERO_BIAS:  # the launcher reads dt_bias's strides even when there is no bias
-        _ZERO_BIAS[key] = torch.zeros(h, dtype=torch.float32, device=state.device)
-    y = selective_state_update(
-        state, x, dt[..., None].expand(b, h, p), A.float()[:, None, None].expand(h, p, n), B, C,
-        D=D[:, None].expand(h, p) if D is not None else None,
-        dt_bias=_ZERO_BIAS[key][:, None].expand(h, p), dt_softplus=False,
-    )
-    return state, y
-
-
-def rmsnorm_gated_mamba(y, z, weight, eps, group_size):
-    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
-
-    return rmsnorm_fn(y, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=False)
-
-
-def rmsnorm_mamba(x, weight, eps, out_dtype=None):
-    """Llama's RMSNorm through mamba_ssm's fused Triton layer norm (forward and backward in one kernel each).
-
-    The reference runs six elementwise kernels forward and more backward over the activations; in training
-    that is one of the larger costs of a small-width model. Rounds once at the end (the reference rounds the
-    normalised input to the input dtype before the weight), a difference well inside bf16's precision.
-    """
-    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
-
-    out = rms_norm_fn(x, weight, None, eps=eps)
-    return out if out_dtype is None else out.to(out_dtype)
-
-
-def causal_conv1d_pkg(x, weight, bias=None, initial_state=None, activation=None):
-    from causal_conv1d import causal_conv1d_fn
-
-    act = None if activation in (None, "identity") else "silu"
-    if initial_state is not None:
-        # causal-conv1d wants the carried window channel-last in memory
-        initial_state = initial_state.transpose(1, 2).contiguous().transpose(1, 2)
-        x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    y, final = causal_conv1d_fn(x, weight, bias, initial_states=initial_state, return_final_states=True,
-                                activation=act)
-    return y, final
-
-
-def causal_conv1d_update_pkg(x, conv_state, weight, bias=None, activation=None):
-    from causal_conv1d import causal_conv1d_update
-
-    if _needs_grad(x, conv_state, weight, bias):
-        return causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
-    act = None if activation in (None, "identity") else "silu"
-    y = causal_conv1d_update(x, conv_state, weight, bias, act)
-    return y, conv_state
-
-
-# ================================================================================================
-# Probes: import, run once on small random CUDA inputs, compare with the reference
-# ================================================================================================
-def _rel(a, b) -> float:
-    """Relative error of ``a`` against ``b``; inf when either holds a non-finite value, so that ``max`` over several
-    errors and every tolerance check treat it as a failure (Python's max drops a NaN that is not first)."""
-    a, b = a.double(), b.double()
-    err = float((a - b).norm() / b.norm().clamp_min(1e-30))
-    return err if math.isfinite(err) else float("inf")
-
-
-def _cuda_ready() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    return True, ""
-
-
-def _triton_ready() -> tuple[bool, str]:
-    ok, why = _cuda_ready()
-    if not ok:
-        return ok, why
-    if triton is None:
-        return False, TRITON_ERROR
-    return True, ""
-
-
-def _module_version(name: str) -> str:
-    try:
-        from importlib.metadata import version
-
-        return version(name)
-    except Exception:
-        return "?"
-
-
-def _probe(check, needs: str | None = None, tol: float = 2e-3):
-    """Wrap a check() -> relative error into a probe -> (usable, reason)."""
-
-    def probe():
-        ok, why = _triton_ready()
-        if not ok:
-            return False, why
-        if needs:
-            try:
-                importlib.import_module(needs)
-            except Exception as exc:
-                return False, f"{needs} does not import ({type(exc).__name__}: {exc})"
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        err = check(gen)
-        if not math.isfinite(err) or err > tol:
-            return False, f"wrong result on a probe input (relative error {err:.2e})"
-        return True, f"ok (probe relative error {err:.1e})"
-
-    return probe
-
-
-def _rand(gen, *shape, dtype=torch.float32):
-    return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
-
-
-def _check_ssd(gen):
-    b, l, h, g, p, n = 2, 150, 4, 2, 32, 32
-    x = _rand(gen, b, l, h, p)
-    dt = F.softplus(_rand(gen, b, l, h) - 1)
-    A = -torch.rand(h, generator=gen, device="cuda") - 0.5
-    B, C = _rand(gen, b, l, g, n), _rand(gen, b, l, h, n)
-    D, s0 = _rand(gen, h), _rand(gen, b, h, p, n)
-    y, s = ssd_scan_mamba(x, dt, A, B, C, chunk_size=128, D=D, initial_state=s0)
-    y_ref, s_ref = ssd_chunk_scan_ref(x.double(), dt, A, B, C, chunk_size=128, D=D, initial_state=s0)
-    return max(_rel(y, y_ref), _rel(s, s_ref))
-
-
-def _check_ssm_step(gen):
-    b, h, g, p, n = 2, 4, 2, 16, 32
-    s0 = _rand(gen, b, h, p, n)
-    x, dt = _rand(gen, b, h, p), F.softplus(_rand(gen, b, h))
-    A = -torch.rand(h, generator=gen, device="cuda") - 0.5
-    B, C, D = _rand(gen, b, g, n), _rand(gen, b, h, n), _rand(gen, h)
-    s_ref, y_ref = ssm_step_ref(s0.double(), x.double(), dt, A, B, C, D)
-    s, y = ssm_step_mamba(s0.clone(), x, dt, A, B, C, D)
-    return max(_rel(y, y_ref), _rel(s, s_ref))
-
-
-def _check_gated_norm(gen):
-    y, z, w = _rand(gen, 3, 5, 64), _rand(gen, 3, 5, 64), _rand(gen, 64)
-    return _rel(rmsnorm_gated_mamba(y, z, w, 1e-5, 16), rmsnorm_gated_ref(y.double(), z.double(), w, 1e-5, 16))
-
-
-def _check_rmsnorm(gen):
-    x, w = _rand(gen, 3, 5, 300), 1 + 0.1 * _rand(gen, 300)
-    return _rel(rmsnorm_mamba(x, w, 1e-5), rmsnorm_ref(x.double(), w.double(), 1e-5))
-
-
-def _check_conv_pkg(gen):
-    x, w, bias, s0 = _rand(gen, 2, 64, 20), _rand(gen, 64, 4), _rand(gen, 64), _rand(gen, 2, 64, 3)
-    y, s = causal_conv1d_pkg(x, w, bias, s0, "silu")
-    y_ref, s_ref = causal_conv1d_ref(x.double(), w, bias, s0, "silu")
-    return max(_rel(y, y_ref), _rel(s, s_ref))
-
-
-def _check_conv_update(fn, inplace=False):
-    def check(gen):
-        x, w, bias, s0 = _rand(gen, 2, 200), _rand(gen, 200, 4), _rand(gen, 200), _rand(gen, 2, 200, 3)
-        y_ref, s_ref = causal_conv1d_update_ref(x.double(), s0.double(), w, bias, "silu")
-        state = s0.clone()
-        if inplace:
-            y, s = fn(x, state, w, bias, "silu"), state
-        else:
-            y, s = fn(x, state, w, bias, "silu")
-            if not torch.equal(state, s0):
-                return float("inf")  # the op must leave its input state alone
-        return max(_rel(y, y_ref), _rel(s, s_ref))
-
-    return check
-
-
 def _check_add_rmsnorm(gen):
     x, r, w = _rand(gen, 3, 300), _rand(gen, 3, 300), _rand(gen, 300)
     out, res = add_rmsnorm_triton(x, r, w, 1e-5)
@@ -681,17 +458,6 @@ def _check_decode_attention(gen):
 
 def _register() -> None:
     reg = ops.register_fast
-    mamba = f"mamba_ssm-triton {_module_version('mamba_ssm')}"
-    reg("ssd_scan", mamba, ssd_scan_mamba, _probe(_check_ssd, "mamba_ssm.ops.triton.ssd_combined", tol=5e-3))
-    reg("ssm_step", mamba, ssm_step_mamba,
-        _probe(_check_ssm_step, "mamba_ssm.ops.triton.selective_state_update"))
-    reg("rmsnorm_gated", mamba, rmsnorm_gated_mamba,
-        _probe(_check_gated_norm, "mamba_ssm.ops.triton.layernorm_gated"))
-    reg("rmsnorm", mamba, rmsnorm_mamba, _probe(_check_rmsnorm, "mamba_ssm.ops.triton.layer_norm", tol=1e-4))
-    conv_pkg = f"causal-conv1d {_module_version('causal_conv1d')}"
-    reg("causal_conv1d", conv_pkg, causal_conv1d_pkg, _probe(_check_conv_pkg, "causal_conv1d"))
-    reg("causal_conv1d_update", conv_pkg, causal_conv1d_update_pkg,
-        _probe(_check_conv_update(causal_conv1d_update_pkg), "causal_conv1d"))
     ours = "mamballama-triton"
     reg("causal_conv1d_update", ours, conv_update_triton, _probe(_check_conv_update(conv_update_triton)))
     reg("conv_update_inplace", ours, conv_update_inplace_triton,
@@ -704,69 +470,3 @@ def _register() -> None:
 
 
 _register()
-
-
-# ================================================================================================
-# `mamballama env`
-# ================================================================================================
-def environment_report(device: str | None = None) -> dict:
-    """Versions, devices and, per op, the backend that runs on ``device`` (cuda when present) and why."""
-    import os
-    import platform
-    import sys
-
-    from mamballama_cli import __version__
-    from mamballama_cli.evaluation.speed import package_version
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    versions = {"mamballama": __version__, "python": platform.python_version(), "torch": torch.__version__,
-                "torch_cuda": torch.version.cuda}
-    for name in ("transformers", "triton", "mamba_ssm", "causal_conv1d", "accelerate", "safetensors"):
-        versions[name] = package_version(name)
-    devices = [{"device": "cpu", "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            devices.append({"device": f"cuda:{i}", "name": p.name, "capability": f"{p.major}.{p.minor}",
-                            "memory_bytes": int(p.total_memory), "multiprocessors": p.multi_processor_count})
-    rows = []
-    for row in ops.backend_report(dev):
-        if row["backend"] == "torch-ref":
-            if dev.type != "cuda":
-                why = "reference on CPU (fast kernels are CUDA-only)"
-            elif ops.forced_reference():
-                why = "MAMBALLAMA_KERNELS=ref forces the reference"
-            elif row["candidates"]:
-                why = "no fast kernel usable: " + "; ".join(row["candidates"])
-            else:
-                why = "no fast kernel registered"
-        else:
-            why = next((c.split(": ", 1)[1] for c in row["candidates"] if c.startswith(row["backend"] + ":")), "ok")
-        rows.append({"op": row["op"], "backend": row["backend"], "why": why, "candidates": row["candidates"]})
-    return {"versions": versions, "executable": sys.executable, "devices": devices, "report_device": str(dev),
-            "ops": rows}
-
-
-def format_environment(report: dict) -> str:
-    v = report["versions"]
-    lines = [f"mamballama {v['mamballama']}  python {v['python']}  torch {v['torch']}"
-             + (f" (CUDA {v['torch_cuda']})" if v.get("torch_cuda") else " (no CUDA build)")]
-    lines.append("  ".join(f"{k} {v[k] or 'not installed'}"
-                           for k in ("transformers", "triton", "mamba_ssm", "causal_conv1d", "accelerate")))
-    lines.append("devices:")
-    for d in report["devices"]:
-        if d["device"] == "cpu":
-            lines.append(f"  cpu      {d['name']}, {d['cores']} cores")
-        else:
-            lines.append(f"  {d['device']:8} {d['name']}, compute {d['capability']}, "
-                         f"{d['memory_bytes'] / 2**30:.0f} GiB, {d['multiprocessors']} SMs")
-    if len(report["devices"]) == 1:
-        lines.append("  (no CUDA device)")
-    lines.append(f"kernels on {report['report_device']}:")
-    width = max(len(r["op"]) for r in report["ops"])
-    bwidth = max(len(r["backend"]) for r in report["ops"])
-    for r in report["ops"]:
-        lines.append(f"  {r['op']:{width}}  {r['backend']:{bwidth}}  {r['why']}")
-    return "\n".join(lines)
