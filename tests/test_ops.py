@@ -174,3 +174,33 @@ def test_fast_implementations_rank_by_module_not_by_import_order():
         "causal_conv1d ['external', 'triton_conv']",
         "causal_conv1d_update ['external', 'triton_decode']",
     ]
+
+
+def test_kernels_option_chooses_references_per_process_and_names_bad_values(monkeypatch, capsys):
+    """`--kernels` (ops.configure) replaces setting MAMBALLAMA_KERNELS / MAMBALLAMA_REF_OPS by hand."""
+    from clihelp import run_cli
+
+    from mamballama_cli import ops
+
+    for name in ("MAMBALLAMA_KERNELS", "MAMBALLAMA_REF_OPS"):  # setenv first: teardown then restores "unset"
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    ops.configure("ref")
+    assert ops.forced_reference() and ops.forced_reference("rotary")
+    ops.configure("ref:rotary,add_rmsnorm")  # add_rmsnorm is a decode op, declared in ops/decode.py
+    assert not ops.forced_reference() and ops.forced_reference("rotary") and ops.forced_reference("add_rmsnorm")
+    assert not ops.forced_reference("rmsnorm")
+    assert ops.dispatch("rotary", "cuda")[0] == "torch-ref"  # forced even where a kernel could run
+    ops.configure("auto")
+    assert not ops.forced_reference("rotary")
+    for bad in ("fast", "ref:nope", "ref:"):
+        with pytest.raises(ValueError, match="--kernels"):
+            ops.configure(bad)
+    r = run_cli(["--kernels", "ref:nope", "env"], capsys)
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1 and "nope" in r.err and "rotary" in r.err
+    r = run_cli(["--kernels", "ref", "env", "--json"], capsys)
+    assert r.code == 0, r.err
+    import os
+
+    assert os.environ.get("MAMBALLAMA_KERNELS") == "ref"  # inherited by accelerate / DeepSpeed workers
+    ops.configure("auto")

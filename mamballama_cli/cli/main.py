@@ -36,9 +36,21 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks on errors, and the libraries' "
                                  "own progress bars (loading and writing weights, downloads)."),
+    kernels: str = typer.Option("auto", "--kernels", metavar="auto|ref|ref:OP,...", help="Which implementation "
+                                "of each op runs on the GPU: 'auto' (fast kernels where their probe passes), 'ref' "
+                                "(the PyTorch references everywhere) or 'ref:rotary,rmsnorm' (references for the "
+                                "ops named; `mamballama env` lists the ops)."),
 ):
     STATE["verbose"] = verbose
     common.library_output(verbose)
+    if kernels != "auto":
+        from mamballama_cli import ops
+        from mamballama_cli.errors import UsageError
+
+        try:
+            ops.configure(kernels)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
 
 
 

@@ -2,9 +2,9 @@
 
 Each op has a pure-PyTorch reference (``*_ref``, the CPU path and the ground truth) and may have fast
 implementations registered for CUDA tensors. :func:`dispatch` picks the first fast implementation whose
-probe succeeded for the tensor's device, else the reference. ``MAMBALLAMA_KERNELS=ref`` forces the
-references everywhere, ``MAMBALLAMA_REF_OPS=rotary,rmsnorm`` for the ops named (useful to bisect a numerical
-difference or to measure one kernel's share of a step).
+probe succeeded for the tensor's device, else the reference. :func:`configure` (the CLI's global
+``--kernels ref`` or ``--kernels ref:rotary,rmsnorm``) forces the references everywhere or for the ops named
+(useful to bisect a numerical difference or to measure one kernel's share of a step).
 
 Public ops (the signatures every implementation honours):
     ssd_scan(x, dt, A, B, C, *, chunk_size, D=None, initial_state=None) -> (y, final_state)
@@ -112,9 +112,48 @@ def _precedence(impl: FastImpl) -> int:
     return FAST_MODULES.index(module) if module in FAST_MODULES else len(FAST_MODULES)
 
 
+_REF_WORDS = ("ref", "reference", "torch")
+# The ops/ modules that declare more ops by their references (register_reference), beside the ones above.
+REFERENCE_MODULES = ("mamballama_cli.ops.decode", "mamballama_cli.ops.kd", "mamballama_cli.ops.replay",
+                     "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref")
+
+
+def configure(kernels: str = "auto") -> None:
+    """Choose the kernels for this process (the CLI's global ``--kernels``): ``auto`` (fast kernels where their
+    probe passes), ``ref`` (the PyTorch references everywhere) or ``ref:OP,OP`` (references for the ops named,
+    e.g. ``ref:rotary,rmsnorm`` to bisect a numerical difference or measure one kernel's share of a step).
+
+    The choice is written to the environment (``MAMBALLAMA_KERNELS`` / ``MAMBALLAMA_REF_OPS``) so that worker
+    processes that accelerate or DeepSpeed start inherit it; those variables are also how a non-CLI user sets it.
+    """
+    text = (kernels or "auto").strip()
+    head, colon, tail = text.partition(":")
+    if head.lower() == "auto" and not colon:
+        os.environ.pop("MAMBALLAMA_KERNELS", None)
+        os.environ.pop("MAMBALLAMA_REF_OPS", None)
+        return
+    if head.lower() not in _REF_WORDS:
+        raise ValueError(f"--kernels {kernels!r}: use auto, ref, or ref:OP,OP (`mamballama env` lists the ops)")
+    if not colon:
+        os.environ["MAMBALLAMA_KERNELS"] = "ref"
+        os.environ.pop("MAMBALLAMA_REF_OPS", None)
+        return
+    import importlib
+
+    for module in REFERENCE_MODULES:  # every op that exists, for the names' check
+        importlib.import_module(module)
+    names = [n.strip() for n in tail.split(",") if n.strip()]
+    unknown = [n for n in names if n not in REFERENCES]
+    if unknown or not names:
+        raise ValueError(f"--kernels {kernels!r}: unknown op {', '.join(unknown) or '(none given)'}; "
+                         f"ops: {', '.join(REFERENCES)}")
+    os.environ.pop("MAMBALLAMA_KERNELS", None)
+    os.environ["MAMBALLAMA_REF_OPS"] = ",".join(names)
+
+
 def forced_reference(op: str | None = None) -> bool:
-    """True when the references are forced everywhere, or (given ``op``) for that op by MAMBALLAMA_REF_OPS."""
-    if os.environ.get("MAMBALLAMA_KERNELS", "").lower() in ("ref", "reference", "torch"):
+    """True when the references are forced everywhere, or (given ``op``) for that op (:func:`configure`)."""
+    if os.environ.get("MAMBALLAMA_KERNELS", "").lower() in _REF_WORDS:
         return True
     return op is not None and op in {s.strip() for s in os.environ.get("MAMBALLAMA_REF_OPS", "").split(",")}
 
@@ -141,7 +180,7 @@ def backend_report(device="cuda") -> list[dict]:
             ok, reason = impl.usable()
             notes.append(f"{impl.name}: {'ok' if ok else reason}")
         if forced_reference(op):
-            notes.append("MAMBALLAMA_KERNELS=ref or MAMBALLAMA_REF_OPS forces the reference")
+            notes.append("--kernels ref (MAMBALLAMA_KERNELS / MAMBALLAMA_REF_OPS) forces the reference")
         rows.append({"op": op, "backend": chosen, "candidates": notes})
     return rows
 
