@@ -103,8 +103,6 @@ def download_from_hub(repo_id: str) -> Path:
         hint = "HF_HUB_OFFLINE is set"
     else:
         hint = None
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
     try:
         from huggingface_hub import snapshot_download
 
@@ -112,6 +110,7 @@ def download_from_hub(repo_id: str) -> Path:
         local = snapshot_download(
             repo_id,
             allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"],
+            etag_timeout=10,  # this call's own limit; the process's HF_HUB_* settings are left as the user set them
         )
     except Exception as exc:
         reason = hint or f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
