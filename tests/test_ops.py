@@ -154,8 +154,9 @@ def test_ops_import_nothing_above_them():
 
 
 def test_fast_implementations_rank_by_module_not_by_import_order():
-    """Implementations of one op rank in the order of ops.FAST_MODULES whichever module was imported first
-    (installed packages' kernels ahead of the project's, as ops/external.py was registered before)."""
+    """Implementations of one op rank in the order of ops.FAST_MODULES whichever module was imported first:
+    installed packages' kernels ahead of the project's, except the project's opt-in RMSNorm, which must rank
+    ahead of mamba_ssm's so that MAMBALLAMA_TRITON_NORM=1 takes effect (its probe refuses otherwise)."""
     pytest.importorskip("triton")
     import subprocess
     import sys
@@ -170,7 +171,7 @@ def test_fast_implementations_rank_by_module_not_by_import_order():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[:3] == [
-        "rmsnorm ['external', 'triton_norm']",
+        "rmsnorm ['triton_norm', 'external']",
         "causal_conv1d ['external', 'triton_conv']",
         "causal_conv1d_update ['external', 'triton_decode']",
     ]

@@ -12,11 +12,10 @@ reduced by one ``sum`` at the end:
 
     x_hat = x * rstd,   dx = rstd * (w * dy - x_hat * mean(x_hat * w * dy)),   dw = sum_rows dy * x_hat
 
-Importing this module registers the kernel for ``rmsnorm`` on CUDA ahead of mamba_ssm's, **off by default**
-(``MAMBALLAMA_TRITON_NORM=1`` turns it on; its probe then checks the forward and backward on a random input before
-first use). It passes ``tests/test_gpu_ops.py::test_rmsnorm_forward_backward`` on an H200, but a whole distillation
-step was not faster with it than with mamba_ssm's kernel inside the measurement's spread (docs/benchmarks.md,
-2026-12-01), so the default stays with the kernel that has had more use.
+Importing this module registers the kernel for ``rmsnorm`` on CUDA ahead of mamba_ssm's (``ops.FAST_MODULES``),
+**off by default** (``MAMBALLAMA_TRITON_NORM=1`` turns it on; its probe then checks the forward and backward on a
+random input before first use). It passes ``tests/test_gpu_ops.py::test_rmsnorm_forward_backward``; whether a
+distillation step is faster with it is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
