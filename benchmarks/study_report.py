@@ -17,6 +17,7 @@ from pathlib import Path
 
 RUNS = {
     "d50": "50% attention, default recipe (even spacing)",
+    "d50nr": "50% attention, default recipe (even spacing), without the recall documents",
     "d25": "25% attention, default recipe (even spacing)",
     "d50auto": "50% attention, default recipe, --attn-layers auto",
     "d25auto": "25% attention, default recipe, --attn-layers auto",
@@ -25,7 +26,7 @@ RUNS = {
     "p50": "50% attention, the paper's start and recipe",
 }
 
-CONVERTED = {"d50": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "d50kr": "h50kr", "d25kr": "h25kr",
+CONVERTED = {"d50": "h50", "d50nr": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "d50kr": "h50kr", "d25kr": "h25kr",
              "p50": "h50paper"}
 TARGETS = {"50": (1.25, 1.10), "25": (1.50, 1.20)}  # issue 14: (must, aim) as a multiple of the teacher's perplexity
 

@@ -47,7 +47,7 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-360}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
-RUNS=${RUNS:-d50 d25 d50auto d25auto p50}   # which students: d50 d25 d50auto d25auto d50kr d25kr p50 (h50 always converts first)
+RUNS=${RUNS:-d50 d25 d50auto d25auto p50}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 (h50 always converts first; nr: no recall documents)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
 mkdir -p "$WORK" "$RES"
 t0=$(date +%s)
@@ -104,24 +104,33 @@ yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
 EOF
 train_data="$WORK/gen,$WORK/text-train.jsonl"
 [ -f "$WORK/gen/manifest.json" ] || { train_data="$WORK/text-train.jsonl"; stage "no generated data: training on packaged text only"; }
-common=(--data "$train_data" --eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
+plain_data=$train_data
+# Long-range recall documents from `data build` (RECALL=0 leaves them out; a run named ...nr never reads them).
+if [ "${RECALL:-1}" = 1 ] && [ -f "$DATA/recall-train.jsonl" ]; then
+  train_data="$train_data,$DATA/recall-train.jsonl"
+  stage "training data: generated + packaged text + recall documents ($(wc -l < "$DATA/recall-train.jsonl") records)"
+fi
+common=(--eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
         --max-seconds "$BUDGET_S" --force --json)
 stage "distill $RUNS side by side (budget $BUDGET_S s each)"
 run() {  # run NAME MODEL CONFIG
-  "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" "${common[@]}" \
+  local data=$train_data
+  [[ $1 == *nr ]] && data=$plain_data
+  "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" --data "$data" "${common[@]}" \
       > "$RES/distill-$1.json" 2> "$RES/distill-$1.log"
   echo "distill $1 exit $?" >> "$RES/timeline.txt"
 }
 for r in $RUNS; do
   case $r in
     d50) run d50 h50 "$WORK/default-recipe.yaml" & ;;
+    d50nr) run d50nr h50 "$WORK/default-recipe.yaml" & ;;
     d25) run d25 h25 "$WORK/default-recipe.yaml" & ;;
     d50auto) run d50auto h50auto "$WORK/default-recipe.yaml" & ;;
     d25auto) run d25auto h25auto "$WORK/default-recipe.yaml" & ;;
     d50kr) run d50kr h50kr "$WORK/default-recipe.yaml" & ;;
     d25kr) run d25kr h25kr "$WORK/default-recipe.yaml" & ;;
     p50) run p50 h50paper "$WORK/paper-recipe.yaml" & ;;
-    *) echo "unknown run $r (known: d50 d25 d50auto d25auto d50kr d25kr p50)" >&2 ;;
+    *) echo "unknown run $r (known: d50 d50nr d25 d50auto d25auto d50kr d25kr p50)" >&2 ;;
   esac
 done
 wait

