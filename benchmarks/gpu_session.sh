@@ -5,6 +5,9 @@
 # Steps (in the order given): env, b1 (hybrid batch-1 decode only), profile (kernel times of one step),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark). Default: env tests full.
+# The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
+#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed).
+# Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left.
 # Logs, tables and JSON land in $OUT (default ./out).
 set -uo pipefail
@@ -43,6 +46,11 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
+        part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
+                   -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
+        part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py ;;
+        part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py ;;
         *) echo "unknown step $step" ;;
     esac
 done
