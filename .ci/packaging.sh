@@ -106,10 +106,10 @@ print("distill-e2e ran from the wheel:", {k: s[k] for k in list(s)[:4]})
 PY
 cd "$ROOT"
 
-step "resolver: $TORCH with the extras dev,train,eval,gguf from $RESOLVE_INDEX${TORCH_INDEX:+ and $TORCH_INDEX} (metadata only)"
+step "resolver: $TORCH with the extras dev,train,eval,gguf,serve from $RESOLVE_INDEX${TORCH_INDEX:+ and $TORCH_INDEX} (metadata only)"
 env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
   "$V/python" -m pip install --isolated --dry-run --ignore-installed -q --report "$WORK/resolve.json" \
-  --index-url "$RESOLVE_INDEX" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[dev,train,eval,gguf]"
+  --index-url "$RESOLVE_INDEX" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[dev,train,eval,gguf,serve]"
 "$V/python" - "$WORK/resolve.json" "$TORCH" <<'PY'
 import json, sys
 want = sys.argv[2].split("==")[-1]

@@ -71,6 +71,8 @@ app.add_typer(data_cmd.app, name="data")
 _add("generate", generate)
 app.add_typer(eval_cmd.app, name="eval")
 _add("export", export)
+from mamballama_cli.cli import serve as serve_cmd  # noqa: E402
+_add("serve", serve_cmd)
 app.add_typer(plugins_cmd.app, name="plugins")
 app.add_typer(templates_cmd.app, name="templates")
 _add("env", env)

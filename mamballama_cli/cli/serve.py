@@ -1,0 +1,64 @@
+"""`mamballama serve MODEL`: an OpenAI-compatible HTTP server (mamballama_cli/serve/)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+HELP = ("Serve a hybrid or Transformer checkpoint over OpenAI's HTTP API (/v1/models, /v1/completions, "
+        "/v1/chat/completions with stream): waiting requests decode together on the static decoder.")
+
+
+def command(
+    model: str = typer.Argument(..., help="Checkpoint directory (hybrid or transformers model), or 'default'."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port (0 = any free port)."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoded together at most."),
+    max_context: Optional[int] = typer.Option(None, "--max-context", min=8, help="Prompt + answer tokens of one "
+                                              "request at most; longer prompts get HTTP 413 (default: the model's "
+                                              "context length, at most 4096)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length when a request sets none."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+):
+    import importlib.util
+
+    from mamballama_cli.errors import UsageError
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serve needs {' and '.join(missing)}: pip install 'mamballama[serve]'")
+    from pathlib import Path
+
+    import uvicorn
+
+    from mamballama_cli.cli.common import err
+    from mamballama_cli.loading import load_causal_lm
+    from mamballama_cli.serve.app import create_app
+    from mamballama_cli.serve.engine import Engine
+
+    import socket
+
+    try:  # bind first, so that a taken port is one line and port 0 reports the port the system gave
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick another "
+                         "port, or 0 for any free one") from None
+    lm, tok, path = load_causal_lm(model, dtype=dtype, device=device)
+    if tok is None:
+        raise UsageError(f"{model}: no tokenizer next to the weights; serve needs one to read prompts")
+    limit = int(getattr(lm.config, "max_position_embeddings", 4096) or 4096)
+    ctx = max_context or min(limit, 4096)
+    if ctx > limit:
+        raise UsageError(f"--max-context {ctx} is longer than the model's context length {limit}; use {limit} or less")
+    model_name = name or Path(str(path)).name
+    engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx)
+    app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens)
+    err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})")
+    err(f"listening on http://{host}:{sock.getsockname()[1]}/v1")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -1,0 +1,225 @@
+"""The OpenAI-compatible HTTP face of the engine (FastAPI): /v1/models, /v1/completions, /v1/chat/completions.
+
+Bad input is answered with OpenAI's error body, ``{"error": {"message", "type", "param", "code"}}``, and a status:
+400 for a body that is not JSON (or not an object), 404 for an unknown model, 413 for a prompt longer than
+``--max-context``, 422 for a field with a wrong type or value. Nothing a client sends stops the server. A client
+that goes away mid-stream cancels its request; the engine frees its row at the next step.
+"""
+
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+
+from mamballama_cli.serve.engine import Engine, Request
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+@dataclass
+class Job:
+    """What the HTTP side keeps of one request: the engine's ``Request`` and the queue its events land in."""
+
+    req: Request
+    events: asyncio.Queue
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= float(v) <= hi:
+        raise ApiError(422, f"{name} must be a number in [{lo}, {hi}], got {v!r}", name)
+    return float(v)
+
+
+def _max_tokens(body: dict, default: int) -> int:
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            v = body[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ApiError(422, f"{name} must be a positive integer, got {v!r}", name)
+            return v
+    return default
+
+
+def create_app(engine: Engine, model_name: str, max_context: int, default_max_tokens: int = 256):
+    from fastapi import FastAPI, Request as HttpRequest
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    app = FastAPI(title="mamballama serve", version="1")
+    created = int(time.time())
+    tok = engine.tokenizer
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return JSONResponse(status_code=exc.status, content={"error": {
+            "message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "mamballama"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
+                "largest_batch": engine.largest_batch, "waiting": engine.pending.qsize(), "active": engine.active,
+                "cancelled": engine.cancelled}
+
+    async def read_body(request: HttpRequest) -> dict:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        name = body.get("model")
+        if name is not None and name != model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
+                           "not_found_error")
+        if body.get("n", 1) != 1:
+            raise ApiError(422, "n must be 1", "n")
+        if body.get("stream") not in (None, True, False):
+            raise ApiError(422, f"stream must be true or false, got {body.get('stream')!r}", "stream")
+        return body
+
+    def make_job(body: dict, prompt_ids: list[int]) -> Job:
+        if len(prompt_ids) >= max_context:
+            raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; this server's --max-context is "
+                                f"{max_context}", "messages" if "messages" in body else "prompt")
+        max_tokens = min(_max_tokens(body, default_max_tokens), max_context - len(prompt_ids))
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = Request(prompt_ids, max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                      top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+                      emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
+                      finish=lambda reason, usage: loop.call_soon_threadsafe(
+                          events.put_nowait, ("end", (reason, usage))))
+        if req.top_p == 0.0:
+            raise ApiError(422, "top_p must be greater than 0", "top_p")
+        return Job(req, events)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request, exc: HTTPException):  # unknown routes and methods, in OpenAI's shape too
+        return JSONResponse(status_code=exc.status_code, content={"error": {
+            "message": f"{exc.detail}: this server has /v1/models, /v1/completions and /v1/chat/completions",
+            "type": "invalid_request_error", "param": None, "code": exc.status_code}})
+
+    @app.exception_handler(Exception)
+    async def _any_error(_request, exc: Exception):
+        return JSONResponse(status_code=500, content={"error": {
+            "message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None, "code": 500}})
+
+    async def run_to_end(job: Job) -> tuple[str, str, dict]:
+        engine.submit(job.req)
+        parts = []
+        while True:
+            try:
+                kind, value = await job.events.get()
+            except asyncio.CancelledError:  # the client went away
+                job.req.cancelled.set()
+                raise
+            if kind == "text":
+                parts.append(value)
+            else:
+                reason, usage = value
+                if reason == "error":
+                    raise ApiError(500, usage.get("error", "generation failed"), kind="server_error")
+                return "".join(parts), reason, usage
+
+    async def stream(job: Job, request: HttpRequest, chunk):
+        """Server-sent events: one chunk per piece of text, a last one with the finish reason, then [DONE]."""
+        engine.submit(job.req)
+        try:
+            first = chunk(None, None)
+            if first is not None:
+                yield f"data: {json.dumps(first)}\n\n"
+            while True:
+                try:
+                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.req.cancelled.set()
+                        return
+                    continue
+                if kind == "text":
+                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                else:
+                    reason, usage = value
+                    if reason == "error":
+                        yield f"data: {json.dumps({'error': {'message': usage.get('error'), 'type': 'server_error'}})}\n\n"
+                    else:
+                        yield f"data: {json.dumps(chunk('', reason))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+        finally:  # the client went away (the response was cancelled) or the stream ended: free the row
+            job.req.cancelled.set()
+
+    def usage_of(usage: dict) -> dict:
+        return {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+    def reason_of(reason: str) -> str:
+        return reason if reason in ("stop", "length") else "stop"
+
+    @app.post("/v1/completions")
+    async def completions(request: HttpRequest):
+        body = await read_body(request)
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(422, "prompt must be a non-empty string", "prompt")
+        job = make_job(body, tok(prompt)["input_ids"])
+        cid, now = f"cmpl-{job.req.id}", int(time.time())
+        if body.get("stream"):
+            def chunk(text, reason):
+                if text is None:
+                    return None
+                return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+
+            return StreamingResponse(stream(job, request, chunk), media_type="text/event-stream")
+        text, reason, usage = await run_to_end(job)
+        return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "text": text, "finish_reason": reason_of(reason), "logprobs": None}],
+                "usage": usage_of(usage)}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: HttpRequest):
+        body = await read_body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(422, "messages must be a non-empty list of {role, content} objects", "messages")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or \
+                    not isinstance(m.get("content"), str):
+                raise ApiError(422, "each message needs a role (system, user or assistant) and a string content",
+                               "messages")
+        if not getattr(tok, "chat_template", None):
+            raise ApiError(422, f"model {model_name!r} has no chat template; use /v1/completions", "messages")
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        job = make_job(body, tok(text, add_special_tokens=False)["input_ids"])
+        cid, now = f"chatcmpl-{job.req.id}", int(time.time())
+        if body.get("stream"):
+            def chunk(text, reason):
+                delta = {"role": "assistant", "content": ""} if text is None else (
+                    {"content": text} if text else {})
+                return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+
+            return StreamingResponse(stream(job, request, chunk), media_type="text/event-stream")
+        answer, reason, usage = await run_to_end(job)
+        return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "finish_reason": reason_of(reason)}], "usage": usage_of(usage)}
+
+    return app

@@ -1,0 +1,168 @@
+"""`mamballama serve`: a real server process on a tiny hybrid, driven by the official `openai` client (issue 17)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clihelp import run_cli
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Server:
+    def __init__(self, model, *args, env=None):
+        e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+        self.proc = subprocess.Popen([sys.executable, "-m", "mamballama_cli", "serve", str(model), "--port", "0",
+                                      *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        deadline = time.time() + 180
+        self.lines = []
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line and self.proc.poll() is not None:
+                raise AssertionError("serve exited: " + "".join(self.lines) + self.proc.stderr.read())
+            self.lines.append(line)
+            if line.startswith("listening on "):
+                self.url = line.split()[-1]
+                break
+        else:
+            raise AssertionError("serve did not start: " + "".join(self.lines))
+        self.client = openai.OpenAI(base_url=self.url, api_key="none", max_retries=0, timeout=120)
+
+    def post(self, path, body: bytes | str):
+        data = body.encode() if isinstance(body, str) else body
+        req = urllib.request.Request(self.url.removesuffix("/v1") + path, data=data, headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def health(self):
+        with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(models):
+    s = Server(models["hybrid"], "--max-batch", "4", "--max-context", "96", "--name", "tiny")
+    yield s
+    s.stop()
+
+
+def test_completions_chat_and_streamed_chat_through_the_openai_client(server, models, capsys):
+    c = server.client
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 0
+    assert r.usage.completion_tokens <= 8
+    # the same greedy answer as `mamballama generate` (a separate process, its own engine)
+    g = run_cli(["generate", models["hybrid"], "--prompt", "hello world", "-n", "8"], capsys)
+    assert g.code == 0, g.err
+    assert r.choices[0].text == g.out.rstrip("\n")
+    msgs = [{"role": "user", "content": "hi there"}]
+    whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0, stream=True))
+    assert pieces[0].choices[0].delta.role == "assistant" and pieces[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
+    g = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
+    assert whole.choices[0].message.content == g.out.rstrip("\n")
+
+
+def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(server):
+    c = server.client
+    prompts = [f"{i} apples and " + "pears " * (i % 5) for i in range(16)]  # unequal lengths in one batch
+
+    def ask(p):
+        return c.completions.create(model="tiny", prompt=p, max_tokens=6 + p.count("pears"), temperature=0)
+
+    solo = [ask(p).choices[0].text for p in prompts]
+    before = server.health()["batches"]
+    with ThreadPoolExecutor(16) as pool:
+        together = [r.choices[0].text for r in pool.map(ask, prompts)]
+    h = server.health()
+    assert together == solo
+    assert h["largest_batch"] > 1 and h["batches"] - before < 16  # they did share batches
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
+    cases = [
+        ("/v1/chat/completions", "{not json", 400),
+        ("/v1/chat/completions", "[1, 2]", 400),
+        ("/v1/chat/completions", json.dumps({"model": "tiny"}), 422),
+        ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": []}), 422),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user"}]}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": "abc"}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -5}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 0}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "temperature": 5}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "top_p": 1.5}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "top_p": "high"}), 422),
+        ("/v1/completions", json.dumps({"prompt": "x" * 200}), 413),
+        ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}), 404),
+        ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "a"}]}), 404),
+        ("/v1/embeddings", json.dumps({"input": "a"}), 404),
+    ]
+    for path, body, status in cases:
+        got, payload = server.post(path, body)
+        assert got == status, (body, got, payload)
+        assert payload["error"]["message"] and payload["error"]["code"] == status, payload
+        got, payload = server.post("/v1/completions", json.dumps({"prompt": "ok", "max_tokens": 3, "temperature": 0}))
+        assert got == 200 and payload["choices"][0]["text"] is not None, (body, payload)
+
+
+def test_a_client_leaving_mid_stream_frees_its_row(models):
+    s = Server(models["hybrid"], "--max-context", "200", env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
+    try:
+        host, port = s.url.removeprefix("http://").removesuffix("/v1").split(":")
+        body = json.dumps({"prompt": "a long answer please", "max_tokens": 150, "stream": True, "temperature": 0})
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+        got = b""
+        while got.count(b"data: ") < 3:  # a few tokens have streamed: the row is decoding
+            got += sock.recv(4096)
+        assert s.health()["active"] == 1
+        sock.close()  # 150 tokens at 0.05 s a step would take 7.5 s more
+        deadline = time.time() + 5
+        while time.time() < deadline and not (s.health()["cancelled"] == 1 and s.health()["active"] == 0):
+            time.sleep(0.1)
+        h = s.health()
+        assert h["cancelled"] == 1 and h["active"] == 0, h
+        r = s.client.completions.create(model="hybrid", prompt="next", max_tokens=3, temperature=0)
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        s.stop()
+
+
+@pytest.mark.timeout(300)
+def test_serve_refuses_bad_options_in_one_line(models, capsys):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    try:
+        r = run_cli(["serve", models["hybrid"], "--port", str(busy.getsockname()[1])], capsys)
+        assert r.code == 2 and "--port" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    finally:
+        busy.close()
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--max-context", "100000"], capsys)
+    assert r.code == 2 and "--max-context" in r.err and len(r.err.strip().splitlines()) == 1, r.err
