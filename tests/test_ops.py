@@ -131,11 +131,18 @@ def test_rotary_op_keeps_q_dtype_and_equals_apply_rotary():
     assert torch.equal(qo, qr.to(torch.bfloat16)) and torch.equal(ko, kr.to(torch.bfloat16))
 
 
-def test_ops_import_nothing_above_them():
-    """ops/ is the ground floor: importing every ops module (kernels included) loads no other part of the package."""
+def fresh_process_output(code: str) -> str:
+    """stdout of ``code`` run by a new interpreter (imports and registries start empty there)."""
     import subprocess
     import sys
 
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_ops_import_nothing_above_them():
+    """ops/ is the ground floor: importing every ops module (kernels included) loads no other part of the package."""
     code = (
         "import importlib, pkgutil, sys\n"
         "import mamballama_cli.ops as ops\n"
@@ -148,9 +155,7 @@ def test_ops_import_nothing_above_them():
         "               and not m.startswith('mamballama_cli.ops') and m != 'mamballama_cli._registration')\n"
         "print(above)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "[]", out.stdout
+    assert fresh_process_output(code).strip() == "[]"
 
 
 def test_fast_implementations_rank_by_module_not_by_import_order():
@@ -158,9 +163,6 @@ def test_fast_implementations_rank_by_module_not_by_import_order():
     installed packages' kernels ahead of the project's, except the project's opt-in RMSNorm, which must rank
     ahead of mamba_ssm's so that MAMBALLAMA_TRITON_NORM=1 takes effect (its probe refuses otherwise)."""
     pytest.importorskip("triton")
-    import subprocess
-    import sys
-
     code = (
         "import mamballama_cli.ops.triton_conv, mamballama_cli.ops.triton_norm\n"
         "from mamballama_cli import ops\n"
@@ -168,9 +170,7 @@ def test_fast_implementations_rank_by_module_not_by_import_order():
         "for op in ('rmsnorm', 'causal_conv1d', 'causal_conv1d_update'):\n"
         "    print(op, [i.fn.__module__.rsplit('.', 1)[1] for i in ops.FAST[op]])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split("\n")[:3] == [
+    assert fresh_process_output(code).split("\n")[:3] == [
         "rmsnorm ['triton_norm', 'external']",
         "causal_conv1d ['external', 'triton_conv']",
         "causal_conv1d_update ['external', 'triton_decode']",
