@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mamballama_cli.output import console, out
+from mamballama_cli.output import console, log, out
 from mamballama_cli.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,9 +68,6 @@ def torch_dtype(name: str):
 
     return None if name == "auto" else getattr(torch, name)
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def run_convert(cfg: ConvertConfig) -> dict:

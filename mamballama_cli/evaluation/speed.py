@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.output import log
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -102,9 +103,6 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
         raise UsageError(f"{flag} is empty")
     return values
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +34,7 @@ from typing import Sequence
 import numpy as np
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.output import log
 
 BUILTIN_PREFIX = "builtin:"
 BUILTINS = ("pydoc-topics",)
@@ -43,9 +43,6 @@ BUILTINS = ("pydoc-topics",)
 class DataError(MamballamaError):
     """A data file that cannot be used, naming the file and line."""
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass

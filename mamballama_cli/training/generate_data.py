@@ -19,7 +19,6 @@ promised). Output format: mamballama_cli/shards.py and docs/data.md.
 from __future__ import annotations
 
 import hashlib
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.output import log
 
 BUILTIN = "builtin"
 CONTINUATION_TOKENS = (16, 64)  # window of plain text a free continuation starts from (inclusive)
@@ -40,9 +40,6 @@ CONTENT_KEYS = ("teacher", "prompts", "continuation_fraction", "temperature", "t
                 "max_prompt_tokens", "batch_size", "shard_tokens", "seed", "dtype", "data_split", "text_field",
                 "skip_bad_lines")
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -3,17 +3,14 @@ more attention layers into Mamba between progressive stages, choose what trains,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mamballama_cli.errors import MamballamaError
+from mamballama_cli.output import log
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load_trainable(spec: str, dtype=torch.float32):

@@ -14,7 +14,6 @@ import contextlib
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.output import log
 from mamballama_cli.training import checkpoint as ck
 from mamballama_cli.training import align
 from mamballama_cli.training.config import (ResolvedStage, config_dict, config_differences,
@@ -34,10 +34,6 @@ from mamballama_cli.training.models import (check_same_vocabulary, default_teach
                                             set_trainable, target_attention_layers, to_device)
 from mamballama_cli.training.report import Reporter
 
-
-def log(msg: str, main: bool = True) -> None:
-    if main:
-        print(msg, file=sys.stderr, flush=True)
 
 
 # --- accelerate -------------------------------------------------------------------------------------------------
