@@ -141,7 +141,7 @@ def _builtin_records() -> tuple[list[list[dict]], list[str]]:
 
 def _file_records(spec: str, cfg: GenerateDataConfig) -> tuple[list[list[dict]], list[str]]:
     """Chat prompts ('prompt' or 'messages') and texts ('text') of a JSONL file or local data set."""
-    from mamballama_cli.training.data import DataError, load_records
+    from mamballama_cli.training.records import DataError, load_records
 
     chats, texts, bad = [], [], []
     for rec in load_records(spec, split=cfg.data_split, skip_bad=cfg.skip_bad_lines, text_field=cfg.text_field,

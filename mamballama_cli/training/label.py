@@ -59,7 +59,7 @@ class LabelConfig:
 
 def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     """(source line, prompt messages) per prompt."""
-    from mamballama_cli.training.data import DataError, read_records
+    from mamballama_cli.training.records import DataError, read_records
 
     path = Path(cfg.prompts).expanduser()
     if path.suffix == ".txt":
