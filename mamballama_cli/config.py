@@ -22,6 +22,21 @@ T = TypeVar("T")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, flags: tuple[str, ...] = (),
+           default_text: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is also a command-line option: its help lives here, beside its default, once.
+
+    Commands built from a config (cli/options.py) turn every field made with ``option`` into an option and
+    show the default in its help; fields made without it are config-only keys (YAML, --config). ``flags``
+    replaces the spelling ``--field-name`` (e.g. ``("--output", "-o")``; a boolean given as ``"--x/--no-x"``
+    keeps an unset value apart from both); ``default_text`` says in words what an unset (None) default means.
+    """
+    metadata = {"help": help, "flags": tuple(flags), "default_text": default_text}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def template_names() -> list[str]:
     """The names of the training templates (templates/*.yaml), sorted."""
     return sorted(x.stem for x in TEMPLATES_DIR.glob("*.yaml")) if TEMPLATES_DIR.is_dir() else []
