@@ -303,14 +303,6 @@ def _row(batch, prompt_len, new_tokens, t0, t1, t2, device) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Building the models
 # ------------------------------------------------------------------------------------------------
-def _attn_layers(cfg: SpeedConfig, num_layers: int) -> list[int]:
-    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
-
-    if cfg.attn_layers is not None:
-        return parse_layer_list(cfg.attn_layers, num_layers)
-    return attention_layers_for_ratio(num_layers, cfg.ratio)
-
-
 class _Models:
     """Builds one model at a time: the hybrid, the transformers teacher, the teacher as an all-attention
     hybrid (for the static engine)."""
@@ -325,10 +317,12 @@ class _Models:
         from mamballama_cli.models.modeling import MamballamaForCausalLM
 
         if self.cfg.shape:
+            from mamballama_cli.convert.placement import resolve_attention_layers
             from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
 
             tc = teacher_config(self.cfg.shape)
-            hc = hybrid_config(tc, _attn_layers(self.cfg, tc.num_hidden_layers))
+            hc = hybrid_config(tc, resolve_attention_layers(tc.num_hidden_layers, self.cfg.ratio,
+                                                            self.cfg.attn_layers))
             self.describe.update(shape=self.cfg.shape, attn_layers=hc.attn_layers)
             return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
         from mamballama_cli.loading import checkpoint_dir

@@ -13,6 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from mamballama_cli.config import option
 from mamballama_cli.errors import UsageError
@@ -37,12 +38,14 @@ RUN_CONTROL_KEYS = frozenset({
 class Stage:
     """One stage of a distillation recipe. Unset keys take the run's top-level value."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"attn_ratio": "ratio"}  # old spellings still read (config.canonical_keys)
+
     name: str | None = None
     steps: int | None = None  # optimizer steps; else ``tokens``, else ``epochs`` passes over the data
     tokens: float | None = None  # stage length in tokens (steps = tokens / (global batch x mean item length))
     epochs: float | None = None
-    attn_ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba)
-    attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides attn_ratio)
+    ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba), as `convert --ratio`
+    attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides ratio), as `convert --attn-layers`
     trainable: str | None = None  # "mixers" (Mamba mixers only) or "all"
     lr: float | None = None
     betas: list[float] | None = None
@@ -259,7 +262,7 @@ class ResolvedStage:
     steps: int | None
     epochs: float
     attn_layers: str | None
-    attn_ratio: float | None
+    ratio: float | None
     trainable: str
     lr: float
     betas: tuple[float, float]
@@ -297,7 +300,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
     betas = pick("betas")
     return ResolvedStage(
         index=index, name=st.name or f"stage{index + 1}", steps=steps, epochs=float(epochs),
-        attn_layers=st.attn_layers, attn_ratio=st.attn_ratio, trainable=pick("trainable", "all"),
+        attn_layers=st.attn_layers, ratio=st.ratio, trainable=pick("trainable", "all"),
         lr=float(pick("lr")), betas=(float(betas[0]), float(betas[1])), weight_decay=float(pick("weight_decay")),
         max_grad_norm=float(pick("max_grad_norm") or 0.0), warmup=float(pick("warmup")),
         schedule=pick("schedule"), min_lr_ratio=float(pick("min_lr_ratio")), w_kl=float(pick("w_kl", 0.0)),
@@ -339,9 +342,9 @@ def _check_stage_values(obj, prefix: str) -> None:
     v = getattr(obj, "betas", None)
     if v is not None and (len(v) != 2 or not all(0 <= float(b) < 1 for b in v)):
         raise UsageError(f"{flag('betas')} {v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
-    v = getattr(obj, "attn_ratio", None)
+    v = getattr(obj, "ratio", None)
     if v is not None and not 0 <= v <= 1:
-        raise UsageError(f"{flag('attn_ratio')} {v} is outside [0, 1]")
+        raise UsageError(f"{flag('ratio')} {v} is outside [0, 1]")
     v = getattr(obj, "steps", None)
     if v is not None and int(v) < 1:
         raise UsageError(f"{flag('steps')} {v} must be at least 1")
@@ -393,12 +396,23 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def canonical_config(cfg_dict: dict) -> dict:
+    """A saved config with the keys this version writes (a run saved before `ratio` was one name says
+    ``attn_ratio`` in its stages), so that it still resumes."""
+    stages = cfg_dict.get("stages")
+    if not stages:
+        return cfg_dict
+    return {**cfg_dict, "stages": [{Stage.ALIASES.get(k, k): v for k, v in st.items()} if isinstance(st, dict) else st
+                                   for st in stages]}
+
+
 def config_hash(cfg_dict: dict) -> str:
     """Hash of what the run computes: the resolved config without run-control keys."""
-    core = {k: v for k, v in cfg_dict.items() if k not in RUN_CONTROL_KEYS}
+    core = {k: v for k, v in canonical_config(cfg_dict).items() if k not in RUN_CONTROL_KEYS}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
+    old, new = canonical_config(old), canonical_config(new)
     keys = sorted((set(old) | set(new)) - RUN_CONTROL_KEYS)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

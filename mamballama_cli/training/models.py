@@ -117,18 +117,6 @@ def attention_layers(model) -> list[int]:
     return list(range(model.config.num_hidden_layers))
 
 
-def target_attention_layers(model, attn_layers: str | None, attn_ratio: float | None) -> list[int] | None:
-    """The attention layers a stage asks for (None: keep the current layout)."""
-    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
-
-    n = model.config.num_hidden_layers
-    if attn_layers is not None:
-        return parse_layer_list(attn_layers, n)
-    if attn_ratio is not None:
-        return attention_layers_for_ratio(n, float(attn_ratio))
-    return None
-
-
 @torch.no_grad()
 def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_info: dict | None = None):
     """Turn the attention layers not in ``attn_layers`` into Mamba layers initialised from their own attention.
@@ -144,7 +132,7 @@ def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_
     if regained:
         raise MamballamaError(
             f"stage {stage_name!r} keeps attention in layer(s) {regained}, which are already Mamba layers; "
-            "progressive stages may only replace attention (lower attn_ratio from stage to stage)"
+            "progressive stages may only replace attention (lower ratio from stage to stage)"
         )
     if not is_hybrid(model):
         from mamballama_cli.convert.converter import convert_model
@@ -205,7 +193,7 @@ def set_trainable(model, mode: str) -> list[str]:
     if not names:
         raise MamballamaError(
             "trainable: 'mixers' selects no parameter because the model has no Mamba layer; give the stage an "
-            "attn_ratio below 1 or use trainable: all"
+            "ratio below 1 or use trainable: all"
         )
     return names
 

@@ -131,7 +131,7 @@ def decide_packing(cfg, student, frozen, stages) -> tuple[bool, str]:
     if mode == "concat":
         return True, f"concat (examples concatenated into full rows of {cfg.seq_len}, positions running on)"
     reason = None
-    if any(st.attn_layers is not None or st.attn_ratio is not None for st in stages):
+    if any(st.attn_layers is not None or st.ratio is not None for st in stages):
         reason = "the stages turn layers into Mamba layers, which carry state across packed boundaries"
     elif has_mamba_layers(student):
         reason = ("the student has Mamba layers; their recurrent and conv state would leak across packed "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mamballama_cli.convert.placement import resolve_attention_layers
 from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.output import log
 from mamballama_cli.training import checkpoint as ck
@@ -24,7 +25,7 @@ from mamballama_cli.training.data import BatchPlan, split_global_batch
 from mamballama_cli.training.engine import (build_optimizer, clip_and_norm, configure_deepspeed, engine_name,
                                             frozen_dtype, lr_at, make_accelerator, set_lr, whole_models)
 from mamballama_cli.training.models import (check_same_vocabulary, load_frozen, load_trainable, relayout,
-                                            set_trainable, target_attention_layers)
+                                            set_trainable)
 from mamballama_cli.training.recipes import Job, eval_stage, recipe_for
 from mamballama_cli.training.records import read_records
 from mamballama_cli.training.report import Reporter
@@ -155,7 +156,7 @@ def run_training(cfg, kind: str) -> dict:
                     student, _, _ = load_trainable(str(last_ckpt))
             model = student
             student = None
-            target = target_attention_layers(model, st.attn_layers, st.attn_ratio)
+            target = resolve_attention_layers(model.config.num_hidden_layers, st.ratio, st.attn_layers)
             if target is not None:
                 model = relayout(model, target, cfg.seed + 1000 * (si + 1), st.name,
                                  teacher_info={"name_or_path": str(frozen_spec),
