@@ -69,7 +69,6 @@ def torch_dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-
 def run_convert(cfg: ConvertConfig) -> dict:
     """Validate everything cheap first, then load, convert, check and save atomically. Returns the summary."""
     from mamballama_cli.convert.placement import resolve_attention_layers

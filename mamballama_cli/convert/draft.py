@@ -19,7 +19,6 @@ PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # config lists with one en
 _LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<idx>\d+)(?P<rest>\..+)$")
 
 
-
 def draft_config(teacher_config, layers: list[int]):
     """The teacher's config with ``num_hidden_layers`` = len(layers) (per-layer lists cut to match)."""
     import copy

@@ -35,7 +35,6 @@ class TeacherSource:
     name: str  # what to record in the hybrid's config
 
 
-
 def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:

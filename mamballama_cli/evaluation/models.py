@@ -10,7 +10,6 @@ from mamballama_cli.output import log
 STUDENT, TEACHER = "student", "teacher"
 
 
-
 def recorded_teacher(config) -> str | None:
     """The TEACHER spec a hybrid records (config.teacher); 'default' for the embedded one."""
     info = getattr(config, "teacher", None) or {}

@@ -17,7 +17,6 @@ from mamballama_cli.evaluation.store import CellStore
 from mamballama_cli.output import log
 
 
-
 def safe_name(name: str) -> str:
     """A task or model name as one file name inside the output directory: no separators, no '..', no dot first
     (an lm-eval task named '../../x' must not write outside --output)."""

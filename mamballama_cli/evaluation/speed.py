@@ -103,7 +103,6 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
     return values
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Runners: one measurement = prefill (time to first token) + a timed run of decode steps
 # ------------------------------------------------------------------------------------------------

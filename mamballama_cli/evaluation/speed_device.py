@@ -109,4 +109,3 @@ def package_version(name: str) -> str | None:
         except PackageNotFoundError:
             continue
     return None
-

@@ -95,4 +95,3 @@ class SpeedModels:
         del teacher
         free_memory(self.device, collect=True)
         return hybrid.to(self.device).eval()
-

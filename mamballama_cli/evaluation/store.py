@@ -31,7 +31,6 @@ MANIFEST = "eval_manifest.json"
 KIND = "mamballama-eval"
 
 
-
 def settings_hash(settings: dict) -> str:
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:10]

@@ -57,7 +57,6 @@ class ExportConfig:
             raise UsageError("--output must differ from MODEL; the export never overwrites its source")
 
 
-
 def _source_dir(spec: str) -> Path:
     """The hybrid's checkpoint directory; anything that is not a mamballama hybrid is refused unloaded."""
     from mamballama_cli.loading import checkpoint_dir

@@ -161,9 +161,6 @@ class BatchPlan:
         self.n, self.gb, self.seed, self.stage = n_items, global_batch, seed, stage
         self._perms: dict[int, list[int]] = {}
 
-    def steps_per_epoch(self) -> float:
-        return self.n / self.gb
-
     def steps_for(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * self.n / self.gb))
 

@@ -261,4 +261,3 @@ def encode_pairs(tok, records: list[Record], seq_len: int, max_prompt_len: int) 
     if not out:
         raise DataError("no preference pair keeps a response token; raise --seq-len or lower --max-prompt-length")
     return out
-

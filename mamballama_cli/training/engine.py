@@ -108,7 +108,6 @@ def configure_deepspeed(acc, cfg, st: ResolvedStage) -> None:
     zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints gather full weights on rank 0
 
 
-
 def frozen_dtype(acc):
     mp = acc.mixed_precision
     if acc.device.type == "cuda" and mp == "bf16":
@@ -116,7 +115,6 @@ def frozen_dtype(acc):
     if acc.device.type == "cuda" and mp == "fp16":
         return torch.float16
     return torch.float32
-
 
 
 # --- schedule and optimizer -------------------------------------------------------------------------------------
@@ -161,4 +159,3 @@ def clip_and_norm(acc, model, st: ResolvedStage, engine: str) -> float | None:
     max_norm = st.max_grad_norm if st.max_grad_norm and st.max_grad_norm > 0 else float("inf")
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
     return None if norm is None else float(norm)
-

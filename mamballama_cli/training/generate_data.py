@@ -43,7 +43,6 @@ CONTENT_KEYS = ("teacher", "prompts", "continuation_fraction", "temperature", "t
                 "skip_bad_lines")
 
 
-
 @dataclass
 class GenerateDataConfig:
     """Options of `mamballama data generate` (also readable from --config FILE)."""

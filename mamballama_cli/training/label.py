@@ -56,7 +56,6 @@ class LabelConfig:
             raise UsageError(f"--limit {self.limit} must be at least 1")
 
 
-
 def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     """(source line, prompt messages) per prompt."""
     from mamballama_cli.training.records import DataError, read_records

@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.output import log
-
 
 
 def load_trainable(spec: str, dtype=torch.float32):
@@ -241,7 +239,3 @@ def model_inputs(batch: dict, device) -> dict:
     if batch.get("position_ids") is not None:
         out["position_ids"] = to_device(batch["position_ids"], device)
     return out
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

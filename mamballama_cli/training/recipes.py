@@ -92,10 +92,6 @@ class Job:
     eval_items: list | None = None
     pad_id: int = 0
 
-    @property
-    def kind(self) -> str:
-        return self.recipe.kind
-
     def lengths(self) -> list[int]:
         return [self.recipe.length(it) for it in self.items]
 

@@ -243,4 +243,3 @@ def init_run_dir(acc, cfg) -> None:
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-

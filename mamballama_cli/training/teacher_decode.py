@@ -56,7 +56,6 @@ def auto_batch_size(model, max_length: int, device, share: float = 0.4, most: in
     return batch
 
 
-
 class BatchSampler:
     """Runs whole batches of prompts of unequal lengths on one :class:`StaticDecoder` (captured once)."""
 
@@ -105,4 +104,3 @@ class BatchSampler:
             out.append((np.concatenate([rows[i], new.astype(np.int32)]), int(lens[i])))
             self.row_steps_used += int(f) + len(new)
         return out
-

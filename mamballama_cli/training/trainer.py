@@ -335,7 +335,6 @@ def out_of_time(acc, cfg, t_start: float) -> bool:
     return bool(flag.item() > 0)
 
 
-
 def out_of_memory(cfg) -> MamballamaError:
     return MamballamaError(
         f"out of memory at --micro-batch-size {cfg.micro_batch_size} with --seq-len {cfg.seq_len}: lower "
@@ -372,4 +371,3 @@ def diverged(cfg, st: ResolvedStage, record: dict, what: str, bad_steps: int, la
     after = f" for {bad_steps} consecutive steps (--nan-patience {cfg.nan_patience})" if bad_steps > 1 else ""
     return MamballamaError(f"training stopped at step {record['step']} (stage {st.name}): {what}{after}; likely "
                            f"cause: {cause}. No model was written; {kept}")
-
