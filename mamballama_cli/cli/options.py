@@ -123,8 +123,12 @@ def config_command(cls, *, model_help: str, template_help: str, run: Callable[..
     template_data = None
     if default_template is not None:
         from mamballama_cli.config import find_template, read_yaml
+        from mamballama_cli.errors import UsageError
 
-        template_data = read_yaml(find_template(default_template))
+        try:
+            template_data = read_yaml(find_template(default_template))
+        except UsageError:  # a broken install: the help shows the config's defaults, the run names the problem
+            template_data = None
     fields = option_fields(cls)
     params = [inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=str,
                                 default=typer.Argument(..., help=model_help))]
