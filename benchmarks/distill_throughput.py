@@ -81,7 +81,9 @@ def main(argv=None) -> dict:
     from mamballama_cli.convert.placement import attention_layers_for_ratio
     from mamballama_cli.training.config import ResolvedStage
     from mamballama_cli.training.data import Item
-    from mamballama_cli.training.trainer import Job, build_optimizer, make_accelerator, micro_step
+    from mamballama_cli.training.engine import build_optimizer, make_accelerator
+    from mamballama_cli.training.recipes import Job, recipe_for
+    from mamballama_cli.training.trainer import micro_step
 
     acc = make_accelerator(SimpleNamespace(mixed_precision="bf16" if torch.cuda.is_available() else "no",
                                            gradient_accumulation_steps=args.accumulation))
@@ -116,7 +118,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(0)
     items = [Item(torch.randint(0, vocab, (L,), generator=g).tolist(), [False] + [True] * (L - 1))
              for _ in range(mb)]
-    job = Job("distill", frozen=teacher, items=items, pad_id=0)
+    job = Job(recipe_for("distill"), frozen=teacher, items=items, pad_id=0)
     cfg = SimpleNamespace(beta=0.0, label_smoothing=0.0)
     n_targets = sum(it.n_targets for it in items) * args.accumulation
 

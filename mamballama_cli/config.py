@@ -22,6 +22,21 @@ T = TypeVar("T")
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 
 
+def option(default: Any = dataclasses.MISSING, *, help: str, flags: tuple[str, ...] = (),
+           default_text: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field that is also a command-line option: its help lives here, beside its default, once.
+
+    Commands built from a config (cli/options.py) turn every field made with ``option`` into an option and
+    show the default in its help; fields made without it are config-only keys (YAML, --config). ``flags``
+    replaces the spelling ``--field-name`` (e.g. ``("--output", "-o")``; a boolean given as ``"--x/--no-x"``
+    keeps an unset value apart from both); ``default_text`` says in words what an unset (None) default means.
+    """
+    metadata = {"help": help, "flags": tuple(flags), "default_text": default_text}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def template_names() -> list[str]:
     """The names of the training templates (templates/*.yaml), sorted."""
     return sorted(x.stem for x in TEMPLATES_DIR.glob("*.yaml")) if TEMPLATES_DIR.is_dir() else []
@@ -61,8 +76,28 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
+def aliases(cls) -> dict[str, str]:
+    """Old spellings of keys that ``cls`` still reads: its class attribute ``ALIASES = {old: new}``."""
+    return dict(getattr(cls, "ALIASES", None) or {})
+
+
+def canonical_keys(cls, data: dict, source: str = "config") -> dict:
+    """``data`` with every old spelling of a key renamed to the current one (both spellings at once: an error)."""
+    renames = aliases(cls)
+    if not any(k in renames for k in data):
+        return data
+    out = {}
+    for key, value in data.items():
+        new = renames.get(key, key)
+        if new in out or (new != key and new in data):
+            raise UsageError(f"{source}: {key!r} and {new!r} are one key (its old and new name); give it once, as "
+                             f"{new!r}")
+        out[new] = value
+    return out
+
+
 def _check_keys(cls, data: dict, source: str) -> None:
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls)] + list(aliases(cls))
     for key in data:
         if key not in names:
             hint = difflib.get_close_matches(key, names, n=1)
@@ -142,6 +177,7 @@ def _coerce(tp, value, key: str):
 def build(cls: type[T], data: dict, source: str = "config", prefix: str = "") -> T:
     """``cls`` from ``data``: unknown keys and values of the wrong type are errors naming the key."""
     _check_keys(cls, data, source)
+    data = canonical_keys(cls, data, source)
     hints = typing.get_type_hints(cls)
     kwargs = {k: _coerce(hints.get(k, Any), v, f"{prefix}{k}") for k, v in data.items()}
     return cls(**kwargs)

@@ -3,7 +3,8 @@
 While a CLI command runs, ``sys.stdout`` points at stderr (see :func:`results_to_stdout_only`) so that
 libraries printing while they load (DeepSpeed announces its accelerator on stdout, for one) cannot pollute
 piped output such as `mamballama convert ... --json | jq`. Results are written with :func:`out` or
-:func:`console`, which use the real stdout. ``STATE["verbose"]`` says whether library chatter is wanted.
+:func:`console`, which use the real stdout; progress and diagnostics with :func:`log`, on stderr.
+``STATE["verbose"]`` says whether library chatter is wanted.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ def out(text: str = "", end: str = "\n") -> None:
     stream = results_stream()
     stream.write(text + end)
     stream.flush()
+
+
+def log(msg: str, main: bool = True) -> None:
+    """A progress or diagnostic line on stderr (never a result); ``main=False`` (a process other than the main
+    one of a distributed run) writes nothing."""
+    if main:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def console():

@@ -250,6 +250,28 @@ def test_every_option_of_every_command_has_help_and_placeholders_are_explained()
     assert not unexplained, unexplained
 
 
+def test_training_options_come_from_the_configs_with_the_defaults_the_command_uses():
+    """distill/sft/dpo take one option per option field of their config; the help states the field's default, or
+    the default template's value (distill), so help and config cannot drift apart."""
+    import dataclasses
+
+    from mamballama_cli.training.config import DistillConfig, DPOConfig, SFTConfig
+
+    leaves = dict(_leaf_commands())
+    for name, cls in (("distill", DistillConfig), ("sft", SFTConfig), ("dpo", DPOConfig)):
+        params = {p.name: p for p in leaves[name].params}
+        fields = [f for f in dataclasses.fields(cls) if "help" in f.metadata]
+        assert {f.name for f in fields} <= set(params), name
+        for f in fields:
+            assert f.metadata["help"] in params[f.name].help, (name, f.name)
+    sft = {p.name: p.help for p in leaves["sft"].params}
+    assert "[default: 2e-05]" in sft["lr"] and "[default: 2048]" in sft["seq_len"]
+    distill = {p.name: p.help for p in leaves["distill"].params}
+    assert "[default: 1024, from template distill-default]" in distill["seq_len"]
+    assert "per stage, from template distill-default" in distill["lr"]
+    assert "text_field" not in {p.name for p in leaves["dpo"].params}  # dpo reads prompt, chosen, rejected
+
+
 def test_eval_help_shows_the_report_options(capsys):
     r = run_cli(["eval", "--help"], capsys)
     assert r.code == 0

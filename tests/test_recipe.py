@@ -54,7 +54,7 @@ def test_distill_without_a_template_runs_the_default_recipe(models, tmp_path, ca
 
 def test_loss_positions_all_takes_the_teacher_on_prompts_but_never_on_padding():
     from mamballama_cli.training.data import Item, collate
-    from mamballama_cli.training.trainer import loss_mask
+    from mamballama_cli.training.recipes import loss_mask
 
     items = [Item([1, 5, 6, 7, 8, 2], [False, False, False, True, True, True]), Item([1, 9, 2], [False, True, True])]
     batch = collate(items, pad_id=0)

@@ -151,6 +151,30 @@ def test_flags_replace_template_stage_values(tmp_path):
     assert {s.max_grad_norm for s in cfg.resolved_stages()} == {0.5}
 
 
+def test_a_stage_ratio_has_one_name_and_the_old_one_still_reads(tmp_path):
+    """A stage's `ratio` (as `convert --ratio`) resolves through convert/placement.py; `attn_ratio`, its old name,
+    is read as the same key, and a run saved with it still resumes (same config hash)."""
+    from mamballama_cli.convert.placement import resolve_attention_layers
+    from mamballama_cli.errors import UsageError
+    from mamballama_cli.training.config import DistillConfig, config_dict, config_hash, merge_train_config
+
+    base = dict(model="m", data="d", output="o")
+    f = tmp_path / "c.yaml"
+    f.write_text("stages:\n  - {attn_ratio: 0.5}\n  - {ratio: 0.25}\n")
+    cfg = merge_train_config(DistillConfig, template=None, config_file=f, overrides=base)
+    assert [s.ratio for s in cfg.resolved_stages()] == [0.5, 0.25]
+    assert [resolve_attention_layers(8, s.ratio, s.attn_layers) for s in cfg.resolved_stages()] == [[1, 3, 5, 7],
+                                                                                                    [3, 7]]
+    assert resolve_attention_layers(8, 0.5, "2,4") == [2, 4] and resolve_attention_layers(8) is None
+    saved = config_dict(cfg)
+    old = {**saved, "stages": [{("attn_ratio" if k == "ratio" else k): v for k, v in st.items()}
+                               for st in saved["stages"]]}
+    assert config_hash(old) == config_hash(saved)
+    f.write_text("stages:\n  - {attn_ratio: 0.5, ratio: 0.25}\n")
+    with pytest.raises(UsageError, match="'attn_ratio' and 'ratio' are one key"):
+        merge_train_config(DistillConfig, template=None, config_file=f, overrides=base)
+
+
 def test_label_bad_inputs(models, tmp_path, capsys):
     r = run_cli(["label", models["teacher"], "--prompts", tmp_path / "none.jsonl", "-o", tmp_path / "l.jsonl"], capsys)
     one_line_error(r, "none.jsonl", "does not exist")

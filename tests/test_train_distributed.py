@@ -38,8 +38,8 @@ def losses(run_dir):
 def test_two_cpu_processes_match_one_with_accumulation_and_resume_across_sizes(tmp_path):
     """gloo DDP (2 processes x 1 micro-batch) == 1 process x 2 micro-batches, and a 2-process run resumes on 1."""
     _, hybrid = hybrid_dirs(tmp_path)
-    args = ["distill", str(hybrid), "--data", TRAIN, "--steps", "4", "--lr", "3e-3", "--seq-len", "128",
-            "--micro-batch-size", "2", "--warmup", "0"]
+    args = ["distill", str(hybrid), "--template", "none", "--data", TRAIN, "--steps", "4", "--lr", "3e-3",
+            "--seq-len", "128", "--micro-batch-size", "2", "--warmup", "0"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
                 "-m", "mamballama_cli"]
@@ -70,8 +70,8 @@ def test_accelerate_config_delegates_to_accelerate_launch(tmp_path):
     cfg = tmp_path / "cpu.yaml"
     cfg.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n"
                    "num_machines: 1\nmixed_precision: 'no'\nuse_cpu: true\n")
-    r = subprocess.run([sys.executable, "-m", "mamballama_cli", "distill", str(hybrid), "--data", TRAIN, "--steps", "2",
-                        "--seq-len", "96", "--micro-batch-size", "2", "--output", str(tmp_path / "run"),
+    r = subprocess.run([sys.executable, "-m", "mamballama_cli", "distill", str(hybrid), "--template", "none", "--data",
+                        TRAIN, "--steps", "2", "--seq-len", "96", "--micro-batch-size", "2", "--output", str(tmp_path / "run"),
                         "--accelerate-config", str(cfg), "--json"], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -6,22 +6,11 @@ import functools
 import os
 import sys
 
-import typer
-
 from mamballama_cli.output import results_to_stdout_only
 
 # How the help of every command writes its placeholders (typer's notation), said under each command's help.
 NOTATION = ("Notation: {model} is a required argument, [x] an optional one; <str>, <int>, <float>, <path> "
             "give the kind of value an option takes.")
-
-
-# Options that distill and sft declare alike (one definition, one help text).
-TRAIN_DATA_OPTION = typer.Option(None, "--data", help="JSONL ({'messages': [...]}, {'text': ...} or {'prompt', "
-                                 "'response'}), a local data set (save_to_disk folder, .parquet, .arrow), a shard "
-                                 "folder from `data generate`, a Hugging Face dataset name, or builtin:pydoc-topics; "
-                                 "several comma-separated are concatenated.")
-TEXT_FIELD_OPTION = typer.Option(None, "--text-field", help="Field holding each record's text (a string) or "
-                                 "conversation (a message list); default: messages, text or prompt+response.")
 
 
 def command_io(fn):

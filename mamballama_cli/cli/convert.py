@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, dtype_option, force_option, json_option, seed_option
+
 HELP = "Turn a Transformer teacher into a hybrid whose Mamba layers start from its attention."
 
 
@@ -24,8 +26,8 @@ def command(
     draft_layers: Optional[str] = typer.Option(None, "--draft-layers", help="Instead of a hybrid, cut a small "
                                                "Transformer draft from these teacher layers, e.g. 0,10,20,29."),
     mixer: Optional[str] = typer.Option(None, "--mixer", help="mamba2 (default) or mamba1."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (teacher's), float32, bfloat16, float16."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for the freshly initialised parameters."),
+    dtype: Optional[str] = dtype_option(auto="the teacher's"),
+    seed: Optional[int] = seed_option("the freshly initialised parameters"),
     init: Optional[str] = typer.Option(None, "--init", help="How the mixers' fresh parts start: 'calibrated' "
                                        "(default: identity conv, open gate, D=0, output gains fitted by least "
                                        "squares to the attention output on built-in text), 'paper' (random conv "
@@ -39,9 +41,9 @@ def command(
                                                   "'recall' (worse recall of a code stated earlier in the text, "
                                                   "that layer alone converted), 'kl+recall' (both, each scaled "
                                                   "by its mean) or 'residual' (calibrated relative error)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    force: bool = force_option(),
+    config: Optional[Path] = config_option(),
+    json_out: bool = json_option(),
 ):
     from mamballama_cli.config import merge_config
     from mamballama_cli.convert import ConvertConfig, print_summary, run_convert

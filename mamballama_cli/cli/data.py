@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, seed_option
+
 from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import out
 
@@ -29,9 +31,9 @@ def build(
     max_passages: Optional[int] = typer.Option(None, "--max-passages", help="Shakespeare paraphrase prompts."),
     recall_docs: Optional[int] = typer.Option(None, "--recall-docs", help="Long-range recall documents: facts "
                                               "stated in training text and asked for at its end (default 800)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the held-out split (default 0)."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    seed: Optional[int] = seed_option("the held-out split (default 0)"),
+    force: bool = force_option(),
+    config: Optional[Path] = config_option(),
 ):
     import json
 
@@ -70,9 +72,9 @@ def generate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Rows decoded together (default: on CUDA "
                                              "as many as fit in 40% of the free memory, up to 1024; 8 on CPU)."),
     shard_tokens: Optional[int] = typer.Option(None, "--shard-tokens", help="Tokens per shard (default 1,000,000)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling and prompt-order seed (default 0)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), ..."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    seed: Optional[int] = seed_option("sampling and of the prompt order (default 0)"),
+    dtype: Optional[str] = dtype_option(),
+    device: Optional[str] = device_option(),
     sync_every: Optional[int] = typer.Option(None, "--sync-every", help="Decode steps between checks for finished "
                                              "batches (default 64 on CUDA, 1 on CPU)."),
     data_split: Optional[str] = typer.Option(None, "--data-split", help="Split of a saved DatasetDict in --prompts."),
@@ -81,8 +83,8 @@ def generate(
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed prompt lines (with a count) "
                                         "instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Continue after the last complete shard in --output."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    force: bool = force_option(),
+    config: Optional[Path] = config_option(),
 ):
     import json
 

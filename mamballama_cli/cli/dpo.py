@@ -1,83 +1,24 @@
-"""`mamballama dpo MODEL --data PAIRS.jsonl --output RUN [--reference REF] [--beta 0.01] [--template dpo]`"""
+"""`mamballama dpo MODEL --data PAIRS.jsonl --output RUN [--reference REF] [--beta 0.01] [--template dpo]`
+
+The options are the fields of :class:`~mamballama_cli.training.config.DPOConfig` (cli/options.py).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
-import typer
+from mamballama_cli.cli.options import config_command
+from mamballama_cli.training.config import DPOConfig
 
 HELP = "Direct preference optimisation (sigmoid DPO) of a hybrid against a frozen reference."
-CONTEXT: dict = {}  # click context settings (none needed)
 
 
-def command(
-    model: str = typer.Argument(..., help="Checkpoint directory to train (usually the distilled/SFT hybrid)."),
-    data: Optional[str] = typer.Option(None, "--data", help="JSONL of {'prompt', 'chosen', 'rejected'} (strings or "
-                                       "message lists), a local data set (save_to_disk folder, .parquet, .arrow) or a "
-                                       "Hugging Face dataset name; several comma-separated are concatenated."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Run directory."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Frozen reference model (default: MODEL)."),
-    beta: Optional[float] = typer.Option(None, "--beta", help="DPO beta (default 0.01, the paper's)."),
-    label_smoothing: Optional[float] = typer.Option(None, "--label-smoothing", help="Conservative DPO (0 = off)."),
-    max_prompt_length: Optional[int] = typer.Option(None, "--max-prompt-length", help="Prompt tokens kept (from "
-                                                    "the end)."),
-    template: Optional[str] = typer.Option(None, "--template", help="Recipe from templates/ (e.g. dpo)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
-    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Held-out pairs: margin and accuracy."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (instead of --epochs)."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (default 1)."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many steps (with a "
-                                            "checkpoint); --resume continues."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Prompt + answer tokens per row."),
-    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Pairs per device per forward."),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps",
-                                                              help="Micro-batches per optimizer step (global batch = "
-                                                              "micro-batch x this x processes; default 1)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-5)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay (default 0)."),
-    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Clip the gradient norm (0: off)."),
-    warmup: Optional[float] = typer.Option(None, "--warmup", help="Warm-up: a fraction (<1) or steps (>=1)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, linear or constant."),
-    trainable: Optional[str] = typer.Option(None, "--trainable", help="all, or mixers (Mamba mixers only)."),
-    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="auto (bf16 on CUDA), bf16, fp16, "
-                                                  "no."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
-                                                          help="Recompute activations in the backward pass: less "
-                                                          "memory, slower."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the data order and of freshly initialised "
-                                       "parameters (default 0)."),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Steps between checkpoints (0: only at the "
-                                             "end)."),
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", help="Checkpoints kept in the run "
-                                                   "directory, older ones deleted (default 2)."),
-    log_every: Optional[int] = typer.Option(None, "--log-every", help="Steps between progress lines when stderr is "
-                                            "not a terminal (metrics.jsonl has every step)."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Steps between held-out evaluations "
-                                             "(default 0: stage starts and ends only)."),
-    save_dtype: Optional[str] = typer.Option(None, "--save-dtype", help="Final model dtype (auto: the input's)."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed data lines (with a count) "
-                                        "instead of stopping."),
-    nan_patience: Optional[int] = typer.Option(None, "--nan-patience", help="Consecutive steps with a non-finite "
-                                               "loss or gradient to skip before stopping (default 0: stop at the "
-                                               "first, keeping the last finite checkpoint)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output from its last checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
-    accelerate_config: Optional[str] = typer.Option(None, "--accelerate-config", help="Run under `accelerate "
-                                                    "launch` with this config (templates/accelerate/*.yaml)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the run summary as JSON on stdout."),
-):
-    from mamballama_cli.training.config import DPOConfig
+def _run(**kwargs) -> None:
     from mamballama_cli.training.launch import run_command
 
-    overrides = dict(
-        model=model, data=data, output=output, reference=reference, beta=beta, label_smoothing=label_smoothing,
-        max_prompt_length=max_prompt_length, eval_data=eval_data, steps=steps, epochs=epochs, max_steps=max_steps,
-        seq_len=seq_len, micro_batch_size=micro_batch_size, gradient_accumulation_steps=gradient_accumulation_steps,
-        lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm, warmup=warmup, schedule=schedule,
-        trainable=trainable, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        seed=seed, save_every=save_every, keep_checkpoints=keep_checkpoints, log_every=log_every,
-        eval_every=eval_every, save_dtype=save_dtype, skip_bad_lines=skip_bad_lines or None,
-        nan_patience=nan_patience, resume=resume or None, force=force or None, accelerate_config=accelerate_config,
-    )
-    run_command("dpo", DPOConfig, template=template, config_file=config, overrides=overrides, json_out=json_out)
+    run_command("dpo", DPOConfig, **kwargs)
+
+
+command = config_command(
+    DPOConfig, run=_run,
+    model_help="Checkpoint directory to train (usually the distilled/SFT hybrid).",
+    template_help="Recipe from templates/ (e.g. dpo).",
+)

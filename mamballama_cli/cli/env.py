@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import json_option
+
 from mamballama_cli.output import out
 
 HELP = "Print versions, devices and, per op, which kernel backend is used and why."
@@ -15,7 +17,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"]}
 def command(
     device: Optional[str] = typer.Option(None, "--device", help="Device whose backends to report: cuda (default "
                                          "when present), cuda:1, cpu."),
-    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    json_out: bool = json_option("the report"),
 ):
     report = environment_report(device)
     if json_out:
@@ -35,7 +37,7 @@ def environment_report(device: str | None = None) -> dict:
     import torch
 
     from mamballama_cli import __version__, ops
-    from mamballama_cli.evaluation.speed import package_version
+    from mamballama_cli.evaluation.speed_device import package_version
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

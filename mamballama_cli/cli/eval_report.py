@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, json_option, seed_option
+
 from mamballama_cli.output import out
 
 HELP = "Evaluate MODEL against its teacher: perplexity, agreement, passkey/needle, lm-eval tasks, chat answers."
@@ -21,12 +23,11 @@ def command(
                                           "recorded in MODEL's config; 'none' to evaluate MODEL alone."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma list of perplexity, passkey, needle, lm-eval, "
                                         "mt-bench, alpaca-eval, speed. Default: perplexity,passkey,needle."),
-    force: bool = typer.Option(False, "--force", help="Empty a non-empty --output that is not a resumable run."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options (snake_case)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, "
-                                        "bfloat16, float16."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for retrieval keys, lm-eval and sampling."),
+    force: bool = force_option("--output that is not a resumable run"),
+    config: Optional[Path] = config_option(),
+    dtype: Optional[str] = dtype_option(),
+    device: Optional[str] = device_option(),
+    seed: Optional[int] = seed_option("the retrieval keys, lm-eval and sampling"),
     ppl_data: Optional[str] = typer.Option(None, "--ppl-data", help="Comma list of .txt / .jsonl files for "
                                            "perplexity; default: built-in English text."),
     ppl_field: Optional[str] = typer.Option(None, "--ppl-field", help="JSONL field with the text (default text)."),
@@ -71,7 +72,7 @@ def command(
                                                     "(default 1)."),
     speed_new_tokens: Optional[int] = typer.Option(None, "--speed-new-tokens", help="speed: tokens decoded per "
                                                    "run (default 32)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result rows as JSON instead of the table."),
+    json_out: bool = json_option("the result rows (instead of the table)"),
 ):
     import json
 

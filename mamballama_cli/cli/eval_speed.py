@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, device_option, dtype_option, seed_option
+
 from mamballama_cli.output import out
 
 HELP = ("Benchmark time to first token, decode tokens/s (batch 1, 8, 32) and memory against prompt length "
@@ -24,9 +26,8 @@ def command(
                                           "attention (default 0.25)."),
     attn_layers: Optional[str] = typer.Option(None, "--attn-layers", help="With --shape: explicit attention "
                                               "layers, e.g. 3,7,11."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), "
-                                        "bfloat16, float16, float32."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: Optional[str] = dtype_option(),
+    device: Optional[str] = device_option(),
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length of the batch runs "
                                                 "(default 128)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", help="Tokens decoded in the batch runs "
@@ -45,10 +46,9 @@ def command(
                                                   "decoder, e.g. transformers,static."),
     no_graphs: bool = typer.Option(False, "--no-graphs", help="Run the hybrid's decode step eagerly (no CUDA "
                                    "graph)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the random weights and prompt tokens (default "
-                                       "0)."),
+    seed: Optional[int] = seed_option("the random weights and prompt tokens (default 0)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
+    config: Optional[Path] = config_option(),
 ):
     from mamballama_cli.config import merge_config
     from mamballama_cli.evaluation.speed import SpeedConfig, format_table, parse_int_list, run_speed, write_result

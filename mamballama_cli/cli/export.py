@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, dtype_option, force_option, json_option
+
 HELP = "Export a hybrid to a standard architecture (GraniteMoeHybrid) for stock transformers and vLLM."
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -22,9 +24,7 @@ def command(
         "-f",
         help="Target architecture: granite-hybrid (GraniteMoeHybridForCausalLM). Default granite-hybrid.",
     ),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="auto (the hybrid's stored dtype), float32, bfloat16, float16."
-    ),
+    dtype: Optional[str] = dtype_option(auto="the hybrid's stored dtype"),
     verify: Optional[bool] = typer.Option(
         None,
         "--verify/--no-verify",
@@ -32,9 +32,9 @@ def command(
         "and compare logits with the hybrid before keeping it (default on; "
         "holds a second float32 copy in memory).",
     ),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    force: bool = force_option(),
+    config: Optional[Path] = config_option(),
+    json_out: bool = json_option(),
 ):
     from mamballama_cli.config import merge_config
     from mamballama_cli.export import ExportConfig, print_summary, run_export

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, json_option, seed_option
+
 from mamballama_cli.output import out
 
 HELP = "Have the teacher answer a prompt file (pseudo-labels, resumable JSONL) for distill/sft."
@@ -23,16 +25,16 @@ def command(
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy (default)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling (default 1.0: off)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generate call (default 8)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (with --temperature > 0)."),
+    seed: Optional[int] = seed_option("sampling (with --temperature > 0)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N prompts."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), ..."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: Optional[str] = dtype_option(),
+    device: Optional[str] = device_option(),
     skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip malformed prompt lines (with a count) "
                                         "instead of stopping."),
     resume: bool = typer.Option(False, "--resume", help="Keep the answers already in --output; label the rest."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --output."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with any of these options."),
-    json_out: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    force: bool = force_option(),
+    config: Optional[Path] = config_option(),
+    json_out: bool = json_option(),
 ):
     from mamballama_cli.config import merge_config
     from mamballama_cli.training.label import LabelConfig, run_label

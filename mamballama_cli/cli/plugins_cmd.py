@@ -6,6 +6,8 @@ import json
 
 import typer
 
+from mamballama_cli.cli.options import json_option
+
 from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import console, out
 
@@ -48,7 +50,7 @@ def plugin_rows() -> tuple[list[dict], list[str]]:
 @app.command("list", help="List plugins (built-ins included), their versions and what each registers.",
              epilog=NOTATION)
 @command_io
-def list_plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
+def list_plugins(json_out: bool = json_option("the list")):
     rows, errors = plugin_rows()
     if json_out:
         out(json.dumps({"registrations": rows, "errors": errors}, indent=2))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from mamballama_cli.cli.options import json_option
+
 from mamballama_cli.cli.common import NOTATION, command_io
 from mamballama_cli.output import out
 
@@ -40,7 +42,7 @@ def description(path: Path) -> str:
 @app.command("list", help="List the templates with their first comment line (distill: --template NAME; "
                           "accelerate/NAME: --accelerate-config NAME).", epilog=NOTATION)
 @command_io
-def list_templates(json_out: bool = typer.Option(False, "--json", help="Print JSON on stdout.")):
+def list_templates(json_out: bool = json_option("the list")):
     rows = [{"name": name, "description": description(path)} for name, path in template_files().items()]
     if json_out:
         out(json.dumps(rows, indent=2))

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mamballama_cli.output import console, out
+from mamballama_cli.output import console, log, out
 from mamballama_cli.errors import UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -69,13 +69,9 @@ def torch_dtype(name: str):
     return None if name == "auto" else getattr(torch, name)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run_convert(cfg: ConvertConfig) -> dict:
     """Validate everything cheap first, then load, convert, check and save atomically. Returns the summary."""
-    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
+    from mamballama_cli.convert.placement import resolve_attention_layers
     from mamballama_cli.io import check_output_dir
 
     out_dir = check_output_dir(cfg.output, cfg.force)
@@ -93,10 +89,7 @@ def run_convert(cfg: ConvertConfig) -> dict:
         return run_draft_convert(cfg, out_dir)
     ratio = 0.5 if cfg.ratio is None and cfg.attn_layers is None else cfg.ratio
     auto = cfg.attn_layers is not None and cfg.attn_layers.strip().lower() == "auto"
-    if cfg.attn_layers is not None and not auto:
-        attn_layers = parse_layer_list(cfg.attn_layers, n_layers)
-    else:
-        attn_layers = attention_layers_for_ratio(n_layers, float(ratio))
+    attn_layers = resolve_attention_layers(n_layers, ratio, None if auto else cfg.attn_layers)
 
     import torch
 

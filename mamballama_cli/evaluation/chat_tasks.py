@@ -11,7 +11,8 @@ from pathlib import Path
 
 from mamballama_cli.evaluation.config import EvalConfig
 from mamballama_cli.evaluation.models import STUDENT, TEACHER
-from mamballama_cli.evaluation.run import Run, log, safe_name, short_sha
+from mamballama_cli.evaluation.run import Run, safe_name, short_sha
+from mamballama_cli.output import log
 
 def _judge_client(cfg: EvalConfig):
     from mamballama_cli.evaluation.judge import JudgeClient

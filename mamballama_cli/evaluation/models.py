@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError
+from mamballama_cli.output import log
 
 STUDENT, TEACHER = "student", "teacher"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def recorded_teacher(config) -> str | None:

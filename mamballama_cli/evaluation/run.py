@@ -7,7 +7,6 @@ Below the runner and every task module: the runner builds a :class:`Run` and cal
 from __future__ import annotations
 
 import hashlib
-import sys
 import threading
 from pathlib import Path
 
@@ -15,10 +14,7 @@ from mamballama_cli.evaluation.config import EvalConfig
 from mamballama_cli.evaluation.models import ModelPair
 from mamballama_cli.evaluation.report import Report
 from mamballama_cli.evaluation.store import CellStore
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from mamballama_cli.output import log
 
 
 def safe_name(name: str) -> str:

@@ -17,8 +17,9 @@ from mamballama_cli.evaluation import chat_tasks, speed_task
 from mamballama_cli.evaluation.config import EvalConfig, parse_depths, parse_lengths, split_list
 from mamballama_cli.evaluation.models import STUDENT, TEACHER, ModelPair
 from mamballama_cli.evaluation.report import Report
-from mamballama_cli.evaluation.run import Run, log, resolve_distill_length, safe_name, short_sha
+from mamballama_cli.evaluation.run import Run, resolve_distill_length, safe_name, short_sha
 from mamballama_cli.evaluation.store import CellStore, prepare_output
+from mamballama_cli.output import log
 
 RETRIEVAL_NEW_TOKENS = {"passkey": 8, "needle": 12}
 

@@ -22,18 +22,18 @@ measured. Only one model is in memory at a time.
 
 from __future__ import annotations
 
-import gc
 import inspect
 import math
-import platform
-import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.evaluation.speed_device import (copy_bandwidth, device_info, free_memory, peak_memory, reset_peak,
+                                                    sync_device, weight_bytes)
+from mamballama_cli.evaluation.speed_models import SpeedModels
+from mamballama_cli.output import log
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -103,114 +103,6 @@ def parse_int_list(text: str | None, flag: str) -> list[int] | None:
     return values
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Device helpers
-# ------------------------------------------------------------------------------------------------
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device, collect: bool = False) -> None:
-    """Return cached GPU memory; ``collect`` also runs the garbage collector (slow: only between models)."""
-    import torch
-
-    if collect:
-        gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    _free(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device) -> int | None:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (median of ``reps``)."""
-    import torch
-
-    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
-
-
-def weight_bytes(model) -> dict:
-    """Total parameter bytes and the bytes one batch-1 decode step reads (an untied embedding table is
-    read one row per token, so it does not count; a tied one is read in full as the LM head)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    tied = emb.data_ptr() == head.data_ptr()
-    emb_bytes = emb.numel() * emb.element_size()
-    return {"total": total, "read_per_token": total - (0 if tied else emb_bytes), "tied_embeddings": tied}
-
-
-def device_info(device) -> dict:
-    import torch
-    import transformers
-
-    info = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_bytes=int(props.total_memory),
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    else:
-        info.update(name=platform.processor() or platform.machine(), cores=__import__("os").cpu_count())
-    for mod in ("triton", "mamba_ssm", "causal_conv1d"):
-        info[mod] = package_version(mod)
-    return info
-
-
-def package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in (name, name.replace("_", "-")):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
 # ------------------------------------------------------------------------------------------------
 # Runners: one measurement = prefill (time to first token) + a timed run of decode steps
 # ------------------------------------------------------------------------------------------------
@@ -227,20 +119,20 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
 
     device = model.lm_head.weight.device
     ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
-    _reset_peak(device)
+    reset_peak(device)
     dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda")
     # Warm-up at the same length: records the graph and compiles every kernel. Triton specialises
     # integer arguments (== 1, multiple of 16: the chunk count of the scan, say), so a shorter warm-up
     # prompt can leave a compilation inside the timed prefill.
     dec.prefill(ids)
     dec.decode(2, sync_every=2)
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     first = dec.prefill(ids)
     first.tolist()  # the first token is on the host
     t1 = time.perf_counter()
     dec.decode(new_tokens - 1, sync_every=1 << 30)
-    _sync(device)
+    sync_device(device)
     t2 = time.perf_counter()
     mem = dec.cache.memory_bytes()
     row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
@@ -273,12 +165,12 @@ def run_transformers(model, batch: int, prompt_len: int, new_tokens: int, seed: 
             out = model(input_ids=nxt, use_cache=True, **{kw: cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             cache = out[kw]
-        _sync(device)
+        sync_device(device)
         return first, t_first, cache
 
     with torch.no_grad():
         run(ids[:, : min(prompt_len, 64)], 2)  # warm-up
-        _reset_peak(device)
+        reset_peak(device)
         t0 = time.perf_counter()
         _, t1, cache = run(ids, new_tokens - 1)
         t2 = time.perf_counter()
@@ -299,106 +191,7 @@ def _row(batch, prompt_len, new_tokens, t0, t1, t2, device) -> dict:
     per_seq = (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else float("nan")
     return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
             "ttft_s": t1 - t0, "decode_s": decode_s, "decode_tok_s": per_seq,
-            "aggregate_tok_s": per_seq * batch, "peak_mem_bytes": _peak(device)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Building the models
-# ------------------------------------------------------------------------------------------------
-def _attn_layers(cfg: SpeedConfig, num_layers: int) -> list[int]:
-    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
-
-    if cfg.attn_layers is not None:
-        return parse_layer_list(cfg.attn_layers, num_layers)
-    return attention_layers_for_ratio(num_layers, cfg.ratio)
-
-
-class _Models:
-    """Builds one model at a time: the hybrid, the transformers teacher, the teacher as an all-attention
-    hybrid (for the static engine)."""
-
-    def __init__(self, cfg: SpeedConfig, device, dtype):
-        self.cfg, self.device, self.dtype = cfg, device, dtype
-        self.describe: dict = {}
-
-    def hybrid(self):
-        import torch
-
-        from mamballama_cli.models.modeling import MamballamaForCausalLM
-
-        if self.cfg.shape:
-            from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
-
-            tc = teacher_config(self.cfg.shape)
-            hc = hybrid_config(tc, _attn_layers(self.cfg, tc.num_hidden_layers))
-            self.describe.update(shape=self.cfg.shape, attn_layers=hc.attn_layers)
-            return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
-        from mamballama_cli.loading import checkpoint_dir
-        from transformers import AutoModelForCausalLM
-
-        import mamballama_cli  # noqa: F401
-
-        path = checkpoint_dir(self.cfg.model)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=self.dtype).to(self.device).eval()
-        if not isinstance(model, MamballamaForCausalLM):
-            raise UsageError(f"--model {self.cfg.model}: not a mamballama hybrid ({type(model).__name__}); "
-                             "pass a checkpoint written by convert/distill")
-        self.describe.update(model=str(path), attn_layers=model.config.attn_layers)
-        torch.manual_seed(self.cfg.seed)
-        return model
-
-    def teacher_path(self):
-        if self.cfg.teacher:
-            return self.cfg.teacher
-        if self.cfg.model:
-            from mamballama_cli.loading import checkpoint_dir
-            from transformers import AutoConfig
-
-            import mamballama_cli  # noqa: F401
-
-            cfg = AutoConfig.from_pretrained(str(checkpoint_dir(self.cfg.model)))
-            name = (getattr(cfg, "teacher", None) or {}).get("name_or_path")
-            return name
-        return None
-
-    def teacher(self):
-        """The transformers teacher (random weights at the shape, or the checkpoint)."""
-        if self.cfg.shape:
-            from transformers import LlamaForCausalLM
-
-            from mamballama_cli.evaluation.shapes import random_model, teacher_config
-
-            return random_model(LlamaForCausalLM, teacher_config(self.cfg.shape), self.dtype, self.device,
-                                self.cfg.seed)
-        spec = self.teacher_path()
-        if not spec:
-            return None
-        from mamballama_cli.convert.teacher import load_teacher
-
-        loaded = load_teacher(spec, dtype=self.dtype, allow_download=False)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        self.describe["teacher"] = spec
-        return model.to(self.device).eval()
-
-    def teacher_as_hybrid(self):
-        """The teacher with every layer kept as attention, in the hybrid class (exactly the teacher)."""
-        from mamballama_cli.models.modeling import MamballamaForCausalLM
-
-        if self.cfg.shape:
-            from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
-
-            tc = teacher_config(self.cfg.shape)
-            hc = hybrid_config(tc, list(range(tc.num_hidden_layers)))
-            return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
-        teacher = self.teacher()
-        if teacher is None:
-            return None
-        from mamballama_cli.convert.converter import convert_model
-
-        hybrid, _ = convert_model(teacher, list(range(teacher.config.num_hidden_layers)), dtype=self.dtype)
-        del teacher
-        _free(self.device, collect=True)
-        return hybrid.to(self.device).eval()
+            "aggregate_tok_s": per_seq * batch, "peak_mem_bytes": peak_memory(device)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,7 +210,7 @@ def _guarded(rows: list, base: dict, fn, *args) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             row["error"] = "out of memory"
     rows.append({**base, **row})
-    _free(base["_device"])
+    free_memory(base["_device"])
 
 
 def _measure_model(rows, cfg: SpeedConfig, label: str, engine: str, model, device) -> None:
@@ -451,7 +244,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
         if device.index is None:  # memory statistics want an explicit index
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-    models = _Models(cfg, device, dtype)
+    models = SpeedModels(cfg, device, dtype)
     result: dict = {"machine": device_info(device), "config": {k: v for k, v in vars(cfg).items()},
                     "dtype": str(dtype).replace("torch.", ""), "rows": [], "floor": {}}
     log(f"device {result['machine'].get('name')} ({device}), {result['dtype']}")
@@ -472,7 +265,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
             floor_of("hybrid", model)
             _measure_model(rows, cfg, "hybrid", "static", model, device)
             del model
-            _free(device, collect=True)
+            free_memory(device, collect=True)
         if "teacher" in cfg.models:
             if "transformers" in cfg.teacher_engines:
                 model = models.teacher()
@@ -482,14 +275,14 @@ def run_speed(cfg: SpeedConfig) -> dict:
                     floor_of("teacher", model)
                     _measure_model(rows, cfg, "teacher", "transformers", model, device)
                     del model
-                    _free(device, collect=True)
+                    free_memory(device, collect=True)
             if "static" in cfg.teacher_engines:
                 model = models.teacher_as_hybrid()
                 if model is not None:
                     floor_of("teacher", model)
                     _measure_model(rows, cfg, "teacher", "static", model, device)
                     del model
-                    _free(device, collect=True)
+                    free_memory(device, collect=True)
     for row in rows:
         row.pop("_device", None)
     result["models"] = models.describe

@@ -19,20 +19,16 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.io import write_json_atomic
+from mamballama_cli.output import log
 
 MANIFEST = "eval_manifest.json"
 KIND = "mamballama-eval"
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def settings_hash(settings: dict) -> str:

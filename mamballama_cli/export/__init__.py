@@ -13,7 +13,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mamballama_cli.output import console, out
+from mamballama_cli.output import console, log, out
 from mamballama_cli.errors import MamballamaError, UsageError
 
 FORMATS = ("granite-hybrid",)
@@ -55,10 +55,6 @@ class ExportConfig:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if Path(self.output).expanduser().resolve() == Path(self.model).expanduser().resolve():
             raise UsageError("--output must differ from MODEL; the export never overwrites its source")
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _source_dir(spec: str) -> Path:

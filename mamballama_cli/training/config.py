@@ -13,7 +13,9 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from mamballama_cli.config import option
 from mamballama_cli.errors import UsageError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -36,12 +38,14 @@ RUN_CONTROL_KEYS = frozenset({
 class Stage:
     """One stage of a distillation recipe. Unset keys take the run's top-level value."""
 
+    ALIASES: ClassVar[dict[str, str]] = {"attn_ratio": "ratio"}  # old spellings still read (config.canonical_keys)
+
     name: str | None = None
     steps: int | None = None  # optimizer steps; else ``tokens``, else ``epochs`` passes over the data
     tokens: float | None = None  # stage length in tokens (steps = tokens / (global batch x mean item length))
     epochs: float | None = None
-    attn_ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba)
-    attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides attn_ratio)
+    ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba), as `convert --ratio`
+    attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides ratio), as `convert --attn-layers`
     trainable: str | None = None  # "mixers" (Mamba mixers only) or "all"
     lr: float | None = None
     betas: list[float] | None = None
@@ -66,47 +70,68 @@ INHERITED = ("steps", "tokens", "epochs", "trainable", "lr", "betas", "weight_de
 LOSS_POSITIONS = ("responses", "all")
 KL_REDUCTIONS = ("token", "sequence")
 
+# Help shared by several fields.
+TRAIN_DATA_HELP = ("JSONL ({'messages': [...]}, {'text': ...} or {'prompt', 'response'}), a local data set "
+                   "(save_to_disk folder, .parquet, .arrow), a shard folder from `data generate`, a Hugging Face "
+                   "dataset name, or builtin:pydoc-topics; several comma-separated are concatenated.")
+TEXT_FIELD_HELP = "Field holding each record's text (a string) or conversation (a message list)."
+TEXT_FIELD_DEFAULT = "messages, text or prompt+response"
+PACKING_HELP = ("auto, on, off or concat. on packs rows with position ids restarting per example, where every model "
+                "keeps packed examples apart (auto: where possible; a hybrid with Mamba layers is right-padded "
+                "instead); concat joins records into full rows with positions running on: exact for KD with any "
+                "model.")
+
 
 @dataclass
 class TrainConfig:
     """Options shared by distill, sft and dpo (also readable from --config FILE or a --template)."""
 
-    model: str = ""  # the model to train: a checkpoint directory or 'default'
-    data: str = ""  # JSONL, local data set (folder/.parquet/.arrow), shard folder, hub name, builtin; comma list
-    data_split: str = "train"  # split of a Hugging Face dataset
-    text_field: str | None = None  # the field holding each record's text or message list (default: the usual keys)
-    eval_data: str | None = None  # held-out data of the same format (evaluated at stage starts and ends)
-    output: str = ""
-    force: bool = False
-    resume: bool = False
-    seq_len: int = 2048
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    steps: int | None = None  # optimizer steps per stage (overrides tokens and epochs)
-    tokens: float | None = None  # tokens per stage (overrides epochs)
-    epochs: float = 1.0
-    max_steps: int | None = None  # stop (with a checkpoint) after this many steps in total; resume continues
-    max_seconds: float | None = None  # a wall-clock budget: stop there, checkpoint, and write the final model
-    lr: float = 2e-5
+    model: str = ""  # the model to train: a checkpoint directory or 'default' (the command's argument MODEL)
+    data: str = option("", help=TRAIN_DATA_HELP)
+    data_split: str = option("train", help="Split of a Hugging Face dataset or of a saved DatasetDict in --data.")
+    text_field: str | None = option(None, help=TEXT_FIELD_HELP, default_text=TEXT_FIELD_DEFAULT)
+    eval_data: str | None = option(None, help="Held-out data of the same format: CE, and KL to the teacher, at stage "
+                                   "starts and ends (and every --eval-every steps).")
+    output: str = option("", flags=("--output", "-o"), help="Run directory: checkpoints, metrics, final model.")
+    force: bool = option(False, help="Replace a non-empty --output.")
+    resume: bool = option(False, help="Continue the run in --output from its last checkpoint.")
+    seq_len: int = option(2048, help="Tokens per sequence.")
+    micro_batch_size: int = option(4, help="Sequences per device per forward.")
+    gradient_accumulation_steps: int = option(1, help="Micro-batches per optimizer step (global batch = "
+                                              "micro-batch x this x processes).")
+    steps: int | None = option(None, help="Optimizer steps per stage (instead of --tokens and --epochs).")
+    tokens: float | None = option(None, help="Tokens per stage (instead of --epochs).")
+    epochs: float = option(1.0, help="Passes over the data per stage.")
+    max_steps: int | None = option(None, help="Stop after this many steps in all (with a checkpoint); --resume "
+                                   "continues.", default_text="no limit")
+    max_seconds: float | None = option(None, help="Wall-clock budget in seconds: stop there, checkpoint, and still "
+                                       "write the final model.", default_text="no limit")
+    lr: float = option(2e-5, help="Peak learning rate.")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    warmup: float = 0.01
-    schedule: str = "cosine"
+    weight_decay: float = option(0.0, help="AdamW weight decay (on matrices only).")
+    max_grad_norm: float = option(1.0, help="Clip the gradient norm (0: off).")
+    warmup: float = option(0.01, help="Warm-up: a fraction of the stage's steps (<1) or steps (>=1).")
+    schedule: str = option("cosine", help=f"Learning-rate decay after the warm-up: {', '.join(SCHEDULES)}.")
     min_lr_ratio: float = 0.0
-    trainable: str = "all"
-    mixed_precision: str = "auto"  # auto = bf16 on CUDA, no on CPU
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    save_every: int = 0  # steps between checkpoints (0: only at stage ends and at the end)
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    eval_every: int = 0  # steps between held-out evaluations (0: stage starts and ends only)
-    skip_bad_lines: bool = False
-    nan_patience: int = 0  # consecutive steps with a non-finite loss or gradient tolerated (skipped); 0: stop at once
-    save_dtype: str = "auto"  # dtype of the final model (auto: the input model's)
-    accelerate_config: str | None = None
+    trainable: str = option("all", help="all, or mixers (the Mamba mixers only).")
+    mixed_precision: str = option("auto", help="auto (bf16 on CUDA, no on CPU), bf16, fp16, no.")
+    gradient_checkpointing: bool = option(False, flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
+                                          help="Recompute activations in the backward pass: less memory, slower.")
+    seed: int = option(0, help="Seed of the data order and of freshly initialised parameters.")
+    save_every: int = option(0, help="Steps between checkpoints (0: only at stage ends and at the end).")
+    keep_checkpoints: int = option(2, help="Checkpoints kept in the run directory, older ones deleted.")
+    log_every: int = option(1, help="Steps between progress lines when stderr is not a terminal (metrics.jsonl has "
+                            "every step).")
+    eval_every: int = option(0, help="Steps between held-out evaluations (0: stage starts and ends only).")
+    skip_bad_lines: bool = option(False, help="Skip malformed data lines (with a count) instead of stopping.")
+    nan_patience: int = option(0, help="Consecutive steps with a non-finite loss or gradient to skip before "
+                               "stopping (0: stop at the first, keeping the last finite checkpoint).")
+    save_dtype: str = option("auto", help=f"Dtype of the final model: {', '.join(SAVE_DTYPES)} (auto: the input "
+                             "model's).")
+    accelerate_config: str | None = option(None, help="Run under `accelerate launch` with this config: a file, or "
+                                           "the name of one of templates/accelerate/*.yaml (single-gpu, ddp, fsdp, "
+                                           "zero2, zero3).", default_text="this process alone")
 
     def validate(self) -> None:
         if not self.model:
@@ -143,15 +168,19 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """`mamballama distill`: KL/CE to a frozen teacher, optionally in progressive stages."""
 
-    teacher: str | None = None  # default: the teacher recorded in the model's config
-    w_kl: float = 1.0  # forward KL(teacher || student)
-    w_rkl: float = 0.0  # reverse KL(student || teacher)
-    w_ce: float = 0.0  # cross-entropy on the response tokens
-    temperature: float = 1.0
-    w_hidden: float = 0.0  # teacher-forced alignment of each Mamba layer to the teacher layer it replaced
-    loss_positions: str = "responses"  # responses | all (every real token: the teacher's logits on prompts too)
-    kl_reduction: str = "token"  # token | sequence (KL summed per sequence, as the paper's code's batchmean)
-    packing: str = "auto"
+    teacher: str | None = option(None, help="Teacher checkpoint, .gguf, hub id or 'default'.",
+                                 default_text="the teacher recorded by convert")
+    w_kl: float = option(1.0, help="Weight of KL(teacher || student), the forward KL.")
+    w_rkl: float = option(0.0, help="Weight of KL(student || teacher), the reverse KL.")
+    w_ce: float = option(0.0, help="Weight of CE on the response tokens.")
+    temperature: float = option(1.0, help="Softening of both distributions.")
+    w_hidden: float = option(0.0, help="Weight of the teacher-forced alignment of each Mamba layer to the teacher "
+                             "layer it replaced (one process).")
+    loss_positions: str = option("responses", help="responses (the target tokens) or all (every real token, "
+                                 "prompts included: the teacher's logits on prompts too).")
+    kl_reduction: str = option("token", help="token (KL averaged per token) or sequence (summed per sequence, as "
+                               "the paper's code's batchmean).")
+    packing: str = option("auto", help=PACKING_HELP)
     stages: list[Stage] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -174,12 +203,13 @@ class DistillConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     """`mamballama sft`: cross-entropy on response tokens, optionally plus KL to a teacher."""
 
-    teacher: str | None = None
-    w_kl: float = 0.0
-    w_rkl: float = 0.0
-    w_ce: float = 1.0
-    temperature: float = 1.0
-    packing: str = "auto"
+    teacher: str | None = option(None, help="Teacher checkpoint, .gguf, hub id or 'default', for the KL terms "
+                                 "(--w-kl, --w-rkl).", default_text="none")
+    w_kl: float = option(0.0, help="Weight of KL(teacher || student); needs --teacher.")
+    w_rkl: float = option(0.0, help="Weight of KL(student || teacher); needs --teacher.")
+    w_ce: float = option(1.0, help="Weight of CE on the response tokens.")
+    temperature: float = option(1.0, help="Softening of both distributions in the KL terms.")
+    packing: str = option("auto", help=PACKING_HELP)
 
     def validate(self) -> None:
         super().validate()
@@ -195,10 +225,19 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """`mamballama dpo`: sigmoid DPO against a frozen reference (default: the input model)."""
 
-    reference: str | None = None
-    beta: float = 0.01
-    max_prompt_length: int | None = None  # prompt tokens kept (from the end); default: half of seq_len
-    label_smoothing: float = 0.0  # conservative DPO; 0 = plain sigmoid DPO
+    data: str = option("", help="JSONL of {'prompt', 'chosen', 'rejected'} (strings or message lists), a local "
+                       "data set (save_to_disk folder, .parquet, .arrow) or a Hugging Face dataset name; several "
+                       "comma-separated are concatenated.")
+    text_field: str | None = None  # not an option of dpo: pairs are read from 'prompt', 'chosen' and 'rejected'
+    eval_data: str | None = option(None, help="Held-out pairs: DPO margin and accuracy, at stage starts and ends "
+                                   "(and every --eval-every steps).")
+    seq_len: int = option(2048, help="Prompt + answer tokens per row.")
+    micro_batch_size: int = option(4, help="Pairs per device per forward.")
+    reference: str | None = option(None, help="Frozen reference model.", default_text="MODEL")
+    beta: float = option(0.01, help="DPO beta (0.01 is the paper's).")
+    max_prompt_length: int | None = option(None, help="Prompt tokens kept (from the end).",
+                                           default_text="half of --seq-len")
+    label_smoothing: float = option(0.0, help="Conservative DPO (0: plain sigmoid DPO).")
 
     def validate(self) -> None:
         super().validate()
@@ -223,7 +262,7 @@ class ResolvedStage:
     steps: int | None
     epochs: float
     attn_layers: str | None
-    attn_ratio: float | None
+    ratio: float | None
     trainable: str
     lr: float
     betas: tuple[float, float]
@@ -261,7 +300,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
     betas = pick("betas")
     return ResolvedStage(
         index=index, name=st.name or f"stage{index + 1}", steps=steps, epochs=float(epochs),
-        attn_layers=st.attn_layers, attn_ratio=st.attn_ratio, trainable=pick("trainable", "all"),
+        attn_layers=st.attn_layers, ratio=st.ratio, trainable=pick("trainable", "all"),
         lr=float(pick("lr")), betas=(float(betas[0]), float(betas[1])), weight_decay=float(pick("weight_decay")),
         max_grad_norm=float(pick("max_grad_norm") or 0.0), warmup=float(pick("warmup")),
         schedule=pick("schedule"), min_lr_ratio=float(pick("min_lr_ratio")), w_kl=float(pick("w_kl", 0.0)),
@@ -303,9 +342,9 @@ def _check_stage_values(obj, prefix: str) -> None:
     v = getattr(obj, "betas", None)
     if v is not None and (len(v) != 2 or not all(0 <= float(b) < 1 for b in v)):
         raise UsageError(f"{flag('betas')} {v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
-    v = getattr(obj, "attn_ratio", None)
+    v = getattr(obj, "ratio", None)
     if v is not None and not 0 <= v <= 1:
-        raise UsageError(f"{flag('attn_ratio')} {v} is outside [0, 1]")
+        raise UsageError(f"{flag('ratio')} {v} is outside [0, 1]")
     v = getattr(obj, "steps", None)
     if v is not None and int(v) < 1:
         raise UsageError(f"{flag('steps')} {v} must be at least 1")
@@ -357,12 +396,23 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
+def canonical_config(cfg_dict: dict) -> dict:
+    """A saved config with the keys this version writes (a run saved before `ratio` was one name says
+    ``attn_ratio`` in its stages), so that it still resumes."""
+    stages = cfg_dict.get("stages")
+    if not stages:
+        return cfg_dict
+    return {**cfg_dict, "stages": [{Stage.ALIASES.get(k, k): v for k, v in st.items()} if isinstance(st, dict) else st
+                                   for st in stages]}
+
+
 def config_hash(cfg_dict: dict) -> str:
     """Hash of what the run computes: the resolved config without run-control keys."""
-    core = {k: v for k, v in cfg_dict.items() if k not in RUN_CONTROL_KEYS}
+    core = {k: v for k, v in canonical_config(cfg_dict).items() if k not in RUN_CONTROL_KEYS}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
+    old, new = canonical_config(old), canonical_config(new)
     keys = sorted((set(old) | set(new)) - RUN_CONTROL_KEYS)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

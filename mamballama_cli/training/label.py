@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.output import log
 
 
 @dataclass
@@ -56,13 +56,9 @@ class LabelConfig:
             raise UsageError(f"--limit {self.limit} must be at least 1")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     """(source line, prompt messages) per prompt."""
-    from mamballama_cli.training.data import DataError, read_records
+    from mamballama_cli.training.records import DataError, read_records
 
     path = Path(cfg.prompts).expanduser()
     if path.suffix == ".txt":

@@ -3,17 +3,12 @@ more attention layers into Mamba between progressive stages, choose what trains,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mamballama_cli.errors import MamballamaError
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+from mamballama_cli.output import log
 
 
 def load_trainable(spec: str, dtype=torch.float32):
@@ -120,18 +115,6 @@ def attention_layers(model) -> list[int]:
     return list(range(model.config.num_hidden_layers))
 
 
-def target_attention_layers(model, attn_layers: str | None, attn_ratio: float | None) -> list[int] | None:
-    """The attention layers a stage asks for (None: keep the current layout)."""
-    from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
-
-    n = model.config.num_hidden_layers
-    if attn_layers is not None:
-        return parse_layer_list(attn_layers, n)
-    if attn_ratio is not None:
-        return attention_layers_for_ratio(n, float(attn_ratio))
-    return None
-
-
 @torch.no_grad()
 def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_info: dict | None = None):
     """Turn the attention layers not in ``attn_layers`` into Mamba layers initialised from their own attention.
@@ -147,7 +130,7 @@ def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_
     if regained:
         raise MamballamaError(
             f"stage {stage_name!r} keeps attention in layer(s) {regained}, which are already Mamba layers; "
-            "progressive stages may only replace attention (lower attn_ratio from stage to stage)"
+            "progressive stages may only replace attention (lower ratio from stage to stage)"
         )
     if not is_hybrid(model):
         from mamballama_cli.convert.converter import convert_model
@@ -208,7 +191,7 @@ def set_trainable(model, mode: str) -> list[str]:
     if not names:
         raise MamballamaError(
             "trainable: 'mixers' selects no parameter because the model has no Mamba layer; give the stage an "
-            "attn_ratio below 1 or use trainable: all"
+            "ratio below 1 or use trainable: all"
         )
     return names
 
@@ -256,7 +239,3 @@ def model_inputs(batch: dict, device) -> dict:
     if batch.get("position_ids") is not None:
         out["position_ids"] = to_device(batch["position_ids"], device)
     return out
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -141,8 +141,3 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
         self.file.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []

@@ -1,0 +1,161 @@
+"""The accelerate side of training: the accelerator and its engine (one process, DDP, FSDP, DeepSpeed), loading
+models around ZeRO-3, the optimizer, its learning-rate schedule and gradient clipping."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+
+from mamballama_cli.errors import UsageError
+from mamballama_cli.training.config import ResolvedStage
+
+
+def resolve_mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return name
+
+
+def make_accelerator(cfg):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: forget a previous run's accelerate state (tests and notebooks run several in one process).
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    # The recipe decides accumulation, not an environment variable left by `accelerate launch`.
+    acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps
+    _world_from_process_group(acc)
+    return acc
+
+
+def _world_from_process_group(acc) -> None:
+    """Check that accelerate sees every launched process; under DeepSpeed on a CPU host, make it.
+
+    On a host without an accelerator, accelerate (1.x) lets DeepSpeed initialise a process group of all the
+    launched processes but keeps its own state at one process with every rank 0, so each rank would take itself
+    for the main process and DeepSpeed would refuse the batch sizes: there the count and rank are taken from the
+    process group (CPU runs of ZeRO, e.g. tests/test_train_distributed.py; with GPUs the two already agree).
+    Any other disagreement (a GPU config launched on a host without GPUs) would run each process as a lone
+    training writing the same run directory, and is refused.
+    """
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    grouped = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if grouped else int(os.environ.get("WORLD_SIZE", "1"))
+    if acc.num_processes == world:
+        return
+    if grouped and acc.distributed_type == DistributedType.DEEPSPEED:
+        fix = {"num_processes": world, "process_index": dist.get_rank(),
+               "local_process_index": int(os.environ.get("LOCAL_RANK", dist.get_rank()))}
+        for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+            shared.update(fix)
+        return
+    raise UsageError(
+        f"{world} processes were launched but accelerate runs them as {acc.num_processes} (distributed type "
+        f"{acc.distributed_type.value}): a GPU config on a host without GPUs? Launch CPU processes with "
+        f"`accelerate launch --cpu` (or use_cpu: true in the config), or run on the GPUs")
+
+
+def engine_name(acc) -> str:
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.DEEPSPEED: "deepspeed", DistributedType.FSDP: "fsdp"}.get(
+        acc.distributed_type, "ddp" if acc.num_processes > 1 else "single")
+
+
+@contextlib.contextmanager
+def whole_models(acc):
+    """Load models whole while a DeepSpeed ZeRO-3 plugin is active.
+
+    With a ZeRO-3 config registered, transformers' from_pretrained builds every model inside deepspeed.zero.Init,
+    which partitions parameters at construction: the frozen teacher would be unusable unwrapped and the hybrid's
+    mixers initialise their SSM parameters in __init__. Models are instead loaded whole on CPU; DeepSpeed
+    partitions the student when it is prepared.
+    """
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
+def configure_deepspeed(acc, cfg, st: ResolvedStage) -> None:
+    """Fill the DeepSpeed config from the recipe (we pass no dataloader, so nothing else would)."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return
+    c = plugin.deepspeed_config
+    c["train_micro_batch_size_per_gpu"] = cfg.micro_batch_size
+    c["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    c["train_batch_size"] = cfg.micro_batch_size * cfg.gradient_accumulation_steps * acc.num_processes
+    c["gradient_clipping"] = float(st.max_grad_norm or 0.0)
+    zero = c.setdefault("zero_optimization", {})
+    zero["stage3_gather_16bit_weights_on_model_save"] = True  # checkpoints gather full weights on rank 0
+
+
+def frozen_dtype(acc):
+    mp = acc.mixed_precision
+    if acc.device.type == "cuda" and mp == "bf16":
+        return torch.bfloat16
+    if acc.device.type == "cuda" and mp == "fp16":
+        return torch.float16
+    return torch.float32
+
+
+# --- schedule and optimizer -------------------------------------------------------------------------------------
+def lr_at(st: ResolvedStage, step: int, steps: int) -> float:
+    """Linear warm-up, then cosine / linear decay to ``min_lr_ratio * lr`` at the stage's last step."""
+    warm = st.warmup_steps(steps)
+    if step < warm:
+        return st.lr * (step + 1) / warm
+    if st.schedule == "constant":
+        return st.lr
+    progress = (step - warm) / max(1, steps - warm)
+    if st.schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    return st.lr * (st.min_lr_ratio + (1.0 - st.min_lr_ratio) * factor)
+
+
+def build_optimizer(model, st: ResolvedStage, eps: float):
+    """AdamW; weight decay on matrices only (not on norms, biases, dt_bias, A_log, D)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            # A_log of Mamba-1 is a matrix (d_inner x d_state) but, like dt_bias and D, it parametrises the
+            # dynamics and must not be pulled towards zero.
+            matrix = p.dim() >= 2 and "embed" not in name and not name.endswith("A_log")
+            (decay if matrix else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": st.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return torch.optim.AdamW(groups, lr=st.lr, betas=st.betas, eps=eps)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def clip_and_norm(acc, model, st: ResolvedStage, engine: str) -> float | None:
+    if engine == "deepspeed":  # DeepSpeed clips inside its step (gradient_clipping in its config)
+        norm = acc.deepspeed_engine_wrapped.get_global_grad_norm()
+        return None if norm is None else float(norm)
+    max_norm = st.max_grad_norm if st.max_grad_norm and st.max_grad_norm > 0 else float("inf")
+    norm = acc.clip_grad_norm_(model.parameters(), max_norm)
+    return None if norm is None else float(norm)

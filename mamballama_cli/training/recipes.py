@@ -1,0 +1,317 @@
+"""Training recipes: what `distill`, `sft` and `dpo` each bring to the one training loop.
+
+The loop (:func:`mamballama_cli.training.trainer.run_training`) reads records, loads the models, lays out the
+data and runs optimizer steps. Every question whose answer depends on the command goes to the run's
+:class:`Recipe`: which records it reads, which frozen model it needs (a teacher or a reference), how records
+become items, an item's length and a global batch's loss normaliser, the loss and metric sums of a micro-batch,
+and what a held-out evaluation reports. The loop itself never asks which command it runs.
+
+Distillation and SFT share one recipe for token data (:class:`TokenRecipe`: chat records, packing, KL and CE to
+an optional teacher); DPO has its own (:class:`DPORecipe`: preference pairs against a frozen reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from mamballama_cli.errors import UsageError
+from mamballama_cli.output import log
+from mamballama_cli.training import align
+from mamballama_cli.training.config import ResolvedStage
+from mamballama_cli.training.data import as_items, collate, collate_pairs, pack, pack_concat
+from mamballama_cli.training.encoding import encode_pairs, encode_records
+from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
+from mamballama_cli.training.models import (default_teacher, has_mamba_layers, model_inputs, packing_support,
+                                            to_device)
+
+# (model, inputs) -> logits. The loop passes its own module-level forward, which tests replace to inject failures.
+Forward = Callable[[object, dict], torch.Tensor]
+
+
+class Recipe:
+    """What one training command supplies to the loop. Subclasses set the four attributes and the methods."""
+
+    kind: str = ""  # the command (distill | sft | dpo), recorded in run_config.yaml and the summary
+    records: str = "chat"  # what read_records checks each record against: "chat" or "preference"
+    unit: str = "rows"  # what one item is, in the run's first log line
+    metric_keys: tuple[str, ...] = ("loss",)  # metric sums of a micro-batch, divided by the loss normaliser
+
+    def frozen_model(self, cfg, main: bool) -> tuple[str | None, str]:
+        """(spec, role): the frozen model to load (None: none) and what it is called ("teacher", "reference")."""
+        raise NotImplementedError
+
+    def layout(self, tok, records: list, cfg, stages: list[ResolvedStage], student, frozen) -> tuple[list, str]:
+        """The training items (tokenised, packed or padded) and a note on packing for the log."""
+        raise NotImplementedError
+
+    def eval_items(self, tok, records: list, cfg) -> list:
+        """The held-out items (never packed)."""
+        raise NotImplementedError
+
+    def length(self, item) -> int:
+        """Tokens of an item (what the micro-batches are sorted by and stage lengths in tokens count)."""
+        raise NotImplementedError
+
+    def targets(self, items: list) -> int | None:
+        """Target tokens of the training items, for the log (None: not counted)."""
+        return None
+
+    def count(self, items: list, indices: list[int], loss_positions: str) -> int:
+        """The loss normaliser of a global batch (the items at ``indices``)."""
+        raise NotImplementedError
+
+    def loss(self, job: "Job", acc, model, items: list, st: ResolvedStage, cfg, kl_scale: float,
+             forward: Forward) -> tuple[torch.Tensor, dict]:
+        """Loss sum and metric sums of one micro-batch (tensors on the device; ``n_tokens`` among the metrics)."""
+        raise NotImplementedError
+
+    def eval_count(self, items: list) -> int:
+        """What a held-out micro-batch's metric sums are divided by."""
+        raise NotImplementedError
+
+    def eval_report(self, means: dict[str, float], frozen: bool) -> dict[str, float]:
+        """The held-out numbers reported, from the means of every metric key."""
+        raise NotImplementedError
+
+    def final_length(self, cfg) -> int | None:
+        """The sequence length to record in the final model's config (``distill_max_length``), or None."""
+        return None
+
+
+@dataclass
+class Job:
+    """One run's recipe and data: the frozen model (teacher or reference, on the device, eval mode), the items
+    and the padding id."""
+
+    recipe: Recipe
+    frozen: object | None = None
+    items: list = field(default_factory=list)
+    eval_items: list | None = None
+    pad_id: int = 0
+
+    def lengths(self) -> list[int]:
+        return [self.recipe.length(it) for it in self.items]
+
+    def count(self, indices: list[int], loss_positions: str = "responses") -> int:
+        return self.recipe.count(self.items, indices, loss_positions)
+
+
+def eval_stage(frozen: bool) -> ResolvedStage:
+    """The loss terms of a held-out evaluation: CE, and KL at temperature 1 when there is a frozen model."""
+    return ResolvedStage(0, "eval", None, 1.0, None, None, "all", 1.0, (0.9, 0.98), 0.0, 0.0, 0.0, "constant", 0.0,
+                         w_kl=1.0 if frozen else 0.0, w_rkl=0.0, w_ce=1.0, temperature=1.0)
+
+
+# --- token data: distill and sft -----------------------------------------------------------------------------------
+def loss_mask(batch: dict, loss_positions: str) -> torch.Tensor:
+    """Positions whose next-token loss counts: the response targets, or every real token that has a successor
+    (``all``: the teacher's logits on prompts and plain text are signal too; padding never counts)."""
+    if loss_positions != "all":
+        return batch["target_mask"]
+    valid = batch["valid"]
+    mask = torch.zeros_like(valid)
+    mask[:, :-1] = valid[:, :-1] & valid[:, 1:]
+    if batch.get("position_ids") is not None:  # packed rows: no position predicts the next example's first token
+        mask[:, :-1] &= batch["position_ids"][:, 1:] != 0
+    return mask
+
+
+def decide_packing(cfg, student, frozen, stages) -> tuple[bool, str]:
+    """Pack only where every model honours packed boundaries; say why not otherwise."""
+    mode = getattr(cfg, "packing", "off")
+    if mode == "off":
+        return False, "off (--packing off)"
+    if mode == "concat":
+        return True, f"concat (examples concatenated into full rows of {cfg.seq_len}, positions running on)"
+    reason = None
+    if any(st.attn_layers is not None or st.ratio is not None for st in stages):
+        reason = "the stages turn layers into Mamba layers, which carry state across packed boundaries"
+    elif has_mamba_layers(student):
+        reason = ("the student has Mamba layers; their recurrent and conv state would leak across packed "
+                  "boundaries (the SSD ops take no sequence index), so batches are right-padded instead")
+    else:
+        for m in (student, frozen):
+            if m is None:
+                continue
+            ok, why = packing_support(m)
+            if not ok:
+                reason = f"{type(m).__name__}: {why}"
+                break
+    if reason is None:
+        return True, "on (position ids restart per example)"
+    if mode == "on":
+        raise UsageError(f"--packing on is not possible: {reason}; use --packing auto or off")
+    return False, f"off ({reason})"
+
+
+class TokenRecipe(Recipe):
+    """Chat or text records as token rows; KL to a frozen teacher (when there is one) and CE on the targets."""
+
+    records = "chat"
+    unit = "rows"
+    metric_keys = ("loss", "kl", "rkl", "ce")
+
+    def frozen_model(self, cfg, main: bool) -> tuple[str | None, str]:
+        return getattr(cfg, "teacher", None), "teacher"
+
+    def layout(self, tok, records, cfg, stages, student, frozen):
+        examples = encode_records(tok, records, cfg.seq_len)
+        use_pack, note = decide_packing(cfg, student, frozen, stages)
+        if not use_pack:
+            return as_items(examples), note
+        g = torch.Generator().manual_seed(cfg.seed)
+        order = torch.randperm(len(examples), generator=g).tolist()
+        packer = pack_concat if cfg.packing == "concat" else pack
+        return packer([examples[i] for i in order], cfg.seq_len), note
+
+    def eval_items(self, tok, records, cfg):
+        return as_items(encode_records(tok, records, cfg.seq_len))
+
+    def length(self, item) -> int:
+        return len(item)
+
+    def targets(self, items) -> int:
+        return sum(it.n_targets for it in items)
+
+    def count(self, items, indices, loss_positions):
+        """Target tokens, or every predicted position with ``loss_positions: all``."""
+        if loss_positions == "all":
+            return sum(max(len(items[i]) - 1, 0) for i in indices)
+        return sum(items[i].n_targets for i in indices)
+
+    def loss(self, job, acc, model, items, st, cfg, kl_scale, forward):
+        """``kl_scale`` multiplies the KL weights (the paper's KL summed per sequence: target tokens over
+        sequences of the global batch)."""
+        device = acc.device
+        batch = collate(items, job.pad_id)
+        inputs = model_inputs(batch, device)
+        w_hidden = getattr(st, "w_hidden", 0.0)
+        logits_needed = bool(st.w_kl or st.w_rkl or st.w_ce)
+        t_logits, store, handles = None, {}, []
+        if job.frozen is not None:
+            if w_hidden:  # the teacher's forward also records the inputs and outputs of the layers to align
+                handles, store = align.capture_layers(job.frozen,
+                                                      align.mamba_layer_indices(acc.unwrap_model(model)))
+            try:
+                with torch.no_grad(), acc.autocast():
+                    if logits_needed:
+                        t_logits = forward(job.frozen, inputs)
+                    else:  # alignment alone: the teacher's layers, not its head
+                        job.frozen.model(**inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+        if logits_needed:
+            with acc.autocast():
+                s_logits = forward(model, inputs)
+            mask = loss_mask(batch, getattr(st, "loss_positions", "responses"))
+            total, metrics = kd_loss_auto(s_logits, t_logits, to_device(batch["targets"], device),
+                                          to_device(mask, device), w_kl=st.w_kl * kl_scale,
+                                          w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce, temperature=st.temperature)
+        else:
+            total, metrics = torch.zeros((), device=device), {}
+        if w_hidden:
+            with acc.autocast():
+                hidden, n_valid = align.alignment_loss(acc.unwrap_model(model), store,
+                                                       to_device(batch["valid"], device))
+            # per real token, counted like the other terms (the trainer divides by the global batch's target tokens)
+            hidden = hidden * (float(loss_mask(batch, getattr(st, "loss_positions", "responses")).sum()) / n_valid)
+            total = total + w_hidden * hidden
+            metrics["hidden"] = hidden.detach()
+            metrics["loss"] = total.detach()
+        metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
+        return total, metrics
+
+    def eval_count(self, items):
+        return sum(it.n_targets for it in items)
+
+    def eval_report(self, means, frozen):
+        """KL (with a teacher) and CE; the alignment term is a training signal, not a held-out number."""
+        return {f"eval_{k}": means[k] for k in ("kl", "ce") if k in means and (frozen or k != "kl")}
+
+
+class DistillRecipe(TokenRecipe):
+    """`distill`: the teacher is required (default: the one the student records) and layer-wise alignment is a
+    loss term; the final model records the length it was distilled at."""
+
+    kind = "distill"
+    metric_keys = ("loss", "kl", "rkl", "ce", "hidden")
+
+    def frozen_model(self, cfg, main):
+        if cfg.teacher:
+            return cfg.teacher, "teacher"
+        spec, why = default_teacher(cfg.model)
+        if spec is None:
+            raise UsageError(f"--teacher is required: {cfg.model} records no teacher that can be found here")
+        log(f"teacher: {spec} ({why})", main)
+        return spec, "teacher"
+
+    def final_length(self, cfg):
+        return cfg.seq_len
+
+
+class SFTRecipe(TokenRecipe):
+    """`sft`: CE on the responses, plus KL when a teacher is given."""
+
+    kind = "sft"
+
+
+# --- preference pairs: dpo -----------------------------------------------------------------------------------------
+class DPORecipe(Recipe):
+    """`dpo`: sigmoid DPO on preference pairs against a frozen reference (default: the input model)."""
+
+    kind = "dpo"
+    records = "preference"
+    unit = "pairs"
+    metric_keys = ("loss", "margin", "accuracy", "reward_chosen", "reward_rejected")
+
+    def frozen_model(self, cfg, main):
+        return cfg.reference or cfg.model, "reference"
+
+    def layout(self, tok, records, cfg, stages, student, frozen):
+        return encode_pairs(tok, records, cfg.seq_len, cfg.max_prompt_length), "off (preference pairs are padded)"
+
+    def eval_items(self, tok, records, cfg):
+        return encode_pairs(tok, records, cfg.seq_len, cfg.max_prompt_length)
+
+    def length(self, item) -> int:
+        return len(item.prompt) + max(len(item.chosen), len(item.rejected))
+
+    def count(self, items, indices, loss_positions):
+        """Pairs."""
+        return len(indices)
+
+    def loss(self, job, acc, model, items, st, cfg, kl_scale, forward):
+        device = acc.device
+        batch = collate_pairs(items, job.pad_id)
+        inputs = model_inputs(batch, device)
+        targets, mask = to_device(batch["targets"], device), to_device(batch["target_mask"], device)
+        n = len(items)
+        with torch.no_grad(), acc.autocast():
+            ref = sequence_logps(forward(job.frozen, inputs), targets, mask)
+        with acc.autocast():
+            pol = sequence_logps(forward(model, inputs), targets, mask)
+        total, metrics = dpo_loss(pol[:n], pol[n:], ref[:n], ref[n:], beta=cfg.beta,
+                                  label_smoothing=cfg.label_smoothing)
+        metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
+        return total, metrics
+
+    def eval_count(self, items):
+        return len(items)
+
+    def eval_report(self, means, frozen):
+        return {f"eval_{k}": v for k, v in means.items()}
+
+
+RECIPES: dict[str, Recipe] = {r.kind: r for r in (DistillRecipe(), SFTRecipe(), DPORecipe())}
+
+
+def recipe_for(kind: str) -> Recipe:
+    """The recipe of a training command."""
+    try:
+        return RECIPES[kind]
+    except KeyError:
+        raise UsageError(f"unknown training command {kind!r}; one of {', '.join(RECIPES)}") from None
