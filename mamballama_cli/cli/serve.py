@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.options import device_option, dtype_option
+
 HELP = ("Serve a hybrid or Transformer checkpoint over OpenAI's HTTP API (/v1/models, /v1/completions, "
         "/v1/chat/completions with stream): waiting requests decode together on the static decoder.")
 
@@ -20,8 +22,8 @@ def command(
                                               "context length, at most 4096)."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length when a request sets none."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+    dtype: str = dtype_option(default="auto"),
+    device: str = device_option(default="auto"),
 ):
     import importlib.util
 
