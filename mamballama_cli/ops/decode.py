@@ -2,7 +2,8 @@
 of the Triton kernels in :mod:`mamballama_cli.ops.triton_decode`.
 
 Importing this module registers each as its op's reference; :data:`DECODE_OPS` names the ops one decode step
-uses (the static decoder of generation/fast.py dispatches each of them).
+uses (the mixers' one-token steps and the runtime's walk, models/step.py and models/runtime.py, dispatch
+each of them).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: T
     C: (batch, nheads, dstate); dt_raw: (batch, nheads) before dt_bias and softplus; dt_bias, A_log, D:
     (nheads,); z: (batch, nheads, headdim) or None; norm_weight: (nheads * headdim,) or None (no norm, no
     gate). Head i reads x and B of group i // (nheads / ngroups). Returns (batch, nheads * headdim) in x's
-    dtype, what out_proj reads. Same arithmetic as Mamba2Mixer._step.
+    dtype, what out_proj reads. Same arithmetic as ``ssm_step`` followed by ``rmsnorm_gated``.
     """
     b, h, p, _ = state.shape
     dt = F.softplus(dt_raw.float() + dt_bias.float())
