@@ -175,3 +175,29 @@ def test_runtime_resolves_each_op_once_per_device():
     assert set(rt.fns.backends) >= {"add_rmsnorm", "swiglu", "conv_update_inplace", "ssm_step_gated",
                                     "rope_kv_write", "decode_attention"}
     assert set(rt.fns.backends.values()) == {"torch-ref"}  # CPU: the references
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cpu_runtime_stores_wide_projections_column_major_and_checkpoints_stay_usual(tie, tmp_path):
+    """On a CPU the runtime stores [gate; up], [q; k; v], in_proj, lm_head... transposed (a one-token GEMM reads
+    them twice as fast); values, outputs, state_dict and saved checkpoints are those of the usual layout."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_hybrid(tie=tie, seed=5)
+    seq = ids(9, 2, seed=6)
+    with torch.no_grad():
+        before = model(seq).logits
+    keys = list(model.state_dict())
+    Runtime(model, 2, 16)
+    layer = model.model.layers[0]
+    assert layer.mamba.in_proj.weight.stride(0) == 1 and model.lm_head.weight.stride(0) == 1
+    assert layer.mlp.gate_proj.weight.stride(0) == 1  # a view into the column-major [gate; up]
+    assert layer.mlp.down_proj.weight.is_contiguous()  # narrower out than in: row-major reads faster
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    with torch.no_grad():
+        assert torch.allclose(model(seq).logits, before, atol=1e-5)
+    state = model.state_dict()
+    assert list(state) == keys and all(t.is_contiguous() for t in state.values())
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with torch.no_grad():
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path)(seq).logits, before, atol=1e-5)

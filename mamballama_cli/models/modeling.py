@@ -135,7 +135,7 @@ class Attention(nn.Module):
     def inference_state(self, cache: HybridCache, window: int = 0, keep_live: bool = False) -> "AttentionState":
         """This layer's K/V buffers in the cache (decode and windows alike: rollback is by length) and the fused
         [q; k; v] projection (:func:`fuse_linears`)."""
-        qkv_w, qkv_b = fuse_linears(self, ["q_proj", "k_proj", "v_proj"])
+        qkv_w, qkv_b = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], cache.device.type == "cpu")
         return AttentionState(cache.key[self.layer_idx], cache.value[self.layer_idx], qkv_w, qkv_b)
 
     def step(self, x: Tensor, state: "AttentionState", step: Step) -> Tensor:
