@@ -35,7 +35,7 @@ def environment_report(device: str | None = None) -> dict:
     import torch
 
     from mamballama_cli import __version__, ops
-    from mamballama_cli.evaluation.speed import package_version
+    from mamballama_cli.evaluation.machine import package_version
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -22,18 +22,16 @@ measured. Only one model is in memory at a time.
 
 from __future__ import annotations
 
-import gc
 import inspect
 import math
-import platform
-import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.evaluation.machine import (copy_bandwidth, device_info, free, package_version,  # noqa: F401
+                                               peak, reset_peak, sync, weight_bytes)
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -108,110 +106,6 @@ def log(msg: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Device helpers
-# ------------------------------------------------------------------------------------------------
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free(device, collect: bool = False) -> None:
-    """Return cached GPU memory; ``collect`` also runs the garbage collector (slow: only between models)."""
-    import torch
-
-    if collect:
-        gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _reset_peak(device) -> None:
-    import torch
-
-    _free(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device) -> int | None:
-    import torch
-
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
-    """Bytes/s of a device-to-device copy, counting bytes read plus bytes written (median of ``reps``)."""
-    import torch
-
-    nbytes = nbytes or ((2 << 30) if device.type == "cuda" else (64 << 20))
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
-
-
-def weight_bytes(model) -> dict:
-    """Total parameter bytes and the bytes one batch-1 decode step reads (an untied embedding table is
-    read one row per token, so it does not count; a tied one is read in full as the LM head)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    tied = emb.data_ptr() == head.data_ptr()
-    emb_bytes = emb.numel() * emb.element_size()
-    return {"total": total, "read_per_token": total - (0 if tied else emb_bytes), "tied_embeddings": tied}
-
-
-def device_info(device) -> dict:
-    import torch
-    import transformers
-
-    info = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(name=props.name, memory_bytes=int(props.total_memory),
-                    capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
-    else:
-        info.update(name=platform.processor() or platform.machine(), cores=__import__("os").cpu_count())
-    for mod in ("triton", "mamba_ssm", "causal_conv1d"):
-        info[mod] = package_version(mod)
-    return info
-
-
-def package_version(name: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in (name, name.replace("_", "-")):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
-# ------------------------------------------------------------------------------------------------
 # Runners: one measurement = prefill (time to first token) + a timed run of decode steps
 # ------------------------------------------------------------------------------------------------
 def _prompt(vocab: int, batch: int, length: int, device, seed: int):
@@ -227,20 +121,20 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
 
     device = model.lm_head.weight.device
     ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
-    _reset_peak(device)
+    reset_peak(device)
     dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda")
     # Warm-up at the same length: records the graph and compiles every kernel. Triton specialises
     # integer arguments (== 1, multiple of 16: the chunk count of the scan, say), so a shorter warm-up
     # prompt can leave a compilation inside the timed prefill.
     dec.prefill(ids)
     dec.decode(2, sync_every=2)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     first = dec.prefill(ids)
     first.tolist()  # the first token is on the host
     t1 = time.perf_counter()
     dec.decode(new_tokens - 1, sync_every=1 << 30)
-    _sync(device)
+    sync(device)
     t2 = time.perf_counter()
     mem = dec.cache.memory_bytes()
     row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
@@ -273,12 +167,12 @@ def run_transformers(model, batch: int, prompt_len: int, new_tokens: int, seed: 
             out = model(input_ids=nxt, use_cache=True, **{kw: cache})
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             cache = out[kw]
-        _sync(device)
+        sync(device)
         return first, t_first, cache
 
     with torch.no_grad():
         run(ids[:, : min(prompt_len, 64)], 2)  # warm-up
-        _reset_peak(device)
+        reset_peak(device)
         t0 = time.perf_counter()
         _, t1, cache = run(ids, new_tokens - 1)
         t2 = time.perf_counter()
@@ -299,7 +193,7 @@ def _row(batch, prompt_len, new_tokens, t0, t1, t2, device) -> dict:
     per_seq = (new_tokens - 1) / decode_s if new_tokens > 1 and decode_s > 0 else float("nan")
     return {"batch": batch, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
             "ttft_s": t1 - t0, "decode_s": decode_s, "decode_tok_s": per_seq,
-            "aggregate_tok_s": per_seq * batch, "peak_mem_bytes": _peak(device)}
+            "aggregate_tok_s": per_seq * batch, "peak_mem_bytes": peak(device)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,7 +291,7 @@ class _Models:
 
         hybrid, _ = convert_model(teacher, list(range(teacher.config.num_hidden_layers)), dtype=self.dtype)
         del teacher
-        _free(self.device, collect=True)
+        free(self.device, collect=True)
         return hybrid.to(self.device).eval()
 
 
@@ -417,7 +311,7 @@ def _guarded(rows: list, base: dict, fn, *args) -> None:
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             row["error"] = "out of memory"
     rows.append({**base, **row})
-    _free(base["_device"])
+    free(base["_device"])
 
 
 def _measure_model(rows, cfg: SpeedConfig, label: str, engine: str, model, device) -> None:
@@ -472,7 +366,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
             floor_of("hybrid", model)
             _measure_model(rows, cfg, "hybrid", "static", model, device)
             del model
-            _free(device, collect=True)
+            free(device, collect=True)
         if "teacher" in cfg.models:
             if "transformers" in cfg.teacher_engines:
                 model = models.teacher()
@@ -482,14 +376,14 @@ def run_speed(cfg: SpeedConfig) -> dict:
                     floor_of("teacher", model)
                     _measure_model(rows, cfg, "teacher", "transformers", model, device)
                     del model
-                    _free(device, collect=True)
+                    free(device, collect=True)
             if "static" in cfg.teacher_engines:
                 model = models.teacher_as_hybrid()
                 if model is not None:
                     floor_of("teacher", model)
                     _measure_model(rows, cfg, "teacher", "static", model, device)
                     del model
-                    _free(device, collect=True)
+                    free(device, collect=True)
     for row in rows:
         row.pop("_device", None)
     result["models"] = models.describe
