@@ -11,7 +11,7 @@ import torch
 from helpers import tiny_hybrid
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.runtime import Runtime
-from mamballama_cli.models.step import Step, op_table
+from mamballama_cli.models.step import OpTable, Step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,7 +59,7 @@ def test_recurrent_mixer_steps_equal_the_parallel_forward(mixer):
         windowed.load(cache)
         state = m.inference_state(cache)
         assert state is cache.mamba_state(m.layer_idx)
-        one = op_table("cpu")
+        one = OpTable("cpu")
         steps = torch.stack([m.step(x[:, P + t], state, Step(one)) for t in range(T)], 1)
 
         # one window step of all T tokens, from the same prompt state
@@ -83,7 +83,7 @@ def test_window_grows_by_continue_steps_and_rolls_back(mixer):
     m = model.model.layers[2].mamba
     P, b, keep = 6, 1, 2
     x = layer_input(model, P + 4 + 2, b, seed=1)
-    one = op_table("cpu")
+    one = OpTable("cpu")
     with torch.no_grad():
         cache = HybridCache(model, b, max_length=32)
         m(x[:, :P], cache.mamba_state(m.layer_idx))
@@ -121,14 +121,14 @@ def test_attention_decode_and_window_steps_equal_the_parallel_forward():
             attn(x[:, :P], cos[:, :P], sin[:, :P], None, cache)  # the prompt's K/V
             state = attn.inference_state(cache, window=T if window else 0)
             if window:
-                step = Step(op_table("cpu"), window=True, pos=torch.tensor(P), cos=tab_cos, sin=tab_sin,
+                step = Step(OpTable("cpu"), window=True, pos=torch.tensor(P), cos=tab_cos, sin=tab_sin,
                             keep=torch.zeros(b, dtype=torch.long))
                 outs[window] = attn.step(x[:, P:], state, step)
             else:
                 got = []
                 for t in range(T):
                     pos = torch.tensor([P + t])
-                    step = Step(op_table("cpu"), pos=pos, length=pos + 1, cos=tab_cos, sin=tab_sin)
+                    step = Step(OpTable("cpu"), pos=pos, length=pos + 1, cos=tab_cos, sin=tab_sin)
                     got.append(attn.step(x[:, P + t], state, step))
                 outs[window] = torch.stack(got, 1)
             assert torch.equal(cache.key[1][:, :, P + T:], torch.zeros_like(cache.key[1][:, :, P + T:]))

@@ -57,18 +57,6 @@ class OpTable(dict):
         return self
 
 
-_TABLES: dict[torch.device, OpTable] = {}
-
-
-def op_table(device) -> OpTable:
-    """The shared :class:`OpTable` of ``device`` (what a mixer's ``forward`` uses for its one-token path)."""
-    device = torch.device(device)
-    table = _TABLES.get(device)
-    if table is None:
-        table = _TABLES[device] = OpTable(device)
-    return table
-
-
 @dataclass
 class Step:
     """What one walk over the layers hands every mixer besides its input and its state.
@@ -93,8 +81,9 @@ class Step:
 
 
 def one_token_step(device) -> Step:
-    """A decode :class:`Step` without positions: what a Mamba mixer's ``forward`` uses for one cached token."""
-    return Step(op_table(device))
+    """A decode :class:`Step` without positions: what a Mamba mixer's ``forward`` uses for one cached token. Its
+    ops are looked up at this call (as every op of ``forward`` is), so ``MAMBALLAMA_KERNELS`` applies at once."""
+    return Step(OpTable(device))
 
 
 def fuse_linears(owner: torch.nn.Module, names: list[str], column_major: bool = False) -> tuple[Tensor, Tensor | None]:
