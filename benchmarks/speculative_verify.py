@@ -47,7 +47,7 @@ def build_models(shape: str, ratio: float, draft_layers: int, dtype, device):
 
     import mamballama_cli  # noqa: F401
     from mamballama_cli.convert.placement import attention_layers_for_ratio
-    from mamballama_cli.generation.speculative import as_hybrid
+    from mamballama_cli.generation.runners import as_hybrid
     from mamballama_cli.models.configuration import MamballamaConfig
     from mamballama_cli.models.modeling import MamballamaForCausalLM
 
@@ -196,7 +196,7 @@ def main() -> None:
     if plain_ms is None:
         plain_ms = runner_plain_ms
     verify_ms = {r: cuda_time(runner_step(K + 1, r), args.iters) for r in (1, K + 1)}
-    runner.cache = runner.layers = None  # free its buffers before the next one
+    runner.runtime = runner.cache = None  # free its buffers before the next one
 
     # 3. Draft step (one token), graph captured the way speculative_generate does it.
     d_runner = HybridRunner(draft, 1, capacity, window=K + 1, keep_live=True)
@@ -209,7 +209,7 @@ def main() -> None:
         d_runner.extend(torch.zeros(1, 1, dtype=torch.long, device=device), rebase=True)
 
     draft_ms = cuda_time(draft_call, args.iters)
-    d_runner.cache = d_runner.layers = None
+    d_runner.runtime = d_runner.cache = None
 
     # 4. End to end (random weights: drafts are almost never accepted; this is the per-round cost).
     loop = None

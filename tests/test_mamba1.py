@@ -352,7 +352,8 @@ def test_speculative_greedy_equals_plain_greedy_with_mamba1_layers():
     import copy
 
     from mamballama_cli.generation.speculative import speculative_generate
-    from mamballama_cli.models.mamba1 import Mamba1ReplayLayer
+    from mamballama_cli.models.cache import HybridCache
+    from mamballama_cli.models.mamba1 import Mamba1Window
 
     target, _ = mamba1_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2)
     # A Mamba-1 draft that agrees with the target about half the time: accepted, rejected and bonus tokens all
@@ -375,8 +376,8 @@ def test_speculative_greedy_equals_plain_greedy_with_mamba1_layers():
             assert res.stats.rounds < n_new - 1  # some rounds produced more than one token
         else:
             assert res.stats.acceptance_rate == 1.0
-    assert isinstance(target.model.layers[0].mamba.replay_layer(1, 4, torch.float32, "cpu", False),
-                      Mamba1ReplayLayer)
+    cache = HybridCache(target, 1, max_length=8)
+    assert isinstance(target.model.layers[0].mamba.inference_state(cache, window=4), Mamba1Window)
 
 
 # --- the commands accept a Mamba-1 hybrid -------------------------------------------------------------------------

@@ -187,7 +187,7 @@ def test_sliding_window_layers_keep_the_masked_attention(one_thread):
     gen = torch.Generator().manual_seed(1)
     prompt, w1, w2 = (torch.randint(3, 96, (1, n), generator=gen) for n in (9, 5, 5))
     runner = HybridRunner(target, 1, max_length=32, window=5)
-    runner.rope_window = runner.window_attention = None  # must not be called
+    runner.runtime.fns["rope_kv_write_window"] = runner.runtime.fns["window_attention"] = None  # not called
     with torch.no_grad():
         runner.prefill(prompt)
         runner.extend(w1, rebase=True)

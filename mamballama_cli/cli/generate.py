@@ -54,7 +54,7 @@ def command(
         check_output_file(stats_json, "--stats-json")
     if speculative or draft:
         from mamballama_cli.config import merge_config
-        from mamballama_cli.generation.speculative import SpeculativeConfig, format_stats, run_speculative
+        from mamballama_cli.generation.speculative_run import SpeculativeConfig, format_stats, run_speculative
 
         cfg = merge_config(SpeculativeConfig, overrides=dict(
             target=model, draft=draft or "", k=draft_k, prompt=text, chat=chat, system=system,

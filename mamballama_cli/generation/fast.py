@@ -1,90 +1,31 @@
 """Fast decoding of a hybrid: a static cache, the one-token step captured in a CUDA graph, sampling on device.
 
-:class:`StaticDecoder` owns a preallocated :class:`~mamballama_cli.models.cache.HybridCache` (attention K/V of
-a fixed capacity plus the Mamba conv windows and SSM states) and a handful of device tensors: the input
-token, the write position, the emitted-token history and the per-row "finished" flags. Its decode step
-reads and writes only those, so on CUDA it is captured once per batch size into a CUDA graph and replayed
-for every token: no Python, no kernel launches and no host synchronisation per token.
+:class:`StaticDecoder` is the plain decode loop on a :class:`~mamballama_cli.models.runtime.Runtime` (the static
+cache, the layer walk, each mixer's own one-token step) plus a handful of device tensors: the input token, the
+write position, the emitted-token history and the per-row "finished" flags. Its step (the runtime's walk, then
+sampling and emission) reads and writes only those, so on CUDA it is captured once per batch size into a CUDA
+graph and replayed for every token: no Python, no kernel launches and no host synchronisation per token.
 
-The step walks the layers itself rather than calling the model's ``forward``, so that a layer costs few
-kernels: fused residual-add + RMSNorm, one GEMM for [gate; up] and one for [q; k; v] (the module parameters
-become views into one buffer, :func:`fuse_projections`, so the checkpoint layout is unchanged), SwiGLU, the
-conv-window update, the whole Mamba-2 recurrence with D and the gated norm in one kernel, RoPE + K/V write
-at the device-side position, and split-K attention over the static buffer. Each of these is an op with a
-pure-PyTorch reference in :mod:`mamballama_cli.ops.decode` (the CPU path, run eagerly) and a Triton kernel in
-:mod:`mamballama_cli.ops.triton_decode`.
-
-The prompt goes through the model's own ``forward`` (the prefill uses the SSD chunk scan), writing the
-same cache. On CPU the decoder runs the same step eagerly on the references; greedy output equals the
-plain ``transformers.generate`` path.
+Each op of the step has a pure-PyTorch reference in :mod:`mamballama_cli.ops.decode` (the CPU path, run eagerly)
+and a Triton kernel in :mod:`mamballama_cli.ops.triton_decode`. The prompt goes through the model's own
+``forward`` (the prefill uses the SSD chunk scan), writing the same cache. On CPU the decoder runs the same
+step eagerly on the references; greedy output equals the plain ``transformers.generate`` path.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mamballama_cli import ops
 from mamballama_cli.generation.result import GenerationResult, TextStream, stop_token_ids
 from mamballama_cli.generation.sampling import SamplingConfig, sample
-from mamballama_cli.ops.decode import DECODE_OPS  # registers the decode ops' references
+from mamballama_cli.models.runtime import Runtime, capture_graph, fuse_projections  # noqa: F401  (re-export)
+from mamballama_cli.ops.decode import DECODE_OPS
 
 
-# ================================================================================================
-# Fused projections
-# ================================================================================================
-def _fuse(owner: torch.nn.Module, names: list[str]) -> tuple[Tensor, Tensor | None]:
-    """One buffer holding the weights (and biases) of ``owner.<names>`` stacked by rows; the Linear
-    parameters become views into it, so the model and its state_dict keep their layout and values."""
-    key = "_mamballama_fused_" + "_".join(names)
-    lins = [getattr(owner, n) for n in names]
-    cached = owner.__dict__.get(key)
-    if cached is not None:
-        W, bias = cached
-        start, ok = 0, True
-        for lin in lins:
-            ok = ok and lin.weight.data_ptr() == W[start].data_ptr() and lin.weight.dtype == W.dtype
-            start += lin.weight.shape[0]
-        if ok:
-            return cached
-    with torch.no_grad():
-        W = torch.cat([lin.weight.data for lin in lins], dim=0)
-        bias = None
-        if any(lin.bias is not None for lin in lins):
-            bias = torch.cat([lin.bias.data if lin.bias is not None
-                              else W.new_zeros(lin.weight.shape[0]) for lin in lins])
-        start = 0
-        for lin in lins:
-            rows = lin.weight.shape[0]
-            lin.weight.data = W[start:start + rows]
-            if lin.bias is not None:
-                lin.bias.data = bias[start:start + rows]
-            start += rows
-    owner.__dict__[key] = (W, bias)  # a plain attribute: not a parameter, not in the state_dict
-    return W, bias
-
-
-def fuse_projections(model) -> None:
-    """[gate; up] of every MLP and [q; k; v] of every attention layer into one buffer each (in place).
-
-    A decode step then runs one GEMM where it ran two or three. Parameter names, shapes and values are
-    unchanged (``save_pretrained`` writes the usual layout); moving the model with ``.to()`` un-shares the
-    views, and the decoder then fuses again.
-    """
-    for layer in model.model.layers:
-        _fuse(layer.mlp, ["gate_proj", "up_proj"])
-        if layer.is_attention:
-            _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
-
-
-# ================================================================================================
-# The decoder
-# ================================================================================================
 def unsupported_reason(model) -> str | None:
     """None when :class:`StaticDecoder` can decode ``model``; else why not (the plain path is used)."""
     from mamballama_cli.models.modeling import MamballamaForCausalLM
@@ -99,22 +40,6 @@ def unsupported_reason(model) -> str | None:
     if cfg.hidden_act not in ("silu", "swish"):
         return f"hidden_act {cfg.hidden_act!r}"
     return None
-
-
-@dataclass
-class _Layer:
-    idx: int
-    attention: bool
-    ln1: Tensor
-    ln2: Tensor
-    gate_up_w: Tensor
-    gate_up_b: Tensor | None
-    down_w: Tensor
-    down_b: Tensor | None
-    module: torch.nn.Module  # self_attn or mamba
-    qkv_w: Tensor | None = None
-    qkv_b: Tensor | None = None
-    conv_w: Tensor | None = None
 
 
 class StaticDecoder:
@@ -138,12 +63,9 @@ class StaticDecoder:
 
     def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None,
                  forcing: bool = False):
-        from mamballama_cli.models.cache import HybridCache
-
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"the static decoder cannot run this model: {why}")
-        cfg = model.config
         self.model = model
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
@@ -152,35 +74,10 @@ class StaticDecoder:
         self.capture = (self.device.type == "cuda") if capture is None else bool(capture)
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA-graph capture needs the model on a CUDA device")
-        self.eps = cfg.rms_norm_eps
-        self.fns: dict[str, Callable] = {}
-        self.backends: dict[str, str] = {}
-        for op in DECODE_OPS:
-            self.backends[op], self.fns[op] = ops.dispatch(op, self.device)
-
-        fuse_projections(model)
-        base = model.model
-        self.embed_w = base.embed_tokens.weight
-        self.norm_w = base.norm.weight
-        self.lm_head_w = model.lm_head.weight
-        self.layers: list[_Layer] = []
-        for i, layer in enumerate(base.layers):
-            gate_up_w, gate_up_b = _fuse(layer.mlp, ["gate_proj", "up_proj"])
-            entry = _Layer(i, layer.is_attention, layer.input_layernorm.weight,
-                           layer.post_attention_layernorm.weight, gate_up_w, gate_up_b, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias,
-                           layer.self_attn if layer.is_attention else layer.mamba)
-            if layer.is_attention:
-                entry.qkv_w, entry.qkv_b = _fuse(layer.self_attn, ["q_proj", "k_proj", "v_proj"])
-            else:
-                entry.conv_w = layer.mamba.conv1d.weight[:, 0, :]  # (conv_dim, width)
-            self.layers.append(entry)
-
-        self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
-                                 max_length=self.max_length)
-        with torch.no_grad():
-            positions = torch.arange(self.max_length, device=self.device)[None]
-            cos, sin = base.rotary_emb(positions, self.dtype)  # the model's own tables: identical rotations
-            self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
+        self.runtime = Runtime(model, self.batch_size, self.max_length)
+        self.fns = self.runtime.fns.resolve(DECODE_OPS)
+        self.backends = {op: self.fns.backends[op] for op in DECODE_OPS}
+        self.cache = self.runtime.cache
         dev, b = self.device, self.batch_size
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # where the next input token's K/V go
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # column of history to write next
@@ -214,43 +111,10 @@ class StaticDecoder:
         self.tokens.copy_(nxt)
         self.step_idx.add_(1)
 
-    def _attention(self, layer: _Layer, x: Tensor, length: Tensor) -> Tensor:
-        attn = layer.module
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b)  # (batch, (n_heads + 2 n_kv) * head_dim)
-        k_cache, v_cache = self.cache.key[layer.idx], self.cache.value[layer.idx]
-        q = self.fns["rope_kv_write"](qkv, self.cos, self.sin, k_cache, v_cache, self.pos, attn.n_heads, attn.n_kv)
-        o = self.fns["decode_attention"](q, k_cache, v_cache, length, attn.scaling)  # (batch, n_heads, head_dim)
-        return F.linear(o.reshape(x.shape[0], -1), attn.o_proj.weight, attn.o_proj.bias)
-
-    def _mamba(self, layer: _Layer, x: Tensor) -> Tensor:
-        m = layer.module
-        b = x.shape[0]
-        state = self.cache.mamba[layer.idx]
-        zxbcdt = F.linear(x, m.in_proj.weight, m.in_proj.bias)  # (batch, d_in_proj)
-        z, xbc, dt_raw = torch.split(zxbcdt, [m.d_z, m.conv_dim, m.n_heads], dim=-1)
-        xbc = self.fns["conv_update_inplace"](xbc, state["conv"], layer.conv_w, m.conv1d.bias, m.activation)
-        xs, Bs, Cs = torch.split(xbc, [m.d_x, m.d_B, m.d_C], dim=-1)
-        gated = m.gated_norm
-        y = self.fns["ssm_step_gated"](
-            state["ssm"], xs.reshape(b, m.n_groups, m.headdim), Bs.reshape(b, m.n_groups, m.d_state),
-            Cs.reshape(b, m.n_heads, m.d_state), dt_raw, m.dt_bias, m.A_log, m.D,
-            z.reshape(b, m.n_heads, m.headdim) if gated else None, m.norm.weight if gated else None, m.eps,
-        )  # (batch, n_heads * headdim)
-        return F.linear(y.to(m.out_proj.weight.dtype), m.out_proj.weight, m.out_proj.bias)
-
     def _step(self) -> None:
         """Embed self.tokens at self.pos, run every layer, sample, emit; all in place (graph-safe)."""
-        add_norm, swiglu = self.fns["add_rmsnorm"], self.fns["swiglu"]
-        length = self.pos + 1
-        hidden = F.embedding(self.tokens, self.embed_w)  # (batch, hidden)
-        residual = None
-        for layer in self.layers:
-            x, residual = add_norm(hidden, residual, layer.ln1, self.eps)
-            hidden = self._attention(layer, x, length) if layer.attention else self._mamba(layer, x)
-            x, residual = add_norm(hidden, residual, layer.ln2, self.eps)
-            hidden = F.linear(swiglu(F.linear(x, layer.gate_up_w, layer.gate_up_b)), layer.down_w, layer.down_b)
-        x, _ = add_norm(hidden, residual, self.norm_w, self.eps)
-        self._emit(sample(F.linear(x, self.lm_head_w), self.sampling))
+        step = self.runtime.step(pos=self.pos, length=self.pos + 1)
+        self._emit(sample(self.runtime.walk(self.tokens, step), self.sampling))
         self.pos.add_(1)
 
     # --- state ---------------------------------------------------------------------------------------
@@ -265,23 +129,12 @@ class StaticDecoder:
         self.emitted = 0
 
     def _capture(self) -> None:
-        # Warm up on a side stream (compiles the Triton kernels, creates cuBLAS handles), then record one
-        # step. The warm-up writes garbage into the state; reset() clears it before the prompt is read.
-        # It also draws random numbers when sampling: restore the generator so a seed set before the
-        # first prefill gives the same tokens as on every later prefill.
+        # Warm up on a side stream, then record one step. The warm-up writes garbage into the state; reset()
+        # clears it before the prompt is read. It also draws random numbers when sampling: restore the
+        # generator so a seed set before the first prefill gives the same tokens as on every later prefill.
         rng = torch.cuda.get_rng_state(self.device)
         self.reset()
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        self.reset()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step()
-        self.graph = graph
+        self.graph, _ = capture_graph(self._step, self.device, warmup=2, before=self.reset)
         torch.cuda.set_rng_state(rng, self.device)
         self.reset()
 
@@ -312,9 +165,7 @@ class StaticDecoder:
         if forced is not None:
             self.forced[:, : forced.shape[1]].copy_(forced)
             self.forced_len.copy_(forced_len)
-        out = self.model(input_ids=input_ids.to(self.device), past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        first = sample(out.logits[:, -1], self.sampling)
+        first = sample(self.runtime.prefill(input_ids.to(self.device)), self.sampling)
         self.pos.fill_(n)
         self._emit(first)
         self.emitted = 1

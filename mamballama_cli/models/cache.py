@@ -4,7 +4,7 @@ Attention layers keep K/V in buffers of a fixed capacity (batch, n_kv, capacity,
 ``seqlen``; Mamba layers keep a conv window and an SSM state whose size does not depend on the context.
 Everything is allocated up front when ``max_length`` is known (what CUDA graphs need) and grows by
 doubling otherwise (plain ``generate``). Rolling back attention is moving ``seqlen``; Mamba layers
-roll back through the replay buffers of :mod:`mamballama_cli.generation.speculative`.
+roll back through their mixers' replay windows (``inference_state(cache, window)``, models/step.py).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.models.mixers import AttentionInitMixer, inverse_softplus
+from mamballama_cli.models.step import Step, one_token_step
 from mamballama_cli.ops import selective_scan as sscan
 
 
@@ -209,12 +210,10 @@ class Mamba1Mixer(AttentionInitMixer):
         b, seqlen, _ = hidden.shape
         if attention_mask is not None:
             hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
+        if state is not None and continuing and seqlen == 1:  # one cached token: the decode step
+            return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
         zxbcdt = self.in_proj(hidden)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
-
-        if state is not None and continuing and seqlen == 1:
-            return self._step(zxbcdt[:, 0], state, A)[:, None]
-
         conv_state = state["conv"] if (state is not None and continuing) else None
         ssm_state = state["ssm"] if (state is not None and continuing) else None
         z, x, B, C, dt, new_conv = self.ssm_inputs(zxbcdt, conv_state, attention_mask)
@@ -226,27 +225,67 @@ class Mamba1Mixer(AttentionInitMixer):
             state["ssm"].copy_(final_state)
         return self.output(y, z)
 
-    def _step(self, zxbcdt: Tensor, state: dict, A: Tensor) -> Tensor:
-        """One token: zxbcdt (batch, d_in_proj) -> (batch, hidden). Updates state in place."""
-        z, x, B, C, dt_low = self._split(zxbcdt)
-        x, new_conv = ops.causal_conv1d_update(
-            x, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias, self.activation
+    # --- inference (models/step.py) ----------------------------------------------------------------------
+    def inference_state(self, cache, window: int = 0, keep_live: bool = False):
+        """Decode: the cache's own {"conv", "ssm"} of this layer. Window: a :class:`Mamba1Window`."""
+        if not window:
+            return cache.mamba_state(self.layer_idx)
+        return Mamba1Window(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
+
+    def step(self, x: Tensor, state, step: Step) -> Tensor:
+        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
+        return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
+
+    def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
+        """x (batch, hidden) -> (batch, hidden); ``state`` updated in place."""
+        z, xc, B, C, dt_low = self._split(self.in_proj(x))
+        xc, new_conv = step.fns["causal_conv1d_update"](
+            xc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias, self.activation
         )
         state["conv"].copy_(new_conv)
         B, C = self.bc_groups(B, C)
         dt = self.discretise_dt(dt_low)
-        new_state, y = sscan.selective_state_step(state["ssm"], self.expand_x(x), dt, A, B, C, self.D)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        new_state, y = step.fns["selective_state_step"](state["ssm"], self.expand_x(xc), dt, A, B, C, self.D)
         state["ssm"].copy_(new_state)
         return self.output(y, z)
 
-    # --- speculative decoding ----------------------------------------------------------------------------
-    def replay_layer(self, batch_size: int, window: int, dtype, device, keep_live: bool) -> "Mamba1ReplayLayer":
-        """The per-layer replay state used by speculative verification (generation/speculative.py)."""
-        return Mamba1ReplayLayer(self, batch_size, window, dtype, device, keep_live)
+    def _step_window(self, x: Tensor, win: "Mamba1Window", step: Step) -> Tensor:
+        """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
+        of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
+        append to the current window (holding ``step.wlen`` entries) from the live state."""
+        b, T, _ = x.shape
+        zxbcdt = self.in_proj(x)
+        x_in = zxbcdt[..., self.in_proj_slices()["x"]]  # (b, T, n_kv * d) conv inputs
+        if step.rebase:
+            idx = (step.keep.reshape(b, 1) + win.arange)[:, None, :].expand(b, self.d_x, win.w1)
+            prefix = win.conv.gather(2, idx)  # (b, n_kv * d, w1): the conv inputs before the new window
+            start, n_replay, offset = win.ckpt, step.keep, 0
+            old = (win.win_x, win.win_dt, win.win_B)
+        else:
+            wlen = step.wlen
+            if wlen + T > win.window:
+                raise RuntimeError(f"replay window holds {win.window} tokens; {wlen + T} were fed")
+            prefix = win.conv[:, :, wlen : wlen + win.w1]
+            start, n_replay, offset = win.live, step.keep.new_zeros(b), wlen
+            old = (win.win_x[:, :0], win.win_dt[:, :0], win.win_B[:, :0])
+        z, xs, B, C, dt, _ = self.ssm_inputs(zxbcdt, prefix, None)
+        A = -torch.exp(self.A_log.float())
+        y, _, _ = step.fns["selective_replay"](
+            start, self.expand_x(old[0]), old[1], old[2], n_replay, self.expand_x(xs), dt, B, C, A, self.D,
+            return_final=False, state_out=win.ckpt if step.rebase else None, final_out=win.live,
+        )
+        if step.rebase:
+            win.conv[:, :, : win.w1].copy_(prefix)
+        win.conv[:, :, win.w1 + offset : win.w1 + offset + T].copy_(x_in.transpose(1, 2))
+        win.win_x[:, offset : offset + T].copy_(xs)
+        win.win_dt[:, offset : offset + T].copy_(dt)
+        win.win_B[:, offset : offset + T].copy_(B)
+        return self.output(y, z)
 
 
-class Mamba1ReplayLayer:
-    """Replay state of one Mamba-1 layer for speculative decoding (design.md section 4, docs/speculative.md).
+class Mamba1Window:
+    """Replay window of one Mamba-1 layer for speculative decoding (design.md section 4, docs/speculative.md).
 
     Holds the checkpoint (the SSM state at the start of the last window, the last position known correct),
     the last window's per-step SSM inputs (post-conv x at n_kv * d channels, positive dt, B already paired
@@ -256,52 +295,20 @@ class Mamba1ReplayLayer:
 
     def __init__(self, mixer: Mamba1Mixer, batch_size: int, window: int, dtype, device, keep_live: bool):
         m = mixer
-        self.mixer, self.window, self.keep_live = m, window, keep_live
         b, w1 = batch_size, m.d_conv - 1
-        self.w1 = w1
+        self.mixer, self.window, self.w1 = m, window, w1
         self.ckpt = torch.zeros(b, m.d_inner, m.d_state, dtype=torch.float32, device=device)
         self.live = torch.zeros_like(self.ckpt) if keep_live else None  # state after the whole window
         self.win_x = torch.zeros(b, window, m.d_x, dtype=dtype, device=device)
         self.win_dt = torch.zeros(b, window, m.d_inner, dtype=torch.float32, device=device)
         self.win_B = torch.zeros(b, window, m.n_bc_groups, m.d_state, dtype=dtype, device=device)
         self.conv = torch.zeros(b, m.d_x, w1 + window, dtype=dtype, device=device)  # pre-conv x
-        self._arange = torch.arange(w1, device=device)
+        self.arange = torch.arange(w1, device=device)
 
-    def load(self, cache_state: dict) -> None:
-        self.ckpt.copy_(cache_state["ssm"])
+    def load(self, cache) -> None:
+        """Start from the layer's state in ``cache`` (after the prompt)."""
+        state = cache.mamba_state(self.mixer.layer_idx)
+        self.ckpt.copy_(state["ssm"])
         if self.live is not None:
-            self.live.copy_(cache_state["ssm"])
-        self.conv[:, :, : self.w1].copy_(cache_state["conv"])
-
-    def extend(self, hidden: Tensor, keep_t: Tensor, rebase: bool, wlen: int) -> Tensor:
-        """Run T new tokens (batch, T, hidden) -> (batch, T, hidden). ``rebase``: first replay ``keep_t``
-        (batch,) steps of the old window from the checkpoint, which becomes the new checkpoint, and start a
-        new window; else append to the current window (holding ``wlen`` entries) from the live state."""
-        m = self.mixer
-        b, T, _ = hidden.shape
-        zxbcdt = m.in_proj(hidden)
-        x_in = zxbcdt[..., m.in_proj_slices()["x"]]  # (b, T, n_kv * d) conv inputs
-        if rebase:
-            idx = (keep_t.reshape(b, 1) + self._arange)[:, None, :].expand(b, m.d_x, self.w1)
-            prefix = self.conv.gather(2, idx)  # (b, n_kv * d, w1): the conv inputs before the new window
-            start, n_replay, offset = self.ckpt, keep_t, 0
-            old = (self.win_x, self.win_dt, self.win_B)
-        else:
-            if wlen + T > self.window:
-                raise RuntimeError(f"replay window holds {self.window} tokens; {wlen + T} were fed")
-            prefix = self.conv[:, :, wlen : wlen + self.w1]
-            start, n_replay, offset = self.live, keep_t.new_zeros(b), wlen
-            old = (self.win_x[:, :0], self.win_dt[:, :0], self.win_B[:, :0])
-        z, x, B, C, dt, _ = m.ssm_inputs(zxbcdt, prefix, None)
-        A = -torch.exp(m.A_log.float())
-        y, _, _ = sscan.selective_replay(
-            start, m.expand_x(old[0]), old[1], old[2], n_replay, m.expand_x(x), dt, B, C, A, m.D,
-            state_out=self.ckpt if rebase else None, final_out=self.live,
-        )
-        if rebase:
-            self.conv[:, :, : self.w1].copy_(prefix)
-        self.conv[:, :, self.w1 + offset : self.w1 + offset + T].copy_(x_in.transpose(1, 2))
-        self.win_x[:, offset : offset + T].copy_(x)
-        self.win_dt[:, offset : offset + T].copy_(dt)
-        self.win_B[:, offset : offset + T].copy_(B)
-        return m.output(y, z)
+            self.live.copy_(state["ssm"])
+        self.conv[:, :, : self.w1].copy_(state["conv"])

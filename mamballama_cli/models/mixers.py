@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamballama_cli import ops
+from mamballama_cli.models.step import Step, one_token_step
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -246,12 +247,10 @@ class Mamba2Mixer(AttentionInitMixer):
         b, seqlen, _ = hidden.shape
         if attention_mask is not None:
             hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
+        if state is not None and continuing and seqlen == 1:  # one cached token: the decode step
+            return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
         zxbcdt = self.project_in(hidden)
         A = -torch.exp(self.A_log.float())
-
-        if state is not None and continuing and seqlen == 1:
-            return self._step(zxbcdt[:, 0], state, A)[:, None]
-
         conv_state = state["conv"] if (state is not None and continuing) else None
         ssm_state = state["ssm"] if (state is not None and continuing) else None
         z, x, B, C, dt_raw, new_conv = self.ssm_inputs(zxbcdt, conv_state, attention_mask)
@@ -264,22 +263,111 @@ class Mamba2Mixer(AttentionInitMixer):
             state["ssm"].copy_(final_state)
         return self.output(y.reshape(b, seqlen, self.d_z), z)
 
-    def _step(self, zxbcdt: Tensor, state: dict, A: Tensor) -> Tensor:
-        """One token: zxbcdt (batch, d_in_proj) -> (batch, hidden). Updates state in place."""
-        b = zxbcdt.shape[0]
+    # --- inference (models/step.py) ----------------------------------------------------------------------
+    def inference_state(self, cache, window: int = 0, keep_live: bool = False):
+        """Decode: the cache's own {"conv", "ssm"} of this layer. Window: a :class:`Mamba2Window`."""
+        if not window:
+            return cache.mamba_state(self.layer_idx)
+        return Mamba2Window(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
+
+    def step(self, x: Tensor, state, step: Step) -> Tensor:
+        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
+        return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
+
+    def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
+        """x (batch, hidden) -> (batch, hidden): conv-window update, then the recurrence with D and the gated
+        norm in one op; ``state`` updated in place."""
+        fns = step.fns
+        b = x.shape[0]
+        zxbcdt = F.linear(x, self.in_proj.weight, self.in_proj.bias)  # (batch, d_in_proj)
         z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
-        xbc, new_conv = ops.causal_conv1d_update(
-            xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias, self.activation
+        xbc = fns["conv_update_inplace"](xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                         self.activation)
+        xs, Bs, Cs = torch.split(xbc, [self.d_x, self.d_B, self.d_C], dim=-1)
+        gated = self.gated_norm
+        y = fns["ssm_step_gated"](
+            state["ssm"], xs.reshape(b, self.n_groups, self.headdim), Bs.reshape(b, self.n_groups, self.d_state),
+            Cs.reshape(b, self.n_heads, self.d_state), dt_raw, self.dt_bias, self.A_log, self.D,
+            z.reshape(b, self.n_heads, self.headdim) if gated else None, self.norm.weight if gated else None,
+            self.eps,
+        )  # (batch, n_heads * headdim)
+        return F.linear(y.to(self.out_proj.weight.dtype), self.out_proj.weight, self.out_proj.bias)
+
+    def _step_window(self, x: Tensor, win: "Mamba2Window", step: Step) -> Tensor:
+        """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
+        of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
+        append to the window (which then holds ``step.wlen`` entries) from the live state."""
+        b, T, _ = x.shape
+        zxbcdt = self.in_proj(x)
+        z, xbc_in, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        if step.rebase:
+            # the w1 conv inputs before the new window start keep entries into the buffer
+            start, n_replay, offset, shift = win.ckpt, step.keep, 0, step.keep
+            old = win.split(win.win_xB, win.win_dt)
+        else:
+            wlen = step.wlen
+            if wlen + T > win.window:
+                raise RuntimeError(f"replay window holds {win.window} tokens; {wlen + T} were fed")
+            start, n_replay, offset, shift = win.live, win.no_shift, wlen, win.no_shift
+            old = win.split(win.win_xB[:, :0], win.win_dt[:, :0])
+        # Conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` (it holds only conv
+        # inputs, which the replay does not read): post (b, T, conv_dim) = silu(conv) of [x | B | C].
+        post = step.fns["spec_conv"](xbc_in, win.conv, shift, offset, win.conv_w, self.conv1d.bias,
+                                     self.activation)
+        xs, _, B = win.split(post[..., : win.d_xB], dt_raw)
+        C = post[..., win.d_xB :].view(b, T, self.n_heads, self.d_state)
+        y, _, _ = step.fns["ssm_replay"](
+            start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias, self.D,
+            return_final=False, state_out=win.ckpt if step.rebase else None, final_out=win.live,
         )
-        state["conv"].copy_(new_conv)
-        x, B, C = self._split_xbc(xbc)
-        x = self._expand_heads(x.reshape(b, self.n_groups, self.headdim))
-        B = B.reshape(b, self.n_groups, self.d_state)
-        C = C.reshape(b, self.n_heads, self.d_state)
-        dt = F.softplus(dt_raw.float() + self.dt_bias.float())
-        new_state, y = ops.ssm_step(state["ssm"], x, dt, A, B, C, self.D)
-        state["ssm"].copy_(new_state)
-        return self.output(y.reshape(b, self.d_z), z)
+        # Only now overwrite the window: the replay above read the old one.
+        win.win_xB[:, offset : offset + T].copy_(post[..., : win.d_xB])
+        win.win_dt[:, offset : offset + T].copy_(dt_raw)
+        return self.output(y.reshape(b, T, self.d_z), z)
+
+
+class Mamba2Window:
+    """Replay window of one Mamba-2 layer (docs/speculative.md): checkpoint, the last window's SSM inputs, a
+    conv buffer.
+
+    * ``ckpt``: the SSM state at the start of the last window, the last position known to be correct;
+    * ``win_xB``, ``win_dt``: the post-conv [x | B] and raw dt (before dt_bias and softplus) of every step
+      of the window;
+    * ``conv``: the ``d_conv - 1`` conv inputs (pre-conv x, B, C) before the window, then the window's own;
+    * ``live`` (``keep_live``, hybrid drafts): the state after the whole window, where "continue" steps start.
+
+    ``window`` is the most tokens one window holds (K+1). Buffers are allocated once (CUDA graphs).
+    """
+
+    def __init__(self, mixer: Mamba2Mixer, batch_size: int, window: int, dtype, device, keep_live: bool):
+        m = mixer
+        b, w1 = batch_size, m.d_conv - 1
+        self.mixer, self.window, self.w1 = m, window, w1
+        self.d_xB = m.d_x + m.d_B
+        self.ckpt = torch.zeros(b, m.n_heads, m.headdim, m.d_state, dtype=torch.float32, device=device)
+        self.live = torch.zeros_like(self.ckpt) if keep_live else None
+        self.win_xB = torch.zeros(b, window, self.d_xB, dtype=dtype, device=device)
+        self.win_dt = torch.zeros(b, window, m.n_heads, dtype=dtype, device=device)
+        self.conv = torch.zeros(b, m.conv_dim, w1 + window, dtype=dtype, device=device)
+        self.no_shift = torch.zeros(b, dtype=torch.long, device=device)  # continue steps: no replay, no shift
+        with torch.no_grad():
+            self.A = -torch.exp(m.A_log.float())  # (nheads,): fixed while decoding
+            self.conv_w = m.conv1d.weight[:, 0, :]  # (conv_dim, width)
+
+    def load(self, cache) -> None:
+        """Start from the layer's state in ``cache`` (after the prompt)."""
+        state = cache.mamba_state(self.mixer.layer_idx)
+        self.ckpt.copy_(state["ssm"])
+        if self.live is not None:
+            self.live.copy_(state["ssm"])
+        self.conv[:, :, : self.w1].copy_(state["conv"])
+
+    def split(self, xB: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x, dt, B) views of window-shaped [x | B] and dt, as the replay op reads them."""
+        m = self.mixer
+        b, steps, _ = xB.shape
+        return (xB[..., : m.d_x].view(b, steps, m.n_groups, m.headdim), dt,
+                xB[..., m.d_x :].view(b, steps, m.n_groups, m.d_state))
 
 
 class GatedRMSNorm(nn.Module):

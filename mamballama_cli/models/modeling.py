@@ -20,7 +20,8 @@ from mamballama_cli import ops
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
-from mamballama_cli.models.rope import RotaryEmbedding, rope_inv_freq
+from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
+from mamballama_cli.models.step import Step, fuse_linears
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
     from transformers import initialization as init
@@ -129,6 +130,60 @@ class Attention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
+
+    # --- inference (models/step.py) ----------------------------------------------------------------------
+    def inference_state(self, cache: HybridCache, window: int = 0, keep_live: bool = False) -> "AttentionState":
+        """This layer's K/V buffers in the cache (decode and windows alike: rollback is by length) and the fused
+        [q; k; v] projection (:func:`fuse_linears`)."""
+        qkv_w, qkv_b = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], cache.device.type == "cpu")
+        return AttentionState(cache.key[self.layer_idx], cache.value[self.layer_idx], qkv_w, qkv_b)
+
+    def step(self, x: Tensor, state: "AttentionState", step: Step) -> Tensor:
+        """New tokens' attention over the static K/V buffers, their own K/V written at their positions."""
+        qkv = F.linear(x, state.qkv_w, state.qkv_b)  # (..., (n_heads + 2 n_kv) * head_dim)
+        kb, vb = state.key, state.value
+        fns = step.fns
+        if not step.window:  # one token per row, x (batch, hidden), at step.pos
+            q = fns["rope_kv_write"](qkv, step.cos, step.sin, kb, vb, step.pos, self.n_heads, self.n_kv)
+            o = fns["decode_attention"](q, kb, vb, step.length, self.scaling)  # (batch, n_heads, head_dim)
+            return F.linear(o.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
+        b, T, _ = x.shape
+        nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+        if self.sliding_window is None:
+            # RoPE + K/V write at pos + t, then causal attention over [0, pos + t]
+            q = fns["rope_kv_write_window"](qkv, step.cos, step.sin, kb, vb, step.pos, nh, nkv)  # (b, T, nh, hd)
+            out = fns["window_attention"](q, kb, vb, step.pos, self.scaling)
+            return self.o_proj(out.reshape(b, T, nh * hd))
+        # Sliding-window layers: the masked SDPA over the buffer (the window ops have no sliding window).
+        idx = step.pos + torch.arange(T, device=x.device)  # (T,)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(b, T, nh, hd).transpose(1, 2)
+        k = k.view(b, T, nkv, hd).transpose(1, 2)
+        v = v.view(b, T, nkv, hd).transpose(1, 2)
+        cos = step.cos.index_select(0, idx)[None].expand(b, T, -1)
+        sin = step.sin.index_select(0, idx)[None].expand(b, T, -1)
+        q, k = apply_rotary(q, k, cos, sin)
+        kb.index_copy_(2, idx, k.to(kb.dtype))
+        vb.index_copy_(2, idx, v.to(vb.dtype))
+        L = kb.shape[2] if step.kv_len is None else step.kv_len  # graphs attend over the whole buffer, masked
+        kj = torch.arange(L, device=x.device)[None, :]
+        mask = (kj <= idx[:, None]) & (kj > idx[:, None] - self.sliding_window)  # a token sees its window
+        out = F.scaled_dot_product_attention(
+            q, kb[:, :, :L].to(q.dtype), vb[:, :, :L].to(q.dtype), attn_mask=mask[None, None],
+            scale=self.scaling, enable_gqa=nkv != nh,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, T, nh * hd))
+
+
+@dataclass
+class AttentionState:
+    """What an attention layer's ``step`` reads: the cache's K/V buffers (batch, n_kv, capacity, head_dim)
+    and the fused [q; k; v] weight and bias."""
+
+    key: Tensor
+    value: Tensor
+    qkv_w: Tensor
+    qkv_b: Tensor | None
 
 
 class DecoderLayer(GradientCheckpointingLayer):

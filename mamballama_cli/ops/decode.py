@@ -2,7 +2,8 @@
 of the Triton kernels in :mod:`mamballama_cli.ops.triton_decode`.
 
 Importing this module registers each as its op's reference; :data:`DECODE_OPS` names the ops one decode step
-uses (the static decoder of generation/fast.py dispatches each of them).
+uses (the mixers' one-token steps and the runtime's walk, models/step.py and models/runtime.py, dispatch
+each of them).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamballama_cli import ops
-from mamballama_cli.ops.conv import causal_conv1d_update_ref
+from mamballama_cli.ops.conv import _activate
 from mamballama_cli.ops.norm import rmsnorm_gated_ref, rmsnorm_ref
-from mamballama_cli.ops.rope_ops import apply_rotary
-from mamballama_cli.ops.ssd import ssm_step_ref
+from mamballama_cli.ops.rope_ops import rotate
 
 
 def add_rmsnorm_ref(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -37,10 +37,18 @@ def swiglu_ref(gate_up: Tensor) -> Tensor:
 def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
                             activation: str | None = None) -> Tensor:
     """causal_conv1d_update for one new input x (batch, dim) that slides ``conv_state`` (batch, dim, width-1)
-    in place; returns y (batch, dim)."""
-    y, new_state = causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
-    conv_state.copy_(new_state)
-    return y
+    in place; returns y (batch, dim).
+
+    The same sum as :func:`~mamballama_cli.ops.conv.causal_conv1d_update_ref`, written as elementwise ops and
+    accumulated in at least float32: a one-token ``F.conv1d`` costs about 100 us of setup on a CPU core, this a fifth.
+    """
+    window = torch.cat([conv_state, x[..., None].to(conv_state.dtype)], dim=-1)  # (batch, dim, width)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    y = (window.to(acc) * weight.to(acc)).sum(-1)
+    if bias is not None:
+        y = y + bias.to(acc)
+    conv_state.copy_(window[..., 1:])
+    return _activate(y, activation).to(x.dtype)
 
 
 def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: Tensor, dt_bias: Tensor,
@@ -52,16 +60,27 @@ def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: T
     C: (batch, nheads, dstate); dt_raw: (batch, nheads) before dt_bias and softplus; dt_bias, A_log, D:
     (nheads,); z: (batch, nheads, headdim) or None; norm_weight: (nheads * headdim,) or None (no norm, no
     gate). Head i reads x and B of group i // (nheads / ngroups). Returns (batch, nheads * headdim) in x's
-    dtype, what out_proj reads. Same arithmetic as Mamba2Mixer._step.
+    dtype, what out_proj reads. Same arithmetic as ``ssm_step`` followed by ``rmsnorm_gated`` (the state in
+    its own dtype, dt in float32), with heads grouped by broadcasting instead of repeated copies.
     """
-    b, h, p, _ = state.shape
-    dt = F.softplus(dt_raw.float() + dt_bias.float())
-    A = -torch.exp(A_log.float())
-    xh = x.repeat_interleave(h // x.shape[1], dim=1)
-    # Under autograd the old state is saved for backward: read it from a copy before overwriting it.
-    new_state, y = ssm_step_ref(state.clone() if torch.is_grad_enabled() else state, xh, dt, A, B, C, D)
-    state.copy_(new_state)
-    y = y.reshape(b, h * p)
+    b, h, p, n = state.shape
+    g = x.shape[1]
+    r = h // g
+    sdtype = state.dtype
+    dt = F.softplus(dt_raw.float() + dt_bias.float()).to(sdtype)  # (b, h)
+    dA = torch.exp(dt * (-torch.exp(A_log.float())).to(sdtype))
+    xs = x.to(sdtype)[:, :, None]  # (b, g, 1, p): head (group, j) reads group x
+    dx = (dt.view(b, g, r, 1) * xs)[..., None]  # (b, g, r, p, 1)
+    Bs = B.to(sdtype).view(b, g, 1, 1, n)
+    if torch.is_grad_enabled():  # autograd saves the old state: read it from a copy, then overwrite it
+        new_state = state.clone().view(b, g, r, p, n) * dA.view(b, g, r, 1, 1) + dx * Bs
+        state.copy_(new_state.view(b, h, p, n))
+    else:  # in place: no new state per step
+        new_state = state.view(b, g, r, p, n).mul_(dA.view(b, g, r, 1, 1)).addcmul_(dx, Bs)
+    y = torch.einsum("bgrpn,bgrn->bgrp", new_state, C.to(sdtype).view(b, g, r, n))
+    if D is not None:
+        y = y + xs * D.to(sdtype).view(g, r, 1)
+    y = y.to(x.dtype).reshape(b, h * p)
     if norm_weight is not None:
         y = rmsnorm_gated_ref(y, z.reshape(b, h * p) if z is not None else None, norm_weight, eps, p)
     return y
@@ -76,23 +95,30 @@ def rope_kv_write_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, k_cache
     (batch, n_heads, head_dim).
     """
     b, hd = qkv.shape[0], k_cache.shape[-1]
-    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
-    q, k, v = q.reshape(b, n_heads, 1, hd), k.reshape(b, n_kv, 1, hd), v.reshape(b, n_kv, 1, hd)
-    cos = cos_table.index_select(0, pos)[None].expand(b, 1, -1)  # (batch, 1, rotary_dim)
-    sin = sin_table.index_select(0, pos)[None].expand(b, 1, -1)
-    q, k = apply_rotary(q, k, cos, sin)
-    k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
+    n_qk = (n_heads + n_kv) * hd
+    qk = qkv[:, :n_qk].reshape(b, n_heads + n_kv, 1, hd)  # q and k rotate alike: one pass over both
+    v = qkv[:, n_qk:].reshape(b, n_kv, 1, hd)
+    cos = cos_table.index_select(0, pos)[None]  # (1, 1, rotary_dim): the same row for the whole batch
+    sin = sin_table.index_select(0, pos)[None]
+    qk = rotate(qk, cos, sin)
+    k_cache.index_copy_(2, pos, qk[:, n_heads:].to(k_cache.dtype))
     v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
-    return q[:, :, 0]
+    return qk[:, :n_heads, 0]
 
 
 def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, scale: float) -> Tensor:
     """Attention of one query per head over the first ``length`` positions of static K/V buffers.
 
     q: (batch, n_heads, head_dim); k_cache, v_cache: (batch, n_kv, capacity, head_dim); length: (1,) int64
-    on the device (no host sync). Returns (batch, n_heads, head_dim) in q's dtype.
+    on the device (no host sync). Returns (batch, n_heads, head_dim) in q's dtype. Off CUDA (where reading
+    the length costs nothing and nothing is captured) only the live prefix is read.
     """
     nh, n_kv, cap = q.shape[1], k_cache.shape[1], k_cache.shape[2]
+    if not q.is_cuda:
+        L = int(length.reshape(-1)[0])
+        k, v = k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype)
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=n_kv != nh)
+        return out[:, :, 0]
     k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
     if n_kv != nh:
         k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)

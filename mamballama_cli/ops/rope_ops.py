@@ -11,18 +11,21 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (batch, heads, seqlen, head_dim); cos, sin: (batch, seqlen, rotary_dim). The dims past rotary_dim
+    pass through; the result has the promoted dtype of x and the tables."""
+    cos, sin = cos[:, None], sin[:, None]
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     """q, k: (batch, heads, seqlen, head_dim); cos, sin: (batch, seqlen, rotary_dim). Result in the promoted dtype
     of q and the tables (float32 under autocast, where the tables are float32)."""
-    cos, sin = cos[:, None], sin[:, None]
-    rot = cos.shape[-1]
-    if rot == q.shape[-1]:
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    q_rot, q_pass = q[..., :rot], q[..., rot:]
-    k_rot, k_pass = k[..., :rot], k[..., rot:]
-    q_rot = q_rot * cos + rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + rotate_half(k_rot) * sin
-    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 def rotary_ref(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,10 +1,9 @@
 """Pure-PyTorch references of the multi-token ops of a speculative verify call (design.md section 4).
 
 A verify call runs a window of T = K + 1 tokens at positions pos .. pos + T - 1 through the target. These
-three ops are what :class:`~mamballama_cli.generation.speculative.HybridRunner` and
-:class:`~mamballama_cli.generation.speculative.Mamba2ReplayLayer` run per layer besides the GEMMs and the
-replay op; each is the T-token generalisation of a one-token decode op of
-:mod:`mamballama_cli.generation.fast` and equals it at T = 1. The fused Triton kernels live in
+three ops are what the attention and Mamba-2 mixers' window steps (``Attention.step``, ``Mamba2Mixer.step``)
+run per layer besides the GEMMs and the replay op; each is the T-token generalisation of a one-token decode
+op of :mod:`mamballama_cli.ops.decode` and equals it at T = 1. The fused Triton kernels live in
 :mod:`mamballama_cli.ops.triton_verify`. Positions are read from device tensors, so every op can run
 inside a captured CUDA graph.
 

@@ -1,0 +1,160 @@
+"""The one inference walk over a hybrid's layers, for T new tokens on static buffers.
+
+:class:`Runtime` owns what a decode or verify step reads besides the weights: a
+:class:`~mamballama_cli.models.cache.HybridCache` of a fixed capacity, the rotary tables of that capacity, the op
+table of the device, and per layer the mixer's inference state (models/step.py). :meth:`Runtime.walk` is the
+layer walk, the same computation as ``DecoderLayer.forward`` with each residual add fused into the next RMSNorm
+and one GEMM for [gate; up]:
+
+    embedding -> per layer: add + RMSNorm, mixer.step, add + RMSNorm, SwiGLU MLP -> add + final norm -> logits
+
+Its users hold their own loop state: :class:`~mamballama_cli.generation.fast.StaticDecoder` (one token per
+step, sampling, forced tokens, one captured graph) and the speculative
+:class:`~mamballama_cli.generation.runners.HybridRunner` (windows of up to K+1 tokens with replay, one graph per
+step shape). Both capture through :func:`capture_graph`. The prompt goes through the model's own ``forward``
+(:meth:`Runtime.prefill`, the chunked scan), writing the same cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamballama_cli.models.cache import HybridCache
+from mamballama_cli.models.step import OpTable, Step, column_major, contiguous_state_dict, fuse_linears
+
+
+def fuse_projections(model, column_major: bool = False) -> None:
+    """[gate; up] of every MLP and [q; k; v] of every attention layer into one buffer each (in place).
+
+    Parameter names, shapes and values are unchanged (``save_pretrained`` writes the usual layout)."""
+    for layer in model.model.layers:
+        fuse_linears(layer.mlp, ["gate_proj", "up_proj"], column_major)
+        if layer.is_attention:
+            fuse_linears(layer.self_attn, ["q_proj", "k_proj", "v_proj"], column_major)
+
+
+def decode_layout(model) -> None:
+    """Fuse the projections; on a CPU also store every projection whose output is at least as wide as its input
+    column-major (:func:`~mamballama_cli.models.step.column_major`): [gate; up], [q; k; v], in_proj, lm_head...
+
+    A one-token GEMM on a CPU core reads such a weight about twice as fast, and a decode step is mostly those.
+    Shapes and values are unchanged, and so is ``state_dict()`` (it hands out contiguous copies of the
+    transposed weights, so ``save_pretrained`` writes the usual layout). On CUDA only the fusion: cuBLAS
+    reads either layout at full bandwidth."""
+    cpu = model.lm_head.weight.device.type == "cpu"
+    fuse_projections(model, column_major=cpu)
+    if not cpu:
+        return
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            column_major(module)
+    for module in model.modules():  # tied embeddings share lm_head's weight
+        if any(not p.is_contiguous() for p in module.parameters(recurse=False)):
+            contiguous_state_dict(module)
+
+
+@dataclass
+class LayerPlan:
+    """One decoder layer as the walk runs it: norms, fused MLP weights, the mixer and its inference state."""
+
+    ln1: Tensor
+    ln2: Tensor
+    gate_up_w: Tensor
+    gate_up_b: Tensor | None
+    down_w: Tensor
+    down_b: Tensor | None
+    mixer: torch.nn.Module  # self_attn or mamba: has inference_state() and step()
+    state: object
+
+
+class Runtime:
+    """Static inference state of one MamballamaForCausalLM: ``batch_size`` rows, ``capacity`` positions.
+
+    ``window`` 0: decode (one token per step, each mixer's state updated in place). ``window`` > 0: speculative
+    windows of up to that many tokens; every recurrent mixer keeps a replay window (``keep_live`` for drafts,
+    whose window grows one token at a time).
+    """
+
+    def __init__(self, model, batch_size: int, capacity: int, window: int = 0, keep_live: bool = False):
+        self.model, self.base = model, model.model
+        ref = model.lm_head.weight
+        self.device, self.dtype = ref.device, ref.dtype
+        self.batch_size, self.capacity, self.window = int(batch_size), int(capacity), int(window)
+        self.eps = model.config.rms_norm_eps
+        self.column_major = self.device.type == "cpu"
+        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "swiglu"))
+        self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
+                                 max_length=self.capacity)
+        decode_layout(model)
+        self.embed_w, self.norm_w, self.lm_head_w = self.base.embed_tokens.weight, self.base.norm.weight, ref
+        self.layers: list[LayerPlan] = []
+        for layer in self.base.layers:
+            mixer = layer.self_attn if layer.is_attention else layer.mamba
+            gate_up_w, gate_up_b = fuse_linears(layer.mlp, ["gate_proj", "up_proj"], self.column_major)
+            self.layers.append(LayerPlan(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, gate_up_w, gate_up_b,
+                layer.mlp.down_proj.weight, layer.mlp.down_proj.bias, mixer,
+                mixer.inference_state(self.cache, self.window, keep_live),
+            ))
+        self.windows = [p.state for p in self.layers if hasattr(p.state, "load")]
+        with torch.no_grad():  # the model's own rotary tables, indexed by position on the device
+            cos, sin = self.base.rotary_emb(torch.arange(self.capacity, device=self.device)[None], self.dtype)
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
+
+    def step(self, **kw) -> Step:
+        """A :class:`Step` over this runtime's op table and rotary tables (``kw``: its other fields)."""
+        return Step(self.fns, cos=self.cos, sin=self.sin, window=self.window > 0, **kw)
+
+    # --- the walk ------------------------------------------------------------------------------------------
+    def walk(self, ids: Tensor, step: Step) -> Tensor:
+        """Logits of the new tokens: ids (batch,) -> (batch, vocab) for a decode step, (batch, T) ->
+        (batch, T, vocab) for a window. Graph-safe: no host sync, every buffer static."""
+        add_norm, swiglu, eps = self.fns["add_rmsnorm"], self.fns["swiglu"], self.eps
+        hidden = F.embedding(ids, self.embed_w)
+        residual = None
+        for p in self.layers:
+            x, residual = add_norm(hidden, residual, p.ln1, eps)
+            hidden = p.mixer.step(x, p.state, step)
+            x, residual = add_norm(hidden, residual, p.ln2, eps)
+            hidden = F.linear(swiglu(F.linear(x, p.gate_up_w, p.gate_up_b)), p.down_w, p.down_b)
+        x, _ = add_norm(hidden, residual, self.norm_w, eps)
+        return F.linear(x, self.lm_head_w)
+
+    # --- the prompt ----------------------------------------------------------------------------------------
+    def prefill(self, ids: Tensor) -> Tensor:
+        """Read the prompt (batch, n) into a reset cache with the model's own forward; fill the replay windows.
+        Returns the last position's logits (batch, vocab)."""
+        self.cache.reset()
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        for state in self.windows:
+            state.load(self.cache)
+        return out.logits[:, -1]
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+
+def capture_graph(fn: Callable[[], object], device, warmup: int = 2, before: Callable[[], None] | None = None):
+    """Record one call of ``fn`` in a CUDA graph; returns (graph, what the recorded call returned).
+
+    ``fn`` first runs ``warmup`` times on a side stream (compiles the Triton kernels, runs autotuning, creates
+    cuBLAS handles, settles allocations); ``before`` runs between the warm-up and the recording (the warm-up
+    scribbles on the state)."""
+    device = torch.device(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    if before is not None:
+        before()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -1,0 +1,203 @@
+"""The inference protocol (models/step.py) and the one layer walk (models/runtime.py) on CPU.
+
+Per mixer: T tokens stepped one at a time, one T-token window step and the parallel forward give the same
+outputs and the same states. The runtime: its decode walk and its window walk give the model's own logits
+on tiny random hybrids, Mamba-2 and Mamba-1, with and without attention layers.
+"""
+
+import pytest
+import torch
+
+from helpers import tiny_hybrid
+from mamballama_cli.models.cache import HybridCache
+from mamballama_cli.models.runtime import Runtime
+from mamballama_cli.models.step import OpTable, Step
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4
+
+
+def hybrid(mixer: str, attn_layers=(1, 3)):
+    # Mamba-1 needs a head dim that is a multiple of its d_state (16): 4 heads of 32
+    hidden = 128 if mixer == "mamba1" else 64
+    model, _ = tiny_hybrid(attn_layers=attn_layers, mixer=mixer, hidden=hidden, seed=2)
+    return model.eval()
+
+
+def ids(n, batch=2, seed=0):
+    return torch.randint(3, 96, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def layer_input(model, n, batch=2, seed=0):
+    """A plausible input of a layer's mixer: normalised random hidden states (batch, n, hidden)."""
+    h = torch.randn(batch, n, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+    return model.model.layers[0].input_layernorm(h)
+
+
+# --- each mixer: one token at a time == one window step == the parallel forward -----------------------------
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_recurrent_mixer_steps_equal_the_parallel_forward(mixer):
+    model = hybrid(mixer)
+    m = model.model.layers[0].mamba
+    P, T, b = 7, 5, 2
+    x = layer_input(model, P + T, b)
+    with torch.no_grad():
+        # the parallel forward over prompt + new tokens, from zeros: outputs and final state
+        full_state = m.allocate_state(b, torch.float32, "cpu")
+        want = m(x, full_state)[:, P:]
+
+        # the prompt in parallel into a cache, then T decode steps in place
+        cache = HybridCache(model, b, max_length=P + T)
+        m(x[:, :P], cache.mamba_state(m.layer_idx))
+        cache.seqlen = P
+        windowed = m.inference_state(cache, window=T + 1, keep_live=True)  # loaded before the decode steps
+        windowed.load(cache)
+        state = m.inference_state(cache)
+        assert state is cache.mamba_state(m.layer_idx)
+        one = OpTable("cpu")
+        steps = torch.stack([m.step(x[:, P + t], state, Step(one)) for t in range(T)], 1)
+
+        # one window step of all T tokens, from the same prompt state
+        no_replay = torch.zeros(b, dtype=torch.long)
+        window = m.step(x[:, P:], windowed, Step(one, window=True, keep=no_replay, rebase=True))
+        live = windowed.live.clone()
+        # the next rebase keeping all T replays them into the checkpoint (before its own token: any will do)
+        m.step(x[:, :1], windowed, Step(one, window=True, keep=torch.full((b,), T), rebase=True))
+
+    assert rel(steps, want) < TOL and rel(window, want) < TOL
+    for name in ("ssm", "conv"):
+        assert rel(state[name], full_state[name]) < TOL
+    assert rel(live, full_state["ssm"]) < TOL
+    assert rel(windowed.ckpt, full_state["ssm"]) < TOL
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_window_grows_by_continue_steps_and_rolls_back(mixer):
+    """A draft's window: tokens appended one at a time from the live state, then cut back to a prefix."""
+    model = hybrid(mixer)
+    m = model.model.layers[2].mamba
+    P, b, keep = 6, 1, 2
+    x = layer_input(model, P + 4 + 2, b, seed=1)
+    one = OpTable("cpu")
+    with torch.no_grad():
+        cache = HybridCache(model, b, max_length=32)
+        m(x[:, :P], cache.mamba_state(m.layer_idx))
+        win = m.inference_state(cache, window=4, keep_live=True)
+        win.load(cache)
+        zero = torch.zeros(b, dtype=torch.long)
+        outs = [m.step(x[:, P:P + 1], win, Step(one, window=True, keep=zero, rebase=True))]
+        for j in range(1, 4):
+            outs.append(m.step(x[:, P + j:P + j + 1], win, Step(one, window=True, keep=zero, rebase=False, wlen=j)))
+        with pytest.raises(RuntimeError, match="replay window holds 4 tokens"):
+            m.step(x[:, :1], win, Step(one, window=True, keep=zero, rebase=False, wlen=4))
+        # keep the first two tokens of the window, then two new ones
+        nxt = m.step(x[:, P + 4:], win, Step(one, window=True, keep=torch.full((b,), keep), rebase=True))
+        want_steps = m(x[:, :P + 4])[:, P:]
+        kept = torch.cat([x[:, :P + keep], x[:, P + 4:]], 1)
+        want_next = m(kept)[:, -2:]
+    assert rel(torch.cat(outs, 1), want_steps) < TOL
+    assert rel(nxt, want_next) < TOL
+
+
+def test_attention_decode_and_window_steps_equal_the_parallel_forward():
+    model = hybrid("mamba2")
+    attn = model.model.layers[1].self_attn
+    P, T, b, cap = 7, 4, 2, 16
+    x = layer_input(model, P + T, b, seed=3)
+    positions = torch.arange(P + T)[None].expand(b, -1)
+    with torch.no_grad():
+        cos, sin = model.model.rotary_emb(positions, torch.float32)
+        want = attn(x, cos, sin, None, None)[:, P:]
+        tables = model.model.rotary_emb(torch.arange(cap)[None], torch.float32)
+        tab_cos, tab_sin = tables[0][0].contiguous(), tables[1][0].contiguous()
+        outs = {}
+        for window in (False, True):
+            cache = HybridCache(model, b, max_length=cap)
+            attn(x[:, :P], cos[:, :P], sin[:, :P], None, cache)  # the prompt's K/V
+            state = attn.inference_state(cache, window=T if window else 0)
+            if window:
+                step = Step(OpTable("cpu"), window=True, pos=torch.tensor(P), cos=tab_cos, sin=tab_sin,
+                            keep=torch.zeros(b, dtype=torch.long))
+                outs[window] = attn.step(x[:, P:], state, step)
+            else:
+                got = []
+                for t in range(T):
+                    pos = torch.tensor([P + t])
+                    step = Step(OpTable("cpu"), pos=pos, length=pos + 1, cos=tab_cos, sin=tab_sin)
+                    got.append(attn.step(x[:, P + t], state, step))
+                outs[window] = torch.stack(got, 1)
+            assert torch.equal(cache.key[1][:, :, P + T:], torch.zeros_like(cache.key[1][:, :, P + T:]))
+    assert rel(outs[False], want) < TOL and rel(outs[True], want) < TOL
+
+
+# --- the runtime's walk: the model's own logits ---------------------------------------------------------------
+@pytest.mark.parametrize("mixer,attn_layers", [("mamba2", (1, 3)), ("mamba2", ()), ("mamba1", (2,)),
+                                               ("mamba1", ())])
+def test_runtime_decode_and_window_walks_equal_the_model(mixer, attn_layers):
+    model = hybrid(mixer, attn_layers)
+    P, T, b = 6, 5, 2
+    seq = ids(P + T, b, seed=4)
+    with torch.no_grad():
+        want = model(seq).logits  # (b, P + T, vocab)
+
+        rt = Runtime(model, b, P + T)
+        first = rt.prefill(seq[:, :P])
+        assert rel(first, want[:, P - 1]) < TOL
+        pos = torch.tensor([P])
+        step = rt.step(pos=pos)
+        got = []
+        for t in range(T - 1):  # feed token P + t, get the logits at position P + t
+            step.length = pos + 1
+            got.append(rt.walk(seq[:, P + t], step))
+            pos.add_(1)
+        assert rel(torch.stack(got, 1), want[:, P:P + T - 1]) < TOL
+        assert all(p.state is rt.cache.mamba_state(i) for i, p in enumerate(rt.layers) if i not in attn_layers)
+
+        rtw = Runtime(model, b, P + T + 1, window=T)
+        rtw.prefill(seq[:, :P])
+        wstep = rtw.step(pos=torch.tensor(P), keep=torch.zeros(b, dtype=torch.long), rebase=True)
+        assert wstep.window and len(rtw.windows) == model.config.num_hidden_layers - len(attn_layers)
+        logits = rtw.walk(seq[:, P:], wstep)
+    assert rel(logits, want[:, P:]) < TOL
+
+
+def test_runtime_resolves_each_op_once_per_device():
+    model = hybrid("mamba2")
+    rt = Runtime(model, 1, 16)
+    rt.prefill(ids(4, 1))
+    pos = torch.tensor([4])
+    rt.walk(ids(1, 1)[:, 0], rt.step(pos=pos, length=pos + 1))
+    assert set(rt.fns.backends) >= {"add_rmsnorm", "swiglu", "conv_update_inplace", "ssm_step_gated",
+                                    "rope_kv_write", "decode_attention"}
+    assert set(rt.fns.backends.values()) == {"torch-ref"}  # CPU: the references
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cpu_runtime_stores_wide_projections_column_major_and_checkpoints_stay_usual(tie, tmp_path):
+    """On a CPU the runtime stores [gate; up], [q; k; v], in_proj, lm_head... transposed (a one-token GEMM reads
+    them twice as fast); values, outputs, state_dict and saved checkpoints are those of the usual layout."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_hybrid(tie=tie, seed=5)
+    seq = ids(9, 2, seed=6)
+    with torch.no_grad():
+        before = model(seq).logits
+    keys = list(model.state_dict())
+    Runtime(model, 2, 16)
+    layer = model.model.layers[0]
+    assert layer.mamba.in_proj.weight.stride(0) == 1 and model.lm_head.weight.stride(0) == 1
+    assert layer.mlp.gate_proj.weight.stride(0) == 1  # a view into the column-major [gate; up]
+    assert layer.mlp.down_proj.weight.is_contiguous()  # narrower out than in: row-major reads faster
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    with torch.no_grad():
+        assert torch.allclose(model(seq).logits, before, atol=1e-5)
+    state = model.state_dict()
+    assert list(state) == keys and all(t.is_contiguous() for t in state.values())
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    with torch.no_grad():
+        assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path)(seq).logits, before, atol=1e-5)
