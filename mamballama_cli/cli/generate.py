@@ -39,8 +39,9 @@ def command(
                                        help="With --speculative, also time the target's plain decoding of the same "
                                        "prompt and length (speedup in the statistics)."),
     draft_runner: str = typer.Option("auto", "--draft-runner", help="auto, hybrid, transformers or refeed."),
-    engine: str = typer.Option("auto", "--engine", help="Plain decoding: auto (static decoder with a CUDA-graph "
-                               "step for hybrids on CUDA, else transformers), static, transformers."),
+    engine: str = typer.Option("auto", "--engine", help="Plain decoding: auto (hybrids on the static decoder: a "
+                               "CUDA-graph step on GPU, the same step eagerly on CPU; other models on "
+                               "transformers), static, transformers."),
 ):
     from mamballama_cli.cli.common import err, read_prompt
     from mamballama_cli.generation.plain import check_request, encode_prompt, generate

@@ -51,7 +51,8 @@ ENGINES = ("auto", "static", "transformers")
 def choose_engine(model, engine: str = "auto") -> str:
     """"static" (generation/fast.py: static cache, CUDA-graph step) or "transformers" (generate()).
 
-    auto: static for hybrids on CUDA, transformers otherwise. "static" on CPU runs the same step eagerly.
+    auto: static for hybrids (on CUDA with a captured step; on CPU the same step eagerly, faster there than
+    transformers' generate: docs/benchmarks.md), transformers for other models.
     """
     if engine not in ENGINES:
         from mamballama_cli.errors import UsageError
@@ -68,8 +69,7 @@ def choose_engine(model, engine: str = "auto") -> str:
 
             raise UsageError(f"--engine static: {why}; use --engine transformers")
         return "static"
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return "static" if (on_cuda and why is None) else "transformers"
+    return "static" if why is None else "transformers"
 
 
 def _gib(n: float) -> str:

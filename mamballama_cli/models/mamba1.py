@@ -111,25 +111,7 @@ class Mamba1Mixer(AttentionInitMixer):
             self.A_log: torch.log(A),
             self.D: torch.ones(self.d_inner),
         }
-        for param, value in values.items():
-            if init_mod is not None:
-                init_mod.copy_(param, value.to(param.dtype))
-            else:
-                param.copy_(value)
-
-    @torch.no_grad()
-    def reset_fresh_parameters(self) -> None:
-        """Fresh init of everything the attention weights do not provide (docs/mamba1.md)."""
-        w = self.in_proj.weight
-        s = self.in_proj_slices()
-        for part in ("z", "dt"):
-            fresh = torch.empty_like(w[s[part]])
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear's default
-            w[s[part]] = fresh
-        if self.in_proj.bias is not None:
-            self.in_proj.bias.zero_()
-        self.conv1d.reset_parameters()
-        self.init_ssm_parameters()
+        self.write_initial(values, init_mod)
 
     # --- state -------------------------------------------------------------------------------------------
     def allocate_state(self, batch_size: int, dtype: torch.dtype, device) -> dict[str, Tensor]:

@@ -35,6 +35,35 @@ class AttentionInitMixer(nn.Module):
 
     FRESH_PARAMS: tuple[str, ...] = ()
 
+    def init_ssm_parameters(self, init_mod=None) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    @torch.no_grad()
+    def write_initial(values: dict, init_mod=None) -> None:
+        """Write ``{parameter: value}``: through transformers' guarded ``initialization`` module when given (it
+        skips parameters already loaded from a checkpoint), else in place."""
+        for param, value in values.items():
+            if init_mod is not None:
+                init_mod.copy_(param, value.to(param.dtype))
+            else:
+                param.copy_(value)
+
+    @torch.no_grad()
+    def reset_fresh_parameters(self) -> None:
+        """Fresh init of everything the attention weights do not provide (design.md section 2; docs/mamba1.md):
+        the z and dt rows of in_proj as nn.Linear's default, the conv, and the SSM parameters."""
+        w = self.in_proj.weight
+        s = self.in_proj_slices()
+        for part in ("z", "dt"):
+            fresh = torch.empty_like(w[s[part]])
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear's default
+            w[s[part]] = fresh
+        if self.in_proj.bias is not None:
+            self.in_proj.bias.zero_()
+        self.conv1d.reset_parameters()
+        self.init_ssm_parameters()
+
     def in_proj_sizes(self) -> dict[str, int]:
         raise NotImplementedError
 
@@ -155,25 +184,7 @@ class Mamba2Mixer(AttentionInitMixer):
             self.D: torch.ones(self.n_heads),
             self.norm.weight: torch.ones(self.d_z),
         }
-        for param, value in values.items():
-            if init_mod is not None:
-                init_mod.copy_(param, value.to(param.dtype))
-            else:
-                param.copy_(value)
-
-    @torch.no_grad()
-    def reset_fresh_parameters(self) -> None:
-        """Fresh init of everything the attention weights do not provide (design.md section 2)."""
-        w = self.in_proj.weight
-        s = self.in_proj_slices()
-        for part in ("z", "dt"):
-            fresh = torch.empty_like(w[s[part]])
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear's default
-            w[s[part]] = fresh
-        if self.in_proj.bias is not None:
-            self.in_proj.bias.zero_()
-        self.conv1d.reset_parameters()
-        self.init_ssm_parameters()
+        self.write_initial(values, init_mod)
 
     # --- state -------------------------------------------------------------------------------------------
     def allocate_state(self, batch_size: int, dtype: torch.dtype, device) -> dict[str, Tensor]:
