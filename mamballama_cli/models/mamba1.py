@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.models.mixers import AttentionInitMixer, inverse_softplus
-from mamballama_cli.models.step import Step, one_token_step
+from mamballama_cli.models.step import ReplayWindow, Step, one_token_step
 from mamballama_cli.ops import selective_scan as sscan
 
 
@@ -266,7 +266,7 @@ class Mamba1Mixer(AttentionInitMixer):
         return self.output(y, z)
 
 
-class Mamba1Window:
+class Mamba1Window(ReplayWindow):
     """Replay window of one Mamba-1 layer for speculative decoding (design.md section 4, docs/speculative.md).
 
     Holds the checkpoint (the SSM state at the start of the last window, the last position known correct),
@@ -287,10 +287,3 @@ class Mamba1Window:
         self.conv = torch.zeros(b, m.d_x, w1 + window, dtype=dtype, device=device)  # pre-conv x
         self.arange = torch.arange(w1, device=device)
 
-    def load(self, cache) -> None:
-        """Start from the layer's state in ``cache`` (after the prompt)."""
-        state = cache.mamba_state(self.mixer.layer_idx)
-        self.ckpt.copy_(state["ssm"])
-        if self.live is not None:
-            self.live.copy_(state["ssm"])
-        self.conv[:, :, : self.w1].copy_(state["conv"])

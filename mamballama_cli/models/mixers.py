@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamballama_cli import ops
-from mamballama_cli.models.step import Step, one_token_step
+from mamballama_cli.models.step import ReplayWindow, Step, one_token_step
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -337,7 +337,7 @@ class Mamba2Mixer(AttentionInitMixer):
         return self.output(y.reshape(b, T, self.d_z), z)
 
 
-class Mamba2Window:
+class Mamba2Window(ReplayWindow):
     """Replay window of one Mamba-2 layer (docs/speculative.md): checkpoint, the last window's SSM inputs, a
     conv buffer.
 
@@ -364,14 +364,6 @@ class Mamba2Window:
         with torch.no_grad():
             self.A = -torch.exp(m.A_log.float())  # (nheads,): fixed while decoding
             self.conv_w = m.conv1d.weight[:, 0, :]  # (conv_dim, width)
-
-    def load(self, cache) -> None:
-        """Start from the layer's state in ``cache`` (after the prompt)."""
-        state = cache.mamba_state(self.mixer.layer_idx)
-        self.ckpt.copy_(state["ssm"])
-        if self.live is not None:
-            self.live.copy_(state["ssm"])
-        self.conv[:, :, : self.w1].copy_(state["conv"])
 
     def split(self, xB: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(x, dt, B) views of window-shaped [x | B] and dt, as the replay op reads them."""

@@ -160,3 +160,22 @@ def contiguous_state_dict(module: torch.nn.Module) -> None:
     register = getattr(module, "register_state_dict_post_hook", None) or module._register_state_dict_hook
     register(_contiguous_entries)
     module.__dict__["_mamballama_contiguous_state"] = True
+
+
+class ReplayWindow:
+    """What the Mamba mixers' replay windows share: ``ckpt`` (the SSM state at the window's start), ``live``
+    (the running state, or None), ``conv`` (the conv inputs, the first ``w1`` columns carried over) and the mixer."""
+
+    mixer: torch.nn.Module
+    ckpt: Tensor
+    live: Tensor | None
+    conv: Tensor
+    w1: int
+
+    def load(self, cache) -> None:
+        """Start from the layer's state in ``cache`` (after the prompt)."""
+        state = cache.mamba_state(self.mixer.layer_idx)
+        self.ckpt.copy_(state["ssm"])
+        if self.live is not None:
+            self.live.copy_(state["ssm"])
+        self.conv[:, :, : self.w1].copy_(state["conv"])
