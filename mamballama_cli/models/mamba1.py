@@ -208,16 +208,6 @@ class Mamba1Mixer(AttentionInitMixer):
         return self.output(y, z)
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
-    def inference_state(self, cache, window: int = 0, keep_live: bool = False):
-        """Decode: the cache's own {"conv", "ssm"} of this layer. Window: a :class:`Mamba1Window`."""
-        if not window:
-            return cache.mamba_state(self.layer_idx)
-        return Mamba1Window(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
-
-    def step(self, x: Tensor, state, step: Step) -> Tensor:
-        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
-        return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
-
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
         """x (batch, hidden) -> (batch, hidden); ``state`` updated in place."""
         z, xc, B, C, dt_low = self._split(self.in_proj(x))
@@ -287,3 +277,5 @@ class Mamba1Window(ReplayWindow):
         self.conv = torch.zeros(b, m.d_x, w1 + window, dtype=dtype, device=device)  # pre-conv x
         self.arange = torch.arange(w1, device=device)
 
+
+Mamba1Mixer.WINDOW = Mamba1Window

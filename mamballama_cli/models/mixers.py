@@ -35,8 +35,21 @@ class AttentionInitMixer(nn.Module):
 
     FRESH_PARAMS: tuple[str, ...] = ()
 
+    WINDOW: type  # the subclass's replay window (a models.step.ReplayWindow), set below each window class
+
     def init_ssm_parameters(self, init_mod=None) -> None:
         raise NotImplementedError
+
+    # --- inference (models/step.py) ----------------------------------------------------------------------
+    def inference_state(self, cache, window: int = 0, keep_live: bool = False):
+        """Decode: the cache's own {"conv", "ssm"} of this layer. Window: the mixer's :attr:`WINDOW`."""
+        if not window:
+            return cache.mamba_state(self.layer_idx)
+        return self.WINDOW(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
+
+    def step(self, x: Tensor, state, step: Step) -> Tensor:
+        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
+        return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
 
     @staticmethod
     @torch.no_grad()
@@ -275,16 +288,6 @@ class Mamba2Mixer(AttentionInitMixer):
         return self.output(y.reshape(b, seqlen, self.d_z), z)
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
-    def inference_state(self, cache, window: int = 0, keep_live: bool = False):
-        """Decode: the cache's own {"conv", "ssm"} of this layer. Window: a :class:`Mamba2Window`."""
-        if not window:
-            return cache.mamba_state(self.layer_idx)
-        return Mamba2Window(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
-
-    def step(self, x: Tensor, state, step: Step) -> Tensor:
-        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
-        return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
-
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
         """x (batch, hidden) -> (batch, hidden): conv-window update, then the recurrence with D and the gated
         norm in one op; ``state`` updated in place."""
@@ -383,3 +386,6 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, y: Tensor, z: Tensor | None = None) -> Tensor:
         return ops.rmsnorm_gated(y, z, self.weight, self.eps, self.group_size)
+
+
+Mamba2Mixer.WINDOW = Mamba2Window
