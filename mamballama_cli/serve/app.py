@@ -95,15 +95,15 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; this server's --max-context is "
                                 f"{max_context}", "messages" if "messages" in body else "prompt")
         max_tokens = min(_max_tokens(body, default_max_tokens), max_context - len(prompt_ids))
+        temperature, top_p = _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0)
+        if top_p == 0.0:
+            raise ApiError(422, "top_p must be greater than 0", "top_p")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = Request(prompt_ids, max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                      top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p,
                       emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
                       finish=lambda reason, usage: loop.call_soon_threadsafe(
                           events.put_nowait, ("end", (reason, usage))))
-        if req.top_p == 0.0:
-            raise ApiError(422, "top_p must be greater than 0", "top_p")
         return Job(req, events)
 
     from starlette.exceptions import HTTPException
