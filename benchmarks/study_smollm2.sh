@@ -25,7 +25,7 @@ if [ -n "${TINY:-}" ]; then
   ALIGN_TOK=${ALIGN_TOK:-3000}; KDM_TOK=${KDM_TOK:-3000}; KDA_TOK=${KDA_TOK:-3000}; PAPER_TOK=${PAPER_TOK:-4500}
   SEQ=${SEQ:-128}; MB=${MB:-4}; ACCUM=${ACCUM:-1}; EVAL_EVERY=${EVAL_EVERY:-2}; PPL_TOKENS=${PPL_TOKENS:-1024}
   LENGTHS=${LENGTHS:-1x}; TRIALS=${TRIALS:-1}; TEXT_LIMIT=${TEXT_LIMIT:-16}; EVAL_LIMIT=${EVAL_LIMIT:-4}
-  ANSWER_N=${ANSWER_N:-16}; EVAL_CAP=${EVAL_CAP:-3600}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
+  ANSWER_N=${ANSWER_N:-16}; EVAL_CAP=${EVAL_CAP:-3600}; EVAL_LEN=${EVAL_LEN:-128}; CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
 GEN_TOKENS=${GEN_TOKENS:-10000000}
@@ -36,9 +36,10 @@ ALIGN_TOK=${ALIGN_TOK:-2500000}
 KDM_TOK=${KDM_TOK:-7000000}
 KDA_TOK=${KDA_TOK:-4000000}
 PAPER_TOK=${PAPER_TOK:-7000000}
-SEQ=${SEQ:-1024}
-MB=${MB:-16}
+SEQ=${SEQ:-2048}
+MB=${MB:-8}
 ACCUM=${ACCUM:-2}
+EVAL_LEN=${EVAL_LEN:-1024}   # `eval`'s perplexity windows and the all-records measure, whatever SEQ is
 EVAL_EVERY=${EVAL_EVERY:-40}
 PPL_TOKENS=${PPL_TOKENS:-32768}
 LENGTHS=${LENGTHS:-1x,4x,20x}
@@ -78,7 +79,8 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
 }
 { ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto; } &
-{ ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall; ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
+{ ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall; } &
+{ ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 
@@ -142,7 +144,7 @@ done
 # 3. Evaluate every student against the teacher (and the teacher alone), side by side.
 stage "eval"
 ev=(--teacher default --tasks perplexity,passkey --ppl-data "$WORK/text-heldout.jsonl" --ppl-max-tokens "$PPL_TOKENS"
-    --ppl-max-length "$SEQ" --lengths "$LENGTHS" --depths 0,0.5,1 --trials "$TRIALS" --force)
+    --ppl-max-length "$EVAL_LEN" --lengths "$LENGTHS" --depths 0,0.5,1 --trials "$TRIALS" --force)
 for r in $RUNS; do
   [ -f "$WORK/run-$r/config.json" ] || continue
   timeout "$EVAL_CAP" "${MM[@]}" eval "$WORK/run-$r" "${ev[@]}" --output "$WORK/eval-$r" > "$RES/eval-$r.txt" 2> "$RES/eval-$r.log" &
@@ -151,6 +153,16 @@ timeout "$EVAL_CAP" "${MM[@]}" eval "$WORK/h50" "${ev[@]}" --tasks perplexity --
 timeout "$EVAL_CAP" "$PY" benchmarks/study_answers.py --prompts "$DATA/prompts-heldout.jsonl" -n 5 --max-new-tokens "$ANSWER_N" \
     --models "teacher=default$(for r in $RUNS; do printf ",%s=%s" "$r" "$WORK/run-$r"; done)" \
     --output "$RES/answers.md" > "$RES/answers.log" 2>&1 &
+# All held-out records, the first EVAL_LEN tokens of each, for every student and the teacher; and the teacher on
+# the runs' own --eval-data (the first SEQ tokens of each record), for the curves' teacher line.
+{ for r in teacher $RUNS; do
+    m="$WORK/run-$r"; [ "$r" = teacher ] && m=default
+    [ "$r" = teacher ] || [ -f "$m/config.json" ] || continue
+    timeout "$EVAL_CAP" "$PY" benchmarks/heldout_ce.py "$m" --data "$WORK/text-heldout.jsonl" --seq-len "$EVAL_LEN" \
+        > "$RES/heldout-$r.json" 2>> "$RES/heldout.log"
+  done
+  timeout "$EVAL_CAP" "$PY" benchmarks/heldout_ce.py default --data "$WORK/text-heldout.jsonl" --seq-len "$SEQ" \
+      > "$RES/heldout-teacher-seq.json" 2>> "$RES/heldout.log"; } &
 wait
 for r in $RUNS h50-start; do
   cp "$WORK/eval-$r/results.json" "$RES/eval-$r-results.json" 2>/dev/null

@@ -267,7 +267,7 @@ def test_training_options_come_from_the_configs_with_the_defaults_the_command_us
     sft = {p.name: p.help for p in leaves["sft"].params}
     assert "[default: 2e-05]" in sft["lr"] and "[default: 2048]" in sft["seq_len"]
     distill = {p.name: p.help for p in leaves["distill"].params}
-    assert "[default: 1024, from template distill-default]" in distill["seq_len"]
+    assert "[default: 2048, from template distill-default]" in distill["seq_len"]
     assert "per stage, from template distill-default" in distill["lr"]
     assert "text_field" not in {p.name for p in leaves["dpo"].params}  # dpo reads prompt, chosen, rejected
 

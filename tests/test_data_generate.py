@@ -101,11 +101,11 @@ def test_generate_writes_shards_and_manifest_and_distill_trains_on_them(models, 
     assert r.code == 0, r.err
     assert f"distill: {kept} rows from {out}" in r.err
     assert f"{len(plens) - kept} example(s) have no response token within --seq-len 96" in r.err
-    # The default recipe (templates/distill-default.yaml: concatenated rows, loss on every position) on shards.
+    # The default recipe (templates/distill-default.yaml: best-fit rows, loss on every position) on shards.
     r = run_cli(["distill", models["hybrid"], "--data", out, "-o", tmp_path / "run2", "--json", "--steps", "1",
                  "--seq-len", "128", "--micro-batch-size", "2"], capsys)
     assert r.code == 0, r.err
-    assert "packing concat (examples concatenated" in r.err
+    assert "packing fit (whole examples best-fit" in r.err
     assert json.loads(r.out)["steps"] == 3  # align, kd-mixers, kd-all: one step each
 
 

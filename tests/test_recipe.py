@@ -44,7 +44,7 @@ def test_distill_without_a_template_runs_the_default_recipe(models, tmp_path, ca
     import yaml
 
     run_cfg = yaml.safe_load((out / "run_config.yaml").read_text())
-    assert run_cfg["loss_positions"] == "all" and run_cfg["packing"] == "concat"
+    assert run_cfg["loss_positions"] == "all" and run_cfg["packing"] == "fit"
     # the final model loads and differs from the input in mixers and elsewhere (kd-all trains everything)
     before = load_file(str(models["hybrid"] / "model.safetensors"))
     after = load_file(str(out / "model.safetensors"))
@@ -104,6 +104,36 @@ def test_concat_packing_fills_every_row(models, tmp_path, capsys):
     assert s["packing"].startswith("concat")
     recs = [r for r in metrics(out) if "loss" in r]
     assert all(r["tokens"] == 2 * 96 for r in recs)  # two full rows per step, no padding
+
+
+def test_fit_packing_keeps_every_example_that_fits_a_row_whole(models, tmp_path, capsys):
+    import random
+
+    from mamballama_cli.training.data import Example, fill_ratio, pack_concat, pack_fit
+
+    rnd = random.Random(0)
+    exs, start = [], 0
+    for n in [rnd.randint(2, 40) for _ in range(200)] + [75, 130]:  # two longer than a row of 64
+        exs.append(Example(list(range(start, start + n)), [False] + [True] * (n - 1)))
+        start += n
+    rows = pack_fit(exs, 64)
+    assert all(len(r) <= 64 for r in rows) and not any(r.mask[0] for r in rows)
+    tokens = [t for r in rows for t in r.ids]
+    assert sorted(tokens) == list(range(start))  # every token once: nothing truncated, nothing repeated
+    for ex in exs:  # each example of at most a row lies whole, in order, inside one row
+        if len(ex.ids) <= 64:
+            assert any(r.ids[i:i + len(ex.ids)] == ex.ids for r in rows for i in range(len(r) - len(ex.ids) + 1))
+    assert [r.ids for r in rows].count(list(range(start - 130, start - 130 + 64))) == 1  # full piece: own row
+    assert fill_ratio(rows, 64) > 0.95
+    cut = sum(1 for ex in exs if len(ex.ids) <= 64 and not any(
+        r.ids[i:i + len(ex.ids)] == ex.ids for r in pack_concat(exs, 64) for i in range(len(r) - len(ex.ids) + 1)))
+    assert cut > 10  # what concat does to the same examples
+
+    out = tmp_path / "fit"
+    s = train(capsys, models["hybrid"], out, "--template", "none", "--data", TRAIN, "--steps", "2",
+              "--packing", "fit", *SMALL)
+    assert s["packing"].startswith("fit") and "of row tokens are real" in s["packing"]
+    assert all(0 < r["tokens"] <= 2 * 96 for r in metrics(out) if "loss" in r)
 
 
 def test_bad_recipe_options_are_one_line_errors(models, tmp_path, capsys):

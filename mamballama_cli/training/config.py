@@ -21,7 +21,7 @@ from mamballama_cli.errors import UsageError
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
 TRAINABLE = ("all", "mixers")
-PACKING = ("auto", "on", "off", "concat")
+PACKING = ("auto", "on", "off", "concat", "fit")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Keys that steer the run but not what it computes: excluded from the config hash that --resume compares.
@@ -79,7 +79,8 @@ TEXT_FIELD_DEFAULT = "messages, text or prompt+response"
 PACKING_HELP = ("auto, on, off or concat. on packs rows with position ids restarting per example, where every model "
                 "keeps packed examples apart (auto: where possible; a hybrid with Mamba layers is right-padded "
                 "instead); concat joins records into full rows with positions running on: exact for KD with any "
-                "model.")
+                "model; fit is concat without cutting a record shorter than a row (best-fit; rows padded where "
+                "nothing fits).")
 
 
 @dataclass

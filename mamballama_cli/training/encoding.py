@@ -166,22 +166,25 @@ def encode_record(tok, rec: Record, max_tokens: int | None = None) -> Example:
         raise DataError(f"{rec.where}: cannot render it with the chat template ({type(exc).__name__}: {exc})") from exc
 
 
-def encode_records(tok, records: list, seq_len: int) -> list[Example]:
+def encode_records(tok, records: list, seq_len: int, whole: bool = False) -> list[Example]:
     """Tokenise, truncate to ``seq_len`` and drop examples left without a target token.
 
+    ``whole``: keep every record whole (the packers that cut long examples into rows themselves:
+    :func:`~mamballama_cli.training.data.pack_concat`, :func:`~mamballama_cli.training.data.pack_fit`).
     Shards (:class:`ShardRecord`) are already tokenised: they are checked against ``tok`` and passed through.
     """
+    keep = 1 << 62 if whole else seq_len
     out, dropped = [], 0
     ident = None
     for rec in records:
         if isinstance(rec, ShardRecord):
             ident = _check_shard_tokenizer(tok, rec, ident)
-            exs = rec.examples(seq_len)
+            exs = rec.examples(keep)
             dropped += rec.shard.n_sequences - len(exs)
             out += exs
             continue
-        ex = encode_record(tok, rec, max_tokens=seq_len)
-        ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
+        ex = encode_record(tok, rec, max_tokens=None if whole else seq_len)
+        ex = Example(ex.ids[:keep], ex.mask[:keep])
         if count_true(ex.mask) == 0:
             dropped += 1
             continue

@@ -21,7 +21,7 @@ from mamballama_cli.errors import UsageError
 from mamballama_cli.output import log
 from mamballama_cli.training import align
 from mamballama_cli.training.config import ResolvedStage
-from mamballama_cli.training.data import as_items, collate, collate_pairs, pack, pack_concat
+from mamballama_cli.training.data import as_items, collate, collate_pairs, fill_ratio, pack, pack_concat, pack_fit
 from mamballama_cli.training.encoding import encode_pairs, encode_records
 from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
 from mamballama_cli.training.models import (default_teacher, has_mamba_layers, model_inputs, packing_support,
@@ -126,6 +126,9 @@ def decide_packing(cfg, student, frozen, stages) -> tuple[bool, str]:
         return False, "off (--packing off)"
     if mode == "concat":
         return True, f"concat (examples concatenated into full rows of {cfg.seq_len}, positions running on)"
+    if mode == "fit":
+        return True, (f"fit (whole examples best-fit into rows of at most {cfg.seq_len}, positions running on; "
+                      "longer ones cut into rows)")
     reason = None
     if any(st.attn_layers is not None or st.ratio is not None for st in stages):
         reason = "the stages turn layers into Mamba layers, which carry state across packed boundaries"
@@ -158,14 +161,18 @@ class TokenRecipe(Recipe):
         return getattr(cfg, "teacher", None), "teacher"
 
     def layout(self, tok, records, cfg, stages, student, frozen):
-        examples = encode_records(tok, records, cfg.seq_len)
+        streamed = cfg.packing in ("concat", "fit")  # these cut long records into rows themselves
+        examples = encode_records(tok, records, cfg.seq_len, whole=streamed)
         use_pack, note = decide_packing(cfg, student, frozen, stages)
         if not use_pack:
             return as_items(examples), note
         g = torch.Generator().manual_seed(cfg.seed)
         order = torch.randperm(len(examples), generator=g).tolist()
-        packer = pack_concat if cfg.packing == "concat" else pack
-        return packer([examples[i] for i in order], cfg.seq_len), note
+        packer = {"concat": pack_concat, "fit": pack_fit}.get(cfg.packing, pack)
+        rows = packer([examples[i] for i in order], cfg.seq_len)
+        if cfg.packing == "fit":
+            note += f"; {fill_ratio(rows, cfg.seq_len):.1%} of row tokens are real"
+        return rows, note
 
     def eval_items(self, tok, records, cfg):
         return as_items(encode_records(tok, records, cfg.seq_len))
