@@ -19,8 +19,8 @@ RUNS = {
     "d50": "50% attention, default recipe (even spacing)",
     "d50nr": "50% attention, default recipe (even spacing), without the recall documents",
     "d25": "25% attention, default recipe (even spacing)",
-    "d50auto": "50% attention, default recipe, --attn-layers auto",
-    "d25auto": "25% attention, default recipe, --attn-layers auto",
+    "d50auto": "50% attention, default recipe, --attn-layers auto --placement-score kl",
+    "d25auto": "25% attention, default recipe, --attn-layers auto --placement-score kl",
     "d50kr": "50% attention, default recipe, --attn-layers auto --placement-score kl+recall",
     "d25kr": "25% attention, default recipe, --attn-layers auto --placement-score kl+recall",
     "p50": "50% attention, the paper's start and recipe",
@@ -123,7 +123,8 @@ def main() -> None:
     study["teacher_heldout_ppl"] = teacher_ppl
     # All held-out records, the first 1,024 tokens of each (benchmarks/heldout_ce.py, whatever the training rows'
     # length): the measure the runs of 2026-12-04 used as distill --eval-data.
-    t_all = (read_json(res / "heldout-teacher.json") or {}).get("perplexity")
+    t_json = read_json(res / "heldout-teacher.json") or {}
+    t_all, all_len = t_json.get("perplexity"), t_json.get("seq_len", 1024)
     study["teacher_all_records_ppl"] = t_all
     for name, rec in study["runs"].items():
         s_all = (read_json(res / f"heldout-{name}.json") or {}).get("perplexity")
@@ -151,10 +152,10 @@ def main() -> None:
     d50 = study["runs"].get("d50", {})
     (out / "study.json").write_text(json.dumps(study, indent=1))
 
-    lines = ["| run | attention layers | tokens trained | eval-data ppl, start -> end (x teacher) | all records @1024 (x teacher) | eval ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
+    lines = [f"| run | attention layers | tokens trained | eval-data ppl, start -> end (x teacher) | all records @{all_len} (x teacher) | eval ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, rec in study["runs"].items():
-        if not rec.get("curve") and not rec.get("attn_layers"):
+        if not rec.get("curve") and not rec.get("eval"):
             continue  # a run this study did not make
         ev = rec.get("eval", {})
         agree = next((v["student"] for k, v in ev.items() if k.startswith("next-token agreement")), None)

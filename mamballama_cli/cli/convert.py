@@ -37,10 +37,10 @@ def command(
     calibration_len: Optional[int] = typer.Option(None, "--calibration-len", help="Tokens per calibration "
                                                   "sequence (default 256)."),
     placement_score: Optional[str] = typer.Option(None, "--placement-score", help="For --attn-layers auto: 'kl' "
-                                                  "(default: KL to the teacher with that layer alone converted), "
+                                                  "(KL to the teacher with that layer alone converted), "
                                                   "'recall' (worse recall of a code stated earlier in the text, "
-                                                  "that layer alone converted), 'kl+recall' (both, each scaled "
-                                                  "by its mean) or 'residual' (calibrated relative error)."),
+                                                  "that layer alone converted), 'kl+recall' (default: both, each "
+                                                  "scaled by its mean) or 'residual' (calibrated relative error)."),
     force: bool = force_option(),
     config: Optional[Path] = config_option(),
     json_out: bool = json_option(),

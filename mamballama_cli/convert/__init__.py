@@ -29,7 +29,7 @@ class ConvertConfig:
     init: str = "calibrated"  # calibrated | paper | key=value,... (convert/calibrate.py)
     calibration_seqs: int = 8  # sequences of built-in text that calibrate and measure the converted layers
     calibration_len: int = 256  # tokens per calibration sequence
-    placement_score: str = "kl"  # --attn-layers auto: kl | recall | kl+recall (that layer alone converted) | residual
+    placement_score: str = "kl+recall"  # --attn-layers auto: kl | recall | kl+recall (that layer alone converted) | residual
 
     def validate(self) -> None:
         if not self.output:
