@@ -9,7 +9,7 @@ def test_eval_speed_tiny_shape_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
     res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--batch-sizes", "2",
                    "--prompt-tokens", "8", "--new-tokens", "4", "--contexts", "32", "--context-new-tokens", "3",
-                   "--teacher-engines", "transformers,static", "--output", out], capsys)
+                   "--teacher-engines", "transformers,static", "--prefill-chunk", "5", "--output", out], capsys)
     assert res.code == 0, res.err
     assert "memory floor, hybrid" in res.out and "copy bandwidth" in res.out
     data = json.loads(out.read_text())
@@ -47,6 +47,8 @@ def test_eval_speed_usage_errors(capsys):
     assert res.code != 0 and "did you mean 'llama3-8b'" in res.err
     res = run_cli(["eval", "speed", "--shape", "tiny", "--batch-sizes", "1,x"], capsys)
     assert res.code != 0 and "--batch-sizes" in res.err
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--prefill-chunk", "0"], capsys)
+    assert res.code != 0 and "--prefill-chunk 0" in res.err and len(res.err.strip().splitlines()) == 1
 
 
 def test_env_reports_versions_devices_and_backends(capsys):

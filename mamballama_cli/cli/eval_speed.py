@@ -46,6 +46,8 @@ def command(
                                                   "decoder, e.g. transformers,static."),
     no_graphs: bool = typer.Option(False, "--no-graphs", help="Run the hybrid's decode step eagerly (no CUDA "
                                    "graph)."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Static engine: prompt tokens per "
+                                                "row read in one piece (default: 4096, fewer for a large batch)."),
     seed: Optional[int] = seed_option("the random weights and prompt tokens (default 0)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
     config: Optional[Path] = config_option(),
@@ -66,6 +68,7 @@ def command(
             contexts=[] if contexts is not None and not contexts.strip() else parse_int_list(contexts, "--contexts"),
             context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
             teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
+            prefill_chunk=prefill_chunk,
         ),
     )
     if cfg.output:

@@ -21,6 +21,9 @@ def command(
                                               "request at most; longer prompts get HTTP 413 (default: the model's "
                                               "context length, at most 4096)."),
     max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Answer length when a request sets none."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="Prompt tokens per row read "
+                                                "in one piece (default: 4096, fewer for a large batch): bounds "
+                                                "prefill memory."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
     dtype: str = dtype_option(default="auto"),
     device: str = device_option(default="auto"),
@@ -59,7 +62,7 @@ def command(
     if ctx > limit:
         raise UsageError(f"--max-context {ctx} is longer than the model's context length {limit}; use {limit} or less")
     model_name = name or Path(str(path)).name
-    engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx)
+    engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk)
     app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens)
     err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})")
     err(f"listening on http://{host}:{sock.getsockname()[1]}/v1")

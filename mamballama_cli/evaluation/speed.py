@@ -58,6 +58,7 @@ class SpeedConfig:
     models: list[str] = field(default_factory=lambda: ["hybrid", "teacher"])
     teacher_engines: list[str] = field(default_factory=lambda: ["transformers"])
     graphs: bool = True  # capture the hybrid's decode step in a CUDA graph (CUDA only)
+    prefill_chunk: int | None = None  # static engine: prompt tokens per row read in one piece (None: automatic)
     seed: int = 0
     output: str | None = None
 
@@ -70,6 +71,8 @@ class SpeedConfig:
             shape_kwargs(self.shape)
             if not 0.0 <= self.ratio <= 1.0:
                 raise UsageError(f"--ratio {self.ratio} is outside [0, 1]")
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise UsageError(f"--prefill-chunk {self.prefill_chunk}: give a positive number of tokens")
         for name in ("prompt_tokens", "new_tokens", "context_new_tokens", "teacher_new_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -113,14 +116,16 @@ def _prompt(vocab: int, batch: int, length: int, device, seed: int):
     return torch.randint(3, vocab, (batch, length), generator=gen).to(device)
 
 
-def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int) -> dict:
+def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int,
+               prefill_chunk: int | None = None) -> dict:
     """The static decoder (CUDA graph on CUDA when ``graphs``): prefill, then new_tokens - 1 steps."""
     from mamballama_cli.generation.fast import StaticDecoder
 
     device = model.lm_head.weight.device
     ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
     reset_peak(device)
-    dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda")
+    dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda",
+                        prefill_chunk=prefill_chunk)
     # Warm-up at the same length: records the graph and compiles every kernel. Triton specialises
     # integer arguments (== 1, multiple of 16: the chunk count of the scan, say), so a shorter warm-up
     # prompt can leave a compilation inside the timed prefill.
@@ -221,14 +226,15 @@ def _measure_model(rows, cfg: SpeedConfig, label: str, engine: str, model, devic
         log(f"[{label}/{engine}] batch {b}: prompt {cfg.prompt_tokens}, {new_batch} new tokens")
         base = {"section": "decode", "model": label, "_device": device}
         if static:
-            _guarded(rows, base, run_static, model, b, cfg.prompt_tokens, new_batch, cfg.graphs, cfg.seed)
+            _guarded(rows, base, run_static, model, b, cfg.prompt_tokens, new_batch, cfg.graphs, cfg.seed,
+                     cfg.prefill_chunk)
         else:
             _guarded(rows, base, run_transformers, model, b, cfg.prompt_tokens, new_batch, cfg.seed)
     for n in cfg.contexts:
         log(f"[{label}/{engine}] context {n}: batch 1, {new_ctx} new tokens")
         base = {"section": "context", "model": label, "_device": device}
         if static:
-            _guarded(rows, base, run_static, model, 1, n, new_ctx, cfg.graphs, cfg.seed)
+            _guarded(rows, base, run_static, model, 1, n, new_ctx, cfg.graphs, cfg.seed, cfg.prefill_chunk)
         else:
             _guarded(rows, base, run_transformers, model, 1, n, new_ctx, cfg.seed)
 

@@ -62,7 +62,7 @@ class StaticDecoder:
     """
 
     def __init__(self, model, batch_size: int, max_length: int, sampling=None, stop_ids=(), capture=None,
-                 forcing: bool = False):
+                 forcing: bool = False, prefill_chunk: int | None = None):
         why = unsupported_reason(model)
         if why:
             raise ValueError(f"the static decoder cannot run this model: {why}")
@@ -74,7 +74,7 @@ class StaticDecoder:
         self.capture = (self.device.type == "cuda") if capture is None else bool(capture)
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA-graph capture needs the model on a CUDA device")
-        self.runtime = Runtime(model, self.batch_size, self.max_length)
+        self.runtime = Runtime(model, self.batch_size, self.max_length, prefill_chunk=prefill_chunk)
         self.fns = self.runtime.fns.resolve(DECODE_OPS)
         self.backends = {op: self.fns.backends[op] for op in DECODE_OPS}
         self.cache = self.runtime.cache

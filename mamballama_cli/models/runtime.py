@@ -80,11 +80,16 @@ class Runtime:
     whose window grows one token at a time).
     """
 
-    def __init__(self, model, batch_size: int, capacity: int, window: int = 0, keep_live: bool = False):
+    def __init__(self, model, batch_size: int, capacity: int, window: int = 0, keep_live: bool = False,
+                 prefill_chunk: int | None = None):
         self.model, self.base = model, model.model
         ref = model.lm_head.weight
         self.device, self.dtype = ref.device, ref.dtype
         self.batch_size, self.capacity, self.window = int(batch_size), int(capacity), int(window)
+        if prefill_chunk is not None and int(prefill_chunk) < 1:
+            raise ValueError(f"prefill chunk {prefill_chunk}: give a positive number of tokens")
+        self.prefill_chunk = int(prefill_chunk) if prefill_chunk else auto_prefill_chunk(model.config,
+                                                                                       self.batch_size)
         self.eps = model.config.rms_norm_eps
         self.column_major = self.device.type == "cpu"
         self.fns = OpTable(self.device).resolve(("add_rmsnorm", "swiglu"))
@@ -128,15 +133,39 @@ class Runtime:
     # --- the prompt ----------------------------------------------------------------------------------------
     def prefill(self, ids: Tensor) -> Tensor:
         """Read the prompt (batch, n) into a reset cache with the model's own forward; fill the replay windows.
-        Returns the last position's logits (batch, vocab)."""
+        Returns the last position's logits (batch, vocab).
+
+        The prompt goes through in pieces of at most ``prefill_chunk`` tokens per row, each continuing from the
+        cache the one before wrote (attention reads the cached keys, a Mamba layer starts from the cached conv
+        and SSM state), so activation memory is bounded by the piece, not the prompt, and no activation tensor
+        of a long batched prompt passes 2^31 elements.
+        """
         self.cache.reset()
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        n = ids.shape[1]
+        for s in range(0, n, self.prefill_chunk):
+            out = self.model(input_ids=ids[:, s:s + self.prefill_chunk], past_key_values=self.cache,
+                             use_cache=True, logits_to_keep=1)
         for state in self.windows:
             state.load(self.cache)
         return out.logits[:, -1]
 
     def reset(self) -> None:
         self.cache.reset()
+
+
+PREFILL_CHUNK = 4096  # tokens per row and prefill piece, unless a smaller piece keeps activations under 2^31
+
+
+def auto_prefill_chunk(config, batch_size: int) -> int:
+    """The default prefill piece: 4,096 tokens per row, fewer (a multiple of 256, at least 256) where a batch
+    of them would make the widest activation (MLP, Mamba in-projection, vocabulary row of one position)
+    pass 2^30 elements, half the 32-bit limit some kernels index with."""
+    h = int(getattr(config, "hidden_size", 1))
+    widest = max(int(getattr(config, "intermediate_size", 0) or 0), 4 * h)
+    limit = (1 << 30) // max(1, batch_size * widest)
+    if limit >= PREFILL_CHUNK:
+        return PREFILL_CHUNK
+    return max(256, limit // 256 * 256)
 
 
 def capture_graph(fn: Callable[[], object], device, warmup: int = 2, before: Callable[[], None] | None = None):

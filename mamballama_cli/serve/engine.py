@@ -51,12 +51,14 @@ class _Stop(Exception):
 class Engine:
     """Owns the model on one worker thread; :meth:`submit` queues a request and returns at once."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096, gather_s: float = 0.01):
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096, gather_s: float = 0.01,
+                 prefill_chunk: int | None = None):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context, self.gather_s = int(max_batch), int(max_context), float(gather_s)
+        self.prefill_chunk = prefill_chunk
         self.stops = stop_token_ids(model, tokenizer)
         self.static_reason = unsupported_reason(model)  # None: batched on the static decoder
         self.pending: queue.Queue[Request] = queue.Queue()
@@ -119,7 +121,8 @@ class Engine:
         dec = self.decoders.get(key)
         if dec is None:
             sampling = SamplingConfig(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
-            dec = StaticDecoder(self.model, size, self.max_context, sampling, self.stops, forcing=True)
+            dec = StaticDecoder(self.model, size, self.max_context, sampling, self.stops, forcing=True,
+                                prefill_chunk=self.prefill_chunk)
             self.decoders[key] = dec
         return dec
 
