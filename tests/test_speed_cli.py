@@ -40,6 +40,44 @@ def test_eval_speed_tiny_shape_writes_table_and_json(tmp_path, capsys):
     assert data["models"]["attn_layers"] == [3]
 
 
+def test_eval_speed_max_batch_finds_the_largest_batch_per_context_and_keeps_failures(tmp_path, capsys):
+    from mamballama_cli.evaluation.speed_limit import largest_batch
+
+    # the search itself: doubling, then bisecting, on a known threshold
+    for limit in (1, 5, 8, 13, 4096):
+        best, row, probes = largest_batch(lambda b: {"b": b} if b <= limit else {"error": "no"})
+        assert best == limit and row == {"b": limit}
+        assert limit == 4096 or any(p["batch"] == limit + 1 and not p["ok"] for p in probes)
+    assert largest_batch(lambda b: {"error": "no"})[0] == 0
+
+    out = tmp_path / "mb.json"
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32,64",
+                   "--context-new-tokens", "3", "--max-batch", "--memory-limit", "0.004", "--output", out], capsys)
+    assert res.code == 0, res.err
+    data = json.loads(out.read_text())
+    assert "partial" not in data
+    rows = {(r["model"], r["prompt_tokens"]): r for r in data["rows"]}
+    assert set(rows) == {(m, n) for m in ("hybrid", "teacher") for n in (32, 64)}
+    for r in rows.values():  # the batch that fitted, and the next one did not (by the estimate)
+        b = r["batch"]
+        assert b >= 1 and r["engine"].startswith("static") and r["estimated_bytes"] <= r["budget_bytes"]
+        assert any(p["batch"] == b + 1 and "estimated" in p["error"] for p in r["probes"] if not p["ok"])
+    for m in ("hybrid", "teacher"):
+        assert rows[(m, 64)]["batch"] <= rows[(m, 32)]["batch"]
+    cell = data["summary"]["max_batch"]["32"]
+    assert cell["hybrid"]["batch"] == rows[("hybrid", 32)]["batch"] and "hybrid_over_teacher" in cell
+    assert "largest batch at 32 tokens" in res.out
+
+    # a budget that batch 1 of one cell does not fit: that row is an error, the others are kept
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32,64",
+                   "--context-new-tokens", "3", "--max-batch", "--memory-limit", "0.0012", "--output", out], capsys)
+    assert res.code == 0, res.err
+    rows = json.loads(out.read_text())["rows"]
+    failed = [r for r in rows if "error" in r]
+    assert failed and all(r["batch"] == 0 and r["error"].startswith("batch 1 does not fit") for r in failed)
+    assert len(rows) == 4 and len(failed) < 4
+
+
 def test_eval_speed_usage_errors(capsys):
     res = run_cli(["eval", "speed"], capsys)
     assert res.code != 0 and "--shape" in res.err
@@ -47,6 +85,10 @@ def test_eval_speed_usage_errors(capsys):
     assert res.code != 0 and "did you mean 'llama3-8b'" in res.err
     res = run_cli(["eval", "speed", "--shape", "tiny", "--batch-sizes", "1,x"], capsys)
     assert res.code != 0 and "--batch-sizes" in res.err
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--max-batch", "--contexts", ""], capsys)
+    assert res.code != 0 and "--max-batch" in res.err and len(res.err.strip().splitlines()) == 1
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--max-batch", "--memory-limit", "-1"], capsys)
+    assert res.code != 0 and "--memory-limit -1" in res.err
     res = run_cli(["eval", "speed", "--shape", "tiny", "--prefill-chunk", "0"], capsys)
     assert res.code != 0 and "--prefill-chunk 0" in res.err and len(res.err.strip().splitlines()) == 1
 

@@ -48,6 +48,11 @@ def command(
                                    "graph)."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Static engine: prompt tokens per "
                                                 "row read in one piece (default: 4096, fewer for a large batch)."),
+    max_batch: bool = typer.Option(False, "--max-batch", help="Per context length (--contexts): the largest "
+                                   "batch that fits, for the hybrid and for the teacher on the same static "
+                                   "engine, and decode tokens/s there (doubling, then bisecting)."),
+    memory_limit: Optional[float] = typer.Option(None, "--memory-limit", help="With --max-batch: GB a run may "
+                                                 "use, weights included (default: the device's free memory)."),
     seed: Optional[int] = seed_option("the random weights and prompt tokens (default 0)"),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
     config: Optional[Path] = config_option(),
@@ -68,7 +73,7 @@ def command(
             contexts=[] if contexts is not None and not contexts.strip() else parse_int_list(contexts, "--contexts"),
             context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
             teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk, max_batch=max_batch or None, memory_limit_gb=memory_limit,
         ),
     )
     if cfg.output:

@@ -59,6 +59,8 @@ class SpeedConfig:
     teacher_engines: list[str] = field(default_factory=lambda: ["transformers"])
     graphs: bool = True  # capture the hybrid's decode step in a CUDA graph (CUDA only)
     prefill_chunk: int | None = None  # static engine: prompt tokens per row read in one piece (None: automatic)
+    max_batch: bool = False  # per context: the largest batch that fits, hybrid and teacher on the static engine
+    memory_limit_gb: float | None = None  # with max_batch: the memory a run may use (default: what is free)
     seed: int = 0
     output: str | None = None
 
@@ -71,6 +73,10 @@ class SpeedConfig:
             shape_kwargs(self.shape)
             if not 0.0 <= self.ratio <= 1.0:
                 raise UsageError(f"--ratio {self.ratio} is outside [0, 1]")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise UsageError(f"--memory-limit {self.memory_limit_gb}: give a positive number of GB")
+        if self.max_batch and not self.contexts:
+            raise UsageError("--max-batch searches per context length: give --contexts, e.g. 4k,32k")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise UsageError(f"--prefill-chunk {self.prefill_chunk}: give a positive number of tokens")
         for name in ("prompt_tokens", "new_tokens", "context_new_tokens", "teacher_new_tokens"):
@@ -265,6 +271,11 @@ def run_speed(cfg: SpeedConfig) -> dict:
                                   "tok_s_all_weights": bw / wb["total"],
                                   "tok_s_read_weights": bw / wb["read_per_token"]}
 
+    if cfg.max_batch:
+        with torch.no_grad():
+            _max_batch_sweep(result, cfg, models, device, floor_of)
+        result["summary"] = summarise_max_batch(rows)
+        return result
     with torch.no_grad():
         if "hybrid" in cfg.models:
             model = models.hybrid()
@@ -294,6 +305,66 @@ def run_speed(cfg: SpeedConfig) -> dict:
     result["models"] = models.describe
     result["summary"] = summarise(result, cfg)
     return result
+
+
+def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -> None:
+    """Per model (the teacher on the hybrid's static engine: same engine) and context: the largest batch that
+    fits (evaluation/speed_limit.py) and its decode throughput. The JSON is rewritten after every row."""
+    from mamballama_cli.evaluation.speed_limit import fits_attempt, largest_batch
+    from mamballama_cli.generation.fast import available_bytes
+
+    limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb else None
+    for label in ("hybrid", "teacher"):
+        if label not in cfg.models:
+            continue
+        model = models.hybrid() if label == "hybrid" else models.teacher_as_hybrid()
+        if model is None:
+            continue
+        floor_of(label, model)
+        free_memory(device, collect=True)
+        weights = weight_bytes(model)["total"]
+        budget = limit - weights if limit is not None else available_bytes(device)
+        for n in cfg.contexts:
+            log(f"[{label}/static] context {n}: the largest batch that fits ({cfg.context_new_tokens} new tokens)")
+
+            def run(b, n=n):
+                row: list = []
+                _guarded(row, {"_device": device}, run_static, model, b, n, cfg.context_new_tokens, cfg.graphs,
+                         cfg.seed, cfg.prefill_chunk)
+                free_memory(device, collect=True)
+                row[0].pop("_device", None)
+                return row[0]
+
+            attempt = fits_attempt(run, model, n, cfg.context_new_tokens, cfg.prefill_chunk, budget, limit,
+                                   lambda r: r.get("peak_mem_bytes"))
+            best, row, probes = largest_batch(attempt)
+            base = {"section": "max-batch", "model": label, "prompt_tokens": n, "probes": probes,
+                    "budget_bytes": budget}
+            if best:
+                result["rows"].append({**row, **base})
+                log(f"  batch {best}: {row['aggregate_tok_s']:.1f} tok/s in all")
+            else:
+                result["rows"].append({**base, "batch": 0, "error": f"batch 1 does not fit: {probes[0]['error']}"})
+                log(f"  batch 1 does not fit: {probes[0]['error']}")
+            if cfg.output:
+                write_result({**result, "partial": True}, cfg.output)
+        del model
+        free_memory(device, collect=True)
+
+
+def summarise_max_batch(rows) -> dict:
+    """Per context: each model's largest batch and decode tokens/s in all there, and the hybrid's multiple."""
+    out: dict = {"max_batch": {}}
+    for r in rows:
+        if r.get("section") != "max-batch":
+            continue
+        cell = out["max_batch"].setdefault(str(r["prompt_tokens"]), {})
+        cell[r["model"]] = {"batch": r.get("batch", 0), "aggregate_tok_s": r.get("aggregate_tok_s")}
+    for cell in out["max_batch"].values():
+        h, t = cell.get("hybrid", {}), cell.get("teacher", {})
+        if h.get("aggregate_tok_s") and t.get("aggregate_tok_s"):
+            cell["hybrid_over_teacher"] = h["aggregate_tok_s"] / t["aggregate_tok_s"]
+    return out
 
 
 def _pick(rows, section, model, engine_prefix, **match):
@@ -387,6 +458,11 @@ def format_table(result: dict) -> str:
                          "read")
         if "target_tok_s" in s:
             lines.append(f"target >= {s['target_tok_s']} tok/s: {'met' if s['target_met'] else 'NOT met'}")
+        for ctx, cell in s.get("max_batch", {}).items():
+            parts = [f"{m} batch {c['batch']} -> {_fmt(c['aggregate_tok_s'], '.1f')} tok/s"
+                     for m, c in cell.items() if isinstance(c, dict)]
+            ratio = f"; hybrid {cell['hybrid_over_teacher']:.2f}x the teacher" if "hybrid_over_teacher" in cell else ""
+            lines.append(f"largest batch at {ctx} tokens: {', '.join(parts)}{ratio}")
         if "cache_ratio" in s:
             lines.append(f"at {s['context']} tokens: hybrid K/V + state {_fmt_bytes(s['hybrid_cache_bytes'])} = "
                          f"{100 * s['cache_ratio']:.1f}% of the teacher's K/V {_fmt_bytes(s['teacher_kv_bytes'])}; "
