@@ -155,6 +155,35 @@ def test_a_client_leaving_mid_stream_frees_its_row(models):
         s.stop()
 
 
+def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys):
+    """`serve --draft D`: speculative decoding, one request at a time, lossless at temperature 0."""
+    draft = tmp_path / "draft"
+    r = run_cli(["convert", models["teacher"], "--draft-layers", "0,3", "--output", draft], capsys)
+    assert r.code == 0, r.err
+    s = Server(models["hybrid"], "--draft", str(draft), "-k", "3", "--name", "tiny", "--max-context", "96")
+    try:
+        assert s.health()["mode"].startswith("speculative") and "k=3" in s.health()["mode"]
+        c = s.client
+        prompts = ["hello world", "3 apples and pears pears", "tell me"]
+        g = [run_cli(["generate", models["hybrid"], "--prompt", p, "-n", "10"], capsys) for p in prompts]
+        assert all(x.code == 0 for x in g)
+        with ThreadPoolExecutor(3) as pool:  # queued, then served one by one
+            got = list(pool.map(lambda p: c.completions.create(model="tiny", prompt=p, max_tokens=10,
+                                                               temperature=0), prompts))
+        assert [x.choices[0].text for x in got] == [x.out.rstrip("\n") for x in g]
+        assert all(x.usage.completion_tokens <= 10 for x in got)
+        msgs = [{"role": "user", "content": "hi there"}]
+        whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
+        pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
+                                                stream=True))
+        assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
+        gc = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
+        assert whole.choices[0].message.content == gc.out.rstrip("\n")
+        assert s.health()["batches"] == 5  # three completions and two chats, one at a time
+    finally:
+        s.stop()
+
+
 @pytest.mark.timeout(300)
 def test_serve_refuses_bad_options_in_one_line(models, capsys):
     busy = socket.socket()
@@ -167,3 +196,7 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
         busy.close()
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--max-context", "100000"], capsys)
     assert r.code == 2 and "--max-context" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--speculative"], capsys)
+    assert r.code == 2 and "--draft" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--draft", "no-such-draft"], capsys)
+    assert r.code == 2 and "--draft 'no-such-draft'" in r.err and len(r.err.strip().splitlines()) == 1, r.err

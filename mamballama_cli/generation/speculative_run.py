@@ -91,6 +91,20 @@ def check_same_tokenizer(target_tok, draft_tok, target, draft) -> None:
         raise MamballamaError("the draft's tokenizer differs from the target's; a draft must share the tokenizer")
 
 
+def prepare_pair(target, tok, target_path, name: str, draft_spec: str, dtype: str, device: str):
+    """(target as a hybrid, draft, draft description) for speculative decoding: a plain Llama-family target
+    runs through the same static-cache runner; the draft must share the target's tokenizer."""
+    if not is_hybrid(target):
+        converted = as_hybrid(target)
+        if converted is None:
+            raise MamballamaError(f"target {name!r} ({type(target).__name__}) is not a mamballama hybrid nor "
+                                  "a Llama-family model; speculative decoding needs one of those as target")
+        target = converted
+    draft, draft_tok, draft_name = load_draft(draft_spec, target, target_path, dtype, device)
+    check_same_tokenizer(tok, draft_tok, target, draft)
+    return target, draft, draft_name
+
+
 def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | None = None) -> dict:
     """Load target and draft, decode speculatively (streaming text), optionally time plain decoding of the
     same prompt and length, and return the statistics."""
@@ -102,15 +116,7 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
     target, tok, target_path = load_causal_lm(cfg.target, dtype=cfg.dtype, device=cfg.device)
     if tok is None:
         raise MamballamaError(f"model {cfg.target!r} has no tokenizer files; convert it again or copy the teacher's")
-    if not is_hybrid(target):
-        # A plain Transformer target still works: run it through the same static-cache runner.
-        converted = as_hybrid(target)
-        if converted is None:
-            raise MamballamaError(f"target {cfg.target!r} ({type(target).__name__}) is not a mamballama hybrid nor "
-                                  "a Llama-family model; speculative decoding needs one of those as target")
-        target = converted
-    draft, draft_tok, draft_name = load_draft(cfg.draft, target, target_path, cfg.dtype, cfg.device)
-    check_same_tokenizer(tok, draft_tok, target, draft)
+    target, draft, draft_name = prepare_pair(target, tok, target_path, cfg.target, cfg.draft, cfg.dtype, cfg.device)
     ids = encode_prompt(tok, cfg.prompt, cfg.chat, cfg.system).to(next(target.parameters()).device)
     check_request(target, ids.shape[1], cfg.max_new_tokens, "transformers")  # empty prompt, context length
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,

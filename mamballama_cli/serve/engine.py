@@ -8,6 +8,9 @@ exactly as if alone. A row leaves the batch's output when it meets a stop token,
 (the client went away); the batch ends when every row has. Models the static decoder cannot run (a plain
 Transformer, Mamba-1) decode one request at a time through transformers' ``generate``.
 
+With a draft (``serve --speculative --draft D``), requests decode one at a time by speculative decoding
+(:func:`~mamballama_cli.generation.speculative.speculative_generate`): greedy answers equal the target's own.
+
 Requests that arrive while a batch runs wait for the next batch: continuous batching, where requests join and
 leave a running batch between steps, needs per-row positions in the decode step (issue 17).
 """
@@ -52,13 +55,14 @@ class Engine:
     """Owns the model on one worker thread; :meth:`submit` queues a request and returns at once."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096, gather_s: float = 0.01,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = ""):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
 
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context, self.gather_s = int(max_batch), int(max_context), float(gather_s)
         self.prefill_chunk = prefill_chunk
+        self.draft, self.k, self.draft_name = draft, int(k), draft_name
         self.stops = stop_token_ids(model, tokenizer)
         self.static_reason = unsupported_reason(model)  # None: batched on the static decoder
         self.pending: queue.Queue[Request] = queue.Queue()
@@ -77,6 +81,8 @@ class Engine:
 
     @property
     def mode(self) -> str:
+        if self.draft is not None:
+            return f"speculative, one request at a time (draft {self.draft_name}, k={self.k})"
         return "static-batched" if self.static_reason is None else "one request at a time (transformers)"
 
     def submit(self, req: Request) -> None:
@@ -88,7 +94,7 @@ class Engine:
         while True:
             first = carry.pop(0) if carry else self.pending.get()
             batch = [first]
-            if self.static_reason is None:
+            if self.static_reason is None and self.draft is None:
                 deadline = time.monotonic() + self.gather_s  # let requests sent together arrive together
                 while len(batch) < self.max_batch:
                     try:
@@ -101,7 +107,10 @@ class Engine:
                 continue
             try:
                 with torch.inference_mode():
-                    if self.static_reason is None:
+                    if self.draft is not None:
+                        for r in batch:
+                            self._run_speculative(r)
+                    elif self.static_reason is None:
                         self._run_static(batch)
                     else:
                         self._run_plain(batch[0])
@@ -190,6 +199,50 @@ class Engine:
             pass
         for i in list(open_rows):  # the cache is full: what was written is the answer
             close(i, "length")
+
+    def _run_speculative(self, req: Request) -> None:
+        from mamballama_cli.generation.result import TextStream
+        from mamballama_cli.generation.sampling import SamplingConfig
+        from mamballama_cli.generation.speculative import speculative_generate
+
+        if req.cancelled.is_set():
+            return
+        n_prompt = len(req.prompt_ids)
+        max_new = max(1, min(req.max_tokens, self.max_context - n_prompt))
+        sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, 1)
+        self.active = 1
+        stream = TextStream(self.tokenizer, req.emit)
+        shown = [0]
+
+        def on_tokens(tokens: list[int]) -> None:
+            if req.cancelled.is_set():
+                raise _Stop
+            new = [t for t in tokens[shown[0]:] if t not in self.stops]
+            shown[0] = len(tokens)
+            stream.push(new)
+            if self.step_delay:
+                time.sleep(self.step_delay)
+
+        dev = next(self.model.parameters()).device
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=dev)
+        try:
+            res = speculative_generate(self.model, self.draft, ids, k=self.k, max_new_tokens=max_new,
+                                       sampling=sampling, stop_tokens=self.stops, on_tokens=on_tokens)
+        except _Stop:
+            self.cancelled += 1
+            self.active = 0
+            req.finish("cancelled", {})
+            return
+        finally:
+            self.active = 0
+        out = res.tokens[0]
+        stream.finish()
+        reason = "stop" if out and out[-1] in self.stops else "length"
+        n = len(out) - (reason == "stop")
+        req.finish(reason, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
 
     def _run_plain(self, req: Request) -> None:
         from mamballama_cli.generation.plain import generate
