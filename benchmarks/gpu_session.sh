@@ -4,7 +4,9 @@
 #     source .gpu/activate.sh && bash benchmarks/gpu_session.sh [STEP ...]
 # Steps (in the order given): env, b1 (hybrid batch-1 decode only), profile (kernel times of one step),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
-# fast-vs-reference test, all), full (the whole speed benchmark). Default: env tests full.
+# fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
+# the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
+# prompts, the shape that crashed one-piece prefill; now chunked). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
@@ -46,6 +48,13 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
+        verify) stamp "verify vs plain step (8B shape, K=4)"
+                timeout "$(left 240)" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
+                    --loop-tokens 64 --json "$OUT/speculative-verify.json" > "$OUT/speculative-verify.txt" 2>&1
+                echo "exit $?"; tail -20 "$OUT/speculative-verify.txt" ;;
+        maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
+        prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
+                        --contexts "" ;;
         part1) gputest part1 480 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
