@@ -190,6 +190,44 @@ def test_transformers_draft_with_cropped_cache(k):
     assert res.stats.acceptance_rate == 1.0
 
 
+def test_adaptive_k_stays_lossless_and_follows_acceptance():
+    from mamballama_cli.generation.speculative import next_k
+
+    assert [next_k(4, a, 6) for a in (4, 3, 2, 1, 0)] == [5, 4, 4, 3, 3]
+    assert next_k(6, 6, 6) == 6 and next_k(1, 0, 6) == 1
+    target, _ = tiny_hybrid(seed=0)
+    prompt = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    want = greedy_reference(target, prompt, 48)
+    # a draft that always agrees: the window grows to the largest and stays there
+    same = speculative_generate(target, copy.deepcopy(target), prompt, k=6, max_new_tokens=48, adaptive=True)
+    assert same.tokens == want and same.extra["adaptive_k"]
+    assert max(same.stats.rounds_by_k) == 6 and same.stats.acceptance_rate == 1.0
+    # a draft that never agrees: the window falls to one token and stays there
+    never = NeverAgrees(target, 1, prompt.shape[1] + 48 + 2 * 7, 7)
+    low = speculative_generate(target, never, prompt, k=6, max_new_tokens=48, adaptive=True)
+    assert low.tokens == want
+    assert low.stats.rounds_by_k[1] >= low.stats.rounds - 5 and low.stats.drafted < 6 * low.stats.rounds
+    # a draft that mostly agrees, in the graph-recorded computation: lossless, several window lengths used
+    mixed = speculative_generate(target, perturbed(target, 0.05), prompt, k=5, max_new_tokens=48, adaptive=True,
+                                 static=True)
+    assert mixed.tokens == want
+    s = mixed.stats
+    assert s.drafted == sum(k * n for k, n in s.rounds_by_k.items()) and sum(s.rounds_by_k.values()) == s.rounds
+    assert s.produced == s.accepted + s.rounds
+
+
+def test_acceptance_by_position_counts_each_window_position():
+    target, _ = tiny_hybrid(seed=0)
+    prompt = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    res = speculative_generate(target, perturbed(target, 0.05), prompt, k=4, max_new_tokens=40)
+    s = res.stats
+    assert len(s.position_reached) == 4 and s.position_reached[0] == s.rounds
+    assert sum(s.position_accepted) == s.accepted  # draft j kept <=> position j counted as accepted
+    assert all(r2 <= a1 <= r1 for r1, a1, r2 in zip(s.position_reached, s.position_accepted, s.position_reached[1:]))
+    d = s.as_dict()
+    assert len(d["acceptance_by_position"]) == 4 and d["rounds_by_k"] == {"4": s.rounds}
+
+
 def test_graph_computation_run_eagerly_keeps_greedy_lossless():
     """``static``: the computation CUDA graphs record (device-side positions and replay counts, attention
     over the whole buffer under a mask), for both the target and a hybrid draft."""

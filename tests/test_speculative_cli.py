@@ -68,6 +68,20 @@ def test_builtin_self_draft_accepts_everything_and_sampling_is_seeded(pair, tmp_
     assert a.code == 0 and a.out == b.out
 
 
+def test_adaptive_k_through_the_cli(pair, tmp_path, capsys):
+    target, draft = pair / "target", pair / "draft"
+    plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
+    stats_file = tmp_path / "a.json"
+    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--draft", draft, "-k", "5",
+                 "--adaptive-k", "--stats-json", stats_file], capsys)
+    assert r.code == 0, r.err
+    assert r.out == plain.out  # lossless
+    stats = json.loads(stats_file.read_text())
+    assert stats["adaptive_k"] is True and stats["k"] == 5 and stats["matches_plain_greedy"] is True
+    assert sum(stats["rounds_by_k"].values()) == stats["rounds"] and len(stats["acceptance_by_position"]) <= 5
+    assert "k<=5 adaptive" in r.err
+
+
 def test_draft_from_the_plugin_registry(pair, capsys):
     from mamballama_cli import plugins
     from mamballama_cli.generation.drafts import DraftSpec

@@ -32,6 +32,9 @@ def command(
                                         "from `convert --draft-layers`), or a provider NAME[:ARG] (self, teacher, "
                                         "layers:0,29, or a mamballama.drafts plugin). Implies --speculative."),
     draft_k: int = typer.Option(4, "-k", "--draft-tokens", help="Draft tokens per target call (K)."),
+    adaptive_k: bool = typer.Option(False, "--adaptive-k", help="With --speculative: -k is the largest window; "
+                                    "each round's grows after a fully kept window and shrinks after one that "
+                                    "kept fewer than half (still lossless)."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                help="Capture the verify and draft steps in CUDA graphs (default: "
                                                "on with CUDA)."),
@@ -61,7 +64,7 @@ def command(
             target=model, draft=draft or "", k=draft_k, prompt=text, chat=chat, system=system,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             dtype=dtype, device=device, cuda_graphs=cuda_graphs, compare_plain=compare_plain,
-            draft_runner=draft_runner, stats_json=stats_json))
+            draft_runner=draft_runner, stats_json=stats_json, adaptive_k=adaptive_k or None))
         spec_stats = run_speculative(cfg, on_text=lambda piece: out(piece, end=""))
         out()
         err(format_stats(spec_stats))

@@ -102,6 +102,26 @@ class SpecStats:
     total_s: float = 0.0
     draft_calls: int = 0
     target_calls: int = 0
+    # per window position j (0-based): row-rounds whose first j drafts were all kept (draft j was judged), and
+    # of those, the row-rounds that kept draft j too; and how many rounds ran with each window length K
+    position_reached: list[int] = field(default_factory=list)
+    position_accepted: list[int] = field(default_factory=list)
+    rounds_by_k: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def acceptance_by_position(self) -> list[float]:
+        """P(draft j kept | drafts 0..j-1 kept), per position j of the window."""
+        return [a / r if r else float("nan") for a, r in zip(self.position_accepted, self.position_reached)]
+
+    def record(self, accepted: Tensor, k: int) -> None:
+        """One round's accepted counts per row (b,) with a window of ``k`` drafts."""
+        while len(self.position_reached) < k:
+            self.position_reached.append(0)
+            self.position_accepted.append(0)
+        for j in range(k):
+            self.position_reached[j] += int((accepted >= j).sum())
+            self.position_accepted[j] += int((accepted > j).sum())
+        self.rounds_by_k[k] = self.rounds_by_k.get(k, 0) + 1
 
     @property
     def acceptance_rate(self) -> float:
@@ -124,8 +144,24 @@ class SpecStats:
         d = asdict(self)
         d.update(acceptance_rate=self.acceptance_rate, tokens_per_call=self.tokens_per_call,
                  tokens_per_s=self.tokens_per_s, decode_tokens_per_s=self.decode_tokens_per_s)
-        # NaN (nothing drafted: the first token already stopped generation) is written as null
-        return {k: ((round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v) for k, v in d.items()}
+        d["rounds_by_k"] = {str(k): v for k, v in sorted(self.rounds_by_k.items())}
+
+        def clean(v):  # NaN (nothing drafted: the first token already stopped generation) is written as null
+            return (round(v, 4) if math.isfinite(v) else None) if isinstance(v, float) else v
+
+        d["acceptance_by_position"] = [clean(v) for v in self.acceptance_by_position]
+        return {k: clean(v) for k, v in d.items()}
+
+
+def next_k(k: int, accepted: int, k_max: int) -> int:
+    """Adaptive window (``adaptive=True``): one more draft after a round that kept all of them, one fewer after a
+    round that kept fewer than half; within 1 .. k_max. The choice uses only past rounds, so decoding stays
+    lossless."""
+    if accepted >= k:
+        return min(k + 1, k_max)
+    if 2 * accepted < k:
+        return max(1, k - 1)
+    return k
 
 
 @dataclass
@@ -156,6 +192,7 @@ def speculative_generate(
     draft_runner: str = "auto",
     on_tokens: Callable[[list[int]], None] | None = None,
     static: bool = False,
+    adaptive: bool = False,
 ) -> SpecResult:
     """Speculative decoding of ``target`` (a MamballamaForCausalLM, or any runner) with ``draft``.
 
@@ -163,7 +200,8 @@ def speculative_generate(
     lockstep. At temperature 0 the output equals the target's greedy decoding; when sampling it follows
     the target's processed distribution. ``on_tokens`` receives row 0's new tokens as they are accepted.
     ``cuda_graphs`` (default: on CUDA) captures the verify and draft steps; ``static`` runs the captured
-    computation eagerly (what the CPU tests use to check it).
+    computation eagerly (what the CPU tests use to check it). ``adaptive``: ``k`` is the largest window, and
+    each round's window follows the acceptance of the rounds before (:func:`next_k`).
     """
     if k < 1:
         raise UsageError(f"-k {k}: the draft must propose at least one token per round")
@@ -183,7 +221,7 @@ def speculative_generate(
     d_runner = make_runner(draft, b, max_length, window, keep_live=True, kind=draft_runner, static=static)
     if cuda_graphs:
         if isinstance(t_runner, HybridRunner):
-            t_runner.capture([(window, True, 0)])
+            t_runner.capture([(j + 1, True, 0) for j in (range(1, k + 1) if adaptive else [k])])
         if isinstance(d_runner, HybridRunner):
             shapes = [(1, True, 0), (2, True, 0)] + [(1, False, j) for j in range(1, k + 1)]
             d_runner.capture(shapes)
@@ -231,18 +269,17 @@ def speculative_generate(
     stats.time_to_first_token_s = time.perf_counter() - start
     pending = last[:, None]  # tokens the draft has not seen yet (1, or 2 after a full acceptance)
 
+    kr = k  # this round's window (fixed unless adaptive)
     while not done:
         # 1. Draft K tokens.
         drafts, qs = [], []
         logits = d_runner.extend(pending, rebase=True)[:, -1]
-        fed_by_draft = pending.shape[1]
-        for j in range(k):
+        for j in range(kr):
             tok, q = pick(logits)
             drafts.append(tok)
             qs.append(q)
-            if j < k - 1:
+            if j < kr - 1:
                 logits = d_runner.extend(tok[:, None], rebase=False)[:, -1]
-                fed_by_draft += 1
         d = torch.stack(drafts, dim=1)  # (b, K)
 
         # 2. Verify: the last committed token plus the K drafts, in one call.
@@ -256,14 +293,17 @@ def speculative_generate(
 
         # 3. Commit: the target keeps the last token and m drafts; the draft keeps what it fed correctly.
         t_runner.commit(m + 1)
-        d_runner.commit(pending.shape[1] + min(m, k - 1))
-        pending = torch.cat([d[:, k - 1 :], nxt[:, None]], dim=1) if m == k else nxt[:, None]
+        d_runner.commit(pending.shape[1] + min(m, kr - 1))
+        pending = torch.cat([d[:, kr - 1 :], nxt[:, None]], dim=1) if m == kr else nxt[:, None]
         last = nxt
         stats.rounds += 1
-        stats.drafted += k * b
+        stats.drafted += kr * b
         stats.accepted += int(accepted.sum())
         stats.produced += m + 1
+        stats.record(accepted, kr)
         done = emit(torch.cat([d[:, :m], nxt[:, None]], dim=1))
+        if adaptive:
+            kr = next_k(kr, m, k)
 
     _sync(device)
     stats.total_s = time.perf_counter() - start
@@ -271,5 +311,5 @@ def speculative_generate(
     stats.target_calls = getattr(t_runner, "calls", 0)
     stats.draft_calls = getattr(d_runner, "calls", 0)
     extra = {"cuda_graphs": bool(cuda_graphs), "draft_runner": type(d_runner).__name__,
-             "target_runner": type(t_runner).__name__, "batch_size": b}
+             "target_runner": type(t_runner).__name__, "batch_size": b, "adaptive_k": bool(adaptive)}
     return SpecResult(out, stats, extra=extra)

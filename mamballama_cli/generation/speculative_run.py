@@ -19,6 +19,7 @@ class SpeculativeConfig:
     target: str = ""
     draft: str = ""  # checkpoint dir, or a registered draft provider: NAME or NAME:ARG
     k: int = 4
+    adaptive_k: bool = False  # -k is then the largest window; each round's follows the acceptance so far
     prompt: str = ""
     chat: bool = False
     system: str | None = None
@@ -138,6 +139,7 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
     result = speculative_generate(
         target, draft, ids, k=cfg.k, max_new_tokens=cfg.max_new_tokens, sampling=sampling, stop_tokens=stops,
         seed=cfg.seed, cuda_graphs=cfg.cuda_graphs, draft_runner=cfg.draft_runner, on_tokens=on_tokens,
+        adaptive=cfg.adaptive_k,
     )
     text = stream.finish()
     s = result.stats
@@ -171,7 +173,8 @@ def format_stats(stats: dict) -> str:
 
     # The target's calls are the prefill plus one verify call per round: the same count as target_calls in the
     # statistics JSON (tokens/call is per verify call, as tokens_per_call).
-    line = (f"[speculative k={stats['k']}: {stats['new_tokens']} new tokens in {stats['target_calls']} target calls "
+    kinfo = f"k<={stats['k']} adaptive" if stats.get("adaptive_k") else f"k={stats['k']}"
+    line = (f"[speculative {kinfo}: {stats['new_tokens']} new tokens in {stats['target_calls']} target calls "
             f"(prefill + {stats['rounds']} verify); "
             f"acceptance {num('acceptance_rate', '.3f')}, {num('tokens_per_call', '.2f')} tokens/call (verify), "
             f"{num('tokens_per_s', '.1f')} tok/s")
