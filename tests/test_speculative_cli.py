@@ -82,6 +82,46 @@ def test_adaptive_k_through_the_cli(pair, tmp_path, capsys):
     assert "k<=5 adaptive" in r.err
 
 
+def _acceptance(target_dir, draft_dir, shard_dir, n=8):
+    """Mean greedy acceptance (k=4, 32 new tokens) on the first 64 prompt tokens of the last n samples."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from mamballama_cli.generation.speculative import speculative_generate
+    from mamballama_cli.loading import load_causal_lm
+    from mamballama_cli.training.records import read_shard_dir
+
+    target = load_causal_lm(str(target_dir), dtype="float32", device="cpu")[0]
+    draft = load_causal_lm(str(draft_dir), dtype="float32", device="cpu")[0]
+    sh = read_shard_dir(Path(shard_dir))[-1].shard
+    rates = []
+    for i in range(n):
+        o, pl = int(sh.offsets[-2 - i]), int(sh.prompt_lens[-2 - i])
+        prompt = torch.as_tensor(np.asarray(sh.tokens[o:o + min(pl, 64)], dtype=np.int64))[None]
+        rates.append(speculative_generate(target, draft, prompt, k=4, max_new_tokens=32).stats.acceptance_rate)
+    return sum(rates) / n
+
+
+def test_distill_draft_template_raises_acceptance_on_the_targets_own_samples(pair, tmp_path, capsys):
+    """templates/distill-draft.yaml: the target is the teacher, its own samples the data: the cut draft learns
+    the target's distribution and the target keeps more of its proposals."""
+    target, draft, samples = pair / "target", pair / "draft", tmp_path / "samples"
+    r = run_cli(["data", "generate", target, "--prompts", "builtin", "--tokens", "120000", "--batch-size", "32",
+                 "--max-new-tokens", "128", "--temperature", "0", "--output", samples], capsys)
+    assert r.code == 0, r.err
+    before = _acceptance(target, draft, samples)
+    out = tmp_path / "draft2"
+    r = run_cli(["distill", draft, "--teacher", target, "--template", "distill-draft", "--data", samples,
+                 "--eval-data", samples, "--eval-every", "150", "--steps", "150", "--seq-len", "256",
+                 "--micro-batch-size", "8", "--gradient-accumulation-steps", "1", "--output", out, "--json"], capsys)
+    assert r.code == 0, r.err
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "eval_kl" in x]
+    assert evals[-1]["eval_kl"] < 0.7 * evals[0]["eval_kl"], evals
+    after = _acceptance(target, out, samples)
+    assert after > 2 * before and after > 0.02, (before, after)
+
+
 def test_draft_from_the_plugin_registry(pair, capsys):
     from mamballama_cli import plugins
     from mamballama_cli.generation.drafts import DraftSpec
