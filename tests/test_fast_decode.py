@@ -283,3 +283,25 @@ def test_captured_forced_tokens_equal_uncaptured():
         runs[capture] = dec.tokens_so_far().cpu()
     assert torch.equal(runs[True], runs[False])
     assert torch.equal(runs[True][1, : lengths[1] - n0], full[1][n0:].cpu())
+
+
+@pytest.mark.gpu
+def test_prefill_past_two_to_the_31_activation_elements_equals_each_prompt_alone():
+    """Issue 17's crash: batch 24 x 32K prompts at the 8B shape made activation tensors of more than 2^31 elements
+    (CUDA illegal memory access in prefill). Here 64 rows x 70,000 tokens x the widest layer (in_proj, MLP)
+    would pass 2^31 elements in one piece; the runtime prefills in pieces that stay under 2^30. The last rows,
+    whose offsets would lie past 2^31 in a one-piece prefill, must give the logits their prompts give alone."""
+    from mamballama_cli.models.runtime import Runtime, auto_prefill_chunk
+
+    model, _ = tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, hidden=256, layers=4, seed=1)
+    model = model.to("cuda", torch.float32).eval()
+    b, n = 64, 70_000
+    widest = max(model.config.intermediate_size, 4 * model.config.hidden_size)
+    assert b * n * widest > 2**31 and b * auto_prefill_chunk(model.config, b) * widest <= 2**30
+    ids = torch.randint(5, 96, (b, n), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.no_grad():
+        big = Runtime(model, b, n + 1).prefill(ids).float()
+        assert torch.isfinite(big).all()
+        for row in (0, b // 2, b - 2, b - 1):
+            alone = Runtime(model, 1, n + 1).prefill(ids[row:row + 1]).float()
+            assert torch.allclose(big[row], alone[0], atol=1e-2, rtol=1e-2), row  # tf32 GEMMs may tile by batch
