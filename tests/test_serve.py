@@ -87,6 +87,11 @@ def test_completions_chat_and_streamed_chat_through_the_openai_client(server, mo
     assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
     g = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
     assert whole.choices[0].message.content == g.out.rstrip("\n")
+    # stream_options.include_usage: a last chunk with no choices and the usage, as OpenAI's API sends it
+    events = list(c.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert "".join(e.choices[0].text for e in events if e.choices) == r.choices[0].text
 
 
 def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(server):
@@ -200,3 +205,20 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
     assert r.code == 2 and "--draft" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--draft", "no-such-draft"], capsys)
     assert r.code == 2 and "--draft 'no-such-draft'" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_serve_load_benchmark_runs_and_reports(models, tmp_path):
+    """benchmarks/serve_load.py (the 32-clients-at-4K measurement of issue 17), as a smoke run on the tiny hybrid."""
+    from pathlib import Path
+
+    out = tmp_path / "load.json"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "serve_load.py"), str(models["hybrid"]),
+                        "--clients", "4", "--prompt-tokens", "16", "--max-tokens", "5", "--requests", "8",
+                        "--json", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["requests"] == 8 and data["prompt_tokens_mean"] >= 16 and data["completion_tokens"] > 0
+    assert data["completion_tokens_per_s"] > 0 and data["latency_s"]["p95"] >= data["latency_s"]["p50"] > 0
+    assert data["server"]["mode"] == "static-batched" and data["server"]["largest_batch"] > 1

@@ -136,8 +136,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                     raise ApiError(500, usage.get("error", "generation failed"), kind="server_error")
                 return "".join(parts), reason, usage
 
-    async def stream(job: Job, request: HttpRequest, chunk):
-        """Server-sent events: one chunk per piece of text, a last one with the finish reason, then [DONE]."""
+    async def stream(job: Job, request: HttpRequest, chunk, include_usage: bool = False):
+        """Server-sent events: one chunk per piece of text, a last one with the finish reason (and with
+        ``stream_options.include_usage``, one with no choices and the usage, as OpenAI's API), then [DONE]."""
         engine.submit(job.req)
         try:
             first = chunk(None, None)
@@ -158,11 +159,18 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                     if reason == "error":
                         yield f"data: {json.dumps({'error': {'message': usage.get('error'), 'type': 'server_error'}})}\n\n"
                     else:
-                        yield f"data: {json.dumps(chunk('', reason))}\n\n"
+                        last = chunk('', reason)
+                        yield f"data: {json.dumps(last)}\n\n"
+                        if include_usage:
+                            yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(usage)})}\n\n"
                     yield "data: [DONE]\n\n"
                     return
         finally:  # the client went away (the response was cancelled) or the stream ended: free the row
             job.req.cancelled.set()
+
+    def wants_usage(body: dict) -> bool:
+        opts = body.get("stream_options")
+        return isinstance(opts, dict) and bool(opts.get("include_usage"))
 
     def usage_of(usage: dict) -> dict:
         return {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
@@ -187,7 +195,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
                         "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
 
-            return StreamingResponse(stream(job, request, chunk), media_type="text/event-stream")
+            return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
         text, reason, usage = await run_to_end(job)
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "text": text, "finish_reason": reason_of(reason), "logprobs": None}],
@@ -216,7 +224,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
 
-            return StreamingResponse(stream(job, request, chunk), media_type="text/event-stream")
+            return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
         answer, reason, usage = await run_to_end(job)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
