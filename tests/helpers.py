@@ -32,17 +32,40 @@ def tiny_llama_config(n_heads=4, n_kv=2, tie=False, rope="default", layers=4, hi
     )
 
 
+# The size every tiny teacher of another family shares with the Llama one (tests name heads, ties, biases).
+TINY_TEACHER = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def seeded_teacher(model_cls, config, seed=0, bias_std=None):
+    """``model_cls(config)`` in eval mode after ``torch.manual_seed(seed)``, with non-trivial norms (so that
+    copying them is actually tested) and, with ``bias_std``, biases drawn from N(0, bias_std) (the default init
+    zeroes them, which would test nothing)."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if bias_std is not None and name.endswith("bias"):
+                p.normal_(0.0, bias_std)
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
 def tiny_llama(seed=0, **kw):
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
-    # Non-trivial norms so that copying them is actually tested.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model
+    return seeded_teacher(LlamaForCausalLM, tiny_llama_config(**kw), seed)
 
 
 def tiny_tokenizer(vocab=VOCAB):
