@@ -109,6 +109,57 @@ def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", *
     return student, teacher
 
 
+def decode_with_cache(model, prompt, steps: int):
+    """Greedy decoding of ``steps`` tokens after ``prompt``, one token at a time through the cache:
+    (the logits of the prefill and of every step, a list; the tokens so far; the cache)."""
+    from mamballama_cli.models.modeling import output_cache
+
+    out = model(prompt, use_cache=True)
+    cache = output_cache(out)
+    logits, tokens = [out.logits], prompt
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        tokens = torch.cat([tokens, nxt], 1)
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return logits, tokens, cache
+
+
+def assert_left_padding_changes_nothing(model, new_tokens: int):
+    """Greedy generation of a left-padded batch of two equals that of each sequence alone."""
+    a = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)], 0)
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    greedy = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        g = model.generate(batch, attention_mask=mask, **greedy)
+        ga = model.generate(a, **greedy)
+        gb = model.generate(b, **greedy)
+    assert torch.equal(g[0, 9:], ga[0, 9:])
+    assert torch.equal(g[1, 9:], gb[0, 5:])
+
+
+def assert_mixer_holds_attention(student, teacher_sd: dict, i: int):
+    """Layer ``i``'s mixer holds the teacher's W_V, W_K, W_Q (in_proj rows x, B, C) and W_O, and the layer's
+    norms and MLP are the teacher's; returns the mixer (for checks of its fresh parts)."""
+    mixer = student.model.layers[i].mamba
+    s = mixer.in_proj_slices()
+    W = mixer.in_proj.weight
+    pre = f"model.layers.{i}."
+    assert torch.equal(W[s["x"]], teacher_sd[pre + "self_attn.v_proj.weight"])
+    assert torch.equal(W[s["B"]], teacher_sd[pre + "self_attn.k_proj.weight"])
+    assert torch.equal(W[s["C"]], teacher_sd[pre + "self_attn.q_proj.weight"])
+    assert torch.equal(mixer.out_proj.weight, teacher_sd[pre + "self_attn.o_proj.weight"])
+    ssd = student.state_dict()
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        assert torch.equal(ssd[pre + name], teacher_sd[pre + name]), name
+    return mixer
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 
