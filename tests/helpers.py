@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 96
@@ -100,6 +102,15 @@ def save_teacher(dirpath: Path, model=None, tokenizer=True, **kw) -> Path:
     return dirpath
 
 
+def teacher_and_half_hybrid(root: Path) -> tuple[Path, Path]:
+    """A tiny teacher saved under ``root`` and its 50% hybrid at ``root/h50`` (through the real convert path)."""
+    from mamballama_cli.convert import ConvertConfig, run_convert
+
+    teacher = save_teacher(root / "teacher", n_heads=4, n_kv=2)
+    run_convert(ConvertConfig(teacher=str(teacher), output=str(root / "h50"), ratio=0.5))
+    return teacher, root / "h50"
+
+
 def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", **kw):
     """A converted tiny hybrid (via the real converter) in float32."""
     from mamballama_cli.convert.converter import convert_model
@@ -177,6 +188,18 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 interpreter._patch_lang_tensor = _patched
 """
+
+
+# The head of a script run under the interpreter that needs the patch: argv[1] is this folder (tests/).
+PATCHED_SCRIPT_HEAD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from helpers import INTERPRETER_PATCH
+exec(INTERPRETER_PATCH)
+"""
+
+# pytestmark of the modules that run Triton kernels under the interpreter.
+NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def run_interpreted(script: str, *args: str, timeout: int = 300) -> str:
