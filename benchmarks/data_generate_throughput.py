@@ -17,7 +17,6 @@ earlier and leave batch rows idle: compare "row_utilisation"). Prints one line a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from bench_common import char_tokenizer, run_facts, write_result
 
 
 def smollm2_shaped_teacher():
@@ -42,19 +43,10 @@ def smollm2_shaped_teacher():
 
 def tiny_teacher_and_tokenizer():
     """A 4-layer random Llama and a character-level ChatML tokenizer (as the tests build them)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 123)])}
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
-                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    tok, vocab_size = char_tokenizer([chr(c) for c in range(32, 123)])
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
@@ -161,19 +153,13 @@ def main(argv=None) -> dict:
         "load_s": round(load_s, 1),
         "warmup_s": round(warm_s, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        **run_facts(argv),
     }
     print(f"data generate: {result['tokens_per_s']:,.0f} tokens/s written ({result['sampled_tokens_per_s']:,.0f} "
           f"sampled/s; {summary['tokens']:,} tokens, {summary['sequences']:,} sequences) at batch {cfg.batch_size}, "
           f"max {cfg.max_new_tokens} new, {result['engine']}, row utilisation {result['row_utilisation']}, "
           f"{result['device']} {result['dtype']}")
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json_out)
     return result
 
 

@@ -14,8 +14,6 @@ Prints one line and writes JSON (--json-out, default benchmarks/results/distill_
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
 import sys
 import time
@@ -23,6 +21,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from bench_common import run_facts, write_result
 
 
 def smollm2_shaped_teacher():
@@ -169,18 +169,12 @@ def main(argv=None) -> dict:
         "peak_memory_gib": round(peak, 2) if peak is not None else None,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "kernels": {r["op"]: r["backend"] for r in ops.backend_report(device.type)},
-        "torch": torch.__version__,
-        "transformers": __import__("transformers").__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        **run_facts(argv),
     }
     print(f"distill throughput: {result['tokens_per_s']:,.0f} tokens/s (teacher fwd + student fwd/bwd + AdamW, "
           f"{result['tokens_per_step']} tokens/step of {mb}x{args.accumulation}x{L}, {result['precision']}, "
           f"{result['device']}, peak {result['peak_memory_gib']} GiB)")
-    if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(result, args.json_out)
     return result
 
 

@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def random_teacher(out: Path, shape: str) -> Path:
     """A random Llama (SmolLM2-135M shape, or a small one) with a character-level ChatML tokenizer."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench_common import char_tokenizer
 
     if shape == "smollm2":
         dims = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -35,20 +36,11 @@ def random_teacher(out: Path, shape: str) -> Path:
     else:
         dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
                     num_key_value_heads=2, head_dim=64)
-    specials = ["<pad>", "<s>", "<|im_end|>", "<|im_start|>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
     cfg = LlamaConfig(vocab_size=512, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=True,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.05, **dims)
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
-                                  unk_token="<unk>", additional_special_tokens=["<|im_start|>"])
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tok.save_pretrained(out)
+    char_tokenizer([chr(c) for c in range(32, 127)] + ["\n"])[0].save_pretrained(out)
     return out
 
 

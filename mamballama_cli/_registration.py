@@ -32,11 +32,19 @@ def _importing(module: str, name: str) -> bool:
     return mod is not None and not hasattr(mod, name)
 
 
+def _due(kind: str, module: str, name: str) -> bool:
+    """Should ``kind`` register now? Not when it has; not yet while our ``module`` is half-initialised (it then
+    waits in ``_pending``, flushed when that module's body has run)."""
+    if kind in _done:
+        return False
+    if _importing(module, name):
+        _pending.add(kind)
+        return False
+    return True
+
+
 def register_config() -> None:
-    if "config" in _done:
-        return
-    if _importing(_OUR_CONFIG, "MamballamaConfig"):
-        _pending.add("config")  # flushed when that module's body has run
+    if not _due("config", _OUR_CONFIG, "MamballamaConfig"):
         return
     _done.add("config")
     from transformers import AutoConfig
@@ -47,10 +55,7 @@ def register_config() -> None:
 
 
 def register_model() -> None:
-    if "model" in _done:
-        return
-    if _importing(_OUR_MODELING, "MamballamaForCausalLM"):
-        _pending.add("model")  # flushed when that module's body has run
+    if not _due("model", _OUR_MODELING, "MamballamaForCausalLM"):
         return
     register_config()
     if "config" not in _done:  # the configuration module is still executing its body

@@ -193,3 +193,16 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path, label: str, hint: str = "") -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a UTF-8 JSONL file; a line that is not JSON is a
+    :class:`UsageError` "``label`` line N is not JSON``hint``"."""
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            raise UsageError(f"{label} line {n} is not JSON{hint}") from None
+        yield n, value

@@ -48,6 +48,24 @@ def checkpoint_dir(spec: str) -> Path:
     return path
 
 
+def auto_model(spec: str, path: Path, dtype, refused=(ValueError,)):
+    """``AutoModelForCausalLM.from_pretrained(path)`` (no remote code). Unreadable weights raise the
+    damaged-file error; an exception of a ``refused`` type becomes a one-line :class:`MamballamaError`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
+    except Exception as exc:
+        from mamballama_cli.convert.teacher import unreadable_weights
+
+        if damaged := unreadable_weights(spec, path, exc):
+            raise damaged from exc
+        if isinstance(exc, refused):
+            first_line = str(exc).splitlines()[0]
+            raise MamballamaError(f"model {spec!r}: transformers cannot load it ({first_line})") from exc
+        raise
+
+
 def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto"):
     """(model in eval mode on device, tokenizer or None, path)."""
     import mamballama_cli  # noqa: F401  (registers the hybrid with the Auto classes)
@@ -55,19 +73,9 @@ def load_causal_lm(spec: str, dtype: str = "auto", device: str = "auto"):
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = checkpoint_dir(spec)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from mamballama_cli.convert.teacher import unreadable_weights
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, trust_remote_code=False)
-    except Exception as exc:
-        if damaged := unreadable_weights(spec, path, exc):
-            raise damaged from exc
-        if isinstance(exc, ValueError):
-            raise MamballamaError(f"model {spec!r}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
-        raise
-    model = model.to(dev).eval()
+    model = auto_model(spec, path, dt).to(dev).eval()
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:

@@ -35,3 +35,17 @@ def run_cli(args, capsys, stdin: str | None = None, monkeypatch=None) -> Result:
         sys.argv = old_argv
     captured = capsys.readouterr()
     return Result(code, captured.out, captured.err)
+
+
+def one_line_error(r: Result, *needles: str, code: int | None = None) -> str:
+    """The run failed (with exit ``code`` when given) on exactly one ``error:`` line, no traceback, holding
+    every needle; returns that line."""
+    assert r.code != 0, r.err
+    if code is not None:
+        assert r.code == code, (r.code, r.err)
+    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, r.err
+    assert "Traceback" not in r.err, r.err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

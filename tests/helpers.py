@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 VOCAB = 96
@@ -32,17 +34,40 @@ def tiny_llama_config(n_heads=4, n_kv=2, tie=False, rope="default", layers=4, hi
     )
 
 
+# The size every tiny teacher of another family shares with the Llama one (tests name heads, ties, biases).
+TINY_TEACHER = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    initializer_range=0.1,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def seeded_teacher(model_cls, config, seed=0, bias_std=None):
+    """``model_cls(config)`` in eval mode after ``torch.manual_seed(seed)``, with non-trivial norms (so that
+    copying them is actually tested) and, with ``bias_std``, biases drawn from N(0, bias_std) (the default init
+    zeroes them, which would test nothing)."""
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if bias_std is not None and name.endswith("bias"):
+                p.normal_(0.0, bias_std)
+            elif name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    return model
+
+
 def tiny_llama(seed=0, **kw):
     from transformers import LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**kw)).eval()
-    # Non-trivial norms so that copying them is actually tested.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model
+    return seeded_teacher(LlamaForCausalLM, tiny_llama_config(**kw), seed)
 
 
 def tiny_tokenizer(vocab=VOCAB):
@@ -77,6 +102,15 @@ def save_teacher(dirpath: Path, model=None, tokenizer=True, **kw) -> Path:
     return dirpath
 
 
+def teacher_and_half_hybrid(root: Path) -> tuple[Path, Path]:
+    """A tiny teacher saved under ``root`` and its 50% hybrid at ``root/h50`` (through the real convert path)."""
+    from mamballama_cli.convert import ConvertConfig, run_convert
+
+    teacher = save_teacher(root / "teacher", n_heads=4, n_kv=2)
+    run_convert(ConvertConfig(teacher=str(teacher), output=str(root / "h50"), ratio=0.5))
+    return teacher, root / "h50"
+
+
 def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", **kw):
     """A converted tiny hybrid (via the real converter) in float32."""
     from mamballama_cli.convert.converter import convert_model
@@ -84,6 +118,57 @@ def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", *
     teacher = tiny_llama(seed=seed, n_heads=n_heads, n_kv=n_kv, **kw)
     student, _ = convert_model(teacher, list(attn_layers), mixer=mixer, dtype=torch.float32, seed=seed)
     return student, teacher
+
+
+def decode_with_cache(model, prompt, steps: int):
+    """Greedy decoding of ``steps`` tokens after ``prompt``, one token at a time through the cache:
+    (the logits of the prefill and of every step, a list; the tokens so far; the cache)."""
+    from mamballama_cli.models.modeling import output_cache
+
+    out = model(prompt, use_cache=True)
+    cache = output_cache(out)
+    logits, tokens = [out.logits], prompt
+    nxt = out.logits[:, -1:].argmax(-1)
+    for _ in range(steps):
+        tokens = torch.cat([tokens, nxt], 1)
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return logits, tokens, cache
+
+
+def assert_left_padding_changes_nothing(model, new_tokens: int):
+    """Greedy generation of a left-padded batch of two equals that of each sequence alone."""
+    a = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
+    b = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)], 0)
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    greedy = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        g = model.generate(batch, attention_mask=mask, **greedy)
+        ga = model.generate(a, **greedy)
+        gb = model.generate(b, **greedy)
+    assert torch.equal(g[0, 9:], ga[0, 9:])
+    assert torch.equal(g[1, 9:], gb[0, 5:])
+
+
+def assert_mixer_holds_attention(student, teacher_sd: dict, i: int):
+    """Layer ``i``'s mixer holds the teacher's W_V, W_K, W_Q (in_proj rows x, B, C) and W_O, and the layer's
+    norms and MLP are the teacher's; returns the mixer (for checks of its fresh parts)."""
+    mixer = student.model.layers[i].mamba
+    s = mixer.in_proj_slices()
+    W = mixer.in_proj.weight
+    pre = f"model.layers.{i}."
+    assert torch.equal(W[s["x"]], teacher_sd[pre + "self_attn.v_proj.weight"])
+    assert torch.equal(W[s["B"]], teacher_sd[pre + "self_attn.k_proj.weight"])
+    assert torch.equal(W[s["C"]], teacher_sd[pre + "self_attn.q_proj.weight"])
+    assert torch.equal(mixer.out_proj.weight, teacher_sd[pre + "self_attn.o_proj.weight"])
+    ssd = student.state_dict()
+    for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
+                 "mlp.up_proj.weight", "mlp.down_proj.weight"):
+        assert torch.equal(ssd[pre + name], teacher_sd[pre + name]), name
+    return mixer
 
 
 def read_json(path) -> dict:
@@ -103,6 +188,18 @@ def _patched(tensor, scope):
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 interpreter._patch_lang_tensor = _patched
 """
+
+
+# The head of a script run under the interpreter that needs the patch: argv[1] is this folder (tests/).
+PATCHED_SCRIPT_HEAD = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from helpers import INTERPRETER_PATCH
+exec(INTERPRETER_PATCH)
+"""
+
+# pytestmark of the modules that run Triton kernels under the interpreter.
+NEEDS_TRITON = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def run_interpreted(script: str, *args: str, timeout: int = 300) -> str:

@@ -5,13 +5,9 @@ TRITON_INTERPRET=1 in a subprocess (the variable must be set before triton is im
 logic error in the forward or either backward pass shows without a GPU. Skipped when triton is not installed.
 """
 
-import importlib.util
+from helpers import NEEDS_TRITON, interpreted_json
 
-import pytest
-
-from helpers import interpreted_json
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = NEEDS_TRITON
 
 SCRIPT = r"""
 import json, torch

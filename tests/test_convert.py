@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import tiny_hybrid, tiny_llama
+from helpers import assert_mixer_holds_attention, tiny_hybrid, tiny_llama
 from mamballama_cli.convert.converter import ConversionError, convert_model
 from mamballama_cli.convert.placement import attention_layers_for_ratio, parse_layer_list
 from mamballama_cli.errors import UsageError
@@ -48,17 +48,7 @@ def test_mamba_layers_hold_the_teachers_attention_weights(n_heads, n_kv):
     student, teacher = tiny_hybrid(attn_layers=[3], n_heads=n_heads, n_kv=n_kv)
     tsd = teacher.state_dict()
     for i in (0, 1, 2):
-        mixer = student.model.layers[i].mamba
-        s = mixer.in_proj_slices()
-        W = mixer.in_proj.weight
-        pre = f"model.layers.{i}."
-        assert torch.equal(W[s["x"]], tsd[pre + "self_attn.v_proj.weight"])
-        assert torch.equal(W[s["B"]], tsd[pre + "self_attn.k_proj.weight"])
-        assert torch.equal(W[s["C"]], tsd[pre + "self_attn.q_proj.weight"])
-        assert torch.equal(mixer.out_proj.weight, tsd[pre + "self_attn.o_proj.weight"])
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                     "mlp.up_proj.weight", "mlp.down_proj.weight"):
-            assert torch.equal(student.state_dict()[pre + name], tsd[pre + name]), name
+        mixer = assert_mixer_holds_attention(student, tsd, i)
         # fresh parts follow design.md: D = 1, A in [-16, -1], dt in [1e-3, 1e-1]
         assert torch.all(mixer.D == 1)
         A = -torch.exp(mixer.A_log)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from clihelp import run_cli
+from clihelp import one_line_error, run_cli
 from helpers import save_teacher, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -22,15 +22,6 @@ PROMPTS = f"{DATA / 'prompts.jsonl'},{DATA / 'text.jsonl'}"  # chat prompts, and
 GEN = ["--max-new-tokens", "12", "--batch-size", "4", "--device", "cpu"]
 FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def one_line_error(r, *needles):
-    assert r.code != 0, r.err
-    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def shard_arrays(out: Path) -> list[dict]:

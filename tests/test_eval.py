@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mamballama_cli.models.modeling  # noqa: F401  (import order: see the note in the helper's report)
 from clihelp import run_cli
-from helpers import read_json, save_teacher, tiny_tokenizer
+from helpers import read_json, save_teacher, teacher_and_half_hybrid, tiny_tokenizer
 
 TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
         "All that glitters is not gold, and not all those who wander are lost. Time and tide wait for no one. "
@@ -21,12 +21,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand mi
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny teacher and its 50% hybrid (through the real convert CLI path)."""
-    from mamballama_cli.convert import ConvertConfig, run_convert
-
-    root = tmp_path_factory.mktemp("evalmodels")
-    teacher = save_teacher(root / "teacher", n_heads=4, n_kv=2)
-    run_convert(ConvertConfig(teacher=str(teacher), output=str(root / "h50"), ratio=0.5))
-    return teacher, root / "h50"
+    return teacher_and_half_hybrid(tmp_path_factory.mktemp("evalmodels"))
 
 
 def _load(path):

@@ -14,7 +14,7 @@ import pytest
 
 import mamballama_cli.models.modeling  # noqa: F401  (import order: see tests/test_eval.py)
 from clihelp import run_cli
-from helpers import read_json, save_teacher
+from helpers import read_json, teacher_and_half_hybrid
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -157,12 +157,7 @@ def test_parsers():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from mamballama_cli.convert import ConvertConfig, run_convert
-
-    root = tmp_path_factory.mktemp("chatmodels")
-    teacher = save_teacher(root / "teacher", n_heads=4, n_kv=2)
-    run_convert(ConvertConfig(teacher=str(teacher), output=str(root / "h50"), ratio=0.5))
-    return teacher, root / "h50"
+    return teacher_and_half_hybrid(tmp_path_factory.mktemp("chatmodels"))
 
 
 def test_chat_benchmarks_answered_in_their_formats_and_judged(models, judge_server, tmp_path, capsys, monkeypatch):

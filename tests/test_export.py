@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from clihelp import run_cli
-from helpers import read_json, tiny_llama, tiny_tokenizer
+from helpers import TINY_TEACHER, read_json, seeded_teacher, tiny_llama, tiny_tokenizer
 
 N_NEW = 12
 
@@ -85,33 +85,24 @@ def _cli(args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def stock_python_json(script: str, arg: str, cwd, timeout: int, **env) -> dict:
+    """Run ``script arg`` in a fresh Python without this checkout on PYTHONPATH (stock transformers alone,
+    plus ``env``) and return the JSON it printed on its last line."""
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, arg], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def tiny_qwen2(n_heads=4, n_kv=2, tie=False, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
     cfg = Qwen2Config(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=n_heads,
-        num_key_value_heads=n_kv,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-        initializer_range=0.1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, tie_word_embeddings=tie, **TINY_TEACHER
     )
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.3)  # the default init zeroes them, which would test nothing
-            elif name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model
+    return seeded_teacher(Qwen2ForCausalLM, cfg, seed, bias_std=0.3)
 
 
 @torch.no_grad()
@@ -189,19 +180,10 @@ def exported(tmp_path_factory):
         )
         refs[name] = greedy.tolist()
         dirs[name] = str(out)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(dirs)],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = dict(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    child = stock_python_json(CHILD, json.dumps(dirs), root, 300, **env)
     return {
-        "child": json.loads(proc.stdout.strip().splitlines()[-1]),
+        "child": child,
         "summaries": summaries,
         "refs": refs,
         "dirs": dirs,
@@ -307,48 +289,33 @@ def test_refuses_what_granite_cannot_hold(exported, tmp_path, capsys, edit, reas
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_head_dim_that_does_not_tile_hidden(tmp_path, capsys):
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.mark.parametrize(
+    "family,shape,needles",
+    [
+        ("Llama", {"head_dim": 32, "rms_norm_eps": 1e-5}, ["4 * 32 = 128 != hidden_size 64"]),
+        ("Mistral", {"sliding_window": 32}, ["sliding_window=32", "full causal"]),
+    ],
+    ids=["head_dim_that_does_not_tile_hidden", "mistral_sliding_window"],
+)
+def test_refuses_a_converted_teacher_granite_cannot_hold(tmp_path, capsys, family, shape, needles):
+    """A teacher whose hybrid granite-hybrid cannot express exactly is refused, naming the reason."""
+    import transformers
 
     from mamballama_cli.convert.converter import convert_model
 
-    cfg = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        rms_norm_eps=1e-5,
+    cfg = getattr(transformers, f"{family}Config")(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, **shape,
     )
-    student, _ = convert_model(LlamaForCausalLM(cfg).eval(), [1], dtype=torch.float32)
+    teacher = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    student, _ = convert_model(teacher, [1], dtype=torch.float32)
     r = run_cli(["export", _save(student, tmp_path / "h"), "--output", tmp_path / "out"], capsys)
-    assert r.code == 1 and "4 * 32 = 128 != hidden_size 64" in r.err
+    assert r.code == 1 and all(needle in r.err for needle in needles), r.err
 
 
 def test_refuses_a_model_that_is_not_a_hybrid(tmp_path, capsys):
     r = run_cli(["export", _save(tiny_llama(), tmp_path / "llama"), "--output", tmp_path / "out"], capsys)
     assert r.code == 1 and "model_type='llama'" in r.err and "not a mamballama hybrid" in r.err
-
-
-def test_refuses_mistral_sliding_window_with_reason(tmp_path, capsys):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    from mamballama_cli.convert.converter import convert_model
-
-    cfg = MistralConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=32,
-    )
-    student, _ = convert_model(MistralForCausalLM(cfg).eval(), [1], dtype=torch.float32)
-    r = run_cli(["export", _save(student, tmp_path / "h"), "--output", tmp_path / "out"], capsys)
-    assert r.code == 1 and "sliding_window=32" in r.err and "full causal" in r.err
 
 
 @pytest.mark.slow
@@ -378,17 +345,7 @@ print(json.dumps({"class": type(model).__name__, "tokens": out[0, ids.shape[1]:]
                   "text": tok.decode(out[0, ids.shape[1]:]),
                   "imported": [m for m in sys.modules if m.startswith("mamballama_cli")]}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", child, str(out)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = stock_python_json(child, str(out), tmp_path, 600)
     assert got["class"] == "GraniteMoeHybridForCausalLM" and got["imported"] == [] and got["tokens"]
     if summary["verification"].get("exact"):
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -9,23 +9,9 @@ import pytest
 import torch
 
 from clihelp import run_cli
-from helpers import tiny_tokenizer
+from helpers import TINY_TEACHER, tiny_tokenizer
 from mamballama_cli.convert.converter import convert_model
 from mamballama_cli.errors import MamballamaError
-
-COMMON = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    initializer_range=0.1,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
 
 def _randomise(model, seed):
     """Non-trivial norms and biases (the default init zeroes biases, which would test nothing)."""
@@ -48,7 +34,7 @@ def tiny_mistral(sliding_window=16, n_heads=4, n_kv=2, tie=False, seed=0):
         num_key_value_heads=n_kv,
         sliding_window=sliding_window,
         tie_word_embeddings=tie,
-        **COMMON,
+        **TINY_TEACHER,
     )
     return _randomise(MistralForCausalLM(cfg), seed)
 
@@ -58,7 +44,7 @@ def tiny_qwen2(n_heads=4, n_kv=2, tie=False, seed=0, **kw):
 
     torch.manual_seed(seed)
     cfg = Qwen2Config(
-        num_attention_heads=n_heads, num_key_value_heads=n_kv, tie_word_embeddings=tie, **COMMON, **kw
+        num_attention_heads=n_heads, num_key_value_heads=n_kv, tie_word_embeddings=tie, **TINY_TEACHER, **kw
     )
     return _randomise(Qwen2ForCausalLM(cfg), seed)
 

@@ -8,8 +8,14 @@ import torch
 import torch.nn.functional as F
 
 from clihelp import run_cli
-from helpers import save_teacher, tiny_hybrid, tiny_llama
-from mamballama_cli.models.modeling import output_cache
+from helpers import (
+    assert_left_padding_changes_nothing,
+    assert_mixer_holds_attention,
+    decode_with_cache,
+    save_teacher,
+    tiny_hybrid,
+    tiny_llama,
+)
 from mamballama_cli.ops.selective_scan import (
     selective_scan_chunked_ref,
     selective_scan_sequential_ref,
@@ -42,21 +48,12 @@ def mamba1_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, chunk=None, **kw):
 @pytest.mark.parametrize("n_heads,n_kv", GQA)
 def test_mamba1_mapping_equals_teachers_weights(n_heads, n_kv):
     student, teacher = mamba1_hybrid(attn_layers=[3], n_heads=n_heads, n_kv=n_kv)
-    tsd, ssd = teacher.state_dict(), student.state_dict()
+    tsd = teacher.state_dict()
     cfg = student.config
     assert cfg.mixer == "mamba1" and cfg.mamba1_dt_rank == math.ceil(hidden_for(n_heads) / 16)
     for i in (0, 1, 2):
-        mixer = student.model.layers[i].mamba
+        mixer = assert_mixer_holds_attention(student, tsd, i)
         s = mixer.in_proj_slices()
-        W = mixer.in_proj.weight
-        pre = f"model.layers.{i}."
-        assert torch.equal(W[s["x"]], tsd[pre + "self_attn.v_proj.weight"])
-        assert torch.equal(W[s["B"]], tsd[pre + "self_attn.k_proj.weight"])
-        assert torch.equal(W[s["C"]], tsd[pre + "self_attn.q_proj.weight"])
-        assert torch.equal(mixer.out_proj.weight, tsd[pre + "self_attn.o_proj.weight"])
-        for name in ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
-                     "mlp.up_proj.weight", "mlp.down_proj.weight"):
-            assert torch.equal(ssd[pre + name], tsd[pre + name]), name
         # fresh parts: S4D-real A = -(1..16) per channel, D = 1, dt in [1e-3, 1e-1], low-rank dt of rank ceil(H/16)
         d_inner = n_heads * cfg.head_dim
         assert mixer.A_log.shape == (d_inner, 16) and mixer.D.shape == (d_inner,)
@@ -277,16 +274,7 @@ def test_mamba1_cached_step_by_step_equals_parallel_forward(attn_layers, n_heads
     student, _ = mamba1_hybrid(attn_layers=attn_layers, n_heads=n_heads, n_kv=n_kv, chunk=8)
     prompt = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = student(prompt, use_cache=True)
-        cache = output_cache(out)
-        logits_steps = [out.logits]
-        tokens = prompt
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(16):
-            tokens = torch.cat([tokens, nxt], 1)
-            out = student(nxt, past_key_values=cache, use_cache=True)
-            logits_steps.append(out.logits)
-            nxt = out.logits[:, -1:].argmax(-1)
+        logits_steps, tokens, cache = decode_with_cache(student, prompt, 16)
         # a multi-token continuation from the cache (chunked prefill) also continues the state
         extra = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(2))
         tokens = torch.cat([tokens, extra], 1)
@@ -301,18 +289,7 @@ def test_mamba1_cached_step_by_step_equals_parallel_forward(attn_layers, n_heads
 
 def test_mamba1_left_padded_batch_equals_individual_sequences():
     student, _ = mamba1_hybrid()
-    a = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
-    b = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(4))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)], 0)
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    with torch.no_grad():
-        g = student.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        ga = student.generate(a, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-        gb = student.generate(b, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(g[0, 9:], ga[0, 9:])
-    assert torch.equal(g[1, 9:], gb[0, 5:])
+    assert_left_padding_changes_nothing(student, new_tokens=10)
 
 
 def test_mamba1_gradients_flow_through_every_parameter():

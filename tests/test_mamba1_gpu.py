@@ -100,8 +100,7 @@ def test_selective_state_step_cuda_matches_reference(dtype):
 
 
 def test_mamba1_hybrid_on_cuda_matches_cpu_and_caches_exactly():
-    from helpers import tiny_hybrid
-    from mamballama_cli.models.modeling import output_cache
+    from helpers import decode_with_cache, tiny_hybrid
 
     student, _ = tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, mixer="mamba1", hidden=128)
     ids = torch.randint(0, 96, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -119,15 +118,7 @@ def test_mamba1_hybrid_on_cuda_matches_cpu_and_caches_exactly():
     gpu.eval()
     with torch.no_grad():
         prompt = ids[:, :9].cuda()
-        out = gpu(prompt, use_cache=True)
-        cache = output_cache(out)
-        steps, tokens = [out.logits], prompt
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(12):
-            tokens = torch.cat([tokens, nxt], 1)
-            out = gpu(nxt, past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-            nxt = out.logits[:, -1:].argmax(-1)
+        steps, tokens, _ = decode_with_cache(gpu, prompt, 12)
         cached = torch.cat(steps, 1)
         parallel = gpu(tokens).logits
     assert (cached - parallel).abs().max().item() <= 1e-3

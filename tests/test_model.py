@@ -6,8 +6,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_hybrid
-from mamballama_cli.models.modeling import output_cache
+from helpers import assert_left_padding_changes_nothing, decode_with_cache, tiny_hybrid
 
 
 @pytest.mark.parametrize("n_heads,n_kv", [(4, 4), (4, 2), (8, 2)])
@@ -22,16 +21,7 @@ def test_cached_step_by_step_equals_parallel_forward(n_heads, n_kv, attn_layers)
     steps = 32
     with torch.no_grad():
         # greedy decoding with the cache, one token at a time
-        out = student(prompt, use_cache=True)
-        cache = output_cache(out)
-        logits_steps = [out.logits]
-        tokens = prompt
-        nxt = out.logits[:, -1:].argmax(-1)
-        for _ in range(steps):
-            tokens = torch.cat([tokens, nxt], 1)
-            out = student(nxt, past_key_values=cache, use_cache=True)
-            logits_steps.append(out.logits)
-            nxt = out.logits[:, -1:].argmax(-1)
+        logits_steps, tokens, cache = decode_with_cache(student, prompt, steps)
         cached = torch.cat(logits_steps, 1)
         # the same sequence in one parallel forward
         parallel = student(tokens).logits
@@ -60,18 +50,7 @@ def test_generate_greedy_matches_manual_argmax_and_sampling_is_seeded():
 
 def test_left_padded_batch_equals_individual_sequences():
     student, _ = tiny_hybrid()
-    a = torch.randint(3, 96, (1, 9), generator=torch.Generator().manual_seed(3))
-    b = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(4))
-    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)], 0)
-    mask = torch.ones_like(batch)
-    mask[1, :4] = 0
-    with torch.no_grad():
-        g = student.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-        ga = student.generate(a, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-        gb = student.generate(b, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(g[0, 9:], ga[0, 9:])
-    assert torch.equal(g[1, 9:], gb[0, 5:])
+    assert_left_padding_changes_nothing(student, new_tokens=12)
 
 
 def test_save_then_auto_load_gives_identical_logits_and_no_pickle(tmp_path):

@@ -6,20 +6,13 @@ end, and the weight gradient is a sum of partial sums). float64/float32 check th
 the reference's rounding of the normalised input (the interpreter mishandles bfloat16). The compiled kernels run in tests/test_gpu_ops.py.
 """
 
-import importlib.util
 from pathlib import Path
 
-import pytest
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, interpreted_json
 
-from helpers import interpreted_json
+pytestmark = NEEDS_TRITON
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-
-SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from helpers import INTERPRETER_PATCH
-exec(INTERPRETER_PATCH)
+SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 from mamballama_cli.ops.triton_norm import rmsnorm_triton
 from mamballama_cli.ops.norm import rmsnorm_ref
 torch.manual_seed(0)

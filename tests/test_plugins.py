@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clihelp import run_cli
-from helpers import tiny_tokenizer
+from helpers import TINY_TEACHER, seeded_teacher, tiny_tokenizer
 
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins" / "mamballama-seed-oss"
 DIST = "mamballama-seed-oss"
@@ -63,33 +63,11 @@ def seed_oss_plugin():
 def tiny_seed_oss(seed=0, out_bias=True):
     from transformers import SeedOssConfig, SeedOssForCausalLM
 
-    torch.manual_seed(seed)
     cfg = SeedOssConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        initializer_range=0.1,
-        attention_bias=True,
-        attention_out_bias=out_bias,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+        attention_out_bias=out_bias, tie_word_embeddings=False, **TINY_TEACHER,
     )
-    model = SeedOssForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):
-                p.normal_(0.0, 0.5)
-            elif name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-    return model
+    return seeded_teacher(SeedOssForCausalLM, cfg, seed, bias_std=0.5)
 
 
 def test_plugins_list_shows_builtins_and_the_example_plugin(seed_oss_plugin, capsys):

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import mamballama_cli.models.modeling  # noqa: F401  (import order: see tests/test_eval.py)
-from clihelp import run_cli
+from clihelp import one_line_error, run_cli
 from helpers import save_teacher, tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -29,18 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 TRAIN = str(DATA / "chat_train.jsonl")
 FAST = ["--seq-len", "96", "--micro-batch-size", "2"]
-
-
-def one_line_error(r, *needles, code=None):
-    assert r.code != 0, r.err
-    if code is not None:
-        assert r.code == code, (r.code, r.err)
-    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    assert "Traceback" not in r.err, r.err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def env_for_child() -> dict:

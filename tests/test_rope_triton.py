@@ -7,20 +7,13 @@ too (every product rounded, as PyTorch's kernels do: the forward must then equal
 interpreter mishandles bfloat16, so float16 stands in for it. The compiled kernel runs in tests/test_gpu_ops.py.
 """
 
-import importlib.util
 from pathlib import Path
 
-import pytest
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, interpreted_json
 
-from helpers import interpreted_json
+pytestmark = NEEDS_TRITON
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-
-SCRIPT = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-from helpers import INTERPRETER_PATCH
-exec(INTERPRETER_PATCH)
+SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 from mamballama_cli.ops.triton_rope import rotary_triton
 from mamballama_cli.ops.rope_ops import rotary_ref
 torch.manual_seed(0)

@@ -12,14 +12,7 @@ from mamballama_cli.generation.speculative import HybridRunner, accept_sampled, 
 from mamballama_cli.ops.replay import ssm_replay_ref
 from mamballama_cli.ops.ssd import ssm_step_ref
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models are dominated by per-op overhead; two threads fighting over two busy cores are 10x slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def perturbed(model, scale: float, seed: int = 7):

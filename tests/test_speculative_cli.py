@@ -3,18 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from clihelp import run_cli
 from helpers import save_teacher, tiny_llama
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

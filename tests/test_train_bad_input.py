@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clihelp import run_cli
+from clihelp import one_line_error, run_cli
 from helpers import save_teacher, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -15,15 +15,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 DATA = Path(__file__).parent / "data"
 TRAIN = str(DATA / "chat_train.jsonl")
 FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
-
-
-def one_line_error(r, *needles):
-    assert r.code != 0, r.err
-    lines = [ln for ln in r.err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, r.err
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def test_missing_data_file(models, tmp_path, capsys):

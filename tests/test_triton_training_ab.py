@@ -7,13 +7,9 @@ rounding. This is the whole-training-loop check behind the per-op tests (tests/t
 tests/test_conv_triton.py, and the gpu-marked ones). Skipped when triton is not installed.
 """
 
-import importlib.util
+from helpers import NEEDS_TRITON, interpreted_json
 
-import pytest
-
-from helpers import interpreted_json
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = NEEDS_TRITON
 
 SCRIPT = r"""
 import json, sys, torch

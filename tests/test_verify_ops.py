@@ -164,15 +164,6 @@ def test_spec_conv_one_token_is_the_conv_update():
         torch.testing.assert_close(got[:, 0], y, rtol=1e-6, atol=1e-6)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models are dominated by per-op overhead; threads fighting over busy cores make them much slower.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_sliding_window_layers_keep_the_masked_attention(one_thread):
     """The window ops have no sliding window: such layers keep the masked SDPA, and rollback stays exact."""
     from helpers import tiny_hybrid

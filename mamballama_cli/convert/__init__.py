@@ -95,7 +95,6 @@ def run_convert(cfg: ConvertConfig) -> dict:
 
     from mamballama_cli.convert.calibrate import init_spec
     from mamballama_cli.convert.converter import conversion_summary, convert_model
-    from mamballama_cli.io import atomic_dir, write_json_atomic
 
     spec = init_spec(cfg.init)
     teacher, tokenizer, source = load_teacher(cfg.teacher, dtype=torch_dtype(cfg.dtype))
@@ -124,8 +123,16 @@ def run_convert(cfg: ConvertConfig) -> dict:
     from mamballama_cli import __version__
 
     summary["mamballama_version"] = __version__
+    return save_conversion(out_dir, student, tokenizer, summary, cfg)
+
+
+def save_conversion(out_dir, model, tokenizer, summary: dict, cfg) -> dict:
+    """Write a converted ``model`` (a hybrid or a draft), its tokenizer when there is one, the summary and the
+    config into ``out_dir`` atomically; the summary, with the output directory, back."""
+    from mamballama_cli.io import atomic_dir, write_json_atomic
+
     with atomic_dir(out_dir) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "convert_summary.json", summary)

@@ -10,7 +10,6 @@ Design.md section 4: the paper's hybrid drafts were 2- or 4-layer Transformers c
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
 
 from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.output import log
@@ -106,10 +105,9 @@ def parameter_count(model) -> int:
 
 def run_draft_convert(cfg, out_dir):
     """`convert TEACHER --draft-layers ...`: cut, save atomically, return a summary."""
-    from mamballama_cli.convert import torch_dtype
+    from mamballama_cli.convert import save_conversion, torch_dtype
     from mamballama_cli.convert.placement import parse_layer_list
     from mamballama_cli.convert.teacher import load_teacher, peek_teacher_config
-    from mamballama_cli.io import atomic_dir, write_json_atomic
 
     if cfg.attn_layers is not None:
         raise UsageError("--draft-layers builds a Transformer draft; drop --attn-layers (it applies to hybrids)")
@@ -155,11 +153,4 @@ def run_draft_convert(cfg, out_dir):
         },
         "mamballama_version": __version__,
     }
-    with atomic_dir(out_dir) as tmp:
-        draft.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "convert_summary.json", summary)
-        write_json_atomic(tmp / "mamballama_config.json", {"command": "convert", **asdict(cfg)})
-    summary["output"] = str(out_dir)
-    return summary
+    return save_conversion(out_dir, draft, tokenizer, summary, cfg)

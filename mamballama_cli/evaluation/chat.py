@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.io import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLE = "sample"
@@ -32,13 +33,7 @@ def load_mt_bench(path: str | None) -> tuple[list[dict], str]:
         raise UsageError(f"--mt-bench {path}: no such file; pass MT-Bench's question.jsonl (or leave it out for "
                          "the built-in sample)")
     questions = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except ValueError:
-            raise UsageError(f"--mt-bench {p} line {n} is not JSON") from None
+    for n, q in read_jsonl(p, f"--mt-bench {p}"):
         turns = q.get("turns") if isinstance(q, dict) else None
         if "question_id" not in (q if isinstance(q, dict) else {}) or not isinstance(turns, list) or not turns \
                 or not all(isinstance(t, str) for t in turns):

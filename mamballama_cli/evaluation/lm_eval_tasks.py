@@ -20,6 +20,7 @@ import subprocess
 from pathlib import Path
 
 from mamballama_cli.errors import MamballamaError, UsageError
+from mamballama_cli.io import read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUILTIN_TASKS = {"mamballama_tiny_mc": DATA_DIR / "tiny_mc.jsonl"}
@@ -36,13 +37,7 @@ def require_lm_eval() -> None:
 def _normalise_mc(src: Path, dst: Path) -> int:
     """Check a multiple-choice JSONL and write it with integer answers; returns the number of questions."""
     rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise UsageError(f"--lm-eval-tasks {src} line {n} is not JSON") from None
+    for n, obj in read_jsonl(src, f"--lm-eval-tasks {src}"):
         question = obj.get("question", obj.get("query")) if isinstance(obj, dict) else None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         answer = obj.get("answer", obj.get("gold", obj.get("label"))) if isinstance(obj, dict) else None

@@ -15,7 +15,6 @@ se(perplexity) = perplexity * se(mean NLL) (delta method).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.io import read_jsonl
 
 
 def load_documents(path: str, field: str = "text") -> list[str]:
@@ -36,14 +36,8 @@ def load_documents(path: str, field: str = "text") -> list[str]:
             raise UsageError(f"--ppl-data {path} is empty")
         return [text]
     docs = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            raise UsageError(f"--ppl-data {path} line {n} is not JSON; each line must be an object like "
-                             f'{{"{field}": "..."}}') from None
+    hint = f'; each line must be an object like {{"{field}": "..."}}'
+    for n, obj in read_jsonl(p, f"--ppl-data {path}", hint):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise UsageError(f"--ppl-data {path} line {n} has no string field {field!r}; set --ppl-field")
         docs.append(obj[field])

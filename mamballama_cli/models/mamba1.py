@@ -19,8 +19,6 @@ attention head of dimension N built from the teacher's W_Q, W_K, W_V rows, mixed
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,28 +26,19 @@ from torch import Tensor, nn
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.models.mixers import AttentionInitMixer, inverse_softplus
-from mamballama_cli.models.step import ReplayWindow, Step, one_token_step
+from mamballama_cli.models.step import ReplayWindow, Step
 from mamballama_cli.ops import selective_scan as sscan
 
 
 class Mamba1Mixer(AttentionInitMixer):
     def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.n_heads = config.mamba_n_heads
+        super().__init__(config, layer_idx)
         self.n_kv = config.mamba_n_groups
-        self.headdim = config.mamba_headdim
         self.d_state = config.mamba1_d_state
         self.dt_rank = config.mamba1_dt_rank
-        self.d_conv = config.mamba_d_conv
-        self.chunk_size = config.mamba_chunk_size
-        self.activation = None if config.mamba_activation in (None, "identity") else config.mamba_activation
         # Mamba-1 has no norm before out_proj; ``mamba_gated_norm=False`` drops the gate (as it drops the
         # Mamba-2 gate and norm), which the degenerate linear-attention test needs.
         self.gated = config.mamba_gated_norm
-        self.dt_min, self.dt_max = config.mamba_dt_min, config.mamba_dt_max
-        self.dt_init_floor = config.mamba_dt_init_floor
         group_size = getattr(config, "mamba1_group_size", self.d_state)
         if group_size != self.d_state:
             raise MamballamaError(
@@ -70,10 +59,7 @@ class Mamba1Mixer(AttentionInitMixer):
         self.n_bc_groups = self.n_heads * self.groups_per_head  # groups of the scan (after GQA expansion)
         d_in_proj = self.d_inner + 2 * self.d_x + self.d_inner + self.dt_rank
         self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(
-            self.d_x, self.d_x, kernel_size=self.d_conv, groups=self.d_x, padding=self.d_conv - 1,
-            bias=config.mamba_conv_bias,
-        )
+        self.conv1d = self.depthwise_conv(self.d_x, config.mamba_conv_bias)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, self.d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
@@ -102,9 +88,7 @@ class Mamba1Mixer(AttentionInitMixer):
             return
         bound = self.dt_rank**-0.5
         (init_mod or nn.init).uniform_(self.dt_proj.weight, -bound, bound)
-        dt = torch.exp(
-            torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
-        ).clamp(min=self.dt_init_floor)
+        dt = self.sample_dt(self.d_inner)
         A = torch.arange(1, self.d_state + 1, dtype=torch.float32).expand(self.d_inner, -1)
         values = {
             self.dt_proj.bias: inverse_softplus(dt),
@@ -176,36 +160,22 @@ class Mamba1Mixer(AttentionInitMixer):
         B, C = self.bc_groups(B, C)
         return z, x, B, C, dt, new_conv
 
-    def output(self, y: Tensor, z: Tensor) -> Tensor:
-        """y (..., d_inner) -> y * silu(z) -> out_proj."""
+    def gate(self, y: Tensor, z: Tensor) -> Tensor:
+        """y (..., d_inner) -> y * silu(z) (no gate with ``mamba_gated_norm=False``)."""
         if self.gated:
             y = (y.float() * F.silu(z.float())).to(y.dtype)
-        if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
-            y = y.to(self.out_proj.weight.dtype)
-        return self.out_proj(y)
+        return y
 
-    def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
-                continuing: bool = False) -> Tensor:
-        """hidden (batch, seqlen, hidden). ``state`` (from the cache) is read when ``continuing`` and
-        always updated in place; attention_mask (batch, seqlen), given only when some position is padding,
-        zeros padded positions so that they neither touch the state nor disturb the conv window."""
-        b, seqlen, _ = hidden.shape
-        if attention_mask is not None:
-            hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
-        if state is not None and continuing and seqlen == 1:  # one cached token: the decode step
-            return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
+    def scan(self, hidden: Tensor, carried: dict | None, mask: Tensor | None):
         zxbcdt = self.in_proj(hidden)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
-        conv_state = state["conv"] if (state is not None and continuing) else None
-        ssm_state = state["ssm"] if (state is not None and continuing) else None
-        z, x, B, C, dt, new_conv = self.ssm_inputs(zxbcdt, conv_state, attention_mask)
+        conv_state = carried["conv"] if carried is not None else None
+        ssm_state = carried["ssm"] if carried is not None else None
+        z, x, B, C, dt, new_conv = self.ssm_inputs(zxbcdt, conv_state, mask)
         y, final_state = sscan.selective_scan(
             self.expand_x(x), dt, A, B, C, chunk_size=self.chunk_size, D=self.D, initial_state=ssm_state
         )
-        if state is not None:
-            state["conv"].copy_(new_conv)
-            state["ssm"].copy_(final_state)
-        return self.output(y, z)
+        return y, z, new_conv, final_state
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:

@@ -37,8 +37,65 @@ class AttentionInitMixer(nn.Module):
 
     WINDOW: type  # the subclass's replay window (a models.step.ReplayWindow), set below each window class
 
+    def __init__(self, config, layer_idx: int):
+        """The fields both mixers read from the config the same way (``mamba_*``)."""
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.n_heads = config.mamba_n_heads
+        self.headdim = config.mamba_headdim
+        self.d_conv = config.mamba_d_conv
+        self.chunk_size = config.mamba_chunk_size
+        self.activation = None if config.mamba_activation in (None, "identity") else config.mamba_activation
+        self.dt_min, self.dt_max = config.mamba_dt_min, config.mamba_dt_max
+        self.dt_init_floor = config.mamba_dt_init_floor
+
+    def depthwise_conv(self, channels: int, bias: bool) -> nn.Conv1d:
+        """The causal depthwise conv over ``channels`` (left padding d_conv - 1, cut back in forward)."""
+        return nn.Conv1d(
+            channels, channels, kernel_size=self.d_conv, groups=channels, padding=self.d_conv - 1, bias=bias
+        )
+
+    def sample_dt(self, n: int) -> Tensor:
+        """``n`` step sizes, log-uniform in [dt_min, dt_max], floored at dt_init_floor (one RNG draw)."""
+        return torch.exp(
+            torch.rand(n) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+        ).clamp(min=self.dt_init_floor)
+
     def init_ssm_parameters(self, init_mod=None) -> None:
         raise NotImplementedError
+
+    # --- forward (parallel: training, prefill) -----------------------------------------------------------
+    def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
+                continuing: bool = False) -> Tensor:
+        """hidden (batch, seqlen, hidden). ``state`` (from the cache) is read when ``continuing`` and
+        always updated in place; attention_mask (batch, seqlen), given only when some position is padding,
+        zeros padded positions so that they neither write to the state nor disturb the conv window."""
+        if attention_mask is not None:
+            hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
+        if state is not None and continuing and hidden.shape[1] == 1:  # one cached token: the decode step
+            return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
+        carried = state if (state is not None and continuing) else None
+        y, z, new_conv, final_state = self.scan(hidden, carried, attention_mask)
+        if state is not None:
+            state["conv"].copy_(new_conv)
+            state["ssm"].copy_(final_state)
+        return self.output(y, z)
+
+    def scan(self, hidden: Tensor, carried: dict | None, mask: Tensor | None):
+        """The parallel scan over ``hidden`` from the ``carried`` {"conv", "ssm"} state (None: from zeros):
+        (y before the gate, z, the new conv window, the final SSM state)."""
+        raise NotImplementedError
+
+    def gate(self, y: Tensor, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output(self, y: Tensor, z: Tensor) -> Tensor:
+        """y -> the mixer's gate (:meth:`gate`) -> out_proj."""
+        y = self.gate(y, z)
+        if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
+            y = y.to(self.out_proj.weight.dtype)
+        return self.out_proj(y)
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
     def inference_state(self, cache, window: int = 0, keep_live: bool = False):
@@ -125,20 +182,11 @@ class AttentionInitMixer(nn.Module):
 
 class Mamba2Mixer(AttentionInitMixer):
     def __init__(self, config, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.hidden_size = config.hidden_size
-        self.n_heads = config.mamba_n_heads
+        super().__init__(config, layer_idx)
         self.n_groups = config.mamba_n_groups
-        self.headdim = config.mamba_headdim
         self.d_state = config.mamba_d_state
-        self.d_conv = config.mamba_d_conv
-        self.chunk_size = config.mamba_chunk_size
-        self.activation = None if config.mamba_activation in (None, "identity") else config.mamba_activation
         self.gated_norm = config.mamba_gated_norm
         self.eps = config.rms_norm_eps
-        self.dt_min, self.dt_max = config.mamba_dt_min, config.mamba_dt_max
-        self.dt_init_floor = config.mamba_dt_init_floor
         self.A_init_range = tuple(config.mamba_A_init_range)
 
         self.d_z = self.n_heads * self.headdim
@@ -148,14 +196,7 @@ class Mamba2Mixer(AttentionInitMixer):
         self.conv_dim = self.d_x + self.d_B + self.d_C
         d_in_proj = self.d_z + self.conv_dim + self.n_heads
         self.in_proj = nn.Linear(self.hidden_size, d_in_proj, bias=config.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(
-            self.conv_dim,
-            self.conv_dim,
-            kernel_size=self.d_conv,
-            groups=self.conv_dim,
-            padding=self.d_conv - 1,
-            bias=config.mamba_conv_bias,
-        )
+        self.conv1d = self.depthwise_conv(self.conv_dim, config.mamba_conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
@@ -187,9 +228,7 @@ class Mamba2Mixer(AttentionInitMixer):
         """
         if self.dt_bias.device.type == "meta":
             return
-        dt = torch.exp(
-            torch.rand(self.n_heads) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
-        ).clamp(min=self.dt_init_floor)
+        dt = self.sample_dt(self.n_heads)
         lo, hi = self.A_init_range
         values = {
             self.dt_bias: inverse_softplus(dt),
@@ -255,37 +294,24 @@ class Mamba2Mixer(AttentionInitMixer):
         b = F.pad(b, (0, pad)) if b is not None else None
         return F.linear(hidden, w, b)[..., : self.in_proj.out_features]
 
-    def output(self, y: Tensor, z: Tensor) -> Tensor:
-        """y (b, l, n_heads * P) -> gated norm -> out_proj."""
+    def gate(self, y: Tensor, z: Tensor) -> Tensor:
+        """y (b, l, n_heads * P) -> the gated norm (none with ``mamba_gated_norm=False``)."""
         if self.gated_norm:
             y = ops.rmsnorm_gated(y, z, self.norm.weight, self.eps, self.headdim)
-        if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
-            y = y.to(self.out_proj.weight.dtype)
-        return self.out_proj(y)
+        return y
 
-    def forward(self, hidden: Tensor, state: dict | None = None, attention_mask: Tensor | None = None,
-                continuing: bool = False) -> Tensor:
-        """hidden (batch, seqlen, hidden). ``state`` (from the cache) is read when ``continuing`` and
-        always updated in place; attention_mask (batch, seqlen), given only when some position is padding,
-        zeros padded positions so that they neither write to the state nor disturb the conv window."""
+    def scan(self, hidden: Tensor, carried: dict | None, mask: Tensor | None):
         b, seqlen, _ = hidden.shape
-        if attention_mask is not None:
-            hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
-        if state is not None and continuing and seqlen == 1:  # one cached token: the decode step
-            return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
         zxbcdt = self.project_in(hidden)
         A = -torch.exp(self.A_log.float())
-        conv_state = state["conv"] if (state is not None and continuing) else None
-        ssm_state = state["ssm"] if (state is not None and continuing) else None
-        z, x, B, C, dt_raw, new_conv = self.ssm_inputs(zxbcdt, conv_state, attention_mask)
+        conv_state = carried["conv"] if carried is not None else None
+        ssm_state = carried["ssm"] if carried is not None else None
+        z, x, B, C, dt_raw, new_conv = self.ssm_inputs(zxbcdt, conv_state, mask)
         dt = F.softplus(dt_raw.float() + self.dt_bias.float())
         y, final_state = ops.ssd_scan(
             self._expand_heads(x), dt, A, B, C, chunk_size=self.chunk_size, D=self.D, initial_state=ssm_state
         )
-        if state is not None:
-            state["conv"].copy_(new_conv)
-            state["ssm"].copy_(final_state)
-        return self.output(y.reshape(b, seqlen, self.d_z), z)
+        return y.reshape(b, seqlen, self.d_z), z, new_conv, final_state
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:

@@ -15,7 +15,6 @@ part, so a crash leaves either the whole checkpoint or none; the newest ``keep_c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -30,6 +29,7 @@ import torch
 
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.io import write_json_atomic
+from mamballama_cli.shards import file_sha256
 
 CKPT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
@@ -185,21 +185,13 @@ def begin(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _files(ckpt: Path) -> list[str]:
     return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
 def _hash_all(ckpt: Path, names: list[str]) -> dict[str, str]:
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:  # hashlib releases the GIL
-        return dict(zip(names, pool.map(lambda n: _sha256(ckpt / n), names)))
+        return dict(zip(names, pool.map(lambda n: file_sha256(ckpt / n), names)))
 
 
 def write_checksums(ckpt: Path) -> None:

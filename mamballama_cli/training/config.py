@@ -311,47 +311,40 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
     )
 
 
+def _one_of(choices):
+    return lambda v: v in choices, lambda v: f"{v!r} is not one of {', '.join(choices)}"
+
+
+_POSITIVE = (lambda v: v > 0, lambda v: f"{v} must be positive")
+_NOT_NEGATIVE = (lambda v: not v < 0, lambda v: f"{v} must not be negative")
+
+# (key, (test, why it failed)) in the order they are checked; a value of None is not checked.
+_STAGE_RULES = (
+    ("schedule", _one_of(SCHEDULES)),
+    ("trainable", _one_of(TRAINABLE)),
+    ("lr", _POSITIVE),
+    ("loss_positions", _one_of(LOSS_POSITIONS)),
+    ("kl_reduction", _one_of(KL_REDUCTIONS)),
+    ("tokens", (lambda v: float(v) >= 1, lambda v: f"{v} must be at least 1")),
+    ("temperature", _POSITIVE),
+    *((key, _NOT_NEGATIVE) for key in ("w_kl", "w_rkl", "w_ce", "w_hidden", "weight_decay", "max_grad_norm",
+                                       "warmup", "min_lr_ratio")),
+    ("betas", (lambda v: len(v) == 2 and all(0 <= float(b) < 1 for b in v),
+               lambda v: f"{v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")),
+    ("ratio", (lambda v: 0 <= v <= 1, lambda v: f"{v} is outside [0, 1]")),
+    ("steps", (lambda v: not int(v) < 1, lambda v: f"{v} must be at least 1")),
+    ("epochs", _POSITIVE),
+)
+
+
 def _check_stage_values(obj, prefix: str) -> None:
     def flag(name):
         return f"{prefix}{name}" if prefix else f"--{name.replace('_', '-')}"
 
-    v = getattr(obj, "schedule", None)
-    if v is not None and v not in SCHEDULES:
-        raise UsageError(f"{flag('schedule')} {v!r} is not one of {', '.join(SCHEDULES)}")
-    v = getattr(obj, "trainable", None)
-    if v is not None and v not in TRAINABLE:
-        raise UsageError(f"{flag('trainable')} {v!r} is not one of {', '.join(TRAINABLE)}")
-    v = getattr(obj, "lr", None)
-    if v is not None and not v > 0:
-        raise UsageError(f"{flag('lr')} {v} must be positive")
-    v = getattr(obj, "loss_positions", None)
-    if v is not None and v not in LOSS_POSITIONS:
-        raise UsageError(f"{flag('loss_positions')} {v!r} is not one of {', '.join(LOSS_POSITIONS)}")
-    v = getattr(obj, "kl_reduction", None)
-    if v is not None and v not in KL_REDUCTIONS:
-        raise UsageError(f"{flag('kl_reduction')} {v!r} is not one of {', '.join(KL_REDUCTIONS)}")
-    v = getattr(obj, "tokens", None)
-    if v is not None and not float(v) >= 1:
-        raise UsageError(f"{flag('tokens')} {v} must be at least 1")
-    v = getattr(obj, "temperature", None)
-    if v is not None and not v > 0:
-        raise UsageError(f"{flag('temperature')} {v} must be positive")
-    for key in ("w_kl", "w_rkl", "w_ce", "w_hidden", "weight_decay", "max_grad_norm", "warmup", "min_lr_ratio"):
+    for key, (ok, why) in _STAGE_RULES:
         v = getattr(obj, key, None)
-        if v is not None and v < 0:
-            raise UsageError(f"{flag(key)} {v} must not be negative")
-    v = getattr(obj, "betas", None)
-    if v is not None and (len(v) != 2 or not all(0 <= float(b) < 1 for b in v)):
-        raise UsageError(f"{flag('betas')} {v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")
-    v = getattr(obj, "ratio", None)
-    if v is not None and not 0 <= v <= 1:
-        raise UsageError(f"{flag('ratio')} {v} is outside [0, 1]")
-    v = getattr(obj, "steps", None)
-    if v is not None and int(v) < 1:
-        raise UsageError(f"{flag('steps')} {v} must be at least 1")
-    v = getattr(obj, "epochs", None)
-    if v is not None and not v > 0:
-        raise UsageError(f"{flag('epochs')} {v} must be positive")
+        if v is not None and not ok(v):
+            raise UsageError(f"{flag(key)} {why(v)}")
 
 
 def merge_train_config(cls, *, template: str | None, config_file: str | Path | None, overrides: dict):

@@ -14,21 +14,12 @@ from mamballama_cli.output import log
 def load_trainable(spec: str, dtype=torch.float32):
     """(model in train mode, tokenizer or None, resolved path). Weights in ``dtype`` (fp32 master weights)."""
     import mamballama_cli  # noqa: F401  (registers the hybrid with the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from mamballama_cli.loading import checkpoint_dir
+    from mamballama_cli.loading import auto_model, checkpoint_dir
 
     path = checkpoint_dir(spec)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False)
-    except Exception as exc:
-        from mamballama_cli.convert.teacher import unreadable_weights
-
-        if damaged := unreadable_weights(spec, path, exc):
-            raise damaged from exc
-        if not isinstance(exc, (ValueError, OSError)):
-            raise
-        raise MamballamaError(f"model {spec!r}: transformers cannot load it ({str(exc).splitlines()[0]})") from exc
+    model = auto_model(spec, path, dtype, refused=(ValueError, OSError))
     try:
         tok = AutoTokenizer.from_pretrained(str(path))
     except Exception:

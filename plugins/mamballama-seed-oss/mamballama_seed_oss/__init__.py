@@ -7,49 +7,16 @@ consumed or listed as dropped; every hybrid parameter must be written).
 
 from __future__ import annotations
 
-from mamballama_cli.convert.families import MappingTable, TeacherFamily, llama_style_config
+from dataclasses import replace
+
+from mamballama_cli.convert.families import LLAMA_STYLE_MAPPING, TeacherFamily, llama_style_config
 
 __version__ = "0.1.0"
 
-# Layer-relative keys are spelled after "model.layers.{i}.".
-SEED_OSS_MAPPING = MappingTable(
-    shared={
-        "model.embed_tokens.weight": "model.embed_tokens.weight",
-        "model.norm.weight": "model.norm.weight",
-        "lm_head.weight": "lm_head.weight",
-    },
-    per_layer={
-        "input_layernorm.weight": "input_layernorm.weight",
-        "post_attention_layernorm.weight": "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight": "mlp.gate_proj.weight",
-        "mlp.up_proj.weight": "mlp.up_proj.weight",
-        "mlp.down_proj.weight": "mlp.down_proj.weight",
-        "mlp.gate_proj.bias": "mlp.gate_proj.bias",
-        "mlp.up_proj.bias": "mlp.up_proj.bias",
-        "mlp.down_proj.bias": "mlp.down_proj.bias",
-    },
-    attention={
-        f"self_attn.{p}_proj.{kind}": f"self_attn.{p}_proj.{kind}"
-        for p in "qkvo"
-        for kind in ("weight", "bias")
-    },
-    # What each attention weight becomes in a Mamba-2 mixer: V -> x, K -> B, Q -> C, O -> out_proj.
-    mamba_roles={
-        "x": "self_attn.v_proj.weight",
-        "B": "self_attn.k_proj.weight",
-        "C": "self_attn.q_proj.weight",
-        "out": "self_attn.o_proj.weight",
-    },
-    optional=frozenset(
-        {"lm_head.weight"}
-        | {f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")}
-        | {f"self_attn.{p}_proj.bias" for p in "qkvo"}
-    ),
-    dropped=(
-        r"(^|\.)rotary_emb\.inv_freq$",
-        # Biases of layers that become Mamba (attention layers consume theirs first).
-        r"(^|\.)self_attn\.[qkvo]_proj\.bias$",
-    ),
+# Seed-OSS names its tensors as Llama does (q/k/v/o and MLP biases optional), so the table is Llama's; the
+# biases of layers that become Mamba are dropped (attention layers consume theirs first).
+SEED_OSS_MAPPING = replace(
+    LLAMA_STYLE_MAPPING, dropped=LLAMA_STYLE_MAPPING.dropped + (r"(^|\.)self_attn\.[qkvo]_proj\.bias$",)
 )
 
 
