@@ -80,6 +80,7 @@ def _acceptance(target_dir, draft_dir, shard_dir, n=8):
     from pathlib import Path
 
     import numpy as np
+    import torch
 
     from mamballama_cli.generation.speculative import speculative_generate
     from mamballama_cli.loading import load_causal_lm
