@@ -263,9 +263,7 @@ def test_ops_are_registered_and_cpu_uses_the_reference():
     assert names["selective_scan"][:2] == ["mamba_ssm-cuda", "torch-chunked"]
     assert names["selective_state_step"] == ["mamba_ssm-triton"]
     if not torch.cuda.is_available():
-        from mamballama_cli.ops import cuda_mamba1
-
-        assert cuda_mamba1._probe_mamba_ssm_scan() == (False, "no CUDA device")
+        assert ops.FAST["selective_scan"][0].probe() == (False, "no CUDA device")
 
 
 # --- the hybrid with Mamba-1 layers --------------------------------------------------------------------------------

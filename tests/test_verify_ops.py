@@ -1,4 +1,5 @@
-"""The speculative verify ops (ops/verify_ref.py) and their Triton kernels (ops/triton_verify.py).
+"""The speculative verify ops (ops/verify_ref.py) and their Triton kernels (ops/triton_attention.py for the
+attention step, decode and windows alike; ops/triton_conv.py for spec_conv).
 
 CPU: each reference equals the one-token decode reference at T = 1 and the computation the speculative
 runner did before the ops existed (apply_rotary + index_copy + SDPA under a causal mask; gather + cat +
@@ -114,6 +115,34 @@ def test_window_attention_equals_masked_sdpa_over_the_buffer(T, nh, nkv):
                 torch.testing.assert_close(got[:, t, h].double(), o, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("T", [1, 4])
+def test_window_ops_with_a_position_per_row_equal_each_row_alone(T):
+    """Rows of a continuously batched or speculative batch sit at different positions: a (batch,) position
+    gives each row what a batch of that row alone at its own position gives (RoPE, K/V write, attention)."""
+    b, nh, nkv, hd, cap = 3, 8, 2, 16, 40
+    gen = torch.Generator().manual_seed(T)
+    cos, sin = _tables(cap, hd, torch.float32)
+    qkv = _rnd(gen, b, T, (nh + 2 * nkv) * hd)
+    k0, v0 = _rnd(gen, b, nkv, cap, hd), _rnd(gen, b, nkv, cap, hd)
+    pos = [0, 21, cap - T]
+    kc, vc = k0.clone(), v0.clone()
+    q = rope_kv_write_window_ref(qkv, cos, sin, kc, vc, torch.tensor(pos), nh, nkv)
+    out = window_attention_ref(q, kc, vc, torch.tensor(pos), 0.25)
+    for row, p in enumerate(pos):
+        kr, vr = k0[row : row + 1].clone(), v0[row : row + 1].clone()
+        qr = rope_kv_write_window_ref(qkv[row : row + 1], cos, sin, kr, vr, torch.tensor([p]), nh, nkv)
+        assert torch.equal(q[row : row + 1], qr) and torch.equal(kc[row : row + 1], kr)
+        assert torch.equal(vc[row : row + 1], vr)
+        want = window_attention_ref(qr, kr, vr, torch.tensor([p]), 0.25)
+        torch.testing.assert_close(out[row : row + 1], want, rtol=1e-6, atol=1e-6)
+        if T == 1:  # the one-token decode ops take a (batch,) position and length the same way
+            k1, v1 = k0.clone(), v0.clone()
+            q1 = rope_kv_write_ref(qkv[:, 0], cos, sin, k1, v1, torch.tensor(pos), nh, nkv)
+            assert torch.equal(q1, q[:, 0]) and torch.equal(k1, kc) and torch.equal(v1, vc)
+            o1 = decode_attention_ref(q1, k1, v1, torch.tensor(pos) + 1, 0.25)
+            torch.testing.assert_close(o1, out[:, 0], rtol=1e-6, atol=1e-6)
+
+
 def _old_replay_conv(xbc, conv, keep, rebase, wlen, weight, bias, activation):
     """What Mamba2ReplayLayer.extend did before the spec_conv op (conv updated in place)."""
     b, T, dim = xbc.shape
@@ -197,14 +226,19 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _where(pos, device):
+    """pos: one position for the whole batch (int) or one per row (list)."""
+    return torch.tensor(pos if isinstance(pos, list) else [pos], device=device)
+
+
 def check_rope_window(device, dtype, b, T, nh, nkv, hd, cap, pos, partial=1.0, seed=0):
-    from mamballama_cli.ops.triton_verify import rope_kv_write_window_triton
+    from mamballama_cli.ops.triton_attention import rope_kv_write_window_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cos, sin = _tables(cap, hd, dtype, device, partial)
     qkv = _rnd(gen, b, T, (nh + 2 * nkv) * hd, dtype=dtype, device=device)
     k0, v0 = (_rnd(gen, b, nkv, cap, hd, dtype=dtype, device=device) for _ in range(2))
-    where = torch.tensor([pos], device=device)
+    where = _where(pos, device)
     kf, vf, kr, vr = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = rope_kv_write_window_triton(qkv, cos, sin, kf, vf, where, nh, nkv)
     q_ref = rope_kv_write_window_ref(qkv, cos, sin, kr, vr, where, nh, nkv)
@@ -212,21 +246,22 @@ def check_rope_window(device, dtype, b, T, nh, nkv, hd, cap, pos, partial=1.0, s
     assert q.shape == q_ref.shape and q.dtype == dtype
     assert _rel(q, q_ref) < tol and _rel(kf, kr) < tol, (_rel(q, q_ref), _rel(kf, kr))
     assert torch.equal(vf, vr)
-    untouched = torch.ones(cap, dtype=torch.bool, device=device)
-    untouched[pos : pos + T] = False
-    assert torch.equal(kf[:, :, untouched], k0[:, :, untouched])
+    for row, p in enumerate(pos if isinstance(pos, list) else [pos] * b):
+        untouched = torch.ones(cap, dtype=torch.bool, device=device)
+        untouched[p : p + T] = False
+        assert torch.equal(kf[row, :, untouched], k0[row, :, untouched])
 
 
 def check_rope_one_token(device, dtype, b, nh, nkv, hd, cap, pos, seed=0):
-    """The decode step's launcher (ops/triton_decode.py, T = 1) of the kernel the window op shares."""
+    """The decode step's launcher (ops/triton_attention.py, T = 1) of the kernel the window op shares."""
     from mamballama_cli.ops.decode import rope_kv_write_ref
-    from mamballama_cli.ops.triton_decode import rope_kv_write_triton
+    from mamballama_cli.ops.triton_attention import rope_kv_write_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
     cos, sin = _tables(cap, hd, dtype, device, 1.0)
     qkv = _rnd(gen, b, (nh + 2 * nkv) * hd, dtype=dtype, device=device)
     k0, v0 = (_rnd(gen, b, nkv, cap, hd, dtype=dtype, device=device) for _ in range(2))
-    where = torch.tensor([pos], device=device)
+    where = _where(pos, device)
     kf, vf, kr, vr = k0.clone(), v0.clone(), k0.clone(), v0.clone()
     q = rope_kv_write_triton(qkv, cos, sin, kf, vf, where, nh, nkv)
     q_ref = rope_kv_write_ref(qkv, cos, sin, kr, vr, where, nh, nkv)
@@ -236,12 +271,12 @@ def check_rope_one_token(device, dtype, b, nh, nkv, hd, cap, pos, seed=0):
 
 
 def check_window_attention(device, dtype, b, T, nh, nkv, hd, cap, pos, seed=0):
-    from mamballama_cli.ops.triton_verify import window_attention_triton
+    from mamballama_cli.ops.triton_attention import window_attention_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
     q = _rnd(gen, b, T, nh, hd, dtype=dtype, device=device)
     kc, vc = (_rnd(gen, b, nkv, cap, hd, dtype=dtype, device=device) for _ in range(2))
-    where = torch.tensor([pos], device=device)
+    where = _where(pos, device)
     out = window_attention_triton(q, kc, vc, where, hd**-0.5)
     ref = window_attention_ref(q.double(), kc.double(), vc.double(), where, hd**-0.5)
     err = _rel(out, ref)
@@ -249,8 +284,23 @@ def check_window_attention(device, dtype, b, T, nh, nkv, hd, cap, pos, seed=0):
     assert err < {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2), err
 
 
+def check_decode_attention(device, dtype, b, nh, nkv, hd, cap, length, seed=0):
+    """The decode step's attention: the window kernel at T = 1 with the last visible position length - 1."""
+    from mamballama_cli.ops.triton_attention import decode_attention_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q = _rnd(gen, b, nh, hd, dtype=dtype, device=device)
+    kc, vc = (_rnd(gen, b, nkv, cap, hd, dtype=dtype, device=device) for _ in range(2))
+    n = _where(length, device)
+    out = decode_attention_triton(q, kc, vc, n, hd**-0.5)
+    ref = decode_attention_ref(q.double(), kc.double(), vc.double(), n, hd**-0.5)
+    err = _rel(out, ref)
+    assert out.shape == (b, nh, hd) and out.dtype == dtype
+    assert err < {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2), err
+
+
 def check_spec_conv(device, dtype, b, T, dim, width, window, rebase, with_bias=True, activation="silu", seed=0):
-    from mamballama_cli.ops.triton_verify import spec_conv_triton
+    from mamballama_cli.ops.triton_conv import spec_conv_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
     wide = _rnd(gen, b, T, dim + 11, dtype=dtype, device=device)
@@ -290,10 +340,13 @@ torch.set_num_threads(1)  # tiny ops: threads fighting over the cores make them 
 # The interpreter's bfloat16 tl.dot is wrong (and it truncates on casts): float16 checks the roundings.
 cases = [(torch.float32, 1, 5, 8, 2, 32, 150, 62), (torch.float32, 3, 1, 4, 4, 16, 70, 69),
          (torch.float16, 2, 5, 4, 1, 16, 64, 0)]
+cases += [(torch.float32, 3, 4, 4, 2, 16, 90, [0, 70, 33])]  # a position per row
 for dtype, b, T, nh, nkv, hd, cap, pos in cases:
     t.check_rope_window("cpu", dtype, b, T, nh, nkv, hd, cap, pos, partial=0.5 if nkv == 1 else 1.0)
     t.check_window_attention("cpu", dtype, b, T, nh, nkv, hd, cap, pos)
     t.check_rope_one_token("cpu", dtype, b, nh, nkv, hd, cap, pos)
+    length = [p + 1 for p in pos] if isinstance(pos, list) else pos + 1
+    t.check_decode_attention("cpu", dtype, b, nh, nkv, hd, cap, length)
 for dtype, b, T, rebase, with_bias, act in [(torch.float32, 3, 5, True, True, "silu"),
                                             (torch.float32, 1, 1, False, False, None),
                                             (torch.float16, 2, 3, False, True, "silu")]:
@@ -336,6 +389,18 @@ def test_gpu_window_attention(dtype, b, T, cap, pos, nh, nkv, hd):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_gpu_attention_step_with_a_position_per_row(dtype, T):
+    pos = [0, 4091 - T, 62, 300]
+    check_rope_window("cuda", dtype, 4, T, 32, 8, 128, 4096, pos, seed=T)
+    check_window_attention("cuda", dtype, 4, T, 32, 8, 128, 4096, pos, seed=T)
+    if T == 1:
+        check_rope_one_token("cuda", dtype, 4, 32, 8, 128, 4096, pos)
+        check_decode_attention("cuda", dtype, 4, 32, 8, 128, 4096, [p + 1 for p in pos])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("b,T", [(1, 5), (3, 1), (3, 5)])
 @pytest.mark.parametrize("rebase", [True, False])
 def test_gpu_spec_conv(dtype, b, T, rebase):
@@ -355,7 +420,7 @@ def test_gpu_verify_ops_dispatch_to_the_kernels():
 
 @pytest.mark.gpu
 def test_gpu_window_ops_in_a_cuda_graph_read_the_position_from_memory():
-    from mamballama_cli.ops.triton_verify import rope_kv_write_window_triton, window_attention_triton
+    from mamballama_cli.ops.triton_attention import rope_kv_write_window_triton, window_attention_triton
 
     b, T, nh, nkv, hd, cap = 1, 5, 32, 8, 128, 1000
     gen = torch.Generator(device="cuda").manual_seed(0)

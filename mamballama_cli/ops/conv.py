@@ -22,13 +22,8 @@ def _activate(y: Tensor, activation: str | None) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}; use 'silu' or None")
 
 
-def causal_conv1d_ref(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    activation: str | None = None,
-) -> tuple[Tensor, Tensor]:
+def causal_conv1d_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None, initial_state: Tensor | None = None,
+                      activation: str | None = None) -> tuple[Tensor, Tensor]:
     """Causal depthwise conv over time, continuing from ``initial_state`` (zeros when None).
 
     Returns (y, final_state): y (batch, dim, seqlen), final_state (batch, dim, width - 1).
@@ -48,13 +43,8 @@ def causal_conv1d_ref(
     return _activate(y, activation), final_state
 
 
-def causal_conv1d_update_ref(
-    x: Tensor,
-    conv_state: Tensor,
-    weight: Tensor,
-    bias: Tensor | None = None,
-    activation: str | None = None,
-) -> tuple[Tensor, Tensor]:
+def causal_conv1d_update_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
+                             activation: str | None = None) -> tuple[Tensor, Tensor]:
     """Feed ``seqlen`` new inputs (usually 1) through the conv, given the carried state.
 
     x: (batch, dim) or (batch, dim, seqlen). Returns (y, new_conv_state); y has the shape of x.

@@ -64,23 +64,35 @@ def selective_scan_mamba_ssm(x, dt, A, B, C, *, chunk_size, D=None, initial_stat
     return y.transpose(1, 2).to(x.dtype), last_state.float()
 
 
-def _probe_mamba_ssm_scan() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
+def _extension_ready() -> tuple[bool, str]:
     try:
         import selective_scan_cuda  # noqa: F401  (mamba_ssm's compiled extension)
     except ImportError as exc:
         return False, f"mamba_ssm's CUDA extension is not importable ({exc})"
     if not hasattr(selective_scan_cuda, "fwd"):
         return False, "selective_scan_cuda is a placeholder without the compiled kernel (install mamba-ssm with CUDA)"
-    x, dt, A, B, C, D = _probe_inputs()
-    y, s = selective_scan_mamba_ssm(x, dt, A, B, C, chunk_size=8, D=D)
-    y_ref, s_ref = sscan.selective_scan_sequential_ref(x.double(), dt.double(), A.double(), B.double(),
-                                                        C.double(), D.double())
-    err = max(_rel_err(y, y_ref), _rel_err(s, s_ref))
-    if not err <= _PROBE_TOL:
-        return False, f"mamba_ssm selective scan disagrees with the reference (relative error {err:.2e})"
-    return True, "ok"
+    return True, ""
+
+
+def _scan_probe(fn, what: str, ready=lambda: (True, "")):
+    """A probe that runs the scan ``fn`` on a small CUDA input against the sequential reference."""
+
+    def probe() -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        ok, why = ready()
+        if not ok:
+            return False, why
+        x, dt, A, B, C, D = _probe_inputs()
+        y, s = fn(x, dt, A, B, C, chunk_size=8, D=D)
+        y_ref, s_ref = sscan.selective_scan_sequential_ref(x.double(), dt.double(), A.double(), B.double(),
+                                                            C.double(), D.double())
+        err = max(_rel_err(y, y_ref), _rel_err(s, s_ref))
+        if not err <= _PROBE_TOL:
+            return False, f"{what} disagrees with the reference (relative error {err:.2e})"
+        return True, "ok"
+
+    return probe
 
 
 # --- selective_scan: the chunked PyTorch scan with per-chunk recomputation -------------------------------------
@@ -90,19 +102,6 @@ def selective_scan_torch_chunked(x, dt, A, B, C, *, chunk_size, D=None, initial_
         x.to(work), dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=initial_state, checkpoint_chunks=True
     )
     return y.to(x.dtype), state
-
-
-def _probe_torch_chunked() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    x, dt, A, B, C, D = _probe_inputs()
-    y, s = selective_scan_torch_chunked(x, dt, A, B, C, chunk_size=8, D=D)
-    y_ref, s_ref = sscan.selective_scan_sequential_ref(x.double(), dt.double(), A.double(), B.double(),
-                                                        C.double(), D.double())
-    err = max(_rel_err(y, y_ref), _rel_err(s, s_ref))
-    if not err <= _PROBE_TOL:
-        return False, f"chunked scan on CUDA disagrees with the reference (relative error {err:.2e})"
-    return True, "ok"
 
 
 # --- selective_state_step: mamba_ssm's Triton selective_state_update ------------------------------------------
@@ -152,6 +151,8 @@ def _probe_triton_step() -> tuple[bool, str]:
     return True, "ok"
 
 
-ops.register_fast("selective_scan", "mamba_ssm-cuda", selective_scan_mamba_ssm, _probe_mamba_ssm_scan)
-ops.register_fast("selective_scan", "torch-chunked", selective_scan_torch_chunked, _probe_torch_chunked)
+ops.register_fast("selective_scan", "mamba_ssm-cuda", selective_scan_mamba_ssm,
+                  _scan_probe(selective_scan_mamba_ssm, "mamba_ssm selective scan", _extension_ready))
+ops.register_fast("selective_scan", "torch-chunked", selective_scan_torch_chunked,
+                  _scan_probe(selective_scan_torch_chunked, "chunked scan on CUDA"))
 ops.register_fast("selective_state_step", "mamba_ssm-triton", selective_state_step_triton, _probe_triton_step)

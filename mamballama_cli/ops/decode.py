@@ -1,5 +1,6 @@
 """References of the decode-step ops (pure PyTorch): the CPU path of the static decoder and the ground truth
-of the Triton kernels in :mod:`mamballama_cli.ops.triton_decode`.
+of the Triton kernels in :mod:`mamballama_cli.ops.triton_decode` (the attention
+ops: :mod:`mamballama_cli.ops.triton_attention`).
 
 Importing this module registers each as its op's reference; :data:`DECODE_OPS` names the ops one decode step
 uses (the mixers' one-token steps and the runtime's walk, models/step.py and models/runtime.py, dispatch
@@ -91,39 +92,53 @@ def rope_kv_write_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, k_cache
     """Rotate q and k of one new token, write k and v into the caches at ``pos``; return rotated q.
 
     qkv: (batch, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim);
-    k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: (1,) int64 on the device. Returns q as
-    (batch, n_heads, head_dim).
+    k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: int64 on the device, (1,) for the whole batch
+    or (batch,) for a position per row. Returns q as (batch, n_heads, head_dim).
     """
     b, hd = qkv.shape[0], k_cache.shape[-1]
     n_qk = (n_heads + n_kv) * hd
     qk = qkv[:, :n_qk].reshape(b, n_heads + n_kv, 1, hd)  # q and k rotate alike: one pass over both
     v = qkv[:, n_qk:].reshape(b, n_kv, 1, hd)
-    cos = cos_table.index_select(0, pos)[None]  # (1, 1, rotary_dim): the same row for the whole batch
-    sin = sin_table.index_select(0, pos)[None]
+    rows = pos.reshape(-1)
+    cos = cos_table.index_select(0, rows)[:, None]  # (1 or batch, 1, rotary_dim): rotate's (batch, seqlen, dim)
+    sin = sin_table.index_select(0, rows)[:, None]
     qk = rotate(qk, cos, sin)
-    k_cache.index_copy_(2, pos, qk[:, n_heads:].to(k_cache.dtype))
-    v_cache.index_copy_(2, pos, v.to(v_cache.dtype))
+    write_positions(k_cache, rows[:, None], qk[:, n_heads:])
+    write_positions(v_cache, rows[:, None], v)
     return qk[:, :n_heads, 0]
+
+
+def write_positions(cache: Tensor, idx: Tensor, values: Tensor) -> None:
+    """cache (batch, heads, capacity, head_dim)[:, :, idx] = values (batch, heads, T, head_dim), in place.
+
+    idx: (1, T) positions shared by every row, or (batch, T) a row's own positions."""
+    values = values.to(cache.dtype)
+    if idx.shape[0] == 1:
+        cache.index_copy_(2, idx[0], values)
+    else:
+        b, h, T, d = values.shape
+        cache.scatter_(2, idx[:, None, :, None].expand(b, h, T, d), values)
 
 
 def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Tensor, scale: float) -> Tensor:
     """Attention of one query per head over the first ``length`` positions of static K/V buffers.
 
-    q: (batch, n_heads, head_dim); k_cache, v_cache: (batch, n_kv, capacity, head_dim); length: (1,) int64
-    on the device (no host sync). Returns (batch, n_heads, head_dim) in q's dtype. Off CUDA (where reading
-    the length costs nothing and nothing is captured) only the live prefix is read.
+    q: (batch, n_heads, head_dim); k_cache, v_cache: (batch, n_kv, capacity, head_dim); length: int64 on the
+    device (no host sync), (1,) for the whole batch or (batch,) per row. Returns (batch, n_heads, head_dim) in
+    q's dtype. Off CUDA (where reading the length costs nothing and nothing is captured) only the longest
+    row's live prefix is read.
     """
     nh, n_kv, cap = q.shape[1], k_cache.shape[1], k_cache.shape[2]
-    if not q.is_cuda:
-        L = int(length.reshape(-1)[0])
-        k, v = k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype)
+    lengths = length.reshape(-1, 1).to(q.device)  # (1 or batch, 1)
+    L = cap if q.is_cuda else min(cap, int(lengths.max()))
+    k, v = k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype)
+    if lengths.shape[0] == 1 and not q.is_cuda:
         out = F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, enable_gqa=n_kv != nh)
         return out[:, :, 0]
-    k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
     if n_kv != nh:
         k, v = k.repeat_interleave(nh // n_kv, dim=1), v.repeat_interleave(nh // n_kv, dim=1)
-    valid = torch.arange(cap, device=q.device) < length.to(q.device)  # (capacity,)
-    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[None, None, None], scale=scale)
+    valid = torch.arange(L, device=q.device)[None, :] < lengths  # (1 or batch, L)
+    out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=valid[:, None, None], scale=scale)
     return out[:, :, 0]
 
 

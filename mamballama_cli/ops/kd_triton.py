@@ -55,6 +55,21 @@ DEFAULT_BLOCK_V = 4096
 if triton is not None:
 
     @triton.jit
+    def _student_terms(z, cols, y_safe, lse_s, lse_1, inv_t, ce_w, UNIT_T: tl.constexpr):
+        # One tile of a row's student logits z: log p_s at temperature T, p_s, and the CE part of the gradient
+        # (softmax at T = 1 minus the one-hot target, times the CE weight).
+        if UNIT_T:
+            log_ps = z - lse_s
+        else:
+            log_ps = z * inv_t - lse_s
+        ps = tl.exp(log_ps)
+        if UNIT_T:
+            g = ce_w * ps
+        else:
+            g = ce_w * tl.exp(z - lse_1)
+        return log_ps, ps, tl.where(cols == y_safe, g - ce_w, g)
+
+    @triton.jit
     def _kd_fwd_kernel(Z, U, Y, M, TERMS, G,
                        L, z_sb, z_sl, u_sb, u_sl,
                        inv_t, t2, c_kl, c_rkl, w_ce,
@@ -120,16 +135,7 @@ if triton is not None:
                 cols = start + offs
                 msk = cols < V
                 z = tl.load(zrow + cols, mask=msk, other=0.0).to(tl.float32)
-                if UNIT_T:
-                    log_ps = z - lse_s
-                else:
-                    log_ps = z * inv_t - lse_s
-                ps = tl.exp(log_ps)
-                if UNIT_T:
-                    g = ce_w * ps
-                else:
-                    g = ce_w * tl.exp(z - lse_1)
-                g = tl.where(cols == y_safe, g - ce_w, g)
+                log_ps, ps, g = _student_terms(z, cols, y_safe, lse_s, lse_1, inv_t, ce_w, UNIT_T)
                 if HAS_TEACHER:
                     u = tl.load(urow + cols, mask=msk, other=0.0).to(tl.float32)
                     log_pt = u * inv_t - lse_t
@@ -151,18 +157,9 @@ if triton is not None:
                     msk = cols < V
                     z = tl.load(zrow + cols, mask=msk, other=0.0).to(tl.float32)
                     u = tl.load(urow + cols, mask=msk, other=0.0).to(tl.float32)
-                    if UNIT_T:
-                        log_ps = z - lse_s
-                    else:
-                        log_ps = z * inv_t - lse_s
-                    ps = tl.exp(log_ps)
+                    log_ps, ps, g = _student_terms(z, cols, y_safe, lse_s, lse_1, inv_t, ce_w, UNIT_T)
                     log_pt = u * inv_t - lse_t
                     pt = tl.exp(log_pt)
-                    if UNIT_T:
-                        g = ce_w * ps
-                    else:
-                        g = ce_w * tl.exp(z - lse_1)
-                    g = tl.where(cols == y_safe, g - ce_w, g)
                     g += c_kl * (ps - pt) + c_rkl * ps * (log_ps - log_pt - rkl)
                     tl.store(grow + cols, g.to(G.dtype.element_ty), mask=msk)
 

@@ -44,24 +44,10 @@ def _heads(t: Tensor, nheads: int) -> Tensor:
     return t if groups == nheads else t.repeat_interleave(nheads // groups, dim=-2)
 
 
-def ssm_replay_ref(
-    state: Tensor,
-    x_old: Tensor,
-    dt_old: Tensor,
-    B_old: Tensor,
-    n_replay: Tensor,
-    x_new: Tensor,
-    dt_new: Tensor,
-    B_new: Tensor,
-    C_new: Tensor,
-    A: Tensor,
-    dt_bias: Tensor,
-    D: Tensor | None = None,
-    *,
-    return_final: bool = False,
-    state_out: Tensor | None = None,
-    final_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def ssm_replay_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, n_replay: Tensor, x_new: Tensor,
+                   dt_new: Tensor, B_new: Tensor, C_new: Tensor, A: Tensor, dt_bias: Tensor, D: Tensor | None = None, *,
+                   return_final: bool = False, state_out: Tensor | None = None,
+                   final_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Replay ``n_replay`` old steps from ``state``, then run the new steps (see the module docstring)."""
     b, h, p, _ = state.shape
     W, T = x_old.shape[1], x_new.shape[1]
@@ -103,16 +89,22 @@ def ssm_replay_ref(
     else:
         y = x_new.new_zeros(b, 0, h, p)
 
+    return y, *hand_out(replayed, s, return_final, state_out, final_out)
+
+
+def hand_out(replayed: Tensor, final: Tensor, return_final: bool, state_out: Tensor | None,
+             final_out: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A replay op's (replayed_state, final_state) as its contract says: written into ``state_out`` /
+    ``final_out`` when given (and those returned), final None unless asked for."""
     if state_out is not None:
         state_out.copy_(replayed)
         replayed = state_out
-    final = None
-    if return_final or final_out is not None:
-        final = s
-        if final_out is not None:
-            final_out.copy_(s)
-            final = final_out
-    return y, replayed, final
+    if not (return_final or final_out is not None):
+        return replayed, None
+    if final_out is not None:
+        final_out.copy_(final)
+        final = final_out
+    return replayed, final
 
 
 def _register() -> None:

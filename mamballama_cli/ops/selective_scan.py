@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from mamballama_cli import ops
+from mamballama_cli.ops.replay import hand_out
 
 
 def check_scan_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -56,15 +57,8 @@ def check_scan_shapes(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return b, seqlen, dim, g, n
 
 
-def selective_state_step_ref(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def selective_state_step_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                             D: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One recurrent step; ``state`` is left untouched.
 
     state: (batch, dim, dstate); x, dt: (batch, dim) (dt positive); A: (dim, dstate); B, C: (batch, ngroups,
@@ -86,15 +80,8 @@ def selective_state_step_ref(
     return new_state, y.to(x.dtype)
 
 
-def selective_scan_sequential_ref(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    initial_state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_sequential_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                                  initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Token-by-token recurrence: the ground truth the chunked scan is tested against.
 
     Returns (y, final_state): y (batch, seqlen, dim), final_state (batch, dim, dstate), in x's dtype.
@@ -141,17 +128,9 @@ def _scan_chunk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: T
     return y, h[:, -1]
 
 
-def selective_scan_chunked_ref(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk_size: int = 64,
-    D: Tensor | None = None,
-    initial_state: Tensor | None = None,
-    checkpoint_chunks: bool = False,
-) -> tuple[Tensor, Tensor]:
+def selective_scan_chunked_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+                               D: Tensor | None = None, initial_state: Tensor | None = None,
+                               checkpoint_chunks: bool = False) -> tuple[Tensor, Tensor]:
     """Chunked selective scan: a log-depth parallel scan inside each chunk of ``chunk_size`` steps, the state
     carried from chunk to chunk.
 
@@ -183,23 +162,10 @@ def selective_scan_chunked_ref(
     return y, state
 
 
-def selective_replay_ref(
-    state: Tensor,
-    x_old: Tensor,
-    dt_old: Tensor,
-    B_old: Tensor,
-    n_replay: Tensor,
-    x_new: Tensor,
-    dt_new: Tensor,
-    B_new: Tensor,
-    C_new: Tensor,
-    A: Tensor,
-    D: Tensor | None = None,
-    *,
-    return_final: bool = False,
-    state_out: Tensor | None = None,
-    final_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def selective_replay_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, n_replay: Tensor, x_new: Tensor,
+                         dt_new: Tensor, B_new: Tensor, C_new: Tensor, A: Tensor, D: Tensor | None = None, *,
+                         return_final: bool = False, state_out: Tensor | None = None,
+                         final_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
     """Speculative verification for Mamba-1 state (the Mamba-1 twin of ``ops.replay.ssm_replay_ref``).
 
     1. Replays the first ``n_replay[row]`` steps of the old window from ``state`` (the checkpoint): steps past
@@ -232,16 +198,7 @@ def selective_replay_ref(
         y = y.to(x_new.dtype)
     else:
         y = x_new.new_zeros(x_new.shape)
-    if state_out is not None:
-        state_out.copy_(replayed)
-        replayed = state_out
-    final = None
-    if return_final or final_out is not None:
-        final = s
-        if final_out is not None:
-            final_out.copy_(s)
-            final = final_out
-    return y, replayed, final
+    return y, *hand_out(replayed, s, return_final, state_out, final_out)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:

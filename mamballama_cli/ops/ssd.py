@@ -45,15 +45,8 @@ def segsum(x: Tensor) -> Tensor:
     return out.masked_fill(~keep, float("-inf"))
 
 
-def ssd_sequential_ref(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    initial_state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def ssd_sequential_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
+                       initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Token-by-token recurrence. Slow; the ground truth the chunked scan is tested against.
 
     Returns (y, final_state): y (batch, seqlen, nheads, headdim), final_state (batch, nheads, headdim, dstate).
@@ -70,16 +63,8 @@ def ssd_sequential_ref(
     return y, state
 
 
-def ssd_chunk_scan_ref(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk_size: int = 64,
-    D: Tensor | None = None,
-    initial_state: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def ssd_chunk_scan_ref(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int = 64,
+                       D: Tensor | None = None, initial_state: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Chunked SSD scan: quadratic (attention-like) inside chunks, a linear recurrence of states across them.
 
     Computes in the dtype of ``x`` (use float32 or float64). Returns (y, final_state) with
@@ -135,15 +120,8 @@ def ssd_chunk_scan_ref(
     return y, final_state
 
 
-def ssm_step_ref(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def ssm_step_ref(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One recurrent step.
 
     state: (batch, nheads, headdim, dstate); x: (batch, nheads, headdim); dt: (batch, nheads) (positive);

@@ -12,7 +12,14 @@ compute the backward in two passes:
 2. ``dx[t] = sum_j w[j] * g[t + W - 1 - j]``.
 
 Only the from-zeros case (no carried state) runs here; a call with an initial state (continuing a prefill) uses
-the reference. Importing this module registers the kernel for ``causal_conv1d`` on CUDA.
+the reference.
+
+``spec_conv`` is the conv of a speculative verify window: one kernel reads the buffered conv prefix (at a
+per-row device-side shift) and the T new inputs, writes the causal depthwise conv + activation of the new
+positions and stores the sequence back into the conv buffer. A program owns whole channels and loads
+everything it reads before its first store, so the in-place update has no hazard. Inference only.
+
+Importing this module registers the kernels for ``causal_conv1d`` and ``spec_conv`` on CUDA.
 """
 
 from __future__ import annotations
@@ -22,11 +29,28 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
+from mamballama_cli.ops.common import _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
 from mamballama_cli.ops.conv import causal_conv1d_ref
-from mamballama_cli.ops.common import _device_guard
+from mamballama_cli.ops.verify_ref import spec_conv_ref  # also registers the verify ops' references
 
 BLOCK_T = 64
 BLOCK_C = 64
+
+
+@triton.jit
+def _conv_pre(XB, W, BIAS, t, c, mc, L, x_sc, x_st, WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BT: tl.constexpr, BC: tl.constexpr):
+    # The pre-activation conv of one sequence XB at positions t, channels c: float32 (BT, BC).
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + c, mask=mc, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(WIDTH):
+        tt = t - (WIDTH - 1) + j
+        m = ((tt >= 0) & (tt < L))[:, None] & mc[None, :]
+        xv = tl.load(XB + tt[:, None] * x_st + c[None, :] * x_sc, mask=m, other=0.0)
+        w = tl.load(W + c * WIDTH + j, mask=mc, other=0.0).to(tl.float32)
+        acc += xv.to(tl.float32) * w[None, :]
+    return acc
 
 
 @triton.jit
@@ -38,15 +62,7 @@ def _conv_fwd_kernel(X, W, BIAS, Y, L, dim,
     t = tl.program_id(1) * BT + tl.arange(0, BT)
     c = tl.program_id(2) * BC + tl.arange(0, BC)
     mc = c < dim
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + c, mask=mc, other=0.0).to(tl.float32)[None, :]
-    for j in tl.static_range(WIDTH):
-        tt = t - (WIDTH - 1) + j
-        m = ((tt >= 0) & (tt < L))[:, None] & mc[None, :]
-        xv = tl.load(X + pb * x_sb + tt[:, None] * x_st + c[None, :] * x_sc, mask=m, other=0.0)
-        w = tl.load(W + c * WIDTH + j, mask=mc, other=0.0).to(tl.float32)
-        acc += xv.to(tl.float32) * w[None, :]
+    acc = _conv_pre(X + pb * x_sb, W, BIAS, t, c, mc, L, x_sc, x_st, WIDTH, HAS_BIAS, BT, BC)
     if SILU:
         acc = acc * tl.sigmoid(acc)
     m = (t < L)[:, None] & mc[None, :]
@@ -69,15 +85,7 @@ def _conv_bwd_g_kernel(X, W, BIAS, DY, G, DWP, DBP, L, dim, n_tb,
     m = mt[:, None] & mc[None, :]
     dy = tl.load(DY + pb * dy_sb + t[:, None] * dy_st + c[None, :] * dy_sc, mask=m, other=0.0).to(tl.float32)
     if SILU:
-        pre = tl.zeros([BT, BC], dtype=tl.float32)
-        if HAS_BIAS:
-            pre += tl.load(BIAS + c, mask=mc, other=0.0).to(tl.float32)[None, :]
-        for j in tl.static_range(WIDTH):
-            tt = t - (WIDTH - 1) + j
-            mm = ((tt >= 0) & (tt < L))[:, None] & mc[None, :]
-            xv = tl.load(X + pb * x_sb + tt[:, None] * x_st + c[None, :] * x_sc, mask=mm, other=0.0)
-            w = tl.load(W + c * WIDTH + j, mask=mc, other=0.0).to(tl.float32)
-            pre += xv.to(tl.float32) * w[None, :]
+        pre = _conv_pre(X + pb * x_sb, W, BIAS, t, c, mc, L, x_sc, x_st, WIDTH, HAS_BIAS, BT, BC)
         sig = tl.sigmoid(pre)
         g = dy * sig * (1.0 + pre * (1.0 - sig))
     else:
@@ -172,18 +180,99 @@ def causal_conv1d_triton(x, weight, bias=None, initial_state=None, activation=No
     return y, x[..., L - (width - 1):]
 
 
-def _probe() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(2, 96, 70, generator=gen, device="cuda")
-    w, bias = torch.randn(96, 4, generator=gen, device="cuda"), torch.randn(96, generator=gen, device="cuda")
+def _check_causal_conv(gen):
+    x = _rand(gen, 2, 96, 70)
+    w, bias = _rand(gen, 96, 4), _rand(gen, 96)
     y, s = causal_conv1d_triton(x, w, bias, None, "silu")
-    y_ref, s_ref = causal_conv1d_ref(x.double(), w.double(), bias.double(), None, "silu")
-    err = float((y.double() - y_ref).norm() / y_ref.norm())
-    if not err < 1e-5 or not torch.equal(s, x[..., -3:]):
-        return False, f"wrong result on a probe input (relative error {err:.2e})"
-    return True, f"ok (probe relative error {err:.1e})"
+    y_ref, _ = causal_conv1d_ref(x.double(), w.double(), bias.double(), None, "silu")
+    return _rel(y, y_ref) if torch.equal(s, x[..., -3:]) else float("inf")
 
 
-ops.register_fast("causal_conv1d", "mamballama-triton", causal_conv1d_triton, _probe)
+# ================================================================================================
+# The verify call's conv: T new inputs after a buffered prefix (reference: ops/verify_ref.py spec_conv_ref)
+# ================================================================================================
+@triton.jit
+def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
+                      x_sb, x_st, x_sd, b_sb, b_sd, b_st, w_sd, w_sw, o_sb, o_st, o_sd,
+                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Program (sequence, block of channels). seq[i] = BUF[offset + shift + i] for i < WIDTH - 1, else
+    # X[i - (WIDTH - 1)]; out[t] = act(bias + sum_j W[j] seq[t + j]); then BUF[offset + i] = seq[i].
+    pb = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = d < dim
+    src = offset + tl.load(SHIFT + pb).to(tl.int32)  # buffer index of seq[0]
+    buf_row = BUF + pb * b_sb + d[:, None] * b_sd
+    x_row = X + pb * x_sb + d[:, None] * x_sd
+    t = tl.arange(0, BLOCK_T)
+    mt = t < T
+    acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
+    for j in tl.static_range(WIDTH):
+        i = t + j
+        from_buf = i < WIDTH - 1
+        vb = tl.load(buf_row + (src + i)[None, :] * b_st, mask=md[:, None] & (mt & from_buf)[None, :], other=0.0)
+        vx = tl.load(x_row + (i - (WIDTH - 1))[None, :] * x_st, mask=md[:, None] & (mt & ~from_buf)[None, :],
+                     other=0.0)
+        val = tl.where(from_buf[None, :], vb.to(tl.float32), vx.to(tl.float32))
+        wj = tl.load(W + d * w_sd + j * w_sw, mask=md, other=0.0).to(tl.float32)
+        acc += wj[:, None] * val
+    if HAS_BIAS:
+        acc += tl.load(BIAS + d, mask=md, other=0.0).to(tl.float32)[:, None]
+    out = acc.to(OUT.dtype.element_ty)  # the conv rounds to the activation dtype, then the activation
+    if SILU:
+        of = out.to(tl.float32)
+        out = (of * tl.sigmoid(of)).to(OUT.dtype.element_ty)
+    tl.store(OUT + pb * o_sb + t[None, :] * o_st + d[:, None] * o_sd, out, mask=md[:, None] & mt[None, :])
+    # The whole sequence back into the buffer: read it all before the first store (the prefix may overlap
+    # the destination when shift > 0; every position of these channels belongs to this program).
+    s = tl.arange(0, BLOCK_S)
+    ms = s < WIDTH - 1 + T
+    s_buf = s < WIDTH - 1
+    sb = tl.load(buf_row + (src + s)[None, :] * b_st, mask=md[:, None] & s_buf[None, :], other=0.0)
+    sx = tl.load(x_row + (s - (WIDTH - 1))[None, :] * x_st, mask=md[:, None] & (ms & ~s_buf)[None, :], other=0.0)
+    seq = tl.where(s_buf[None, :], sb, sx.to(sb.dtype))
+    tl.debug_barrier()
+    tl.store(buf_row + (offset + s)[None, :] * b_st, seq.to(BUF.dtype.element_ty), mask=md[:, None] & ms[None, :])
+
+
+SPEC_CONV_BLOCK_D = 64
+
+
+def spec_conv_triton(xbc, conv_buf, shift, offset, weight, bias=None, activation=None):
+    """Same contract as :func:`mamballama_cli.ops.verify_ref.spec_conv_ref`."""
+    if _needs_grad(xbc, weight, bias) or activation not in (None, "identity", "silu", "swish"):
+        return spec_conv_ref(xbc, conv_buf, shift, offset, weight, bias, activation)
+    b, T, dim = xbc.shape
+    width = weight.shape[-1]
+    assert weight.shape == (dim, width) and width >= 2, (weight.shape, xbc.shape)
+    assert conv_buf.shape[:2] == (b, dim) and offset + width - 1 + T <= conv_buf.shape[2], (conv_buf.shape, offset, T)
+    assert shift.numel() == b and not shift.is_floating_point()
+    shift = shift.reshape(b)
+    out = torch.empty(b, T, dim, dtype=xbc.dtype, device=xbc.device)
+    with _device_guard(xbc):
+        _spec_conv_kernel[(b, triton.cdiv(dim, SPEC_CONV_BLOCK_D))](
+            xbc, conv_buf, shift, weight, bias if bias is not None else weight, out, T, dim, int(offset),
+            *xbc.stride(), *conv_buf.stride(), weight.stride(0), weight.stride(1), *out.stride(),
+            WIDTH=width, HAS_BIAS=bias is not None, SILU=activation in ("silu", "swish"),
+            BLOCK_D=SPEC_CONV_BLOCK_D, BLOCK_T=_next_pow2(T), BLOCK_S=_next_pow2(width - 1 + T), num_warps=2,
+        )
+    return out
+
+
+def _check_spec_conv(gen):
+    b, T, dim, width, window = 3, 5, 200, 4, 5
+    full = _rand(gen, b, T, dim + 16)
+    xbc = full[..., 8 : 8 + dim]  # a strided column slice, as in the replay layer
+    buf = _rand(gen, b, dim, width - 1 + window)
+    w, bias = _rand(gen, dim, width), _rand(gen, dim)
+    shift = torch.tensor([0, 2, 5], device="cuda")
+    got_buf, ref_buf = buf.clone(), buf.clone()
+    out = spec_conv_triton(xbc, got_buf, shift, 0, w, bias, "silu")
+    ref = spec_conv_ref(xbc, ref_buf, shift, 0, w, bias, "silu")
+    if not torch.equal(got_buf, ref_buf):
+        return float("inf")  # the buffer update is a copy: exact
+    return _rel(out, ref)
+
+
+ops.register_fast("causal_conv1d", "mamballama-triton", causal_conv1d_triton, _probe(_check_causal_conv, tol=1e-5))
+ops.register_fast("spec_conv", "mamballama-triton", spec_conv_triton, _probe(_check_spec_conv))

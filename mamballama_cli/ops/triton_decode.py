@@ -1,17 +1,16 @@
 """Triton kernels of the captured decode step (:class:`mamballama_cli.generation.fast.StaticDecoder`).
 
-Fused residual-add + RMSNorm, SwiGLU, the conv-window update, the whole Mamba-2 recurrence step with GQA
-indexing + D + gated RMSNorm, RoPE + K/V write at a device-side position, and split-K decode attention over
-a static K/V buffer with a device-side length. Each has a pure-PyTorch twin in :mod:`mamballama_cli.ops.decode`
-(or the ops package for ``causal_conv1d_update``) that its probe and the gpu tests compare it with. The
+Fused residual-add + RMSNorm, SwiGLU, the conv-window update and the whole Mamba-2 recurrence step with GQA
+indexing + D + gated RMSNorm. The attention step's kernels (RoPE + K/V write, split-K attention) serve decode
+and verify alike and live in :mod:`mamballama_cli.ops.triton_attention`. Each has a pure-PyTorch twin in
+:mod:`mamballama_cli.ops.decode` (or the ops package for ``causal_conv1d_update``) that its probe and the gpu
+tests compare it with. The
 launchers are decode-only: under autograd they fall back to the reference.
 
 Importing this module registers the decode ops' references (ops/decode.py) and, on CUDA, these kernels.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -149,109 +148,6 @@ if triton is not None:
             y = y * tl.rsqrt(var + eps) * w
         tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
 
-    @triton.jit
-    def _rope_kv_write_kernel(QKV, COS, SIN, POS, QOUT, KC, VC, n_heads, n_kv, headdim, half_rot,
-                              qkv_sb, cs_st, q_sb, q_sh, kc_sb, kc_sh, kc_st, vc_sb, vc_sh, vc_st,
-                              BLOCK_D: tl.constexpr):
-        # Programs 0..n_heads-1 rotate a query head; the next n_kv rotate a key head and store it and its
-        # value head at the device-side position (no host sync, so the step can live in a CUDA graph).
-        pb = tl.program_id(0)
-        j = tl.program_id(1)
-        d = tl.arange(0, BLOCK_D)
-        md = d < headdim
-        pos = tl.load(POS)
-        base = QKV + pb * qkv_sb + j * headdim  # [q heads | k heads | v heads]
-        x = tl.load(base + d, mask=md, other=0.0)
-        in_rot = d < 2 * half_rot
-        first = d < half_rot
-        partner = tl.where(first, d + half_rot, d - half_rot)
-        xp = tl.load(base + partner, mask=md & in_rot, other=0.0)
-        c = tl.load(COS + pos * cs_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
-        s = tl.load(SIN + pos * cs_st + d, mask=md & in_rot, other=0.0).to(tl.float32)
-        # q * cos + rotate_half(q) * sin, each product rounded to the activation dtype as torch does
-        a = (x.to(tl.float32) * c).to(x.dtype).to(tl.float32)
-        rh = tl.where(first, -xp, xp)
-        b = (rh.to(tl.float32) * s).to(x.dtype).to(tl.float32)
-        out = tl.where(in_rot, (a + b).to(x.dtype), x)
-        if j < n_heads:
-            tl.store(QOUT + pb * q_sb + j * q_sh + d, out.to(QOUT.dtype.element_ty), mask=md)
-        else:
-            kh = j - n_heads
-            tl.store(KC + pb * kc_sb + kh * kc_sh + pos * kc_st + d, out.to(KC.dtype.element_ty), mask=md)
-            v = tl.load(QKV + pb * qkv_sb + (n_heads + n_kv + kh) * headdim + d, mask=md, other=0.0)
-            tl.store(VC + pb * vc_sb + kh * vc_sh + pos * vc_st + d, v.to(VC.dtype.element_ty), mask=md)
-
-    @triton.jit
-    def _decode_attn_split_kernel(Q, K, V, LEN, OP, LSE, scale, n_kv, group, headdim, split_len,
-                                  q_sb, q_sh, k_sb, k_sh, k_st, v_sb, v_sh, v_st,
-                                  op_sb, op_sh, op_ss, lse_sb, lse_sh,
-                                  BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  IEEE: tl.constexpr):
-        # Flash-decoding: program (sequence x KV head, split) handles the `group` query heads that share the
-        # KV head over one slice of positions; a second kernel merges the slices by their log-sum-exp.
-        pbk = tl.program_id(0)
-        ps = tl.program_id(1)
-        pb = pbk // n_kv
-        kh = pbk % n_kv
-        r = tl.arange(0, BLOCK_R)
-        mr = r < group
-        d = tl.arange(0, BLOCK_D)
-        md = d < headdim
-        heads = kh * group + r
-        q = tl.load(Q + pb * q_sb + heads[:, None] * q_sh + d[None, :], mask=mr[:, None] & md[None, :], other=0.0)
-        length = tl.load(LEN)
-        start = ps * split_len
-        end = tl.minimum(start + split_len, length)
-        m_i = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-        for t0 in range(start, end, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            mt = t < end
-            m2 = mt[:, None] & md[None, :]
-            k = tl.load(K + pb * k_sb + kh * k_sh + t[:, None] * k_st + d[None, :], mask=m2, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
-            s = tl.where(mt[None, :], s * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(V + pb * v_sb + kh * v_sh + t[:, None] * v_st + d[None, :], mask=m2, other=0.0)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        has = l_i > 0.0
-        safe_l = tl.where(has, l_i, 1.0)
-        lse = tl.where(has, m_i + tl.log(safe_l), float("-inf"))
-        o = acc / safe_l[:, None]
-        tl.store(OP + pb * op_sb + heads[:, None] * op_sh + ps * op_ss + d[None, :], o,
-                 mask=mr[:, None] & md[None, :])
-        tl.store(LSE + pb * lse_sb + heads * lse_sh + ps, lse, mask=mr)
-
-    @triton.jit
-    def _decode_attn_combine_kernel(OP, LSE, OUT, n_splits, headdim, op_sb, op_sh, op_ss, lse_sb, lse_sh,
-                                    o_sb, o_sh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-        pb = tl.program_id(0)
-        ph = tl.program_id(1)
-        sp = tl.arange(0, BLOCK_S)
-        ms = sp < n_splits
-        lse = tl.load(LSE + pb * lse_sb + ph * lse_sh + sp, mask=ms, other=float("-inf"))
-        m = tl.max(lse, axis=0)  # finite: the first slice always holds position 0
-        w = tl.where(ms, tl.exp(lse - m), 0.0)
-        w = w / tl.sum(w, axis=0)
-        d = tl.arange(0, BLOCK_D)
-        md = d < headdim
-        o = tl.load(OP + pb * op_sb + ph * op_sh + sp[:, None] * op_ss + d[None, :],
-                    mask=ms[:, None] & md[None, :], other=0.0)
-        out = tl.sum(o * w[:, None], axis=0)
-        tl.store(OUT + pb * o_sb + ph * o_sh + d, out.to(OUT.dtype.element_ty), mask=md)
-
 
 # ------------------------------------------------------------------------------------------------
 # Launchers (same signatures as the references; decode-only, so they fall back when autograd needs them)
@@ -351,62 +247,6 @@ def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_wei
     return out
 
 
-def rope_kv_write_triton(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv):
-    if _needs_grad(qkv):
-        return _decode_refs.rope_kv_write_ref(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv)
-    b = qkv.shape[0]
-    hd = k_cache.shape[-1]
-    rot = cos_table.shape[-1]
-    q = torch.empty(b, n_heads, hd, dtype=qkv.dtype, device=qkv.device)
-    with _device_guard(qkv):
-        _rope_kv_write_kernel[(b, n_heads + n_kv)](
-            qkv, cos_table, sin_table, pos, q, k_cache, v_cache, n_heads, n_kv, hd, rot // 2,
-            qkv.stride(0), cos_table.stride(0), q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            BLOCK_D=_next_pow2(hd), num_warps=1,
-        )
-    return q
-
-
-DECODE_BLOCK_T = 64
-
-
-def decode_splits(capacity: int, batch: int, n_kv: int, target_programs: int = 256, max_splits: int = 64):
-    """(n_splits, split_len) for a K/V buffer of ``capacity`` positions: enough programs to fill the GPU."""
-    blocks = max(1, math.ceil(capacity / DECODE_BLOCK_T))
-    n_splits = max(1, min(max_splits, blocks, math.ceil(target_programs / max(1, batch * n_kv))))
-    split_len = math.ceil(blocks / n_splits) * DECODE_BLOCK_T
-    return math.ceil(capacity / split_len), split_len
-
-
-def decode_attention_triton(q, k_cache, v_cache, length, scale):
-    if _needs_grad(q):
-        return _decode_refs.decode_attention_ref(q, k_cache, v_cache, length, scale)
-    b, nh, hd = q.shape
-    n_kv, cap = k_cache.shape[1], k_cache.shape[2]
-    group = nh // n_kv
-    n_splits, split_len = decode_splits(cap, b, n_kv)
-    part = torch.empty(b, nh, n_splits, hd, dtype=torch.float32, device=q.device)
-    lse = torch.empty(b, nh, n_splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, nh, hd, dtype=q.dtype, device=q.device)
-    with _device_guard(q):
-        _decode_attn_split_kernel[(b * n_kv, n_splits)](
-            q, k_cache, v_cache, length, part, lse, float(scale), n_kv, group, hd, split_len,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
-            BLOCK_R=max(16, _next_pow2(group)), BLOCK_T=DECODE_BLOCK_T, BLOCK_D=max(16, _next_pow2(hd)),
-            IEEE=q.dtype == torch.float32, num_warps=4,
-        )
-        _decode_attn_combine_kernel[(b, nh)](
-            part, lse, out, n_splits, hd, part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1), out.stride(0), out.stride(1),
-            BLOCK_S=_next_pow2(n_splits), BLOCK_D=_next_pow2(hd), num_warps=4,
-        )
-    return out
-
-
 # ================================================================================================
 # Probes: run once on small random CUDA inputs, compare with the reference
 # ================================================================================================
@@ -434,28 +274,6 @@ def _check_ssm_step_gated(gen):
     return max(_rel(y, y_ref), _rel(s, s_ref))
 
 
-def _check_rope_kv(gen):
-    b, nh, nkv, hd, cap = 2, 4, 2, 32, 16
-    qkv = _rand(gen, b, (nh + 2 * nkv) * hd)
-    ang = torch.rand(cap, hd // 2, generator=gen, device="cuda") * 6
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    pos = torch.tensor([5], device="cuda")
-    kc, vc = _rand(gen, b, nkv, cap, hd), _rand(gen, b, nkv, cap, hd)
-    kr, vr = kc.clone(), vc.clone()
-    q = rope_kv_write_triton(qkv, cos, sin, kc, vc, pos, nh, nkv)
-    q_ref = _decode_refs.rope_kv_write_ref(qkv, cos, sin, kr, vr, pos, nh, nkv)
-    return max(_rel(q, q_ref), _rel(kc, kr), _rel(vc, vr))
-
-
-def _check_decode_attention(gen):
-    b, nh, nkv, hd, cap = 2, 8, 2, 32, 300
-    q, kc, vc = _rand(gen, b, nh, hd), _rand(gen, b, nkv, cap, hd), _rand(gen, b, nkv, cap, hd)
-    length = torch.tensor([217], device="cuda")
-    out = decode_attention_triton(q, kc, vc, length, hd**-0.5)
-    ref = _decode_refs.decode_attention_ref(q.double(), kc.double(), vc.double(), length, hd**-0.5)
-    return _rel(out, ref)
-
-
 def _register() -> None:
     reg = ops.register_fast
     ours = "mamballama-triton"
@@ -465,8 +283,6 @@ def _register() -> None:
     reg("add_rmsnorm", ours, add_rmsnorm_triton, _probe(_check_add_rmsnorm))
     reg("swiglu", ours, swiglu_triton, _probe(_check_swiglu))
     reg("ssm_step_gated", ours, ssm_step_gated_triton, _probe(_check_ssm_step_gated))
-    reg("rope_kv_write", ours, rope_kv_write_triton, _probe(_check_rope_kv))
-    reg("decode_attention", ours, decode_attention_triton, _probe(_check_decode_attention))
 
 
 _register()

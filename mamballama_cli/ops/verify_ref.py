@@ -4,19 +4,20 @@ A verify call runs a window of T = K + 1 tokens at positions pos .. pos + T - 1 
 three ops are what the attention and Mamba-2 mixers' window steps (``Attention.step``, ``Mamba2Mixer.step``)
 run per layer besides the GEMMs and the replay op; each is the T-token generalisation of a one-token decode
 op of :mod:`mamballama_cli.ops.decode` and equals it at T = 1. The fused Triton kernels live in
-:mod:`mamballama_cli.ops.triton_verify`. Positions are read from device tensors, so every op can run
-inside a captured CUDA graph.
+:mod:`mamballama_cli.ops.triton_attention` (attention) and :mod:`mamballama_cli.ops.triton_conv` (conv).
+Positions are read from device tensors, so every op can run inside a captured CUDA graph.
 
 rope_kv_write_window(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv) -> q
     qkv: (batch, T, (n_heads + 2 n_kv) * head_dim) as [q | k | v]; cos/sin_table: (capacity, rotary_dim)
-    in qkv's dtype; k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: one int64 on the device.
+    in qkv's dtype; k_cache, v_cache: (batch, n_kv, capacity, head_dim); pos: int64 on the device, one
+    for the whole batch ((1,) or ()) or one per row ((batch,): rows of a batch may sit at different positions).
     Token t sits at position pos + t: q and k are rotated with table row pos + t (``apply_rotary`` of
     ops/rope_ops.py: q * cos + rotate_half(q) * sin, each product rounded to the activation dtype, the
     dims past rotary_dim passed through), k and v are written into the caches at pos + t. Returns the
     rotated q as (batch, T, n_heads, head_dim).
 
 window_attention(q, k_cache, v_cache, pos, scale) -> out
-    q: (batch, T, n_heads, head_dim); caches as above. Query t attends to cache positions [0, pos + t]
+    q: (batch, T, n_heads, head_dim); caches and pos as above. Query t attends to cache positions [0, pos + t]
     (causal within the window), head h to KV head h // (n_heads // n_kv). Returns (batch, T, n_heads,
     head_dim) in q's dtype. No sliding window (the runner keeps its masked SDPA for those models).
 
@@ -37,13 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mamballama_cli.ops.rope_ops import apply_rotary
 from mamballama_cli.ops.conv import causal_conv1d_ref
+from mamballama_cli.ops.decode import write_positions
+from mamballama_cli.ops.rope_ops import apply_rotary
 
 
 def _positions(pos: Tensor, T: int) -> Tensor:
-    """(T,) int64: pos, pos + 1, ..., pos + T - 1 on pos's device (no host sync)."""
-    return pos.reshape(1).to(torch.long) + torch.arange(T, device=pos.device)
+    """(1 or batch, T) int64: pos, pos + 1, ..., pos + T - 1 per row of ``pos`` on its device (no host sync)."""
+    return pos.reshape(-1, 1).to(torch.long) + torch.arange(T, device=pos.device)
 
 
 def _capturing(t: Tensor) -> bool:
@@ -60,11 +62,11 @@ def rope_kv_write_window_ref(qkv: Tensor, cos_table: Tensor, sin_table: Tensor, 
     q = q.reshape(b, T, n_heads, hd).transpose(1, 2)  # (b, heads, T, hd): apply_rotary's layout
     k = k.reshape(b, T, n_kv, hd).transpose(1, 2)
     v = v.reshape(b, T, n_kv, hd).transpose(1, 2)
-    cos = cos_table.index_select(0, idx)[None].expand(b, T, -1)  # (b, T, rotary_dim)
-    sin = sin_table.index_select(0, idx)[None].expand(b, T, -1)
+    cos = cos_table[idx].expand(b, T, -1)  # (b, T, rotary_dim)
+    sin = sin_table[idx].expand(b, T, -1)
     q, k = apply_rotary(q, k, cos, sin)
-    k_cache.index_copy_(2, idx, k.to(k_cache.dtype))
-    v_cache.index_copy_(2, idx, v.to(v_cache.dtype))
+    write_positions(k_cache, idx, k)
+    write_positions(v_cache, idx, v)
     return q.transpose(1, 2)
 
 
@@ -75,11 +77,11 @@ def window_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tenso
     idx = _positions(pos, T)
     # Attend over the live prefix only when its length can be read (a host sync; not while capturing a
     # graph, which then attends over the whole buffer under the same mask).
-    L = cap if _capturing(q) else min(cap, int(pos.reshape(-1)[0]) + T)
-    kj = torch.arange(L, device=q.device)[None, :]
-    mask = kj <= idx[:, None]  # (T, L): a new token sees everything up to itself
+    L = cap if _capturing(q) else min(cap, int(pos.max()) + T)
+    kj = torch.arange(L, device=q.device)
+    mask = kj <= idx[:, :, None]  # (1 or b, T, L): a new token sees everything up to itself
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=mask[None, None],
+        q.transpose(1, 2), k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype), attn_mask=mask[:, None],
         scale=scale, enable_gqa=n_kv != nh,
     )  # (b, nh, T, hd)
     return out.transpose(1, 2)
