@@ -136,7 +136,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         assert got == 200 and payload["choices"][0]["text"] is not None, (body, payload)
 
 
-def test_a_client_leaving_mid_stream_frees_its_row(models):
+def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees_its_row(models):
     s = Server(models["hybrid"], "--max-context", "200", env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
     try:
         host, port = s.url.removeprefix("http://").removesuffix("/v1").split(":")
@@ -148,6 +148,10 @@ def test_a_client_leaving_mid_stream_frees_its_row(models):
         while got.count(b"data: ") < 3:  # a few tokens have streamed: the row is decoding
             got += sock.recv(4096)
         assert s.health()["active"] == 1
+        # continuous batching: a short request joins the running batch and is answered while the long one streams
+        joined = s.client.completions.create(model="hybrid", prompt="next", max_tokens=3, temperature=0)
+        h = s.health()
+        assert h["joined_running"] == 1 and h["active"] == 1 and h["batches"] == 1, h
         sock.close()  # 150 tokens at 0.05 s a step would take 7.5 s more
         deadline = time.time() + 5
         while time.time() < deadline and not (s.health()["cancelled"] == 1 and s.health()["active"] == 0):
@@ -156,6 +160,7 @@ def test_a_client_leaving_mid_stream_frees_its_row(models):
         assert h["cancelled"] == 1 and h["active"] == 0, h
         r = s.client.completions.create(model="hybrid", prompt="next", max_tokens=3, temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
+        assert r.choices[0].text == joined.choices[0].text  # alone, the same answer as inside the batch
     finally:
         s.stop()
 
@@ -221,4 +226,4 @@ def test_serve_load_benchmark_runs_and_reports(models, tmp_path):
     data = json.loads(out.read_text())
     assert data["requests"] == 8 and data["prompt_tokens_mean"] >= 16 and data["completion_tokens"] > 0
     assert data["completion_tokens_per_s"] > 0 and data["latency_s"]["p95"] >= data["latency_s"]["p50"] > 0
-    assert data["server"]["mode"] == "static-batched" and data["server"]["largest_batch"] > 1
+    assert data["server"]["mode"] == "continuous-batched" and data["server"]["largest_batch"] > 1

@@ -69,7 +69,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
-                "largest_batch": engine.largest_batch, "waiting": engine.pending.qsize(), "active": engine.active,
+                "largest_batch": engine.largest_batch, "joined_running": engine.joined_running, "waiting": engine.pending.qsize(), "active": engine.active,
                 "cancelled": engine.cancelled}
 
     async def read_body(request: HttpRequest) -> dict:

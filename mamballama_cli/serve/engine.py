@@ -1,18 +1,17 @@
-"""The serving engine: one worker thread owns the model and decodes the requests that wait, several at a time.
+"""The serving engine: one worker thread owns the model and decodes every request in flight, several at a time.
 
-Requests that are waiting when the worker is free, and share sampling settings, decode together as one batch on
-the static decoder (:class:`~mamballama_cli.generation.fast.StaticDecoder`, CUDA-graph captured on GPU, eager on
-the PyTorch references on CPU). Prompts of unequal lengths share the batch through the decoder's forced tokens: the
-shortest length is prefilled, and each longer prompt's rest is fed in the first decode steps, so every row decodes
-exactly as if alone. A row leaves the batch's output when it meets a stop token, its ``max_tokens`` or a cancel
-(the client went away); the batch ends when every row has. Models the static decoder cannot run (a plain
-Transformer, Mamba-1) decode one request at a time through transformers' ``generate``.
+Continuous batching (hybrids the static decoder runs): requests join and leave the running batch between decode
+steps. A :class:`~mamballama_cli.generation.continuous.SlotDecoder` holds ``--max-batch`` slots of
+``--max-context`` positions (CUDA-graph captured on GPU, eager on the PyTorch references on CPU); a new request
+takes a free slot at once (its prompt read on a one-row staging runtime and copied into the slot, reusing the
+slot's K/V and state buffers), and a row that meets a stop token, its ``max_tokens``, a full slot or a cancel (the
+client went away) frees its slot for the next. Every row sits at its own position, so each decodes exactly as if
+alone. Sampling settings are fixed per decoder: requests with other settings wait until the running batch
+drains, then the next setting runs. Models the static decoder cannot run (a plain Transformer, Mamba-1) decode
+one request at a time through transformers' ``generate``.
 
 With a draft (``serve --speculative --draft D``), requests decode one at a time by speculative decoding
 (:func:`~mamballama_cli.generation.speculative.speculative_generate`): greedy answers equal the target's own.
-
-Requests that arrive while a batch runs wait for the next batch: continuous batching, where requests join and
-leave a running batch between steps, needs per-row positions in the decode step (issue 17).
 """
 
 from __future__ import annotations
@@ -48,27 +47,62 @@ class Request:
 
 
 class _Stop(Exception):
-    """Raised inside the decode loop's callback once no row of the batch wants more tokens."""
+    """Raised inside a one-at-a-time decode loop's callback once its client has gone."""
+
+
+class _Row:
+    """A request decoding in a slot: its text stream and counts. :meth:`take` returns True once it is done."""
+
+    def __init__(self, req: Request, tokenizer):
+        from mamballama_cli.generation.result import TextStream
+
+        self.req, self.stream = req, TextStream(tokenizer, req.emit)
+        self.new, self.reason = 0, "length"
+
+    def take(self, token: int, stops) -> bool:
+        if self.req.cancelled.is_set():
+            self.reason = "cancelled"
+            return True
+        self.new += 1
+        if token in stops:
+            self.reason = "stop"
+            return True
+        self.stream.push([token])
+        return self.new >= self.req.max_tokens
+
+    def finish(self) -> None:
+        self.stream.finish()
+        n_prompt = len(self.req.prompt_ids)
+        n = self.new - (self.reason == "stop")
+        if self.reason == "cancelled":
+            self.req.finish("cancelled", {})
+            return
+        self.req.finish(self.reason, {"prompt_tokens": n_prompt, "completion_tokens": n,
+                                      "total_tokens": n_prompt + n})
+
+    def fail(self, exc: Exception) -> None:
+        self.req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
 
 
 class Engine:
     """Owns the model on one worker thread; :meth:`submit` queues a request and returns at once."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096, gather_s: float = 0.01,
+    def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096,
                  prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = ""):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
 
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch, self.max_context, self.gather_s = int(max_batch), int(max_context), float(gather_s)
+        self.max_batch, self.max_context = int(max_batch), int(max_context)
         self.prefill_chunk = prefill_chunk
         self.draft, self.k, self.draft_name = draft, int(k), draft_name
         self.stops = stop_token_ids(model, tokenizer)
         self.static_reason = unsupported_reason(model)  # None: batched on the static decoder
         self.pending: queue.Queue[Request] = queue.Queue()
         self.decoders: dict[tuple, object] = {}
-        self.batches = 0  # batches run, and the largest, for /health and tests
+        self.batches = 0  # batches run (continuous: runs from an idle engine until it drains), and the largest
         self.largest_batch = 0
+        self.joined_running = 0  # requests that joined a batch already decoding (continuous batching)
         self.active = 0  # rows of the running batch still decoding
         self.cancelled = 0  # requests whose client went away before their answer was complete
         # Seconds to wait after each decode step: 0 in use; tests and demos set MAMBALLAMA_SERVE_STEP_DELAY to watch
@@ -83,122 +117,102 @@ class Engine:
     def mode(self) -> str:
         if self.draft is not None:
             return f"speculative, one request at a time (draft {self.draft_name}, k={self.k})"
-        return "static-batched" if self.static_reason is None else "one request at a time (transformers)"
+        return "continuous-batched" if self.static_reason is None else "one request at a time (transformers)"
 
     def submit(self, req: Request) -> None:
         self.pending.put(req)
 
     # --- worker ------------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        carry: list[Request] = []
+        if self.static_reason is None and self.draft is None:
+            self._continuous()
         while True:
-            first = carry.pop(0) if carry else self.pending.get()
-            batch = [first]
-            if self.static_reason is None and self.draft is None:
-                deadline = time.monotonic() + self.gather_s  # let requests sent together arrive together
-                while len(batch) < self.max_batch:
-                    try:
-                        nxt = self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
-                    except queue.Empty:
-                        break
-                    (batch if nxt.sampling_key == first.sampling_key else carry).append(nxt)
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if not batch:
+            req = self.pending.get()
+            if req.cancelled.is_set():
                 continue
             try:
                 with torch.inference_mode():
                     if self.draft is not None:
-                        for r in batch:
-                            self._run_speculative(r)
-                    elif self.static_reason is None:
-                        self._run_static(batch)
+                        self._run_speculative(req)
                     else:
-                        self._run_plain(batch[0])
-            except Exception as exc:  # a failed batch answers its requests with the error; the server goes on
-                for r in batch:
-                    r.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+                        self._run_plain(req)
+            except Exception as exc:  # a failed request is answered with the error; the server goes on
+                req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
 
-    def _decoder(self, rows: int, req: Request):
-        from mamballama_cli.generation.fast import StaticDecoder
+    def _decoder(self, key: tuple):
+        from mamballama_cli.generation.continuous import SlotDecoder
         from mamballama_cli.generation.sampling import SamplingConfig
 
-        size = 1
-        while size < rows:
-            size *= 2
-        size = min(size, self.max_batch)
-        key = (size, req.sampling_key)
         dec = self.decoders.get(key)
         if dec is None:
-            sampling = SamplingConfig(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
-            dec = StaticDecoder(self.model, size, self.max_context, sampling, self.stops, forcing=True,
-                                prefill_chunk=self.prefill_chunk)
+            temperature, top_p, top_k = key
+            sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+            dec = SlotDecoder(self.model, self.max_batch, self.max_context, sampling,
+                              prefill_chunk=self.prefill_chunk)
             self.decoders[key] = dec
         return dec
 
-    def _run_static(self, batch: list[Request]) -> None:
-        from mamballama_cli.generation.result import TextStream
-
-        dec = self._decoder(len(batch), batch[0])
-        n_rows = dec.batch_size
-        prompts = [r.prompt_ids for r in batch] + [batch[-1].prompt_ids] * (n_rows - len(batch))  # pad rows
-        lens = [len(p) for p in prompts]
-        n0, width = min(lens), max(lens) - min(lens)
-        dev = dec.device
-        ids = torch.tensor([p[:n0] for p in prompts], dtype=torch.long, device=dev)
-        forced = torch.zeros(n_rows, max(width, 1), dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            if len(p) > n0:
-                forced[i, : len(p) - n0] = torch.tensor(p[n0:], dtype=torch.long)
-        forced_len = torch.tensor([n - n0 for n in lens], dtype=torch.long, device=dev)
-        streams = [TextStream(self.tokenizer, r.emit) for r in batch]
-        seen = [0] * len(batch)  # tokens of each row received so far (forced prompt tokens included)
-        new = [0] * len(batch)
-        open_rows = set(range(len(batch)))
-
-        def close(i: int, reason: str) -> None:
-            open_rows.discard(i)
-            self.active = len(open_rows)
-            self.cancelled += reason == "cancelled"
-            streams[i].finish()
-            batch[i].finish(reason, {"prompt_tokens": lens[i], "completion_tokens": new[i],
-                                     "total_tokens": lens[i] + new[i]})
-
-        def take(rows: list[list[int]]) -> None:
-            for i in list(open_rows):
-                r = batch[i]
-                if r.cancelled.is_set():
-                    close(i, "cancelled")
+    def _continuous(self) -> None:
+        """The worker's loop for continuous batching (never returns)."""
+        waiting: list[Request] = []
+        rows: dict[int, _Row] = {}  # slot -> the request decoding there
+        dec, key = None, None
+        while True:
+            if not rows and not waiting:
+                waiting.append(self.pending.get())  # idle: block until a request comes
+            while True:
+                try:
+                    waiting.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            if not rows:  # the batch drained: the first waiting request's sampling runs next
+                waiting = [r for r in waiting if not r.cancelled.is_set()]
+                if not waiting:
                     continue
-                for t in rows[i]:
-                    seen[i] += 1
-                    if seen[i] <= lens[i] - n0:
-                        continue  # a forced prompt token
-                    new[i] += 1
-                    if t in self.stops:
-                        close(i, "stop")
-                        break
-                    streams[i].push([t])
-                    if new[i] >= r.max_tokens:
-                        close(i, "length")
-                        break
-            if not open_rows:
-                raise _Stop
+                key = waiting[0].sampling_key
+                dec = self._decoder(key)
+                self.batches += 1
+            for req in [r for r in waiting if r.sampling_key == key][: len(dec.free)]:
+                waiting.remove(req)
+                if req.cancelled.is_set():
+                    continue
+                try:
+                    with torch.inference_mode():
+                        row = _Row(req, self.tokenizer)
+                        slot, first = dec.join(req.prompt_ids)
+                except Exception as exc:
+                    req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+                    continue
+                self.joined_running += bool(rows)
+                rows[slot] = row
+                if row.take(first, self.stops) or dec.room(slot) <= 0:
+                    self._close(dec, rows, slot)
+            self.active = len(rows)
+            self.largest_batch = max(self.largest_batch, len(rows))
+            if not rows:
+                continue
+            try:
+                with torch.inference_mode():
+                    tokens = dec.step()
+            except Exception as exc:  # a failed step answers its rows with the error; the server goes on
+                for slot in list(rows):
+                    rows[slot].fail(exc)
+                    dec.leave(slot)
+                    del rows[slot]
+                self.active = 0
+                continue
+            for slot in list(rows):
+                if rows[slot].take(tokens[slot], self.stops) or dec.room(slot) <= 0:
+                    self._close(dec, rows, slot)
+            self.active = len(rows)
             if self.step_delay:
                 time.sleep(self.step_delay)
 
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        self.active = len(batch)
-        dec.prefill(ids, forced, forced_len)
-        try:
-            take(dec.tokens_so_far()[:, :1].tolist())
-            steps = max(lens[i] - n0 + batch[i].max_tokens for i in range(len(batch))) - 1
-            steps = min(steps, dec.room)
-            dec.decode(steps, on_tokens=take, sync_every=1 if not dec.capture else 8)
-        except _Stop:
-            pass
-        for i in list(open_rows):  # the cache is full: what was written is the answer
-            close(i, "length")
+    def _close(self, dec, rows: dict, slot: int) -> None:
+        row = rows.pop(slot)
+        dec.leave(slot)
+        self.cancelled += row.reason == "cancelled"
+        row.finish()
 
     def _run_speculative(self, req: Request) -> None:
         from mamballama_cli.generation.result import TextStream
