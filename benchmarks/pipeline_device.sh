@@ -10,11 +10,8 @@
 # Knobs for the pipeline come from the environment (STEPS, DRAFT_STEPS, MB, ACCUM, ...). WATCH_S caps a call.
 set -uo pipefail
 mode=${1:-watch}
-WORK=${WORK:-/tmp/smol}
-RES=$WORK/results
-WATCH_S=${WATCH_S:-560}
 source "$(dirname "$0")/device_common.sh"
-export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
+detached_run /tmp/smol 560
 
 if [ "$mode" = start ]; then
   mkdir -p "$WORK"
@@ -27,13 +24,7 @@ if [ "$mode" = start ]; then
   echo "pipeline started (pid $!)"
 fi
 
-t0=$(date +%s)
-while true; do
-  if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null; then break; fi
-  if ! pgrep -f "$WORK/pipeline.sh" > /dev/null; then echo "pipeline process is gone"; break; fi
-  (( $(date +%s) - t0 > WATCH_S )) && break
-  sleep 10
-done
+watch_detached "$WORK/pipeline.sh" pipeline
 cat "$RES/timeline.txt" 2>/dev/null
 tail -n 3 "$RES"/distill-*.log "$RES"/sft-d4.log 2>/dev/null | cut -c1-300
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader

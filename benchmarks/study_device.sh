@@ -11,11 +11,8 @@
 # working tree anew, cannot change the code under a running study. Knobs of the study come from the environment.
 set -uo pipefail
 mode=${1:-watch}
-WORK=${WORK:-/tmp/study}
-RES=$WORK/results
-WATCH_S=${WATCH_S:-540}
 source "$(dirname "$0")/device_common.sh"
-export MAMBALLAMA_CACHE=${MAMBALLAMA_CACHE:-/tmp/mlcache}
+detached_run /tmp/study 540
 
 case "$mode" in
   prep)
@@ -35,13 +32,7 @@ case "$mode" in
     echo "study started" ;;
 esac
 
-t0=$(date +%s)
-while [ "$mode" != pack ]; do
-  if grep -q '\] done' "$RES/timeline.txt" 2>/dev/null; then break; fi
-  if ! pgrep -f "study_smollm2.sh" > /dev/null; then echo "study process is gone"; break; fi
-  (( $(date +%s) - t0 > WATCH_S )) && break
-  sleep 10
-done
+[ "$mode" = pack ] || watch_detached study_smollm2.sh study
 cat "$RES/timeline.txt" 2>/dev/null
 for f in "$RES"/distill-*.log "$RES"/data-generate.log; do
   [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 3 | cut -c1-300; }

@@ -121,28 +121,34 @@ def _bool(value, key: str) -> bool:
     raise UsageError(f"{key}: {value!r} is not a boolean; use true or false (or yes/no, on/off, 1/0)")
 
 
+def _parsed_text(value, parse):
+    """``parse(value.strip())`` when ``value`` is a string that parses, else None."""
+    if isinstance(value, str):
+        try:
+            return parse(value.strip())
+        except ValueError:
+            return None
+    return None
+
+
 def _int(value, key: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-    raise UsageError(f"{key}: {value!r} is not an integer; give a whole number")
+    parsed = _parsed_text(value, int)
+    if parsed is None:
+        raise UsageError(f"{key}: {value!r} is not an integer; give a whole number")
+    return parsed
 
 
 def _float(value, key: str) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise UsageError(f"{key}: {value!r} is not a number; give e.g. 0.5 or 1e-4")
+    parsed = _parsed_text(value, float)
+    if parsed is None:
+        raise UsageError(f"{key}: {value!r} is not a number; give e.g. 0.5 or 1e-4")
+    return parsed
 
 
 def _coerce(tp, value, key: str):

@@ -171,6 +171,21 @@ def assert_mixer_holds_attention(student, teacher_sd: dict, i: int):
     return mixer
 
 
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_chunked_scan_matches_sequential(sequential, chunked, inputs, chunk_size: int, initial_states, tol=1e-10):
+    """A chunked reference scan (SSD or Mamba-1) gives the sequential recurrence's outputs and final state, from
+    each of ``initial_states``; ``inputs`` is (x, dt, A, B, C, D, s0)."""
+    x, dt, A, B, C, D, _ = inputs
+    for init in initial_states:
+        y_ref, s_ref = sequential(x, dt, A, B, C, D, initial_state=init)
+        y, s = chunked(x, dt, A, B, C, chunk_size=chunk_size, D=D, initial_state=init)
+        assert rel_err(y, y_ref) <= tol
+        assert rel_err(s, s_ref) <= tol
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())
 

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 from clihelp import run_cli
 from helpers import (
+    assert_chunked_scan_matches_sequential,
     assert_left_padding_changes_nothing,
     assert_mixer_holds_attention,
     decode_with_cache,
+    rel_err,
     save_teacher,
     tiny_hybrid,
     tiny_llama,
@@ -28,10 +30,6 @@ HEAD_DIM = 32  # two groups of d_state = 16 channels per head: pairing rows insi
 
 def hidden_for(n_heads):
     return HEAD_DIM * n_heads
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def mamba1_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, chunk=None, **kw):
@@ -205,12 +203,9 @@ def random_scan_inputs(b=2, l=37, dim=32, g=4, n=16, dtype=torch.float64, seed=0
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 @pytest.mark.parametrize("seqlen", [1, 16, 37])
 def test_chunked_selective_scan_equals_sequential_float64(chunk, seqlen):
-    x, dt, A, B, C, D, s0 = random_scan_inputs(l=seqlen, seed=chunk * 100 + seqlen)
-    for init in (None, s0):
-        y_ref, s_ref = selective_scan_sequential_ref(x, dt, A, B, C, D, initial_state=init)
-        y, s = selective_scan_chunked_ref(x, dt, A, B, C, chunk_size=chunk, D=D, initial_state=init)
-        assert rel_err(y, y_ref) <= 1e-10
-        assert rel_err(s, s_ref) <= 1e-10
+    inputs = random_scan_inputs(l=seqlen, seed=chunk * 100 + seqlen)
+    assert_chunked_scan_matches_sequential(selective_scan_sequential_ref, selective_scan_chunked_ref, inputs, chunk,
+                                           [None, inputs[-1]])
 
 
 def test_chunked_scan_is_stable_under_strong_decay():

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import assert_chunked_scan_matches_sequential, rel_err
 from mamballama_cli.ops.conv import causal_conv1d_ref, causal_conv1d_update_ref
 from mamballama_cli.ops.norm import rmsnorm_gated_ref
 from mamballama_cli.ops.ssd import ssd_chunk_scan_ref, ssd_sequential_ref, ssm_step_ref
@@ -21,18 +22,11 @@ def random_ssd_inputs(b=2, l=37, h=4, g=2, p=5, n=6, dtype=torch.float64, seed=0
     return x, dt, A, B, C, D, s0
 
 
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("chunk", [1, 4, 16, 64])
 @pytest.mark.parametrize("seqlen", [1, 16, 37])
 def test_chunked_ssd_equals_sequential_float64(chunk, seqlen):
-    x, dt, A, B, C, D, s0 = random_ssd_inputs(l=seqlen, seed=chunk * 100 + seqlen)
-    y_ref, s_ref = ssd_sequential_ref(x, dt, A, B, C, D, initial_state=s0)
-    y, s = ssd_chunk_scan_ref(x, dt, A, B, C, chunk_size=chunk, D=D, initial_state=s0)
-    assert rel_err(y, y_ref) <= 1e-10
-    assert rel_err(s, s_ref) <= 1e-10
+    inputs = random_ssd_inputs(l=seqlen, seed=chunk * 100 + seqlen)
+    assert_chunked_scan_matches_sequential(ssd_sequential_ref, ssd_chunk_scan_ref, inputs, chunk, [inputs[-1]])
 
 
 def test_chunked_ssd_split_sequence_carries_state():

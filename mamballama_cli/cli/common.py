@@ -55,3 +55,11 @@ def read_prompt(prompt: str | None) -> str:
         where = "stdin was empty" if prompt == "-" else "--prompt is empty"
         raise UsageError(f"{where}; give the text to continue, e.g. --prompt 'Once upon a time'")
     return text
+
+
+def config_from_flags(cls, config_file, **flags):
+    """A command's config: ``cls``'s defaults < the --config FILE < the flags (a flag whose value is None was not
+    given; a plain switch passes ``switch or None`` so that leaving it off does not undo the file)."""
+    from mamballama_cli.config import merge_config
+
+    return merge_config(cls, config_file=config_file, overrides=flags)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import config_from_flags
 from mamballama_cli.cli.options import config_option, dtype_option, force_option, json_option, seed_option
 
 HELP = "Turn a Transformer teacher into a hybrid whose Mamba layers start from its attention."
@@ -45,16 +46,10 @@ def command(
     config: Optional[Path] = config_option(),
     json_out: bool = json_option(),
 ):
-    from mamballama_cli.config import merge_config
     from mamballama_cli.convert import ConvertConfig, print_summary, run_convert
 
-    cfg = merge_config(
-        ConvertConfig,
-        config_file=config,
-        overrides=dict(teacher=teacher, output=output, ratio=ratio, attn_layers=attn_layers,
-                       draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed, force=force or None,
-                       init=init, calibration_seqs=calibration_seqs, calibration_len=calibration_len,
-                       placement_score=placement_score),
-    )
-    summary = run_convert(cfg)
-    print_summary(summary, json_out)
+    cfg = config_from_flags(ConvertConfig, config, teacher=teacher, output=output, ratio=ratio,
+                            attn_layers=attn_layers, draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed,
+                            force=force or None, init=init, calibration_seqs=calibration_seqs,
+                            calibration_len=calibration_len, placement_score=placement_score)
+    print_summary(run_convert(cfg), json_out)

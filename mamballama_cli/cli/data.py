@@ -12,7 +12,7 @@ import typer
 
 from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, seed_option
 
-from mamballama_cli.cli.common import NOTATION, command_io
+from mamballama_cli.cli.common import NOTATION, command_io, config_from_flags
 from mamballama_cli.output import out
 
 app = typer.Typer(help="Offline training data: packaged public text (build), teacher-sampled shards (generate).",
@@ -37,13 +37,10 @@ def build(
 ):
     import json
 
-    from mamballama_cli.config import merge_config
     from mamballama_cli.corpus import DataBuildConfig, build as build_data
 
-    cfg = merge_config(DataBuildConfig, config_file=config,
-                       overrides=dict(output=output, sources=sources, heldout_fraction=heldout_fraction,
-                                      max_passages=max_passages, recall_docs=recall_docs, seed=seed,
-                                      force=force or None))
+    cfg = config_from_flags(DataBuildConfig, config, output=output, sources=sources, heldout_fraction=heldout_fraction,
+                            max_passages=max_passages, recall_docs=recall_docs, seed=seed, force=force or None)
     manifest = build_data(cfg)
     out(json.dumps(manifest, indent=2))
 
@@ -88,16 +85,16 @@ def generate(
 ):
     import json
 
-    from mamballama_cli.config import merge_config
     from mamballama_cli.training.generate_data import GenerateDataConfig, run_generate
 
-    cfg = merge_config(GenerateDataConfig, config_file=config, overrides=dict(
-        teacher=teacher, prompts=prompts, tokens=tokens, output=output, continuation_fraction=continuation_fraction,
-        temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-        max_prompt_tokens=max_prompt_tokens, batch_size=batch_size, shard_tokens=shard_tokens, seed=seed,
-        dtype=dtype, device=device, sync_every=sync_every, data_split=data_split, text_field=text_field,
-        skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
-    ))
+    cfg = config_from_flags(
+        GenerateDataConfig, config, teacher=teacher, prompts=prompts, tokens=tokens, output=output,
+        continuation_fraction=continuation_fraction, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens, batch_size=batch_size,
+        shard_tokens=shard_tokens, seed=seed, dtype=dtype, device=device, sync_every=sync_every,
+        data_split=data_split, text_field=text_field, skip_bad_lines=skip_bad_lines or None, resume=resume or None,
+        force=force or None,
+    )
     with _token_progress() as on_progress:
         summary = run_generate(cfg, on_progress=on_progress)
     out(json.dumps(summary, indent=2))

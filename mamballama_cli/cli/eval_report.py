@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import config_from_flags
 from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, json_option, seed_option
 
 from mamballama_cli.output import out
@@ -76,23 +77,19 @@ def command(
 ):
     import json
 
-    from mamballama_cli.config import merge_config
     from mamballama_cli.evaluation.config import EvalConfig
     from mamballama_cli.evaluation.runner import run_eval
 
-    cfg = merge_config(
-        EvalConfig,
-        config_file=config,
-        overrides=dict(model=model, output=output, teacher=teacher, tasks=tasks, force=force or None, dtype=dtype,
-                       device=device, seed=seed, ppl_data=ppl_data, ppl_field=ppl_field, ppl_max_length=ppl_max_length,
-                       ppl_max_tokens=ppl_max_tokens, lengths=lengths, depths=depths, trials=trials,
-                       distill_length=distill_length, haystack=haystack, lm_eval_tasks=lm_eval_tasks,
-                       lm_eval_include=lm_eval_include, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
-                       mt_bench=mt_bench, alpaca_eval=alpaca_eval, max_new_tokens=max_new_tokens,
-                       judge_base_url=judge_base_url, judge_model=judge_model, judge_api_key_env=judge_api_key_env,
-                       judge_modes=judge_modes, judge_concurrency=judge_concurrency,
-                       allow_judge_failures=allow_judge_failures or None, speed_contexts=speed_contexts,
-                       speed_batch_sizes=speed_batch_sizes, speed_new_tokens=speed_new_tokens),
+    cfg = config_from_flags(
+        EvalConfig, config, model=model, output=output, teacher=teacher, tasks=tasks, force=force or None,
+        dtype=dtype, device=device, seed=seed, ppl_data=ppl_data, ppl_field=ppl_field, ppl_max_length=ppl_max_length,
+        ppl_max_tokens=ppl_max_tokens, lengths=lengths, depths=depths, trials=trials, distill_length=distill_length,
+        haystack=haystack, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include, limit=limit,
+        num_fewshot=num_fewshot, batch_size=batch_size, mt_bench=mt_bench, alpaca_eval=alpaca_eval,
+        max_new_tokens=max_new_tokens, judge_base_url=judge_base_url, judge_model=judge_model,
+        judge_api_key_env=judge_api_key_env, judge_modes=judge_modes, judge_concurrency=judge_concurrency,
+        allow_judge_failures=allow_judge_failures or None, speed_contexts=speed_contexts,
+        speed_batch_sizes=speed_batch_sizes, speed_new_tokens=speed_new_tokens,
     )
     result = run_eval(cfg)
     if json_out:

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import config_from_flags
 from mamballama_cli.cli.options import config_option, device_option, dtype_option, seed_option
 
 from mamballama_cli.output import out
@@ -57,24 +58,19 @@ def command(
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
     config: Optional[Path] = config_option(),
 ):
-    from mamballama_cli.config import merge_config
     from mamballama_cli.evaluation.speed import SpeedConfig, format_table, parse_int_list, run_speed, write_result
 
     def names(text):
         return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
 
-    cfg = merge_config(
-        SpeedConfig,
-        config_file=config,
-        overrides=dict(
-            shape=shape, model=model, teacher=teacher, ratio=ratio, attn_layers=attn_layers, dtype=dtype,
-            device=device, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-            batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
-            contexts=[] if contexts is not None and not contexts.strip() else parse_int_list(contexts, "--contexts"),
-            context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
-            teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
-            prefill_chunk=prefill_chunk, max_batch=max_batch or None, memory_limit_gb=memory_limit,
-        ),
+    cfg = config_from_flags(
+        SpeedConfig, config, shape=shape, model=model, teacher=teacher, ratio=ratio, attn_layers=attn_layers,
+        dtype=dtype, device=device, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        contexts=[] if contexts is not None and not contexts.strip() else parse_int_list(contexts, "--contexts"),
+        context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
+        teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
+        prefill_chunk=prefill_chunk, max_batch=max_batch or None, memory_limit_gb=memory_limit,
     )
     if cfg.output:
         parent = Path(cfg.output).expanduser().resolve().parent

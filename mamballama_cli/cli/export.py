@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import config_from_flags
 from mamballama_cli.cli.options import config_option, dtype_option, force_option, json_option
 
 HELP = "Export a hybrid to a standard architecture (GraniteMoeHybrid) for stock transformers and vLLM."
@@ -36,15 +37,8 @@ def command(
     config: Optional[Path] = config_option(),
     json_out: bool = json_option(),
 ):
-    from mamballama_cli.config import merge_config
     from mamballama_cli.export import ExportConfig, print_summary, run_export
 
-    cfg = merge_config(
-        ExportConfig,
-        config_file=config,
-        overrides=dict(
-            model=model, output=output, format=fmt, dtype=dtype, verify=verify, force=force or None
-        ),
-    )
-    summary = run_export(cfg)
-    print_summary(summary, json_out)
+    cfg = config_from_flags(ExportConfig, config, model=model, output=output, format=fmt, dtype=dtype, verify=verify,
+                            force=force or None)
+    print_summary(run_export(cfg), json_out)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from mamballama_cli.cli.common import config_from_flags
 from mamballama_cli.cli.options import config_option, device_option, dtype_option, force_option, json_option, seed_option
 
 from mamballama_cli.output import out
@@ -36,14 +37,14 @@ def command(
     config: Optional[Path] = config_option(),
     json_out: bool = json_option(),
 ):
-    from mamballama_cli.config import merge_config
     from mamballama_cli.training.label import LabelConfig, run_label
 
-    cfg = merge_config(LabelConfig, config_file=config, overrides=dict(
-        teacher=teacher, prompts=prompts, output=output, system=system, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, limit=limit, dtype=dtype,
-        device=device, skip_bad_lines=skip_bad_lines or None, resume=resume or None, force=force or None,
-    ))
+    cfg = config_from_flags(
+        LabelConfig, config, teacher=teacher, prompts=prompts, output=output, system=system,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+        limit=limit, dtype=dtype, device=device, skip_bad_lines=skip_bad_lines or None, resume=resume or None,
+        force=force or None,
+    )
     summary = run_label(cfg)
     if json_out:
         out(json.dumps(summary, indent=2))

@@ -160,3 +160,16 @@ def config_command(cls, *, model_help: str, template_help: str, run: Callable[..
 
     command.__signature__ = inspect.Signature(params)
     return command
+
+
+def training_command(kind: str, cls, **kwargs) -> Callable:
+    """:func:`config_command` of a training command (`distill`, `sft`, `dpo`): the help of MODEL and --template is
+    the config's ``MODEL_HELP`` and ``TEMPLATE_HELP``; the run is ``training.launch.run_command(kind, cls, ...)``,
+    imported when the command runs (torch stays out of --help)."""
+
+    def run(**run_kwargs) -> None:
+        from mamballama_cli.training.launch import run_command
+
+        run_command(kind, cls, **run_kwargs)
+
+    return config_command(cls, run=run, model_help=cls.MODEL_HELP, template_help=cls.TEMPLATE_HELP, **kwargs)

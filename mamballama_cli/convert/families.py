@@ -9,7 +9,7 @@ on this module; the registry imports both before its first lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from mamballama_cli import plugins
@@ -152,14 +152,24 @@ def _check_llama(tc) -> None:
         raise MamballamaError(f"teacher uses hidden_act={act!r}; the hybrid's MLP supports 'silu' only")
 
 
-LLAMA = TeacherFamily(
-    name="llama",
-    model_types=("llama",),
-    description="Llama 2/3.x, SmolLM2, TinyLlama and other LlamaForCausalLM checkpoints",
-    hybrid_config=llama_style_config,
-    mapping=LLAMA_STYLE_MAPPING,
-    notes=["RoPE types default, linear and llama3 are reproduced exactly in attention layers"],
-    check=_check_llama,
+def llama_style_family(name: str, description: str, notes: list[str], *,
+                       hybrid_config: Callable[[Any], dict] = llama_style_config,
+                       check: Callable[[Any], None] | None = _check_llama, dropped: tuple[str, ...] = (),
+                       model_types: tuple[str, ...] | None = None) -> TeacherFamily:
+    """A family whose tensors are named as Llama's: Llama's key table, with ``dropped`` (regular expressions of
+    teacher keys deliberately not carried over, e.g. the biases of layers that become Mamba) added to its own;
+    the model type ``name`` unless ``model_types`` are given; Llama's config fields and checks unless
+    ``hybrid_config`` / ``check`` replace them."""
+    mapping = LLAMA_STYLE_MAPPING
+    if dropped:
+        mapping = replace(mapping, dropped=mapping.dropped + tuple(dropped))
+    return TeacherFamily(name=name, model_types=model_types or (name,), description=description,
+                         hybrid_config=hybrid_config, mapping=mapping, notes=list(notes), check=check)
+
+
+LLAMA = llama_style_family(
+    "llama", "Llama 2/3.x, SmolLM2, TinyLlama and other LlamaForCausalLM checkpoints",
+    ["RoPE types default, linear and llama3 are reproduced exactly in attention layers"],
 )
 
 plugins.teachers.register(LLAMA)

@@ -20,15 +20,8 @@ Distillation re-learns whatever constant offsets the Mamba layers need.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from mamballama_cli import plugins
-from mamballama_cli.convert.families import (
-    LLAMA_STYLE_MAPPING,
-    TeacherFamily,
-    _check_llama,
-    llama_style_config,
-)
+from mamballama_cli.convert.families import _check_llama, llama_style_config, llama_style_family
 
 # q/k/v biases of layers that become Mamba; those of attention layers are consumed before this applies.
 QKV_BIAS_OF_MAMBA_LAYERS = r"(^|\.)self_attn\.[qkv]_proj\.bias$"
@@ -43,18 +36,14 @@ def mistral_config(tc) -> dict:
     return kwargs
 
 
-MISTRAL = TeacherFamily(
-    name="mistral",
-    model_types=("mistral",),
-    description="Mistral 7B (v0.1-v0.3) and other MistralForCausalLM checkpoints",
-    hybrid_config=mistral_config,
-    mapping=LLAMA_STYLE_MAPPING,
-    notes=[
+MISTRAL = llama_style_family(
+    "mistral", "Mistral 7B (v0.1-v0.3) and other MistralForCausalLM checkpoints",
+    [
         "sliding_window is kept: attention layers of the hybrid attend within the same window as the teacher",
         "Mamba layers see the whole context whatever the window (their state is not windowed)",
         "export to granite-hybrid refuses a sliding window (GraniteMoeHybrid attention is full causal)",
     ],
-    check=_check_llama,
+    hybrid_config=mistral_config,
 )
 
 
@@ -90,24 +79,16 @@ def qwen2_config(tc) -> dict:
     return kwargs
 
 
-QWEN2_MAPPING = replace(
-    LLAMA_STYLE_MAPPING, dropped=LLAMA_STYLE_MAPPING.dropped + (QKV_BIAS_OF_MAMBA_LAYERS,)
-)
-
-QWEN2 = TeacherFamily(
-    name="qwen2",
-    model_types=("qwen2",),
-    description="Qwen2 and Qwen2.5 (base, instruct, coder, math) Qwen2ForCausalLM checkpoints",
-    hybrid_config=qwen2_config,
-    mapping=QWEN2_MAPPING,
-    notes=[
+QWEN2 = llama_style_family(
+    "qwen2", "Qwen2 and Qwen2.5 (base, instruct, coder, math) Qwen2ForCausalLM checkpoints",
+    [
         "q/k/v biases are kept in attention layers (o_proj has none)",
         "Mamba layers drop the q/k/v biases (softmax cancels most of their effect; a Mamba layer would not): "
         "see mamballama_cli/convert/families_more.py",
         "export to granite-hybrid sets attention_bias=true with a zero o_proj bias (exact)",
         "per-layer sliding windows (use_sliding_window with max_window_layers) are refused",
     ],
-    check=_check_qwen2,
+    hybrid_config=qwen2_config, check=_check_qwen2, dropped=(QKV_BIAS_OF_MAMBA_LAYERS,),
 )
 
 plugins.teachers.register(MISTRAL)

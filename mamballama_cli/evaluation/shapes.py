@@ -9,23 +9,26 @@ from __future__ import annotations
 
 from mamballama_cli.errors import UsageError
 
+def _llama(vocab_size: int, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+           num_attention_heads: int, num_key_value_heads: int, head_dim: int, rope_theta: float,
+           tie_word_embeddings: bool) -> dict:
+    """A Llama configuration by its sizes; every shape here has the same norm epsilon and context length."""
+    return dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads, head_dim=head_dim, rope_theta=rope_theta,
+                rms_norm_eps=1e-5, tie_word_embeddings=tie_word_embeddings, max_position_embeddings=131072)
+
+
+# Columns: vocabulary, hidden, MLP, layers, attention heads, KV heads, head dim, RoPE theta, tied embeddings.
 SHAPES: dict[str, dict] = {
     # Meta-Llama-3-8B(-Instruct): 8.03B parameters, 16.06 GB in bf16.
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=131072),
+    "llama3-8b": _llama(128256, 4096, 14336, 32, 32, 8, 128, 500000.0, False),
     # Llama-3.2-1B(-Instruct)
-    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
-                        rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072),
+    "llama3.2-1b": _llama(128256, 2048, 8192, 16, 32, 8, 64, 500000.0, True),
     # SmolLM2-135M-Instruct, the embedded default teacher
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                         rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=131072),
+    "smollm2-135m": _llama(49152, 576, 1536, 30, 9, 3, 64, 100000.0, True),
     # For tests and CPU smoke runs
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
-                 rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=131072),
+    "tiny": _llama(512, 64, 128, 4, 4, 2, 16, 10000.0, False),
 }
 
 

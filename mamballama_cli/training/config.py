@@ -169,6 +169,13 @@ class TrainConfig:
 class DistillConfig(TrainConfig):
     """`mamballama distill`: KL/CE to a frozen teacher, optionally in progressive stages."""
 
+    # The help of the command's MODEL argument and of --template (cli/options.training_command).
+    MODEL_HELP: ClassVar[str] = ("The student: a hybrid from `convert` (or the teacher itself, with a template whose "
+                                 "stages convert it), a checkpoint directory.")
+    TEMPLATE_HELP: ClassVar[str] = ("Recipe from templates/ (default: distill-default: layer-wise alignment, then KD "
+                                    "of the mixers, then KD of everything); distill-paper (the paper's recipe), "
+                                    "distill-e2e, distill-align; 'none' for the options alone.")
+
     teacher: str | None = option(None, help="Teacher checkpoint, .gguf, hub id or 'default'.",
                                  default_text="the teacher recorded by convert")
     w_kl: float = option(1.0, help="Weight of KL(teacher || student), the forward KL.")
@@ -204,6 +211,9 @@ class DistillConfig(TrainConfig):
 class SFTConfig(TrainConfig):
     """`mamballama sft`: cross-entropy on response tokens, optionally plus KL to a teacher."""
 
+    MODEL_HELP: ClassVar[str] = "Checkpoint directory to fine-tune (a hybrid, a draft, any causal LM)."
+    TEMPLATE_HELP: ClassVar[str] = "Recipe from templates/ (e.g. sft)."
+
     teacher: str | None = option(None, help="Teacher checkpoint, .gguf, hub id or 'default', for the KL terms "
                                  "(--w-kl, --w-rkl).", default_text="none")
     w_kl: float = option(0.0, help="Weight of KL(teacher || student); needs --teacher.")
@@ -225,6 +235,9 @@ class SFTConfig(TrainConfig):
 @dataclass
 class DPOConfig(TrainConfig):
     """`mamballama dpo`: sigmoid DPO against a frozen reference (default: the input model)."""
+
+    MODEL_HELP: ClassVar[str] = "Checkpoint directory to train (usually the distilled/SFT hybrid)."
+    TEMPLATE_HELP: ClassVar[str] = "Recipe from templates/ (e.g. dpo)."
 
     data: str = option("", help="JSONL of {'prompt', 'chosen', 'rejected'} (strings or message lists), a local "
                        "data set (save_to_disk folder, .parquet, .arrow) or a Hugging Face dataset name; several "

@@ -7,18 +7,9 @@ consumed or listed as dropped; every hybrid parameter must be written).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from mamballama_cli.convert.families import LLAMA_STYLE_MAPPING, TeacherFamily, llama_style_config
+from mamballama_cli.convert.families import llama_style_config, llama_style_family
 
 __version__ = "0.1.0"
-
-# Seed-OSS names its tensors as Llama does (q/k/v/o and MLP biases optional), so the table is Llama's; the
-# biases of layers that become Mamba are dropped (attention layers consume theirs first).
-SEED_OSS_MAPPING = replace(
-    LLAMA_STYLE_MAPPING, dropped=LLAMA_STYLE_MAPPING.dropped + (r"(^|\.)self_attn\.[qkvo]_proj\.bias$",)
-)
-
 
 def seed_oss_config(tc) -> dict:
     """Hybrid config fields from a SeedOssConfig: Llama's, plus its separate q/k/v and o bias switches."""
@@ -46,16 +37,14 @@ def check_seed_oss(tc) -> None:
         raise MamballamaError(f"Seed-OSS teacher uses hidden_act={tc.hidden_act!r}; the hybrid supports silu")
 
 
-SEED_OSS = TeacherFamily(
-    name="seed_oss",
-    model_types=("seed_oss",),
-    description="ByteDance Seed-OSS (SeedOssForCausalLM) checkpoints",
-    hybrid_config=seed_oss_config,
-    mapping=SEED_OSS_MAPPING,
-    notes=[
+# Seed-OSS names its tensors as Llama does (q/k/v/o and MLP biases optional), so the table is Llama's; the
+# biases of layers that become Mamba are dropped (attention layers consume theirs first).
+SEED_OSS = llama_style_family(
+    "seed_oss", "ByteDance Seed-OSS (SeedOssForCausalLM) checkpoints",
+    [
         "q/k/v (attention_bias) and o (attention_out_bias) biases kept in attention layers",
         "Mamba layers drop the attention biases (as the built-in qwen2 family does)",
         "dropout settings of the teacher do not apply at conversion (eval mode)",
     ],
-    check=check_seed_oss,
+    hybrid_config=seed_oss_config, check=check_seed_oss, dropped=(r"(^|\.)self_attn\.[qkvo]_proj\.bias$",),
 )
