@@ -118,7 +118,7 @@ def test_runner_rollback_equals_plain_decoding_for_every_accepted_count(accepted
         full = torch.cat([prompt, window1[:, : accepted + 1], window2], 1)
         want = target(full).logits[:, -(K + 1):]
     assert (got - want).abs().max().item() <= 1e-4
-    assert runner.start == prompt.shape[1] + accepted + 1
+    assert runner.start == [prompt.shape[1] + accepted + 1]
 
 
 def test_hybrid_draft_window_grows_and_rolls_back():
@@ -232,11 +232,43 @@ def test_graph_computation_run_eagerly_keeps_greedy_lossless():
 
 
 def test_batched_rows_advance_in_lockstep_and_each_equals_its_greedy():
-    target, _ = tiny_hybrid(seed=1)
+    """A plain transformers draft has one cache length for the batch: rows advance together."""
+    target, teacher = tiny_hybrid(seed=1)
     prompts = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(9))
-    res = speculative_generate(target, perturbed(target, 0.02), prompts, k=3, max_new_tokens=20)
+    res = speculative_generate(target, teacher, prompts, k=3, max_new_tokens=20)
+    assert res.extra["draft_runner"] == "TransformersRunner" and not res.extra["per_row"]
     for row in range(3):
         assert res.tokens[row] == greedy_reference(target, prompts[row : row + 1], 20)[0]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_batched_rows_keep_their_own_accepted_counts_and_each_equals_its_greedy(static):
+    """Hybrid target and draft: every row commits its own accepted count each round and sits at its own
+    position (``static``: the CUDA-graph computation, positions and counts read from device tensors). Rows
+    that meet a stop token stop while the others go on."""
+    target, _ = tiny_hybrid(seed=1)
+    prompts = torch.randint(3, 96, (4, 6), generator=torch.Generator().manual_seed(9))
+    n = 24
+    wants = [greedy_reference(target, prompts[r : r + 1], n)[0] for r in range(4)]
+    stop = wants[0][9]
+    runner = HybridRunner(target, 4, 6 + n + 2 * 4, 4, static=static)
+    commits = []
+    commit = runner.commit
+
+    def spy(r):
+        commits.append(r.tolist() if isinstance(r, torch.Tensor) else [r] * 4)
+        commit(r)
+
+    runner.commit = spy
+    res = speculative_generate(runner, perturbed(target, 0.05), prompts, k=3, max_new_tokens=n, static=static,
+                               stop_tokens=[stop])
+    assert res.extra["per_row"]
+    for row, want in enumerate(wants):
+        assert res.tokens[row] == (want[: want.index(stop) + 1] if stop in want else want), row
+    assert any(len(set(c)) > 1 for c in commits)  # rows kept different counts in one round
+    assert any(0 in c and max(c) > 0 for c in commits)  # a finished row stayed where it was as others went on
+    s = res.stats
+    assert s.produced == s.accepted + s.row_rounds and s.tokens_per_call == pytest.approx(s.produced / s.row_rounds)
 
 
 def test_stop_token_ends_generation_like_plain_decoding():

@@ -18,12 +18,15 @@ from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
 class HybridRunner:
+    per_row = True  # commit() takes a count per row
     """Speculative state of a MamballamaForCausalLM (target, or a draft that is a hybrid).
 
     The :class:`~mamballama_cli.models.runtime.Runtime` holds the static buffers: attention K/V for
     ``max_length`` tokens, and a replay window of ``window`` tokens per recurrent layer (each mixer's own,
-    models/step.py). ``start`` is the committed position where the current window begins, ``wlen`` how many
-    tokens the window holds, ``keep`` how many of them are correct. :meth:`capture` (CUDA) records every step
+    models/step.py). Per row, ``start`` is the committed position where the current window begins and ``keep``
+    how many tokens of the window are correct; ``wlen``, how many tokens the window holds, is shared (every call
+    feeds each row the same number of tokens). Rows may commit different counts (``per_row``): each then sits
+    at its own position, which the attention kernels take per row. :meth:`capture` (CUDA) records every step
     shape used in a CUDA graph before the prefill; ``static`` runs the very same computation eagerly
     (positions and replay counts read from device tensors), which is how the CPU tests check the graph path.
     """
@@ -37,8 +40,9 @@ class HybridRunner:
         self.cache = self.runtime.cache
         self.capacity = max_length
         self.has_mamba = bool(self.runtime.windows)
-        self.start = self.wlen = self.keep = 0
-        self.pos_t = torch.zeros((), dtype=torch.long, device=self.device)
+        self.wlen = 0
+        self.start, self.keep = [0] * batch_size, [0] * batch_size
+        self.pos_t = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.keep_t = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.graphs: dict[tuple, tuple] = {}
         self.static = static  # attend over the whole static buffer with device-side positions, as graphs do
@@ -57,7 +61,7 @@ class HybridRunner:
         if ids.shape[1] + self.window > self.capacity:
             raise MamballamaError(f"prompt of {ids.shape[1]} tokens leaves no room in a {self.capacity}-token cache")
         logits = self.runtime.prefill(ids)
-        self.start, self.wlen, self.keep = ids.shape[1], 0, 0
+        self.start, self.wlen, self.keep = [ids.shape[1]] * self.batch_size, 0, [0] * self.batch_size
         self.calls += 1
         return logits
 
@@ -66,36 +70,45 @@ class HybridRunner:
         """Feed T new tokens; ``rebase`` starts a new window after the ``keep`` correct tokens of the last."""
         T = ids.shape[1]
         if rebase:
-            self.start += self.keep
+            self.start = [s + k for s, k in zip(self.start, self.keep)]
             self.wlen = 0
-        pos = self.start + self.wlen
-        if pos + T > self.capacity:
+        pos = [s + self.wlen for s in self.start]
+        if max(pos) + T > self.capacity:
             raise MamballamaError(f"speculative cache of {self.capacity} tokens is full; raise max_length")
         key = self._graph_key(T, rebase, self.wlen)
         if key in self.graphs:
             logits = self._replay_graph(key, ids, pos)
         elif self.static:  # exactly what a graph records, run eagerly (tests the graph path on CPU)
-            self.pos_t.fill_(pos)
-            self.keep_t.fill_(self.keep)
+            self._fill(pos)
             logits = self._walk(ids, self.pos_t, self.keep_t, rebase, self.wlen, kv_len=None)
         else:
-            logits = self._walk(ids, torch.tensor(pos, device=self.device), self._keep_tensor(), rebase,
-                                self.wlen, kv_len=pos + T)
+            # one position for the whole batch where the rows agree (the shared-position path of the ops)
+            where = pos[:1] if len(set(pos)) == 1 else pos
+            logits = self._walk(ids, torch.tensor(where, device=self.device), self._keep_tensor(), rebase,
+                                self.wlen, kv_len=max(pos) + T)
         self.wlen += T
-        self.keep = self.wlen
-        self.cache.seqlen = self.start + self.wlen
+        self.keep = [self.wlen] * self.batch_size
+        self.cache.seqlen = max(self.start) + self.wlen
         self.calls += 1
         return logits
 
-    def commit(self, r: int) -> None:
-        """Of the tokens fed since the last rebase, the first ``r`` are part of the output."""
-        if not 0 <= r <= self.wlen:
-            raise ValueError(f"commit({r}) with {self.wlen} tokens in the window")
-        self.keep = r
-        self.cache.seqlen = self.start + r
+    def commit(self, r) -> None:
+        """Of the tokens fed since the last rebase, the first ``r`` are part of the output: one count for every
+        row (an int) or one per row (a sequence or a (batch,) tensor)."""
+        rs = [int(r)] * self.batch_size if isinstance(r, int) else [int(x) for x in (
+            r.tolist() if isinstance(r, Tensor) else r)]
+        if len(rs) != self.batch_size or not all(0 <= x <= self.wlen for x in rs):
+            raise ValueError(f"commit({r}) with {self.wlen} tokens in the window of {self.batch_size} rows")
+        self.keep = rs
+        self.cache.seqlen = max(s + k for s, k in zip(self.start, rs))
 
     def _keep_tensor(self) -> Tensor:
-        return torch.full((self.batch_size,), self.keep, dtype=torch.long, device=self.device)
+        return torch.tensor(self.keep, dtype=torch.long, device=self.device)
+
+    def _fill(self, pos: list[int]) -> None:
+        """The graph inputs: each row's position and kept count (one small host-to-device copy each)."""
+        self.pos_t.copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
+        self.keep_t.copy_(torch.tensor(self.keep, dtype=torch.long), non_blocking=True)
 
     # --- CUDA graphs -------------------------------------------------------------------------------------
     def _graph_key(self, T: int, rebase: bool, wlen: int) -> tuple:
@@ -120,11 +133,10 @@ class HybridRunner:
             self.graphs[key] = (graph, ids, logits)
         torch.cuda.synchronize()
 
-    def _replay_graph(self, key: tuple, ids: Tensor, pos: int) -> Tensor:
+    def _replay_graph(self, key: tuple, ids: Tensor, pos: list[int]) -> Tensor:
         graph, ids_buf, logits = self.graphs[key]
         ids_buf.copy_(ids)
-        self.pos_t.fill_(pos)
-        self.keep_t.fill_(self.keep)
+        self._fill(pos)
         graph.replay()
         return logits.clone()  # the buffer is overwritten by the next replay
 
@@ -137,6 +149,8 @@ def _cache_kwarg(model) -> str:
 
 class TransformersRunner:
     """Any transformers causal LM with a croppable DynamicCache (e.g. a shrunk Llama draft)."""
+
+    per_row = False  # one cache length for the batch: rows advance together
 
     def __init__(self, model, batch_size: int, max_length: int, window: int, keep_live: bool = True):
         from transformers import DynamicCache
@@ -175,6 +189,8 @@ class TransformersRunner:
 
 class RefeedRunner:
     """Fallback for models whose cache cannot be cut back: every call re-runs the kept tokens (slow, exact)."""
+
+    per_row = False
 
     def __init__(self, model, batch_size: int, max_length: int, window: int, keep_live: bool = True):
         self.model, self.ids, self.window_start, self.calls = model, None, 0, 0

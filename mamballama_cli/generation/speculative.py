@@ -86,6 +86,27 @@ def lockstep(accepted: Tensor, nxt: Tensor, drafts: Tensor) -> tuple[int, Tensor
     return m, torch.where(ahead, drafts[:, min(m, K - 1)], nxt)
 
 
+def _commit_per_row(t_runner, d_runner, fed_pending: int, verify_ids: Tensor, acc: Tensor, nxt: Tensor,
+                    live: Tensor, kr: int) -> tuple[Tensor, int]:
+    """Commit a round whose rows kept different counts ``acc`` (b,); returns (the draft's next input, the
+    smallest count among live rows, for the adaptive window).
+
+    The target keeps each row's verified token and its accepted drafts (a finished row keeps nothing: it stays
+    where it is). The draft was fed ``fed_pending`` tokens then kr - 1 drafts; its next input must have one
+    length for every row. When no live row kept all kr drafts, that is the correction alone. Otherwise the rows
+    that did need two tokens (the last draft, never fed, and the bonus), so every row gets two: the token before
+    its correction (``verify_ids[acc]``: the last kept draft, or the round's first token when none was kept),
+    which the draft then un-commits, and the correction."""
+    t_runner.commit(torch.where(live, acc + 1, 0))
+    if bool(((acc == kr) & live).any()):
+        d_runner.commit(torch.where(live, fed_pending + acc - 1, 0))
+        pending = torch.stack([verify_ids.gather(1, acc[:, None])[:, 0], nxt], dim=1)
+    else:
+        d_runner.commit(torch.where(live, fed_pending + acc, 0))
+        pending = nxt[:, None]
+    return pending, int(acc[live].min()) if bool(live.any()) else 0
+
+
 # --------------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------------
@@ -95,7 +116,8 @@ class SpecStats:
     rounds: int = 0  # target verify calls
     drafted: int = 0
     accepted: int = 0
-    produced: int = 0  # tokens out of verify calls, before truncation at max_new_tokens / a stop token
+    produced: int = 0  # row-tokens out of verify calls, before truncation at max_new_tokens / a stop token
+    row_rounds: int = 0  # verify calls times the rows still decoding in each
     new_tokens: int = 0
     prompt_tokens: int = 0
     time_to_first_token_s: float = 0.0
@@ -129,7 +151,8 @@ class SpecStats:
 
     @property
     def tokens_per_call(self) -> float:
-        return self.produced / self.rounds if self.rounds else float("nan")
+        """Tokens a row gets from one verify call, on average."""
+        return self.produced / self.row_rounds if self.row_rounds else float("nan")
 
     @property
     def tokens_per_s(self) -> float:
@@ -196,8 +219,9 @@ def speculative_generate(
 ) -> SpecResult:
     """Speculative decoding of ``target`` (a MamballamaForCausalLM, or any runner) with ``draft``.
 
-    input_ids (batch, prompt_len): rows of one batch share the prompt length (no padding) and advance in
-    lockstep. At temperature 0 the output equals the target's greedy decoding; when sampling it follows
+    input_ids (batch, prompt_len): rows of one batch share the prompt length (no padding). When both models
+    run on :class:`HybridRunner` (``per_row``), each row keeps its own accepted count every round and sits at
+    its own position; otherwise rows advance in lockstep (:func:`lockstep`). At temperature 0 the output equals the target's greedy decoding; when sampling it follows
     the target's processed distribution. ``on_tokens`` receives row 0's new tokens as they are accepted.
     ``cuda_graphs`` (default: on CUDA) captures the verify and draft steps; ``static`` runs the captured
     computation eagerly (what the CPU tests use to check it). ``adaptive``: ``k`` is the largest window, and
@@ -240,13 +264,14 @@ def speculative_generate(
         probs = probabilities(logits, sampling)
         return draw(probs, gen), probs
 
-    def emit(tokens: Tensor) -> bool:
-        """tokens (b, n) new for every row; returns True when generation is over."""
+    def emit(tokens) -> bool:
+        """tokens (b, n), or a list of b lists, new for every row; returns True when generation is over."""
         nonlocal finished
+        rows = tokens.tolist() if isinstance(tokens, Tensor) else tokens
         for row in range(b):
             if bool(finished[row]):
                 continue
-            for tok in tokens[row].tolist():
+            for tok in rows[row]:
                 if len(out[row]) >= max_new_tokens:
                     break
                 out[row].append(tok)
@@ -270,6 +295,7 @@ def speculative_generate(
     pending = last[:, None]  # tokens the draft has not seen yet (1, or 2 after a full acceptance)
 
     kr = k  # this round's window (fixed unless adaptive)
+    per_row = b > 1 and getattr(t_runner, "per_row", False) and getattr(d_runner, "per_row", False)
     while not done:
         # 1. Draft K tokens.
         drafts, qs = [], []
@@ -289,19 +315,32 @@ def speculative_generate(
             accepted, nxt = accept_greedy(d, t_logits)
         else:
             accepted, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, sampling), gen)
-        m, nxt = lockstep(accepted, nxt, d)
-
-        # 3. Commit: the target keeps the last token and m drafts; the draft keeps what it fed correctly.
-        t_runner.commit(m + 1)
-        d_runner.commit(pending.shape[1] + min(m, kr - 1))
-        pending = torch.cat([d[:, kr - 1 :], nxt[:, None]], dim=1) if m == kr else nxt[:, None]
+        if per_row:
+            live = ~finished
+            acc = torch.where(live, accepted, 0)
+            pending, m = _commit_per_row(t_runner, d_runner, pending.shape[1], verify_ids, acc, nxt, live, kr)
+            n_live = int(live.sum())
+            stats.drafted += kr * n_live
+            stats.accepted += int(acc.sum())
+            stats.produced += int(acc.sum()) + n_live
+            stats.row_rounds += n_live
+            stats.record(accepted[live], kr)
+            acc_host = acc.tolist()
+            done = emit([row[:a] + [t] for row, a, t in zip(d.tolist(), acc_host, nxt.tolist())])
+        else:
+            m, nxt = lockstep(accepted, nxt, d)
+            # 3. Commit: the target keeps the last token and m drafts; the draft keeps what it fed correctly.
+            t_runner.commit(m + 1)
+            d_runner.commit(pending.shape[1] + min(m, kr - 1))
+            pending = torch.cat([d[:, kr - 1 :], nxt[:, None]], dim=1) if m == kr else nxt[:, None]
+            stats.drafted += kr * b
+            stats.accepted += int(accepted.sum())
+            stats.produced += (m + 1) * b
+            stats.row_rounds += b
+            stats.record(accepted, kr)
+            done = emit(torch.cat([d[:, :m], nxt[:, None]], dim=1))
         last = nxt
         stats.rounds += 1
-        stats.drafted += kr * b
-        stats.accepted += int(accepted.sum())
-        stats.produced += m + 1
-        stats.record(accepted, kr)
-        done = emit(torch.cat([d[:, :m], nxt[:, None]], dim=1))
         if adaptive:
             kr = next_k(kr, m, k)
 
@@ -311,5 +350,6 @@ def speculative_generate(
     stats.target_calls = getattr(t_runner, "calls", 0)
     stats.draft_calls = getattr(d_runner, "calls", 0)
     extra = {"cuda_graphs": bool(cuda_graphs), "draft_runner": type(d_runner).__name__,
-             "target_runner": type(t_runner).__name__, "batch_size": b, "adaptive_k": bool(adaptive)}
+             "target_runner": type(t_runner).__name__, "batch_size": b, "adaptive_k": bool(adaptive),
+             "per_row": bool(per_row)}
     return SpecResult(out, stats, extra=extra)

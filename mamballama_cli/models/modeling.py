@@ -21,6 +21,7 @@ from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
+from mamballama_cli.ops.decode import write_positions
 from mamballama_cli.models.step import Step, fuse_linears
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
@@ -155,21 +156,19 @@ class Attention(nn.Module):
             out = fns["window_attention"](q, kb, vb, step.pos, self.scaling)
             return self.o_proj(out.reshape(b, T, nh * hd))
         # Sliding-window layers: the masked SDPA over the buffer (the window ops have no sliding window).
-        idx = step.pos + torch.arange(T, device=x.device)  # (T,)
+        idx = step.pos.reshape(-1, 1) + torch.arange(T, device=x.device)  # (1 or batch, T): a position per row
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(b, T, nh, hd).transpose(1, 2)
         k = k.view(b, T, nkv, hd).transpose(1, 2)
         v = v.view(b, T, nkv, hd).transpose(1, 2)
-        cos = step.cos.index_select(0, idx)[None].expand(b, T, -1)
-        sin = step.sin.index_select(0, idx)[None].expand(b, T, -1)
-        q, k = apply_rotary(q, k, cos, sin)
-        kb.index_copy_(2, idx, k.to(kb.dtype))
-        vb.index_copy_(2, idx, v.to(vb.dtype))
+        q, k = apply_rotary(q, k, step.cos[idx].expand(b, T, -1), step.sin[idx].expand(b, T, -1))
+        write_positions(kb, idx, k)
+        write_positions(vb, idx, v)
         L = kb.shape[2] if step.kv_len is None else step.kv_len  # graphs attend over the whole buffer, masked
-        kj = torch.arange(L, device=x.device)[None, :]
-        mask = (kj <= idx[:, None]) & (kj > idx[:, None] - self.sliding_window)  # a token sees its window
+        kj = torch.arange(L, device=x.device)
+        mask = (kj <= idx[..., None]) & (kj > idx[..., None] - self.sliding_window)  # a token sees its window
         out = F.scaled_dot_product_attention(
-            q, kb[:, :, :L].to(q.dtype), vb[:, :, :L].to(q.dtype), attn_mask=mask[None, None],
+            q, kb[:, :, :L].to(q.dtype), vb[:, :, :L].to(q.dtype), attn_mask=mask[:, None],
             scale=self.scaling, enable_gqa=nkv != nh,
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, T, nh * hd))

@@ -61,8 +61,9 @@ class OpTable(dict):
 class Step:
     """What one walk over the layers hands every mixer besides its input and its state.
 
-    pos: decode: (1,) int64, the position of the new token; window: () int64, the position of the first new
-    token. length: decode only, (1,) int64, the attended length (pos + 1). cos, sin: the rotary tables
+    pos: int64 on the device, one for the batch ((1,) or ()) or one per row ((batch,): continuous batching,
+    speculative rows that accepted different counts); decode: the position of the new token; window: the
+    position of the first new token. length: decode only, pos + 1, the attended length. cos, sin: the rotary tables
     (capacity, rotary_dim), indexed by position on the device. keep, rebase, wlen: window only (module doc).
     kv_len: window only, how much of the K/V buffer a sliding-window layer attends over (None: all of it,
     as a captured graph must).
