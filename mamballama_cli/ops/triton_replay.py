@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
+from mamballama_cli.ops.common import _device_guard
 from mamballama_cli.ops.replay import ssm_replay_ref  # noqa: F401  (registers the op's reference first)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
@@ -32,6 +33,12 @@ def _softplus(x):
     w = 1.0 + u
     lp = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
     return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _tile(ptr, rows, s_row, cols, s_col):
+    """Pointers of a (rows x cols) tile at ``ptr``."""
+    return ptr + rows[:, None] * s_row + cols[None, :] * s_col
 
 
 @triton.jit
@@ -65,8 +72,8 @@ def _replay_kernel(
     mask_n = offs_n < dstate
     mask = mask_p[:, None] & mask_n[None, :]
 
-    s = tl.load(state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :] * s_sn,
-                mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(_tile(state_ptr + b * s_sb + h * s_sh, offs_p, s_sp, offs_n, s_sn), mask=mask, other=0.0)
+    s = s.to(tl.float32)
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
 
@@ -78,7 +85,7 @@ def _replay_kernel(
         Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=mask_n, other=0.0)
         dA = tl.exp(dt * A)
         s = s * dA + (dt * x.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
-    tl.store(state_out_ptr + b * so_sb + h * so_sh + offs_p[:, None] * so_sp + offs_n[None, :] * so_sn,
+    tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
              s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
     # 2. The new steps, with outputs.
@@ -96,8 +103,28 @@ def _replay_kernel(
             y += Dh * x
         tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     if RETURN_FINAL:
-        tl.store(final_ptr + b * f_sb + h * f_sh + offs_p[:, None] * f_sp + offs_n[None, :] * f_sn,
+        tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
                  s.to(final_ptr.dtype.element_ty), mask=mask)
+
+
+# ================================================================================================
+# Launchers
+# ================================================================================================
+def _state_buffers(state, return_final, state_out, final_out):
+    """Where a replay kernel writes its states, as the ops' contract says: (replayed, final, want_final).
+    Without ``return_final`` nor ``final_out`` the kernel stores no final state (``final`` then stands in)."""
+    out = state_out if state_out is not None else torch.empty_like(state)
+    want_final = return_final or final_out is not None
+    final = final_out if final_out is not None else (torch.empty_like(state) if want_final else out)
+    return out, final, want_final
+
+
+def _old_window(old, new):
+    """The old window's tensors and their strides, flat. With W == 0 (nothing to replay), empty views of the
+    new steps' tensors stand in, so that every pointer is valid; the kernel reads none of them."""
+    if old[0].shape[1] == 0:
+        old = tuple(t[:, :0] for t in new)
+    return old, [st for t in old for st in (t.stride() if t.numel() else (0,) * t.dim())]
 
 
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
@@ -113,38 +140,36 @@ def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_ne
     assert A.shape == (h,) and dt_bias.shape == (h,) and (D is None or D.shape == (h,))
     assert n_replay.numel() == b and not n_replay.is_floating_point()
     assert (state.is_cuda and x_new.is_cuda) or _INTERPRET, "the Triton replay kernel needs CUDA tensors"
-    if W == 0:  # nothing to replay: a 1-step dummy window keeps the pointer arithmetic valid
-        x_old, dt_old, B_old = x_new[:, :0], dt_new[:, :0], B_new[:, :0]
+    (x_old, dt_old, B_old), old_strides = _old_window((x_old, dt_old, B_old), (x_new, dt_new, B_new))
     n_replay = n_replay.reshape(b)
     y = torch.empty(b, T, h, p, dtype=x_new.dtype, device=x_new.device)
-    out = state_out if state_out is not None else torch.empty_like(state)
-    want_final = return_final or final_out is not None
-    final = final_out if final_out is not None else (torch.empty_like(state) if want_final else out)
+    out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
     BLOCK_N = triton.next_power_of_2(n)
     BLOCK_P = min(triton.next_power_of_2(p), max(1, 4096 // BLOCK_N), 32)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     Dt = D if D is not None else A
-    _replay_kernel[grid](
-        state, x_old, dt_old, B_old, n_replay,
-        x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-        y, out, final,
-        T, h, p, n, h // g, h // cg,
-        *state.stride(),
-        *(x_old.stride() if x_old.numel() else (0, 0, 0, 0)),
-        *(dt_old.stride() if dt_old.numel() else (0, 0, 0)),
-        *(B_old.stride() if B_old.numel() else (0, 0, 0, 0)),
-        *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
-        *y.stride(), *out.stride(), *final.stride(),
-        HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        num_warps=4,
-    )
+    with _device_guard(state):
+        _replay_kernel[grid](
+            state, x_old, dt_old, B_old, n_replay,
+            x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
+            y, out, final,
+            T, h, p, n, h // g, h // cg,
+            *state.stride(), *old_strides,
+            *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
+            *y.stride(), *out.stride(), *final.stride(),
+            HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+            num_warps=4,
+        )
     return y, out, (final if want_final else None)
 
 
-def _probe() -> tuple[bool, str]:
+# ================================================================================================
+# Probes
+# ================================================================================================
+def _ssm_replay_probe() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, "ok"
 
 
-ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _probe)
+ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _ssm_replay_probe)
