@@ -1,6 +1,7 @@
 """Mamba-1 on CUDA: whichever backend the dispatch picks (mamba_ssm's CUDA scan, or the chunked PyTorch scan
 when the extension is absent; mamba_ssm's Triton selective_state_update for decoding) against the float64
-references, forward and backward, fp32 and bf16, on fresh random inputs."""
+references, forward and backward, fp32 and bf16, on fresh random inputs. The replay op's Triton kernel
+(ops/triton_replay.py) against its reference at the mixer's shapes, and inside a captured CUDA graph."""
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from mamballama_cli.ops.selective_scan import (
     selective_state_step,
     selective_state_step_ref,
 )
+from test_mamba1_replay import check_selective_replay, replay_inputs
 
 pytestmark = pytest.mark.gpu
 
@@ -97,6 +99,54 @@ def test_selective_state_step_cuda_matches_reference(dtype):
     assert new_state.dtype == torch.float32 and y.dtype == dtype
     assert rel_err(new_state, ref_state) <= TOL[dtype]
     assert rel_err(y, y_ref) <= TOL[dtype]
+
+
+# --- speculative replay (selective_replay) ------------------------------------------------------------------------
+def test_dispatch_picks_the_selective_replay_kernel():
+    name, _ = ops.dispatch("selective_replay", torch.device("cuda"))
+    assert name == "mamballama-triton", ops.backend_report("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,counts", [(1, [5]), (1, [2]), (3, [0, 2, 5])])
+@pytest.mark.parametrize("ngroups", [256, 8])  # the mixer's (one group of B and C per 16 channels), and wide groups
+def test_selective_replay_kernel_matches_reference(dtype, b, counts, ngroups):
+    """dim 4096, dstate 16, a window of W = 5 and T = 5 new steps (K = 4 drafts), against the float64 reference."""
+    seed = 10 * b + sum(counts)
+    check_selective_replay("cuda", dtype, b, 5, 5, 4096, ngroups, 16, counts, seed=seed)
+    check_selective_replay("cuda", dtype, b, 5, 5, 4096, ngroups, 16, counts, with_D=False, inplace=True, seed=seed)
+    check_selective_replay("cuda", dtype, b, 0, 1, 4096, ngroups, 16, [0] * b, inplace=True, seed=seed)  # W = 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_replay_kernel_in_a_cuda_graph_reads_the_counts_from_memory(dtype):
+    """One captured kernel serves every accepted count: the loop bound is read on the device. Written as the mixer
+    does it: the checkpoint over the input state, the final state into the live buffer."""
+    from mamballama_cli.ops.selective_scan import selective_replay_ref
+    from mamballama_cli.ops.triton_replay import selective_replay_triton
+
+    W = 5
+    state, *rest = replay_inputs("cuda", dtype, 3, W, 5, 4096, 256, 16, [0, 0, 0], seed=3)
+    n_buf = rest[3]  # (x_old, dt_old, B_old, n_replay, ...)
+    ckpt, live = state.clone(), torch.empty_like(state)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the capture
+        selective_replay_triton(ckpt, *rest, state_out=ckpt, final_out=live)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, _, _ = selective_replay_triton(ckpt, *rest, state_out=ckpt, final_out=live)
+    seen = []
+    for counts in ([0, W, 2], [W, 1, 0], [3, 3, W]):
+        n_buf.copy_(torch.tensor(counts))
+        ckpt.copy_(state)
+        graph.replay()
+        y_ref, s_ref, f_ref = selective_replay_ref(state, *rest, return_final=True)
+        assert rel_err(y, y_ref) <= TOL[dtype] / 3, counts
+        assert rel_err(ckpt, s_ref) <= 1e-5 and rel_err(live, f_ref) <= 1e-5, counts
+        seen.append(ckpt.clone())
+    assert not torch.equal(seen[0], seen[1])  # the counts changed the result
 
 
 def test_mamba1_hybrid_on_cuda_matches_cpu_and_caches_exactly():

@@ -1,13 +1,16 @@
-"""Fused Triton kernel for the speculative replay op (reference: :mod:`mamballama_cli.ops.replay`).
+"""Fused Triton kernels of the speculative replay ops: ``ssm_replay`` (Mamba-2, reference
+:mod:`mamballama_cli.ops.replay`) and ``selective_replay`` (Mamba-1, reference
+:func:`mamballama_cli.ops.selective_scan.selective_replay_ref`).
 
-One program owns a (BLOCK_P x dstate) tile of one head's state of one batch row and keeps it in registers
-for the whole call: it replays that row's ``n_replay`` accepted steps of the last window (the loop bound
-is read from device memory, so a captured CUDA graph serves every accepted count), stores the new
-checkpoint, then runs the new steps, writing one output row per step. State traffic is one read and one
-or two writes per call, whatever K is; no GEMMs.
+One program owns a tile of one batch row's state and keeps it in registers for the whole call: a
+(BLOCK_P x dstate) tile of one head (Mamba-2) or a (BLOCK_D x dstate) tile of a block of channels (Mamba-1).
+It replays that row's ``n_replay`` accepted steps of the last window (the loop bound is read from device
+memory, so a captured CUDA graph serves every accepted count), stores the new checkpoint, then runs the new
+steps, writing one output row per step. State traffic is one read and one or two writes per call, whatever
+K is; no GEMMs.
 
-Inference only (no autograd): verification never trains. Importing this module registers the kernel for
-``ssm_replay`` on CUDA; it is skipped (and the reference used) when Triton is not installed.
+Inference only (no autograd): verification never trains. Importing this module registers the kernels on
+CUDA; it is skipped (and the references used) when Triton is not installed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import triton
 import triton.language as tl
 
 from mamballama_cli import ops
+from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
 from mamballama_cli.ops.replay import ssm_replay_ref  # noqa: F401  (registers the op's reference first)
+from mamballama_cli.ops.selective_scan import check_scan_shapes, selective_replay_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
 
@@ -32,6 +37,12 @@ def _softplus(x):
     w = 1.0 + u
     lp = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
     return tl.where(x > 20.0, x, lp)
+
+
+@triton.jit
+def _tile(ptr, rows, s_row, cols, s_col):
+    """Pointers of a (rows x cols) tile at ``ptr``."""
+    return ptr + rows[:, None] * s_row + cols[None, :] * s_col
 
 
 @triton.jit
@@ -65,8 +76,8 @@ def _replay_kernel(
     mask_n = offs_n < dstate
     mask = mask_p[:, None] & mask_n[None, :]
 
-    s = tl.load(state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :] * s_sn,
-                mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(_tile(state_ptr + b * s_sb + h * s_sh, offs_p, s_sp, offs_n, s_sn), mask=mask, other=0.0)
+    s = s.to(tl.float32)
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
 
@@ -78,7 +89,7 @@ def _replay_kernel(
         Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=mask_n, other=0.0)
         dA = tl.exp(dt * A)
         s = s * dA + (dt * x.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
-    tl.store(state_out_ptr + b * so_sb + h * so_sh + offs_p[:, None] * so_sp + offs_n[None, :] * so_sn,
+    tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
              s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
     # 2. The new steps, with outputs.
@@ -96,8 +107,98 @@ def _replay_kernel(
             y += Dh * x
         tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     if RETURN_FINAL:
-        tl.store(final_ptr + b * f_sb + h * f_sh + offs_p[:, None] * f_sp + offs_n[None, :] * f_sn,
+        tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
                  s.to(final_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped(ptr, groups, s_g, offs_n, s_n, mask):
+    """B or C of one step for a block of channels: row ``groups[i]`` (the group of channel i) of a
+    (ngroups, dstate) matrix, as a float32 (channels x dstate) tile."""
+    return tl.load(_tile(ptr, groups, s_g, offs_n, s_n), mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _selective_step(s, A, x_row, s_x, dt_row, s_dt, B_row, s_bg, s_bn, offs_d, groups, offs_n, mask_d, mask):
+    """One step of the Mamba-1 recurrence on a (channels x dstate) tile: returns (new state, x as float32)."""
+    x = tl.load(x_row + offs_d * s_x, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_row + offs_d * s_dt, mask=mask_d, other=0.0).to(tl.float32)
+    Bv = _grouped(B_row, groups, s_bg, offs_n, s_bn, mask)
+    return s * tl.exp(dt[:, None] * A) + (dt * x)[:, None] * Bv, x
+
+
+@triton.jit
+def _selective_replay_kernel(
+    state_ptr, x_old_ptr, dt_old_ptr, B_old_ptr, n_ptr,
+    x_ptr, dt_ptr, B_ptr, C_ptr, A_ptr, D_ptr,
+    y_ptr, state_out_ptr, final_ptr,
+    W, T, dim, dstate, channels_per_group, n_s,
+    s_sb, s_sd, s_sn,
+    xo_sb, xo_st, xo_sd, dto_sb, dto_st, dto_sd, Bo_sb, Bo_st, Bo_sg, Bo_sn,
+    x_sb, x_st, x_sd, dt_sb, dt_st, dt_sd, B_sb, B_st, B_sg, B_sn, C_sb, C_st, C_sg, C_sn,
+    A_sd, A_sn, D_s,
+    y_sb, y_st, y_sd,
+    so_sb, so_sd, so_sn,
+    f_sb, f_sd, f_sn,
+    HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(1)
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask = mask_d[:, None] & (offs_n < dstate)[None, :]
+    groups = offs_d // channels_per_group  # the B / C group of each channel
+
+    s = tl.load(_tile(state_ptr + row * s_sb, offs_d, s_sd, offs_n, s_sn), mask=mask, other=0.0)
+    s = s.to(tl.float32)
+    A = tl.load(_tile(A_ptr, offs_d, A_sd, offs_n, A_sn), mask=mask, other=0.0).to(tl.float32)
+
+    # 1. Replay the row's accepted steps of the last window (the count read from memory; at most W, as the
+    #    reference, whose steps past the count are the identity).
+    r = tl.minimum(tl.load(n_ptr + row * n_s).to(tl.int32), W)
+    for t in range(r):
+        s, x = _selective_step(s, A, x_old_ptr + row * xo_sb + t * xo_st, xo_sd,
+                               dt_old_ptr + row * dto_sb + t * dto_st, dto_sd,
+                               B_old_ptr + row * Bo_sb + t * Bo_st, Bo_sg, Bo_sn,
+                               offs_d, groups, offs_n, mask_d, mask)
+    tl.store(_tile(state_out_ptr + row * so_sb, offs_d, so_sd, offs_n, so_sn),
+             s.to(state_out_ptr.dtype.element_ty), mask=mask)
+
+    # 2. The new steps: y = s . C + D * x per channel.
+    if HAS_D:
+        Dv = tl.load(D_ptr + offs_d * D_s, mask=mask_d, other=0.0).to(tl.float32)
+    for t in range(T):
+        s, x = _selective_step(s, A, x_ptr + row * x_sb + t * x_st, x_sd,
+                               dt_ptr + row * dt_sb + t * dt_st, dt_sd,
+                               B_ptr + row * B_sb + t * B_st, B_sg, B_sn,
+                               offs_d, groups, offs_n, mask_d, mask)
+        y = tl.sum(s * _grouped(C_ptr + row * C_sb + t * C_st, groups, C_sg, offs_n, C_sn, mask), axis=1)
+        if HAS_D:
+            y += Dv * x
+        tl.store(y_ptr + row * y_sb + t * y_st + offs_d * y_sd, y.to(y_ptr.dtype.element_ty), mask=mask_d)
+    if RETURN_FINAL:
+        tl.store(_tile(final_ptr + row * f_sb, offs_d, f_sd, offs_n, f_sn), s.to(final_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+# ================================================================================================
+# Launchers
+# ================================================================================================
+def _state_buffers(state, return_final, state_out, final_out):
+    """Where a replay kernel writes its states, as the ops' contract says: (replayed, final, want_final).
+    Without ``return_final`` nor ``final_out`` the kernel stores no final state (``final`` then stands in)."""
+    out = state_out if state_out is not None else torch.empty_like(state)
+    want_final = return_final or final_out is not None
+    final = final_out if final_out is not None else (torch.empty_like(state) if want_final else out)
+    return out, final, want_final
+
+
+def _old_window(old, new):
+    """The old window's tensors and their strides, flat. With W == 0 (nothing to replay), empty views of the
+    new steps' tensors stand in, so that every pointer is valid; the kernel reads none of them."""
+    if old[0].shape[1] == 0:
+        old = tuple(t[:, :0] for t in new)
+    return old, [st for t in old for st in (t.stride() if t.numel() else (0,) * t.dim())]
 
 
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
@@ -113,38 +214,92 @@ def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_ne
     assert A.shape == (h,) and dt_bias.shape == (h,) and (D is None or D.shape == (h,))
     assert n_replay.numel() == b and not n_replay.is_floating_point()
     assert (state.is_cuda and x_new.is_cuda) or _INTERPRET, "the Triton replay kernel needs CUDA tensors"
-    if W == 0:  # nothing to replay: a 1-step dummy window keeps the pointer arithmetic valid
-        x_old, dt_old, B_old = x_new[:, :0], dt_new[:, :0], B_new[:, :0]
+    (x_old, dt_old, B_old), old_strides = _old_window((x_old, dt_old, B_old), (x_new, dt_new, B_new))
     n_replay = n_replay.reshape(b)
     y = torch.empty(b, T, h, p, dtype=x_new.dtype, device=x_new.device)
-    out = state_out if state_out is not None else torch.empty_like(state)
-    want_final = return_final or final_out is not None
-    final = final_out if final_out is not None else (torch.empty_like(state) if want_final else out)
+    out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
     BLOCK_N = triton.next_power_of_2(n)
     BLOCK_P = min(triton.next_power_of_2(p), max(1, 4096 // BLOCK_N), 32)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     Dt = D if D is not None else A
-    _replay_kernel[grid](
-        state, x_old, dt_old, B_old, n_replay,
-        x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-        y, out, final,
-        T, h, p, n, h // g, h // cg,
-        *state.stride(),
-        *(x_old.stride() if x_old.numel() else (0, 0, 0, 0)),
-        *(dt_old.stride() if dt_old.numel() else (0, 0, 0)),
-        *(B_old.stride() if B_old.numel() else (0, 0, 0, 0)),
-        *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
-        *y.stride(), *out.stride(), *final.stride(),
-        HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-        num_warps=4,
-    )
+    with _device_guard(state):
+        _replay_kernel[grid](
+            state, x_old, dt_old, B_old, n_replay,
+            x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
+            y, out, final,
+            T, h, p, n, h // g, h // cg,
+            *state.stride(), *old_strides,
+            *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
+            *y.stride(), *out.stride(), *final.stride(),
+            HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+            num_warps=4,
+        )
     return y, out, (final if want_final else None)
 
 
-def _probe() -> tuple[bool, str]:
+def selective_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, D=None, *,
+                            return_final=False, state_out=None, final_out=None):
+    """Same contract as :func:`mamballama_cli.ops.selective_scan.selective_replay_ref`. The kernel computes in
+    float32; autograd and float64 states take the reference."""
+    if (_needs_grad(state, x_old, dt_old, B_old, x_new, dt_new, B_new, C_new, A, D)
+            or torch.promote_types(state.dtype, torch.float32) != torch.float32):
+        return selective_replay_ref(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, D,
+                                    return_final=return_final, state_out=state_out, final_out=final_out)
+    b, T, dim, ngroups, n = check_scan_shapes(x_new, dt_new, A, B_new, C_new, D, state)
+    W = check_scan_shapes(x_old, dt_old, A, B_old, B_old, None, state)[1]
+    assert B_old.shape[2] == ngroups, (B_old.shape, B_new.shape)
+    assert n_replay.numel() == b and not n_replay.is_floating_point()
+    assert (state.is_cuda and x_new.is_cuda) or _INTERPRET, "the Triton replay kernel needs CUDA tensors"
+    (x_old, dt_old, B_old), old_strides = _old_window((x_old, dt_old, B_old), (x_new, dt_new, B_new))
+    n_replay = n_replay.to(device=state.device).reshape(b)
+    y = torch.empty(b, T, dim, dtype=x_new.dtype, device=x_new.device)
+    out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
+    BLOCK_N = triton.next_power_of_2(n)
+    BLOCK_D = min(triton.next_power_of_2(dim), max(1, 512 // BLOCK_N))  # 32 channels at dstate 16
+    with _device_guard(state):
+        _selective_replay_kernel[(triton.cdiv(dim, BLOCK_D), b)](
+            state, x_old, dt_old, B_old, n_replay,
+            x_new, dt_new, B_new, C_new, A, D if D is not None else A,
+            y, out, final,
+            W, T, dim, n, dim // ngroups, n_replay.stride(0),
+            *state.stride(), *old_strides,
+            *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
+            *A.stride(), D.stride(0) if D is not None else 0,
+            *y.stride(), *out.stride(), *final.stride(),
+            HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+            num_warps=2,
+        )
+    return y, out, (final if want_final else None)
+
+
+# ================================================================================================
+# Probes
+# ================================================================================================
+def _ssm_replay_probe() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     return True, "ok"
 
 
-ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _probe)
+def _check_selective_replay(gen):
+    """Counts 0, 2 and W, two groups that a block of channels straddles, bfloat16 window inputs and a float32
+    state and outputs, against the float64 reference."""
+    b, W, T, dim, g, n = 3, 4, 3, 80, 2, 16
+    bf = torch.bfloat16
+    state = _rand(gen, b, dim, n)
+    x_old, x_new = _rand(gen, b, W, dim, dtype=bf), _rand(gen, b, T, dim)
+    dt_old, dt_new = (torch.nn.functional.softplus(_rand(gen, b, k, dim) - 2.0) for k in (W, T))
+    B_old, B_new = _rand(gen, b, W, g, n, dtype=bf), _rand(gen, b, T, g, n, dtype=bf)
+    C_new = _rand(gen, b, T, g, n)
+    A, D = -torch.exp(_rand(gen, dim, n) * 0.5), _rand(gen, dim)
+    counts = torch.tensor([0, 2, W], device="cuda")
+    args = (state, x_old, dt_old, B_old, counts, x_new, dt_new, B_new, C_new, A, D)
+    want = selective_replay_ref(*(t.double() if t.is_floating_point() else t for t in args),
+                                return_final=True)
+    got = selective_replay_triton(*args, return_final=True)
+    return max(_rel(o, w) for o, w in zip(got, want))
+
+
+ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _ssm_replay_probe)
+ops.register_fast("selective_replay", "mamballama-triton", selective_replay_triton,
+                  _probe(_check_selective_replay))

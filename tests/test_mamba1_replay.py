@@ -1,0 +1,132 @@
+"""The Triton kernel of the Mamba-1 replay op (``selective_replay``, ops/triton_replay.py) against its reference.
+
+CPU: the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess because the variable must
+be set before triton is imported) on small shapes: per-row counts 0, between and W, T = 1 and T > 1, W = 0,
+one group and several (a block of channels straddling two), D or none, the checkpoint written over the input
+state, float32 and float16 inputs. The Mamba-2 kernel of the same module, whose launcher shares the state
+buffers and the empty-window handling, runs once too. The GPU tests (tests/test_mamba1_gpu.py) call the same
+check on CUDA at a realistic shape.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, run_interpreted
+
+pytestmark = NEEDS_TRITON
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    assert torch.isfinite(a).all(), "non-finite values in the kernel's result"
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def replay_inputs(device, dtype, b, W, T, dim, ngroups, n, counts, with_D=True, seed=0):
+    """(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, D) as the Mamba-1 mixer passes them:
+    float32 state, dt and A; x, B, C in ``dtype``; dt positive."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dt)
+
+    state = r(b, dim, n, dt=torch.float32)
+    old = (r(b, W, dim), F.softplus(r(b, W, dim, dt=torch.float32) - 2.0), r(b, W, ngroups, n) * 0.5)
+    new = (r(b, T, dim), F.softplus(r(b, T, dim, dt=torch.float32) - 2.0), r(b, T, ngroups, n) * 0.5,
+           r(b, T, ngroups, n) * 0.5)
+    A = -torch.arange(1.0, n + 1, device=device).expand(dim, n) * (1 + 0.1 * r(dim, n, dt=torch.float32).abs())
+    D = r(dim, dt=torch.float32) if with_D else None
+    n_replay = torch.tensor(counts, device=device)
+    return state, *old, n_replay, *new, A, D
+
+
+def check_selective_replay(device, dtype, b, W, T, dim, ngroups, n, counts, with_D=True, inplace=False, seed=0):
+    """The kernel against the float64 reference: y, the replayed checkpoint and the final state; with ``inplace``
+    the checkpoint is written over the input state and the final state into a given buffer."""
+    from mamballama_cli.ops.selective_scan import selective_replay_ref
+    from mamballama_cli.ops.triton_replay import selective_replay_triton
+
+    args = replay_inputs(device, dtype, b, W, T, dim, ngroups, n, counts, with_D, seed)
+    state = args[0]
+    want = selective_replay_ref(*(t.double() if t is not None and t.is_floating_point() else t for t in args),
+                                return_final=True)
+    if inplace:
+        s_in, final_out = state.clone(), torch.empty_like(state)
+        y, replayed, final = selective_replay_triton(s_in, *args[1:], state_out=s_in, final_out=final_out)
+        assert replayed is s_in and final is final_out
+    else:
+        y, replayed, final = selective_replay_triton(*args, return_final=True)
+        assert torch.equal(args[0], state)
+        _, _, none = selective_replay_triton(*args)
+        assert none is None
+    assert y.shape == (b, T, dim) and y.dtype == dtype
+    assert replayed.dtype == final.dtype == torch.float32
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3}.get(dtype, 1e-2)  # y is rounded to the inputs' dtype
+    errs = [_rel(y, want[0]) if T else 0.0, _rel(replayed, want[1]), _rel(final, want[2])]
+    assert errs[0] <= tol and max(errs[1:]) <= 1e-5, errs
+    return errs
+
+
+def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0):
+    """The Mamba-2 kernel (float32) against its reference, the checkpoint written over the input state."""
+    from mamballama_cli.ops.replay import ssm_replay_ref
+    from mamballama_cli.ops.triton_replay import ssm_replay_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, device=device)
+
+    state = r(b, h, p, n)
+    old, new = (r(b, W, g, p), r(b, W, h), r(b, W, g, n)), (r(b, T, g, p), r(b, T, h), r(b, T, g, n), r(b, T, h, n))
+    A, dt_bias, D = -torch.rand(h, generator=gen, device=device) * 4 - 0.05, r(h), r(h)
+    n_replay = torch.tensor(counts, device=device)
+    want = ssm_replay_ref(state, *old, n_replay, *new, A, dt_bias, D, return_final=True)
+    s_in = state.clone()
+    got = ssm_replay_triton(s_in, *old, n_replay, *new, A, dt_bias, D, return_final=True, state_out=s_in)
+    assert got[1] is s_in
+    errs = [_rel(o, w) for o, w in zip(got, want)]
+    assert max(errs) <= 1e-5, errs
+    return errs
+
+
+_SCRIPT = PATCHED_SCRIPT_HEAD + r"""
+import test_mamba1_replay as t
+
+torch.set_num_threads(1)  # tiny ops: threads fighting over the cores make them 100x slower
+f32, f16 = torch.float32, torch.float16
+# (dtype, b, W, T, dim, ngroups, dstate, counts, with_D, inplace)
+cases = [(f32, 3, 4, 3, 80, 2, 16, [0, 2, 4], True, False),  # a block of 32 channels straddles the two groups
+         (f32, 2, 5, 1, 48, 1, 8, [5, 0], False, True),     # T = 1, no D, checkpoint over the input state
+         (f32, 2, 0, 2, 40, 4, 4, [0, 0], True, True),      # W = 0: nothing to replay (a draft's next step)
+         (f16, 3, 3, 4, 64, 4, 16, [3, 1, 0], True, False),
+         (f32, 1, 2, 0, 24, 3, 16, [1], True, False)]        # T = 0: the checkpoint and the final state only
+for k, (dtype, b, W, T, dim, g, n, counts, with_D, inplace) in enumerate(cases):
+    print(dtype, b, W, T, dim, g, n, counts, with_D, inplace,
+          t.check_selective_replay("cpu", dtype, b, W, T, dim, g, n, counts, with_D, inplace, seed=k))
+print("ssm_replay", t.check_ssm_replay("cpu", 2, 3, 2, 4, 2, 8, 16, [3, 1]))
+print("ok")
+"""
+
+
+def test_selective_replay_kernel_under_the_triton_interpreter():
+    out = run_interpreted(_SCRIPT, str(Path(__file__).parent))
+    assert out.strip().endswith("ok"), out[-3000:]
+
+
+def test_selective_replay_kernel_is_registered_and_hands_autograd_to_the_reference():
+    from mamballama_cli import ops
+    from mamballama_cli.ops.selective_scan import selective_replay_ref
+    from mamballama_cli.ops.triton_replay import selective_replay_triton
+
+    ops._load_fast()
+    assert "mamballama-triton" in [impl.name for impl in ops.FAST["selective_replay"]]
+    assert ops.dispatch("selective_replay", torch.device("cpu"))[0] == "torch-ref"
+    args = list(replay_inputs("cpu", torch.float32, 2, 3, 2, 16, 2, 4, [1, 3]))
+    args[5] = args[5].requires_grad_(True)  # x_new: training would need the kernel's backward, which it lacks
+    y, replayed, _ = selective_replay_triton(*args)  # CPU tensors: only the reference can run this
+    y_ref, replayed_ref, _ = selective_replay_ref(*args)
+    y.sum().backward()
+    assert torch.equal(y, y_ref) and torch.equal(replayed, replayed_ref) and args[5].grad is not None
