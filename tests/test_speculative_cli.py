@@ -75,6 +75,22 @@ def test_adaptive_k_through_the_cli(pair, tmp_path, capsys):
     assert "k<=5 adaptive" in r.err
 
 
+def test_round_graph_through_the_cli(pair, tmp_path, capsys):
+    """--round-graph: the whole round on the device (run eagerly on CPU), lossless; refuses --adaptive-k."""
+    target, draft = pair / "target", pair / "draft"
+    plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
+    stats_file = tmp_path / "r.json"
+    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--draft", draft, "-k", "3",
+                 "--round-graph", "--stats-json", stats_file], capsys)
+    assert r.code == 0, r.err
+    assert r.out == plain.out
+    stats = json.loads(stats_file.read_text())
+    assert stats["captured_round"] is True and stats["matches_plain_greedy"] is True
+    assert stats["drafted"] == 3 * stats["row_rounds"] and stats["produced"] == stats["accepted"] + stats["row_rounds"]
+    bad = run_cli(["generate", target, "--prompt", "hi", "--draft", draft, "--round-graph", "--adaptive-k"], capsys)
+    assert bad.code != 0 and "--adaptive-k" in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
+
+
 def _acceptance(target_dir, draft_dir, shard_dir, n=8):
     """Mean greedy acceptance (k=4, 32 new tokens) on the first 64 prompt tokens of the last n samples."""
     from pathlib import Path

@@ -143,3 +143,28 @@ def test_batched_speculative_with_per_row_counts_in_cuda_graphs_equals_each_rows
     assert res.extra["cuda_graphs"] and res.extra["per_row"]
     assert res.tokens == want
     assert 0 < res.stats.acceptance_rate < 1
+
+
+@pytest.mark.parametrize("batch,k", [(1, 4), (3, 3)])
+def test_captured_round_equals_the_uncaptured_round_token_for_token(batch, k):
+    """The whole round (K draft steps, verify, acceptance, commit) in one CUDA graph gives the tokens of the
+    same round run eagerly, which give each row's plain greedy tokens."""
+    from helpers import tiny_hybrid
+    from mamballama_cli.generation.captured_round import CapturedRounds
+
+    target, _ = tiny_hybrid(seed=1)
+    target = target.cuda()
+    draft = _perturbed(target, 0.05)
+    prompts = torch.randint(3, 96, (batch, 6), generator=torch.Generator().manual_seed(9)).cuda()
+    n = 40
+    with torch.no_grad():
+        want = [target.generate(prompts[r : r + 1], max_new_tokens=n, do_sample=False, eos_token_id=None,
+                                pad_token_id=0)[0, 6:].tolist() for r in range(batch)]
+    stop = want[0][20]
+    runs = {}
+    for capture in (True, False):
+        rounds = CapturedRounds(target, draft, batch, 6 + n + 2 * (k + 1), k, stop_tokens=[stop], capture=capture)
+        runs[capture], stats = rounds.generate(prompts, n, sync_every=4)
+        assert (rounds.graph is not None) == capture and 0 < stats["acceptance_rate"] < 1
+    assert runs[True] == runs[False]
+    assert runs[True] == [w[: w.index(stop) + 1] if stop in w else w for w in want]

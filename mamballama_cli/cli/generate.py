@@ -35,6 +35,9 @@ def command(
     adaptive_k: bool = typer.Option(False, "--adaptive-k", help="With --speculative: -k is the largest window; "
                                     "each round's grows after a fully kept window and shrinks after one that "
                                     "kept fewer than half (still lossless)."),
+    round_graph: bool = typer.Option(False, "--round-graph", help="With --speculative: run each whole round "
+                                     "(draft steps, verify, acceptance, commit) on the device, one CUDA graph per "
+                                     "round on GPU; hybrid target and draft, fixed -k; text comes at the end."),
     cuda_graphs: Optional[bool] = typer.Option(None, "--cuda-graphs/--no-cuda-graphs",
                                                help="Capture the verify and draft steps in CUDA graphs (default: "
                                                "on with CUDA)."),
@@ -64,7 +67,8 @@ def command(
             target=model, draft=draft or "", k=draft_k, prompt=text, chat=chat, system=system,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             dtype=dtype, device=device, cuda_graphs=cuda_graphs, compare_plain=compare_plain,
-            draft_runner=draft_runner, stats_json=stats_json, adaptive_k=adaptive_k or None))
+            draft_runner=draft_runner, stats_json=stats_json, adaptive_k=adaptive_k or None,
+            round_graph=round_graph or None))
         spec_stats = run_speculative(cfg, on_text=lambda piece: out(piece, end=""))
         out()
         err(format_stats(spec_stats))

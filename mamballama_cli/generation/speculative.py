@@ -50,12 +50,14 @@ def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor
     return accepted, best.gather(1, accepted[:, None])[:, 0]
 
 
-def accept_sampled(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def accept_sampled(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | None,
+                   draw: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Lossless rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
 
     drafts (b, K) drawn from q (b, K, V); p (b, K+1, V) the target's processed distributions. Draft j is
     kept with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection the next token is drawn from
     norm(max(0, p_j - q_j)); when all K are kept it is drawn from p_{K+1} (the bonus).
+    ``draw`` samples a token per row from probabilities (default: :func:`draw` with ``gen``).
     Returns (accepted (b,), next token (b,)).
     """
     b, K = drafts.shape
@@ -71,7 +73,7 @@ def accept_sampled(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | 
     # p == q leaves no residual mass; rejection then had probability 0, but guard the division anyway.
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p[rows, at])
     fix = torch.where((accepted == K)[:, None], p[:, K], residual)
-    return accepted, draw(fix, gen)
+    return accepted, (draw(fix) if draw is not None else globals()["draw"](fix, gen))
 
 
 def lockstep(accepted: Tensor, nxt: Tensor, drafts: Tensor) -> tuple[int, Tensor]:
@@ -216,6 +218,7 @@ def speculative_generate(
     on_tokens: Callable[[list[int]], None] | None = None,
     static: bool = False,
     adaptive: bool = False,
+    captured_round: bool = False,
 ) -> SpecResult:
     """Speculative decoding of ``target`` (a MamballamaForCausalLM, or any runner) with ``draft``.
 
@@ -225,8 +228,13 @@ def speculative_generate(
     the target's processed distribution. ``on_tokens`` receives row 0's new tokens as they are accepted.
     ``cuda_graphs`` (default: on CUDA) captures the verify and draft steps; ``static`` runs the captured
     computation eagerly (what the CPU tests use to check it). ``adaptive``: ``k`` is the largest window, and
-    each round's window follows the acceptance of the rounds before (:func:`next_k`).
+    each round's window follows the acceptance of the rounds before (:func:`next_k`). ``captured_round``: the
+    whole round (draft steps, verify, acceptance, commit) runs on the device, one CUDA graph per round on CUDA
+    (generation/captured_round.py; hybrid target and draft, fixed ``k``); tokens reach ``on_tokens`` at the end.
     """
+    if captured_round:
+        return _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs,
+                         adaptive, on_tokens)
     if k < 1:
         raise UsageError(f"-k {k}: the draft must propose at least one token per round")
     sampling = sampling or SamplingConfig()
@@ -352,4 +360,37 @@ def speculative_generate(
     extra = {"cuda_graphs": bool(cuda_graphs), "draft_runner": type(d_runner).__name__,
              "target_runner": type(t_runner).__name__, "batch_size": b, "adaptive_k": bool(adaptive),
              "per_row": bool(per_row)}
+    return SpecResult(out, stats, extra=extra)
+
+
+def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs, adaptive,
+              on_tokens) -> SpecResult:
+    """speculative_generate(captured_round=True): the rounds of generation/captured_round.py."""
+    from mamballama_cli.generation.captured_round import CapturedRounds
+
+    if adaptive:
+        raise UsageError("--adaptive-k changes the window between rounds; a captured round has one window: "
+                         "drop one of them")
+    if not is_hybrid(draft) and as_hybrid(draft) is not None:
+        draft = as_hybrid(draft)  # a Llama-family draft runs exactly as an all-attention hybrid
+    if not (is_hybrid(target) and is_hybrid(draft)):
+        raise UsageError("a captured round needs a mamballama hybrid (or a Llama-family model) as target and as "
+                         "draft; drop --round-graph")
+    device = input_ids.device
+    capture = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    b, n = input_ids.shape
+    rounds = CapturedRounds(target, draft, b, n + max_new_tokens + 2 * (k + 1), k, sampling or SamplingConfig(),
+                            stop_tokens=stop_tokens, capture=capture)
+    out, st = rounds.generate(input_ids, max_new_tokens)
+    stats = SpecStats(k=k, rounds=st["rounds"], drafted=k * st["row_rounds"], accepted=st["accepted"],
+                      produced=st["accepted"] + st["row_rounds"], row_rounds=st["row_rounds"],
+                      new_tokens=len(out[0]), prompt_tokens=n, total_s=st["seconds"],
+                      draft_calls=st["rounds"] * k, target_calls=st["rounds"] + 1)
+    stats.rounds_by_k[k] = st["rounds"]
+    if on_tokens is not None:
+        on_tokens(out[0])
+    extra = {"cuda_graphs": capture, "draft_runner": "HybridRunner", "target_runner": "HybridRunner",
+             "batch_size": b, "adaptive_k": False, "per_row": True, "captured_round": True}
     return SpecResult(out, stats, extra=extra)

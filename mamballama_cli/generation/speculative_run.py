@@ -20,6 +20,7 @@ class SpeculativeConfig:
     draft: str = ""  # checkpoint dir, or a registered draft provider: NAME or NAME:ARG
     k: int = 4
     adaptive_k: bool = False  # -k is then the largest window; each round's follows the acceptance so far
+    round_graph: bool = False  # the whole round on the device (generation/captured_round.py)
     prompt: str = ""
     chat: bool = False
     system: str | None = None
@@ -135,11 +136,11 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
         # which would otherwise sit inside the timed run and swamp the speedup.
         speculative_generate(target, draft, ids, k=cfg.k, max_new_tokens=2 * (cfg.k + 1), sampling=sampling,
                              stop_tokens=stops, seed=cfg.seed, cuda_graphs=cfg.cuda_graphs,
-                             draft_runner=cfg.draft_runner)
+                             draft_runner=cfg.draft_runner, captured_round=cfg.round_graph)
     result = speculative_generate(
         target, draft, ids, k=cfg.k, max_new_tokens=cfg.max_new_tokens, sampling=sampling, stop_tokens=stops,
         seed=cfg.seed, cuda_graphs=cfg.cuda_graphs, draft_runner=cfg.draft_runner, on_tokens=on_tokens,
-        adaptive=cfg.adaptive_k,
+        adaptive=cfg.adaptive_k, captured_round=cfg.round_graph,
     )
     text = stream.finish()
     s = result.stats

@@ -1,0 +1,201 @@
+"""Speculative rounds with nothing on the host inside a round: one CUDA graph per round (issue 18).
+
+The loop of :func:`~mamballama_cli.generation.speculative.speculative_generate` pays host work every round: the
+runners keep their positions in Python, each draft step and the verify call is its own graph launch, and the
+accepted counts come back to the host before the next round can start. At 135M parameters that host work
+costs about as much as a target step. Here a whole round lives on the device:
+
+1. the draft (a hybrid, :class:`~mamballama_cli.generation.runners.HybridRunner` with a live window) reads two
+   pending tokens, then proposes K tokens one step at a time;
+2. the target verifies the last token and the K drafts in one window call;
+3. acceptance (greedy, or lossless rejection sampling with Gumbel-max draws) gives each row its count;
+4. both models commit per row: positions and kept counts are device tensors (a row sits at its own position);
+   the accepted tokens go into a device history, a row that meets a stop token or its budget freezes.
+
+The draft always reads two tokens per round (its window holds K + 1): the token before the correction (which it
+un-commits when it had already read it) and the correction, so every round has one shape and one graph. On CUDA
+the round is captured once per K; the host replays it ``sync_every`` times, then reads whether every row is done.
+Off CUDA the same computation runs eagerly (what the CPU tests check).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor
+
+from mamballama_cli.errors import UsageError
+from mamballama_cli.generation.runners import HybridRunner, is_hybrid
+from mamballama_cli.generation.sampling import SamplingConfig, probabilities
+from mamballama_cli.models.runtime import capture_graph
+
+
+def gumbel_draw(probs: Tensor) -> Tensor:
+    """One sample per row of probs (..., V) by Gumbel-max on the default generator (graph-safe)."""
+    u = torch.rand(probs.shape, device=probs.device, dtype=torch.float32).clamp_(min=torch.finfo(torch.float32).tiny)
+    return (probs.float().clamp(min=1e-38).log() - torch.log(-torch.log(u))).argmax(-1)
+
+
+class CapturedRounds:
+    """Speculative decoding of ``target`` with ``draft`` (both mamballama hybrids), a round per graph replay."""
+
+    def __init__(self, target, draft, batch_size: int, max_length: int, k: int, sampling: SamplingConfig | None = None,
+                 stop_tokens=(), capture: bool | None = None):
+        if not (is_hybrid(target) and is_hybrid(draft)):
+            raise UsageError("captured rounds need a mamballama hybrid as target and as draft")
+        if k < 1:
+            raise UsageError(f"-k {k}: the draft must propose at least one token per round")
+        self.k, self.b = int(k), int(batch_size)
+        self.sampling = sampling or SamplingConfig(temperature=0.0)
+        self.device = target.lm_head.weight.device
+        self.capture = (self.device.type == "cuda") if capture is None else bool(capture)
+        if self.capture and self.device.type != "cuda":
+            raise UsageError("captured rounds need a CUDA device; run them eagerly elsewhere (capture=False)")
+        self.max_length = int(max_length)
+        self.t = HybridRunner(target, self.b, self.max_length, window=self.k + 1, static=True)
+        self.d = HybridRunner(draft, self.b, self.max_length, window=self.k + 1, keep_live=True, static=True)
+        z = lambda: torch.zeros(self.b, dtype=torch.long, device=self.device)  # noqa: E731
+        self.t_start, self.t_keep, self.d_start, self.d_keep = z(), z(), z(), z()
+        self.pending = torch.zeros(self.b, 2, dtype=torch.long, device=self.device)
+        self.finished = torch.zeros(self.b, dtype=torch.bool, device=self.device)
+        # what the graph reads besides the models' state: fixed buffers, refilled by every generate()
+        self.stops = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=self.device)
+        self.hist = torch.zeros(self.b, self.max_length, dtype=torch.long, device=self.device)
+        self.hist_len = z()
+        self.max_new = torch.zeros((), dtype=torch.long, device=self.device)
+        self.accepted = torch.zeros((), dtype=torch.long, device=self.device)  # over live rows and rounds
+        self.row_rounds = torch.zeros((), dtype=torch.long, device=self.device)
+        self.graph = None
+
+    # --- one round, all on the device ------------------------------------------------------------------------
+    def _pick(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self.sampling.greedy:
+            return logits.argmax(-1), None
+        probs = probabilities(logits, self.sampling)
+        return gumbel_draw(probs), probs
+
+    def _round(self) -> None:
+        K, live = self.k, ~self.finished
+        # 1. Draft: the two pending tokens (rebase: replay what it kept last round), then K - 1 more steps.
+        self.d_start.add_(self.d_keep)
+        logits = self.d._walk(self.pending, self.d_start, self.d_keep, True, 0, None)[:, -1]
+        drafts, qs = [], []
+        for j in range(K):
+            tok, q = self._pick(logits)
+            drafts.append(tok)
+            qs.append(q)
+            if j < K - 1:
+                logits = self.d._walk(tok[:, None], self.d_start + 2 + j, self.d_keep, False, 2 + j, None)[:, 0]
+        d = torch.stack(drafts, dim=1)  # (b, K)
+        # 2. Verify the last token and the K drafts in one call.
+        ids = torch.cat([self.pending[:, 1:], d], dim=1)  # (b, K + 1)
+        self.t_start.add_(self.t_keep)
+        t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)
+        # 3. Acceptance.
+        if self.sampling.greedy:
+            best = t_logits.argmax(-1)
+            acc = (d == best[:, :-1]).long().cumprod(-1).sum(-1)
+            nxt = best.gather(1, acc[:, None])[:, 0]
+        else:
+            from mamballama_cli.generation.speculative import accept_sampled
+
+            acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
+                                      draw=gumbel_draw)
+        # 4. Commit per row; a finished row keeps nothing and stays where it is.
+        acc = torch.where(live, acc, 0)
+        kept = torch.where(live, acc + 1, 0)
+        self.accepted.add_(acc.sum())
+        self.row_rounds.add_(live.sum())
+        self.t_keep.copy_(kept)
+        self.d_keep.copy_(kept)  # of the 2 + K - 1 tokens it read: 2 pending + acc drafts - the one re-read
+        new_pending = torch.stack([ids.gather(1, acc[:, None])[:, 0], nxt], dim=1)
+        self.pending.copy_(torch.where(live[:, None], new_pending, self.pending))
+        out = torch.cat([d, d[:, :1]], dim=1).scatter(1, acc[:, None], nxt[:, None])  # (b, K + 1): d[:acc], nxt
+        self._record(out, kept, live)
+
+    def _record(self, out: Tensor, kept: Tensor, live: Tensor) -> None:
+        """Append each live row's ``kept`` tokens of ``out`` to its history; freeze rows that are done."""
+        j = torch.arange(out.shape[1], device=self.device)
+        idx = (self.hist_len[:, None] + j).clamp(max=self.hist.shape[1] - 1)
+        valid = j[None, :] < kept[:, None]
+        self.hist.scatter_(1, idx, torch.where(valid, out, self.hist.gather(1, idx)))
+        hit = (valid & (out[..., None] == self.stops).any(-1)).any(-1) if self.stops.numel() else torch.zeros_like(live)
+        self.hist_len.add_(kept)
+        self.finished.copy_(self.finished | (live & hit) | (self.hist_len >= self.max_new))
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, sync_every: int = 4):
+        """New tokens per row (lists, cut after the first stop token and at ``max_new_tokens``) and statistics:
+        rounds, acceptance (accepted drafts over drafted, live rows only), tokens per verify call, seconds."""
+        b, n = input_ids.shape
+        if b != self.b:
+            raise UsageError(f"batch of {b} prompts, but these rounds were built for {self.b}")
+        if n < 2:
+            raise UsageError("captured rounds need a prompt of at least 2 tokens (the draft re-reads the last one)")
+        if n + max_new_tokens + 2 * (self.k + 1) > self.max_length:
+            raise UsageError(f"prompt {n} + {max_new_tokens} new tokens do not fit a {self.max_length}-token cache")
+        self.max_new.fill_(int(max_new_tokens))
+        ids = input_ids.to(self.device)
+        if self.capture and self.graph is None:
+            self._warm(ids)
+        start = time.perf_counter()
+        first, _ = self._pick(self.t.prefill(ids))
+        self.d.prefill(ids[:, :-1])  # the draft re-reads the last prompt token with the first new one
+        self.t_start.fill_(n)
+        self.d_start.fill_(n - 1)
+        self.t_keep.zero_()
+        self.d_keep.zero_()
+        self.pending.copy_(torch.stack([ids[:, -1], first], dim=1))
+        self.finished.zero_()
+        self.hist_len.zero_()
+        self.accepted.zero_()
+        self.row_rounds.zero_()
+        self._record(first[:, None], torch.ones_like(self.hist_len), torch.ones_like(self.finished))
+        rounds = 0
+        while not bool(self.finished.all()):
+            for _ in range(sync_every):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._round()
+                rounds += 1
+        elapsed = time.perf_counter() - start
+        lens, hist = self.hist_len.tolist(), self.hist.tolist()
+        stops = set(self.stops.tolist())
+        out = []
+        for row, m in zip(hist, lens):
+            toks = row[: min(m, max_new_tokens)]
+            for i, t in enumerate(toks):
+                if t in stops:
+                    toks = toks[: i + 1]
+                    break
+            out.append(toks)
+        acc, rr = int(self.accepted), int(self.row_rounds)
+        return out, {"rounds": rounds, "seconds": elapsed, "new_tokens": sum(len(o) for o in out),
+                     "accepted": acc, "row_rounds": rr,
+                     "acceptance_rate": acc / (rr * self.k) if rr else float("nan"),
+                     "tokens_per_call": (acc + rr) / rr if rr else float("nan")}
+
+    def _warm(self, ids: Tensor) -> None:
+        """Record the round in a CUDA graph on a prefilled state (the warm-up scribbles; generate() re-prefills)."""
+        n = ids.shape[1]
+        self.t.prefill(ids)
+        self.d.prefill(ids[:, :-1])
+        self.t_start.fill_(n)
+        self.d_start.fill_(n - 1)
+        rng = torch.cuda.get_rng_state(self.device)
+
+        def reset():
+            self.t_keep.zero_()
+            self.d_keep.zero_()
+            self.t_start.fill_(n)
+            self.d_start.fill_(n - 1)
+            self.finished.zero_()
+            self.hist_len.zero_()
+            self.max_new.fill_(self.max_length)
+
+        reset()
+        self.graph, _ = capture_graph(self._round, self.device, warmup=2, before=reset)
+        torch.cuda.set_rng_state(rng, self.device)
