@@ -253,3 +253,23 @@ def test_cpu_runtime_stores_wide_projections_column_major_and_checkpoints_stay_u
     model.save_pretrained(tmp_path, safe_serialization=True)
     with torch.no_grad():
         assert torch.allclose(AutoModelForCausalLM.from_pretrained(tmp_path)(seq).logits, before, atol=1e-5)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_lower_right_attention_in_bounded_blocks_equals_the_masked_attention(gqa, monkeypatch):
+    """A later prefill piece's attention (queries the last Lq of Lk positions) goes through in blocks of queries
+    whose scores stay under a budget: the same result as one masked SDPA call."""
+    import torch.nn.functional as F
+
+    from mamballama_cli.models import modeling
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 13, 16, generator=gen)
+    k, v = (torch.randn(2, 2 if gqa else 8, 40, 16, generator=gen) for _ in range(2))
+    qi = torch.arange(13)[:, None] + 27
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=(torch.arange(40)[None] <= qi)[None, None], scale=0.2,
+                                          enable_gqa=gqa)
+    monkeypatch.setattr(modeling, "SCORES_BUDGET", 2 * 8 * 40 * 3)  # blocks of 3 queries
+    got = modeling.lower_right_attention(q, k, v, 0.2, gqa)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert modeling.attention_mask_4d(13, 40, None, None, "cpu") is modeling.LOWER_RIGHT

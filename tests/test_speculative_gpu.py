@@ -166,5 +166,6 @@ def test_captured_round_equals_the_uncaptured_round_token_for_token(batch, k):
         rounds = CapturedRounds(target, draft, batch, 6 + n + 2 * (k + 1), k, stop_tokens=[stop], capture=capture)
         runs[capture], stats = rounds.generate(prompts, n, sync_every=4)
         assert (rounds.graph is not None) == capture and 0 < stats["acceptance_rate"] < 1
+        assert stats["rounds"] <= n + 4  # the captured rounds read the budget set after the capture
     assert runs[True] == runs[False]
     assert runs[True] == [w[: w.index(stop) + 1] if stop in w else w for w in want]

@@ -61,6 +61,7 @@ def test_eval_speed_max_batch_finds_the_largest_batch_per_context_and_keeps_fail
     for r in rows.values():  # the batch that fitted, and the next one did not (by the estimate)
         b = r["batch"]
         assert b >= 1 and r["engine"].startswith("static") and r["estimated_bytes"] <= r["budget_bytes"]
+        assert r["synthetic_context"] is True and r["ttft_s"] is None  # decode at the context, no long prefill
         assert any(p["batch"] == b + 1 and "estimated" in p["error"] for p in r["probes"] if not p["ok"])
     for m in ("hybrid", "teacher"):
         assert rows[(m, 64)]["batch"] <= rows[(m, 32)]["batch"]
@@ -103,3 +104,29 @@ def test_env_reports_versions_devices_and_backends(capsys):
     for op in ("ssd_scan", "ssm_step", "rmsnorm_gated", "causal_conv1d", "ssm_step_gated", "decode_attention"):
         assert ops[op]["backend"] == "torch-ref" and "CPU" in ops[op]["why"]
     assert report["versions"]["torch"] and report["devices"][0]["device"] == "cpu"
+
+
+def test_synthetic_context_decodes_at_the_full_position_without_reading_the_prompt():
+    """run_static(synthetic=True): a short prompt is read, then decoding continues at position prompt_len
+    (what --max-batch measures: decode cost at a long context without minutes of prefill per probe)."""
+    from helpers import tiny_hybrid
+    from mamballama_cli.evaluation import speed
+
+    model, _ = tiny_hybrid(attn_layers=(1,), seed=0)
+    calls = []
+    from mamballama_cli.generation import fast
+
+    class Spy(fast.StaticDecoder):
+        def decode(self, steps, **kw):
+            calls.append(int(self.pos))
+            return super().decode(steps, **kw)
+
+    orig = fast.StaticDecoder
+    fast.StaticDecoder = Spy
+    try:
+        row = speed.run_static(model, 2, 300, 4, graphs=False, seed=0, synthetic=True)
+    finally:
+        fast.StaticDecoder = orig
+    assert row["synthetic_context"] is True and row["ttft_s"] is None and row["prompt_tokens"] == 300
+    assert calls == [speed.SYNTHETIC_PROMPT, 300]  # the warm-up after the short prompt; the timed run at 300
+    assert row["decode_tok_s"] > 0

@@ -122,13 +122,23 @@ def _prompt(vocab: int, batch: int, length: int, device, seed: int):
     return torch.randint(3, vocab, (batch, length), generator=gen).to(device)
 
 
+SYNTHETIC_PROMPT = 64  # tokens really prefilled before a synthetic context (run_static(synthetic=True))
+
+
 def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool, seed: int,
-               prefill_chunk: int | None = None) -> dict:
-    """The static decoder (CUDA graph on CUDA when ``graphs``): prefill, then new_tokens - 1 steps."""
+               prefill_chunk: int | None = None, synthetic: bool = False) -> dict:
+    """The static decoder (CUDA graph on CUDA when ``graphs``): prefill, then new_tokens - 1 steps.
+
+    ``synthetic``: decode at a context of ``prompt_len`` without reading a prompt that long: a short prompt is
+    prefilled, then the decoder's position jumps to ``prompt_len`` (the K/V it skipped are zeros). A decode step
+    costs the same whatever the cached values are, so decode tokens/s are those of a real context; time to first
+    token is not measured. ``--max-batch`` probes this way: a real 32K prefill of ~100 rows took minutes per
+    probe on the H200."""
     from mamballama_cli.generation.fast import StaticDecoder
 
     device = model.lm_head.weight.device
-    ids = _prompt(model.config.vocab_size, batch, prompt_len, device, seed)
+    real_len = min(prompt_len, SYNTHETIC_PROMPT) if synthetic else prompt_len
+    ids = _prompt(model.config.vocab_size, batch, real_len, device, seed)
     reset_peak(device)
     dec = StaticDecoder(model, batch, prompt_len + new_tokens, capture=graphs and device.type == "cuda",
                         prefill_chunk=prefill_chunk)
@@ -142,6 +152,11 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
     first = dec.prefill(ids)
     first.tolist()  # the first token is on the host
     t1 = time.perf_counter()
+    if synthetic and prompt_len > real_len:
+        dec.pos.fill_(prompt_len)  # the next token's K/V go at prompt_len; the step attends over all before it
+        dec.cache.seqlen = prompt_len
+        sync_device(device)
+        t1 = time.perf_counter()
     dec.decode(new_tokens - 1, sync_every=1 << 30)
     sync_device(device)
     t2 = time.perf_counter()
@@ -149,6 +164,8 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
     row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
     row.update(engine=dec.engine, kv_bytes=mem["kv_bytes"], state_bytes=mem["state_bytes"],
                backends=dict(dec.backends))
+    if synthetic:
+        row.update(synthetic_context=True, ttft_s=None)
     del dec
     return row
 
@@ -330,7 +347,11 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
             def run(b, n=n):
                 row: list = []
                 _guarded(row, {"_device": device}, run_static, model, b, n, cfg.context_new_tokens, cfg.graphs,
-                         cfg.seed, cfg.prefill_chunk)
+                         cfg.seed, cfg.prefill_chunk, True)
+                if row[0].get("error") is None:
+                    log(f"  batch {b}: {row[0]['aggregate_tok_s']:.1f} tok/s in all")
+                else:
+                    log(f"  batch {b}: {row[0]['error']}")
                 free_memory(device, collect=True)
                 row[0].pop("_device", None)
                 return row[0]

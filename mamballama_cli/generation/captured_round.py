@@ -136,10 +136,10 @@ class CapturedRounds:
             raise UsageError("captured rounds need a prompt of at least 2 tokens (the draft re-reads the last one)")
         if n + max_new_tokens + 2 * (self.k + 1) > self.max_length:
             raise UsageError(f"prompt {n} + {max_new_tokens} new tokens do not fit a {self.max_length}-token cache")
-        self.max_new.fill_(int(max_new_tokens))
         ids = input_ids.to(self.device)
         if self.capture and self.graph is None:
             self._warm(ids)
+        self.max_new.fill_(int(max_new_tokens))  # after the capture, whose warm-up sets its own
         start = time.perf_counter()
         first, _ = self._pick(self.t.prefill(ids))
         self.d.prefill(ids[:, :-1])  # the draft re-reads the last prompt token with the first new one

@@ -74,16 +74,18 @@ class MLP(nn.Module):
 
 def attention_mask_4d(
     q_len: int, kv_len: int, padding_mask: Tensor | None, sliding_window: int | None, device
-) -> Tensor | None:
+):
     """Boolean mask (batch or 1, 1, q_len, kv_len), True = attend; None when plain causal suffices.
 
     Queries are the last ``q_len`` of ``kv_len`` positions. Each query may always see itself, so rows of
-    left padding never become all-masked (which would give NaN).
+    left padding never become all-masked (which would give NaN). A later piece of a chunked prefill (no
+    padding, no sliding window) gets :data:`LOWER_RIGHT` instead of a tensor (:func:`lower_right_attention`).
     """
     offset = kv_len - q_len
     if padding_mask is None and sliding_window is None:
         if q_len == 1 or offset == 0:
             return None  # decode step (sees everything) or plain causal prefill (is_causal)
+        return LOWER_RIGHT  # a later piece of a chunked prefill: Attention.forward runs lower_right_attention
     qi = torch.arange(q_len, device=device)[:, None] + offset
     kj = torch.arange(kv_len, device=device)[None, :]
     mask = kj <= qi
@@ -94,6 +96,38 @@ def attention_mask_4d(
         mask = mask & padding_mask[:, None, None, :kv_len].bool()
         mask = mask | (kj == qi)[None, None]
     return mask
+
+
+LOWER_RIGHT = "lower-right causal"  # attention_mask_4d's answer for a prefill piece after cached positions
+SCORES_BUDGET = 1 << 28  # score elements one materialised attention block may hold
+
+
+def lower_right_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, gqa: bool) -> Tensor:
+    """Causal attention of q (b, h, Lq, d), the last Lq of Lk positions, over k, v (b, hk, Lk, d).
+
+    A later piece of a chunked prefill. With a (Lq, Lk) tensor mask SDPA materialises (b, h, Lq, Lk) scores: 64
+    GiB for 64 rows x 1,024 queries x 70,000 keys, an out-of-memory error on the H200. Where SDPA has a fused
+    kernel for lower-right causal attention (``torch.nn.attention.bias.causal_lower_right``) it runs that;
+    otherwise the queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
+    b, h, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if q.is_cuda:
+        from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+        from torch.nn.attention.bias import causal_lower_right
+
+        params = SDPAParams(q, k, v, None, 0.0, False, gqa)
+        if can_use_flash_attention(params) or can_use_efficient_attention(params):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale,
+                                                  enable_gqa=gqa)
+    rows = max(1, SCORES_BUDGET // max(1, b * h * Lk))
+    kj = torch.arange(Lk, device=q.device)
+    outs = []
+    for s in range(0, Lq, rows):
+        qi = torch.arange(s, min(Lq, s + rows), device=q.device) + (Lk - Lq)
+        mask = (kj <= qi[:, None])[None, None]
+        outs.append(F.scaled_dot_product_attention(q[:, :, s : s + rows], k, v, attn_mask=mask, scale=scale,
+                                                   enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
 
 
 class Attention(nn.Module):
@@ -122,13 +156,16 @@ class Attention(nn.Module):
             k, v = cache.kv_update(self.layer_idx, k, v)
         kv_len = k.shape[2]
         mask = attention_mask_4d(q_len, kv_len, padding_mask, self.sliding_window, hidden.device)
-        out = F.scaled_dot_product_attention(
-            q, k.to(q.dtype), v.to(q.dtype),
-            attn_mask=mask,
-            is_causal=mask is None and q_len > 1,
-            scale=self.scaling,
-            enable_gqa=self.n_kv != self.n_heads,
-        )
+        if mask is LOWER_RIGHT:
+            out = lower_right_attention(q, k.to(q.dtype), v.to(q.dtype), self.scaling, self.n_kv != self.n_heads)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k.to(q.dtype), v.to(q.dtype),
+                attn_mask=mask,
+                is_causal=mask is None and q_len > 1,
+                scale=self.scaling,
+                enable_gqa=self.n_kv != self.n_heads,
+            )
         out = out.transpose(1, 2).reshape(b, q_len, self.n_heads * self.head_dim)
         return self.o_proj(out)
 
