@@ -6,7 +6,8 @@ import torch
 
 from helpers import tiny_hybrid
 from mamballama_cli.errors import UsageError
-from mamballama_cli.generation.captured_round import CapturedRounds, gumbel_draw
+from mamballama_cli.generation.acceptance import gumbel_draw
+from mamballama_cli.generation.captured_round import CapturedRounds
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from test_speculative import NeverAgrees, greedy_reference, perturbed  # noqa: F401
 

@@ -26,15 +26,10 @@ import torch
 from torch import Tensor
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.generation.acceptance import accept_sampled, gumbel_draw
 from mamballama_cli.generation.runners import HybridRunner, is_hybrid
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.models.runtime import capture_graph
-
-
-def gumbel_draw(probs: Tensor) -> Tensor:
-    """One sample per row of probs (..., V) by Gumbel-max on the default generator (graph-safe)."""
-    u = torch.rand(probs.shape, device=probs.device, dtype=torch.float32).clamp_(min=torch.finfo(torch.float32).tiny)
-    return (probs.float().clamp(min=1e-38).log() - torch.log(-torch.log(u))).argmax(-1)
 
 
 class CapturedRounds:
@@ -98,10 +93,8 @@ class CapturedRounds:
             acc = (d == best[:, :-1]).long().cumprod(-1).sum(-1)
             nxt = best.gather(1, acc[:, None])[:, 0]
         else:
-            from mamballama_cli.generation.speculative import accept_sampled
-
             acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
-                                      draw=gumbel_draw)
+                                      sampler=gumbel_draw)
         # 4. Commit per row; a finished row keeps nothing and stays where it is.
         acc = torch.where(live, acc, 0)
         kept = torch.where(live, acc + 1, 0)

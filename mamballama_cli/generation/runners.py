@@ -106,9 +106,13 @@ class HybridRunner:
         return torch.tensor(self.keep, dtype=torch.long, device=self.device)
 
     def _fill(self, pos: list[int]) -> None:
-        """The graph inputs: each row's position and kept count (one small host-to-device copy each)."""
-        self.pos_t.copy_(torch.tensor(pos, dtype=torch.long), non_blocking=True)
-        self.keep_t.copy_(torch.tensor(self.keep, dtype=torch.long), non_blocking=True)
+        """The graph inputs: each row's position and kept count (a fill where the rows agree, else one small
+        host-to-device copy)."""
+        for buf, vals in ((self.pos_t, pos), (self.keep_t, self.keep)):
+            if len(set(vals)) == 1:
+                buf.fill_(vals[0])
+            else:
+                buf.copy_(torch.tensor(vals, dtype=torch.long), non_blocking=True)
 
     # --- CUDA graphs -------------------------------------------------------------------------------------
     def _graph_key(self, T: int, rebase: bool, wlen: int) -> tuple:

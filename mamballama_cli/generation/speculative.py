@@ -28,54 +28,13 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid, make_runner  # noqa: F401
+from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, draw  # noqa: F401
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 
 
 # --------------------------------------------------------------------------------------------------------
-# Acceptance (the distributions come from generation/sampling.py)
+# Acceptance: generation/acceptance.py (shared with the captured round)
 # --------------------------------------------------------------------------------------------------------
-def draw(probs: Tensor, gen: torch.Generator | None) -> Tensor:
-    """One sample per row: probs (..., V) -> (...)."""
-    flat = probs.reshape(-1, probs.shape[-1])
-    return torch.multinomial(flat, 1, generator=gen).reshape(probs.shape[:-1])
-
-
-def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
-    """drafts (b, K), target_logits (b, K+1, V) -> (accepted (b,), next token (b,)).
-
-    Accept while the draft equals the target's argmax; the next token is the target's argmax right after.
-    """
-    best = target_logits.argmax(-1)  # (b, K+1)
-    accepted = (drafts == best[:, :-1]).long().cumprod(-1).sum(-1)
-    return accepted, best.gather(1, accepted[:, None])[:, 0]
-
-
-def accept_sampled(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | None,
-                   draw: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Lossless rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
-
-    drafts (b, K) drawn from q (b, K, V); p (b, K+1, V) the target's processed distributions. Draft j is
-    kept with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection the next token is drawn from
-    norm(max(0, p_j - q_j)); when all K are kept it is drawn from p_{K+1} (the bonus).
-    ``draw`` samples a token per row from probabilities (default: :func:`draw` with ``gen``).
-    Returns (accepted (b,), next token (b,)).
-    """
-    b, K = drafts.shape
-    pd = p[:, :K].gather(-1, drafts[..., None])[..., 0]
-    qd = q.gather(-1, drafts[..., None])[..., 0]
-    u = torch.rand(b, K, generator=gen, device=p.device)
-    keep = u * qd < pd  # u < p/q without dividing by a zero q
-    accepted = keep.long().cumprod(-1).sum(-1)  # (b,)
-    rows = torch.arange(b, device=p.device)
-    at = accepted.clamp(max=K - 1)
-    residual = (p[rows, at] - q[rows, at]).clamp(min=0)
-    mass = residual.sum(-1, keepdim=True)
-    # p == q leaves no residual mass; rejection then had probability 0, but guard the division anyway.
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p[rows, at])
-    fix = torch.where((accepted == K)[:, None], p[:, K], residual)
-    return accepted, (draw(fix) if draw is not None else globals()["draw"](fix, gen))
-
-
 def lockstep(accepted: Tensor, nxt: Tensor, drafts: Tensor) -> tuple[int, Tensor]:
     """Batched rows advance together by the smallest accepted count m: a row that kept more emits its
     (accepted) draft token at position m+1 instead. Each emitted token is still the output of that row's
