@@ -8,10 +8,12 @@
 #   pack:   bash benchmarks/study_device.sh pack     # pack whatever is there now
 #
 # The study runs detached (setsid) from a copy of the repository in /tmp/repo, so that later calls, which lay the
-# working tree anew, cannot change the code under a running study. Knobs of the study come from the environment.
+# working tree anew, cannot change the code under a running study. Knobs of the study come from the environment;
+# SCRIPT picks the study (default study_smollm2.sh; spec_study.sh is issue 18's speculative study).
 set -uo pipefail
 mode=${1:-watch}
 source "$(dirname "$0")/device_common.sh"
+SCRIPT=${SCRIPT:-study_smollm2.sh}
 detached_run /tmp/study 540
 
 case "$mode" in
@@ -28,11 +30,11 @@ case "$mode" in
     rm -rf /tmp/repo && mkdir -p /tmp/repo "$WORK"
     tar cf - --exclude=./.teacher-a --exclude=./.teacher-b --exclude=./.git . | tar xf - -C /tmp/repo
     (cd /tmp/repo && PYTHONPATH="/tmp/repo:/tmp/site:/tmp/stub" WORK=$WORK RES=$RES DATA=/tmp/studydata \
-        setsid bash benchmarks/study_smollm2.sh > "$WORK/study.log" 2>&1 < /dev/null &)
+        setsid bash "benchmarks/$SCRIPT" > "$WORK/study.log" 2>&1 < /dev/null &)
     echo "study started" ;;
 esac
 
-[ "$mode" = pack ] || watch_detached study_smollm2.sh study
+[ "$mode" = pack ] || watch_detached "$SCRIPT" study
 cat "$RES/timeline.txt" 2>/dev/null
 for f in "$RES"/distill-*.log "$RES"/data-generate.log; do
   [ -f "$f" ] && { echo "== $f"; tail -c 600 "$f" | tr '\r' '\n' | grep -v '^\s*$' | tail -n 3 | cut -c1-300; }

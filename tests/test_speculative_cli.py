@@ -91,6 +91,34 @@ def test_round_graph_through_the_cli(pair, tmp_path, capsys):
     assert bad.code != 0 and "--adaptive-k" in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
 
 
+def test_spec_eval_benchmark_compares_the_engines_over_held_out_prompts(pair, tmp_path):
+    """benchmarks/spec_eval.py on CPU: plain, host-loop and captured-round decoding of the same prompts; in float32
+    both speculative engines write exactly the plain greedy tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "prompts-heldout.jsonl").write_text(json.dumps({"prompt": "say hello"}) + "\n")
+    (data / "text-heldout.jsonl").write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 40}) + "\n"
+                                                     for i in range(2)))
+    out = tmp_path / "spec.json"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(pair / "target"), "--draft",
+                        str(pair / "draft"), "-k", "3", "--data", str(data), "--prompts", "4", "--max-new-tokens", "6",
+                        "--text-window", "24", "--device", "cpu", "--dtype", "float32", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["prompts"] == 4 and set(res["engines"]) == {"plain", "loop", "round"}
+    for name in ("loop", "round"):
+        e = res["engines"][name]
+        assert e["matches_plain"] == 4 and e["decode_tokens"] == 4 * 5 and "speedup" in e, e
+        assert 0 <= e["acceptance_rate"] <= 1 and 1 <= e["tokens_per_call"] <= 4
+
+
 def _acceptance(target_dir, draft_dir, shard_dir, n=8):
     """Mean greedy acceptance (k=4, 32 new tokens) on the first 64 prompt tokens of the last n samples."""
     from pathlib import Path

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.acceptance import accept_sampled, gumbel_draw
-from mamballama_cli.generation.runners import HybridRunner, is_hybrid
+from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.models.runtime import capture_graph
 
@@ -37,8 +37,11 @@ class CapturedRounds:
 
     def __init__(self, target, draft, batch_size: int, max_length: int, k: int, sampling: SamplingConfig | None = None,
                  stop_tokens=(), capture: bool | None = None):
+        if not is_hybrid(draft) and getattr(draft, "config", None) is not None:
+            draft = as_hybrid(draft) or draft  # a Llama-family draft runs exactly as an all-attention hybrid
         if not (is_hybrid(target) and is_hybrid(draft)):
-            raise UsageError("captured rounds need a mamballama hybrid as target and as draft")
+            raise UsageError("captured rounds need a mamballama hybrid (or a Llama-family model) as target and as "
+                             "draft")
         if k < 1:
             raise UsageError(f"-k {k}: the draft must propose at least one token per round")
         self.k, self.b = int(k), int(batch_size)
@@ -121,7 +124,8 @@ class CapturedRounds:
     @torch.inference_mode()
     def generate(self, input_ids: Tensor, max_new_tokens: int, sync_every: int = 4):
         """New tokens per row (lists, cut after the first stop token and at ``max_new_tokens``) and statistics:
-        rounds, acceptance (accepted drafts over drafted, live rows only), tokens per verify call, seconds."""
+        rounds, acceptance (accepted drafts over drafted, live rows only), tokens per verify call, seconds (all,
+        and of the two prefills and the first token: ``prefill_s``)."""
         b, n = input_ids.shape
         if b != self.b:
             raise UsageError(f"batch of {b} prompts, but these rounds were built for {self.b}")
@@ -146,6 +150,9 @@ class CapturedRounds:
         self.accepted.zero_()
         self.row_rounds.zero_()
         self._record(first[:, None], torch.ones_like(self.hist_len), torch.ones_like(self.finished))
+        if ids.is_cuda:
+            torch.cuda.synchronize(self.device)
+        prefilled = time.perf_counter()
         rounds = 0
         while not bool(self.finished.all()):
             for _ in range(sync_every):
@@ -166,7 +173,8 @@ class CapturedRounds:
                     break
             out.append(toks)
         acc, rr = int(self.accepted), int(self.row_rounds)
-        return out, {"rounds": rounds, "seconds": elapsed, "new_tokens": sum(len(o) for o in out),
+        return out, {"rounds": rounds, "seconds": elapsed, "prefill_s": prefilled - start,
+                     "new_tokens": sum(len(o) for o in out),
                      "accepted": acc, "row_rounds": rr,
                      "acceptance_rate": acc / (rr * self.k) if rr else float("nan"),
                      "tokens_per_call": (acc + rr) / rr if rr else float("nan")}

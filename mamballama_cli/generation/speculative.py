@@ -330,11 +330,6 @@ def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens
     if adaptive:
         raise UsageError("--adaptive-k changes the window between rounds; a captured round has one window: "
                          "drop one of them")
-    if not is_hybrid(draft) and as_hybrid(draft) is not None:
-        draft = as_hybrid(draft)  # a Llama-family draft runs exactly as an all-attention hybrid
-    if not (is_hybrid(target) and is_hybrid(draft)):
-        raise UsageError("a captured round needs a mamballama hybrid (or a Llama-family model) as target and as "
-                         "draft; drop --round-graph")
     device = input_ids.device
     capture = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
     if seed is not None:

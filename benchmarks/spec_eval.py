@@ -1,0 +1,164 @@
+"""End-to-end speculative decoding vs plain decoding of the same target over held-out prompts (issue 18).
+
+    python benchmarks/spec_eval.py TARGET --draft DRAFT -k 4 --data DATA --prompts 128 --max-new-tokens 128 \
+        --json spec-eval.json
+
+Prompts: the chat prompts of DATA/prompts-heldout.jsonl (through the chat template), then windows of
+DATA/text-heldout.jsonl records (``--text-window`` tokens each, at spread offsets) until there are ``--prompts``.
+Each prompt decodes ``--max-new-tokens`` tokens, greedy, no stop token (every engine writes the same number of
+tokens), batch 1, three ways on the same target:
+
+* plain: the static decoder (one captured CUDA graph per step on GPU);
+* speculative, host loop: ``speculative_generate`` (a CUDA graph per draft step and per verify call);
+* speculative, captured round: ``CapturedRounds`` (the whole round in one CUDA graph).
+
+Reported per engine: decode tokens/s over all prompts (tokens after the first over the time after the first
+token), and for the speculative engines acceptance, tokens per verify call, the speedup over plain, and how many
+prompts gave exactly the plain greedy tokens (bf16 verify and decode round differently, so a near-tie can flip).
+Every engine runs one untimed prompt first (compilation, graph capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import run_facts, write_result  # noqa: E402
+
+
+def held_out_prompts(tok, data: Path, n: int, window: int) -> list[list[int]]:
+    from mamballama_cli.generation.plain import encode_prompt
+
+    out = []
+    chat = data / "prompts-heldout.jsonl"
+    if chat.exists():
+        for line in chat.read_text().splitlines():
+            if line.strip() and len(out) < n:
+                out.append(encode_prompt(tok, json.loads(line)["prompt"], chat=True)[0].tolist())
+    texts = [json.loads(x)["text"] for x in (data / "text-heldout.jsonl").read_text().splitlines() if x.strip()]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids = [t for t in ids if len(t) >= window + 1]
+    k = 0
+    while len(out) < n and ids:
+        t = ids[k % len(ids)]
+        turn = k // len(ids)  # later passes take later windows of each record
+        start = (turn * window * 3) % max(1, len(t) - window)
+        out.append(t[start : start + window])
+        k += 1
+    return out[:n]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("target")
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("--data", required=True, help="a `mamballama data build` output (held-out files)")
+    ap.add_argument("--prompts", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--text-window", type=int, default=192)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--engines", default="plain,loop,round")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from mamballama_cli.generation.captured_round import CapturedRounds
+    from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.speculative import speculative_generate
+    from mamballama_cli.generation.speculative_run import prepare_pair
+    from mamballama_cli.loading import load_causal_lm
+
+    target, tok, path = load_causal_lm(args.target, dtype=args.dtype, device=args.device)
+    target, draft, draft_name = prepare_pair(target, tok, path, args.target, args.draft, args.dtype, args.device)
+    device = target.lm_head.weight.device
+    prompts = held_out_prompts(tok, Path(args.data), args.prompts, args.text_window)
+    n_new, K = args.max_new_tokens, args.k
+    capacity = -(-(max(map(len, prompts)) + n_new + 2 * (K + 1)) // 256) * 256
+    engines = args.engines.split(",")
+    print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), {n_new} new tokens, "
+          f"K={K}, {device}", file=sys.stderr)
+
+    results: dict = {}
+    plain_tokens: list[list[int]] = []
+    if "plain" in engines:
+        dec = StaticDecoder(target, 1, capacity)
+
+        def plain(ids):
+            first = dec.prefill(ids)
+            first.tolist()
+            t = time.perf_counter()
+            dec.decode(n_new - 1, sync_every=1 << 30)
+            sync(device)
+            return dec.tokens_so_far()[0].tolist(), time.perf_counter() - t, {}
+
+        results["plain"] = run_engine("plain", plain, prompts, device)
+        plain_tokens = results["plain"].pop("_tokens")
+    if "loop" in engines:
+        def loop(ids):
+            res = speculative_generate(target, draft, ids, k=K, max_new_tokens=n_new)
+            s = res.stats
+            return res.tokens[0], s.total_s - s.time_to_first_token_s, {"accepted": s.accepted, "drafted": s.drafted,
+                                                                         "calls": s.row_rounds}
+
+        results["loop"] = run_engine("speculative, host loop", loop, prompts, device)
+    if "round" in engines:
+        rounds = CapturedRounds(target, draft, 1, capacity, K)
+
+        def captured(ids):
+            out, st = rounds.generate(ids, n_new)
+            return out[0], st["seconds"] - st["prefill_s"], {"accepted": st["accepted"],
+                                                              "drafted": K * st["row_rounds"],
+                                                              "calls": st["row_rounds"]}
+
+        results["round"] = run_engine("speculative, captured round", captured, prompts, device)
+    for name in ("loop", "round"):
+        r = results.get(name)
+        if not r:
+            continue
+        toks = r.pop("_tokens")
+        if plain_tokens:
+            r["matches_plain"] = sum(a == b for a, b in zip(toks, plain_tokens))
+            r["speedup"] = round(r["decode_tok_s"] / results["plain"]["decode_tok_s"], 3)
+        r["acceptance_rate"] = round(r["accepted"] / max(1, r["drafted"]), 4)
+        r["tokens_per_call"] = round((r["accepted"] + r["calls"]) / max(1, r["calls"]), 3)
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
+              "target": args.target, "draft": draft_name, "k": K, "prompts": len(prompts), "new_tokens": n_new,
+              "engines": results}
+    print(json.dumps(result, indent=2))
+    write_result(result, args.json)
+
+
+def run_engine(label: str, fn, prompts, device) -> dict:
+    fn(torch.tensor([prompts[0]], device=device))  # untimed: compilation and graph capture
+    tokens, total_new, total_s, extra = [], 0, 0.0, {"accepted": 0, "drafted": 0, "calls": 0}
+    for p in prompts:
+        out, seconds, more = fn(torch.tensor([p], device=device))
+        tokens.append(out)
+        total_new += max(0, len(out) - 1)
+        total_s += seconds
+        for key, v in more.items():
+            extra[key] += v
+    rate = total_new / total_s if total_s > 0 else float("nan")
+    print(f"{label}: {total_new} decode tokens in {total_s:.2f} s = {rate:.1f} tok/s", file=sys.stderr)
+    row = {"decode_tokens": total_new, "decode_s": round(total_s, 4), "decode_tok_s": round(rate, 2),
+           "_tokens": tokens}
+    if extra["drafted"]:
+        row.update(extra)
+    return row
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Issue 18's measurement in one sitting on one GPU: does speculative decoding speed up the default teacher's 50%
+# student with the best draft the budget allows?
+#
+#   teacher-generated data -> the 50% student (convert --attn-layers auto, the default recipe, BUDGET_S of training)
+#   -> a draft cut from the teacher (DRAFT_LAYERS) -> the student's own greedy samples -> the draft trained for
+#   acceptance on them (templates/distill-draft.yaml, DRAFT_S of training) -> benchmarks/spec_eval.py: plain vs
+#   speculative decoding (host loop and captured round) over PROMPTS held-out prompts, batch 1, CUDA graphs, with
+#   the trained and the untrained draft -> the student's held-out cross-entropy for context.
+#
+#   bash benchmarks/spec_study.sh               # one GPU; about 15 minutes on an H200 with the defaults
+#   TINY=1 bash benchmarks/spec_study.sh        # a smoke run of every step on CPU
+#
+# Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
+# Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
+# Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
+# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, PROMPTS, NEW.
+set -uo pipefail
+WORK=${WORK:-runs/spec}
+RES=${RES:-$WORK/results}
+DATA=${DATA:-$WORK/data}
+if [ -n "${TINY:-}" ]; then
+  GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-120}
+  ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
+  ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
+  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; DRAFT_SEQ=${DRAFT_SEQ:-128}
+  CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
+fi
+CONVERT_ARGS=${CONVERT_ARGS:-}
+GEN_TOKENS=${GEN_TOKENS:-4000000}
+GEN_BS=${GEN_BS:-1024}
+GEN_NEW=${GEN_NEW:-512}
+BUDGET_S=${BUDGET_S:-360}
+ALIGN_TOK=${ALIGN_TOK:-2000000}
+KDM_TOK=${KDM_TOK:-4000000}
+KDA_TOK=${KDA_TOK:-16000000}
+SEQ=${SEQ:-2048}
+MB=${MB:-8}
+ACCUM=${ACCUM:-2}
+PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
+DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
+DRAFT_GEN=${DRAFT_GEN:-3000000}
+DRAFT_S=${DRAFT_S:-200}
+DRAFT_SEQ=${DRAFT_SEQ:-1024}
+K=${K:-4}
+PROMPTS=${PROMPTS:-128}
+NEW=${NEW:-128}
+mkdir -p "$WORK" "$RES"
+t0=$(date +%s)
+PY=${PY:-python3}
+MM=("$PY" -m mamballama_cli)
+stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
+
+stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K PROMPTS=$PROMPTS NEW=$NEW"
+"${MM[@]}" env > "$RES/env.txt" 2>&1
+[ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
+cp "$DATA/text-train.jsonl" "$WORK/text-train.jsonl"
+[ -n "${TINY:-}" ] && head -n 16 "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
+
+# 1. The student's start (caches the teacher), then data generation beside the draft's cut.
+stage "convert the 50% student ($PLACEMENT)"
+"${MM[@]}" convert default --ratio 0.5 $PLACEMENT --output "$WORK/h50" $CONVERT_ARGS --force --json \
+    > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
+stage "data generate ($GEN_TOKENS tokens) beside the draft's cut (layers $DRAFT_LAYERS)"
+"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" \
+    --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
+    > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
+"${MM[@]}" convert default --draft-layers "$DRAFT_LAYERS" --output "$WORK/draft0" --force --json \
+    > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log" &
+wait
+
+# 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
+"$PY" - "$WORK/recipe.yaml" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
+import sys, yaml
+out, *tok, seq, mb, accum = sys.argv[1:]
+cfg = yaml.safe_load(open("templates/distill-default.yaml"))
+for st, t in zip(cfg["stages"], tok):
+    st["tokens"] = float(t)
+cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
+yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
+EOF
+data="$WORK/text-train.jsonl"
+[ -f "$WORK/gen/manifest.json" ] && data="$WORK/gen,$data"
+[ -f "$DATA/recall-train.jsonl" ] && data="$data,$DATA/recall-train.jsonl"
+stage "distill the student (budget $BUDGET_S s)"
+"${MM[@]}" distill "$WORK/h50" --template none --config "$WORK/recipe.yaml" --data "$data" --max-seconds "$BUDGET_S" \
+    --output "$WORK/student" --force --json > "$RES/distill-student.json" 2> "$RES/distill-student.log"
+stage "distill student exit $?"
+
+# 3. The draft: the student's own greedy samples, then KL to the student on them (templates/distill-draft.yaml).
+stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
+"${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" \
+    --tokens "$DRAFT_GEN" --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 1 \
+    --output "$WORK/sgen" --force > "$RES/data-generate-student.json" 2> "$RES/data-generate-student.log"
+stage "distill the draft for acceptance (budget $DRAFT_S s)"
+"${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template distill-draft --data "$WORK/sgen" \
+    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --output "$WORK/draft" --force --json \
+    > "$RES/distill-draft.json" 2> "$RES/distill-draft.log"
+stage "distill draft exit $?"
+
+# 4. Speculative vs plain decoding of the student, held-out prompts, batch 1.
+se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW")
+stage "spec_eval: trained draft, K=$K (plain, host loop, captured round)"
+"$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$K" "${se[@]}" --json "$RES/spec-eval.json" \
+    > /dev/null 2> "$RES/spec-eval.log"
+tail -n 4 "$RES/spec-eval.log" | tee -a "$RES/timeline.txt"
+for k in 2 6; do
+  stage "spec_eval: trained draft, K=$k (plain, captured round)"
+  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$k" "${se[@]}" --engines plain,round \
+      --json "$RES/spec-eval-k$k.json" > /dev/null 2> "$RES/spec-eval-k$k.log"
+done
+stage "spec_eval: the untrained cut, K=$K (plain, captured round)"
+"$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0" -k "$K" "${se[@]}" --engines plain,round \
+    --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
+stage "held-out cross-entropy of the student and the teacher"
+head -n "${HELDOUT_N:-1000}" "$DATA/text-heldout.jsonl" > "$WORK/text-heldout.jsonl"
+for m in "$WORK/student" default; do
+  "$PY" benchmarks/heldout_ce.py "$m" --data "$WORK/text-heldout.jsonl" --seq-len 1024 \
+      >> "$RES/heldout.jsonl" 2>> "$RES/heldout.log"
+done
+cp "$WORK/student/training_summary.json" "$RES/summary-student.json" 2>/dev/null
+cp "$WORK/draft/training_summary.json" "$RES/summary-draft.json" 2>/dev/null
+stage "done"
