@@ -23,7 +23,7 @@ if [ -n "${TINY:-}" ]; then
   GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-120}
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
-  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; DRAFT_SEQ=${DRAFT_SEQ:-128}
+  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -45,15 +45,11 @@ DRAFT_SEQ=${DRAFT_SEQ:-1024}
 K=${K:-4}
 PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
-mkdir -p "$WORK" "$RES"
-t0=$(date +%s)
-PY=${PY:-python3}
-MM=("$PY" -m mamballama_cli)
-stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
+source "$(dirname "$0")/study_common.sh"
+study_init
 
 stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K PROMPTS=$PROMPTS NEW=$NEW"
-"${MM[@]}" env > "$RES/env.txt" 2>&1
-[ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
+ensure_data
 cp "$DATA/text-train.jsonl" "$WORK/text-train.jsonl"
 [ -n "${TINY:-}" ] && head -n 16 "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
 
@@ -70,15 +66,7 @@ stage "data generate ($GEN_TOKENS tokens) beside the draft's cut (layers $DRAFT_
 wait
 
 # 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
-"$PY" - "$WORK/recipe.yaml" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
-import sys, yaml
-out, *tok, seq, mb, accum = sys.argv[1:]
-cfg = yaml.safe_load(open("templates/distill-default.yaml"))
-for st, t in zip(cfg["stages"], tok):
-    st["tokens"] = float(t)
-cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
-yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
-EOF
+write_recipe "$WORK/recipe.yaml" templates/distill-default.yaml "$SEQ" "$MB" "$ACCUM" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK"
 data="$WORK/text-train.jsonl"
 [ -f "$WORK/gen/manifest.json" ] && data="$WORK/gen,$data"
 [ -f "$DATA/recall-train.jsonl" ] && data="$data,$DATA/recall-train.jsonl"

@@ -51,15 +51,11 @@ ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-240}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
 RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 (h50 always converts first; nr: no recall documents)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
-mkdir -p "$WORK" "$RES"
-t0=$(date +%s)
-PY=${PY:-python3}
-MM=("$PY" -m mamballama_cli)
-stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
+source "$(dirname "$0")/study_common.sh"
+study_init
 
 stage "start: RUNS=\"$RUNS\" GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S ALIGN_TOK=$ALIGN_TOK KDM_TOK=$KDM_TOK KDA_TOK=$KDA_TOK PAPER_TOK=$PAPER_TOK SEQ=$SEQ MB=$MB ACCUM=$ACCUM"
-"${MM[@]}" env > "$RES/env.txt" 2>&1
-[ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
+ensure_data
 cp "$DATA/manifest.json" "$RES/data_manifest.json"
 if [ -n "$TEXT_LIMIT" ]; then head -n "$TEXT_LIMIT" "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
 else cp "$DATA/text-train.jsonl" "$WORK/text-train.jsonl"; fi
@@ -87,24 +83,8 @@ stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | ta
 
 # 2. Train. The default recipe is templates/distill-default.yaml with the stage lengths of this study; the
 #    paper's recipe is benchmarks/study/paper50.yaml. All five runs share the GPU, each under --max-seconds.
-"$PY" - "$WORK/default-recipe.yaml" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
-import sys, yaml
-out, *tok, seq, mb, accum = sys.argv[1:]
-cfg = yaml.safe_load(open("templates/distill-default.yaml"))
-for st, t in zip(cfg["stages"], tok):
-    st["tokens"] = float(t)
-cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
-yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
-EOF
-"$PY" - "$WORK/paper-recipe.yaml" "$PAPER_TOK" "$SEQ" "$MB" "$ACCUM" <<'EOF'
-import sys, yaml
-out, tok, seq, mb, accum = sys.argv[1:]
-cfg = yaml.safe_load(open("benchmarks/study/paper50.yaml"))
-for st in cfg["stages"]:
-    st["tokens"] = float(tok)
-cfg.update(seq_len=int(seq), micro_batch_size=int(mb), gradient_accumulation_steps=int(accum))
-yaml.safe_dump(cfg, open(out, "w"), sort_keys=False)
-EOF
+write_recipe "$WORK/default-recipe.yaml" templates/distill-default.yaml "$SEQ" "$MB" "$ACCUM" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK"
+write_recipe "$WORK/paper-recipe.yaml" benchmarks/study/paper50.yaml "$SEQ" "$MB" "$ACCUM" "$PAPER_TOK"
 train_data="$WORK/gen,$WORK/text-train.jsonl"
 [ -f "$WORK/gen/manifest.json" ] || { train_data="$WORK/text-train.jsonl"; stage "no generated data: training on packaged text only"; }
 plain_data=$train_data

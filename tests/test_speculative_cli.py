@@ -61,33 +61,32 @@ def test_builtin_self_draft_accepts_everything_and_sampling_is_seeded(pair, tmp_
     assert a.code == 0 and a.out == b.out
 
 
-def test_adaptive_k_through_the_cli(pair, tmp_path, capsys):
+def _lossless_through_cli(pair, tmp_path, capsys, *extra) -> dict:
+    """`generate --draft ... EXTRA` prints exactly the plain greedy text; returns its statistics JSON."""
     target, draft = pair / "target", pair / "draft"
     plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
-    stats_file = tmp_path / "a.json"
-    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--draft", draft, "-k", "5",
-                 "--adaptive-k", "--stats-json", stats_file], capsys)
+    stats_file = tmp_path / "s.json"
+    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--draft", draft, *extra,
+                 "--stats-json", stats_file], capsys)
     assert r.code == 0, r.err
     assert r.out == plain.out  # lossless
-    stats = json.loads(stats_file.read_text())
+    return {**json.loads(stats_file.read_text()), "_err": r.err}
+
+
+def test_adaptive_k_through_the_cli(pair, tmp_path, capsys):
+    stats = _lossless_through_cli(pair, tmp_path, capsys, "-k", "5", "--adaptive-k")
     assert stats["adaptive_k"] is True and stats["k"] == 5 and stats["matches_plain_greedy"] is True
     assert sum(stats["rounds_by_k"].values()) == stats["rounds"] and len(stats["acceptance_by_position"]) <= 5
-    assert "k<=5 adaptive" in r.err
+    assert "k<=5 adaptive" in stats["_err"]
 
 
-def test_round_graph_through_the_cli(pair, tmp_path, capsys):
+def test_round_graph_through_the_cli(pair, capsys, tmp_path):
     """--round-graph: the whole round on the device (run eagerly on CPU), lossless; refuses --adaptive-k."""
-    target, draft = pair / "target", pair / "draft"
-    plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
-    stats_file = tmp_path / "r.json"
-    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--draft", draft, "-k", "3",
-                 "--round-graph", "--stats-json", stats_file], capsys)
-    assert r.code == 0, r.err
-    assert r.out == plain.out
-    stats = json.loads(stats_file.read_text())
+    stats = _lossless_through_cli(pair, tmp_path, capsys, "-k", "3", "--round-graph")
     assert stats["captured_round"] is True and stats["matches_plain_greedy"] is True
     assert stats["drafted"] == 3 * stats["row_rounds"] and stats["produced"] == stats["accepted"] + stats["row_rounds"]
-    bad = run_cli(["generate", target, "--prompt", "hi", "--draft", draft, "--round-graph", "--adaptive-k"], capsys)
+    bad = run_cli(["generate", pair / "target", "--prompt", "hi", "--draft", pair / "draft", "--round-graph",
+                   "--adaptive-k"], capsys)
     assert bad.code != 0 and "--adaptive-k" in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err
 
 
