@@ -153,8 +153,7 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
     first.tolist()  # the first token is on the host
     t1 = time.perf_counter()
     if synthetic and prompt_len > real_len:
-        dec.pos.fill_(prompt_len)  # the next token's K/V go at prompt_len; the step attends over all before it
-        dec.cache.seqlen = prompt_len
+        dec.jump(prompt_len)  # the next token's K/V go at prompt_len; the step attends over all before it
         sync_device(device)
         t1 = time.perf_counter()
     dec.decode(new_tokens - 1, sync_every=1 << 30)

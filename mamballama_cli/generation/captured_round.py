@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from mamballama_cli.errors import UsageError
-from mamballama_cli.generation.acceptance import accept_sampled, gumbel_draw
+from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, gumbel_draw
 from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.models.runtime import capture_graph
@@ -92,9 +92,7 @@ class CapturedRounds:
         t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)
         # 3. Acceptance.
         if self.sampling.greedy:
-            best = t_logits.argmax(-1)
-            acc = (d == best[:, :-1]).long().cumprod(-1).sum(-1)
-            nxt = best.gather(1, acc[:, None])[:, 0]
+            acc, nxt = accept_greedy(d, t_logits)
         else:
             acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
                                       sampler=gumbel_draw)
@@ -138,17 +136,8 @@ class CapturedRounds:
             self._warm(ids)
         self.max_new.fill_(int(max_new_tokens))  # after the capture, whose warm-up sets its own
         start = time.perf_counter()
-        first, _ = self._pick(self.t.prefill(ids))
-        self.d.prefill(ids[:, :-1])  # the draft re-reads the last prompt token with the first new one
-        self.t_start.fill_(n)
-        self.d_start.fill_(n - 1)
-        self.t_keep.zero_()
-        self.d_keep.zero_()
+        first, _ = self._pick(self._prefill(ids))
         self.pending.copy_(torch.stack([ids[:, -1], first], dim=1))
-        self.finished.zero_()
-        self.hist_len.zero_()
-        self.accepted.zero_()
-        self.row_rounds.zero_()
         self._record(first[:, None], torch.ones_like(self.hist_len), torch.ones_like(self.finished))
         if ids.is_cuda:
             torch.cuda.synchronize(self.device)
@@ -179,24 +168,30 @@ class CapturedRounds:
                      "acceptance_rate": acc / (rr * self.k) if rr else float("nan"),
                      "tokens_per_call": (acc + rr) / rr if rr else float("nan")}
 
+    def _prefill(self, ids: Tensor) -> Tensor:
+        """Read the prompt into both models (the draft all but its last token, which it re-reads with the first new
+        one) and put every device-side position, count and flag at the start. Returns the target's last logits."""
+        logits = self.t.prefill(ids)
+        self.d.prefill(ids[:, :-1])
+        self._begin(ids.shape[1])
+        return logits
+
+    def _begin(self, n: int) -> None:
+        self.t_start.fill_(n)
+        self.d_start.fill_(n - 1)
+        for t in (self.t_keep, self.d_keep, self.finished, self.hist_len, self.accepted, self.row_rounds):
+            t.zero_()
+
     def _warm(self, ids: Tensor) -> None:
         """Record the round in a CUDA graph on a prefilled state (the warm-up scribbles; generate() re-prefills)."""
         n = ids.shape[1]
-        self.t.prefill(ids)
-        self.d.prefill(ids[:, :-1])
-        self.t_start.fill_(n)
-        self.d_start.fill_(n - 1)
+        self._prefill(ids)
+        self.max_new.fill_(self.max_length)
         rng = torch.cuda.get_rng_state(self.device)
 
         def reset():
-            self.t_keep.zero_()
-            self.d_keep.zero_()
-            self.t_start.fill_(n)
-            self.d_start.fill_(n - 1)
-            self.finished.zero_()
-            self.hist_len.zero_()
+            self._begin(n)
             self.max_new.fill_(self.max_length)
 
-        reset()
         self.graph, _ = capture_graph(self._round, self.device, warmup=2, before=reset)
         torch.cuda.set_rng_state(rng, self.device)

@@ -61,8 +61,7 @@ class SlotDecoder:
         for s in range(self.slots):
             if s not in self.free and self.length[s] >= self.capacity:
                 raise RuntimeError(f"slot {s} is full ({self.capacity} positions): leave() it first")
-        if self.capture and self.graph is None:
-            self.step_warm()
+        self.step_warm()
         if self.graph is not None:
             self.graph.replay()
         else:
@@ -81,18 +80,11 @@ class SlotDecoder:
             raise RuntimeError("no free slot: every slot holds a request")
         if n < 1 or n + 1 > self.capacity:
             raise ValueError(f"prompt of {n} tokens: a slot holds 1 to {self.capacity - 1}")
-        if self.capture and self.graph is None:
-            self.step_warm()
+        self.step_warm()
         slot = self.free.pop(0)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         first = sample(self.stage.prefill(ids), self.sampling)
-        src, dst = self.stage.cache, self.runtime.cache
-        for i in dst.key:
-            dst.key[i][slot, :, :n].copy_(src.key[i][0, :, :n])
-            dst.value[i][slot, :, :n].copy_(src.value[i][0, :, :n])
-        for i, state in dst.mamba.items():
-            for name, t in state.items():
-                t[slot].copy_(src.mamba[i][name][0])
+        self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
         self.pos[slot] = n
         self.tokens[slot] = first[0]
         self.live[slot] = 1
@@ -117,7 +109,7 @@ class SlotDecoder:
         return self.capacity - self.length[slot]
 
     def step_warm(self) -> None:
-        """Record the CUDA graph while no slot is live (the warm-up steps then spoil nothing)."""
+        """Record the CUDA graph (once, with capture on) while no slot is live: the warm-up steps spoil nothing."""
         if not self.capture or self.graph is not None:
             return
         if self.in_use:

@@ -171,6 +171,15 @@ class StaticDecoder:
         self.emitted = 1
         return first if self.forced is None else self.tokens.clone()
 
+    def jump(self, position: int) -> None:
+        """After :meth:`prefill`: decode on as if the context were ``position`` tokens long. The positions skipped
+        keep whatever the cache holds there (zeros when unused); a decode step costs the same whatever the cached
+        values are, which is what a benchmark at a long context without a long prefill relies on."""
+        if not self.emitted or not int(self.pos) <= position < self.max_length:
+            raise ValueError(f"jump to {position}: after prefill, between the prompt's end and {self.max_length - 1}")
+        self.pos.fill_(position)
+        self.cache.seqlen = position
+
     @property
     def room(self) -> int:
         """Steps left before the cache is full."""

@@ -18,7 +18,6 @@ from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
 class HybridRunner:
-    per_row = True  # commit() takes a count per row
     """Speculative state of a MamballamaForCausalLM (target, or a draft that is a hybrid).
 
     The :class:`~mamballama_cli.models.runtime.Runtime` holds the static buffers: attention K/V for
@@ -30,6 +29,8 @@ class HybridRunner:
     shape used in a CUDA graph before the prefill; ``static`` runs the very same computation eagerly
     (positions and replay counts read from device tensors), which is how the CPU tests check the graph path.
     """
+
+    per_row = True  # commit() takes a count per row
 
     def __init__(self, model, batch_size: int, max_length: int, window: int, keep_live: bool = False,
                  static: bool = False):

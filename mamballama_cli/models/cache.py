@@ -101,6 +101,16 @@ class HybridCache:
         st = sum(t.numel() * t.element_size() for s in self.mamba.values() for t in s.values())
         return {"kv_bytes": kv, "state_bytes": st}
 
+    def copy_row(self, src: "HybridCache", src_row: int, dst_row: int, n: int) -> None:
+        """Row ``dst_row`` of this cache takes row ``src_row`` of ``src``: the first ``n`` positions of every
+        attention layer's K/V and every Mamba layer's whole state (in place: views of this cache stay valid)."""
+        for i in self.key:
+            self.key[i][dst_row, :, :n].copy_(src.key[i][src_row, :, :n])
+            self.value[i][dst_row, :, :n].copy_(src.value[i][src_row, :, :n])
+        for i, state in self.mamba.items():
+            for name, t in state.items():
+                t[dst_row].copy_(src.mamba[i][name][src_row])
+
     def select_batch(self, index: Tensor) -> None:
         """Keep/reorder batch rows (beam search, dropping finished rows)."""
         for d in (self.key, self.value):

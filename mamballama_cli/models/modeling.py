@@ -21,8 +21,8 @@ from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
-from mamballama_cli.ops.decode import write_positions
 from mamballama_cli.models.step import Step, fuse_linears
+from mamballama_cli.ops.decode import write_positions
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
     from transformers import initialization as init

@@ -50,6 +50,11 @@ class _Stop(Exception):
     """Raised inside a one-at-a-time decode loop's callback once its client has gone."""
 
 
+def _fail(req: Request, exc: Exception) -> None:
+    """Answer ``req`` with the error (the server goes on serving the others)."""
+    req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+
+
 class _Row:
     """A request decoding in a slot: its text stream and counts. :meth:`take` returns True once it is done."""
 
@@ -81,7 +86,7 @@ class _Row:
                                       "total_tokens": n_prompt + n})
 
     def fail(self, exc: Exception) -> None:
-        self.req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+        _fail(self.req, exc)
 
 
 class Engine:
@@ -137,7 +142,7 @@ class Engine:
                     else:
                         self._run_plain(req)
             except Exception as exc:  # a failed request is answered with the error; the server goes on
-                req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+                _fail(req, exc)
 
     def _decoder(self, key: tuple):
         from mamballama_cli.generation.continuous import SlotDecoder
@@ -181,7 +186,7 @@ class Engine:
                         row = _Row(req, self.tokenizer)
                         slot, first = dec.join(req.prompt_ids)
                 except Exception as exc:
-                    req.finish("error", {"error": f"{type(exc).__name__}: {exc}"})
+                    _fail(req, exc)
                     continue
                 self.joined_running += bool(rows)
                 rows[slot] = row
