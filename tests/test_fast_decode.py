@@ -342,3 +342,36 @@ def test_captured_continuous_batching_equals_uncaptured_and_fp32_equals_each_pro
         for i, p in enumerate(reqs):
             ids = torch.tensor([p], device="cuda")
             assert runs[True][i] == plain_greedy(model, ids, 30)[0].tolist(), i
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_lower_right_attention_on_cuda_equals_the_masked_attention(dtype, gqa):
+    """A later prefill piece's attention on CUDA (flash, or the memory-efficient kernel with K/V repeated per
+    query head where flash refuses float32) equals one masked SDPA call, and at 64 rows x 1,024 queries x 70,000
+    keys it does not materialise the (b, h, Lq, Lk) scores (64 GiB) that a tensor mask would."""
+    import torch.nn.functional as F
+
+    from mamballama_cli.models import modeling
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 37, 64, generator=gen).cuda().to(dtype)
+    k, v = (torch.randn(2, 2 if gqa else 8, 300, 64, generator=gen).cuda().to(dtype) for _ in range(2))
+    qi = torch.arange(37, device="cuda")[:, None] + 263
+    mask = (torch.arange(300, device="cuda")[None] <= qi)[None, None]
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125,
+                                          enable_gqa=gqa)
+    got = modeling.lower_right_attention(q, k, v, 0.125, gqa).float()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    b, h, lq, lk = 64, 4, 1024, 70_000
+    q = torch.randn(b, h, lq, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, 2 if gqa else h, lk, 64, device="cuda", dtype=dtype) for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = modeling.lower_right_attention(q, k, v, 0.125, gqa)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out[:, :, -1]).all()
+    assert torch.cuda.max_memory_allocated() - base < 16 * 2**30  # the scores alone would be 68 GiB in float32

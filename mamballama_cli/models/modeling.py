@@ -107,18 +107,22 @@ def lower_right_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, gqa: bo
 
     A later piece of a chunked prefill. With a (Lq, Lk) tensor mask SDPA materialises (b, h, Lq, Lk) scores: 64
     GiB for 64 rows x 1,024 queries x 70,000 keys, an out-of-memory error on the H200. Where SDPA has a fused
-    kernel for lower-right causal attention (``torch.nn.attention.bias.causal_lower_right``) it runs that;
-    otherwise the queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
+    kernel for lower-right causal attention (``torch.nn.attention.bias.causal_lower_right``) it runs that: flash
+    with GQA as it is, the memory-efficient kernel (no GQA) with K/V repeated per query head. Otherwise the queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
     b, h, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.is_cuda:
         from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
         from torch.nn.attention.bias import causal_lower_right
 
-        params = SDPAParams(q, k, v, None, 0.0, False, gqa)
-        if can_use_flash_attention(params) or can_use_efficient_attention(params):
+        if can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, gqa)):  # flash takes GQA as it is
             return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale,
                                                   enable_gqa=gqa)
+        if gqa:  # the memory-efficient kernel (float32, say) has no GQA: a K/V head per query head
+            k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
+            gqa = False
+        if can_use_efficient_attention(SDPAParams(q, k, v, None, 0.0, False, False)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale)
     rows = max(1, SCORES_BUDGET // max(1, b * h * Lk))
     kj = torch.arange(Lk, device=q.device)
     outs = []
