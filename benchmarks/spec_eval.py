@@ -15,7 +15,9 @@ tokens), batch 1, three ways on the same target:
 Reported per engine: decode tokens/s over all prompts (tokens after the first over the time after the first
 token), and for the speculative engines acceptance, tokens per verify call, the speedup over plain, and how many
 prompts gave exactly the plain greedy tokens (bf16 verify and decode round differently, so a near-tie can flip).
-Every engine runs one untimed prompt first (compilation, graph capture).
+Every engine runs one untimed prompt first (compilation, graph capture). Then the parts of a round on their own
+(benchmarks/round_parts.py, at the first prompt's length): plain step, verify call on K+1 tokens, draft step, and
+the captured round replayed, so that a speedup short of its aim can be traced to what a round costs.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import run_facts, write_result  # noqa: E402
+from round_parts import cuda_time, round_parts  # noqa: E402
 
 
 def held_out_prompts(tok, data: Path, n: int, window: int) -> list[list[int]]:
@@ -71,6 +74,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--engines", default="plain,loop,round")
+    ap.add_argument("--parts-iters", type=int, default=100,
+                    help="calls per part when timing a round's parts on their own (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -91,6 +96,7 @@ def main() -> None:
           f"K={K}, {device}", file=sys.stderr)
 
     results: dict = {}
+    round_ms = None
     plain_tokens: list[list[int]] = []
     if "plain" in engines:
         dec = StaticDecoder(target, 1, capacity)
@@ -123,6 +129,23 @@ def main() -> None:
                                                               "calls": st["row_rounds"]}
 
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
+        if rounds.graph is not None and args.parts_iters:  # the round replayed: same work whatever is accepted
+            round_ms = cuda_time(rounds.graph.replay, args.parts_iters)
+        rounds.t.runtime = rounds.d.runtime = None
+    parts = None
+    if args.parts_iters:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        parts = round_parts(target, draft, torch.tensor([prompts[0]], device=device), K, capacity, args.parts_iters)
+        parts = {k: ({r: round(x, 4) for r, x in v.items()} if isinstance(v, dict) else
+                     round(v, 4) if isinstance(v, float) else v) for k, v in parts.items()}
+        parts["sum_ms"] = round(K * parts["draft_step_ms"] + parts["verify_step_ms"][K + 1], 4)
+        if "round" in results:
+            r = results["round"]
+            parts["round_ms_end_to_end"] = round(r["decode_s"] * 1000 / max(1, r["calls"]), 4)
+            if round_ms is not None:
+                parts["round_ms_replayed"] = round(round_ms, 4)
+        print("parts: " + json.dumps(parts), file=sys.stderr)
     for name in ("loop", "round"):
         r = results.get(name)
         if not r:
@@ -136,7 +159,7 @@ def main() -> None:
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
               "target": args.target, "draft": draft_name, "k": K, "prompts": len(prompts), "new_tokens": n_new,
-              "engines": results}
+              "engines": results, "parts": parts}
     print(json.dumps(result, indent=2))
     write_result(result, args.json)
 

@@ -6,7 +6,10 @@
 #   -> a draft cut from the teacher (DRAFT_LAYERS) -> the student's own greedy samples -> the draft trained for
 #   acceptance on them (templates/distill-draft.yaml, DRAFT_S of training) -> benchmarks/spec_eval.py: plain vs
 #   speculative decoding (host loop and captured round) over PROMPTS held-out prompts, batch 1, CUDA graphs, with
-#   the trained and the untrained draft -> the student's held-out cross-entropy for context.
+#   the trained draft at K and at each of KS (and the untrained cut with UNTRAINED=1), every run also timing a
+#   round's parts on their own (benchmarks/round_parts.py) -> the student's held-out cross-entropy for context.
+#   2026-12-04's run (docs/results/spec-study-2026-12-04): the untrained cut is kept 0.06% of the time, K=6 is
+#   slower than K=4 and K=2; so the defaults since give the draft more training and sweep K=2,3 instead.
 #
 #   bash benchmarks/spec_study.sh               # one GPU; about 15 minutes on an H200 with the defaults
 #   TINY=1 bash benchmarks/spec_study.sh        # a smoke run of every step on CPU
@@ -14,7 +17,7 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, PROMPTS, NEW.
+# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
 RES=${RES:-$WORK/results}
@@ -23,7 +26,7 @@ if [ -n "${TINY:-}" ]; then
   GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-120}
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
-  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
+  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -40,7 +43,8 @@ ACCUM=${ACCUM:-2}
 PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 DRAFT_GEN=${DRAFT_GEN:-3000000}
-DRAFT_S=${DRAFT_S:-200}
+DRAFT_S=${DRAFT_S:-320}
+KS=${KS:-2 3}
 DRAFT_SEQ=${DRAFT_SEQ:-1024}
 K=${K:-4}
 PROMPTS=${PROMPTS:-128}
@@ -82,7 +86,7 @@ stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
     --output "$WORK/sgen" --force > "$RES/data-generate-student.json" 2> "$RES/data-generate-student.log"
 stage "distill the draft for acceptance (budget $DRAFT_S s)"
 "${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template distill-draft --data "$WORK/sgen" \
-    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --output "$WORK/draft" --force --json \
+    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time --output "$WORK/draft" --force --json \
     > "$RES/distill-draft.json" 2> "$RES/distill-draft.log"
 stage "distill draft exit $?"
 
@@ -91,15 +95,17 @@ se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW")
 stage "spec_eval: trained draft, K=$K (plain, host loop, captured round)"
 "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$K" "${se[@]}" --json "$RES/spec-eval.json" \
     > /dev/null 2> "$RES/spec-eval.log"
-tail -n 4 "$RES/spec-eval.log" | tee -a "$RES/timeline.txt"
-for k in 2 6; do
+tail -n 5 "$RES/spec-eval.log" | tee -a "$RES/timeline.txt"
+for k in $KS; do
   stage "spec_eval: trained draft, K=$k (plain, captured round)"
   "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$k" "${se[@]}" --engines plain,round \
       --json "$RES/spec-eval-k$k.json" > /dev/null 2> "$RES/spec-eval-k$k.log"
 done
-stage "spec_eval: the untrained cut, K=$K (plain, captured round)"
-"$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0" -k "$K" "${se[@]}" --engines plain,round \
-    --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
+if [ -n "${UNTRAINED:-}" ]; then
+  stage "spec_eval: the untrained cut, K=$K (plain, captured round)"
+  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0" -k "$K" "${se[@]}" --engines plain,round \
+      --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
+fi
 stage "held-out cross-entropy of the student and the teacher"
 head -n "${HELDOUT_N:-1000}" "$DATA/text-heldout.jsonl" > "$WORK/text-heldout.jsonl"
 for m in "$WORK/student" default; do

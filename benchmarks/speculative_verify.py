@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from round_parts import cuda_time, round_parts  # noqa: E402
 
 SHAPES = {
     # Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, head dim 128, MLP 14336, vocab 128256.
@@ -69,25 +71,6 @@ def build_models(shape: str, ratio: float, draft_layers: int, dtype, device):
         torch.set_default_dtype(old)
     draft = as_hybrid(draft_llama)
     return target, draft, attn
-
-
-def cuda_time(fn, iters: int, warmup: int = 5) -> float:
-    """Mean milliseconds per call (CUDA events; host time elsewhere)."""
-    for _ in range(warmup):
-        fn()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / iters
-    t = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - t) * 1000 / iters
 
 
 def params(model) -> int:
@@ -146,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mamballama_cli import ops
-    from mamballama_cli.generation.speculative import HybridRunner, speculative_generate
+    from mamballama_cli.generation.speculative import speculative_generate
 
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -161,55 +144,13 @@ def main() -> None:
     prompt = torch.randint(0, target.config.vocab_size, (1, args.context), generator=gen).to(device)
     capacity = args.context + 4 * args.iters + 64 + 2 * (K + 1)
 
-    # 1. Plain decode step: the static decoder of `mamballama generate` (graph on CUDA).
-    plain_engine = "speculative runner, T=1 (generation/fast.py unavailable)"
-    try:
-        from mamballama_cli.generation.fast import StaticDecoder
-
-        dec = StaticDecoder(target, 1, capacity, capture=graphs)
-        dec.prefill(prompt)
-        step = dec.graph.replay if dec.graph is not None else dec._step
-        plain_ms = cuda_time(step, args.iters)
-        plain_engine = dec.engine
-        dec = None
-    except ImportError:
-        plain_ms = None
-
-    # 2. The same plain step through the speculative runner (one token, one replayed step), same capture.
-    runner = HybridRunner(target, 1, capacity, window=K + 1)
-    if graphs:
-        runner.capture([(1, True, 0), (K + 1, True, 0)])
-    runner.prefill(prompt)
-    pos = args.context
-
-    def runner_step(T, keep):
-        ids = torch.zeros(1, T, dtype=torch.long, device=device)
-
-        def call():
-            runner.start, runner.wlen, runner.keep = [pos], 0, [keep]  # same position every call: steady state
-            runner.extend(ids, rebase=True)
-        return call
-
-    runner_plain_ms = cuda_time(runner_step(1, 1), args.iters)
-    if args.profile:
-        profile_tables(runner, pos, K, target, capacity, prompt, args.profile)
-    if plain_ms is None:
-        plain_ms = runner_plain_ms
-    verify_ms = {r: cuda_time(runner_step(K + 1, r), args.iters) for r in (1, K + 1)}
-    runner.runtime = runner.cache = None  # free its buffers before the next one
-
-    # 3. Draft step (one token), graph captured the way speculative_generate does it.
-    d_runner = HybridRunner(draft, 1, capacity, window=K + 1, keep_live=True)
-    if graphs:
-        d_runner.capture([(1, True, 0)])
-    d_runner.prefill(prompt)
-
-    def draft_call():
-        d_runner.start, d_runner.wlen, d_runner.keep = [pos], 0, [1]
-        d_runner.extend(torch.zeros(1, 1, dtype=torch.long, device=device), rebase=True)
-
-    draft_ms = cuda_time(draft_call, args.iters)
-    d_runner.runtime = d_runner.cache = None
+    # 1-3. The plain decode step of `mamballama generate` (StaticDecoder), the same step through the speculative
+    # runner, one verify call on K+1 tokens, one draft step: each captured the way speculative_generate runs it.
+    profile = (lambda runner, pos: profile_tables(runner, pos, K, target, capacity, prompt, args.profile)) \
+        if args.profile else None
+    parts = round_parts(target, draft, prompt, K, capacity, args.iters, on_runner=profile)
+    plain_ms, plain_engine = parts["plain_step_ms"], parts["plain_engine"]
+    runner_plain_ms, verify_ms, draft_ms = parts["runner_plain_step_ms"], parts["verify_step_ms"], parts["draft_step_ms"]
 
     # 4. End to end (random weights: drafts are almost never accepted; this is the per-round cost).
     loop = None

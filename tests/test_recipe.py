@@ -142,3 +142,45 @@ def test_bad_recipe_options_are_one_line_errors(models, tmp_path, capsys):
         r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "--output", tmp_path / "x", flag, value], capsys)
         assert r.code != 0 and len(r.err.strip().splitlines()) == 1, (flag, r.err)
         assert flag.lstrip("-").replace("-", "_") in r.err or flag in r.err
+
+
+def test_fitted_plan_shrinks_what_remains_by_one_factor():
+    from mamballama_cli.training.engine import fitted_plan
+
+    assert fitted_plan([10, 20, 30], 1, 5, 1.0, 22.5) == [10, 12, 15]  # 45 s of steps left in 22.5 s: half each
+    assert fitted_plan([10, 20, 30], 1, 5, 1.0, 100.0) == [10, 20, 30]  # it fits: unchanged, never lengthened
+    assert fitted_plan([10, 20, 30], 1, 5, 1.0, -3.0) == [10, 5, 1]  # no time left: this stage ends, later get 1
+
+
+def test_time_fit_measures_after_the_warm_up_steps_and_fits_the_rest():
+    from mamballama_cli.training.engine import TimeFit
+
+    now = [0.0]
+    fit = TimeFit(100.0, 0.0, clock=lambda: now[0])
+    fit.stage_start(0)
+
+    def step(seconds, done, plan):
+        now[0] += seconds
+        return fit.after_step(done, plan, 0)
+
+    plans = [step(30.0 if i < 2 else 1.0, i + 1, [200]) for i in range(10)]  # 2 slow warm-up steps, then 1 s each
+    assert plans[:9] == [None] * 9
+    assert plans[9] == [10 + int(190 * (95 - 68) / 190)]  # 68 s spent, 95 s usable: 27 more steps at 1 s
+    assert all(step(1.0, i + 1, plans[9]) is None for i in range(10, 17))  # next look: 8 steps on
+    assert step(2.0, 18, plans[9]) == [18 + int(19 * (95 - 77) / (19 * 1.125))]  # slower steps: shorter again
+
+
+def test_fit_to_time_ends_the_schedule_inside_the_budget(models, tmp_path, capsys):
+    """--fit-to-time: a plan far longer than --max-seconds is shortened as it runs, so every stage still runs to
+    the end of its cosine decay (the last learning rate near zero) and the clock never cuts it."""
+    out = tmp_path / "fit"
+    s = train(capsys, models["hybrid"], out, "--template", "none", "--data", TRAIN, "--steps", "5000",
+              "--max-seconds", "20", "--fit-to-time", "--lr", "1e-3", *SMALL)
+    assert not s["time_budget_reached"] and not s["stopped_early"], s
+    assert s["planned_steps"] == 5000 and s["steps"] == sum(s["fitted_plan"]) < 5000
+    recs = [r for r in metrics(out) if "loss" in r]
+    assert recs[-1]["stage_step"] == s["fitted_plan"][-1] and recs[-1]["lr"] < 0.05 * 1e-3
+    assert (out / "model.safetensors").is_file() and s["seconds"] < 20 * 1.5
+    bad = run_cli(["distill", models["hybrid"], "--output", str(tmp_path / "x"), "--data", TRAIN, "--fit-to-time"],
+                  capsys)
+    assert bad.code != 0 and "--max-seconds" in bad.err and len(bad.err.strip().splitlines()) == 1

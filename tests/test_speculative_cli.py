@@ -106,7 +106,8 @@ def test_spec_eval_benchmark_compares_the_engines_over_held_out_prompts(pair, tm
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(pair / "target"), "--draft",
                         str(pair / "draft"), "-k", "3", "--data", str(data), "--prompts", "4", "--max-new-tokens", "6",
-                        "--text-window", "24", "--device", "cpu", "--dtype", "float32", "--json", str(out)],
+                        "--text-window", "24", "--device", "cpu", "--dtype", "float32", "--parts-iters", "2",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                           "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -116,6 +117,10 @@ def test_spec_eval_benchmark_compares_the_engines_over_held_out_prompts(pair, tm
         e = res["engines"][name]
         assert e["matches_plain"] == 4 and e["decode_tokens"] == 4 * 5 and "speedup" in e, e
         assert 0 <= e["acceptance_rate"] <= 1 and 1 <= e["tokens_per_call"] <= 4
+    parts = res["parts"]  # a round's parts timed on their own (benchmarks/round_parts.py)
+    assert parts["plain_step_ms"] > 0 and parts["draft_step_ms"] > 0 and set(parts["verify_step_ms"]) == {"1", "4"}
+    assert parts["sum_ms"] == round(3 * parts["draft_step_ms"] + parts["verify_step_ms"]["4"], 4)
+    assert parts["round_ms_end_to_end"] > 0 and "round_ms_replayed" not in parts  # no graph on CPU
 
 
 def _acceptance(target_dir, draft_dir, shard_dir, n=8):

@@ -28,8 +28,8 @@ SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The global batch (micro_batch_size x gradient_accumulation_steps x processes) is compared on its own, so a
 # run may resume on another number of GPUs or with another micro-batch as long as the global batch holds.
 RUN_CONTROL_KEYS = frozenset({
-    "output", "force", "resume", "max_steps", "max_seconds", "save_every", "keep_checkpoints", "log_every", "eval_every",
-    "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
+    "output", "force", "resume", "max_steps", "max_seconds", "fit_to_time", "save_every", "keep_checkpoints",
+    "log_every", "eval_every", "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
     "gradient_checkpointing", "save_dtype", "nan_patience",
 })
 
@@ -107,6 +107,9 @@ class TrainConfig:
                                    "continues.", default_text="no limit")
     max_seconds: float | None = option(None, help="Wall-clock budget in seconds: stop there, checkpoint, and still "
                                        "write the final model.", default_text="no limit")
+    fit_to_time: bool = option(False, help="With --max-seconds: shorten every stage by one factor, re-measured "
+                               "as it runs, so that the schedule (its learning-rate decay included) ends inside "
+                               "the budget instead of being cut mid-way.")
     lr: float = option(2e-5, help="Peak learning rate.")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
@@ -155,6 +158,8 @@ class TrainConfig:
             raise UsageError(f"--max-steps {self.max_steps} must be at least 1")
         if self.max_seconds is not None and not self.max_seconds > 0:
             raise UsageError(f"--max-seconds {self.max_seconds} must be positive")
+        if self.fit_to_time and self.max_seconds is None:
+            raise UsageError("--fit-to-time fits the schedule to --max-seconds: give --max-seconds S too")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UsageError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.save_dtype not in SAVE_DTYPES:

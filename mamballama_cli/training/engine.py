@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import time
 
 import torch
 
@@ -131,6 +132,57 @@ def lr_at(st: ResolvedStage, step: int, steps: int) -> float:
     else:
         factor = 1.0 - progress
     return st.lr * (st.min_lr_ratio + (1.0 - st.min_lr_ratio) * factor)
+
+
+class TimeFit:
+    """``--fit-to-time``: shorten the stages so that the schedule, its learning-rate decay included, ends inside
+    ``--max-seconds`` instead of being cut where the clock runs out.
+
+    A stage's time per step (wall clock from one step's end to the next: logging and checks included) is measured
+    over its first steps (the first :attr:`SKIP` left out: compilation, warm-up) and again every eighth of what
+    remains; the rest of the plan (this stage's remaining steps and every later stage's) is then shrunk by one
+    factor so that it fits the time left, less :attr:`RESERVE` of the budget for the checkpoints and the final
+    model. Plans only shrink; a later stage re-measures its own step time. The main process decides and every
+    process follows (``agree``)."""
+
+    SKIP, WINDOW, RESERVE = 2, 8, 0.05
+
+    def __init__(self, max_seconds: float, t_start: float, agree=None, clock=time.perf_counter):
+        self.budget, self.t_start, self.clock = float(max_seconds), t_start, clock
+        self.agree = agree or (lambda plan: plan)
+        self.times: list[float] = []
+        self.next_at = self.last = 0
+
+    def stage_start(self, start: int) -> None:
+        self.times = []
+        self.next_at = start + self.SKIP + self.WINDOW
+        self.last = self.clock()
+
+    def after_step(self, done: int, plan: list[int], si: int) -> list[int] | None:
+        """After step ``done`` (1-based) of stage ``si``: a new plan, or None."""
+        now = self.clock()
+        self.times.append(now - self.last)
+        self.last = now
+        if done < self.next_at or len(self.times) <= self.SKIP:
+            return None
+        recent = self.times[self.SKIP:][-self.WINDOW:]
+        left = self.budget * (1.0 - self.RESERVE) - (now - self.t_start)
+        new = self.agree(fitted_plan(plan, si, done, sum(recent) / len(recent), left))
+        self.next_at = done + max(self.WINDOW, (new[si] - done) // 8)
+        return new if new != plan else None
+
+
+def fitted_plan(plan: list[int], si: int, done: int, step_s: float, left_s: float) -> list[int]:
+    """``plan`` (steps per stage) shrunk so that what remains of it, from step ``done`` of stage ``si`` on at
+    ``step_s`` seconds a step, takes at most ``left_s`` seconds: every remaining part by the same factor, each
+    later stage at least one step. Unchanged when it already fits."""
+    rest = [plan[si] - done] + list(plan[si + 1:])
+    need = step_s * sum(rest)
+    if need <= left_s or sum(rest) == 0:
+        return list(plan)
+    f = max(0.0, left_s) / need
+    return (list(plan[:si]) + [done + int(rest[0] * f)]
+            + [max(1, int(n * f)) for n in plan[si + 1:]])
 
 
 def build_optimizer(model, st: ResolvedStage, eps: float):

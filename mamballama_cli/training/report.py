@@ -89,6 +89,12 @@ class Reporter:
             print(f"[{record.get('stage', '')}] step {record['step']}/{self.total}  {stats}  lr {record['lr']:.3g}"
                   f"  eta {eta}", file=sys.stderr, flush=True)
 
+    def replan(self, total_steps: int) -> None:
+        """The run's step count changed (--fit-to-time): the bar, the progress lines and the ETA follow."""
+        self.total = total_steps
+        if self.progress is not None:
+            self.progress.update(self.task, total=total_steps)
+
     def begin_step(self, step: int) -> None:
         self.step_no, self.step_t0 = step, time.perf_counter()
         self.micro_t = self.step_t0

@@ -22,8 +22,9 @@ from mamballama_cli.output import log
 from mamballama_cli.training import checkpoint as ck
 from mamballama_cli.training.config import ResolvedStage, config_dict, config_hash
 from mamballama_cli.training.data import BatchPlan, split_global_batch
-from mamballama_cli.training.engine import (build_optimizer, clip_and_norm, configure_deepspeed, engine_name,
-                                            frozen_dtype, lr_at, make_accelerator, set_lr, whole_models)
+from mamballama_cli.training.engine import (TimeFit, build_optimizer, clip_and_norm, configure_deepspeed,
+                                            engine_name, frozen_dtype, lr_at, make_accelerator, set_lr,
+                                            whole_models)
 from mamballama_cli.training.models import (check_same_vocabulary, load_frozen, load_trainable, relayout,
                                             set_trainable)
 from mamballama_cli.training.recipes import Job, eval_stage, recipe_for
@@ -131,6 +132,9 @@ def run_training(cfg, kind: str) -> dict:
     if resume_ckpt is not None:
         state = ck.read_trainer_state(resume_ckpt)
         si0, step0, gstep = state["stage"], state["stage_step"], state["global_step"]
+        if len(state.get("plan") or []) == len(stage_steps):  # a plan --fit-to-time shortened stays so
+            stage_steps = [int(n) for n in state["plan"]]
+            total_steps = sum(stage_steps)
         if step0 >= stage_steps[si0]:
             si0, step0 = si0 + 1, 0
         log(f"resuming from {resume_ckpt} (step {gstep})", main)
@@ -144,6 +148,8 @@ def run_training(cfg, kind: str) -> dict:
     last_record: dict = {}
     evals: list[dict] = []
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
+    planned = list(stage_steps)
+    fit = TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan)) if cfg.fit_to_time else None
 
     try:
         for si in range(si0, len(stages)):
@@ -178,7 +184,11 @@ def run_training(cfg, kind: str) -> dict:
                 evals.append(ev)
             start = step0 if si == si0 else 0
             stage_done = start
-            for step in range(start, steps):
+            if fit is not None:
+                fit.stage_start(start)
+            step = start - 1
+            while step + 1 < steps:  # steps may shrink as it runs (--fit-to-time)
+                step += 1
                 if cfg.max_steps is not None and gstep >= cfg.max_steps:
                     stopped = True
                     break
@@ -201,6 +211,14 @@ def run_training(cfg, kind: str) -> dict:
                                   "of --nan-patience)")
                 else:
                     last_record = record
+                new_plan = fit.after_step(step + 1, stage_steps, si) if fit else None
+                if new_plan is not None:
+                    stage_steps, steps = new_plan, new_plan[si]
+                    total_steps = sum(stage_steps)
+                    reporter.replan(total_steps)
+                    reporter.note(f"--fit-to-time: {total_steps} step(s) in all now (stages "
+                                  f"{', '.join(map(str, stage_steps))}) to end inside --max-seconds "
+                                  f"{cfg.max_seconds:g}")
                 if cfg.eval_every and job.eval_items and gstep % cfg.eval_every == 0 and step + 1 < steps:
                     ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
                     reporter.eval(ev)
@@ -208,14 +226,15 @@ def run_training(cfg, kind: str) -> dict:
                 if cfg.save_every and gstep % cfg.save_every == 0 and step + 1 < steps:
                     last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                                 trainer_state(gstep, si, st, step + 1, steps, h, global_batch, W,
-                                                              engine, record), cfg_d, tok, cfg.keep_checkpoints)
+                                                              engine, record, stage_steps), cfg_d, tok,
+                                                cfg.keep_checkpoints)
             if job.eval_items and not stopped:
                 ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
                 reporter.eval(ev)
                 evals.append(ev)
             last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                         trainer_state(gstep, si, st, stage_done, steps, h, global_batch, W, engine,
-                                                      last_record), cfg_d, tok, cfg.keep_checkpoints)
+                                                      last_record, stage_steps), cfg_d, tok, cfg.keep_checkpoints)
             acc.free_memory()
             del model, optimizer
             if stopped or timed_out:
@@ -229,6 +248,7 @@ def run_training(cfg, kind: str) -> dict:
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "last": last_record, "evals": evals, "engine": engine, "processes": W, "global_batch": global_batch,
         "mixed_precision": acc.mixed_precision,
+        **({"planned_steps": sum(planned), "fitted_plan": stage_steps} if stage_steps != planned else {}),
         "packing": packing_note, "seconds": round(time.perf_counter() - t_start, 2),
     }
     if main:
@@ -319,10 +339,19 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
     return record
 
 
-def trainer_state(gstep, si, st, stage_step, stage_steps, h, global_batch, world, engine, record) -> dict:
+def trainer_state(gstep, si, st, stage_step, stage_steps, h, global_batch, world, engine, record, plan) -> dict:
     return {"global_step": gstep, "stage": si, "stage_name": st.name, "stage_step": stage_step,
-            "stage_steps": stage_steps, "config_hash": h, "global_batch": global_batch, "world_size": world,
-            "engine": engine, "last": record}
+            "stage_steps": stage_steps, "plan": list(plan), "config_hash": h, "global_batch": global_batch,
+            "world_size": world, "engine": engine, "last": record}
+
+
+def agree_on(acc, plan: list[int]) -> list[int]:
+    """Every process takes the main process's plan (their clocks differ)."""
+    if acc.num_processes == 1:
+        return plan
+    from accelerate.utils import broadcast
+
+    return [int(x) for x in broadcast(torch.tensor(plan, device=acc.device), from_process=0).tolist()]
 
 
 def out_of_time(acc, cfg, t_start: float) -> bool:

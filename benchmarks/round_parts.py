@@ -1,0 +1,78 @@
+"""What one speculative round is made of, timed on its own: a plain decode step of the target, one verify call on
+K+1 tokens, one draft step (each captured in a CUDA graph on CUDA, timed with CUDA events over ``iters`` calls at
+a steady position). Shared by benchmarks/speculative_verify.py (random 8B-shape pair) and
+benchmarks/spec_eval.py (a real trained pair), so that a missed speedup can be traced to its parts."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def cuda_time(fn, iters: int, warmup: int = 5) -> float:
+    """Mean milliseconds per call (CUDA events; host time elsewhere)."""
+    for _ in range(warmup):
+        fn()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / iters
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - t) * 1000 / iters
+
+
+def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iters: int, on_runner=None) -> dict:
+    """Milliseconds: ``plain_step_ms`` (the static decoder of `generate`), ``runner_plain_step_ms`` (the same step
+    through the speculative runner), ``verify_step_ms`` by how many tokens it keeps (1 and K+1: the replay does
+    more work the more it keeps), ``draft_step_ms``; ``plain_engine`` names the plain step's engine.
+    ``on_runner(runner, pos)`` runs with the target's runner before its verify timings (kernel profiles)."""
+    from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.runners import as_hybrid, is_hybrid
+    from mamballama_cli.generation.speculative import HybridRunner
+
+    if not is_hybrid(draft):
+        draft = as_hybrid(draft) or draft  # a Llama-family draft runs as an all-attention hybrid, as in a round
+    device = prompt.device
+    graphs = device.type == "cuda"
+    pos = prompt.shape[1]
+    dec = StaticDecoder(target, 1, capacity, capture=graphs)
+    dec.prefill(prompt)
+    plain_ms = cuda_time(dec.graph.replay if dec.graph is not None else dec._step, iters)
+    out = {"plain_engine": dec.engine, "plain_step_ms": plain_ms}
+    dec = None
+
+    def timed_calls(model, shapes, keep_live=False):
+        runner = HybridRunner(model, 1, capacity, window=K + 1, keep_live=keep_live)
+        if graphs:
+            runner.capture(shapes)
+        runner.prefill(prompt)
+
+        def call(T, keep):
+            ids = torch.zeros(1, T, dtype=torch.long, device=device)
+
+            def run():
+                runner.start, runner.wlen, runner.keep = [pos], 0, [keep]  # same position every call
+                runner.extend(ids, rebase=True)
+            return run
+        return runner, call
+
+    runner, call = timed_calls(target, [(1, True, 0), (K + 1, True, 0)])
+    out["runner_plain_step_ms"] = cuda_time(call(1, 1), iters)
+    if on_runner is not None:
+        on_runner(runner, pos)
+    out["verify_step_ms"] = {r: cuda_time(call(K + 1, r), iters) for r in (1, K + 1)}
+    runner.runtime = runner.cache = None  # free its buffers before the next one
+    d_runner, d_call = timed_calls(draft, [(1, True, 0)], keep_live=True)
+    out["draft_step_ms"] = cuda_time(d_call(1, 1), iters)
+    d_runner.runtime = d_runner.cache = None
+    if graphs:
+        torch.cuda.empty_cache()
+    return out
