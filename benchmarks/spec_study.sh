@@ -17,7 +17,7 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW.
+# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
 RES=${RES:-$WORK/results}
@@ -26,7 +26,7 @@ if [ -n "${TINY:-}" ]; then
   GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-120}
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
-  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
+  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS:-2}; PARTS_ITERS=${PARTS_ITERS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -91,7 +91,7 @@ stage "distill the draft for acceptance (budget $DRAFT_S s)"
 stage "distill draft exit $?"
 
 # 4. Speculative vs plain decoding of the student, held-out prompts, batch 1.
-se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW")
+se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW" --parts-iters "${PARTS_ITERS:-100}")
 stage "spec_eval: trained draft, K=$K (plain, host loop, captured round)"
 "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$K" "${se[@]}" --json "$RES/spec-eval.json" \
     > /dev/null 2> "$RES/spec-eval.log"
