@@ -157,6 +157,10 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "serve_args": args.serve_args,
     }
     print(json.dumps(out, indent=1))
+    print(f"{args.model}: {len(results)} requests from {args.clients} clients, {out['prompt_tokens_mean']:.0f} prompt "
+          f"tokens: {out['completion_tokens_per_s']:.1f} completion tok/s, latency p50 {out['latency_s']['p50']:.2f} s "
+          f"p95 {out['latency_s']['p95']:.2f} s, first token p50 {out['ttft_s']['p50']:.2f} s "
+          f"({health.get('mode')})", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

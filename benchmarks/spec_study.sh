@@ -7,7 +7,9 @@
 #   acceptance on them (templates/distill-draft.yaml, DRAFT_S of training) -> benchmarks/spec_eval.py: plain vs
 #   speculative decoding (host loop and captured round) over PROMPTS held-out prompts, batch 1, CUDA graphs, with
 #   the trained draft at K and at each of KS (and the untrained cut with UNTRAINED=1), every run also timing a
-#   round's parts on their own (benchmarks/round_parts.py) -> the student's held-out cross-entropy for context.
+#   round's parts on their own (benchmarks/round_parts.py) -> the student's held-out cross-entropy for context ->
+#   issue 17's serving line: benchmarks/serve_load.py on the student and on the teacher, SERVE_CLIENTS clients at
+#   SERVE_PROMPT tokens, same engine.
 #   2026-12-04's run (docs/results/spec-study-2026-12-04): the untrained cut is kept 0.06% of the time, K=6 is
 #   slower than K=4 and K=2; so the defaults since give the draft more training and sweep K=2,3 instead.
 #
@@ -17,7 +19,8 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS.
+# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS,
+# SERVE_CLIENTS, SERVE_PROMPT, SERVE_NEW, SERVE_REQUESTS.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
 RES=${RES:-$WORK/results}
@@ -26,7 +29,7 @@ if [ -n "${TINY:-}" ]; then
   GEN_TOKENS=${GEN_TOKENS:-3000}; GEN_BS=${GEN_BS:-8}; GEN_NEW=${GEN_NEW:-48}; BUDGET_S=${BUDGET_S:-120}
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
-  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS:-2}; PARTS_ITERS=${PARTS_ITERS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
+  PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS:-2}; PARTS_ITERS=${PARTS_ITERS:-2}; SERVE_CLIENTS=${SERVE_CLIENTS:-2}; SERVE_PROMPT=${SERVE_PROMPT:-64}; SERVE_NEW=${SERVE_NEW:-4}; SERVE_REQUESTS=${SERVE_REQUESTS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -49,6 +52,10 @@ DRAFT_SEQ=${DRAFT_SEQ:-1024}
 K=${K:-4}
 PROMPTS=${PROMPTS:-128}
 NEW=${NEW:-128}
+SERVE_CLIENTS=${SERVE_CLIENTS:-32}
+SERVE_PROMPT=${SERVE_PROMPT:-4096}
+SERVE_NEW=${SERVE_NEW:-128}
+SERVE_REQUESTS=${SERVE_REQUESTS:-64}
 source "$(dirname "$0")/study_common.sh"
 study_init
 
@@ -111,6 +118,16 @@ head -n "${HELDOUT_N:-1000}" "$DATA/text-heldout.jsonl" > "$WORK/text-heldout.js
 for m in "$WORK/student" default; do
   "$PY" benchmarks/heldout_ce.py "$m" --data "$WORK/text-heldout.jsonl" --seq-len 1024 \
       >> "$RES/heldout.jsonl" 2>> "$RES/heldout.log"
+done
+# 5. Issue 17's serving line on the same pair of models: SERVE_CLIENTS concurrent clients at SERVE_PROMPT tokens,
+# the student and the teacher on the same engine (a Llama teacher is served as an all-attention hybrid).
+for m in "$WORK/student" default; do
+  name=$(basename "$m")
+  stage "serve_load: $name, $SERVE_CLIENTS clients x $SERVE_PROMPT tokens"
+  "$PY" benchmarks/serve_load.py "$m" --clients "$SERVE_CLIENTS" --prompt-tokens "$SERVE_PROMPT" \
+      --max-tokens "$SERVE_NEW" --requests "$SERVE_REQUESTS" --json "$RES/serve-$name.json" \
+      > /dev/null 2> "$RES/serve-$name.log"
+  tail -n 1 "$RES/serve-$name.log" >> "$RES/timeline.txt"
 done
 cp "$WORK/student/training_summary.json" "$RES/summary-student.json" 2>/dev/null
 cp "$WORK/draft/training_summary.json" "$RES/summary-draft.json" 2>/dev/null

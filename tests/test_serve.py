@@ -110,6 +110,27 @@ def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(server):
     assert h["largest_batch"] > 1 and h["batches"] - before < 16  # they did share batches
 
 
+def test_a_llama_teacher_is_served_continuous_batched_as_an_all_attention_hybrid(models, capsys):
+    """A plain Llama (a teacher) is batched by the same engine as its hybrids, run as an all-attention hybrid that
+    shares its weights; concurrent answers equal transformers' own greedy `generate` of each prompt."""
+    s = Server(models["teacher"], "--max-batch", "4", "--max-context", "96", "--name", "teacher")
+    prompts = [f"{i} apples and " + "pears " * i for i in range(6)]
+    try:
+        def ask(p):
+            return s.client.completions.create(model="teacher", prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(6) as pool:
+            together = list(pool.map(ask, prompts))
+        h = s.health()
+    finally:
+        s.stop()
+    assert h["mode"] == "continuous-batched (as an all-attention hybrid)" and h["largest_batch"] > 1, h
+    for p, got in zip(prompts, together):
+        g = run_cli(["generate", str(models["teacher"]), "--engine", "transformers", "--prompt", p, "-n", "8"], capsys)
+        assert g.code == 0, g.err
+        assert got == g.out.rstrip("\n"), p
+
+
 def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
     cases = [
         ("/v1/chat/completions", "{not json", 400),

@@ -7,8 +7,9 @@ takes a free slot at once (its prompt read on a one-row staging runtime and copi
 slot's K/V and state buffers), and a row that meets a stop token, its ``max_tokens``, a full slot or a cancel (the
 client went away) frees its slot for the next. Every row sits at its own position, so each decodes exactly as if
 alone. Sampling settings are fixed per decoder: requests with other settings wait until the running batch
-drains, then the next setting runs. Models the static decoder cannot run (a plain Transformer, Mamba-1) decode
-one request at a time through transformers' ``generate``.
+drains, then the next setting runs. A Llama-family Transformer (a teacher) is served the same way, as an
+all-attention hybrid sharing its weights. Models the static decoder cannot run (other Transformers, Mamba-1)
+decode one request at a time through transformers' ``generate``.
 
 With a draft (``serve --speculative --draft D``), requests decode one at a time by speculative decoding
 (:func:`~mamballama_cli.generation.speculative.speculative_generate`): greedy answers equal the target's own.
@@ -96,13 +97,17 @@ class Engine:
                  prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = ""):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
+        from mamballama_cli.generation.runners import as_hybrid, is_hybrid
 
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context = int(max_batch), int(max_context)
         self.prefill_chunk = prefill_chunk
         self.draft, self.k, self.draft_name = draft, int(k), draft_name
         self.stops = stop_token_ids(model, tokenizer)
-        self.static_reason = unsupported_reason(model)  # None: batched on the static decoder
+        # A Llama-family Transformer decodes exactly as an all-attention hybrid sharing its weights (as_hybrid):
+        # batched on the static decoder too, so a teacher and its hybrid are served by the same engine.
+        self.static_model = model if is_hybrid(model) else (as_hybrid(model) or model)
+        self.static_reason = unsupported_reason(self.static_model)  # None: batched on the static decoder
         self.pending: queue.Queue[Request] = queue.Queue()
         self.decoders: dict[tuple, object] = {}
         self.batches = 0  # batches run (continuous: runs from an idle engine until it drains), and the largest
@@ -122,7 +127,9 @@ class Engine:
     def mode(self) -> str:
         if self.draft is not None:
             return f"speculative, one request at a time (draft {self.draft_name}, k={self.k})"
-        return "continuous-batched" if self.static_reason is None else "one request at a time (transformers)"
+        if self.static_reason is not None:
+            return "one request at a time (transformers)"
+        return "continuous-batched" + ("" if self.static_model is self.model else " (as an all-attention hybrid)")
 
     def submit(self, req: Request) -> None:
         self.pending.put(req)
@@ -152,7 +159,7 @@ class Engine:
         if dec is None:
             temperature, top_p, top_k = key
             sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
-            dec = SlotDecoder(self.model, self.max_batch, self.max_context, sampling,
+            dec = SlotDecoder(self.static_model, self.max_batch, self.max_context, sampling,
                               prefill_chunk=self.prefill_chunk)
             self.decoders[key] = dec
         return dec
