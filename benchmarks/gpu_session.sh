@@ -8,7 +8,8 @@
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
-#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed).
+#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
+#   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left.
 # Logs, tables and JSON land in $OUT (default ./out).
@@ -60,6 +61,7 @@ for step in $STEPS; do
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py ;;
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py ;;
+        part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         *) echo "unknown step $step" ;;
     esac
 done
