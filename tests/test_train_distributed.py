@@ -65,6 +65,23 @@ def test_two_cpu_processes_match_one_with_accumulation_and_resume_across_sizes(t
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_fit_to_time_on_two_cpu_processes_follows_one_plan(tmp_path):
+    """--fit-to-time across gloo DDP processes: the main process's plan is broadcast (their clocks differ), so both
+    run the same shortened stage to the end of its decay and the run ends inside the budget, not cut by it."""
+    _, hybrid = hybrid_dirs(tmp_path)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29543", "-m", "mamballama_cli", "distill", str(hybrid), "--template", "none", "--data",
+                          TRAIN, "--steps", "3000", "--seq-len", "96", "--micro-batch-size", "1", "--max-seconds",
+                          "40", "--fit-to-time", "--json", "--output", str(tmp_path / "fit")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads(out.stdout)
+    assert not s["time_budget_reached"] and s["planned_steps"] == 3000 and s["steps"] == sum(s["fitted_plan"]) < 3000
+    assert "--fit-to-time:" in out.stderr and "x 2 process(es) [ddp]" in out.stderr
+
+
 def test_accelerate_config_delegates_to_accelerate_launch(tmp_path):
     _, hybrid = hybrid_dirs(tmp_path)
     cfg = tmp_path / "cpu.yaml"
