@@ -184,3 +184,21 @@ def test_fit_to_time_ends_the_schedule_inside_the_budget(models, tmp_path, capsy
     bad = run_cli(["distill", models["hybrid"], "--output", str(tmp_path / "x"), "--data", TRAIN, "--fit-to-time"],
                   capsys)
     assert bad.code != 0 and "--max-seconds" in bad.err and len(bad.err.strip().splitlines()) == 1
+
+
+def test_fit_to_time_resume_keeps_the_fitted_plan(models, tmp_path, capsys):
+    """A checkpoint of a fitted run keeps its plan: --resume continues the shortened schedule (its learning rate
+    goes on down), not the recipe's original 3,000 steps."""
+    out = tmp_path / "fitres"
+    args = ["--template", "none", "--data", TRAIN, "--steps", "3000", "--max-seconds", "15", "--fit-to-time",
+            "--lr", "1e-3", *SMALL]
+    first = train(capsys, models["hybrid"], out, *args, "--max-steps", "40")
+    plan = first["fitted_plan"]
+    assert first["steps"] == 40 and first["stopped_early"] and 40 < plan[0] < 3000
+    lr_before = [r for r in metrics(out) if "loss" in r][-1]["lr"]
+    second = train(capsys, models["hybrid"], out, *args, "--resume")
+    recs = [r for r in metrics(out) if "loss" in r]
+    assert second["steps"] == sum(second["fitted_plan"]) and second["fitted_plan"][0] <= plan[0]
+    assert recs[40]["step"] == 41 and recs[40]["lr"] < lr_before  # resumed on the shortened decay
+    assert not second["time_budget_reached"] and recs[-1]["lr"] < 0.05 * 1e-3
+

@@ -120,6 +120,7 @@ def run_training(cfg, kind: str) -> dict:
 
     plans = [BatchPlan(len(job.items), global_batch, cfg.seed, st.index) for st in stages]
     stage_steps = stage_lengths(stages, plans, lengths, global_batch)
+    planned = list(stage_steps)  # the recipe's plan; --fit-to-time (and a resumed fitted run) may shorten it
     total_steps = sum(stage_steps)
     log(f"{kind}: {len(job.items)} {recipe.unit} from {cfg.data}"
         + (f" ({n_targets:,} target tokens)" if n_targets is not None else "")
@@ -148,7 +149,6 @@ def run_training(cfg, kind: str) -> dict:
     last_record: dict = {}
     evals: list[dict] = []
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
-    planned = list(stage_steps)
     fit = TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan)) if cfg.fit_to_time else None
 
     try:
