@@ -30,6 +30,7 @@ from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, 
 from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.models.runtime import capture_graph
+from mamballama_cli.ops.commit import commit_round, record_tokens_ref
 
 
 class CapturedRounds:
@@ -74,7 +75,7 @@ class CapturedRounds:
         return gumbel_draw(probs), probs
 
     def _round(self) -> None:
-        K, live = self.k, ~self.finished
+        K = self.k
         # 1. Draft: the two pending tokens (rebase: replay what it kept last round), then K - 1 more steps.
         self.d_start.add_(self.d_keep)
         logits = self.d._walk(self.pending, self.d_start, self.d_keep, True, 0, None)[:, -1]
@@ -96,27 +97,13 @@ class CapturedRounds:
         else:
             acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
                                       sampler=gumbel_draw)
-        # 4. Commit per row; a finished row keeps nothing and stays where it is.
-        acc = torch.where(live, acc, 0)
-        kept = torch.where(live, acc + 1, 0)
-        self.accepted.add_(acc.sum())
-        self.row_rounds.add_(live.sum())
-        self.t_keep.copy_(kept)
-        self.d_keep.copy_(kept)  # of the 2 + K - 1 tokens it read: 2 pending + acc drafts - the one re-read
-        new_pending = torch.stack([ids.gather(1, acc[:, None])[:, 0], nxt], dim=1)
-        self.pending.copy_(torch.where(live[:, None], new_pending, self.pending))
-        out = torch.cat([d, d[:, :1]], dim=1).scatter(1, acc[:, None], nxt[:, None])  # (b, K + 1): d[:acc], nxt
-        self._record(out, kept, live)
+        # 4. Commit per row (ops/commit.py: one kernel on CUDA); a finished row keeps nothing and stays put.
+        commit_round(d, acc, nxt, self.pending, self.finished, self.t_keep, self.d_keep, self.hist, self.hist_len,
+                     self.stops, self.max_new, self.accepted, self.row_rounds)
 
     def _record(self, out: Tensor, kept: Tensor, live: Tensor) -> None:
         """Append each live row's ``kept`` tokens of ``out`` to its history; freeze rows that are done."""
-        j = torch.arange(out.shape[1], device=self.device)
-        idx = (self.hist_len[:, None] + j).clamp(max=self.hist.shape[1] - 1)
-        valid = j[None, :] < kept[:, None]
-        self.hist.scatter_(1, idx, torch.where(valid, out, self.hist.gather(1, idx)))
-        hit = (valid & (out[..., None] == self.stops).any(-1)).any(-1) if self.stops.numel() else torch.zeros_like(live)
-        self.hist_len.add_(kept)
-        self.finished.copy_(self.finished | (live & hit) | (self.hist_len >= self.max_new))
+        record_tokens_ref(self.hist, self.hist_len, self.finished, out, kept, live, self.stops, self.max_new)
 
     # --- the loop ----------------------------------------------------------------------------------------------
     @torch.inference_mode()

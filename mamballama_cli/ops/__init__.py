@@ -75,7 +75,7 @@ _fast_loaded = False
 FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.external", "mamballama_cli.ops.triton_decode",
                 "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
                 "mamballama_cli.ops.triton_attention", "mamballama_cli.ops.kd_triton", "mamballama_cli.ops.triton_conv",
-                "mamballama_cli.ops.triton_rope")
+                "mamballama_cli.ops.triton_rope", "mamballama_cli.ops.triton_commit")
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -117,7 +117,7 @@ def _precedence(impl: FastImpl) -> int:
 _REF_WORDS = ("ref", "reference", "torch")
 # The ops/ modules that declare more ops by their references (register_reference), beside the ones above.
 REFERENCE_MODULES = ("mamballama_cli.ops.decode", "mamballama_cli.ops.kd", "mamballama_cli.ops.replay",
-                     "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref")
+                     "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref", "mamballama_cli.ops.commit")
 
 
 def configure(kernels: str = "auto") -> None:
