@@ -17,13 +17,15 @@ token), and for the speculative engines acceptance, tokens per verify call, the 
 prompts gave exactly the plain greedy tokens (bf16 verify and decode round differently, so a near-tie can flip).
 Every engine runs one untimed prompt first (compilation, graph capture). Then the parts of a round on their own
 (benchmarks/round_parts.py, at the first prompt's length): plain step, verify call on K+1 tokens, draft step, and
-the captured round replayed, so that a speedup short of its aim can be traced to what a round costs.
+the captured round replayed (and replayed again with the commit's reference instead of its kernel: the
+kernel's share), so that a speedup short of its aim can be traced to what a round costs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,7 +98,7 @@ def main() -> None:
           f"K={K}, {device}", file=sys.stderr)
 
     results: dict = {}
-    round_ms = None
+    round_ms = round_ms_commit_ref = None
     plain_tokens: list[list[int]] = []
     if "plain" in engines:
         dec = StaticDecoder(target, 1, capacity)
@@ -129,9 +131,15 @@ def main() -> None:
                                                               "calls": st["row_rounds"]}
 
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
-        if rounds.graph is not None and args.parts_iters:  # the round replayed: same work whatever is accepted
-            round_ms = cuda_time(rounds.graph.replay, args.parts_iters)
+        if args.parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
+            round_ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, args.parts_iters)
         rounds.t.runtime = rounds.d.runtime = None
+        if args.parts_iters:  # the same round with the commit's reference instead of its kernel (A/B)
+            try:
+                round_ms_commit_ref = replayed_round_ms(target, draft, capacity, K, prompts[0], device,
+                                                        args.parts_iters, "ref:commit_round")
+            except Exception as exc:  # an auxiliary number must not cost the run its results
+                print(f"commit A/B skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
     parts = None
     if args.parts_iters:
         if device.type == "cuda":
@@ -145,6 +153,8 @@ def main() -> None:
             parts["round_ms_end_to_end"] = round(r["decode_s"] * 1000 / max(1, r["calls"]), 4)
             if round_ms is not None:
                 parts["round_ms_replayed"] = round(round_ms, 4)
+            if round_ms_commit_ref is not None:
+                parts["round_ms_replayed_commit_ref"] = round(round_ms_commit_ref, 4)
         print("parts: " + json.dumps(parts), file=sys.stderr)
     for name in ("loop", "round"):
         r = results.get(name)
@@ -162,6 +172,27 @@ def main() -> None:
               "engines": results, "parts": parts}
     print(json.dumps(result, indent=2))
     write_result(result, args.json)
+
+
+def replayed_round_ms(target, draft, capacity: int, K: int, prompt, device, iters: int, kernels: str) -> float:
+    """A captured round's replay time with the op choice ``kernels`` (``ops.configure``) at its capture."""
+    from mamballama_cli import ops
+    from mamballama_cli.generation.captured_round import CapturedRounds
+
+    saved = {k: os.environ.get(k) for k in ("MAMBALLAMA_KERNELS", "MAMBALLAMA_REF_OPS")}  # configure() sets these
+    ops.configure(kernels)
+    try:
+        rounds = CapturedRounds(target, draft, 1, capacity, K)
+        rounds.generate(torch.tensor([prompt], device=device), 8)
+        ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, iters)
+        rounds.t.runtime = rounds.d.runtime = None
+        return ms
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def run_engine(label: str, fn, prompts, device) -> dict:
