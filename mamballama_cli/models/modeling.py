@@ -108,7 +108,8 @@ def lower_right_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, gqa: bo
     A later piece of a chunked prefill. With a (Lq, Lk) tensor mask SDPA materialises (b, h, Lq, Lk) scores: 64
     GiB for 64 rows x 1,024 queries x 70,000 keys, an out-of-memory error on the H200. Where SDPA has a fused
     kernel for lower-right causal attention (``torch.nn.attention.bias.causal_lower_right``) it runs that: flash
-    with GQA as it is, the memory-efficient kernel (no GQA) with K/V repeated per query head. Otherwise the queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
+    with GQA as it is, the memory-efficient kernel (no GQA) with K/V repeated per query head. Otherwise the
+    queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
     b, h, Lq, _ = q.shape
     Lk = k.shape[2]
     if q.is_cuda:

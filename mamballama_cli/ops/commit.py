@@ -12,7 +12,8 @@ about 5% of the round; the Triton kernel does all of it in one launch, one progr
 drafts (b, K) the round's drafts; acc, nxt (b,) from the acceptance rule; pending (b, 2) the last kept token and
 the next one (the first of this round's verified tokens was ``pending[:, 1]``); finished (b,) bool; t_keep, d_keep
 (b,) what target and draft keep of this round (acc + 1 for a live row, 0 for a finished one); hist (b, L) and
-hist_len (b,) each row's new tokens (the caller leaves room: hist_len + K + 1 <= L); stops (S,) stop tokens; max_new, accepted, row_rounds 0-dim counters.
+hist_len (b,) each row's new tokens (the caller leaves room: hist_len + K + 1 <= L); stops (S,) stop tokens;
+max_new, accepted, row_rounds 0-dim counters.
 """
 
 from __future__ import annotations

@@ -65,9 +65,9 @@ def commit_round_triton(drafts, acc, nxt, pending, finished, t_keep, d_keep, his
     with _device_guard(drafts):
         _commit_round_kernel[(b,)](  # no stop tokens: S = 0 masks every read of the stand-in pointer
             drafts, acc, nxt, pending, finished, t_keep, d_keep, hist, hist_len, stops if S else drafts, max_new,
-            accepted,
-            row_rounds, K, hist.shape[1], S, drafts.stride(0), acc.stride(0), nxt.stride(0), *pending.stride(),
-            finished.stride(0), t_keep.stride(0), d_keep.stride(0), hist.stride(0), hist_len.stride(0),
+            accepted, row_rounds, K, hist.shape[1], S,
+            drafts.stride(0), acc.stride(0), nxt.stride(0), *pending.stride(), finished.stride(0),
+            t_keep.stride(0), d_keep.stride(0), hist.stride(0), hist_len.stride(0),
             BLOCK_T=triton.next_power_of_2(K + 1), BLOCK_S=triton.next_power_of_2(max(S, 1)), num_warps=1,
         )
 
