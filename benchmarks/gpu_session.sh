@@ -6,7 +6,9 @@
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
-# prompts, the shape that crashed one-piece prefill; now chunked). Default: env tests full.
+# prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
+# A/B of ops/triton_gemv.py), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
+# carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
@@ -38,10 +40,31 @@ gputest() {  # name, timeout cap, pytest selection...
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
 }
 
+serve_pair() {  # issue 17's serve line: the default teacher and its 50% hybrid, SERVE_CLIENTS clients at SERVE_PROMPT
+    # tokens, same engine (needs `park` in an earlier call on this machine, carrying .teacher-a; this one carries
+    # .teacher-b)
+    stamp "serve: convert the default teacher's 50% hybrid"
+    assemble_teacher
+    timeout "$(left 240)" python3 -m mamballama_cli convert default --ratio 0.5 --output /tmp/h50 --force --json \
+        > "$OUT/serve-convert.json" 2> "$OUT/serve-convert.log"; echo "convert exit $?"
+    local m name
+    for m in /tmp/h50 default; do
+        name=$(basename "$m")
+        stamp "serve_load: $name, ${SERVE_CLIENTS:-32} clients x ${SERVE_PROMPT:-4096} tokens"
+        timeout "$(left 300)" python3 benchmarks/serve_load.py "$m" --clients "${SERVE_CLIENTS:-32}" \
+            --prompt-tokens "${SERVE_PROMPT:-4096}" --max-tokens "${SERVE_NEW:-128}" --requests "${SERVE_REQUESTS:-64}" \
+            --json "$OUT/serve-$name.json" > /dev/null 2> "$OUT/serve-$name.log"
+        echo "exit $?"; tail -n 2 "$OUT/serve-$name.log"
+    done
+}
+
 for step in $STEPS; do
     case $step in
         env) stamp env; python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
         b1) speed b1 200 --models hybrid --batch-sizes 1 --contexts "" ;;
+        b1cublas) MAMBALLAMA_REF_OPS=gemv speed b1cublas 200 --models hybrid --batch-sizes 1 --contexts "" ;;
+        park) mkdir -p /tmp/teacher && cp .teacher-a/part_aa /tmp/teacher/ && ls -la /tmp/teacher ;;
+        serve) serve_pair ;;
         profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
                  echo "exit $?"; head -40 "$OUT/profile.txt" ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;
@@ -56,7 +79,7 @@ for step in $STEPS; do
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
-        part1) gputest part1 480 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py ;;

@@ -90,11 +90,14 @@ class AttentionInitMixer(nn.Module):
     def gate(self, y: Tensor, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def output(self, y: Tensor, z: Tensor) -> Tensor:
-        """y -> the mixer's gate (:meth:`gate`) -> out_proj."""
+    def output(self, y: Tensor, z: Tensor, linear=None) -> Tensor:
+        """y -> the mixer's gate (:meth:`gate`) -> out_proj (through ``linear(x, weight, bias)`` when given: a
+        window step's ``gemv`` op)."""
         y = self.gate(y, z)
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
             y = y.to(self.out_proj.weight.dtype)
+        if linear is not None:
+            return linear(y, self.out_proj.weight, self.out_proj.bias)
         return self.out_proj(y)
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
@@ -319,7 +322,7 @@ class Mamba2Mixer(AttentionInitMixer):
         norm in one op; ``state`` updated in place."""
         fns = step.fns
         b = x.shape[0]
-        zxbcdt = F.linear(x, self.in_proj.weight, self.in_proj.bias)  # (batch, d_in_proj)
+        zxbcdt = fns["gemv"](x, self.in_proj.weight, self.in_proj.bias)  # (batch, d_in_proj)
         z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
         xbc = fns["conv_update_inplace"](xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias,
                                          self.activation)
@@ -331,14 +334,14 @@ class Mamba2Mixer(AttentionInitMixer):
             z.reshape(b, self.n_heads, self.headdim) if gated else None, self.norm.weight if gated else None,
             self.eps,
         )  # (batch, n_heads * headdim)
-        return F.linear(y.to(self.out_proj.weight.dtype), self.out_proj.weight, self.out_proj.bias)
+        return fns["gemv"](y.to(self.out_proj.weight.dtype), self.out_proj.weight, self.out_proj.bias)
 
     def _step_window(self, x: Tensor, win: "Mamba2Window", step: Step) -> Tensor:
         """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the window (which then holds ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
-        zxbcdt = self.in_proj(x)
+        zxbcdt = step.fns["gemv"](x, self.in_proj.weight, self.in_proj.bias)
         z, xbc_in, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
         if step.rebase:
             # the w1 conv inputs before the new window start keep entries into the buffer
@@ -363,7 +366,7 @@ class Mamba2Mixer(AttentionInitMixer):
         # Only now overwrite the window: the replay above read the old one.
         win.win_xB[:, offset : offset + T].copy_(post[..., : win.d_xB])
         win.win_dt[:, offset : offset + T].copy_(dt_raw)
-        return self.output(y.reshape(b, T, self.d_z), z)
+        return self.output(y.reshape(b, T, self.d_z), z, step.fns["gemv"])
 
 
 class Mamba2Window(ReplayWindow):

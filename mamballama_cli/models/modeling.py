@@ -183,20 +183,20 @@ class Attention(nn.Module):
 
     def step(self, x: Tensor, state: "AttentionState", step: Step) -> Tensor:
         """New tokens' attention over the static K/V buffers, their own K/V written at their positions."""
-        qkv = F.linear(x, state.qkv_w, state.qkv_b)  # (..., (n_heads + 2 n_kv) * head_dim)
-        kb, vb = state.key, state.value
         fns = step.fns
+        qkv = fns["gemv"](x, state.qkv_w, state.qkv_b)  # (..., (n_heads + 2 n_kv) * head_dim)
+        kb, vb = state.key, state.value
         if not step.window:  # one token per row, x (batch, hidden), at step.pos
             q = fns["rope_kv_write"](qkv, step.cos, step.sin, kb, vb, step.pos, self.n_heads, self.n_kv)
             o = fns["decode_attention"](q, kb, vb, step.length, self.scaling)  # (batch, n_heads, head_dim)
-            return F.linear(o.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
+            return fns["gemv"](o.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
         b, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         if self.sliding_window is None:
             # RoPE + K/V write at pos + t, then causal attention over [0, pos + t]
             q = fns["rope_kv_write_window"](qkv, step.cos, step.sin, kb, vb, step.pos, nh, nkv)  # (b, T, nh, hd)
             out = fns["window_attention"](q, kb, vb, step.pos, self.scaling)
-            return self.o_proj(out.reshape(b, T, nh * hd))
+            return fns["gemv"](out.reshape(b, T, nh * hd), self.o_proj.weight, self.o_proj.bias)
         # Sliding-window layers: the masked SDPA over the buffer (the window ops have no sliding window).
         idx = step.pos.reshape(-1, 1) + torch.arange(T, device=x.device)  # (1 or batch, T): a position per row
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)

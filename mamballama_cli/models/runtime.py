@@ -92,7 +92,7 @@ class Runtime:
                                                                                        self.batch_size)
         self.eps = model.config.rms_norm_eps
         self.column_major = self.device.type == "cpu"
-        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "swiglu"))
+        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "swiglu", "gemv"))
         self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
                                  max_length=self.capacity)
         decode_layout(model)
@@ -119,16 +119,16 @@ class Runtime:
     def walk(self, ids: Tensor, step: Step) -> Tensor:
         """Logits of the new tokens: ids (batch,) -> (batch, vocab) for a decode step, (batch, T) ->
         (batch, T, vocab) for a window. Graph-safe: no host sync, every buffer static."""
-        add_norm, swiglu, eps = self.fns["add_rmsnorm"], self.fns["swiglu"], self.eps
+        add_norm, swiglu, linear, eps = self.fns["add_rmsnorm"], self.fns["swiglu"], self.fns["gemv"], self.eps
         hidden = F.embedding(ids, self.embed_w)
         residual = None
         for p in self.layers:
             x, residual = add_norm(hidden, residual, p.ln1, eps)
             hidden = p.mixer.step(x, p.state, step)
             x, residual = add_norm(hidden, residual, p.ln2, eps)
-            hidden = F.linear(swiglu(F.linear(x, p.gate_up_w, p.gate_up_b)), p.down_w, p.down_b)
+            hidden = linear(swiglu(linear(x, p.gate_up_w, p.gate_up_b)), p.down_w, p.down_b)
         x, _ = add_norm(hidden, residual, self.norm_w, eps)
-        return F.linear(x, self.lm_head_w)
+        return linear(x, self.lm_head_w)
 
     # --- the prompt ----------------------------------------------------------------------------------------
     def prefill(self, ids: Tensor) -> Tensor:

@@ -29,6 +29,12 @@ def add_rmsnorm_ref(x: Tensor, residual: Tensor | None, weight: Tensor, eps: flo
     return rmsnorm_ref(h, weight, eps), h
 
 
+def gemv_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """A decode step's linear: ``F.linear(x, weight, bias)``, x (batch, in) or (batch, T, in). The fast twin
+    (ops/triton_gemv.py) takes the batch-1 tall ones and hands the rest back to this."""
+    return F.linear(x, weight, bias)
+
+
 def swiglu_ref(gate_up: Tensor) -> Tensor:
     """gate_up (..., 2 * inter) = [gate | up] -> silu(gate) * up (..., inter)."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -145,6 +151,7 @@ def decode_attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, length: Te
 DECODE_REFERENCES = {
     "add_rmsnorm": add_rmsnorm_ref,
     "swiglu": swiglu_ref,
+    "gemv": gemv_ref,
     "conv_update_inplace": conv_update_inplace_ref,
     "ssm_step_gated": ssm_step_gated_ref,
     "rope_kv_write": rope_kv_write_ref,

@@ -1,0 +1,193 @@
+"""The linears of a batch-1 decode or verify step as Triton GEMV kernels (``gemv``; reference in
+:mod:`mamballama_cli.ops.decode`: ``F.linear``).
+
+A batch-1 decode step is mostly GEMVs: one token times each weight, read once from memory, and a verify step is
+the same with K+1 tokens. For the tall weights (as many outputs as inputs or fewer: ``out_proj``, ``o_proj``,
+``down_proj`` of the 8B shape), cuBLAS splits the reduction over K and adds a second kernel that sums the pieces;
+the 2026-11-28 profile of the 8B step has 64 such reductions (1.6 us each) and the 4096 x 4096 GEMVs at about
+72% of the copy bandwidth. Here one program owns a block of outputs and walks the whole of K, reading each
+weight byte once and writing its outputs once: no second kernel.
+
+* one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
+* 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch): the rows padded to 16 and
+  ``tl.dot`` with a float32 accumulator, the weight tile read once for all of them.
+
+The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
+bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, no autograd, and a tall weight
+(N <= K). Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
+of these kernels. On the first call of a shape (a static decoder's warm-up, before its graph is recorded) the block
+sizes are autotuned and the tuned kernel is timed against cuBLAS; the faster of the two serves that shape from
+then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Importing this module registers
+the kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mamballama_cli import ops
+from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
+from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the machine; the probe says why (ops/common.py)
+    triton = tl = None
+
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 at batch 1, or a small batch
+# (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
+# every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
+CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
+SKINNY = ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6), (16, 512, 4, 3), (64, 256, 8, 3))
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = rows < N
+        rows_read = tl.where(live, rows, 0)  # a last partial block reads row 0 for its dead rows, stores nothing
+        cols = tl.arange(0, BLOCK_K)
+        w_ptrs = W + rows_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:  # no mask on the hot loads
+                w = tl.load(w_ptrs + k0)
+                x = tl.load(X + k0 + cols)
+            else:
+                inside = k0 + cols < K
+                w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+                x = tl.load(X + k0 + cols, mask=inside, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(BIAS + rows_read).to(tl.float32)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live_n = outs < N
+        outs_read = tl.where(live_n, outs, 0)
+        rows = tl.arange(0, 16)  # the rows padded to tl.dot's smallest M
+        live_m = rows < M
+        cols = tl.arange(0, BLOCK_K)
+        x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]  # (16, BLOCK_K)
+        w_ptrs = W + outs_read[None, :].to(tl.int64) * stride_wn + cols[:, None]  # (BLOCK_K, BLOCK_N), K-major
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
+                w = tl.load(w_ptrs + k0)
+            else:
+                inside = k0 + cols < K
+                x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
+                w = tl.load(w_ptrs + k0, mask=inside[:, None], other=0.0)
+            acc = tl.dot(x, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
+                 mask=live_m[:, None] & live_n[None, :])
+
+    _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+    _skinny_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in SKINNY],
+        key=["M", "N", "K"],
+    )(_even_k(_skinny_kernel))
+    _gemv_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
+        key=["N", "K"],
+    )(_even_k(_gemv_kernel))
+
+
+def _rows(x, weight) -> int:
+    return x.numel() // max(1, weight.shape[1])
+
+
+def gemv_supported(x, weight, bias=None) -> bool:
+    """Whether :func:`gemv_triton` runs a kernel on these arguments (else it calls ``F.linear``)."""
+    return (x.dim() >= 2 and x.dtype in DTYPES and weight.dtype == x.dtype and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] and 1 <= _rows(x, weight) <= MAX_ROWS
+            and weight.stride(1) == 1 and weight.shape[0] <= weight.shape[1]
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+            and not _needs_grad(x, weight, bias))
+
+
+def gemv_launch(x, weight, bias=None, config: tuple | None = None):
+    """x (..., K) @ weight (N, K)^T + bias -> (..., N), by the kernel for its number of rows: autotuned, or with
+    ``config`` given (an entry of :data:`CONFIGS` for one row, of :data:`SKINNY` for more: the interpreter tests
+    run each candidate this way)."""
+    N, K = weight.shape
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    b = bias if bias is not None else weight
+    with _device_guard(x):
+        if M == 1:
+            args = (x2, weight, b, y, N, K, weight.stride(0))
+            if config is None:
+                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+            else:
+                bn, bk, warps = config
+                _gemv_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+                                                    EVEN_K=K % bk == 0, num_warps=warps)
+        else:
+            args = (x2, weight, b, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0))
+            if config is None:
+                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+            else:
+                bn, bk, warps, stages = config
+                _skinny_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+                                                      EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
+    return y.view(*x.shape[:-1], N)
+
+
+# (rows, N, K, dtype, device index) -> whether the kernel beat cuBLAS on that shape (timed on first use).
+CHOICES: dict[tuple, bool] = {}
+
+
+def _kernel_is_faster(x, weight, bias) -> bool:
+    """Time the autotuned kernel against ``F.linear`` on these arguments (triton's ``do_bench``: median of
+    repetitions, the L2 cache flushed between them, as a decode step finds it) and say whether it is faster."""
+    from triton.testing import do_bench
+
+    gemv_launch(x, weight, bias)  # autotunes (outside the timing)
+    ours = do_bench(lambda: gemv_launch(x, weight, bias), warmup=5, rep=40, return_mode="median")
+    theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=40, return_mode="median")
+    return ours < theirs
+
+
+def gemv_triton(x, weight, bias=None):
+    """The kernel where :func:`gemv_supported` and where, on this shape, it was timed faster than cuBLAS on
+    first use (so the op never makes a step slower); else ``F.linear``. The first call of a shape must not be
+    inside a CUDA graph's recording: the static decoder's warm-up makes it."""
+    if not gemv_supported(x, weight, bias):
+        return F.linear(x, weight, bias)
+    key = (_rows(x, weight), *weight.shape, x.dtype, x.device.index)
+    use = CHOICES.get(key)
+    if use is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return F.linear(x, weight, bias)  # nothing can be timed inside a recording: cuBLAS, not remembered
+        use = CHOICES[key] = _kernel_is_faster(x, weight, bias) if x.is_cuda else True
+    return gemv_launch(x, weight, bias) if use else F.linear(x, weight, bias)
+
+
+def _check_gemv(gen):
+    errs = []
+    for rows, n, k, bias in ((1, 96, 320, True), (1, 4096, 4096, False), (5, 1000, 3000, True), (3, 512, 512, False)):
+        x, w = _rand(gen, rows, k, dtype=torch.bfloat16), _rand(gen, n, k, dtype=torch.bfloat16)
+        b = _rand(gen, n, dtype=torch.bfloat16) if bias else None
+        errs.append(_rel(gemv_launch(x, w, b), _decode_refs.gemv_ref(x.double(), w.double(),
+                                                                     b.double() if bias else None)))
+    return max(errs)
+
+
+if triton is not None:
+    ops.register_fast("gemv", "mamballama-triton", gemv_triton, _probe(_check_gemv, tol=1e-2))

@@ -1,0 +1,104 @@
+"""The linears of a batch-1 decode or verify step as one op (``gemv``: reference ``F.linear`` in ops/decode.py,
+Triton kernels in ops/triton_gemv.py): every autotuning candidate against the reference under Triton's interpreter
+on CPU (one row and verify-window rows; shapes that leave partial blocks of outputs and of K; with and without
+bias; bf16 and fp16), the arguments it must hand back to ``F.linear``, the decode step that routes its linears
+through the op, and on CUDA (gpu, part1 of benchmarks/gpu_session.sh) the autotuned kernels at the 8B shape's
+sizes and the per-shape choice between them and cuBLAS."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, interpreted_json
+
+
+@NEEDS_TRITON
+def test_every_gemv_candidate_equals_the_reference_under_the_interpreter():
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+import torch.nn.functional as F
+from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY, gemv_launch
+gen = torch.Generator().manual_seed(0)
+out = {}
+for dtype in (torch.bfloat16, torch.float16):
+    for lead, n, k, bias in (((1,), 37, 2048, True), ((1, 1), 64, 1000, False), ((1,), 130, 4096, True),
+                             ((5,), 70, 1000, True), ((1, 8), 64, 512, False), ((2, 1), 33, 768, False)):
+        x = torch.randn(*lead, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        want = F.linear(x.double(), w.double(), b.double() if bias else None)
+        if x.numel() > k and dtype == torch.bfloat16:
+            continue  # the interpreter's tl.dot reads bf16 as raw bits (fp16 below; bf16 in the gpu test)
+        for cfg in (CONFIGS if x.numel() == k else SKINNY):
+            y = gemv_launch(x, w, b, config=cfg)
+            assert y.shape == (*lead, n) and y.dtype == dtype
+            err = float((y.double() - want).norm() / want.norm())
+            out[f"{dtype} {lead} {n}x{k} {cfg}"] = err
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=600)
+    assert len(errs) == 2 * 3 * 7 + 3 * 6
+    bad = {k: v for k, v in errs.items() if not v < 4e-3}  # one rounding of the output to bf16 / fp16
+    assert not bad, bad
+
+
+@NEEDS_TRITON
+def test_gemv_takes_only_a_few_rows_tall_half_precision_without_autograd():
+    from mamballama_cli.ops.triton_gemv import gemv_supported
+
+    x, w = torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(32, 64, dtype=torch.bfloat16)
+    assert gemv_supported(x, w) and gemv_supported(x, w, torch.randn(32, dtype=torch.bfloat16))
+    assert gemv_supported(torch.randn(1, 5, 64, dtype=torch.bfloat16), w)  # a verify window at batch 1
+    assert gemv_supported(torch.randn(8, 64, dtype=torch.bfloat16), w)  # a small batch
+    assert not gemv_supported(torch.randn(9, 64, dtype=torch.bfloat16), w)  # more rows: cuBLAS
+    assert not gemv_supported(x, torch.randn(128, 64, dtype=torch.bfloat16))  # wide: cuBLAS does not split K
+    assert not gemv_supported(x.float(), w.float())  # float32 stays bit-equal to the model's forward
+    assert not gemv_supported(x, w.t().contiguous().t())  # stored column-major
+    assert not gemv_supported(x, w, torch.randn(32))  # a bias of another dtype
+    assert not gemv_supported(x.requires_grad_(True), w)  # autograd: the reference
+
+
+def test_the_decode_step_runs_its_linears_through_the_gemv_op():
+    """Every projection of a one-token step (in_proj, out_proj, [q; k; v], o_proj, [gate; up], down_proj,
+    lm_head) goes through the op table's ``gemv``, so the kernel (or ``--kernels ref:gemv``) applies to all."""
+    from helpers import tiny_hybrid
+    from mamballama_cli.models.runtime import Runtime
+
+    model, _ = tiny_hybrid()
+    rt = Runtime(model, 1, 32)
+    calls = []
+    ref = rt.fns["gemv"]
+    rt.fns["gemv"] = lambda x, w, b=None: calls.append(tuple(w.shape)) or ref(x, w, b)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    rt.prefill(ids)
+    step = rt.step(pos=torch.tensor([5]), length=torch.tensor([6]))
+    logits = rt.walk(ids[:, -1], step)
+    n_layers = model.config.num_hidden_layers
+    assert len(calls) == 4 * n_layers + 1 and calls[-1] == tuple(model.lm_head.weight.shape)
+    assert logits.shape == (1, model.config.vocab_size)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
+    from mamballama_cli import ops
+    from mamballama_cli.ops.triton_gemv import CHOICES, gemv_launch, gemv_supported, gemv_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, n, k, bias in ((1, 4096, 4096, False), (1, 4096, 14336, False), (1, 1000, 3001, True),
+                             (5, 4096, 4096, False), (5, 4096, 14336, False), (3, 1000, 3001, True)):
+        x = torch.randn(rows, k, generator=gen, device="cuda").to(dtype)
+        w = (torch.randn(n, k, generator=gen, device="cuda") / k**0.5).to(dtype)
+        b = torch.randn(n, generator=gen, device="cuda").to(dtype) if bias else None
+        assert gemv_supported(x, w, b)
+        want = F.linear(x.double(), w.double(), b.double() if bias else None)
+        y = gemv_launch(x, w, b)  # the autotuned kernel
+        assert y.dtype == dtype and float((y.double() - want).norm() / want.norm()) < 4e-3, (rows, n, k)
+        chosen = gemv_triton(x, w, b)  # the kernel or cuBLAS, whichever was timed faster on this shape
+        key = (rows, n, k, dtype, x.device.index)
+        assert torch.equal(chosen, y if CHOICES[key] else F.linear(x, w, b)), key
+        print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS")
+    wide = torch.randn(8192, 4096, device="cuda", dtype=dtype)
+    x = torch.randn(1, 4096, device="cuda", dtype=dtype)
+    assert torch.equal(gemv_triton(x, wide), F.linear(x, wide))  # not taken: cuBLAS
+    many = torch.randn(9, 4096, device="cuda", dtype=dtype)
+    assert torch.equal(gemv_triton(many, wide[:4096]), F.linear(many, wide[:4096]))
+    assert ops.dispatch("gemv", torch.device("cuda"))[0] == "mamballama-triton"
