@@ -44,6 +44,9 @@ serve_pair() {  # issue 17's serve line: the default teacher and its 50% hybrid,
     # tokens, same engine (needs `park` in an earlier call on this machine, carrying .teacher-a; this one carries
     # .teacher-b)
     stamp "serve: convert the default teacher's 50% hybrid"
+    # fastapi and uvicorn (the serve extra) from wheels carried in .whl-serve, where the image lacks them
+    python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl-serve \
+        fastapi uvicorn || echo "note: no fastapi/uvicorn: carry .whl-serve (pip download fastapi uvicorn ...)"
     assemble_teacher
     timeout "$(left 240)" python3 -m mamballama_cli convert default --ratio 0.5 --output /tmp/h50 --force --json \
         > "$OUT/serve-convert.json" 2> "$OUT/serve-convert.log"; echo "convert exit $?"

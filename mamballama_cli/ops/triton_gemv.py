@@ -149,19 +149,25 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
     return y.view(*x.shape[:-1], N)
 
 
-# (rows, N, K, dtype, device index) -> whether the kernel beat cuBLAS on that shape (timed on first use).
+# (rows, N, K, dtype, device index) -> whether the kernel serves that shape (timed against cuBLAS on first use).
 CHOICES: dict[tuple, bool] = {}
+# The kernel keeps a shape unless it is timed this much slower than cuBLAS alone. Timed alone, the two are close on
+# the 8B shape's tall GEMVs and the verdict flips from run to run; inside a captured step the kernel is one graph
+# node where cuBLAS is two (the split-K reduction). H200, 2026-12-04: the 8B step with the kernel on all 64 tall
+# GEMVs took 4.58 ms, with it on 32 of them (a strict timing) 4.73 ms (docs/benchmarks.md has the A/B).
+MARGIN = 1.10
 
 
 def _kernel_is_faster(x, weight, bias) -> bool:
     """Time the autotuned kernel against ``F.linear`` on these arguments (triton's ``do_bench``: median of
-    repetitions, the L2 cache flushed between them, as a decode step finds it) and say whether it is faster."""
+    repetitions, the L2 cache flushed between them, as a decode step finds it): whether the kernel is faster, or
+    slower by less than :data:`MARGIN`."""
     from triton.testing import do_bench
 
     gemv_launch(x, weight, bias)  # autotunes (outside the timing)
     ours = do_bench(lambda: gemv_launch(x, weight, bias), warmup=5, rep=40, return_mode="median")
     theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=40, return_mode="median")
-    return ours < theirs
+    return ours <= MARGIN * theirs
 
 
 def gemv_triton(x, weight, bias=None):
