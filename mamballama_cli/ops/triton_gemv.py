@@ -9,8 +9,9 @@ the 2026-11-28 profile of the 8B step has 64 such reductions (1.6 us each) and t
 weight byte once and writing its outputs once: no second kernel.
 
 * one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
-* 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch): the rows padded to 16 and
-  ``tl.dot`` with a float32 accumulator, the weight tile read once for all of them.
+* 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch), the weight tile read once for
+  all of them: either the rows padded to 16 and ``tl.dot`` with a float32 accumulator, or (smaller tiles, more
+  programs) the rows padded to a power of two and the products summed on CUDA cores; the autotuner picks.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, no autograd, and a tall weight
@@ -41,7 +42,12 @@ MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 a
 # (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
 # every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-SKINNY = ((16, 256, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6), (16, 512, 4, 3), (64, 256, 8, 3))
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, tl.dot or not). On the H200 (2026-12-04) the tl.dot ones lost to
+# cuBLAS at 5 rows of the 8B shape by more than MARGIN; the CUDA-core ones (more programs, no shared-memory staging)
+# were added after that run and have not been timed there yet.
+SKINNY = ((16, 256, 4, 4, True), (32, 256, 4, 4, True), (64, 128, 4, 4, True), (32, 128, 4, 6, True),
+          (16, 512, 4, 3, True), (64, 256, 8, 3, True),
+          (4, 256, 4, 1, False), (8, 128, 4, 1, False), (4, 512, 8, 1, False), (2, 512, 4, 1, False))
 
 if triton is not None:
 
@@ -70,25 +76,42 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                       ROWS: tl.constexpr):
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
-        rows = tl.arange(0, 16)  # the rows padded to tl.dot's smallest M
-        live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
-        x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]  # (16, BLOCK_K)
-        w_ptrs = W + outs_read[None, :].to(tl.int64) * stride_wn + cols[:, None]  # (BLOCK_K, BLOCK_N), K-major
-        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
-                w = tl.load(w_ptrs + k0)
-            else:
-                inside = k0 + cols < K
-                x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=inside[:, None], other=0.0)
-            acc = tl.dot(x, w, acc)
+        if DOT:  # the rows padded to tl.dot's smallest M; the weight tile K-major (BLOCK_K, BLOCK_N)
+            rows = tl.arange(0, 16)
+            live_m = rows < M
+            x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+            w_ptrs = W + outs_read[None, :].to(tl.int64) * stride_wn + cols[:, None]
+            acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
+                    w = tl.load(w_ptrs + k0)
+                else:
+                    inside = k0 + cols < K
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k0, mask=inside[:, None], other=0.0)
+                acc = tl.dot(x, w, acc)
+        else:  # the rows padded to a power of two (ROWS); products summed over the tile's K on CUDA cores
+            rows = tl.arange(0, ROWS)
+            live_m = rows < M
+            x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+            w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
+                    w = tl.load(w_ptrs + k0)
+                else:
+                    inside = k0 + cols < K
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
@@ -96,7 +119,8 @@ if triton is not None:
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _skinny_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st) for n, k, w, st in SKINNY],
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": dot}, num_warps=w, num_stages=st)
+                 for n, k, w, st, dot in SKINNY],
         key=["M", "N", "K"],
     )(_even_k(_skinny_kernel))
     _gemv_tuned = triton.autotune(
@@ -140,12 +164,15 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
                                                     EVEN_K=K % bk == 0, num_warps=warps)
         else:
             args = (x2, weight, b, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0))
+            rows = max(2, 1 << (M - 1).bit_length())
             if config is None:
-                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None,
+                                                                                ROWS=rows)
             else:
-                bn, bk, warps, stages = config
+                bn, bk, warps, stages, dot = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
-                                                      EVEN_K=K % bk == 0, num_warps=warps, num_stages=stages)
+                                                      EVEN_K=K % bk == 0, DOT=dot, ROWS=rows, num_warps=warps,
+                                                      num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
 
@@ -153,8 +180,9 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
 CHOICES: dict[tuple, bool] = {}
 # The kernel keeps a shape unless it is timed this much slower than cuBLAS alone. Timed alone, the two are close on
 # the 8B shape's tall GEMVs and the verdict flips from run to run; inside a captured step the kernel is one graph
-# node where cuBLAS is two (the split-K reduction). H200, 2026-12-04: the 8B step with the kernel on all 64 tall
-# GEMVs took 4.58 ms, with it on 32 of them (a strict timing) 4.73 ms (docs/benchmarks.md has the A/B).
+# node where cuBLAS is two (the split-K reduction). H200, 2026-12-04, the 8B shape at batch 1: 218.9 tok/s with the
+# kernel on all 64 tall GEMVs, 211.5 with it on the 32 down_proj only (a strict timing), 208.5 with cuBLAS alone
+# (docs/benchmarks.md).
 MARGIN = 1.10
 
 
