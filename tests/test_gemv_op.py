@@ -60,6 +60,23 @@ def test_gemv_takes_only_a_few_rows_tall_half_precision_without_autograd():
     assert not gemv_supported(x.requires_grad_(True), w)  # autograd: the reference
 
 
+@NEEDS_TRITON
+def test_a_kernel_that_fails_or_disagrees_on_a_shape_leaves_that_shape_to_cublas(monkeypatch):
+    """The first use of a shape checks the kernel against ``F.linear`` before timing it: one that raises (does not
+    build there) or gives another answer is not chosen, and nothing is timed."""
+    from mamballama_cli.ops import triton_gemv
+
+    x, w = torch.randn(5, 64, dtype=torch.float16), torch.randn(32, 64, dtype=torch.float16)
+
+    def broken(*a, **k):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(triton_gemv, "gemv_launch", broken)
+    assert triton_gemv._kernel_is_faster(x, w, None) is False
+    monkeypatch.setattr(triton_gemv, "gemv_launch", lambda x, w, b=None: torch.zeros(5, 32, dtype=x.dtype))
+    assert triton_gemv._kernel_is_faster(x, w, None) is False
+
+
 def test_the_decode_step_runs_its_linears_through_the_gemv_op():
     """Every projection of a one-token step (in_proj, out_proj, [q; k; v], o_proj, [gate; up], down_proj,
     lm_head) goes through the op table's ``gemv``, so the kernel (or ``--kernels ref:gemv``) applies to all."""
