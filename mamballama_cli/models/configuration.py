@@ -26,6 +26,11 @@ class MamballamaConfig(PretrainedConfig):
     x over n_kv * head_dim channels, B/C per group of 16 channels.
 
     ``teacher`` records where the hybrid came from ({"name_or_path", "model_type", "family"}).
+
+    ``feature_draft``: a speculative draft that reads its target's features (docs/speculative.md). The model then
+    holds ``model.fc`` (2 hidden -> hidden), and its input at position t is ``fc([embed(x_t); f_{t-1}])``, where
+    f is the target's last hidden state (what its lm_head reads) one position back
+    (:mod:`mamballama_cli.models.feature_draft`).
     """
 
     model_type = "mamballama"
@@ -73,6 +78,7 @@ class MamballamaConfig(PretrainedConfig):
         mamba1_group_size: int = 16,
         teacher: dict | None = None,
         distill_max_length: int | None = None,
+        feature_draft: bool = False,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | list[int] | None = None,
@@ -132,6 +138,7 @@ class MamballamaConfig(PretrainedConfig):
         self.mamba1_group_size = mamba1_group_size
         self.teacher = teacher or {}
         self.distill_max_length = distill_max_length
+        self.feature_draft = bool(feature_draft)
         if self.mamba_n_heads % self.mamba_n_groups:
             raise ValueError(
                 f"mamba_n_heads={self.mamba_n_heads} must be a multiple of mamba_n_groups={self.mamba_n_groups}"

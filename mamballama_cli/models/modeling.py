@@ -330,6 +330,8 @@ class MamballamaModel(MamballamaPreTrainedModel):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.rope_parameters, config.head_dim)
+        h = config.hidden_size  # a feature draft's input layer (models/feature_draft.py)
+        self.fc = nn.Linear(2 * h, h, bias=False) if getattr(config, "feature_draft", False) else None
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamballama_cli.models.cache import HybridCache
+from mamballama_cli.models.feature_draft import feature_inputs
 from mamballama_cli.models.step import OpTable, Step, column_major, contiguous_state_dict, fuse_linears
 
 
@@ -97,6 +98,8 @@ class Runtime:
                                  max_length=self.capacity)
         decode_layout(model)
         self.embed_w, self.norm_w, self.lm_head_w = self.base.embed_tokens.weight, self.base.norm.weight, ref
+        fc = getattr(self.base, "fc", None)  # a feature draft's input layer (models/feature_draft.py)
+        self.fc_w = fc.weight if fc is not None else None
         self.layers: list[LayerPlan] = []
         for layer in self.base.layers:
             mixer = layer.self_attn if layer.is_attention else layer.mamba
@@ -116,11 +119,20 @@ class Runtime:
         return Step(self.fns, cos=self.cos, sin=self.sin, window=self.window > 0, **kw)
 
     # --- the walk ------------------------------------------------------------------------------------------
-    def walk(self, ids: Tensor, step: Step) -> Tensor:
+    def walk(self, ids: Tensor, step: Step, features: Tensor | None = None,
+             features_out: Tensor | None = None) -> Tensor:
         """Logits of the new tokens: ids (batch,) -> (batch, vocab) for a decode step, (batch, T) ->
-        (batch, T, vocab) for a window. Graph-safe: no host sync, every buffer static."""
+        (batch, T, vocab) for a window. Graph-safe: no host sync, every buffer static.
+
+        ``features``: a feature draft's second input, the target's features one position back (ids' shape plus
+        hidden). ``features_out``: a buffer of ids' shape plus hidden that receives the new tokens' features (the
+        last hidden state after the final norm, what lm_head reads)."""
         add_norm, swiglu, linear, eps = self.fns["add_rmsnorm"], self.fns["swiglu"], self.fns["gemv"], self.eps
         hidden = F.embedding(ids, self.embed_w)
+        if self.fc_w is not None:
+            if features is None:
+                raise ValueError("a feature draft steps with its target's features: pass features=")
+            hidden = linear(torch.cat([hidden, features.to(hidden.dtype)], dim=-1), self.fc_w)
         residual = None
         for p in self.layers:
             x, residual = add_norm(hidden, residual, p.ln1, eps)
@@ -128,10 +140,12 @@ class Runtime:
             x, residual = add_norm(hidden, residual, p.ln2, eps)
             hidden = linear(swiglu(linear(x, p.gate_up_w, p.gate_up_b)), p.down_w, p.down_b)
         x, _ = add_norm(hidden, residual, self.norm_w, eps)
+        if features_out is not None:
+            features_out.copy_(x)
         return linear(x, self.lm_head_w)
 
     # --- the prompt ----------------------------------------------------------------------------------------
-    def prefill(self, ids: Tensor) -> Tensor:
+    def prefill(self, ids: Tensor, features: Tensor | None = None, features_out: Tensor | None = None) -> Tensor:
         """Read the prompt (batch, n) into a reset cache with the model's own forward; fill the replay windows.
         Returns the last position's logits (batch, vocab).
 
@@ -139,15 +153,25 @@ class Runtime:
         cache the one before wrote (attention reads the cached keys, a Mamba layer starts from the cached conv
         and SSM state), so activation memory is bounded by the piece, not the prompt, and no activation tensor
         of a long batched prompt passes 2^31 elements.
+
+        ``features`` (a feature draft: the target's features one position back, (batch, n, hidden)) and
+        ``features_out`` (a (batch, n, hidden) buffer for the prompt's own features) as in :meth:`walk`.
         """
         self.cache.reset()
         n = ids.shape[1]
         for s in range(0, n, self.prefill_chunk):
-            out = self.model(input_ids=ids[:, s:s + self.prefill_chunk], past_key_values=self.cache,
-                             use_cache=True, logits_to_keep=1)
+            piece = slice(s, s + self.prefill_chunk)
+            kw = dict(past_key_values=self.cache, use_cache=True)
+            if features is not None:
+                kw["inputs_embeds"] = feature_inputs(self.model, ids[:, piece], features[:, piece])
+            else:
+                kw["input_ids"] = ids[:, piece]
+            hidden = self.base(**kw).last_hidden_state
+            if features_out is not None:
+                features_out[:, piece].copy_(hidden)
         for state in self.windows:
             state.load(self.cache)
-        return out.logits[:, -1]
+        return self.model.lm_head(hidden[:, -1:])[:, -1]
 
     def reset(self) -> None:
         self.cache.reset()
