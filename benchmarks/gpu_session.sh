@@ -85,7 +85,8 @@ for step in $STEPS; do
         part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
-        part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py ;;
+        part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
+                   tests/test_feature_round.py ;;
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         *) echo "unknown step $step" ;;

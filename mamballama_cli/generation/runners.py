@@ -50,18 +50,20 @@ class HybridRunner:
         self.calls = 0
 
     def _walk(self, ids: Tensor, pos_t: Tensor, keep_t: Tensor, rebase: bool, wlen: int,
-              kv_len: int | None) -> Tensor:
-        """Logits (batch, T, vocab) of T new tokens at positions pos_t .. pos_t + T - 1 (the runtime's walk)."""
+              kv_len: int | None, **features) -> Tensor:
+        """Logits (batch, T, vocab) of T new tokens at positions pos_t .. pos_t + T - 1 (the runtime's walk;
+        ``features``: its ``features=`` / ``features_out=``, for feature drafts and their targets)."""
         step = self.runtime.step(pos=pos_t, keep=keep_t, rebase=rebase, wlen=wlen, kv_len=kv_len)
-        return self.runtime.walk(ids, step)
+        return self.runtime.walk(ids, step, **features)
 
     # --- the runner protocol ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, ids: Tensor) -> Tensor:
-        """Run the prompt through the model's own forward; return the last position's logits (batch, vocab)."""
+    def prefill(self, ids: Tensor, **features) -> Tensor:
+        """Run the prompt through the model's own forward; return the last position's logits (batch, vocab)
+        (``features``: the runtime prefill's ``features=`` / ``features_out=``)."""
         if ids.shape[1] + self.window > self.capacity:
             raise MamballamaError(f"prompt of {ids.shape[1]} tokens leaves no room in a {self.capacity}-token cache")
-        logits = self.runtime.prefill(ids)
+        logits = self.runtime.prefill(ids, **features)
         self.start, self.wlen, self.keep = [ids.shape[1]] * self.batch_size, 0, [0] * self.batch_size
         self.calls += 1
         return logits

@@ -1,0 +1,159 @@
+"""Captured rounds with a feature draft (generation/feature_round.py), run eagerly: the computation a CUDA graph
+records. The target's greedy tokens come out for every row whatever the draft proposes, and every proposal is the
+one the draft's own forward gives on the true pairs (token, the target's feature one position back) followed by
+its own tokens and predicted features: the per-row window, gather and positions are checked against that oracle."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import tiny_hybrid
+from mamballama_cli.errors import UsageError
+from mamballama_cli.generation.feature_round import FeatureRounds
+from mamballama_cli.generation.sampling import SamplingConfig
+from mamballama_cli.models.configuration import MamballamaConfig
+from mamballama_cli.models.feature_draft import draft_forward, target_features
+from mamballama_cli.models.modeling import MamballamaForCausalLM
+from test_speculative import greedy_reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def bigram_heavy(seed=1):
+    """A tiny hybrid whose mixers and MLPs are scaled down: its next token depends mostly on the current one, so a
+    one-layer draft can agree with it often, and by different counts per row."""
+    target, _ = tiny_hybrid(seed=seed)
+    with torch.no_grad():
+        for layer in target.model.layers:
+            mixer = layer.self_attn if layer.is_attention else layer.mamba
+            (mixer.o_proj if layer.is_attention else mixer.out_proj).weight.mul_(0.15)
+            layer.mlp.down_proj.weight.mul_(0.15)
+    return target.eval()
+
+
+def feature_draft_of(target, feature_mix=0.3, seed=3):
+    """One attention layer that starts from the target's embedding, final norm and head; fc passes the token's
+    embedding through plus a little of the target's feature, the layer adds a little: a draft that is right often
+    and reads the features."""
+    c = target.config.to_dict()
+    for key in ("attn_layers", "num_hidden_layers", "feature_draft", "architectures", "model_type",
+                "transformers_version"):
+        c.pop(key, None)
+    cfg = MamballamaConfig(**c, num_hidden_layers=1, attn_layers=[0], feature_draft=True)
+    torch.manual_seed(seed)
+    draft = MamballamaForCausalLM(cfg)
+    h = cfg.hidden_size
+    with torch.no_grad():
+        draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight)
+        draft.lm_head.weight.copy_(target.lm_head.weight)
+        draft.model.norm.weight.copy_(target.model.norm.weight)
+        gen = torch.Generator().manual_seed(seed)
+        draft.model.fc.weight.copy_(torch.cat([torch.eye(h), feature_mix * torch.randn(h, h, generator=gen) / h**0.5],
+                                              dim=1))
+        layer = draft.model.layers[0]
+        layer.self_attn.o_proj.weight.mul_(0.2)
+        layer.mlp.down_proj.weight.mul_(0.2)
+    return draft.eval()
+
+
+def oracle_proposals(target, draft, seq: list[int], k: int) -> list[int]:
+    """What the draft should propose after ``seq`` (its last token is the pending correction): its forward over the
+    true pairs, then over its own tokens and predicted features."""
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        _, f = target_features(target, ids)
+        toks, feats = ids[:, 1:], f[:, :-1]
+        out = []
+        for _ in range(k):
+            logits, g = draft_forward(draft, toks, feats)
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+            toks = torch.cat([toks, torch.tensor([[tok]])], dim=1)
+            feats = torch.cat([feats, g[:, -1:]], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_feature_rounds_give_each_rows_greedy_tokens_and_the_drafts_own_proposals(k):
+    target = bigram_heavy()
+    draft = feature_draft_of(target)
+    prompts = torch.randint(3, 96, (3, 6), generator=torch.Generator().manual_seed(9))
+    n = 20
+    rounds = FeatureRounds(target, draft, 3, 6 + n + 2 * (k + 1), k, capture=False)
+    # the rounds one by one, as generate() runs them, each row's proposals checked against the oracle
+    rounds.max_new.fill_(n)
+    first, _ = rounds._pick(rounds._prefill(prompts))
+    rounds.pending.copy_(torch.stack([prompts[:, -1], first], dim=1))
+    rounds._record(first[:, None], torch.ones(3, dtype=torch.long), torch.ones(3, dtype=torch.bool))
+    counts = set()
+    checked = 0
+    for _ in range(n):
+        if bool(rounds.finished.all()):
+            break
+        live = (~rounds.finished).tolist()
+        seqs = [prompts[r].tolist() + rounds.hist[r, : int(rounds.hist_len[r])].tolist() for r in range(3)]
+        rounds._round()
+        for r in range(3):
+            if live[r]:
+                assert rounds.drafts[r].tolist() == oracle_proposals(target, draft, seqs[r], k), (r, seqs[r])
+                counts.add(int(rounds.acc[r]))
+                checked += 1
+    assert checked >= 6 and len(counts) >= 2, counts  # rows accepted different counts
+    # generate(): each row's greedy tokens, an acceptance strictly between 0 and 1
+    wants = [greedy_reference(target, prompts[r : r + 1], n)[0] for r in range(3)]
+    got, stats = rounds.generate(prompts, n, sync_every=2)
+    assert got == wants
+    assert 0 < stats["acceptance_rate"] < 1 and 1 < stats["tokens_per_call"] <= k + 1
+
+
+def test_feature_rounds_read_the_features():
+    """The same draft without the target's features (their half of fc zeroed) proposes other tokens: the window
+    and the one-token steps do read the features they are handed."""
+    target = bigram_heavy()
+    draft = feature_draft_of(target, feature_mix=3.0)
+    blind = copy.deepcopy(draft)
+    with torch.no_grad():
+        blind.model.fc.weight[:, target.config.hidden_size:].zero_()
+    prompts = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4))
+    props = []
+    for d in (draft, blind):
+        rounds = FeatureRounds(target, d, 2, 40, 3, capture=False)
+        rounds.generate(prompts, 12)
+        props.append(rounds.drafts.clone())
+    assert not torch.equal(props[0], props[1])
+
+
+def test_sampled_feature_rounds_are_seeded_and_refuse_drafts_that_do_not_fit():
+    target = bigram_heavy()
+    draft = feature_draft_of(target)
+    prompts = torch.randint(3, 96, (2, 5), generator=torch.Generator().manual_seed(2))
+    cfg = SamplingConfig(temperature=0.8)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        rounds = FeatureRounds(target, draft, 2, 40, 3, sampling=cfg, capture=False)
+        runs.append(rounds.generate(prompts, 10)[0])
+    assert runs[0] == runs[1] and all(len(r) == 10 for r in runs[0])
+    with pytest.raises(UsageError, match="feature draft"):
+        FeatureRounds(target, target, 2, 40, 3, capture=False)
+    other, _ = tiny_hybrid(seed=1, vocab=48)
+    with pytest.raises(UsageError, match="vocabulary"):
+        FeatureRounds(other, draft, 2, 40, 3, capture=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_captured_feature_rounds_equal_the_uncaptured_ones_on_cuda(batch):
+    target = bigram_heavy()
+    draft = feature_draft_of(target).cuda()
+    target = target.cuda()
+    prompts = torch.randint(3, 96, (batch, 6), generator=torch.Generator().manual_seed(9)).cuda()
+    n, k = 20, 3
+    got = {}
+    for capture in (False, True):
+        rounds = FeatureRounds(target, draft, batch, 6 + n + 2 * (k + 1), k, capture=capture)
+        got[capture], stats = rounds.generate(prompts, n, sync_every=2)
+    wants = [greedy_reference(target, prompts[r : r + 1], n)[0] for r in range(batch)]
+    assert got[True] == got[False] == wants
+    assert stats["tokens_per_call"] > 1
