@@ -37,6 +37,7 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.runners import as_hybrid, is_hybrid
     from mamballama_cli.generation.speculative import HybridRunner
+    from mamballama_cli.models.feature_draft import is_feature_draft
 
     if not is_hybrid(draft):
         draft = as_hybrid(draft) or draft  # a Llama-family draft runs as an all-attention hybrid, as in a round
@@ -70,9 +71,34 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
         on_runner(runner, pos)
     out["verify_step_ms"] = {r: cuda_time(call(K + 1, r), iters) for r in (1, K + 1)}
     runner.runtime = runner.cache = None  # free its buffers before the next one
-    d_runner, d_call = timed_calls(draft, [(1, True, 0)], keep_live=True)
-    out["draft_step_ms"] = cuda_time(d_call(1, 1), iters)
-    d_runner.runtime = d_runner.cache = None
+    if is_feature_draft(draft):
+        out["draft_step_ms"] = feature_draft_step_ms(draft, prompt, K, capacity, iters)
+    else:
+        d_runner, d_call = timed_calls(draft, [(1, True, 0)], keep_live=True)
+        out["draft_step_ms"] = cuda_time(d_call(1, 1), iters)
+        d_runner.runtime = d_runner.cache = None
     if graphs:
         torch.cuda.empty_cache()
     return out
+
+
+def feature_draft_step_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
+    """One step of a feature draft (a token and a feature in, at a steady position), captured on CUDA."""
+    from mamballama_cli.generation.runners import HybridRunner
+    from mamballama_cli.models.runtime import capture_graph
+
+    device, n = prompt.device, prompt.shape[1]
+    runner = HybridRunner(draft, 1, capacity, window=K + 1)
+    h = draft.config.hidden_size
+    runner.prefill(prompt[:, 1:], features=torch.zeros(1, n - 1, h, dtype=runner.dtype, device=device))
+    ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+    feats = torch.zeros(1, 1, h, dtype=runner.dtype, device=device)
+    pos = torch.full((1,), n - 1, dtype=torch.long, device=device)
+
+    def step():
+        return runner._walk(ids, pos, runner.keep_t, True, 0, None, features=feats)
+
+    fn = capture_graph(step, device)[0].replay if device.type == "cuda" else step
+    ms = cuda_time(fn, iters)
+    runner.runtime = runner.cache = None
+    return ms

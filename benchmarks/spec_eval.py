@@ -81,8 +81,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from mamballama_cli.generation.captured_round import CapturedRounds
     from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.feature_round import make_rounds
+    from mamballama_cli.models.feature_draft import is_feature_draft
     from mamballama_cli.generation.speculative import speculative_generate
     from mamballama_cli.generation.speculative_run import prepare_pair
     from mamballama_cli.loading import load_causal_lm
@@ -94,6 +95,9 @@ def main() -> None:
     n_new, K = args.max_new_tokens, args.k
     capacity = -(-(max(map(len, prompts)) + n_new + 2 * (K + 1)) // 256) * 256
     engines = args.engines.split(",")
+    if is_feature_draft(draft) and "loop" in engines:  # a feature draft needs the verify call's features
+        engines.remove("loop")
+        print("a feature draft runs in captured rounds only: the host loop is skipped", file=sys.stderr)
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), {n_new} new tokens, "
           f"K={K}, {device}", file=sys.stderr)
 
@@ -122,7 +126,7 @@ def main() -> None:
 
         results["loop"] = run_engine("speculative, host loop", loop, prompts, device)
     if "round" in engines:
-        rounds = CapturedRounds(target, draft, 1, capacity, K)
+        rounds = make_rounds(target, draft, 1, capacity, K)
 
         def captured(ids):
             out, st = rounds.generate(ids, n_new)
@@ -177,12 +181,12 @@ def main() -> None:
 def replayed_round_ms(target, draft, capacity: int, K: int, prompt, device, iters: int, kernels: str) -> float:
     """A captured round's replay time with the op choice ``kernels`` (``ops.configure``) at its capture."""
     from mamballama_cli import ops
-    from mamballama_cli.generation.captured_round import CapturedRounds
+    from mamballama_cli.generation.feature_round import make_rounds
 
     saved = {k: os.environ.get(k) for k in ("MAMBALLAMA_KERNELS", "MAMBALLAMA_REF_OPS")}  # configure() sets these
     ops.configure(kernels)
     try:
-        rounds = CapturedRounds(target, draft, 1, capacity, K)
+        rounds = make_rounds(target, draft, 1, capacity, K)
         rounds.generate(torch.tensor([prompt], device=device), 8)
         ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, iters)
         rounds.t.runtime = rounds.d.runtime = None

@@ -16,6 +16,7 @@ from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.feature_draft import draft_forward, target_features
 from mamballama_cli.models.modeling import MamballamaForCausalLM
 from test_speculative import greedy_reference
+from test_speculative_cli import pair  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,6 +141,57 @@ def test_sampled_feature_rounds_are_seeded_and_refuse_drafts_that_do_not_fit():
     other, _ = tiny_hybrid(seed=1, vocab=48)
     with pytest.raises(UsageError, match="vocabulary"):
         FeatureRounds(other, draft, 2, 40, 3, capture=False)
+
+
+@pytest.fixture(scope="module")
+def feature_pair(pair):
+    """The CLI tests' hybrid target (tests/test_speculative_cli.py) and a feature draft made from it, saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mamballama_cli  # noqa: F401  (registers the architecture with the Auto classes)
+
+    target = AutoModelForCausalLM.from_pretrained(pair / "target", dtype=torch.float32)
+    draft = feature_draft_of(target)
+    draft.save_pretrained(pair / "fdraft")
+    AutoTokenizer.from_pretrained(pair / "target").save_pretrained(pair / "fdraft")
+    return pair
+
+
+def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, capsys):
+    """`generate --speculative --draft FEATURE_DRAFT` runs the feature rounds (it needs no --round-graph) and prints
+    the plain greedy text; benchmarks/spec_eval.py measures the pair (plain and captured round; a feature draft has
+    no host loop) and times a draft step with its feature input."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from clihelp import run_cli
+
+    target, draft = feature_pair / "target", feature_pair / "fdraft"
+    plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
+    stats_file = tmp_path / "s.json"
+    r = run_cli(["generate", target, "--prompt", "hello world", "-n", "24", "--speculative", "--draft", draft,
+                 "-k", "3", "--stats-json", stats_file], capsys)
+    assert r.code == 0, r.err
+    assert r.out == plain.out
+    stats = json.loads(stats_file.read_text())
+    assert stats["captured_round"] is True and stats["round_kind"] == "FeatureRounds" and stats["rounds"] > 0
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "text-heldout.jsonl").write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 40}) + "\n"
+                                                     for i in range(2)))
+    out = tmp_path / "spec.json"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(target), "--draft", str(draft),
+                        "-k", "3", "--data", str(data), "--prompts", "3", "--max-new-tokens", "6", "--text-window",
+                        "24", "--device", "cpu", "--dtype", "float32", "--parts-iters", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
+                                                                          "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert set(res["engines"]) == {"plain", "round"} and "host loop is skipped" in p.stderr
+    assert res["engines"]["round"]["matches_plain"] == 3 and res["parts"]["draft_step_ms"] > 0
 
 
 @pytest.mark.gpu

@@ -108,3 +108,10 @@ class FeatureRounds(CapturedRounds):
         self.acc.zero_()
         self.w_start.fill_(n - 1)
         return logits
+
+
+def make_rounds(target, draft, batch_size: int, max_length: int, k: int, **kw) -> CapturedRounds:
+    """The captured rounds for this pair: :class:`FeatureRounds` for a feature draft, else
+    :class:`CapturedRounds`."""
+    cls = FeatureRounds if is_feature_draft(draft) else CapturedRounds
+    return cls(target, draft, batch_size, max_length, k, **kw)

@@ -30,6 +30,7 @@ from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid, make_runner  # noqa: F401
 from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, draw  # noqa: F401
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
+from mamballama_cli.models.feature_draft import is_feature_draft
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def speculative_generate(
     whole round (draft steps, verify, acceptance, commit) runs on the device, one CUDA graph per round on CUDA
     (generation/captured_round.py; hybrid target and draft, fixed ``k``); tokens reach ``on_tokens`` at the end.
     """
-    if captured_round:
+    if captured_round or is_feature_draft(draft):  # a feature draft reads the verify call's features: rounds only
         return _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs,
                          adaptive, on_tokens)
     if k < 1:
@@ -324,8 +325,9 @@ def speculative_generate(
 
 def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs, adaptive,
               on_tokens) -> SpecResult:
-    """speculative_generate(captured_round=True): the rounds of generation/captured_round.py."""
-    from mamballama_cli.generation.captured_round import CapturedRounds
+    """speculative_generate(captured_round=True): the rounds of generation/captured_round.py (or of
+    generation/feature_round.py for a feature draft)."""
+    from mamballama_cli.generation.feature_round import make_rounds
 
     if adaptive:
         raise UsageError("--adaptive-k changes the window between rounds; a captured round has one window: "
@@ -335,8 +337,8 @@ def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens
     if seed is not None:
         torch.manual_seed(seed)
     b, n = input_ids.shape
-    rounds = CapturedRounds(target, draft, b, n + max_new_tokens + 2 * (k + 1), k, sampling or SamplingConfig(),
-                            stop_tokens=stop_tokens, capture=capture)
+    rounds = make_rounds(target, draft, b, n + max_new_tokens + 2 * (k + 1), k, sampling=sampling or SamplingConfig(),
+                         stop_tokens=stop_tokens, capture=capture)
     out, st = rounds.generate(input_ids, max_new_tokens)
     stats = SpecStats(k=k, rounds=st["rounds"], drafted=k * st["row_rounds"], accepted=st["accepted"],
                       produced=st["accepted"] + st["row_rounds"], row_rounds=st["row_rounds"],
@@ -345,6 +347,7 @@ def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens
     stats.rounds_by_k[k] = st["rounds"]
     if on_tokens is not None:
         on_tokens(out[0])
-    extra = {"cuda_graphs": capture, "draft_runner": "HybridRunner", "target_runner": "HybridRunner",
+    extra = {"cuda_graphs": capture, "draft_runner": "HybridRunner", "round_kind": type(rounds).__name__,
+             "target_runner": "HybridRunner",
              "batch_size": b, "adaptive_k": False, "per_row": True, "captured_round": True}
     return SpecResult(out, stats, extra=extra)
