@@ -26,6 +26,11 @@ def command(
                                               "measured on calibration text."),
     draft_layers: Optional[str] = typer.Option(None, "--draft-layers", help="Instead of a hybrid, cut a small "
                                                "Transformer draft from these teacher layers, e.g. 0,10,20,29."),
+    feature_draft: bool = typer.Option(False, "--feature-draft", help="Instead of a hybrid, build an untrained "
+                                       "one-layer draft that reads the teacher's features (EAGLE-style): its "
+                                       "embedding, head, final norm and last attention layer copied; the teacher "
+                                       "may be a hybrid. Train it with `distill --template "
+                                       "distill-feature-draft`."),
     mixer: Optional[str] = typer.Option(None, "--mixer", help="mamba2 (default) or mamba1."),
     dtype: Optional[str] = dtype_option(auto="the teacher's"),
     seed: Optional[int] = seed_option("the freshly initialised parameters"),
@@ -49,7 +54,8 @@ def command(
     from mamballama_cli.convert import ConvertConfig, print_summary, run_convert
 
     cfg = config_from_flags(ConvertConfig, config, teacher=teacher, output=output, ratio=ratio,
-                            attn_layers=attn_layers, draft_layers=draft_layers, mixer=mixer, dtype=dtype, seed=seed,
+                            attn_layers=attn_layers, draft_layers=draft_layers, feature_draft=feature_draft or None,
+                            mixer=mixer, dtype=dtype, seed=seed,
                             force=force or None, init=init, calibration_seqs=calibration_seqs,
                             calibration_len=calibration_len, placement_score=placement_score)
     print_summary(run_convert(cfg), json_out)

@@ -22,6 +22,7 @@ class ConvertConfig:
     ratio: float | None = None  # fraction of layers that keep attention (0.5 when neither this nor attn_layers)
     attn_layers: str | None = None  # explicit list "3,7,11" (overrides ratio); "" or "none" = no attention
     draft_layers: str | None = None  # build a shrunk Transformer draft from these teacher layers instead
+    feature_draft: bool = False  # build a one-layer feature (EAGLE-style) draft of the teacher instead
     mixer: str = "mamba2"
     dtype: str = "auto"  # auto = the teacher's stored dtype
     seed: int = 0
@@ -40,6 +41,14 @@ class ConvertConfig:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.mixer not in ("mamba2", "mamba1"):
             raise UsageError(f"--mixer {self.mixer!r} is not supported; use mamba2 (default) or mamba1")
+        if self.feature_draft:
+            given = [flag for flag, v in (("--draft-layers", self.draft_layers), ("--ratio", self.ratio),
+                                          ("--attn-layers", self.attn_layers)) if v is not None]
+            if self.mixer != "mamba2":
+                given.append("--mixer")
+            if given:
+                raise UsageError(f"--feature-draft builds a one-layer draft that reads the teacher's features; drop "
+                                 f"{' and '.join(given)} (they shape hybrids and cut drafts)")
         from mamballama_cli.convert.calibrate import init_spec
 
         init_spec(self.init)
@@ -75,6 +84,10 @@ def run_convert(cfg: ConvertConfig) -> dict:
     from mamballama_cli.io import check_output_dir
 
     out_dir = check_output_dir(cfg.output, cfg.force)
+    if cfg.feature_draft:
+        from mamballama_cli.convert.feature_draft import run_feature_draft_convert
+
+        return run_feature_draft_convert(cfg, out_dir)
     from mamballama_cli.convert.families import family_for
     from mamballama_cli.convert.teacher import load_teacher, peek_teacher_config
 
@@ -323,7 +336,7 @@ def format_bytes(n: float) -> str:
 def summary_table(summary: dict):
     from rich.table import Table
 
-    what = "draft" if summary.get("kind") == "draft" else "hybrid"
+    what = "draft" if summary.get("kind") in ("draft", "feature-draft") else "hybrid"
     t = Table(title=f"converted {summary['teacher'].get('name_or_path')} -> {summary['output']}", show_header=True)
     t.add_column("")
     t.add_column("teacher", justify="right")
@@ -332,7 +345,9 @@ def summary_table(summary: dict):
     L_teacher = summary.get("teacher_num_layers", L)
     n_attn = len(summary["attn_layers"])
     t.add_row("layers", str(L_teacher), str(L) + (f" (teacher layers {summary['draft_layers']})"
-                                                  if "draft_layers" in summary else ""))
+                                                  if "draft_layers" in summary else
+                                                  f" (from teacher layer {summary['source_layer']})"
+                                                  if "source_layer" in summary else ""))
     t.add_row("attention layers", str(L_teacher), f"{n_attn} {summary['attn_layers']}" if what == "hybrid"
               else str(n_attn))
     t.add_row("mamba layers", "0", f"{L - n_attn} ({summary['mixer']})" if what == "hybrid" else "0")

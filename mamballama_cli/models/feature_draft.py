@@ -10,6 +10,8 @@ ordinary one (safetensors, Auto classes): ``fc`` is one more weight.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -35,6 +37,26 @@ def draft_forward(model, ids: Tensor, features: Tensor, **kw) -> tuple[Tensor, T
     out = model.model(inputs_embeds=feature_inputs(model, ids, features), **kw)
     hidden = out.last_hidden_state
     return model.lm_head(hidden), hidden
+
+
+@contextlib.contextmanager
+def features_in(model, features: Tensor):
+    """Inside, the draft's own forward (``model(input_ids=ids)``) computes what :func:`draft_forward` does: a hook
+    on its embedding hands on ``fc([embed(ids); features])``. ``model`` is the draft itself; the forward may go
+    through a wrapper of it (DDP, FSDP, DeepSpeed), which then sees the call it needs to see."""
+    base = model.model
+
+    def hook(module, args, output):
+        if features.shape != output.shape:
+            raise ValueError(f"features of shape {tuple(features.shape)} for embeddings of shape "
+                             f"{tuple(output.shape)}: give one {output.shape[-1]}-wide feature per token")
+        return base.fc(torch.cat([output, features.to(output.dtype)], dim=-1))
+
+    handle = base.embed_tokens.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def target_features(model, ids: Tensor, **kw) -> tuple[Tensor, Tensor]:

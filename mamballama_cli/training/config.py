@@ -20,7 +20,7 @@ from mamballama_cli.errors import UsageError
 
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
-TRAINABLE = ("all", "mixers")
+TRAINABLE = ("all", "mixers", "all-but-embeddings")
 PACKING = ("auto", "on", "off", "concat", "fit")
 SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -46,7 +46,7 @@ class Stage:
     epochs: float | None = None
     ratio: float | None = None  # fraction of layers that keep attention (0.25 = 75% Mamba), as `convert --ratio`
     attn_layers: str | None = None  # explicit "3,7,11" or "none" (overrides ratio), as `convert --attn-layers`
-    trainable: str | None = None  # "mixers" (Mamba mixers only) or "all"
+    trainable: str | None = None  # "all", "mixers" (Mamba mixers only) or "all-but-embeddings" (no embedding, head)
     lr: float | None = None
     betas: list[float] | None = None
     weight_decay: float | None = None
@@ -59,13 +59,15 @@ class Stage:
     w_ce: float | None = None
     temperature: float | None = None
     w_hidden: float | None = None  # layer-wise alignment of the Mamba layers to the teacher's (training/align.py)
+    w_feature: float | None = None  # a feature draft's predicted features to the target's (smooth L1; recipes.py)
     loss_positions: str | None = None  # responses (targets only) | all (every real token of every record)
     kl_reduction: str | None = None  # token (mean per token) | sequence (sum per sequence, the paper's code)
 
 
 # Stage keys that inherit from the top level of the config.
 INHERITED = ("steps", "tokens", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
-             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "loss_positions", "kl_reduction")
+             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "w_feature", "loss_positions",
+             "kl_reduction")
 
 LOSS_POSITIONS = ("responses", "all")
 KL_REDUCTIONS = ("token", "sequence")
@@ -118,7 +120,8 @@ class TrainConfig:
     warmup: float = option(0.01, help="Warm-up: a fraction of the stage's steps (<1) or steps (>=1).")
     schedule: str = option("cosine", help=f"Learning-rate decay after the warm-up: {', '.join(SCHEDULES)}.")
     min_lr_ratio: float = 0.0
-    trainable: str = option("all", help="all, or mixers (the Mamba mixers only).")
+    trainable: str = option("all", help="all, mixers (the Mamba mixers only) or all-but-embeddings (the embedding "
+                            "and the head frozen: a draft that shares its target's).")
     mixed_precision: str = option("auto", help="auto (bf16 on CUDA, no on CPU), bf16, fp16, no.")
     gradient_checkpointing: bool = option(False, flags=("--gradient-checkpointing/--no-gradient-checkpointing",),
                                           help="Recompute activations in the backward pass: less memory, slower.")
@@ -189,6 +192,8 @@ class DistillConfig(TrainConfig):
     temperature: float = option(1.0, help="Softening of both distributions.")
     w_hidden: float = option(0.0, help="Weight of the teacher-forced alignment of each Mamba layer to the teacher "
                              "layer it replaced (one process).")
+    w_feature: float = option(0.0, help="Weight of a feature draft's feature loss: smooth L1 between its last hidden "
+                              "state and the target's (models/feature_draft.py).")
     loss_positions: str = option("responses", help="responses (the target tokens) or all (every real token, "
                                  "prompts included: the teacher's logits on prompts too).")
     kl_reduction: str = option("token", help="token (KL averaged per token) or sequence (summed per sequence, as "
@@ -204,8 +209,9 @@ class DistillConfig(TrainConfig):
             _check_stage_values(st, f"stages[{i}].")
         resolved = self.resolved_stages()
         for s in resolved:
-            if not (s.w_kl or s.w_rkl or s.w_ce or s.w_hidden):
-                raise UsageError(f"stage {s.name!r}: every loss weight is 0: set --w-kl, --w-rkl, --w-ce or --w-hidden")
+            if not (s.w_kl or s.w_rkl or s.w_ce or s.w_hidden or s.w_feature):
+                raise UsageError(f"stage {s.name!r}: every loss weight is 0: set --w-kl, --w-rkl, --w-ce, --w-hidden "
+                                 "or --w-feature")
 
     def resolved_stages(self) -> list["ResolvedStage"]:
         specs = list(self.stages) or [Stage(name="train")]
@@ -298,6 +304,7 @@ class ResolvedStage:
     loss_positions: str = "responses"
     kl_reduction: str = "token"
     tokens: float | None = None
+    w_feature: float = 0.0
 
     def warmup_steps(self, steps: int) -> int:
         return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
@@ -326,6 +333,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
         w_rkl=float(pick("w_rkl", 0.0)), w_ce=float(pick("w_ce", 0.0)), temperature=float(pick("temperature", 1.0)),
         w_hidden=float(pick("w_hidden", 0.0)), loss_positions=pick("loss_positions", "responses"),
         kl_reduction=pick("kl_reduction", "token"), tokens=None if tokens is None else float(tokens),
+        w_feature=float(pick("w_feature", 0.0)),
     )
 
 
@@ -345,8 +353,8 @@ _STAGE_RULES = (
     ("kl_reduction", _one_of(KL_REDUCTIONS)),
     ("tokens", (lambda v: float(v) >= 1, lambda v: f"{v} must be at least 1")),
     ("temperature", _POSITIVE),
-    *((key, _NOT_NEGATIVE) for key in ("w_kl", "w_rkl", "w_ce", "w_hidden", "weight_decay", "max_grad_norm",
-                                       "warmup", "min_lr_ratio")),
+    *((key, _NOT_NEGATIVE) for key in ("w_kl", "w_rkl", "w_ce", "w_hidden", "w_feature", "weight_decay",
+                                       "max_grad_norm", "warmup", "min_lr_ratio")),
     ("betas", (lambda v: len(v) == 2 and all(0 <= float(b) < 1 for b in v),
                lambda v: f"{v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")),
     ("ratio", (lambda v: 0 <= v <= 1, lambda v: f"{v} is outside [0, 1]")),

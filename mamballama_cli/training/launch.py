@@ -79,13 +79,13 @@ def run_command(kind: str, cls, *, template: str | None, config_file, overrides:
 def format_summary(s: dict) -> str:
     last = s.get("last") or {}
     parts = [f"{s['command']}: {s['steps']}/{s['total_steps']} steps"]
-    for k in ("loss", "kl", "ce", "margin", "accuracy"):
+    for k in ("loss", "kl", "ce", "feature", "margin", "accuracy"):
         if k in last and last[k] is not None:
             parts.append(f"{k} {last[k]:.4g}")
     evals = s.get("evals") or []
     if len(evals) >= 2:
         first, final = evals[0], evals[-1]
-        for k in ("eval_kl", "eval_ce", "eval_margin"):
+        for k in ("eval_kl", "eval_ce", "eval_feature", "eval_margin"):
             if k in first and k in final:
                 parts.append(f"{k} {first[k]:.4g} -> {final[k]:.4g}")
     where = (f"model in {s['model']}" if s.get("model")

@@ -25,6 +25,35 @@ def kd_loss_auto(student_logits: Tensor, teacher_logits: Tensor | None, targets:
               temperature=temperature)
 
 
+def feature_draft_loss(d_logits: Tensor, d_features: Tensor, t_logits: Tensor, t_features: Tensor, targets: Tensor,
+                       target_mask: Tensor, valid: Tensor, *, w_kl: float = 1.0, w_rkl: float = 0.0,
+                       w_ce: float = 0.0, temperature: float = 1.0, w_feature: float = 0.0,
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """A feature draft's loss (models/feature_draft.py), as sums like :func:`kd_loss_auto`'s.
+
+    The target ran over ids (batch, T): ``t_logits``, ``t_features`` (f) at positions 0..T-1, ``t_logits[:, t]``
+    predicting ``targets[:, t]`` = ids[:, t + 1]; ``target_mask`` and ``valid`` (real tokens) are (batch, T) as
+    :func:`~mamballama_cli.training.data.collate` makes them. The draft ran over ids[:, 1:] with f[:, :-1]: its
+    position j reads x_{j+1} and f_j, so ``d_logits[:, j]`` predicts x_{j+2} = ``targets[:, j + 1]``, as
+    ``t_logits[:, j + 1]`` does, and ``d_features[:, j]`` is trained towards f_{j+1}.
+
+    KL, reverse KL and CE: :func:`kd_loss_auto` on those shifted logits, targets and mask (the weights and the
+    temperature mean what they mean there). ``feature``: smooth L1 between the draft's and the target's features
+    (mean over the hidden dim) averaged over the real positions, then counted per loss position as the other
+    terms are (times the loss positions of the batch), the way the alignment term of ``w_hidden`` is."""
+    mask = target_mask[:, 1:]
+    total, metrics = kd_loss_auto(d_logits, t_logits[:, 1:], targets[:, 1:], mask, w_kl=w_kl, w_rkl=w_rkl,
+                                  w_ce=w_ce, temperature=temperature)
+    v = valid[:, 1:].to(torch.float32)
+    per_position = F.smooth_l1_loss(d_features.float(), t_features[:, 1:].float(), reduction="none").mean(-1)
+    feature = (per_position * v).sum() / v.sum().clamp_min(1.0) * mask.sum().to(torch.float32)
+    if w_feature:
+        total = total + w_feature * feature
+    metrics["feature"] = feature.detach()
+    metrics["loss"] = total.detach()
+    return total, metrics
+
+
 def sequence_logps(logits: Tensor, targets: Tensor, target_mask: Tensor) -> Tensor:
     """Sum of log p(target) over the masked positions of each row: (batch, seqlen, vocab) -> (batch,)."""
     rows = torch.arange(logits.shape[0], device=logits.device)[:, None].expand_as(target_mask)[target_mask]

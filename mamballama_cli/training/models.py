@@ -172,13 +172,22 @@ def relayout(model, attn_layers: list[int], seed: int, stage_name: str, teacher_
 
 
 def set_trainable(model, mode: str) -> list[str]:
-    """'all' or 'mixers' (Mamba mixers only; MLPs, norms, embeddings and attention frozen). Returns names."""
+    """'all', 'mixers' (Mamba mixers only; MLPs, norms, embeddings and attention frozen) or 'all-but-embeddings'
+    (the input embedding and the output head frozen, whatever their names: a draft that shares its target's).
+    Returns the names of the trainable parameters."""
+    frozen: set[int] = set()
+    if mode == "all-but-embeddings":
+        frozen = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}
     names = []
     for name, p in model.named_parameters():
-        train = mode == "all" or ".mamba." in name
+        train = id(p) not in frozen if mode == "all-but-embeddings" else (mode == "all" or ".mamba." in name)
         p.requires_grad_(train)
         if train:
             names.append(name)
+    if not names and mode == "all-but-embeddings":
+        raise MamballamaError("trainable: 'all-but-embeddings' selects no parameter: the model is its embedding "
+                              "and head alone")
     if not names:
         raise MamballamaError(
             "trainable: 'mixers' selects no parameter because the model has no Mamba layer; give the stage an "

@@ -7,7 +7,9 @@ become items, an item's length and a global batch's loss normaliser, the loss an
 and what a held-out evaluation reports. The loop itself never asks which command it runs.
 
 Distillation and SFT share one recipe for token data (:class:`TokenRecipe`: chat records, packing, KL and CE to
-an optional teacher); DPO has its own (:class:`DPORecipe`: preference pairs against a frozen reference).
+an optional teacher); DPO has its own (:class:`DPORecipe`: preference pairs against a frozen reference). A
+command's recipe may hand the run to a specialisation once the student is loaded (:meth:`Recipe.for_model`):
+distilling a feature draft is :class:`FeatureDraftRecipe`.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from typing import Callable
 import torch
 
 from mamballama_cli.errors import UsageError
+from mamballama_cli.models.feature_draft import features_in, is_feature_draft, target_features
 from mamballama_cli.output import log
 from mamballama_cli.training import align
 from mamballama_cli.training.config import ResolvedStage
-from mamballama_cli.training.data import as_items, collate, collate_pairs, fill_ratio, pack, pack_concat, pack_fit
+from mamballama_cli.training.data import (as_items, collate, collate_pairs, count_true, fill_ratio, pack, pack_concat,
+                                          pack_fit)
 from mamballama_cli.training.encoding import encode_pairs, encode_records
-from mamballama_cli.training.losses import dpo_loss, kd_loss_auto, sequence_logps
+from mamballama_cli.training.losses import dpo_loss, feature_draft_loss, kd_loss_auto, sequence_logps
 from mamballama_cli.training.models import (default_teacher, has_mamba_layers, model_inputs, packing_support,
                                             to_device)
 
@@ -42,6 +46,10 @@ class Recipe:
     def frozen_model(self, cfg, main: bool) -> tuple[str | None, str]:
         """(spec, role): the frozen model to load (None: none) and what it is called ("teacher", "reference")."""
         raise NotImplementedError
+
+    def for_model(self, student) -> "Recipe":
+        """The recipe that trains this student (just loaded): this one, or a specialisation of it."""
+        return self
 
     def layout(self, tok, records: list, cfg, stages: list[ResolvedStage], student, frozen) -> tuple[list, str]:
         """The training items (tokenised, packed or padded) and a note on packing for the log."""
@@ -256,8 +264,89 @@ class DistillRecipe(TokenRecipe):
         log(f"teacher: {spec} ({why})", main)
         return spec, "teacher"
 
+    def for_model(self, student):
+        """A feature draft (`convert TARGET --feature-draft`) reads its target's features: its own recipe."""
+        return FEATURE_DRAFT if is_feature_draft(student) else self
+
+    def layout(self, tok, records, cfg, stages, student, frozen):
+        if any(st.w_feature for st in stages):
+            raise UsageError("--w-feature trains the features of a feature draft (`mamballama convert TARGET "
+                             f"--feature-draft`); {cfg.model} is not one")
+        return super().layout(tok, records, cfg, stages, student, frozen)
+
     def final_length(self, cfg):
         return cfg.seq_len
+
+
+class FeatureDraftRecipe(DistillRecipe):
+    """`distill` of a feature draft against its target (the teacher): the target runs once over each row, handing
+    out its logits and its features f; the draft runs over the row less its first token, reading f one position
+    back (:func:`~mamballama_cli.models.feature_draft.draft_forward`), and is trained towards the target's next-token
+    distributions (KL, CE as for any student) and its features (``w_feature``: smooth L1,
+    :func:`~mamballama_cli.training.losses.feature_draft_loss`). The draft has no output for a row's first target
+    (it reads tokens 1..T-1), so the loss normaliser leaves it out."""
+
+    metric_keys = ("loss", "kl", "rkl", "ce", "feature")
+
+    def for_model(self, student):
+        return self
+
+    def layout(self, tok, records, cfg, stages, student, frozen):
+        for st in stages:
+            if st.w_hidden:
+                raise UsageError(f"stage {st.name!r}: --w-hidden aligns Mamba layers, which a feature draft does not "
+                                 "have; train it with --template distill-feature-draft (KL and --w-feature)")
+            if st.ratio is not None or st.attn_layers is not None:
+                raise UsageError(f"stage {st.name!r} turns attention layers into Mamba layers; a feature draft keeps "
+                                 "its one attention layer: drop ratio / attn_layers from the stage")
+        width, reads = frozen.config.hidden_size, student.config.hidden_size
+        if width != reads:
+            raise UsageError(f"the teacher's features are {width} wide but the feature draft {cfg.model} reads "
+                             f"{reads}: distil it from the target it was converted from")
+        return TokenRecipe.layout(self, tok, records, cfg, stages, student, frozen)
+
+    def count(self, items, indices, loss_positions):
+        """Loss positions from the second on: a row's target tokens after its second token (every predicted
+        position but the first with ``loss_positions: all``)."""
+        if loss_positions == "all":
+            return sum(max(len(items[i]) - 2, 0) for i in indices)
+        return sum(count_true(items[i].mask[2:]) for i in indices)
+
+    def targets(self, items):
+        return sum(count_true(it.mask[2:]) for it in items)
+
+    def eval_count(self, items):
+        return self.targets(items)
+
+    def loss(self, job, acc, model, items, st, cfg, kl_scale, forward):
+        device = acc.device
+        batch = collate(items, job.pad_id)
+        inputs = model_inputs(batch, device)
+        ids = inputs.pop("input_ids")
+        with torch.no_grad(), acc.autocast():
+            t_logits, features = target_features(job.frozen, ids, **inputs)
+        pos = inputs.get("position_ids")
+        draft_inputs = {"input_ids": ids[:, 1:], "use_cache": False, "output_hidden_states": True}
+        if pos is not None:  # the draft's position j reads the target's feature at position j
+            draft_inputs["position_ids"] = pos[:, :-1]
+        # Through the (possibly wrapped) model's own forward, with fc([embed; f]) as its input embeddings.
+        with acc.autocast(), features_in(acc.unwrap_model(model), features[:, :-1]):
+            out = model(**draft_inputs)
+        mask = loss_mask(batch, getattr(st, "loss_positions", "responses"))
+        total, metrics = feature_draft_loss(
+            out.logits, out.hidden_states[-1], t_logits, features, to_device(batch["targets"], device),
+            to_device(mask, device), to_device(batch["valid"], device), w_kl=st.w_kl * kl_scale,
+            w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce, temperature=st.temperature,
+            w_feature=getattr(st, "w_feature", 0.0))
+        metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
+        return total, metrics
+
+    def eval_report(self, means, frozen):
+        """KL, CE and the feature term (smooth L1 per position) on held-out rows."""
+        return {f"eval_{k}": means[k] for k in ("kl", "ce", "feature") if k in means}
+
+
+FEATURE_DRAFT = FeatureDraftRecipe()
 
 
 class SFTRecipe(TokenRecipe):

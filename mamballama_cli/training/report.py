@@ -19,7 +19,7 @@ def _fmt(v) -> str:
 class Reporter:
     """Writes ``metrics.jsonl`` and shows progress. A no-op on every process but the main one."""
 
-    KEYS = ("loss", "kl", "rkl", "ce", "hidden", "margin", "accuracy")
+    KEYS = ("loss", "kl", "rkl", "ce", "hidden", "feature", "margin", "accuracy")
     MICRO_AFTER_S = 5.0  # progress inside a step only once it has run this long (a long step on CPU) ...
     MICRO_EVERY_S = 5.0  # ... and then at most this often
 

@@ -107,6 +107,7 @@ def run_training(cfg, kind: str) -> dict:
                                  skip_bad=cfg.skip_bad_lines, text_field=cfg.text_field) if cfg.eval_data else None)
 
     student, job, tok, frozen_spec = load_models(acc, cfg, recipe, str(resume_ckpt) if resume_ckpt else cfg.model)
+    recipe = job.recipe  # the command's recipe, or its specialisation for this student (Recipe.for_model)
 
     # Tokenise and lay out the data.
     stages = cfg.resolved_stages()
@@ -268,7 +269,8 @@ def load_models(acc, cfg, recipe, start_spec: str):
     ``start_spec`` (the input model or the checkpoint resumed), the teacher or reference the recipe asks for."""
     with whole_models(acc):
         student, s_tok, _ = load_trainable(start_spec)
-    job = Job(recipe)
+    job = Job(recipe.for_model(student))
+    recipe = job.recipe
     t_tok = None
     spec, role = recipe.frozen_model(cfg, acc.is_main_process)
     if spec:
@@ -377,7 +379,7 @@ def non_finite(record: dict, scaled: bool) -> str | None:
     """What is not finite in a step's record (the loss, a loss term or the gradient norm), or None.
 
     Under fp16's loss scaler an infinite gradient norm is the scaler's own overflow signal, not divergence."""
-    for key in ("loss", *(k for k in record if k in ("kl", "rkl", "ce", "hidden", "margin"))):
+    for key in ("loss", *(k for k in record if k in ("kl", "rkl", "ce", "hidden", "feature", "margin"))):
         v = record.get(key)
         if isinstance(v, float) and not math.isfinite(v):
             return f"the {'loss' if key == 'loss' else key + ' term'} is {v}"
