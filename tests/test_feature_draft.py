@@ -99,10 +99,17 @@ def test_feature_draft_of_a_hybrid_without_attention_is_refused(tmp_path, capsys
     assert not (tmp_path / "o").exists()
 
 
-def test_generate_refuses_a_feature_draft_until_the_round_reads_features(draft_dir, targets, capsys):
-    r = run_cli(["generate", targets["llama"], "--prompt", "hi", "-n", "4", "--speculative", "--draft", draft_dir,
-                 "--no-compare-plain"], capsys)
-    one_line_error(r, "feature draft", "--draft-layers", code=2)
+def test_generate_decodes_a_llama_target_with_its_converted_feature_draft_losslessly(draft_dir, targets, capsys,
+                                                                                       tmp_path):
+    """The converted (untrained) draft through `generate --speculative`: the feature rounds (the Llama target run as
+    an all-attention hybrid) print the plain greedy text."""
+    plain = run_cli(["generate", targets["llama"], "--prompt", "hello world", "-n", "16"], capsys)
+    stats = tmp_path / "s.json"
+    r = run_cli(["generate", targets["llama"], "--prompt", "hello world", "-n", "16", "--speculative", "--draft",
+                 draft_dir, "-k", "3", "--stats-json", stats], capsys)
+    assert r.code == 0, r.err
+    assert r.out == plain.out
+    assert json.loads(stats.read_text())["round_kind"] == "FeatureRounds"
 
 
 # --- (b) the draft's forward -------------------------------------------------------------------------------------

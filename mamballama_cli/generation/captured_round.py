@@ -38,8 +38,10 @@ class CapturedRounds:
 
     def __init__(self, target, draft, batch_size: int, max_length: int, k: int, sampling: SamplingConfig | None = None,
                  stop_tokens=(), capture: bool | None = None):
+        if not is_hybrid(target) and getattr(target, "config", None) is not None:
+            target = as_hybrid(target) or target  # a Llama-family model runs exactly as an all-attention hybrid
         if not is_hybrid(draft) and getattr(draft, "config", None) is not None:
-            draft = as_hybrid(draft) or draft  # a Llama-family draft runs exactly as an all-attention hybrid
+            draft = as_hybrid(draft) or draft
         if not (is_hybrid(target) and is_hybrid(draft)):
             raise UsageError("captured rounds need a mamballama hybrid (or a Llama-family model) as target and as "
                              "draft")

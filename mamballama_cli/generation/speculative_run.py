@@ -72,12 +72,6 @@ def load_draft(spec: str, target, target_path, dtype: str, device: str):
     where = resolve_draft(spec)
     if where[0] == "dir":
         model, tok, _ = load_causal_lm(spec, dtype=dtype, device=device)
-        from mamballama_cli.models.feature_draft import is_feature_draft
-
-        if is_feature_draft(model):
-            raise UsageError(f"--draft {spec} is a feature draft (`convert --feature-draft`): it reads the target's "
-                             "features, which the speculative round does not hand out yet (issue 18); use a cut "
-                             "draft (`convert --draft-layers`)")
         return model, tok, f"path:{spec}"
     _, provider, arg = where
     model = provider.load(target, path=arg, arg=arg, target_path=str(target_path))
