@@ -3,8 +3,10 @@
 # student with the best draft the budget allows?
 #
 #   teacher-generated data -> the 50% student (convert --attn-layers auto, the default recipe, BUDGET_S of training)
-#   -> a draft cut from the teacher (DRAFT_LAYERS) -> the student's own greedy samples -> the draft trained for
-#   acceptance on them (templates/distill-draft.yaml, DRAFT_S of training) -> benchmarks/spec_eval.py: plain vs
+#   -> the student's own greedy samples -> a draft trained for acceptance on them (DRAFT_S of training): with
+#   DRAFT_KIND=feature (the default since 2026-12-04's third session) the student's one-layer feature draft
+#   (convert --feature-draft, templates/distill-feature-draft.yaml); with DRAFT_KIND=cut a draft cut from the
+#   teacher (DRAFT_LAYERS, templates/distill-draft.yaml) -> benchmarks/spec_eval.py: plain vs
 #   speculative decoding (host loop and captured round) over PROMPTS held-out prompts, batch 1, CUDA graphs, with
 #   the trained draft at K and at each of KS (and the untrained cut with UNTRAINED=1), every run also timing a
 #   round's parts on their own (benchmarks/round_parts.py) -> the student's held-out cross-entropy for context ->
@@ -19,7 +21,7 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS,
+# MB, ACCUM, PLACEMENT, DRAFT_KIND, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS,
 # SERVE_CLIENTS, SERVE_PROMPT, SERVE_NEW, SERVE_REQUESTS.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
@@ -44,6 +46,7 @@ SEQ=${SEQ:-2048}
 MB=${MB:-8}
 ACCUM=${ACCUM:-2}
 PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
+DRAFT_KIND=${DRAFT_KIND:-feature}  # feature: convert STUDENT --feature-draft; cut: convert default --draft-layers
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 DRAFT_GEN=${DRAFT_GEN:-3000000}
 DRAFT_S=${DRAFT_S:-320}
@@ -72,8 +75,10 @@ stage "data generate ($GEN_TOKENS tokens) beside the draft's cut (layers $DRAFT_
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" \
     --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
-"${MM[@]}" convert default --draft-layers "$DRAFT_LAYERS" --output "$WORK/draft0" --force --json \
-    > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log" &
+if [ "$DRAFT_KIND" = cut ]; then
+  "${MM[@]}" convert default --draft-layers "$DRAFT_LAYERS" --output "$WORK/draft0" --force --json \
+      > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log" &
+fi
 wait
 
 # 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
@@ -91,8 +96,15 @@ stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
 "${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" \
     --tokens "$DRAFT_GEN" --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 1 \
     --output "$WORK/sgen" --force > "$RES/data-generate-student.json" 2> "$RES/data-generate-student.log"
-stage "distill the draft for acceptance (budget $DRAFT_S s)"
-"${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template distill-draft --data "$WORK/sgen" \
+template=distill-draft
+if [ "$DRAFT_KIND" = feature ]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
+  stage "convert the student's feature draft"
+  "${MM[@]}" convert "$WORK/student" --feature-draft --output "$WORK/draft0" --force --json \
+      > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log"
+  template=distill-feature-draft
+fi
+stage "distill the $DRAFT_KIND draft for acceptance ($template, budget $DRAFT_S s)"
+"${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
     --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time --output "$WORK/draft" --force --json \
     > "$RES/distill-draft.json" 2> "$RES/distill-draft.log"
 stage "distill draft exit $?"
@@ -109,7 +121,7 @@ for k in $KS; do
       --json "$RES/spec-eval-k$k.json" > /dev/null 2> "$RES/spec-eval-k$k.log"
 done
 if [ -n "${UNTRAINED:-}" ]; then
-  stage "spec_eval: the untrained cut, K=$K (plain, captured round)"
+  stage "spec_eval: the untrained $DRAFT_KIND draft, K=$K (plain, captured round)"
   "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0" -k "$K" "${se[@]}" --engines plain,round \
       --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
 fi

@@ -81,27 +81,38 @@ class CapturedRounds:
         # 1. Draft: the two pending tokens (rebase: replay what it kept last round), then K - 1 more steps.
         self.d_start.add_(self.d_keep)
         logits = self.d._walk(self.pending, self.d_start, self.d_keep, True, 0, None)[:, -1]
-        drafts, qs = [], []
-        for j in range(K):
-            tok, q = self._pick(logits)
-            drafts.append(tok)
-            qs.append(q)
-            if j < K - 1:
-                logits = self.d._walk(tok[:, None], self.d_start + 2 + j, self.d_keep, False, 2 + j, None)[:, 0]
-        d = torch.stack(drafts, dim=1)  # (b, K)
+        d, qs = self._propose(logits, lambda j, tok: self.d._walk(tok[:, None], self.d_start + 2 + j, self.d_keep,
+                                                                   False, 2 + j, None)[:, 0])
         # 2. Verify the last token and the K drafts in one call.
         ids = torch.cat([self.pending[:, 1:], d], dim=1)  # (b, K + 1)
         self.t_start.add_(self.t_keep)
         t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)
-        # 3. Acceptance.
+        # 3. and 4. Acceptance and the commit.
+        self._accept_and_commit(d, qs, t_logits)
+
+    def _propose(self, logits: Tensor, after) -> tuple[Tensor, list]:
+        """The K drafts (b, K), and their distributions when sampling: the first from ``logits``, each next one
+        from ``after(j, token j)``, the draft's logits after reading its j-th proposal."""
+        drafts, qs = [], []
+        for j in range(self.k):
+            tok, q = self._pick(logits)
+            drafts.append(tok)
+            qs.append(q)
+            if j < self.k - 1:
+                logits = after(j, tok)
+        return torch.stack(drafts, dim=1), qs
+
+    def _accept_and_commit(self, d: Tensor, qs: list, t_logits: Tensor) -> Tensor:
+        """Acceptance of the drafts ``d`` against the verify call's logits, then the commit per row (ops/commit.py:
+        one kernel on CUDA; a finished row keeps nothing and stays put). Returns the accepted counts (b,)."""
         if self.sampling.greedy:
             acc, nxt = accept_greedy(d, t_logits)
         else:
             acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
                                       sampler=gumbel_draw)
-        # 4. Commit per row (ops/commit.py: one kernel on CUDA); a finished row keeps nothing and stays put.
         commit_round(d, acc, nxt, self.pending, self.finished, self.t_keep, self.d_keep, self.hist, self.hist_len,
                      self.stops, self.max_new, self.accepted, self.row_rounds)
+        return acc
 
     def _record(self, out: Tensor, kept: Tensor, live: Tensor) -> None:
         """Append each live row's ``kept`` tokens of ``out`` to its history; freeze rows that are done."""

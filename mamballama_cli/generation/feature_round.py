@@ -23,11 +23,8 @@ import torch
 from torch import Tensor
 
 from mamballama_cli.errors import UsageError
-from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, gumbel_draw
 from mamballama_cli.generation.captured_round import CapturedRounds
-from mamballama_cli.generation.sampling import probabilities
 from mamballama_cli.models.feature_draft import is_feature_draft
-from mamballama_cli.ops.commit import commit_round
 
 
 class FeatureRounds(CapturedRounds):
@@ -54,7 +51,7 @@ class FeatureRounds(CapturedRounds):
         self._idx = torch.arange(K + 1, device=dev)
 
     def _round(self) -> None:
-        K, b = self.k, self.b
+        b = self.b
         # 1. The draft window: the last verify call's tokens one ahead of their features, each row's correction at
         #    its accepted count.
         nxt = self.pending[:, 1:]
@@ -63,19 +60,16 @@ class FeatureRounds(CapturedRounds):
         logits_w = self.d._walk(toks, self.w_start, self.acc, True, 0, None, features=self.F, features_out=self.G)
         at = self.acc[:, None, None]
         logits = logits_w.gather(1, at.expand(b, 1, logits_w.shape[-1]))[:, 0]
-        g = self.G.gather(1, at.expand(b, 1, self.G.shape[-1]))
+        feature = [self.G.gather(1, at.expand(b, 1, self.G.shape[-1]))]  # the feature the next step reads
         base = self.w_start + self.acc + 1  # the draft position of the first proposal
-        # 2. K - 1 one-token steps on the draft's own tokens and features.
-        drafts, qs = [], []
-        for j in range(K):
-            tok, q = self._pick(logits)
-            drafts.append(tok)
-            qs.append(q)
-            if j < K - 1:
-                logits = self.d._walk(tok[:, None], base + j, self.acc, True, 0, None, features=g,
-                                      features_out=self.g1)[:, 0]
-                g = self.g1
-        d = torch.stack(drafts, dim=1)  # (b, K)
+
+        def after(j, tok):  # 2. a one-token step on the draft's own token and feature
+            out = self.d._walk(tok[:, None], base + j, self.acc, True, 0, None, features=feature[0],
+                               features_out=self.g1)[:, 0]
+            feature[0] = self.g1
+            return out
+
+        d, qs = self._propose(logits, after)
         self.drafts.copy_(d)
         # 3. Verify the correction and the K drafts; their features feed the next round's window.
         ids = torch.cat([nxt, d], dim=1)  # (b, K + 1)
@@ -84,14 +78,7 @@ class FeatureRounds(CapturedRounds):
         self.v.copy_(ids)
         self.w_start.copy_(self.t_start)
         # 4. Acceptance and the commit.
-        if self.sampling.greedy:
-            acc, nxt_tok = accept_greedy(d, t_logits)
-        else:
-            acc, nxt_tok = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
-                                          sampler=gumbel_draw)
-        self.acc.copy_(acc)
-        commit_round(d, acc, nxt_tok, self.pending, self.finished, self.t_keep, self.d_keep, self.hist, self.hist_len,
-                     self.stops, self.max_new, self.accepted, self.row_rounds)
+        self.acc.copy_(self._accept_and_commit(d, qs, t_logits))
 
     def _prefill(self, ids: Tensor) -> Tensor:
         """The target reads the prompt and hands out its features; the draft reads the pairs (x_t, f_{t-1}) of
