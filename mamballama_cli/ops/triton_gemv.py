@@ -194,9 +194,10 @@ def _kernel_is_faster(x, weight, bias) -> bool:
 
 
 def gemv_triton(x, weight, bias=None):
-    """The kernel where :func:`gemv_supported` and where, on this shape, it was timed faster than cuBLAS on
-    first use (so the op never makes a step slower); else ``F.linear``. The first call of a shape must not be
-    inside a CUDA graph's recording: the static decoder's warm-up makes it."""
+    """The kernel where :func:`gemv_supported` and where, on this shape's first use, it agreed with cuBLAS and
+    was timed no more than :data:`MARGIN` slower than cuBLAS alone; else ``F.linear``. The first call of a shape
+    should not be inside a CUDA graph's recording (the static decoder's warm-up makes it); one that is gets
+    cuBLAS."""
     if not gemv_supported(x, weight, bias):
         return F.linear(x, weight, bias)
     key = (_rows(x, weight), *weight.shape, x.dtype, x.device.index)
