@@ -125,32 +125,40 @@ def run_draft_convert(cfg, out_dir):
         "embeddings, final norm and head kept")
     draft = build_draft(teacher, layers, dtype=dtype)
 
-    from mamballama_cli import __version__
-
     elt = next(draft.parameters()).element_size()
     kv_layer = 2 * getattr(tconfig, "num_key_value_heads", tconfig.num_attention_heads) * (
         getattr(tconfig, "head_dim", None) or tconfig.hidden_size // tconfig.num_attention_heads) * elt
-    summary = {
-        "kind": "draft",
+    summary = draft_summary("draft", source, tconfig, teacher, draft, dtype, kv_layer, n_layers, len(layers),
+                            "none (Transformer draft)", draft_layers=layers)
+    return save_conversion(out_dir, draft, tokenizer, summary, cfg)
+
+
+def draft_summary(kind: str, source, tconfig, teacher, draft, dtype, kv_layer: int, teacher_attn: int,
+                  draft_attn: int, mixer: str, **specific) -> dict:
+    """The JSON summary of a draft conversion (a cut draft, a feature draft): what it came from, its size and its
+    K/V bytes beside the teacher's, in the shape of the hybrid summary so that `convert` prints one kind of table.
+    ``kv_layer``: K/V bytes per token of one attention layer; ``specific``: the kind's own fields."""
+    from mamballama_cli import __version__
+
+    return {
+        "kind": kind,
         "teacher": {"name_or_path": source.name, "kind": source.kind, "model_type": tconfig.model_type},
         "architecture": type(draft).__name__,
-        "draft_layers": layers,
-        "num_layers": len(layers),
-        "teacher_num_layers": n_layers,
-        # The fields below keep the shape of the hybrid summary, so `convert` prints one kind of table.
-        "mixer": "none (Transformer draft)",
-        "attn_layers": list(range(len(layers))),
+        **specific,
+        "num_layers": draft.config.num_hidden_layers,
+        "teacher_num_layers": tconfig.num_hidden_layers,
+        "mixer": mixer,
+        "attn_layers": list(range(draft_attn)),
         "mamba_layers": [],
         "dtype": str(dtype).replace("torch.", ""),
         "parameters": {"teacher": parameter_count(teacher), "hybrid": parameter_count(draft),
                        "draft": parameter_count(draft)},
         "state_memory": {
-            "teacher_kv_bytes_per_token": n_layers * kv_layer,
-            "hybrid_kv_bytes_per_token": len(layers) * kv_layer,
+            "teacher_kv_bytes_per_token": teacher_attn * kv_layer,
+            "hybrid_kv_bytes_per_token": draft_attn * kv_layer,
             "hybrid_fixed_state_bytes_per_sequence": 0,
-            "at_context": {str(n): {"teacher_bytes": n * n_layers * kv_layer, "hybrid_bytes": n * len(layers) * kv_layer}
-                           for n in (4096, 32768)},
+            "at_context": {str(n): {"teacher_bytes": n * teacher_attn * kv_layer,
+                                    "hybrid_bytes": n * draft_attn * kv_layer} for n in (4096, 32768)},
         },
         "mamballama_version": __version__,
     }
-    return save_conversion(out_dir, draft, tokenizer, summary, cfg)

@@ -152,9 +152,8 @@ def build_feature_draft(target, target_info: dict, dtype=None, seed: int = 0, fc
 
 def run_feature_draft_convert(cfg, out_dir):
     """`convert TARGET --feature-draft`: build, save atomically, return a summary."""
-    from mamballama_cli import __version__
     from mamballama_cli.convert import save_conversion, torch_dtype
-    from mamballama_cli.convert.draft import parameter_count
+    from mamballama_cli.convert.draft import draft_summary
     from mamballama_cli.convert.teacher import load_teacher, peek_teacher_config
 
     tconfig, _ = peek_teacher_config(cfg.teacher)
@@ -169,28 +168,6 @@ def run_feature_draft_convert(cfg, out_dir):
     c = draft.config
     kv_layer = 2 * c.num_key_value_heads * c.head_dim * next(draft.parameters()).element_size()
     t_attn = len(tconfig.attn_layers) if tconfig.model_type == "mamballama" else n_layers
-    summary = {
-        "kind": "feature-draft",
-        "teacher": {"name_or_path": source.name, "kind": source.kind, "model_type": tconfig.model_type},
-        "architecture": type(draft).__name__,
-        "source_layer": src,
-        "fc_init": FC_INIT,
-        "num_layers": 1,
-        "teacher_num_layers": n_layers,
-        # The fields below keep the shape of the hybrid summary, so `convert` prints one kind of table.
-        "mixer": "none (feature draft)",
-        "attn_layers": [0],
-        "mamba_layers": [],
-        "dtype": str(dtype).replace("torch.", ""),
-        "parameters": {"teacher": parameter_count(target), "hybrid": parameter_count(draft),
-                       "draft": parameter_count(draft)},
-        "state_memory": {
-            "teacher_kv_bytes_per_token": t_attn * kv_layer,
-            "hybrid_kv_bytes_per_token": kv_layer,
-            "hybrid_fixed_state_bytes_per_sequence": 0,
-            "at_context": {str(n): {"teacher_bytes": n * t_attn * kv_layer, "hybrid_bytes": n * kv_layer}
-                           for n in (4096, 32768)},
-        },
-        "mamballama_version": __version__,
-    }
+    summary = draft_summary("feature-draft", source, tconfig, target, draft, dtype, kv_layer, t_attn, 1,
+                            "none (feature draft)", source_layer=src, fc_init=FC_INIT)
     return save_conversion(out_dir, draft, tokenizer, summary, cfg)
