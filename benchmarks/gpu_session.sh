@@ -7,7 +7,7 @@
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
-# A/B of ops/triton_gemv.py), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
+# A/B of ops/triton_gemv.py), gemvtest (the gemv op's gpu tests alone), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
@@ -82,6 +82,7 @@ for step in $STEPS; do
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
+        gemvtest) gputest gemv 240 tests/test_gemv_op.py ;;
         part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;

@@ -133,7 +133,8 @@ for m in "$WORK/student" default; do
 done
 # 5. Issue 17's serving line on the same pair of models: SERVE_CLIENTS concurrent clients at SERVE_PROMPT tokens,
 # the student and the teacher on the same engine (a Llama teacher is served as an all-attention hybrid).
-for m in "$WORK/student" default; do
+# SERVE_CLIENTS=0 leaves this step out (the line can be measured on its own: gpu_session.sh park + serve).
+(( SERVE_CLIENTS > 0 )) && for m in "$WORK/student" default; do
   name=$(basename "$m")
   stage "serve_load: $name, $SERVE_CLIENTS clients x $SERVE_PROMPT tokens"
   "$PY" benchmarks/serve_load.py "$m" --clients "$SERVE_CLIENTS" --prompt-tokens "$SERVE_PROMPT" \
