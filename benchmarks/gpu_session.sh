@@ -75,10 +75,11 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
-        verify) stamp "verify vs plain step (8B shape, K=4)"
+        verify) nv=$(( ${nv:-0} + 1 )); v="speculative-verify$( (( nv > 1 )) && echo "-$nv")"  # a repeat: -2, -3
+                stamp "verify vs plain step (8B shape, K=4), run $nv"
                 timeout "$(left 240)" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
-                    --loop-tokens 64 --json "$OUT/speculative-verify.json" > "$OUT/speculative-verify.txt" 2>&1
-                echo "exit $?"; tail -20 "$OUT/speculative-verify.txt" ;;
+                    --loop-tokens 64 --json "$OUT/$v.json" > "$OUT/$v.txt" 2>&1
+                echo "exit $?"; tail -20 "$OUT/$v.txt" ;;
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
