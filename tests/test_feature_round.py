@@ -21,22 +21,26 @@ from test_speculative_cli import pair  # noqa: F401  (the fixture)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def bigram_heavy(seed=1):
-    """A tiny hybrid whose mixers and MLPs are scaled down: its next token depends mostly on the current one, so a
-    one-layer draft can agree with it often, and by different counts per row."""
+def bigram_heavy(seed=1, scale=0.02):
+    """A tiny hybrid whose mixers and MLPs are scaled down (by ``scale``): its next token depends mostly on the
+    current one, so a one-layer draft can agree with it often, and by different counts per row. (At 0.15 the
+    residual branches still outweighed the embedding: its greedy token was the bare bigram's 9% of the time, and a
+    draft of :func:`feature_draft_of` was almost never accepted; at 0.02, 72%.)"""
     target, _ = tiny_hybrid(seed=seed)
     with torch.no_grad():
         for layer in target.model.layers:
             mixer = layer.self_attn if layer.is_attention else layer.mamba
-            (mixer.o_proj if layer.is_attention else mixer.out_proj).weight.mul_(0.15)
-            layer.mlp.down_proj.weight.mul_(0.15)
+            (mixer.o_proj if layer.is_attention else mixer.out_proj).weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
     return target.eval()
 
 
-def feature_draft_of(target, feature_mix=0.3, seed=3):
+def feature_draft_of(target, feature_mix=0.04, seed=3, layer_scale=0.05):
     """One attention layer that starts from the target's embedding, final norm and head; fc passes the token's
-    embedding through plus a little of the target's feature, the layer adds a little: a draft that is right often
-    and reads the features."""
+    embedding through plus a little of the target's feature (``feature_mix``: the feature is normed, about ten
+    times the embedding's size, so 0.04 is already a fair share of the input), the layer adds a little
+    (``layer_scale``): a draft that is right often (about 0.5 to 0.7 of its proposals accepted on the prompts
+    below) and reads the features."""
     c = target.config.to_dict()
     for key in ("attn_layers", "num_hidden_layers", "feature_draft", "architectures", "model_type",
                 "transformers_version"):
@@ -53,8 +57,8 @@ def feature_draft_of(target, feature_mix=0.3, seed=3):
         draft.model.fc.weight.copy_(torch.cat([torch.eye(h), feature_mix * torch.randn(h, h, generator=gen) / h**0.5],
                                               dim=1))
         layer = draft.model.layers[0]
-        layer.self_attn.o_proj.weight.mul_(0.2)
-        layer.mlp.down_proj.weight.mul_(0.2)
+        layer.self_attn.o_proj.weight.mul_(layer_scale)
+        layer.mlp.down_proj.weight.mul_(layer_scale)
     return draft.eval()
 
 
@@ -208,4 +212,4 @@ def test_captured_feature_rounds_equal_the_uncaptured_ones_on_cuda(batch):
         got[capture], stats = rounds.generate(prompts, n, sync_every=2)
     wants = [greedy_reference(target, prompts[r : r + 1], n)[0] for r in range(batch)]
     assert got[True] == got[False] == wants
-    assert stats["tokens_per_call"] > 1
+    assert 1.5 < stats["tokens_per_call"] < k + 1  # proposals are accepted, not all of them
