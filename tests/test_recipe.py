@@ -170,6 +170,40 @@ def test_time_fit_measures_after_the_warm_up_steps_and_fits_the_rest():
     assert step(2.0, 18, plans[9]) == [18 + int(19 * (95 - 77) / (19 * 1.125))]  # slower steps: shorter again
 
 
+def test_time_fit_grows_back_after_slow_first_steps_but_never_past_its_ceiling():
+    """Kernels compiling for new shapes slowed a real run's first steps for a while (2026-12-04, H200: steps 3-10
+    at 0.1-0.9 s, then about 0.15 s): the first fit shrinks the plan, a later look at the fast steps grows it back,
+    at most to the plan the run started with; a lone spike counts at most SPIKE times the median."""
+    from mamballama_cli.training.engine import TimeFit
+
+    now = [0.0]
+    fit = TimeFit(100.0, 0.0, clock=lambda: now[0], ceiling=[400])
+    fit.stage_start(0)
+
+    def step(seconds, done, plan):
+        now[0] += seconds
+        return fit.after_step(done, plan, 0)
+
+    plan = [400]
+    for i in range(10):  # 10 slow steps (2 skipped, 8 measured at 2 s): 20 s spent, 75 s usable -> 37 more
+        new = step(2.0, i + 1, plan)
+    assert new == [10 + int(390 * 75 / 780)] == [47]
+    plan, grown = new, None
+    for done in range(11, 47):  # fast steps from here: 0.1 s
+        grown = step(0.1, done, plan) or grown
+        if grown:
+            break
+    assert grown is not None and grown[0] > 47 and grown[0] <= 400, grown
+    assert step(0.1, done + 1, grown) is None  # it fits: no change
+    # never past the ceiling, however much time is left
+    fit2 = TimeFit(1e6, 0.0, clock=lambda: now[0], ceiling=[50])
+    fit2.stage_start(0)
+    fit2.last = now[0]
+    assert all(fit2.after_step(i + 1, [50], 0) is None for i in range(20))
+    fit2.times = [1.0, 1.0] + [1.0] * 7 + [100.0]  # one spike among 1 s steps: counted as 3 s
+    assert abs(fit2.step_seconds() - (7 * 1.0 + 3.0) / 8) < 1e-9
+
+
 def test_fit_to_time_ends_the_schedule_inside_the_budget(models, tmp_path, capsys):
     """--fit-to-time: a plan far longer than --max-seconds is shortened as it runs, so every stage still runs to
     the end of its cosine decay (the last learning rate near zero) and the clock never cuts it."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -135,21 +136,27 @@ def lr_at(st: ResolvedStage, step: int, steps: int) -> float:
 
 
 class TimeFit:
-    """``--fit-to-time``: shorten the stages so that the schedule, its learning-rate decay included, ends inside
-    ``--max-seconds`` instead of being cut where the clock runs out.
+    """``--fit-to-time``: fit the stages to ``--max-seconds`` so that the schedule, its learning-rate decay included,
+    ends inside the budget instead of being cut where the clock runs out.
 
     A stage's time per step (wall clock from one step's end to the next: logging and checks included) is measured
     over its first steps (the first :attr:`SKIP` left out: compilation, warm-up) and again every eighth of what
-    remains; the rest of the plan (this stage's remaining steps and every later stage's) is then shrunk by one
-    factor so that it fits the time left, less :attr:`RESERVE` of the budget for the checkpoints and the final
-    model. Plans only shrink; a later stage re-measures its own step time. The main process decides and every
-    process follows (``agree``)."""
+    remains: the mean of the last :attr:`WINDOW` steps, each counted at most :attr:`SPIKE` times their median, so
+    that a step which compiled kernels for a new shape does not speak for the steps after it. The rest of the plan
+    (this stage's remaining steps and every later stage's) is then set by one factor to fit the time left, less
+    :attr:`RESERVE` of the budget for the checkpoints and the final model. It shrinks whenever it must, and grows
+    back (never beyond ``ceiling``, the plan the run started with) only when the fit is :attr:`REGROW` longer than
+    the plan in force: on 2026-12-04 an early measurement, slowed by kernels compiling, cut a 300 s feature-draft
+    run to 587 steps that then took 136 s. A later stage re-measures its own step time. The main process decides
+    and every process follows (``agree``)."""
 
-    SKIP, WINDOW, RESERVE = 2, 8, 0.05
+    SKIP, WINDOW, RESERVE, SPIKE, REGROW = 2, 8, 0.05, 3.0, 1.10
 
-    def __init__(self, max_seconds: float, t_start: float, agree=None, clock=time.perf_counter):
+    def __init__(self, max_seconds: float, t_start: float, agree=None, clock=time.perf_counter,
+                 ceiling: list[int] | None = None):
         self.budget, self.t_start, self.clock = float(max_seconds), t_start, clock
         self.agree = agree or (lambda plan: plan)
+        self.ceiling = list(ceiling) if ceiling is not None else None
         self.times: list[float] = []
         self.next_at = self.last = 0
 
@@ -158,6 +165,12 @@ class TimeFit:
         self.next_at = start + self.SKIP + self.WINDOW
         self.last = self.clock()
 
+    def step_seconds(self) -> float:
+        """The time per step from the last :attr:`WINDOW` measured steps, spikes clipped (see the class)."""
+        recent = self.times[self.SKIP:][-self.WINDOW:]
+        cap = self.SPIKE * statistics.median(recent)
+        return sum(min(t, cap) for t in recent) / len(recent)
+
     def after_step(self, done: int, plan: list[int], si: int) -> list[int] | None:
         """After step ``done`` (1-based) of stage ``si``: a new plan, or None."""
         now = self.clock()
@@ -165,9 +178,14 @@ class TimeFit:
         self.last = now
         if done < self.next_at or len(self.times) <= self.SKIP:
             return None
-        recent = self.times[self.SKIP:][-self.WINDOW:]
         left = self.budget * (1.0 - self.RESERVE) - (now - self.t_start)
-        new = self.agree(fitted_plan(plan, si, done, sum(recent) / len(recent), left))
+        step_s = self.step_seconds()
+        new = fitted_plan(plan, si, done, step_s, left)
+        if new == plan and self.ceiling is not None:  # it fits: room to grow back towards the ceiling?
+            grown = fitted_plan(self.ceiling, si, done, step_s, left)
+            if sum(grown[si:]) - done >= self.REGROW * (sum(plan[si:]) - done):
+                new = list(plan[:si]) + grown[si:]
+        new = self.agree(new)
         self.next_at = done + max(self.WINDOW, (new[si] - done) // 8)
         return new if new != plan else None
 

@@ -150,7 +150,9 @@ def run_training(cfg, kind: str) -> dict:
     last_record: dict = {}
     evals: list[dict] = []
     bad_steps = 0  # consecutive steps with a non-finite loss or gradient
-    fit = TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan)) if cfg.fit_to_time else None
+    # it may grow back up to the plan it starts from: the recipe's, or a resumed run's fitted one
+    fit = (TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan), ceiling=stage_steps)
+           if cfg.fit_to_time else None)
 
     try:
         for si in range(si0, len(stages)):
