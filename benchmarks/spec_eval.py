@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
+    from mamballama_cli.generation.captured_round import acceptance_by_position
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.feature_round import make_rounds
     from mamballama_cli.models.feature_draft import is_feature_draft
@@ -132,7 +133,8 @@ def main() -> None:
             out, st = rounds.generate(ids, n_new)
             return out[0], st["seconds"] - st["prefill_s"], {"accepted": st["accepted"],
                                                               "drafted": K * st["row_rounds"],
-                                                              "calls": st["row_rounds"]}
+                                                              "calls": st["row_rounds"],
+                                                              "accepted_hist": st["accepted_hist"]}
 
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
         if args.parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
@@ -170,6 +172,8 @@ def main() -> None:
             r["speedup"] = round(r["decode_tok_s"] / results["plain"]["decode_tok_s"], 3)
         r["acceptance_rate"] = round(r["accepted"] / max(1, r["drafted"]), 4)
         r["tokens_per_call"] = round((r["accepted"] + r["calls"]) / max(1, r["calls"]), 3)
+        if "accepted_hist" in r:  # p_i: draft i accepted, given drafts 1..i-1 were
+            r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
               "target": args.target, "draft": draft_name, "k": K, "prompts": len(prompts), "new_tokens": n_new,
@@ -207,8 +211,11 @@ def run_engine(label: str, fn, prompts, device) -> dict:
         tokens.append(out)
         total_new += max(0, len(out) - 1)
         total_s += seconds
-        for key, v in more.items():
-            extra[key] += v
+        for key, v in more.items():  # counts, or lists of counts (accepted_hist), added up over the prompts
+            if isinstance(v, list):
+                extra[key] = [a + b for a, b in zip(extra.get(key) or [0] * len(v), v)]
+            else:
+                extra[key] += v
     rate = total_new / total_s if total_s > 0 else float("nan")
     print(f"{label}: {total_new} decode tokens in {total_s:.2f} s = {rate:.1f} tok/s", file=sys.stderr)
     row = {"decode_tokens": total_new, "decode_s": round(total_s, 4), "decode_tok_s": round(rate, 2),

@@ -201,8 +201,8 @@ def main() -> None:
         "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context,
         "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
-        "gemv_kernel_shapes": sorted(f"{k[0]}x{k[1]}x{k[2]}" for k, use in getattr(
-            sys.modules.get("mamballama_cli.ops.triton_gemv"), "CHOICES", {}).items() if use),
+        **(sys.modules["mamballama_cli.ops.triton_gemv"].choices_report()
+           if "mamballama_cli.ops.triton_gemv" in sys.modules else {"gemv_kernel_shapes": []}),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),
         "runner_plain_step_ms": round(runner_plain_ms, 4),

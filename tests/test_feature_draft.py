@@ -185,6 +185,7 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     """FeatureDraftRecipe.loss on a real tiny target and draft equals the KL written out position by position:
     draft position j (reading token j + 1 and the target's feature j) against the target's position j + 1."""
     import contextlib
+    import dataclasses
     from types import SimpleNamespace
 
     import torch.nn.functional as F
@@ -218,6 +219,24 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
     assert FEATURE_DRAFT.count(items, [0, 1], "responses") == 6 + 2
 
+    # unroll 2: the second pass reads, at position j, the feature the first pass predicted for j (its output at
+    # j - 1); position 0 keeps the target's f_0
+    _, m2 = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(st, unroll=2), None, 1.0, None)
+    expected2 = 0.0
+    with torch.no_grad():
+        for it in items:
+            ids = torch.tensor([it.ids])
+            t_logits, f = target_features(target, ids)
+            _, h1 = draft_forward(draft, ids[:, 1:], f[:, :-1])
+            d2, _ = draft_forward(draft, ids[:, 1:], torch.cat([f[:, :1], h1[:, :-1]], dim=1))
+            for j in range(len(it) - 2):
+                if it.mask[j + 2]:
+                    lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d2[0, j], -1)
+                    expected2 += float((lt.exp() * (lt - ld)).sum())
+    assert float(m2["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
+    assert float(m2["kl_unrolled"]) == pytest.approx(expected2, rel=1e-4) and abs(expected2 - expected) > 1e-3
+    assert float(m2["loss"]) > float(m["loss"])
+
 
 # --- (c) distill through the CLI ---------------------------------------------------------------------------------
 def test_distill_trains_a_feature_draft_with_the_template(draft_dir, targets, tmp_path, capsys):
@@ -238,10 +257,10 @@ def test_distill_trains_a_feature_draft_with_the_template(draft_dir, targets, tm
     summary = json.loads(r.out)
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in recs if "loss" in x and "eval_kl" not in x]
-    assert len(steps) == 20 and all("feature" in x and "kl" in x for x in steps)
+    assert len(steps) == 20 and all("feature" in x and "kl" in x and "kl_unrolled" in x for x in steps)
     assert "feature" in summary["last"]
-    for x in steps:  # loss = w_kl * kl + w_feature * feature (the template's weights: 1 and 1)
-        assert x["loss"] == pytest.approx(x["kl"] + x["feature"], rel=1e-4)
+    for x in steps:  # loss = w_kl * kl + w_feature * feature over the template's 3 passes (weights 1 and 1)
+        assert x["loss"] > x["kl"] + x["feature"] + x["kl_unrolled"]
     first, last = sum(x["loss"] for x in steps[:3]) / 3, sum(x["loss"] for x in steps[-3:]) / 3
     assert last < 0.7 * first, [x["loss"] for x in steps]
     evals = summary["evals"]
@@ -263,8 +282,14 @@ def test_distill_takes_the_target_the_feature_draft_records(draft_dir, tmp_path,
     one_line_error(r, "--w-hidden", "distill-feature-draft", code=2)
 
 
-def test_w_feature_needs_a_feature_draft(models, tmp_path, capsys):
+def test_w_feature_and_unroll_need_a_feature_draft(models, tmp_path, capsys):
     hybrid = models["hybrid"]
+    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--unroll", "2", "--seq-len", "96",
+                 "--output", tmp_path / "run"], capsys)
+    one_line_error(r, "--unroll 2", "--feature-draft", code=2)
+    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--unroll", "0",
+                 "--output", tmp_path / "run"], capsys)
+    one_line_error(r, "--unroll 0 must be a whole number, at least 1", code=2)
     r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--w-feature", "1", "--seq-len", "96",
                  "--output", tmp_path / "run"], capsys)
     one_line_error(r, "--w-feature", "--feature-draft", code=2)

@@ -10,6 +10,7 @@ import torch
 
 from helpers import tiny_hybrid
 from mamballama_cli.errors import UsageError
+from mamballama_cli.generation.captured_round import acceptance_by_position
 from mamballama_cli.generation.feature_round import FeatureRounds
 from mamballama_cli.generation.sampling import SamplingConfig
 from mamballama_cli.models.configuration import MamballamaConfig
@@ -110,6 +111,13 @@ def test_feature_rounds_give_each_rows_greedy_tokens_and_the_drafts_own_proposal
     got, stats = rounds.generate(prompts, n, sync_every=2)
     assert got == wants
     assert 0 < stats["acceptance_rate"] < 1 and 1 < stats["tokens_per_call"] <= k + 1
+    # the histogram of accepted counts per live row-round agrees with the totals, and gives acceptance per position
+    hist = stats["accepted_hist"]
+    assert len(hist) == k + 1 and sum(hist) == stats["row_rounds"]
+    assert sum(i * h for i, h in enumerate(hist)) == stats["accepted"]
+    assert acceptance_by_position([2, 3, 5]) == [0.8, 0.625]  # 8 of 10 took the 1st, 5 of those 8 the 2nd
+    by_pos = acceptance_by_position(hist)
+    assert len(by_pos) == k and 0 < by_pos[0] <= 1
 
 
 def test_feature_rounds_read_the_features():
@@ -196,6 +204,8 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
     res = json.loads(out.read_text())
     assert set(res["engines"]) == {"plain", "round"} and "host loop is skipped" in p.stderr
     assert res["engines"]["round"]["matches_plain"] == 3 and res["parts"]["draft_step_ms"] > 0
+    rnd = res["engines"]["round"]
+    assert sum(rnd["accepted_hist"]) == rnd["calls"] and len(rnd["acceptance_by_position"]) == res["k"]
 
 
 @pytest.mark.gpu

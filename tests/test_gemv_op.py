@@ -81,19 +81,18 @@ def test_a_kernel_that_fails_or_disagrees_on_a_shape_leaves_that_shape_to_cublas
 @NEEDS_TRITON
 def test_the_margin_over_cublas_applies_to_tall_weights_only(monkeypatch):
     """A kernel timed 5% slower than cuBLAS keeps a tall shape (cuBLAS adds a split-K reduction there, one more graph
-    node) but not a wide one; timed 5% faster, it keeps both; 15% slower, neither."""
-    import triton.testing
-
+    node) but not a wide one; timed 5% faster, it keeps both; 15% slower, neither. The timings are kept."""
     from mamballama_cli.ops import triton_gemv
 
     monkeypatch.setattr(triton_gemv, "gemv_launch", lambda x, w, b=None: F.linear(x, w, b))
     tall, wide = torch.randn(32, 64, dtype=torch.float16), torch.randn(128, 64, dtype=torch.float16)
     x = torch.randn(1, 64, dtype=torch.float16)
     for ratio, keeps_tall, keeps_wide in ((1.05, True, False), (0.95, True, True), (1.15, False, False)):
-        times = iter([ratio, 1.0, ratio, 1.0])  # ours, then cuBLAS's, per shape
-        monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: next(times))
-        assert triton_gemv._kernel_is_faster(x, tall, None) is keeps_tall, ratio
+        monkeypatch.setattr(triton_gemv, "_timings",
+                            lambda x, w, b: {"kernel_us": 10.0 * ratio, "cublas_us": 10.0, "how": "graph"})
+        assert triton_gemv._kernel_is_faster(x, tall, None, key=("t", ratio)) is keeps_tall, ratio
         assert triton_gemv._kernel_is_faster(x, wide, None) is keeps_wide, ratio
+        assert triton_gemv.TIMINGS.pop(("t", ratio))["kernel_us"] == round(10.0 * ratio, 2)
 
 
 def test_the_decode_step_runs_its_linears_through_the_gemv_op():
@@ -120,7 +119,7 @@ def test_the_decode_step_runs_its_linears_through_the_gemv_op():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
     from mamballama_cli import ops
-    from mamballama_cli.ops.triton_gemv import CHOICES, gemv_launch, gemv_supported, gemv_triton
+    from mamballama_cli.ops.triton_gemv import CHOICES, TIMINGS, gemv_launch, gemv_supported, gemv_triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, n, k, bias in ((1, 4096, 4096, False), (1, 4096, 14336, False), (1, 1000, 3001, True),
@@ -136,8 +135,20 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
         chosen = gemv_triton(x, w, b)  # the kernel or cuBLAS, whichever was timed faster on this shape
         key = (rows, n, k, dtype, x.device.index)
         assert torch.equal(chosen, y if CHOICES[key] else F.linear(x, w, b)), key
-        print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS")
+        assert TIMINGS[key]["how"] == "graph", TIMINGS[key]  # timed as a decode step runs it, not the fallback
+        print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS", TIMINGS[key])
     w = torch.randn(4096, 4096, device="cuda", dtype=dtype)
     many = torch.randn(9, 4096, device="cuda", dtype=dtype)
     assert torch.equal(gemv_triton(many, w), F.linear(many, w))  # more rows than MAX_ROWS: not taken, cuBLAS
     assert ops.dispatch("gemv", torch.device("cuda"))[0] == "mamballama-triton"
+
+
+@NEEDS_TRITON
+def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
+    from mamballama_cli.ops import triton_gemv
+
+    monkeypatch.setattr(triton_gemv, "CHOICES", {(1, 4096, 4096, torch.bfloat16, 0): True,
+                                                 (5, 4096, 4096, torch.bfloat16, 0): False})
+    monkeypatch.setattr(triton_gemv, "TIMINGS", {(1, 4096, 4096, torch.bfloat16, 0): {"kernel_us": 9.0}})
+    rep = triton_gemv.choices_report()
+    assert rep == {"gemv_kernel_shapes": ["1x4096x4096"], "gemv_timings": {"1x4096x4096 bfloat16": {"kernel_us": 9.0}}}

@@ -163,9 +163,8 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
     row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
     row.update(engine=dec.engine, kv_bytes=mem["kv_bytes"], state_bytes=mem["state_bytes"],
                backends=dict(dec.backends))
-    gemv = sys.modules.get("mamballama_cli.ops.triton_gemv")  # which shapes the gemv kernel won (rows x N x K)
-    won = (gemv.CHOICES if gemv else {}).items()
-    row["gemv_kernel_shapes"] = sorted({f"{k[0]}x{k[1]}x{k[2]}" for k, use in won if use})
+    gemv = sys.modules.get("mamballama_cli.ops.triton_gemv")  # which shapes the gemv kernel won, and the timings
+    row.update(gemv.choices_report() if gemv else {"gemv_kernel_shapes": []})
     if synthetic:
         row.update(synthetic_context=True, ttft_s=None)
     del dec

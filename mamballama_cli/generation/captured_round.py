@@ -33,6 +33,17 @@ from mamballama_cli.models.runtime import capture_graph
 from mamballama_cli.ops.commit import commit_round, record_tokens_ref
 
 
+
+def acceptance_by_position(hist: list[int]) -> list[float]:
+    """From counts of rounds that accepted 0..K drafts: for each position i = 1..K, the share of rounds that
+    accepted draft i among those that accepted drafts 1..i-1 (acceptance stops at the first rejected draft), so
+    ``[p1, p2, ...]``: p1 how often the first proposal is right, p2 how often the second is, given the first was."""
+    out = []
+    for i in range(1, len(hist)):
+        reached = sum(hist[i - 1:])
+        out.append(round(sum(hist[i:]) / reached, 4) if reached else float("nan"))
+    return out
+
 class CapturedRounds:
     """Speculative decoding of ``target`` with ``draft`` (both mamballama hybrids), a round per graph replay."""
 
@@ -67,6 +78,7 @@ class CapturedRounds:
         self.max_new = torch.zeros((), dtype=torch.long, device=self.device)
         self.accepted = torch.zeros((), dtype=torch.long, device=self.device)  # over live rows and rounds
         self.row_rounds = torch.zeros((), dtype=torch.long, device=self.device)
+        self.acc_hist = torch.zeros(self.k + 1, dtype=torch.long, device=self.device)  # live rows per accepted count
         self.graph = None
 
     # --- one round, all on the device ------------------------------------------------------------------------
@@ -110,8 +122,10 @@ class CapturedRounds:
         else:
             acc, nxt = accept_sampled(d, torch.stack(qs, dim=1), probabilities(t_logits, self.sampling), None,
                                       sampler=gumbel_draw)
+        live = (~self.finished).long()  # the rows this round counts for, as commit_round's totals
         commit_round(d, acc, nxt, self.pending, self.finished, self.t_keep, self.d_keep, self.hist, self.hist_len,
                      self.stops, self.max_new, self.accepted, self.row_rounds)
+        self.acc_hist.index_add_(0, acc, live)
         return acc
 
     def _record(self, out: Tensor, kept: Tensor, live: Tensor) -> None:
@@ -123,7 +137,8 @@ class CapturedRounds:
     def generate(self, input_ids: Tensor, max_new_tokens: int, sync_every: int = 4):
         """New tokens per row (lists, cut after the first stop token and at ``max_new_tokens``) and statistics:
         rounds, acceptance (accepted drafts over drafted, live rows only), tokens per verify call, seconds (all,
-        and of the two prefills and the first token: ``prefill_s``)."""
+        and of the two prefills and the first token: ``prefill_s``), and ``accepted_hist``: how many live row-rounds
+        accepted 0, 1, ..., K drafts (:func:`acceptance_by_position` turns it into acceptance per position)."""
         b, n = input_ids.shape
         if b != self.b:
             raise UsageError(f"batch of {b} prompts, but these rounds were built for {self.b}")
@@ -164,7 +179,7 @@ class CapturedRounds:
         acc, rr = int(self.accepted), int(self.row_rounds)
         return out, {"rounds": rounds, "seconds": elapsed, "prefill_s": prefilled - start,
                      "new_tokens": sum(len(o) for o in out),
-                     "accepted": acc, "row_rounds": rr,
+                     "accepted": acc, "row_rounds": rr, "accepted_hist": self.acc_hist.tolist(),
                      "acceptance_rate": acc / (rr * self.k) if rr else float("nan"),
                      "tokens_per_call": (acc + rr) / rr if rr else float("nan")}
 
@@ -179,7 +194,8 @@ class CapturedRounds:
     def _begin(self, n: int) -> None:
         self.t_start.fill_(n)
         self.d_start.fill_(n - 1)
-        for t in (self.t_keep, self.d_keep, self.finished, self.hist_len, self.accepted, self.row_rounds):
+        for t in (self.t_keep, self.d_keep, self.finished, self.hist_len, self.accepted, self.row_rounds,
+                  self.acc_hist):
             t.zero_()
 
     def _warm(self, ids: Tensor) -> None:

@@ -168,37 +168,99 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
 
 # (rows, N, K, dtype, device index) -> whether the kernel serves that shape (timed against cuBLAS on first use).
 CHOICES: dict[tuple, bool] = {}
-# The kernel keeps a tall shape unless it is timed this much slower than cuBLAS alone (a wide one: unless slower). Timed alone, the two are close on
-# the 8B shape's tall GEMVs and the verdict flips from run to run; inside a captured step the kernel is one graph
-# node where cuBLAS is two (the split-K reduction). H200, 2026-12-04, the 8B shape at batch 1: 218.9 tok/s with the
-# kernel on all 64 tall GEMVs, 211.5 with it on the 32 down_proj only (a strict timing), 208.5 with cuBLAS alone
-# (docs/benchmarks.md).
+# The same keys -> the timings behind each choice: microseconds per call of the kernel and of cuBLAS, and how they
+# were taken ("graph" or "do_bench"; see _kernel_is_faster). The speed benchmarks report them.
+TIMINGS: dict[tuple, dict] = {}
+# The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all).
+# Timed one call at a time (do_bench), the two are close on the 8B shape's tall GEMVs and the verdict flipped from
+# run to run (H200, 2026-12-04: the same tall shape kept in one run, lost in the next), while inside a captured step
+# the kernel is one graph node where cuBLAS is two (the split-K reduction): 218.9 tok/s at the 8B shape with the
+# kernel on all 64 tall GEMVs, 211.5 with it on the 32 down_proj only, 208.5 with cuBLAS alone. Hence the margin,
+# and hence timing inside CUDA graphs (_graph_call_us), as the step runs them.
 MARGIN = 1.10
 
 
-def _kernel_is_faster(x, weight, bias) -> bool:
-    """Check the autotuned kernel against ``F.linear`` on these arguments, then time both (triton's ``do_bench``:
-    median of repetitions, the L2 cache flushed between them, as a decode step finds it): whether the kernel
-    agrees and is faster, or, for a tall weight (where cuBLAS splits K), slower by less than :data:`MARGIN`."""
-    from triton.testing import do_bench
+def _graph_call_us(calls: list, reps: int = 7) -> float:
+    """Microseconds per call of ``calls`` (closures, each one GEMV) recorded in order into one CUDA graph: the
+    median over ``reps`` replays of the graph's time, divided by the calls. A decode step runs its GEMVs this way:
+    as graph nodes, each weight cold in L2 (the caller gives weights that together exceed L2)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm: lazy initialisation (cuBLAS handles, workspaces) outside the recording
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps + 1):  # the first replay uploads the graph: not counted
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times = sorted(times[1:])
+    return 1000.0 * times[len(times) // 2] / len(calls)
 
+
+def _timings(x, weight, bias) -> dict:
+    """Kernel and cuBLAS, microseconds per call on these arguments: inside CUDA graphs over enough copies of the
+    weight to pass twice the L2 cache (at most 16), interleaved; if that cannot be done (memory, capture),
+    triton's ``do_bench`` on the one weight (median of repetitions, L2 flushed between them)."""
+    try:
+        l2 = torch.cuda.get_device_properties(x.device).L2_cache_size or 64 << 20
+        copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
+        ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+        ours, theirs = [], []
+        for _ in range(3):  # interleaved, so that a clock or a neighbour's change touches both alike
+            ours.append(_graph_call_us([lambda w=w: gemv_launch(x, w, bias) for w in ws]))
+            theirs.append(_graph_call_us([lambda w=w: F.linear(x, w, bias) for w in ws]))
+        return {"kernel_us": min(ours), "cublas_us": min(theirs), "how": "graph", "copies": copies}
+    except Exception as exc:  # noqa: BLE001 - any failure here still leaves a fair (if noisier) timing
+        from triton.testing import do_bench
+
+        torch.cuda.synchronize(x.device)
+        ours = do_bench(lambda: gemv_launch(x, weight, bias), warmup=5, rep=40, return_mode="median")
+        theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=40, return_mode="median")
+        return {"kernel_us": 1000.0 * ours, "cublas_us": 1000.0 * theirs, "how": "do_bench",
+                "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
+
+
+def _kernel_is_faster(x, weight, bias, key=None) -> bool:
+    """Check the autotuned kernel against ``F.linear`` on these arguments, then time both (:func:`_timings`):
+    whether the kernel agrees and is faster, or, for a tall weight (where cuBLAS splits K), slower by less than
+    :data:`MARGIN`. ``key``: where to keep the timings in :data:`TIMINGS`."""
     try:
         y = gemv_launch(x, weight, bias)  # autotunes (outside the timing)
     except Exception:  # a kernel that does not build or launch on this shape: cuBLAS serves it
         return False
     if not _rel(y, F.linear(x, weight, bias)) < 1e-2:  # nor one that disagrees with cuBLAS
         return False
-    ours = do_bench(lambda: gemv_launch(x, weight, bias), warmup=5, rep=40, return_mode="median")
-    theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=40, return_mode="median")
+    t = _timings(x, weight, bias)
+    if key is not None:
+        TIMINGS[key] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in t.items()}
     # MARGIN only where cuBLAS adds its split-K reduction (tall weights); a wide one must be timed faster outright
-    return ours <= (MARGIN if weight.shape[0] <= weight.shape[1] else 1.0) * theirs
+    return t["kernel_us"] <= (MARGIN if weight.shape[0] <= weight.shape[1] else 1.0) * t["cublas_us"]
+
+
+def choices_report() -> dict:
+    """For a benchmark's JSON: the shapes (rows x N x K) the kernel serves, and the timings behind every choice."""
+    def name(k):
+        return f"{k[0]}x{k[1]}x{k[2]}"
+
+    return {"gemv_kernel_shapes": sorted({name(k) for k, use in CHOICES.items() if use}),
+            "gemv_timings": {f"{name(k)} {str(k[3]).replace('torch.', '')}": t for k, t in sorted(
+                TIMINGS.items(), key=lambda kv: str(kv[0]))}}
 
 
 def gemv_triton(x, weight, bias=None):
     """The kernel where :func:`gemv_supported` and where, on this shape's first use, it agreed with cuBLAS and
-    was timed no more than :data:`MARGIN` slower than cuBLAS alone (a wide weight: not slower); else ``F.linear``. The first call of a shape
-    should not be inside a CUDA graph's recording (the static decoder's warm-up makes it); one that is gets
-    cuBLAS."""
+    was timed no more than :data:`MARGIN` slower than cuBLAS (a wide weight: not slower); else ``F.linear``. The
+    first call of a shape should not be inside a CUDA graph's recording (the static decoder's warm-up makes it);
+    one that is gets cuBLAS."""
     if not gemv_supported(x, weight, bias):
         return F.linear(x, weight, bias)
     key = (_rows(x, weight), *weight.shape, x.dtype, x.device.index)
@@ -206,7 +268,7 @@ def gemv_triton(x, weight, bias=None):
     if use is None:
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return F.linear(x, weight, bias)  # nothing can be timed inside a recording: cuBLAS, not remembered
-        use = CHOICES[key] = _kernel_is_faster(x, weight, bias) if x.is_cuda else True
+        use = CHOICES[key] = _kernel_is_faster(x, weight, bias, key) if x.is_cuda else True
     return gemv_launch(x, weight, bias) if use else F.linear(x, weight, bias)
 
 

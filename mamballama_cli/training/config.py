@@ -60,14 +60,15 @@ class Stage:
     temperature: float | None = None
     w_hidden: float | None = None  # layer-wise alignment of the Mamba layers to the teacher's (training/align.py)
     w_feature: float | None = None  # a feature draft's predicted features to the target's (smooth L1; recipes.py)
+    unroll: int | None = None  # a feature draft's passes: the first on the target's features, the rest on its own
     loss_positions: str | None = None  # responses (targets only) | all (every real token of every record)
     kl_reduction: str | None = None  # token (mean per token) | sequence (sum per sequence, the paper's code)
 
 
 # Stage keys that inherit from the top level of the config.
 INHERITED = ("steps", "tokens", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
-             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "w_feature", "loss_positions",
-             "kl_reduction")
+             "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "w_feature", "unroll",
+             "loss_positions", "kl_reduction")
 
 LOSS_POSITIONS = ("responses", "all")
 KL_REDUCTIONS = ("token", "sequence")
@@ -194,6 +195,9 @@ class DistillConfig(TrainConfig):
                              "layer it replaced (one process).")
     w_feature: float = option(0.0, help="Weight of a feature draft's feature loss: smooth L1 between its last hidden "
                               "state and the target's (models/feature_draft.py).")
+    unroll: int = option(1, help="A feature draft's training passes per batch: the first reads the target's "
+                         "features, each later one the features the draft predicted in the pass before, as its "
+                         "drafting steps after the first do; every pass is weighted 1.")
     loss_positions: str = option("responses", help="responses (the target tokens) or all (every real token, "
                                  "prompts included: the teacher's logits on prompts too).")
     kl_reduction: str = option("token", help="token (KL averaged per token) or sequence (summed per sequence, as "
@@ -305,6 +309,7 @@ class ResolvedStage:
     kl_reduction: str = "token"
     tokens: float | None = None
     w_feature: float = 0.0
+    unroll: int = 1
 
     def warmup_steps(self, steps: int) -> int:
         return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
@@ -333,7 +338,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
         w_rkl=float(pick("w_rkl", 0.0)), w_ce=float(pick("w_ce", 0.0)), temperature=float(pick("temperature", 1.0)),
         w_hidden=float(pick("w_hidden", 0.0)), loss_positions=pick("loss_positions", "responses"),
         kl_reduction=pick("kl_reduction", "token"), tokens=None if tokens is None else float(tokens),
-        w_feature=float(pick("w_feature", 0.0)),
+        w_feature=float(pick("w_feature", 0.0)), unroll=int(pick("unroll", 1)),
     )
 
 
@@ -359,6 +364,7 @@ _STAGE_RULES = (
                lambda v: f"{v} must be two numbers in [0, 1), e.g. [0.9, 0.98]")),
     ("ratio", (lambda v: 0 <= v <= 1, lambda v: f"{v} is outside [0, 1]")),
     ("steps", (lambda v: not int(v) < 1, lambda v: f"{v} must be at least 1")),
+    ("unroll", (lambda v: float(v) == int(v) and not int(v) < 1, lambda v: f"{v} must be a whole number, at least 1")),
     ("epochs", _POSITIVE),
 )
 
