@@ -3,6 +3,7 @@
 # From the project root, with the wheels in ./.whl and ../shared/gpu copied to ./.gpu:
 #     source .gpu/activate.sh && bash benchmarks/gpu_session.sh [STEP ...]
 # Steps (in the order given): env, b1 (hybrid batch-1 decode only), profile (kernel times of one step),
+# profilespec (the same for a plain step and a K=4 verify call at the default teacher's 50% shape, issue 18),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
@@ -70,6 +71,9 @@ for step in $STEPS; do
         serve) serve_pair ;;
         profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
                  echo "exit $?"; head -40 "$OUT/profile.txt" ;;
+        profilespec) stamp "profile: plain step and verify call at the default teacher's 50% shape"
+                 timeout "$(left 150)" python3 benchmarks/profile_step.py --shape smollm2-135m --ratio 0.5 --verify 4 \
+                     > "$OUT/profile-spec.txt" 2>&1; echo "exit $?"; grep -E "ms|tok/s" "$OUT/profile-spec.txt" | head ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;
         optests) gputest ops 300 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
