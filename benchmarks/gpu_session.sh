@@ -14,7 +14,8 @@
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
-# DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left.
+# DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
+# attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
 # Logs, tables and JSON land in $OUT (default ./out).
 set -uo pipefail
 STEPS=${*:-env tests full}
@@ -29,7 +30,7 @@ left() {  # timeout for a step: its own cap or the time left before the deadline
 speed() {  # name, timeout cap, extra args
     local name=$1 cap=$2; shift 2
     stamp "speed $name: $*"
-    timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio 0.25 "$@" \
+    timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio "${RATIO:-0.25}" "$@" \
         --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
     echo "exit $?"; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
 }

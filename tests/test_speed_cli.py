@@ -1,6 +1,7 @@
 """`mamballama eval speed` and `mamballama env` through the real CLI, on a tiny random shape on CPU."""
 
 import json
+from pathlib import Path
 
 from clihelp import run_cli
 
@@ -130,3 +131,64 @@ def test_synthetic_context_decodes_at_the_full_position_without_reading_the_prom
     assert row["synthetic_context"] is True and row["ttft_s"] is None and row["prompt_tokens"] == 300
     assert calls == [speed.SYNTHETIC_PROMPT, 300]  # the warm-up after the short prompt; the timed run at 300
     assert row["decode_tok_s"] > 0
+
+
+def test_max_batch_frees_the_hybrid_before_the_teacher_is_built_and_measures_both_budgets_alike(tmp_path, capsys,
+                                                                                                monkeypatch):
+    """Without --memory-limit, each model's budget is the free memory once it is loaded. On the H200 (2026-12-04)
+    the hybrid was still referenced by the sweep's closures while the teacher was built, so the teacher's budget
+    was short by the hybrid's weights (115.8 against 132.5 GB beyond the weights) and its largest batch at 32K
+    was 24 where about 29 fit."""
+    import gc
+    import weakref
+
+    from mamballama_cli.evaluation import speed_models
+    from mamballama_cli.generation import fast
+
+    refs, alive_at_teacher = [], []
+    hybrid, teacher = speed_models.SpeedModels.hybrid, speed_models.SpeedModels.teacher_as_hybrid
+
+    def tracked_hybrid(self):
+        m = hybrid(self)
+        refs.append(weakref.ref(m))
+        return m
+
+    def checked_teacher(self):
+        gc.collect()
+        alive_at_teacher.append([r() is not None for r in refs])
+        return teacher(self)
+
+    monkeypatch.setattr(speed_models.SpeedModels, "hybrid", tracked_hybrid)
+    monkeypatch.setattr(speed_models.SpeedModels, "teacher_as_hybrid", checked_teacher)
+    monkeypatch.setattr(fast, "available_bytes", lambda device: 4_000_000)  # the same free memory for both
+    out = tmp_path / "mb.json"
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32",
+                   "--context-new-tokens", "3", "--max-batch", "--output", out], capsys)
+    assert res.code == 0, res.err
+    assert alive_at_teacher == [[False]], alive_at_teacher  # the hybrid is gone when the teacher is built
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"hybrid", "teacher"}
+    assert len({r["budget_bytes"] for r in rows}) == 1
+
+
+def test_kv_budget_counts_the_bytes_the_engine_measured_and_bounds_the_long_context_ratio(tmp_path):
+    """benchmarks/kv_budget.py (issue 17): per sequence, the K/V and the Mamba state it counts at the 8B shape and
+    32K context are the bytes the static engine reported on the H200 for the 25% hybrid at batch 110 (kv_bytes
+    118,226,944,000 and state_bytes 5,633,802,240, benchmarks/results/h200-2026-12-04c/speed-maxbatch.json). From
+    them, the 25% hybrid's throughput over the teacher's at equal bandwidth efficiency stays under 4x (the K/V
+    ratio is exactly 4 and the state adds traffic), and a 12.5% hybrid's passes it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kv_budget", Path(__file__).parent.parent / "benchmarks" /
+                                                  "kv_budget.py")
+    kv_budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv_budget)
+    out = tmp_path / "kvb.json"
+    res = kv_budget.main(["--ratios", "0.25,0.125", "--batches", "teacher=24,0.25=110", "--json", str(out)])
+    h, t = res["rows"]["0.25"], res["rows"]["teacher"]
+    assert h["kv_per_seq"] * 110 == 118_226_944_000 and h["state_per_seq"] * 110 == 5_633_802_240
+    assert h["kv_bytes"] == 118_226_944_000 and h["batch"] == 110 and t["batch"] == 24
+    assert t["kv_per_seq"] == 4 * h["kv_per_seq"] and t["state_per_seq"] == 0
+    assert 3.5 < h["over_teacher_at_equal_efficiency"] < 4.0
+    assert res["rows"]["0.125"]["over_teacher_at_equal_efficiency"] > 4.0
+    assert json.loads(out.read_text())["rows"]["0.25"]["batch"] == 110

@@ -370,6 +370,7 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
                 log(f"  batch 1 does not fit: {probes[0]['error']}")
             if cfg.output:
                 write_result({**result, "partial": True}, cfg.output)
+        attempt = run = None  # they hold the model too: gone before the next is built (its budget is measured)
         del model
         free_memory(device, collect=True)
 
