@@ -206,33 +206,32 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     st = eval_stage(True)
     _, m = FEATURE_DRAFT.loss(job, acc, draft, items, st, None, 1.0, None)
 
-    expected = 0.0
-    with torch.no_grad():
-        for it in items:
-            ids = torch.tensor([it.ids])
-            t_logits, f = target_features(target, ids)
-            d_logits, _ = draft_forward(draft, ids[:, 1:], f[:, :-1])
-            for j in range(len(it) - 2):
-                if it.mask[j + 2]:  # draft position j predicts token j + 2
-                    lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d_logits[0, j], -1)
-                    expected += float((lt.exp() * (lt - ld)).sum())
+    def written_out_kl(passes: int) -> float:
+        """The KL of the last of ``passes`` draft passes, position by position: pass 1 reads the target's
+        features; each later pass reads, at position j, the feature the pass before predicted for j (its output
+        at j - 1), position 0 keeping the target's f_0."""
+        total = 0.0
+        with torch.no_grad():
+            for it in items:
+                ids = torch.tensor([it.ids])
+                t_logits, f = target_features(target, ids)
+                reads = f[:, :-1]
+                for _ in range(passes):
+                    d_logits, h = draft_forward(draft, ids[:, 1:], reads)
+                    reads = torch.cat([f[:, :1], h[:, :-1]], dim=1)
+                for j in range(len(it) - 2):
+                    if it.mask[j + 2]:  # draft position j predicts token j + 2
+                        lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d_logits[0, j], -1)
+                        total += float((lt.exp() * (lt - ld)).sum())
+        return total
+
+    expected = written_out_kl(1)
     assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
     assert FEATURE_DRAFT.count(items, [0, 1], "responses") == 6 + 2
 
-    # unroll 2: the second pass reads, at position j, the feature the first pass predicted for j (its output at
-    # j - 1); position 0 keeps the target's f_0
+    # unroll 2: the second pass reads the first pass's predictions
     _, m2 = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(st, unroll=2), None, 1.0, None)
-    expected2 = 0.0
-    with torch.no_grad():
-        for it in items:
-            ids = torch.tensor([it.ids])
-            t_logits, f = target_features(target, ids)
-            _, h1 = draft_forward(draft, ids[:, 1:], f[:, :-1])
-            d2, _ = draft_forward(draft, ids[:, 1:], torch.cat([f[:, :1], h1[:, :-1]], dim=1))
-            for j in range(len(it) - 2):
-                if it.mask[j + 2]:
-                    lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d2[0, j], -1)
-                    expected2 += float((lt.exp() * (lt - ld)).sum())
+    expected2 = written_out_kl(2)
     assert float(m2["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
     assert float(m2["kl_unrolled"]) == pytest.approx(expected2, rel=1e-4) and abs(expected2 - expected) > 1e-3
     assert float(m2["loss"]) > float(m["loss"])
@@ -283,16 +282,12 @@ def test_distill_takes_the_target_the_feature_draft_records(draft_dir, tmp_path,
 
 
 def test_w_feature_and_unroll_need_a_feature_draft(models, tmp_path, capsys):
-    hybrid = models["hybrid"]
-    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--unroll", "2", "--seq-len", "96",
-                 "--output", tmp_path / "run"], capsys)
-    one_line_error(r, "--unroll 2", "--feature-draft", code=2)
-    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--unroll", "0",
-                 "--output", tmp_path / "run"], capsys)
-    one_line_error(r, "--unroll 0 must be a whole number, at least 1", code=2)
-    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--w-feature", "1", "--seq-len", "96",
-                 "--output", tmp_path / "run"], capsys)
-    one_line_error(r, "--w-feature", "--feature-draft", code=2)
-    r = run_cli(["distill", hybrid, "--template", "none", "--data", TRAIN, "--w-feature", "-1",
-                 "--output", tmp_path / "run2"], capsys)
-    one_line_error(r, "--w-feature -1.0 must not be negative", code=2)
+    """Each option of feature-draft training is refused for a hybrid student, and a bad value is refused, with
+    one line naming the option."""
+    for extra, needles in ((["--unroll", "2", "--seq-len", "96"], ("--unroll 2", "--feature-draft")),
+                           (["--unroll", "0"], ("--unroll 0 must be a whole number, at least 1",)),
+                           (["--w-feature", "1", "--seq-len", "96"], ("--w-feature", "--feature-draft")),
+                           (["--w-feature", "-1"], ("--w-feature -1.0 must not be negative",))):
+        r = run_cli(["distill", models["hybrid"], "--template", "none", "--data", TRAIN, *extra,
+                     "--output", tmp_path / "run"], capsys)
+        one_line_error(r, *needles, code=2)
