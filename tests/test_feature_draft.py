@@ -206,11 +206,11 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     st = eval_stage(True)
     _, m = FEATURE_DRAFT.loss(job, acc, draft, items, st, None, 1.0, None)
 
-    def written_out_kl(passes: int) -> float:
-        """The KL of the last of ``passes`` draft passes, position by position: pass 1 reads the target's
-        features; each later pass reads, at position j, the feature the pass before predicted for j (its output
-        at j - 1), position 0 keeping the target's f_0."""
-        total = 0.0
+    def written_out_kl(passes: int) -> tuple[float, int]:
+        """The KL of the last of ``passes`` draft passes, position by position, and the positions where its top
+        token is the target's: pass 1 reads the target's features; each later pass reads, at position j, the
+        feature the pass before predicted for j (its output at j - 1), position 0 keeping the target's f_0."""
+        total, agree = 0.0, 0
         with torch.no_grad():
             for it in items:
                 ids = torch.tensor([it.ids])
@@ -223,15 +223,19 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
                     if it.mask[j + 2]:  # draft position j predicts token j + 2
                         lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d_logits[0, j], -1)
                         total += float((lt.exp() * (lt - ld)).sum())
-        return total
+                        agree += int(lt.argmax() == ld.argmax())
+        return total, agree
 
-    expected = written_out_kl(1)
+    expected, agree = written_out_kl(1)
+    assert float(m["agree"]) == agree
     assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
     assert FEATURE_DRAFT.count(items, [0, 1], "responses") == 6 + 2
 
     # unroll 2: the second pass reads the first pass's predictions
     _, m2 = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(st, unroll=2), None, 1.0, None)
-    expected2 = written_out_kl(2)
+    expected2, agree2 = written_out_kl(2)
+    assert float(m2["agree"]) == agree and float(m2["agree_unrolled"]) == agree2
+    assert FEATURE_DRAFT.eval_unit(True).unroll == 2  # held out: the first and the second proposal
     assert float(m2["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
     assert float(m2["kl_unrolled"]) == pytest.approx(expected2, rel=1e-4) and abs(expected2 - expected) > 1e-3
     assert float(m2["loss"]) > float(m["loss"])
@@ -264,6 +268,9 @@ def test_distill_trains_a_feature_draft_with_the_template(draft_dir, targets, tm
     assert last < 0.7 * first, [x["loss"] for x in steps]
     evals = summary["evals"]
     assert "eval_feature" in evals[0] and evals[-1]["eval_kl"] < evals[0]["eval_kl"]
+    for ev in evals:  # greedy agreement at the first and the second proposal, as shares of the positions
+        assert 0 <= ev["eval_agree"] <= 1 and 0 <= ev["eval_agree_unrolled"] <= 1
+    assert all(0 <= x["agree"] <= 1 and 0 <= x["agree_unrolled"] <= 2 for x in steps)  # 2 later passes
 
     before, after = load_file(str(draft_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for frozen in ("model.embed_tokens.weight", "lm_head.weight"):

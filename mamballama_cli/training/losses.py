@@ -40,7 +40,8 @@ def feature_draft_loss(d_logits: Tensor, d_features: Tensor, t_logits: Tensor, t
     KL, reverse KL and CE: :func:`kd_loss_auto` on those shifted logits, targets and mask (the weights and the
     temperature mean what they mean there). ``feature``: smooth L1 between the draft's and the target's features
     (mean over the hidden dim) averaged over the real positions, then counted per loss position as the other
-    terms are (times the loss positions of the batch), the way the alignment term of ``w_hidden`` is."""
+    terms are (times the loss positions of the batch), the way the alignment term of ``w_hidden`` is. ``agree``:
+    the loss positions where the draft's and the target's most likely tokens are the same (a count)."""
     mask = target_mask[:, 1:]
     total, metrics = kd_loss_auto(d_logits, t_logits[:, 1:], targets[:, 1:], mask, w_kl=w_kl, w_rkl=w_rkl,
                                   w_ce=w_ce, temperature=temperature)
@@ -50,6 +51,11 @@ def feature_draft_loss(d_logits: Tensor, d_features: Tensor, t_logits: Tensor, t
     if w_feature:
         total = total + w_feature * feature
     metrics["feature"] = feature.detach()
+    # greedy agreement with the target at the loss positions (a sum, as the other terms): what greedy drafting
+    # would accept there, given the inputs this pass read
+    with torch.no_grad():
+        same = d_logits.argmax(-1) == t_logits[:, 1:].argmax(-1)
+        metrics["agree"] = (same & mask).sum().to(torch.float32)
     metrics["loss"] = total.detach()
     return total, metrics
 

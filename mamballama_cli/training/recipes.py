@@ -14,7 +14,7 @@ distilling a feature draft is :class:`FeatureDraftRecipe`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -42,6 +42,10 @@ class Recipe:
     records: str = "chat"  # what read_records checks each record against: "chat" or "preference"
     unit: str = "rows"  # what one item is, in the run's first log line
     metric_keys: tuple[str, ...] = ("loss",)  # metric sums of a micro-batch, divided by the loss normaliser
+
+    def eval_unit(self, frozen: bool) -> "ResolvedStage":
+        """The loss terms of a held-out evaluation (:func:`eval_stage`; a recipe may add to them)."""
+        return eval_stage(frozen)
 
     def frozen_model(self, cfg, main: bool) -> tuple[str | None, str]:
         """(spec, role): the frozen model to load (None: none) and what it is called ("teacher", "reference")."""
@@ -290,10 +294,15 @@ class FeatureDraftRecipe(DistillRecipe):
     of the target's, the way its drafting steps after the first read their own predictions (on the H200 the
     teacher-forced draft was accepted about half the time at its first proposal and rarely after: 0.58 tokens
     accepted per call at K=2, 0.64 at K=4). The passes' losses add up; ``kl_unrolled`` is the later passes' KL.
+    ``agree`` is the share of loss positions where the draft's top token is the target's (the first pass: what
+    greedy drafting would accept at its first proposal), ``agree_unrolled`` the same summed over the later
+    passes; held-out evaluation runs :attr:`EVAL_UNROLL` passes, so ``eval_agree_unrolled`` is the second
+    proposal's.
     The draft has no output for a row's first target (it reads tokens 1..T-1), so the loss normaliser leaves it
     out."""
 
-    metric_keys = ("loss", "kl", "rkl", "ce", "feature", "kl_unrolled")
+    metric_keys = ("loss", "kl", "rkl", "ce", "feature", "kl_unrolled", "agree", "agree_unrolled")
+    EVAL_UNROLL = 2  # held-out passes: the teacher-forced one and one on the draft's own features
 
     def for_model(self, student):
         return self
@@ -351,8 +360,9 @@ class FeatureDraftRecipe(DistillRecipe):
             total = total + loss_k
             if k == 0:
                 metrics = m
-            else:  # the later passes' KL, summed over the passes as their losses are
+            else:  # the later passes' KL and agreement, summed over the passes as their losses are
                 metrics["kl_unrolled"] = metrics.get("kl_unrolled", 0.0) + m["kl"]
+                metrics["agree_unrolled"] = metrics.get("agree_unrolled", 0.0) + m["agree"]
             # The next pass: position j reads what this pass predicted for f_j (its output at j - 1), as the
             # draft's second and later steps read their own predictions; position 0 keeps the target's f_0.
             reads = torch.cat([features[:, :1], out.hidden_states[-1][:, :-1].detach().to(features.dtype)], dim=1)
@@ -362,7 +372,11 @@ class FeatureDraftRecipe(DistillRecipe):
 
     def eval_report(self, means, frozen):
         """KL, CE and the feature term (smooth L1 per position) on held-out rows."""
-        return {f"eval_{k}": means[k] for k in ("kl", "ce", "feature", "kl_unrolled") if k in means}
+        return {f"eval_{k}": means[k] for k in ("kl", "ce", "feature", "kl_unrolled", "agree", "agree_unrolled")
+                if k in means}
+
+    def eval_unit(self, frozen: bool) -> ResolvedStage:
+        return replace(eval_stage(frozen), unroll=self.EVAL_UNROLL)
 
 
 FEATURE_DRAFT = FeatureDraftRecipe()

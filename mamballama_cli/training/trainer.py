@@ -27,7 +27,7 @@ from mamballama_cli.training.engine import (TimeFit, build_optimizer, clip_and_n
                                             whole_models)
 from mamballama_cli.training.models import (check_same_vocabulary, load_frozen, load_trainable, relayout,
                                             set_trainable)
-from mamballama_cli.training.recipes import Job, eval_stage, recipe_for
+from mamballama_cli.training.recipes import Job, recipe_for
 from mamballama_cli.training.records import read_records
 from mamballama_cli.training.report import Reporter
 from mamballama_cli.training.saving import (init_run_dir, input_dtype_name, prepare_run_dir, restore_optimizer,
@@ -63,7 +63,7 @@ def evaluate(job: Job, acc, model, cfg) -> dict:
     W, r, mb = acc.num_processes, acc.process_index, cfg.micro_batch_size
     keys = job.recipe.metric_keys + ("count",)
     sums: dict[str, float] = {}
-    unit = eval_stage(job.frozen is not None)
+    unit = job.recipe.eval_unit(job.frozen is not None)
     for start in range(0, len(items), mb * W):
         mine = items[start + r * mb: start + (r + 1) * mb]
         weight = 1.0
