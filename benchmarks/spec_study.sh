@@ -21,7 +21,8 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_KIND, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, K, KS, UNTRAINED, PROMPTS, NEW, PARTS_ITERS,
+# MB, ACCUM, PLACEMENT, DRAFT_KIND, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, DRAFT_EVAL_GEN, DRAFT_EVAL_EVERY, K, KS, UNTRAINED,
+# PROMPTS, NEW, PARTS_ITERS,
 # SERVE_CLIENTS, SERVE_PROMPT, SERVE_NEW, SERVE_REQUESTS.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
@@ -32,6 +33,7 @@ if [ -n "${TINY:-}" ]; then
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
   PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS-2}; PARTS_ITERS=${PARTS_ITERS:-2}; SERVE_CLIENTS=${SERVE_CLIENTS:-2}; SERVE_PROMPT=${SERVE_PROMPT:-64}; SERVE_NEW=${SERVE_NEW:-4}; SERVE_REQUESTS=${SERVE_REQUESTS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
+  DRAFT_EVAL_GEN=${DRAFT_EVAL_GEN:-500}; DRAFT_EVAL_EVERY=${DRAFT_EVAL_EVERY:-5}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -50,6 +52,8 @@ DRAFT_KIND=${DRAFT_KIND:-feature}  # feature: convert STUDENT --feature-draft; c
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 DRAFT_GEN=${DRAFT_GEN:-3000000}
 DRAFT_S=${DRAFT_S:-320}
+DRAFT_EVAL_GEN=${DRAFT_EVAL_GEN:-60000}  # held-out student samples for the draft's evaluation
+DRAFT_EVAL_EVERY=${DRAFT_EVAL_EVERY:-100}
 KS=${KS-2 3}  # KS="" (set, empty) skips the sweep
 DRAFT_SEQ=${DRAFT_SEQ:-1024}
 K=${K:-4}
@@ -96,6 +100,13 @@ stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
 "${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" \
     --tokens "$DRAFT_GEN" --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 1 \
     --output "$WORK/sgen" --force > "$RES/data-generate-student.json" 2> "$RES/data-generate-student.log"
+# The same on held-out prompts, a little: the draft's held-out evaluation (KL; a feature draft's greedy agreement
+# with the student at its first and second proposal, eval_agree and eval_agree_unrolled) every DRAFT_EVAL_EVERY steps.
+"${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-heldout.jsonl" --tokens "$DRAFT_EVAL_GEN" \
+    --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 2 --output "$WORK/sgen-eval" --force \
+    > "$RES/data-generate-student-eval.json" 2> "$RES/data-generate-student-eval.log"
+draft_eval=()
+[ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
 template=distill-draft
 if [ "$DRAFT_KIND" = feature ]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
   stage "convert the student's feature draft"
@@ -105,7 +116,7 @@ if [ "$DRAFT_KIND" = feature ]; then  # a one-layer draft that reads the student
 fi
 stage "distill the $DRAFT_KIND draft for acceptance ($template, budget $DRAFT_S s)"
 "${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
-    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time --output "$WORK/draft" --force --json \
+    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time "${draft_eval[@]}" --output "$WORK/draft" --force --json \
     > "$RES/distill-draft.json" 2> "$RES/distill-draft.log"
 stage "distill draft exit $?"
 
