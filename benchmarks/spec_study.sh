@@ -33,7 +33,7 @@ if [ -n "${TINY:-}" ]; then
   ALIGN_TOK=${ALIGN_TOK:-2000}; KDM_TOK=${KDM_TOK:-2000}; KDA_TOK=${KDA_TOK:-2000}; SEQ=${SEQ:-128}; MB=${MB:-4}
   ACCUM=${ACCUM:-1}; PLACEMENT=${PLACEMENT-}; DRAFT_GEN=${DRAFT_GEN:-2000}; DRAFT_S=${DRAFT_S:-60}
   PROMPTS=${PROMPTS:-4}; NEW=${NEW:-8}; KS=${KS-2}; PARTS_ITERS=${PARTS_ITERS:-2}; SERVE_CLIENTS=${SERVE_CLIENTS:-2}; SERVE_PROMPT=${SERVE_PROMPT:-64}; SERVE_NEW=${SERVE_NEW:-4}; SERVE_REQUESTS=${SERVE_REQUESTS:-2}; DRAFT_SEQ=${DRAFT_SEQ:-128}; HELDOUT_N=${HELDOUT_N:-2}
-  DRAFT_EVAL_GEN=${DRAFT_EVAL_GEN:-500}; DRAFT_EVAL_EVERY=${DRAFT_EVAL_EVERY:-5}
+  DRAFT_EVAL_GEN=${DRAFT_EVAL_GEN:-0}; DRAFT_EVAL_EVERY=${DRAFT_EVAL_EVERY:-5}
   CONVERT_ARGS=${CONVERT_ARGS:---calibration-seqs 2 --calibration-len 64}
 fi
 CONVERT_ARGS=${CONVERT_ARGS:-}
@@ -102,11 +102,13 @@ stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
     --output "$WORK/sgen" --force > "$RES/data-generate-student.json" 2> "$RES/data-generate-student.log"
 # The same on held-out prompts, a little: the draft's held-out evaluation (KL; a feature draft's greedy agreement
 # with the student at its first and second proposal, eval_agree and eval_agree_unrolled) every DRAFT_EVAL_EVERY steps.
-"${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-heldout.jsonl" --tokens "$DRAFT_EVAL_GEN" \
+# DRAFT_EVAL_GEN=0 leaves it out (TINY does: its 128-token rows hold no held-out chat prompt).
+(( DRAFT_EVAL_GEN > 0 )) && "${MM[@]}" data generate "$WORK/student" \
+    --prompts "$DATA/prompts-heldout.jsonl,$DATA/text-heldout.jsonl" --tokens "$DRAFT_EVAL_GEN" \
     --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 2 --output "$WORK/sgen-eval" --force \
     > "$RES/data-generate-student-eval.json" 2> "$RES/data-generate-student-eval.log"
 draft_eval=()
-[ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
+(( DRAFT_EVAL_GEN > 0 )) && [ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
 template=distill-draft
 if [ "$DRAFT_KIND" = feature ]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
   stage "convert the student's feature draft"

@@ -116,6 +116,7 @@ def test_feature_rounds_give_each_rows_greedy_tokens_and_the_drafts_own_proposal
     assert len(hist) == k + 1 and sum(hist) == stats["row_rounds"]
     assert sum(i * h for i, h in enumerate(hist)) == stats["accepted"]
     assert acceptance_by_position([2, 3, 5]) == [0.8, 0.625]  # 8 of 10 took the 1st, 5 of those 8 the 2nd
+    assert acceptance_by_position([4, 0, 0]) == [0.0, None]  # no round reached the 2nd
     by_pos = acceptance_by_position(hist)
     assert len(by_pos) == k and 0 < by_pos[0] <= 1
 

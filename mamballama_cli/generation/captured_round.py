@@ -34,14 +34,14 @@ from mamballama_cli.ops.commit import commit_round, record_tokens_ref
 
 
 
-def acceptance_by_position(hist: list[int]) -> list[float]:
+def acceptance_by_position(hist: list[int]) -> list[float | None]:
     """From counts of rounds that accepted 0..K drafts: for each position i = 1..K, the share of rounds that
     accepted draft i among those that accepted drafts 1..i-1 (acceptance stops at the first rejected draft), so
     ``[p1, p2, ...]``: p1 how often the first proposal is right, p2 how often the second is, given the first was."""
     out = []
     for i in range(1, len(hist)):
         reached = sum(hist[i - 1:])
-        out.append(round(sum(hist[i:]) / reached, 4) if reached else float("nan"))
+        out.append(round(sum(hist[i:]) / reached, 4) if reached else None)  # None: no round got that far
     return out
 
 class CapturedRounds:
