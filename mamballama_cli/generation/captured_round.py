@@ -33,7 +33,6 @@ from mamballama_cli.models.runtime import capture_graph
 from mamballama_cli.ops.commit import commit_round, record_tokens_ref
 
 
-
 def acceptance_by_position(hist: list[int]) -> list[float | None]:
     """From counts of rounds that accepted 0..K drafts: for each position i = 1..K, the share of rounds that
     accepted draft i among those that accepted drafts 1..i-1 (acceptance stops at the first rejected draft), so
@@ -43,6 +42,7 @@ def acceptance_by_position(hist: list[int]) -> list[float | None]:
         reached = sum(hist[i - 1:])
         out.append(round(sum(hist[i:]) / reached, 4) if reached else None)  # None: no round got that far
     return out
+
 
 class CapturedRounds:
     """Speculative decoding of ``target`` with ``draft`` (both mamballama hybrids), a round per graph replay."""
@@ -89,7 +89,6 @@ class CapturedRounds:
         return gumbel_draw(probs), probs
 
     def _round(self) -> None:
-        K = self.k
         # 1. Draft: the two pending tokens (rebase: replay what it kept last round), then K - 1 more steps.
         self.d_start.add_(self.d_keep)
         logits = self.d._walk(self.pending, self.d_start, self.d_keep, True, 0, None)[:, -1]
