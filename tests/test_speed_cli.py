@@ -3,6 +3,8 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from clihelp import run_cli
 
 
@@ -69,6 +71,17 @@ def test_eval_speed_max_batch_finds_the_largest_batch_per_context_and_keeps_fail
     cell = data["summary"]["max_batch"]["32"]
     assert cell["hybrid"]["batch"] == rows[("hybrid", 32)]["batch"] and "hybrid_over_teacher" in cell
     assert "largest batch at 32 tokens" in res.out
+    # the bytes one step moves: weights read, K/V, state read and written; and the multiple those bytes allow
+    for m in ("hybrid", "teacher"):
+        r = rows[(m, 32)]
+        moved = data["floor"][m]["read_bytes_per_token"] + r["kv_bytes"] + 2 * r["state_bytes"]
+        assert cell[m]["bytes_per_step"] == moved
+        assert (r["state_bytes"] > 0) == (m == "hybrid")  # only the hybrid has a Mamba state
+        assert cell[m]["read_bandwidth_bytes_per_s"] == pytest.approx(moved * r["aggregate_tok_s"] / r["batch"])
+    h, t = cell["hybrid"], cell["teacher"]
+    assert cell["bytes_bound_over_teacher"] == pytest.approx((h["batch"] / h["bytes_per_step"])
+                                                             / (t["batch"] / t["bytes_per_step"]))
+    assert "its bytes allow" in res.out
 
     # a budget that batch 1 of one cell does not fit: that row is an error, the others are kept
     res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32,64",

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from mamballama_cli.errors import UsageError
 from mamballama_cli.evaluation.speed_device import (copy_bandwidth, device_info, free_memory, peak_memory, reset_peak,
                                                     sync_device, weight_bytes)
+from mamballama_cli.evaluation.speed_limit import summarise_max_batch
 from mamballama_cli.evaluation.speed_models import SpeedModels
 from mamballama_cli.output import log
 
@@ -292,7 +293,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
     if cfg.max_batch:
         with torch.no_grad():
             _max_batch_sweep(result, cfg, models, device, floor_of)
-        result["summary"] = summarise_max_batch(rows)
+        result["summary"] = summarise_max_batch(rows, result["floor"])
         return result
     with torch.no_grad():
         if "hybrid" in cfg.models:
@@ -373,21 +374,6 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
         attempt = run = None  # they hold the model too: gone before the next is built (its budget is measured)
         del model
         free_memory(device, collect=True)
-
-
-def summarise_max_batch(rows) -> dict:
-    """Per context: each model's largest batch and decode tokens/s in all there, and the hybrid's multiple."""
-    out: dict = {"max_batch": {}}
-    for r in rows:
-        if r.get("section") != "max-batch":
-            continue
-        cell = out["max_batch"].setdefault(str(r["prompt_tokens"]), {})
-        cell[r["model"]] = {"batch": r.get("batch", 0), "aggregate_tok_s": r.get("aggregate_tok_s")}
-    for cell in out["max_batch"].values():
-        h, t = cell.get("hybrid", {}), cell.get("teacher", {})
-        if h.get("aggregate_tok_s") and t.get("aggregate_tok_s"):
-            cell["hybrid_over_teacher"] = h["aggregate_tok_s"] / t["aggregate_tok_s"]
-    return out
 
 
 def _pick(rows, section, model, engine_prefix, **match):
@@ -485,6 +471,8 @@ def format_table(result: dict) -> str:
             parts = [f"{m} batch {c['batch']} -> {_fmt(c['aggregate_tok_s'], '.1f')} tok/s"
                      for m, c in cell.items() if isinstance(c, dict)]
             ratio = f"; hybrid {cell['hybrid_over_teacher']:.2f}x the teacher" if "hybrid_over_teacher" in cell else ""
+            if "bytes_bound_over_teacher" in cell:  # what the bytes moved per step allow (speed_limit.py)
+                ratio += f" (its bytes allow {cell['bytes_bound_over_teacher']:.2f}x)"
             lines.append(f"largest batch at {ctx} tokens: {', '.join(parts)}{ratio}")
         if "cache_ratio" in s:
             lines.append(f"at {s['context']} tokens: hybrid K/V + state {_fmt_bytes(s['hybrid_cache_bytes'])} = "

@@ -94,3 +94,36 @@ def fits_attempt(run: Callable[[int], dict], model, prompt_len: int, new_tokens:
         return {**row, "estimated_bytes": need}
 
     return attempt
+
+
+def bytes_per_step(row: dict, floor: dict | None) -> int | None:
+    """What one decode step of a max-batch row moves at its context: the weights it reads (``floor``: the
+    model's ``read_bytes_per_token``), every sequence's K/V, and every sequence's Mamba state read and written
+    (benchmarks/kv_budget.py counts the same for any shape and ratio)."""
+    if not floor or row.get("kv_bytes") is None:
+        return None
+    return int(floor["read_bytes_per_token"] + row["kv_bytes"] + 2 * (row.get("state_bytes") or 0))
+
+
+def summarise_max_batch(rows, floors: dict | None = None) -> dict:
+    """Per context: each model's largest batch, decode tokens/s in all there, and with ``floors`` (the run's
+    per-model weight bytes) the bytes one step moves and the read bandwidth that makes; then the hybrid's
+    multiple of the teacher, and the multiple their bytes allow at equal bandwidth (``bytes_bound_over_teacher``):
+    the measured multiple over it is how much of the teacher's efficiency the hybrid kept."""
+    out: dict = {"max_batch": {}}
+    for r in rows:
+        if r.get("section") != "max-batch":
+            continue
+        cell = out["max_batch"].setdefault(str(r["prompt_tokens"]), {})
+        entry = cell[r["model"]] = {"batch": r.get("batch", 0), "aggregate_tok_s": r.get("aggregate_tok_s")}
+        moved = bytes_per_step(r, (floors or {}).get(r["model"]))
+        if moved and r.get("aggregate_tok_s") and r.get("batch"):
+            entry["bytes_per_step"] = moved
+            entry["read_bandwidth_bytes_per_s"] = moved * r["aggregate_tok_s"] / r["batch"]
+    for cell in out["max_batch"].values():
+        h, t = cell.get("hybrid", {}), cell.get("teacher", {})
+        if h.get("aggregate_tok_s") and t.get("aggregate_tok_s"):
+            cell["hybrid_over_teacher"] = h["aggregate_tok_s"] / t["aggregate_tok_s"]
+        if h.get("bytes_per_step") and t.get("bytes_per_step"):
+            cell["bytes_bound_over_teacher"] = (h["batch"] / h["bytes_per_step"]) / (t["batch"] / t["bytes_per_step"])
+    return out
