@@ -56,18 +56,16 @@ def model_bytes(shape: str, ratio: float | None, context: int, new_tokens: int) 
             "state_per_seq": one.memory_bytes()["state_bytes"]}
 
 
-def largest_batch(m: dict, context: int, new_tokens: int, budget: float, upper: int = 4096) -> int:
-    """The largest batch whose weights plus ``estimate_bytes`` (cache, state, one prefill piece) fit ``budget``."""
-    from mamballama_cli.evaluation.speed_limit import estimate_bytes
+def largest_batch(m: dict, context: int, new_tokens: int, budget: float) -> int:
+    """The largest batch whose weights plus ``estimate_bytes`` (cache, state, one prefill piece) fit ``budget``:
+    the search of ``eval speed --max-batch``, on the estimate alone."""
+    from mamballama_cli.evaluation import speed_limit
 
-    def fits(b):
-        return m["weights"] + estimate_bytes(m["model"], b, context, new_tokens, None) <= budget
+    def attempt(b):
+        fits = m["weights"] + speed_limit.estimate_bytes(m["model"], b, context, new_tokens, None) <= budget
+        return {} if fits else {"error": "over budget"}
 
-    lo, hi = 0, upper + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    return speed_limit.largest_batch(attempt)[0]
 
 
 def step(m: dict, batch: int) -> dict:
