@@ -20,15 +20,18 @@ def is_feature_draft(model) -> bool:
     return bool(getattr(getattr(model, "config", None), "feature_draft", False))
 
 
+def _fc(base, emb: Tensor, features: Tensor) -> Tensor:
+    """``fc([emb; features])``, the features checked against the embeddings' shape."""
+    if features.shape != emb.shape:
+        raise ValueError(f"features of shape {tuple(features.shape)} for embeddings of shape {tuple(emb.shape)}: "
+                         f"give one {emb.shape[-1]}-wide feature per token")
+    return base.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
+
+
 def feature_inputs(model, ids: Tensor, features: Tensor) -> Tensor:
     """The draft's input embeddings: ``fc([embed(ids); features])``; ids (..., T), features (..., T, hidden),
     features[..., t, :] the target's feature one position before ids[..., t]."""
-    base = model.model
-    emb = base.embed_tokens(ids)
-    if features.shape != emb.shape:
-        raise ValueError(f"features of shape {tuple(features.shape)} for tokens of shape {tuple(ids.shape)}: "
-                         f"give one {emb.shape[-1]}-wide feature per token")
-    return base.fc(torch.cat([emb, features.to(emb.dtype)], dim=-1))
+    return _fc(model.model, model.model.embed_tokens(ids), features)
 
 
 def draft_forward(model, ids: Tensor, features: Tensor, **kw) -> tuple[Tensor, Tensor]:
@@ -47,10 +50,7 @@ def features_in(model, features: Tensor):
     base = model.model
 
     def hook(module, args, output):
-        if features.shape != output.shape:
-            raise ValueError(f"features of shape {tuple(features.shape)} for embeddings of shape "
-                             f"{tuple(output.shape)}: give one {output.shape[-1]}-wide feature per token")
-        return base.fc(torch.cat([output, features.to(output.dtype)], dim=-1))
+        return _fc(base, output, features)
 
     handle = base.embed_tokens.register_forward_hook(hook)
     try:
