@@ -24,14 +24,15 @@ out = {}
 for dtype in (torch.bfloat16, torch.float16):
     for lead, n, k, bias in (((1,), 37, 2048, True), ((1, 1), 64, 1000, False), ((1,), 130, 4096, True),
                              ((5,), 70, 1000, True), ((1, 8), 64, 512, False), ((2, 1), 33, 768, False),
-                             ((1,), 300, 200, True), ((3,), 260, 96, False)):  # the last two wide (N > K)
+                             ((1,), 300, 200, True), ((3,), 260, 96, False),  # these two wide (N > K)
+                             ((7,), 40, 640, True)):  # acc mode: 4 + 4 rows, the last one padding
         x = torch.randn(*lead, k, generator=gen).to(dtype)
         w = torch.randn(n, k, generator=gen).to(dtype)
         b = torch.randn(n, generator=gen).to(dtype) if bias else None
         want = F.linear(x.double(), w.double(), b.double() if bias else None)
         cfgs = CONFIGS if x.numel() == k else SKINNY
         if x.numel() > k and dtype == torch.bfloat16:  # the interpreter's tl.dot reads bf16 as raw bits:
-            cfgs = [c for c in SKINNY if not c[-1]]    # those in fp16 here, in bf16 in the gpu test
+            cfgs = [c for c in SKINNY if c[-1] != "dot"]  # those in fp16 here, in bf16 in the gpu test
         for cfg in cfgs:
             y = gemv_launch(x, w, b, config=cfg)
             assert y.shape == (*lead, n) and y.dtype == dtype
@@ -39,10 +40,21 @@ for dtype in (torch.bfloat16, torch.float16):
             out[f"{dtype} {lead} {n}x{k} {cfg}"] = err
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=600)
-    n_dot = sum(c[-1] for c in SKINNY)
-    assert len(errs) == 2 * 4 * len(CONFIGS) + 4 * len(SKINNY) + 4 * (len(SKINNY) - n_dot)
+    n_dot = sum(c[-1] == "dot" for c in SKINNY)
+    assert {c[-1] for c in SKINNY} == {"dot", "sum", "acc"}
+    assert len(errs) == 2 * 4 * len(CONFIGS) + 5 * len(SKINNY) + 5 * (len(SKINNY) - n_dot)
     bad = {k: v for k, v in errs.items() if not v < 4e-3}  # one rounding of the output to bf16 / fp16
     assert not bad, bad
+
+
+@NEEDS_TRITON
+def test_the_acc_mode_splits_rows_into_two_power_of_two_groups():
+    from mamballama_cli.ops.triton_gemv import MAX_ROWS, _row_split
+
+    got = {m: _row_split(m) for m in range(2, MAX_ROWS + 1)}
+    assert got == {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 7: (4, 4), 8: (8, 0)}
+    for m, (a, b) in got.items():  # every row covered, at most one padding row
+        assert a + b >= m and a + b - m <= 1
 
 
 @NEEDS_TRITON
@@ -137,6 +149,15 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
         assert torch.equal(chosen, y if CHOICES[key] else F.linear(x, w, b)), key
         assert TIMINGS[key]["how"] == "graph", TIMINGS[key]  # timed as a decode step runs it, not the fallback
         print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS", TIMINGS[key])
+    from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY
+
+    for rows, cfgs in ((1, CONFIGS), (5, SKINNY)):  # every candidate compiled for the GPU, not only the tuned one
+        x = torch.randn(rows, 1000, generator=gen, device="cuda").to(dtype)
+        w = (torch.randn(300, 1000, generator=gen, device="cuda") / 1000**0.5).to(dtype)
+        want = F.linear(x.double(), w.double())
+        for cfg in cfgs:
+            y = gemv_launch(x, w, config=cfg)
+            assert float((y.double() - want).norm() / want.norm()) < 4e-3, cfg
     w = torch.randn(4096, 4096, device="cuda", dtype=dtype)
     many = torch.randn(9, 4096, device="cuda", dtype=dtype)
     assert torch.equal(gemv_triton(many, w), F.linear(many, w))  # more rows than MAX_ROWS: not taken, cuBLAS

@@ -11,8 +11,11 @@ weight byte once and writing its outputs once: no second kernel. The wide weight
 
 * one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
 * 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch), the weight tile read once for
-  all of them: either the rows padded to 16 and ``tl.dot`` with a float32 accumulator, or (smaller tiles, more
-  programs) the rows padded to a power of two and the products summed on CUDA cores; the autotuner picks.
+  all of them, in one of three modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
+  float32 accumulator; ``sum``, the rows padded to a power of two and each tile's products summed over its K on
+  CUDA cores; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
+  products, summed over K once at the end (no cross-thread reduction inside the loop), the rows in two
+  power-of-two groups (5 = 4 + 1) so that padding rows cost no products.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
@@ -42,12 +45,17 @@ MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 a
 # (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
 # every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, tl.dot or not). On the H200 (2026-12-04) the tl.dot ones lost to
-# cuBLAS at 5 rows of the 8B shape by more than MARGIN; the CUDA-core ones (more programs, no shared-memory staging)
-# were added after that run and have not been timed there yet.
-SKINNY = ((16, 256, 4, 4, True), (32, 256, 4, 4, True), (64, 128, 4, 4, True), (32, 128, 4, 6, True),
-          (16, 512, 4, 3, True), (64, 256, 8, 3, True),
-          (4, 256, 4, 1, False), (8, 128, 4, 1, False), (4, 512, 8, 1, False), (2, 512, 4, 1, False))
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "sum" or "acc" (above). On the H200
+# (2026-12-04, first run) the dot ones lost to cuBLAS at 5 rows of the 8B shape by more than MARGIN; with the sum ones
+# added (second run) the kernel kept the 5-row in_proj, lm_head and [q; k; v], not [gate; up] or the tall weights,
+# and verify stayed at 1.11x a plain step. The acc ones (64 float32 accumulators a thread at 8 rows) are the
+# one-row kernel's loop, which wins on the tall weights at one row; not yet timed on the H200.
+SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
+          (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
+          (4, 256, 4, 1, "sum"), (8, 128, 4, 1, "sum"), (4, 512, 8, 1, "sum"), (2, 512, 4, 1, "sum"),
+          (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
+          (8, 256, 8, 1, "acc"))
+MODES = {"dot": 0, "sum": 1, "acc": 2}  # the kernel's MODE
 
 if triton is not None:
 
@@ -75,19 +83,19 @@ if triton is not None:
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
 
     @triton.jit
-    def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-                       ROWS: tl.constexpr):
-        # ROWS: the rows padded to a power of two (16, tl.dot's smallest M, with DOT)
+    def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, R0: tl.constexpr, R: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # rows R0 .. R0 + R - 1 (those below M) against this program's block of outputs: the products accumulated in
+        # an (R, BLOCK_N, BLOCK_K) float32 tile, summed over K once after the loop, as the one-row kernel does
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
-        rows = tl.arange(0, ROWS)
+        rows = R0 + tl.arange(0, R)
         live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((R, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
@@ -96,21 +104,61 @@ if triton is not None:
                 inside = k0 + cols < K
                 x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
                 w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
-            if DOT:  # tensor cores
-                acc = tl.dot(x, tl.trans(w), acc)
-            else:  # CUDA cores: the products summed over the tile's K
-                acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        y = tl.sum(acc, axis=2)
         if HAS_BIAS:
-            acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
+            y += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], y.to(Y.dtype.element_ty),
                  mask=live_m[:, None] & live_n[None, :])
+
+    @triton.jit
+    def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
+                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr):
+        # MODE: 0 dot, 1 sum (ROWS: the rows padded to a power of two, to 16 for tl.dot's smallest M), 2 acc (the
+        # rows as ROWS_A, the largest power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so
+        # no product is spent on a padding row where it can be helped)
+        if MODE == 2:
+            _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, 0, ROWS_A, HAS_BIAS, BLOCK_N,
+                      BLOCK_K, EVEN_K)
+            if ROWS_B > 0:
+                _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, HAS_BIAS,
+                          BLOCK_N, BLOCK_K, EVEN_K)
+        else:
+            outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+            live_n = outs < N
+            outs_read = tl.where(live_n, outs, 0)
+            rows = tl.arange(0, ROWS)
+            live_m = rows < M
+            cols = tl.arange(0, BLOCK_K)
+            x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+            w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
+                    w = tl.load(w_ptrs + k0)
+                else:
+                    inside = k0 + cols < K
+                    x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
+                    w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+                if MODE == 0:  # tensor cores
+                    acc = tl.dot(x, tl.trans(w), acc)
+                else:  # CUDA cores: the products summed over the tile's K
+                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            if HAS_BIAS:
+                acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+            tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
+                     mask=live_m[:, None] & live_n[None, :])
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _skinny_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": dot}, num_warps=w, num_stages=st)
-                 for n, k, w, st, dot in SKINNY],
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
+                 for n, k, w, st, mode in SKINNY],
         key=["M", "N", "K"],
-    )(_even_k(triton.heuristics({"ROWS": lambda a: _padded_rows(a["M"], a["DOT"])})(_skinny_kernel)))
+    )(_even_k(triton.heuristics({"ROWS": lambda a: _padded_rows(a["M"], a["MODE"] == 0),
+                                 "ROWS_A": lambda a: _row_split(a["M"])[0],
+                                 "ROWS_B": lambda a: _row_split(a["M"])[1]})(_skinny_kernel)))
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["N", "K"],
@@ -119,6 +167,14 @@ if triton is not None:
 
 def _padded_rows(m: int, dot: bool) -> int:
     return 16 if dot else max(2, 1 << (int(m) - 1).bit_length())
+
+
+def _row_split(m: int) -> tuple[int, int]:
+    """The acc mode's two groups of rows: the largest power of two <= m, then a power of two >= the rest (0 if
+    none): 5 -> (4, 1), 6 -> (4, 2), 7 -> (4, 4), 3 -> (2, 1), 8 -> (8, 0)."""
+    a = 1 << (int(m).bit_length() - 1)
+    rest = int(m) - a
+    return a, (1 << (rest - 1).bit_length()) if rest else 0
 
 
 def _rows(x, weight) -> int:
@@ -159,9 +215,11 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
             if config is None:
                 _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
             else:
-                bn, bk, warps, stages, dot = config
+                bn, bk, warps, stages, mode = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
-                                                      EVEN_K=K % bk == 0, DOT=dot, ROWS=_padded_rows(M, dot),
+                                                      EVEN_K=K % bk == 0, MODE=MODES[mode],
+                                                      ROWS=_padded_rows(M, mode == "dot"),
+                                                      ROWS_A=_row_split(M)[0], ROWS_B=_row_split(M)[1],
                                                       num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
