@@ -69,8 +69,9 @@ def check_selective_replay(device, dtype, b, W, T, dim, ngroups, n, counts, with
     return errs
 
 
-def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0):
-    """The Mamba-2 kernel (float32) against its reference, the checkpoint written over the input state."""
+def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None):
+    """The Mamba-2 kernel (float32) against its reference, the checkpoint written over the input state; ``cg``: C's
+    groups (default one per head)."""
     from mamballama_cli.ops.replay import ssm_replay_ref
     from mamballama_cli.ops.triton_replay import ssm_replay_triton
 
@@ -80,7 +81,8 @@ def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0):
         return torch.randn(*shape, generator=gen, device=device)
 
     state = r(b, h, p, n)
-    old, new = (r(b, W, g, p), r(b, W, h), r(b, W, g, n)), (r(b, T, g, p), r(b, T, h), r(b, T, g, n), r(b, T, h, n))
+    old, new = (r(b, W, g, p), r(b, W, h), r(b, W, g, n)), (r(b, T, g, p), r(b, T, h), r(b, T, g, n),
+                                                            r(b, T, cg or h, n))
     A, dt_bias, D = -torch.rand(h, generator=gen, device=device) * 4 - 0.05, r(h), r(h)
     n_replay = torch.tensor(counts, device=device)
     want = ssm_replay_ref(state, *old, n_replay, *new, A, dt_bias, D, return_final=True)
@@ -106,7 +108,13 @@ cases = [(f32, 3, 4, 3, 80, 2, 16, [0, 2, 4], True, False),  # a block of 32 cha
 for k, (dtype, b, W, T, dim, g, n, counts, with_D, inplace) in enumerate(cases):
     print(dtype, b, W, T, dim, g, n, counts, with_D, inplace,
           t.check_selective_replay("cpu", dtype, b, W, T, dim, g, n, counts, with_D, inplace, seed=k))
-print("ssm_replay", t.check_ssm_replay("cpu", 2, 3, 2, 4, 2, 8, 16, [3, 1]))
+# Mamba-2: (b, W, T, heads, x/B groups, headdim, dstate, counts, C groups): counts 0, between and W; T = 1 (a
+# draft's step), W = 0, T = 0; a verify window (W = T = 5, padded to 8 steps in the kernel's tiles); headdim past
+# one block of the kernel, dstate not a power of two
+for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
+        (2, 3, 2, 4, 2, 8, 16, [3, 1], None), (3, 5, 5, 4, 1, 16, 16, [0, 2, 5], 2), (2, 4, 1, 2, 2, 8, 8, [4, 0], 1),
+        (1, 0, 3, 2, 1, 8, 16, [0], None), (2, 2, 0, 2, 1, 8, 16, [1, 2], None), (1, 5, 5, 2, 1, 40, 12, [3], None)]):
+    print("ssm_replay", b, W, T, counts, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg))
 print("ok")
 """
 
