@@ -59,6 +59,17 @@ def held_out_prompts(tok, data: Path, n: int, window: int) -> list[list[int]]:
     return out[:n]
 
 
+def parse_ks(text: str) -> list[int]:
+    """``-k``: one window or a comma list, each at least 1."""
+    try:
+        ks = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"-k {text!r}: give the draft window, or a comma list such as 2,3,4 (each at least 1)")
+    return ks
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,7 +79,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("target")
     ap.add_argument("--draft", required=True)
-    ap.add_argument("-k", type=int, default=4)
+    ap.add_argument("-k", default="4", help="the draft window, or a comma list (2,3,4): each K measured in this one "
+                    "process against one plain run (one model load and one warm-up for all)")
     ap.add_argument("--data", required=True, help="a `mamballama data build` output (held-out files)")
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,30 +92,28 @@ def main() -> None:
                     help="calls per part when timing a round's parts on their own (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    ks = parse_ks(args.k)
 
     from mamballama_cli.generation.captured_round import acceptance_by_position
     from mamballama_cli.generation.fast import StaticDecoder
-    from mamballama_cli.generation.feature_round import make_rounds
-    from mamballama_cli.models.feature_draft import is_feature_draft
-    from mamballama_cli.generation.speculative import speculative_generate
     from mamballama_cli.generation.speculative_run import prepare_pair
     from mamballama_cli.loading import load_causal_lm
+    from mamballama_cli.models.feature_draft import is_feature_draft
 
     target, tok, path = load_causal_lm(args.target, dtype=args.dtype, device=args.device)
     target, draft, draft_name = prepare_pair(target, tok, path, args.target, args.draft, args.dtype, args.device)
     device = target.lm_head.weight.device
     prompts = held_out_prompts(tok, Path(args.data), args.prompts, args.text_window)
-    n_new, K = args.max_new_tokens, args.k
-    capacity = -(-(max(map(len, prompts)) + n_new + 2 * (K + 1)) // 256) * 256
+    n_new = args.max_new_tokens
+    capacity = -(-(max(map(len, prompts)) + n_new + 2 * (max(ks) + 1)) // 256) * 256
     engines = args.engines.split(",")
     if is_feature_draft(draft) and "loop" in engines:  # a feature draft needs the verify call's features
         engines.remove("loop")
         print("a feature draft runs in captured rounds only: the host loop is skipped", file=sys.stderr)
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), {n_new} new tokens, "
-          f"K={K}, {device}", file=sys.stderr)
+          f"K={','.join(map(str, ks))}, {device}", file=sys.stderr)
 
     results: dict = {}
-    round_ms = round_ms_commit_ref = None
     plain_tokens: list[list[int]] = []
     if "plain" in engines:
         dec = StaticDecoder(target, 1, capacity)
@@ -118,6 +128,51 @@ def main() -> None:
 
         results["plain"] = run_engine("plain", plain, prompts, device)
         plain_tokens = results["plain"].pop("_tokens")
+        dec = None
+    runs = []
+    for K in ks:  # the plain engine is measured once and compared with every K
+        if len(ks) > 1:
+            print(f"K={K}", file=sys.stderr)
+        speculative = speculative_at(target, draft, K, prompts, n_new, capacity, engines, args.parts_iters, device)
+        engines_k = {**({"plain": results["plain"]} if "plain" in results else {}), **speculative.pop("engines")}
+        for name in ("loop", "round"):
+            r = engines_k.get(name)
+            if not r:
+                continue
+            toks = r.pop("_tokens")
+            if plain_tokens:
+                r["matches_plain"] = sum(a == b for a, b in zip(toks, plain_tokens))
+                r["speedup"] = round(r["decode_tok_s"] / results["plain"]["decode_tok_s"], 3)
+            r["acceptance_rate"] = round(r["accepted"] / max(1, r["drafted"]), 4)
+            r["tokens_per_call"] = round((r["accepted"] + r["calls"]) / max(1, r["calls"]), 3)
+            if "accepted_hist" in r:  # p_i: draft i accepted, given drafts 1..i-1 were
+                r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
+        runs.append({"k": K, "engines": engines_k, "parts": speculative["parts"]})
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    head = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
+            "target": args.target, "draft": draft_name}
+    tail = {"prompts": len(prompts), "new_tokens": n_new}
+    if len(runs) == 1:  # one K: the flat layout of the earlier results
+        result = {**head, "k": runs[0]["k"], **tail, "engines": runs[0]["engines"], "parts": runs[0]["parts"]}
+    else:
+        result = {**head, "k": ks, **tail, "runs": runs}
+        for run in runs:
+            r = run["engines"].get("round") or run["engines"].get("loop") or {}
+            print(f"K={run['k']}: speedup {r.get('speedup')}, tokens per call {r.get('tokens_per_call')}, "
+                  f"by position {r.get('acceptance_by_position')}", file=sys.stderr)
+    print(json.dumps(result, indent=2))
+    write_result(result, args.json)
+
+
+def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, engines, parts_iters: int,
+                   device) -> dict:
+    """The speculative engines at window K over the prompts, and a round's parts timed on their own:
+    ``{"engines": {"loop": ..., "round": ...}, "parts": ...}`` (the rows still hold their ``_tokens``)."""
+    from mamballama_cli.generation.feature_round import make_rounds
+    from mamballama_cli.generation.speculative import speculative_generate
+
+    results: dict = {}
+    round_ms = round_ms_commit_ref = None
     if "loop" in engines:
         def loop(ids):
             res = speculative_generate(target, draft, ids, k=K, max_new_tokens=n_new)
@@ -137,20 +192,21 @@ def main() -> None:
                                                               "accepted_hist": st["accepted_hist"]}
 
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
-        if args.parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
-            round_ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, args.parts_iters)
+        if parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
+            round_ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, parts_iters)
         rounds.t.runtime = rounds.d.runtime = None
-        if args.parts_iters:  # the same round with the commit's reference instead of its kernel (A/B)
+        rounds = None
+        if parts_iters:  # the same round with the commit's reference instead of its kernel (A/B)
             try:
                 round_ms_commit_ref = replayed_round_ms(target, draft, capacity, K, prompts[0], device,
-                                                        args.parts_iters, "ref:commit_round")
+                                                        parts_iters, "ref:commit_round")
             except Exception as exc:  # an auxiliary number must not cost the run its results
                 print(f"commit A/B skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
     parts = None
-    if args.parts_iters:
+    if parts_iters:
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        parts = round_parts(target, draft, torch.tensor([prompts[0]], device=device), K, capacity, args.parts_iters)
+        parts = round_parts(target, draft, torch.tensor([prompts[0]], device=device), K, capacity, parts_iters)
         parts = {k: ({r: round(x, 4) for r, x in v.items()} if isinstance(v, dict) else
                      round(v, 4) if isinstance(v, float) else v) for k, v in parts.items()}
         parts["sum_ms"] = round(K * parts["draft_step_ms"] + parts["verify_step_ms"][K + 1], 4)
@@ -162,24 +218,7 @@ def main() -> None:
             if round_ms_commit_ref is not None:
                 parts["round_ms_replayed_commit_ref"] = round(round_ms_commit_ref, 4)
         print("parts: " + json.dumps(parts), file=sys.stderr)
-    for name in ("loop", "round"):
-        r = results.get(name)
-        if not r:
-            continue
-        toks = r.pop("_tokens")
-        if plain_tokens:
-            r["matches_plain"] = sum(a == b for a, b in zip(toks, plain_tokens))
-            r["speedup"] = round(r["decode_tok_s"] / results["plain"]["decode_tok_s"], 3)
-        r["acceptance_rate"] = round(r["accepted"] / max(1, r["drafted"]), 4)
-        r["tokens_per_call"] = round((r["accepted"] + r["calls"]) / max(1, r["calls"]), 3)
-        if "accepted_hist" in r:  # p_i: draft i accepted, given drafts 1..i-1 were
-            r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
-              "target": args.target, "draft": draft_name, "k": K, "prompts": len(prompts), "new_tokens": n_new,
-              "engines": results, "parts": parts}
-    print(json.dumps(result, indent=2))
-    write_result(result, args.json)
+    return {"engines": results, "parts": parts}
 
 
 def replayed_round_ms(target, draft, capacity: int, K: int, prompt, device, iters: int, kernels: str) -> float:

@@ -3,17 +3,18 @@
 # student with the best draft the budget allows?
 #
 #   teacher-generated data -> the 50% student (convert --attn-layers auto, the default recipe, BUDGET_S of training)
-#   -> the student's own greedy samples -> a draft trained for acceptance on them (DRAFT_S of training): with
-#   DRAFT_KIND=feature (the default since 2026-12-04's third session) the student's one-layer feature draft
-#   (convert --feature-draft, templates/distill-feature-draft.yaml); with DRAFT_KIND=cut a draft cut from the
-#   teacher (DRAFT_LAYERS, templates/distill-draft.yaml) -> benchmarks/spec_eval.py: plain vs
-#   speculative decoding (host loop and captured round) over PROMPTS held-out prompts, batch 1, CUDA graphs, with
-#   the trained draft at K and at each of KS (and the untrained cut with UNTRAINED=1), every run also timing a
-#   round's parts on their own (benchmarks/round_parts.py) -> the student's held-out cross-entropy for context ->
-#   issue 17's serving line: benchmarks/serve_load.py on the student and on the teacher, SERVE_CLIENTS clients at
-#   SERVE_PROMPT tokens, same engine.
-#   2026-12-04's run (docs/results/spec-study-2026-12-04): the untrained cut is kept 0.06% of the time, K=6 is
-#   slower than K=4 and K=2; so the defaults since give the draft more training and sweep K=2,3 instead.
+#   -> the student's own greedy samples -> the drafts of DRAFTS trained for acceptance on them, side by side on the
+#   one GPU (DRAFT_S of training each): "cut" is cut from the teacher (DRAFT_LAYERS, templates/distill-draft.yaml),
+#   "feature" is the student's one-layer feature draft (convert --feature-draft, templates/distill-feature-draft.yaml)
+#   -> benchmarks/spec_eval.py per draft: plain vs the captured round over PROMPTS held-out prompts, batch 1, CUDA
+#   graphs, at every window of K and KS in one process (and the first draft untrained with UNTRAINED=1), every
+#   window also timing a round's parts on their own (benchmarks/round_parts.py) -> the student's held-out
+#   cross-entropy for context -> issue 17's serving line: benchmarks/serve_load.py on the student and on the
+#   teacher, SERVE_CLIENTS clients at SERVE_PROMPT tokens, same engine.
+#   Earlier runs: 2026-12-04 (docs/results/spec-study-2026-12-04) the 4-layer cut gave 1.31x at K=4, K=6 was slower
+#   than K=4 and K=2, the untrained cut was kept 0.06% of the time; 2026-12-04 fourth session
+#   (benchmarks/results/h200-2026-12-04d) the feature draft alone, trained 136 s teacher-forced, 1.11x. Hence both
+#   kinds, measured against each other in one sitting.
 #
 #   bash benchmarks/spec_study.sh               # one GPU; about 15 minutes on an H200 with the defaults
 #   TINY=1 bash benchmarks/spec_study.sh        # a smoke run of every step on CPU
@@ -21,8 +22,8 @@
 # Run on the lent H200 through benchmarks/study_device.sh with SCRIPT=spec_study.sh (prep, start, watch).
 # Results in $RES (default $WORK/results): timeline.txt, every command's JSON and log, spec-eval*.json.
 # Knobs (environment): WORK, RES, DATA, GEN_TOKENS, GEN_BS, GEN_NEW, BUDGET_S, ALIGN_TOK, KDM_TOK, KDA_TOK, SEQ,
-# MB, ACCUM, PLACEMENT, DRAFT_KIND, DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, DRAFT_EVAL_GEN, DRAFT_EVAL_EVERY, K, KS, UNTRAINED,
-# PROMPTS, NEW, PARTS_ITERS,
+# MB, ACCUM, PLACEMENT, DRAFTS (DRAFT_KIND), DRAFT_LAYERS, DRAFT_GEN, DRAFT_S, DRAFT_EVAL_GEN, DRAFT_EVAL_EVERY, K, KS, UNTRAINED,
+# ENGINES, PROMPTS, NEW, PARTS_ITERS,
 # SERVE_CLIENTS, SERVE_PROMPT, SERVE_NEW, SERVE_REQUESTS.
 set -uo pipefail
 WORK=${WORK:-runs/spec}
@@ -48,8 +49,11 @@ SEQ=${SEQ:-2048}
 MB=${MB:-8}
 ACCUM=${ACCUM:-2}
 PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
-DRAFT_KIND=${DRAFT_KIND:-feature}  # feature: convert STUDENT --feature-draft; cut: convert default --draft-layers
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
+# DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft), "cut" (the
+# teacher's DRAFT_LAYERS) or "cut:LAYERS" (e.g. cut:0,6,12,18,24,29). DRAFT_KIND (one kind) is the older knob.
+DRAFTS=${DRAFTS:-${DRAFT_KIND:-cut feature}}
+ENGINES=${ENGINES:-plain,round}  # add loop for the host loop (a cut draft only)
 DRAFT_GEN=${DRAFT_GEN:-3000000}
 DRAFT_S=${DRAFT_S:-320}
 DRAFT_EVAL_GEN=${DRAFT_EVAL_GEN:-60000}  # held-out student samples for the draft's evaluation
@@ -66,23 +70,37 @@ SERVE_REQUESTS=${SERVE_REQUESTS:-64}
 source "$(dirname "$0")/study_common.sh"
 study_init
 
-stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K PROMPTS=$PROMPTS NEW=$NEW"
+# A draft's name in file names (cut-0-10-20-29: the teacher's layers it keeps; feature) and a cut's layers.
+draft_layers() { local spec=$1; [ "$spec" = cut ] && echo "$DRAFT_LAYERS" || echo "${spec#cut:}"; }
+draft_name() {
+  local spec=$1
+  case "$spec" in
+    feature) echo feature ;;
+    cut|cut:*) echo "cut-$(draft_layers "$spec" | tr ',' '-')" ;;
+    *) echo "DRAFTS entry '$spec': give feature, cut or cut:LAYERS (e.g. cut:0,10,20,29)" >&2; exit 2 ;;
+  esac
+}
+for spec in $DRAFTS; do draft_name "$spec" > /dev/null || exit 2; done
+
+stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFTS=\"$DRAFTS\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K KS=\"$KS\" PROMPTS=$PROMPTS NEW=$NEW"
 ensure_data
 cp "$DATA/text-train.jsonl" "$WORK/text-train.jsonl"
 [ -n "${TINY:-}" ] && head -n 16 "$DATA/text-train.jsonl" > "$WORK/text-train.jsonl"
 
-# 1. The student's start (caches the teacher), then data generation beside the draft's cut.
+# 1. The student's start (caches the teacher), then data generation beside the drafts' cuts.
 stage "convert the 50% student ($PLACEMENT)"
 "${MM[@]}" convert default --ratio 0.5 $PLACEMENT --output "$WORK/h50" $CONVERT_ARGS --force --json \
     > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
-stage "data generate ($GEN_TOKENS tokens) beside the draft's cut (layers $DRAFT_LAYERS)"
+stage "data generate ($GEN_TOKENS tokens) beside the drafts' cuts ($DRAFTS)"
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" \
     --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
-if [ "$DRAFT_KIND" = cut ]; then
-  "${MM[@]}" convert default --draft-layers "$DRAFT_LAYERS" --output "$WORK/draft0" --force --json \
-      > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log" &
-fi
+for spec in $DRAFTS; do
+  [ "$spec" = feature ] && continue
+  name=$(draft_name "$spec")
+  "${MM[@]}" convert default --draft-layers "$(draft_layers "$spec")" --output "$WORK/draft0-$name" --force --json \
+      > "$RES/convert-draft0-$name.json" 2> "$RES/convert-draft0-$name.log" &
+done
 wait
 
 # 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
@@ -95,7 +113,7 @@ stage "distill the student (budget $BUDGET_S s)"
     --output "$WORK/student" --force --json > "$RES/distill-student.json" 2> "$RES/distill-student.log"
 stage "distill student exit $?"
 
-# 3. The draft: the student's own greedy samples, then KL to the student on them (templates/distill-draft.yaml).
+# 3. The drafts: the student's own greedy samples, then KL to the student on them.
 stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
 "${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" \
     --tokens "$DRAFT_GEN" --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 1 \
@@ -109,33 +127,40 @@ stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
     > "$RES/data-generate-student-eval.json" 2> "$RES/data-generate-student-eval.log"
 draft_eval=()
 (( DRAFT_EVAL_GEN > 0 )) && [ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
-template=distill-draft
-if [ "$DRAFT_KIND" = feature ]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
+# Every draft of DRAFTS trains at once on the one GPU, DRAFT_S each: a draft's training (a small model, micro-batches
+# of 8 rows) leaves most of an H200 idle, so side by side they cost about the time of one.
+if [[ " $DRAFTS " == *" feature "* ]]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
   stage "convert the student's feature draft"
-  "${MM[@]}" convert "$WORK/student" --feature-draft --output "$WORK/draft0" --force --json \
-      > "$RES/convert-draft0.json" 2> "$RES/convert-draft0.log"
-  template=distill-feature-draft
+  "${MM[@]}" convert "$WORK/student" --feature-draft --output "$WORK/draft0-feature" --force --json \
+      > "$RES/convert-draft0-feature.json" 2> "$RES/convert-draft0-feature.log"
 fi
-stage "distill the $DRAFT_KIND draft for acceptance ($template, budget $DRAFT_S s)"
-"${MM[@]}" distill "$WORK/draft0" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
-    --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time "${draft_eval[@]}" --output "$WORK/draft" --force --json \
-    > "$RES/distill-draft.json" 2> "$RES/distill-draft.log"
-stage "distill draft exit $?"
+pids=(); names=()
+for spec in $DRAFTS; do
+  name=$(draft_name "$spec"); template=distill-draft
+  [ "$name" = feature ] && template=distill-feature-draft
+  stage "distill the $name draft for acceptance ($template, budget $DRAFT_S s), beside the others"
+  "${MM[@]}" distill "$WORK/draft0-$name" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
+      --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time "${draft_eval[@]}" --output "$WORK/draft-$name" \
+      --force --json > "$RES/distill-draft-$name.json" 2> "$RES/distill-draft-$name.log" &
+  pids+=($!); names+=("$name")
+done
+for i in "${!pids[@]}"; do wait "${pids[$i]}"; stage "distill ${names[$i]} draft exit $?"; done
 
-# 4. Speculative vs plain decoding of the student, held-out prompts, batch 1.
+# 4. Speculative vs plain decoding of the student, held-out prompts, batch 1: per draft one process that measures
+# the plain engine once and the captured round at each window of K and KS (benchmarks/spec_eval.py -k 2,3,4).
 se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW" --parts-iters "${PARTS_ITERS:-100}")
-stage "spec_eval: trained draft, K=$K (plain, host loop, captured round)"
-"$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$K" "${se[@]}" --json "$RES/spec-eval.json" \
-    > /dev/null 2> "$RES/spec-eval.log"
-tail -n 5 "$RES/spec-eval.log" | tee -a "$RES/timeline.txt"
-for k in $KS; do
-  stage "spec_eval: trained draft, K=$k (plain, captured round)"
-  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft" -k "$k" "${se[@]}" --engines plain,round \
-      --json "$RES/spec-eval-k$k.json" > /dev/null 2> "$RES/spec-eval-k$k.log"
+ks=$(echo $K $KS | tr ' ' '\n' | sort -n | uniq | paste -sd, -)
+for spec in $DRAFTS; do
+  name=$(draft_name "$spec")
+  stage "spec_eval: the trained $name draft, K=$ks ($ENGINES)"
+  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft-$name" -k "$ks" "${se[@]}" --engines "$ENGINES" \
+      --json "$RES/spec-eval-$name.json" > /dev/null 2> "$RES/spec-eval-$name.log"
+  grep -E "^(plain|speculative|K=)" "$RES/spec-eval-$name.log" | tee -a "$RES/timeline.txt"
 done
 if [ -n "${UNTRAINED:-}" ]; then
-  stage "spec_eval: the untrained $DRAFT_KIND draft, K=$K (plain, captured round)"
-  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0" -k "$K" "${se[@]}" --engines plain,round \
+  name=$(draft_name "${DRAFTS%% *}")
+  stage "spec_eval: the untrained $name draft, K=$K (plain, captured round)"
+  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0-$name" -k "$K" "${se[@]}" --engines plain,round \
       --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
 fi
 stage "held-out cross-entropy of the student and the teacher"
@@ -156,5 +181,8 @@ done
   tail -n 1 "$RES/serve-$name.log" >> "$RES/timeline.txt"
 done
 cp "$WORK/student/training_summary.json" "$RES/summary-student.json" 2>/dev/null
-cp "$WORK/draft/training_summary.json" "$RES/summary-draft.json" 2>/dev/null
+for spec in $DRAFTS; do
+  name=$(draft_name "$spec")
+  cp "$WORK/draft-$name/training_summary.json" "$RES/summary-draft-$name.json" 2>/dev/null
+done
 stage "done"

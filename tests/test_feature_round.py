@@ -197,16 +197,24 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
     out = tmp_path / "spec.json"
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(target), "--draft", str(draft),
-                        "-k", "3", "--data", str(data), "--prompts", "3", "--max-new-tokens", "6", "--text-window",
+                        "-k", "2,3", "--data", str(data), "--prompts", "3", "--max-new-tokens", "6", "--text-window",
                         "24", "--device", "cpu", "--dtype", "float32", "--parts-iters", "2", "--json", str(out)],
                        capture_output=True, text=True, timeout=600, env={**__import__("os").environ,
                                                                           "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
-    res = json.loads(out.read_text())
-    assert set(res["engines"]) == {"plain", "round"} and "host loop is skipped" in p.stderr
-    assert res["engines"]["round"]["matches_plain"] == 3 and res["parts"]["draft_step_ms"] > 0
-    rnd = res["engines"]["round"]
-    assert sum(rnd["accepted_hist"]) == rnd["calls"] and len(rnd["acceptance_by_position"]) == res["k"]
+    res = json.loads(out.read_text())  # two windows in one process: one run each, one plain run for both
+    assert res["k"] == [2, 3] and [run["k"] for run in res["runs"]] == [2, 3] and "host loop is skipped" in p.stderr
+    assert res["runs"][0]["engines"]["plain"] == res["runs"][1]["engines"]["plain"]
+    for run in res["runs"]:
+        assert set(run["engines"]) == {"plain", "round"}
+        rnd = run["engines"]["round"]
+        assert rnd["matches_plain"] == 3 and run["parts"]["draft_step_ms"] > 0
+        assert set(run["parts"]["verify_step_ms"]) == {"1", str(run["k"] + 1)}
+        assert sum(rnd["accepted_hist"]) == rnd["calls"] and len(rnd["acceptance_by_position"]) == run["k"]
+        assert rnd["drafted"] == run["k"] * rnd["calls"]
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(target), "--draft",
+                          str(draft), "-k", "2,0", "--data", str(data)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "-k '2,0'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.gpu
