@@ -203,6 +203,8 @@ def main() -> None:
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
         **(sys.modules["mamballama_cli.ops.triton_gemv"].choices_report()
            if "mamballama_cli.ops.triton_gemv" in sys.modules else {"gemv_kernel_shapes": []}),
+        **(sys.modules["mamballama_cli.ops.triton_gemv_fused"].choices_report()
+           if "mamballama_cli.ops.triton_gemv_fused" in sys.modules else {"fused_gemv_shapes": []}),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),
         "runner_plain_step_ms": round(runner_plain_ms, 4),

@@ -107,24 +107,113 @@ def test_the_margin_over_cublas_applies_to_tall_weights_only(monkeypatch):
         assert triton_gemv.TIMINGS.pop(("t", ratio))["kernel_us"] == round(10.0 * ratio, 2)
 
 
-def test_the_decode_step_runs_its_linears_through_the_gemv_op():
-    """Every projection of a one-token step (in_proj, out_proj, [q; k; v], o_proj, [gate; up], down_proj,
-    lm_head) goes through the op table's ``gemv``, so the kernel (or ``--kernels ref:gemv``) applies to all."""
+def test_the_decode_step_runs_its_linears_through_the_gemv_ops():
+    """Every projection of a one-token step goes through the op table's ``gemv`` (in_proj, out_proj, [q; k; v],
+    o_proj) or one of the GEMV ops with the elementwise op before it fused in (``add_rmsnorm_gemv``: [gate; up]
+    and lm_head; ``swiglu_gemv``: down_proj), so the kernels (or ``--kernels ref:gemv``) apply to all; the step's
+    logits equal those of the same walk with the two ops apart."""
     from helpers import tiny_hybrid
     from mamballama_cli.models.runtime import Runtime
+    from mamballama_cli.ops.decode import add_rmsnorm_ref, gemv_ref, swiglu_ref
 
     model, _ = tiny_hybrid()
     rt = Runtime(model, 1, 32)
-    calls = []
-    ref = rt.fns["gemv"]
-    rt.fns["gemv"] = lambda x, w, b=None: calls.append(tuple(w.shape)) or ref(x, w, b)
+    calls = {"gemv": [], "add_rmsnorm_gemv": [], "swiglu_gemv": []}
+    refs = {name: rt.fns[name] for name in calls}
+    rt.fns["gemv"] = lambda x, w, b=None: calls["gemv"].append(tuple(w.shape)) or refs["gemv"](x, w, b)
+    rt.fns["add_rmsnorm_gemv"] = lambda x, r, nw, eps, w, b=None: (
+        calls["add_rmsnorm_gemv"].append(tuple(w.shape)) or refs["add_rmsnorm_gemv"](x, r, nw, eps, w, b))
+    rt.fns["swiglu_gemv"] = lambda gu, w, b=None: calls["swiglu_gemv"].append(tuple(w.shape)) or refs[
+        "swiglu_gemv"](gu, w, b)
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     rt.prefill(ids)
     step = rt.step(pos=torch.tensor([5]), length=torch.tensor([6]))
     logits = rt.walk(ids[:, -1], step)
     n_layers = model.config.num_hidden_layers
-    assert len(calls) == 4 * n_layers + 1 and calls[-1] == tuple(model.lm_head.weight.shape)
+    inter, hidden = model.config.intermediate_size, model.config.hidden_size
+    assert len(calls["gemv"]) == 2 * n_layers
+    assert calls["add_rmsnorm_gemv"] == [(2 * inter, hidden)] * n_layers + [tuple(model.lm_head.weight.shape)]
+    assert calls["swiglu_gemv"] == [(hidden, inter)] * n_layers
     assert logits.shape == (1, model.config.vocab_size)
+    # the same step with the ops apart (the walk as it was): the same logits, bit for bit on CPU
+    rt.fns["add_rmsnorm_gemv"] = lambda x, r, nw, eps, w, b=None: (
+        lambda n_h: (gemv_ref(n_h[0], w, b), n_h[1]))(add_rmsnorm_ref(x, r, nw, eps))
+    rt.fns["swiglu_gemv"] = lambda gu, w, b=None: gemv_ref(swiglu_ref(gu), w, b)
+    rt.prefill(ids)
+    assert torch.equal(rt.walk(ids[:, -1], step), logits)
+
+
+def test_the_fused_gemv_ops_leave_fusing_to_cublas_under_kernels_ref_gemv(monkeypatch):
+    """``--kernels ref:gemv`` (the A/B against cuBLAS) must reach the projections the fused ops cover too: the fast
+    fused ops then run the two ops apart, as dispatched, without their kernel."""
+    from mamballama_cli import ops
+    from mamballama_cli.ops import triton_gemv_fused as fused
+    from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, swiglu_gemv_ref
+
+    def boom(*a, **k):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(fused, "fused_launch", boom)
+    monkeypatch.setattr(fused, "_choose", lambda *a: True)
+    g = torch.Generator().manual_seed(0)
+    x, r, nw = (torch.randn(1, 64, generator=g).to(torch.bfloat16) for _ in range(3))
+    w, w2 = torch.randn(48, 64, generator=g).to(torch.bfloat16), torch.randn(64, 24, generator=g).to(torch.bfloat16)
+    gu = torch.randn(1, 48, generator=g).to(torch.bfloat16)
+    ops.configure("ref:gemv")
+    try:
+        y, h = fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+        want_y, want_h = add_rmsnorm_gemv_ref(x, r, nw, 1e-5, w)
+        assert torch.equal(y, want_y) and torch.equal(h, want_h)
+        assert torch.equal(fused.swiglu_gemv_triton(gu, w2), swiglu_gemv_ref(gu, w2))
+    finally:
+        ops.configure("auto")
+    with pytest.raises(AssertionError, match="fused kernel ran"):  # without it the kernel is what runs
+        fused.swiglu_gemv_triton(gu, w2)
+
+
+@NEEDS_TRITON
+def test_every_fused_gemv_candidate_equals_the_reference_under_the_interpreter():
+    """add_rmsnorm_gemv and swiglu_gemv (ops/triton_gemv_fused.py), each autotuning candidate, one row and a verify
+    window's, partial blocks of outputs and of K, with and without bias, bf16 and fp16, against the references in
+    float64 (h: the rounded sum, exactly as the reference)."""
+    from mamballama_cli.ops.triton_gemv_fused import CONFIGS
+
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, swiglu_gemv_ref
+from mamballama_cli.ops.triton_gemv_fused import CONFIGS, NORM, SWIGLU, fused_launch
+gen = torch.Generator().manual_seed(0)
+out = {}
+for dtype in (torch.bfloat16, torch.float16):
+    for lead, n, k, bias in (((1,), 37, 600, True), ((1, 1), 64, 512, False), ((5,), 70, 300, True),
+                             ((1, 3), 20, 256, False)):
+        x, r = (torch.randn(*lead, k, generator=gen).to(dtype) for _ in range(2))
+        nw = (1 + 0.1 * torch.randn(k, generator=gen)).to(dtype)
+        gu = torch.randn(*lead, 2 * k, generator=gen).to(dtype)
+        w = (torch.randn(n, k, generator=gen) / k ** 0.5).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        want_y, want_h = add_rmsnorm_gemv_ref(x.double(), r.double(), nw.double(), 1e-5, w.double(),
+                                              b.double() if bias else None)
+        want_h = (r + x)  # the sum rounds in the activation dtype
+        want_s = swiglu_gemv_ref(gu.float(), w.double().float(), b.float() if bias else None).double()
+        for cfg in CONFIGS:
+            y, h = fused_launch(NORM, x, w, b, r, nw, 1e-5, config=cfg)
+            assert y.shape == (*lead, n) and h.shape == x.shape and y.dtype == dtype
+            out[f"norm {dtype} {lead} {n}x{k} {cfg}"] = float((y.double() - want_y).norm() / want_y.norm())
+            out[f"h {dtype} {lead} {n}x{k} {cfg}"] = float(((h.double() - want_h.double()).abs()
+                                                            / want_h.double().abs().clamp_min(1e-3)).max())
+            s = fused_launch(SWIGLU, gu, w, b, config=cfg)
+            out[f"swiglu {dtype} {lead} {n}x{k} {cfg}"] = float((s.double() - want_s).norm() / want_s.norm())
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=900)
+    assert len(errs) == 2 * 4 * 3 * len(CONFIGS)
+    # h exactly the reference's rounded sum in fp16; in bf16 within one rounding (the interpreter converts to bf16
+    # by truncation, not to nearest as the GPU does)
+    assert all(v == 0.0 for k, v in errs.items() if k.startswith("h torch.float16")), errs
+    assert all(v <= 0.07 for k, v in errs.items() if k.startswith("h torch.bfloat16")), errs
+    # the roundings of the activations and of the output: fp16 as on the GPU; bf16 truncated by the interpreter
+    bad = {k: v for k, v in errs.items() if not k.startswith("h ")
+           and not v < (4e-3 if "float16" in k and "bfloat16" not in k else 3e-2)}
+    assert not bad, bad
 
 
 @pytest.mark.gpu
@@ -164,6 +253,52 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
     assert ops.dispatch("gemv", torch.device("cuda"))[0] == "mamballama-triton"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timing(dtype):
+    """add_rmsnorm_gemv and swiglu_gemv at the 8B shape's sizes ([gate; up] after the norm, lm_head after the final
+    norm, down_proj after SwiGLU), one row and a verify window's five: the autotuned kernel against the references
+    in float64, every candidate compiled, and each shape's choice against the two ops apart timed in CUDA graphs."""
+    from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, swiglu_gemv_ref
+    from mamballama_cli.ops.triton_gemv_fused import (CHOICES, CONFIGS, NORM, SWIGLU, TIMINGS, add_rmsnorm_gemv_triton,
+                                                      choices_report, fused_launch, swiglu_gemv_triton)
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
+
+    for rows, n, k in ((1, 28672, 4096), (5, 28672, 4096), (1, 128256, 4096), (1, 1000, 3001)):
+        x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(n, k, scale=k**-0.5)
+        y, h = fused_launch(NORM, x, w, None, res, nw, 1e-5)
+        want_y, want_h = add_rmsnorm_gemv_ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        assert torch.equal(h, res + x), (rows, n, k)  # the sum rounds in the activation dtype, as the model's
+        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2, (rows, n, k)
+        got_y, got_h = add_rmsnorm_gemv_triton(x, res, nw, 1e-5, w)  # the kernel or the two ops, as timed
+        key = (NORM, rows, n, k, dtype, 0)
+        assert TIMINGS[key]["how"] == "graph", TIMINGS[key]
+        assert torch.equal(got_h, h) and (torch.equal(got_y, y) or not CHOICES[key])
+        print("add_rmsnorm_gemv", key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
+    for rows, n, k in ((1, 4096, 14336), (5, 4096, 14336), (1, 1000, 3001)):
+        gu, w = r(rows, 2 * k), r(n, k, scale=k**-0.5)
+        y = fused_launch(SWIGLU, gu, w)
+        want = swiglu_gemv_ref(gu.float(), w.float()).double()
+        assert float((y.double() - want).norm() / want.norm()) < 1e-2, (rows, n, k)
+        got = swiglu_gemv_triton(gu, w)
+        key = (SWIGLU, rows, n, k, dtype, 0)
+        assert TIMINGS[key]["how"] == "graph" and (torch.equal(got, y) or not CHOICES[key]), TIMINGS[key]
+        print("swiglu_gemv", key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
+    x, res, nw, w, gu = r(5, 1000), r(5, 1000), 1 + r(1000, scale=0.1), r(300, 1000, scale=0.03), r(5, 2000)
+    for cfg in CONFIGS:  # every candidate compiles for the GPU and agrees, not only the tuned one
+        y, _ = fused_launch(NORM, x, w, None, res, nw, 1e-5, config=cfg)
+        want, _ = add_rmsnorm_gemv_ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        assert float((y.double() - want).norm() / want.norm()) < 1e-2, cfg
+        y = fused_launch(SWIGLU, gu, w, config=cfg)
+        want = swiglu_gemv_ref(gu.float(), w.float()).double()
+        assert float((y.double() - want).norm() / want.norm()) < 1e-2, cfg
+    assert "fused_gemv_timings" in choices_report()
+
+
 @NEEDS_TRITON
 def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     from mamballama_cli.ops import triton_gemv
@@ -173,3 +308,11 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(triton_gemv, "TIMINGS", {(1, 4096, 4096, torch.bfloat16, 0): {"kernel_us": 9.0}})
     rep = triton_gemv.choices_report()
     assert rep == {"gemv_kernel_shapes": ["1x4096x4096"], "gemv_timings": {"1x4096x4096 bfloat16": {"kernel_us": 9.0}}}
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    monkeypatch.setattr(fused, "CHOICES", {(fused.NORM, 1, 28672, 4096, torch.bfloat16, 0): True,
+                                           (fused.SWIGLU, 1, 4096, 14336, torch.bfloat16, 0): False})
+    monkeypatch.setattr(fused, "TIMINGS", {(fused.SWIGLU, 1, 4096, 14336, torch.bfloat16, 0): {"fused_us": 30.0}})
+    assert fused.choices_report() == {
+        "fused_gemv_shapes": ["add_rmsnorm_gemv 1x28672x4096"],
+        "fused_gemv_timings": {"swiglu_gemv 1x4096x14336 bfloat16": {"fused_us": 30.0}}}

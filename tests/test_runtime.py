@@ -224,8 +224,8 @@ def test_runtime_resolves_each_op_once_per_device():
     rt.prefill(ids(4, 1))
     pos = torch.tensor([4])
     rt.walk(ids(1, 1)[:, 0], rt.step(pos=pos, length=pos + 1))
-    assert set(rt.fns.backends) >= {"add_rmsnorm", "swiglu", "conv_update_inplace", "ssm_step_gated",
-                                    "rope_kv_write", "decode_attention"}
+    assert set(rt.fns.backends) >= {"add_rmsnorm", "gemv", "add_rmsnorm_gemv", "swiglu_gemv", "conv_update_inplace",
+                                    "ssm_step_gated", "rope_kv_write", "decode_attention"}
     assert set(rt.fns.backends.values()) == {"torch-ref"}  # CPU: the references
 
 

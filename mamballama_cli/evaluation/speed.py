@@ -166,6 +166,8 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
                backends=dict(dec.backends))
     gemv = sys.modules.get("mamballama_cli.ops.triton_gemv")  # which shapes the gemv kernel won, and the timings
     row.update(gemv.choices_report() if gemv else {"gemv_kernel_shapes": []})
+    fused = sys.modules.get("mamballama_cli.ops.triton_gemv_fused")  # and the fused norm/SwiGLU GEMVs
+    row.update(fused.choices_report() if fused else {"fused_gemv_shapes": []})
     if synthetic:
         row.update(synthetic_context=True, ttft_s=None)
     del dec

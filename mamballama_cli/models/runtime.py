@@ -93,7 +93,7 @@ class Runtime:
                                                                                        self.batch_size)
         self.eps = model.config.rms_norm_eps
         self.column_major = self.device.type == "cpu"
-        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "swiglu", "gemv"))
+        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "gemv", "add_rmsnorm_gemv", "swiglu_gemv"))
         self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
                                  max_length=self.capacity)
         decode_layout(model)
@@ -127,7 +127,10 @@ class Runtime:
         ``features``: a feature draft's second input, the target's features one position back (ids' shape plus
         hidden). ``features_out``: a buffer of ids' shape plus hidden that receives the new tokens' features (the
         last hidden state after the final norm, what lm_head reads)."""
-        add_norm, swiglu, linear, eps = self.fns["add_rmsnorm"], self.fns["swiglu"], self.fns["gemv"], self.eps
+        add_norm, linear, eps = self.fns["add_rmsnorm"], self.fns["gemv"], self.eps
+        # the norm before [gate; up] and before lm_head, and SwiGLU before down_proj, each in one op with the GEMV
+        # after it (one kernel on CUDA where that was timed faster; ops/triton_gemv_fused.py)
+        norm_linear, swiglu_linear = self.fns["add_rmsnorm_gemv"], self.fns["swiglu_gemv"]
         hidden = F.embedding(ids, self.embed_w)
         if self.fc_w is not None:
             if features is None:
@@ -137,11 +140,12 @@ class Runtime:
         for p in self.layers:
             x, residual = add_norm(hidden, residual, p.ln1, eps)
             hidden = p.mixer.step(x, p.state, step)
-            x, residual = add_norm(hidden, residual, p.ln2, eps)
-            hidden = linear(swiglu(linear(x, p.gate_up_w, p.gate_up_b)), p.down_w, p.down_b)
+            gate_up, residual = norm_linear(hidden, residual, p.ln2, eps, p.gate_up_w, p.gate_up_b)
+            hidden = swiglu_linear(gate_up, p.down_w, p.down_b)
+        if features_out is None:
+            return norm_linear(hidden, residual, self.norm_w, eps, self.lm_head_w)[0]
         x, _ = add_norm(hidden, residual, self.norm_w, eps)
-        if features_out is not None:
-            features_out.copy_(x)
+        features_out.copy_(x)
         return linear(x, self.lm_head_w)
 
     # --- the prompt ----------------------------------------------------------------------------------------

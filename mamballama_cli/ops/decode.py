@@ -41,6 +41,19 @@ def swiglu_ref(gate_up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+def add_rmsnorm_gemv_ref(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+                         bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``add_rmsnorm`` then ``gemv``: (rmsnorm(residual + x) * norm_weight @ weight^T + bias, residual + x). The
+    fast twin (ops/triton_gemv_fused.py) does both in one kernel where that is timed faster."""
+    normed, h = add_rmsnorm_ref(x, residual, norm_weight, eps)
+    return gemv_ref(normed, weight, bias), h
+
+
+def swiglu_gemv_ref(gate_up: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``swiglu`` then ``gemv``: silu(gate) * up @ weight^T + bias (ops/triton_gemv_fused.py: one kernel)."""
+    return gemv_ref(swiglu_ref(gate_up), weight, bias)
+
+
 def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
                             activation: str | None = None) -> Tensor:
     """causal_conv1d_update for one new input x (batch, dim) that slides ``conv_state`` (batch, dim, width-1)
@@ -152,6 +165,8 @@ DECODE_REFERENCES = {
     "add_rmsnorm": add_rmsnorm_ref,
     "swiglu": swiglu_ref,
     "gemv": gemv_ref,
+    "add_rmsnorm_gemv": add_rmsnorm_gemv_ref,
+    "swiglu_gemv": swiglu_gemv_ref,
     "conv_update_inplace": conv_update_inplace_ref,
     "ssm_step_gated": ssm_step_gated_ref,
     "rope_kv_write": rope_kv_write_ref,
