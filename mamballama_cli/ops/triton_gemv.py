@@ -83,6 +83,18 @@ if triton is not None:
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
 
     @triton.jit
+    def _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
+        # the rows' x tile and the weight tile at k0, masked past K unless K is a multiple of the tile
+        if EVEN_K:
+            x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
+            w = tl.load(w_ptrs + k0)
+        else:
+            inside = k0 + cols < K
+            x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
+            w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+        return x, w
+
+    @triton.jit
     def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, R0: tl.constexpr, R: tl.constexpr,
                   HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         # rows R0 .. R0 + R - 1 (those below M) against this program's block of outputs: the products accumulated in
@@ -97,13 +109,7 @@ if triton is not None:
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
         acc = tl.zeros((R, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
-                w = tl.load(w_ptrs + k0)
-            else:
-                inside = k0 + cols < K
-                x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
-                w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+            x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
             acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         y = tl.sum(acc, axis=2)
         if HAS_BIAS:
@@ -135,13 +141,7 @@ if triton is not None:
             w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
             acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                if EVEN_K:
-                    x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
-                    w = tl.load(w_ptrs + k0)
-                else:
-                    inside = k0 + cols < K
-                    x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
-                    w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
                 if MODE == 0:  # tensor cores
                     acc = tl.dot(x, tl.trans(w), acc)
                 else:  # CUDA cores: the products summed over the tile's K
@@ -304,14 +304,18 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
     return t["kernel_us"] <= (MARGIN if weight.shape[0] <= weight.shape[1] else 1.0) * t["cublas_us"]
 
 
+def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
+    """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
+    choices table and a timings table keyed alike (the dtype second to last, the device index last); ``name``
+    writes a key's shape."""
+    return {what: sorted({name(k) for k, use in choices.items() if use}),
+            timed: {f"{name(k)} {str(k[-2]).replace('torch.', '')}": t
+                    for k, t in sorted(timings.items(), key=lambda kv: str(kv[0]))}}
+
+
 def choices_report() -> dict:
     """For a benchmark's JSON: the shapes (rows x N x K) the kernel serves, and the timings behind every choice."""
-    def name(k):
-        return f"{k[0]}x{k[1]}x{k[2]}"
-
-    return {"gemv_kernel_shapes": sorted({name(k) for k, use in CHOICES.items() if use}),
-            "gemv_timings": {f"{name(k)} {str(k[3]).replace('torch.', '')}": t for k, t in sorted(
-                TIMINGS.items(), key=lambda kv: str(kv[0]))}}
+    return shape_report(CHOICES, TIMINGS, lambda k: f"{k[0]}x{k[1]}x{k[2]}", "gemv_kernel_shapes", "gemv_timings")
 
 
 def gemv_triton(x, weight, bias=None):

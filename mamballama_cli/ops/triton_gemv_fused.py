@@ -33,7 +33,7 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the references
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS, _graph_call_us
+from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS, _graph_call_us, shape_report
 
 try:
     import triton
@@ -253,13 +253,9 @@ def swiglu_gemv_triton(gate_up, weight, bias=None):
 
 
 def choices_report() -> dict:
-    """For a benchmark's JSON: the shapes (kind rows x N x K) the fused kernels serve, and the timings behind each."""
-    def name(k):
-        return f"{'add_rmsnorm' if k[0] == NORM else 'swiglu'}_gemv {k[1]}x{k[2]}x{k[3]}"
-
-    return {"fused_gemv_shapes": sorted({name(k) for k, use in CHOICES.items() if use}),
-            "fused_gemv_timings": {f"{name(k)} {str(k[4]).replace('torch.', '')}": t for k, t in sorted(
-                TIMINGS.items(), key=lambda kv: str(kv[0]))}}
+    """For a benchmark's JSON: the shapes (op rows x N x K) the fused kernels serve, and the timings behind each."""
+    return shape_report(CHOICES, TIMINGS, lambda k: f"{('add_rmsnorm', 'swiglu')[k[0]]}_gemv {k[1]}x{k[2]}x{k[3]}",
+                        "fused_gemv_shapes", "fused_gemv_timings")
 
 
 def _check_fused(gen):
