@@ -273,3 +273,75 @@ def test_lower_right_attention_in_bounded_blocks_equals_the_masked_attention(gqa
     got = modeling.lower_right_attention(q, k, v, 0.2, gqa)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert modeling.attention_mask_4d(13, 40, None, None, "cpu") is modeling.LOWER_RIGHT
+
+
+_VIEWS = {"view", "_unsafe_view", "split", "split_with_sizes", "slice", "select", "t", "transpose", "expand",
+          "as_strided", "unsqueeze", "squeeze", "permute", "detach", "alias", "reshape", "unbind", "narrow",
+          "empty", "empty_like", "empty_strided"}
+
+
+def _walk_launches(model, window: int, monkeypatch):
+    """What one walk would launch on a GPU, counted on CPU: each call of an op of the runtime's table (and of the
+    gated norm, which the Mamba mixers dispatch themselves) is one launch; every other aten op outside those
+    calls that is not a view or an allocation would be a launch too ("stray")."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mamballama_cli import ops
+
+    counts, stray, depth = Counter(), Counter(), [0]
+
+    class Stray(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if not depth[0] and name not in _VIEWS:
+                stray[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    def counted(name, fn):
+        def call(*a, **k):
+            counts[name] += 1
+            depth[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                depth[0] -= 1
+        return call
+
+    rt = Runtime(model, 1, 32, window=window)
+    rt.prefill(ids(8, 1))
+    names = (["rope_kv_write_window", "window_attention", "spec_conv", "ssm_replay"] if window
+             else ["conv_update_inplace", "ssm_step_gated", "rope_kv_write", "decode_attention"])
+    for name in list(rt.fns.resolve(names)):  # every op of the table, the walk's own ones included
+        rt.fns[name] = counted(name, rt.fns[name])
+    monkeypatch.setattr(ops, "rmsnorm_gated", counted("rmsnorm_gated", ops.rmsnorm_gated))
+    if window:
+        new, step = torch.tensor([[5, 6, 7, 8, 9]]), rt.step(pos=torch.tensor([8]), keep=torch.tensor([0]))
+    else:
+        new, step = torch.tensor([5]), rt.step(pos=torch.tensor([8]), length=torch.tensor([9]))
+    with torch.no_grad(), Stray():
+        rt.walk(new, step)
+    return counts, stray
+
+
+@pytest.mark.parametrize("window", [0, 5])
+def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
+    """Launch count of one step, pinned (a GPU step is bound by its launches at small sizes): per layer the input
+    norm, the mixer's ops and two projections, then the norm + [gate; up] and SwiGLU + down_proj ops; one fused
+    norm + lm_head at the end; nothing else but the embedding, and in a verify window the two copies of each
+    Mamba-2 layer's window inputs (x and B, dt), which must wait until its replay has read the old ones."""
+    model = hybrid("mamba2")
+    n = model.config.num_hidden_layers
+    n_attn = len(model.config.attn_layers)
+    n_mamba = n - n_attn
+    counts, stray = _walk_launches(model, window, monkeypatch)
+    want = {"add_rmsnorm": n, "gemv": 2 * n, "add_rmsnorm_gemv": n + 1, "swiglu_gemv": n}
+    if window:
+        want |= {"spec_conv": n_mamba, "ssm_replay": n_mamba, "rmsnorm_gated": n_mamba,
+                 "rope_kv_write_window": n_attn, "window_attention": n_attn}
+    else:
+        want |= {"conv_update_inplace": n_mamba, "ssm_step_gated": n_mamba, "rope_kv_write": n_attn,
+                 "decode_attention": n_attn}
+    assert dict(counts) == want
+    assert dict(stray) == ({"embedding": 1, "copy_": 2 * n_mamba} if window else {"embedding": 1})
