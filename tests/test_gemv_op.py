@@ -108,10 +108,10 @@ def test_the_margin_over_cublas_applies_to_tall_weights_only(monkeypatch):
 
 
 def test_the_decode_step_runs_its_linears_through_the_gemv_ops():
-    """Every projection of a one-token step goes through the op table's ``gemv`` (in_proj, out_proj, [q; k; v],
-    o_proj) or one of the GEMV ops with the elementwise op before it fused in (``add_rmsnorm_gemv``: [gate; up]
-    and lm_head; ``swiglu_gemv``: down_proj), so the kernels (or ``--kernels ref:gemv``) apply to all; the step's
-    logits equal those of the same walk with the two ops apart."""
+    """Every projection of a one-token step goes through the op table's ``gemv`` (out_proj, o_proj) or one of the
+    GEMV ops with the elementwise op before it fused in (``add_rmsnorm_gemv``: in_proj or [q; k; v] after the
+    input norm, [gate; up], lm_head; ``swiglu_gemv``: down_proj), so the kernels (or ``--kernels ref:gemv``) apply
+    to all; the step's logits equal those of the same walk with the two ops apart."""
     from helpers import tiny_hybrid
     from mamballama_cli.models.runtime import Runtime
     from mamballama_cli.ops.decode import add_rmsnorm_ref, gemv_ref, swiglu_ref
@@ -131,11 +131,16 @@ def test_the_decode_step_runs_its_linears_through_the_gemv_ops():
     logits = rt.walk(ids[:, -1], step)
     n_layers = model.config.num_hidden_layers
     inter, hidden = model.config.intermediate_size, model.config.hidden_size
-    assert len(calls["gemv"]) == 2 * n_layers
-    assert calls["add_rmsnorm_gemv"] == [(2 * inter, hidden)] * n_layers + [tuple(model.lm_head.weight.shape)]
+    assert len(calls["gemv"]) == n_layers  # the mixers' output projections
+    firsts = [tuple((layer.self_attn.q_proj.weight if layer.is_attention else layer.mamba.in_proj.weight).shape)
+              for layer in model.model.layers]  # [q; k; v] is q_proj's rows and k's and v's
+    got = calls["add_rmsnorm_gemv"]
+    assert len(got) == 2 * n_layers + 1 and got[-1] == tuple(model.lm_head.weight.shape)
+    assert got[1:-1:2] == [(2 * inter, hidden)] * n_layers
+    assert [s[1] for s in got[0:-1:2]] == [s[1] for s in firsts]
     assert calls["swiglu_gemv"] == [(hidden, inter)] * n_layers
     assert logits.shape == (1, model.config.vocab_size)
-    # the same step with the ops apart (the walk as it was): the same logits, bit for bit on CPU
+    # the same step with every norm and SwiGLU apart from their GEMVs: the same logits, bit for bit on CPU
     rt.fns["add_rmsnorm_gemv"] = lambda x, r, nw, eps, w, b=None: (
         lambda n_h: (gemv_ref(n_h[0], w, b), n_h[1]))(add_rmsnorm_ref(x, r, nw, eps))
     rt.fns["swiglu_gemv"] = lambda gu, w, b=None: gemv_ref(swiglu_ref(gu), w, b)
@@ -195,7 +200,12 @@ for dtype in (torch.bfloat16, torch.float16):
                                               b.double() if bias else None)
         want_h = (r + x)  # the sum rounds in the activation dtype
         want_s = swiglu_gemv_ref(gu.float(), w.double().float(), b.float() if bias else None).double()
+        want_y0, _ = add_rmsnorm_gemv_ref(x.double(), None, nw.double(), 1e-5, w.double(),
+                                          b.double() if bias else None)
         for cfg in CONFIGS:
+            y0, h0 = fused_launch(NORM, x, w, b, None, nw, 1e-5, config=cfg)  # a layer's first norm: no residual
+            assert torch.equal(h0, x)
+            out[f"norm0 {dtype} {lead} {n}x{k} {cfg}"] = float((y0.double() - want_y0).norm() / want_y0.norm())
             y, h = fused_launch(NORM, x, w, b, r, nw, 1e-5, config=cfg)
             assert y.shape == (*lead, n) and h.shape == x.shape and y.dtype == dtype
             out[f"norm {dtype} {lead} {n}x{k} {cfg}"] = float((y.double() - want_y).norm() / want_y.norm())
@@ -205,7 +215,7 @@ for dtype in (torch.bfloat16, torch.float16):
             out[f"swiglu {dtype} {lead} {n}x{k} {cfg}"] = float((s.double() - want_s).norm() / want_s.norm())
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=900)
-    assert len(errs) == 2 * 4 * 3 * len(CONFIGS)
+    assert len(errs) == 2 * 4 * 4 * len(CONFIGS)
     # h exactly the reference's rounded sum in fp16; in bf16 within one rounding (the interpreter converts to bf16
     # by truncation, not to nearest as the GPU does)
     assert all(v == 0.0 for k, v in errs.items() if k.startswith("h torch.float16")), errs

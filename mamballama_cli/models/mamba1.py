@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mamballama_cli import ops
 from mamballama_cli.errors import MamballamaError
 from mamballama_cli.models.mixers import AttentionInitMixer, inverse_softplus
-from mamballama_cli.models.step import ReplayWindow, Step
+from mamballama_cli.models.step import ReplayWindow, Step, project_in
 from mamballama_cli.ops import selective_scan as sscan
 
 
@@ -180,7 +180,7 @@ class Mamba1Mixer(AttentionInitMixer):
     # --- inference (models/step.py) ----------------------------------------------------------------------
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
         """x (batch, hidden) -> (batch, hidden); ``state`` updated in place."""
-        z, xc, B, C, dt_low = self._split(self.in_proj(x))
+        z, xc, B, C, dt_low = self._split(project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns))
         xc, new_conv = step.fns["causal_conv1d_update"](
             xc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias, self.activation
         )
@@ -197,7 +197,7 @@ class Mamba1Mixer(AttentionInitMixer):
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the current window (holding ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
-        zxbcdt = self.in_proj(x)
+        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
         x_in = zxbcdt[..., self.in_proj_slices()["x"]]  # (b, T, n_kv * d) conv inputs
         if step.rebase:
             idx = (step.keep.reshape(b, 1) + win.arange)[:, None, :].expand(b, self.d_x, win.w1)

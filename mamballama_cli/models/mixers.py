@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamballama_cli import ops
-from mamballama_cli.models.step import ReplayWindow, Step, one_token_step
+from mamballama_cli.models.step import ReplayWindow, Step, one_token_step, project_in
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -322,7 +322,7 @@ class Mamba2Mixer(AttentionInitMixer):
         norm in one op; ``state`` updated in place."""
         fns = step.fns
         b = x.shape[0]
-        zxbcdt = fns["gemv"](x, self.in_proj.weight, self.in_proj.bias)  # (batch, d_in_proj)
+        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, fns)  # (batch, d_in_proj)
         z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
         xbc = fns["conv_update_inplace"](xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias,
                                          self.activation)
@@ -341,7 +341,7 @@ class Mamba2Mixer(AttentionInitMixer):
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the window (which then holds ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
-        zxbcdt = step.fns["gemv"](x, self.in_proj.weight, self.in_proj.bias)
+        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
         z, xbc_in, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
         if step.rebase:
             # the w1 conv inputs before the new window start keep entries into the buffer

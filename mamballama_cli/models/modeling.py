@@ -21,7 +21,7 @@ from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
 from mamballama_cli.models.rope import RotaryEmbedding, apply_rotary, rope_inv_freq
-from mamballama_cli.models.step import Step, fuse_linears
+from mamballama_cli.models.step import Step, fuse_linears, project_in
 from mamballama_cli.ops.decode import write_positions
 
 try:  # transformers >= 5: guarded init functions that respect already-loaded weights
@@ -184,7 +184,7 @@ class Attention(nn.Module):
     def step(self, x: Tensor, state: "AttentionState", step: Step) -> Tensor:
         """New tokens' attention over the static K/V buffers, their own K/V written at their positions."""
         fns = step.fns
-        qkv = fns["gemv"](x, state.qkv_w, state.qkv_b)  # (..., (n_heads + 2 n_kv) * head_dim)
+        qkv = project_in(x, state.qkv_w, state.qkv_b, fns)  # (..., (n_heads + 2 n_kv) * head_dim)
         kb, vb = state.key, state.value
         if not step.window:  # one token per row, x (batch, hidden), at step.pos
             q = fns["rope_kv_write"](qkv, step.cos, step.sin, kb, vb, step.pos, self.n_heads, self.n_kv)

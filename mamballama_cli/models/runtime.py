@@ -26,7 +26,8 @@ from torch import Tensor
 
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.feature_draft import feature_inputs
-from mamballama_cli.models.step import OpTable, Step, column_major, contiguous_state_dict, fuse_linears
+from mamballama_cli.models.step import (NormedInput, OpTable, Step, column_major, contiguous_state_dict,
+                                        fuse_linears)
 
 
 def fuse_projections(model, column_major: bool = False) -> None:
@@ -128,8 +129,8 @@ class Runtime:
         hidden). ``features_out``: a buffer of ids' shape plus hidden that receives the new tokens' features (the
         last hidden state after the final norm, what lm_head reads)."""
         add_norm, linear, eps = self.fns["add_rmsnorm"], self.fns["gemv"], self.eps
-        # the norm before [gate; up] and before lm_head, and SwiGLU before down_proj, each in one op with the GEMV
-        # after it (one kernel on CUDA where that was timed faster; ops/triton_gemv_fused.py)
+        # every norm in one op with the GEMV after it (the mixer's first projection, [gate; up], lm_head), and
+        # SwiGLU with down_proj: one kernel each on CUDA where that was timed faster (ops/triton_gemv_fused.py)
         norm_linear, swiglu_linear = self.fns["add_rmsnorm_gemv"], self.fns["swiglu_gemv"]
         hidden = F.embedding(ids, self.embed_w)
         if self.fc_w is not None:
@@ -138,8 +139,9 @@ class Runtime:
             hidden = linear(torch.cat([hidden, features.to(hidden.dtype)], dim=-1), self.fc_w)
         residual = None
         for p in self.layers:
-            x, residual = add_norm(hidden, residual, p.ln1, eps)
+            x = NormedInput(hidden, residual, p.ln1, eps)
             hidden = p.mixer.step(x, p.state, step)
+            residual = x.residual_out(p.mixer)
             gate_up, residual = norm_linear(hidden, residual, p.ln2, eps, p.gate_up_w, p.gate_up_b)
             hidden = swiglu_linear(gate_up, p.down_w, p.down_b)
         if features_out is None:

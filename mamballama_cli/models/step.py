@@ -9,7 +9,9 @@ methods, besides its parallel ``forward`` (training and prefill):
     buffers of a replay window of that many tokens, which the runtime fills from the cache after the prompt
     with ``state.load(cache)``. Attention keeps its K/V in the cache in both cases (it rolls back by length).
 ``step(x, state, step: Step) -> Tensor``
-    The mixer's output for the new tokens, after the input norm. ``step.window`` False: one token per row,
+    The mixer's output for the new tokens. ``x`` is the normed input (a tensor), or, from the runtime, a
+    :class:`NormedInput` whose norm the mixer's first projection applies (:func:`project_in`, which every mixer
+    calls for that projection). ``step.window`` False: one token per row,
     x (batch, hidden), the state updated in place (the decode step, captured in a CUDA graph on CUDA). True:
     T tokens, x (batch, T, hidden): with ``step.rebase``, first replay ``step.keep`` (batch,) steps of the
     last window from its checkpoint and start a new window; else append to the window (``step.wlen``
@@ -79,6 +81,39 @@ class Step:
     rebase: bool = True
     wlen: int = 0
     kv_len: int | None = None
+
+
+class NormedInput:
+    """A layer's input before its norm, as the runtime hands it to a mixer's ``step``: (hidden, residual) and the
+    norm's weight. The mixer's first projection applies the norm (:func:`project_in`: the ``add_rmsnorm_gemv``
+    op, one kernel on CUDA where that was timed faster than the two apart), which also gives the layer's new
+    residual; the runtime reads it after the step (:meth:`residual_out`)."""
+
+    def __init__(self, hidden: Tensor, residual: Tensor | None, weight: Tensor, eps: float):
+        self.hidden, self.residual, self.weight, self.eps = hidden, residual, weight, eps
+        self.new_residual: Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.hidden.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    def residual_out(self, mixer) -> Tensor:
+        if self.new_residual is None:
+            raise RuntimeError(f"{type(mixer).__name__}.step did not read its input through project_in")
+        return self.new_residual
+
+
+def project_in(x, weight: Tensor, bias: Tensor | None, fns: "OpTable") -> Tensor:
+    """A mixer's first projection of its input: ``gemv`` of a normed tensor, or, for a :class:`NormedInput`, the
+    norm and the projection in one op (the new residual kept on ``x``)."""
+    if isinstance(x, NormedInput):
+        y, x.new_residual = fns["add_rmsnorm_gemv"](x.hidden, x.residual, x.weight, x.eps, weight, bias)
+        return y
+    return fns["gemv"](x, weight, bias)
 
 
 def one_token_step(device) -> Step:

@@ -52,9 +52,10 @@ if triton is not None:
 
     @triton.jit
     def _fused_kernel(X, R, LNW, W, BIAS, Y, HOUT, M, N, K, eps, stride_xm, stride_rm, stride_hm, stride_wn,
-                      stride_ym, KIND: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
-        # KIND 0: X (M, K) the new hidden, R (M, K) the residual, LNW (K,) the norm weight, HOUT (M, K) gets R + X.
+                      stride_ym, KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+        # KIND 0: X (M, K) the new hidden, R (M, K) the residual (HAS_RES; else h = X), LNW (K,) the norm weight,
+        # HOUT (M, K) gets R + X.
         # KIND 1: X (M, 2K) = [gate | up]; R, LNW, HOUT unused.
         pid = tl.program_id(0)
         outs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -69,11 +70,12 @@ if triton is not None:
             ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 m = live_m[:, None] & (k0 + cols < K)[None, :]
-                x = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
-                r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
-                h = (r.to(tl.float32) + x.to(tl.float32)).to(dt)  # the model adds in the activation dtype
-                if pid == 0:
-                    tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
+                h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
+                if HAS_RES:
+                    r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
+                    h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)  # the model adds in the activation dtype
+                    if pid == 0:
+                        tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
                 hf = h.to(tl.float32)
                 ss += hf * hf
             rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
@@ -83,9 +85,10 @@ if triton is not None:
             inside = k0 + cols < K
             m = live_m[:, None] & inside[None, :]
             if KIND == 0:
-                x = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
-                r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
-                hf = (r.to(tl.float32) + x.to(tl.float32)).to(dt).to(tl.float32)
+                hf = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
+                if HAS_RES:
+                    r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
+                    hf = (r.to(tl.float32) + hf).to(dt).to(tl.float32)
                 normed = (hf * rstd[:, None]).to(dt).to(tl.float32)  # Llama: normalise, round, then scale
                 lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
                 a = (normed * lnw[None, :]).to(dt).to(tl.float32)
@@ -110,7 +113,7 @@ if triton is not None:
 
     _fused_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
-        key=["M", "N", "K", "KIND"],
+        key=["M", "N", "K", "KIND", "HAS_RES"],
         prune_configs_by={"early_config_prune": _prune},
     )(_fused_kernel)
 
@@ -131,8 +134,9 @@ def _common_ok(x, weight, bias, k: int) -> bool:
 
 def norm_supported(x, residual, norm_w, weight, bias=None) -> bool:
     """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` on these arguments."""
-    return (residual is not None and _common_ok(x, weight, bias, x.shape[-1]) and residual.shape == x.shape
-            and residual.dtype == x.dtype and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
+    return (_common_ok(x, weight, bias, x.shape[-1])
+            and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
+            and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
             and norm_w.is_contiguous() and not _needs_grad(x, residual, norm_w, weight, bias))
 
 
@@ -152,7 +156,10 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if kind == NORM:
+    if kind == NORM and residual is None:  # h is x itself, as the reference hands it back
+        h = x2
+        extra, strides = (x2, norm_w, x2), (0, 0)
+    elif kind == NORM:
         r2 = residual.reshape(-1, K)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
@@ -167,11 +174,12 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
     with _device_guard(x):
         if config is None:
             _fused_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                *args, KIND=kind, HAS_BIAS=bias is not None, ROWS=_padded(M))
+                *args, KIND=kind, HAS_RES=residual is not None, HAS_BIAS=bias is not None, ROWS=_padded(M))
         else:
             bn, bk, warps = config
-            _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_BIAS=bias is not None, BLOCK_N=bn,
-                                                 BLOCK_K=bk, ROWS=_padded(M), num_warps=warps)
+            _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_RES=residual is not None,
+                                                 HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ROWS=_padded(M),
+                                                 num_warps=warps)
     y = y.view(*x.shape[:-1], N)
     return (y, h.view(x.shape)) if kind == NORM else y
 
