@@ -284,6 +284,9 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
         want_y, want_h = add_rmsnorm_gemv_ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
         assert torch.equal(h, res + x), (rows, n, k)  # the sum rounds in the activation dtype, as the model's
         assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2, (rows, n, k)
+        y0, h0 = fused_launch(NORM, x, w, None, None, nw, 1e-5)  # no residual (a step's first layer)
+        want_y0, _ = add_rmsnorm_gemv_ref(x.double(), None, nw.double(), 1e-5, w.double())
+        assert h0.data_ptr() == x.data_ptr() and float((y0.double() - want_y0).norm() / want_y0.norm()) < 1e-2
         got_y, got_h = add_rmsnorm_gemv_triton(x, res, nw, 1e-5, w)  # the kernel or the two ops, as timed
         key = (NORM, rows, n, k, dtype, 0)
         assert TIMINGS[key]["how"] == "graph", TIMINGS[key]

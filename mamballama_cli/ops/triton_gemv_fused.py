@@ -274,6 +274,8 @@ def _check_fused(gen):
         y, h = fused_launch(NORM, x, w, None, r, lnw, 1e-5)
         want_y, want_h = _decode_refs.add_rmsnorm_gemv_ref(x, r, lnw, 1e-5, w)
         errs += [_rel(y, want_y), _rel(h, want_h)]
+        y0, _ = fused_launch(NORM, x, w, None, None, lnw, 1e-5)  # a layer's first norm: no residual
+        errs.append(_rel(y0, _decode_refs.add_rmsnorm_gemv_ref(x, None, lnw, 1e-5, w)[0]))
         gu = _rand(gen, rows, 2 * k, dtype=torch.bfloat16)
         errs.append(_rel(fused_launch(SWIGLU, gu, w), _decode_refs.swiglu_gemv_ref(gu, w)))
     return max(errs)
