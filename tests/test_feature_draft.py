@@ -150,6 +150,19 @@ def test_draft_forward_on_the_targets_features_is_causal_and_equals_the_hooked_f
     assert not draft.model.embed_tokens._forward_hooks  # the hook is gone afterwards
 
 
+def test_chain_mask_is_what_each_drafting_step_sees():
+    """Pass k at position j: pass 0's keys up to j - k (the verify call's window), then one key of each later pass,
+    at j - k + m (the chain of its own steps); the first pass is plain causal."""
+    from mamballama_cli.models.feature_draft import chain_mask
+
+    assert torch.equal(chain_mask(4, 0, "cpu"), torch.tril(torch.ones(4, 4, dtype=torch.bool)))
+    m = chain_mask(4, 2, "cpu").int()
+    assert m.tolist() == [[0, 0, 0, 0,  0, 0, 0, 0,  1, 0, 0, 0],   # j = 0: its own key only (left out of the loss)
+                          [0, 0, 0, 0,  1, 0, 0, 0,  0, 1, 0, 0],   # j = 1: no window key yet
+                          [1, 0, 0, 0,  0, 1, 0, 0,  0, 0, 1, 0],   # j = 2: window up to 0, steps at 1 and 2
+                          [1, 1, 0, 0,  0, 0, 1, 0,  0, 0, 0, 1]]   # j = 3: window up to 1, steps at 2 and 3
+
+
 # --- (d) alignment: the draft is trained towards the target one position on --------------------------------------
 def test_feature_draft_loss_compares_the_draft_with_the_target_one_position_on():
     from mamballama_cli.training.losses import feature_draft_loss, kd_loss
@@ -206,39 +219,49 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     st = eval_stage(True)
     _, m = FEATURE_DRAFT.loss(job, acc, draft, items, st, None, 1.0, None)
 
-    def written_out_kl(passes: int) -> tuple[float, int]:
-        """The KL of the last of ``passes`` draft passes, position by position, and the positions where its top
-        token is the target's: pass 1 reads the target's features; each later pass reads, at position j, the
-        feature the pass before predicted for j (its output at j - 1), position 0 keeping the target's f_0."""
+    def drafting_step(ids, f, j, k):
+        """What the draft's (k+1)-th drafting step at draft position j computes, as decoding runs it: its forward
+        over the true pairs up to j - k (a verify call's window), then k steps, each on the next true token (the
+        proposals before were accepted) and the feature the step before predicted. Its logits at j."""
+        toks, feats = ids[:, 1 : j - k + 2], f[:, : j - k + 1]
+        logits, h = draft_forward(draft, toks, feats)
+        for m in range(1, k + 1):
+            toks = torch.cat([toks, ids[:, j - k + m + 1 : j - k + m + 2]], dim=1)
+            feats = torch.cat([feats, h[:, -1:]], dim=1)
+            logits, h = draft_forward(draft, toks, feats)
+        return logits[0, -1]
+
+    def written_out_kl(k: int) -> tuple[float, int]:
+        """Pass k's KL (k = 0: teacher-forced), position by position from decoding's own steps, and the positions
+        where its top token is the target's; pass k covers the draft positions j >= k."""
         total, agree = 0.0, 0
         with torch.no_grad():
             for it in items:
                 ids = torch.tensor([it.ids])
                 t_logits, f = target_features(target, ids)
-                reads = f[:, :-1]
-                for _ in range(passes):
-                    d_logits, h = draft_forward(draft, ids[:, 1:], reads)
-                    reads = torch.cat([f[:, :1], h[:, :-1]], dim=1)
-                for j in range(len(it) - 2):
+                for j in range(k, len(it) - 2):
                     if it.mask[j + 2]:  # draft position j predicts token j + 2
-                        lt, ld = F.log_softmax(t_logits[0, j + 1], -1), F.log_softmax(d_logits[0, j], -1)
+                        lt = F.log_softmax(t_logits[0, j + 1], -1)
+                        ld = F.log_softmax(drafting_step(ids, f, j, k), -1)
                         total += float((lt.exp() * (lt - ld)).sum())
                         agree += int(lt.argmax() == ld.argmax())
         return total, agree
 
-    expected, agree = written_out_kl(1)
+    expected, agree = written_out_kl(0)
     assert float(m["agree"]) == agree
     assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
     assert FEATURE_DRAFT.count(items, [0, 1], "responses") == 6 + 2
 
-    # unroll 2: the second pass reads the first pass's predictions
-    _, m2 = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(st, unroll=2), None, 1.0, None)
-    expected2, agree2 = written_out_kl(2)
-    assert float(m2["agree"]) == agree and float(m2["agree_unrolled"]) == agree2
+    # unroll 3: pass k is the (k+1)-th drafting step, exactly (chained_passes: its attention sees the window's
+    # keys up to j - k and its own chain's after them; its features are the pass before's predictions)
+    _, m3 = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(st, unroll=3), None, 1.0, None)
+    (kl1, agree1), (kl2, agree2) = written_out_kl(1), written_out_kl(2)
+    assert float(m3["agree"]) == agree and float(m3["agree_unrolled"]) == agree1 + agree2
     assert FEATURE_DRAFT.eval_unit(True).unroll == 2  # held out: the first and the second proposal
-    assert float(m2["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
-    assert float(m2["kl_unrolled"]) == pytest.approx(expected2, rel=1e-4) and abs(expected2 - expected) > 1e-3
-    assert float(m2["loss"]) > float(m["loss"])
+    assert float(m3["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
+    assert float(m3["kl_unrolled"]) == pytest.approx(kl1 + kl2, rel=1e-4) and abs(kl1 - expected) > 1e-3
+    assert float(m3["loss"]) > float(m["loss"])
+    assert all(m.chained is None for m in draft.modules() if hasattr(m, "chained"))  # the context is gone
 
 
 # --- (c) distill through the CLI ---------------------------------------------------------------------------------

@@ -191,3 +191,28 @@ def test_ddp_fsdp_zero3_match_one_gpu(tmp_path):
     for eng in engines.split(","):
         assert report["runs"][eng]["ok"] and report["runs"][eng]["max_abs_diff"] <= 1e-2
     assert "zero3" in engines, "DDP and FSDP match; ZeRO-3 not run: pip install 'mamballama[train]' (deepspeed)"
+
+
+@pytest.mark.slow
+def test_a_feature_draft_trains_its_chained_passes_on_two_cpu_processes_as_on_one(tmp_path):
+    """The feature-draft recipe runs 3 chained passes before one backward (unroll, models/feature_draft.py's
+    chained_passes); under gloo DDP (2 processes x 1 micro-batch) the losses equal 1 process x 2 micro-batches."""
+    from mamballama_cli.convert import ConvertConfig, run_convert
+
+    target = save_teacher(tmp_path / "target", model=tiny_llama(seed=1))
+    run_convert(ConvertConfig(teacher=str(target), output=str(tmp_path / "fdraft"), feature_draft=True))
+    args = ["distill", str(tmp_path / "fdraft"), "--teacher", str(target), "--template", "distill-feature-draft",
+            "--data", TRAIN, "--steps", "3", "--lr", "3e-3", "--seq-len", "96", "--micro-batch-size", "2",
+            "--warmup", "0"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
+                "-m", "mamballama_cli"]
+    out = subprocess.run(torchrun + args + ["--output", str(tmp_path / "ddp")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "x 2 process(es) [ddp]" in out.stderr
+    single = subprocess.run([sys.executable, "-m", "mamballama_cli", *args, "--gradient-accumulation-steps", "2",
+                             "--output", str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "ddp")
+    assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -64,3 +65,53 @@ def target_features(model, ids: Tensor, **kw) -> tuple[Tensor, Tensor]:
     its last hidden state after the final norm, the input of its lm_head."""
     out = model(input_ids=ids, output_hidden_states=True, **kw)
     return out.logits, out.hidden_states[-1]
+
+
+def chain_mask(T: int, k: int, device) -> Tensor:
+    """(T, (k + 1) T) bool, True = attend: what the query at position j of pass k sees among the keys of passes
+    0..k laid side by side: pass 0's keys at positions <= j - k, and pass m's key at position j - k + m for
+    m = 1..k (so at least its own). That is the context of the draft's (k+1)-th drafting step at j: the pairs the
+    verify call confirmed up to j - k, then its own k steps after them."""
+    j = torch.arange(T, device=device)[:, None]
+    i = torch.arange(T, device=device)[None, :]
+    blocks = [i <= j - k] + [i == j - k + m for m in range(1, k + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+@contextlib.contextmanager
+def chained_passes(model):
+    """Inside, every forward of the draft ``model`` over the same rows is one more pass of its drafting chain
+    (a training-time test, as EAGLE-3 trains): pass k's attention at position j sees the keys of pass 0 up to
+    j - k and of passes 1..k at j - k + m (:func:`chain_mask`), exactly what its (k+1)-th drafting step at j
+    sees after a verify call, where the previous passes were run with the features the pass before predicted.
+    Outputs of pass k at positions j < k have no such step (the chain would start before the row); leave them
+    out of the loss. The keys and values of every pass are kept until the context exits (one batch)."""
+    from mamballama_cli.models.modeling import Attention
+
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    kept: dict[int, tuple[list, list]] = {id(m): ([], []) for m in layers}
+
+    def chained(attn, q, k, v, padding_mask):
+        keys, values = kept[id(attn)]
+        keys.append(k)
+        values.append(v)
+        b, _, T, _ = q.shape
+        passes = len(keys)
+        mask = chain_mask(T, passes - 1, q.device)[None, None]  # (1, 1, T, passes * T)
+        if padding_mask is not None:  # no key of a padding position, in any pass; each query still sees its own
+            valid = padding_mask[:, :T].bool().repeat(1, passes)  # (b, passes * T)
+            own = torch.zeros(T, passes * T, dtype=torch.bool, device=q.device)
+            own[:, -T:] = torch.eye(T, dtype=torch.bool, device=q.device)
+            mask = (mask & valid[:, None, None, :]) | own
+        out = F.scaled_dot_product_attention(
+            q, torch.cat(keys, dim=2).to(q.dtype), torch.cat(values, dim=2).to(q.dtype), attn_mask=mask,
+            scale=attn.scaling, enable_gqa=attn.n_kv != attn.n_heads)
+        return out.transpose(1, 2).reshape(b, T, attn.n_heads * attn.head_dim)
+
+    for m in layers:
+        m.chained = chained
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.__dict__.pop("chained", None)

@@ -136,6 +136,8 @@ def lower_right_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, gqa: bo
 
 
 class Attention(nn.Module):
+    chained = None  # set by models/feature_draft.py's chained_passes while a feature draft trains
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -157,6 +159,8 @@ class Attention(nn.Module):
         k = self.k_proj(hidden).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(b, q_len, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = ops.rotary(q, k, cos, sin)  # reference on CPU, one kernel each way on CUDA
+        if self.chained is not None:  # a feature draft's training-time test (models/feature_draft.py)
+            return self.o_proj(self.chained(self, q, k, v, padding_mask))
         if cache is not None:
             k, v = cache.kv_update(self.layer_idx, k, v)
         kv_len = k.shape[2]

@@ -14,13 +14,14 @@ distilling a feature draft is :class:`FeatureDraftRecipe`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from mamballama_cli.errors import UsageError
-from mamballama_cli.models.feature_draft import features_in, is_feature_draft, target_features
+from mamballama_cli.models.feature_draft import chained_passes, features_in, is_feature_draft, target_features
 from mamballama_cli.output import log
 from mamballama_cli.training import align
 from mamballama_cli.training.config import ResolvedStage
@@ -297,7 +298,9 @@ class FeatureDraftRecipe(DistillRecipe):
     ``agree`` is the share of loss positions where the draft's top token is the target's (the first pass: what
     greedy drafting would accept at its first proposal), ``agree_unrolled`` the same summed over the later
     passes; held-out evaluation runs :attr:`EVAL_UNROLL` passes, so ``eval_agree_unrolled`` is the second
-    proposal's.
+    proposal's. The passes attend as a training-time test (EAGLE-3; ``chained_passes``): pass k at position j
+    sees pass 0's keys up to j - k and the later passes' along its own chain, what the (k+1)-th drafting step
+    sees after a verify call; its loss covers the positions j >= k.
     The draft has no output for a row's first target (it reads tokens 1..T-1), so the loss normaliser leaves it
     out."""
 
@@ -349,23 +352,30 @@ class FeatureDraftRecipe(DistillRecipe):
         targets, mask, valid = (to_device(t, device) for t in (batch["targets"], mask, batch["valid"]))
         reads = features[:, :-1]
         total, metrics = 0.0, {}
-        for k in range(max(1, getattr(st, "unroll", 1))):
-            # Through the (possibly wrapped) model's own forward, with fc([embed; f]) as its input embeddings.
-            with acc.autocast(), features_in(acc.unwrap_model(model), reads):
-                out = model(**draft_inputs)
-            loss_k, m = feature_draft_loss(
-                out.logits, out.hidden_states[-1], t_logits, features, targets, mask, valid,
-                w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce, temperature=st.temperature,
-                w_feature=getattr(st, "w_feature", 0.0))
-            total = total + loss_k
-            if k == 0:
-                metrics = m
-            else:  # the later passes' KL and agreement, summed over the passes as their losses are
-                metrics["kl_unrolled"] = metrics.get("kl_unrolled", 0.0) + m["kl"]
-                metrics["agree_unrolled"] = metrics.get("agree_unrolled", 0.0) + m["agree"]
-            # The next pass: position j reads what this pass predicted for f_j (its output at j - 1), as the
-            # draft's second and later steps read their own predictions; position 0 keeps the target's f_0.
-            reads = torch.cat([features[:, :1], out.hidden_states[-1][:, :-1].detach().to(features.dtype)], dim=1)
+        unroll = max(1, getattr(st, "unroll", 1))
+        row = torch.arange(mask.shape[1], device=mask.device)
+        draft = acc.unwrap_model(model)
+        with chained_passes(draft) if unroll > 1 else contextlib.nullcontext():
+            for k in range(unroll):
+                # Through the (possibly wrapped) model's own forward, with fc([embed; f]) as its input embeddings;
+                # pass k attends as the (k+1)-th drafting step does (models/feature_draft.py, chained_passes).
+                with acc.autocast(), features_in(draft, reads):
+                    out = model(**draft_inputs)
+                loss_k, m = feature_draft_loss(
+                    out.logits, out.hidden_states[-1], t_logits, features, targets, mask & (row > k)[None], valid,
+                    w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce, temperature=st.temperature,
+                    w_feature=getattr(st, "w_feature", 0.0))  # pass k: draft positions j >= k (mask index j + 1)
+                total = total + loss_k
+                if k == 0:
+                    metrics = m
+                else:  # the later passes' KL and agreement, summed over the passes as their losses are
+                    metrics["kl_unrolled"] = metrics.get("kl_unrolled", 0.0) + m["kl"]
+                    metrics["agree_unrolled"] = metrics.get("agree_unrolled", 0.0) + m["agree"]
+                # The next pass: position j reads what this pass predicted for f_j (its output at j - 1), as the
+                # draft's second and later steps read their own predictions; position 0 (left out of its loss)
+                # keeps the target's f_0.
+                reads = torch.cat([features[:, :1], out.hidden_states[-1][:, :-1].detach().to(features.dtype)],
+                                  dim=1)
         metrics["loss"] = total.detach()
         metrics["n_tokens"] = torch.tensor(float(batch["n_tokens"]))
         return total, metrics
