@@ -207,8 +207,8 @@ def test_a_feature_draft_trains_its_chained_passes_on_two_cpu_processes_as_on_on
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
                 "-m", "mamballama_cli"]
-    out = subprocess.run(torchrun + args + ["--output", str(tmp_path / "ddp")], env=env, capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(torchrun + args + ["--gradient-accumulation-steps", "1", "--output", str(tmp_path / "ddp")],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "x 2 process(es) [ddp]" in out.stderr
     single = subprocess.run([sys.executable, "-m", "mamballama_cli", *args, "--gradient-accumulation-steps", "2",
