@@ -361,10 +361,11 @@ class FeatureDraftRecipe(DistillRecipe):
                 # pass k attends as the (k+1)-th drafting step does (models/feature_draft.py, chained_passes).
                 with acc.autocast(), features_in(draft, reads):
                     out = model(**draft_inputs)
+                in_chain = (row > k)[None]  # pass k: draft positions j >= k (index j + 1 of the masks)
                 loss_k, m = feature_draft_loss(
-                    out.logits, out.hidden_states[-1], t_logits, features, targets, mask & (row > k)[None], valid,
-                    w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce, temperature=st.temperature,
-                    w_feature=getattr(st, "w_feature", 0.0))  # pass k: draft positions j >= k (mask index j + 1)
+                    out.logits, out.hidden_states[-1], t_logits, features, targets, mask & in_chain,
+                    valid & in_chain, w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce,
+                    temperature=st.temperature, w_feature=getattr(st, "w_feature", 0.0))
                 total = total + loss_k
                 if k == 0:
                     metrics = m
