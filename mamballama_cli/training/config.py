@@ -196,8 +196,8 @@ class DistillConfig(TrainConfig):
     w_feature: float = option(0.0, help="Weight of a feature draft's feature loss: smooth L1 between its last hidden "
                               "state and the target's (models/feature_draft.py).")
     unroll: int = option(1, help="A feature draft's training passes per batch: the first reads the target's "
-                         "features, each later one the features the draft predicted in the pass before, as its "
-                         "drafting steps after the first do; every pass is weighted 1.")
+                         "features; pass k reads the features pass k-1 predicted and attends as the (k+1)-th "
+                         "drafting step does (a training-time test); every pass is weighted 1.")
     loss_positions: str = option("responses", help="responses (the target tokens) or all (every real token, "
                                  "prompts included: the teacher's logits on prompts too).")
     kl_reduction: str = option("token", help="token (KL averaged per token) or sequence (summed per sequence, as "
