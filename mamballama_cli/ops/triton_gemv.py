@@ -83,53 +83,70 @@ if triton is not None:
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
 
     @triton.jit
-    def _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
-        # the rows' x tile and the weight tile at k0, masked past K unless K is a multiple of the tile
+    def _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
+        # rows' x tile at k0, masked past M and (unless K is a multiple of the tile) past K
         if EVEN_K:
             x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
-            w = tl.load(w_ptrs + k0)
         else:
-            inside = k0 + cols < K
-            x = tl.load(x_ptrs + k0, mask=live_m[:, None] & inside[None, :], other=0.0)
-            w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
-        return x, w
+            x = tl.load(x_ptrs + k0, mask=live_m[:, None] & (k0 + cols < K)[None, :], other=0.0)
+        return x
 
     @triton.jit
-    def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, R0: tl.constexpr, R: tl.constexpr,
-                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        # rows R0 .. R0 + R - 1 (those below M) against this program's block of outputs: the products accumulated in
-        # an (R, BLOCK_N, BLOCK_K) float32 tile, summed over K once after the loop, as the one-row kernel does
+    def _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
+        # the rows' x tile and the weight tile at k0
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0)
+        else:
+            w = tl.load(w_ptrs + k0, mask=(k0 + cols < K)[None, :], other=0.0)
+        return _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K), w
+
+    @triton.jit
+    def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, RA: tl.constexpr, RB: tl.constexpr,
+                  RBP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+        # The acc mode: rows 0 .. RA - 1 and RA .. RA + RB - 1 (those below M; RB may be 0) against this program's
+        # block of outputs (RBP: RB, at least 1), each weight tile loaded once for both groups; the products
+        # accumulated in float32
+        # (rows x BLOCK_N x BLOCK_K) tiles, summed over K once after the loop, as the one-row kernel does.
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
-        rows = R0 + tl.arange(0, R)
-        live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
-        x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+        ra = tl.arange(0, RA)
+        rb = RA + tl.arange(0, RBP)
+        live_a, live_b = ra < M, rb < M
+        xa_ptrs = X + ra[:, None] * stride_xm + cols[None, :]
+        xb_ptrs = X + rb[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        acc = tl.zeros((R, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_a = tl.zeros((RA, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_b = tl.zeros((RBP, BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        y = tl.sum(acc, axis=2)
+            xa, w = _tiles(xa_ptrs, w_ptrs, k0, cols, K, live_a, EVEN_K)
+            wf = w.to(tl.float32)[None, :, :]
+            acc_a += xa.to(tl.float32)[:, None, :] * wf
+            if RB > 0:
+                acc_b += _x_tile(xb_ptrs, k0, cols, K, live_b, EVEN_K).to(tl.float32)[:, None, :] * wf
+        bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
         if HAS_BIAS:
-            y += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
-        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], y.to(Y.dtype.element_ty),
-                 mask=live_m[:, None] & live_n[None, :])
+            bias = tl.load(BIAS + outs_read).to(tl.float32)
+        ya = tl.sum(acc_a, axis=2) + bias[None, :]
+        tl.store(Y + ra[:, None] * stride_ym + outs[None, :], ya.to(Y.dtype.element_ty),
+                 mask=live_a[:, None] & live_n[None, :])
+        if RB > 0:
+            yb = tl.sum(acc_b, axis=2) + bias[None, :]
+            tl.store(Y + rb[:, None] * stride_ym + outs[None, :], yb.to(Y.dtype.element_ty),
+                     mask=live_b[:, None] & live_n[None, :])
 
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr):
+                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr):
         # MODE: 0 dot, 1 sum (ROWS: the rows padded to a power of two, to 16 for tl.dot's smallest M), 2 acc (the
         # rows as ROWS_A, the largest power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so
-        # no product is spent on a padding row where it can be helped)
+        # no product is spent on a padding row where it can be helped; one weight load serves both groups)
         if MODE == 2:
-            _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, 0, ROWS_A, HAS_BIAS, BLOCK_N,
-                      BLOCK_K, EVEN_K)
-            if ROWS_B > 0:
-                _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, HAS_BIAS,
-                          BLOCK_N, BLOCK_K, EVEN_K)
+            _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
+                      BLOCK_N, BLOCK_K, EVEN_K)
         else:
             outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             live_n = outs < N
@@ -158,7 +175,8 @@ if triton is not None:
         key=["M", "N", "K"],
     )(_even_k(triton.heuristics({"ROWS": lambda a: _padded_rows(a["M"], a["MODE"] == 0),
                                  "ROWS_A": lambda a: _row_split(a["M"])[0],
-                                 "ROWS_B": lambda a: _row_split(a["M"])[1]})(_skinny_kernel)))
+                                 "ROWS_B": lambda a: _row_split(a["M"])[1],
+                                 "ROWS_BP": lambda a: max(1, _row_split(a["M"])[1])})(_skinny_kernel)))
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["N", "K"],
@@ -220,6 +238,7 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
                                                       EVEN_K=K % bk == 0, MODE=MODES[mode],
                                                       ROWS=_padded_rows(M, mode == "dot"),
                                                       ROWS_A=_row_split(M)[0], ROWS_B=_row_split(M)[1],
+                                                      ROWS_BP=max(1, _row_split(M)[1]),
                                                       num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
