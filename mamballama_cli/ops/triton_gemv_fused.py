@@ -53,7 +53,7 @@ if triton is not None:
     @triton.jit
     def _fused_kernel(X, R, LNW, W, BIAS, Y, HOUT, M, N, K, eps, stride_xm, stride_rm, stride_hm, stride_wn,
                       stride_ym, KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr):
         # KIND 0: X (M, K) the new hidden, R (M, K) the residual (HAS_RES; else h = X), LNW (K,) the norm weight,
         # HOUT (M, K) gets R + X.
         # KIND 1: X (M, 2K) = [gate | up]; R, LNW, HOUT unused.
@@ -98,7 +98,10 @@ if triton is not None:
                             other=0.0).to(tl.float32)
                 act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)  # silu rounds, then the product
                 a = (act * u).to(dt).to(tl.float32)
-            w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
+            if EVEN_K:  # no mask on the weight's hot loads
+                w = tl.load(w_ptrs + k0).to(tl.float32)
+            else:
+                w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
             acc += a[:, None, :] * w[None, :, :]
         y = tl.sum(acc, axis=2)
         if HAS_BIAS:
@@ -115,7 +118,7 @@ if triton is not None:
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["M", "N", "K", "KIND", "HAS_RES"],
         prune_configs_by={"early_config_prune": _prune},
-    )(_fused_kernel)
+    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_fused_kernel))
 
 
 def _padded(m: int) -> int:
@@ -179,7 +182,7 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
             bn, bk, warps = config
             _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_RES=residual is not None,
                                                  HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ROWS=_padded(M),
-                                                 num_warps=warps)
+                                                 EVEN_K=K % bk == 0, num_warps=warps)
     y = y.view(*x.shape[:-1], N)
     return (y, h.view(x.shape)) if kind == NORM else y
 
