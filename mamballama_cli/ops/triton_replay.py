@@ -9,12 +9,11 @@ memory, so a captured CUDA graph serves every accepted count), stores the new ch
 steps, writing one output row per step. State traffic is one read and one or two writes per call, whatever
 K is; no GEMMs.
 
-The Mamba-2 kernel loads every step's inputs (x, dt, B, C of the replayed and the new steps) before its
-recurrence starts, as (steps x ...) tiles in registers, with the steps unrolled (the window sizes are compile-time
-constants), so a call waits on memory once rather than once per step: a verify window at K = 4 is up to 5
-replayed and 5 new steps in sequence. Steps past a row's count run with dt = 0, the identity. The Mamba-1 kernel
-still loads each step's inputs inside its loop: its B and C are gathered per channel, so their tiles for a whole
-window would be (steps x channels x dstate) and would not fit in registers at its block size.
+The Mamba-2 kernel unrolls the window's steps (its sizes are compile-time constants). No step's loads depend on
+the state, so the compiler can issue them ahead of the recurrence instead of waiting on memory once per step,
+as a loop over a count read at run time had to: a verify window at K = 4 is up to 5 replayed and 5 new steps in
+sequence. Steps past a row's count load nothing and run with dt = 0, the identity. The Mamba-1 kernel still
+loops over the count read at run time.
 
 Inference only (no autograd): verification never trains. Importing this module registers the kernels on
 CUDA; it is skipped (and the references used) when Triton is not installed.
@@ -53,18 +52,6 @@ def _tile(ptr, rows, s_row, cols, s_col):
 
 
 @triton.jit
-def _row(tile, idx, t):
-    """Row ``t`` of a register tile whose rows are numbered by ``idx``, as a vector: exact (one term is not zero)."""
-    return tl.sum(tl.where(idx[:, None] == t, tile, 0.0), axis=0)
-
-
-@triton.jit
-def _at(vec, idx, t):
-    """Element ``t`` of a register vector numbered by ``idx``."""
-    return tl.sum(tl.where(idx == t, vec, 0.0), axis=0)
-
-
-@triton.jit
 def _replay_kernel(
     state_ptr, x_old_ptr, dt_old_ptr, B_old_ptr, n_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, A_ptr, dt_bias_ptr, D_ptr,
@@ -81,13 +68,13 @@ def _replay_kernel(
     y_sb, y_st, y_sh, y_sp,
     so_sb, so_sh, so_sp, so_sn,
     f_sb, f_sh, f_sp, f_sn,
-    W: tl.constexpr, T: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr,
+    W: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Every step's x, dt, B (and C) is loaded before the recurrence starts, as (steps x ...) register tiles: the
-    # loads of a call are issued together, so it waits on memory once, not once per step as a loop that loads
-    # each step's inputs inside it would (a verify call replays up to W and runs T steps, in sequence). W and T
-    # are the window's sizes (constexpr: the steps are unrolled), WP and TP the powers of two >= them.
+    # The window's steps are unrolled (W and T are compile-time constants): no step's loads depend on the state, so
+    # the compiler can issue them all ahead of the recurrence, and a call need not wait on memory once per step, as
+    # a loop over a count read at run time makes it do (a verify call replays up to W steps and runs T more, in
+    # sequence). Steps past the row's count load nothing and run with dt = 0: the identity.
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -100,45 +87,34 @@ def _replay_kernel(
     mask_n = offs_n < dstate
     mask = mask_p[:, None] & mask_n[None, :]
 
-    A = tl.load(A_ptr + h).to(tl.float32)
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
-    # 1. The accepted steps of the last window: the row's count, read on the device (at most W).
-    r = tl.minimum(tl.load(n_ptr + b).to(tl.int32), W)
-    tw = tl.arange(0, WP)
-    live_w = tw < r
-    xs = tl.load(x_old_ptr + b * xo_sb + g * xo_sg + tw[:, None] * xo_st + offs_p[None, :] * xo_sp,
-                 mask=live_w[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-    dts = tl.load(dt_old_ptr + b * dto_sb + h * dto_sh + tw * dto_st, mask=live_w, other=0.0).to(tl.float32)
-    Bs = tl.load(B_old_ptr + b * Bo_sb + g * Bo_sg + tw[:, None] * Bo_st + offs_n[None, :] * Bo_sn,
-                 mask=live_w[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    dts = tl.where(live_w, _softplus(dts + dt_bias), 0.0)  # a step past the count: dt = 0, the identity
-    # 2. The new steps' inputs.
-    tt = tl.arange(0, TP)
-    live_t = tt < T
-    xn = tl.load(x_ptr + b * x_sb + g * x_sg + tt[:, None] * x_st + offs_p[None, :] * x_sp,
-                 mask=live_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
-    dtn = _softplus(tl.load(dt_ptr + b * dt_sb + h * dt_sh + tt * dt_st, mask=live_t, other=0.0).to(tl.float32)
-                    + dt_bias)
-    Bn = tl.load(B_ptr + b * B_sb + g * B_sg + tt[:, None] * B_st + offs_n[None, :] * B_sn,
-                 mask=live_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    Cn = tl.load(C_ptr + b * C_sb + cg * C_sg + tt[:, None] * C_st + offs_n[None, :] * C_sn,
-                 mask=live_t[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    if HAS_D:
-        Dh = tl.load(D_ptr + h).to(tl.float32)
     s = tl.load(_tile(state_ptr + b * s_sb + h * s_sh, offs_p, s_sp, offs_n, s_sn), mask=mask, other=0.0)
     s = s.to(tl.float32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
 
-    for t in tl.static_range(W):  # replay, no outputs; past the count dt = 0 and x = 0 leave s as it is
-        dt = _at(dts, tw, t)
-        s = s * tl.exp(dt * A) + (dt * _row(xs, tw, t))[:, None] * _row(Bs, tw, t)[None, :]
+    # 1. Replay the accepted steps of the last window (no outputs); the row's count is read on the device.
+    r = tl.minimum(tl.load(n_ptr + b).to(tl.int32), W)
+    for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
+        on_p = mask_p & (offs_p * 0 + t < r)
+        on_n = mask_n & (offs_n * 0 + t < r)
+        x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p, other=0.0)
+        dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
+        dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
+        Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n, other=0.0)
+        s = s * tl.exp(dt * A) + (dt * x.to(tl.float32))[:, None] * Bv.to(tl.float32)[None, :]
     tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
              s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
-    for t in tl.static_range(T):  # the new steps, with outputs
-        x = _row(xn, tt, t)
-        dt = _at(dtn, tt, t)
-        s = s * tl.exp(dt * A) + (dt * x)[:, None] * _row(Bn, tt, t)[None, :]
-        y = tl.sum(s * _row(Cn, tt, t)[None, :], axis=1)
+    # 2. The new steps, with outputs.
+    if HAS_D:
+        Dh = tl.load(D_ptr + h).to(tl.float32)
+    for t in tl.static_range(T):
+        x = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0).to(tl.float32)
+        dt = _softplus(tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh).to(tl.float32) + dt_bias)
+        Bv = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0).to(tl.float32)
+        Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n, other=0.0).to(tl.float32)
+        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
             y += Dh * x
         tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
@@ -267,7 +243,7 @@ def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_ne
             *state.stride(), *old_strides,
             *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
             *y.stride(), *out.stride(), *final.stride(),
-            W=W, T=T, WP=triton.next_power_of_2(max(W, 1)), TP=triton.next_power_of_2(max(T, 1)),
+            W=W, T=T,
             HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
             num_warps=4,
         )
