@@ -148,20 +148,27 @@ def main() -> None:
             if "accepted_hist" in r:  # p_i: draft i accepted, given drafts 1..i-1 were
                 r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
         runs.append({"k": K, "engines": engines_k, "parts": speculative["parts"]})
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    head = {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
-            "target": args.target, "draft": draft_name}
-    tail = {"prompts": len(prompts), "new_tokens": n_new}
+        if len(ks) > 1:  # each window's result on disk as it finishes: a run cut short keeps the ones done
+            write_result(sweep_result(args, target, draft_name, device, ks, prompts, n_new, runs), args.json)
+    result = sweep_result(args, target, draft_name, device, ks, prompts, n_new, runs)
     if len(runs) == 1:  # one K: the flat layout of the earlier results
-        result = {**head, "k": runs[0]["k"], **tail, "engines": runs[0]["engines"], "parts": runs[0]["parts"]}
+        del result["runs"], result["done"]
+        result.update(k=runs[0]["k"], engines=runs[0]["engines"], parts=runs[0]["parts"])
     else:
-        result = {**head, "k": ks, **tail, "runs": runs}
         for run in runs:
             r = run["engines"].get("round") or run["engines"].get("loop") or {}
             print(f"K={run['k']}: speedup {r.get('speedup')}, tokens per call {r.get('tokens_per_call')}, "
                   f"by position {r.get('acceptance_by_position')}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     write_result(result, args.json)
+
+
+def sweep_result(args, target, draft_name, device, ks, prompts, n_new: int, runs: list) -> dict:
+    """The JSON of a run over several windows, with the ``runs`` finished so far (``done`` of ``k``)."""
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
+            "target": args.target, "draft": draft_name, "k": ks, "done": [run["k"] for run in runs],
+            "prompts": len(prompts), "new_tokens": n_new, "runs": runs}
 
 
 def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, engines, parts_iters: int,

@@ -149,7 +149,8 @@ for i in "${!pids[@]}"; do wait "${pids[$i]}"; stage "distill ${names[$i]} draft
 # 4. Speculative vs plain decoding of the student, held-out prompts, batch 1: per draft one process that measures
 # the plain engine once and the captured round at each window of K and KS (benchmarks/spec_eval.py -k 2,3,4).
 se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW" --parts-iters "${PARTS_ITERS:-100}")
-ks=$(echo $K $KS | tr ' ' '\n' | sort -n | uniq | paste -sd, -)
+ks=$K  # K first: a study cut short by its lease keeps that window's result (spec_eval writes each as it ends)
+for k in $KS; do [ "$k" = "$K" ] || ks="$ks,$k"; done
 for spec in $DRAFTS; do
   name=$(draft_name "$spec")
   stage "spec_eval: the trained $name draft, K=$ks ($ENGINES)"

@@ -203,7 +203,8 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
                                                                           "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())  # two windows in one process: one run each, one plain run for both
-    assert res["k"] == [2, 3] and [run["k"] for run in res["runs"]] == [2, 3] and "host loop is skipped" in p.stderr
+    assert res["k"] == res["done"] == [2, 3] and [run["k"] for run in res["runs"]] == [2, 3]
+    assert "host loop is skipped" in p.stderr
     assert res["runs"][0]["engines"]["plain"] == res["runs"][1]["engines"]["plain"]
     for run in res["runs"]:
         assert set(run["engines"]) == {"plain", "round"}
