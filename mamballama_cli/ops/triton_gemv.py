@@ -283,19 +283,26 @@ def _graph_call_us(calls: list, reps: int = 7) -> float:
     return 1000.0 * times[len(times) // 2] / len(calls)
 
 
+def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
+    """Microseconds per call of ``a(w)`` and of ``b(w)``, each recorded in CUDA graphs over enough copies w of
+    ``weight`` to pass twice the L2 cache (at most 16), as a decode step runs them, the two interleaved so that a
+    clock or a neighbour's change touches both alike; and the number of copies."""
+    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size or 64 << 20
+    copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
+    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    ours, theirs = [], []
+    for _ in range(3):
+        ours.append(_graph_call_us([lambda w=w: a(w) for w in ws]))
+        theirs.append(_graph_call_us([lambda w=w: b(w) for w in ws]))
+    return min(ours), min(theirs), copies
+
+
 def _timings(x, weight, bias) -> dict:
-    """Kernel and cuBLAS, microseconds per call on these arguments: inside CUDA graphs over enough copies of the
-    weight to pass twice the L2 cache (at most 16), interleaved; if that cannot be done (memory, capture),
-    triton's ``do_bench`` on the one weight (median of repetitions, L2 flushed between them)."""
+    """Kernel and cuBLAS, microseconds per call on these arguments: :func:`graph_ab_us`; if that cannot be done
+    (memory, capture), triton's ``do_bench`` on the one weight (median of repetitions, L2 flushed between them)."""
     try:
-        l2 = torch.cuda.get_device_properties(x.device).L2_cache_size or 64 << 20
-        copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
-        ws = [weight] + [weight.clone() for _ in range(copies - 1)]
-        ours, theirs = [], []
-        for _ in range(3):  # interleaved, so that a clock or a neighbour's change touches both alike
-            ours.append(_graph_call_us([lambda w=w: gemv_launch(x, w, bias) for w in ws]))
-            theirs.append(_graph_call_us([lambda w=w: F.linear(x, w, bias) for w in ws]))
-        return {"kernel_us": min(ours), "cublas_us": min(theirs), "how": "graph", "copies": copies}
+        ours, theirs, copies = graph_ab_us(lambda w: gemv_launch(x, w, bias), lambda w: F.linear(x, w, bias), weight)
+        return {"kernel_us": ours, "cublas_us": theirs, "how": "graph", "copies": copies}
     except Exception as exc:  # noqa: BLE001 - any failure here still leaves a fair (if noisier) timing
         from triton.testing import do_bench
 
