@@ -15,6 +15,10 @@ tokens), batch 1, three ways on the same target:
 Reported per engine: decode tokens/s over all prompts (tokens after the first over the time after the first
 token), and for the speculative engines acceptance, tokens per verify call, the speedup over plain, and how many
 prompts gave exactly the plain greedy tokens (bf16 verify and decode round differently, so a near-tie can flip).
+For a draft that reads tokens only (not a feature draft), ``simulated`` beside each speculative engine is what its
+quality allows: the accepted counts that greedy rounds must give over the plain tokens, from one teacher-forced
+pass of the draft over them (``generation.acceptance.greedy_rounds``); a measured acceptance well below it points
+at the round, not at the draft.
 Every engine runs one untimed prompt first (compilation, graph capture). Then the parts of a round on their own
 (benchmarks/round_parts.py, at the first prompt's length): plain step, verify call on K+1 tokens, draft step, and
 the captured round replayed (and replayed again with the commit's reference instead of its kernel: the
@@ -94,6 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     ks = parse_ks(args.k)
 
+    from mamballama_cli.generation.acceptance import teacher_forced_agreement
     from mamballama_cli.generation.captured_round import acceptance_by_position
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.speculative_run import prepare_pair
@@ -129,6 +134,12 @@ def main() -> None:
         results["plain"] = run_engine("plain", plain, prompts, device)
         plain_tokens = results["plain"].pop("_tokens")
         dec = None
+    agreement = None
+    if plain_tokens and not is_feature_draft(draft):  # what the draft's quality allows (a feature draft's later
+        # proposals read its own features, which a teacher-forced pass cannot give)
+        agreement = [teacher_forced_agreement(draft, p, t) for p, t in zip(prompts, plain_tokens)]
+        share = sum(sum(a[1:]) for a in agreement) / max(1, sum(len(a) - 1 for a in agreement))
+        print(f"draft's teacher-forced agreement with the plain greedy tokens: {share:.4f}", file=sys.stderr)
     runs = []
     for K in ks:  # the plain engine is measured once and compared with every K
         if len(ks) > 1:
@@ -147,6 +158,8 @@ def main() -> None:
             r["tokens_per_call"] = round((r["accepted"] + r["calls"]) / max(1, r["calls"]), 3)
             if "accepted_hist" in r:  # p_i: draft i accepted, given drafts 1..i-1 were
                 r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
+            if agreement is not None:
+                r["simulated"] = simulated_rounds(agreement, K, n_new)
         runs.append({"k": K, "engines": engines_k, "parts": speculative["parts"]})
         if len(ks) > 1:  # each window's result on disk as it finishes: a run cut short keeps the ones done
             write_result(sweep_result(args, target, draft_name, device, ks, prompts, n_new, runs), args.json)
@@ -158,9 +171,25 @@ def main() -> None:
         for run in runs:
             r = run["engines"].get("round") or run["engines"].get("loop") or {}
             print(f"K={run['k']}: speedup {r.get('speedup')}, tokens per call {r.get('tokens_per_call')}, "
-                  f"by position {r.get('acceptance_by_position')}", file=sys.stderr)
+                  f"by position {r.get('acceptance_by_position')}; the draft's agreement allows "
+                  f"{(r.get('simulated') or {}).get('tokens_per_call')}", file=sys.stderr)
     print(json.dumps(result, indent=2))
     write_result(result, args.json)
+
+
+def simulated_rounds(agreement: list[list[bool]], K: int, n_new: int) -> dict:
+    """What greedy rounds at window K accept over the plain run's tokens, given the draft's teacher-forced agreement
+    with them (``generation.acceptance.greedy_rounds``): the engine should accept this (its last round per prompt
+    may accept a little more, seeing past the plain tokens); much less points at the round, not the draft."""
+    from mamballama_cli.generation.acceptance import accepted_hist, greedy_rounds
+    from mamballama_cli.generation.captured_round import acceptance_by_position
+
+    counts = [m for a in agreement for m in greedy_rounds(a, K, n_new)]
+    hist = accepted_hist(counts, K)
+    calls = max(1, len(counts))
+    return {"agreement": round(sum(sum(a[1:]) for a in agreement) / max(1, sum(len(a) - 1 for a in agreement)), 4),
+            "accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
+            "acceptance_by_position": acceptance_by_position(hist)}
 
 
 def sweep_result(args, target, draft_name, device, ks, prompts, n_new: int, runs: list) -> dict:

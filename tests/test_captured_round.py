@@ -74,3 +74,27 @@ def test_captured_rounds_refuse_what_they_cannot_run():
         rounds.generate(torch.ones(1, 6, dtype=torch.long), 20)
     with pytest.raises(UsageError, match="at least 2 tokens"):
         rounds.generate(torch.ones(1, 1, dtype=torch.long), 4)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_rounds_accept_exactly_what_the_drafts_teacher_forced_agreement_predicts(k):
+    """Greedy rounds accept, call by call, the run of positions where the draft's parallel forward over the
+    target's own greedy tokens predicts the next one (generation/acceptance.greedy_rounds): what spec_eval
+    simulates beside the measured rounds, so that a round accepting less than its draft's quality allows shows."""
+    from mamballama_cli.generation.acceptance import accepted_hist, greedy_rounds, teacher_forced_agreement
+
+    target, _ = tiny_hybrid(seed=1)
+    draft = perturbed(target, 0.05)
+    prompts = torch.randint(3, 96, (4, 6), generator=torch.Generator().manual_seed(9))
+    n = 24
+    rounds = CapturedRounds(target, draft, 1, 6 + n + 2 * (k + 1), k, capture=False)
+    total = [0] * (k + 1)
+    for r in range(4):
+        plain = greedy_reference(target, prompts[r : r + 1], n + k + 1)[0]  # past n: the last round sees further
+        agree = teacher_forced_agreement(draft, prompts[r].tolist(), plain)
+        want = accepted_hist(greedy_rounds(agree, k, n), k)
+        got, stats = rounds.generate(prompts[r : r + 1], n)
+        assert got[0] == plain[:n]
+        assert stats["accepted_hist"] == want, (r, agree)
+        total = [a + b for a, b in zip(total, want)]
+    assert total[0] > 0 and sum(total[1:]) > 0  # some calls accept nothing and some accept drafts

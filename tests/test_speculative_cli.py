@@ -117,6 +117,8 @@ def test_spec_eval_benchmark_compares_the_engines_over_held_out_prompts(pair, tm
         e = res["engines"][name]
         assert e["matches_plain"] == 4 and e["decode_tokens"] == 4 * 5 and "speedup" in e, e
         assert 0 <= e["acceptance_rate"] <= 1 and 1 <= e["tokens_per_call"] <= 4
+        sim = e["simulated"]  # from the draft's teacher-forced agreement; its last round per prompt sees less
+        assert 0 <= sim["agreement"] <= 1 and len(sim["accepted_hist"]) == 4 and sum(sim["accepted_hist"]) >= e["calls"]
     parts = res["parts"]  # a round's parts timed on their own (benchmarks/round_parts.py)
     assert parts["plain_step_ms"] > 0 and parts["draft_step_ms"] > 0 and set(parts["verify_step_ms"]) == {"1", "4"}
     assert parts["sum_ms"] == round(3 * parts["draft_step_ms"] + parts["verify_step_ms"]["4"], 4)

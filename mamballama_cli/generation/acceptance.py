@@ -58,3 +58,44 @@ def accept_sampled(drafts: Tensor, q: Tensor, p: Tensor, gen: torch.Generator | 
     residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p[rows, at])
     fix = torch.where((accepted == K)[:, None], p[:, K], residual)
     return accepted, (sampler(fix) if sampler is not None else draw(fix, gen))
+
+
+# --- what greedy rounds should accept, from the draft's teacher-forced agreement ---------------------------------
+def teacher_forced_agreement(draft, prompt: list[int], tokens: list[int]) -> list[bool]:
+    """Whether the draft, reading the prompt and ``tokens[:j]``, predicts ``tokens[j]`` (its argmax), for every j:
+    one parallel forward over the whole sequence. ``agree[0]`` is the prediction from the prompt alone, which a
+    round never uses (the first new token is the target's)."""
+    if not tokens:
+        return []
+    param = next(draft.parameters())
+    ids = torch.tensor([list(prompt) + list(tokens[:-1])], device=param.device)
+    with torch.no_grad():
+        logits = draft(input_ids=ids).logits[0, len(prompt) - 1 :]
+    return (logits.argmax(-1).cpu() == torch.tensor(tokens)).tolist()
+
+
+def greedy_rounds(agree: list[bool], k: int, n_new: int) -> list[int]:
+    """The accepted count of every verify call when greedy speculative decoding writes ``n_new`` tokens with a
+    draft whose teacher-forced agreement with the target's greedy tokens is ``agree`` (above).
+
+    Under greedy acceptance a round's proposals are read only while the ones before them were right, so each is
+    the draft's prediction after a prefix of the target's own tokens: a round that starts with ``have`` tokens
+    written accepts the run of agreements from position ``have`` on, at most k, and writes that many plus one.
+    Positions past ``agree`` count as disagreeing (the last round of a sequence may then accept fewer than the
+    engine, which sees further)."""
+    counts, have = [], 1  # the first new token comes from the target's prefill
+    while have < n_new:
+        m = 0
+        while m < k and have + m < len(agree) and agree[have + m]:
+            m += 1
+        counts.append(m)
+        have += m + 1
+    return counts
+
+
+def accepted_hist(counts: list[int], k: int) -> list[int]:
+    """How many verify calls accepted 0, 1, ..., k drafts (the captured round's ``accepted_hist``)."""
+    hist = [0] * (k + 1)
+    for m in counts:
+        hist[m] += 1
+    return hist
