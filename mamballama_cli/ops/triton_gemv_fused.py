@@ -7,14 +7,17 @@ SwiGLU before down_proj. Each costs a launch inside the CUDA graph and a round t
 the GEMV after it could do while it loads its input. Here the GEMV does it:
 
 * ``add_rmsnorm_gemv(x, residual, norm_w, eps, W, bias)`` -> ``(y, h)``: h = residual + x (stored once, by the first
-  program), and ``y = rmsnorm(h) * norm_w @ W^T + bias``. Every program first sums h^2 over the whole row (a read
-  of 2 x hidden activations from L2), then walks K as the plain GEMV does, normalising each chunk of h as it
-  loads it;
+  program), and ``y = rmsnorm(h) * norm_w @ W^T + bias``. RMSNorm scales a row by one number, so each program
+  walks K as the plain GEMV does, multiplying each chunk of h by norm_w as it loads it and summing h^2 beside the
+  products, and scales its outputs by 1 / rms(h) at the end: y = (W (h * norm_w)) / rms(h) + bias. (It first summed
+  h^2 over the whole row before loading any weight: on the H200 that wait made it slower than the two ops apart
+  at every 8B shape, 2026-12-05.)
 * ``swiglu_gemv(gate_up, W, bias)`` -> ``silu(gate) * up @ W^T + bias``: each chunk of the input is made from the
   two halves of gate_up as it is loaded.
 
-Both round as the references do (the sum in the activation dtype; RMSNorm normalised in float32, rounded, then
-scaled; silu rounded, then the product), at 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a
+The sum h rounds in the activation dtype as the reference's; the normalised activations are not rounded (the
+reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so y differs
+from it by about one such rounding. SwiGLU rounds as its reference (silu rounded, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a
 decode step or a verify window), bf16 or fp16, with a float32 (rows x BLOCK_N x BLOCK_K) accumulator summed once
 after the loop.
 
@@ -65,11 +68,13 @@ if triton is not None:
         live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
         dt = Y.dtype.element_ty
-        rstd = tl.zeros((ROWS,), dtype=tl.float32)
-        if KIND == 0:  # the whole row's sum of squares first; the first program also stores h = residual + x
-            ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                m = live_m[:, None] & (k0 + cols < K)[None, :]
+        ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)  # KIND 0: sum of h^2, beside the products
+        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            inside = k0 + cols < K
+            m = live_m[:, None] & inside[None, :]
+            if KIND == 0:  # h * norm_w now, the 1 / rms(h) after the loop; the first program stores h
                 h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
                 if HAS_RES:
                     r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
@@ -78,20 +83,8 @@ if triton is not None:
                         tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
                 hf = h.to(tl.float32)
                 ss += hf * hf
-            rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        for k0 in range(0, K, BLOCK_K):
-            inside = k0 + cols < K
-            m = live_m[:, None] & inside[None, :]
-            if KIND == 0:
-                hf = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                if HAS_RES:
-                    r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
-                    hf = (r.to(tl.float32) + hf).to(dt).to(tl.float32)
-                normed = (hf * rstd[:, None]).to(dt).to(tl.float32)  # Llama: normalise, round, then scale
                 lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
-                a = (normed * lnw[None, :]).to(dt).to(tl.float32)
+                a = hf * lnw[None, :]
             else:
                 g = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
                 u = tl.load(X + rows[:, None] * stride_xm + K + k0 + cols[None, :], mask=m,
@@ -104,6 +97,8 @@ if triton is not None:
                 w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
             acc += a[:, None, :] * w[None, :, :]
         y = tl.sum(acc, axis=2)
+        if KIND == 0:
+            y = y * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
         if HAS_BIAS:
             y += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], y.to(dt), mask=live_m[:, None] & live_n[None, :])
