@@ -16,6 +16,7 @@ stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
 ensure_data() {
   "${MM[@]}" env > "$RES/env.txt" 2>&1
   [ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
+  [ -n "${TINY:-}" ] || "$PY" benchmarks/check_data.py "$DATA" || exit 1  # every source, or numbers that compare
 }
 
 # write_recipe OUT TEMPLATE SEQ MB ACCUM TOKENS...: TEMPLATE with the row length, micro-batch, accumulation and

@@ -18,6 +18,7 @@ detached_run /tmp/study 540
 
 case "$mode" in
   prep)
+    python3 benchmarks/check_data.py .data/build || exit 1  # before any device time goes into a thinner data set
     mkdir -p /tmp/teacher /tmp/studydata
     cp .teacher-a/part_aa /tmp/teacher/
     cp -r .data/build/. /tmp/studydata/

