@@ -2,7 +2,8 @@
 # One call on the CUDA machine: environment report, the gpu-marked tests, the speed benchmark.
 # From the project root, with the wheels in ./.whl and ../shared/gpu copied to ./.gpu:
 #     source .gpu/activate.sh && bash benchmarks/gpu_session.sh [STEP ...]
-# Steps (in the order given): env, b1 (hybrid batch-1 decode only), profile (kernel times of one step),
+# Steps (in the order given): env, b1 (hybrid batch-1 decode only), b1pair (the hybrid and the teacher at batch 1,
+# same static engine, one process: issue 17's line), profile (kernel times of one step),
 # profilespec (the same for a plain step and a K=4 verify call at the default teacher's 50% shape, issue 18),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
@@ -67,6 +68,7 @@ for step in $STEPS; do
     case $step in
         env) stamp env; python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
         b1) speed b1 200 --models hybrid --batch-sizes 1 --contexts "" ;;
+        b1pair) speed b1pair 320 --models hybrid,teacher --teacher-engines static --batch-sizes 1 --contexts "" ;;
         b1cublas) MAMBALLAMA_REF_OPS=gemv speed b1cublas 200 --models hybrid --batch-sizes 1 --contexts "" ;;
         park) mkdir -p /tmp/teacher && cp .teacher-a/part_aa /tmp/teacher/ && ls -la /tmp/teacher ;;
         serve) serve_pair ;;
