@@ -94,6 +94,32 @@ def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None):
     return errs
 
 
+def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0):
+    """The gated op (``ssm_replay_gated``: replay, then the gated RMSNorm over each head) against its reference: in
+    one kernel where a head's state fits one program, else the replay kernel and the norm op. Window inputs and z in
+    ``dtype``, the state in float32."""
+    from mamballama_cli.ops.replay import ssm_replay_gated_ref
+    from mamballama_cli.ops.triton_replay import gated_in_one_program, ssm_replay_gated_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, generator=gen, device=device).to(dt)
+
+    state = r(b, h, p, n, dt=torch.float32)
+    old, new = (r(b, W, g, p), r(b, W, h), r(b, W, g, n)), (r(b, T, g, p), r(b, T, h), r(b, T, g, n), r(b, T, h, n))
+    A, dt_bias, D = -torch.rand(h, generator=gen, device=device) * 4 - 0.05, r(h), r(h)
+    z, nw = r(b, T, h * p), (1 + 0.1 * torch.randn(h * p, generator=gen, device=device)).to(dtype)
+    n_replay = torch.tensor(counts, device=device)
+    want = ssm_replay_gated_ref(state, *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5, return_final=True)
+    got = ssm_replay_gated_triton(state.clone(), *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5,
+                                  return_final=True)
+    assert got[0].shape == (b, T, h * p) and got[0].dtype == dtype
+    errs = [_rel(o, w) for o, w in zip(got, want)]
+    assert errs[0] <= (1e-5 if dtype == torch.float32 else 4e-3) and max(errs[1:]) <= 1e-5, errs
+    return gated_in_one_program(p, n), errs
+
+
 _SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 import test_mamba1_replay as t
 
@@ -115,6 +141,14 @@ for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
         (2, 3, 2, 4, 2, 8, 16, [3, 1], None), (3, 5, 5, 4, 1, 16, 16, [0, 2, 5], 2), (2, 4, 1, 2, 2, 8, 8, [4, 0], 1),
         (1, 0, 3, 2, 1, 8, 16, [0], None), (2, 2, 0, 2, 1, 8, 16, [1, 2], None), (1, 5, 5, 2, 1, 40, 12, [3], None)]):
     print("ssm_replay", b, W, T, counts, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg))
+# the gated op: one kernel (headdim past one block of the ungated tiles; headdim not a power of two; fp16 inputs),
+# and two (a head's state past one program: the 8B shape's case, smaller)
+for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
+        (2, 5, 5, 4, 2, 64, 16, [0, 5], f32, True), (2, 3, 2, 2, 1, 24, 16, [2, 1], f16, True),
+        (1, 4, 3, 2, 2, 64, 128, [3], f32, False)]):
+    fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k)
+    assert fused is one, (p, n)
+    print("ssm_replay_gated", b, W, T, p, n, fused, errs)
 print("ok")
 """
 

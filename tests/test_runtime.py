@@ -311,7 +311,7 @@ def _walk_launches(model, window: int, monkeypatch):
 
     rt = Runtime(model, 1, 32, window=window)
     rt.prefill(ids(8, 1))
-    names = (["rope_kv_write_window", "window_attention", "spec_conv", "ssm_replay"] if window
+    names = (["rope_kv_write_window", "window_attention", "spec_conv", "ssm_replay_gated"] if window
              else ["conv_update_inplace", "ssm_step_gated", "rope_kv_write", "decode_attention"])
     for name in list(rt.fns.resolve(names)):  # every op of the table, the walk's own ones included
         rt.fns[name] = counted(name, rt.fns[name])
@@ -339,7 +339,7 @@ def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
     counts, stray = _walk_launches(model, window, monkeypatch)
     want = {"gemv": n, "add_rmsnorm_gemv": 2 * n + 1, "swiglu_gemv": n}
     if window:
-        want |= {"spec_conv": n_mamba, "ssm_replay": n_mamba, "rmsnorm_gated": n_mamba,
+        want |= {"spec_conv": n_mamba, "ssm_replay_gated": n_mamba,
                  "rope_kv_write_window": n_attn, "window_attention": n_attn}
     else:
         want |= {"conv_update_inplace": n_mamba, "ssm_step_gated": n_mamba, "rope_kv_write": n_attn,

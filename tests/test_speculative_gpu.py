@@ -28,6 +28,23 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
+@pytest.mark.parametrize("b,h,g,p,n,one", [(1, 9, 3, 64, 64, True), (2, 32, 8, 128, 128, False)])
+def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fits(b, h, g, p, n, one):
+    """``ssm_replay_gated`` on CUDA (the default teacher's 50% shape: one kernel; the 8B shape: the replay kernel,
+    then the norm op), bf16 window inputs, against its reference; the op table takes the Triton version."""
+    import sys
+    from pathlib import Path
+
+    from mamballama_cli import ops
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mamba1_replay import check_ssm_replay_gated
+
+    fused, errs = check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16)
+    assert fused is one, errs
+    assert ops.dispatch("ssm_replay_gated", torch.device("cuda"))[0] == "triton"
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("b,h,g,p,n,K", [(1, 32, 8, 128, 128, 4), (2, 9, 3, 64, 64, 2), (3, 4, 4, 5, 6, 8)])
 def test_triton_replay_kernel_equals_reference(dtype, tol, b, h, g, p, n, K):

@@ -90,10 +90,11 @@ class AttentionInitMixer(nn.Module):
     def gate(self, y: Tensor, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def output(self, y: Tensor, z: Tensor, linear=None) -> Tensor:
-        """y -> the mixer's gate (:meth:`gate`) -> out_proj (through ``linear(x, weight, bias)`` when given: a
-        window step's ``gemv`` op)."""
-        y = self.gate(y, z)
+    def output(self, y: Tensor, z: Tensor, linear=None, normed: bool = False) -> Tensor:
+        """y -> the mixer's gate (:meth:`gate`; not when ``normed``: applied already) -> out_proj (through
+        ``linear(x, weight, bias)`` when given: a window step's ``gemv`` op)."""
+        if not normed:
+            y = self.gate(y, z)
         if not torch.is_autocast_enabled(y.device.type):  # under autocast the projection casts (to bf16) itself
             y = y.to(self.out_proj.weight.dtype)
         if linear is not None:
@@ -359,14 +360,17 @@ class Mamba2Mixer(AttentionInitMixer):
                                      self.activation)
         xs, _, B = win.split(post[..., : win.d_xB], dt_raw)
         C = post[..., win.d_xB :].view(b, T, self.n_heads, self.d_state)
-        y, _, _ = step.fns["ssm_replay"](
-            start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias, self.D,
-            return_final=False, state_out=win.ckpt if step.rebase else None, final_out=win.live,
-        )
+        states = {"return_final": False, "state_out": win.ckpt if step.rebase else None, "final_out": win.live}
+        if self.gated_norm:  # the gated norm in the replay op (in its kernel where a head fits one program)
+            y, _, _ = step.fns["ssm_replay_gated"](start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias,
+                                                   self.D, z, self.norm.weight, self.eps, **states)
+        else:
+            y, _, _ = step.fns["ssm_replay"](start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias, self.D,
+                                             **states)
         # Only now overwrite the window: the replay above read the old one.
         win.win_xB[:, offset : offset + T].copy_(post[..., : win.d_xB])
         win.win_dt[:, offset : offset + T].copy_(dt_raw)
-        return self.output(y.reshape(b, T, self.d_z), z, step.fns["gemv"])
+        return self.output(y.reshape(b, T, self.d_z), z, step.fns["gemv"], normed=self.gated_norm)
 
 
 class Mamba2Window(ReplayWindow):

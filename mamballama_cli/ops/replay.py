@@ -107,11 +107,30 @@ def hand_out(replayed: Tensor, final: Tensor, return_final: bool, state_out: Ten
     return replayed, final
 
 
+def ssm_replay_gated_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, n_replay: Tensor,
+                         x_new: Tensor, dt_new: Tensor, B_new: Tensor, C_new: Tensor, A: Tensor, dt_bias: Tensor,
+                         D: Tensor | None, z: Tensor | None, norm_weight: Tensor, eps: float, *,
+                         return_final: bool = False, state_out: Tensor | None = None,
+                         final_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`ssm_replay_ref`, then the Mamba-2 mixer's gated RMSNorm over each head (``rmsnorm_gated`` with groups
+    of headdim channels): y (batch, T, nheads * headdim) in x_new's dtype, what out_proj reads. z: (batch, T,
+    nheads * headdim) or None; norm_weight: (nheads * headdim,)."""
+    from mamballama_cli.ops.norm import rmsnorm_gated_ref
+
+    y, replayed, final = ssm_replay_ref(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A,
+                                        dt_bias, D, return_final=return_final, state_out=state_out,
+                                        final_out=final_out)
+    b, T, h, p = y.shape
+    return rmsnorm_gated_ref(y.reshape(b, T, h * p), z, norm_weight, eps, p), replayed, final
+
+
 def _register() -> None:
     from mamballama_cli import ops
 
     if "ssm_replay" not in ops.REFERENCES:
         ops.register_reference("ssm_replay", ssm_replay_ref)
+    if "ssm_replay_gated" not in ops.REFERENCES:
+        ops.register_reference("ssm_replay_gated", ssm_replay_gated_ref)
 
 
 _register()

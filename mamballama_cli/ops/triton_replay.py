@@ -15,6 +15,12 @@ as a loop over a count read at run time had to: a verify window at K = 4 is up t
 sequence. Steps past a row's count load nothing and run with dt = 0, the identity. The Mamba-1 kernel still
 loops over the count read at run time.
 
+``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
+output row before it is stored, one program a head (its whole row is then in that program), so a verify window
+launches no separate norm kernel. That holds where a head's (headdim x dstate) state fits one program
+(:data:`GATED_TILE`: the default teacher's 64 x 64); the 8B shape's 128 x 128 heads keep the tiled replay kernel and
+the norm op after it, since one program a head would leave most of the GPU idle there.
+
 Inference only (no autograd): verification never trains. Importing this module registers the kernels on
 CUDA; it is skipped (and the references used) when Triton is not installed.
 """
@@ -29,7 +35,7 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.replay import ssm_replay_ref  # noqa: F401  (registers the op's reference first)
+from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
 from mamballama_cli.ops.selective_scan import check_scan_shapes, selective_replay_ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
@@ -55,7 +61,7 @@ def _tile(ptr, rows, s_row, cols, s_col):
 def _replay_kernel(
     state_ptr, x_old_ptr, dt_old_ptr, B_old_ptr, n_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, A_ptr, dt_bias_ptr, D_ptr,
-    y_ptr, state_out_ptr, final_ptr,
+    y_ptr, state_out_ptr, final_ptr, z_ptr, nw_ptr, eps,
     nheads, headdim, dstate, heads_per_group, heads_per_cgroup,
     s_sb, s_sh, s_sp, s_sn,
     xo_sb, xo_st, xo_sg, xo_sp,
@@ -68,8 +74,10 @@ def _replay_kernel(
     y_sb, y_st, y_sh, y_sp,
     so_sb, so_sh, so_sp, so_sn,
     f_sb, f_sh, f_sp, f_sn,
+    z_sb, z_st, z_sh, z_sp,
     W: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATED: tl.constexpr, HAS_Z: tl.constexpr,
 ):
     # The window's steps are unrolled (W and T are compile-time constants): no step's loads depend on the state, so
     # the compiler can issue them all ahead of the recurrence, and a call need not wait on memory once per step, as
@@ -117,6 +125,15 @@ def _replay_kernel(
         y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
             y += Dh * x
+        if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
+            if HAS_Z:
+                zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
+                             other=0.0).to(tl.float32)
+                y = y * (zt * tl.sigmoid(zt))
+            var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
+            nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+            y = y * tl.rsqrt(var + eps) * nw
         tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     if RETURN_FINAL:
         tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
@@ -213,9 +230,41 @@ def _old_window(old, new):
     return old, [st for t in old for st in (t.stride() if t.numel() else (0,) * t.dim())]
 
 
+GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
+
+
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
                       return_final=False, state_out=None, final_out=None):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_ref`."""
+    return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
+                          return_final, state_out, final_out)
+
+
+def gated_in_one_program(headdim: int, dstate: int) -> bool:
+    """Whether ``ssm_replay_gated`` runs as one kernel at this head size: one program must hold a head's whole
+    state to normalise its rows (the 8B shape's 128 x 128 is four times :data:`GATED_TILE`; it keeps two kernels)."""
+    return triton.next_power_of_2(headdim) * triton.next_power_of_2(dstate) <= GATED_TILE
+
+
+def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, z,
+                            norm_weight, eps, *, return_final=False, state_out=None, final_out=None):
+    """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_gated_ref`: the gated RMSNorm inside the replay
+    kernel where a head's state fits one program (:func:`gated_in_one_program`), else the replay kernel and then
+    the ``rmsnorm_gated`` op."""
+    b, T = x_new.shape[:2]
+    h, p = state.shape[1], state.shape[2]
+    if gated_in_one_program(p, state.shape[3]):
+        y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias,
+                                       D, return_final, state_out, final_out, gate=(z, norm_weight, eps))
+        return y.view(b, T, h * p), out, final
+    y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
+                                   return_final, state_out, final_out)
+    norm = ops.dispatch("rmsnorm_gated", x_new.device)[1]
+    return norm(y.view(b, T, h * p), z, norm_weight, eps, p), out, final
+
+
+def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, return_final,
+                   state_out, final_out, gate=None):
     b, h, p, n = state.shape
     W, T = x_old.shape[1], x_new.shape[1]
     g, cg = x_new.shape[2], C_new.shape[2]
@@ -231,20 +280,26 @@ def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_ne
     y = torch.empty(b, T, h, p, dtype=x_new.dtype, device=x_new.device)
     out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
     BLOCK_N = triton.next_power_of_2(n)
-    BLOCK_P = min(triton.next_power_of_2(p), max(1, 4096 // BLOCK_N), 32)
+    # gated: one program a head (its whole row for the norm); else (BLOCK_P x dstate) tiles, more programs
+    BLOCK_P = triton.next_power_of_2(p) if gate else min(triton.next_power_of_2(p), max(1, 4096 // BLOCK_N), 32)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     Dt = D if D is not None else A
+    z, nw, eps = gate if gate else (None, None, 0.0)
+    if z is not None:
+        z = z.unflatten(-1, (h, p))  # (b, T, h * p) -> (b, T, h, p), a view
+    zt = z if z is not None else y
     with _device_guard(state):
         _replay_kernel[grid](
             state, x_old, dt_old, B_old, n_replay,
             x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-            y, out, final,
+            y, out, final, zt, nw if nw is not None else A, float(eps),
             h, p, n, h // g, h // cg,
             *state.stride(), *old_strides,
             *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
-            *y.stride(), *out.stride(), *final.stride(),
+            *y.stride(), *out.stride(), *final.stride(), *zt.stride(),
             W=W, T=T,
             HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
+            GATED=gate is not None, HAS_Z=z is not None,
             num_warps=4,
         )
     return y, out, (final if want_final else None)
@@ -324,6 +379,29 @@ def _check_selective_replay(gen):
     return max(_rel(o, w) for o, w in zip(got, want))
 
 
+def _check_ssm_replay_gated(gen):
+    """The gated op in one kernel (headdim 48, dstate 16) and in two (headdim 64, dstate 128), counts 0, 2 and W,
+    against the float64 reference: y, the replayed checkpoint and the final state."""
+    from mamballama_cli.ops.replay import ssm_replay_gated_ref
+
+    errs = []
+    for p, n in ((48, 16), (64, 128)):
+        b, W, T, h, g = 3, 5, 5, 4, 2
+        state = _rand(gen, b, h, p, n)
+        old = (_rand(gen, b, W, g, p), _rand(gen, b, W, h), _rand(gen, b, W, g, n))
+        new = (_rand(gen, b, T, g, p), _rand(gen, b, T, h), _rand(gen, b, T, g, n), _rand(gen, b, T, h, n))
+        A, dt_bias, D = -torch.exp(_rand(gen, h)), _rand(gen, h), _rand(gen, h)
+        z, nw = _rand(gen, b, T, h * p), 1 + 0.1 * _rand(gen, h * p)
+        counts = torch.tensor([0, 2, W], device="cuda")
+        args = (state, *old, counts, *new, A, dt_bias, D, z, nw)
+        want = ssm_replay_gated_ref(*(t.double() if t.is_floating_point() else t for t in args), 1e-5,
+                                    return_final=True)
+        got = ssm_replay_gated_triton(*args, 1e-5, return_final=True)
+        errs += [_rel(o, w) for o, w in zip(got, want)]
+    return max(errs)
+
+
 ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _probe(_check_ssm_replay, tol=1e-4))
+ops.register_fast("ssm_replay_gated", "triton", ssm_replay_gated_triton, _probe(_check_ssm_replay_gated, tol=1e-4))
 ops.register_fast("selective_replay", "mamballama-triton", selective_replay_triton,
                   _probe(_check_selective_replay))
