@@ -224,8 +224,8 @@ def test_runtime_resolves_each_op_once_per_device():
     rt.prefill(ids(4, 1))
     pos = torch.tensor([4])
     rt.walk(ids(1, 1)[:, 0], rt.step(pos=pos, length=pos + 1))
-    assert set(rt.fns.backends) >= {"add_rmsnorm", "gemv", "add_rmsnorm_gemv", "swiglu_gemv", "conv_update_inplace",
-                                    "ssm_step_gated", "rope_kv_write", "decode_attention"}
+    assert set(rt.fns.backends) >= {"add_rmsnorm", "gemv", "add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu",
+                                    "conv_update_inplace", "ssm_step_gated", "rope_kv_write", "decode_attention"}
     assert set(rt.fns.backends.values()) == {"torch-ref"}  # CPU: the references
 
 
@@ -329,7 +329,7 @@ def _walk_launches(model, window: int, monkeypatch):
 def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
     """Launch count of one step, pinned (a GPU step is bound by its launches at small sizes): per layer the input
     norm + the mixer's first projection in one op, the mixer's own ops and its output projection, then the
-    norm + [gate; up] and SwiGLU + down_proj ops; one norm + lm_head at the end; nothing else but the embedding,
+    norm + [gate; up] + SwiGLU op and down_proj; one norm + lm_head at the end; nothing else but the embedding,
     and in a verify window the two copies of each Mamba-2 layer's window inputs (x and B, dt), which must wait
     until its replay has read the old ones."""
     model = hybrid("mamba2")
@@ -337,7 +337,7 @@ def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
     n_attn = len(model.config.attn_layers)
     n_mamba = n - n_attn
     counts, stray = _walk_launches(model, window, monkeypatch)
-    want = {"gemv": n, "add_rmsnorm_gemv": 2 * n + 1, "swiglu_gemv": n}
+    want = {"gemv": 2 * n, "add_rmsnorm_gemv": n + 1, "add_rmsnorm_gemv_swiglu": n}
     if window:
         want |= {"spec_conv": n_mamba, "ssm_replay_gated": n_mamba,
                  "rope_kv_write_window": n_attn, "window_attention": n_attn}

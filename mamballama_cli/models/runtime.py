@@ -94,7 +94,7 @@ class Runtime:
                                                                                        self.batch_size)
         self.eps = model.config.rms_norm_eps
         self.column_major = self.device.type == "cpu"
-        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "gemv", "add_rmsnorm_gemv", "swiglu_gemv"))
+        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "gemv", "add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu"))
         self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
                                  max_length=self.capacity)
         decode_layout(model)
@@ -130,8 +130,8 @@ class Runtime:
         last hidden state after the final norm, what lm_head reads)."""
         add_norm, linear, eps = self.fns["add_rmsnorm"], self.fns["gemv"], self.eps
         # every norm in one op with the GEMV after it (the mixer's first projection, [gate; up], lm_head), and
-        # SwiGLU with down_proj: one kernel each on CUDA where that was timed faster (ops/triton_gemv_fused.py)
-        norm_linear, swiglu_linear = self.fns["add_rmsnorm_gemv"], self.fns["swiglu_gemv"]
+        # SwiGLU with [gate; up] too: one kernel each on CUDA where that was timed faster (ops/triton_gemv_fused.py)
+        norm_linear, norm_glu = self.fns["add_rmsnorm_gemv"], self.fns["add_rmsnorm_gemv_swiglu"]
         hidden = F.embedding(ids, self.embed_w)
         if self.fc_w is not None:
             if features is None:
@@ -142,8 +142,8 @@ class Runtime:
             x = NormedInput(hidden, residual, p.ln1, eps)
             hidden = p.mixer.step(x, p.state, step)
             residual = x.residual_out(p.mixer)
-            gate_up, residual = norm_linear(hidden, residual, p.ln2, eps, p.gate_up_w, p.gate_up_b)
-            hidden = swiglu_linear(gate_up, p.down_w, p.down_b)
+            act, residual = norm_glu(hidden, residual, p.ln2, eps, p.gate_up_w, p.gate_up_b)
+            hidden = linear(act, p.down_w, p.down_b)
         if features_out is None:
             return norm_linear(hidden, residual, self.norm_w, eps, self.lm_head_w)[0]
         x, _ = add_norm(hidden, residual, self.norm_w, eps)

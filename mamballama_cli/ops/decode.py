@@ -49,9 +49,12 @@ def add_rmsnorm_gemv_ref(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: 
     return gemv_ref(normed, weight, bias), h
 
 
-def swiglu_gemv_ref(gate_up: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``swiglu`` then ``gemv``: silu(gate) * up @ weight^T + bias (ops/triton_gemv_fused.py: one kernel)."""
-    return gemv_ref(swiglu_ref(gate_up), weight, bias)
+def add_rmsnorm_gemv_swiglu_ref(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
+                                bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``add_rmsnorm``, ``gemv`` with weight = [gate; up], then ``swiglu``: (the MLP's activation, residual + x), what
+    down_proj reads (ops/triton_gemv_fused.py: one kernel)."""
+    gate_up, h = add_rmsnorm_gemv_ref(x, residual, norm_weight, eps, weight, bias)
+    return swiglu_ref(gate_up), h
 
 
 def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None,
@@ -166,7 +169,7 @@ DECODE_REFERENCES = {
     "swiglu": swiglu_ref,
     "gemv": gemv_ref,
     "add_rmsnorm_gemv": add_rmsnorm_gemv_ref,
-    "swiglu_gemv": swiglu_gemv_ref,
+    "add_rmsnorm_gemv_swiglu": add_rmsnorm_gemv_swiglu_ref,
     "conv_update_inplace": conv_update_inplace_ref,
     "ssm_step_gated": ssm_step_gated_ref,
     "rope_kv_write": rope_kv_write_ref,

@@ -1,10 +1,11 @@
-"""A GEMV with the elementwise op before it fused in (``add_rmsnorm_gemv`` and ``swiglu_gemv``; references in
-:mod:`mamballama_cli.ops.decode`: the two ops composed).
+"""A GEMV with the residual add and RMSNorm before it fused in (``add_rmsnorm_gemv``), and the same with SwiGLU
+after it (``add_rmsnorm_gemv_swiglu``, for [gate; up]); references in :mod:`mamballama_cli.ops.decode`: the ops
+composed.
 
 A batch-1 decode step of the 8B shape runs about 290 kernels in 4.5 ms, and about a third of them are small
-elementwise kernels between two GEMVs: the residual add and RMSNorm before [gate; up] (and before lm_head), and
-SwiGLU before down_proj. Each costs a launch inside the CUDA graph and a round trip of a few kilobytes, for work
-the GEMV after it could do while it loads its input. Here the GEMV does it:
+elementwise kernels between two GEMVs: the residual add and RMSNorm before the mixer's first projection, before
+[gate; up] and before lm_head, and SwiGLU between [gate; up] and down_proj. Each costs a launch inside the CUDA
+graph and a round trip of a few kilobytes, for work a GEMV beside it could do. Here the GEMVs do it:
 
 * ``add_rmsnorm_gemv(x, residual, norm_w, eps, W, bias)`` -> ``(y, h)``: h = residual + x (stored once, by the first
   program), and ``y = rmsnorm(h) * norm_w @ W^T + bias``. RMSNorm scales a row by one number, so each program
@@ -12,21 +13,24 @@ the GEMV after it could do while it loads its input. Here the GEMV does it:
   products, and scales its outputs by 1 / rms(h) at the end: y = (W (h * norm_w)) / rms(h) + bias. (It first summed
   h^2 over the whole row before loading any weight: on the H200 that wait made it slower than the two ops apart
   at every 8B shape, 2026-12-05.)
-* ``swiglu_gemv(gate_up, W, bias)`` -> ``silu(gate) * up @ W^T + bias``: each chunk of the input is made from the
-  two halves of gate_up as it is loaded.
+* ``add_rmsnorm_gemv_swiglu(x, residual, norm_w, eps, W, bias)`` -> ``(silu(g) * u, h)`` where [g | u] is the
+  above's y for W = [W_gate; W_up] (2 * inter rows): each program computes the same BLOCK_N outputs of the gate
+  half and of the up half (two weight tiles a K step, two accumulators) and writes their SwiGLU, so down_proj
+  reads the activation with the plain ``gemv`` op and no SwiGLU kernel runs. (A first version fused SwiGLU into
+  down_proj instead; every program then recomputed it over all of K, and the H200 timed that 10 us slower than
+  the ops apart at the 8B shape.)
 
 The sum h rounds in the activation dtype as the reference's; the normalised activations are not rounded (the
 reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so y differs
-from it by about one such rounding. SwiGLU rounds as its reference (silu rounded, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a
-decode step or a verify window), bf16 or fp16, with a float32 (rows x BLOCK_N x BLOCK_K) accumulator summed once
-after the loop.
+from it by about one such rounding. The SwiGLU epilogue rounds as its reference (g and u to the activation dtype,
+then silu, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a decode step or a
+verify window), bf16 or fp16, with float32 (rows x BLOCK_N x BLOCK_K) accumulators summed once after the loop.
 
 Whether a shape takes the fused kernel is timed, as the GEMV op's choice is: on its first use (a static decoder's
 warm-up, before its graph is recorded) the fused kernel is checked against the reference and timed inside CUDA
-graphs against the two ops it replaces (the fast elementwise kernel, then the ``gemv`` op), each weight cold in
-L2; it keeps the shape only if it agrees and is faster (:data:`CHOICES`, :data:`TIMINGS`). Otherwise, and for
-anything the kernel is not built for, the two ops run as before. Importing this module registers the kernels on
-CUDA.
+graphs against the ops it replaces (the fast elementwise kernels and the ``gemv`` op), each weight cold in L2; it
+keeps the shape only if it agrees and is faster (:data:`CHOICES`, :data:`TIMINGS`). Otherwise, and for anything
+the kernel is not built for, the ops run apart as before. Importing this module registers the kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ CONFIGS = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (2, 2048, 4),
            (4, 512, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (2, 1024, 4),
            (4, 256, 4), (8, 128, 4))
 REGS = 128
-NORM, SWIGLU = 0, 1  # the kernel's KIND
+NORM, NORM_SWIGLU = 0, 1  # the kernel's KIND
+OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
 
 if triton is not None:
 
@@ -60,9 +65,9 @@ if triton is not None:
     def _fused_kernel(X, R, LNW, W, BIAS, Y, HOUT, M, N, K, eps, stride_xm, stride_rm, stride_hm, stride_wn,
                       stride_ym, KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr):
-        # KIND 0: X (M, K) the new hidden, R (M, K) the residual (HAS_RES; else h = X), LNW (K,) the norm weight,
-        # HOUT (M, K) gets R + X.
-        # KIND 1: X (M, 2K) = [gate | up]; R, LNW, HOUT unused.
+        # X (M, K) the new hidden, R (M, K) the residual (HAS_RES; else h = X), LNW (K,) the norm weight, HOUT (M, K)
+        # gets R + X. KIND 0: W (N, K), Y (M, N). KIND 1: W (2N, K) = [gate; up], Y (M, N) = silu(gate) * up, BIAS
+        # (2N,) likewise.
         pid = tl.program_id(0)
         outs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
@@ -71,46 +76,54 @@ if triton is not None:
         live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
         dt = Y.dtype.element_ty
-        ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)  # KIND 0: sum of h^2, beside the products
+        ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)  # the sum of h^2, beside the products
         acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # KIND 1 only (otherwise compiled away)
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        up_ptrs = w_ptrs + N * stride_wn  # KIND 1: the same outputs' rows of the up half
         for k0 in range(0, K, BLOCK_K):
             inside = k0 + cols < K
             if EVEN_K:  # no mask along K on the activations either
                 m = live_m[:, None] & (cols < BLOCK_K)[None, :]
             else:
                 m = live_m[:, None] & inside[None, :]
-            if KIND == 0:  # h * norm_w now, the 1 / rms(h) after the loop; the first program stores h
-                h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
-                if HAS_RES:
-                    r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
-                    h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)  # the model adds in the activation dtype
-                    if pid == 0:
-                        tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
-                hf = h.to(tl.float32)
-                ss += hf * hf
-                lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
-                a = hf * lnw[None, :]
-            else:
-                g = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0).to(tl.float32)
-                u = tl.load(X + rows[:, None] * stride_xm + K + k0 + cols[None, :], mask=m,
-                            other=0.0).to(tl.float32)
-                act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)  # silu rounds, then the product
-                a = (act * u).to(dt).to(tl.float32)
+            # h * norm_w now, the 1 / rms(h) after the loop; the first program stores h
+            h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
+            if HAS_RES:
+                r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
+                h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)  # the model adds in the activation dtype
+                if pid == 0:
+                    tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
+            hf = h.to(tl.float32)
+            ss += hf * hf
+            lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
+            a = hf * lnw[None, :]
             if EVEN_K:  # no mask on the weight's hot loads
                 w = tl.load(w_ptrs + k0).to(tl.float32)
             else:
                 w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
             acc += a[:, None, :] * w[None, :, :]
-        y = tl.sum(acc, axis=2)
-        if KIND == 0:
-            y = y * tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+            if KIND == 1:
+                if EVEN_K:
+                    wu = tl.load(up_ptrs + k0).to(tl.float32)
+                else:
+                    wu = tl.load(up_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
+                acc_up += a[:, None, :] * wu[None, :, :]
+        rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
+        y = tl.sum(acc, axis=2) * rstd
         if HAS_BIAS:
             y += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+        if KIND == 1:  # rounded as the ops apart: [gate | up] to the activation dtype, silu, then the product
+            u = tl.sum(acc_up, axis=2) * rstd
+            if HAS_BIAS:
+                u += tl.load(BIAS + N + outs_read).to(tl.float32)[None, :]
+            g = y.to(dt).to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
+            y = act * u.to(dt).to(tl.float32)
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], y.to(dt), mask=live_m[:, None] & live_n[None, :])
 
     def _prune(configs, named_args, **kwargs):
-        rows = _padded(named_args["M"])
+        rows = _padded(named_args["M"]) * (2 if kwargs.get("KIND", named_args.get("KIND")) == NORM_SWIGLU else 1)
         kept = [c for c in configs
                 if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= REGS * 32 * c.num_warps]
         return kept or configs[-1:]
@@ -136,45 +149,41 @@ def _common_ok(x, weight, bias, k: int) -> bool:
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())))
 
 
-def norm_supported(x, residual, norm_w, weight, bias=None) -> bool:
-    """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` on these arguments."""
+def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> bool:
+    """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` (``kind`` NORM) or ``add_rmsnorm_gemv_swiglu``
+    (NORM_SWIGLU: the weight's rows are [gate; up], an even count) on these arguments."""
     return (_common_ok(x, weight, bias, x.shape[-1])
+            and (kind == NORM or weight.shape[0] % 2 == 0)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
             and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
             and norm_w.is_contiguous() and not _needs_grad(x, residual, norm_w, weight, bias))
 
 
-def swiglu_supported(gate_up, weight, bias=None) -> bool:
-    """Whether :func:`fused_launch` runs ``swiglu_gemv`` on these arguments."""
-    return (gate_up.shape[-1] % 2 == 0 and _common_ok(gate_up, weight, bias, gate_up.shape[-1] // 2)
-            and not _needs_grad(gate_up, weight, bias))
-
-
 def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, eps: float = 0.0,
                  config: tuple | None = None):
-    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS`). ``kind`` NORM: x the new hidden
-    (..., K), returns (y, h); SWIGLU: x = [gate | up] (..., 2K), returns y."""
+    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS`): x the new hidden (..., K);
+    returns (y, h), y (..., N) for ``kind`` NORM (weight (N, K)) and silu(gate) * up (..., N) for NORM_SWIGLU
+    (weight [gate; up] (2N, K))."""
     N, K = weight.shape
+    if kind == NORM_SWIGLU:
+        N //= 2
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if kind == NORM and residual is None:  # h is x itself, as the reference hands it back
+    if residual is None:  # h is x itself, as the reference hands it back
         h = x2
-        extra, strides = (x2, norm_w, x2), (0, 0)
-    elif kind == NORM:
+        r2, strides = x2, (0, 0)
+    else:
         r2 = residual.reshape(-1, K)
         if r2.stride(-1) != 1:
             r2 = r2.contiguous()
         h = torch.empty(M, K, dtype=x.dtype, device=x.device)
-        extra, strides = (r2, norm_w, h), (r2.stride(0), h.stride(0))
-    else:
-        h = None
-        extra, strides = (x2, x2, x2), (0, 0)
+        strides = (r2.stride(0), h.stride(0))
     b = bias if bias is not None else weight
-    args = (x2, extra[0], extra[1], weight, b, y, extra[2], M, N, K, float(eps), x2.stride(0), strides[0],
-            strides[1], weight.stride(0), y.stride(0))
+    args = (x2, r2, norm_w, weight, b, y, h, M, N, K, float(eps), x2.stride(0), strides[0], strides[1],
+            weight.stride(0), y.stride(0))
     with _device_guard(x):
         if config is None:
             _fused_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
@@ -184,8 +193,7 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
             _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_RES=residual is not None,
                                                  HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ROWS=_padded(M),
                                                  EVEN_K=K % bk == 0, num_warps=warps)
-    y = y.view(*x.shape[:-1], N)
-    return (y, h.view(x.shape)) if kind == NORM else y
+    return y.view(*x.shape[:-1], N), h.view(x.shape)
 
 
 # (kind, rows, N, K, dtype, device index) -> whether the fused kernel serves that shape; TIMINGS: the timings
@@ -195,24 +203,21 @@ TIMINGS: dict[tuple, dict] = {}
 
 
 def _unfused(kind: int, x, weight, bias, residual, norm_w, eps):
-    """The two ops the fused kernel replaces, as dispatched on x's device (the fast kernels on CUDA)."""
-    gemv = ops.dispatch("gemv", x.device)[1]
-    if kind == NORM:
-        normed, h = ops.dispatch("add_rmsnorm", x.device)[1](x, residual, norm_w, eps)
-        return gemv(normed, weight, bias), h
-    return gemv(ops.dispatch("swiglu", x.device)[1](x), weight, bias)
+    """The ops the fused kernel replaces, as dispatched on x's device (the fast kernels on CUDA): (y, h)."""
+    normed, h = ops.dispatch("add_rmsnorm", x.device)[1](x, residual, norm_w, eps)
+    y = ops.dispatch("gemv", x.device)[1](normed, weight, bias)
+    return (y if kind == NORM else ops.dispatch("swiglu", x.device)[1](y)), h
 
 
 def _fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key) -> bool:
-    """Check the autotuned fused kernel against the reference, then time it against the two ops inside CUDA graphs
+    """Check the autotuned fused kernel against the reference, then time it against the ops apart inside CUDA graphs
     over copies of the weight that together pass twice the L2 cache (as a decode step runs them)."""
     try:
         got = fused_launch(kind, x, weight, bias, residual, norm_w, eps)  # autotunes, outside the timing
         want = _unfused(kind, x, weight, bias, residual, norm_w, eps)  # also settles the gemv op's own choice
     except Exception:  # noqa: BLE001 - a kernel that does not build or launch on this shape: the two ops serve it
         return False
-    pairs = zip(got, want) if kind == NORM else [(got, want)]
-    if not all(_rel(g, w) < 1e-2 for g, w in pairs):
+    if not all(_rel(g, w) < 1e-2 for g, w in zip(got, want)):
         return False
     try:
         fused, apart, copies = graph_ab_us(lambda w: fused_launch(kind, x, w, bias, residual, norm_w, eps),
@@ -243,23 +248,24 @@ def _fusing() -> bool:
 
 def add_rmsnorm_gemv_triton(x, residual, norm_w, eps, weight, bias=None):
     """Same contract as :func:`~mamballama_cli.ops.decode.add_rmsnorm_gemv_ref`."""
-    if (_fusing() and norm_supported(x, residual, norm_w, weight, bias)
-            and _choose(NORM, x, weight, bias, residual, norm_w, eps)):
-        return fused_launch(NORM, x, weight, bias, residual, norm_w, eps)
-    return _unfused(NORM, x, weight, bias, residual, norm_w, eps)
+    return _fused_or_apart(NORM, x, residual, norm_w, eps, weight, bias)
 
 
-def swiglu_gemv_triton(gate_up, weight, bias=None):
-    """Same contract as :func:`~mamballama_cli.ops.decode.swiglu_gemv_ref`."""
-    if _fusing() and swiglu_supported(gate_up, weight, bias) and _choose(SWIGLU, gate_up, weight, bias, None, None,
-                                                                         0.0):
-        return fused_launch(SWIGLU, gate_up, weight, bias)
-    return _unfused(SWIGLU, gate_up, weight, bias, None, None, 0.0)
+def add_rmsnorm_gemv_swiglu_triton(x, residual, norm_w, eps, weight, bias=None):
+    """Same contract as :func:`~mamballama_cli.ops.decode.add_rmsnorm_gemv_swiglu_ref`."""
+    return _fused_or_apart(NORM_SWIGLU, x, residual, norm_w, eps, weight, bias)
+
+
+def _fused_or_apart(kind, x, residual, norm_w, eps, weight, bias):
+    if (_fusing() and norm_supported(x, residual, norm_w, weight, bias, kind)
+            and _choose(kind, x, weight, bias, residual, norm_w, eps)):
+        return fused_launch(kind, x, weight, bias, residual, norm_w, eps)
+    return _unfused(kind, x, weight, bias, residual, norm_w, eps)
 
 
 def choices_report() -> dict:
     """For a benchmark's JSON: the shapes (op rows x N x K) the fused kernels serve, and the timings behind each."""
-    return shape_report(CHOICES, TIMINGS, lambda k: f"{('add_rmsnorm', 'swiglu')[k[0]]}_gemv {k[1]}x{k[2]}x{k[3]}",
+    return shape_report(CHOICES, TIMINGS, lambda k: f"{OP_NAMES[k[0]]} {k[1]}x{k[2]}x{k[3]}",
                         "fused_gemv_shapes", "fused_gemv_timings")
 
 
@@ -268,17 +274,17 @@ def _check_fused(gen):
     for rows, n, k in ((1, 96, 320), (5, 200, 512)):
         x, r = _rand(gen, rows, k, dtype=torch.bfloat16), _rand(gen, rows, k, dtype=torch.bfloat16)
         lnw, w = _rand(gen, k, dtype=torch.bfloat16), _rand(gen, n, k, dtype=torch.bfloat16)
-        y, h = fused_launch(NORM, x, w, None, r, lnw, 1e-5)
-        want_y, want_h = _decode_refs.add_rmsnorm_gemv_ref(x, r, lnw, 1e-5, w)
-        errs += [_rel(y, want_y), _rel(h, want_h)]
-        y0, _ = fused_launch(NORM, x, w, None, None, lnw, 1e-5)  # a layer's first norm: no residual
-        errs.append(_rel(y0, _decode_refs.add_rmsnorm_gemv_ref(x, None, lnw, 1e-5, w)[0]))
-        gu = _rand(gen, rows, 2 * k, dtype=torch.bfloat16)
-        errs.append(_rel(fused_launch(SWIGLU, gu, w), _decode_refs.swiglu_gemv_ref(gu, w)))
+        for kind, ref in ((NORM, _decode_refs.add_rmsnorm_gemv_ref),
+                          (NORM_SWIGLU, _decode_refs.add_rmsnorm_gemv_swiglu_ref)):
+            y, h = fused_launch(kind, x, w, None, r, lnw, 1e-5)
+            want_y, want_h = ref(x, r, lnw, 1e-5, w)
+            errs += [_rel(y, want_y), _rel(h, want_h)]
+            y0, _ = fused_launch(kind, x, w, None, None, lnw, 1e-5)  # a layer's first norm: no residual
+            errs.append(_rel(y0, ref(x, None, lnw, 1e-5, w)[0]))
     return max(errs)
 
 
 if triton is not None:
     _fused_probe = _probe(_check_fused, tol=1e-2)
     ops.register_fast("add_rmsnorm_gemv", "mamballama-triton", add_rmsnorm_gemv_triton, _fused_probe)
-    ops.register_fast("swiglu_gemv", "mamballama-triton", swiglu_gemv_triton, _fused_probe)
+    ops.register_fast("add_rmsnorm_gemv_swiglu", "mamballama-triton", add_rmsnorm_gemv_swiglu_triton, _fused_probe)
