@@ -120,6 +120,47 @@ def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0):
     return gated_in_one_program(p, n), errs
 
 
+def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, read_old, gated, seed=0):
+    """A window kept in two slots (``slot``): the kernel against the reference, run on copies of the same buffers:
+    y, the states, and both slots after the call (the new steps written into slot ``cur`` at ``offset``, nothing
+    else changed). bf16 window, float32 state."""
+    from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref
+    from mamballama_cli.ops.triton_replay import ssm_replay_gated_triton, ssm_replay_triton
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def r(*shape, dt=torch.bfloat16):
+        return torch.randn(*shape, generator=gen, device=device).to(dt)
+
+    state = r(b, h, p, n, dt=torch.float32)
+    xB = r(2, b, L, g * p + g * n)  # the mixer's layout: [x | B] per step, and dt beside it
+    dt = r(2, b, L, h)
+    new = (r(b, T, g, p), r(b, T, h), r(b, T, g, n), r(b, T, h, n))
+    A, dt_bias, D = -torch.rand(h, generator=gen, device=device) * 4 - 0.05, r(h, dt=torch.float32), r(h)
+    z, nw = r(b, T, h * p), (1 + 0.1 * torch.randn(h * p, generator=gen, device=device)).to(torch.bfloat16)
+    slot = torch.tensor([cur], device=device)
+
+    def run(fn, xB, dt):
+        bufs = (xB[..., : g * p].unflatten(-1, (g, p)), dt, xB[..., g * p :].unflatten(-1, (g, n)))
+        extra = (z, nw, 1e-5) if gated else ()
+        return fn(state.clone(), *bufs, torch.tensor(counts, device=device), *new, A, dt_bias, D, *extra,
+                  return_final=True, slot=slot, offset=offset, read_old=read_old)
+
+    wx, wd = xB.clone(), dt.clone()
+    want = run(ssm_replay_gated_ref if gated else ssm_replay_ref, wx, wd)
+    gx, gd = xB.clone(), dt.clone()
+    got = run(ssm_replay_gated_triton if gated else ssm_replay_triton, gx, gd)
+    errs = [_rel(o, w) for o, w in zip(got, want)]
+    assert errs[0] <= 1e-2 and max(errs[1:]) <= 1e-5, errs  # y in bf16 (truncated by the interpreter)
+    assert torch.equal(gx, wx) and torch.equal(gd, wd)  # the same slot written, the same values, nothing else
+    other = 1 - cur
+    assert torch.equal(gx[other], xB[other]) and torch.equal(gd[other], dt[other])  # the old slot untouched
+    assert torch.equal(gx[cur, :, offset : offset + T, : g * p], new[0].flatten(-2))  # x of the new steps
+    assert torch.equal(gd[cur, :, offset : offset + T], new[1])
+    assert torch.equal(gx[cur, :, offset : offset + T, g * p :], new[2].flatten(-2))
+    return errs
+
+
 _SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 import test_mamba1_replay as t
 
@@ -149,6 +190,13 @@ for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
     fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k)
     assert fused is one, (p, n)
     print("ssm_replay_gated", b, W, T, p, n, fused, errs)
+# a window kept in two slots: a verify call (read slot 1 - cur, write slot cur from 0) and a draft's continue step
+# (no reads, written at its offset); gated in one kernel and not; two blocks of headdim; groups of 2 and 3 heads
+for k, (b, L, T, h, g, p, n, counts, cur, offset, read_old, gated) in enumerate([
+        (2, 5, 5, 4, 2, 48, 128, [3, 0], 1, 0, True, False), (2, 5, 5, 6, 2, 16, 16, [5, 2], 0, 0, True, True),
+        (1, 6, 2, 4, 2, 16, 16, [0], 1, 3, False, True), (2, 4, 1, 3, 1, 48, 128, [0, 0], 0, 2, False, False)]):
+    print("slotted", t.check_ssm_replay_slotted("cpu", b, L, T, h, g, p, n, counts, cur, offset, read_old, gated,
+                                                seed=k))
 print("ok")
 """
 

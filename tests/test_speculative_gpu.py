@@ -45,6 +45,22 @@ def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fi
     assert ops.dispatch("ssm_replay_gated", torch.device("cuda"))[0] == "triton"
 
 
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("b,h,g,p,n", [(1, 32, 8, 128, 128), (2, 9, 3, 64, 64)])
+def test_slotted_replay_on_cuda_writes_the_window_as_the_reference(b, h, g, p, n, gated):
+    """The replay kernel keeping a window in two slots on CUDA (8B's and the default teacher's head sizes): a verify
+    call and a draft's continue step, against the reference on copies of the same buffers: outputs, states, both
+    slots after the call."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_mamba1_replay import check_ssm_replay_slotted
+
+    check_ssm_replay_slotted("cuda", b, 5, 5, h, g, p, n, [2] * b, 1, 0, True, gated)
+    check_ssm_replay_slotted("cuda", b, 6, 1, h, g, p, n, [0] * b, 0, 4, False, gated, seed=1)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("b,h,g,p,n,K", [(1, 32, 8, 128, 128, 4), (2, 9, 3, 64, 64, 2), (3, 4, 4, 5, 6, 8)])
 def test_triton_replay_kernel_equals_reference(dtype, tol, b, h, g, p, n, K):

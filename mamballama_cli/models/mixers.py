@@ -344,32 +344,33 @@ class Mamba2Mixer(AttentionInitMixer):
         b, T, _ = x.shape
         zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
         z, xbc_in, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        slot = step.slot if step.slot is not None else win.slot
         if step.rebase:
             # the w1 conv inputs before the new window start keep entries into the buffer
             start, n_replay, offset, shift = win.ckpt, step.keep, 0, step.keep
-            old = win.split(win.win_xB, win.win_dt)
+            if step.slot is None:
+                win.slot.bitwise_xor_(1)  # no runtime flips it for every layer at once
         else:
             wlen = step.wlen
             if wlen + T > win.window:
                 raise RuntimeError(f"replay window holds {win.window} tokens; {wlen + T} were fed")
             start, n_replay, offset, shift = win.live, win.no_shift, wlen, win.no_shift
-            old = win.split(win.win_xB[:, :0], win.win_dt[:, :0])
         # Conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` (it holds only conv
         # inputs, which the replay does not read): post (b, T, conv_dim) = silu(conv) of [x | B | C].
         post = step.fns["spec_conv"](xbc_in, win.conv, shift, offset, win.conv_w, self.conv1d.bias,
                                      self.activation)
         xs, _, B = win.split(post[..., : win.d_xB], dt_raw)
         C = post[..., win.d_xB :].view(b, T, self.n_heads, self.d_state)
-        states = {"return_final": False, "state_out": win.ckpt if step.rebase else None, "final_out": win.live}
+        # the op reads the last window's steps from the other slot and writes these into ``slot``: no copies
+        kw = {"return_final": False, "state_out": win.ckpt if step.rebase else None, "final_out": win.live,
+              "slot": slot, "offset": offset, "read_old": step.rebase}
+        old = win.split(win.win_xB, win.win_dt)
         if self.gated_norm:  # the gated norm in the replay op (in its kernel where a head fits one program)
             y, _, _ = step.fns["ssm_replay_gated"](start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias,
-                                                   self.D, z, self.norm.weight, self.eps, **states)
+                                                   self.D, z, self.norm.weight, self.eps, **kw)
         else:
             y, _, _ = step.fns["ssm_replay"](start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias, self.D,
-                                             **states)
-        # Only now overwrite the window: the replay above read the old one.
-        win.win_xB[:, offset : offset + T].copy_(post[..., : win.d_xB])
-        win.win_dt[:, offset : offset + T].copy_(dt_raw)
+                                             **kw)
         return self.output(y.reshape(b, T, self.d_z), z, step.fns["gemv"], normed=self.gated_norm)
 
 
@@ -379,7 +380,9 @@ class Mamba2Window(ReplayWindow):
 
     * ``ckpt``: the SSM state at the start of the last window, the last position known to be correct;
     * ``win_xB``, ``win_dt``: the post-conv [x | B] and raw dt (before dt_bias and softplus) of every step
-      of the window;
+      of the window, in two slots (2, batch, window, ...): a call writes its steps into the current slot
+      (``slot``, or the step's) while the replay reads the last window from the other, so nothing is copied;
+      a rebase flips the slot first;
     * ``conv``: the ``d_conv - 1`` conv inputs (pre-conv x, B, C) before the window, then the window's own;
     * ``live`` (``keep_live``, hybrid drafts): the state after the whole window, where "continue" steps start.
 
@@ -393,20 +396,23 @@ class Mamba2Window(ReplayWindow):
         self.d_xB = m.d_x + m.d_B
         self.ckpt = torch.zeros(b, m.n_heads, m.headdim, m.d_state, dtype=torch.float32, device=device)
         self.live = torch.zeros_like(self.ckpt) if keep_live else None
-        self.win_xB = torch.zeros(b, window, self.d_xB, dtype=dtype, device=device)
-        self.win_dt = torch.zeros(b, window, m.n_heads, dtype=dtype, device=device)
+        self.win_xB = torch.zeros(2, b, window, self.d_xB, dtype=dtype, device=device)
+        self.win_dt = torch.zeros(2, b, window, m.n_heads, dtype=dtype, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # used when no runtime hands one over
         self.conv = torch.zeros(b, m.conv_dim, w1 + window, dtype=dtype, device=device)
         self.no_shift = torch.zeros(b, dtype=torch.long, device=device)  # continue steps: no replay, no shift
         with torch.no_grad():
             self.A = -torch.exp(m.A_log.float())  # (nheads,): fixed while decoding
             self.conv_w = m.conv1d.weight[:, 0, :]  # (conv_dim, width)
 
+    slotted = True  # the runtime hands every such window one slot tensor, flipped once per rebase walk
+
     def split(self, xB: Tensor, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(x, dt, B) views of window-shaped [x | B] and dt, as the replay op reads them."""
+        """(x, dt, B) views of [x | B] (..., d_xB) and dt, as the replay op reads them: (..., groups, headdim),
+        dt, (..., groups, dstate)."""
         m = self.mixer
-        b, steps, _ = xB.shape
-        return (xB[..., : m.d_x].view(b, steps, m.n_groups, m.headdim), dt,
-                xB[..., m.d_x :].view(b, steps, m.n_groups, m.d_state))
+        return (xB[..., : m.d_x].unflatten(-1, (m.n_groups, m.headdim)), dt,
+                xB[..., m.d_x :].unflatten(-1, (m.n_groups, m.d_state)))
 
 
 class GatedRMSNorm(nn.Module):

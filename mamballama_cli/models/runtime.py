@@ -94,7 +94,8 @@ class Runtime:
                                                                                        self.batch_size)
         self.eps = model.config.rms_norm_eps
         self.column_major = self.device.type == "cpu"
-        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "gemv", "add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu"))
+        self.fns = OpTable(self.device).resolve(("add_rmsnorm", "gemv", "add_rmsnorm_gemv",
+                                                 "add_rmsnorm_gemv_swiglu"))
         self.cache = HybridCache(model, self.batch_size, dtype=self.dtype, device=self.device,
                                  max_length=self.capacity)
         decode_layout(model)
@@ -111,13 +112,16 @@ class Runtime:
                 mixer.inference_state(self.cache, self.window, keep_live),
             ))
         self.windows = [p.state for p in self.layers if hasattr(p.state, "load")]
+        # the slot every Mamba-2 window writes (models/mixers.py): one flip per rebase walk for all of them
+        self.slot = (torch.zeros(1, dtype=torch.long, device=self.device)
+                     if any(getattr(w, "slotted", False) for w in self.windows) else None)
         with torch.no_grad():  # the model's own rotary tables, indexed by position on the device
             cos, sin = self.base.rotary_emb(torch.arange(self.capacity, device=self.device)[None], self.dtype)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
 
     def step(self, **kw) -> Step:
         """A :class:`Step` over this runtime's op table and rotary tables (``kw``: its other fields)."""
-        return Step(self.fns, cos=self.cos, sin=self.sin, window=self.window > 0, **kw)
+        return Step(self.fns, cos=self.cos, sin=self.sin, window=self.window > 0, slot=self.slot, **kw)
 
     # --- the walk ------------------------------------------------------------------------------------------
     def walk(self, ids: Tensor, step: Step, features: Tensor | None = None,
@@ -132,6 +136,8 @@ class Runtime:
         # every norm in one op with the GEMV after it (the mixer's first projection, [gate; up], lm_head), and
         # SwiGLU with [gate; up] too: one kernel each on CUDA where that was timed faster (ops/triton_gemv_fused.py)
         norm_linear, norm_glu = self.fns["add_rmsnorm_gemv"], self.fns["add_rmsnorm_gemv_swiglu"]
+        if step.window and step.rebase and step.slot is not None:
+            step.slot.bitwise_xor_(1)  # a new window: every Mamba-2 layer reads the other slot, writes this one
         hidden = F.embedding(ids, self.embed_w)
         if self.fc_w is not None:
             if features is None:

@@ -68,7 +68,8 @@ class Step:
     position of the first new token. length: decode only, pos + 1, the attended length. cos, sin: the rotary tables
     (capacity, rotary_dim), indexed by position on the device. keep, rebase, wlen: window only (module doc).
     kv_len: window only, how much of the K/V buffer a sliding-window layer attends over (None: all of it,
-    as a captured graph must).
+    as a captured graph must). slot: window only, which of its two slots every Mamba-2 window writes this call
+    ((1,) on the device; the runtime flips it once before a rebase walk); None: each window flips its own.
     """
 
     fns: OpTable
@@ -81,6 +82,7 @@ class Step:
     rebase: bool = True
     wlen: int = 0
     kv_len: int | None = None
+    slot: Tensor | None = None
 
 
 class NormedInput:

@@ -46,9 +46,22 @@ def _heads(t: Tensor, nheads: int) -> Tensor:
 
 def ssm_replay_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, n_replay: Tensor, x_new: Tensor,
                    dt_new: Tensor, B_new: Tensor, C_new: Tensor, A: Tensor, dt_bias: Tensor, D: Tensor | None = None, *,
-                   return_final: bool = False, state_out: Tensor | None = None,
-                   final_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Replay ``n_replay`` old steps from ``state``, then run the new steps (see the module docstring)."""
+                   return_final: bool = False, state_out: Tensor | None = None, final_out: Tensor | None = None,
+                   slot: Tensor | None = None, offset: int = 0,
+                   read_old: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Replay ``n_replay`` old steps from ``state``, then run the new steps (see the module docstring).
+
+    With ``slot`` (a (1,) integer tensor on the device, 0 or 1), x_old, dt_old and B_old are a window's two slots
+    ((2, batch, L, ...) each): the old steps are read from slot 1 - slot (all L of them; none unless
+    ``read_old``), and the new steps' x, raw dt and B are written into slot ``slot`` at ``offset``. The caller flips
+    the slot before a call that starts a new window, so the window is kept without copies after the call."""
+    if slot is not None:
+        bufs, cur = (x_old, dt_old, B_old), slot.reshape(1).long()
+        x_old, dt_old, B_old = (t.index_select(0, 1 - cur)[0] if read_old else t[0, :, :0] for t in bufs)
+        out = ssm_replay_ref(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
+                             return_final=return_final, state_out=state_out, final_out=final_out)
+        save_window(bufs, (x_new, dt_new, B_new), cur, offset)
+        return out
     b, h, p, _ = state.shape
     W, T = x_old.shape[1], x_new.shape[1]
     sdtype = state.dtype  # float32 checkpoints: the same arithmetic as the plain decode step
@@ -92,6 +105,15 @@ def ssm_replay_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, 
     return y, *hand_out(replayed, s, return_final, state_out, final_out)
 
 
+def save_window(bufs, news, cur: Tensor, offset: int) -> None:
+    """Write each new tensor (batch, T, ...) into its two-slot buffer (2, batch, L, ...) at [cur, :, offset:]: one
+    slot read, changed and written back (device-side indices: graph-safe, no sync)."""
+    for buf, new in zip(bufs, news):
+        part = buf.index_select(0, cur)
+        part[0, :, offset : offset + new.shape[1]] = new.to(buf.dtype)
+        buf.index_copy_(0, cur, part)
+
+
 def hand_out(replayed: Tensor, final: Tensor, return_final: bool, state_out: Tensor | None,
              final_out: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """A replay op's (replayed_state, final_state) as its contract says: written into ``state_out`` /
@@ -110,8 +132,9 @@ def hand_out(replayed: Tensor, final: Tensor, return_final: bool, state_out: Ten
 def ssm_replay_gated_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Tensor, n_replay: Tensor,
                          x_new: Tensor, dt_new: Tensor, B_new: Tensor, C_new: Tensor, A: Tensor, dt_bias: Tensor,
                          D: Tensor | None, z: Tensor | None, norm_weight: Tensor, eps: float, *,
-                         return_final: bool = False, state_out: Tensor | None = None,
-                         final_out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+                         return_final: bool = False, state_out: Tensor | None = None, final_out: Tensor | None = None,
+                         slot: Tensor | None = None, offset: int = 0,
+                         read_old: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`ssm_replay_ref`, then the Mamba-2 mixer's gated RMSNorm over each head (``rmsnorm_gated`` with groups
     of headdim channels): y (batch, T, nheads * headdim) in x_new's dtype, what out_proj reads. z: (batch, T,
     nheads * headdim) or None; norm_weight: (nheads * headdim,)."""
@@ -119,7 +142,7 @@ def ssm_replay_gated_ref(state: Tensor, x_old: Tensor, dt_old: Tensor, B_old: Te
 
     y, replayed, final = ssm_replay_ref(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A,
                                         dt_bias, D, return_final=return_final, state_out=state_out,
-                                        final_out=final_out)
+                                        final_out=final_out, slot=slot, offset=offset, read_old=read_old)
     b, T, h, p = y.shape
     return rmsnorm_gated_ref(y.reshape(b, T, h * p), z, norm_weight, eps, p), replayed, final
 
@@ -137,11 +160,11 @@ _register()
 
 
 def ssm_replay(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
-               return_final=False, state_out=None, final_out=None):
+               return_final=False, state_out=None, final_out=None, **slots):
     """Dispatching entry point (the fused Triton kernel on CUDA when usable, else the reference)."""
     from mamballama_cli import ops
 
     return ops.dispatch("ssm_replay", x_new.device)[1](
         state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
-        return_final=return_final, state_out=state_out, final_out=final_out,
+        return_final=return_final, state_out=state_out, final_out=final_out, **slots,
     )

@@ -21,6 +21,10 @@ launches no separate norm kernel. That holds where a head's (headdim x dstate) s
 (:data:`GATED_TILE`: the default teacher's 64 x 64); the 8B shape's 128 x 128 heads keep the tiled replay kernel and
 the norm op after it, since one program a head would leave most of the GPU idle there.
 
+With ``slot`` the last window's inputs come from one of two slots and the kernel writes the new steps' x, raw dt
+and B into the other as it loads them (x and B of a group by its first head's programs, dt by one lane of each
+head), so the mixer copies nothing after the call (ops/replay.py says how the slots turn).
+
 Inference only (no autograd): verification never trains. Importing this module registers the kernels on
 CUDA; it is skipped (and the references used) when Triton is not installed.
 """
@@ -61,7 +65,7 @@ def _tile(ptr, rows, s_row, cols, s_col):
 def _replay_kernel(
     state_ptr, x_old_ptr, dt_old_ptr, B_old_ptr, n_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, A_ptr, dt_bias_ptr, D_ptr,
-    y_ptr, state_out_ptr, final_ptr, z_ptr, nw_ptr, eps,
+    y_ptr, state_out_ptr, final_ptr, z_ptr, nw_ptr, eps, slot_ptr, xo_s2, dto_s2, Bo_s2, save_off,
     nheads, headdim, dstate, heads_per_group, heads_per_cgroup,
     s_sb, s_sh, s_sp, s_sn,
     xo_sb, xo_st, xo_sg, xo_sp,
@@ -77,7 +81,7 @@ def _replay_kernel(
     z_sb, z_st, z_sh, z_sp,
     W: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-    GATED: tl.constexpr, HAS_Z: tl.constexpr,
+    GATED: tl.constexpr, HAS_Z: tl.constexpr, SLOTTED: tl.constexpr,
 ):
     # The window's steps are unrolled (W and T are compile-time constants): no step's loads depend on the state, so
     # the compiler can issue them all ahead of the recurrence, and a call need not wait on memory once per step, as
@@ -99,6 +103,19 @@ def _replay_kernel(
     s = s.to(tl.float32)
     A = tl.load(A_ptr + h).to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    if SLOTTED:  # the window's two slots: the old steps in slot 1 - cur, the new ones saved into slot cur
+        cur = tl.load(slot_ptr).to(tl.int64)
+        x_save = x_old_ptr + cur * xo_s2 + save_off * xo_st
+        dt_save = dt_old_ptr + cur * dto_s2 + save_off * dto_st
+        B_save = B_old_ptr + cur * Bo_s2 + save_off * Bo_st
+        x_old_ptr += (1 - cur) * xo_s2
+        dt_old_ptr += (1 - cur) * dto_s2
+        B_old_ptr += (1 - cur) * Bo_s2
+        # one writer for each value: x and B of a group by its first head (B by its first block of headdim), dt
+        # of a head by one lane of its first block
+        x_lanes = mask_p & ((offs_p * 0 + h % heads_per_group) == 0)
+        B_lanes = mask_n & ((offs_n * 0 + h % heads_per_group + pid_p) == 0)
+        dt_lane = (offs_p + pid_p * BLOCK_P) == 0
 
     # 1. Replay the accepted steps of the last window (no outputs); the row's count is read on the device.
     r = tl.minimum(tl.load(n_ptr + b).to(tl.int32), W)
@@ -117,9 +134,19 @@ def _replay_kernel(
     if HAS_D:
         Dh = tl.load(D_ptr + h).to(tl.float32)
     for t in tl.static_range(T):
-        x = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0).to(tl.float32)
-        dt = _softplus(tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh).to(tl.float32) + dt_bias)
-        Bv = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0).to(tl.float32)
+        x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
+        dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
+        B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
+        if SLOTTED:
+            tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
+                     x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
+            tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
+                     B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
+            tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
+                     (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty), mask=dt_lane)
+        x = x_raw.to(tl.float32)
+        dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
+        Bv = B_raw.to(tl.float32)
         Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n, other=0.0).to(tl.float32)
         s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
         y = tl.sum(s * Cv[None, :], axis=1)
@@ -234,10 +261,10 @@ GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers
 
 
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
-                      return_final=False, state_out=None, final_out=None):
+                      return_final=False, state_out=None, final_out=None, slot=None, offset=0, read_old=True):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_ref`."""
     return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
-                          return_final, state_out, final_out)
+                          return_final, state_out, final_out, slots=(slot, offset, read_old))
 
 
 def gated_in_one_program(headdim: int, dstate: int) -> bool:
@@ -247,7 +274,8 @@ def gated_in_one_program(headdim: int, dstate: int) -> bool:
 
 
 def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, z,
-                            norm_weight, eps, *, return_final=False, state_out=None, final_out=None):
+                            norm_weight, eps, *, return_final=False, state_out=None, final_out=None, slot=None,
+                            offset=0, read_old=True):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_gated_ref`: the gated RMSNorm inside the replay
     kernel where a head's state fits one program (:func:`gated_in_one_program`), else the replay kernel and then
     the ``rmsnorm_gated`` op."""
@@ -255,17 +283,26 @@ def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new
     h, p = state.shape[1], state.shape[2]
     if gated_in_one_program(p, state.shape[3]):
         y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias,
-                                       D, return_final, state_out, final_out, gate=(z, norm_weight, eps))
+                                       D, return_final, state_out, final_out, gate=(z, norm_weight, eps),
+                                       slots=(slot, offset, read_old))
         return y.view(b, T, h * p), out, final
     y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
-                                   return_final, state_out, final_out)
+                                   return_final, state_out, final_out, slots=(slot, offset, read_old))
     norm = ops.dispatch("rmsnorm_gated", x_new.device)[1]
     return norm(y.view(b, T, h * p), z, norm_weight, eps, p), out, final
 
 
 def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, return_final,
-                   state_out, final_out, gate=None):
+                   state_out, final_out, gate=None, slots=(None, 0, True)):
     b, h, p, n = state.shape
+    slot, offset, read_old = slots
+    slotted = slot is not None
+    if slotted:  # the window's two slots (2, b, L, ...): read slot 1 - slot, write slot ``slot``
+        bufs = (x_old, dt_old, B_old)
+        assert all(t.shape[0] == 2 for t in bufs) and slot.numel() == 1 and not slot.is_floating_point()
+        assert offset + x_new.shape[1] <= x_old.shape[2], (offset, x_new.shape, x_old.shape)
+        slot_strides = [t.stride(0) for t in bufs]
+        x_old, dt_old, B_old = (t[0] if read_old else t[0, :, :0] for t in bufs)
     W, T = x_old.shape[1], x_new.shape[1]
     g, cg = x_new.shape[2], C_new.shape[2]
     assert x_old.shape == (b, W, g, p) and x_new.shape == (b, T, g, p), (x_old.shape, x_new.shape, state.shape)
@@ -275,7 +312,12 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     assert A.shape == (h,) and dt_bias.shape == (h,) and (D is None or D.shape == (h,))
     assert n_replay.numel() == b and not n_replay.is_floating_point()
     assert (state.is_cuda and x_new.is_cuda) or _INTERPRET, "the Triton replay kernel needs CUDA tensors"
-    (x_old, dt_old, B_old), old_strides = _old_window((x_old, dt_old, B_old), (x_new, dt_new, B_new))
+    if slotted:  # the buffers themselves (written whatever W is), their per-slot strides
+        old_strides = [st for t in bufs for st in t[0].stride()]
+        x_old, dt_old, B_old = bufs
+    else:
+        (x_old, dt_old, B_old), old_strides = _old_window((x_old, dt_old, B_old), (x_new, dt_new, B_new))
+        slot_strides, slot = [0, 0, 0], n_replay  # slot: any pointer, unread
     n_replay = n_replay.reshape(b)
     y = torch.empty(b, T, h, p, dtype=x_new.dtype, device=x_new.device)
     out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
@@ -292,14 +334,14 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
         _replay_kernel[grid](
             state, x_old, dt_old, B_old, n_replay,
             x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-            y, out, final, zt, nw if nw is not None else A, float(eps),
+            y, out, final, zt, nw if nw is not None else A, float(eps), slot, *slot_strides, int(offset),
             h, p, n, h // g, h // cg,
             *state.stride(), *old_strides,
             *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
             *y.stride(), *out.stride(), *final.stride(), *zt.stride(),
             W=W, T=T,
             HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N,
-            GATED=gate is not None, HAS_Z=z is not None,
+            GATED=gate is not None, HAS_Z=z is not None, SLOTTED=slotted,
             num_warps=4,
         )
     return y, out, (final if want_final else None)
@@ -357,7 +399,25 @@ def _check_ssm_replay(gen):
     args = (state, *old, counts, *new, A, dt_bias, D)
     want = ssm_replay_ref(*(t.double() if t.is_floating_point() else t for t in args), return_final=True)
     got = ssm_replay_triton(*args, return_final=True)
-    return max(_rel(o, w) for o, w in zip(got, want))
+    return max(max(_rel(o, w) for o, w in zip(got, want)), _check_slotted(gen, ssm_replay_triton, ssm_replay_ref))
+
+
+def _check_slotted(gen, fast, ref, gate=()):
+    """The window kept in two slots (a verify call, slot 1 written): the new steps written where the reference
+    writes them, the other slot untouched, and the outputs. 0.0 or 1.0 for the buffers (exact), then the rel error."""
+    b, L, T, h, g, p, n = 2, 5, 5, 4, 2, 48, 16
+    bufs = (_rand(gen, 2, b, L, g, p), _rand(gen, 2, b, L, h), _rand(gen, 2, b, L, g, n))
+    new = (_rand(gen, b, T, g, p), _rand(gen, b, T, h), _rand(gen, b, T, g, n), _rand(gen, b, T, h, n))
+    A, dt_bias, D = -torch.exp(_rand(gen, h)), _rand(gen, h), _rand(gen, h)
+    state, counts, slot = _rand(gen, b, h, p, n), torch.tensor([1, 3], device="cuda"), torch.ones(1, dtype=torch.long,
+                                                                                                    device="cuda")
+    extra = (_rand(gen, b, T, h * p), 1 + 0.1 * _rand(gen, h * p), 1e-5) if gate else ()
+    mine, theirs = [t.clone() for t in bufs], [t.clone() for t in bufs]
+    got = fast(state, *mine, counts, *new, A, dt_bias, D, *extra, slot=slot, offset=0, read_old=True)
+    want = ref(state, *theirs, counts, *new, A, dt_bias, D, *extra, slot=slot, offset=0, read_old=True)
+    same = all(torch.equal(a, c) for a, c in zip(mine, theirs)) and all(torch.equal(a[0], c[0])
+                                                                         for a, c in zip(mine, bufs))
+    return max(0.0 if same else 1.0, *(_rel(o, w) for o, w in zip(got[:2], want[:2])))
 
 
 def _check_selective_replay(gen):
@@ -398,7 +458,7 @@ def _check_ssm_replay_gated(gen):
                                     return_final=True)
         got = ssm_replay_gated_triton(*args, 1e-5, return_final=True)
         errs += [_rel(o, w) for o, w in zip(got, want)]
-    return max(errs)
+    return max(*errs, _check_slotted(gen, ssm_replay_gated_triton, ssm_replay_gated_ref, gate=True))
 
 
 ops.register_fast("ssm_replay", "triton", ssm_replay_triton, _probe(_check_ssm_replay, tol=1e-4))
