@@ -32,7 +32,8 @@ def cuda_time(fn, iters: int, warmup: int = 5) -> float:
 def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iters: int, on_runner=None) -> dict:
     """Milliseconds: ``plain_step_ms`` (the static decoder of `generate`), ``runner_plain_step_ms`` (the same step
     through the speculative runner), ``verify_step_ms`` by how many tokens it keeps (1 and K+1: the replay does
-    more work the more it keeps), ``draft_step_ms``; ``plain_engine`` names the plain step's engine.
+    more work the more it keeps), ``draft_step_ms``; ``plain_engine`` names the plain step's engine and
+    ``verify_backends`` the implementation of each op the verify calls ran.
     ``on_runner(runner, pos)`` runs with the target's runner before its verify timings (kernel profiles)."""
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.runners import as_hybrid, is_hybrid
@@ -70,6 +71,8 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     if on_runner is not None:
         on_runner(runner, pos)
     out["verify_step_ms"] = {r: cuda_time(call(K + 1, r), iters) for r in (1, K + 1)}
+    # which implementation ran each op of the verify walk (a kernel whose probe failed runs its reference)
+    out["verify_backends"] = dict(sorted(runner.runtime.fns.backends.items()))
     runner.runtime = runner.cache = None  # free its buffers before the next one
     if is_feature_draft(draft):
         out["draft_step_ms"] = feature_draft_step_ms(draft, prompt, K, capacity, iters)

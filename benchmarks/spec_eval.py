@@ -243,7 +243,7 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
         if device.type == "cuda":
             torch.cuda.empty_cache()
         parts = round_parts(target, draft, torch.tensor([prompts[0]], device=device), K, capacity, parts_iters)
-        parts = {k: ({r: round(x, 4) for r, x in v.items()} if isinstance(v, dict) else
+        parts = {k: ({r: (round(x, 4) if isinstance(x, float) else x) for r, x in v.items()} if isinstance(v, dict) else
                      round(v, 4) if isinstance(v, float) else v) for k, v in parts.items()}
         parts["sum_ms"] = round(K * parts["draft_step_ms"] + parts["verify_step_ms"][K + 1], 4)
         if "round" in results:

@@ -201,6 +201,7 @@ def main() -> None:
         "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context,
         "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
+        "verify_backends": parts["verify_backends"],
         **(sys.modules["mamballama_cli.ops.triton_gemv"].choices_report()
            if "mamballama_cli.ops.triton_gemv" in sys.modules else {"gemv_kernel_shapes": []}),
         **(sys.modules["mamballama_cli.ops.triton_gemv_fused"].choices_report()

@@ -124,6 +124,7 @@ def test_spec_eval_benchmark_compares_the_engines_over_held_out_prompts(pair, tm
     assert parts["sum_ms"] == round(3 * parts["draft_step_ms"] + parts["verify_step_ms"]["4"], 4)
     assert parts["round_ms_end_to_end"] > 0 and parts["round_ms_replayed"] > 0  # eager rounds on CPU
     assert parts["round_ms_replayed_commit_ref"] > 0 and "commit A/B skipped" not in r.stderr
+    assert parts["verify_backends"]["ssm_replay_gated"] == "torch-ref"  # on CPU the references run every op
 
 
 def _acceptance(target_dir, draft_dir, shard_dir, n=8):
