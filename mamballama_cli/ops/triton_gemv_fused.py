@@ -123,7 +123,8 @@ if triton is not None:
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], y.to(dt), mask=live_m[:, None] & live_n[None, :])
 
     def _prune(configs, named_args, **kwargs):
-        rows = _padded(named_args["M"]) * (2 if kwargs.get("KIND", named_args.get("KIND")) == NORM_SWIGLU else 1)
+        kind = kwargs.get("KIND", named_args.get("KIND"))
+        rows = _padded(named_args["M"]) * (2 if kind == NORM_SWIGLU else 1)  # the SwiGLU kind: two accumulators
         kept = [c for c in configs
                 if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= REGS * 32 * c.num_warps]
         return kept or configs[-1:]
