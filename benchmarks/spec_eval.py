@@ -138,8 +138,8 @@ def main() -> None:
     if plain_tokens and not is_feature_draft(draft):  # what the draft's quality allows (a feature draft's later
         # proposals read its own features, which a teacher-forced pass cannot give)
         agreement = [teacher_forced_agreement(draft, p, t) for p, t in zip(prompts, plain_tokens)]
-        share = sum(sum(a[1:]) for a in agreement) / max(1, sum(len(a) - 1 for a in agreement))
-        print(f"draft's teacher-forced agreement with the plain greedy tokens: {share:.4f}", file=sys.stderr)
+        print(f"draft's teacher-forced agreement with the plain greedy tokens: {agreement_share(agreement):.4f}",
+              file=sys.stderr)
     runs = []
     for K in ks:  # the plain engine is measured once and compared with every K
         if len(ks) > 1:
@@ -177,6 +177,11 @@ def main() -> None:
     write_result(result, args.json)
 
 
+def agreement_share(agreement: list[list[bool]]) -> float:
+    """The share of positions (the first of each prompt left out: a round never uses it) where the draft agrees."""
+    return sum(sum(a[1:]) for a in agreement) / max(1, sum(len(a) - 1 for a in agreement))
+
+
 def simulated_rounds(agreement: list[list[bool]], K: int, n_new: int) -> dict:
     """What greedy rounds at window K accept over the plain run's tokens, given the draft's teacher-forced agreement
     with them (``generation.acceptance.greedy_rounds``): the engine should accept this (its last round per prompt
@@ -187,7 +192,7 @@ def simulated_rounds(agreement: list[list[bool]], K: int, n_new: int) -> dict:
     counts = [m for a in agreement for m in greedy_rounds(a, K, n_new)]
     hist = accepted_hist(counts, K)
     calls = max(1, len(counts))
-    return {"agreement": round(sum(sum(a[1:]) for a in agreement) / max(1, sum(len(a) - 1 for a in agreement)), 4),
+    return {"agreement": round(agreement_share(agreement), 4),
             "accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
             "acceptance_by_position": acceptance_by_position(hist)}
 
