@@ -271,9 +271,10 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timing(dtype):
-    """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu at the 8B shape's sizes (in_proj, [gate; up] with SwiGLU after
-    it, lm_head), one row and a verify window's five: the autotuned kernel against the references in float64,
-    every candidate compiled, and each shape's choice against the ops apart timed in CUDA graphs."""
+    """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu at the default teacher's sizes (K = 576: in_proj, [gate; up]
+    with SwiGLU after it, lm_head), one row and a verify window's five: the autotuned kernel against the
+    references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
+    graphs. Rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
     from mamballama_cli.ops.triton_gemv_fused import (CHOICES, CONFIGS, NORM, NORM_SWIGLU, TIMINGS, choices_report,
                                                       fused_launch)
@@ -285,10 +286,10 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
-    cases = ((NORM, norm_op, add_rmsnorm_gemv_ref, ((1, 10272, 4096), (5, 10272, 4096), (1, 128256, 4096),
-                                                    (1, 1000, 3001))),
-             (NORM_SWIGLU, glu_op, add_rmsnorm_gemv_swiglu_ref, ((1, 28672, 4096), (5, 28672, 4096),
-                                                                 (1, 2000, 3001))))
+    cases = ((NORM, norm_op, add_rmsnorm_gemv_ref, ((1, 1737, 576), (5, 1737, 576), (1, 49152, 576),
+                                                    (1, 1000, 1001))),
+             (NORM_SWIGLU, glu_op, add_rmsnorm_gemv_swiglu_ref, ((1, 3072, 576), (5, 3072, 576),
+                                                                 (1, 2000, 1001))))
     for kind, op, ref, shapes in cases:
         for rows, n, k in shapes:
             x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(n, k, scale=k**-0.5)
@@ -311,6 +312,13 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
             want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
             assert float((y.double() - want).norm() / want.norm()) < 1e-2, (kind, cfg)
     assert "fused_gemv_timings" in choices_report()
+    for kind, op, ref, n in ((NORM, norm_op, add_rmsnorm_gemv_ref, 10272), (NORM_SWIGLU, glu_op,
+                                                                            add_rmsnorm_gemv_swiglu_ref, 28672)):
+        x, res, nw, w = r(1, 4096), r(1, 4096), 1 + r(4096, scale=0.1), r(n, 4096, scale=4096**-0.5)
+        y, h = op(x, res, nw, 1e-5, w)  # the 8B shape: the ops apart, nothing timed or compiled for it
+        want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        assert (kind, 1, n, 4096, dtype, 0) not in CHOICES and torch.equal(h, res + x)
+        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
 
 
 @NEEDS_TRITON
@@ -330,3 +338,29 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     assert fused.choices_report() == {
         "fused_gemv_shapes": ["add_rmsnorm_gemv 1x10272x4096"],
         "fused_gemv_timings": {"add_rmsnorm_gemv_swiglu 1x28672x4096 bfloat16": {"fused_us": 30.0}}}
+
+
+def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypatch):
+    """Rows wider than MAX_K (the 8B shape's 4,096) never reach the fused kernel: compiling it there crashed LLVM
+    on the H200 (2026-12-05), and it lost to the ops apart at every such shape. Narrower rows still do."""
+    from mamballama_cli.ops import triton_gemv_fused as fused
+    from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref
+
+    def boom(*a, **k):
+        raise AssertionError("the fused kernel ran")
+
+    monkeypatch.setattr(fused, "fused_launch", boom)
+    g = torch.Generator().manual_seed(0)
+    for k in (fused.MAX_K + 1, 4096):
+        x, r = (torch.randn(1, k, generator=g).to(torch.bfloat16) for _ in range(2))
+        nw, w = torch.randn(k, generator=g).to(torch.bfloat16), torch.randn(48, k, generator=g).to(torch.bfloat16)
+        assert not fused.norm_supported(x, r, nw, w)
+        y, h = fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+        want_y, want_h = add_rmsnorm_gemv_ref(x, r, nw, 1e-5, w)
+        assert torch.equal(h, want_h) and torch.allclose(y.float(), want_y.float(), rtol=2e-2, atol=2e-2)
+    x, r = (torch.randn(1, fused.MAX_K, generator=g).to(torch.bfloat16) for _ in range(2))
+    nw = torch.randn(fused.MAX_K, generator=g).to(torch.bfloat16)
+    w = torch.randn(48, fused.MAX_K, generator=g).to(torch.bfloat16)
+    assert fused.norm_supported(x, r, nw, w)
+    with pytest.raises(AssertionError, match="fused kernel ran"):
+        fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)

@@ -56,6 +56,11 @@ CONFIGS = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (2, 2048, 4),
            (4, 512, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (2, 1024, 4),
            (4, 256, 4), (8, 128, 4))
 REGS = 128
+# The widest row (K) the kernels take. Their win is a launch saved, which counts where a GEMV is short (the
+# default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the ops apart at every shape on the H200
+# (2026-12-05), and compiling their candidates there crashed LLVM (an SLPVectorizer assertion, which aborts the
+# process: no fallback can catch it) in the tenth session, so wider rows run the ops apart without compiling them.
+MAX_K = 1024
 NORM, NORM_SWIGLU = 0, 1  # the kernel's KIND
 OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
 
@@ -153,7 +158,7 @@ def _common_ok(x, weight, bias, k: int) -> bool:
 def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> bool:
     """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` (``kind`` NORM) or ``add_rmsnorm_gemv_swiglu``
     (NORM_SWIGLU: the weight's rows are [gate; up], an even count) on these arguments."""
-    return (_common_ok(x, weight, bias, x.shape[-1])
+    return (_common_ok(x, weight, bias, x.shape[-1]) and x.shape[-1] <= MAX_K
             and (kind == NORM or weight.shape[0] % 2 == 0)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
             and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
