@@ -15,6 +15,9 @@
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
+# JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
+# time is Triton compiling and autotuning on the CPU (the first bf16 test of part1 compiled for over 160 s on
+# 2026-12-05), which N workers spread over the 16 cores.
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
 # attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
 # Logs, tables and JSON land in $OUT (default ./out).
@@ -38,8 +41,10 @@ speed() {  # name, timeout cap, extra args
 gputest() {  # name, timeout cap, pytest selection...
     local name=$1 cap=$2; shift 2
     stamp "gpu tests $name"
-    timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 -m gpu -p no:cacheprovider -o addopts="" "$@" \
-        > "$OUT/tests-$name.log" 2>&1
+    local par=()  # JOBS=N: N pytest workers (pytest-xdist) share the one GPU; compiling is what they overlap
+    [ -n "${JOBS:-}" ] && [ "$name" != part5 ] && par=(-n "$JOBS")  # part5's shapes take tens of GiB: one at a time
+    timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 -m gpu -p no:cacheprovider -o addopts="" \
+        "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
 }
 
