@@ -255,13 +255,15 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
         print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS", TIMINGS[key])
     from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY
 
-    for rows, cfgs in ((1, CONFIGS), (5, SKINNY)):  # every candidate compiled for the GPU, not only the tuned one
-        x = torch.randn(rows, 1000, generator=gen, device="cuda").to(dtype)
-        w = (torch.randn(300, 1000, generator=gen, device="cuda") / 1000**0.5).to(dtype)
+    # every candidate compiled for the GPU, not only the tuned one, with K masked (1,000) and unmasked (4,096: the
+    # 8B shape's EVEN_K code, where an LLVM crash in compiling a kernel took a whole process down on 2026-12-05)
+    for rows, cfgs, k in ((1, CONFIGS, 1000), (5, SKINNY, 1000), (1, CONFIGS, 4096), (5, SKINNY, 4096)):
+        x = torch.randn(rows, k, generator=gen, device="cuda").to(dtype)
+        w = (torch.randn(300, k, generator=gen, device="cuda") / k**0.5).to(dtype)
         want = F.linear(x.double(), w.double())
         for cfg in cfgs:
             y = gemv_launch(x, w, config=cfg)
-            assert float((y.double() - want).norm() / want.norm()) < 4e-3, cfg
+            assert float((y.double() - want).norm() / want.norm()) < 4e-3, (cfg, k)
     w = torch.randn(4096, 4096, device="cuda", dtype=dtype)
     many = torch.randn(9, 4096, device="cuda", dtype=dtype)
     assert torch.equal(gemv_triton(many, w), F.linear(many, w))  # more rows than MAX_ROWS: not taken, cuBLAS
@@ -276,8 +278,8 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
     graphs. Rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
-    from mamballama_cli.ops.triton_gemv_fused import (CHOICES, CONFIGS, NORM, NORM_SWIGLU, TIMINGS, choices_report,
-                                                      fused_launch)
+    from mamballama_cli.ops.triton_gemv_fused import (CHOICES, MAX_K, NORM, NORM_SWIGLU, TIMINGS, candidates,
+                                                      choices_report, fused_launch)
     from mamballama_cli.ops.triton_gemv_fused import add_rmsnorm_gemv_swiglu_triton as glu_op
     from mamballama_cli.ops.triton_gemv_fused import add_rmsnorm_gemv_triton as norm_op
 
@@ -305,12 +307,15 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
             assert TIMINGS[key]["how"] == "graph", TIMINGS[key]
             assert torch.equal(got_h, h) and (torch.equal(got_y, y) or not CHOICES[key])
             print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
-    x, res, nw, w = r(5, 1000), r(5, 1000), 1 + r(1000, scale=0.1), r(600, 1000, scale=0.03)
-    for cfg in CONFIGS:  # every candidate compiles for the GPU and agrees, not only the tuned one
+    # every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
+    # five, K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
+    for rows, k in ((5, 1000), (1, 1000), (5, MAX_K), (1, MAX_K)):
+        x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(600, k, scale=k**-0.5)
         for kind, ref in ((NORM, add_rmsnorm_gemv_ref), (NORM_SWIGLU, add_rmsnorm_gemv_swiglu_ref)):
-            y, _ = fused_launch(kind, x, w, None, res, nw, 1e-5, config=cfg)
-            want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
-            assert float((y.double() - want).norm() / want.norm()) < 1e-2, (kind, cfg)
+            for cfg in candidates(kind, rows):
+                y, _ = fused_launch(kind, x, w, None, res, nw, 1e-5, config=cfg)
+                want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+                assert float((y.double() - want).norm() / want.norm()) < 1e-2, (kind, cfg, rows, k)
     assert "fused_gemv_timings" in choices_report()
     for kind, op, ref, n in ((NORM, norm_op, add_rmsnorm_gemv_ref, 10272), (NORM_SWIGLU, glu_op,
                                                                             add_rmsnorm_gemv_swiglu_ref, 28672)):
@@ -364,3 +369,20 @@ def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypat
     assert fused.norm_supported(x, r, nw, w)
     with pytest.raises(AssertionError, match="fused kernel ran"):
         fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+
+
+@NEEDS_TRITON
+def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
+    """``candidates`` (what the gpu test compiles) is exactly the autotuner's pruned list: a tile that only an
+    explicit config could reach (at five rows of the SwiGLU kind, 512 float32 accumulators a thread) is neither
+    compiled by the test nor by a decode step."""
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    configs = fused._fused_tuned.configs
+    for kind in (fused.NORM, fused.NORM_SWIGLU):
+        for m in range(1, 9):
+            kept = fused._prune(configs, {"M": m, "KIND": kind})
+            assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept] == \
+                fused.candidates(kind, m), (kind, m)
+    assert (16, 1024, 8) in fused.candidates(fused.NORM, 1)
+    assert fused.candidates(fused.NORM_SWIGLU, 5) == [(4, 256, 4), (8, 128, 4)]  # 2 x 8 x 4 x 256 = 128 x 128

@@ -129,9 +129,8 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         kind = kwargs.get("KIND", named_args.get("KIND"))
-        rows = _padded(named_args["M"]) * (2 if kind == NORM_SWIGLU else 1)  # the SwiGLU kind: two accumulators
         kept = [c for c in configs
-                if rows * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= REGS * 32 * c.num_warps]
+                if _fits(kind, named_args["M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)]
         return kept or configs[-1:]
 
     _fused_tuned = triton.autotune(
@@ -143,6 +142,18 @@ if triton is not None:
 
 def _padded(m: int) -> int:
     return 1 << max(0, (int(m) - 1).bit_length())
+
+
+def _fits(kind: int, m: int, block_n: int, block_k: int, warps: int) -> bool:
+    # whether the accumulators (two for the SwiGLU kind) at m rows stay within REGS float32 values a thread
+    return _padded(m) * (2 if kind == NORM_SWIGLU else 1) * block_n * block_k <= REGS * 32 * warps
+
+
+def candidates(kind: int, m: int) -> list[tuple]:
+    """The entries of :data:`CONFIGS` the autotuner may run for ``kind`` at ``m`` rows (the others are pruned
+    before anything compiles; the last entry if none fits)."""
+    kept = [c for c in CONFIGS if _fits(kind, m, *c)]
+    return kept or list(CONFIGS[-1:])
 
 
 def _rows(x, k: int) -> int:
