@@ -235,7 +235,8 @@ print(json.dumps(out))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
     from mamballama_cli import ops
-    from mamballama_cli.ops.triton_gemv import CHOICES, TIMINGS, gemv_launch, gemv_supported, gemv_triton
+    from mamballama_cli.ops.triton_gemv import (CHOICES, TIMINGS, _pdl_usable, gemv_launch, gemv_supported,
+                                                gemv_triton)
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     for rows, n, k, bias in ((1, 4096, 4096, False), (1, 4096, 14336, False), (1, 1000, 3001, True),
@@ -252,6 +253,10 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
         key = (rows, n, k, dtype, x.device.index)
         assert torch.equal(chosen, y if CHOICES[key] else F.linear(x, w, b)), key
         assert TIMINGS[key]["how"] == "graph", TIMINGS[key]  # timed as a decode step runs it, not the fallback
+        if CHOICES[key] and _pdl_usable(x):  # the pdl launch ran, agreed and was timed inside CUDA graphs
+            assert "pdl_us" in TIMINGS[key], TIMINGS[key]
+            y_pdl = gemv_launch(x, w, b, pdl=True)
+            assert float((y_pdl.double() - want).norm() / want.norm()) < 4e-3, (rows, n, k)
         print("gemv", key, "kernel" if CHOICES[key] else "cuBLAS", TIMINGS[key])
     from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY
 
@@ -262,8 +267,9 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
         w = (torch.randn(300, k, generator=gen, device="cuda") / k**0.5).to(dtype)
         want = F.linear(x.double(), w.double())
         for cfg in cfgs:
-            y = gemv_launch(x, w, config=cfg)
-            assert float((y.double() - want).norm() / want.norm()) < 4e-3, (cfg, k)
+            for pdl in (False, True) if _pdl_usable(x) else (False,):
+                y = gemv_launch(x, w, config=cfg, pdl=pdl)
+                assert float((y.double() - want).norm() / want.norm()) < 4e-3, (cfg, k, pdl)
     w = torch.randn(4096, 4096, device="cuda", dtype=dtype)
     many = torch.randn(9, 4096, device="cuda", dtype=dtype)
     assert torch.equal(gemv_triton(many, w), F.linear(many, w))  # more rows than MAX_ROWS: not taken, cuBLAS
@@ -333,8 +339,11 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(triton_gemv, "CHOICES", {(1, 4096, 4096, torch.bfloat16, 0): True,
                                                  (5, 4096, 4096, torch.bfloat16, 0): False})
     monkeypatch.setattr(triton_gemv, "TIMINGS", {(1, 4096, 4096, torch.bfloat16, 0): {"kernel_us": 9.0}})
+    monkeypatch.setattr(triton_gemv, "PDL_CHOICES", {(1, 4096, 4096, torch.bfloat16, 0): True,
+                                                     (5, 4096, 4096, torch.bfloat16, 0): True})  # not served
     rep = triton_gemv.choices_report()
-    assert rep == {"gemv_kernel_shapes": ["1x4096x4096"], "gemv_timings": {"1x4096x4096 bfloat16": {"kernel_us": 9.0}}}
+    assert rep == {"gemv_kernel_shapes": ["1x4096x4096"], "gemv_timings": {"1x4096x4096 bfloat16": {"kernel_us": 9.0}},
+                   "gemv_pdl_shapes": ["1x4096x4096"]}
     from mamballama_cli.ops import triton_gemv_fused as fused
 
     monkeypatch.setattr(fused, "CHOICES", {(fused.NORM, 1, 10272, 4096, torch.bfloat16, 0): True,
@@ -386,3 +395,62 @@ def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
                 fused.candidates(kind, m), (kind, m)
     assert (16, 1024, 8) in fused.candidates(fused.NORM, 1)
     assert fused.candidates(fused.NORM_SWIGLU, 5) == [(4, 256, 4), (8, 128, 4)]  # 2 x 8 x 4 x 256 = 128 x 128
+
+
+@NEEDS_TRITON
+def test_the_pdl_form_of_every_gemv_candidate_equals_the_reference_under_the_interpreter():
+    """The kernels' programmatic-dependent-launch form (ops/triton_gemv.py, ``pdl=True``): the one-row kernel loads
+    its first weight tile before the wait and keeps the next one in flight, so its loop differs from the plain one;
+    every one-row candidate with K a multiple of the tile, K not, and K shorter than one tile, and the multi-row
+    kernel's CUDA-core modes. The interpreter has no grid dependency control: the wait is a no-op there (on CUDA the
+    gpu test runs the real launch)."""
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+import torch.nn.functional as F
+from mamballama_cli.ops.triton_gemv import CONFIGS, GDC, SKINNY, gemv_launch
+assert not GDC
+gen = torch.Generator().manual_seed(1)
+out = {}
+for lead, n, k, bias in (((1,), 37, 4096, True), ((1,), 64, 1000, False), ((1,), 21, 96, True),
+                         ((5,), 70, 1000, True), ((3,), 40, 512, False)):
+    x = torch.randn(*lead, k, generator=gen).to(torch.float16)
+    w = torch.randn(n, k, generator=gen).to(torch.float16)
+    b = torch.randn(n, generator=gen).to(torch.float16) if bias else None
+    want = F.linear(x.double(), w.double(), b.double() if bias else None)
+    cfgs = CONFIGS if x.numel() == k else [c for c in SKINNY if c[-1] != "dot"]
+    for cfg in cfgs:
+        y = gemv_launch(x, w, b, config=cfg, pdl=True)
+        out[f"{lead} {n}x{k} {cfg}"] = float((y.double() - want).norm() / want.norm())
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=600)
+    from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY
+
+    assert len(errs) == 3 * len(CONFIGS) + 2 * sum(c[-1] != "dot" for c in SKINNY)
+    bad = {k: v for k, v in errs.items() if not v < 4e-3}
+    assert not bad, bad
+
+
+def test_the_pdl_launch_serves_a_shape_only_where_it_agrees_and_is_timed_faster(monkeypatch):
+    """The choice of the pdl launch (``_pdl_is_faster``) with the launch and the graph timing stubbed: kept where it
+    agrees with F.linear and is faster than the plain launch; not where it is slower, disagrees or fails (each
+    recorded in TIMINGS); never tried on a device without grid dependency control (a CPU tensor here)."""
+    from mamballama_cli.ops import triton_gemv as g
+
+    x, w = torch.randn(1, 64), torch.randn(32, 64)
+    assert not g._pdl_usable(x)
+    assert not g._pdl_is_faster(x, w, None, ("cpu",)) and ("cpu",) not in g.TIMINGS
+    monkeypatch.setattr(g, "TIMINGS", {})
+    monkeypatch.setattr(g, "_pdl_usable", lambda x: True)
+    monkeypatch.setattr(g, "gemv_launch", lambda x, w, b=None, config=None, pdl=False: F.linear(x, w, b))
+    for ours, plain, want in ((8.0, 9.0, True), (9.5, 9.0, False)):
+        monkeypatch.setattr(g, "graph_ab_us", lambda a, b, w, o=ours, p=plain: (o, p, 2))
+        assert g._pdl_is_faster(x, w, None, ("k", ours)) is want
+        assert g.TIMINGS[("k", ours)] == {"pdl_us": ours, "plain_launch_us": plain}
+    monkeypatch.setattr(g, "gemv_launch", lambda x, w, b=None, config=None, pdl=False: F.linear(x, w, b) + pdl)
+    assert not g._pdl_is_faster(x, w, None, "wrong") and g.TIMINGS["wrong"] == {"pdl": "disagrees"}
+
+    def fails(*a, **k):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(g, "gemv_launch", lambda x, w, b=None, config=None, pdl=False: F.linear(x, w, b))
+    monkeypatch.setattr(g, "graph_ab_us", fails)
+    assert not g._pdl_is_faster(x, w, None, "boom") and g.TIMINGS["boom"]["pdl"].startswith("failed: RuntimeError")

@@ -21,11 +21,16 @@ The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
 of these kernels. On the first call of a shape (a static decoder's warm-up, before its graph is recorded) the block
 sizes are autotuned and the tuned kernel is timed against cuBLAS; the faster of the two serves that shape from
-then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Importing this module registers
-the kernels on CUDA.
+then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Where the kernel won, on Hopper
+and later, it is timed once more launched with programmatic dependent launch (``pdl``: the kernel may start while
+the one before it finishes; it loads only weights, which no kernel writes, before ``gdc_wait``, and the one-row
+kernel keeps its next weight tile in flight), and that launch serves the shape if faster (:data:`PDL_CHOICES`).
+Importing this module registers the kernels on CUDA.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,13 @@ try:
     import triton.language as tl
 except Exception:  # pragma: no cover - depends on the machine; the probe says why (ops/common.py)
     triton = tl = None
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+try:  # grid dependency control (programmatic dependent launch, sm90 and later)
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except Exception:  # pragma: no cover - an older triton: no launch with pdl
+    _gdc_wait = None
+GDC = _gdc_wait is not None and not INTERPRETING  # the interpreter has no grid dependency control
 
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 at batch 1, or a small batch
@@ -59,24 +71,47 @@ MODES = {"dot": 0, "sum": 1, "acc": 2}  # the kernel's MODE
 
 if triton is not None:
 
+    if GDC:
+        _grid_wait = _gdc_wait
+    else:  # the interpreter (or a triton without it): a no-op, so the interpreter tests run the pdl kernels' code
+
+        @triton.jit
+        def _grid_wait():
+            pass
+
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
         rows_read = tl.where(live, rows, 0)  # a last partial block reads row 0 for its dead rows, stores nothing
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = W + rows_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:  # no mask on the hot loads
-                w = tl.load(w_ptrs + k0)
-                x = tl.load(X + k0 + cols)
+        if PDL:  # launched beside the kernel before it: the first weight tile now, x once that kernel is done
+            if EVEN_K:
+                w = tl.load(w_ptrs)
             else:
-                inside = k0 + cols < K
-                w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
-                x = tl.load(X + k0 + cols, mask=inside, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                w = tl.load(w_ptrs, mask=(cols < K)[None, :], other=0.0)
+            _grid_wait()
+            for k0 in range(0, K, BLOCK_K):  # the next weight tile in flight while this one is summed
+                if EVEN_K:
+                    x = tl.load(X + k0 + cols)
+                else:
+                    x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0)
+                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=(k0 + BLOCK_K + cols < K)[None, :], other=0.0)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+                w = w_next
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                if EVEN_K:  # no mask on the hot loads
+                    w = tl.load(w_ptrs + k0)
+                    x = tl.load(X + k0 + cols)
+                else:
+                    inside = k0 + cols < K
+                    w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
+                    x = tl.load(X + k0 + cols, mask=inside, other=0.0)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(BIAS + rows_read).to(tl.float32)
@@ -140,10 +175,14 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr):
+                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr,
+                       PDL: tl.constexpr):
         # MODE: 0 dot, 1 sum (ROWS: the rows padded to a power of two, to 16 for tl.dot's smallest M), 2 acc (the
         # rows as ROWS_A, the largest power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so
-        # no product is spent on a padding row where it can be helped; one weight load serves both groups)
+        # no product is spent on a padding row where it can be helped; one weight load serves both groups).
+        # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
+        if PDL:
+            _grid_wait()
         if MODE == 2:
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
@@ -172,14 +211,14 @@ if triton is not None:
     _skinny_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in SKINNY],
-        key=["M", "N", "K"],
+        key=["M", "N", "K", "PDL"],
     )(_even_k(triton.heuristics({"ROWS": lambda a: _padded_rows(a["M"], a["MODE"] == 0),
                                  "ROWS_A": lambda a: _row_split(a["M"])[0],
                                  "ROWS_B": lambda a: _row_split(a["M"])[1],
                                  "ROWS_BP": lambda a: max(1, _row_split(a["M"])[1])})(_skinny_kernel)))
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
-        key=["N", "K"],
+        key=["N", "K", "PDL"],
     )(_even_k(_gemv_kernel))
 
 
@@ -208,10 +247,10 @@ def gemv_supported(x, weight, bias=None) -> bool:
             and not _needs_grad(x, weight, bias))
 
 
-def gemv_launch(x, weight, bias=None, config: tuple | None = None):
+def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = False):
     """x (..., K) @ weight (N, K)^T + bias -> (..., N), by the kernel for its number of rows: autotuned, or with
     ``config`` given (an entry of :data:`CONFIGS` for one row, of :data:`SKINNY` for more: the interpreter tests
-    run each candidate this way)."""
+    run each candidate this way). ``pdl``: the kernel's programmatic-dependent-launch form, launched so (on CUDA)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -219,27 +258,30 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None):
     M = x2.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else weight
+    launch = dict(HAS_BIAS=bias is not None, PDL=bool(pdl))
+    if pdl and GDC:
+        launch["launch_pdl"] = True
     with _device_guard(x):
         if M == 1:
             args = (x2, weight, b, y, N, K, weight.stride(0))
             if config is None:
-                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
             else:
                 bn, bk, warps = config
-                _gemv_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
-                                                    EVEN_K=K % bk == 0, num_warps=warps)
+                _gemv_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
+                                                    num_warps=warps, **launch)
         else:
             args = (x2, weight, b, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0))
             if config is None:
-                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, HAS_BIAS=bias is not None)
+                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
             else:
                 bn, bk, warps, stages, mode = config
-                _skinny_kernel[(triton.cdiv(N, bn),)](*args, HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+                _skinny_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk,
                                                       EVEN_K=K % bk == 0, MODE=MODES[mode],
                                                       ROWS=_padded_rows(M, mode == "dot"),
                                                       ROWS_A=_row_split(M)[0], ROWS_B=_row_split(M)[1],
                                                       ROWS_BP=max(1, _row_split(M)[1]),
-                                                      num_warps=warps, num_stages=stages)
+                                                      num_warps=warps, num_stages=stages, **launch)
     return y.view(*x.shape[:-1], N)
 
 
@@ -248,6 +290,8 @@ CHOICES: dict[tuple, bool] = {}
 # The same keys -> the timings behind each choice: microseconds per call of the kernel and of cuBLAS, and how they
 # were taken ("graph" or "do_bench"; see _kernel_is_faster). The speed benchmarks report them.
 TIMINGS: dict[tuple, dict] = {}
+# The same keys -> whether the kernel, where it serves the shape, is launched with programmatic dependent launch.
+PDL_CHOICES: dict[tuple, bool] = {}
 # The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all).
 # Timed one call at a time (do_bench), the two are close on the 8B shape's tall GEMVs and the verdict flipped from
 # run to run (H200, 2026-12-04: the same tall shape kept in one run, lost in the next), while inside a captured step
@@ -330,6 +374,31 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
     return t["kernel_us"] <= (MARGIN if weight.shape[0] <= weight.shape[1] else 1.0) * t["cublas_us"]
 
 
+def _pdl_usable(x) -> bool:
+    """Whether the kernel can be launched with programmatic dependent launch on x's device (sm90 and later)."""
+    return GDC and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def _pdl_is_faster(x, weight, bias, key) -> bool:
+    """For a shape the kernel serves: whether its pdl launch agrees with ``F.linear`` and is timed faster, inside
+    CUDA graphs (:func:`graph_ab_us`), than its plain launch; the timings go into ``TIMINGS[key]``."""
+    if not _pdl_usable(x):
+        return False
+    t = TIMINGS.setdefault(key, {})
+    try:
+        y = gemv_launch(x, weight, bias, pdl=True)
+        if not _rel(y, F.linear(x, weight, bias)) < 1e-2:
+            t["pdl"] = "disagrees"
+            return False
+        ours, plain, _ = graph_ab_us(lambda w: gemv_launch(x, w, bias, pdl=True),
+                                     lambda w: gemv_launch(x, w, bias), weight)
+    except Exception as exc:  # noqa: BLE001 - a launch or capture that fails: the plain launch serves
+        t["pdl"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        return False
+    t.update(pdl_us=round(ours, 2), plain_launch_us=round(plain, 2))
+    return ours < plain
+
+
 def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
     """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
     choices table and a timings table keyed alike (the dtype second to last, the device index last); ``name``
@@ -340,8 +409,11 @@ def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> d
 
 
 def choices_report() -> dict:
-    """For a benchmark's JSON: the shapes (rows x N x K) the kernel serves, and the timings behind every choice."""
-    return shape_report(CHOICES, TIMINGS, lambda k: f"{k[0]}x{k[1]}x{k[2]}", "gemv_kernel_shapes", "gemv_timings")
+    """For a benchmark's JSON: the shapes (rows x N x K) the kernel serves, those it serves with a pdl launch, and
+    the timings behind every choice."""
+    name = lambda k: f"{k[0]}x{k[1]}x{k[2]}"  # noqa: E731
+    return {**shape_report(CHOICES, TIMINGS, name, "gemv_kernel_shapes", "gemv_timings"),
+            "gemv_pdl_shapes": sorted({name(k) for k, use in PDL_CHOICES.items() if use and CHOICES.get(k)})}
 
 
 def gemv_triton(x, weight, bias=None):
@@ -357,7 +429,8 @@ def gemv_triton(x, weight, bias=None):
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
             return F.linear(x, weight, bias)  # nothing can be timed inside a recording: cuBLAS, not remembered
         use = CHOICES[key] = _kernel_is_faster(x, weight, bias, key) if x.is_cuda else True
-    return gemv_launch(x, weight, bias) if use else F.linear(x, weight, bias)
+        PDL_CHOICES[key] = use and _pdl_is_faster(x, weight, bias, key)
+    return gemv_launch(x, weight, bias, pdl=PDL_CHOICES.get(key, False)) if use else F.linear(x, weight, bias)
 
 
 def _check_gemv(gen):
