@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import os
 
 import torch
 
@@ -23,6 +24,45 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the machine
     triton = tl = None
     TRITON_ERROR = f"triton does not import ({type(exc).__name__}: {exc})"
+
+# Grid dependency control (programmatic dependent launch, sm90 and later). A kernel launched with ``launch_pdl``
+# may start while the kernel before it finishes; it must call ``_grid_wait`` before it reads anything that kernel
+# wrote or writes anything at all. ``_grid_launch_dependents`` in the kernel before lets it start early (nothing
+# changes for a successor launched without ``launch_pdl``). The interpreter has neither: no-ops there.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents as _gdc_launch
+    from triton.language.extra.cuda import gdc_wait as _gdc_wait
+except Exception:  # pragma: no cover - no triton, or one without grid dependency control
+    _gdc_launch = _gdc_wait = None
+GDC = _gdc_wait is not None and _gdc_launch is not None and not INTERPRETING
+
+if triton is not None:
+    if GDC:
+        _grid_wait, _grid_launch_dependents = _gdc_wait, _gdc_launch
+    else:
+
+        @triton.jit
+        def _grid_wait():
+            pass
+
+        @triton.jit
+        def _grid_launch_dependents():
+            pass
+
+
+_GDC_DEVICES: dict[int, bool] = {}
+
+
+def _gdc_on(t: torch.Tensor) -> bool:
+    """Whether kernels on ``t``'s device may use grid dependency control: a CUDA device of sm90 or later, a triton
+    that has it, not the interpreter (the instructions do not assemble for older GPUs)."""
+    if not (GDC and t.is_cuda):
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _GDC_DEVICES:
+        _GDC_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _GDC_DEVICES[index]
 
 
 def _device_guard(t: torch.Tensor):

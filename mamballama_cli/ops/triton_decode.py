@@ -19,6 +19,7 @@ from mamballama_cli.ops import decode as _decode_refs  # registers the decode op
 from mamballama_cli.ops.common import (
     _check_conv_update,
     _device_guard,
+    _gdc_on,
     _needs_grad,
     _next_pow2,
     _probe,
@@ -38,6 +39,10 @@ except Exception:  # pragma: no cover - depends on the machine; the probes say w
 # Project Triton kernels
 # ================================================================================================
 if triton is not None:
+    # TRIGGER (sm90 and later): the kernel lets a successor launched with programmatic dependent launch (the gemv
+    # op's pdl form, ops/triton_gemv.py) start at once, so that the projection after it loads its first weights
+    # while this kernel runs; that successor still waits for this kernel to finish before it reads its output.
+    from mamballama_cli.ops.common import _grid_launch_dependents
 
     @triton.jit
     def _softplus(v):
@@ -49,7 +54,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(X, R, W, OUT, ROUT, n_cols, eps, stride_x, stride_r, stride_o, stride_ro,
-                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_RES: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:
+            _grid_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -66,7 +73,9 @@ if triton is not None:
         tl.store(OUT + row * stride_o + cols, (normed.to(tl.float32) * w).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_kernel(GU, OUT, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr):
+    def _swiglu_kernel(GU, OUT, n_cols, stride_gu, stride_o, BLOCK: tl.constexpr, TRIGGER: tl.constexpr):
+        if TRIGGER:
+            _grid_launch_dependents()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -112,9 +121,11 @@ if triton is not None:
                                s_sb, s_sh, s_sp, s_sn, x_sb, x_sg, x_sp, b_sb, b_sg, b_sn,
                                c_sb, c_sh, c_sn, dt_sb, dt_sh, z_sb, z_sh, z_sp, o_sb,
                                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TRIGGER: tl.constexpr):
         # One program per (sequence, SSM head): the whole (headdim x dstate) state of the head, so that the
         # output row is complete for the per-head gated RMSNorm without a second kernel.
+        if TRIGGER:
+            _grid_launch_dependents()
         pb = tl.program_id(0)
         ph = tl.program_id(1)
         g = ph // heads_per_group  # GQA: head ph reads x and B of its KV group
@@ -172,7 +183,7 @@ def add_rmsnorm_triton(x, residual, weight, eps):
     with _device_guard(x):
         _add_rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, rout, n, float(eps), x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
-            HAS_RES=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
+            HAS_RES=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8), TRIGGER=_gdc_on(x2),
         )
     return out.view(shape), (rout.view(shape) if residual is not None else x)
 
@@ -189,7 +200,7 @@ def swiglu_triton(gate_up):
     block = 1024
     with _device_guard(gu):
         _swiglu_kernel[(gu.shape[0], triton.cdiv(n, block))](gu, out, n, gu.stride(0), out.stride(0), BLOCK=block,
-                                                              num_warps=4)
+                                                              num_warps=4, TRIGGER=_gdc_on(gu))
     return out.view(*shape[:-1], n)
 
 
@@ -242,7 +253,7 @@ def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_wei
             h // g, p, n, float(eps),
             *state.stride(), *x.stride(), *B.stride(), *C.stride(), *dt_raw.stride(), *zz.stride(), out.stride(0),
             HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=norm_weight is not None,
-            BLOCK_P=_next_pow2(p), BLOCK_N=min(_next_pow2(n), 32), num_warps=4,
+            BLOCK_P=_next_pow2(p), BLOCK_N=min(_next_pow2(n), 32), num_warps=4, TRIGGER=_gdc_on(x),
         )
     return out
 

@@ -24,33 +24,26 @@ sizes are autotuned and the tuned kernel is timed against cuBLAS; the faster of 
 then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Where the kernel won, on Hopper
 and later, it is timed once more launched with programmatic dependent launch (``pdl``: the kernel may start while
 the one before it finishes; it loads only weights, which no kernel writes, before ``gdc_wait``, and the one-row
-kernel keeps its next weight tile in flight), and that launch serves the shape if faster (:data:`PDL_CHOICES`).
+kernel keeps its next weight tile in flight), behind the norm kernel that precedes a projection in a step, and
+that launch serves the shape if faster (:data:`PDL_CHOICES`). The decode step's small kernels (``add_rmsnorm``,
+``swiglu``, the Mamba-2 step, ops/triton_decode.py) let such a successor start as soon as they do.
 Importing this module registers the kernels on CUDA.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
-from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
+from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
 
 try:
     import triton
     import triton.language as tl
 except Exception:  # pragma: no cover - depends on the machine; the probe says why (ops/common.py)
     triton = tl = None
-
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-try:  # grid dependency control (programmatic dependent launch, sm90 and later)
-    from triton.language.extra.cuda import gdc_wait as _gdc_wait
-except Exception:  # pragma: no cover - an older triton: no launch with pdl
-    _gdc_wait = None
-GDC = _gdc_wait is not None and not INTERPRETING  # the interpreter has no grid dependency control
 
 DTYPES = (torch.bfloat16, torch.float16)
 MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 at batch 1, or a small batch
@@ -70,14 +63,7 @@ SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot")
 MODES = {"dot": 0, "sum": 1, "acc": 2}  # the kernel's MODE
 
 if triton is not None:
-
-    if GDC:
-        _grid_wait = _gdc_wait
-    else:  # the interpreter (or a triton without it): a no-op, so the interpreter tests run the pdl kernels' code
-
-        @triton.jit
-        def _grid_wait():
-            pass
+    from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -382,22 +368,29 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
 
 def _pdl_usable(x) -> bool:
     """Whether the kernel can be launched with programmatic dependent launch on x's device (sm90 and later)."""
-    return GDC and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return _gdc_on(x)
 
 
 def _pdl_is_faster(x, weight, bias, key) -> bool:
     """For a shape the kernel serves: whether its pdl launch agrees with ``F.linear`` and is timed faster, inside
-    CUDA graphs (:func:`graph_ab_us`), than its plain launch; the timings go into ``TIMINGS[key]``."""
+    CUDA graphs (:func:`graph_ab_us`), than its plain launch; the timings go into ``TIMINGS[key]``. Each GEMV is
+    timed behind the small kernel that comes before a projection in a step (``add_rmsnorm``, which lets a pdl
+    successor start early), on both sides alike: a pdl launch gains by overlapping that kernel."""
     if not _pdl_usable(x):
         return False
     t = TIMINGS.setdefault(key, {})
+    norm = ops.dispatch("add_rmsnorm", x.device)[1]
+    norm_w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+
+    def behind_norm(w, pdl):
+        return gemv_launch(norm(x, None, norm_w, 1e-5)[0], w, bias, pdl=pdl)
+
     try:
         y = gemv_launch(x, weight, bias, pdl=True)
         if not _rel(y, F.linear(x, weight, bias)) < 1e-2:
             t["pdl"] = "disagrees"
             return False
-        ours, plain, _ = graph_ab_us(lambda w: gemv_launch(x, w, bias, pdl=True),
-                                     lambda w: gemv_launch(x, w, bias), weight)
+        ours, plain, _ = graph_ab_us(lambda w: behind_norm(w, True), lambda w: behind_norm(w, False), weight)
     except Exception as exc:  # noqa: BLE001 - a launch or capture that fails: the plain launch serves
         t["pdl"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         return False
