@@ -1,5 +1,6 @@
 """The decode step's small Triton kernels (ops/triton_decode.py: residual add + RMSNorm, SwiGLU, the Mamba-2 step
-with its gated norm) against their references under Triton's interpreter, in the form they take on sm90 and later,
+with its gated norm; ops/triton_attention.py: the split-K attention of a decode step and of a verify window)
+against their references under Triton's interpreter, in the form they take on sm90 and later,
 where each lets a successor launched with programmatic dependent launch (the gemv op's pdl form) start early. The
 interpreter has no grid dependency control (a no-op there); on CUDA the probes and the gpu tests run the real
 instruction."""
@@ -17,14 +18,30 @@ def on(t):
     return True  # the sm90 form: TRIGGER compiled in
 d._gdc_on = on
 d._rand = lambda gen, *shape, dtype=torch.float32: torch.randn(*shape, generator=gen).to(dtype)
+from mamballama_cli.ops import triton_attention as ta
+from mamballama_cli.ops.decode import decode_attention_ref
+from mamballama_cli.ops.verify_ref import window_attention_ref
+ta._gdc_on = on
+gen = torch.Generator().manual_seed(0)
+def attention(gen, T):  # the split-K attention, its combine kernel last (the one that lets o_proj start early)
+    b, nh, nkv, hd, cap = 2, 8, 2, 32, 300
+    q = torch.randn(b, T, nh, hd, generator=gen) if T else torch.randn(b, nh, hd, generator=gen)
+    kc, vc = torch.randn(b, nkv, cap, hd, generator=gen), torch.randn(b, nkv, cap, hd, generator=gen)
+    pos = torch.tensor([190, 61])  # windows straddling a slice boundary
+    fn, ref = (ta.window_attention_triton, window_attention_ref) if T else (ta.decode_attention_triton,
+                                                                            decode_attention_ref)
+    out = fn(q, kc, vc, pos, hd**-0.5)
+    want = ref(q.double(), kc.double(), vc.double(), pos, hd**-0.5)
+    return float((out.double() - want).norm() / want.norm())
 out = {}
 for name, check in (("add_rmsnorm", d._check_add_rmsnorm), ("swiglu", d._check_swiglu),
-                    ("ssm_step_gated", d._check_ssm_step_gated)):
+                    ("ssm_step_gated", d._check_ssm_step_gated),
+                    ("decode_attention", lambda g: attention(g, 0)), ("window_attention", lambda g: attention(g, 5))):
     before = len(seen)
     out[name] = check(torch.Generator().manual_seed(0))
     out[name + " triggered"] = len(seen) - before
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=300)
-    for name in ("add_rmsnorm", "swiglu", "ssm_step_gated"):
+    for name in ("add_rmsnorm", "swiglu", "ssm_step_gated", "decode_attention", "window_attention"):
         assert errs[name + " triggered"] == 1, errs  # the launcher asked whether to compile the trigger in
         assert errs[name] < 1e-4, errs  # float32 throughout: the kernels match their references closely

@@ -32,7 +32,8 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references
-from mamballama_cli.ops.common import _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
+from mamballama_cli.ops.common import (_device_guard, _gdc_on, _grid_launch_dependents, _needs_grad, _next_pow2,
+                                       _probe, _rand, _rel)
 from mamballama_cli.ops.verify_ref import rope_kv_write_window_ref, window_attention_ref  # registers the window ops
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
@@ -153,8 +154,11 @@ def _attn_split_kernel(Q, K, V, POS, pos_sb, pos_off, OP, LSE, scale, T, n_kv, g
 
 @triton.jit
 def _attn_combine_kernel(OP, LSE, OUT, n_splits, headdim, op_sb, op_sh, op_ss, lse_sb, lse_sh,
-                         o_sb, o_sh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    # Program (sequence, head row): merge the slices' partial outputs by their log-sum-exp.
+                         o_sb, o_sh, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, TRIGGER: tl.constexpr):
+    # Program (sequence, head row): merge the slices' partial outputs by their log-sum-exp. TRIGGER (sm90 and
+    # later): o_proj after it, launched with programmatic dependent launch, may start loading its weights now.
+    if TRIGGER:
+        _grid_launch_dependents()
     pb = tl.program_id(0)
     ph = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
@@ -238,7 +242,7 @@ def _attention(q, k_cache, v_cache, pos, pos_off, scale):
         _attn_combine_kernel[(b, T * nh)](
             part, lse, out, n_splits, hd, part.stride(0), part.stride(2), part.stride(3),
             lse.stride(0), lse.stride(2), out.stride(0), out.stride(2),
-            BLOCK_S=_next_pow2(n_splits), BLOCK_D=_next_pow2(hd), num_warps=4,
+            BLOCK_S=_next_pow2(n_splits), BLOCK_D=_next_pow2(hd), num_warps=4, TRIGGER=_gdc_on(q),
         )
     return out
 
