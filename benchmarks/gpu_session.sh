@@ -9,7 +9,8 @@
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
-# A/B of ops/triton_gemv.py), gemvtest (the gemv op's gpu tests alone), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
+# A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
+# gemvtest (the gemv op's gpu tests alone), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
@@ -75,6 +76,7 @@ for step in $STEPS; do
         b1) speed b1 200 --models hybrid --batch-sizes 1 --contexts "" ;;
         b1pair) speed b1pair 320 --models hybrid,teacher --teacher-engines static --batch-sizes 1 --contexts "" ;;
         b1cublas) MAMBALLAMA_REF_OPS=gemv speed b1cublas 200 --models hybrid --batch-sizes 1 --contexts "" ;;
+        b1nopdl) speed b1nopdl 200 --no-pdl --models hybrid --batch-sizes 1 --contexts "" ;;
         park) mkdir -p /tmp/teacher && cp .teacher-a/part_aa /tmp/teacher/ && ls -la /tmp/teacher ;;
         serve) serve_pair ;;
         profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1

@@ -1,9 +1,11 @@
 """Decode speed and memory benchmark of design.md section 5 (a thin wrapper around `mamballama eval speed`).
 
-Usage:  python benchmarks/speed.py [eval-speed options]
+Usage:  python benchmarks/speed.py [--no-pdl] [eval-speed options]
 With no options it runs the reference case: Llama-3-8B shape, 25% attention, random bf16 weights, batch
 1/8/32 with a 128-token prompt and 256 new tokens, and the 1K..64K context sweep, teacher beside hybrid.
 Run `mamballama eval speed --help` for the options; results go to stdout (table) and --output (JSON).
+``--no-pdl``: the gemv kernels never take their programmatic-dependent-launch form (ops/triton_gemv.py), the A/B of
+that launch over a whole step (benchmarks/gpu_session.sh b1nopdl).
 """
 
 import sys
@@ -13,5 +15,11 @@ from mamballama_cli.cli.main import main
 DEFAULT = ["--shape", "llama3-8b", "--ratio", "0.25", "--prompt-tokens", "128", "--new-tokens", "256"]
 
 if __name__ == "__main__":
-    sys.argv = ["mamballama", "eval", "speed", *(sys.argv[1:] or DEFAULT)]
+    args = sys.argv[1:]
+    if "--no-pdl" in args:
+        args.remove("--no-pdl")
+        from mamballama_cli.ops import triton_gemv
+
+        triton_gemv.PDL = False
+    sys.argv = ["mamballama", "eval", "speed", *(args or DEFAULT)]
     main()

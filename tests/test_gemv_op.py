@@ -441,6 +441,10 @@ def test_the_pdl_launch_serves_a_shape_only_where_it_agrees_and_is_timed_faster(
 
     x, w = torch.randn(1, 64), torch.randn(32, 64)
     assert not g._pdl_usable(x)
+    monkeypatch.setattr(g, "_gdc_on", lambda t: True)  # a device that has it ...
+    assert g._pdl_usable(x)
+    monkeypatch.setattr(g, "PDL", False)  # ... and benchmarks/speed.py --no-pdl
+    assert not g._pdl_usable(x)
     assert not g._pdl_is_faster(x, w, None, ("cpu",)) and ("cpu",) not in g.TIMINGS
     monkeypatch.setattr(g, "TIMINGS", {})
     monkeypatch.setattr(g, "_pdl_usable", lambda x: True)
@@ -458,3 +462,20 @@ def test_the_pdl_launch_serves_a_shape_only_where_it_agrees_and_is_timed_faster(
     monkeypatch.setattr(g, "gemv_launch", lambda x, w, b=None, config=None, pdl=False: F.linear(x, w, b))
     monkeypatch.setattr(g, "graph_ab_us", fails)
     assert not g._pdl_is_faster(x, w, None, "boom") and g.TIMINGS["boom"]["pdl"].startswith("failed: RuntimeError")
+
+
+def test_the_speed_benchmark_takes_no_pdl_and_hands_the_rest_to_eval_speed():
+    """``benchmarks/speed.py --no-pdl`` (gpu_session.sh b1nopdl): the flag is the script's own, so eval speed never
+    sees it (it would refuse an unknown option), and the other arguments reach eval speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    done = subprocess.run([sys.executable, str(script), "--no-pdl", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--max-batch" in done.stdout  # eval speed's own help
+    bad = subprocess.run([sys.executable, str(script), "--no-such-option"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode != 0  # what --no-pdl would get without the script taking it

@@ -278,6 +278,7 @@ CHOICES: dict[tuple, bool] = {}
 TIMINGS: dict[tuple, dict] = {}
 # The same keys -> whether the kernel, where it serves the shape, is launched with programmatic dependent launch.
 PDL_CHOICES: dict[tuple, bool] = {}
+PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, the A/B of that launch over a step)
 # The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all).
 # Timed one call at a time (do_bench), the two are close on the 8B shape's tall GEMVs and the verdict flipped from
 # run to run (H200, 2026-12-04: the same tall shape kept in one run, lost in the next), while inside a captured step
@@ -367,8 +368,9 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
 
 
 def _pdl_usable(x) -> bool:
-    """Whether the kernel can be launched with programmatic dependent launch on x's device (sm90 and later)."""
-    return _gdc_on(x)
+    """Whether the kernel can be launched with programmatic dependent launch on x's device (sm90 and later), and
+    :data:`PDL` allows it."""
+    return PDL and _gdc_on(x)
 
 
 def _pdl_is_faster(x, weight, bias, key) -> bool:
