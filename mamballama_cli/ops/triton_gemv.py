@@ -54,12 +54,15 @@ CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8),
 # (2026-12-04, first run) the dot ones lost to cuBLAS at 5 rows of the 8B shape by more than MARGIN; with the sum ones
 # added (second run) the kernel kept the 5-row in_proj, lm_head and [q; k; v], not [gate; up] or the tall weights,
 # and verify stayed at 1.11x a plain step. The acc ones (64 float32 accumulators a thread at 8 rows) are the
-# one-row kernel's loop, which wins on the tall weights at one row; not yet timed on the H200.
+# one-row kernel's loop, which wins on the tall weights at one row. With them (2026-12-05) the five-row 4096 x 4096
+# kernel took 15.16 us, cuBLAS 14.31, the one-row kernel 11.33 at one row: five rows read the weights at 2.2 TB/s,
+# one at 3.0. The last two acc tiles, 2,048 wide as the one-row kernel's widest, keep more weight bytes in flight
+# a program at a few outputs each; not yet timed on the H200.
 SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
           (4, 256, 4, 1, "sum"), (8, 128, 4, 1, "sum"), (4, 512, 8, 1, "sum"), (2, 512, 4, 1, "sum"),
           (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
-          (8, 256, 8, 1, "acc"))
+          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"))
 MODES = {"dot": 0, "sum": 1, "acc": 2}  # the kernel's MODE
 
 if triton is not None:
