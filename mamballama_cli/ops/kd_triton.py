@@ -34,11 +34,10 @@ Triton it registers nothing.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from mamballama_cli import ops
+from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter (kernel debugging)
 from mamballama_cli.ops.common import _device_guard
 from mamballama_cli.ops.kd import kd_loss as _kd_loss_reference  # registers the op's reference
 
@@ -48,7 +47,6 @@ try:
 except Exception:  # noqa: BLE001  # pragma: no cover - a broken install registers nothing
     triton = tl = None
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
 DEFAULT_BLOCK_V = 4096
 
 

@@ -24,7 +24,6 @@ registers the kernels on CUDA; it is skipped (and the references used) without T
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -32,11 +31,11 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references
+from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter (kernel debugging)
 from mamballama_cli.ops.common import (_device_guard, _gdc_on, _grid_launch_dependents, _needs_grad, _next_pow2,
                                        _probe, _rand, _rel)
 from mamballama_cli.ops.verify_ref import rope_kv_write_window_ref, window_attention_ref  # registers the window ops
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
 BLOCK_T = 64  # key positions per tile; slices are whole tiles
 
 

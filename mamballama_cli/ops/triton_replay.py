@@ -31,18 +31,16 @@ CUDA; it is skipped (and the references used) when Triton is not installed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from mamballama_cli import ops
+from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter (kernel debugging)
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
 from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
 from mamballama_cli.ops.selective_scan import check_scan_shapes, selective_replay_ref
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (kernel debugging)
 
 
 @triton.jit
