@@ -479,3 +479,21 @@ def test_the_speed_benchmark_takes_no_pdl_and_hands_the_rest_to_eval_speed():
     bad = subprocess.run([sys.executable, str(script), "--no-such-option"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0  # what --no-pdl would get without the script taking it
+
+
+def test_the_tile_benchmark_reads_tiles_and_refuses_without_cuda():
+    """``benchmarks/gemv_tiles.py`` (gpu_session.sh gemvtiles): a tile is read as the kernel's config tuple, a
+    malformed one is a one-line error naming it, and without CUDA the script says so and exits non-zero."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gemv_tiles.py"
+    spec = importlib.util.spec_from_file_location("gemv_tiles", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_tile("16,256,4,4,dot") == (16, 256, 4, 4, "dot")
+    assert mod.parse_tile("4, 1024, 4") == (4, 1024, 4)
+    with pytest.raises(SystemExit, match="'16,256'"):
+        mod.parse_tile("16,256")
+    if not torch.cuda.is_available():
+        assert mod.main(["--shapes", "5x64x64"]) == 2
