@@ -60,8 +60,8 @@ def main(argv=None) -> int:
             try:
                 y = g.gemv_launch(x, w, config=tile)
                 err = float((y.float() - ref.float()).norm() / ref.float().norm())
-                ours, theirs, copies = g.graph_ab_us(lambda wt: g.gemv_launch(x, wt, config=tile),
-                                                     lambda wt: F.linear(x, wt), w)
+                ours, theirs, copies = g.graph_ab_us(lambda wt, x=x, tile=tile: g.gemv_launch(x, wt, config=tile),
+                                                     lambda wt, x=x: F.linear(x, wt), w)
                 gbs = n * k * 2 / (ours * 1e-6) / 1e12
                 entry.update(kernel_us=round(ours, 2), cublas_us=round(theirs, 2), rel_err=err,
                              tb_per_s=round(gbs, 2), ratio=round(ours / theirs, 3), copies=copies)
@@ -70,9 +70,9 @@ def main(argv=None) -> int:
             entry["seconds"] = round(time.time() - t0, 1)
             rows_out.append(entry)
             if "error" in entry:
-                print(f"{shape:>14} {str(tile):>28}  error {entry['error']}", flush=True)
+                print(f"{shape:>14} {tile!s:>28}  error {entry['error']}", flush=True)
             else:
-                print(f"{shape:>14} {str(tile):>28}  {entry['kernel_us']:8.2f} us  cuBLAS {entry['cublas_us']:8.2f}"
+                print(f"{shape:>14} {tile!s:>28}  {entry['kernel_us']:8.2f} us  cuBLAS {entry['cublas_us']:8.2f}"
                       f"  x{entry['ratio']:.3f}  {entry['tb_per_s']:.2f} TB/s  ({entry['seconds']} s)", flush=True)
         torch.cuda.empty_cache()
     best = {}

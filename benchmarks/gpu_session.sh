@@ -101,7 +101,7 @@ for step in $STEPS; do
         gemvtest) gputest gemv 240 tests/test_gemv_op.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" --extra \
-                    ${GEMV_EXTRA:-16,256,2,4,dot 16,128,2,6,dot 16,256,4,6,dot 32,256,4,6,dot 16,512,8,4,dot 16,1024,8,3,dot} \
+                    ${GEMV_EXTRA:-16,256,2,4,dot 16,128,2,6,dot 16,512,2,3,dot 32,256,2,4,dot 32,256,4,6,dot 32,512,4,3,dot 64,128,4,6,dot 16,256,4,6,dot} \
                     > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
         part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \

@@ -11,9 +11,8 @@ weight byte once and writing its outputs once: no second kernel. The wide weight
 
 * one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
 * 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch), the weight tile read once for
-  all of them, in one of three modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
-  float32 accumulator; ``sum``, the rows padded to a power of two and each tile's products summed over its K on
-  CUDA cores; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
+  all of them, in one of two modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
+  float32 accumulator; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
   products, summed over K once at the end (no cross-thread reduction inside the loop), the rows in two
   power-of-two groups (5 = 4 + 1) so that padding rows cost no products.
 
@@ -50,23 +49,26 @@ MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 a
 # (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
 # every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "sum" or "acc" (above). On the H200
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot" or "acc" (above). On the H200
 # (2026-12-04, first run) the dot ones lost to cuBLAS at 5 rows of the 8B shape by more than MARGIN; with the sum ones
 # added (second run) the kernel kept the 5-row in_proj, lm_head and [q; k; v], not [gate; up] or the tall weights,
 # and verify stayed at 1.11x a plain step. The acc ones (64 float32 accumulators a thread at 8 rows) are the
 # one-row kernel's loop, which wins on the tall weights at one row. With them (2026-12-05) the five-row 4096 x 4096
 # kernel took 15.16 us, cuBLAS 14.31, the one-row kernel 11.33 at one row: five rows read the weights at 2.2 TB/s,
 # one at 3.0. The last two acc tiles, 2,048 wide as the one-row kernel's widest, keep more weight bytes in flight
-# a program at a few outputs each; not yet timed on the H200.
+# a program at a few outputs each; not yet timed on the H200. The sum mode (each tile's products summed over its K
+# across threads) was dropped on 2026-12-05: compiled for sm90 (benchmarks/kernel_sass.py) its loop issued 55-135
+# instructions a weight element against 1.3-3.5 for dot and 11-23 for acc, too many to read at full bandwidth.
 SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
-          (4, 256, 4, 1, "sum"), (8, 128, 4, 1, "sum"), (4, 512, 8, 1, "sum"), (2, 512, 4, 1, "sum"),
           (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
           (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"))
-MODES = {"dot": 0, "sum": 1, "acc": 2}  # the kernel's MODE
+MODES = {"dot": 0, "acc": 1}  # the kernel's MODE
 
 if triton is not None:
     from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
+
+    DOT_ROWS = tl.constexpr(16)  # the dot mode's rows, padded to tl.dot's smallest M
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -164,33 +166,30 @@ if triton is not None:
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
-                       ROWS: tl.constexpr, ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr,
+                       ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr,
                        PDL: tl.constexpr):
-        # MODE: 0 dot, 1 sum (ROWS: the rows padded to a power of two, to 16 for tl.dot's smallest M), 2 acc (the
-        # rows as ROWS_A, the largest power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so
-        # no product is spent on a padding row where it can be helped; one weight load serves both groups).
+        # MODE: 0 dot (the rows padded to DOT_ROWS, tl.dot's smallest M), 1 acc (the rows as ROWS_A, the largest
+        # power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a
+        # padding row where it can be helped; one weight load serves both groups).
         # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
         if PDL:
             _grid_wait()
-        if MODE == 2:
+        if MODE == 1:
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
         else:
             outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             live_n = outs < N
             outs_read = tl.where(live_n, outs, 0)
-            rows = tl.arange(0, ROWS)
+            rows = tl.arange(0, DOT_ROWS)
             live_m = rows < M
             cols = tl.arange(0, BLOCK_K)
             x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
             w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            acc = tl.zeros((DOT_ROWS, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):  # tensor cores
                 x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-                if MODE == 0:  # tensor cores
-                    acc = tl.dot(x, tl.trans(w), acc)
-                else:  # CUDA cores: the products summed over the tile's K
-                    acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                acc = tl.dot(x, tl.trans(w), acc)
             if HAS_BIAS:
                 acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
             tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
@@ -201,18 +200,13 @@ if triton is not None:
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in SKINNY],
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
-    )(_even_k(triton.heuristics({"ROWS": lambda a: _padded_rows(a["M"], a["MODE"] == 0),
-                                 "ROWS_A": lambda a: _row_split(a["M"])[0],
+    )(_even_k(triton.heuristics({"ROWS_A": lambda a: _row_split(a["M"])[0],
                                  "ROWS_B": lambda a: _row_split(a["M"])[1],
                                  "ROWS_BP": lambda a: max(1, _row_split(a["M"])[1])})(_skinny_kernel)))
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["N", "K"],
     )(_even_k(_gemv_kernel))
-
-
-def _padded_rows(m: int, dot: bool) -> int:
-    return 16 if dot else max(2, 1 << (int(m) - 1).bit_length())
 
 
 def _row_split(m: int) -> tuple[int, int]:
@@ -267,7 +261,6 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
                 bn, bk, warps, stages, mode = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk,
                                                       EVEN_K=K % bk == 0, MODE=MODES[mode],
-                                                      ROWS=_padded_rows(M, mode == "dot"),
                                                       ROWS_A=_row_split(M)[0], ROWS_B=_row_split(M)[1],
                                                       ROWS_BP=max(1, _row_split(M)[1]),
                                                       num_warps=warps, num_stages=stages, **launch)
@@ -348,11 +341,38 @@ def _timings(x, weight, bias) -> dict:
                 "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
 
 
+def tile_name(config) -> str:
+    """An autotuner config as the tile it came from: ``"BLOCK_N,BLOCK_K,warps"`` (one row, :data:`CONFIGS`) or
+    ``"BLOCK_N,BLOCK_K,warps,stages,mode"`` (:data:`SKINNY`), as ``benchmarks/gemv_tiles.py --extra`` reads it."""
+    kw = config.kwargs
+    if "MODE" not in kw:
+        return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps}"
+    mode = {v: k for k, v in MODES.items()}[kw["MODE"]]
+    return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps},{config.num_stages},{mode}"
+
+
+def tuned_tiles(tuner, before=None) -> dict:
+    """What the autotuner chose on its last run (``tile``) and, if that run timed the candidates afresh (its timing
+    table is no longer ``before``), every candidate's median microseconds (``tiles_us``, one call at a time, as the
+    autotuner times them): the data for pruning candidates that never win. Empty where triton keeps neither."""
+    out = {}
+    best = getattr(tuner, "best_config", None)
+    if best is not None:
+        out["tile"] = tile_name(best)
+    timings = getattr(tuner, "configs_timings", None)
+    if timings and timings is not before:
+        med = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - do_bench's (median, q20, q80)
+        out["tiles_us"] = {tile_name(c): round(1000.0 * float(med(v)), 2) for c, v in timings.items()}
+    return out
+
+
 def _kernel_is_faster(x, weight, bias, key=None) -> bool:
     """Check the autotuned kernel against ``F.linear`` on these arguments, then time both (:func:`_timings`):
     whether the kernel agrees and is faster, or, for a tall weight (where cuBLAS splits K) timed by ``do_bench``
     (one call at a time, without cuBLAS's reduction node), slower by less than :data:`MARGIN`. ``key``: where to
     keep the timings in :data:`TIMINGS`."""
+    tuner = _gemv_tuned if _rows(x, weight) == 1 else _skinny_tuned
+    before = getattr(tuner, "configs_timings", None)
     try:
         y = gemv_launch(x, weight, bias)  # autotunes (outside the timing)
     except Exception:  # a kernel that does not build or launch on this shape: cuBLAS serves it
@@ -362,6 +382,7 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
     t = _timings(x, weight, bias)
     if key is not None:
         TIMINGS[key] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in t.items()}
+        TIMINGS[key].update(tuned_tiles(tuner, before))
     # MARGIN only where cuBLAS adds its split-K reduction (tall weights) and the timing left it out (do_bench, one
     # call at a time): timed inside CUDA graphs, cuBLAS's reduction node is in its own time, so the kernel must be
     # faster outright, as on a wide weight. (Under the margin, the 2026-12-05 verify call kept the five-row

@@ -1,0 +1,62 @@
+"""What the decode GEMV tiles compile to on Hopper (sm90), checked here without a GPU (benchmarks/kernel_sass.py:
+triton compiles for a named target, and its wheel ships ptxas and cuobjdump).
+
+A decode GEMV is a race to read each weight byte once; the tiles are chosen for loops that issue few instructions
+per weight element, load 16 bytes at a time and keep everything in registers. These tests catch a kernel edit that
+quietly breaks that (a layout conversion through shared memory in the hot loop, narrow loads, spills), which the
+interpreter tests, checking only values, cannot see."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "kernel_sass", Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_sass.py")
+kernel_sass = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_sass)
+
+pytestmark = pytest.mark.skipif(not kernel_sass.available(), reason="no triton CUDA backend (ptxas, cuobjdump)")
+
+
+@pytest.fixture(scope="module")
+def gemv():
+    from mamballama_cli.ops import triton_gemv
+
+    return triton_gemv
+
+
+def test_every_one_row_tile_streams_the_weights_from_registers_with_wide_loads(gemv):
+    """The one-row kernel at the 8B width: every candidate's loop loads 16 bytes at a time, spills nothing, does at
+    most two shared-memory stores (the narrower tiles' x layout, never the weights), and issues under 4 instructions per weight
+    element (about one to widen it to float32, one multiply-add)."""
+    for tile in gemv.CONFIGS:
+        r = kernel_sass.report(1, tile, k=4096)
+        assert r["local_bytes"] == 0, r
+        assert r["wide_loads"] >= 1 and r["ops"].get("FFMA", 0) >= 1, r
+        assert r["shared_round_trips"] <= 2 and r["per_weight_element"] < 4.0, r
+
+
+def test_the_one_row_pdl_form_waits_on_the_grid_and_keeps_its_loop_lean(gemv):
+    """The programmatic-dependent-launch form (a successor started early) waits for its predecessor
+    (``griddepcontrol.wait``) and its loop, which keeps the next weight tile in flight, stays within about one
+    instruction per weight element of the plain one."""
+    tile = gemv.CONFIGS[0]
+    plain, pdl = kernel_sass.report(1, tile), kernel_sass.report(1, tile, pdl=True)
+    assert pdl["pdl_wait"] and not plain["pdl_wait"]
+    assert pdl["local_bytes"] == 0 and pdl["per_weight_element"] < plain["per_weight_element"] + 1.0, (plain, pdl)
+
+
+def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv):
+    """Five rows (a K = 4 verify window): the dot tiles' loop multiplies on tensor cores (HMMA) from a
+    cp.async pipeline (LDGSTS) at under 4 instructions a weight element; the acc tiles accumulate with multiply-adds,
+    five per weight element; nothing spills."""
+    for tile in gemv.SKINNY:
+        r = kernel_sass.report(5, tile, k=4096)
+        assert r["local_bytes"] == 0, r
+        if tile[-1] == "dot":
+            assert r["ops"].get("HMMA", 0) > 0 and r["ops"].get("LDGSTS", 0) > 0, r
+            assert r["per_weight_element"] < 4.0, r
+        else:
+            held = tile[0] * tile[1] // (32 * tile[2])  # weight elements a thread holds each iteration
+            assert r["ops"].get("FFMA", 0) == 5 * held, r
