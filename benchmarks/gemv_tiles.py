@@ -1,13 +1,13 @@
 """Every gemv tile on the decode and verify shapes of the 8B model, each timed against cuBLAS (CUDA machine only).
 
 The autotuner keeps only the winner of each shape (``TIMINGS`` in ops/triton_gemv.py has its time and cuBLAS's);
-this table has every candidate, so that a tile that never wins can be dropped (each one costs compile and autotune
+this table has every candidate and the tiles of ``EXTRA`` (or ``--extra``), so that a tile that never wins can be dropped (each one costs compile and autotune
 time on every fresh machine) and the shapes where the kernel loses say what kind of tile is missing. Each time is
 :func:`mamballama_cli.ops.triton_gemv.graph_ab_us`: calls recorded in a CUDA graph over copies of the weight that
 together pass twice the L2 cache, interleaved with cuBLAS's, as a decode step runs them.
 
     python3 benchmarks/gemv_tiles.py --json out/gemv-tiles.json
-    python3 benchmarks/gemv_tiles.py --shapes 5x4096x4096 --extra "16,256,2,4,dot" "32,256,4,5,dot"
+    python3 benchmarks/gemv_tiles.py --shapes 5x4096x4096 --extra 16,256,2,4,dot 32,256,4,5,dotw
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def parse_tile(text: str) -> tuple:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="ROWSxNxK each (default: %(default)s)")
-    ap.add_argument("--extra", nargs="*", default=[], help="tiles to time besides the candidates (see parse_tile)")
+    ap.add_argument("--extra", nargs="*", default=None, help="tiles to time besides the candidates (see parse_tile; "
+                    "default: ops/triton_gemv.py's EXTRA)")
     ap.add_argument("--json", default=None, help="write the table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         return 2
     from mamballama_cli.ops import triton_gemv as g
 
-    extra = [parse_tile(t) for t in args.extra]
+    extra = list(g.EXTRA) if args.extra is None else [parse_tile(t) for t in args.extra]
     dev = torch.device("cuda")
     rows_out = []
     for shape in args.shapes:
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
             try:
                 y = g.gemv_launch(x, w, config=tile)
                 err = float((y.float() - ref.float()).norm() / ref.float().norm())
+                if not err < 1e-2:  # a tile that is wrong on the device is not timed (the interpreter tests passed)
+                    raise ValueError(f"disagrees with cuBLAS: relative error {err:.2e}")
                 ours, theirs, copies = g.graph_ab_us(lambda wt, x=x, tile=tile: g.gemv_launch(x, wt, config=tile),
                                                      lambda wt, x=x: F.linear(x, wt), w)
                 gbs = n * k * 2 / (ours * 1e-6) / 1e12

@@ -10,8 +10,8 @@
 # the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
-# gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv tile timed against cuBLAS on the 8B shapes,
-# GEMV_EXTRA= more tiles), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
+# gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
+# timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
@@ -100,9 +100,8 @@ for step in $STEPS; do
                         --contexts "" ;;
         gemvtest) gputest gemv 240 tests/test_gemv_op.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
-                timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" --extra \
-                    ${GEMV_EXTRA:-16,256,2,4,dot 16,128,2,6,dot 16,512,2,3,dot 32,256,2,4,dot 32,256,4,6,dot 32,512,4,3,dot 64,128,4,6,dot 16,256,4,6,dot} \
-                    > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
+                timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
+                    ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
         part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;

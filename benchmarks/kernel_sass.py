@@ -7,7 +7,7 @@ once, and at 4 TB/s an SM has about 16 instruction slots a thread per weight ele
 instructions a clock), fewer once latency is counted. ``tests/test_kernel_codegen.py`` pins the properties the
 fast tiles rely on.
 
-    python3 benchmarks/kernel_sass.py                          # every candidate, 5 rows and 1 row, K = 4,096
+    python3 benchmarks/kernel_sass.py                          # every candidate and EXTRA tile, 5 rows and 1 row
     python3 benchmarks/kernel_sass.py --rows 5 --tiles 16,256,4,4,dot 4,256,4,1,acc --show
 """
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from mamballama_cli.ops import triton_gemv as g
 
     for rows in args.rows:
-        tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(g.CONFIGS if rows == 1 else g.SKINNY)
+        tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(g.CONFIGS if rows == 1 else g.SKINNY + g.EXTRA)
         for tile in tiles:
             if (len(tile) == 3) != (rows == 1):
                 continue

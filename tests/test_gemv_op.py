@@ -527,3 +527,33 @@ def test_the_timings_name_the_tile_the_autotuner_chose_and_every_candidate_it_ti
     assert fresh == {"tile": "16,256,4,4,dot", "tiles_us": {"16,256,4,4,dot": 15.1, "4,1024,4": 20.0}}
     assert g.tuned_tiles(Tuner, before=Tuner.configs_timings) == {"tile": "16,256,4,4,dot"}
     assert g.tuned_tiles(object()) == {}
+
+
+@NEEDS_TRITON
+def test_every_extra_tile_equals_the_reference_under_the_interpreter():
+    """The tiles ``gemvtiles`` times besides the candidates (``EXTRA``: dot tiles of 2 warps and the dotw mode,
+    the weight tile as tl.dot's first operand and the rows padded to 8) give the reference's product on verify
+    windows and small batches: partial blocks of outputs and of K, with and without bias, 2 to 8 rows (fp16: the
+    interpreter's tl.dot reads bf16 as raw bits; the gpu test runs them in bf16)."""
+    from mamballama_cli.ops.triton_gemv import EXTRA
+
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+import torch.nn.functional as F
+from mamballama_cli.ops.triton_gemv import EXTRA, gemv_launch
+gen = torch.Generator().manual_seed(1)
+out = {}
+for lead, n, k, bias in (((5,), 70, 1000, True), ((2, 1), 33, 768, False), ((8,), 64, 512, True),
+                         ((3,), 260, 96, False)):
+    x = torch.randn(*lead, k, generator=gen).half()
+    w = torch.randn(n, k, generator=gen).half()
+    b = torch.randn(n, generator=gen).half() if bias else None
+    want = F.linear(x.double(), w.double(), b.double() if bias else None)
+    for cfg in EXTRA:
+        y = gemv_launch(x, w, b, config=cfg)
+        assert y.shape == (*lead, n) and y.dtype == torch.float16
+        out[f"{lead} {n}x{k} {cfg}"] = float((y.double() - want).norm() / want.norm())
+print(json.dumps(out))
+""", str(Path(__file__).parent), timeout=600)
+    assert len(errs) == 4 * len(EXTRA) and {c[-1] for c in EXTRA} == {"dot", "dotw"}
+    bad = {k: v for k, v in errs.items() if not v < 4e-3}
+    assert not bad, bad

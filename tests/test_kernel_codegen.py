@@ -48,14 +48,15 @@ def test_the_one_row_pdl_form_waits_on_the_grid_and_keeps_its_loop_lean(gemv):
 
 
 def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv):
-    """Five rows (a K = 4 verify window): the dot tiles' loop multiplies on tensor cores (HMMA) from a
-    cp.async pipeline (LDGSTS) at under 4 instructions a weight element; the acc tiles accumulate with multiply-adds,
-    five per weight element; nothing spills."""
-    for tile in gemv.SKINNY:
+    """Five rows (a K = 4 verify window), the candidates and the tiles ``gemvtiles`` times besides them
+    (``EXTRA``): the dot and dotw tiles' loop multiplies on tensor cores (HMMA, or Hopper's wgmma) from a cp.async
+    pipeline (LDGSTS) at under 4 instructions a weight element; the acc tiles accumulate with multiply-adds, five
+    per weight element; nothing spills."""
+    for tile in gemv.SKINNY + gemv.EXTRA:
         r = kernel_sass.report(5, tile, k=4096)
         assert r["local_bytes"] == 0, r
-        if tile[-1] == "dot":
-            assert r["ops"].get("HMMA", 0) > 0 and r["ops"].get("LDGSTS", 0) > 0, r
+        if tile[-1] in ("dot", "dotw"):
+            assert r["ops"].get("HMMA", 0) + r["ops"].get("HGMMA", 0) > 0 and r["ops"].get("LDGSTS", 0) > 0, r
             assert r["per_weight_element"] < 4.0, r
         else:
             held = tile[0] * tile[1] // (32 * tile[2])  # weight elements a thread holds each iteration

@@ -14,7 +14,9 @@ weight byte once and writing its outputs once: no second kernel. The wide weight
   all of them, in one of two modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
   float32 accumulator; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
   products, summed over K once at the end (no cross-thread reduction inside the loop), the rows in two
-  power-of-two groups (5 = 4 + 1) so that padding rows cost no products.
+  power-of-two groups (5 = 4 + 1) so that padding rows cost no products. A third mode, ``dotw`` (the weight tile as
+  tl.dot's first operand, the rows padded to 8), is among the :data:`EXTRA` tiles, timed by a benchmark before the
+  autotuner is given it.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
+from mamballama_cli.ops.graph_timing import graph_ab_us, shape_report
 
 try:
     import triton
@@ -63,12 +66,22 @@ SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot")
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
           (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
           (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"))
-MODES = {"dot": 0, "acc": 1}  # the kernel's MODE
+MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
+# Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) against the
+# candidates to decide what goes into SKINNY: dot tiles of 2 warps (compiled for sm90, benchmarks/kernel_sass.py,
+# 1.1-2.4 instructions a weight element; 8 warps on 16 outputs repeat the product in every warp), and the dotw mode
+# (the rows padded to 8, not 16: a third less shared memory a stage; at 64 outputs triton emits Hopper's wgmma).
+# The CPU tests run each under the interpreter as they run the candidates.
+EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (16, 512, 2, 3, "dot"), (32, 256, 2, 4, "dot"),
+         (32, 256, 4, 6, "dot"), (64, 128, 4, 6, "dot"),
+         (16, 256, 2, 4, "dotw"), (16, 128, 2, 6, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 2, 4, "dotw"),
+         (32, 256, 4, 4, "dotw"), (64, 128, 4, 4, "dotw"))
 
 if triton is not None:
     from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
 
-    DOT_ROWS = tl.constexpr(16)  # the dot mode's rows, padded to tl.dot's smallest M
+    DOT_ROWS = tl.constexpr(16)  # the dot mode's rows, padded to 16 (an m16n8k16 product's M)
+    WIDE_ROWS = tl.constexpr(8)  # the dotw mode's rows, padded to 8 (its N): MAX_ROWS
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -164,19 +177,44 @@ if triton is not None:
                      mask=live_b[:, None] & live_n[None, :])
 
     @triton.jit
+    def _dot_outputs_first(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # The dotw mode: the weight tile as tl.dot's first operand (BLOCK_N outputs as its M) and the rows as its N,
+        # padded to WIDE_ROWS = 8 only (an m16n8k16 product's N), where the dot mode pads them to 16 as its M.
+        outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live_n = outs < N
+        outs_read = tl.where(live_n, outs, 0)
+        rows = tl.arange(0, WIDE_ROWS)
+        live_m = rows < M
+        cols = tl.arange(0, BLOCK_K)
+        x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
+        w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        acc = tl.zeros((BLOCK_N, WIDE_ROWS), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
+            acc = tl.dot(w, tl.trans(x), acc)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + outs_read).to(tl.float32)[:, None]
+        tl.store(Y + rows[None, :] * stride_ym + outs[:, None], acc.to(Y.dtype.element_ty),
+                 mask=live_n[:, None] & live_m[None, :])
+
+    @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                        ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr,
                        PDL: tl.constexpr):
-        # MODE: 0 dot (the rows padded to DOT_ROWS, tl.dot's smallest M), 1 acc (the rows as ROWS_A, the largest
-        # power of two <= M, then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a
-        # padding row where it can be helped; one weight load serves both groups).
+        # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
+        # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
+        # can be helped; one weight load serves both groups), 2 dotw (_dot_outputs_first).
         # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
         if PDL:
             _grid_wait()
         if MODE == 1:
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
+        elif MODE == 2:
+            _dot_outputs_first(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K,
+                               EVEN_K)
         else:
             outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
             live_n = outs < N
@@ -280,49 +318,9 @@ PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, 
 # run to run (H200, 2026-12-04: the same tall shape kept in one run, lost in the next), while inside a captured step
 # the kernel is one graph node where cuBLAS is two (the split-K reduction): 218.9 tok/s at the 8B shape with the
 # kernel on all 64 tall GEMVs, 211.5 with it on the 32 down_proj only, 208.5 with cuBLAS alone. Hence the margin,
-# and hence timing inside CUDA graphs (_graph_call_us), as the step runs them. Timed in graphs, the reduction node is
+# and hence timing inside CUDA graphs (ops/graph_timing.py), as the step runs them. Timed in graphs, the reduction node is
 # in cuBLAS's time, so the margin now applies only where that timing failed and do_bench's was used.
 MARGIN = 1.10
-
-
-def _graph_call_us(calls: list, reps: int = 7) -> float:
-    """Microseconds per call of ``calls`` (closures, each one GEMV) recorded in order into one CUDA graph: the
-    median over ``reps`` replays of the graph's time, divided by the calls. A decode step runs its GEMVs this way:
-    as graph nodes, each weight cold in L2 (the caller gives weights that together exceed L2)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm: lazy initialisation (cuBLAS handles, workspaces) outside the recording
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps + 1):  # the first replay uploads the graph: not counted
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times = sorted(times[1:])
-    return 1000.0 * times[len(times) // 2] / len(calls)
-
-
-def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
-    """Microseconds per call of ``a(w)`` and of ``b(w)``, each recorded in CUDA graphs over enough copies w of
-    ``weight`` to pass twice the L2 cache (at most 16), as a decode step runs them, the two interleaved so that a
-    clock or a neighbour's change touches both alike; and the number of copies."""
-    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size or 64 << 20
-    copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
-    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
-    ours, theirs = [], []
-    for _ in range(3):
-        ours.append(_graph_call_us([lambda w=w: a(w) for w in ws]))
-        theirs.append(_graph_call_us([lambda w=w: b(w) for w in ws]))
-    return min(ours), min(theirs), copies
 
 
 def _timings(x, weight, bias) -> dict:
@@ -422,15 +420,6 @@ def _pdl_is_faster(x, weight, bias, key) -> bool:
         return False
     t.update(pdl_us=round(ours, 2), plain_launch_us=round(plain, 2))
     return ours < plain
-
-
-def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
-    """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
-    choices table and a timings table keyed alike (the dtype second to last, the device index last); ``name``
-    writes a key's shape."""
-    return {what: sorted({name(k) for k, use in choices.items() if use}),
-            timed: {f"{name(k)} {str(k[-2]).replace('torch.', '')}": t
-                    for k, t in sorted(timings.items(), key=lambda kv: str(kv[0]))}}
 
 
 def choices_report() -> dict:

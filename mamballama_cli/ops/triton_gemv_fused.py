@@ -40,7 +40,8 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the references
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS, graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import graph_ab_us, shape_report
+from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS
 
 try:
     import triton

@@ -1,0 +1,56 @@
+"""Timing a kernel against the alternative it must beat as a decode step runs both: recorded in CUDA graphs, weights
+cold in L2. The gemv op (ops/triton_gemv.py) and the fused norm + GEMV ops (ops/triton_gemv_fused.py) choose per
+shape with it, and report their choices with :func:`shape_report`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _graph_call_us(calls: list, reps: int = 7) -> float:
+    """Microseconds per call of ``calls`` (closures, each one GEMV) recorded in order into one CUDA graph: the
+    median over ``reps`` replays of the graph's time, divided by the calls. A decode step runs its GEMVs this way:
+    as graph nodes, each weight cold in L2 (the caller gives weights that together exceed L2)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm: lazy initialisation (cuBLAS handles, workspaces) outside the recording
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps + 1):  # the first replay uploads the graph: not counted
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times = sorted(times[1:])
+    return 1000.0 * times[len(times) // 2] / len(calls)
+
+
+def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
+    """Microseconds per call of ``a(w)`` and of ``b(w)``, each recorded in CUDA graphs over enough copies w of
+    ``weight`` to pass twice the L2 cache (at most 16), as a decode step runs them, the two interleaved so that a
+    clock or a neighbour's change touches both alike; and the number of copies."""
+    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size or 64 << 20
+    copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
+    ws = [weight] + [weight.clone() for _ in range(copies - 1)]
+    ours, theirs = [], []
+    for _ in range(3):
+        ours.append(_graph_call_us([lambda w=w: a(w) for w in ws]))
+        theirs.append(_graph_call_us([lambda w=w: b(w) for w in ws]))
+    return min(ours), min(theirs), copies
+
+
+def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
+    """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
+    choices table and a timings table keyed alike (the dtype second to last, the device index last); ``name``
+    writes a key's shape."""
+    return {what: sorted({name(k) for k, use in choices.items() if use}),
+            timed: {f"{name(k)} {str(k[-2]).replace('torch.', '')}": t
+                    for k, t in sorted(timings.items(), key=lambda kv: str(kv[0]))}}
