@@ -14,7 +14,7 @@ EXTRAS ?= dev
 DEMO_OUT ?= runs/smollm2-50
 DEMO_PROMPT ?= Give me three tips for writing clear Python code.
 
-.PHONY: install demo test test-gpu test-slow test-packaging clean
+.PHONY: install demo test test-gpu test-slow test-packaging check-kernels clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,16 @@ test-slow: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# Before a GPU session, on any machine: compile every gemv and fused tile a run can ask for, for sm90, with the
+# triton the H200 has (TRITON_GPU; torch 2.11's), in a venv of its own. An LLVM abort there took a whole GPU call
+# down on 2026-12-05; here it costs seconds (benchmarks/kernel_sass.py --check, docs/gpu.md).
+TRITON_GPU ?= triton==3.6.0
+CHECK_VENV ?= /tmp/mamballama-triton-gpu
+check-kernels:
+	test -x $(CHECK_VENV)/bin/python || $(PY) -m venv $(CHECK_VENV)
+	$(CHECK_VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH) "$(TRITON_GPU)"
+	$(CHECK_VENV)/bin/python benchmarks/kernel_sass.py --check
 
 # The wheel, installed non-editable in a fresh venv, runs distill; torch and the extras resolve (.ci/packaging.sh).
 test-packaging:

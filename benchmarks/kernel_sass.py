@@ -9,6 +9,8 @@ fast tiles rely on.
 
     python3 benchmarks/kernel_sass.py                          # every candidate and EXTRA tile, 5 rows and 1 row
     python3 benchmarks/kernel_sass.py --rows 5 --tiles 16,256,4,4,dot 4,256,4,1,acc --show
+    python3 benchmarks/kernel_sass.py --check      # every tile a run can compile; under the H200's triton (3.6.0):
+    # python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 && /tmp/t36/bin/python ...
 """
 
 from __future__ import annotations
@@ -39,35 +41,55 @@ def available() -> bool:
         return False
 
 
-def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90):
-    """One gemv tile compiled for ``sm<arch>`` as it would be at run time on a bf16 (rows, K) x (N, K)^T call with
-    the sizes multiples of 16 (the divisibility triton specialises on)."""
+def compile_kernel(fn, args: dict, const: dict, warps: int, stages: int = 1, arch: int = 90, unaligned=()):
+    """``fn`` (a ``@triton.jit`` function) compiled for ``sm<arch>``: ``args`` its runtime arguments (name ->
+    triton type, in order), ``const`` its constexprs (name -> value, in order after them); every pointer and integer
+    but those in ``unaligned`` taken as a multiple of 16, as triton specialises them at run time on such sizes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    names = list(args) + list(const)
+    sig = {**args, **dict.fromkeys(const, "constexpr")}
+    aligned = [n for n, t in args.items() if n not in unaligned and (t.startswith("*") or t.startswith("i"))]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 90):
+    """One tile of the fused norm + GEMV kernel (ops/triton_gemv_fused.py; ``kind`` 0 add_rmsnorm_gemv, 1 with
+    SwiGLU) compiled for ``sm<arch>`` on bf16 rows of width ``k``, with a residual and no bias."""
+    from mamballama_cli.ops import triton_gemv_fused as f
+
+    bn, bk, warps = tile
+    args = {**dict.fromkeys(("X", "R", "LNW", "W", "BIAS", "Y", "HOUT"), "*bf16"),
+            **dict.fromkeys(("M", "N", "K"), "i32"), "eps": "fp32",
+            **dict.fromkeys(("stride_xm", "stride_rm", "stride_hm", "stride_wn", "stride_ym"), "i32")}
+    const = {"KIND": kind, "HAS_RES": True, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk,
+             "ROWS": f._padded(rows), "EVEN_K": k % bk == 0}
+    return compile_kernel(f._fused_kernel, args, const, warps, 1, arch, unaligned=("M",))
+
+
+def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90):
+    """One gemv tile compiled for ``sm<arch>`` as it would be at run time on a bf16 (rows, K) x (N, K)^T call with
+    the sizes multiples of 16 (the divisibility triton specialises on)."""
     from mamballama_cli.ops import triton_gemv as g
 
     if rows == 1:
         bn, bk, warps = tile
         stages, fn = 1, g._gemv_kernel
-        sig = dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16") | dict.fromkeys(("N", "K", "stride_wn"), "i32")
+        args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"), **dict.fromkeys(("N", "K", "stride_wn"), "i32")}
         const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "PDL": pdl}
     else:
         bn, bk, warps, stages, mode = tile
         fn = g._skinny_kernel
-        sig = dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16") | dict.fromkeys(
-            ("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32")
+        args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"),
+                **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32")}
         a, b = g._row_split(rows)
         const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "MODE": g.MODES[mode],
-                 "ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b),
-                 "PDL": pdl}
-    names = list(sig) + list(const)
-    sig |= dict.fromkeys(const, "constexpr")
-    aligned = [n for n in sig if sig[n] != "constexpr" and n != "M"]  # M (the rows) is small and odd
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+                 "ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b), "PDL": pdl}
+    return compile_kernel(fn, args, const, warps, stages, arch, unaligned=("M",))  # M (the rows) is small, odd
 
 
 def _objdump(kernel, flag: str) -> str:
@@ -114,6 +136,122 @@ def report(rows: int, tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
             "body": body}
 
 
+def compile_decode(name: str, trigger: bool = True, arch: int = 90):
+    """One of the small decode kernels that run before a projection, in the form sm90 launches (``trigger``: it
+    lets a programmatic-dependent-launch successor start early): ``add_rmsnorm`` (a 4,096 row), ``swiglu``,
+    ``ssm_step_gated`` (float32 state, 128 x 128 a head), ``attn_combine``; bf16 activations."""
+    from mamballama_cli.ops import triton_attention as a
+    from mamballama_cli.ops import triton_decode as d
+
+    i32 = "i32"
+    if name == "add_rmsnorm":
+        args = {**dict.fromkeys(("X", "R", "W", "OUT", "ROUT"), "*bf16"), "n_cols": i32, "eps": "fp32",
+                **dict.fromkeys(("stride_x", "stride_r", "stride_o", "stride_ro"), i32)}
+        return compile_kernel(d._add_rmsnorm_kernel, args, {"HAS_RES": True, "BLOCK": 4096, "TRIGGER": trigger},
+                              8, 1, arch)
+    if name == "swiglu":
+        args = {"GU": "*bf16", "OUT": "*bf16", "n_cols": i32, "stride_gu": i32, "stride_o": i32}
+        return compile_kernel(d._swiglu_kernel, args, {"BLOCK": 1024, "TRIGGER": trigger}, 4, 1, arch)
+    if name == "ssm_step_gated":
+        ptrs = {"STATE": "*fp32", **dict.fromkeys(("X", "B", "C", "DT"), "*bf16"),
+                **dict.fromkeys(("DT_BIAS", "A_LOG", "D"), "*fp32"), "Z": "*bf16", "NW": "*bf16", "OUT": "*bf16"}
+        ints = ("heads_per_group", "headdim", "dstate")
+        strides = ("s_sb", "s_sh", "s_sp", "s_sn", "x_sb", "x_sg", "x_sp", "b_sb", "b_sg", "b_sn", "c_sb", "c_sh",
+                   "c_sn", "dt_sb", "dt_sh", "z_sb", "z_sh", "z_sp", "o_sb")
+        args = {**ptrs, **dict.fromkeys(ints, i32), "eps": "fp32", **dict.fromkeys(strides, i32)}
+        const = {"HAS_D": True, "HAS_Z": True, "HAS_NORM": True, "BLOCK_P": 128, "BLOCK_N": 32, "TRIGGER": trigger}
+        return compile_kernel(d._ssm_step_gated_kernel, args, const, 4, 1, arch,
+                              unaligned=("s_sn", "x_sp", "b_sn", "c_sn", "z_sp", "dt_sh"))
+    if name == "attn_combine":
+        args = {"OP": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": i32, "headdim": i32,
+                **dict.fromkeys(("op_sb", "op_sh", "op_ss", "lse_sb", "lse_sh", "o_sb", "o_sh"), i32)}
+        return compile_kernel(a._attn_combine_kernel, args, {"BLOCK_S": 32, "BLOCK_D": 128, "TRIGGER": trigger},
+                              4, 1, arch, unaligned=("n_splits", "lse_sh"))
+    raise ValueError(f"unknown decode kernel {name!r}: add_rmsnorm, swiglu, ssm_step_gated or attn_combine")
+
+
+DECODE_KERNELS = ("add_rmsnorm", "swiglu", "ssm_step_gated", "attn_combine")
+
+
+def check_jobs(ks=(576, 4096)) -> list[list]:
+    """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
+    the one-row tiles with and without pdl; the multi-row ones at each distinct row split of the acc mode (the dot
+    modes pad every count alike, so once); the fused kernel's candidates at each distinct padded row count."""
+    from mamballama_cli.ops import triton_gemv as g
+    from mamballama_cli.ops import triton_gemv_fused as f
+
+    jobs = []
+    for k in ks:
+        jobs += [["gemv", 1, list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
+        splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
+        for t in g.SKINNY + g.EXTRA:
+            jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
+        padded = {f._padded(m): m for m in range(1, g.MAX_ROWS + 1)}
+        jobs += [["fused", kind, m, list(t), k] for kind in (f.NORM, f.NORM_SWIGLU) for m in padded.values()
+                 for t in f.candidates(kind, m)]
+    return jobs + [["decode", name, trigger] for name in DECODE_KERNELS for trigger in (False, True)]
+
+
+def _compile_job(job) -> None:
+    if job[0] == "gemv":
+        _, rows, tile, k, pdl = job
+        compile_tile(rows, tuple(tile), k, pdl)
+    elif job[0] == "decode":
+        _, name, trigger = job
+        report_trigger(compile_decode(name, trigger), trigger, name)
+    else:
+        _, kind, rows, tile, k = job
+        compile_fused(kind, rows, tuple(tile), k)
+
+
+def report_trigger(kernel, trigger: bool, name: str) -> None:
+    """A decode kernel compiled in its sm90 form must let its successor start (``griddepcontrol.launch_dependents``
+    in its PTX), and must not in its plain form."""
+    if ("griddepcontrol.launch_dependents" in kernel.asm["ptx"]) != trigger:
+        raise AssertionError(f"{name}: launch_dependents {'missing' if trigger else 'present'} in its PTX")
+
+
+def _worker(jobs_json: str) -> int:
+    """Compile the jobs in order, printing ``ok N`` after each: a compiler that aborts the process (LLVM assertions
+    do) leaves the parent the index of the job it died on."""
+    import json
+
+    for i, job in enumerate(json.loads(jobs_json)):
+        try:
+            _compile_job(job)
+            print(f"ok {i}", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a tile that fails to compile is reported, the rest go on
+            print(f"error {i} {type(exc).__name__}: {str(exc)[:200]}".replace("\n", " "), flush=True)
+    return 0
+
+
+def check(ks=(576, 4096), jobs: int = 2, todo: list | None = None) -> list[tuple]:
+    """Compile every job of :func:`check_jobs` (or ``todo``) in worker processes (``jobs`` at a time), restarting a
+    worker after one that aborts; returns ``(job, what happened)`` for each that did not compile."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = check_jobs(ks) if todo is None else todo
+    chunks = [todo[i::jobs] for i in range(jobs)]
+
+    def run(chunk):
+        bad, start = [], 0
+        while start < len(chunk):
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(chunk[start:])],
+                                  capture_output=True, text=True, check=False)
+            done = [line.split(" ", 2) for line in proc.stdout.splitlines() if line.startswith(("ok ", "error "))]
+            bad += [(chunk[start + int(d[1])], d[2]) for d in done if d[0] == "error"]
+            start += len(done)
+            if proc.returncode != 0 and start < len(chunk):  # the job after the last one reported killed it
+                tail = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"exit {proc.returncode}"]
+                bad.append((chunk[start], f"process aborted (exit {proc.returncode}): {tail[0][:200]}"))
+                start += 1
+        return bad
+
+    with ThreadPoolExecutor(jobs) as pool:
+        return [b for part in pool.map(run, chunks) for b in part]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[5, 1], help="rows of the call (default: 5 1)")
@@ -122,10 +260,28 @@ def main(argv=None) -> int:
                     "(default: every candidate for the rows)")
     ap.add_argument("--pdl", action="store_true", help="the programmatic-dependent-launch form")
     ap.add_argument("--show", action="store_true", help="print each loop's instructions")
+    ap.add_argument("--check", action="store_true", help="compile every gemv and fused tile a run can ask for and "
+                    "the small decode kernels in both launch forms, "
+                    "each compiler abort contained; exit 1 if any fails (run it under the GPU machine's triton)")
+    ap.add_argument("--check-k", type=int, nargs="+", default=[576, 4096], help="K values of --check")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="worker processes of --check")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not available():
         print("error: no triton CUDA backend with cuobjdump here; pip install triton", file=sys.stderr)
         return 2
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's package
+    if args.worker is not None:
+        return _worker(args.worker)
+    if args.check:
+        import triton
+
+        n = len(check_jobs(args.check_k))
+        bad = check(args.check_k, max(1, args.jobs))
+        for job, what in bad:
+            print(f"FAILED {job}: {what}")
+        print(f"triton {triton.__version__}: {n - len(bad)} of {n} compilations for sm90 succeeded")
+        return 1 if bad else 0
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from gemv_tiles import parse_tile
 

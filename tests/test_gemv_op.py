@@ -287,7 +287,8 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timing(dtype):
     """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu at the default teacher's sizes (K = 576: in_proj, [gate; up]
-    with SwiGLU after it, lm_head), one row and a verify window's five: the autotuned kernel against the
+    with SwiGLU after it, lm_head), one row, two and three (batch 2-3, K = 1-2 verify windows: the rows whose own
+    code crashed triton 3.6's LLVM, now compiled as 8) and a verify window's five: the autotuned kernel against the
     references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
     graphs. Rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
@@ -301,10 +302,10 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
-    cases = ((NORM, norm_op, add_rmsnorm_gemv_ref, ((1, 1737, 576), (5, 1737, 576), (1, 49152, 576),
-                                                    (1, 1000, 1001))),
+    cases = ((NORM, norm_op, add_rmsnorm_gemv_ref, ((1, 1737, 576), (5, 1737, 576), (2, 1737, 576),
+                                                    (3, 1737, 576), (1, 49152, 576), (1, 1000, 1001))),
              (NORM_SWIGLU, glu_op, add_rmsnorm_gemv_swiglu_ref, ((1, 3072, 576), (5, 3072, 576),
-                                                                 (1, 2000, 1001))))
+                                                                 (2, 3072, 576), (1, 2000, 1001))))
     for kind, op, ref, shapes in cases:
         for rows, n, k in shapes:
             x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(n, k, scale=k**-0.5)
@@ -321,8 +322,8 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
             assert torch.equal(got_h, h) and (torch.equal(got_y, y) or not CHOICES[key])
             print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
     # every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
-    # five, K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
-    for rows, k in ((5, 1000), (1, 1000), (5, MAX_K), (1, MAX_K)):
+    # two to eight (one code: _padded), K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
+    for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K)):
         x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(600, k, scale=k**-0.5)
         for kind, ref in ((NORM, add_rmsnorm_gemv_ref), (NORM_SWIGLU, add_rmsnorm_gemv_swiglu_ref)):
             for cfg in candidates(kind, rows):
@@ -362,8 +363,8 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
 
 
 def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypatch):
-    """Rows wider than MAX_K (the 8B shape's 4,096) never reach the fused kernel: compiling it there crashed LLVM
-    on the H200 (2026-12-05), and it lost to the ops apart at every such shape. Narrower rows still do."""
+    """Rows wider than MAX_K (the 8B shape's 4,096) never reach the fused kernel: it lost to the ops apart at every
+    such shape on the H200 (2026-12-05), and compiling its tiles there costs warm-up time. Narrower rows still do."""
     from mamballama_cli.ops import triton_gemv_fused as fused
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref
 
@@ -557,3 +558,17 @@ print(json.dumps(out))
     assert len(errs) == 4 * len(EXTRA) and {c[-1] for c in EXTRA} == {"dot", "dotw"}
     bad = {k: v for k, v in errs.items() if not v < 4e-3}
     assert not bad, bad
+
+
+@NEEDS_TRITON
+def test_the_fused_kernel_compiles_two_to_eight_rows_as_eight():
+    """Triton 3.6's LLVM (the H200's) aborts compiling the fused kernel at 2 or 4 padded rows with a residual, at any
+    K (benchmarks/kernel_sass.py --check, 2026-12-05); one row and eight never did. So every row count from 2 to 8
+    runs the 8-row code, its padding rows masked (the interpreter test above checks 3 and 5 rows against the
+    reference), and the autotuner's candidates at those counts are the 8-row ones."""
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    assert fused._padded(1) == 1 and {fused._padded(m) for m in range(2, fused.MAX_ROWS + 1)} == {8}
+    for kind in (fused.NORM, fused.NORM_SWIGLU):
+        assert {tuple(fused.candidates(kind, m)) for m in range(2, fused.MAX_ROWS + 1)} == {
+            tuple(fused.candidates(kind, 8))}

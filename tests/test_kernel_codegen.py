@@ -61,3 +61,23 @@ def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv)
         else:
             held = tile[0] * tile[1] // (32 * tile[2])  # weight elements a thread holds each iteration
             assert r["ops"].get("FFMA", 0) == 5 * held, r
+
+
+def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_stopping(gemv):
+    """``kernel_sass.py --check`` (``make check-kernels``, under the H200's triton): its job list holds every
+    one-row tile in both launch forms, every multi-row tile at every row split of the acc mode, the fused kernel's
+    candidates at each padded row count and the decode kernels in both forms; a job that fails is reported, in a
+    worker process, and the jobs after it still compile."""
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    jobs = kernel_sass.check_jobs(ks=(576,))
+    assert sum(j[0] == "gemv" and j[1] == 1 for j in jobs) == 2 * len(gemv.CONFIGS)
+    acc = [t for t in gemv.SKINNY if t[-1] == "acc"]
+    assert sum(j[0] == "gemv" and j[1] > 1 for j in jobs) == 7 * len(acc) + len(gemv.SKINNY + gemv.EXTRA) - len(acc)
+    assert {tuple(j[1:3]) for j in jobs if j[0] == "fused"} == {(k, m) for k in (0, 1) for m in (1, 8)}
+    assert sum(j[0] == "fused" for j in jobs) == sum(len(fused.candidates(k, m)) for k in (0, 1) for m in (1, 8))
+    assert {j[1] for j in jobs if j[0] == "decode"} == set(kernel_sass.DECODE_KERNELS)
+    bad = kernel_sass.check(todo=[["gemv", 5, [16, 256, 4, 4, "nosuchmode"], 576, False],
+                                  ["gemv", 1, list(gemv.CONFIGS[0]), 576, True],
+                                  ["decode", "swiglu", True]], jobs=1)
+    assert len(bad) == 1 and bad[0][0][2][-1] == "nosuchmode" and "KeyError" in bad[0][1], bad

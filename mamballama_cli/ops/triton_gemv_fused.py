@@ -59,8 +59,10 @@ CONFIGS = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (2, 2048, 4),
 REGS = 128
 # The widest row (K) the kernels take. Their win is a launch saved, which counts where a GEMV is short (the
 # default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the ops apart at every shape on the H200
-# (2026-12-05), and compiling their candidates there crashed LLVM (an SLPVectorizer assertion, which aborts the
-# process: no fallback can catch it) in the tenth session, so wider rows run the ops apart without compiling them.
+# (ninth session, 2026-12-05), and compiled for sm90 their loops issue 4.2-8.6 instructions a weight element at one
+# row (the plain GEMV's 3.0-3.8) and 15-53 at five, so wider rows run the ops apart without compiling them (each
+# compile costs warm-up time on the GPU). The tenth session's LLVM crash, first put down to K = 4,096, was the
+# 2-4-row code at any K (see _padded).
 MAX_K = 1024
 NORM, NORM_SWIGLU = 0, 1  # the kernel's KIND
 OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
@@ -142,7 +144,12 @@ if triton is not None:
 
 
 def _padded(m: int) -> int:
-    return 1 << max(0, (int(m) - 1).bit_length())
+    """The kernel's ROWS for ``m`` rows: 1, or 8 for any of 2 to 8. Triton 3.6's LLVM (torch 2.11's, the H200's)
+    aborts the process (an SLPVectorizer assertion) compiling this kernel, with a residual, at 2 rows padded (6 of
+    the 13 tiles) or 4 (one tile), at any K (576 and 4,096 alike); never at 1 or 8 (benchmarks/kernel_sass.py
+    --check under triton 3.6.0, 2026-12-05). An abort cannot be caught, so those row counts run 8 rows' code, the
+    padding rows masked; the timing against the ops apart still decides whether it serves."""
+    return 1 if int(m) <= 1 else 8
 
 
 def _fits(kind: int, m: int, block_n: int, block_k: int, warps: int) -> bool:
