@@ -177,26 +177,36 @@ if triton is not None:
                      mask=live_b[:, None] & live_n[None, :])
 
     @triton.jit
-    def _dot_outputs_first(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        # The dotw mode: the weight tile as tl.dot's first operand (BLOCK_N outputs as its M) and the rows as its N,
-        # padded to WIDE_ROWS = 8 only (an m16n8k16 product's N), where the dot mode pads them to 16 as its M.
+    def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr):
+        # The dot modes: the rows times this program's block of outputs on tensor cores, float32 accumulator. dot:
+        # the rows as tl.dot's M, padded to DOT_ROWS = 16. dotw (OUTPUTS_FIRST): the weight tile as tl.dot's first
+        # operand (the outputs as its M) and the rows as its N, padded to WIDE_ROWS = 8 only (an m16n8k16 product's
+        # N); its accumulator is transposed once, after the loop.
+        PAD: tl.constexpr = WIDE_ROWS if OUTPUTS_FIRST else DOT_ROWS
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
-        rows = tl.arange(0, WIDE_ROWS)
+        rows = tl.arange(0, PAD)
         live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        acc = tl.zeros((BLOCK_N, WIDE_ROWS), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-            acc = tl.dot(w, tl.trans(x), acc)
+        if OUTPUTS_FIRST:
+            acc_t = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
+                acc_t = tl.dot(w, tl.trans(x), acc_t)
+            acc = tl.trans(acc_t)
+        else:
+            acc = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
+                acc = tl.dot(x, tl.trans(w), acc)
         if HAS_BIAS:
-            acc += tl.load(BIAS + outs_read).to(tl.float32)[:, None]
-        tl.store(Y + rows[None, :] * stride_ym + outs[:, None], acc.to(Y.dtype.element_ty),
-                 mask=live_n[:, None] & live_m[None, :])
+            acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
+                 mask=live_m[:, None] & live_n[None, :])
 
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
@@ -205,33 +215,16 @@ if triton is not None:
                        PDL: tl.constexpr):
         # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
         # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
-        # can be helped; one weight load serves both groups), 2 dotw (_dot_outputs_first).
+        # can be helped; one weight load serves both groups), 2 dotw (_dot_rows).
         # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
         if PDL:
             _grid_wait()
         if MODE == 1:
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
-        elif MODE == 2:
-            _dot_outputs_first(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K,
-                               EVEN_K)
         else:
-            outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-            live_n = outs < N
-            outs_read = tl.where(live_n, outs, 0)
-            rows = tl.arange(0, DOT_ROWS)
-            live_m = rows < M
-            cols = tl.arange(0, BLOCK_K)
-            x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
-            w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-            acc = tl.zeros((DOT_ROWS, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):  # tensor cores
-                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-                acc = tl.dot(x, tl.trans(w), acc)
-            if HAS_BIAS:
-                acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
-            tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
-                     mask=live_m[:, None] & live_n[None, :])
+            _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K,
+                      MODE == 2)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _skinny_tuned = triton.autotune(
