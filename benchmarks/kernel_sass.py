@@ -49,9 +49,12 @@ def compile_kernel(fn, args: dict, const: dict, warps: int, stages: int = 1, arc
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    names = list(args) + list(const)
-    sig = {**args, **dict.fromkeys(const, "constexpr")}
-    aligned = [n for n, t in args.items() if n not in unaligned and (t.startswith("*") or t.startswith("i"))]
+    names = list(fn.arg_names)  # positions as in the kernel's signature (a constant may bind any argument: a
+    # stride of 1, which triton specialises at run time, is given as a constant)
+    assert set(names) == set(args) | set(const), set(names) ^ (set(args) | set(const))
+    sig = {n: "constexpr" if n in const else args[n] for n in names}
+    aligned = [n for n, t in args.items()
+               if n not in unaligned and n not in const and (t.startswith("*") or t.startswith("i"))]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -136,10 +139,11 @@ def report(rows: int, tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
             "body": body}
 
 
-def compile_decode(name: str, trigger: bool = True, arch: int = 90):
+def compile_decode(name: str, trigger: bool = True, tile: tuple = (32, 4), arch: int = 90):
     """One of the small decode kernels that run before a projection, in the form sm90 launches (``trigger``: it
     lets a programmatic-dependent-launch successor start early): ``add_rmsnorm`` (a 4,096 row), ``swiglu``,
-    ``ssm_step_gated`` (float32 state, 128 x 128 a head), ``attn_combine``; bf16 activations."""
+    ``ssm_step_gated`` (float32 state, 128 x 128 a head, at ``tile``: an entry of STEP_TILES), ``attn_combine``;
+    bf16 activations."""
     from mamballama_cli.ops import triton_attention as a
     from mamballama_cli.ops import triton_decode as d
 
@@ -159,9 +163,10 @@ def compile_decode(name: str, trigger: bool = True, arch: int = 90):
         strides = ("s_sb", "s_sh", "s_sp", "s_sn", "x_sb", "x_sg", "x_sp", "b_sb", "b_sg", "b_sn", "c_sb", "c_sh",
                    "c_sn", "dt_sb", "dt_sh", "z_sb", "z_sh", "z_sp", "o_sb")
         args = {**ptrs, **dict.fromkeys(ints, i32), "eps": "fp32", **dict.fromkeys(strides, i32)}
-        const = {"HAS_D": True, "HAS_Z": True, "HAS_NORM": True, "BLOCK_P": 128, "BLOCK_N": 32, "TRIGGER": trigger}
-        return compile_kernel(d._ssm_step_gated_kernel, args, const, 4, 1, arch,
-                              unaligned=("s_sn", "x_sp", "b_sn", "c_sn", "z_sp", "dt_sh"))
+        ones = dict.fromkeys(("s_sn", "x_sp", "b_sn", "c_sn", "z_sp", "dt_sh"), 1)  # unit strides
+        const = {**ones, "HAS_D": True, "HAS_Z": True, "HAS_NORM": True, "BLOCK_P": 128, "BLOCK_N": tile[0],
+                 "TRIGGER": trigger}
+        return compile_kernel(d._ssm_step_gated_kernel, args, const, tile[1], 1, arch)
     if name == "attn_combine":
         args = {"OP": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": i32, "headdim": i32,
                 **dict.fromkeys(("op_sb", "op_sh", "op_ss", "lse_sb", "lse_sh", "o_sb", "o_sh"), i32)}
@@ -189,7 +194,10 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         padded = {f._padded(m): m for m in range(1, g.MAX_ROWS + 1)}
         jobs += [["fused", kind, m, list(t), k] for kind in (f.NORM, f.NORM_SWIGLU) for m in padded.values()
                  for t in f.candidates(kind, m)]
-    return jobs + [["decode", name, trigger] for name in DECODE_KERNELS for trigger in (False, True)]
+    from mamballama_cli.ops import triton_decode as d
+
+    jobs += [["decode", name, trigger, [32, 4]] for name in DECODE_KERNELS for trigger in (False, True)]
+    return jobs + [["decode", "ssm_step_gated", True, list(t)] for t in d.step_tiles(128, 128)[1:]]
 
 
 def _compile_job(job) -> None:
@@ -197,8 +205,8 @@ def _compile_job(job) -> None:
         _, rows, tile, k, pdl = job
         compile_tile(rows, tuple(tile), k, pdl)
     elif job[0] == "decode":
-        _, name, trigger = job
-        report_trigger(compile_decode(name, trigger), trigger, name)
+        _, name, trigger, tile = job
+        report_trigger(compile_decode(name, trigger, tuple(tile)), trigger, name)
     else:
         _, kind, rows, tile, k = job
         compile_fused(kind, rows, tuple(tile), k)

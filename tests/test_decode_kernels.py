@@ -45,3 +45,46 @@ print(json.dumps(out))
     for name in ("add_rmsnorm", "swiglu", "ssm_step_gated", "decode_attention", "window_attention"):
         assert errs[name + " triggered"] == 1, errs  # the launcher asked whether to compile the trigger in
         assert errs[name] < 1e-4, errs  # float32 throughout: the kernels match their references closely
+
+
+@NEEDS_TRITON
+def test_every_mamba2_step_tile_equals_the_reference_under_the_interpreter():
+    """The Mamba-2 step's tiles (``STEP_TILES``: the head's state walked in 32 to 128 columns at a time, the
+    autotuner's candidates on CUDA), each run against the reference: GQA heads, D, the gated norm, dstate not a
+    multiple of the widest tile, the state updated in place."""
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+from mamballama_cli.ops import triton_decode as d
+from mamballama_cli.ops.decode import ssm_step_gated_ref
+gen = torch.Generator().manual_seed(3)
+out = {}
+for (b, h, g, p, n) in ((2, 4, 2, 32, 128), (1, 3, 1, 16, 80)):
+    r = lambda *s: torch.randn(*s, generator=gen)
+    s0 = r(b, h, p, n)
+    args = (r(b, g, p), r(b, g, n), r(b, h, n), r(b, h), r(h) - 2, r(h), r(h), r(b, h, p), 1 + 0.1 * r(h * p))
+    s_ref = s0.double().clone()
+    y_ref = ssm_step_gated_ref(s_ref, *[a.double() for a in args], 1e-5)
+    for tile in d.STEP_TILES:
+        s = s0.clone()
+        y = d.ssm_step_gated_triton(s, *args, 1e-5, tile=tile)
+        rel = lambda a, w: float((a.double() - w).norm() / w.norm())
+        out[f"{(b, h, g, p, n)} {tile}"] = max(rel(y, y_ref), rel(s, s_ref))
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=300)
+    from mamballama_cli.ops.triton_decode import STEP_TILES
+
+    assert len(errs) == 2 * len(STEP_TILES)
+    bad = {k: v for k, v in errs.items() if not v < 1e-5}
+    assert not bad, bad
+
+
+def test_the_mamba2_step_tiles_timed_are_those_that_fit_the_head():
+    """The autotuner times only tiles no wider than the state (dstate rounded up to a power of two) and holding at
+    most STEP_MAX_TILE elements; the default teacher's 64 x 64 head and the 8B model's 128 x 128 get their own
+    lists, and a head too large for any still gets the first tile."""
+    from mamballama_cli.ops.triton_decode import STEP_MAX_TILE, STEP_TILES, step_tiles
+
+    assert step_tiles(128, 128) == list(STEP_TILES)
+    assert step_tiles(64, 64) == [(32, 4), (64, 4), (64, 8)]
+    assert step_tiles(16, 16) == [(32, 4)]
+    assert step_tiles(256, 128) == [t for t in STEP_TILES if t[0] * 256 <= STEP_MAX_TILE]
+    assert step_tiles(4096, 128) == [STEP_TILES[0]]

@@ -256,9 +256,15 @@ def test_ssm_step_gated(gen, dtype, gated):
     s_ref = s0.double()
     y_ref = ops.REFERENCES["ssm_step_gated"](s_ref, *[a.double() if a is not None else None for a in args], 1e-5)
     s = s0.clone()
-    y = fast("ssm_step_gated")(s, *args, 1e-5)
+    y = fast("ssm_step_gated")(s, *args, 1e-5)  # autotuned over STEP_TILES, the state restored after each timing
     assert y.dtype == dtype and rel(y, y_ref) < TOL[dtype] / 2
     assert rel(s, s_ref) < 1e-5
+    from mamballama_cli.ops.triton_decode import STEP_TILES, ssm_step_gated_triton
+
+    for tile in STEP_TILES:  # every candidate compiled and run on the device, not only the one the timing kept
+        s = s0.clone()
+        y = ssm_step_gated_triton(s, *args, 1e-5, tile=tile)
+        assert rel(y, y_ref) < TOL[dtype] / 2 and rel(s, s_ref) < 1e-5, tile
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

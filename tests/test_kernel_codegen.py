@@ -77,7 +77,10 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     assert {tuple(j[1:3]) for j in jobs if j[0] == "fused"} == {(k, m) for k in (0, 1) for m in (1, 8)}
     assert sum(j[0] == "fused" for j in jobs) == sum(len(fused.candidates(k, m)) for k in (0, 1) for m in (1, 8))
     assert {j[1] for j in jobs if j[0] == "decode"} == set(kernel_sass.DECODE_KERNELS)
+    from mamballama_cli.ops import triton_decode
+
+    assert {tuple(j[3]) for j in jobs if j[1] == "ssm_step_gated"} == set(triton_decode.STEP_TILES)
     bad = kernel_sass.check(todo=[["gemv", 5, [16, 256, 4, 4, "nosuchmode"], 576, False],
                                   ["gemv", 1, list(gemv.CONFIGS[0]), 576, True],
-                                  ["decode", "swiglu", True]], jobs=1)
+                                  ["decode", "swiglu", True, [32, 4]]], jobs=1)
     assert len(bad) == 1 and bad[0][0][2][-1] == "nosuchmode" and "KeyError" in bad[0][1], bad

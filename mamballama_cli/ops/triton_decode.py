@@ -17,6 +17,7 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references
 from mamballama_cli.ops.common import (
+    INTERPRETING,
     _check_conv_update,
     _device_guard,
     _gdc_on,
@@ -239,22 +240,63 @@ def conv_update_inplace_triton(x, conv_state, weight, bias=None, activation=None
     return _conv_update_launch(x, conv_state, weight, bias, activation, conv_state)
 
 
-def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps):
+# The Mamba-2 step's tiles, (BLOCK_N, num_warps): one program holds a head's whole (headdim x dstate) state and walks
+# dstate in BLOCK_N columns. (32, 4) was the only tile until 2026-12-05, when the 2026-11-28 profile's 6.4 us a call
+# at the 8B shape (a head's 64 KB read and written in four dependent rounds by 32 programs, one a head) was read
+# against the 1 us the state's bytes take: wider tiles take the head in fewer rounds (compiled for sm90, the
+# 128-wide tile at 8 warps holds its 128 x 128 in 207 registers a thread, nothing spilled). The autotuner times them
+# per shape on the first call (the static decoder's warm-up), the state restored after each timing; not yet run on
+# a GPU.
+STEP_TILES = ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16))
+_STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
+
+
+STEP_MAX_TILE = 128 * 128  # state elements a program holds at once at most (the 8B head: 207 registers a thread)
+
+
+def step_tiles(p: int, n: int) -> list[tuple[int, int]]:
+    """The tiles worth timing for a head of ``p`` x ``n`` (headdim x dstate): none wider than n rounded up to a
+    power of two, none holding more than :data:`STEP_MAX_TILE` elements; the first tile at least."""
+    wide, rows = max(32, _next_pow2(n)), _next_pow2(p)
+    return [t for t in STEP_TILES if t[0] <= wide and t[0] * rows <= STEP_MAX_TILE] or list(STEP_TILES[:1])
+
+
+if triton is not None:
+    def _prune_step(configs, named_args, **kwargs):
+        keep = set(step_tiles(named_args["headdim"], named_args["dstate"]))
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in keep]
+
+    _ssm_step_tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in STEP_TILES],
+        key=["headdim", "dstate"], restore_value=["STATE"], prune_configs_by={"early_config_prune": _prune_step},
+    )(_ssm_step_gated_kernel)
+
+
+def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps, tile=None):
+    """``tile`` (an entry of :data:`STEP_TILES`): that tile, not the autotuner's choice (the tests run each; under
+    the interpreter, and inside a CUDA graph's recording for a shape not yet timed, the first of :func:`step_tiles`
+    runs)."""
     if _needs_grad(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight) or state.dtype != torch.float32:
         return _decode_refs.ssm_step_gated_ref(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps)
     b, h, p, n = state.shape
     g = x.shape[1]
     out = torch.empty(b, h * p, dtype=x.dtype, device=x.device)
     zz = z if z is not None else x
-    with _device_guard(x):
-        _ssm_step_gated_kernel[(b, h)](
-            state, x, B, C, dt_raw, dt_bias, A_log, D if D is not None else dt_bias, zz,
+    args = (state, x, B, C, dt_raw, dt_bias, A_log, D if D is not None else dt_bias, zz,
             norm_weight if norm_weight is not None else dt_bias, out,
             h // g, p, n, float(eps),
-            *state.stride(), *x.stride(), *B.stride(), *C.stride(), *dt_raw.stride(), *zz.stride(), out.stride(0),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=norm_weight is not None,
-            BLOCK_P=_next_pow2(p), BLOCK_N=min(_next_pow2(n), 32), num_warps=4, TRIGGER=_gdc_on(x),
-        )
+            *state.stride(), *x.stride(), *B.stride(), *C.stride(), *dt_raw.stride(), *zz.stride(), out.stride(0))
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=norm_weight is not None, BLOCK_P=_next_pow2(p),
+                 TRIGGER=_gdc_on(x))
+    shape = (p, n, x.device.index, *(a.dtype for a in args[:11]))  # as the autotuner's key: sizes, dtypes
+    if tile is None and (INTERPRETING or (shape not in _STEP_TUNED and torch.cuda.is_current_stream_capturing())):
+        tile = step_tiles(p, n)[0]  # nothing can be timed inside a recording (nor by the interpreter): the first tile
+    with _device_guard(x):
+        if tile is None:
+            _ssm_step_tuned[(b, h)](*args, **flags)
+            _STEP_TUNED.add(shape)
+        else:
+            _ssm_step_gated_kernel[(b, h)](*args, **flags, BLOCK_N=tile[0], num_warps=tile[1])
     return out
 
 
