@@ -352,8 +352,10 @@ def tuned_tiles(tuner, before=None) -> dict:
         out["tile"] = tile_name(best)
     timings = getattr(tuner, "configs_timings", None)
     if timings and timings is not before:
-        med = lambda v: v[0] if isinstance(v, (list, tuple)) else v  # noqa: E731 - do_bench's (median, q20, q80)
-        out["tiles_us"] = {tile_name(c): round(1000.0 * float(med(v)), 2) for c, v in timings.items()}
+        med = lambda v: float(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 - do_bench's (median, ...)
+        # a tile that failed to run is timed inf by the autotuner: None here, so that the JSON stays strict
+        out["tiles_us"] = {tile_name(c): round(1000.0 * med(v), 2) if med(v) < float("inf") else None
+                           for c, v in timings.items()}
     return out
 
 
