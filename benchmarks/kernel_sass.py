@@ -178,6 +178,35 @@ def compile_decode(name: str, trigger: bool = True, tile: tuple = (32, 4), arch:
 DECODE_KERNELS = ("add_rmsnorm", "swiglu", "ssm_step_gated", "attn_combine")
 
 
+def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True, slotted: bool = True,
+                   arch: int = 90):
+    """The Mamba-2 replay kernel of a verify window (ops/triton_replay.py) as a run compiles it: W old steps and
+    T new ones unrolled, a ``p`` x ``n`` head (64 x 64: the default teacher's, one program a head when ``gated``;
+    128 x 128: the 8B shape's, in 32-row tiles and never gated), bf16 activations, float32 state, unit strides."""
+    from mamballama_cli.ops import triton_replay as r
+
+    f32, bf16, i32 = "*fp32", "*bf16", "i32"
+    ptrs = {"state_ptr": f32, "x_old_ptr": bf16, "dt_old_ptr": bf16, "B_old_ptr": bf16, "n_ptr": "*i64",
+            "x_ptr": bf16, "dt_ptr": bf16, "B_ptr": bf16, "C_ptr": bf16, "A_ptr": f32, "dt_bias_ptr": f32,
+            "D_ptr": f32, "y_ptr": bf16, "state_out_ptr": f32, "final_ptr": f32, "z_ptr": bf16, "nw_ptr": bf16,
+            "eps": "fp32", "slot_ptr": "*i64"}
+    names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
+    unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
+    consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
+              "SLOTTED": slotted, "BLOCK_N": _pow2(n), "BLOCK_P": _pow2(p) if gated else min(_pow2(p), 32)}
+    args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
+    const = {**dict.fromkeys(unit, 1), **consts}
+    return compile_kernel(r._replay_kernel, args, const, 4, 1, arch,
+                          unaligned=("nheads", "heads_per_group", "heads_per_cgroup", "save_off"))
+
+
+def _pow2(v: int) -> int:
+    return 1 << (int(v) - 1).bit_length()
+
+
+REPLAY_SHAPES = ((64, 64, True), (64, 64, False), (128, 128, False))  # (headdim, dstate, gated)
+
+
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
     the one-row tiles with and without pdl; the multi-row ones at each distinct row split of the acc mode (the dot
@@ -197,13 +226,19 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     from mamballama_cli.ops import triton_decode as d
 
     jobs += [["decode", name, trigger, [32, 4]] for name in DECODE_KERNELS for trigger in (False, True)]
-    return jobs + [["decode", "ssm_step_gated", True, list(t)] for t in d.step_tiles(128, 128)[1:]]
+    jobs += [["decode", "ssm_step_gated", True, list(t)] for t in d.step_tiles(128, 128)[1:]]
+    # verify windows of K = 1..7 (T = K + 1 new steps), replaying nothing (W = 0) or a whole window (W = T),
+    # with the slotted buffers of a captured round and without
+    return jobs + [["replay", w, t, p, n, gated, slotted] for t in range(2, g.MAX_ROWS + 1) for w in (0, t)
+                   for p, n, gated in REPLAY_SHAPES for slotted in (False, True)]
 
 
 def _compile_job(job) -> None:
     if job[0] == "gemv":
         _, rows, tile, k, pdl = job
         compile_tile(rows, tuple(tile), k, pdl)
+    elif job[0] == "replay":
+        compile_replay(*job[1:])
     elif job[0] == "decode":
         _, name, trigger, tile = job
         report_trigger(compile_decode(name, trigger, tuple(tile)), trigger, name)
@@ -268,8 +303,8 @@ def main(argv=None) -> int:
                     "(default: every candidate for the rows)")
     ap.add_argument("--pdl", action="store_true", help="the programmatic-dependent-launch form")
     ap.add_argument("--show", action="store_true", help="print each loop's instructions")
-    ap.add_argument("--check", action="store_true", help="compile every gemv and fused tile a run can ask for and "
-                    "the small decode kernels in both launch forms, "
+    ap.add_argument("--check", action="store_true", help="compile every gemv and fused tile a run can ask for, "
+                    "the small decode kernels in both launch forms and the replay kernel of every verify window, "
                     "each compiler abort contained; exit 1 if any fails (run it under the GPU machine's triton)")
     ap.add_argument("--check-k", type=int, nargs="+", default=[576, 4096], help="K values of --check")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="worker processes of --check")
