@@ -54,7 +54,7 @@ def compile_kernel(fn, args: dict, const: dict, warps: int, stages: int = 1, arc
     assert set(names) == set(args) | set(const), set(names) ^ (set(args) | set(const))
     sig = {n: "constexpr" if n in const else args[n] for n in names}
     aligned = [n for n, t in args.items()
-               if n not in unaligned and n not in const and (t.startswith("*") or t.startswith("i"))]
+               if n not in unaligned and n not in const and t.startswith(("*", "i"))]
     src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
