@@ -207,6 +207,26 @@ def _pow2(v: int) -> int:
 REPLAY_SHAPES = ((64, 64, True), (64, 64, False), (128, 128, False))  # (headdim, dstate, gated)
 
 
+def compile_window_attention(rows: int, headdim: int, arch: int = 90):
+    """The split-K attention kernel of a decode step or verify window (ops/triton_attention.py) at ``rows`` tile
+    rows (query heads of a KV group x window queries, padded to a power of two, at least 16) and ``headdim``."""
+    from mamballama_cli.ops import triton_attention as a
+
+    args = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "POS": "*i64", "OP": "*fp32", "LSE": "*fp32", "scale": "fp32",
+            **{n: "i32" for n in a._attn_split_kernel.arg_names
+               if n not in ("Q", "K", "V", "POS", "OP", "LSE", "scale", "BLOCK_R", "BLOCK_T", "BLOCK_D", "IEEE")}}
+    const = {"BLOCK_R": rows, "BLOCK_T": a.BLOCK_T, "BLOCK_D": headdim, "IEEE": False}
+    return compile_kernel(a._attn_split_kernel, args, const, 4, 1, arch,
+                          unaligned=("pos_sb", "pos_off", "T", "n_kv", "group", "split_len"))
+
+
+def attention_rows(heads: int, kv_heads: int) -> set[int]:
+    """The split kernel's tile rows over decode (one query) and verify windows of K = 1..7 for a model with these
+    heads, as ops/triton_attention.py pads them."""
+    group = heads // kv_heads
+    return {max(16, _pow2(group * t)) for t in range(1, 9)}
+
+
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
     the one-row tiles with and without pdl; the multi-row ones at each distinct row split of the acc mode (the dot
@@ -229,8 +249,11 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     jobs += [["decode", "ssm_step_gated", True, list(t)] for t in d.step_tiles(128, 128)[1:]]
     # verify windows of K = 1..7 (T = K + 1 new steps), replaying nothing (W = 0) or a whole window (W = T),
     # with the slotted buffers of a captured round and without
-    return jobs + [["replay", w, t, p, n, gated, slotted] for t in range(2, g.MAX_ROWS + 1) for w in (0, t)
-                   for p, n, gated in REPLAY_SHAPES for slotted in (False, True)]
+    jobs += [["replay", w, t, p, n, gated, slotted] for t in range(2, g.MAX_ROWS + 1) for w in (0, t)
+             for p, n, gated in REPLAY_SHAPES for slotted in (False, True)]
+    # the default teacher's 9 heads over 3 KV heads of 64, the 8B model's 32 over 8 of 128
+    return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
+                   for r in sorted(attention_rows(heads, kv))]
 
 
 def _compile_job(job) -> None:
@@ -239,6 +262,8 @@ def _compile_job(job) -> None:
         compile_tile(rows, tuple(tile), k, pdl)
     elif job[0] == "replay":
         compile_replay(*job[1:])
+    elif job[0] == "attention":
+        compile_window_attention(*job[1:])
     elif job[0] == "decode":
         _, name, trigger, tile = job
         report_trigger(compile_decode(name, trigger, tuple(tile)), trigger, name)
@@ -304,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pdl", action="store_true", help="the programmatic-dependent-launch form")
     ap.add_argument("--show", action="store_true", help="print each loop's instructions")
     ap.add_argument("--check", action="store_true", help="compile every gemv and fused tile a run can ask for, "
-                    "the small decode kernels in both launch forms and the replay kernel of every verify window, "
+                    "the small decode kernels in both launch forms, the replay and attention kernels of every verify "
+                    "window, "
                     "each compiler abort contained; exit 1 if any fails (run it under the GPU machine's triton)")
     ap.add_argument("--check-k", type=int, nargs="+", default=[576, 4096], help="K values of --check")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="worker processes of --check")

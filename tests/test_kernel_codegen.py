@@ -66,8 +66,8 @@ def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv)
 def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_stopping(gemv):
     """``kernel_sass.py --check`` (``make check-kernels``, under the H200's triton): its job list holds every
     one-row tile in both launch forms, every multi-row tile at every row split of the acc mode, the fused kernel's
-    candidates at each padded row count, the decode kernels in both forms and the replay kernel of every verify
-    window; a job that fails is reported, in a worker process, and the jobs after it still compile."""
+    candidates at each padded row count, the decode kernels in both forms and the replay and attention kernels of
+    every verify window; a job that fails is reported, in a worker process, and the jobs after it still compile."""
     from mamballama_cli.ops import triton_gemv_fused as fused
 
     jobs = kernel_sass.check_jobs(ks=(576,))
@@ -84,6 +84,10 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     assert {(w, t) for w, t, *_ in replays} == {(w, t) for t in range(2, 9) for w in (0, t)}
     assert {r[2:] for r in replays} == {(*shape, slotted) for shape in kernel_sass.REPLAY_SHAPES
                                         for slotted in (False, True)}
+    # the window attention's tile rows (query heads of a group x window queries, at least 16): 16 and 32 at both
+    # sizes, head dims 64 (the default teacher) and 128 (8B)
+    assert kernel_sass.attention_rows(9, 3) == {16, 32} and kernel_sass.attention_rows(32, 8) == {16, 32}
+    assert {tuple(j[1:]) for j in jobs if j[0] == "attention"} == {(r, d) for r in (16, 32) for d in (64, 128)}
     bad = kernel_sass.check(todo=[["gemv", 5, [16, 256, 4, 4, "nosuchmode"], 576, False],
                                   ["gemv", 1, list(gemv.CONFIGS[0]), 576, True],
                                   ["decode", "swiglu", True, [32, 4]], ["replay", 3, 3, 64, 64, True, True]],
