@@ -1,5 +1,6 @@
-"""The machine code of the gemv tiles for Hopper (sm90), compiled here without a GPU: what each tile's inner loop
-issues per weight element, its barriers and shared-memory round trips, registers and spills.
+"""The project's Triton kernels compiled for Hopper (sm90) without a GPU: for the gemv tiles, what each inner loop
+issues per weight element, its barriers and shared-memory round trips, registers and spills; for every kernel a run
+can compile, whether it compiles at all.
 
 Triton compiles for a named target without a device (ptxas and cuobjdump ship with triton), so a session without a
 GPU can still see what a kernel change does to the loop that streams the weights: a decode GEMV reads each weight
@@ -7,10 +8,14 @@ once, and at 4 TB/s an SM has about 16 instruction slots a thread per weight ele
 instructions a clock), fewer once latency is counted. ``tests/test_kernel_codegen.py`` pins the properties the
 fast tiles rely on.
 
+``--check`` compiles everything a run can ask for (the gemv and fused tiles, the small decode kernels, the Mamba-2
+step tiles, the replay and attention kernels of every verify window), each in a worker process, so that a compiler
+abort (triton 3.6's LLVM aborted on the fused kernel's 2-row code, 2026-12-05) is found here, not on the GPU.
+``make check-kernels`` runs it under the H200's triton.
+
     python3 benchmarks/kernel_sass.py                          # every candidate and EXTRA tile, 5 rows and 1 row
     python3 benchmarks/kernel_sass.py --rows 5 --tiles 16,256,4,4,dot 4,256,4,1,acc --show
-    python3 benchmarks/kernel_sass.py --check      # every tile a run can compile; under the H200's triton (3.6.0):
-    # python3 -m venv /tmp/t36 && /tmp/t36/bin/pip install torch==2.13.0 triton==3.6.0 && /tmp/t36/bin/python ...
+    make check-kernels                                         # --check under triton 3.6.0, in a venv of its own
 """
 
 from __future__ import annotations
