@@ -94,9 +94,8 @@ def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch:
         fn = g._skinny_kernel
         args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"),
                 **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32")}
-        a, b = g._row_split(rows)
         const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "MODE": g.MODES[mode],
-                 "ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b), "PDL": pdl}
+                 **g.row_groups(rows), "PDL": pdl}
     return compile_kernel(fn, args, const, warps, stages, arch, unaligned=("M",))  # M (the rows) is small, odd
 
 
@@ -197,16 +196,13 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
             "eps": "fp32", "slot_ptr": "*i64"}
     names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
+    block_p, block_n = r.replay_tile(p, n, gated)
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
-              "SLOTTED": slotted, "BLOCK_N": _pow2(n), "BLOCK_P": _pow2(p) if gated else min(_pow2(p), 32)}
+              "SLOTTED": slotted, "BLOCK_N": block_n, "BLOCK_P": block_p}
     args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
     const = {**dict.fromkeys(unit, 1), **consts}
     return compile_kernel(r._replay_kernel, args, const, 4, 1, arch,
                           unaligned=("nheads", "heads_per_group", "heads_per_cgroup", "save_off"))
-
-
-def _pow2(v: int) -> int:
-    return 1 << (int(v) - 1).bit_length()
 
 
 REPLAY_SHAPES = ((64, 64, True), (64, 64, False), (128, 128, False))  # (headdim, dstate, gated)
@@ -228,8 +224,9 @@ def compile_window_attention(rows: int, headdim: int, arch: int = 90):
 def attention_rows(heads: int, kv_heads: int) -> set[int]:
     """The split kernel's tile rows over decode (one query) and verify windows of K = 1..7 for a model with these
     heads, as ops/triton_attention.py pads them."""
-    group = heads // kv_heads
-    return {max(16, _pow2(group * t)) for t in range(1, 9)}
+    from mamballama_cli.ops.triton_attention import tile_rows
+
+    return {tile_rows(heads // kv_heads, t) for t in range(1, 9)}
 
 
 def check_jobs(ks=(576, 4096)) -> list[list]:

@@ -211,6 +211,12 @@ def _rope_kv(qkv, cos_table, sin_table, k_cache, v_cache, pos, n_heads, n_kv):
     return q
 
 
+def tile_rows(group: int, T: int) -> int:
+    """The split kernel's tile rows: the query heads of a KV group times the window's queries, padded to a power of
+    two, at least 16 (tl.dot's)."""
+    return max(16, _next_pow2(group * T))
+
+
 def _attention(q, k_cache, v_cache, pos, pos_off, scale):
     """q (b, T, nh, hd): row t of sequence i attends to positions [0, pos[i] + pos_off + t]."""
     b, T, nh, hd = q.shape
@@ -235,7 +241,7 @@ def _attention(q, k_cache, v_cache, pos, pos_off, scale):
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
             lse.stride(2),
-            BLOCK_R=max(16, _next_pow2(group * T)), BLOCK_T=BLOCK_T, BLOCK_D=max(16, _next_pow2(hd)),
+            BLOCK_R=tile_rows(group, T), BLOCK_T=BLOCK_T, BLOCK_D=max(16, _next_pow2(hd)),
             IEEE=q.dtype == torch.float32, num_warps=4,
         )
         _attn_combine_kernel[(b, T * nh)](

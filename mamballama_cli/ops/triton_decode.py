@@ -248,10 +248,8 @@ def conv_update_inplace_triton(x, conv_state, weight, bias=None, activation=None
 # per shape on the first call (the static decoder's warm-up), the state restored after each timing; not yet run on
 # a GPU.
 STEP_TILES = ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16))
-_STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
-
-
 STEP_MAX_TILE = 128 * 128  # state elements a program holds at once at most (the 8B head: 207 registers a thread)
+_STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
 
 
 def step_tiles(p: int, n: int) -> list[tuple[int, int]]:

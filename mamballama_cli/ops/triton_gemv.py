@@ -231,13 +231,19 @@ if triton is not None:
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in SKINNY],
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
-    )(_even_k(triton.heuristics({"ROWS_A": lambda a: _row_split(a["M"])[0],
-                                 "ROWS_B": lambda a: _row_split(a["M"])[1],
-                                 "ROWS_BP": lambda a: max(1, _row_split(a["M"])[1])})(_skinny_kernel)))
+    )(_even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"])[name])
+                                 for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel)))
     _gemv_tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["N", "K"],
     )(_even_k(_gemv_kernel))
+
+
+def row_groups(m: int) -> dict:
+    """The acc mode's row constexprs at ``m`` rows: the two groups (:func:`_row_split`) and the second's tile size
+    (at least 1)."""
+    a, b = _row_split(m)
+    return {"ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b)}
 
 
 def _row_split(m: int) -> tuple[int, int]:
@@ -292,8 +298,7 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
                 bn, bk, warps, stages, mode = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk,
                                                       EVEN_K=K % bk == 0, MODE=MODES[mode],
-                                                      ROWS_A=_row_split(M)[0], ROWS_B=_row_split(M)[1],
-                                                      ROWS_BP=max(1, _row_split(M)[1]),
+                                                      **row_groups(M),
                                                       num_warps=warps, num_stages=stages, **launch)
     return y.view(*x.shape[:-1], N)
 

@@ -42,7 +42,6 @@ from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # no
 from mamballama_cli.ops.selective_scan import check_scan_shapes, selective_replay_ref
 
 
-
 @triton.jit
 def _softplus(x):
     # log1p(exp(x)) to full float32 accuracy for very negative x (the usual log(1 + u) loses it when u is
@@ -258,6 +257,14 @@ def _old_window(old, new):
 GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
 
 
+def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N) of the Mamba-2 replay kernel for a ``p`` x ``n`` head: gated, one program a head (its whole
+    row for the norm); else (BLOCK_P x dstate) tiles of at most 4,096 elements and 32 rows, more programs."""
+    block_n = triton.next_power_of_2(n)
+    return (triton.next_power_of_2(p) if gated else min(triton.next_power_of_2(p), max(1, 4096 // block_n), 32),
+            block_n)
+
+
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
                       return_final=False, state_out=None, final_out=None, slot=None, offset=0, read_old=True):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_ref`."""
@@ -319,9 +326,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     n_replay = n_replay.reshape(b)
     y = torch.empty(b, T, h, p, dtype=x_new.dtype, device=x_new.device)
     out, final, want_final = _state_buffers(state, return_final, state_out, final_out)
-    BLOCK_N = triton.next_power_of_2(n)
-    # gated: one program a head (its whole row for the norm); else (BLOCK_P x dstate) tiles, more programs
-    BLOCK_P = triton.next_power_of_2(p) if gate else min(triton.next_power_of_2(p), max(1, 4096 // BLOCK_N), 32)
+    BLOCK_P, BLOCK_N = replay_tile(p, n, gate is not None)
     grid = (triton.cdiv(p, BLOCK_P), b * h)
     Dt = D if D is not None else A
     z, nw, eps = gate if gate else (None, None, 0.0)
