@@ -15,6 +15,7 @@ abort (triton 3.6's LLVM aborted on the fused kernel's 2-row code, 2026-12-05) i
 
     python3 benchmarks/kernel_sass.py                          # every candidate and EXTRA tile, 5 rows and 1 row
     python3 benchmarks/kernel_sass.py --rows 5 --tiles 16,256,4,4,dot 4,256,4,1,acc --show
+    python3 benchmarks/kernel_sass.py --fused --rows 5 1              # the fused norm + GEMV candidates, K = 576
     make check-kernels                                         # --check under triton 3.6.0, in a venv of its own
 """
 
@@ -70,13 +71,13 @@ def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 
     SwiGLU) compiled for ``sm<arch>`` on bf16 rows of width ``k``, with a residual and no bias."""
     from mamballama_cli.ops import triton_gemv_fused as f
 
-    bn, bk, warps = tile
+    bn, bk, warps, *stages = tile  # an entry of CONFIGS (CUDA cores) or of DOT_CONFIGS (tensor cores, + stages)
     args = {**dict.fromkeys(("X", "R", "LNW", "W", "BIAS", "Y", "HOUT"), "*bf16"),
             **dict.fromkeys(("M", "N", "K"), "i32"), "eps": "fp32",
             **dict.fromkeys(("stride_xm", "stride_rm", "stride_hm", "stride_wn", "stride_ym"), "i32")}
     const = {"KIND": kind, "HAS_RES": True, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk,
-             "ROWS": f._padded(rows), "EVEN_K": k % bk == 0}
-    return compile_kernel(f._fused_kernel, args, const, warps, 1, arch, unaligned=("M",))
+             "ROWS": f._padded(rows), "EVEN_K": k % bk == 0, "DOT": bool(stages)}
+    return compile_kernel(f._fused_kernel, args, const, warps, stages[0] if stages else 3, arch, unaligned=("M",))
 
 
 def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90):
@@ -127,14 +128,25 @@ def opcode_counts(lines) -> collections.Counter:
 def report(rows: int, tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
     """The loop of one tile: instructions, instructions per weight element a thread holds, its opcode counts, and
     the kernel's registers, local memory (spills) and whether 16-byte weight loads are used."""
-    kernel = compile_tile(rows, tile, k, pdl)
+    return loop_report(compile_tile(rows, tile, k, pdl), rows, tile, tile[0] * tile[1] / (32 * tile[2]))
+
+
+def report_fused(kind: int, rows: int, tile: tuple, k: int = 576) -> dict:
+    """:func:`report` for a tile of the fused norm + GEMV kernel (:func:`compile_fused`): the SwiGLU kind reads two
+    weight tiles an iteration."""
+    per_thread = (2 if kind == 1 else 1) * tile[0] * tile[1] / (32 * tile[2])
+    return loop_report(compile_fused(kind, rows, tile, k), rows, tile, per_thread)
+
+
+def loop_report(kernel, rows: int, tile: tuple, per_thread: float) -> dict:
+    """The weight-streaming loop of a compiled kernel whose threads each hold ``per_thread`` weight elements an
+    iteration."""
     sass = _objdump(kernel, "-sass")
     body = loop_body(sass)
     ops = opcode_counts(body)
     res = _objdump(kernel, "-res-usage")
     regs = int(re.search(r"REG:(\d+)", res).group(1))
     local = int(re.search(r"LOCAL:(\d+)", res).group(1))
-    per_thread = tile[0] * tile[1] / (32 * tile[2])
     return {"rows": rows, "tile": ",".join(map(str, tile)), "loop_instructions": len(body),
             "per_weight_element": round(len(body) / per_thread, 2), "registers": regs, "local_bytes": local,
             "barriers": ops["BAR"], "shared_round_trips": ops["STS"] + ops["STSM"],
@@ -325,7 +337,9 @@ def check(ks=(576, 4096), jobs: int = 2, todo: list | None = None) -> list[tuple
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, nargs="+", default=[5, 1], help="rows of the call (default: 5 1)")
-    ap.add_argument("--k", type=int, default=4096, help="the reduction length K (default: 4096)")
+    ap.add_argument("--k", type=int, default=None, help="the reduction length K (default: 4096; 576 with --fused)")
+    ap.add_argument("--fused", action="store_true", help="the fused norm + GEMV kernel's candidates (both kinds) "
+                    "instead of the gemv tiles")
     ap.add_argument("--tiles", nargs="*", default=None, help="tiles as benchmarks/gemv_tiles.py reads them "
                     "(default: every candidate for the rows)")
     ap.add_argument("--pdl", action="store_true", help="the programmatic-dependent-launch form")
@@ -357,18 +371,24 @@ def main(argv=None) -> int:
     from gemv_tiles import parse_tile
 
     from mamballama_cli.ops import triton_gemv as g
+    from mamballama_cli.ops import triton_gemv_fused as f
 
+    k = args.k or (576 if args.fused else 4096)
     for rows in args.rows:
-        tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(g.CONFIGS if rows == 1 else g.SKINNY + g.EXTRA)
-        for tile in tiles:
-            if (len(tile) == 3) != (rows == 1):
-                continue
+        if args.fused:
+            jobs = [(f"{('norm', 'swiglu')[kind]} ", lambda kind=kind, t=t, rows=rows: report_fused(kind, rows, t, k))
+                    for kind in (f.NORM, f.NORM_SWIGLU) for t in f.candidates(kind, rows)]
+        else:
+            tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(
+                g.CONFIGS if rows == 1 else g.SKINNY + g.EXTRA)
+            jobs = [("", lambda t=t, rows=rows: report(rows, t, k, args.pdl)) for t in tiles if (len(t) == 3) == (rows == 1)]
+        for name, job in jobs:
             try:
-                r = report(rows, tile, args.k, args.pdl)
+                r = job()
             except Exception as exc:  # noqa: BLE001 - a tile that does not compile is a line of the table
-                print(f"rows {rows} {tile}: error {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"rows {rows} {name}: error {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            print(f"rows {rows} {r['tile']:>18}: {r['per_weight_element']:6.2f} instr/weight element, "
+            print(f"rows {rows} {name}{r['tile']:>18}: {r['per_weight_element']:6.2f} instr/weight element, "
                   f"{r['loop_instructions']:4d} in loop, {r['registers']:3d} regs, spill {r['local_bytes']} B, "
                   f"{r['barriers']} BAR, {r['shared_round_trips']} STS, {r['wide_loads']} 16-B loads  {r['ops']}",
                   flush=True)

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import run_facts, write_result  # noqa: E402
 from round_parts import cuda_time, round_parts  # noqa: E402
 
+from mamballama_cli.ops.graph_timing import kernel_choices
+
 
 def held_out_prompts(tok, data: Path, n: int, window: int) -> list[list[int]]:
     from mamballama_cli.generation.plain import encode_prompt
@@ -202,7 +204,7 @@ def sweep_result(args, target, draft_name, device, ks, prompts, n_new: int, runs
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"benchmark": "spec_eval", **run_facts(None), "machine": machine, "dtype": str(target.dtype),
             "target": args.target, "draft": draft_name, "k": ks, "done": [run["k"] for run in runs],
-            "prompts": len(prompts), "new_tokens": n_new, "runs": runs}
+            "prompts": len(prompts), "new_tokens": n_new, "runs": runs, **kernel_choices()}
 
 
 def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, engines, parts_iters: int,

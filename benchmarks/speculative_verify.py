@@ -35,6 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from round_parts import cuda_time, round_parts  # noqa: E402
 
+from mamballama_cli.ops.graph_timing import kernel_choices
+
 SHAPES = {
     # Llama-3-8B: hidden 4096, 32 layers, 32 heads, 8 KV heads, head dim 128, MLP 14336, vocab 128256.
     "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -202,10 +204,7 @@ def main() -> None:
         "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
         "verify_backends": parts["verify_backends"],
-        **(sys.modules["mamballama_cli.ops.triton_gemv"].choices_report()
-           if "mamballama_cli.ops.triton_gemv" in sys.modules else {"gemv_kernel_shapes": []}),
-        **(sys.modules["mamballama_cli.ops.triton_gemv_fused"].choices_report()
-           if "mamballama_cli.ops.triton_gemv_fused" in sys.modules else {"fused_gemv_shapes": []}),
+        **kernel_choices(),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),
         "runner_plain_step_ms": round(runner_plain_ms, 4),

@@ -206,6 +206,7 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
     assert res["k"] == res["done"] == [2, 3] and [run["k"] for run in res["runs"]] == [2, 3]
     assert "host loop is skipped" in p.stderr
     assert res["runs"][0]["engines"]["plain"] == res["runs"][1]["engines"]["plain"]
+    assert res["gemv_kernel_shapes"] == res["fused_gemv_shapes"] == []  # the kernels' choices: none on CPU
     for run in res["runs"]:
         assert set(run["engines"]) == {"plain", "round"}
         rnd = run["engines"]["round"]

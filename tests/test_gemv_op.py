@@ -190,12 +190,14 @@ def test_the_fused_gemv_ops_leave_fusing_to_cublas_under_kernels_ref_gemv(monkey
 def test_every_fused_gemv_candidate_equals_the_reference_under_the_interpreter():
     """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu (ops/triton_gemv_fused.py), each autotuning candidate, one row
     and a verify window's, partial blocks of outputs and of K, with and without bias and residual, bf16 and fp16,
-    against the references in float64 (h: the rounded sum, exactly as the reference)."""
-    from mamballama_cli.ops.triton_gemv_fused import CONFIGS
+    against the references in float64 (h: the rounded sum, exactly as the reference). The tensor-core tiles
+    (DOT_CONFIGS, 2 rows or more) in fp16 only: the interpreter's tl.dot reads bf16 as raw bits (the gpu test runs
+    them in bf16)."""
+    from mamballama_cli.ops.triton_gemv_fused import CONFIGS, DOT_CONFIGS
 
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
 from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
-from mamballama_cli.ops.triton_gemv_fused import CONFIGS, NORM, NORM_SWIGLU, fused_launch
+from mamballama_cli.ops.triton_gemv_fused import CONFIGS, DOT_CONFIGS, NORM, NORM_SWIGLU, fused_launch
 gen = torch.Generator().manual_seed(0)
 out = {}
 for dtype in (torch.bfloat16, torch.float16):
@@ -213,7 +215,8 @@ for dtype in (torch.bfloat16, torch.float16):
                 (NORM_SWIGLU, True): add_rmsnorm_gemv_swiglu_ref(d(x), d(r), d(nw), 1e-5, d(w2), d(b2))[0],
                 (NORM_SWIGLU, False): add_rmsnorm_gemv_swiglu_ref(d(x), None, d(nw), 1e-5, d(w2), d(b2))[0]}
         want_h = (r + x)  # the sum rounds in the activation dtype
-        for cfg in CONFIGS:
+        dot = DOT_CONFIGS if x.numel() > k and dtype == torch.float16 else ()
+        for cfg in CONFIGS + dot:
             for (kind, res), want_y in want.items():
                 y, h = fused_launch(kind, x, w if kind == NORM else w2, b if kind == NORM else b2, r if res else None,
                                     nw, 1e-5, config=cfg)
@@ -227,7 +230,8 @@ for dtype in (torch.bfloat16, torch.float16):
                     assert torch.equal(h, x)  # a layer's first norm: no residual, h is x
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=1200)
-    assert len(errs) == 2 * 4 * 6 * len(CONFIGS)
+    assert len(errs) == 2 * 4 * 6 * len(CONFIGS) + 2 * 6 * len(DOT_CONFIGS)
+    assert any(str(DOT_CONFIGS[0]) in name and "(5,)" in name for name in errs)
     # h exactly the reference's rounded sum in fp16; in bf16 within one rounding (the interpreter converts to bf16
     # by truncation, not to nearest as the GPU does)
     assert all(v == 0.0 for k, v in errs.items() if k.startswith("h") and "torch.float16" in k), errs
@@ -360,6 +364,9 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     assert fused.choices_report() == {
         "fused_gemv_shapes": ["add_rmsnorm_gemv 1x10272x4096"],
         "fused_gemv_timings": {"add_rmsnorm_gemv_swiglu 1x28672x4096 bfloat16": {"fused_us": 30.0}}}
+    from mamballama_cli.ops.graph_timing import kernel_choices
+
+    assert kernel_choices() == {**rep, **fused.choices_report()}  # what the benchmarks' JSONs carry
 
 
 def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypatch):
@@ -396,13 +403,21 @@ def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
     from mamballama_cli.ops import triton_gemv_fused as fused
 
     configs = fused._fused_tuned.configs
+    assert sorted(map(fused.tile_of, configs)) == sorted(fused.CONFIGS + fused.DOT_CONFIGS)
     for kind in (fused.NORM, fused.NORM_SWIGLU):
         for m in range(1, 9):
             kept = fused._prune(configs, {"M": m, "KIND": kind})
-            assert [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps) for c in kept] == \
-                fused.candidates(kind, m), (kind, m)
+            assert [fused.tile_of(c) for c in kept] == fused.candidates(kind, m), (kind, m)
+            assert all(bool(c.kwargs["DOT"]) == (len(fused.tile_of(c)) == 4) for c in kept)
     assert (16, 1024, 8) in fused.candidates(fused.NORM, 1)
-    assert fused.candidates(fused.NORM_SWIGLU, 5) == [(4, 256, 4), (8, 128, 4)]  # 2 x 8 x 4 x 256 = 128 x 128
+    assert not set(fused.DOT_CONFIGS) & set(fused.candidates(fused.NORM, 1))  # tensor cores from 2 rows on
+    # 2 x 8 x 4 x 256 = 128 x 128 float32 accumulators a thread: the CUDA-core tiles left at five rows of the SwiGLU
+    # kind, then every tensor-core tile
+    assert fused.candidates(fused.NORM_SWIGLU, 5) == [(4, 256, 4), (8, 128, 4), *fused.DOT_CONFIGS]
+    with pytest.raises(ValueError, match="needs 2 to 8 rows"):
+        x = torch.zeros(1, 64, dtype=torch.float16)
+        fused.fused_launch(fused.NORM, x, torch.zeros(32, 64, dtype=torch.float16), None, None,
+                           torch.ones(64, dtype=torch.float16), 1e-5, config=fused.DOT_CONFIGS[0])
 
 
 @NEEDS_TRITON

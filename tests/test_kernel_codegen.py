@@ -63,6 +63,27 @@ def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv)
             assert r["ops"].get("FFMA", 0) == 5 * held, r
 
 
+
+def test_the_fused_kernel_multiplies_a_verify_window_on_tensor_cores():
+    """The fused norm + GEMV kernel at five rows and the default teacher's K = 576: its tensor-core tiles
+    (``DOT_CONFIGS``, both kinds) multiply with HMMA or wgmma from a cp.async pipeline, spill nothing and issue under
+    8 instructions a weight element (the 16-output ones amortise the rows' norm over fewest outputs); the CUDA-core
+    tiles at those rows, eight float32 products a weight element, issue at least twice as many as the slowest
+    of them."""
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    worst = 0.0
+    for kind in (fused.NORM, fused.NORM_SWIGLU):
+        for tile in fused.DOT_CONFIGS:
+            r = kernel_sass.report_fused(kind, 5, tile)
+            assert r["local_bytes"] == 0, r
+            ops = kernel_sass.opcode_counts(r["body"])
+            assert ops["HMMA"] + ops["HGMMA"] > 0 and ops["LDGSTS"] > 0, r
+            assert r["per_weight_element"] < 8.0, r
+            worst = max(worst, r["per_weight_element"])
+        cuda_core = [t for t in fused.candidates(kind, 5) if len(t) == 3]
+        assert min(kernel_sass.report_fused(kind, 5, t)["per_weight_element"] for t in cuda_core) > 2 * worst
+
 def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_stopping(gemv):
     """``kernel_sass.py --check`` (``make check-kernels``, under the H200's triton): its job list holds every
     one-row tile in both launch forms, every multi-row tile at every row split of the acc mode, the fused kernel's

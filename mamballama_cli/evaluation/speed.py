@@ -34,6 +34,7 @@ from mamballama_cli.evaluation.speed_device import (copy_bandwidth, device_info,
                                                     sync_device, weight_bytes)
 from mamballama_cli.evaluation.speed_limit import summarise_max_batch
 from mamballama_cli.evaluation.speed_models import SpeedModels
+from mamballama_cli.ops.graph_timing import kernel_choices
 from mamballama_cli.output import log
 
 DEFAULT_CONTEXTS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
@@ -164,10 +165,7 @@ def run_static(model, batch: int, prompt_len: int, new_tokens: int, graphs: bool
     row = _row(batch, prompt_len, new_tokens, t0, t1, t2, device)
     row.update(engine=dec.engine, kv_bytes=mem["kv_bytes"], state_bytes=mem["state_bytes"],
                backends=dict(dec.backends))
-    gemv = sys.modules.get("mamballama_cli.ops.triton_gemv")  # which shapes the gemv kernel won, and the timings
-    row.update(gemv.choices_report() if gemv else {"gemv_kernel_shapes": []})
-    fused = sys.modules.get("mamballama_cli.ops.triton_gemv_fused")  # and the fused norm/SwiGLU GEMVs
-    row.update(fused.choices_report() if fused else {"fused_gemv_shapes": []})
+    row.update(kernel_choices())  # which shapes the gemv and fused norm/SwiGLU kernels won, and the timings
     if synthetic:
         row.update(synthetic_context=True, ttft_s=None)
     del dec

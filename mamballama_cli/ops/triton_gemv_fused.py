@@ -24,7 +24,10 @@ The sum h rounds in the activation dtype as the reference's; the normalised acti
 reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so y differs
 from it by about one such rounding. The SwiGLU epilogue rounds as its reference (g and u to the activation dtype,
 then silu, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a decode step or a
-verify window), bf16 or fp16, with float32 (rows x BLOCK_N x BLOCK_K) accumulators summed once after the loop.
+verify window), bf16 or fp16, in one of two modes: on CUDA cores (:data:`CONFIGS`), float32 (rows x BLOCK_N x
+BLOCK_K) accumulators summed once after the loop; or, at 2 rows or more, on tensor cores (:data:`DOT_CONFIGS`), the
+normalised rows rounded to the activation dtype (the reference rounds them too) and multiplied by ``tl.dot`` into a
+float32 accumulator. The autotuner times both.
 
 Whether a shape takes the fused kernel is timed, as the GEMV op's choice is: on its first use (a static decoder's
 warm-up, before its graph is recorded) the fused kernel is checked against the reference and timed inside CUDA
@@ -57,6 +60,13 @@ CONFIGS = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (2, 2048, 4),
            (4, 512, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (2, 1024, 4),
            (4, 256, 4), (8, 128, 4))
 REGS = 128
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the tensor-core (DOT) candidates, for 2 to MAX_ROWS rows (padded to 8:
+# the rows are the product's N). Compiled for sm90 (benchmarks/kernel_sass.py --fused) the CUDA-core tiles issue
+# 15-53 instructions a weight element at those rows (8 float32 products each, and the 3-D accumulator's layout
+# changes through shared memory every iteration), these about 2-4. At the default teacher's K = 576 a verify
+# window's in_proj and [gate; up] had only the smallest CUDA-core tiles left under REGS (two at five rows of the
+# SwiGLU kind). Not yet timed on the H200: the timing against the ops apart decides, as for every tile.
+DOT_CONFIGS = ((16, 64, 2, 4), (32, 64, 2, 4), (64, 64, 4, 4), (16, 128, 2, 3), (32, 128, 4, 3), (64, 128, 4, 3))
 # The widest row (K) the kernels take. Their win is a launch saved, which counts where a GEMV is short (the
 # default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the ops apart at every shape on the H200
 # (ninth session, 2026-12-05), and compiled for sm90 their loops issue 4.2-8.6 instructions a weight element at one
@@ -70,12 +80,43 @@ OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
 if triton is not None:
 
     @triton.jit
+    def _normed_tile(X, R, LNW, HOUT, rows, cols, k0, K, live_m, stride_xm, stride_rm, stride_hm, first,
+                     HAS_RES: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        # the rows' h at k0 (h = R + X, rounded in the activation dtype as the model adds; stored by the ``first``
+        # program) as float32, and h * norm_w (the 1 / rms(h) comes after the loop)
+        inside = k0 + cols < K
+        if EVEN_K:  # no mask along K on the activations either
+            m = live_m[:, None] & (cols < BLOCK_K)[None, :]
+        else:
+            m = live_m[:, None] & inside[None, :]
+        h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
+            h = (r.to(tl.float32) + h.to(tl.float32)).to(X.dtype.element_ty)
+            if first:
+                tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
+        hf = h.to(tl.float32)
+        lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
+        return hf, hf * lnw[None, :]
+
+    @triton.jit
+    def _weight_tile(w_ptrs, k0, cols, K, EVEN_K: tl.constexpr):
+        if EVEN_K:  # no mask on the weight's hot loads
+            w = tl.load(w_ptrs + k0)
+        else:
+            w = tl.load(w_ptrs + k0, mask=(k0 + cols < K)[None, :], other=0.0)
+        return w
+
+    @triton.jit
     def _fused_kernel(X, R, LNW, W, BIAS, Y, HOUT, M, N, K, eps, stride_xm, stride_rm, stride_hm, stride_wn,
                       stride_ym, KIND: tl.constexpr, HAS_RES: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, EVEN_K: tl.constexpr,
+                      DOT: tl.constexpr):
         # X (M, K) the new hidden, R (M, K) the residual (HAS_RES; else h = X), LNW (K,) the norm weight, HOUT (M, K)
         # gets R + X. KIND 0: W (N, K), Y (M, N). KIND 1: W (2N, K) = [gate; up], Y (M, N) = silu(gate) * up, BIAS
-        # (2N,) likewise.
+        # (2N,) likewise. DOT 0: float32 (ROWS x BLOCK_N x BLOCK_K) products on CUDA cores, summed over K after the
+        # loop; DOT 1 (ROWS = 8): on tensor cores, the weight tile as tl.dot's first operand and the rows (h * norm_w
+        # rounded to the activation dtype) as its N, a float32 (BLOCK_N x ROWS) accumulator.
         pid = tl.program_id(0)
         outs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
@@ -85,44 +126,39 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         dt = Y.dtype.element_ty
         ss = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)  # the sum of h^2, beside the products
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # KIND 1 only (otherwise compiled away)
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
         up_ptrs = w_ptrs + N * stride_wn  # KIND 1: the same outputs' rows of the up half
-        for k0 in range(0, K, BLOCK_K):
-            inside = k0 + cols < K
-            if EVEN_K:  # no mask along K on the activations either
-                m = live_m[:, None] & (cols < BLOCK_K)[None, :]
-            else:
-                m = live_m[:, None] & inside[None, :]
-            # h * norm_w now, the 1 / rms(h) after the loop; the first program stores h
-            h = tl.load(X + rows[:, None] * stride_xm + k0 + cols[None, :], mask=m, other=0.0)
-            if HAS_RES:
-                r = tl.load(R + rows[:, None] * stride_rm + k0 + cols[None, :], mask=m, other=0.0)
-                h = (r.to(tl.float32) + h.to(tl.float32)).to(dt)  # the model adds in the activation dtype
-                if pid == 0:
-                    tl.store(HOUT + rows[:, None] * stride_hm + k0 + cols[None, :], h, mask=m)
-            hf = h.to(tl.float32)
-            ss += hf * hf
-            lnw = tl.load(LNW + k0 + cols, mask=inside, other=0.0).to(tl.float32)
-            a = hf * lnw[None, :]
-            if EVEN_K:  # no mask on the weight's hot loads
-                w = tl.load(w_ptrs + k0).to(tl.float32)
-            else:
-                w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
-            acc += a[:, None, :] * w[None, :, :]
-            if KIND == 1:
-                if EVEN_K:
-                    wu = tl.load(up_ptrs + k0).to(tl.float32)
-                else:
-                    wu = tl.load(up_ptrs + k0, mask=inside[None, :], other=0.0).to(tl.float32)
-                acc_up += a[:, None, :] * wu[None, :, :]
+        if DOT:
+            acc_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+            up_t = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)  # KIND 1 only (otherwise compiled away)
+            for k0 in range(0, K, BLOCK_K):
+                hf, a = _normed_tile(X, R, LNW, HOUT, rows, cols, k0, K, live_m, stride_xm, stride_rm, stride_hm,
+                                     pid == 0, HAS_RES, EVEN_K, BLOCK_K)
+                ss += hf * hf
+                a_t = tl.trans(a.to(dt))
+                acc_t = tl.dot(_weight_tile(w_ptrs, k0, cols, K, EVEN_K), a_t, acc_t)
+                if KIND == 1:
+                    up_t = tl.dot(_weight_tile(up_ptrs, k0, cols, K, EVEN_K), a_t, up_t)
+            y = tl.trans(acc_t)
+            u = tl.trans(up_t)
+        else:
+            acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
+            acc_up = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)  # KIND 1 only (otherwise compiled away)
+            for k0 in range(0, K, BLOCK_K):
+                hf, a = _normed_tile(X, R, LNW, HOUT, rows, cols, k0, K, live_m, stride_xm, stride_rm, stride_hm,
+                                     pid == 0, HAS_RES, EVEN_K, BLOCK_K)
+                ss += hf * hf
+                acc += a[:, None, :] * _weight_tile(w_ptrs, k0, cols, K, EVEN_K).to(tl.float32)[None, :, :]
+                if KIND == 1:
+                    acc_up += a[:, None, :] * _weight_tile(up_ptrs, k0, cols, K, EVEN_K).to(tl.float32)[None, :, :]
+            y = tl.sum(acc, axis=2)
+            u = tl.sum(acc_up, axis=2)
         rstd = tl.rsqrt(tl.sum(ss, axis=1) / K + eps)[:, None]
-        y = tl.sum(acc, axis=2) * rstd
+        y = y * rstd
         if HAS_BIAS:
             y += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
         if KIND == 1:  # rounded as the ops apart: [gate | up] to the activation dtype, silu, then the product
-            u = tl.sum(acc_up, axis=2) * rstd
+            u = u * rstd
             if HAS_BIAS:
                 u += tl.load(BIAS + N + outs_read).to(tl.float32)[None, :]
             g = y.to(dt).to(tl.float32)
@@ -132,12 +168,13 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         kind = kwargs.get("KIND", named_args.get("KIND"))
-        kept = [c for c in configs
-                if _fits(kind, named_args["M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)]
-        return kept or configs[-1:]
+        wanted = set(candidates(kind, named_args["M"]))
+        return [c for c in configs if tile_of(c) in wanted]
 
     _fused_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": False}, num_warps=w) for n, k, w in CONFIGS]
+        + [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "DOT": True}, num_warps=w, num_stages=st)
+           for n, k, w, st in DOT_CONFIGS],
         key=["M", "N", "K", "KIND", "HAS_RES"],
         prune_configs_by={"early_config_prune": _prune},
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_fused_kernel))
@@ -158,10 +195,18 @@ def _fits(kind: int, m: int, block_n: int, block_k: int, warps: int) -> bool:
 
 
 def candidates(kind: int, m: int) -> list[tuple]:
-    """The entries of :data:`CONFIGS` the autotuner may run for ``kind`` at ``m`` rows (the others are pruned
-    before anything compiles; the last entry if none fits)."""
-    kept = [c for c in CONFIGS if _fits(kind, m, *c)]
-    return kept or list(CONFIGS[-1:])
+    """The tiles the autotuner may run for ``kind`` at ``m`` rows (the others are pruned before anything compiles):
+    the entries of :data:`CONFIGS` whose accumulators fit (the last one if none does), and at 2 rows or more every
+    entry of :data:`DOT_CONFIGS`."""
+    kept = [c for c in CONFIGS if _fits(kind, m, *c)] or list(CONFIGS[-1:])
+    return kept + (list(DOT_CONFIGS) if _padded(m) > 1 else [])
+
+
+def tile_of(config) -> tuple:
+    """An autotuner config as the tile it came from: an entry of :data:`CONFIGS` or of :data:`DOT_CONFIGS`."""
+    kw = config.kwargs
+    tile = (kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps)
+    return (*tile, config.num_stages) if kw.get("DOT") else tile
 
 
 def _rows(x, k: int) -> int:
@@ -186,7 +231,8 @@ def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> 
 
 def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, eps: float = 0.0,
                  config: tuple | None = None):
-    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS`): x the new hidden (..., K);
+    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS`, or at 2 rows or more of
+    :data:`DOT_CONFIGS`): x the new hidden (..., K);
     returns (y, h), y (..., N) for ``kind`` NORM (weight (N, K)) and silu(gate) * up (..., N) for NORM_SWIGLU
     (weight [gate; up] (2N, K))."""
     N, K = weight.shape
@@ -214,10 +260,13 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
             _fused_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
                 *args, KIND=kind, HAS_RES=residual is not None, HAS_BIAS=bias is not None, ROWS=_padded(M))
         else:
-            bn, bk, warps = config
+            bn, bk, warps, *stages = config
+            if stages and _padded(M) == 1:
+                raise ValueError(f"tensor-core tile {config} needs 2 to {MAX_ROWS} rows, got {M}")
             _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_RES=residual is not None,
                                                  HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ROWS=_padded(M),
-                                                 EVEN_K=K % bk == 0, num_warps=warps)
+                                                 EVEN_K=K % bk == 0, DOT=bool(stages), num_warps=warps,
+                                                 **({"num_stages": stages[0]} if stages else {}))
     return y.view(*x.shape[:-1], N), h.view(x.shape)
 
 
