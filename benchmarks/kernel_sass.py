@@ -256,7 +256,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
         padded = {f._padded(m): m for m in range(1, g.MAX_ROWS + 1)}
         jobs += [["fused", kind, m, list(t), k] for kind in (f.NORM, f.NORM_SWIGLU) for m in padded.values()
-                 for t in f.candidates(kind, m)]
+                 if k <= f.widest(m) for t in f.candidates(kind, m, k)]
     from mamballama_cli.ops import triton_decode as d
 
     jobs += [["decode", name, trigger, [32, 4]] for name in DECODE_KERNELS for trigger in (False, True)]
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     for rows in args.rows:
         if args.fused:
             jobs = [(f"{('norm', 'swiglu')[kind]} ", lambda kind=kind, t=t, rows=rows: report_fused(kind, rows, t, k))
-                    for kind in (f.NORM, f.NORM_SWIGLU) for t in f.candidates(kind, rows)]
+                    for kind in (f.NORM, f.NORM_SWIGLU) for t in f.candidates(kind, rows, k)]
         else:
             tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(
                 g.CONFIGS if rows == 1 else g.SKINNY + g.EXTRA)

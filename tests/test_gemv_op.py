@@ -294,7 +294,9 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     with SwiGLU after it, lm_head), one row, two and three (batch 2-3, K = 1-2 verify windows: the rows whose own
     code crashed triton 3.6's LLVM, now compiled as 8) and a verify window's five: the autotuned kernel against the
     references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
-    graphs. Rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel."""
+    graphs. At one row, rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel;
+    a verify window of the 8B shape (five rows of 4,096) runs the tensor-core tiles, each compiled and checked, and
+    its choice is timed."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
     from mamballama_cli.ops.triton_gemv_fused import (CHOICES, MAX_K, NORM, NORM_SWIGLU, TIMINGS, candidates,
                                                       choices_report, fused_launch)
@@ -327,10 +329,10 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
             print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
     # every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
     # two to eight (one code: _padded), K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
-    for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K)):
+    for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K), (5, 4096)):
         x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(600, k, scale=k**-0.5)
         for kind, ref in ((NORM, add_rmsnorm_gemv_ref), (NORM_SWIGLU, add_rmsnorm_gemv_swiglu_ref)):
-            for cfg in candidates(kind, rows):
+            for cfg in candidates(kind, rows, k):
                 y, _ = fused_launch(kind, x, w, None, res, nw, 1e-5, config=cfg)
                 want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
                 assert float((y.double() - want).norm() / want.norm()) < 1e-2, (kind, cfg, rows, k)
@@ -342,6 +344,13 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
         want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
         assert (kind, 1, n, 4096, dtype, 0) not in CHOICES and torch.equal(h, res + x)
         assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
+        x5, res5 = r(5, 4096), r(5, 4096)  # a K = 4 verify window of the 8B shape: the tensor-core tiles, timed
+        y, h = op(x5, res5, nw, 1e-5, w)
+        want_y, _ = ref(x5.double(), res5.double(), nw.double(), 1e-5, w.double())
+        key = (kind, 5, n, 4096, dtype, 0)
+        assert TIMINGS[key]["how"] == "graph" and torch.equal(h, res5 + x5), TIMINGS[key]
+        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
+        print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
 
 
 @NEEDS_TRITON
@@ -370,8 +379,9 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
 
 
 def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypatch):
-    """Rows wider than MAX_K (the 8B shape's 4,096) never reach the fused kernel: it lost to the ops apart at every
-    such shape on the H200 (2026-12-05), and compiling its tiles there costs warm-up time. Narrower rows still do."""
+    """One row wider than MAX_K (the 8B shape's 4,096) never reaches the fused kernel: it lost to the ops apart at
+    every such shape on the H200 (2026-12-05), and compiling its tiles there costs warm-up time. Narrower rows still
+    do. Two rows or more reach it up to DOT_MAX_K, on the tensor-core tiles only."""
     from mamballama_cli.ops import triton_gemv_fused as fused
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref
 
@@ -393,6 +403,14 @@ def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypat
     assert fused.norm_supported(x, r, nw, w)
     with pytest.raises(AssertionError, match="fused kernel ran"):
         fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+    for rows, k, takes in ((2, 4096, True), (5, fused.DOT_MAX_K, True), (5, fused.DOT_MAX_K + 64, False)):
+        x, r = (torch.randn(rows, k, generator=g).to(torch.bfloat16) for _ in range(2))
+        nw, w = torch.randn(k, generator=g).to(torch.bfloat16), torch.randn(48, k, generator=g).to(torch.bfloat16)
+        assert fused.norm_supported(x, r, nw, w) == takes, (rows, k)
+        for kind in (fused.NORM, fused.NORM_SWIGLU):
+            assert fused.candidates(kind, rows, k) == list(fused.DOT_CONFIGS)
+    assert fused.candidates(fused.NORM, 5, fused.MAX_K)[:-len(fused.DOT_CONFIGS)] == fused.candidates(fused.NORM, 5)[
+        :-len(fused.DOT_CONFIGS)] != []  # up to MAX_K the CUDA-core tiles too
 
 
 @NEEDS_TRITON
@@ -406,9 +424,11 @@ def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
     assert sorted(map(fused.tile_of, configs)) == sorted(fused.CONFIGS + fused.DOT_CONFIGS)
     for kind in (fused.NORM, fused.NORM_SWIGLU):
         for m in range(1, 9):
-            kept = fused._prune(configs, {"M": m, "KIND": kind})
-            assert [fused.tile_of(c) for c in kept] == fused.candidates(kind, m), (kind, m)
-            assert all(bool(c.kwargs["DOT"]) == (len(fused.tile_of(c)) == 4) for c in kept)
+            for k in (576, 4096) if m > 1 else (576,):
+                kept = fused._prune(configs, {"M": m, "KIND": kind, "K": k})
+                assert [fused.tile_of(c) for c in kept] == fused.candidates(kind, m, k), (kind, m, k)
+                assert all(bool(c.kwargs["DOT"]) == (len(fused.tile_of(c)) == 4) for c in kept)
+            assert fused.candidates(kind, m, 576) == fused.candidates(kind, m)
     assert (16, 1024, 8) in fused.candidates(fused.NORM, 1)
     assert not set(fused.DOT_CONFIGS) & set(fused.candidates(fused.NORM, 1))  # tensor cores from 2 rows on
     # 2 x 8 x 4 x 256 = 128 x 128 float32 accumulators a thread: the CUDA-core tiles left at five rows of the SwiGLU

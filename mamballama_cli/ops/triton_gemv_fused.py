@@ -67,13 +67,17 @@ REGS = 128
 # window's in_proj and [gate; up] had only the smallest CUDA-core tiles left under REGS (two at five rows of the
 # SwiGLU kind). Not yet timed on the H200: the timing against the ops apart decides, as for every tile.
 DOT_CONFIGS = ((16, 64, 2, 4), (32, 64, 2, 4), (64, 64, 4, 4), (16, 128, 2, 3), (32, 128, 4, 3), (64, 128, 4, 3))
-# The widest row (K) the kernels take. Their win is a launch saved, which counts where a GEMV is short (the
-# default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the ops apart at every shape on the H200
-# (ninth session, 2026-12-05), and compiled for sm90 their loops issue 4.2-8.6 instructions a weight element at one
-# row (the plain GEMV's 3.0-3.8) and 15-53 at five, so wider rows run the ops apart without compiling them (each
-# compile costs warm-up time on the GPU). The tenth session's LLVM crash, first put down to K = 4,096, was the
-# 2-4-row code at any K (see _padded).
+# The widest row (K) the kernels take at one row, and at 2 rows or more on CUDA cores. Their win is a launch saved,
+# which counts where a GEMV is short (the default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the
+# ops apart at every one-row shape on the H200 (ninth session, 2026-12-05), and compiled for sm90 their loops issue
+# 4.2-8.6 instructions a weight element at one row (the plain GEMV's 3.0-3.8) and 15-53 at five, so wider rows run
+# the ops apart without compiling them (each compile costs warm-up time on the GPU). The tenth session's LLVM
+# crash, first put down to K = 4,096, was the 2-4-row code at any K (see _padded).
 MAX_K = 1024
+# The widest row the tensor-core tiles take (2 rows or more): a verify window of the 8B shape (K = 4,096), where each
+# fused projection saves a norm kernel (56 a verify call) and the five-row GEMVs are what keeps verify above 1.07x
+# a step. Only DOT_CONFIGS are tried there; the timing against the ops apart decides, shape by shape.
+DOT_MAX_K = 8192
 NORM, NORM_SWIGLU = 0, 1  # the kernel's KIND
 OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
 
@@ -168,7 +172,7 @@ if triton is not None:
 
     def _prune(configs, named_args, **kwargs):
         kind = kwargs.get("KIND", named_args.get("KIND"))
-        wanted = set(candidates(kind, named_args["M"]))
+        wanted = set(candidates(kind, named_args["M"], named_args["K"]))
         return [c for c in configs if tile_of(c) in wanted]
 
     _fused_tuned = triton.autotune(
@@ -194,12 +198,21 @@ def _fits(kind: int, m: int, block_n: int, block_k: int, warps: int) -> bool:
     return _padded(m) * (2 if kind == NORM_SWIGLU else 1) * block_n * block_k <= REGS * 32 * warps
 
 
-def candidates(kind: int, m: int) -> list[tuple]:
-    """The tiles the autotuner may run for ``kind`` at ``m`` rows (the others are pruned before anything compiles):
-    the entries of :data:`CONFIGS` whose accumulators fit (the last one if none does), and at 2 rows or more every
-    entry of :data:`DOT_CONFIGS`."""
-    kept = [c for c in CONFIGS if _fits(kind, m, *c)] or list(CONFIGS[-1:])
-    return kept + (list(DOT_CONFIGS) if _padded(m) > 1 else [])
+def candidates(kind: int, m: int, k: int | None = None) -> list[tuple]:
+    """The tiles the autotuner may run for ``kind`` at ``m`` rows of width ``k`` (the others are pruned before
+    anything compiles): the entries of :data:`CONFIGS` whose accumulators fit (the last one if none does), and at
+    2 rows or more every entry of :data:`DOT_CONFIGS`; rows wider than :data:`MAX_K` (which only 2 rows or more
+    reach) the tensor-core tiles alone."""
+    dot = list(DOT_CONFIGS) if _padded(m) > 1 else []
+    if dot and k is not None and k > MAX_K:
+        return dot
+    return ([c for c in CONFIGS if _fits(kind, m, *c)] or list(CONFIGS[-1:])) + dot
+
+
+def widest(m: int) -> int:
+    """The widest row (K) the fused ops take at ``m`` rows: :data:`MAX_K` at one row, :data:`DOT_MAX_K` at 2 or more
+    (the tensor-core tiles)."""
+    return MAX_K if _padded(m) == 1 else DOT_MAX_K
 
 
 def tile_of(config) -> tuple:
@@ -222,7 +235,7 @@ def _common_ok(x, weight, bias, k: int) -> bool:
 def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> bool:
     """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` (``kind`` NORM) or ``add_rmsnorm_gemv_swiglu``
     (NORM_SWIGLU: the weight's rows are [gate; up], an even count) on these arguments."""
-    return (_common_ok(x, weight, bias, x.shape[-1]) and x.shape[-1] <= MAX_K
+    return (_common_ok(x, weight, bias, x.shape[-1]) and x.shape[-1] <= widest(_rows(x, x.shape[-1]))
             and (kind == NORM or weight.shape[0] % 2 == 0)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
             and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
