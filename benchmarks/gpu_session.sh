@@ -7,7 +7,7 @@
 # profilespec (the same for a plain step and a K=4 verify call at the default teacher's 50% shape, issue 18),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
-# the 8B shape), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
+# the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
 # gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
@@ -90,10 +90,13 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
-        verify) nv=$(( ${nv:-0} + 1 )); v="speculative-verify$( (( nv > 1 )) && echo "-$nv")"  # a repeat: -2, -3
-                stamp "verify vs plain step (8B shape, K=4), run $nv"
+        verify|verifyx) nv=1; v="speculative-$step"  # a repeat of the step writes -2, -3, ...
+                while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="speculative-$step-$nv"; done
+                # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY)
+                stamp "$step vs plain step (8B shape, K=4), run $nv"
                 timeout "$(left 240)" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
-                    --loop-tokens 64 --json "$OUT/$v.json" > "$OUT/$v.txt" 2>&1
+                    --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) --json "$OUT/$v.json" \
+                    > "$OUT/$v.txt" 2>&1
                 echo "exit $?"; tail -20 "$OUT/$v.txt" ;;
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \

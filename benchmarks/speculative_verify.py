@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--gemv-extra", action="store_true",
+                    help="offer the gemv op's EXTRA tiles (ops/triton_gemv.py) to its 2-8-row autotuner beside its "
+                    "candidates: the verify call with them (CUDA)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
     args = ap.parse_args()
@@ -136,6 +139,12 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
     graphs = device.type == "cuda"
+    extra = []
+    if args.gemv_extra and graphs:
+        from mamballama_cli.ops import triton_gemv
+
+        extra = triton_gemv.offer_extra()
+        print(f"gemv: {len(extra)} EXTRA tiles offered to the 2-8-row autotuner", file=sys.stderr)
     K = args.k
     t0 = time.perf_counter()
     target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device)
@@ -204,6 +213,7 @@ def main() -> None:
         "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
         "verify_backends": parts["verify_backends"],
+        "gemv_extra_offered": extra,
         **kernel_choices(),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),

@@ -520,6 +520,24 @@ def test_the_speed_benchmark_takes_no_pdl_and_hands_the_rest_to_eval_speed():
     assert bad.returncode != 0  # what --no-pdl would get without the script taking it
 
 
+
+@NEEDS_TRITON
+def test_offer_extra_gives_the_multi_row_autotuner_the_extra_tiles_once(monkeypatch):
+    """``speculative_verify.py --gemv-extra`` (gpu_session.sh verifyx): the EXTRA tiles join the 2-8-row
+    autotuner's candidates after SKINNY's, each once, named as gemv_tiles.py reads them; the one-row autotuner is
+    untouched."""
+    from mamballama_cli.ops import triton_gemv as g
+
+    monkeypatch.setattr(g._skinny_tuned, "configs", list(g._skinny_tuned.configs))
+    before = [g.tile_name(c) for c in g._skinny_tuned.configs]
+    one_row = [g.tile_name(c) for c in g._gemv_tuned.configs]
+    assert before == [",".join(map(str, t)) for t in g.SKINNY]
+    added = g.offer_extra()
+    assert added == [",".join(map(str, t)) for t in g.EXTRA]
+    assert [g.tile_name(c) for c in g._skinny_tuned.configs] == before + added
+    assert g.offer_extra() == [] and g.offer_extra(g.SKINNY[:2]) == []
+    assert [g.tile_name(c) for c in g._gemv_tuned.configs] == one_row
+
 def test_the_tile_benchmark_reads_tiles_and_refuses_without_cuda():
     """``benchmarks/gemv_tiles.py`` (gpu_session.sh gemvtiles): a tile is read as the kernel's config tuple, a
     malformed one is a one-line error naming it, and without CUDA the script says so and exits non-zero."""

@@ -239,6 +239,22 @@ if triton is not None:
     )(_even_k(_gemv_kernel))
 
 
+def offer_extra(tiles=EXTRA) -> list[str]:
+    """Give the 2-8-row autotuner ``tiles`` (entries shaped as :data:`SKINNY`'s; default :data:`EXTRA`) besides its
+    candidates, for shapes not yet tuned in this process (``benchmarks/speculative_verify.py --gemv-extra``: the
+    verify call with them, against a run without); returns the names of the tiles added (those already there are
+    skipped)."""
+    have = {tile_name(c) for c in _skinny_tuned.configs}
+    added = []
+    for n, k, w, st, mode in tiles:
+        config = triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
+        if tile_name(config) not in have:
+            _skinny_tuned.configs.append(config)
+            have.add(tile_name(config))
+            added.append(tile_name(config))
+    return added
+
+
 def row_groups(m: int) -> dict:
     """The acc mode's row constexprs at ``m`` rows: the two groups (:func:`_row_split`) and the second's tile size
     (at least 1)."""
