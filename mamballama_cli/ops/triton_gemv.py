@@ -71,11 +71,15 @@ MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the 
 # candidates to decide what goes into SKINNY: dot tiles of 2 warps (compiled for sm90, benchmarks/kernel_sass.py,
 # 1.1-2.4 instructions a weight element; 8 warps on 16 outputs repeat the product in every warp), and the dotw mode
 # (the rows padded to 8, not 16: a third less shared memory a stage; at 64 outputs triton emits Hopper's wgmma).
-# The CPU tests run each under the interpreter as they run the candidates.
+# The last four are deep pipelines of short K steps, as cuBLAS's own skinny kernels on the H200 (the 2026-12-04
+# profile: nvjet_sm90_tst_64x8_64x16, _128x8_64x12: 64 or 128 outputs x 8 rows, K steps of 64, 12-16 stages): 8 to
+# 12 stages of 64-wide K tiles, 1.4-2.3 instructions a weight element for sm90. The CPU tests run each under the
+# interpreter as they run the candidates.
 EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (16, 512, 2, 3, "dot"), (32, 256, 2, 4, "dot"),
          (32, 256, 4, 6, "dot"), (64, 128, 4, 6, "dot"),
          (16, 256, 2, 4, "dotw"), (16, 128, 2, 6, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 2, 4, "dotw"),
-         (32, 256, 4, 4, "dotw"), (64, 128, 4, 4, "dotw"))
+         (32, 256, 4, 4, "dotw"), (64, 128, 4, 4, "dotw"),
+         (64, 64, 4, 8, "dotw"), (128, 64, 4, 8, "dotw"), (64, 64, 4, 12, "dotw"), (32, 64, 2, 8, "dotw"))
 
 if triton is not None:
     from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
