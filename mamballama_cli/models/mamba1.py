@@ -197,29 +197,25 @@ class Mamba1Mixer(AttentionInitMixer):
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the current window (holding ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
-        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
-        x_in = zxbcdt[..., self.in_proj_slices()["x"]]  # (b, T, n_kv * d) conv inputs
-        if step.rebase:
-            idx = (step.keep.reshape(b, 1) + win.arange)[:, None, :].expand(b, self.d_x, win.w1)
-            prefix = win.conv.gather(2, idx)  # (b, n_kv * d, w1): the conv inputs before the new window
-            start, n_replay, offset = win.ckpt, step.keep, 0
+        z, x_in, B, C, dt_low = self._split(project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns))
+        if step.rebase:  # the w1 conv inputs before the new window start ``keep`` entries into the buffer
+            start, n_replay, offset, shift = win.ckpt, step.keep, 0, step.keep
             old = (win.win_x, win.win_dt, win.win_B)
         else:
             wlen = step.wlen
             if wlen + T > win.window:
                 raise RuntimeError(f"replay window holds {win.window} tokens; {wlen + T} were fed")
-            prefix = win.conv[:, :, wlen : wlen + win.w1]
-            start, n_replay, offset = win.live, step.keep.new_zeros(b), wlen
+            start, n_replay, offset, shift = win.live, win.no_shift, wlen, win.no_shift
             old = (win.win_x[:, :0], win.win_dt[:, :0], win.win_B[:, :0])
-        z, xs, B, C, dt, _ = self.ssm_inputs(zxbcdt, prefix, None)
-        A = -torch.exp(self.A_log.float())
+        # conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` in the same op (as the
+        # Mamba-2 window does): no gather of the prefix, no copies into the buffer
+        xs = step.fns["spec_conv"](x_in, win.conv, shift, offset, win.conv_w, self.conv1d.bias, self.activation)
+        B, C = self.bc_groups(B, C)
+        dt = self.discretise_dt(dt_low)
         y, _, _ = step.fns["selective_replay"](
-            start, self.expand_x(old[0]), old[1], old[2], n_replay, self.expand_x(xs), dt, B, C, A, self.D,
+            start, self.expand_x(old[0]), old[1], old[2], n_replay, self.expand_x(xs), dt, B, C, win.A, self.D,
             return_final=False, state_out=win.ckpt if step.rebase else None, final_out=win.live,
         )
-        if step.rebase:
-            win.conv[:, :, : win.w1].copy_(prefix)
-        win.conv[:, :, win.w1 + offset : win.w1 + offset + T].copy_(x_in.transpose(1, 2))
         win.win_x[:, offset : offset + T].copy_(xs)
         win.win_dt[:, offset : offset + T].copy_(dt)
         win.win_B[:, offset : offset + T].copy_(B)
@@ -245,7 +241,10 @@ class Mamba1Window(ReplayWindow):
         self.win_dt = torch.zeros(b, window, m.d_inner, dtype=torch.float32, device=device)
         self.win_B = torch.zeros(b, window, m.n_bc_groups, m.d_state, dtype=dtype, device=device)
         self.conv = torch.zeros(b, m.d_x, w1 + window, dtype=dtype, device=device)  # pre-conv x
-        self.arange = torch.arange(w1, device=device)
+        self.no_shift = torch.zeros(b, dtype=torch.long, device=device)  # continue steps: no replay, no shift
+        with torch.no_grad():
+            self.A = -torch.exp(m.A_log.float())  # (d_inner, N): fixed while decoding
+            self.conv_w = m.conv1d.weight[:, 0, :]  # (d_x, width)
 
 
 Mamba1Mixer.WINDOW = Mamba1Window
