@@ -196,7 +196,7 @@ class Mamba1Mixer(AttentionInitMixer):
         """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the current window (holding ``step.wlen`` entries) from the live state."""
-        b, T, _ = x.shape
+        T = x.shape[1]
         z, x_in, B, C, dt_low = self._split(project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns))
         if step.rebase:  # the w1 conv inputs before the new window start ``keep`` entries into the buffer
             start, n_replay, offset, shift = win.ckpt, step.keep, 0, step.keep
