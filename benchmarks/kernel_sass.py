@@ -76,7 +76,7 @@ def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 
             **dict.fromkeys(("M", "N", "K"), "i32"), "eps": "fp32",
             **dict.fromkeys(("stride_xm", "stride_rm", "stride_hm", "stride_wn", "stride_ym"), "i32")}
     const = {"KIND": kind, "HAS_RES": True, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk,
-             "ROWS": f._padded(rows), "EVEN_K": k % bk == 0, "DOT": bool(stages)}
+             "ROWS": f.rows_of(tuple(tile), rows), "EVEN_K": k % bk == 0, "DOT": bool(stages)}
     return compile_kernel(f._fused_kernel, args, const, warps, stages[0] if stages else 3, arch, unaligned=("M",))
 
 
@@ -244,7 +244,8 @@ def attention_rows(heads: int, kv_heads: int) -> set[int]:
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
     the one-row tiles with and without pdl; the multi-row ones at each distinct row split of the acc mode (the dot
-    modes pad every count alike, so once); the fused kernel's candidates at each distinct padded row count."""
+    modes pad every count alike, so once); the fused kernel's candidates at each distinct padded row count (the
+    tensor-core ones once: 8 rows at any count) and each K."""
     from mamballama_cli.ops import triton_gemv as g
     from mamballama_cli.ops import triton_gemv_fused as f
 
@@ -254,9 +255,12 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
-        padded = {f._padded(m): m for m in range(1, g.MAX_ROWS + 1)}
-        jobs += [["fused", kind, m, list(t), k] for kind in (f.NORM, f.NORM_SWIGLU) for m in padded.values()
-                 if k <= f.widest(m) for t in f.candidates(kind, m, k)]
+        fused = {}  # one job per distinct compilation: the tensor-core tiles are one code at any row count
+        for kind in (f.NORM, f.NORM_SWIGLU):
+            for m in range(1, g.MAX_ROWS + 1):
+                for t in f.candidates(kind, m, k):
+                    fused.setdefault((kind, f.rows_of(t, m), t), ["fused", kind, m, list(t), k])
+        jobs += list(fused.values())
     from mamballama_cli.ops import triton_decode as d
 
     jobs += [["decode", name, trigger, [32, 4]] for name in DECODE_KERNELS for trigger in (False, True)]

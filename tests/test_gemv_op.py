@@ -191,8 +191,7 @@ def test_every_fused_gemv_candidate_equals_the_reference_under_the_interpreter()
     """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu (ops/triton_gemv_fused.py), each autotuning candidate, one row
     and a verify window's, partial blocks of outputs and of K, with and without bias and residual, bf16 and fp16,
     against the references in float64 (h: the rounded sum, exactly as the reference). The tensor-core tiles
-    (DOT_CONFIGS, 2 rows or more) in fp16 only: the interpreter's tl.dot reads bf16 as raw bits (the gpu test runs
-    them in bf16)."""
+    (DOT_CONFIGS) in fp16 only: the interpreter's tl.dot reads bf16 as raw bits (the gpu test runs them in bf16)."""
     from mamballama_cli.ops.triton_gemv_fused import CONFIGS, DOT_CONFIGS
 
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
@@ -215,7 +214,7 @@ for dtype in (torch.bfloat16, torch.float16):
                 (NORM_SWIGLU, True): add_rmsnorm_gemv_swiglu_ref(d(x), d(r), d(nw), 1e-5, d(w2), d(b2))[0],
                 (NORM_SWIGLU, False): add_rmsnorm_gemv_swiglu_ref(d(x), None, d(nw), 1e-5, d(w2), d(b2))[0]}
         want_h = (r + x)  # the sum rounds in the activation dtype
-        dot = DOT_CONFIGS if x.numel() > k and dtype == torch.float16 else ()
+        dot = DOT_CONFIGS if dtype == torch.float16 else ()
         for cfg in CONFIGS + dot:
             for (kind, res), want_y in want.items():
                 y, h = fused_launch(kind, x, w if kind == NORM else w2, b if kind == NORM else b2, r if res else None,
@@ -230,8 +229,9 @@ for dtype in (torch.bfloat16, torch.float16):
                     assert torch.equal(h, x)  # a layer's first norm: no residual, h is x
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=1200)
-    assert len(errs) == 2 * 4 * 6 * len(CONFIGS) + 2 * 6 * len(DOT_CONFIGS)
+    assert len(errs) == 2 * 4 * 6 * len(CONFIGS) + 4 * 6 * len(DOT_CONFIGS)
     assert any(str(DOT_CONFIGS[0]) in name and "(5,)" in name for name in errs)
+    assert any(str(DOT_CONFIGS[0]) in name and "(1,)" in name for name in errs)
     # h exactly the reference's rounded sum in fp16; in bf16 within one rounding (the interpreter converts to bf16
     # by truncation, not to nearest as the GPU does)
     assert all(v == 0.0 for k, v in errs.items() if k.startswith("h") and "torch.float16" in k), errs
@@ -294,9 +294,8 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     with SwiGLU after it, lm_head), one row, two and three (batch 2-3, K = 1-2 verify windows: the rows whose own
     code crashed triton 3.6's LLVM, now compiled as 8) and a verify window's five: the autotuned kernel against the
     references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
-    graphs. At one row, rows wider than MAX_K (the 8B shape's 4,096) run the ops apart without compiling the kernel;
-    a verify window of the 8B shape (five rows of 4,096) runs the tensor-core tiles, each compiled and checked, and
-    its choice is timed."""
+    graphs. Rows wider than MAX_K (the 8B shape's 4,096: a decode step's one row, a verify window's five) run the
+    tensor-core tiles alone, each compiled and checked, and their choice is timed."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
     from mamballama_cli.ops.triton_gemv_fused import (CHOICES, MAX_K, NORM, NORM_SWIGLU, TIMINGS, candidates,
                                                       choices_report, fused_launch)
@@ -329,7 +328,7 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
             print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
     # every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
     # two to eight (one code: _padded), K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
-    for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K), (5, 4096)):
+    for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K), (5, 4096), (1, 4096)):
         x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(600, k, scale=k**-0.5)
         for kind, ref in ((NORM, add_rmsnorm_gemv_ref), (NORM_SWIGLU, add_rmsnorm_gemv_swiglu_ref)):
             for cfg in candidates(kind, rows, k):
@@ -339,18 +338,15 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     assert "fused_gemv_timings" in choices_report()
     for kind, op, ref, n in ((NORM, norm_op, add_rmsnorm_gemv_ref, 10272), (NORM_SWIGLU, glu_op,
                                                                             add_rmsnorm_gemv_swiglu_ref, 28672)):
-        x, res, nw, w = r(1, 4096), r(1, 4096), 1 + r(4096, scale=0.1), r(n, 4096, scale=4096**-0.5)
-        y, h = op(x, res, nw, 1e-5, w)  # the 8B shape: the ops apart, nothing timed or compiled for it
-        want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
-        assert (kind, 1, n, 4096, dtype, 0) not in CHOICES and torch.equal(h, res + x)
-        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
-        x5, res5 = r(5, 4096), r(5, 4096)  # a K = 4 verify window of the 8B shape: the tensor-core tiles, timed
-        y, h = op(x5, res5, nw, 1e-5, w)
-        want_y, _ = ref(x5.double(), res5.double(), nw.double(), 1e-5, w.double())
-        key = (kind, 5, n, 4096, dtype, 0)
-        assert TIMINGS[key]["how"] == "graph" and torch.equal(h, res5 + x5), TIMINGS[key]
-        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
-        print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
+        nw, w = 1 + r(4096, scale=0.1), r(n, 4096, scale=4096**-0.5)
+        for rows in (1, 5):  # the 8B shape's decode step and K = 4 verify window: the tensor-core tiles, timed
+            x, res = r(rows, 4096), r(rows, 4096)
+            y, h = op(x, res, nw, 1e-5, w)
+            want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+            key = (kind, rows, n, 4096, dtype, 0)
+            assert TIMINGS[key]["how"] == "graph" and torch.equal(h, res + x), TIMINGS[key]
+            assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
+            print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
 
 
 @NEEDS_TRITON
@@ -378,10 +374,10 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     assert kernel_choices() == {**rep, **fused.choices_report()}  # what the benchmarks' JSONs carry
 
 
-def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypatch):
-    """One row wider than MAX_K (the 8B shape's 4,096) never reaches the fused kernel: it lost to the ops apart at
-    every such shape on the H200 (2026-12-05), and compiling its tiles there costs warm-up time. Narrower rows still
-    do. Two rows or more reach it up to DOT_MAX_K, on the tensor-core tiles only."""
+def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):
+    """Rows wider than MAX_K (the 8B shape's 4,096) reach the fused kernel on its tensor-core tiles alone, at one row
+    as at eight: the CUDA-core tiles lost to the ops apart at every such shape on the H200 (2026-12-05), and
+    compiling them there costs warm-up time. Rows wider than DOT_MAX_K run the ops apart."""
     from mamballama_cli.ops import triton_gemv_fused as fused
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref
 
@@ -390,28 +386,53 @@ def test_the_fused_gemv_ops_run_the_ops_apart_on_rows_wider_than_max_k(monkeypat
 
     monkeypatch.setattr(fused, "fused_launch", boom)
     g = torch.Generator().manual_seed(0)
-    for k in (fused.MAX_K + 1, 4096):
-        x, r = (torch.randn(1, k, generator=g).to(torch.bfloat16) for _ in range(2))
-        nw, w = torch.randn(k, generator=g).to(torch.bfloat16), torch.randn(48, k, generator=g).to(torch.bfloat16)
-        assert not fused.norm_supported(x, r, nw, w)
-        y, h = fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
-        want_y, want_h = add_rmsnorm_gemv_ref(x, r, nw, 1e-5, w)
-        assert torch.equal(h, want_h) and torch.allclose(y.float(), want_y.float(), rtol=2e-2, atol=2e-2)
-    x, r = (torch.randn(1, fused.MAX_K, generator=g).to(torch.bfloat16) for _ in range(2))
-    nw = torch.randn(fused.MAX_K, generator=g).to(torch.bfloat16)
-    w = torch.randn(48, fused.MAX_K, generator=g).to(torch.bfloat16)
-    assert fused.norm_supported(x, r, nw, w)
-    with pytest.raises(AssertionError, match="fused kernel ran"):
-        fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
-    for rows, k, takes in ((2, 4096, True), (5, fused.DOT_MAX_K, True), (5, fused.DOT_MAX_K + 64, False)):
+    for rows, k, takes in ((1, fused.MAX_K, True), (1, 4096, True), (2, 4096, True), (5, fused.DOT_MAX_K, True),
+                           (1, fused.DOT_MAX_K + 64, False), (5, fused.DOT_MAX_K + 64, False)):
         x, r = (torch.randn(rows, k, generator=g).to(torch.bfloat16) for _ in range(2))
         nw, w = torch.randn(k, generator=g).to(torch.bfloat16), torch.randn(48, k, generator=g).to(torch.bfloat16)
         assert fused.norm_supported(x, r, nw, w) == takes, (rows, k)
+        if takes:
+            with pytest.raises(AssertionError, match="fused kernel ran"):
+                fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+        else:
+            y, h = fused.add_rmsnorm_gemv_triton(x, r, nw, 1e-5, w)
+            want_y, want_h = add_rmsnorm_gemv_ref(x, r, nw, 1e-5, w)
+            assert torch.equal(h, want_h) and torch.allclose(y.float(), want_y.float(), rtol=2e-2, atol=2e-2)
         for kind in (fused.NORM, fused.NORM_SWIGLU):
-            assert fused.candidates(kind, rows, k) == list(fused.DOT_CONFIGS)
-    assert fused.candidates(fused.NORM, 5, fused.MAX_K)[:-len(fused.DOT_CONFIGS)] == fused.candidates(fused.NORM, 5)[
-        :-len(fused.DOT_CONFIGS)] != []  # up to MAX_K the CUDA-core tiles too
+            assert fused.candidates(kind, rows, k) == (
+                fused.candidates(kind, rows) if k <= fused.MAX_K else list(fused.DOT_CONFIGS)), (rows, k)
 
+
+
+@NEEDS_TRITON
+def test_the_autotuned_fused_kernel_sets_its_rows_from_the_tile_it_runs():
+    """Through the autotuner (no explicit config) the kernel's ROWS comes from the tile it picked: 8 for a
+    tensor-core tile even at one row, 1 or 8 for a CUDA-core tile; each alone among the configs (so nothing is
+    timed under the interpreter) equals the reference at one row and at five, K past MAX_K for the tensor cores."""
+    out = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+from mamballama_cli.ops import triton_gemv_fused as f
+from mamballama_cli.ops.decode import add_rmsnorm_gemv_swiglu_ref
+every = list(f._fused_tuned.configs)
+gen = torch.Generator().manual_seed(0)
+out = {}
+for dot, k in ((True, 2048), (False, 512)):
+    f._fused_tuned.configs[:] = [c for c in every if c.kwargs["DOT"] == dot][:1]
+    for rows in (1, 5):
+        f._fused_tuned.cache.clear()
+        x, r = (torch.randn(rows, k, generator=gen).half() for _ in range(2))
+        nw = (1 + 0.1 * torch.randn(k, generator=gen)).half()
+        w = (torch.randn(96, k, generator=gen) / k ** 0.5).half()
+        y, h = f.fused_launch(f.NORM_SWIGLU, x, w, None, r, nw, 1e-5)
+        want = add_rmsnorm_gemv_swiglu_ref(x.double(), r.double(), nw.double(), 1e-5, w.double())[0]
+        out[f"{dot} {rows}"] = [float((y.double() - want).norm() / want.norm()), f.tile_of(f._fused_tuned.best_config)]
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=600)
+    from mamballama_cli.ops import triton_gemv_fused as fused
+
+    assert set(out) == {"True 1", "True 5", "False 1", "False 5"}
+    for name, (err, tile) in out.items():
+        assert err < 4e-3, out
+        assert (tuple(tile) in fused.DOT_CONFIGS) == name.startswith("True"), out
 
 @NEEDS_TRITON
 def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
@@ -424,20 +445,21 @@ def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
     assert sorted(map(fused.tile_of, configs)) == sorted(fused.CONFIGS + fused.DOT_CONFIGS)
     for kind in (fused.NORM, fused.NORM_SWIGLU):
         for m in range(1, 9):
-            for k in (576, 4096) if m > 1 else (576,):
+            for k in (576, 4096):
                 kept = fused._prune(configs, {"M": m, "KIND": kind, "K": k})
                 assert [fused.tile_of(c) for c in kept] == fused.candidates(kind, m, k), (kind, m, k)
                 assert all(bool(c.kwargs["DOT"]) == (len(fused.tile_of(c)) == 4) for c in kept)
             assert fused.candidates(kind, m, 576) == fused.candidates(kind, m)
-    assert (16, 1024, 8) in fused.candidates(fused.NORM, 1)
-    assert not set(fused.DOT_CONFIGS) & set(fused.candidates(fused.NORM, 1))  # tensor cores from 2 rows on
+    assert fused.candidates(fused.NORM, 1) == [*fused.CONFIGS, *fused.DOT_CONFIGS]  # every tile fits at one row
     # 2 x 8 x 4 x 256 = 128 x 128 float32 accumulators a thread: the CUDA-core tiles left at five rows of the SwiGLU
     # kind, then every tensor-core tile
     assert fused.candidates(fused.NORM_SWIGLU, 5) == [(4, 256, 4), (8, 128, 4), *fused.DOT_CONFIGS]
-    with pytest.raises(ValueError, match="needs 2 to 8 rows"):
-        x = torch.zeros(1, 64, dtype=torch.float16)
-        fused.fused_launch(fused.NORM, x, torch.zeros(32, 64, dtype=torch.float16), None, None,
-                           torch.ones(64, dtype=torch.float16), 1e-5, config=fused.DOT_CONFIGS[0])
+    # the kernel's ROWS: the tensor-core tiles 8 at any row count (one compiled code), the others 1 or 8
+    assert {fused.rows_of(t, m) for t in fused.DOT_CONFIGS for m in range(1, 9)} == {fused.DOT_ROWS} == {8}
+    assert [fused.rows_of(fused.CONFIGS[0], m) for m in (1, 2, 5, 8)] == [1, 8, 8, 8]
+    rows = fused._fused_tuned.fn.values["ROWS"]  # the autotuned path's rule (a heuristic on the picked tile)
+    assert [rows({"DOT": True, "M": m}) for m in (1, 2, 5)] == [8, 8, 8]
+    assert [rows({"DOT": False, "M": m}) for m in (1, 2, 5)] == [1, 8, 8]
 
 
 @NEEDS_TRITON

@@ -95,8 +95,13 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     assert sum(j[0] == "gemv" and j[1] == 1 for j in jobs) == 2 * len(gemv.CONFIGS)
     acc = [t for t in gemv.SKINNY if t[-1] == "acc"]
     assert sum(j[0] == "gemv" and j[1] > 1 for j in jobs) == 7 * len(acc) + len(gemv.SKINNY + gemv.EXTRA) - len(acc)
-    assert {tuple(j[1:3]) for j in jobs if j[0] == "fused"} == {(k, m) for k in (0, 1) for m in (1, 8)}
-    assert sum(j[0] == "fused" for j in jobs) == sum(len(fused.candidates(k, m)) for k in (0, 1) for m in (1, 8))
+    # the fused kernel: each distinct compilation once (kind, ROWS 1 or 8, tile; the tensor-core tiles are 8 rows'
+    # code at any row count), every candidate at every row count among them
+    compiled = {(j[1], fused.rows_of(tuple(j[3]), j[2]), tuple(j[3])) for j in jobs if j[0] == "fused"}
+    assert sum(j[0] == "fused" for j in jobs) == len(compiled)
+    assert compiled == {(k, fused.rows_of(t, m), t) for k in (0, 1) for m in range(1, 9)
+                        for t in fused.candidates(k, m, 576)}
+    assert {(k, r) for k, r, _ in compiled} == {(k, r) for k in (0, 1) for r in (1, 8)}
     assert {j[1] for j in jobs if j[0] == "decode"} == set(kernel_sass.DECODE_KERNELS)
     from mamballama_cli.ops import triton_decode
 

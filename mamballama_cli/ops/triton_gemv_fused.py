@@ -20,12 +20,12 @@ graph and a round trip of a few kilobytes, for work a GEMV beside it could do. H
   down_proj instead; every program then recomputed it over all of K, and the H200 timed that 10 us slower than
   the ops apart at the 8B shape.)
 
-The sum h rounds in the activation dtype as the reference's; the normalised activations are not rounded (the
+The sum h rounds in the activation dtype as the reference's; on CUDA cores the normalised activations are not rounded (the
 reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so y differs
 from it by about one such rounding. The SwiGLU epilogue rounds as its reference (g and u to the activation dtype,
 then silu, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a decode step or a
 verify window), bf16 or fp16, in one of two modes: on CUDA cores (:data:`CONFIGS`), float32 (rows x BLOCK_N x
-BLOCK_K) accumulators summed once after the loop; or, at 2 rows or more, on tensor cores (:data:`DOT_CONFIGS`), the
+BLOCK_K) accumulators summed once after the loop; or on tensor cores (:data:`DOT_CONFIGS`, the rows padded to 8), the
 normalised rows rounded to the activation dtype (the reference rounds them too) and multiplied by ``tl.dot`` into a
 float32 accumulator. The autotuner times both.
 
@@ -60,23 +60,26 @@ CONFIGS = ((4, 1024, 4), (8, 1024, 4), (16, 1024, 8), (2, 2048, 4),
            (4, 512, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (8, 1024, 8), (2, 1024, 4),
            (4, 256, 4), (8, 128, 4))
 REGS = 128
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): the tensor-core (DOT) candidates, for 2 to MAX_ROWS rows (padded to 8:
-# the rows are the product's N). Compiled for sm90 (benchmarks/kernel_sass.py --fused) the CUDA-core tiles issue
-# 15-53 instructions a weight element at those rows (8 float32 products each, and the 3-D accumulator's layout
-# changes through shared memory every iteration), these about 2-4. At the default teacher's K = 576 a verify
-# window's in_proj and [gate; up] had only the smallest CUDA-core tiles left under REGS (two at five rows of the
-# SwiGLU kind). Not yet timed on the H200: the timing against the ops apart decides, as for every tile.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages): the tensor-core (DOT) candidates, at any row count (the rows padded to
+# 8: they are the product's N; one row wastes seven eighths of a product that costs little). Compiled for sm90
+# (benchmarks/kernel_sass.py --fused) their loops issue 1.6-7.6 instructions a weight element (2.1-4.1 at 64
+# outputs), the same code at any row count; the CUDA-core tiles issue 15-53 at 2-8 rows (8 float32 products each,
+# and the 3-D accumulator's layout changes through shared memory every iteration) and 4.2-8.6 at one row and
+# K = 4,096, where every program also re-reads the whole row of x, residual and norm weight for a few outputs. At
+# the default teacher's K = 576 a verify window's in_proj and [gate; up] had only the smallest CUDA-core tiles left
+# under REGS (two at five rows of the SwiGLU kind). Not yet timed on the H200: the timing against the ops apart
+# decides, as for every tile.
 DOT_CONFIGS = ((16, 64, 2, 4), (32, 64, 2, 4), (64, 64, 4, 4), (16, 128, 2, 3), (32, 128, 4, 3), (64, 128, 4, 3))
-# The widest row (K) the kernels take at one row, and at 2 rows or more on CUDA cores. Their win is a launch saved,
-# which counts where a GEMV is short (the default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the
-# ops apart at every one-row shape on the H200 (ninth session, 2026-12-05), and compiled for sm90 their loops issue
-# 4.2-8.6 instructions a weight element at one row (the plain GEMV's 3.0-3.8) and 15-53 at five, so wider rows run
-# the ops apart without compiling them (each compile costs warm-up time on the GPU). The tenth session's LLVM
-# crash, first put down to K = 4,096, was the 2-4-row code at any K (see _padded).
+DOT_ROWS = 8  # the tensor-core tiles' ROWS
+# The widest row (K) the CUDA-core tiles take. Their win is a launch saved, which counts where a GEMV is short (the
+# default teacher's K = 576). At the 8B shape (K = 4,096) they lost to the ops apart at every one-row shape on the
+# H200 (ninth session, 2026-12-05), so wider rows go to the tensor-core tiles alone (each tile compiled costs
+# warm-up time on the GPU). The tenth session's LLVM crash, first put down to K = 4,096, was the 2-4-row code at any
+# K (see _padded).
 MAX_K = 1024
-# The widest row the tensor-core tiles take (2 rows or more): a verify window of the 8B shape (K = 4,096), where each
-# fused projection saves a norm kernel (56 a verify call) and the five-row GEMVs are what keeps verify above 1.07x
-# a step. Only DOT_CONFIGS are tried there; the timing against the ops apart decides, shape by shape.
+# The widest row the fused ops take (on the tensor-core tiles past MAX_K): the 8B shape's K = 4,096, where each
+# fused projection saves a norm kernel (65 a decode step or verify call: 32 layers x 2, and lm_head). The timing
+# against the ops apart decides, shape by shape.
 DOT_MAX_K = 8192
 NORM, NORM_SWIGLU = 0, 1  # the kernel's KIND
 OP_NAMES = ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu")
@@ -181,7 +184,8 @@ if triton is not None:
            for n, k, w, st in DOT_CONFIGS],
         key=["M", "N", "K", "KIND", "HAS_RES"],
         prune_configs_by={"early_config_prune": _prune},
-    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_fused_kernel))
+    )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
+                         "ROWS": lambda a: DOT_ROWS if a["DOT"] else _padded(a["M"])})(_fused_kernel))
 
 
 def _padded(m: int) -> int:
@@ -200,19 +204,16 @@ def _fits(kind: int, m: int, block_n: int, block_k: int, warps: int) -> bool:
 
 def candidates(kind: int, m: int, k: int | None = None) -> list[tuple]:
     """The tiles the autotuner may run for ``kind`` at ``m`` rows of width ``k`` (the others are pruned before
-    anything compiles): the entries of :data:`CONFIGS` whose accumulators fit (the last one if none does), and at
-    2 rows or more every entry of :data:`DOT_CONFIGS`; rows wider than :data:`MAX_K` (which only 2 rows or more
-    reach) the tensor-core tiles alone."""
-    dot = list(DOT_CONFIGS) if _padded(m) > 1 else []
-    if dot and k is not None and k > MAX_K:
-        return dot
-    return ([c for c in CONFIGS if _fits(kind, m, *c)] or list(CONFIGS[-1:])) + dot
+    anything compiles): the entries of :data:`CONFIGS` whose accumulators fit (the last one if none does) unless
+    ``k`` passes :data:`MAX_K`, then every entry of :data:`DOT_CONFIGS`."""
+    cuda_cores = [] if k is not None and k > MAX_K else (
+        [c for c in CONFIGS if _fits(kind, m, *c)] or list(CONFIGS[-1:]))
+    return cuda_cores + list(DOT_CONFIGS)
 
 
-def widest(m: int) -> int:
-    """The widest row (K) the fused ops take at ``m`` rows: :data:`MAX_K` at one row, :data:`DOT_MAX_K` at 2 or more
-    (the tensor-core tiles)."""
-    return MAX_K if _padded(m) == 1 else DOT_MAX_K
+def rows_of(tile: tuple, m: int) -> int:
+    """The kernel's ROWS for ``tile`` at ``m`` rows: :data:`DOT_ROWS` for a tensor-core tile, else :func:`_padded`."""
+    return DOT_ROWS if len(tile) == 4 else _padded(m)
 
 
 def tile_of(config) -> tuple:
@@ -235,7 +236,7 @@ def _common_ok(x, weight, bias, k: int) -> bool:
 def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> bool:
     """Whether :func:`fused_launch` runs ``add_rmsnorm_gemv`` (``kind`` NORM) or ``add_rmsnorm_gemv_swiglu``
     (NORM_SWIGLU: the weight's rows are [gate; up], an even count) on these arguments."""
-    return (_common_ok(x, weight, bias, x.shape[-1]) and x.shape[-1] <= widest(_rows(x, x.shape[-1]))
+    return (_common_ok(x, weight, bias, x.shape[-1]) and x.shape[-1] <= DOT_MAX_K
             and (kind == NORM or weight.shape[0] % 2 == 0)
             and (residual is None or (residual.shape == x.shape and residual.dtype == x.dtype))
             and norm_w.dtype == x.dtype and norm_w.shape == (x.shape[-1],)
@@ -244,8 +245,8 @@ def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> 
 
 def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, eps: float = 0.0,
                  config: tuple | None = None):
-    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS`, or at 2 rows or more of
-    :data:`DOT_CONFIGS`): x the new hidden (..., K);
+    """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS` or of :data:`DOT_CONFIGS`): x the
+    new hidden (..., K);
     returns (y, h), y (..., N) for ``kind`` NORM (weight (N, K)) and silu(gate) * up (..., N) for NORM_SWIGLU
     (weight [gate; up] (2N, K))."""
     N, K = weight.shape
@@ -271,13 +272,12 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
     with _device_guard(x):
         if config is None:
             _fused_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](
-                *args, KIND=kind, HAS_RES=residual is not None, HAS_BIAS=bias is not None, ROWS=_padded(M))
+                *args, KIND=kind, HAS_RES=residual is not None, HAS_BIAS=bias is not None)
         else:
             bn, bk, warps, *stages = config
-            if stages and _padded(M) == 1:
-                raise ValueError(f"tensor-core tile {config} needs 2 to {MAX_ROWS} rows, got {M}")
             _fused_kernel[(triton.cdiv(N, bn),)](*args, KIND=kind, HAS_RES=residual is not None,
-                                                 HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk, ROWS=_padded(M),
+                                                 HAS_BIAS=bias is not None, BLOCK_N=bn, BLOCK_K=bk,
+                                                 ROWS=rows_of(tuple(config), M),
                                                  EVEN_K=K % bk == 0, DOT=bool(stages), num_warps=warps,
                                                  **({"num_stages": stages[0]} if stages else {}))
     return y.view(*x.shape[:-1], N), h.view(x.shape)
