@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         else:
             tiles = [parse_tile(t) for t in args.tiles] if args.tiles else list(
                 g.CONFIGS if rows == 1 else g.SKINNY + g.EXTRA)
-            jobs = [("", lambda t=t, rows=rows: report(rows, t, k, args.pdl)) for t in tiles if (len(t) == 3) == (rows == 1)]
+            jobs = [("", lambda t=t, rows=rows: report(rows, t, k, args.pdl))
+                    for t in tiles if (len(t) == 3) == (rows == 1)]
         for name, job in jobs:
             try:
                 r = job()

@@ -20,10 +20,10 @@ graph and a round trip of a few kilobytes, for work a GEMV beside it could do. H
   down_proj instead; every program then recomputed it over all of K, and the H200 timed that 10 us slower than
   the ops apart at the 8B shape.)
 
-The sum h rounds in the activation dtype as the reference's; on CUDA cores the normalised activations are not rounded (the
-reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so y differs
-from it by about one such rounding. The SwiGLU epilogue rounds as its reference (g and u to the activation dtype,
-then silu, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a decode step or a
+The sum h rounds in the activation dtype as the reference's; on CUDA cores the normalised activations are not
+rounded (the reference rounds h / rms(h), then its product with norm_w, to the activation dtype before its GEMV), so
+y differs from it by about one such rounding. The SwiGLU epilogue rounds as its reference (g and u to the
+activation dtype, then silu, then the product). At 1 to :data:`~mamballama_cli.ops.triton_gemv.MAX_ROWS` rows (a decode step or a
 verify window), bf16 or fp16, in one of two modes: on CUDA cores (:data:`CONFIGS`), float32 (rows x BLOCK_N x
 BLOCK_K) accumulators summed once after the loop; or on tensor cores (:data:`DOT_CONFIGS`, the rows padded to 8), the
 normalised rows rounded to the activation dtype (the reference rounds them too) and multiplied by ``tl.dot`` into a
