@@ -403,7 +403,6 @@ def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(
                 fused.candidates(kind, rows) if k <= fused.MAX_K else list(fused.DOT_CONFIGS)), (rows, k)
 
 
-
 @NEEDS_TRITON
 def test_the_autotuned_fused_kernel_sets_its_rows_from_the_tile_it_runs():
     """Through the autotuner (no explicit config) the kernel's ROWS comes from the tile it picked: 8 for a
@@ -433,6 +432,7 @@ print(json.dumps(out))
     for name, (err, tile) in out.items():
         assert err < 4e-3, out
         assert (tuple(tile) in fused.DOT_CONFIGS) == name.startswith("True"), out
+
 
 @NEEDS_TRITON
 def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
@@ -542,7 +542,6 @@ def test_the_speed_benchmark_takes_no_pdl_and_hands_the_rest_to_eval_speed():
     assert bad.returncode != 0  # what --no-pdl would get without the script taking it
 
 
-
 @NEEDS_TRITON
 def test_offer_extra_gives_the_multi_row_autotuner_the_extra_tiles_once(monkeypatch):
     """``speculative_verify.py --gemv-extra`` (gpu_session.sh verifyx): the EXTRA tiles join the 2-8-row
@@ -559,6 +558,7 @@ def test_offer_extra_gives_the_multi_row_autotuner_the_extra_tiles_once(monkeypa
     assert [g.tile_name(c) for c in g._skinny_tuned.configs] == before + added
     assert g.offer_extra() == [] and g.offer_extra(g.SKINNY[:2]) == []
     assert [g.tile_name(c) for c in g._gemv_tuned.configs] == one_row
+
 
 def test_the_tile_benchmark_reads_tiles_and_refuses_without_cuda():
     """``benchmarks/gemv_tiles.py`` (gpu_session.sh gemvtiles): a tile is read as the kernel's config tuple, a
