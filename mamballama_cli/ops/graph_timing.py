@@ -4,6 +4,8 @@ shape with it, and report their choices with :func:`shape_report`."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -61,8 +63,6 @@ def kernel_choices() -> dict:
     (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``) and the fused norm + GEMV kernel's
     (``fused_gemv_shapes``, ``fused_gemv_timings``); empty lists for a module that was never imported (no CUDA,
     or the references forced)."""
-    import sys
-
     out = {"gemv_kernel_shapes": [], "fused_gemv_shapes": []}
     for name in ("triton_gemv", "triton_gemv_fused"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")

@@ -185,7 +185,7 @@ if triton is not None:
         key=["M", "N", "K", "KIND", "HAS_RES"],
         prune_configs_by={"early_config_prune": _prune},
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
-                         "ROWS": lambda a: DOT_ROWS if a["DOT"] else _padded(a["M"])})(_fused_kernel))
+                         "ROWS": lambda a: _kernel_rows(a["DOT"], a["M"])})(_fused_kernel))
 
 
 def _padded(m: int) -> int:
@@ -212,8 +212,13 @@ def candidates(kind: int, m: int, k: int | None = None) -> list[tuple]:
 
 
 def rows_of(tile: tuple, m: int) -> int:
-    """The kernel's ROWS for ``tile`` at ``m`` rows: :data:`DOT_ROWS` for a tensor-core tile, else :func:`_padded`."""
-    return DOT_ROWS if len(tile) == 4 else _padded(m)
+    """The kernel's ROWS for ``tile`` (an entry of :data:`CONFIGS` or :data:`DOT_CONFIGS`) at ``m`` rows."""
+    return _kernel_rows(len(tile) == 4, m)
+
+
+def _kernel_rows(dot: bool, m: int) -> int:
+    # DOT_ROWS for a tensor-core tile at any row count, else _padded(m); the autotuned path's heuristic too
+    return DOT_ROWS if dot else _padded(m)
 
 
 def tile_of(config) -> tuple:
