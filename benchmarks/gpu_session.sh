@@ -22,6 +22,8 @@
 # 2026-12-05), which N workers spread over the 16 cores.
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
 # attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
+# GATE=0: the speed and verify steps time the hybrid without Mamba-2's z projection (convert --no-gate); their
+# files get "-nogate" (e.g. GATE=0 ... b1pair writes speed-b1pair-nogate.json).
 # Logs, tables and JSON land in $OUT (default ./out).
 set -uo pipefail
 STEPS=${*:-env tests full}
@@ -35,6 +37,7 @@ left() {  # timeout for a step: its own cap or the time left before the deadline
 }
 speed() {  # name, timeout cap, extra args
     local name=$1 cap=$2; shift 2
+    [ "${GATE:-1}" = 0 ] && { name="$name-nogate"; set -- "$@" --no-gate; }
     stamp "speed $name: $*"
     timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio "${RATIO:-0.25}" "$@" \
         --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
@@ -90,12 +93,13 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
-        verify|verifyx) nv=1; v="speculative-$step"  # a repeat of the step writes -2, -3, ...
-                while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="speculative-$step-$nv"; done
+        verify|verifyx) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
+                base=$v; while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="$base-$nv"; done
                 # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY)
                 stamp "$step vs plain step (8B shape, K=4), run $nv"
                 timeout "$(left 240)" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
-                    --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) --json "$OUT/$v.json" \
+                    --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
+                    $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) --json "$OUT/$v.json" \
                     > "$OUT/$v.txt" 2>&1
                 echo "exit $?"; tail -20 "$OUT/$v.txt" ;;
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;

@@ -46,7 +46,7 @@ SHAPES = {
 }
 
 
-def build_models(shape: str, ratio: float, draft_layers: int, dtype, device):
+def build_models(shape: str, ratio: float, draft_layers: int, dtype, device, gate: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import mamballama_cli  # noqa: F401
@@ -65,7 +65,7 @@ def build_models(shape: str, ratio: float, draft_layers: int, dtype, device):
             torch.manual_seed(0)
             target = MamballamaForCausalLM(MamballamaConfig(
                 **s, attn_layers=attn, rope_parameters={"rope_type": "default", "rope_theta": theta},
-                tie_word_embeddings=False, rms_norm_eps=1e-5)).eval()
+                tie_word_embeddings=False, rms_norm_eps=1e-5, mamba_gate=gate)).eval()
             dcfg = LlamaConfig(**{**s, "num_hidden_layers": draft_layers}, rope_theta=theta, rms_norm_eps=1e-5,
                                tie_word_embeddings=False)
             draft_llama = LlamaForCausalLM(dcfg).eval()
@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512, help="prompt tokens before the timed steps")
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--loop-tokens", type=int, default=128, help="new tokens of the end-to-end run (0: skip)")
+    ap.add_argument("--no-gate", action="store_true",
+                    help="the target's Mamba-2 mixers without the z projection and gate (convert --no-gate)")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
@@ -147,7 +149,8 @@ def main() -> None:
         print(f"gemv: {len(extra)} EXTRA tiles offered to the 2-8-row autotuner", file=sys.stderr)
     K = args.k
     t0 = time.perf_counter()
-    target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device)
+    target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device,
+                                       gate=not args.no_gate)
     print(f"built target ({params(target) / 1e9:.2f}B params, attention layers {attn}) and draft "
           f"({params(draft) / 1e9:.2f}B params, {args.draft_layers} layers) in {time.perf_counter() - t0:.0f} s",
           file=sys.stderr)
@@ -209,7 +212,7 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"device": torch.cuda.get_device_name(device) if graphs else platform.processor() or "cpu",
                     "torch": torch.__version__, "python": platform.python_version()},
-        "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context,
+        "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context, "mamba_gate": not args.no_gate,
         "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
         "verify_backends": parts["verify_backends"],

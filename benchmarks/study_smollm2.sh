@@ -49,7 +49,7 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-240}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
-RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 (h50 always converts first; nr: no recall documents)
+RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng (h50 always converts first; nr: no recall documents; ng: convert --no-gate, Mamba-2 without its z projection)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
 source "$(dirname "$0")/study_common.sh"
 study_init
@@ -78,6 +78,8 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto --placement-score kl; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto --placement-score kl; } &
 { ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall; } &
 { ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
+{ ! wants d50ng || conv h50ng --ratio 0.5 --no-gate; } &
+{ ! wants d50krng || conv h50krng --ratio 0.5 --attn-layers auto --placement-score kl+recall --no-gate; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 
@@ -113,7 +115,9 @@ for r in $RUNS; do
     d50kr) run d50kr h50kr "$WORK/default-recipe.yaml" & ;;
     d25kr) run d25kr h25kr "$WORK/default-recipe.yaml" & ;;
     p50) run p50 h50paper "$WORK/paper-recipe.yaml" & ;;
-    *) echo "unknown run $r (known: d50 d50nr d25 d50auto d25auto d50kr d25kr p50)" >&2 ;;
+    d50ng) run d50ng h50ng "$WORK/default-recipe.yaml" & ;;
+    d50krng) run d50krng h50krng "$WORK/default-recipe.yaml" & ;;
+    *) echo "unknown run $r (known: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng)" >&2 ;;
   esac
 done
 wait

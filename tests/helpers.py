@@ -111,12 +111,13 @@ def teacher_and_half_hybrid(root: Path) -> tuple[Path, Path]:
     return teacher, root / "h50"
 
 
-def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", **kw):
-    """A converted tiny hybrid (via the real converter) in float32."""
+def tiny_hybrid(attn_layers=(1, 3), n_heads=4, n_kv=2, seed=0, mixer="mamba2", overrides=None, **kw):
+    """A converted tiny hybrid (via the real converter) in float32 (``overrides``: hybrid config fields)."""
     from mamballama_cli.convert.converter import convert_model
 
     teacher = tiny_llama(seed=seed, n_heads=n_heads, n_kv=n_kv, **kw)
-    student, _ = convert_model(teacher, list(attn_layers), mixer=mixer, dtype=torch.float32, seed=seed)
+    student, _ = convert_model(teacher, list(attn_layers), mixer=mixer, dtype=torch.float32, seed=seed,
+                               config_overrides=overrides)
     return student, teacher
 
 

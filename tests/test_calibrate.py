@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from clihelp import run_cli
-from helpers import save_teacher, tiny_hybrid
+from helpers import rel_err, save_teacher, tiny_hybrid
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -68,6 +68,29 @@ def test_convert_reports_every_layer_and_the_step0_perplexities(tmp_path, capsys
     p = json.loads(r.out)["calibration"]
     assert p["init"]["D"] == 1.0 and not p["init"]["gains"]
     assert all(x["final"] == x["structured"] for x in p["layers"])
+
+
+def test_convert_no_gate_writes_a_hybrid_without_z_rows_that_auto_loads(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    teacher = save_teacher(tmp_path / "t", n_heads=4, n_kv=2, layers=6)
+    r = run_cli(["convert", teacher, "--attn-layers", "auto", "--ratio", "0.5", "--no-gate", "--output",
+                 tmp_path / "h", "--calibration-seqs", "2", "--calibration-len", "64", "--json"], capsys)
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    assert "gate_positive_fraction" not in str(s["calibration"]["layers"])  # no gate to open
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert model.config.mamba_gate is False and len(model.config.attn_layers) == 3
+    for i in model.config.mamba_layers:
+        m = model.model.layers[i].mamba
+        assert m.in_proj.weight.shape[0] == m.conv_dim + m.n_heads
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 16)
+    for args, needle in ((["--mixer", "mamba1"], "--mixer mamba1"), (["--draft-layers", "0,2"], "--draft-layers")):
+        r = run_cli(["convert", teacher, "--no-gate", *args, "--output", tmp_path / "o"], capsys)
+        assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and needle in r.err and "--no-gate" in r.err
+        assert not (tmp_path / "o").exists()
 
 
 def test_attn_layers_auto_keeps_as_many_layers_as_even_spacing(tmp_path, capsys):
@@ -136,3 +159,44 @@ def test_bad_calibration_options_are_one_line_errors(tmp_path, capsys):
         r = run_cli(["convert", teacher, "--output", tmp_path / "o", *args], capsys)
         assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and needle in r.err, (args, r.err)
         assert not (tmp_path / "o").exists()
+
+
+def test_no_gate_starts_as_the_open_gate_wherever_that_gate_is_positive():
+    """A mixer without the gate (--no-gate), holding the gated one's other parameters, equals the gated one with
+    the open gate on every token whose gate is positive, and is its negative where the gate is negative: the
+    per-head norm keeps only the sign of a gate that is one number per token. Up to the norm's eps, which is set
+    to 0 here: with eps, norm(s y) = y / sqrt(mean(y^2) + eps / s^2), and this tiny random model's heads have
+    mean(y^2) near eps. On the default teacher the gate is positive on at least 99.6% of the calibration tokens
+    of every layer (docs/results/*/convert-*.json, gate_positive_fraction)."""
+    import torch.nn.functional as F
+
+    from mamballama_cli.convert.calibrate import calibrate_hybrid, init_spec
+    from mamballama_cli.models.step import OpTable, Step
+
+    ids = torch.randint(3, 96, (4, 64), generator=torch.Generator().manual_seed(1))
+    spec = init_spec("gains=false")  # the calibrated start without the fit, which the flipped tokens would move
+    gated, teacher = tiny_hybrid(attn_layers=(3,))
+    free, _ = tiny_hybrid(attn_layers=(3,), overrides={"mamba_gate": False})
+    calibrate_hybrid(gated, teacher, ids, spec)
+    mixed = 0
+    for i in (0, 1, 2):
+        g, f = gated.model.layers[i].mamba, free.model.layers[i].mamba
+        assert f.in_proj.out_features == g.in_proj.out_features - g.d_inner and f.d_z == 0
+        g.eps = f.eps = 0.0
+        with torch.no_grad():  # every parameter of the gated mixer but the gate's rows
+            for name, p in f.named_parameters():
+                q = g.get_parameter(name)
+                p.copy_(q[g.d_inner:] if name == "in_proj.weight" else q)
+        x = torch.randn(2, 24, 64, generator=torch.Generator().manual_seed(i))
+        x = gated.model.layers[i].input_layernorm(x)
+        with torch.no_grad():
+            yg, yf = g(x), f(x)
+            gate = F.silu(g.in_proj(x)[..., 0])  # every gate row of the open gate is the same row
+            one = OpTable("cpu")
+            stepped = torch.stack([f.step(x[:, t], f.allocate_state(2, torch.float32, "cpu"), Step(one))
+                                   for t in range(1)], 1)
+        pos, neg = gate > 0.5, gate < -0.05
+        mixed += int(neg.any())
+        assert rel_err(yg[pos], yf[pos]) < 1e-4 and rel_err(yg[neg], -yf[neg]) < 1e-4
+        assert rel_err(stepped, yf[:, :1]) < 1e-5
+    assert mixed  # the tiny teacher has tokens of both signs, so both branches are checked

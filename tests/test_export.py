@@ -271,6 +271,7 @@ def test_output_guard_and_force(exported, tmp_path, capsys):
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"sliding_window": 16}, "sliding_window=16"),
         ({"mamba_gated_norm": False}, "mamba_gated_norm=False"),
+        ({"mamba_gate": False}, "mamba_gate=False (convert --no-gate)"),
     ],
 )
 def test_refuses_what_granite_cannot_hold(exported, tmp_path, capsys, edit, reason):

@@ -19,9 +19,15 @@ TOL = 1e-4
 
 
 def hybrid(mixer: str, attn_layers=(1, 3)):
+    """``mixer``: mamba2, mamba1, or mamba2-nogate (Mamba-2 without the z projection, convert --no-gate)."""
     # Mamba-1 needs a head dim that is a multiple of its d_state (16): 4 heads of 32
     hidden = 128 if mixer == "mamba1" else 64
-    model, _ = tiny_hybrid(attn_layers=attn_layers, mixer=mixer, hidden=hidden, seed=2)
+    overrides = {"mamba_gate": False} if mixer == "mamba2-nogate" else None
+    model, _ = tiny_hybrid(attn_layers=attn_layers, mixer=mixer.split("-")[0], hidden=hidden, seed=2,
+                           overrides=overrides)
+    if overrides:
+        m = model.model.layers[0].mamba
+        assert m.in_proj.out_features == m.conv_dim + m.n_heads and m.out_proj.in_features == m.d_inner
     return model.eval()
 
 
@@ -40,7 +46,7 @@ def layer_input(model, n, batch=2, seed=0):
 
 
 # --- each mixer: one token at a time == one window step == the parallel forward -----------------------------
-@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1", "mamba2-nogate"])
 def test_recurrent_mixer_steps_equal_the_parallel_forward(mixer):
     model = hybrid(mixer)
     m = model.model.layers[0].mamba
@@ -76,7 +82,7 @@ def test_recurrent_mixer_steps_equal_the_parallel_forward(mixer):
     assert rel(windowed.ckpt, full_state["ssm"]) < TOL
 
 
-@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1", "mamba2-nogate"])
 def test_window_grows_by_continue_steps_and_rolls_back(mixer):
     """A draft's window: tokens appended one at a time from the live state, then cut back to a prefix."""
     model = hybrid(mixer)
@@ -137,7 +143,7 @@ def test_attention_decode_and_window_steps_equal_the_parallel_forward():
 
 # --- the runtime's walk: the model's own logits ---------------------------------------------------------------
 @pytest.mark.parametrize("mixer,attn_layers", [("mamba2", (1, 3)), ("mamba2", ()), ("mamba1", (2,)),
-                                               ("mamba1", ())])
+                                               ("mamba1", ()), ("mamba2-nogate", (1, 3))])
 def test_runtime_decode_and_window_walks_equal_the_model(mixer, attn_layers):
     model = hybrid(mixer, attn_layers)
     P, T, b = 6, 5, 2

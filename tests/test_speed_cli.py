@@ -43,6 +43,24 @@ def test_eval_speed_tiny_shape_writes_table_and_json(tmp_path, capsys):
     assert data["models"]["attn_layers"] == [3]
 
 
+def test_eval_speed_no_gate_reads_the_gate_rows_fewer_a_token(tmp_path, capsys):
+    """--no-gate times convert --no-gate's hybrid: the floor's bytes drop by exactly the z rows of in_proj."""
+    read = {}
+    for flag in ([], ["--no-gate"]):
+        out = tmp_path / f"speed{len(flag)}.json"
+        res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--models", "hybrid", "--batch-sizes",
+                       "1", "--prompt-tokens", "4", "--new-tokens", "2", "--contexts", "", "--dtype", "float32",
+                       *flag, "--output", out], capsys)
+        assert res.code == 0, res.err
+        data = json.loads(out.read_text())
+        assert data["models"]["mamba_gate"] == (not flag) and not [r for r in data["rows"] if "error" in r]
+        read[bool(flag)] = data["floor"]["hybrid"]["read_bytes_per_token"]
+    # tiny: 3 Mamba layers, z = 4 heads x 16 rows of 64 inputs, float32
+    assert read[False] - read[True] == 3 * 4 * 16 * 64 * 4
+    res = run_cli(["eval", "speed", "--model", str(tmp_path), "--no-gate"], capsys)
+    assert res.code != 0 and "--no-gate" in res.err and len(res.err.strip().splitlines()) == 1
+
+
 def test_eval_speed_max_batch_finds_the_largest_batch_per_context_and_keeps_failures(tmp_path, capsys):
     from mamballama_cli.evaluation.speed_limit import largest_batch
 

@@ -27,6 +27,8 @@ def command(
                                           "attention (default 0.25)."),
     attn_layers: Optional[str] = typer.Option(None, "--attn-layers", help="With --shape: explicit attention "
                                               "layers, e.g. 3,7,11."),
+    no_gate: bool = typer.Option(False, "--no-gate", help="With --shape: the hybrid's Mamba-2 mixers without "
+                                 "the z projection and its gate (convert --no-gate)."),
     dtype: Optional[str] = dtype_option(),
     device: Optional[str] = device_option(),
     prompt_tokens: Optional[int] = typer.Option(None, "--prompt-tokens", help="Prompt length of the batch runs "
@@ -71,6 +73,7 @@ def command(
         context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
         teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
         prefill_chunk=prefill_chunk, max_batch=max_batch or None, memory_limit_gb=memory_limit,
+        gate=False if no_gate else None,
     )
     if cfg.output:
         parent = Path(cfg.output).expanduser().resolve().parent

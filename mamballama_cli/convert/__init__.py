@@ -31,6 +31,7 @@ class ConvertConfig:
     calibration_seqs: int = 8  # sequences of built-in text that calibrate and measure the converted layers
     calibration_len: int = 256  # tokens per calibration sequence
     placement_score: str = "kl+recall"  # --attn-layers auto: kl | recall | kl+recall (that layer alone converted) | residual
+    gate: bool = True  # Mamba-2's z projection and gate; False (--no-gate): none (docs/architecture.md, "The gate")
 
     def validate(self) -> None:
         if not self.output:
@@ -49,6 +50,11 @@ class ConvertConfig:
             if given:
                 raise UsageError(f"--feature-draft builds a one-layer draft that reads the teacher's features; drop "
                                  f"{' and '.join(given)} (they shape hybrids and cut drafts)")
+        if not self.gate and (self.mixer != "mamba2" or self.draft_layers is not None or self.feature_draft):
+            what = "--draft-layers" if self.draft_layers is not None else (
+                "--feature-draft" if self.feature_draft else f"--mixer {self.mixer}")
+            raise UsageError(f"--no-gate drops the Mamba-2 mixers' z projection; it does not apply with {what} "
+                             "(drop --no-gate)")
         from mamballama_cli.convert.calibrate import init_spec
 
         init_spec(self.init)
@@ -117,13 +123,14 @@ def run_convert(cfg: ConvertConfig) -> dict:
         calib = CalibrationRun(teacher, tokenizer, cfg)
     placement = None
     if auto:
-        placement = calib.auto_placement(len(attn_layers), spec, cfg.mixer, cfg.seed, cfg.placement_score)
+        placement = calib.auto_placement(len(attn_layers), spec, cfg.mixer, cfg.seed, cfg.placement_score,
+                                         overrides=mixer_overrides(cfg))
         attn_layers = placement["attn_layers"]
     log(f"converting {source.name} ({family.name}, {n_layers} layers) -> {cfg.mixer} hybrid keeping attention in "
         f"{len(attn_layers)} layer(s): {attn_layers}")
     student, report = convert_model(
         teacher, attn_layers, mixer=cfg.mixer, dtype=torch.float32, seed=cfg.seed,
-        teacher_info={"name_or_path": source.name, "kind": source.kind},
+        teacher_info={"name_or_path": source.name, "kind": source.kind}, config_overrides=mixer_overrides(cfg),
     )
     calibration = calib.run(student, spec) if calib is not None else {"init": cfg.init, "measured": False}
     if placement is not None:
@@ -137,6 +144,11 @@ def run_convert(cfg: ConvertConfig) -> dict:
 
     summary["mamballama_version"] = __version__
     return save_conversion(out_dir, student, tokenizer, summary, cfg)
+
+
+def mixer_overrides(cfg: ConvertConfig) -> dict:
+    """The hybrid config's mixer options that `convert`'s own options set."""
+    return {} if cfg.gate else {"mamba_gate": False}
 
 
 def save_conversion(out_dir, model, tokenizer, summary: dict, cfg) -> dict:
@@ -220,7 +232,7 @@ class CalibrationRun:
             "layers": layers,
         }
 
-    def auto_placement(self, n_keep: int, spec, mixer: str, seed: int, score: str) -> dict:
+    def auto_placement(self, n_keep: int, spec, mixer: str, seed: int, score: str, overrides=None) -> dict:
         """Keep attention in the ``n_keep`` layers whose conversion hurts most.
 
         Every layer is converted once (calibrated start), then scored with that layer alone converted in the
@@ -239,7 +251,8 @@ class CalibrationRun:
         L = teacher.config.num_hidden_layers
         want_kl, want_recall = score in ("kl", "kl+recall"), score in ("recall", "kl+recall")
         try:
-            allm, _ = convert_model(teacher, [], mixer=mixer, dtype=torch.float32, seed=seed)
+            allm, _ = convert_model(teacher, [], mixer=mixer, dtype=torch.float32, seed=seed,
+                                    config_overrides=overrides)
             allm.to(self.device)
             with _progress("placement: converting every layer", L) as tick:
                 layers = calibrate_hybrid(allm, teacher, self.ids, spec, progress=tick)

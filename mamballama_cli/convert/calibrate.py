@@ -234,7 +234,8 @@ def apply_structure(mixer, spec: InitSpec, x: Tensor | None) -> dict:
             mixer.conv1d.bias.zero_()
     if hasattr(mixer, "D"):
         mixer.D.fill_(spec.D)
-    if spec.gate == "open":
+    rows = mixer.in_proj_slices().get("z") if hasattr(mixer, "in_proj_slices") else None
+    if spec.gate == "open" and rows is not None and rows.stop > rows.start:  # a mixer without a gate has no z rows
         if x is None:
             raise UsageError("the open gate needs calibration text (the layer input's mean direction)")
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -243,7 +244,6 @@ def apply_structure(mixer, spec: InitSpec, x: Tensor | None) -> dict:
         proj = flat @ direction  # what every gate row reads, per token
         scale = 4.0 / proj.median().abs().clamp_min(1e-6)  # silu(z) about 4 on the median token
         w = mixer.in_proj.weight
-        rows = mixer.in_proj_slices()["z"]
         w[rows] = (scale * direction).to(w.dtype).expand(rows.stop - rows.start, -1)
         if mixer.in_proj.bias is not None:
             mixer.in_proj.bias[rows] = 0.0

@@ -51,13 +51,15 @@ def teacher_config(name: str):
     return LlamaConfig(bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.02, **kw)
 
 
-def hybrid_config(teacher_cfg, attn_layers: list[int]):
-    """The MamballamaConfig convert would build from ``teacher_cfg`` keeping attention in ``attn_layers``."""
+def hybrid_config(teacher_cfg, attn_layers: list[int], **overrides):
+    """The MamballamaConfig convert would build from ``teacher_cfg`` keeping attention in ``attn_layers``
+    (``overrides``: config fields convert's options set, e.g. ``mamba_gate=False``)."""
     from mamballama_cli.convert.converter import hybrid_config_for
     from mamballama_cli.convert.families import family_for
 
     return hybrid_config_for(teacher_cfg, family_for(teacher_cfg), list(attn_layers),
-                             teacher_info={"name_or_path": "random", "model_type": teacher_cfg.model_type})
+                             teacher_info={"name_or_path": "random", "model_type": teacher_cfg.model_type},
+                             **overrides)
 
 
 def random_model(cls, config, dtype, device, seed: int = 0):

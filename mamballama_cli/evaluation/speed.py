@@ -49,6 +49,7 @@ class SpeedConfig:
     shape: str | None = None  # named shape with random weights (evaluation/shapes.py)
     ratio: float = 0.25  # with shape: fraction of layers that keep attention
     attn_layers: str | None = None  # with shape: explicit attention layers, e.g. "3,7,11"
+    gate: bool = True  # with shape: Mamba-2's z projection and gate (False: convert --no-gate's hybrid)
     dtype: str = "auto"
     device: str = "auto"
     prompt_tokens: int = 128
@@ -75,6 +76,9 @@ class SpeedConfig:
             shape_kwargs(self.shape)
             if not 0.0 <= self.ratio <= 1.0:
                 raise UsageError(f"--ratio {self.ratio} is outside [0, 1]")
+        elif not self.gate:
+            raise UsageError("--no-gate shapes the random hybrid of --shape; a --model checkpoint's own config "
+                             "says whether it has a gate (drop --no-gate)")
         if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
             raise UsageError(f"--memory-limit {self.memory_limit_gb}: give a positive number of GB")
         if self.max_batch and not self.contexts:

@@ -26,8 +26,9 @@ class SpeedModels:
 
             tc = teacher_config(self.cfg.shape)
             hc = hybrid_config(tc, resolve_attention_layers(tc.num_hidden_layers, self.cfg.ratio,
-                                                            self.cfg.attn_layers))
-            self.describe.update(shape=self.cfg.shape, attn_layers=hc.attn_layers)
+                                                            self.cfg.attn_layers),
+                               **({} if self.cfg.gate else {"mamba_gate": False}))
+            self.describe.update(shape=self.cfg.shape, attn_layers=hc.attn_layers, mamba_gate=hc.mamba_gate)
             return random_model(MamballamaForCausalLM, hc, self.dtype, self.device, self.cfg.seed)
         from mamballama_cli.loading import checkpoint_dir
         from transformers import AutoModelForCausalLM

@@ -71,6 +71,9 @@ def refusal_reasons(cfg) -> list[str]:
                 )
             if not cfg.mamba_gated_norm:
                 reasons.append("mamba_gated_norm=False: GraniteMoeHybrid always applies the gated RMSNorm")
+            if not getattr(cfg, "mamba_gate", True):
+                reasons.append("mamba_gate=False (convert --no-gate): GraniteMoeHybrid gates its norm by a z "
+                               "projection, which this hybrid does not have")
             if cfg.mamba_activation != "silu":
                 reasons.append(
                     f"mamba_activation={cfg.mamba_activation!r}: GraniteMoeHybrid applies hidden_act "

@@ -130,6 +130,8 @@ class AttentionInitMixer(nn.Module):
         w = self.in_proj.weight
         s = self.in_proj_slices()
         for part in ("z", "dt"):
+            if s[part].stop == s[part].start:  # no gate (``mamba_gate=False``): no z rows
+                continue
             fresh = torch.empty_like(w[s[part]])
             nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))  # nn.Linear's default
             w[s[part]] = fresh
@@ -167,11 +169,12 @@ class AttentionInitMixer(nn.Module):
     def fresh_targets(self) -> list[tuple[str, slice | None]]:
         """Parameters (or row ranges) the attention weights do not provide; initialised fresh."""
         s = self.in_proj_slices()
-        fresh = [("in_proj.weight", s["z"]), ("in_proj.weight", s["dt"])] + [(n, None) for n in self.FRESH_PARAMS]
+        parts = [s[k] for k in ("z", "dt") if s[k].stop > s[k].start]
+        fresh = [("in_proj.weight", rows) for rows in parts] + [(n, None) for n in self.FRESH_PARAMS]
         if self.conv1d.bias is not None:
             fresh.append(("conv1d.bias", None))
         if self.in_proj.bias is not None:
-            fresh += [("in_proj.bias", s["z"]), ("in_proj.bias", s["dt"])]
+            fresh += [("in_proj.bias", rows) for rows in parts]
         return fresh
 
     @torch.no_grad()
@@ -193,7 +196,8 @@ class Mamba2Mixer(AttentionInitMixer):
         self.eps = config.rms_norm_eps
         self.A_init_range = tuple(config.mamba_A_init_range)
 
-        self.d_z = self.n_heads * self.headdim
+        self.d_inner = self.n_heads * self.headdim  # the SSM output, what the norm and out_proj read
+        self.d_z = self.d_inner if config.mamba_gate else 0  # the gate's rows of in_proj (none without a gate)
         self.d_x = self.n_groups * self.headdim
         self.d_B = self.n_groups * self.d_state
         self.d_C = self.n_heads * self.d_state
@@ -204,8 +208,8 @@ class Mamba2Mixer(AttentionInitMixer):
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
-        self.norm = GatedRMSNorm(self.d_z, eps=self.eps, group_size=self.headdim)
-        self.out_proj = nn.Linear(self.d_z, self.hidden_size, bias=config.mamba_proj_bias)
+        self.norm = GatedRMSNorm(self.d_inner, eps=self.eps, group_size=self.headdim)
+        self.out_proj = nn.Linear(self.d_inner, self.hidden_size, bias=config.mamba_proj_bias)
         self.init_ssm_parameters()
 
     # --- layout ------------------------------------------------------------------------------------------
@@ -238,7 +242,7 @@ class Mamba2Mixer(AttentionInitMixer):
             self.dt_bias: inverse_softplus(dt),
             self.A_log: torch.log(torch.empty(self.n_heads).uniform_(lo, hi)),
             self.D: torch.ones(self.n_heads),
-            self.norm.weight: torch.ones(self.d_z),
+            self.norm.weight: torch.ones(self.d_inner),
         }
         self.write_initial(values, init_mod)
 
@@ -252,6 +256,11 @@ class Mamba2Mixer(AttentionInitMixer):
         }
 
     # --- forward -----------------------------------------------------------------------------------------
+    def split_in(self, zxbcdt: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:
+        """in_proj's output (..., d_in_proj) -> z (None without a gate), [x | B | C], dt_raw: views."""
+        z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        return (z if self.d_z else None), xbc, dt_raw
+
     def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return torch.split(xbc, [self.d_x, self.d_B, self.d_C], dim=-1)
 
@@ -267,7 +276,7 @@ class Mamba2Mixer(AttentionInitMixer):
         x (b, l, n_groups, P), B (b, l, n_groups, N), C (b, l, n_heads, N), dt_raw (b, l, n_heads).
         """
         b, seqlen, _ = zxbcdt.shape
-        z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        z, xbc, dt_raw = self.split_in(zxbcdt)
         weight = self.conv1d.weight[:, 0, :]  # (conv_dim, width)
         xbc, new_conv = ops.causal_conv1d(
             xbc.transpose(1, 2), weight, self.conv1d.bias, initial_state=conv_state, activation=self.activation
@@ -315,7 +324,7 @@ class Mamba2Mixer(AttentionInitMixer):
         y, final_state = ops.ssd_scan(
             self._expand_heads(x), dt, A, B, C, chunk_size=self.chunk_size, D=self.D, initial_state=ssm_state
         )
-        return y.reshape(b, seqlen, self.d_z), z, new_conv, final_state
+        return y.reshape(b, seqlen, self.d_inner), z, new_conv, final_state
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
     def _step_one(self, x: Tensor, state: dict, step: Step) -> Tensor:
@@ -324,7 +333,7 @@ class Mamba2Mixer(AttentionInitMixer):
         fns = step.fns
         b = x.shape[0]
         zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, fns)  # (batch, d_in_proj)
-        z, xbc, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        z, xbc, dt_raw = self.split_in(zxbcdt)
         xbc = fns["conv_update_inplace"](xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias,
                                          self.activation)
         xs, Bs, Cs = torch.split(xbc, [self.d_x, self.d_B, self.d_C], dim=-1)
@@ -332,7 +341,8 @@ class Mamba2Mixer(AttentionInitMixer):
         y = fns["ssm_step_gated"](
             state["ssm"], xs.reshape(b, self.n_groups, self.headdim), Bs.reshape(b, self.n_groups, self.d_state),
             Cs.reshape(b, self.n_heads, self.d_state), dt_raw, self.dt_bias, self.A_log, self.D,
-            z.reshape(b, self.n_heads, self.headdim) if gated else None, self.norm.weight if gated else None,
+            z.reshape(b, self.n_heads, self.headdim) if gated and z is not None else None,
+            self.norm.weight if gated else None,
             self.eps,
         )  # (batch, n_heads * headdim)
         return fns["gemv"](y.to(self.out_proj.weight.dtype), self.out_proj.weight, self.out_proj.bias)
@@ -343,7 +353,7 @@ class Mamba2Mixer(AttentionInitMixer):
         append to the window (which then holds ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
         zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
-        z, xbc_in, dt_raw = torch.split(zxbcdt, [self.d_z, self.conv_dim, self.n_heads], dim=-1)
+        z, xbc_in, dt_raw = self.split_in(zxbcdt)
         slot = step.slot if step.slot is not None else win.slot
         if step.rebase:
             # the w1 conv inputs before the new window start keep entries into the buffer
@@ -371,7 +381,7 @@ class Mamba2Mixer(AttentionInitMixer):
         else:
             y, _, _ = step.fns["ssm_replay"](start, *old, n_replay, xs, dt_raw, B, C, win.A, self.dt_bias, self.D,
                                              **kw)
-        return self.output(y.reshape(b, T, self.d_z), z, step.fns["gemv"], normed=self.gated_norm)
+        return self.output(y.reshape(b, T, self.d_inner), z, step.fns["gemv"], normed=self.gated_norm)
 
 
 class Mamba2Window(ReplayWindow):
