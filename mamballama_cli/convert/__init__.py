@@ -31,7 +31,7 @@ class ConvertConfig:
     calibration_seqs: int = 8  # sequences of built-in text that calibrate and measure the converted layers
     calibration_len: int = 256  # tokens per calibration sequence
     placement_score: str = "kl+recall"  # --attn-layers auto: kl | recall | kl+recall (that layer alone converted) | residual
-    gate: bool = True  # Mamba-2's z projection and gate; False (--no-gate): none (docs/architecture.md, "The gate")
+    gate: bool = True  # Mamba-2's z projection and gate; False (--no-gate): none (docs/method.md, "The gate")
 
     def validate(self) -> None:
         if not self.output:

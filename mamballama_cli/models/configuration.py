@@ -24,7 +24,7 @@ class MamballamaConfig(PretrainedConfig):
         mamba_gated_norm  the grouped RMSNorm before out_proj (False: neither norm nor gate)
         mamba_gate      the z projection and its silu(z) gate on that norm (False: in_proj has no z rows and the
                         norm is a plain grouped RMSNorm; n_h * P fewer rows to read a token, 0.81 GB at the 8B
-                        shape's 24 Mamba layers; docs/architecture.md, "The gate")
+                        shape's 24 Mamba layers; docs/method.md, "The gate")
 
     Mamba-1 mixer (``mixer="mamba1"``): ``mamba1_d_state`` (16), ``mamba1_dt_rank`` (ceil(hidden / 16)),
     x over n_kv * head_dim channels, B/C per group of 16 channels.
