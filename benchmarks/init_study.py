@@ -35,7 +35,9 @@ STARTS = {
     "identity-conv,D=0": InitSpec(conv="identity", gate="random", D=0.0, gains=False),
     "identity-conv,D=0,open-gate": InitSpec(conv="identity", gate="open", D=0.0, gains=False),
     "calibrated": InitSpec(),
+    "calibrated,no-gate": InitSpec(),  # convert --no-gate: the same start, the mixers without the z projection
 }
+OVERRIDES = {"calibrated,no-gate": {"mamba_gate": False}}  # hybrid config fields a start changes
 
 
 def main() -> None:
@@ -79,14 +81,18 @@ def main() -> None:
               "heldout_tokens": heldout.numel(), "starts": {}}
     for name in wanted:
         spec = STARTS[name]
-        student, _ = convert_model(teacher, attn, dtype=torch.float32, seed=args.seed)
+        student, _ = convert_model(teacher, attn, dtype=torch.float32, seed=args.seed,
+                                   config_overrides=OVERRIDES.get(name))
         t0 = time.perf_counter()
         layers = calibrate_hybrid(student, teacher, calib, spec)
         t_cal = time.perf_counter() - t0
         ppl0 = perplexity(student, heldout)
         with dropped_mixers(student):
             dropped = perplexity(student, heldout)
-        rec = {"spec": spec.__dict__, "calibration_s": round(t_cal, 2), "step0_ppl": ppl0, "dropped_ppl": dropped,
+        rec = {"spec": spec.__dict__, "config": OVERRIDES.get(name, {}),
+               "mixer_parameters": sum(p.numel() for layer in student.model.layers if not layer.is_attention
+                                       for p in layer.mamba.parameters()),
+               "calibration_s": round(t_cal, 2), "step0_ppl": ppl0, "dropped_ppl": dropped,
                "mean_rel_error": sum(r["final"]["rel_error"] for r in layers) / len(layers),
                "mean_norm_ratio": sum(r["final"]["norm_ratio"] for r in layers) / len(layers),
                "layers": layers}
