@@ -23,9 +23,10 @@ import json
 import sys
 
 
-def model_bytes(shape: str, ratio: float | None, context: int, new_tokens: int) -> dict:
+def model_bytes(shape: str, ratio: float | None, context: int, new_tokens: int, gate: bool = True) -> dict:
     """A model of ``shape`` with ``ratio`` of its layers keeping attention (None: the teacher, all attention,
-    as the engine runs it): the bytes one decode step moves per sequence and in all."""
+    as the engine runs it; ``gate``: Mamba-2's z projection, False as convert --no-gate): the bytes one decode
+    step moves per sequence and in all."""
     import torch
 
     from mamballama_cli.convert.placement import attention_layers_for_ratio
@@ -37,7 +38,8 @@ def model_bytes(shape: str, ratio: float | None, context: int, new_tokens: int) 
     tc = teacher_config(shape)
     n = tc.num_hidden_layers
     layers = list(range(n)) if ratio is None else attention_layers_for_ratio(n, ratio)
-    model = random_model(MamballamaForCausalLM, hybrid_config(tc, layers), torch.bfloat16, torch.device("meta"))
+    config = hybrid_config(tc, layers, **({} if gate else {"mamba_gate": False}))
+    model = random_model(MamballamaForCausalLM, config, torch.bfloat16, torch.device("meta"))
     seen, total = set(), 0
     for p in model.parameters():
         if id(p) not in seen:
@@ -79,7 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--new-tokens", type=int, default=32, help="decode tokens after the context (as --max-batch)")
-    ap.add_argument("--ratios", default="0.25", help="attention ratios of the hybrids, comma-separated")
+    ap.add_argument("--ratios", default="0.25", help="attention ratios of the hybrids, comma-separated (a trailing "
+                    "'ng', e.g. 0.25ng: that hybrid without Mamba-2's z projection, convert --no-gate)")
     ap.add_argument("--memory-gb", type=float, default=150.7, help="device memory (the H200's: 143,771 MiB)")
     ap.add_argument("--batches", default=None,
                     help="measured largest batches instead of the estimate, e.g. teacher=24,0.25=110")
@@ -91,7 +94,8 @@ def main(argv=None) -> dict:
     names = ["teacher"] + [r.strip() for r in args.ratios.split(",") if r.strip()]
     rows = {}
     for name in names:
-        m = model_bytes(args.shape, None if name == "teacher" else float(name), args.context, args.new_tokens)
+        ratio = None if name == "teacher" else float(name.removesuffix("ng"))
+        m = model_bytes(args.shape, ratio, args.context, args.new_tokens, gate=not name.endswith("ng"))
         b = int(given[name]) if name in given else largest_batch(m, args.context, args.new_tokens,
                                                                 args.memory_gb * 1e9)
         row = {"attention_layers": m["attention_layers"], "weights_read": m["weights_read"],

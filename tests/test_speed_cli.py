@@ -223,3 +223,10 @@ def test_kv_budget_counts_the_bytes_the_engine_measured_and_bounds_the_long_cont
     assert 3.5 < h["over_teacher_at_equal_efficiency"] < 4.0
     assert res["rows"]["0.125"]["over_teacher_at_equal_efficiency"] > 4.0
     assert json.loads(out.read_text())["rows"]["0.25"]["batch"] == 110
+    # without Mamba-2's gate (convert --no-gate): 24 layers x 4,096 z rows of 4,096 bf16 inputs fewer a token; at
+    # batch 1 and a 384-token context the 25% hybrid then moves within 0.5% of the teacher's bytes (0.94x with it)
+    res = kv_budget.main(["--ratios", "0.25,0.25ng", "--context", "384", "--new-tokens", "0",
+                          "--batches", "teacher=1,0.25=1,0.25ng=1"])
+    g, ng = res["rows"]["0.25"], res["rows"]["0.25ng"]
+    assert g["weights_read"] - ng["weights_read"] == 24 * 4096 * 4096 * 2 and ng["state_per_seq"] == g["state_per_seq"]
+    assert g["over_teacher_at_equal_efficiency"] < 0.95 < 0.99 < ng["over_teacher_at_equal_efficiency"] < 1.0
