@@ -51,7 +51,8 @@ print(json.dumps(out))
 def test_every_mamba2_step_tile_equals_the_reference_under_the_interpreter():
     """The Mamba-2 step's tiles (``STEP_TILES``: the head's state walked in 32 to 128 columns at a time, the
     autotuner's candidates on CUDA), each run against the reference: GQA heads, D, the gated norm, dstate not a
-    multiple of the widest tile, the state updated in place."""
+    multiple of the widest tile, the state updated in place; the second shape's norm has no gate (convert
+    --no-gate)."""
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
 from mamballama_cli.ops import triton_decode as d
 from mamballama_cli.ops.decode import ssm_step_gated_ref
@@ -61,8 +62,10 @@ for (b, h, g, p, n) in ((2, 4, 2, 32, 128), (1, 3, 1, 16, 80)):
     r = lambda *s: torch.randn(*s, generator=gen)
     s0 = r(b, h, p, n)
     args = (r(b, g, p), r(b, g, n), r(b, h, n), r(b, h), r(h) - 2, r(h), r(h), r(b, h, p), 1 + 0.1 * r(h * p))
+    if p == 16:  # the norm without a gate (convert --no-gate): no z
+        args = args[:7] + (None,) + args[8:]
     s_ref = s0.double().clone()
-    y_ref = ssm_step_gated_ref(s_ref, *[a.double() for a in args], 1e-5)
+    y_ref = ssm_step_gated_ref(s_ref, *[a.double() if a is not None else None for a in args], 1e-5)
     for tile in d.STEP_TILES:
         s = s0.clone()
         y = d.ssm_step_gated_triton(s, *args, 1e-5, tile=tile)

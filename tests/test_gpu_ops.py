@@ -245,13 +245,13 @@ def test_conv_update(gen, dtype, op):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("gated", ["z", "norm", None])  # the gated norm, the norm alone (convert --no-gate), none
 def test_ssm_step_gated(gen, dtype, gated):
     b, h, g, p, n = 3, 32, 8, 128, 128  # Llama-3-8B head shape
     s0 = rnd(gen, b, h, p, n)
     args = [rnd(gen, b, g, p, dtype=dtype), rnd(gen, b, g, n, dtype=dtype), rnd(gen, b, h, n, dtype=dtype),
             rnd(gen, b, h, dtype=dtype), (rnd(gen, h) - 3).to(dtype), rnd(gen, h, dtype=dtype),
-            rnd(gen, h, dtype=dtype), rnd(gen, b, h, p, dtype=dtype) if gated else None,
+            rnd(gen, h, dtype=dtype), rnd(gen, b, h, p, dtype=dtype) if gated == "z" else None,
             (1 + 0.1 * rnd(gen, h * p)).to(dtype) if gated else None]
     s_ref = s0.double()
     y_ref = ops.REFERENCES["ssm_step_gated"](s_ref, *[a.double() if a is not None else None for a in args], 1e-5)

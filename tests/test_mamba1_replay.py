@@ -94,10 +94,10 @@ def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None):
     return errs
 
 
-def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0):
+def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0, with_z=True):
     """The gated op (``ssm_replay_gated``: replay, then the gated RMSNorm over each head) against its reference: in
     one kernel where a head's state fits one program, else the replay kernel and the norm op. Window inputs and z in
-    ``dtype``, the state in float32."""
+    ``dtype``, the state in float32. ``with_z=False``: the norm without a gate (convert --no-gate)."""
     from mamballama_cli.ops.replay import ssm_replay_gated_ref
     from mamballama_cli.ops.triton_replay import gated_in_one_program, ssm_replay_gated_triton
 
@@ -110,6 +110,7 @@ def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0):
     old, new = (r(b, W, g, p), r(b, W, h), r(b, W, g, n)), (r(b, T, g, p), r(b, T, h), r(b, T, g, n), r(b, T, h, n))
     A, dt_bias, D = -torch.rand(h, generator=gen, device=device) * 4 - 0.05, r(h), r(h)
     z, nw = r(b, T, h * p), (1 + 0.1 * torch.randn(h * p, generator=gen, device=device)).to(dtype)
+    z = z if with_z else None
     n_replay = torch.tensor(counts, device=device)
     want = ssm_replay_gated_ref(state, *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5, return_final=True)
     got = ssm_replay_gated_triton(state.clone(), *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5,
@@ -187,9 +188,10 @@ for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
 for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
         (2, 5, 5, 4, 2, 64, 16, [0, 5], f32, True), (2, 3, 2, 2, 1, 24, 16, [2, 1], f16, True),
         (1, 4, 3, 2, 2, 64, 128, [3], f32, False)]):
-    fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k)
-    assert fused is one, (p, n)
-    print("ssm_replay_gated", b, W, T, p, n, fused, errs)
+    for with_z in (True, False) if k != 1 else (True,):  # False: the norm without a gate (convert --no-gate)
+        fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k, with_z=with_z)
+        assert fused is one, (p, n)
+        print("ssm_replay_gated", b, W, T, p, n, with_z, fused, errs)
 # a window kept in two slots: a verify call (read slot 1 - cur, write slot cur from 0) and a draft's continue step
 # (no reads, written at its offset); gated in one kernel and not; two blocks of headdim; groups of 2 and 3 heads
 for k, (b, L, T, h, g, p, n, counts, cur, offset, read_old, gated) in enumerate([

@@ -28,10 +28,12 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
 
 
+@pytest.mark.parametrize("with_z", [True, False])
 @pytest.mark.parametrize("b,h,g,p,n,one", [(1, 9, 3, 64, 64, True), (2, 32, 8, 128, 128, False)])
-def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fits(b, h, g, p, n, one):
+def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fits(b, h, g, p, n, one, with_z):
     """``ssm_replay_gated`` on CUDA (the default teacher's 50% shape: one kernel; the 8B shape: the replay kernel,
-    then the norm op), bf16 window inputs, against its reference; the op table takes the Triton version."""
+    then the norm op), bf16 window inputs, against its reference; the op table takes the Triton version. Without z:
+    the norm alone (convert --no-gate)."""
     import sys
     from pathlib import Path
 
@@ -40,7 +42,7 @@ def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fi
     sys.path.insert(0, str(Path(__file__).parent))
     from test_mamba1_replay import check_ssm_replay_gated
 
-    fused, errs = check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16)
+    fused, errs = check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16, with_z=with_z)
     assert fused is one, errs
     assert ops.dispatch("ssm_replay_gated", torch.device("cuda"))[0] == "triton"
 

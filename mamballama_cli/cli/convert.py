@@ -50,8 +50,8 @@ def command(
     no_gate: bool = typer.Option(False, "--no-gate", help="Mamba-2 mixers without the z projection and its "
                                  "gate: the norm before out_proj is a plain per-head RMSNorm. n_h x head_dim fewer "
                                  "rows to read a token (0.81 GB at the 8B shape). The calibrated start's open gate "
-                                 "is one number per token, which that norm cancels up to its eps, so the start "
-                                 "is nearly the same."),
+                                 "is one number per token, positive on nearly every token of the default "
+                                 "teacher, which that norm cancels: the start is nearly the same."),
     force: bool = force_option(),
     config: Optional[Path] = config_option(),
     json_out: bool = json_option(),
