@@ -1,6 +1,7 @@
 """The calibrated start and the per-layer report of `convert`, and `--attn-layers auto`, on tiny models (issue 14)."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,15 @@ def test_convert_no_gate_writes_a_hybrid_without_z_rows_that_auto_loads(tmp_path
     ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape == (1, 16)
+    # it distils like any hybrid: held-out KL to the teacher falls
+    data = Path(__file__).parent / "data"
+    r = run_cli(["distill", tmp_path / "h", "--teacher", teacher, "--output", tmp_path / "run", "--template", "none",
+                 "--data", data / "chat_train.jsonl", "--eval-data", data / "chat_eval.jsonl", "--steps", "8",
+                 "--lr", "3e-3", "--seq-len", "128", "--micro-batch-size", "4", "--warmup", "0", "--json"], capsys)
+    assert r.code == 0, r.err
+    evals = json.loads(r.out)["evals"]
+    assert evals[-1]["eval_kl"] < evals[0]["eval_kl"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run").config.mamba_gate is False
     for args, needle in ((["--mixer", "mamba1"], "--mixer mamba1"), (["--draft-layers", "0,2"], "--draft-layers")):
         r = run_cli(["convert", teacher, "--no-gate", *args, "--output", tmp_path / "o"], capsys)
         assert r.code != 0 and len(r.err.strip().splitlines()) == 1 and needle in r.err and "--no-gate" in r.err
