@@ -70,6 +70,10 @@ def main() -> None:
     heldout = token_block(tok, builtin_documents(heldout=True), 8, args.seq_len)
     # alignment batches: later windows of the training topics (not the calibration ones)
     pool = token_block(tok, train_docs, 8 + args.batch * args.steps, args.seq_len)[8:]
+    if pool.shape[0] < args.batch * args.steps:  # token_block returns what the text holds
+        raise SystemExit(f"--steps {args.steps}: the training topics hold {pool.shape[0]} alignment windows of "
+                         f"{args.seq_len} tokens, {pool.shape[0] // args.batch} steps of --batch {args.batch}; "
+                         "give fewer steps or a smaller batch")
     t_ppl = perplexity(teacher, heldout)
     print(f"teacher held-out perplexity {t_ppl:.2f}", file=sys.stderr)
 
