@@ -31,6 +31,8 @@ CASES = {
     "gqa4-untied-llama3": dict(n_heads=8, n_kv=2, tie=False, rope="llama3", attn=[3]),
     "gqa4-tied-all-mamba": dict(n_heads=8, n_kv=2, tie=True, rope="default", attn=[]),
     "qwen2-bias-gqa2": dict(qwen2=True, n_heads=4, n_kv=2, tie=False, attn=[0, 2]),
+    # convert --no-gate: Granite's gate made constant (zero z rows, bias UNIT_GATE)
+    "gqa2-untied-nogate": dict(n_heads=4, n_kv=2, tie=False, rope="default", attn=[1, 3], gate=False),
 }
 
 CHILD = r"""
@@ -117,7 +119,8 @@ def build_hybrid(spec: dict, seed: int = 0):
         teacher = tiny_llama(
             seed=seed, n_heads=spec["n_heads"], n_kv=spec["n_kv"], tie=spec["tie"], rope=spec["rope"]
         )
-    student, _ = convert_model(teacher, spec["attn"], dtype=torch.float32, seed=seed)
+    overrides = {"mamba_gate": False} if spec.get("gate") is False else None
+    student, _ = convert_model(teacher, spec["attn"], dtype=torch.float32, seed=seed, config_overrides=overrides)
     g = torch.Generator().manual_seed(seed + 1)
     for layer in student.model.layers:
         if layer.is_attention:
@@ -237,6 +240,16 @@ def test_export_config_and_summary(exported, name):
         keys = set(f.keys())
     assert ("lm_head.weight" in keys) != spec["tie"]
     assert not any(".mlp." in k or "mamba.norm.bias" in k for k in keys)
+    if spec.get("gate") is False:  # the constant gate: zero z rows, bias UNIT_GATE, zero out_proj bias
+        import safetensors.torch
+
+        from mamballama_cli.export.granite import UNIT_GATE
+
+        sd = safetensors.torch.load_file(str(out / "model.safetensors"))
+        w, b = sd["model.layers.0.mamba.in_proj.weight"], sd["model.layers.0.mamba.in_proj.bias"]
+        assert cfg["mamba_proj_bias"] and w.shape[0] == 64 + 3 * 64 + h  # [z; x; B; C] at n_h groups, dt
+        assert torch.count_nonzero(w[:64]) == 0 and torch.all(b[:64] == UNIT_GATE)
+        assert torch.count_nonzero(b[64:]) == 0 and torch.count_nonzero(sd["model.layers.0.mamba.out_proj.bias"]) == 0
     if spec.get("qwen2"):
         import safetensors.torch
 
@@ -271,7 +284,6 @@ def test_output_guard_and_force(exported, tmp_path, capsys):
         ({"mlp_bias": True}, "mlp_bias=True"),
         ({"sliding_window": 16}, "sliding_window=16"),
         ({"mamba_gated_norm": False}, "mamba_gated_norm=False"),
-        ({"mamba_gate": False}, "mamba_gate=False (convert --no-gate)"),
     ],
 )
 def test_refuses_what_granite_cannot_hold(exported, tmp_path, capsys, edit, reason):

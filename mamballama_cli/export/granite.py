@@ -14,6 +14,11 @@ like ours) are repeated r times per group. Everything else is a rename:
     mlp.gate_proj, mlp.up_proj -> shared_mlp.input_linear  (rows [gate; up])
     mlp.down_proj              -> shared_mlp.output_linear
 
+A hybrid without Mamba-2's gate (``convert --no-gate``) gets the gate Granite always applies, made constant: its
+z rows of ``in_proj`` are zero and their bias is ``UNIT_GATE``, where silu is 1, so the gated norm is the plain
+per-head norm (the projections take biases then, zero where the hybrid has none; in bf16 silu(bias) rounds to
+1.0028, which scales the norm's eps by 0.9945).
+
 Scalars: attention_multiplier = head_dim ** -0.5 (the softmax scale), embedding / residual multipliers and
 logits_scaling 1. Granite's gated RMSNorm uses groups of intermediate_size / n_groups = P channels, our
 per-head groups (transformers >= 5.23; older releases normalise over the whole width, see docs/export.md).
@@ -33,6 +38,7 @@ ARCHITECTURE = "GraniteMoeHybridForCausalLM"
 LAYER_NAMES = {"attention": "attention", "mamba": "mamba"}
 GRANITE_CHUNK_SIZE = 256  # what Granite 4.0 ships; the chunk size changes no result, only the scan's blocking
 EXACT_TRANSFORMERS = "5.23.0"  # first release whose GraniteMoeHybridRMSNormGated normalises per group
+UNIT_GATE = 1.2784645427610737  # c with silu(c) = c * sigmoid(c) = 1: the bias of a gate-free hybrid's z rows
 
 
 class ExportRefused(MamballamaError):
@@ -71,9 +77,6 @@ def refusal_reasons(cfg) -> list[str]:
                 )
             if not cfg.mamba_gated_norm:
                 reasons.append("mamba_gated_norm=False: GraniteMoeHybrid always applies the gated RMSNorm")
-            if not getattr(cfg, "mamba_gate", True):
-                reasons.append("mamba_gate=False (convert --no-gate): GraniteMoeHybrid gates its norm by a z "
-                               "projection, which this hybrid does not have")
             if cfg.mamba_activation != "silu":
                 reasons.append(
                     f"mamba_activation={cfg.mamba_activation!r}: GraniteMoeHybrid applies hidden_act "
@@ -153,7 +156,7 @@ def granite_config(cfg, dtype: torch.dtype) -> dict:
         "mamba_expand": (cfg.mamba_n_heads * cfg.mamba_headdim) // cfg.hidden_size,
         "mamba_chunk_size": GRANITE_CHUNK_SIZE,
         "mamba_conv_bias": bool(cfg.mamba_conv_bias),
-        "mamba_proj_bias": bool(cfg.mamba_proj_bias),
+        "mamba_proj_bias": _proj_bias(cfg),
         "normalization_function": "rmsnorm",
         "dtype": str(dtype).replace("torch.", ""),
     }
@@ -181,10 +184,23 @@ def _expand_xbc_rows(t: Tensor, cfg) -> Tensor:
     return torch.cat([_repeat_groups(x, g, r), _repeat_groups(B, g, r), C], dim=0)
 
 
-def _expand_in_proj(t: Tensor, cfg) -> Tensor:
-    """in_proj rows [z, x, B, C, dt] with x, B at n_kv groups -> the same with x, B at n_h groups."""
-    d_z = cfg.mamba_n_heads * cfg.mamba_headdim
+def _gated(cfg) -> bool:
+    return bool(getattr(cfg, "mamba_gate", True))
+
+
+def _proj_bias(cfg) -> bool:
+    """Granite's projections take biases where the hybrid's do, and where the hybrid has no gate (its constant)."""
+    return bool(cfg.mamba_proj_bias) or not _gated(cfg)
+
+
+def _expand_in_proj(t: Tensor, cfg, bias: bool = False) -> Tensor:
+    """in_proj rows [z, x, B, C, dt] (no z without a gate) with x, B at n_kv groups -> [z, x, B, C, dt] with x, B
+    at n_h groups; a gate-free hybrid's z rows are zero, their bias ``UNIT_GATE``."""
+    d_inner = cfg.mamba_n_heads * cfg.mamba_headdim
+    d_z = d_inner if _gated(cfg) else 0
     z, xbc, dt = torch.split(t, [d_z, cfg.mamba_conv_dim, cfg.mamba_n_heads], dim=0)
+    if not d_z:
+        z = t.new_full((d_inner,), UNIT_GATE) if bias else t.new_zeros(d_inner, *t.shape[1:])
     return torch.cat([z, _expand_xbc_rows(xbc, cfg), dt], dim=0)
 
 
@@ -244,15 +260,19 @@ def granite_state_dict(sd: dict[str, Tensor], cfg, dtype: torch.dtype) -> dict[s
                     out[key] = take(key) if key in sd else torch.zeros(w.shape[0], dtype=w.dtype)
             continue
         m = pre + "mamba."
-        out[m + "in_proj.weight"] = _expand_in_proj(take(m + "in_proj.weight"), cfg)
-        if cfg.mamba_proj_bias:
-            out[m + "in_proj.bias"] = _expand_in_proj(take(m + "in_proj.bias"), cfg)
+        w = take(m + "in_proj.weight")
+        out[m + "in_proj.weight"] = _expand_in_proj(w, cfg)
+        if _proj_bias(cfg):
+            bias = take(m + "in_proj.bias") if cfg.mamba_proj_bias else w.new_zeros(w.shape[0])
+            out[m + "in_proj.bias"] = _expand_in_proj(bias, cfg, bias=True)
         out[m + "conv1d.weight"] = _expand_xbc_rows(take(m + "conv1d.weight"), cfg)
         if cfg.mamba_conv_bias:
             out[m + "conv1d.bias"] = _expand_xbc_rows(take(m + "conv1d.bias"), cfg)
         for name in _MAMBA_PLAIN:
             key = pre + name
             if key.endswith(".bias") and not cfg.mamba_proj_bias:
+                if _proj_bias(cfg):  # a gate-free hybrid's out_proj: Granite's bias flag covers it too
+                    out[key] = sd[pre + "mamba.out_proj.weight"].new_zeros(cfg.hidden_size)
                 continue
             out[key] = take(key)
 
