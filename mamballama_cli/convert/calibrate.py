@@ -234,8 +234,8 @@ def apply_structure(mixer, spec: InitSpec, x: Tensor | None) -> dict:
             mixer.conv1d.bias.zero_()
     if hasattr(mixer, "D"):
         mixer.D.fill_(spec.D)
-    rows = mixer.in_proj_slices().get("z") if hasattr(mixer, "in_proj_slices") else None
-    if spec.gate == "open" and rows is not None and rows.stop > rows.start:  # a mixer without a gate has no z rows
+    rows = mixer.in_proj_slices()["z"]
+    if spec.gate == "open" and rows.stop > rows.start:  # a mixer without a gate (convert --no-gate) has no z rows
         if x is None:
             raise UsageError("the open gate needs calibration text (the layer input's mean direction)")
         flat = x.reshape(-1, x.shape[-1]).float()

@@ -251,9 +251,8 @@ def norm_supported(x, residual, norm_w, weight, bias=None, kind: int = NORM) -> 
 def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, eps: float = 0.0,
                  config: tuple | None = None):
     """The fused kernel, autotuned or at ``config`` (an entry of :data:`CONFIGS` or of :data:`DOT_CONFIGS`): x the
-    new hidden (..., K);
-    returns (y, h), y (..., N) for ``kind`` NORM (weight (N, K)) and silu(gate) * up (..., N) for NORM_SWIGLU
-    (weight [gate; up] (2N, K))."""
+    new hidden (..., K); returns (y, h), y (..., N) for ``kind`` NORM (weight (N, K)) and silu(gate) * up (..., N)
+    for NORM_SWIGLU (weight [gate; up] (2N, K))."""
     N, K = weight.shape
     if kind == NORM_SWIGLU:
         N //= 2
