@@ -50,7 +50,8 @@ MB=${MB:-8}
 ACCUM=${ACCUM:-2}
 PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
-# DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft), "cut" (the
+# DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft),
+# "feature:DECAY" (the same draft, its later training passes weighted DECAY ** k: --unroll-decay), "cut" (the
 # teacher's DRAFT_LAYERS) or "cut:LAYERS" (e.g. cut:0,6,12,18,24,29). DRAFT_KIND (one kind) is the older knob.
 DRAFTS=${DRAFTS:-${DRAFT_KIND:-cut feature}}
 ENGINES=${ENGINES:-plain,round}  # add loop for the host loop (a cut draft only)
@@ -76,8 +77,9 @@ draft_name() {
   local spec=$1
   case "$spec" in
     feature) echo feature ;;
+    feature:[0-9]*) echo "feature-d${spec#feature:}" ;;
     cut|cut:*) echo "cut-$(draft_layers "$spec" | tr ',' '-')" ;;
-    *) echo "DRAFTS entry '$spec': give feature, cut or cut:LAYERS (e.g. cut:0,10,20,29)" >&2; exit 2 ;;
+    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut or cut:LAYERS (e.g. cut:0,10,20,29)" >&2; exit 2 ;;
   esac
 }
 for spec in $DRAFTS; do draft_name "$spec" > /dev/null || exit 2; done
@@ -96,7 +98,7 @@ stage "data generate ($GEN_TOKENS tokens) beside the drafts' cuts ($DRAFTS)"
     --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
 for spec in $DRAFTS; do
-  [ "$spec" = feature ] && continue
+  [[ "$spec" == feature* ]] && continue
   name=$(draft_name "$spec")
   "${MM[@]}" convert default --draft-layers "$(draft_layers "$spec")" --output "$WORK/draft0-$name" --force --json \
       > "$RES/convert-draft0-$name.json" 2> "$RES/convert-draft0-$name.log" &
@@ -129,17 +131,20 @@ draft_eval=()
 (( DRAFT_EVAL_GEN > 0 )) && [ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
 # Every draft of DRAFTS trains at once on the one GPU, DRAFT_S each: a draft's training (a small model, micro-batches
 # of 8 rows) leaves most of an H200 idle, so side by side they cost about the time of one.
-if [[ " $DRAFTS " == *" feature "* ]]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
+if [[ " $DRAFTS " == *" feature"* ]]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
   stage "convert the student's feature draft"
   "${MM[@]}" convert "$WORK/student" --feature-draft --output "$WORK/draft0-feature" --force --json \
       > "$RES/convert-draft0-feature.json" 2> "$RES/convert-draft0-feature.log"
 fi
 pids=(); names=()
 for spec in $DRAFTS; do
-  name=$(draft_name "$spec"); template=distill-draft
-  [ "$name" = feature ] && template=distill-feature-draft
-  stage "distill the $name draft for acceptance ($template, budget $DRAFT_S s), beside the others"
-  "${MM[@]}" distill "$WORK/draft0-$name" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
+  name=$(draft_name "$spec"); template=distill-draft; start=$name; extra=()
+  if [[ "$spec" == feature* ]]; then
+    template=distill-feature-draft; start=feature  # every feature draft starts from the one conversion
+    [[ "$spec" == feature:* ]] && extra=(--unroll-decay "${spec#feature:}")
+  fi
+  stage "distill the $name draft for acceptance ($template ${extra[*]}, budget $DRAFT_S s), beside the others"
+  "${MM[@]}" distill "$WORK/draft0-$start" "${extra[@]}" --teacher "$WORK/student" --template "$template" --data "$WORK/sgen" \
       --seq-len "$DRAFT_SEQ" --max-seconds "$DRAFT_S" --fit-to-time "${draft_eval[@]}" --output "$WORK/draft-$name" \
       --force --json > "$RES/distill-draft-$name.json" 2> "$RES/distill-draft-$name.log" &
   pids+=($!); names+=("$name")
@@ -159,7 +164,7 @@ for spec in $DRAFTS; do
   grep -E "^(plain|speculative|K=)" "$RES/spec-eval-$name.log" | tee -a "$RES/timeline.txt"
 done
 if [ -n "${UNTRAINED:-}" ]; then
-  name=$(draft_name "${DRAFTS%% *}")
+  name=$(draft_name "${DRAFTS%% *}"); [[ "$name" == feature* ]] && name=feature  # one untrained feature draft
   stage "spec_eval: the untrained $name draft, K=$K (plain, captured round)"
   "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0-$name" -k "$K" "${se[@]}" --engines plain,round \
       --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"

@@ -261,6 +261,14 @@ def test_the_recipes_loss_is_the_shifted_kl_to_the_target(draft_dir, targets):
     assert float(m3["kl"]) == pytest.approx(expected, rel=1e-4)  # the first pass as before
     assert float(m3["kl_unrolled"]) == pytest.approx(kl1 + kl2, rel=1e-4) and abs(kl1 - expected) > 1e-3
     assert float(m3["loss"]) > float(m["loss"])
+    # unroll_decay d: pass k's loss counts d ** k, the metrics stay unweighted. With KL the only term, the loss is
+    # the first pass's KL plus d * kl1 + d^2 * kl2
+    kl_only = dataclasses.replace(st, w_ce=0.0, unroll=3)
+    for decay in (1.0, 0.5):
+        _, md = FEATURE_DRAFT.loss(job, acc, draft, items, dataclasses.replace(kl_only, unroll_decay=decay), None,
+                                   1.0, None)
+        assert float(md["kl_unrolled"]) == pytest.approx(kl1 + kl2, rel=1e-4)
+        assert float(md["loss"]) == pytest.approx(expected + decay * kl1 + decay**2 * kl2, rel=1e-4)
     assert all(m.chained is None for m in draft.modules() if hasattr(m, "chained"))  # the context is gone
 
 
@@ -317,7 +325,9 @@ def test_w_feature_and_unroll_need_a_feature_draft(models, tmp_path, capsys):
     for extra, needles in ((["--unroll", "2", "--seq-len", "96"], ("--unroll 2", "--feature-draft")),
                            (["--unroll", "0"], ("--unroll 0 must be a whole number, at least 1",)),
                            (["--w-feature", "1", "--seq-len", "96"], ("--w-feature", "--feature-draft")),
-                           (["--w-feature", "-1"], ("--w-feature -1.0 must not be negative",))):
+                           (["--w-feature", "-1"], ("--w-feature -1.0 must not be negative",)),
+                           (["--unroll-decay", "0.5", "--seq-len", "96"], ("--unroll-decay 0.5", "--feature-draft")),
+                           (["--unroll-decay", "1.5"], ("--unroll-decay 1.5 is outside (0, 1]",))):
         r = run_cli(["distill", models["hybrid"], "--template", "none", "--data", TRAIN, *extra,
                      "--output", tmp_path / "run"], capsys)
         one_line_error(r, *needles, code=2)

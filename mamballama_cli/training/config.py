@@ -61,6 +61,7 @@ class Stage:
     w_hidden: float | None = None  # layer-wise alignment of the Mamba layers to the teacher's (training/align.py)
     w_feature: float | None = None  # a feature draft's predicted features to the target's (smooth L1; recipes.py)
     unroll: int | None = None  # a feature draft's passes: the first on the target's features, the rest on its own
+    unroll_decay: float | None = None  # pass k's loss weighted unroll_decay ** k (1: every pass alike)
     loss_positions: str | None = None  # responses (targets only) | all (every real token of every record)
     kl_reduction: str | None = None  # token (mean per token) | sequence (sum per sequence, the paper's code)
 
@@ -68,7 +69,7 @@ class Stage:
 # Stage keys that inherit from the top level of the config.
 INHERITED = ("steps", "tokens", "epochs", "trainable", "lr", "betas", "weight_decay", "max_grad_norm", "warmup", "schedule",
              "min_lr_ratio", "w_kl", "w_rkl", "w_ce", "temperature", "w_hidden", "w_feature", "unroll",
-             "loss_positions", "kl_reduction")
+             "unroll_decay", "loss_positions", "kl_reduction")
 
 LOSS_POSITIONS = ("responses", "all")
 KL_REDUCTIONS = ("token", "sequence")
@@ -197,7 +198,9 @@ class DistillConfig(TrainConfig):
                               "state and the target's (models/feature_draft.py).")
     unroll: int = option(1, help="A feature draft's training passes per batch: the first reads the target's "
                          "features; pass k reads the features pass k-1 predicted and attends as the (k+1)-th "
-                         "drafting step does (a training-time test); every pass is weighted 1.")
+                         "drafting step does (a training-time test).")
+    unroll_decay: float = option(1.0, help="Weight of a feature draft's later passes: pass k's loss counts "
+                                 "unroll_decay ** k (1: every pass alike; below 1 favours the first proposal).")
     loss_positions: str = option("responses", help="responses (the target tokens) or all (every real token, "
                                  "prompts included: the teacher's logits on prompts too).")
     kl_reduction: str = option("token", help="token (KL averaged per token) or sequence (summed per sequence, as "
@@ -310,6 +313,7 @@ class ResolvedStage:
     tokens: float | None = None
     w_feature: float = 0.0
     unroll: int = 1
+    unroll_decay: float = 1.0
 
     def warmup_steps(self, steps: int) -> int:
         return int(round(self.warmup * steps)) if self.warmup < 1 else int(self.warmup)
@@ -339,6 +343,7 @@ def resolve_stage(cfg: TrainConfig, st: Stage, index: int) -> ResolvedStage:
         w_hidden=float(pick("w_hidden", 0.0)), loss_positions=pick("loss_positions", "responses"),
         kl_reduction=pick("kl_reduction", "token"), tokens=None if tokens is None else float(tokens),
         w_feature=float(pick("w_feature", 0.0)), unroll=int(pick("unroll", 1)),
+        unroll_decay=float(pick("unroll_decay", 1.0)),
     )
 
 
@@ -365,6 +370,7 @@ _STAGE_RULES = (
     ("ratio", (lambda v: 0 <= v <= 1, lambda v: f"{v} is outside [0, 1]")),
     ("steps", (lambda v: not int(v) < 1, lambda v: f"{v} must be at least 1")),
     ("unroll", (lambda v: float(v) == int(v) and not int(v) < 1, lambda v: f"{v} must be a whole number, at least 1")),
+    ("unroll_decay", (lambda v: 0 < float(v) <= 1, lambda v: f"{v} is outside (0, 1]: pass k counts decay ** k")),
     ("epochs", _POSITIVE),
 )
 

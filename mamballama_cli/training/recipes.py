@@ -275,8 +275,9 @@ class DistillRecipe(TokenRecipe):
 
     def layout(self, tok, records, cfg, stages, student, frozen):
         for st in stages:
-            if st.w_feature or st.unroll > 1:
-                flag = "--w-feature" if st.w_feature else f"--unroll {st.unroll}"
+            if st.w_feature or st.unroll > 1 or st.unroll_decay != 1:
+                flag = ("--w-feature" if st.w_feature else f"--unroll {st.unroll}" if st.unroll > 1
+                        else f"--unroll-decay {st.unroll_decay}")
                 raise UsageError(f"{flag} trains a feature draft (`mamballama convert TARGET --feature-draft`); "
                                  f"{cfg.model} is not one")
         return super().layout(tok, records, cfg, stages, student, frozen)
@@ -294,7 +295,8 @@ class FeatureDraftRecipe(DistillRecipe):
     batch: each after the first reads, at position j, the feature the pass before predicted for position j instead
     of the target's, the way its drafting steps after the first read their own predictions (on the H200 the
     teacher-forced draft was accepted about half the time at its first proposal and rarely after: 0.58 tokens
-    accepted per call at K=2, 0.64 at K=4). The passes' losses add up; ``kl_unrolled`` is the later passes' KL.
+    accepted per call at K=2, 0.64 at K=4). The passes' losses add up, pass k's weighted ``unroll_decay ** k``;
+    ``kl_unrolled`` is the later passes' KL (unweighted).
     ``agree`` is the share of loss positions where the draft's top token is the target's (the first pass: what
     greedy drafting would accept at its first proposal), ``agree_unrolled`` the same summed over the later
     passes; held-out evaluation runs :attr:`EVAL_UNROLL` passes, so ``eval_agree_unrolled`` is the second
@@ -366,7 +368,7 @@ class FeatureDraftRecipe(DistillRecipe):
                     out.logits, out.hidden_states[-1], t_logits, features, targets, mask & in_chain,
                     valid & in_chain, w_kl=st.w_kl * kl_scale, w_rkl=st.w_rkl * kl_scale, w_ce=st.w_ce,
                     temperature=st.temperature, w_feature=getattr(st, "w_feature", 0.0))
-                total = total + loss_k
+                total = total + loss_k * (st.unroll_decay ** k)
                 if k == 0:
                     metrics = m
                 else:  # the later passes' KL and agreement, summed over the passes as their losses are
