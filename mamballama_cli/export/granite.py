@@ -216,7 +216,6 @@ _MAMBA_PLAIN = [
     "mamba.D",
     "mamba.norm.weight",
     "mamba.out_proj.weight",
-    "mamba.out_proj.bias",
 ]
 
 
@@ -262,19 +261,16 @@ def granite_state_dict(sd: dict[str, Tensor], cfg, dtype: torch.dtype) -> dict[s
         m = pre + "mamba."
         w = take(m + "in_proj.weight")
         out[m + "in_proj.weight"] = _expand_in_proj(w, cfg)
-        if _proj_bias(cfg):
+        if _proj_bias(cfg):  # Granite's one bias flag covers in_proj and out_proj: zeros where the hybrid has none
             bias = take(m + "in_proj.bias") if cfg.mamba_proj_bias else w.new_zeros(w.shape[0])
             out[m + "in_proj.bias"] = _expand_in_proj(bias, cfg, bias=True)
+            key = m + "out_proj.bias"
+            out[key] = take(key) if cfg.mamba_proj_bias else w.new_zeros(cfg.hidden_size)
         out[m + "conv1d.weight"] = _expand_xbc_rows(take(m + "conv1d.weight"), cfg)
         if cfg.mamba_conv_bias:
             out[m + "conv1d.bias"] = _expand_xbc_rows(take(m + "conv1d.bias"), cfg)
         for name in _MAMBA_PLAIN:
-            key = pre + name
-            if key.endswith(".bias") and not cfg.mamba_proj_bias:
-                if _proj_bias(cfg):  # a gate-free hybrid's out_proj: Granite's bias flag covers it too
-                    out[key] = sd[pre + "mamba.out_proj.weight"].new_zeros(cfg.hidden_size)
-                continue
-            out[key] = take(key)
+            out[pre + name] = take(pre + name)
 
     leftovers = sorted(set(sd) - used)
     if leftovers:
