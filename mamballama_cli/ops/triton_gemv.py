@@ -11,12 +11,12 @@ weight byte once and writing its outputs once: no second kernel. The wide weight
 
 * one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
 * 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch), the weight tile read once for
-  all of them, in one of two modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
+  all of them, in one of three modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
   float32 accumulator; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
   products, summed over K once at the end (no cross-thread reduction inside the loop), the rows in two
   power-of-two groups (5 = 4 + 1) so that padding rows cost no products. A third mode, ``dotw`` (the weight tile as
-  tl.dot's first operand, the rows padded to 8), is among the :data:`EXTRA` tiles, timed by a benchmark before the
-  autotuner is given it.
+  tl.dot's first operand, the rows padded to 8), came in through the :data:`EXTRA` tiles, which a benchmark times
+  before the autotuner is given them.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
@@ -52,7 +52,7 @@ MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 a
 # (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
 # every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot" or "acc" (above). On the H200
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "acc" or "dotw" (above, MODES). On the H200
 # (2026-12-04, first run) the dot ones lost to cuBLAS at 5 rows of the 8B shape by more than MARGIN; with the sum ones
 # added (second run) the kernel kept the 5-row in_proj, lm_head and [q; k; v], not [gate; up] or the tall weights,
 # and verify stayed at 1.11x a plain step. The acc ones (64 float32 accumulators a thread at 8 rows) are the
@@ -62,10 +62,15 @@ CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8),
 # a program at a few outputs each; not yet timed on the H200. The sum mode (each tile's products summed over its K
 # across threads) was dropped on 2026-12-05: compiled for sm90 (benchmarks/kernel_sass.py) its loop issued 55-135
 # instructions a weight element against 1.3-3.5 for dot and 11-23 for acc, too many to read at full bandwidth.
+# The last five (two dot, three dotw) came from EXTRA (below) on 2026-12-05 (fifteenth session): offered to the
+# autotuner in the 8B verify call (gpu_session.sh verifyx), one of them was its pick at each of the 11 multi-row
+# shapes, and the call took 4.842 ms against 5.002 ms without them (one run each; docs/benchmarks.md).
 SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
           (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
-          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"))
+          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"),
+          (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
+          (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
 MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
 # Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) against the
 # candidates to decide what goes into SKINNY: dot tiles of 2 warps (compiled for sm90, benchmarks/kernel_sass.py,
@@ -75,10 +80,8 @@ MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the 
 # profile: nvjet_sm90_tst_64x8_64x16, _128x8_64x12: 64 or 128 outputs x 8 rows, K steps of 64, 12-16 stages): 8 to
 # 12 stages of 64-wide K tiles, 1.4-2.3 instructions a weight element for sm90. The CPU tests run each under the
 # interpreter as they run the candidates.
-EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (16, 512, 2, 3, "dot"), (32, 256, 2, 4, "dot"),
-         (32, 256, 4, 6, "dot"), (64, 128, 4, 6, "dot"),
-         (16, 256, 2, 4, "dotw"), (16, 128, 2, 6, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 2, 4, "dotw"),
-         (32, 256, 4, 4, "dotw"), (64, 128, 4, 4, "dotw"),
+EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (32, 256, 2, 4, "dot"), (32, 256, 4, 6, "dot"),
+         (16, 256, 2, 4, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 4, 4, "dotw"),
          (64, 64, 4, 8, "dotw"), (128, 64, 4, 8, "dotw"), (64, 64, 4, 12, "dotw"), (32, 64, 2, 8, "dotw"))
 
 if triton is not None:
