@@ -48,7 +48,9 @@ gputest() {  # name, timeout cap, pytest selection...
     local name=$1 cap=$2; shift 2
     stamp "gpu tests $name"
     local par=()  # JOBS=N: N pytest workers (pytest-xdist) share the one GPU; compiling is what they overlap
-    [ -n "${JOBS:-}" ] && [ "$name" != part5 ] && par=(-n "$JOBS")  # part5's shapes take tens of GiB: one at a time
+    # part5's shapes take tens of GiB: one at a time. worksteal: an idle worker takes tests queued behind a slow one
+    # (2026-12-05: part1's two fused-gemv tests, 224 s and 178 s, ran back to back on one worker, 442 s in all)
+    [ -n "${JOBS:-}" ] && [ "$name" != part5 ] && par=(-n "$JOBS" --dist worksteal)
     timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 -m gpu -p no:cacheprovider -o addopts="" \
         "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
