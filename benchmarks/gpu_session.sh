@@ -111,7 +111,7 @@ for step in $STEPS; do
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
-        gemvtest) gputest gemv 240 tests/test_gemv_op.py ;;
+        gemvtest) gputest gemv 300 tests/test_gemv_op.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
                     ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
