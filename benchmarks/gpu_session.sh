@@ -111,11 +111,11 @@ for step in $STEPS; do
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
-        gemvtest) gputest gemv 300 tests/test_gemv_op.py ;;
+        gemvtest) gputest gemv 300 tests/test_gemv_op.py tests/test_gemv_swiglu.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
                     ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
-        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py tests/test_gemv_swiglu.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \

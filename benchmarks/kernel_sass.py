@@ -80,16 +80,17 @@ def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 
     return compile_kernel(f._fused_kernel, args, const, warps, stages[0] if stages else 3, arch, unaligned=("M",))
 
 
-def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90):
+def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90, glu: bool = False):
     """One gemv tile compiled for ``sm<arch>`` as it would be at run time on a bf16 (rows, K) x (N, K)^T call with
-    the sizes multiples of 16 (the divisibility triton specialises on)."""
+    the sizes multiples of 16 (the divisibility triton specialises on); ``glu``: the one-row kernel with the SwiGLU
+    epilogue (ops/triton_gemv_swiglu.py)."""
     from mamballama_cli.ops import triton_gemv as g
 
     if rows == 1:
         bn, bk, warps = tile
         stages, fn = 1, g._gemv_kernel
         args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"), **dict.fromkeys(("N", "K", "stride_wn"), "i32")}
-        const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "PDL": pdl}
+        const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "PDL": pdl, "GLU": glu}
     else:
         bn, bk, warps, stages, mode = tile
         fn = g._skinny_kernel
@@ -125,10 +126,12 @@ def opcode_counts(lines) -> collections.Counter:
     return collections.Counter(m.group(3).split(".")[0] for line in lines if (m := ROW.match(line)))
 
 
-def report(rows: int, tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
+def report(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, glu: bool = False) -> dict:
     """The loop of one tile: instructions, instructions per weight element a thread holds, its opcode counts, and
-    the kernel's registers, local memory (spills) and whether 16-byte weight loads are used."""
-    return loop_report(compile_tile(rows, tile, k, pdl), rows, tile, tile[0] * tile[1] / (32 * tile[2]))
+    the kernel's registers, local memory (spills) and whether 16-byte weight loads are used (``glu``: the one-row
+    kernel with the SwiGLU epilogue, two weight tiles an iteration)."""
+    per_thread = (2 if glu else 1) * tile[0] * tile[1] / (32 * tile[2])
+    return loop_report(compile_tile(rows, tile, k, pdl, glu=glu), rows, tile, per_thread)
 
 
 def report_fused(kind: int, rows: int, tile: tuple, k: int = 576) -> dict:
@@ -243,7 +246,7 @@ def attention_rows(heads: int, kv_heads: int) -> set[int]:
 
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
-    the one-row tiles with and without pdl; the multi-row ones at each distinct row split of the acc mode (the dot
+    the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``); the multi-row ones at each distinct row split of the acc mode (the dot
     modes pad every count alike, so once); the fused kernel's candidates at each distinct padded row count (the
     tensor-core ones once: 8 rows at any count) and each K."""
     from mamballama_cli.ops import triton_gemv as g
@@ -252,6 +255,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     jobs = []
     for k in ks:
         jobs += [["gemv", 1, list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
+        jobs += [["glu", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
@@ -278,6 +282,9 @@ def _compile_job(job) -> None:
     if job[0] == "gemv":
         _, rows, tile, k, pdl = job
         compile_tile(rows, tuple(tile), k, pdl)
+    elif job[0] == "glu":
+        _, tile, k, pdl = job
+        compile_tile(1, tuple(tile), k, pdl, glu=True)
     elif job[0] == "replay":
         compile_replay(*job[1:])
     elif job[0] == "attention":

@@ -369,9 +369,16 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     assert fused.choices_report() == {
         "fused_gemv_shapes": ["add_rmsnorm_gemv 1x10272x4096"],
         "fused_gemv_timings": {"add_rmsnorm_gemv_swiglu 1x28672x4096 bfloat16": {"fused_us": 30.0}}}
+    from mamballama_cli.ops import triton_gemv_swiglu as glu
+
+    monkeypatch.setattr(glu, "GLU_CHOICES", {(1, 28672, 4096, torch.bfloat16, 0): True})
+    monkeypatch.setattr(glu, "GLU_TIMINGS", {(1, 28672, 4096, torch.bfloat16, 0): {"glu_us": 59.0}})
+    assert glu.choices_report() == {"gemv_swiglu_shapes": ["1x28672x4096"],
+                                    "gemv_swiglu_timings": {"1x28672x4096 bfloat16": {"glu_us": 59.0}}}
     from mamballama_cli.ops.graph_timing import kernel_choices
 
-    assert kernel_choices() == {**rep, **fused.choices_report()}  # what the benchmarks' JSONs carry
+    # what the benchmarks' JSONs carry
+    assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report()}
 
 
 def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):

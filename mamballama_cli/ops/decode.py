@@ -49,6 +49,12 @@ def add_rmsnorm_gemv_ref(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: 
     return gemv_ref(normed, weight, bias), h
 
 
+def gemv_swiglu_ref(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``gemv`` with weight = [gate; up], then ``swiglu``: the MLP's activation from its normed input
+    (ops/triton_gemv.py: one kernel at one row, the SwiGLU in its epilogue)."""
+    return swiglu_ref(gemv_ref(x, weight, bias))
+
+
 def add_rmsnorm_gemv_swiglu_ref(x: Tensor, residual: Tensor, norm_weight: Tensor, eps: float, weight: Tensor,
                                 bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``add_rmsnorm``, ``gemv`` with weight = [gate; up], then ``swiglu``: (the MLP's activation, residual + x), what
@@ -168,6 +174,7 @@ DECODE_REFERENCES = {
     "add_rmsnorm": add_rmsnorm_ref,
     "swiglu": swiglu_ref,
     "gemv": gemv_ref,
+    "gemv_swiglu": gemv_swiglu_ref,
     "add_rmsnorm_gemv": add_rmsnorm_gemv_ref,
     "add_rmsnorm_gemv_swiglu": add_rmsnorm_gemv_swiglu_ref,
     "conv_update_inplace": conv_update_inplace_ref,

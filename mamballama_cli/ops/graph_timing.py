@@ -60,11 +60,12 @@ def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> d
 
 def kernel_choices() -> dict:
     """What the per-shape choices of this process came to, for a benchmark's JSON: the gemv kernel's
-    (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``) and the fused norm + GEMV kernel's
+    (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``), the SwiGLU GEMV's (``gemv_swiglu_shapes``,
+    ``gemv_swiglu_timings``) and the fused norm + GEMV kernel's
     (``fused_gemv_shapes``, ``fused_gemv_timings``); empty lists for a module that was never imported (no CUDA,
     or the references forced)."""
-    out = {"gemv_kernel_shapes": [], "fused_gemv_shapes": []}
-    for name in ("triton_gemv", "triton_gemv_fused"):
+    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": []}
+    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())

@@ -2,24 +2,23 @@
 :mod:`mamballama_cli.ops.decode`: ``F.linear``).
 
 A batch-1 decode step is mostly GEMVs: one token times each weight, read once from memory, and a verify step is
-the same with K+1 tokens. For the tall weights (as many outputs as inputs or fewer: ``out_proj``, ``o_proj``,
-``down_proj`` of the 8B shape), cuBLAS splits the reduction over K and adds a second kernel that sums the pieces;
-the 2026-11-28 profile of the 8B step has 64 such reductions (1.6 us each) and the 4096 x 4096 GEMVs at about
-72% of the copy bandwidth. Here one program owns a block of outputs and walks the whole of K, reading each
-weight byte once and writing its outputs once: no second kernel. The wide weights (``in_proj``, [q; k; v],
-[gate; up], ``lm_head``) are offered to the same kernels; for them the per-shape timing against cuBLAS decides.
+the same with K+1 tokens. For the tall weights (``out_proj``, ``o_proj``, ``down_proj`` of the 8B shape) cuBLAS
+splits the reduction over K and adds a kernel that sums the pieces; here one program owns a block of outputs and
+walks the whole of K, reading each weight byte once: no second kernel. The wide weights are offered to the same
+kernels; for every shape the per-shape timing against cuBLAS decides.
 
-* one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end;
+* one row (``_gemv_kernel``): ``BLOCK_N x BLOCK_K`` float32 products accumulated, reduced once at the end (with
+  ``GLU``, [gate; up] and the SwiGLU in the epilogue: ops/triton_gemv_swiglu.py);
 * 2 to :data:`MAX_ROWS` rows (``_skinny_kernel``, a verify window or a small batch), the weight tile read once for
   all of them, in one of three modes (the autotuner picks): ``dot``, the rows padded to 16 and ``tl.dot`` with a
   float32 accumulator; ``acc``, as the one-row kernel does it, a (rows x BLOCK_N x BLOCK_K) float32 accumulator of the
   products, summed over K once at the end (no cross-thread reduction inside the loop), the rows in two
-  power-of-two groups (5 = 4 + 1) so that padding rows cost no products. A third mode, ``dotw`` (the weight tile as
-  tl.dot's first operand, the rows padded to 8), came in through the :data:`EXTRA` tiles, which a benchmark times
-  before the autotuner is given them.
+  power-of-two groups (5 = 4 + 1) so that padding rows cost no products; ``dotw``, the weight tile as tl.dot's
+  first operand and the rows padded to 8.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
-bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
+bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else
+goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
 of these kernels. On the first call of a shape (a static decoder's warm-up, before its graph is recorded) the block
 sizes are autotuned and the tuned kernel is timed against cuBLAS; the faster of the two serves that shape from
 then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Where the kernel won, on Hopper
@@ -52,19 +51,8 @@ MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 a
 # (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
 # every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
 CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "acc" or "dotw" (above, MODES). On the H200
-# (2026-12-04, first run) the dot ones lost to cuBLAS at 5 rows of the 8B shape by more than MARGIN; with the sum ones
-# added (second run) the kernel kept the 5-row in_proj, lm_head and [q; k; v], not [gate; up] or the tall weights,
-# and verify stayed at 1.11x a plain step. The acc ones (64 float32 accumulators a thread at 8 rows) are the
-# one-row kernel's loop, which wins on the tall weights at one row. With them (2026-12-05) the five-row 4096 x 4096
-# kernel took 15.16 us, cuBLAS 14.31, the one-row kernel 11.33 at one row: five rows read the weights at 2.2 TB/s,
-# one at 3.0. The last two acc tiles, 2,048 wide as the one-row kernel's widest, keep more weight bytes in flight
-# a program at a few outputs each; not yet timed on the H200. The sum mode (each tile's products summed over its K
-# across threads) was dropped on 2026-12-05: compiled for sm90 (benchmarks/kernel_sass.py) its loop issued 55-135
-# instructions a weight element against 1.3-3.5 for dot and 11-23 for acc, too many to read at full bandwidth.
-# The last five (two dot, three dotw) came from EXTRA (below) on 2026-12-05 (fifteenth session): offered to the
-# autotuner in the 8B verify call (gpu_session.sh verifyx), one of them was its pick at each of the 11 multi-row
-# shapes, and the call took 4.842 ms against 5.002 ms without them (one run each; docs/benchmarks.md).
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "acc" or "dotw" (above, MODES). How each
+# tile earned its place (H200 timings, sm90 instruction counts) is in docs/gpu.md, "How SKINNY came to be".
 SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
           (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
@@ -72,13 +60,8 @@ SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot")
           (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
           (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
 MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
-# Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) against the
-# candidates to decide what goes into SKINNY: dot tiles of 2 warps (compiled for sm90, benchmarks/kernel_sass.py,
-# 1.1-2.4 instructions a weight element; 8 warps on 16 outputs repeat the product in every warp), and the dotw mode
-# (the rows padded to 8, not 16: a third less shared memory a stage; at 64 outputs triton emits Hopper's wgmma).
-# The last four are deep pipelines of short K steps, as cuBLAS's own skinny kernels on the H200 (the 2026-12-04
-# profile: nvjet_sm90_tst_64x8_64x16, _128x8_64x12: 64 or 128 outputs x 8 rows, K steps of 64, 12-16 stages): 8 to
-# 12 stages of 64-wide K tiles, 1.4-2.3 instructions a weight element for sm90. The CPU tests run each under the
+# Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) or offered to it
+# (speculative_verify.py --gemv-extra) to decide what goes into SKINNY (docs/gpu.md); the CPU tests run each under the
 # interpreter as they run the candidates.
 EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (32, 256, 2, 4, "dot"), (32, 256, 4, 6, "dot"),
          (16, 256, 2, 4, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 4, 4, "dotw"),
@@ -92,40 +75,68 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr = False):
+        # GLU: W is [gate; up] (2N x K) and the output silu(gate . x) * (up . x) (N): each program takes its gate
+        # rows and the up rows N further, a second accumulator, and the SwiGLU in its epilogue, in the roundings of
+        # the ops apart (each projection, then silu, then the product, rounded to the output's dtype)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
         rows_read = tl.where(live, rows, 0)  # a last partial block reads row 0 for its dead rows, stores nothing
         cols = tl.arange(0, BLOCK_K)
         w_ptrs = W + rows_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        u_ptrs = W + (rows_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # GLU: the up rows
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GLU only (otherwise never touched)
         if PDL:  # launched beside the kernel before it: the first weight tile now, x once that kernel is done
             if EVEN_K:
                 w = tl.load(w_ptrs)
+                u = w
+                if GLU:
+                    u = tl.load(u_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=(cols < K)[None, :], other=0.0)
+                u = w
+                if GLU:
+                    u = tl.load(u_ptrs, mask=(cols < K)[None, :], other=0.0)
             _grid_wait()
             for k0 in range(0, K, BLOCK_K):  # the next weight tile in flight while this one is summed
                 if EVEN_K:
                     x = tl.load(X + k0 + cols)
                 else:
                     x = tl.load(X + k0 + cols, mask=k0 + cols < K, other=0.0)
-                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=(k0 + BLOCK_K + cols < K)[None, :], other=0.0)
+                following = (k0 + BLOCK_K + cols < K)[None, :]
+                w_next = tl.load(w_ptrs + k0 + BLOCK_K, mask=following, other=0.0)
                 acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
                 w = w_next
+                if GLU:
+                    u_next = tl.load(u_ptrs + k0 + BLOCK_K, mask=following, other=0.0)
+                    acc_u += u.to(tl.float32) * x.to(tl.float32)[None, :]
+                    u = u_next
         else:
             for k0 in range(0, K, BLOCK_K):
                 if EVEN_K:  # no mask on the hot loads
                     w = tl.load(w_ptrs + k0)
                     x = tl.load(X + k0 + cols)
+                    if GLU:
+                        acc_u += tl.load(u_ptrs + k0).to(tl.float32) * x.to(tl.float32)[None, :]
                 else:
                     inside = k0 + cols < K
                     w = tl.load(w_ptrs + k0, mask=inside[None, :], other=0.0)
                     x = tl.load(X + k0 + cols, mask=inside, other=0.0)
+                    if GLU:
+                        u = tl.load(u_ptrs + k0, mask=inside[None, :], other=0.0)
+                        acc_u += u.to(tl.float32) * x.to(tl.float32)[None, :]
                 acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(BIAS + rows_read).to(tl.float32)
+        if GLU:
+            up = tl.sum(acc_u, axis=1)
+            if HAS_BIAS:
+                up += tl.load(BIAS + N + rows_read).to(tl.float32)
+            g = y.to(Y.dtype.element_ty).to(tl.float32)
+            act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
+            y = act * up.to(Y.dtype.element_ty).to(tl.float32)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
 
     @triton.jit
@@ -240,10 +251,10 @@ if triton is not None:
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
     )(_even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"])[name])
                                  for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel)))
-    _gemv_tuned = triton.autotune(
+    # one row; and the same kernel with GLU=True, tuned apart (two weight tiles in flight)
+    _gemv_tuned, _gemv_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
-        key=["N", "K"],
-    )(_even_k(_gemv_kernel))
+        key=["N", "K"])(_even_k(_gemv_kernel)) for _ in range(2))
 
 
 def offer_extra(tiles=EXTRA) -> list[str]:
@@ -251,13 +262,11 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     candidates, for shapes not yet tuned in this process (``benchmarks/speculative_verify.py --gemv-extra``: the
     verify call with them, against a run without); returns the names of the tiles added (those already there are
     skipped)."""
-    have = {tile_name(c) for c in _skinny_tuned.configs}
     added = []
     for n, k, w, st, mode in tiles:
         config = triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
-        if tile_name(config) not in have:
+        if tile_name(config) not in {tile_name(c) for c in _skinny_tuned.configs}:
             _skinny_tuned.configs.append(config)
-            have.add(tile_name(config))
             added.append(tile_name(config))
     return added
 
@@ -290,15 +299,21 @@ def gemv_supported(x, weight, bias=None) -> bool:
             and not _needs_grad(x, weight, bias))
 
 
-def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = False):
+def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = False, glu: bool = False):
     """x (..., K) @ weight (N, K)^T + bias -> (..., N), by the kernel for its number of rows: autotuned, or with
     ``config`` given (an entry of :data:`CONFIGS` for one row, of :data:`SKINNY` for more: the interpreter tests
-    run each candidate this way). ``pdl``: the kernel's programmatic-dependent-launch form, launched so (on CUDA)."""
+    run each candidate this way). ``pdl``: the kernel's programmatic-dependent-launch form, launched so (on CUDA).
+    ``glu`` (one row only): weight is [gate; up] (2N, K) and the result silu(gate . x) * (up . x) (..., N), the
+    SwiGLU in the kernel's epilogue (:func:`gemv_swiglu_triton`)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
+    if glu:
+        if M != 1 or N % 2:
+            raise ValueError(f"the SwiGLU GEMV takes one row and an even number of outputs, not {M} x {N}")
+        N //= 2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else weight
     launch = dict(HAS_BIAS=bias is not None, PDL=bool(pdl))
@@ -307,8 +322,11 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
     with _device_guard(x):
         if M == 1:
             args = (x2, weight, b, y, N, K, weight.stride(0))
+            if glu:
+                launch["GLU"] = True
             if config is None:
-                _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
+                tuner = _gemv_glu_tuned if glu else _gemv_tuned
+                tuner[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
             else:
                 bn, bk, warps = config
                 _gemv_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=K % bk == 0,
@@ -334,13 +352,8 @@ TIMINGS: dict[tuple, dict] = {}
 # The same keys -> whether the kernel, where it serves the shape, is launched with programmatic dependent launch.
 PDL_CHOICES: dict[tuple, bool] = {}
 PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, the A/B of that launch over a step)
-# The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all).
-# Timed one call at a time (do_bench), the two are close on the 8B shape's tall GEMVs and the verdict flipped from
-# run to run (H200, 2026-12-04: the same tall shape kept in one run, lost in the next), while inside a captured step
-# the kernel is one graph node where cuBLAS is two (the split-K reduction): 218.9 tok/s at the 8B shape with the
-# kernel on all 64 tall GEMVs, 211.5 with it on the 32 down_proj only, 208.5 with cuBLAS alone. Hence the margin,
-# and hence timing inside CUDA graphs (ops/graph_timing.py), as the step runs them. Timed in graphs, the reduction node is
-# in cuBLAS's time, so the margin now applies only where that timing failed and do_bench's was used.
+# The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all),
+# and only where the graph timing failed and do_bench's was used (why: docs/gpu.md, "How SKINNY came to be").
 MARGIN = 1.10
 
 

@@ -294,10 +294,13 @@ TIMINGS: dict[tuple, dict] = {}
 
 
 def _unfused(kind: int, x, weight, bias, residual, norm_w, eps):
-    """The ops the fused kernel replaces, as dispatched on x's device (the fast kernels on CUDA): (y, h)."""
+    """The ops the fused kernel replaces, as dispatched on x's device (the fast kernels on CUDA): (y, h). The
+    SwiGLU kind's GEMV and SwiGLU are the ``gemv_swiglu`` op (one kernel at one row where that was timed faster,
+    ops/triton_gemv_swiglu.py)."""
     normed, h = ops.dispatch("add_rmsnorm", x.device)[1](x, residual, norm_w, eps)
-    y = ops.dispatch("gemv", x.device)[1](normed, weight, bias)
-    return (y if kind == NORM else ops.dispatch("swiglu", x.device)[1](y)), h
+    if kind == NORM:
+        return ops.dispatch("gemv", x.device)[1](normed, weight, bias), h
+    return ops.dispatch("gemv_swiglu", x.device)[1](normed, weight, bias), h
 
 
 def _fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key) -> bool:
