@@ -246,9 +246,10 @@ def attention_rows(heads: int, kv_heads: int) -> set[int]:
 
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
-    the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``); the multi-row ones at each distinct row split of the acc mode (the dot
-    modes pad every count alike, so once); the fused kernel's candidates at each distinct padded row count (the
-    tensor-core ones once: 8 rows at any count) and each K."""
+    the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``); the
+    multi-row ones at each distinct row split of the acc mode (the dot modes pad every count alike, so once); the
+    fused kernel's candidates at each distinct padded row count (the tensor-core ones once: 8 rows at any count)
+    and each K."""
     from mamballama_cli.ops import triton_gemv as g
     from mamballama_cli.ops import triton_gemv_fused as f
 
