@@ -11,6 +11,7 @@
 # the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
+# b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B),
 # gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
@@ -84,6 +85,7 @@ for step in $STEPS; do
         b1pair) speed b1pair 320 --models hybrid,teacher --teacher-engines static --batch-sizes 1 --contexts "" ;;
         b1cublas) MAMBALLAMA_REF_OPS=gemv speed b1cublas 200 --models hybrid --batch-sizes 1 --contexts "" ;;
         b1nopdl) speed b1nopdl 200 --no-pdl --models hybrid --batch-sizes 1 --contexts "" ;;
+        b1noglu) speed b1noglu 200 --no-glu --models hybrid --batch-sizes 1 --contexts "" ;;
         park) mkdir -p /tmp/teacher && cp .teacher-a/part_aa /tmp/teacher/ && ls -la /tmp/teacher ;;
         serve) serve_pair ;;
         profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1

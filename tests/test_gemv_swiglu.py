@@ -119,8 +119,33 @@ def test_the_op_runs_the_kernel_only_where_it_can_and_was_chosen(monkeypatch):
         assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
     finally:
         ops.configure("auto")
+    monkeypatch.setattr(s, "GLU", False)  # benchmarks/speed.py --no-glu
+    assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
+    monkeypatch.setattr(s, "GLU", True)
     s.GLU_CHOICES[(1, 96, 64, torch.bfloat16, None)] = False  # timed slower on its first use
     assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
+
+
+def test_the_speed_benchmark_takes_no_glu_and_hands_the_rest_to_eval_speed():
+    """``benchmarks/speed.py --no-glu`` (gpu_session.sh b1noglu): the flag is the script's own, so eval speed never
+    sees it, and it switches the SwiGLU kernel off (the rest reaches eval speed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    done = subprocess.run([sys.executable, str(script), "--no-glu", "--no-pdl", "--help"], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "--max-batch" in done.stdout, done.stderr[-2000:]
+    bad = subprocess.run([sys.executable, str(script), "--no-such-option"], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert bad.returncode != 0
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{str(script)!r}, '--no-glu', '--help']\n"
+            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "from mamballama_cli.ops import triton_gemv_swiglu as s\nprint('GLU', s.GLU)\n")
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert "GLU False" in off.stdout, off.stderr[-2000:]
 
 
 def test_the_fused_norm_swiglu_op_runs_its_gemv_and_swiglu_as_the_gemv_swiglu_op(monkeypatch):

@@ -40,13 +40,14 @@ if triton is not None:
 # shape; GLU_TIMINGS: the timings behind each choice (microseconds per call, the kernel against the ops apart).
 GLU_CHOICES: dict[tuple, bool] = {}
 GLU_TIMINGS: dict[tuple, dict] = {}
+GLU = True  # False: never the kernel, the two ops apart (benchmarks/speed.py --no-glu, the A/B over a step)
 
 
 def glu_supported(x, weight, bias=None) -> bool:
     """Whether :func:`gemv_swiglu_triton` can run its kernel here: what the one-row GEMV takes, an even number of
-    outputs ([gate; up]), and the references not forced for ``gemv`` (``--kernels ref:gemv``, the A/B against
-    cuBLAS: then every projection is cuBLAS's)."""
-    return (gemv_supported(x, weight, bias) and _rows(x, weight) == 1 and weight.shape[0] % 2 == 0
+    outputs ([gate; up]), the references not forced for ``gemv`` (``--kernels ref:gemv``, the A/B against cuBLAS:
+    then every projection is cuBLAS's), and :data:`GLU` on."""
+    return (GLU and gemv_supported(x, weight, bias) and _rows(x, weight) == 1 and weight.shape[0] % 2 == 0
             and not ops.forced_reference("gemv"))
 
 
