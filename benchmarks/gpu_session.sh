@@ -44,6 +44,10 @@ speed() {  # name, timeout cap, extra args
     timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio "${RATIO:-0.25}" "$@" \
         --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
     echo "exit $?"; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
+    # where a batch-1 step went (benchmarks/step_budget.py), printed so that it survives a lost file; none without
+    # a batch-1 row
+    for m in hybrid teacher; do python3 benchmarks/step_budget.py "$OUT/speed-$name.json" --model "$m" 2>/dev/null; done
+    true
 }
 gputest() {  # name, timeout cap, pytest selection...
     local name=$1 cap=$2; shift 2
