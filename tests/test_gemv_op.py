@@ -654,3 +654,26 @@ def test_the_fused_kernel_compiles_two_to_eight_rows_as_eight():
     for kind in (fused.NORM, fused.NORM_SWIGLU):
         assert {tuple(fused.candidates(kind, m)) for m in range(2, fused.MAX_ROWS + 1)} == {
             tuple(fused.candidates(kind, 8))}
+
+
+def test_a_per_shape_choice_is_made_once_and_never_inside_a_recording(monkeypatch):
+    """``graph_timing.chosen``, which the gemv, SwiGLU GEMV and fused norm ops share: on CUDA the first use decides
+    (times) and remembers; inside a CUDA graph's recording nothing is decided or remembered (None: the caller's
+    fallback runs); off CUDA the kernel is taken without timing (the interpreter tests)."""
+    from types import SimpleNamespace
+
+    from mamballama_cli.ops.graph_timing import chosen
+
+    calls = []
+
+    def decide():  # timed slower
+        calls.append(1)
+        return False
+
+    cuda, cpu, choices = SimpleNamespace(is_cuda=True), SimpleNamespace(is_cuda=False), {}
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert chosen(choices, "k", cuda, decide) is None and choices == {} and calls == []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert chosen(choices, "k", cuda, decide) is False and chosen(choices, "k", cuda, decide) is False
+    assert calls == [1] and choices == {"k": False}
+    assert chosen(choices, "c", cpu, decide) is True and calls == [1] and choices["c"] is True

@@ -49,6 +49,18 @@ def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
     return min(ours), min(theirs), copies
 
 
+def chosen(choices: dict, key, x, decide) -> bool | None:
+    """A per-shape choice, made once: the one remembered for ``key``; on the shape's first use ``decide()`` (which
+    times the candidates) on CUDA, True elsewhere (the interpreter tests), remembered. None inside a CUDA graph's
+    recording, where nothing can be timed: the caller then runs its fallback, and nothing is remembered."""
+    use = choices.get(key)
+    if use is None:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        use = choices[key] = decide() if x.is_cuda else True
+    return use
+
+
 def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
     """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
     choices table and a timings table keyed alike (the dtype second to last, the device index last); ``name``

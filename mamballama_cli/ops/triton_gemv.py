@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 
 try:
     import triton
@@ -469,18 +469,18 @@ def choices_report() -> dict:
 def gemv_triton(x, weight, bias=None):
     """The kernel where :func:`gemv_supported` and where, on this shape's first use, it agreed with cuBLAS and
     was timed faster than cuBLAS (or within :data:`MARGIN` of it on a tall weight timed by ``do_bench``); else
-    ``F.linear``. The
-    first call of a shape should not be inside a CUDA graph's recording (the static decoder's warm-up makes it);
-    one that is gets cuBLAS."""
+    ``F.linear``. The first call of a shape should not be inside a CUDA graph's recording (the static decoder's
+    warm-up makes it); one that is gets cuBLAS."""
     if not gemv_supported(x, weight, bias):
         return F.linear(x, weight, bias)
     key = (_rows(x, weight), *weight.shape, x.dtype, x.device.index)
-    use = CHOICES.get(key)
-    if use is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return F.linear(x, weight, bias)  # nothing can be timed inside a recording: cuBLAS, not remembered
-        use = CHOICES[key] = _kernel_is_faster(x, weight, bias, key) if x.is_cuda else True
+
+    def decide():
+        use = _kernel_is_faster(x, weight, bias, key)
         PDL_CHOICES[key] = use and _pdl_is_faster(x, weight, bias, key)
+        return use
+
+    use = chosen(CHOICES, key, x, decide)  # None inside a recording: cuBLAS
     return gemv_launch(x, weight, bias, pdl=PDL_CHOICES.get(key, False)) if use else F.linear(x, weight, bias)
 
 

@@ -43,7 +43,7 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the references
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS
 
 try:
@@ -325,13 +325,8 @@ def _fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key) -> bool:
 
 def _choose(kind, x, weight, bias, residual, norm_w, eps) -> bool:
     key = (kind, _rows(x, x.shape[-1]), *weight.shape, x.dtype, x.device.index)
-    use = CHOICES.get(key)
-    if use is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return False  # nothing can be timed inside a recording: the two ops, not remembered
-        use = CHOICES[key] = (_fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key)
-                              if x.is_cuda else True)
-    return use
+    # None inside a recording: the two ops
+    return bool(chosen(CHOICES, key, x, lambda: _fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key)))
 
 
 def _fusing() -> bool:

@@ -22,7 +22,7 @@ from mamballama_cli.ops import (
     decode as _decode_refs,  # registers the decode ops' references (gemv_swiglu too)
 )
 from mamballama_cli.ops.common import _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 from mamballama_cli.ops.triton_gemv import (
     PDL_CHOICES,
     _pdl_usable,
@@ -90,12 +90,7 @@ def gemv_swiglu_triton(x, weight, bias=None):
     if not glu_supported(x, weight, bias):
         return _apart(x, weight, bias)
     key = (1, *weight.shape, x.dtype, x.device.index)
-    use = GLU_CHOICES.get(key)
-    if use is None:
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return _apart(x, weight, bias)
-        use = GLU_CHOICES[key] = _glu_is_faster(x, weight, bias, key) if x.is_cuda else True
-    if not use:
+    if not chosen(GLU_CHOICES, key, x, lambda: _glu_is_faster(x, weight, bias, key)):
         return _apart(x, weight, bias)
     return gemv_launch(x, weight, bias, pdl=PDL_CHOICES.get(key, False) and _pdl_usable(x), glu=True)
 
