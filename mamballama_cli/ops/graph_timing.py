@@ -1,6 +1,7 @@
 """Timing a kernel against the alternative it must beat as a decode step runs both: recorded in CUDA graphs, weights
-cold in L2. The gemv op (ops/triton_gemv.py) and the fused norm + GEMV ops (ops/triton_gemv_fused.py) choose per
-shape with it, and report their choices with :func:`shape_report`."""
+cold in L2. The gemv op (ops/triton_gemv.py), the SwiGLU GEMV (ops/triton_gemv_swiglu.py) and the fused norm + GEMV
+ops (ops/triton_gemv_fused.py) choose per shape with it, once per shape (:func:`chosen`), and report their choices
+with :func:`shape_report`."""
 
 from __future__ import annotations
 
