@@ -74,7 +74,6 @@ def budget(data: dict, model: str = "hybrid") -> dict:
     row = rows[0]
     dtype = data.get("dtype", "bfloat16")
     config = {**data["config"], **data.get("models", {}), "model": model}
-    config.setdefault("mamba_gate", data.get("models", {}).get("mamba_gate", True))
     bandwidth = data["floor"]["copy_bandwidth_bytes_per_s"]
     step_us = 1e6 / row["decode_tok_s"]
     kernel, pdl = set(row.get("gemv_kernel_shapes", [])), set(row.get("gemv_pdl_shapes", []))
