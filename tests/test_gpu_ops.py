@@ -62,7 +62,7 @@ def test_ssd_scan_forward_backward(gen, dtype, seqlen, chunk):
     y, s = fast("ssd_scan")(x, dt, A, B, C, chunk_size=chunk, D=D, initial_state=s0)
     leaves = [x, dt, A, B, C, D, s0]
     ref_leaves = [t.detach().double().requires_grad_(True) for t in leaves]
-    y_ref, s_ref = ops.REFERENCES["ssd_scan"](*ref_leaves[:5], chunk_size=chunk, D=ref_leaves[5],
+    y_ref, s_ref = ops.reference("ssd_scan")(*ref_leaves[:5], chunk_size=chunk, D=ref_leaves[5],
                                               initial_state=ref_leaves[6])
     assert y.dtype == dtype and y.shape == y_ref.shape and s.shape == s_ref.shape
     assert rel(y, y_ref) < TOL[dtype]
@@ -82,7 +82,7 @@ def test_ssm_step_forward(gen, dtype):
     x, dt = rnd(gen, b, h, p, dtype=dtype), F.softplus(rnd(gen, b, h) - 1)
     A = -torch.rand(h, generator=gen, device=DEV) - 0.2
     B, C, D = rnd(gen, b, g, n, dtype=dtype), rnd(gen, b, h, n, dtype=dtype), rnd(gen, h)
-    s_ref, y_ref = ops.REFERENCES["ssm_step"](s0.double(), x.double(), dt, A, B, C, D)
+    s_ref, y_ref = ops.reference("ssm_step")(s0.double(), x.double(), dt, A, B, C, D)
     s, y = fast("ssm_step")(s0.clone(), x, dt, A, B, C, D)
     assert y.dtype == dtype
     assert rel(y, y_ref) < TOL[dtype] and rel(s, s_ref) < TOL[dtype]
@@ -95,7 +95,7 @@ def test_rmsnorm_gated_forward_backward(gen, dtype):
     w = (1 + 0.1 * rnd(gen, 256)).to(dtype).detach().requires_grad_(True)
     out = fast("rmsnorm_gated")(y, z, w, 1e-5, 64)
     refs = [t.detach().double().requires_grad_(True) for t in (y, z, w)]
-    out_ref = ops.REFERENCES["rmsnorm_gated"](*refs, 1e-5, 64)
+    out_ref = ops.reference("rmsnorm_gated")(*refs, 1e-5, 64)
     assert out.dtype == dtype and rel(out, out_ref) < TOL[dtype]
     g = rnd(gen, *out.shape)
     (out.float() * g).sum().backward()
@@ -118,7 +118,7 @@ def test_rmsnorm_forward_backward(gen, impl, dtype, out_dtype):
     w = (1 + 0.1 * rnd(gen, 576)).to(dtype).detach().requires_grad_(True)
     out = fn(x, w, 1e-5, out_dtype)
     refs = [t.detach().double().requires_grad_(True) for t in (x, w)]
-    out_ref = ops.REFERENCES["rmsnorm"](*refs, 1e-5)
+    out_ref = ops.reference("rmsnorm")(*refs, 1e-5)
     dtype = out_dtype or dtype
     assert out.dtype == dtype and out.shape == x.shape and rel(out, out_ref) < TOL[dtype]
     g = rnd(gen, *out.shape)
@@ -143,12 +143,12 @@ def test_rotary_forward_backward(gen, q_dtype, tab_dtype, hq, hk, head_dim):
     cos, sin = torch.cat([ang, ang], -1).cos().to(tab_dtype), torch.cat([ang, ang], -1).sin().to(tab_dtype)
     qo, ko = fast("rotary")(q, k, cos, sin)
     refs = [t.detach().double().requires_grad_(True) for t in (q, k)]
-    qr, kr = ops.REFERENCES["rotary"](*refs, cos.double(), sin.double())
+    qr, kr = ops.reference("rotary")(*refs, cos.double(), sin.double())
     assert qo.dtype == ko.dtype == q_dtype and qo.shape == q.shape and ko.shape == k.shape
     tol = 1e-6 if q_dtype == torch.float32 else 1e-2
     assert rel(qo, qr) < tol and rel(ko, kr) < tol
     if q_dtype == tab_dtype:  # same arithmetic and roundings as the reference in that dtype: equal
-        same = ops.REFERENCES["rotary"](q.detach(), k.detach(), cos, sin)
+        same = ops.reference("rotary")(q.detach(), k.detach(), cos, sin)
         assert torch.equal(qo, same[0]) and torch.equal(ko, same[1])
     gq, gk = rnd(gen, *q.shape), rnd(gen, *k.shape)
     ((qo.float() * gq).sum() + (ko.float() * gk).sum()).backward()
@@ -181,7 +181,7 @@ def test_prefill_conv_backend_is_usable_or_reference(gen):
     name, fn = ops.dispatch("causal_conv1d", torch.device(DEV))
     x, w, bias, s0 = rnd(gen, 2, 96, 50), rnd(gen, 96, 4), rnd(gen, 96), rnd(gen, 2, 96, 3)
     y, s = fn(x, w, bias, s0, "silu")
-    y_ref, s_ref = ops.REFERENCES["causal_conv1d"](x.double(), w.double(), bias.double(), s0.double(), "silu")
+    y_ref, s_ref = ops.reference("causal_conv1d")(x.double(), w.double(), bias.double(), s0.double(), "silu")
     assert rel(y, y_ref) < 1e-5 and rel(s, s_ref) < 1e-6, name
 
 
@@ -198,7 +198,7 @@ def test_causal_conv1d_forward_backward_from_zeros(gen, dtype, act, with_bias):
     y, s = fn(x, w, bias, None, act)
     leaves = [t for t in (x, w, bias) if t is not None]
     refs = [t.detach().double().requires_grad_(True) for t in leaves]
-    y_ref, s_ref = ops.REFERENCES["causal_conv1d"](refs[0], refs[1], refs[2] if with_bias else None, None, act)
+    y_ref, s_ref = ops.reference("causal_conv1d")(refs[0], refs[1], refs[2] if with_bias else None, None, act)
     assert y.shape == y_ref.shape and y.dtype == dtype and rel(y, y_ref) < TOL[dtype], name
     assert torch.equal(s.double(), s_ref)
     g = rnd(gen, *y.shape)
@@ -216,7 +216,7 @@ def test_causal_conv1d_forward_backward_from_zeros(gen, dtype, act, with_bias):
 def test_add_rmsnorm(gen, dtype, with_residual):
     x, r, w = rnd(gen, 5, 4096, dtype=dtype), rnd(gen, 5, 4096, dtype=dtype), (1 + 0.1 * rnd(gen, 4096)).to(dtype)
     out, res = fast("add_rmsnorm")(x, r if with_residual else None, w, 1e-5)
-    out_ref, res_ref = ops.REFERENCES["add_rmsnorm"](x, r if with_residual else None, w, 1e-5)
+    out_ref, res_ref = ops.reference("add_rmsnorm")(x, r if with_residual else None, w, 1e-5)
     assert out.dtype == dtype and rel(out, out_ref) < TOL[dtype] / 4
     assert torch.equal(res, res_ref)  # the residual sum is rounded exactly as torch rounds it
 
@@ -224,7 +224,7 @@ def test_add_rmsnorm(gen, dtype, with_residual):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_swiglu(gen, dtype):
     gu = rnd(gen, 3, 2 * 5000, dtype=dtype)
-    assert rel(fast("swiglu")(gu), ops.REFERENCES["swiglu"](gu.double())) < TOL[dtype] / 4
+    assert rel(fast("swiglu")(gu), ops.reference("swiglu")(gu.double())) < TOL[dtype] / 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,7 +233,7 @@ def test_conv_update(gen, dtype, op):
     b, dim, width = 3, 1000, 4
     x, w, bias, s0 = (rnd(gen, b, dim, dtype=dtype), rnd(gen, dim, width, dtype=dtype), rnd(gen, dim, dtype=dtype),
                       rnd(gen, b, dim, width - 1, dtype=dtype))
-    y_ref, s_ref = ops.REFERENCES["causal_conv1d_update"](x.double(), s0.double(), w.double(), bias.double(), "silu")
+    y_ref, s_ref = ops.reference("causal_conv1d_update")(x.double(), s0.double(), w.double(), bias.double(), "silu")
     state = s0.clone()
     if op == "causal_conv1d_update":
         y, s = fast(op)(x, state, w, bias, "silu")
@@ -254,7 +254,7 @@ def test_ssm_step_gated(gen, dtype, gated):
             rnd(gen, h, dtype=dtype), rnd(gen, b, h, p, dtype=dtype) if gated == "z" else None,
             (1 + 0.1 * rnd(gen, h * p)).to(dtype) if gated else None]
     s_ref = s0.double()
-    y_ref = ops.REFERENCES["ssm_step_gated"](s_ref, *[a.double() if a is not None else None for a in args], 1e-5)
+    y_ref = ops.reference("ssm_step_gated")(s_ref, *[a.double() if a is not None else None for a in args], 1e-5)
     s = s0.clone()
     y = fast("ssm_step_gated")(s, *args, 1e-5)  # autotuned over STEP_TILES, the state restored after each timing
     assert y.dtype == dtype and rel(y, y_ref) < TOL[dtype] / 2
@@ -280,7 +280,7 @@ def test_rope_kv_write(gen, dtype, pos):
     k0, v0 = rnd(gen, b, nkv, cap, hd, dtype=dtype), rnd(gen, b, nkv, cap, hd, dtype=dtype)
     where = torch.tensor([pos], device=DEV)
     kr, vr, kf, vf = k0.clone(), v0.clone(), k0.clone(), v0.clone()
-    q_ref = ops.REFERENCES["rope_kv_write"](qkv, cos, sin, kr, vr, where, nh, nkv)
+    q_ref = ops.reference("rope_kv_write")(qkv, cos, sin, kr, vr, where, nh, nkv)
     q = fast("rope_kv_write")(qkv, cos, sin, kf, vf, where, nh, nkv)
     # same roundings as the reference: equal up to one ulp of the activation dtype
     assert rel(q, q_ref) < (1e-6 if dtype == torch.float32 else 4e-3)
@@ -300,7 +300,7 @@ def test_decode_attention(gen, dtype, cap, length, nh, nkv):
     kc, vc = rnd(gen, b, nkv, cap, hd, dtype=dtype), rnd(gen, b, nkv, cap, hd, dtype=dtype)
     n = torch.tensor([length], device=DEV)
     out = fast("decode_attention")(q, kc, vc, n, hd**-0.5)
-    ref = ops.REFERENCES["decode_attention"](q.double(), kc[:, :, :length].double(), vc[:, :, :length].double(),
+    ref = ops.reference("decode_attention")(q.double(), kc[:, :, :length].double(), vc[:, :, :length].double(),
                                              torch.tensor([length], device=DEV), hd**-0.5)
     assert out.dtype == dtype and rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
 
@@ -324,7 +324,7 @@ def test_decode_kernels_hand_autograd_to_the_reference(gen, op):
         run = lambda f, a: f(a[0].clone(), *a[1:])  # noqa: E731
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     grads = []
-    for fn in (fast(op), ops.REFERENCES[op]):
+    for fn in (fast(op), ops.reference(op)):
         out = run(fn, args)
         grads.append(torch.autograd.grad(out.square().sum(), leaves))
     for a, b in zip(*grads):

@@ -90,6 +90,19 @@ def test_dispatch_uses_reference_on_cpu():
     assert {"ssd_scan", "ssm_step", "causal_conv1d", "causal_conv1d_update", "rmsnorm_gated"} <= {r["op"] for r in rows}
 
 
+def test_reference_loads_the_module_that_declares_an_op():
+    """ops.reference finds a reference that a later module declares, in a process where nothing imported that
+    module yet (the gpu suite's test_rope_kv_write failed with KeyError when it ran first on an xdist worker)."""
+    import subprocess
+    import sys
+
+    code = ("from mamballama_cli import ops; assert 'rope_kv_write' not in ops.REFERENCES;"
+            "fn = ops.reference('rope_kv_write'); from mamballama_cli.ops.decode import rope_kv_write_ref;"
+            "assert fn is rope_kv_write_ref\ntry: ops.reference('no_such_op')\nexcept KeyError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "no_such_op" in out and "rope_kv_write" in out
+
+
 def test_ref_ops_forces_the_reference_for_the_ops_named_only(monkeypatch):
     """MAMBALLAMA_REF_OPS names ops whose reference runs even on CUDA (a fake fast kernel that always probes ok
     stands in for a GPU here); the other ops keep their fast kernel."""

@@ -121,6 +121,13 @@ REFERENCE_MODULES = ("mamballama_cli.ops.decode", "mamballama_cli.ops.kd", "mamb
                      "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref", "mamballama_cli.ops.commit")
 
 
+def _load_references() -> None:
+    import importlib
+
+    for module in REFERENCE_MODULES:
+        importlib.import_module(module)
+
+
 def configure(kernels: str = "auto") -> None:
     """Choose the kernels for this process (the CLI's global ``--kernels``): ``auto`` (fast kernels where their
     probe passes), ``ref`` (the PyTorch references everywhere) or ``ref:OP,OP`` (references for the ops named,
@@ -141,10 +148,7 @@ def configure(kernels: str = "auto") -> None:
         os.environ["MAMBALLAMA_KERNELS"] = "ref"
         os.environ.pop("MAMBALLAMA_REF_OPS", None)
         return
-    import importlib
-
-    for module in REFERENCE_MODULES:  # every op that exists, for the names' check
-        importlib.import_module(module)
+    _load_references()  # every op that exists, for the names' check
     names = [n.strip() for n in tail.split(",") if n.strip()]
     unknown = [n for n in names if n not in REFERENCES]
     if unknown or not names:
@@ -159,6 +163,15 @@ def forced_reference(op: str | None = None) -> bool:
     if os.environ.get("MAMBALLAMA_KERNELS", "").lower() in _REF_WORDS:
         return True
     return op is not None and op in {s.strip() for s in os.environ.get("MAMBALLAMA_REF_OPS", "").split(",")}
+
+
+def reference(op: str) -> Callable:
+    """The pure-PyTorch reference of ``op``, whichever module declares it (loaded here if no caller has yet)."""
+    if op not in REFERENCES:
+        _load_references()
+    if op not in REFERENCES:
+        raise KeyError(f"unknown op {op!r}; ops are {sorted(REFERENCES)}")
+    return REFERENCES[op]
 
 
 def dispatch(op: str, device) -> tuple[str, Callable]:
