@@ -198,10 +198,11 @@ DECODE_KERNELS = ("add_rmsnorm", "swiglu", "ssm_step_gated", "attn_combine")
 
 
 def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True, slotted: bool = True,
-                   arch: int = 90):
+                   arch: int = 90, tile=None):
     """The Mamba-2 replay kernel of a verify window (ops/triton_replay.py) as a run compiles it: W old steps and
     T new ones unrolled, a ``p`` x ``n`` head (64 x 64: the default teacher's, one program a head when ``gated``;
-    128 x 128: the 8B shape's, in 32-row tiles and never gated), bf16 activations, float32 state, unit strides."""
+    128 x 128: the 8B shape's, in 32-row tiles and never gated), bf16 activations, float32 state, unit strides;
+    ``tile`` (BLOCK_P, num_warps, PRELOAD), one of the op's replay_tiles (default: the first)."""
     from mamballama_cli.ops import triton_replay as r
 
     f32, bf16, i32 = "*fp32", "*bf16", "i32"
@@ -211,12 +212,13 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
             "eps": "fp32", "slot_ptr": "*i64"}
     names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
-    block_p, block_n = r.replay_tile(p, n, gated)
+    block_p, warps, preload = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
-              "SLOTTED": slotted, "BLOCK_N": block_n, "BLOCK_P": block_p}
+              "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, gated)[1], "BLOCK_P": block_p, "PRELOAD": preload,
+              "WP": r.triton.next_power_of_2(max(W, 1)), "TP": r.triton.next_power_of_2(max(T, 1))}
     args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
     const = {**dict.fromkeys(unit, 1), **consts}
-    return compile_kernel(r._replay_kernel, args, const, 4, 1, arch,
+    return compile_kernel(r._replay_kernel, args, const, warps, 1, arch,
                           unaligned=("nheads", "heads_per_group", "heads_per_cgroup", "save_off"))
 
 
@@ -274,6 +276,11 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     # with the slotted buffers of a captured round and without
     jobs += [["replay", w, t, p, n, gated, slotted] for t in range(2, g.MAX_ROWS + 1) for w in (0, t)
              for p, n, gated in REPLAY_SHAPES for slotted in (False, True)]
+    # the other tiles the op times (ops/triton_replay.py: the preloaded form, more programs a head) at K = 4
+    from mamballama_cli.ops import triton_replay as r
+
+    jobs += [["replay", w, 5, p, n, gated, slotted, 90, list(tile)] for w in (0, 5) for p, n, gated in REPLAY_SHAPES
+             for slotted in (False, True) for tile in r.replay_tiles(p, n, gated)[1:]]
     # the default teacher's 9 heads over 3 KV heads of 64, the 8B model's 32 over 8 of 128
     return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
                    for r in sorted(attention_rows(heads, kv))]

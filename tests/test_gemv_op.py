@@ -375,10 +375,17 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(glu, "GLU_TIMINGS", {(1, 28672, 4096, torch.bfloat16, 0): {"glu_us": 59.0}})
     assert glu.choices_report() == {"gemv_swiglu_shapes": ["1x28672x4096"],
                                     "gemv_swiglu_timings": {"1x28672x4096 bfloat16": {"glu_us": 59.0}}}
+    from mamballama_cli.ops import triton_replay as replay
+
+    key = (1, 32, 128, 128, 5, 5, False, False, True, True, True, torch.float32, torch.bfloat16, 0)
+    monkeypatch.setattr(replay, "TILE_CHOICES", {key: (16, 2, True)})
+    monkeypatch.setattr(replay, "TIMINGS", {key: {"32x4": 13.1, "16x2p": 5.2}})
+    assert replay.choices_report() == {"replay_tiles": {"b1 h32 128x128 W5 T5 slotted": "16x2p"},
+                                       "replay_timings": {"b1 h32 128x128 W5 T5 slotted": {"32x4": 13.1, "16x2p": 5.2}}}
     from mamballama_cli.ops.graph_timing import kernel_choices
 
     # what the benchmarks' JSONs carry
-    assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report()}
+    assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report(), **replay.choices_report()}
 
 
 def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):

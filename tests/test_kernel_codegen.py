@@ -121,10 +121,16 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     from mamballama_cli.ops import triton_decode
 
     assert {tuple(j[3]) for j in jobs if j[1] == "ssm_step_gated"} == set(triton_decode.STEP_TILES)
-    replays = {tuple(j[1:]) for j in jobs if j[0] == "replay"}  # every verify window K = 1..7, W = 0 or T
+    replays = {tuple(j[1:7]) for j in jobs if j[0] == "replay"}  # every verify window K = 1..7, W = 0 or T
     assert {(w, t) for w, t, *_ in replays} == {(w, t) for t in range(2, 9) for w in (0, t)}
     assert {r[2:] for r in replays} == {(*shape, slotted) for shape in kernel_sass.REPLAY_SHAPES
                                         for slotted in (False, True)}
+    from mamballama_cli.ops import triton_replay
+
+    # and every tile the replay op times, at K = 4 (the first tile above, at every K)
+    tiles = {(*j[1:7], tuple(j[8])) for j in jobs if j[0] == "replay" and len(j) > 7}
+    assert tiles == {(w, 5, p, n, gated, slotted, t) for w in (0, 5) for p, n, gated in kernel_sass.REPLAY_SHAPES
+                     for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]}
     # the window attention's tile rows (query heads of a group x window queries, at least 16): 16 and 32 at both
     # sizes, head dims 64 (the default teacher) and 128 (8B)
     assert kernel_sass.attention_rows(9, 3) == {16, 32} and kernel_sass.attention_rows(32, 8) == {16, 32}

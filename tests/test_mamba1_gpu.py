@@ -1,7 +1,7 @@
 """Mamba-1 on CUDA: whichever backend the dispatch picks (mamba_ssm's CUDA scan, or the chunked PyTorch scan
 when the extension is absent; mamba_ssm's Triton selective_state_update for decoding) against the float64
 references, forward and backward, fp32 and bf16, on fresh random inputs. The replay op's Triton kernel
-(ops/triton_replay.py) against its reference at the mixer's shapes, and inside a captured CUDA graph."""
+(ops/triton_selective_replay.py) against its reference at the mixer's shapes, and inside a captured CUDA graph."""
 
 import pytest
 import torch
@@ -123,7 +123,7 @@ def test_selective_replay_kernel_in_a_cuda_graph_reads_the_counts_from_memory(dt
     """One captured kernel serves every accepted count: the loop bound is read on the device. Written as the mixer
     does it: the checkpoint over the input state, the final state into the live buffer."""
     from mamballama_cli.ops.selective_scan import selective_replay_ref
-    from mamballama_cli.ops.triton_replay import selective_replay_triton
+    from mamballama_cli.ops.triton_selective_replay import selective_replay_triton
 
     W = 5
     state, *rest = replay_inputs("cuda", dtype, 3, W, 5, 4096, 256, 16, [0, 0, 0], seed=3)

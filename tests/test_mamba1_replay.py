@@ -1,4 +1,4 @@
-"""The Triton kernel of the Mamba-1 replay op (``selective_replay``, ops/triton_replay.py) against its reference.
+"""The Triton kernel of the Mamba-1 replay op (``selective_replay``, ops/triton_selective_replay.py) against its reference.
 
 CPU: the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess because the variable must
 be set before triton is imported) on small shapes: per-row counts 0, between and W, T = 1 and T > 1, W = 0,
@@ -46,7 +46,7 @@ def check_selective_replay(device, dtype, b, W, T, dim, ngroups, n, counts, with
     """The kernel against the float64 reference: y, the replayed checkpoint and the final state; with ``inplace``
     the checkpoint is written over the input state and the final state into a given buffer."""
     from mamballama_cli.ops.selective_scan import selective_replay_ref
-    from mamballama_cli.ops.triton_replay import selective_replay_triton
+    from mamballama_cli.ops.triton_selective_replay import selective_replay_triton
 
     args = replay_inputs(device, dtype, b, W, T, dim, ngroups, n, counts, with_D, seed)
     state = args[0]
@@ -69,9 +69,9 @@ def check_selective_replay(device, dtype, b, W, T, dim, ngroups, n, counts, with
     return errs
 
 
-def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None):
+def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None, tile=None):
     """The Mamba-2 kernel (float32) against its reference, the checkpoint written over the input state; ``cg``: C's
-    groups (default one per head)."""
+    groups (default one per head); ``tile``: one of ops/triton_replay.py's replay_tiles (default: its first)."""
     from mamballama_cli.ops.replay import ssm_replay_ref
     from mamballama_cli.ops.triton_replay import ssm_replay_triton
 
@@ -87,14 +87,14 @@ def check_ssm_replay(device, b, W, T, h, g, p, n, counts, seed=0, cg=None):
     n_replay = torch.tensor(counts, device=device)
     want = ssm_replay_ref(state, *old, n_replay, *new, A, dt_bias, D, return_final=True)
     s_in = state.clone()
-    got = ssm_replay_triton(s_in, *old, n_replay, *new, A, dt_bias, D, return_final=True, state_out=s_in)
+    got = ssm_replay_triton(s_in, *old, n_replay, *new, A, dt_bias, D, return_final=True, state_out=s_in, tile=tile)
     assert got[1] is s_in
     errs = [_rel(o, w) for o, w in zip(got, want)]
     assert max(errs) <= 1e-5, errs
     return errs
 
 
-def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0, with_z=True):
+def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0, with_z=True, tile=None):
     """The gated op (``ssm_replay_gated``: replay, then the gated RMSNorm over each head) against its reference: in
     one kernel where a head's state fits one program, else the replay kernel and the norm op. Window inputs and z in
     ``dtype``, the state in float32. ``with_z=False``: the norm without a gate (convert --no-gate)."""
@@ -114,14 +114,14 @@ def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0, w
     n_replay = torch.tensor(counts, device=device)
     want = ssm_replay_gated_ref(state, *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5, return_final=True)
     got = ssm_replay_gated_triton(state.clone(), *old, n_replay, *new, A, dt_bias, D, z, nw, 1e-5,
-                                  return_final=True)
+                                  return_final=True, tile=tile)
     assert got[0].shape == (b, T, h * p) and got[0].dtype == dtype
     errs = [_rel(o, w) for o, w in zip(got, want)]
     assert errs[0] <= (1e-5 if dtype == torch.float32 else 4e-3) and max(errs[1:]) <= 1e-5, errs
     return gated_in_one_program(p, n), errs
 
 
-def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, read_old, gated, seed=0):
+def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, read_old, gated, seed=0, tile=None):
     """A window kept in two slots (``slot``): the kernel against the reference, run on copies of the same buffers:
     y, the states, and both slots after the call (the new steps written into slot ``cur`` at ``offset``, nothing
     else changed). bf16 window, float32 state."""
@@ -141,16 +141,16 @@ def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, r
     z, nw = r(b, T, h * p), (1 + 0.1 * torch.randn(h * p, generator=gen, device=device)).to(torch.bfloat16)
     slot = torch.tensor([cur], device=device)
 
-    def run(fn, xB, dt):
+    def run(fn, xB, dt, **kw):
         bufs = (xB[..., : g * p].unflatten(-1, (g, p)), dt, xB[..., g * p :].unflatten(-1, (g, n)))
         extra = (z, nw, 1e-5) if gated else ()
         return fn(state.clone(), *bufs, torch.tensor(counts, device=device), *new, A, dt_bias, D, *extra,
-                  return_final=True, slot=slot, offset=offset, read_old=read_old)
+                  return_final=True, slot=slot, offset=offset, read_old=read_old, **kw)
 
     wx, wd = xB.clone(), dt.clone()
     want = run(ssm_replay_gated_ref if gated else ssm_replay_ref, wx, wd)
     gx, gd = xB.clone(), dt.clone()
-    got = run(ssm_replay_gated_triton if gated else ssm_replay_triton, gx, gd)
+    got = run(ssm_replay_gated_triton if gated else ssm_replay_triton, gx, gd, tile=tile)
     errs = [_rel(o, w) for o, w in zip(got, want)]
     assert errs[0] <= 1e-2 and max(errs[1:]) <= 1e-5, errs  # y in bf16 (truncated by the interpreter)
     assert torch.equal(gx, wx) and torch.equal(gd, wd)  # the same slot written, the same values, nothing else
@@ -164,6 +164,7 @@ def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, r
 
 _SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 import test_mamba1_replay as t
+from mamballama_cli.ops.triton_replay import replay_tiles
 
 torch.set_num_threads(1)  # tiny ops: threads fighting over the cores make them 100x slower
 f32, f16 = torch.float32, torch.float16
@@ -182,23 +183,28 @@ for k, (dtype, b, W, T, dim, g, n, counts, with_D, inplace) in enumerate(cases):
 for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
         (2, 3, 2, 4, 2, 8, 16, [3, 1], None), (3, 5, 5, 4, 1, 16, 16, [0, 2, 5], 2), (2, 4, 1, 2, 2, 8, 8, [4, 0], 1),
         (1, 0, 3, 2, 1, 8, 16, [0], None), (2, 2, 0, 2, 1, 8, 16, [1, 2], None), (1, 5, 5, 2, 1, 40, 12, [3], None)]):
-    print("ssm_replay", b, W, T, counts, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg))
+    for tile in replay_tiles(p, n, False):  # every candidate tile: the first, the preloaded ones, more programs
+        print("ssm_replay", b, W, T, counts, tile, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg,
+                                                                     tile=tile))
 # the gated op: one kernel (headdim past one block of the ungated tiles; headdim not a power of two; fp16 inputs),
 # and two (a head's state past one program: the 8B shape's case, smaller)
 for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
         (2, 5, 5, 4, 2, 64, 16, [0, 5], f32, True), (2, 3, 2, 2, 1, 24, 16, [2, 1], f16, True),
         (1, 4, 3, 2, 2, 64, 128, [3], f32, False)]):
     for with_z in (True, False) if k != 1 else (True,):  # False: the norm without a gate (convert --no-gate)
-        fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k, with_z=with_z)
-        assert fused is one, (p, n)
-        print("ssm_replay_gated", b, W, T, p, n, with_z, fused, errs)
+        for tile in replay_tiles(p, n, one):
+            fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k, with_z=with_z,
+                                                   tile=tile)
+            assert fused is one, (p, n)
+            print("ssm_replay_gated", b, W, T, p, n, with_z, tile, fused, errs)
 # a window kept in two slots: a verify call (read slot 1 - cur, write slot cur from 0) and a draft's continue step
 # (no reads, written at its offset); gated in one kernel and not; two blocks of headdim; groups of 2 and 3 heads
 for k, (b, L, T, h, g, p, n, counts, cur, offset, read_old, gated) in enumerate([
         (2, 5, 5, 4, 2, 48, 128, [3, 0], 1, 0, True, False), (2, 5, 5, 6, 2, 16, 16, [5, 2], 0, 0, True, True),
         (1, 6, 2, 4, 2, 16, 16, [0], 1, 3, False, True), (2, 4, 1, 3, 1, 48, 128, [0, 0], 0, 2, False, False)]):
-    print("slotted", t.check_ssm_replay_slotted("cpu", b, L, T, h, g, p, n, counts, cur, offset, read_old, gated,
-                                                seed=k))
+    for tile in replay_tiles(p, n, gated):
+        print("slotted", tile, t.check_ssm_replay_slotted("cpu", b, L, T, h, g, p, n, counts, cur, offset, read_old,
+                                                          gated, seed=k, tile=tile))
 print("ok")
 """
 
@@ -211,7 +217,7 @@ def test_selective_replay_kernel_under_the_triton_interpreter():
 def test_selective_replay_kernel_is_registered_and_hands_autograd_to_the_reference():
     from mamballama_cli import ops
     from mamballama_cli.ops.selective_scan import selective_replay_ref
-    from mamballama_cli.ops.triton_replay import selective_replay_triton
+    from mamballama_cli.ops.triton_selective_replay import selective_replay_triton
 
     ops._load_fast()
     assert "mamballama-triton" in [impl.name for impl in ops.FAST["selective_replay"]]
@@ -222,3 +228,40 @@ def test_selective_replay_kernel_is_registered_and_hands_autograd_to_the_referen
     y_ref, replayed_ref, _ = selective_replay_ref(*args)
     y.sum().backward()
     assert torch.equal(y, y_ref) and torch.equal(replayed, replayed_ref) and args[5].grad is not None
+
+
+@NEEDS_TRITON
+def test_the_replay_tile_is_the_fastest_timed_on_copies_and_named_in_the_report(monkeypatch):
+    """ops/triton_replay.py's choice of tile, with the CUDA timing stubbed: every candidate is timed (three
+    interleaved rounds, the best of each kept) over copies of the state that pass twice the L2 cache, never the
+    state itself; the fastest wins and the report names it. On CPU the op runs the first tile untimed."""
+    from types import SimpleNamespace
+
+    from mamballama_cli.ops import triton_replay as tr
+
+    state = torch.randn(1, 4, 8, 16)  # 2 KiB
+    cands = tr.replay_tiles(8, 16, False)
+    speed = dict(zip(cands, [9.0, 4.0, 6.0, 5.0]))
+    seen = []
+
+    def launch(c, st, fin):
+        assert st is not state and fin is not state and torch.equal(st, state)
+        seen.append(c)
+
+    def graph_us(calls):
+        before = len(seen)
+        for call in calls:
+            call()
+        assert len(seen) - before == len(calls) == 4  # 2 x 8 KiB of L2 over 4 KiB a copy (a state and a final)
+        return speed[seen[-1]] + len(seen) * 1e-3  # later rounds a little slower: the best round counts
+    monkeypatch.setattr(tr, "graph_call_us", graph_us)
+    monkeypatch.setattr(tr.torch.cuda, "get_device_properties", lambda d: SimpleNamespace(L2_cache_size=8 << 10))
+    monkeypatch.setattr(tr, "TIMINGS", {})
+    monkeypatch.setattr(tr, "TILE_CHOICES", {})
+    key = (1, 4, 8, 16, 5, 5, False, False, True, True, True, torch.float32, torch.float32, 0)
+    assert tr._fastest(launch, state, cands, key) == (8, 4, True)
+    assert len(seen) == 3 * 4 * len(cands)
+    assert tr.TIMINGS[key] == {"8x4": 9.0, "8x4p": 4.01, "8x2p": 6.01, "4x2p": 5.02}  # the first round's
+    tr.TILE_CHOICES[key] = (8, 4, True)
+    assert tr.choices_report()["replay_tiles"] == {"b1 h4 8x16 W5 T5 slotted": "8x4p"}
+

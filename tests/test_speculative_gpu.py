@@ -112,6 +112,36 @@ def test_triton_replay_in_a_cuda_graph_reads_the_count_from_memory():
         assert _rel(y, ry) <= 2e-5 and _rel(out, rs) <= 2e-5
 
 
+@pytest.mark.parametrize("slotted", [False, True])
+def test_replay_tiles_at_the_8b_shape_each_equal_the_reference_and_the_timed_choice_touches_no_state(slotted):
+    """Every candidate tile of ops/triton_replay.py (the first, the preloaded ones, more programs a head) at the 8B
+    head shape and a K = 4 window, in bf16 with a float32 state, against the float64 reference; then the op without a
+    tile: its first call times the candidates in CUDA graphs on copies, and its result, the checkpoint written in
+    place, still equals the reference."""
+    from mamballama_cli.ops import triton_replay as tr
+    from mamballama_cli.ops.replay import ssm_replay_ref
+
+    b, h, g, p, n, K = 1, 32, 8, 128, 128, 4
+    state, old, counts, new, A, dt_bias, D = _inputs(b, h, g, p, n, K + 1, K + 1, torch.bfloat16, seed=11)
+    counts.fill_(3)
+    want = ssm_replay_ref(*(t.double() if t.is_floating_point() else t for t in (state, *old, counts, *new, A,
+                                                                                   dt_bias, D)), return_final=True)
+    if slotted:  # the last window in slot 0 (read), the new steps written into slot 1
+        two = [torch.stack([t, torch.zeros_like(t)]) for t in old]
+        kw = {"slot": torch.ones(1, dtype=torch.long, device="cuda"), "offset": 0, "read_old": True}
+    for tile in [*tr.replay_tiles(p, n, False), None]:
+        ckpt, live = state.clone(), torch.empty_like(state)
+        bufs = [t.clone() for t in two] if slotted else old
+        got = tr.ssm_replay_triton(ckpt, *bufs, counts, *new, A, dt_bias, D, state_out=ckpt, final_out=live, tile=tile,
+                                   **(kw if slotted else {}))
+        assert _rel(got[0], want[0]) <= 1e-2 and _rel(ckpt, want[1]) <= 2e-5 and _rel(live, want[2]) <= 2e-5, tile
+        if slotted:
+            assert all(torch.equal(a[1], c.to(a.dtype)) for a, c in zip(bufs, new[:3]))
+    key = (b, h, p, n, K + 1, K + 1, False, False, slotted, True, True, torch.float32, torch.bfloat16, 0)
+    assert tr.TILE_CHOICES[key] in tr.replay_tiles(p, n, False) and len(tr.TIMINGS[key]) == 7, tr.TIMINGS
+    print(tr.choices_report())
+
+
 def _perturbed(model, scale, seed=7):
     draft = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)

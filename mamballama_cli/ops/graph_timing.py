@@ -1,7 +1,7 @@
 """Timing a kernel against the alternative it must beat as a decode step runs both: recorded in CUDA graphs, weights
 cold in L2. The gemv op (ops/triton_gemv.py), the SwiGLU GEMV (ops/triton_gemv_swiglu.py) and the fused norm + GEMV
 ops (ops/triton_gemv_fused.py) choose per shape with it, once per shape (:func:`chosen`), and report their choices
-with :func:`shape_report`."""
+with :func:`shape_report`; the Mamba-2 replay kernel (ops/triton_replay.py) chooses its tile with the same two."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import torch
 
 
-def _graph_call_us(calls: list, reps: int = 7) -> float:
+def graph_call_us(calls: list, reps: int = 7) -> float:
     """Microseconds per call of ``calls`` (closures, each one GEMV) recorded in order into one CUDA graph: the
     median over ``reps`` replays of the graph's time, divided by the calls. A decode step runs its GEMVs this way:
     as graph nodes, each weight cold in L2 (the caller gives weights that together exceed L2)."""
@@ -45,8 +45,8 @@ def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
     ws = [weight] + [weight.clone() for _ in range(copies - 1)]
     ours, theirs = [], []
     for _ in range(3):
-        ours.append(_graph_call_us([lambda w=w: a(w) for w in ws]))
-        theirs.append(_graph_call_us([lambda w=w: b(w) for w in ws]))
+        ours.append(graph_call_us([lambda w=w: a(w) for w in ws]))
+        theirs.append(graph_call_us([lambda w=w: b(w) for w in ws]))
     return min(ours), min(theirs), copies
 
 
@@ -74,11 +74,11 @@ def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> d
 def kernel_choices() -> dict:
     """What the per-shape choices of this process came to, for a benchmark's JSON: the gemv kernel's
     (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``), the SwiGLU GEMV's (``gemv_swiglu_shapes``,
-    ``gemv_swiglu_timings``) and the fused norm + GEMV kernel's
-    (``fused_gemv_shapes``, ``fused_gemv_timings``); empty lists for a module that was never imported (no CUDA,
-    or the references forced)."""
-    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": []}
-    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused"):
+    ``gemv_swiglu_timings``), the fused norm + GEMV kernel's (``fused_gemv_shapes``, ``fused_gemv_timings``) and the
+    replay kernel's tiles (``replay_tiles``, ``replay_timings``); empty for a module that was never imported (no
+    CUDA, or the references forced)."""
+    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "replay_tiles": {}}
+    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "triton_replay"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())

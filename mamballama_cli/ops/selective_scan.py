@@ -16,7 +16,7 @@ Shapes used throughout:
 
 Every function here runs on any device and float dtype and computes in the dtype of ``x`` (the op
 wrappers below promote to at least float32). The fast implementations registered in
-:mod:`mamballama_cli.ops.cuda_mamba1` (scan, step) and :mod:`mamballama_cli.ops.triton_replay` (replay) must
+:mod:`mamballama_cli.ops.cuda_mamba1` (scan, step) and :mod:`mamballama_cli.ops.triton_selective_replay` (replay) must
 compute the same function.
 
 Ops registered here (see :mod:`mamballama_cli.ops`):
@@ -239,7 +239,7 @@ def selective_state_step(state, x, dt, A, B, C, D=None):
 def selective_replay(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, D=None, *,
                      return_final=False, state_out=None, final_out=None):
     """Dispatching entry point of the speculative replay for Mamba-1 layers (the fused Triton kernel of
-    :mod:`mamballama_cli.ops.triton_replay` on CUDA when usable, else the reference)."""
+    :mod:`mamballama_cli.ops.triton_selective_replay` on CUDA when usable, else the reference)."""
     return ops.dispatch("selective_replay", x_new.device)[1](
         state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, D,
         return_final=return_final, state_out=state_out, final_out=final_out,
