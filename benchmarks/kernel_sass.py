@@ -161,7 +161,8 @@ def loop_report(kernel, rows: int, tile: tuple, per_thread: float) -> dict:
 def compile_decode(name: str, trigger: bool = True, tile: tuple = (32, 4), arch: int = 90):
     """One of the small decode kernels that run before a projection, in the form sm90 launches (``trigger``: it
     lets a programmatic-dependent-launch successor start early): ``add_rmsnorm`` (a 4,096 row), ``swiglu``,
-    ``ssm_step_gated`` (float32 state, 128 x 128 a head, at ``tile``: an entry of STEP_TILES), ``attn_combine``;
+    ``ssm_step_gated`` (float32 state, 128 x 128 a head, at ``tile``: an entry of STEP_TILES, (BLOCK_N, num_warps,
+    SPLIT)), ``attn_combine``;
     bf16 activations."""
     from mamballama_cli.ops import triton_attention as a
     from mamballama_cli.ops import triton_decode as d
@@ -177,14 +178,15 @@ def compile_decode(name: str, trigger: bool = True, tile: tuple = (32, 4), arch:
         return compile_kernel(d._swiglu_kernel, args, {"BLOCK": 1024, "TRIGGER": trigger}, 4, 1, arch)
     if name == "ssm_step_gated":
         ptrs = {"STATE": "*fp32", **dict.fromkeys(("X", "B", "C", "DT"), "*bf16"),
-                **dict.fromkeys(("DT_BIAS", "A_LOG", "D"), "*fp32"), "Z": "*bf16", "NW": "*bf16", "OUT": "*bf16"}
+                **dict.fromkeys(("DT_BIAS", "A_LOG", "D"), "*fp32"), "Z": "*bf16", "NW": "*bf16", "OUT": "*bf16",
+                "Y32": "*fp32", "CNT": "*i32"}
         ints = ("heads_per_group", "headdim", "dstate")
         strides = ("s_sb", "s_sh", "s_sp", "s_sn", "x_sb", "x_sg", "x_sp", "b_sb", "b_sg", "b_sn", "c_sb", "c_sh",
                    "c_sn", "dt_sb", "dt_sh", "z_sb", "z_sh", "z_sp", "o_sb")
         args = {**ptrs, **dict.fromkeys(ints, i32), "eps": "fp32", **dict.fromkeys(strides, i32)}
         ones = dict.fromkeys(("s_sn", "x_sp", "b_sn", "c_sn", "z_sp", "dt_sh"), 1)  # unit strides
         const = {**ones, "HAS_D": True, "HAS_Z": True, "HAS_NORM": True, "BLOCK_P": 128, "BLOCK_N": tile[0],
-                 "TRIGGER": trigger}
+                 "TRIGGER": trigger, "SPLIT": tile[2] if len(tile) > 2 else 1}
         return compile_kernel(d._ssm_step_gated_kernel, args, const, tile[1], 1, arch)
     if name == "attn_combine":
         args = {"OP": "*fp32", "LSE": "*fp32", "OUT": "*bf16", "n_splits": i32, "headdim": i32,
@@ -270,7 +272,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         jobs += list(fused.values())
     from mamballama_cli.ops import triton_decode as d
 
-    jobs += [["decode", name, trigger, [32, 4]] for name in DECODE_KERNELS for trigger in (False, True)]
+    jobs += [["decode", name, trigger, [32, 4, 1]] for name in DECODE_KERNELS for trigger in (False, True)]
     jobs += [["decode", "ssm_step_gated", True, list(t)] for t in d.step_tiles(128, 128)[1:]]
     # verify windows of K = 1..7 (T = K + 1 new steps), replaying nothing (W = 0) or a whole window (W = T),
     # with the slotted buffers of a captured round and without

@@ -49,8 +49,9 @@ print(json.dumps(out))
 
 @NEEDS_TRITON
 def test_every_mamba2_step_tile_equals_the_reference_under_the_interpreter():
-    """The Mamba-2 step's tiles (``STEP_TILES``: the head's state walked in 32 to 128 columns at a time, the
-    autotuner's candidates on CUDA), each run against the reference: GQA heads, D, the gated norm, dstate not a
+    """The Mamba-2 step's tiles (``STEP_TILES``: the head's state walked in 32 to 128 columns at a time, by one
+    program a head or, SPLIT, by 2 or 4 whose last normalises the row; the autotuner's candidates on CUDA), each run
+    against the reference, twice (the split tiles' count is back at zero after a call): GQA heads, D, the gated norm, dstate not a
     multiple of the widest tile, the state updated in place; the second shape's norm has no gate (convert
     --no-gate)."""
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
@@ -70,7 +71,9 @@ for (b, h, g, p, n) in ((2, 4, 2, 32, 128), (1, 3, 1, 16, 80)):
         s = s0.clone()
         y = d.ssm_step_gated_triton(s, *args, 1e-5, tile=tile)
         rel = lambda a, w: float((a.double() - w).norm() / w.norm())
-        out[f"{(b, h, g, p, n)} {tile}"] = max(rel(y, y_ref), rel(s, s_ref))
+        s2 = s0.clone()
+        y2 = d.ssm_step_gated_triton(s2, *args, 1e-5, tile=tile)
+        out[f"{(b, h, g, p, n)} {tile}"] = max(rel(y, y_ref), rel(s, s_ref), rel(y2, y_ref), rel(s2, s_ref))
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=300)
     from mamballama_cli.ops.triton_decode import STEP_TILES
@@ -87,7 +90,8 @@ def test_the_mamba2_step_tiles_timed_are_those_that_fit_the_head():
     from mamballama_cli.ops.triton_decode import STEP_MAX_TILE, STEP_TILES, step_tiles
 
     assert step_tiles(128, 128) == list(STEP_TILES)
-    assert step_tiles(64, 64) == [(32, 4), (64, 4), (64, 8)]
-    assert step_tiles(16, 16) == [(32, 4)]
-    assert step_tiles(256, 128) == [t for t in STEP_TILES if t[0] * 256 <= STEP_MAX_TILE]
+    assert step_tiles(64, 64) == [(32, 4, 1), (64, 4, 1), (64, 8, 1), (64, 4, 4)]
+    assert step_tiles(16, 16) == [(32, 4, 1)]
+    assert step_tiles(256, 128) == [t for t in STEP_TILES if t[0] * 256 // t[2] <= STEP_MAX_TILE]
+    assert (128, 8, 1) not in step_tiles(256, 128) and (128, 8, 2) in step_tiles(256, 128)  # half the rows a program
     assert step_tiles(4096, 128) == [STEP_TILES[0]]

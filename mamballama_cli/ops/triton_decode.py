@@ -117,26 +117,31 @@ if triton is not None:
                  new.to(SO.dtype.element_ty), mask=m2)
 
     @triton.jit
-    def _ssm_step_gated_kernel(STATE, X, B, C, DT, DT_BIAS, A_LOG, D, Z, NW, OUT,
+    def _ssm_step_gated_kernel(STATE, X, B, C, DT, DT_BIAS, A_LOG, D, Z, NW, OUT, Y32, CNT,
                                heads_per_group, headdim, dstate, eps,
                                s_sb, s_sh, s_sp, s_sn, x_sb, x_sg, x_sp, b_sb, b_sg, b_sn,
                                c_sb, c_sh, c_sn, dt_sb, dt_sh, z_sb, z_sh, z_sp, o_sb,
                                HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_NORM: tl.constexpr,
-                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TRIGGER: tl.constexpr):
-        # One program per (sequence, SSM head): the whole (headdim x dstate) state of the head, so that the
-        # output row is complete for the per-head gated RMSNorm without a second kernel.
+                               BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, TRIGGER: tl.constexpr,
+                               SPLIT: tl.constexpr):
+        # One program per (sequence, SSM head, SPLIT-th of the head's rows). SPLIT = 1: the whole (headdim x dstate)
+        # state of the head, so that the output row is complete for the per-head gated RMSNorm. SPLIT > 1: more
+        # programs a head (a head's state is 64 KB at the 8B shape, and one program a head keeps 32 SMs busy);
+        # each writes its rows of the gated y to the Y32 scratch and counts itself in CNT, and the last of the
+        # head's programs to arrive normalises the whole row and resets the count (no program waits on another).
         if TRIGGER:
             _grid_launch_dependents()
         pb = tl.program_id(0)
         ph = tl.program_id(1)
         g = ph // heads_per_group  # GQA: head ph reads x and B of its KV group
-        p = tl.arange(0, BLOCK_P)
+        ROWS: tl.constexpr = BLOCK_P // SPLIT
+        p = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
         mp = p < headdim
         dt = _softplus(tl.load(DT + pb * dt_sb + ph * dt_sh).to(tl.float32) + tl.load(DT_BIAS + ph).to(tl.float32))
         dA = tl.exp(dt * -tl.exp(tl.load(A_LOG + ph).to(tl.float32)))
         x = tl.load(X + pb * x_sb + g * x_sg + p * x_sp, mask=mp, other=0.0).to(tl.float32)
         dtx = dt * x
-        y = tl.zeros([BLOCK_P], dtype=tl.float32)
+        y = tl.zeros([ROWS], dtype=tl.float32)
         for n0 in range(0, dstate, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             mn = n < dstate
@@ -155,10 +160,26 @@ if triton is not None:
             if HAS_Z:
                 z = tl.load(Z + pb * z_sb + ph * z_sh + p * z_sp, mask=mp, other=0.0).to(tl.float32)
                 y = y * (z * tl.sigmoid(z))
-            var = tl.sum(tl.where(mp, y * y, 0.0), axis=0) / headdim
-            w = tl.load(NW + ph * headdim + p, mask=mp, other=0.0).to(tl.float32)
-            y = y * tl.rsqrt(var + eps) * w
-        tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
+            if SPLIT == 1:
+                var = tl.sum(tl.where(mp, y * y, 0.0), axis=0) / headdim
+                w = tl.load(NW + ph * headdim + p, mask=mp, other=0.0).to(tl.float32)
+                y = y * tl.rsqrt(var + eps) * w
+                tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
+            else:
+                row = pb * tl.num_programs(1) + ph
+                tl.store(Y32 + row * BLOCK_P + p, y, mask=mp)
+                tl.debug_barrier()  # every thread's rows stored before the one count (a release, acq_rel) is taken
+                if tl.atomic_add(CNT + row, 1) == SPLIT - 1:
+                    q = tl.arange(0, BLOCK_P)
+                    mq = q < headdim
+                    yh = tl.load(Y32 + row * BLOCK_P + q, mask=mq, other=0.0, cache_modifier=".cg")
+                    var = tl.sum(tl.where(mq, yh * yh, 0.0), axis=0) / headdim  # the whole row, in one order
+                    w = tl.load(NW + ph * headdim + q, mask=mq, other=0.0).to(tl.float32)
+                    tl.store(OUT + pb * o_sb + ph * headdim + q, (yh * tl.rsqrt(var + eps) * w).to(OUT.dtype.element_ty),
+                             mask=mq)
+                    tl.atomic_xchg(CNT + row, 0)  # ready for the next call (and a CUDA graph's next replay)
+        else:
+            tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -240,61 +261,80 @@ def conv_update_inplace_triton(x, conv_state, weight, bias=None, activation=None
     return _conv_update_launch(x, conv_state, weight, bias, activation, conv_state)
 
 
-# The Mamba-2 step's tiles, (BLOCK_N, num_warps): one program holds a head's whole (headdim x dstate) state and walks
-# dstate in BLOCK_N columns. (32, 4) was the only tile until 2026-12-05, when the 2026-11-28 profile's 6.4 us a call
-# at the 8B shape (a head's 64 KB read and written in four dependent rounds by 32 programs, one a head) was read
-# against the 1 us the state's bytes take: wider tiles take the head in fewer rounds (compiled for sm90, the
-# 128-wide tile at 8 warps holds its 128 x 128 in 207 registers a thread, nothing spilled). The autotuner times them
-# per shape on the first call (the static decoder's warm-up), the state restored after each timing; not yet run on
-# a GPU.
-STEP_TILES = ((32, 4), (64, 4), (64, 8), (128, 8), (128, 16))
+# The Mamba-2 step's tiles, (BLOCK_N, num_warps, SPLIT): SPLIT programs a head, each walking its rows of the
+# head's (headdim x dstate) state BLOCK_N columns at a time. (32, 4, 1) was the only tile until 2026-12-05, when the
+# 2026-11-28 profile's 6.4 us a call at the 8B shape (a head's 64 KB read and written in four dependent rounds by
+# 32 programs) was read against the 1 us the state's bytes take: wider tiles take the head in fewer rounds (the
+# 128-wide tile at 8 warps holds its 128 x 128 in 207 registers a thread, nothing spilled). An H100 still took
+# 5.9 us a call at 8B with the autotuner's pick (2026-12-05, sixteenth session): 32 programs, one SM each, move
+# the whole 4 MB; the SPLIT tiles spread a head over 2 or 4 programs (not yet run on a GPU). The autotuner times
+# them per shape on the first call (the static decoder's warm-up), the state restored after each timing.
+STEP_TILES = ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (128, 16, 1), (128, 4, 4), (64, 4, 4), (128, 8, 2))
 STEP_MAX_TILE = 128 * 128  # state elements a program holds at once at most (the 8B head: 207 registers a thread)
 _STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
+_SPLIT_SCRATCH: dict = {}  # (device, batch x heads, padded headdim) -> (float32 rows of y, int32 counts at zero)
 
 
-def step_tiles(p: int, n: int) -> list[tuple[int, int]]:
+def step_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
     """The tiles worth timing for a head of ``p`` x ``n`` (headdim x dstate): none wider than n rounded up to a
-    power of two, none holding more than :data:`STEP_MAX_TILE` elements; the first tile at least."""
+    power of two, none holding more than :data:`STEP_MAX_TILE` elements a program; the first tile at least."""
     wide, rows = max(32, _next_pow2(n)), _next_pow2(p)
-    return [t for t in STEP_TILES if t[0] <= wide and t[0] * rows <= STEP_MAX_TILE] or list(STEP_TILES[:1])
+    return ([t for t in STEP_TILES if t[0] <= wide and t[0] * rows // t[2] <= STEP_MAX_TILE and rows >= t[2]]
+            or list(STEP_TILES[:1]))
+
+
+def _step_scratch(x, rows: int, block_p: int, capturing: bool):
+    """The SPLIT tiles' scratch for ``rows`` (batch x heads) rows of ``block_p``, made once per shape outside any
+    CUDA graph's recording (inside one, where none exists yet: None, and the caller runs an unsplit tile)."""
+    key = (x.device, rows, block_p)
+    if key not in _SPLIT_SCRATCH:
+        if capturing:
+            return None
+        _SPLIT_SCRATCH[key] = (torch.empty(rows * block_p, dtype=torch.float32, device=x.device),
+                               torch.zeros(rows, dtype=torch.int32, device=x.device))
+    return _SPLIT_SCRATCH[key]
 
 
 if triton is not None:
     def _prune_step(configs, named_args, **kwargs):
         keep = set(step_tiles(named_args["headdim"], named_args["dstate"]))
-        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps) in keep]
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["SPLIT"]) in keep]
 
     _ssm_step_tuned = triton.autotune(
-        configs=[triton.Config({"BLOCK_N": bn}, num_warps=w) for bn, w in STEP_TILES],
+        configs=[triton.Config({"BLOCK_N": bn, "SPLIT": sp}, num_warps=w) for bn, w, sp in STEP_TILES],
         key=["headdim", "dstate"], restore_value=["STATE"], prune_configs_by={"early_config_prune": _prune_step},
     )(_ssm_step_gated_kernel)
 
 
 def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps, tile=None):
     """``tile`` (an entry of :data:`STEP_TILES`): that tile, not the autotuner's choice (the tests run each; under
-    the interpreter, and inside a CUDA graph's recording for a shape not yet timed, the first of :func:`step_tiles`
-    runs)."""
+    the interpreter, and inside a CUDA graph's recording for a shape not yet timed or a batch without its scratch,
+    the first of :func:`step_tiles` runs)."""
     if _needs_grad(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight) or state.dtype != torch.float32:
         return _decode_refs.ssm_step_gated_ref(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps)
     b, h, p, n = state.shape
     g = x.shape[1]
     out = torch.empty(b, h * p, dtype=x.dtype, device=x.device)
     zz = z if z is not None else x
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    scratch = _step_scratch(x, b * h, _next_pow2(p), capturing)
+    y32, cnt = scratch if scratch is not None else (state, dt_raw.new_zeros(1, dtype=torch.int32))  # unread
     args = (state, x, B, C, dt_raw, dt_bias, A_log, D if D is not None else dt_bias, zz,
-            norm_weight if norm_weight is not None else dt_bias, out,
+            norm_weight if norm_weight is not None else dt_bias, out, y32, cnt,
             h // g, p, n, float(eps),
             *state.stride(), *x.stride(), *B.stride(), *C.stride(), *dt_raw.stride(), *zz.stride(), out.stride(0))
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_NORM=norm_weight is not None, BLOCK_P=_next_pow2(p),
                  TRIGGER=_gdc_on(x))
-    shape = (p, n, x.device.index, *(a.dtype for a in args[:11]))  # as the autotuner's key: sizes, dtypes
-    if tile is None and (INTERPRETING or (shape not in _STEP_TUNED and torch.cuda.is_current_stream_capturing())):
+    shape = (p, n, x.device.index, *(a.dtype for a in args[:13]))  # as the autotuner's key: sizes, dtypes
+    if tile is None and (INTERPRETING or (capturing and (shape not in _STEP_TUNED or scratch is None))):
         tile = step_tiles(p, n)[0]  # nothing can be timed inside a recording (nor by the interpreter): the first tile
     with _device_guard(x):
         if tile is None:
-            _ssm_step_tuned[(b, h)](*args, **flags)
+            _ssm_step_tuned[lambda meta: (b, h, meta["SPLIT"])](*args, **flags)
             _STEP_TUNED.add(shape)
         else:
-            _ssm_step_gated_kernel[(b, h)](*args, **flags, BLOCK_N=tile[0], num_warps=tile[1])
+            _ssm_step_gated_kernel[(b, h, tile[2])](*args, **flags, BLOCK_N=tile[0], SPLIT=tile[2],
+                                                    num_warps=tile[1])
     return out
 
 
