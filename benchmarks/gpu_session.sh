@@ -47,6 +47,10 @@ speed() {  # name, timeout cap, extra args
     # where a batch-1 step went (benchmarks/step_budget.py), printed so that it survives a lost file; none without
     # a batch-1 row
     for m in hybrid teacher; do python3 benchmarks/step_budget.py "$OUT/speed-$name.json" --model "$m" 2>/dev/null; done
+    # the Mamba-2 step kernel's tile the autotuner kept (BLOCK_N x warps / programs a head)
+    python3 -c "import json, sys; rows = json.load(open(sys.argv[1]))['rows'];
+print('step tiles:', sorted({k + ' -> ' + v for r in rows for k, v in r.get('step_tiles', {}).items()}))" \
+        "$OUT/speed-$name.json" 2>/dev/null
     true
 }
 gputest() {  # name, timeout cap, pytest selection...

@@ -382,10 +382,18 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(replay, "TIMINGS", {key: {"32x4": 13.1, "16x2p": 5.2}})
     assert replay.choices_report() == {"replay_tiles": {"b1 h32 128x128 W5 T5 slotted": "16x2p"},
                                        "replay_timings": {"b1 h32 128x128 W5 T5 slotted": {"32x4": 13.1, "16x2p": 5.2}}}
+    from types import SimpleNamespace
+
+    from mamballama_cli.ops import triton_decode as step
+
+    config = SimpleNamespace(kwargs={"BLOCK_N": 128, "SPLIT": 4}, num_warps=4)
+    monkeypatch.setattr(step._ssm_step_tuned, "cache", {(128, 128, "torch.float32", "torch.bfloat16"): config})
+    assert step.choices_report() == {"step_tiles": {"128x128 float32": "128x4/4"}}
     from mamballama_cli.ops.graph_timing import kernel_choices
 
     # what the benchmarks' JSONs carry
-    assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report(), **replay.choices_report()}
+    assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report(), **replay.choices_report(),
+                                **step.choices_report()}
 
 
 def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):

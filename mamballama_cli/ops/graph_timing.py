@@ -75,10 +75,11 @@ def kernel_choices() -> dict:
     """What the per-shape choices of this process came to, for a benchmark's JSON: the gemv kernel's
     (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``), the SwiGLU GEMV's (``gemv_swiglu_shapes``,
     ``gemv_swiglu_timings``), the fused norm + GEMV kernel's (``fused_gemv_shapes``, ``fused_gemv_timings``) and the
-    replay kernel's tiles (``replay_tiles``, ``replay_timings``); empty for a module that was never imported (no
-    CUDA, or the references forced)."""
-    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "replay_tiles": {}}
-    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "triton_replay"):
+    replay kernel's tiles (``replay_tiles``, ``replay_timings``) and the Mamba-2 step kernel's (``step_tiles``); empty
+    for a module that was never imported (no CUDA, or the references forced)."""
+    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "replay_tiles": {},
+           "step_tiles": {}}
+    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "triton_replay", "triton_decode"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())

@@ -306,6 +306,14 @@ if triton is not None:
     )(_ssm_step_gated_kernel)
 
 
+def choices_report() -> dict:
+    """For a benchmark's JSON: the tile the autotuner kept for each Mamba-2 step shape (``step_tiles``:
+    ``headdim x dstate state-dtype -> BLOCK_N x num_warps / SPLIT``)."""
+    cache = getattr(_ssm_step_tuned, "cache", {}) if triton is not None else {}
+    return {"step_tiles": {f"{k[0]}x{k[1]} {str(k[2]).replace('torch.', '')}":
+                           f"{c.kwargs['BLOCK_N']}x{c.num_warps}/{c.kwargs['SPLIT']}" for k, c in cache.items()}}
+
+
 def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_weight, eps, tile=None):
     """``tile`` (an entry of :data:`STEP_TILES`): that tile, not the autotuner's choice (the tests run each; under
     the interpreter, and inside a CUDA graph's recording for a shape not yet timed or a batch without its scratch,
