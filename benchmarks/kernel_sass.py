@@ -204,7 +204,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     """The Mamba-2 replay kernel of a verify window (ops/triton_replay.py) as a run compiles it: W old steps and
     T new ones unrolled, a ``p`` x ``n`` head (64 x 64: the default teacher's, one program a head when ``gated``;
     128 x 128: the 8B shape's, in 32-row tiles and never gated), bf16 activations, float32 state, unit strides;
-    ``tile`` (BLOCK_P, num_warps, PRELOAD), one of the op's replay_tiles (default: the first)."""
+    ``tile`` (BLOCK_P, num_warps, FORM), one of the op's replay_tiles (default: the first)."""
     from mamballama_cli.ops import triton_replay as r
 
     f32, bf16, i32 = "*fp32", "*bf16", "i32"
@@ -214,10 +214,11 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
             "eps": "fp32", "slot_ptr": "*i64"}
     names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
-    block_p, warps, preload = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
+    block_p, warps, form = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
+    wp, tp = r.window_rows(W, T, form)
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
-              "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, gated)[1], "BLOCK_P": block_p, "PRELOAD": preload,
-              "WP": r.triton.next_power_of_2(max(W, 1)), "TP": r.triton.next_power_of_2(max(T, 1))}
+              "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, gated)[1], "BLOCK_P": block_p, "FORM": int(form),
+              "WP": wp, "TP": tp}
     args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
     const = {**dict.fromkeys(unit, 1), **consts}
     return compile_kernel(r._replay_kernel, args, const, warps, 1, arch,

@@ -375,7 +375,7 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(glu, "GLU_TIMINGS", {(1, 28672, 4096, torch.bfloat16, 0): {"glu_us": 59.0}})
     assert glu.choices_report() == {"gemv_swiglu_shapes": ["1x28672x4096"],
                                     "gemv_swiglu_timings": {"1x28672x4096 bfloat16": {"glu_us": 59.0}}}
-    from mamballama_cli.ops import triton_replay as replay
+    from mamballama_cli.ops import replay_tiles as replay
 
     key = (1, 32, 128, 128, 5, 5, False, False, True, True, True, torch.float32, torch.bfloat16, 0)
     monkeypatch.setattr(replay, "TILE_CHOICES", {key: (16, 2, True)})

@@ -140,3 +140,53 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
                                   ["decode", "swiglu", True, [32, 4]], ["replay", 3, 3, 64, 64, True, True]],
                                  jobs=1)
     assert len(bad) == 1 and bad[0][0][2][-1] == "nosuchmode" and "KeyError" in bad[0][1], bad
+
+
+def _resources(kernel) -> tuple[int, int]:
+    import re
+
+    res = kernel_sass._objdump(kernel, "-res-usage")
+    return int(re.search(r"REG:(\d+)", res).group(1)), int(re.search(r"LOCAL:(\d+)", res).group(1))
+
+
+def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_forms_load_it_first():
+    """The Mamba-2 replay kernel's candidates (ops/replay_tiles.py) at a K = 4 verify window, for the 8B head (128 x
+    128, tiled) and the default teacher's (64 x 64, one program a head): none spills; the forms that load the window
+    first (FORM 1 and 2) issue at most a third of the first tile's global loads, and at the 8B head the chunked form
+    (FORM 2) crosses fewer barriers than the first tile's step by step loop."""
+    from mamballama_cli.ops.replay_tiles import replay_tiles
+
+    for p, n, gated in ((128, 128, False), (64, 64, True)):
+        tiles = replay_tiles(p, n, gated)
+        ptx = {}
+        for tile in tiles:
+            kernel = kernel_sass.compile_replay(5, 5, p, n, gated, True, 90, tile)
+            assert _resources(kernel)[1] == 0, (p, n, tile)
+            ptx[tile] = kernel.asm["ptx"]
+        first = ptx[tiles[0]]
+        assert {t[2] for t in tiles} == {0, 1, 2}, tiles
+        for tile in tiles[1:]:
+            assert 3 * ptx[tile].count("ld.global") <= first.count("ld.global"), tile
+            if tile[2] == 2 and not gated:  # at the 8B head (under triton 3.6: 20-23 against 39)
+                assert ptx[tile].count("bar.sync") < first.count("bar.sync"), tile
+
+
+def test_the_split_mamba2_step_tiles_count_their_rows_in_with_one_release():
+    """The Mamba-2 step kernel's SPLIT tiles (ops/triton_decode.py): no spills; each program takes one acq_rel count
+    after a barrier (every thread's rows of y stored first), and reads the row back past L1 (``.cg``); the one-program
+    tiles take no count."""
+    from mamballama_cli.ops.triton_decode import STEP_TILES
+
+    for tile in STEP_TILES:
+        kernel = kernel_sass.compile_decode("ssm_step_gated", True, tile)
+        assert _resources(kernel)[1] == 0, tile
+        ptx = kernel.asm["ptx"]
+        atoms = [i for i, line in enumerate(ptx.splitlines()) if "atom." in line]
+        if tile[2] == 1:
+            assert not atoms and "ld.global.cg" not in ptx, tile
+            continue
+        lines = ptx.splitlines()
+        assert "atom.global.gpu.acq_rel.add" in lines[atoms[0]], tile
+        stores = [i for i, line in enumerate(lines[: atoms[0]]) if "st.global" in line]
+        assert any("bar.sync" in line for line in lines[stores[-1] : atoms[0]]), tile  # the rows of y, then a barrier
+        assert "ld.global.cg" in ptx, tile

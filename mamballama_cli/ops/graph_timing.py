@@ -79,7 +79,7 @@ def kernel_choices() -> dict:
     for a module that was never imported (no CUDA, or the references forced)."""
     out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "replay_tiles": {},
            "step_tiles": {}}
-    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "triton_replay", "triton_decode"):
+    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "replay_tiles", "triton_decode"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())

@@ -8,10 +8,11 @@ new steps, writing one output row per step. State traffic is one read and one or
 K is; no GEMMs.
 
 The kernel unrolls the window's steps (its sizes are compile-time constants). Steps past a row's count run with
-dt = 0, the identity. No step's inputs depend on the state, and ``PRELOAD`` loads them all before the first step
-(the window's x, dt, B and C as (steps x block) tiles, each step's row taken out of its tile), so that a call
-waits on memory once rather than once a step (a store between two steps keeps the compiler from moving the
-next step's loads ahead of it). Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`).
+dt = 0, the identity. No step's inputs depend on the state: ``FORM`` 1 and 2 load them all before the first step
+(the window's x, dt, B and C as (steps x block) tiles), so that a call waits on memory once rather than once a
+step (a store between two steps keeps the compiler from moving the next step's loads ahead of it). FORM 1 then
+takes each step's row out of the tiles; FORM 2 computes the whole window in its chunked form, in float32 dots.
+Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`).
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
@@ -36,8 +37,16 @@ import triton.language as tl
 from mamballama_cli import ops
 from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter
 from mamballama_cli.ops.common import _device_guard, _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import chosen, graph_call_us
+from mamballama_cli.ops.graph_timing import chosen
 from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
+from mamballama_cli.ops.replay_tiles import (
+    TILE_CHOICES,
+    _fastest,
+    gated_in_one_program,
+    replay_tile,
+    replay_tiles,
+    window_rows,
+)
 
 
 @triton.jit
@@ -89,12 +98,17 @@ def _replay_kernel(
     W: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     GATED: tl.constexpr, HAS_Z: tl.constexpr, SLOTTED: tl.constexpr,
-    PRELOAD: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr,
+    FORM: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr,
 ):
-    # The window's steps are unrolled (W and T are compile-time constants). Steps past the row's count run with
-    # dt = 0 and x = B = 0: the identity. PRELOAD: every input of the window is loaded, as (steps x block) tiles of
-    # WP and TP rows (W and T rounded up to powers of two), before the first step, and each step takes its row out
-    # of them; else each step loads its own, after the last step's stores.
+    # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
+    # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 and 2
+    # load every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers
+    # of two; at least 16 for FORM 2's dots). FORM 1 then runs the steps in turn, each taking its row out of the
+    # tiles; FORM 2 runs the window at once, in its chunked form: with a_t the decay over the steps up to t,
+    #   replayed state  = a_r s + sum_u (a_r / a_u) dt_u x_u B_u^T                          (u < r)
+    #   y_t             = a_t C_t . s' + sum_(u <= t) (a_t / a_u) dt_u (C_t . B_u) x_u + D x_t
+    #   final state     = a_T s' + sum_u (a_T / a_u) dt_u x_u B_u^T
+    # each ratio taken as exp(A * (a sum of dt)), never as a quotient; the sums are float32 dots (no tf32).
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -130,7 +144,7 @@ def _replay_kernel(
         Dh = tl.load(D_ptr + h).to(tl.float32)
     if GATED:
         nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if PRELOAD:
+    if FORM >= 1:
         rw = tl.arange(0, WP)
         on_w = rw < r  # the loads are masked by W alone (no wait on r), the steps past r zeroed after
         xo = tl.load(x_old_ptr + b * xo_sb + rw[:, None] * xo_st + g * xo_sg + offs_p[None, :] * xo_sp,
@@ -161,63 +175,94 @@ def _replay_kernel(
             tl.store(dt_save + b * dto_sb + rt * dto_st + h * dto_sh, dtn_raw.to(dt_save.dtype.element_ty),
                      mask=on_t & (rt * 0 + pid_p == 0))
         xn = xn_raw.to(tl.float32)
-        dtn = _softplus(dtn_raw.to(tl.float32) + dt_bias)
+        dtn = tl.where(on_t, _softplus(dtn_raw.to(tl.float32) + dt_bias), 0.0)
         Bn = Bn_raw.to(tl.float32)
 
-    # 1. Replay the accepted steps of the last window (no outputs).
-    for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
-        if PRELOAD:
-            x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
-        else:
-            on_p = mask_p & (offs_p * 0 + t < r)
-            on_n = mask_n & (offs_n * 0 + t < r)
-            x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
-                        other=0.0).to(tl.float32)
-            dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
-            dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
-            Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
-                         other=0.0).to(tl.float32)
-        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
-    tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
-             s.to(state_out_ptr.dtype.element_ty), mask=mask)
-
-    # 2. The new steps, with outputs.
-    for t in tl.static_range(T):
-        if PRELOAD:
-            x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
-            if HAS_Z:
-                zt = _row(zn, rt, t)
-        else:
-            x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
-            dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
-            B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
-            if SLOTTED:
-                tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
-                         x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
-                tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
-                         B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
-                tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
-                         (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
-                         mask=dt_lane)
-            x = x_raw.to(tl.float32)
-            dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
-            Bv = B_raw.to(tl.float32)
-            Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
-                         other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
-                             other=0.0).to(tl.float32)
-        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
-        y = tl.sum(s * Cv[None, :], axis=1)
+    if FORM == 2:
+        # 1. the replayed checkpoint: the decay from step u to the end of the replayed steps, then one outer-product
+        # sum over them (steps past r carry dt = 0 and x = B = 0)
+        cum = tl.cumsum(dto, axis=0)
+        tot = tl.sum(dto, axis=0)
+        wo = tl.exp(A * (tot - cum)) * dto
+        s = s * tl.exp(A * tot) + tl.dot(tl.trans(xo * wo[:, None]), Bo, input_precision="ieee")
+        tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
+                 s.to(state_out_ptr.dtype.element_ty), mask=mask)
+        # 2. the new steps' outputs at once, then the state after them
+        cum = tl.cumsum(dtn, axis=0)
+        tot = tl.sum(dtn, axis=0)
+        cb = tl.dot(Cn, tl.trans(Bn), input_precision="ieee")  # (TP, TP): C_t . B_u
+        causal = rt[:, None] >= rt[None, :]
+        decay = tl.exp(A * tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # u > t: exp(0), masked next
+        mix = tl.where(causal, decay, 0.0) * dtn[None, :] * cb
+        y = (tl.exp(A * cum)[:, None] * tl.dot(Cn, tl.trans(s), input_precision="ieee")
+             + tl.dot(mix, xn, input_precision="ieee"))  # (TP, BLOCK_P)
         if HAS_D:
-            y += Dh * x
-        if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
-            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
+            y += Dh * xn
+        if GATED:
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
             if HAS_Z:
-                y = y * (zt * tl.sigmoid(zt))
-            var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
-            y = y * tl.rsqrt(var + eps) * nw
-        tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+                y = y * (zn * tl.sigmoid(zn))
+            var = tl.sum(tl.where(mask_p[None, :], y * y, 0.0), axis=1) / headdim
+            y = y * tl.rsqrt(var + eps)[:, None] * nw[None, :]
+        tl.store(y_ptr + b * y_sb + rt[:, None] * y_st + h * y_sh + offs_p[None, :] * y_sp,
+                 y.to(y_ptr.dtype.element_ty), mask=on_t[:, None] & mask_p[None, :])
+        wn = tl.exp(A * (tot - cum)) * dtn
+        s = s * tl.exp(A * tot) + tl.dot(tl.trans(xn * wn[:, None]), Bn, input_precision="ieee")
+    else:
+        # 1. Replay the accepted steps of the last window (no outputs).
+        for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
+            if FORM == 1:
+                x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
+            else:
+                on_p = mask_p & (offs_p * 0 + t < r)
+                on_n = mask_n & (offs_n * 0 + t < r)
+                x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
+                            other=0.0).to(tl.float32)
+                dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
+                dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
+                Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
+                             other=0.0).to(tl.float32)
+            s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
+                 s.to(state_out_ptr.dtype.element_ty), mask=mask)
+
+        # 2. The new steps, with outputs.
+        for t in tl.static_range(T):
+            if FORM == 1:
+                x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
+                if HAS_Z:
+                    zt = _row(zn, rt, t)
+            else:
+                x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
+                dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
+                B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
+                if SLOTTED:
+                    tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
+                             x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
+                    tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
+                             B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
+                    tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
+                             (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
+                             mask=dt_lane)
+                x = x_raw.to(tl.float32)
+                dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
+                Bv = B_raw.to(tl.float32)
+                Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
+                             other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
+                                 other=0.0).to(tl.float32)
+            s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+            y = tl.sum(s * Cv[None, :], axis=1)
+            if HAS_D:
+                y += Dh * x
+            if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
+                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
+                if HAS_Z:
+                    y = y * (zt * tl.sigmoid(zt))
+                var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
+                y = y * tl.rsqrt(var + eps) * nw
+            tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     if RETURN_FINAL:
         tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
                  s.to(final_ptr.dtype.element_ty), mask=mask)
@@ -243,67 +288,6 @@ def _old_window(old, new):
     return old, [st for t in old for st in (t.stride() if t.numel() else (0,) * t.dim())]
 
 
-GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
-
-
-def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_N) of the Mamba-2 replay kernel's first tile for a ``p`` x ``n`` head: gated, one program a
-    head (its whole row for the norm); else (BLOCK_P x dstate) tiles of at most 4,096 elements and 32 rows."""
-    block_n = triton.next_power_of_2(n)
-    return (triton.next_power_of_2(p) if gated else min(triton.next_power_of_2(p), max(1, 4096 // block_n), 32),
-            block_n)
-
-
-# The candidates, (rows of replay_tile's BLOCK_P divided by, num_warps, PRELOAD). The first, the only tile until
-# 2026-12-05, loads each step's inputs after the last step's stores: 13.6 us a layer at the 8B shape on an H100
-# (docs/gpu.md, the sixteenth session), against 5.9 us for the one-token step kernel, whose state traffic it
-# about triples. The others load the whole window first and spread the head over more programs (gated: one a head).
-REPLAY_FORMS = ((1, 4, False), (1, 4, True), (1, 8, True), (1, 2, True), (2, 4, True), (2, 2, True), (4, 2, True))
-TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, PRELOAD), chosen once by timing
-TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
-
-
-def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, bool]]:
-    """The (BLOCK_P, num_warps, PRELOAD) tiles worth timing for a ``p`` x ``n`` head, the first tile first (the one
-    that runs where nothing can be timed: the interpreter, a CUDA graph's recording)."""
-    base, block_n = replay_tile(p, n, gated)
-    tiles = []
-    for div, warps, pre in REPLAY_FORMS:
-        rows = base // div
-        if (gated and div != 1) or rows < 1 or rows * block_n < 32 * warps or (rows, warps, pre) in tiles:
-            continue
-        tiles.append((rows, warps, pre))
-    return tiles
-
-
-def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for the PRELOAD form."""
-    return f"{tile[0]}x{tile[1]}{'p' if tile[2] else ''}"
-
-
-def _fastest(launch, state, cands, key) -> tuple[int, int, bool]:
-    """The fastest of ``cands`` at this shape: each recorded in CUDA graphs over copies of the state (in place, a
-    final state beside each) that together pass twice the L2 cache, as a verify call finds its layers' states cold;
-    the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""
-    l2 = torch.cuda.get_device_properties(state.device).L2_cache_size or 64 << 20
-    copies = max(1, min(32, -(-2 * l2 // (2 * state.numel() * state.element_size()))))
-    pool = [(state.clone(), torch.empty_like(state)) for _ in range(copies)]
-    times = dict.fromkeys(cands, float("inf"))
-    for _ in range(3):
-        for c in cands:
-            times[c] = min(times[c], graph_call_us([lambda st=st, fin=fin, c=c: launch(c, st, fin) for st, fin in pool]))
-    TIMINGS[key] = {tile_name(c): round(t, 2) for c, t in times.items()}
-    return min(cands, key=times.get)
-
-
-def choices_report() -> dict:
-    """For a benchmark's JSON: the tile each replay shape runs (``replay_tiles``) and the timings behind it."""
-    def name(k):
-        return f"b{k[0]} h{k[1]} {k[2]}x{k[3]} W{k[4]} T{k[5]}{' gated' if k[6] else ''}{' slotted' if k[8] else ''}"
-    return {"replay_tiles": {name(k): tile_name(v) for k, v in TILE_CHOICES.items()},
-            "replay_timings": {name(k): t for k, t in TIMINGS.items()}}
-
-
 def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D=None, *,
                       return_final=False, state_out=None, final_out=None, slot=None, offset=0, read_old=True,
                       tile=None):
@@ -311,12 +295,6 @@ def ssm_replay_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_ne
     :func:`replay_tiles`): that tile, not the timed choice (the tests run each)."""
     return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
                           return_final, state_out, final_out, slots=(slot, offset, read_old), tile=tile)
-
-
-def gated_in_one_program(headdim: int, dstate: int) -> bool:
-    """Whether ``ssm_replay_gated`` runs as one kernel at this head size: one program must hold a head's whole
-    state to normalise its rows (the 8B shape's 128 x 128 is four times :data:`GATED_TILE`; it keeps two kernels)."""
-    return triton.next_power_of_2(headdim) * triton.next_power_of_2(dstate) <= GATED_TILE
 
 
 def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, z,
@@ -388,7 +366,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
                 GATED=gated, HAS_Z=z is not None, SLOTTED=slotted,
-                PRELOAD=tile[2], WP=triton.next_power_of_2(max(W, 1)), TP=triton.next_power_of_2(max(T, 1)),
+                FORM=int(tile[2]), WP=window_rows(W, T, tile[2])[0], TP=window_rows(W, T, tile[2])[1],
                 num_warps=tile[1],
             )
 

@@ -1,0 +1,87 @@
+"""The tiles of the Mamba-2 replay kernel (:mod:`mamballama_cli.ops.triton_replay`): which exist for a head size, the
+one each shape runs, chosen once by timing the candidates in CUDA graphs (:mod:`mamballama_cli.ops.graph_timing`) on
+copies of the state, and the report of the choices for the benchmarks' JSONs. Plain Python: no Triton needed."""
+
+from __future__ import annotations
+
+import torch
+
+from mamballama_cli.ops.common import _next_pow2
+from mamballama_cli.ops.graph_timing import graph_call_us
+
+GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
+
+
+def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_N) of the Mamba-2 replay kernel's first tile for a ``p`` x ``n`` head: gated, one program a
+    head (its whole row for the norm); else (BLOCK_P x dstate) tiles of at most 4,096 elements and 32 rows."""
+    block_n = _next_pow2(n)
+    return (_next_pow2(p) if gated else min(_next_pow2(p), max(1, 4096 // block_n), 32),
+            block_n)
+
+
+# The candidates, (rows of replay_tile's BLOCK_P divided by, num_warps, FORM). The first, the only tile until
+# 2026-12-05 (FORM 0), loads each step's inputs after the last step's stores: 13.6 us a layer at the 8B shape on an
+# H100 (docs/gpu.md, the sixteenth session), against 5.9 us for the one-token step kernel, whose state traffic it
+# about triples. The others load the whole window first (FORM 1: then step by step; FORM 2: the chunked form, in
+# float32 dots) and some spread the head over more programs (gated: one a head).
+REPLAY_FORMS = ((1, 4, 0), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 2, 1), (1, 4, 2), (1, 8, 2), (2, 4, 2))
+FORM_NAMES = ("", "p", "d")
+TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
+TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
+
+
+def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
+    """The (BLOCK_P, num_warps, FORM) tiles worth timing for a ``p`` x ``n`` head, the first tile first (the one
+    that runs where nothing can be timed: the interpreter, a CUDA graph's recording). FORM 2's dots need 16 rows and
+    16 columns of state a program at least."""
+    base, block_n = replay_tile(p, n, gated)
+    tiles = [(base, 4, 0)]  # the first, whatever the head's size
+    for div, warps, form in REPLAY_FORMS[1:]:
+        rows = base // div
+        if ((gated and div != 1) or rows < 1 or rows * block_n < 32 * warps or (rows, warps, form) in tiles
+                or (form == 2 and min(rows, block_n) < 16)):
+            continue
+        tiles.append((rows, warps, form))
+    return tiles
+
+
+def window_rows(W: int, T: int, form: int) -> tuple[int, int]:
+    """(WP, TP): the rows of the window's old and new tiles, W and T rounded up to powers of two (FORM 2: at least
+    16, as tl.dot asks)."""
+    least = 16 if form == 2 else 1
+    return max(least, _next_pow2(max(W, 1))), max(least, _next_pow2(max(T, 1)))
+
+
+def tile_name(tile) -> str:
+    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``d`` for FORM 2."""
+    return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}"
+
+
+def _fastest(launch, state, cands, key) -> tuple[int, int, bool]:
+    """The fastest of ``cands`` at this shape: each recorded in CUDA graphs over copies of the state (in place, a
+    final state beside each) that together pass twice the L2 cache, as a verify call finds its layers' states cold;
+    the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""
+    l2 = torch.cuda.get_device_properties(state.device).L2_cache_size or 64 << 20
+    copies = max(1, min(32, -(-2 * l2 // (2 * state.numel() * state.element_size()))))
+    pool = [(state.clone(), torch.empty_like(state)) for _ in range(copies)]
+    times = dict.fromkeys(cands, float("inf"))
+    for _ in range(3):
+        for c in cands:
+            times[c] = min(times[c], graph_call_us([lambda st=st, fin=fin, c=c: launch(c, st, fin) for st, fin in pool]))
+    TIMINGS[key] = {tile_name(c): round(t, 2) for c, t in times.items()}
+    return min(cands, key=times.get)
+
+
+def choices_report() -> dict:
+    """For a benchmark's JSON: the tile each replay shape runs (``replay_tiles``) and the timings behind it."""
+    def name(k):
+        return f"b{k[0]} h{k[1]} {k[2]}x{k[3]} W{k[4]} T{k[5]}{' gated' if k[6] else ''}{' slotted' if k[8] else ''}"
+    return {"replay_tiles": {name(k): tile_name(v) for k, v in TILE_CHOICES.items()},
+            "replay_timings": {name(k): t for k, t in TIMINGS.items()}}
+
+
+def gated_in_one_program(headdim: int, dstate: int) -> bool:
+    """Whether ``ssm_replay_gated`` runs as one kernel at this head size: one program must hold a head's whole
+    state to normalise its rows (the 8B shape's 128 x 128 is four times :data:`GATED_TILE`; it keeps two kernels)."""
+    return _next_pow2(headdim) * _next_pow2(dstate) <= GATED_TILE
