@@ -182,7 +182,8 @@ for k, (dtype, b, W, T, dim, g, n, counts, with_D, inplace) in enumerate(cases):
 # one block of the kernel, dstate not a power of two
 for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
         (2, 3, 2, 4, 2, 8, 16, [3, 1], None), (3, 5, 5, 4, 1, 16, 16, [0, 2, 5], 2), (2, 4, 1, 2, 2, 8, 8, [4, 0], 1),
-        (1, 0, 3, 2, 1, 8, 16, [0], None), (2, 2, 0, 2, 1, 8, 16, [1, 2], None), (1, 5, 5, 2, 1, 40, 12, [3], None)]):
+        (1, 0, 3, 2, 1, 8, 16, [0], None), (2, 2, 0, 2, 1, 8, 16, [1, 2], None), (1, 5, 5, 2, 1, 40, 12, [3], None),
+        (1, 0, 3, 2, 1, 16, 16, [0], None), (2, 2, 0, 2, 1, 16, 16, [1, 2], None)]):  # W = 0, T = 0 in the dot form too
     for tile in replay_tiles(p, n, False):  # every candidate tile: the first, the preloaded ones, more programs
         print("ssm_replay", b, W, T, counts, tile, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg,
                                                                      tile=tile))
