@@ -204,6 +204,13 @@ def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
     src = offset + tl.load(SHIFT + pb).to(tl.int32)  # buffer index of seq[0]
     buf_row = BUF + pb * b_sb + d[:, None] * b_sd
     x_row = X + pb * x_sb + d[:, None] * x_sd
+    # The whole sequence, for the buffer: loaded with the conv's own inputs, ahead of the output's store (a load
+    # after a store waits a round trip of its own; every position of these channels belongs to this program).
+    s = tl.arange(0, BLOCK_S)
+    ms = s < WIDTH - 1 + T
+    s_buf = s < WIDTH - 1
+    sb = tl.load(buf_row + (src + s)[None, :] * b_st, mask=md[:, None] & s_buf[None, :], other=0.0)
+    sx = tl.load(x_row + (s - (WIDTH - 1))[None, :] * x_st, mask=md[:, None] & (ms & ~s_buf)[None, :], other=0.0)
     t = tl.arange(0, BLOCK_T)
     mt = t < T
     acc = tl.zeros([BLOCK_D, BLOCK_T], dtype=tl.float32)
@@ -223,13 +230,8 @@ def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
         of = out.to(tl.float32)
         out = (of * tl.sigmoid(of)).to(OUT.dtype.element_ty)
     tl.store(OUT + pb * o_sb + t[None, :] * o_st + d[:, None] * o_sd, out, mask=md[:, None] & mt[None, :])
-    # The whole sequence back into the buffer: read it all before the first store (the prefix may overlap
-    # the destination when shift > 0; every position of these channels belongs to this program).
-    s = tl.arange(0, BLOCK_S)
-    ms = s < WIDTH - 1 + T
-    s_buf = s < WIDTH - 1
-    sb = tl.load(buf_row + (src + s)[None, :] * b_st, mask=md[:, None] & s_buf[None, :], other=0.0)
-    sx = tl.load(x_row + (s - (WIDTH - 1))[None, :] * x_st, mask=md[:, None] & (ms & ~s_buf)[None, :], other=0.0)
+    # The whole sequence back into the buffer, every thread's reads done first (the prefix may overlap the
+    # destination when shift > 0).
     seq = tl.where(s_buf[None, :], sb, sx.to(sb.dtype))
     tl.debug_barrier()
     tl.store(buf_row + (offset + s)[None, :] * b_st, seq.to(BUF.dtype.element_ty), mask=md[:, None] & ms[None, :])
