@@ -18,6 +18,8 @@ def on(t):
     return True  # the sm90 form: TRIGGER compiled in
 d._gdc_on = on
 d._rand = lambda gen, *shape, dtype=torch.float32: torch.randn(*shape, generator=gen).to(dtype)
+from mamballama_cli.ops import common
+common._rand = d._rand  # the conv check draws its inputs there
 from mamballama_cli.ops import triton_attention as ta
 from mamballama_cli.ops.decode import decode_attention_ref
 from mamballama_cli.ops.verify_ref import window_attention_ref
@@ -34,8 +36,11 @@ def attention(gen, T):  # the split-K attention, its combine kernel last (the on
     want = ref(q.double(), kc.double(), vc.double(), pos, hd**-0.5)
     return float((out.double() - want).norm() / want.norm())
 out = {}
+conv = d._check_conv_update(d.conv_update_inplace_triton, inplace=True)  # the window slid in place, width 4
+conv_copy = d._check_conv_update(d.conv_update_triton)  # into a new state, the input's left alone
 for name, check in (("add_rmsnorm", d._check_add_rmsnorm), ("swiglu", d._check_swiglu),
-                    ("ssm_step_gated", d._check_ssm_step_gated),
+                    ("ssm_step_gated", d._check_ssm_step_gated), ("conv_update_inplace", conv),
+                    ("conv_update", conv_copy),
                     ("decode_attention", lambda g: attention(g, 0)), ("window_attention", lambda g: attention(g, 5))):
     before = len(seen)
     out[name] = check(torch.Generator().manual_seed(0))
@@ -45,6 +50,7 @@ print(json.dumps(out))
     for name in ("add_rmsnorm", "swiglu", "ssm_step_gated", "decode_attention", "window_attention"):
         assert errs[name + " triggered"] == 1, errs  # the launcher asked whether to compile the trigger in
         assert errs[name] < 1e-4, errs  # float32 throughout: the kernels match their references closely
+    assert errs["conv_update_inplace"] < 1e-4 and errs["conv_update"] < 1e-4, errs  # the one-token conv, both forms
 
 
 @NEEDS_TRITON

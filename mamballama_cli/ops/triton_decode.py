@@ -98,6 +98,9 @@ if triton is not None:
         m2 = md[:, None] & (k[None, :] < WIDTH - 1)
         s_ptrs = S + pb * stride_sb + d[:, None] * stride_sd + k[None, :] * stride_sw
         s = tl.load(s_ptrs, mask=m2, other=0.0)
+        # the slid window's slots (slot k takes slot k+1), loaded now: a load after the output's store below would
+        # wait a round trip of its own
+        nxt = tl.load(s_ptrs + stride_sw, mask=md[:, None] & (k[None, :] + 1 < WIDTH - 1), other=0.0)
         x = tl.load(X + pb * stride_xb + d, mask=md, other=0.0)
         w_win = tl.load(W + d[:, None] * stride_wd + k[None, :] * stride_ww, mask=m2, other=0.0).to(tl.float32)
         w_new = tl.load(W + d * stride_wd + (WIDTH - 1) * stride_ww, mask=md, other=0.0).to(tl.float32)
@@ -110,7 +113,6 @@ if triton is not None:
             out = (of * tl.sigmoid(of)).to(Y.dtype.element_ty)
         tl.store(Y + pb * stride_yb + d, out, mask=md)
         # slide the window: slot k takes slot k+1, the newest slot takes x
-        nxt = tl.load(s_ptrs + stride_sw, mask=md[:, None] & (k[None, :] + 1 < WIDTH - 1), other=0.0)
         new = tl.where(k[None, :] == WIDTH - 2, x[:, None].to(nxt.dtype), nxt)
         tl.debug_barrier()  # in place: every thread has read the old window before any slot is overwritten
         tl.store(SO + pb * stride_ob + d[:, None] * stride_od + k[None, :] * stride_ow,
