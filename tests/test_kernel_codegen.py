@@ -190,3 +190,28 @@ def test_the_split_mamba2_step_tiles_count_their_rows_in_with_one_release():
         stores = [i for i, line in enumerate(lines[: atoms[0]]) if "st.global" in line]
         assert any("bar.sync" in line for line in lines[stores[-1] : atoms[0]]), tile  # the rows of y, then a barrier
         assert "ld.global.cg" in ptx, tile
+
+
+def test_the_small_step_kernels_issue_every_load_before_their_first_store():
+    """A load after a store waits a round trip of its own (the compiler cannot move it ahead: the two might alias).
+    The add + RMSNorm, the one-token and window convs and the RoPE + K/V write issue every global load before their
+    first global store (2026-12-05: the norm's weight, the conv's slid window and the value head came after)."""
+    from mamballama_cli.ops import triton_attention, triton_conv, triton_decode
+
+    bf = "*bf16"
+    kernels = [
+        (triton_decode._add_rmsnorm_kernel, {"HAS_RES": True, "BLOCK": 4096, "TRIGGER": True},
+         ("X", "R", "W", "OUT", "ROUT"), 8),
+        (triton_decode._conv_update_kernel, {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 256, "BLOCK_W": 4},
+         ("X", "S", "SO", "W", "BIAS", "Y"), 4),
+        (triton_conv._spec_conv_kernel, {"WIDTH": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_D": 64, "BLOCK_T": 8,
+                                         "BLOCK_S": 16}, ("X", "BUF", "W", "BIAS", "OUT"), 4),
+        (triton_attention._rope_kv_kernel, {"BLOCK_D": 128}, ("QKV", "COS", "SIN", "QOUT", "KC", "VC"), 4),
+    ]
+    for fn, const, bf16_ptrs, warps in kernels:
+        types = {**dict.fromkeys(bf16_ptrs, bf), "SHIFT": "*i64", "POS": "*i64", "eps": "fp32"}
+        args = {n: types.get(n, "i32") for n in fn.arg_names if n not in const}
+        lines = kernel_sass.compile_kernel(fn, args, const, warps, 1, 90).asm["ptx"].splitlines()
+        loads = [i for i, line in enumerate(lines) if "ld.global" in line]
+        stores = [i for i, line in enumerate(lines) if "st.global" in line]
+        assert loads and stores and max(loads) < min(stores), (fn.fn.__name__ if hasattr(fn, "fn") else fn, loads, stores)

@@ -69,6 +69,9 @@ def _rope_kv_kernel(QKV, COS, SIN, POS, pos_sb, QOUT, KC, VC, T, n_heads, n_kv, 
     row = QKV + pb * qkv_sb + t * qkv_st  # [q heads | k heads | v heads], contiguous within a row
     base = row + j * headdim
     x = tl.load(base + d, mask=md, other=0.0)
+    # a key head's value head, loaded with the rest (a load after the key's store would wait a round trip of its
+    # own); nothing is read for a query head
+    v = tl.load(row + (n_kv + j) * headdim + d, mask=md & (d * 0 + j >= n_heads), other=0.0)
     in_rot = d < 2 * half_rot
     first = d < half_rot
     partner = tl.where(first, d + half_rot, d - half_rot)
@@ -86,7 +89,6 @@ def _rope_kv_kernel(QKV, COS, SIN, POS, pos_sb, QOUT, KC, VC, T, n_heads, n_kv, 
     else:
         kh = j - n_heads
         tl.store(KC + pb * kc_sb + kh * kc_sh + pos * kc_st + d, out.to(KC.dtype.element_ty), mask=md)
-        v = tl.load(row + (n_heads + n_kv + kh) * headdim + d, mask=md, other=0.0)
         tl.store(VC + pb * vc_sb + kh * vc_sh + pos * vc_st + d, v.to(VC.dtype.element_ty), mask=md)
 
 

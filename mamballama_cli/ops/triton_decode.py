@@ -62,6 +62,8 @@ if triton is not None:
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+        # every load ahead of the first store: a load after a store waits a round trip of its own
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_RES:
             r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
             # the model adds in the activation dtype: round the sum like torch does
@@ -70,7 +72,6 @@ if triton is not None:
         hf = h.to(tl.float32)
         var = tl.sum(hf * hf, axis=0) / n_cols
         normed = (hf * tl.rsqrt(var + eps)).to(OUT.dtype.element_ty)  # Llama: cast, then scale
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(OUT + row * stride_o + cols, (normed.to(tl.float32) * w).to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
