@@ -174,7 +174,8 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_forms_loa
 def test_the_split_mamba2_step_tiles_count_their_rows_in_with_one_release():
     """The Mamba-2 step kernel's SPLIT tiles (ops/triton_decode.py): no spills; each program takes one acq_rel count
     after a barrier (every thread's rows of y stored first), and reads the row back past L1 (``.cg``); the one-program
-    tiles take no count."""
+    tiles take no count. And at a head's whole width the kernel loads D, the gate and the norm's weight before it
+    stores the state, not after."""
     from mamballama_cli.ops.triton_decode import STEP_TILES
 
     for tile in STEP_TILES:
@@ -190,6 +191,12 @@ def test_the_split_mamba2_step_tiles_count_their_rows_in_with_one_release():
         stores = [i for i, line in enumerate(lines[: atoms[0]]) if "st.global" in line]
         assert any("bar.sync" in line for line in lines[stores[-1] : atoms[0]]), tile  # the rows of y, then a barrier
         assert "ld.global.cg" in ptx, tile
+    # a head's whole width at once: every input loaded before the state's store (but the split tiles' row, read
+    # back after the count)
+    for tile in ((128, 8, 1), (128, 4, 4)):
+        lines = kernel_sass.compile_decode("ssm_step_gated", True, tile).asm["ptx"].splitlines()
+        loads = [i for i, line in enumerate(lines) if "ld.global" in line and ".cg" not in line]
+        assert max(loads) < min(i for i, line in enumerate(lines) if "st.global" in line), tile
 
 
 def test_the_small_step_kernels_issue_every_load_before_their_first_store():

@@ -143,6 +143,15 @@ if triton is not None:
         dt = _softplus(tl.load(DT + pb * dt_sb + ph * dt_sh).to(tl.float32) + tl.load(DT_BIAS + ph).to(tl.float32))
         dA = tl.exp(dt * -tl.exp(tl.load(A_LOG + ph).to(tl.float32)))
         x = tl.load(X + pb * x_sb + g * x_sg + p * x_sp, mask=mp, other=0.0).to(tl.float32)
+        # everything the output needs, loaded ahead of the state's store (a load after it waits a round trip)
+        if HAS_D:
+            Dh = tl.load(D + ph).to(tl.float32)
+        if HAS_Z:
+            z = tl.load(Z + pb * z_sb + ph * z_sh + p * z_sp, mask=mp, other=0.0).to(tl.float32)
+        if HAS_NORM:
+            q = tl.arange(0, BLOCK_P) if SPLIT > 1 else p  # the split tiles: the whole row's weights, for the last
+            mq = q < headdim
+            w = tl.load(NW + ph * headdim + q, mask=mq, other=0.0).to(tl.float32)
         dtx = dt * x
         y = tl.zeros([ROWS], dtype=tl.float32)
         for n0 in range(0, dstate, BLOCK_N):
@@ -157,15 +166,13 @@ if triton is not None:
             tl.store(s_ptrs, s.to(STATE.dtype.element_ty), mask=m2)
             y += tl.sum(s * cv[None, :], axis=1)
         if HAS_D:
-            y += x * tl.load(D + ph).to(tl.float32)
+            y += x * Dh
         y = y.to(OUT.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
         if HAS_NORM:
             if HAS_Z:
-                z = tl.load(Z + pb * z_sb + ph * z_sh + p * z_sp, mask=mp, other=0.0).to(tl.float32)
                 y = y * (z * tl.sigmoid(z))
             if SPLIT == 1:
                 var = tl.sum(tl.where(mp, y * y, 0.0), axis=0) / headdim
-                w = tl.load(NW + ph * headdim + p, mask=mp, other=0.0).to(tl.float32)
                 y = y * tl.rsqrt(var + eps) * w
                 tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)
             else:
@@ -173,11 +180,8 @@ if triton is not None:
                 tl.store(Y32 + row * BLOCK_P + p, y, mask=mp)
                 tl.debug_barrier()  # every thread's rows stored before the one count (a release, acq_rel) is taken
                 if tl.atomic_add(CNT + row, 1) == SPLIT - 1:
-                    q = tl.arange(0, BLOCK_P)
-                    mq = q < headdim
                     yh = tl.load(Y32 + row * BLOCK_P + q, mask=mq, other=0.0, cache_modifier=".cg")
                     var = tl.sum(tl.where(mq, yh * yh, 0.0), axis=0) / headdim  # the whole row, in one order
-                    w = tl.load(NW + ph * headdim + q, mask=mq, other=0.0).to(tl.float32)
                     tl.store(OUT + pb * o_sb + ph * headdim + q, (yh * tl.rsqrt(var + eps) * w).to(OUT.dtype.element_ty),
                              mask=mq)
                     tl.atomic_xchg(CNT + row, 0)  # ready for the next call (and a CUDA graph's next replay)
