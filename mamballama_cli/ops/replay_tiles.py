@@ -58,7 +58,7 @@ def tile_name(tile) -> str:
     return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}"
 
 
-def _fastest(launch, state, cands, key) -> tuple[int, int, bool]:
+def _fastest(launch, state, cands, key) -> tuple[int, int, int]:
     """The fastest of ``cands`` at this shape: each recorded in CUDA graphs over copies of the state (in place, a
     final state beside each) that together pass twice the L2 cache, as a verify call finds its layers' states cold;
     the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""
