@@ -284,6 +284,9 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
 
     jobs += [["replay", w, 5, p, n, gated, slotted, 90, list(tile)] for w in (0, 5) for p, n, gated in REPLAY_SHAPES
              for slotted in (False, True) for tile in r.replay_tiles(p, n, gated)[1:]]
+    # the gated op's whole-head tiles at the 8B head (the norm in the kernel, one program a head)
+    jobs += [["replay", w, 5, 128, 128, True, slotted, 90, list(tile)] for w in (0, 5) for slotted in (False, True)
+             for tile in r.gated_tiles(128, 128) if tile[0] == 128]
     # the default teacher's 9 heads over 3 KV heads of 64, the 8B model's 32 over 8 of 128
     return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
                    for r in sorted(attention_rows(heads, kv))]

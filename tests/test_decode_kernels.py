@@ -57,9 +57,9 @@ print(json.dumps(out))
 def test_every_mamba2_step_tile_equals_the_reference_under_the_interpreter():
     """The Mamba-2 step's tiles (``STEP_TILES``: the head's state walked in 32 to 128 columns at a time, by one
     program a head or, SPLIT, by 2 or 4 whose last normalises the row; the autotuner's candidates on CUDA), each run
-    against the reference, twice (the split tiles' count is back at zero after a call): GQA heads, D, the gated norm, dstate not a
-    multiple of the widest tile, the state updated in place; the second shape's norm has no gate (convert
-    --no-gate)."""
+    against the reference, twice (the split tiles' count is back at zero after a call): GQA heads, D, the gated
+    norm, dstate not a multiple of the widest tile, the state updated in place; the second shape's norm has no gate
+    (convert --no-gate)."""
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
 from mamballama_cli.ops import triton_decode as d
 from mamballama_cli.ops.decode import ssm_step_gated_ref

@@ -121,7 +121,7 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     from mamballama_cli.ops import triton_decode
 
     assert {tuple(j[3]) for j in jobs if j[1] == "ssm_step_gated"} == set(triton_decode.STEP_TILES)
-    replays = {tuple(j[1:7]) for j in jobs if j[0] == "replay"}  # every verify window K = 1..7, W = 0 or T
+    replays = {tuple(j[1:7]) for j in jobs if j[0] == "replay" and len(j) == 7}  # the first tile: every window
     assert {(w, t) for w, t, *_ in replays} == {(w, t) for t in range(2, 9) for w in (0, t)}
     assert {r[2:] for r in replays} == {(*shape, slotted) for shape in kernel_sass.REPLAY_SHAPES
                                         for slotted in (False, True)}
@@ -129,8 +129,10 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
 
     # and every tile the replay op times, at K = 4 (the first tile above, at every K)
     tiles = {(*j[1:7], tuple(j[8])) for j in jobs if j[0] == "replay" and len(j) > 7}
+    whole = [(128, 8, 2), (128, 16, 2)]  # the gated op's whole-head tiles at the 8B head
     assert tiles == {(w, 5, p, n, gated, slotted, t) for w in (0, 5) for p, n, gated in kernel_sass.REPLAY_SHAPES
-                     for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]}
+                     for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]} | {
+        (w, 5, 128, 128, True, slotted, t) for w in (0, 5) for slotted in (False, True) for t in whole}
     # the window attention's tile rows (query heads of a group x window queries, at least 16): 16 and 32 at both
     # sizes, head dims 64 (the default teacher) and 128 (8B)
     assert kernel_sass.attention_rows(9, 3) == {16, 32} and kernel_sass.attention_rows(32, 8) == {16, 32}
@@ -154,8 +156,10 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_forms_loa
     128, tiled) and the default teacher's (64 x 64, one program a head): none spills; the forms that load the window
     first (FORM 1 and 2) issue at most a third of the first tile's global loads, and at the 8B head the chunked form
     (FORM 2) crosses fewer barriers than the first tile's step by step loop."""
-    from mamballama_cli.ops.replay_tiles import replay_tiles
+    from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
+    for tile in [t for t in gated_tiles(128, 128) if t[0] == 128]:  # the gated op's whole-head tiles at 8B
+        assert _resources(kernel_sass.compile_replay(5, 5, 128, 128, True, True, 90, tile))[1] == 0, tile
     for p, n, gated in ((128, 128, False), (64, 64, True)):
         tiles = replay_tiles(p, n, gated)
         ptx = {}
@@ -221,4 +225,4 @@ def test_the_small_step_kernels_issue_every_load_before_their_first_store():
         lines = kernel_sass.compile_kernel(fn, args, const, warps, 1, 90).asm["ptx"].splitlines()
         loads = [i for i, line in enumerate(lines) if "ld.global" in line]
         stores = [i for i, line in enumerate(lines) if "st.global" in line]
-        assert loads and stores and max(loads) < min(stores), (fn.fn.__name__ if hasattr(fn, "fn") else fn, loads, stores)
+        assert loads and stores and max(loads) < min(stores), (getattr(fn, "fn", fn), loads, stores)

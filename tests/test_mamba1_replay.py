@@ -1,4 +1,5 @@
-"""The Triton kernel of the Mamba-1 replay op (``selective_replay``, ops/triton_selective_replay.py) against its reference.
+"""The Triton kernel of the Mamba-1 replay op (``selective_replay``, ops/triton_selective_replay.py) against its
+reference.
 
 CPU: the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, in a subprocess because the variable must
 be set before triton is imported) on small shapes: per-row counts 0, between and W, T = 1 and T > 1, W = 0,
@@ -99,7 +100,8 @@ def check_ssm_replay_gated(device, b, W, T, h, g, p, n, counts, dtype, seed=0, w
     one kernel where a head's state fits one program, else the replay kernel and the norm op. Window inputs and z in
     ``dtype``, the state in float32. ``with_z=False``: the norm without a gate (convert --no-gate)."""
     from mamballama_cli.ops.replay import ssm_replay_gated_ref
-    from mamballama_cli.ops.triton_replay import gated_in_one_program, ssm_replay_gated_triton
+    from mamballama_cli.ops.replay_tiles import gated_in_one_program
+    from mamballama_cli.ops.triton_replay import ssm_replay_gated_triton
 
     gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -164,7 +166,7 @@ def check_ssm_replay_slotted(device, b, L, T, h, g, p, n, counts, cur, offset, r
 
 _SCRIPT = PATCHED_SCRIPT_HEAD + r"""
 import test_mamba1_replay as t
-from mamballama_cli.ops.replay_tiles import replay_tiles
+from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
 torch.set_num_threads(1)  # tiny ops: threads fighting over the cores make them 100x slower
 f32, f16 = torch.float32, torch.float16
@@ -193,7 +195,7 @@ for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
         (2, 5, 5, 4, 2, 64, 16, [0, 5], f32, True), (2, 3, 2, 2, 1, 24, 16, [2, 1], f16, True),
         (1, 4, 3, 2, 2, 64, 128, [3], f32, False)]):
     for with_z in (True, False) if k != 1 else (True,):  # False: the norm without a gate (convert --no-gate)
-        for tile in replay_tiles(p, n, one):
+        for tile in gated_tiles(p, n):  # two kernels: the tiled ones, then the whole-head ones with the norm inside
             fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k, with_z=with_z,
                                                    tile=tile)
             assert fused is one, (p, n)
@@ -202,8 +204,9 @@ for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
 # (no reads, written at its offset); gated in one kernel and not; two blocks of headdim; groups of 2 and 3 heads
 for k, (b, L, T, h, g, p, n, counts, cur, offset, read_old, gated) in enumerate([
         (2, 5, 5, 4, 2, 48, 128, [3, 0], 1, 0, True, False), (2, 5, 5, 6, 2, 16, 16, [5, 2], 0, 0, True, True),
-        (1, 6, 2, 4, 2, 16, 16, [0], 1, 3, False, True), (2, 4, 1, 3, 1, 48, 128, [0, 0], 0, 2, False, False)]):
-    for tile in replay_tiles(p, n, gated):
+        (1, 6, 2, 4, 2, 16, 16, [0], 1, 3, False, True), (2, 4, 1, 3, 1, 48, 128, [0, 0], 0, 2, False, False),
+        (2, 5, 5, 4, 2, 48, 128, [3, 0], 1, 0, True, True)]):  # gated, a head past one program: norm op or in-kernel
+    for tile in gated_tiles(p, n) if gated else replay_tiles(p, n, False):
         print("slotted", tile, t.check_ssm_replay_slotted("cpu", b, L, T, h, g, p, n, counts, cur, offset, read_old,
                                                           gated, seed=k, tile=tile))
 print("ok")

@@ -46,6 +46,17 @@ def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
     return tiles
 
 
+def gated_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
+    """The candidates of the gated op (``ssm_replay_gated``): where a head fits one program, its one-program tiles
+    (the norm in the kernel); else the tiled kernel's, each followed by the norm op, then the chunked form over a
+    whole head a program with the norm in the kernel (BLOCK_P the head's padded width: 32 programs at the 8B shape,
+    the state in shared memory as much as in registers), 8 and 16 warps."""
+    if gated_in_one_program(p, n):
+        return replay_tiles(p, n, True)
+    whole = _next_pow2(p)
+    return replay_tiles(p, n, False) + ([(whole, 8, 2), (whole, 16, 2)] if min(whole, _next_pow2(n)) >= 16 else [])
+
+
 def window_rows(W: int, T: int, form: int) -> tuple[int, int]:
     """(WP, TP): the rows of the window's old and new tiles, W and T rounded up to powers of two (FORM 2: at least
     16, as tl.dot asks)."""
@@ -68,7 +79,8 @@ def _fastest(launch, state, cands, key) -> tuple[int, int, int]:
     times = dict.fromkeys(cands, float("inf"))
     for _ in range(3):
         for c in cands:
-            times[c] = min(times[c], graph_call_us([lambda st=st, fin=fin, c=c: launch(c, st, fin) for st, fin in pool]))
+            calls = [lambda st=st, fin=fin, c=c: launch(c, st, fin) for st, fin in pool]
+            times[c] = min(times[c], graph_call_us(calls))
     TIMINGS[key] = {tile_name(c): round(t, 2) for c, t in times.items()}
     return min(cands, key=times.get)
 

@@ -182,8 +182,8 @@ if triton is not None:
                 if tl.atomic_add(CNT + row, 1) == SPLIT - 1:
                     yh = tl.load(Y32 + row * BLOCK_P + q, mask=mq, other=0.0, cache_modifier=".cg")
                     var = tl.sum(tl.where(mq, yh * yh, 0.0), axis=0) / headdim  # the whole row, in one order
-                    tl.store(OUT + pb * o_sb + ph * headdim + q, (yh * tl.rsqrt(var + eps) * w).to(OUT.dtype.element_ty),
-                             mask=mq)
+                    yh = yh * tl.rsqrt(var + eps) * w
+                    tl.store(OUT + pb * o_sb + ph * headdim + q, yh.to(OUT.dtype.element_ty), mask=mq)
                     tl.atomic_xchg(CNT + row, 0)  # ready for the next call (and a CUDA graph's next replay)
         else:
             tl.store(OUT + pb * o_sb + ph * headdim + p, y.to(OUT.dtype.element_ty), mask=mp)

@@ -36,13 +36,13 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter
-from mamballama_cli.ops.common import _device_guard, _probe, _rand, _rel
+from mamballama_cli.ops.common import _device_guard, _next_pow2, _probe, _rand, _rel
 from mamballama_cli.ops.graph_timing import chosen
 from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
 from mamballama_cli.ops.replay_tiles import (
     TILE_CHOICES,
     _fastest,
-    gated_in_one_program,
+    gated_tiles,
     replay_tile,
     replay_tiles,
     window_rows,
@@ -301,19 +301,12 @@ def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new
                             norm_weight, eps, *, return_final=False, state_out=None, final_out=None, slot=None,
                             offset=0, read_old=True, tile=None):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_gated_ref`: the gated RMSNorm inside the replay
-    kernel where a head's state fits one program (:func:`gated_in_one_program`), else the replay kernel and then
-    the ``rmsnorm_gated`` op."""
-    b, T = x_new.shape[:2]
-    h, p = state.shape[1], state.shape[2]
-    if gated_in_one_program(p, state.shape[3]):
-        y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias,
-                                       D, return_final, state_out, final_out, gate=(z, norm_weight, eps),
-                                       slots=(slot, offset, read_old), tile=tile)
-        return y.view(b, T, h * p), out, final
-    y, out, final = _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
-                                   return_final, state_out, final_out, slots=(slot, offset, read_old), tile=tile)
-    norm = ops.dispatch("rmsnorm_gated", x_new.device)[1]
-    return norm(y.view(b, T, h * p), z, norm_weight, eps, p), out, final
+    kernel wherever a program holds a whole head (every tile where a head fits one program; else the whole-head
+    tiles of :func:`~mamballama_cli.ops.replay_tiles.gated_tiles`), else the tiled kernel and then the
+    ``rmsnorm_gated`` op. ``tile``: one of those tiles, not the timed choice."""
+    return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
+                          return_final, state_out, final_out, gate=(z, norm_weight, eps),
+                          slots=(slot, offset, read_old), tile=tile)
 
 
 def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D, return_final,
@@ -348,37 +341,43 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     gated = gate is not None
     BLOCK_N = replay_tile(p, n, gated)[1]
     Dt = D if D is not None else A
-    z, nw, eps = gate if gate else (None, None, 0.0)
-    if z is not None:
-        z = z.unflatten(-1, (h, p))  # (b, T, h * p) -> (b, T, h, p), a view
-    zt = z if z is not None else y
+    z_flat, nw, eps = gate if gate else (None, None, 0.0)
+    z = z_flat.unflatten(-1, (h, p)) if z_flat is not None else None  # (b, T, h * p) -> (b, T, h, p), a view
 
     def run(tile, st, out_, fin_):
+        """One launch at ``tile``; the gated op's output (b, T, h * p), normalised by the kernel where the tile holds
+        a whole head, else by the norm op after it; the plain op's (b, T, h, p)."""
+        whole = gated and tile[0] >= _next_pow2(p)
+        zt = z if whole and z is not None else y
         with _device_guard(st):
             _replay_kernel[(triton.cdiv(p, tile[0]), b * h)](
                 st, x_old, dt_old, B_old, n_replay,
                 x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-                y, out_, fin_, zt, nw if nw is not None else A, float(eps), slot, *slot_strides, int(offset),
+                y, out_, fin_, zt, nw if whole else A, float(eps), slot, *slot_strides, int(offset),
                 h, p, n, h // g, h // cg,
                 *st.stride(), *old_strides,
                 *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
                 *y.stride(), *out_.stride(), *fin_.stride(), *zt.stride(),
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
-                GATED=gated, HAS_Z=z is not None, SLOTTED=slotted,
+                GATED=whole, HAS_Z=whole and z is not None, SLOTTED=slotted,
                 FORM=int(tile[2]), WP=window_rows(W, T, tile[2])[0], TP=window_rows(W, T, tile[2])[1],
                 num_warps=tile[1],
             )
+        if not gated:
+            return y
+        if whole:
+            return y.view(b, T, h * p)
+        return ops.dispatch("rmsnorm_gated", x_new.device)[1](y.view(b, T, h * p), z_flat, nw, eps, p)
 
     if tile is None:  # timed once per shape (in place over copies: the state itself is never touched)
-        cands = replay_tiles(p, n, gated)
+        cands = gated_tiles(p, n) if gated else replay_tiles(p, n, False)
         key = (b, h, p, n, W, T, gated, z is not None, slotted, want_final, D is not None, state.dtype,
                x_new.dtype, state.device.index)
         use = chosen(TILE_CHOICES, key, state,
                      lambda: _fastest(lambda c, st, fin: run(c, st, st, fin if want_final else st), state, cands, key))
         tile = use if isinstance(use, tuple) else cands[0]
-    run(tile, state, out, final)
-    return y, out, (final if want_final else None)
+    return run(tile, state, out, final), out, (final if want_final else None)
 
 
 # ================================================================================================
