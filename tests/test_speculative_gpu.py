@@ -31,9 +31,10 @@ def _rel(a, b):
 @pytest.mark.parametrize("with_z", [True, False])
 @pytest.mark.parametrize("b,h,g,p,n,one", [(1, 9, 3, 64, 64, True), (2, 32, 8, 128, 128, False)])
 def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fits(b, h, g, p, n, one, with_z):
-    """``ssm_replay_gated`` on CUDA (the default teacher's 50% shape: one kernel; the 8B shape: the replay kernel,
-    then the norm op), bf16 window inputs, against its reference; the op table takes the Triton version. Without z:
-    the norm alone (convert --no-gate)."""
+    """``ssm_replay_gated`` on CUDA (the default teacher's 50% shape: one kernel; the 8B shape: the tiled replay
+    kernel and the norm op, or the whole-head tiles with the norm inside, as timed), bf16 window inputs, against its
+    reference, the timed choice and then every candidate; the op table takes the Triton version. Without z: the
+    norm alone (convert --no-gate)."""
     import sys
     from pathlib import Path
 
@@ -45,6 +46,10 @@ def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fi
     fused, errs = check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16, with_z=with_z)
     assert fused is one, errs
     assert ops.dispatch("ssm_replay_gated", torch.device("cuda"))[0] == "triton"
+    from mamballama_cli.ops.replay_tiles import gated_tiles
+
+    for tile in gated_tiles(p, n):  # every candidate, not only the timed choice (at 8B: the whole-head ones too)
+        check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16, with_z=with_z, tile=tile)
 
 
 @pytest.mark.parametrize("gated", [False, True])
