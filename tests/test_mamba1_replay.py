@@ -267,6 +267,11 @@ def test_the_replay_tile_is_the_fastest_timed_on_copies_and_named_in_the_report(
     assert len(seen) == 3 * 4 * len(cands)
     assert cands == [(8, 4, 0), (8, 4, 1), (4, 2, 1)]
     assert tr.TIMINGS[key] == {"8x4": 9.0, "8x4p": 4.01, "4x2p": 6.01}  # the first round's
+    def no_memory(*a, **k):
+        raise torch.cuda.OutOfMemoryError("no memory")
+    monkeypatch.setattr(tr.torch, "empty_like", no_memory)  # a batch that fills the device: the first tile, untimed
+    assert tr._fastest(launch, state, cands, (*key[:-1], 1)) == cands[0] and len(seen) == 3 * 4 * len(cands)
+    assert tr.TIMINGS[(*key[:-1], 1)] == {"untimed": "no memory for copies of the state"}
     tr.TILE_CHOICES[key] = (8, 4, 1)
     tr.TILE_CHOICES[(*key[:4], 0, 1, *key[6:])] = True  # a shape that ran off CUDA: the first tile, untimed
     assert tr.choices_report()["replay_tiles"] == {"b1 h4 8x16 W5 T5 slotted": "8x4p"}

@@ -75,7 +75,11 @@ def _fastest(launch, state, cands, key) -> tuple[int, int, int]:
     the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""
     l2 = torch.cuda.get_device_properties(state.device).L2_cache_size or 64 << 20
     copies = max(1, min(32, -(-2 * l2 // (2 * state.numel() * state.element_size()))))
-    pool = [(state.clone(), torch.empty_like(state)) for _ in range(copies)]
+    try:
+        pool = [(state.clone(), torch.empty_like(state)) for _ in range(copies)]
+    except torch.cuda.OutOfMemoryError:  # a batch that fills the device: the first tile, untimed
+        TIMINGS[key] = {"untimed": "no memory for copies of the state"}
+        return cands[0]
     times = dict.fromkeys(cands, float("inf"))
     for _ in range(3):
         for c in cands:
