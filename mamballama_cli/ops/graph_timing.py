@@ -36,12 +36,18 @@ def graph_call_us(calls: list, reps: int = 7) -> float:
     return 1000.0 * times[len(times) // 2] / len(calls)
 
 
+def l2_copies(device, nbytes: int, most: int) -> int:
+    """How many copies of ``nbytes`` pass twice the device's L2 cache, at most ``most``: timed over that many, each
+    call finds its operand cold, as a decode step or verify window finds its layers' weights and states."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size or 64 << 20
+    return max(1, min(most, -(-2 * l2 // nbytes)))
+
+
 def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
     """Microseconds per call of ``a(w)`` and of ``b(w)``, each recorded in CUDA graphs over enough copies w of
     ``weight`` to pass twice the L2 cache (at most 16), as a decode step runs them, the two interleaved so that a
     clock or a neighbour's change touches both alike; and the number of copies."""
-    l2 = torch.cuda.get_device_properties(weight.device).L2_cache_size or 64 << 20
-    copies = max(1, min(16, -(-2 * l2 // (weight.numel() * weight.element_size()))))
+    copies = l2_copies(weight.device, weight.numel() * weight.element_size(), 16)
     ws = [weight] + [weight.clone() for _ in range(copies - 1)]
     ours, theirs = [], []
     for _ in range(3):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from mamballama_cli.ops.common import _next_pow2
-from mamballama_cli.ops.graph_timing import graph_call_us
+from mamballama_cli.ops.graph_timing import graph_call_us, l2_copies
 
 GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
 
@@ -73,8 +73,7 @@ def _fastest(launch, state, cands, key) -> tuple[int, int, int]:
     """The fastest of ``cands`` at this shape: each recorded in CUDA graphs over copies of the state (in place, a
     final state beside each) that together pass twice the L2 cache, as a verify call finds its layers' states cold;
     the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""
-    l2 = torch.cuda.get_device_properties(state.device).L2_cache_size or 64 << 20
-    copies = max(1, min(32, -(-2 * l2 // (2 * state.numel() * state.element_size()))))
+    copies = l2_copies(state.device, 2 * state.numel() * state.element_size(), 32)
     try:
         pool = [(state.clone(), torch.empty_like(state)) for _ in range(copies)]
     except torch.cuda.OutOfMemoryError:  # a batch that fills the device: the first tile, untimed

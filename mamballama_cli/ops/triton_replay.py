@@ -349,6 +349,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
         a whole head, else by the norm op after it; the plain op's (b, T, h, p)."""
         whole = gated and tile[0] >= _next_pow2(p)
         zt = z if whole and z is not None else y
+        wp, tp = window_rows(W, T, tile[2])
         with _device_guard(st):
             _replay_kernel[(triton.cdiv(p, tile[0]), b * h)](
                 st, x_old, dt_old, B_old, n_replay,
@@ -361,7 +362,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
                 GATED=whole, HAS_Z=whole and z is not None, SLOTTED=slotted,
-                FORM=int(tile[2]), WP=window_rows(W, T, tile[2])[0], TP=window_rows(W, T, tile[2])[1],
+                FORM=int(tile[2]), WP=wp, TP=tp,
                 num_warps=tile[1],
             )
         if not gated:
