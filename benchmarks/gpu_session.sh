@@ -12,7 +12,7 @@
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
 # b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B),
-# gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
+# replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py), gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
@@ -22,6 +22,7 @@
 # JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
 # time is Triton compiling and autotuning on the CPU (the first bf16 test of part1 compiled for over 160 s on
 # 2026-12-05), which N workers spread over the 16 cores.
+# VERIFY_CAP=seconds: the verify step's own cap (default 240; interrupted, it prints where it was).
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
 # attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
 # GATE=0: the speed and verify steps time the hybrid without Mamba-2's z projection (convert --no-gate); their
@@ -113,7 +114,7 @@ for step in $STEPS; do
                 base=$v; while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="$base-$nv"; done
                 # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY)
                 stamp "$step vs plain step (8B shape, K=4), run $nv"
-                timeout "$(left 240)" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
+                timeout -s INT -k 10 "$(left "${VERIFY_CAP:-240}")" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
                     --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
                     $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) --json "$OUT/$v.json" \
                     > "$OUT/$v.txt" 2>&1
@@ -124,6 +125,9 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
+        replaytiles) stamp "every replay tile at the 8B head, K=4 window, plain and gated, slotted and not"
+                timeout -s INT -k 10 "$(left 400)" python3 benchmarks/replay_tiles.py --json "$OUT/replay-tiles.json" \
+                    > "$OUT/replay-tiles.txt" 2>&1; echo "exit $?"; cat "$OUT/replay-tiles.txt" ;;
         gemvtest) gputest gemv 300 tests/test_gemv_op.py tests/test_gemv_swiglu.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
