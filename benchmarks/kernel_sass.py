@@ -215,7 +215,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
     block_p, warps, form = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
-    wp, tp = r.window_rows(W, T, form)
+    wp, tp = r.window_rows(W, T)
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
               "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, gated)[1], "BLOCK_P": block_p, "FORM": int(form),
               "WP": wp, "TP": tp}
@@ -284,9 +284,6 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
 
     jobs += [["replay", w, 5, p, n, gated, slotted, 90, list(tile)] for w in (0, 5) for p, n, gated in REPLAY_SHAPES
              for slotted in (False, True) for tile in r.replay_tiles(p, n, gated)[1:]]
-    # the gated op's whole-head tiles at the 8B head (the norm in the kernel, one program a head)
-    jobs += [["replay", w, 5, 128, 128, True, slotted, 90, list(tile)] for w in (0, 5) for slotted in (False, True)
-             for tile in r.gated_tiles(128, 128) if tile[0] == 128]
     # the default teacher's 9 heads over 3 KV heads of 64, the 8B model's 32 over 8 of 128
     return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
                    for r in sorted(attention_rows(heads, kv))]

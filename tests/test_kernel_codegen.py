@@ -129,10 +129,8 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
 
     # and every tile the replay op times, at K = 4 (the first tile above, at every K)
     tiles = {(*j[1:7], tuple(j[8])) for j in jobs if j[0] == "replay" and len(j) > 7}
-    whole = [(128, 8, 2), (128, 16, 2)]  # the gated op's whole-head tiles at the 8B head
     assert tiles == {(w, 5, p, n, gated, slotted, t) for w in (0, 5) for p, n, gated in kernel_sass.REPLAY_SHAPES
-                     for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]} | {
-        (w, 5, 128, 128, True, slotted, t) for w in (0, 5) for slotted in (False, True) for t in whole}
+                     for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]}
     # the window attention's tile rows (query heads of a group x window queries, at least 16): 16 and 32 at both
     # sizes, head dims 64 (the default teacher) and 128 (8B)
     assert kernel_sass.attention_rows(9, 3) == {16, 32} and kernel_sass.attention_rows(32, 8) == {16, 32}
@@ -151,15 +149,12 @@ def _resources(kernel) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", res).group(1)), int(re.search(r"LOCAL:(\d+)", res).group(1))
 
 
-def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_forms_load_it_first():
+def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_loads_it_first():
     """The Mamba-2 replay kernel's candidates (ops/replay_tiles.py) at a K = 4 verify window, for the 8B head (128 x
-    128, tiled) and the default teacher's (64 x 64, one program a head): none spills; the forms that load the window
-    first (FORM 1 and 2) issue at most a third of the first tile's global loads, and at the 8B head the chunked form
-    (FORM 2) crosses fewer barriers than the first tile's step by step loop."""
-    from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
+    128, tiled) and the default teacher's (64 x 64, one program a head): none spills, and the form that loads the
+    window first (FORM 1) issues at most a third of the first tile's global loads."""
+    from mamballama_cli.ops.replay_tiles import replay_tiles
 
-    for tile in [t for t in gated_tiles(128, 128) if t[0] == 128]:  # the gated op's whole-head tiles at 8B
-        assert _resources(kernel_sass.compile_replay(5, 5, 128, 128, True, True, 90, tile))[1] == 0, tile
     for p, n, gated in ((128, 128, False), (64, 64, True)):
         tiles = replay_tiles(p, n, gated)
         ptx = {}
@@ -168,11 +163,9 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_forms_loa
             assert _resources(kernel)[1] == 0, (p, n, tile)
             ptx[tile] = kernel.asm["ptx"]
         first = ptx[tiles[0]]
-        assert {t[2] for t in tiles} == {0, 1, 2}, tiles
+        assert tiles[0][2] == 0 and all(t[2] == 1 for t in tiles[1:]) and len(tiles) >= 1 + (not gated), tiles
         for tile in tiles[1:]:
             assert 3 * ptx[tile].count("ld.global") <= first.count("ld.global"), tile
-            if tile[2] == 2 and not gated:  # at the 8B head (under triton 3.6: 20-23 against 39)
-                assert ptx[tile].count("bar.sync") < first.count("bar.sync"), tile
 
 
 def test_the_split_mamba2_step_tiles_count_their_rows_in_with_one_release():

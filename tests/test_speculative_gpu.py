@@ -32,9 +32,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("b,h,g,p,n,one", [(1, 9, 3, 64, 64, True), (2, 32, 8, 128, 128, False)])
 def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fits(b, h, g, p, n, one, with_z):
     """``ssm_replay_gated`` on CUDA (the default teacher's 50% shape: one kernel; the 8B shape: the tiled replay
-    kernel and the norm op, or the whole-head tiles with the norm inside, as timed), bf16 window inputs, against its
-    reference, the timed choice and then every candidate; the op table takes the Triton version. Without z: the
-    norm alone (convert --no-gate)."""
+    kernel and the norm op), bf16 window inputs, against its reference, the timed choice and then every candidate;
+    the op table takes the Triton version. Without z: the norm alone (convert --no-gate)."""
     import sys
     from pathlib import Path
 
@@ -48,7 +47,7 @@ def test_gated_replay_on_cuda_equals_the_reference_in_one_kernel_where_a_head_fi
     assert ops.dispatch("ssm_replay_gated", torch.device("cuda"))[0] == "triton"
     from mamballama_cli.ops.replay_tiles import gated_tiles
 
-    for tile in gated_tiles(p, n):  # every candidate, not only the timed choice (at 8B: the whole-head ones too)
+    for tile in gated_tiles(p, n):  # every candidate, not only the timed choice
         check_ssm_replay_gated("cuda", b, 5, 5, h, g, p, n, [3] * b, torch.bfloat16, with_z=with_z, tile=tile)
 
 
@@ -119,7 +118,7 @@ def test_triton_replay_in_a_cuda_graph_reads_the_count_from_memory():
 
 @pytest.mark.parametrize("slotted", [False, True])
 def test_replay_tiles_at_the_8b_shape_each_equal_the_reference_and_the_timed_choice_touches_no_state(slotted):
-    """Every candidate tile of ops/triton_replay.py (the first, the preloaded ones, more programs a head) at the 8B
+    """Every candidate tile of ops/triton_replay.py (the first, the preloaded one at more programs a head) at the 8B
     head shape and a K = 4 window, in bf16 with a float32 state, against the float64 reference; then the op without a
     tile: its first call times the candidates in CUDA graphs on copies, and its result, the checkpoint written in
     place, still equals the reference."""
@@ -145,7 +144,7 @@ def test_replay_tiles_at_the_8b_shape_each_equal_the_reference_and_the_timed_cho
             assert all(torch.equal(a[1], c.to(a.dtype)) for a, c in zip(bufs, new[:3]))
     key = (b, h, p, n, K + 1, K + 1, False, False, slotted, True, True, torch.float32, torch.bfloat16, 0)
     cands = tiles.replay_tiles(p, n, False)
-    assert tiles.TILE_CHOICES[key] in cands and len(tiles.TIMINGS[key]) == len(cands) >= 8, tiles.TIMINGS
+    assert tiles.TILE_CHOICES[key] in cands and len(tiles.TIMINGS[key]) == len(cands) >= 2, tiles.TIMINGS
     print(tiles.choices_report())
 
 

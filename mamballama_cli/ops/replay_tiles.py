@@ -20,27 +20,28 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
             block_n)
 
 
-# The candidates, (rows of replay_tile's BLOCK_P divided by, num_warps, FORM). The first, the only tile until
-# 2026-12-05 (FORM 0), loads each step's inputs after the last step's stores: 13.6 us a layer at the 8B shape on an
-# H100 (docs/gpu.md, the sixteenth session), against 5.9 us for the one-token step kernel, whose state traffic it
-# about triples. The others load the whole window first (FORM 1: then step by step; FORM 2: the chunked form, in
-# float32 dots) and some spread the head over more programs (gated: one a head).
-REPLAY_FORMS = ((1, 4, 0), (1, 4, 1), (1, 8, 1), (2, 4, 1), (2, 2, 1), (1, 4, 2), (1, 8, 2), (2, 4, 2))
-FORM_NAMES = ("", "p", "d")
+# The candidates, (rows of replay_tile's BLOCK_P divided by, num_warps, FORM). The first (FORM 0) loads each step's
+# inputs after the last step's stores; FORM 1 loads the whole window first, then goes step by step. On an H100 at
+# the 8B head (a K = 4 window, plain and gated, slotted and not; benchmarks/replay_tiles.py, docs/gpu.md, the
+# seventeenth session) the first won every shape, 9.4-12.3 us a call, then 16 rows with 2 warps in FORM 1 (11.8-13.8);
+# that one won a smaller head (64 x 128) by 2%. The six others tried there (FORM 1 at 4 and 8 warps, 13.6-27.6 us;
+# a chunked form in float32 dots, 13.6-17.8 us; whole-head tiles for the gated op, 75-205 us) are gone: each
+# candidate compiles on a shape's first call, and with eight of them a verify benchmark's first calls took over
+# 240 s on an H200.
+REPLAY_FORMS = ((1, 4, 0), (2, 2, 1))
+FORM_NAMES = ("", "p")
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
 TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
 
 
 def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
     """The (BLOCK_P, num_warps, FORM) tiles worth timing for a ``p`` x ``n`` head, the first tile first (the one
-    that runs where nothing can be timed: the interpreter, a CUDA graph's recording). FORM 2's dots need 16 rows and
-    16 columns of state a program at least."""
+    that runs where nothing can be timed: the interpreter, a CUDA graph's recording)."""
     base, block_n = replay_tile(p, n, gated)
     tiles = [(base, 4, 0)]  # the first, whatever the head's size
     for div, warps, form in REPLAY_FORMS[1:]:
         rows = base // div
-        if ((gated and div != 1) or rows < 1 or rows * block_n < 32 * warps or (rows, warps, form) in tiles
-                or (form == 2 and min(rows, block_n) < 16)):
+        if (gated and div != 1) or rows < 1 or rows * block_n < 32 * warps or (rows, warps, form) in tiles:
             continue
         tiles.append((rows, warps, form))
     return tiles
@@ -48,24 +49,17 @@ def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
 
 def gated_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
     """The candidates of the gated op (``ssm_replay_gated``): where a head fits one program, its one-program tiles
-    (the norm in the kernel); else the tiled kernel's, each followed by the norm op, then the chunked form over a
-    whole head a program with the norm in the kernel (BLOCK_P the head's padded width: 32 programs at the 8B shape,
-    the state in shared memory as much as in registers), 8 and 16 warps."""
-    if gated_in_one_program(p, n):
-        return replay_tiles(p, n, True)
-    whole = _next_pow2(p)
-    return replay_tiles(p, n, False) + ([(whole, 8, 2), (whole, 16, 2)] if min(whole, _next_pow2(n)) >= 16 else [])
+    (the norm in the kernel); else the tiled kernel's, each followed by the norm op."""
+    return replay_tiles(p, n, gated_in_one_program(p, n))
 
 
-def window_rows(W: int, T: int, form: int) -> tuple[int, int]:
-    """(WP, TP): the rows of the window's old and new tiles, W and T rounded up to powers of two (FORM 2: at least
-    16, as tl.dot asks)."""
-    least = 16 if form == 2 else 1
-    return max(least, _next_pow2(max(W, 1))), max(least, _next_pow2(max(T, 1)))
+def window_rows(W: int, T: int) -> tuple[int, int]:
+    """(WP, TP): the rows of FORM 1's tiles of the window's old and new steps, W and T rounded up to powers of two."""
+    return _next_pow2(max(W, 1)), _next_pow2(max(T, 1))
 
 
 def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``d`` for FORM 2."""
+    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1."""
     return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}"
 
 

@@ -8,11 +8,13 @@ new steps, writing one output row per step. State traffic is one read and one or
 K is; no GEMMs.
 
 The kernel unrolls the window's steps (its sizes are compile-time constants). Steps past a row's count run with
-dt = 0, the identity. No step's inputs depend on the state: ``FORM`` 1 and 2 load them all before the first step
-(the window's x, dt, B and C as (steps x block) tiles), so that a call waits on memory once rather than once a
-step (a store between two steps keeps the compiler from moving the next step's loads ahead of it). FORM 1 then
-takes each step's row out of the tiles; FORM 2 computes the whole window in its chunked form, in float32 dots.
-Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`).
+dt = 0, the identity. No step's inputs depend on the state: ``FORM`` 1 loads them all before the first step (the
+window's x, dt, B and C as (steps x block) tiles), so that a call waits on memory once rather than once a step (a
+store between two steps keeps the compiler from moving the next step's loads ahead of it), then takes each step's
+row out of the tiles. Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On
+an H100 at the 8B head the first tile (FORM 0) won at every verify shape (docs/gpu.md, the seventeenth session); a
+chunked form (the window as float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x
+and 6-18x slower.
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
@@ -101,14 +103,9 @@ def _replay_kernel(
     FORM: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr,
 ):
     # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
-    # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 and 2
-    # load every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers
-    # of two; at least 16 for FORM 2's dots). FORM 1 then runs the steps in turn, each taking its row out of the
-    # tiles; FORM 2 runs the window at once, in its chunked form: with a_t the decay over the steps up to t,
-    #   replayed state  = a_r s + sum_u (a_r / a_u) dt_u x_u B_u^T                          (u < r)
-    #   y_t             = a_t C_t . s' + sum_(u <= t) (a_t / a_u) dt_u (C_t . B_u) x_u + D x_t
-    #   final state     = a_T s' + sum_u (a_T / a_u) dt_u x_u B_u^T
-    # each ratio taken as exp(A * (a sum of dt)), never as a quotient; the sums are float32 dots (no tf32).
+    # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 loads
+    # every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers of
+    # two), then runs the steps in turn, each taking its row out of the tiles.
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -144,7 +141,7 @@ def _replay_kernel(
         Dh = tl.load(D_ptr + h).to(tl.float32)
     if GATED:
         nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if FORM >= 1:
+    if FORM == 1:
         rw = tl.arange(0, WP)
         on_w = rw < r  # the loads are masked by W alone (no wait on r), the steps past r zeroed after
         xo = tl.load(x_old_ptr + b * xo_sb + rw[:, None] * xo_st + g * xo_sg + offs_p[None, :] * xo_sp,
@@ -178,91 +175,60 @@ def _replay_kernel(
         dtn = tl.where(on_t, _softplus(dtn_raw.to(tl.float32) + dt_bias), 0.0)
         Bn = Bn_raw.to(tl.float32)
 
-    if FORM == 2:
-        # 1. the replayed checkpoint: the decay from step u to the end of the replayed steps, then one outer-product
-        # sum over them (steps past r carry dt = 0 and x = B = 0)
-        cum = tl.cumsum(dto, axis=0)
-        tot = tl.sum(dto, axis=0)
-        wo = tl.exp(A * (tot - cum)) * dto
-        s = s * tl.exp(A * tot) + tl.dot(tl.trans(xo * wo[:, None]), Bo, input_precision="ieee")
-        tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
-                 s.to(state_out_ptr.dtype.element_ty), mask=mask)
-        # 2. the new steps' outputs at once, then the state after them
-        cum = tl.cumsum(dtn, axis=0)
-        tot = tl.sum(dtn, axis=0)
-        cb = tl.dot(Cn, tl.trans(Bn), input_precision="ieee")  # (TP, TP): C_t . B_u
-        causal = rt[:, None] >= rt[None, :]
-        decay = tl.exp(A * tl.where(causal, cum[:, None] - cum[None, :], 0.0))  # u > t: exp(0), masked next
-        mix = tl.where(causal, decay, 0.0) * dtn[None, :] * cb
-        y = (tl.exp(A * cum)[:, None] * tl.dot(Cn, tl.trans(s), input_precision="ieee")
-             + tl.dot(mix, xn, input_precision="ieee"))  # (TP, BLOCK_P)
-        if HAS_D:
-            y += Dh * xn
-        if GATED:
-            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-            if HAS_Z:
-                y = y * (zn * tl.sigmoid(zn))
-            var = tl.sum(tl.where(mask_p[None, :], y * y, 0.0), axis=1) / headdim
-            y = y * tl.rsqrt(var + eps)[:, None] * nw[None, :]
-        tl.store(y_ptr + b * y_sb + rt[:, None] * y_st + h * y_sh + offs_p[None, :] * y_sp,
-                 y.to(y_ptr.dtype.element_ty), mask=on_t[:, None] & mask_p[None, :])
-        wn = tl.exp(A * (tot - cum)) * dtn
-        s = s * tl.exp(A * tot) + tl.dot(tl.trans(xn * wn[:, None]), Bn, input_precision="ieee")
-    else:
-        # 1. Replay the accepted steps of the last window (no outputs).
-        for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
-            if FORM == 1:
-                x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
-            else:
-                on_p = mask_p & (offs_p * 0 + t < r)
-                on_n = mask_n & (offs_n * 0 + t < r)
-                x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
-                            other=0.0).to(tl.float32)
-                dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
-                dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
-                Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
-                             other=0.0).to(tl.float32)
-            s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
-        tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
-                 s.to(state_out_ptr.dtype.element_ty), mask=mask)
+    # 1. Replay the accepted steps of the last window (no outputs).
+    for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
+        if FORM == 1:
+            x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
+        else:
+            on_p = mask_p & (offs_p * 0 + t < r)
+            on_n = mask_n & (offs_n * 0 + t < r)
+            x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
+                        other=0.0).to(tl.float32)
+            dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
+            dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
+            Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
+                         other=0.0).to(tl.float32)
+        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+    tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
+             s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
-        # 2. The new steps, with outputs.
-        for t in tl.static_range(T):
-            if FORM == 1:
-                x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
-                if HAS_Z:
-                    zt = _row(zn, rt, t)
-            else:
-                x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
-                dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
-                B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
-                if SLOTTED:
-                    tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
-                             x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
-                    tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
-                             B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
-                    tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
-                             (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
-                             mask=dt_lane)
-                x = x_raw.to(tl.float32)
-                dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
-                Bv = B_raw.to(tl.float32)
-                Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
+    # 2. The new steps, with outputs.
+    for t in tl.static_range(T):
+        if FORM == 1:
+            x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
+            if HAS_Z:
+                zt = _row(zn, rt, t)
+        else:
+            x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
+            dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
+            B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
+            if SLOTTED:
+                tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
+                         x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
+                tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
+                         B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
+                tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
+                         (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
+                         mask=dt_lane)
+            x = x_raw.to(tl.float32)
+            dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
+            Bv = B_raw.to(tl.float32)
+            Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
+                         other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
                              other=0.0).to(tl.float32)
-                if HAS_Z:
-                    zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
-                                 other=0.0).to(tl.float32)
-            s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
-            y = tl.sum(s * Cv[None, :], axis=1)
-            if HAS_D:
-                y += Dh * x
-            if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
-                y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
-                if HAS_Z:
-                    y = y * (zt * tl.sigmoid(zt))
-                var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
-                y = y * tl.rsqrt(var + eps) * nw
-            tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+        s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
+        y = tl.sum(s * Cv[None, :], axis=1)
+        if HAS_D:
+            y += Dh * x
+        if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
+            if HAS_Z:
+                y = y * (zt * tl.sigmoid(zt))
+            var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
+            y = y * tl.rsqrt(var + eps) * nw
+        tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
     if RETURN_FINAL:
         tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
                  s.to(final_ptr.dtype.element_ty), mask=mask)
@@ -301,9 +267,8 @@ def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new
                             norm_weight, eps, *, return_final=False, state_out=None, final_out=None, slot=None,
                             offset=0, read_old=True, tile=None):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_gated_ref`: the gated RMSNorm inside the replay
-    kernel wherever a program holds a whole head (every tile where a head fits one program; else the whole-head
-    tiles of :func:`~mamballama_cli.ops.replay_tiles.gated_tiles`), else the tiled kernel and then the
-    ``rmsnorm_gated`` op. ``tile``: one of those tiles, not the timed choice."""
+    kernel where a head fits one program (:func:`~mamballama_cli.ops.replay_tiles.gated_in_one_program`), else the
+    tiled kernel and then the ``rmsnorm_gated`` op. ``tile``: one of ``gated_tiles``, not the timed choice."""
     return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
                           return_final, state_out, final_out, gate=(z, norm_weight, eps),
                           slots=(slot, offset, read_old), tile=tile)
@@ -349,7 +314,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
         a whole head, else by the norm op after it; the plain op's (b, T, h, p)."""
         whole = gated and tile[0] >= _next_pow2(p)
         zt = z if whole and z is not None else y
-        wp, tp = window_rows(W, T, tile[2])
+        wp, tp = window_rows(W, T)
         with _device_guard(st):
             _replay_kernel[(triton.cdiv(p, tile[0]), b * h)](
                 st, x_old, dt_old, B_old, n_replay,
