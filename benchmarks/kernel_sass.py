@@ -82,8 +82,8 @@ def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 
 
 def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90, glu: bool = False):
     """One gemv tile compiled for ``sm<arch>`` as it would be at run time on a bf16 (rows, K) x (N, K)^T call with
-    the sizes multiples of 16 (the divisibility triton specialises on); ``glu``: the one-row kernel with the SwiGLU
-    epilogue (ops/triton_gemv_swiglu.py)."""
+    the sizes multiples of 16 (the divisibility triton specialises on); ``glu``: the kernel with the SwiGLU
+    epilogue (ops/triton_gemv_swiglu.py; at several rows, the dot modes' tiles)."""
     from mamballama_cli.ops import triton_gemv as g
 
     if rows == 1:
@@ -97,7 +97,7 @@ def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch:
         args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"),
                 **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32")}
         const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "MODE": g.MODES[mode],
-                 **g.row_groups(rows), "PDL": pdl}
+                 **g.row_groups(rows), "PDL": pdl, "GLU": glu}
     return compile_kernel(fn, args, const, warps, stages, arch, unaligned=("M",))  # M (the rows) is small, odd
 
 
@@ -262,6 +262,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     for k in ks:
         jobs += [["gemv", 1, list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["glu", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
+        jobs += [["glu", list(t), k, False] for t in g.SKINNY if t[-1] in g.GLU_MODES]  # five rows: every count alike
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
@@ -295,7 +296,7 @@ def _compile_job(job) -> None:
         compile_tile(rows, tuple(tile), k, pdl)
     elif job[0] == "glu":
         _, tile, k, pdl = job
-        compile_tile(1, tuple(tile), k, pdl, glu=True)
+        compile_tile(1 if len(tile) == 3 else 5, tuple(tile), k, pdl, glu=True)
     elif job[0] == "replay":
         compile_replay(*job[1:])
     elif job[0] == "attention":

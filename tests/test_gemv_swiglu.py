@@ -1,7 +1,7 @@
 """The ``gemv_swiglu`` op (reference: ``swiglu(gemv(x, [gate; up]))`` in ops/decode.py; on CUDA the one-row GEMV
 kernel with a second accumulator and the SwiGLU in its epilogue, ops/triton_gemv.py ``GLU`` and
-ops/triton_gemv_swiglu.py): every one-row tile against the reference under Triton's interpreter, in both launch
-forms; what the launcher refuses; the per-shape choice against the ops apart with the timing stubbed; the fused
+ops/triton_gemv_swiglu.py; at 2-8 rows the several-row kernel's tensor-core modes): every one-row tile and every
+several-row one against the reference under Triton's interpreter, in both launch forms; what the launcher refuses; the per-shape choice against the ops apart with the timing stubbed; the fused
 norm op's fallback routed through it; and on CUDA (gpu, part1 of benchmarks/gpu_session.sh) the kernel at the
 8B and default-teacher shapes and its timed choice."""
 
@@ -52,14 +52,52 @@ print(json.dumps(out))
 
 
 @NEEDS_TRITON
-def test_the_swiglu_launch_takes_one_row_and_an_even_number_of_outputs():
-    from mamballama_cli.ops.triton_gemv import gemv_launch
+def test_every_several_row_tile_with_the_swiglu_epilogue_equals_the_reference_under_the_interpreter():
+    """Each several-row candidate of the SwiGLU GEMV (the dot modes of SKINNY, ``GLU_MODES``), plain and pdl launch,
+    at 2, 5 and 8 rows (a verify window of K = 1, 4, 7), partial blocks of outputs and of K, with and without bias,
+    in fp16 (the interpreter's tl.dot reads bf16 as raw bits; the gpu test runs bf16): against the float64
+    reference and the ops apart in fp16. A swapped gate and up, a missing bias half, a wrong up-row offset or a row
+    mixed with another is off by tens of percent."""
+    from mamballama_cli.ops.triton_gemv import GLU_MODES, SKINNY
+
+    errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
+import torch.nn.functional as F
+from mamballama_cli.ops.decode import gemv_swiglu_ref
+from mamballama_cli.ops.triton_gemv import GLU_MODES, SKINNY, gemv_launch
+gen = torch.Generator().manual_seed(4)
+out = {}
+dtype = torch.float16
+for m, n, k, bias in ((2, 37, 320, True), (5, 70, 1000, False), (8, 40, 256, True)):
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(2 * n, k, generator=gen) * 2 / k**0.5).to(dtype)
+    b = torch.randn(2 * n, generator=gen).to(dtype) if bias else None
+    want = gemv_swiglu_ref(x.double(), w.double(), b.double() if bias else None)
+    gu = F.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
+    apart = (F.silu(gu[..., :n].float()).to(dtype).float() * gu[..., n:].float()).to(dtype)
+    for cfg in [c for c in SKINNY if c[-1] in GLU_MODES]:
+        for pdl in (False, True):
+            y = gemv_launch(x, w, b, config=cfg, pdl=pdl, glu=True)
+            assert y.shape == (m, n) and y.dtype == dtype
+            out[f"{m}x{n}x{k} {cfg} {pdl}"] = [float((y.double() - want).norm() / want.norm()),
+                                                float((y.float() - apart.float()).norm() / apart.float().norm())]
+print(json.dumps(out))
+""", str(__import__("pathlib").Path(__file__).parent), timeout=900)
+    n_glu = sum(c[-1] in GLU_MODES for c in SKINNY)
+    assert set(GLU_MODES) == {"dot", "dotw"} and len(errs) == 3 * n_glu * 2 and n_glu >= 8
+    bad = {k: v for k, v in errs.items() if not max(v) < 2e-3}
+    assert not bad, bad
+
+
+@NEEDS_TRITON
+def test_the_swiglu_launch_takes_an_even_number_of_outputs_and_dot_tiles_at_several_rows():
+    from mamballama_cli.ops.triton_gemv import SKINNY, gemv_launch
 
     w = torch.randn(64, 32, dtype=torch.float16)
-    with pytest.raises(ValueError, match="one row and an even number of outputs, not 2 x 64"):
-        gemv_launch(torch.randn(2, 32, dtype=torch.float16), w, glu=True)
-    with pytest.raises(ValueError, match="not 1 x 63"):
+    with pytest.raises(ValueError, match=r"\[gate; up\], an even number of outputs, not 63"):
         gemv_launch(torch.randn(1, 32, dtype=torch.float16), w[:63], glu=True)
+    acc = next(c for c in SKINNY if c[-1] == "acc")
+    with pytest.raises(ValueError, match="at several rows takes a tile of mode dot or dotw, not 'acc'"):
+        gemv_launch(torch.randn(2, 32, dtype=torch.float16), w, config=acc, glu=True)
 
 
 @NEEDS_TRITON
@@ -91,9 +129,9 @@ def test_the_swiglu_kernel_serves_a_shape_only_where_it_agrees_and_is_timed_fast
 
 @NEEDS_TRITON
 def test_the_op_runs_the_kernel_only_where_it_can_and_was_chosen(monkeypatch):
-    """``gemv_swiglu_triton``: one row of a supported [gate; up] runs the kernel (on CPU tensors the choice is
-    not timed); several rows, a weight not contiguous along K, float32, or ``--kernels ref:gemv`` run the ops apart; a
-    shape timed slower is remembered and runs the ops apart."""
+    """``gemv_swiglu_triton``: 1 to 8 rows of a supported [gate; up] run the kernel (on CPU tensors the choice is
+    not timed; each row count a shape of its own); 9 rows, a weight not contiguous along K, float32, or ``--kernels
+    ref:gemv`` run the ops apart; a shape timed slower is remembered and runs the ops apart."""
     from mamballama_cli import ops
     from mamballama_cli.ops import triton_gemv_swiglu as s
     from mamballama_cli.ops.decode import gemv_swiglu_ref
@@ -111,19 +149,24 @@ def test_the_op_runs_the_kernel_only_where_it_can_and_was_chosen(monkeypatch):
     x, w = half(1, 64), half(96, 64)
     assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w))
     assert launched == [((1, 64), (96, 64), True)] and s.GLU_CHOICES == {(1, 96, 64, torch.bfloat16, None): True}
-    for args in ((half(3, 64), w), (x, half(64, 96).t()), (x.float(), w.float())):  # rows, K-strided weight, fp32
+    x5 = half(5, 64)  # a verify window: a shape of its own
+    assert torch.equal(s.gemv_swiglu_triton(x5, w), gemv_swiglu_ref(x5, w)) and launched[1:] == [
+        ((5, 64), (96, 64), True)] and s.GLU_CHOICES[(5, 96, 64, torch.bfloat16, None)] is True
+    launched.clear()
+    for args in ((half(9, 64), w), (x, half(64, 96).t()), (x.float(), w.float())):  # 9 rows, K-strided, fp32
         y = s.gemv_swiglu_triton(*args)
-        assert torch.equal(y, gemv_swiglu_ref(*args)) and len(launched) == 1, args[1].shape
+        assert torch.equal(y, gemv_swiglu_ref(*args)) and not launched, args[1].shape
     ops.configure("ref:gemv")
     try:
-        assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
+        assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and not launched
     finally:
         ops.configure("auto")
     monkeypatch.setattr(s, "GLU", False)  # benchmarks/speed.py --no-glu
-    assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
+    assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and not launched
     monkeypatch.setattr(s, "GLU", True)
     s.GLU_CHOICES[(1, 96, 64, torch.bfloat16, None)] = False  # timed slower on its first use
-    assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and len(launched) == 1
+    assert torch.equal(s.gemv_swiglu_triton(x, w), gemv_swiglu_ref(x, w)) and not launched
+    assert torch.equal(s.gemv_swiglu_triton(x5, w), gemv_swiglu_ref(x5, w)) and len(launched) == 1  # 5 rows: kernel
 
 
 def test_the_speed_benchmark_takes_no_glu_and_hands_the_rest_to_eval_speed():
@@ -170,27 +213,29 @@ def test_the_fused_norm_swiglu_op_runs_its_gemv_and_swiglu_as_the_gemv_swiglu_op
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_swiglu_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dtype):
-    """On CUDA: every one-row tile with the SwiGLU epilogue (plain and pdl launch where the device has it) at the
-    8B MLP's [gate; up] (2 x 14,336 x 4,096) and the default teacher's (2 x 1,536 x 576) against the reference; the
-    op's first use of each shape checks and times the kernel against the ops apart in CUDA graphs, and serves the
-    shape as that timing says; the op dispatches to the kernel."""
+    """On CUDA: every tile with the SwiGLU epilogue, one row (plain and pdl launch where the device has it) and a
+    K = 4 verify window's five (the dot modes, plain launch), at the 8B MLP's [gate; up] (2 x 14,336 x 4,096) and the default
+    teacher's (2 x 1,536 x 576) against the reference; the op's first use of each shape checks and times the kernel
+    against the ops apart in CUDA graphs, and serves the shape as that timing says; the op dispatches to the
+    kernel."""
     from mamballama_cli import ops
     from mamballama_cli.ops.decode import gemv_swiglu_ref
-    from mamballama_cli.ops.triton_gemv import CONFIGS, _pdl_usable, gemv_launch
+    from mamballama_cli.ops.triton_gemv import CONFIGS, GLU_MODES, SKINNY, _pdl_usable, gemv_launch
     from mamballama_cli.ops.triton_gemv_swiglu import GLU_CHOICES, GLU_TIMINGS, gemv_swiglu_triton
 
     assert ops.dispatch("gemv_swiglu", torch.device("cuda"))[0] == "mamballama-triton"
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for inter, hidden in ((14336, 4096), (1536, 576)):
-        x = torch.randn(1, hidden, generator=gen, device="cuda").to(dtype)
+    for (inter, hidden), rows in ((s, m) for s in ((14336, 4096), (1536, 576)) for m in (1, 5)):
+        x = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
         w = (torch.randn(2 * inter, hidden, generator=gen, device="cuda") * 2 / hidden**0.5).to(dtype)
         want = gemv_swiglu_ref(x.double(), w.double())
-        for cfg in CONFIGS:
-            for pdl in (False, True) if _pdl_usable(x) else (False,):
+        for cfg in CONFIGS if rows == 1 else [c for c in SKINNY if c[-1] in GLU_MODES]:
+            # five rows: the plain launch here (fewer compiles in part1), both forms in the interpreter test
+            for pdl in (False, True) if _pdl_usable(x) and rows == 1 else (False,):
                 y = gemv_launch(x, w, config=cfg, pdl=pdl, glu=True)
-                assert float((y.double() - want).norm() / want.norm()) < 6e-3, (cfg, pdl, inter)
+                assert float((y.double() - want).norm() / want.norm()) < 6e-3, (cfg, pdl, inter, rows)
         y = gemv_swiglu_triton(x, w)
-        key = (1, 2 * inter, hidden, dtype, x.device.index)
+        key = (rows, 2 * inter, hidden, dtype, x.device.index)
         assert key in GLU_CHOICES and GLU_TIMINGS[key]["how"] == "graph", GLU_TIMINGS.get(key)
         assert float((y.double() - want).norm() / want.norm()) < 6e-3
         print("gemv_swiglu", key, "kernel" if GLU_CHOICES[key] else "apart", GLU_TIMINGS[key])

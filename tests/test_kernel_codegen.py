@@ -77,6 +77,18 @@ def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv)
 
 
 
+def test_the_swiglu_epilogue_at_a_verify_window_keeps_the_tensor_core_loop(gemv):
+    """Five rows with ``GLU`` (the several-row SwiGLU GEMV, ops/triton_gemv_swiglu.py): every dot and dotw tile
+    multiplies the gate and up tiles on tensor cores from a cp.async pipeline, spills nothing, and issues no more
+    instructions per weight element than the same tile without the epilogue, within 0.5."""
+    for tile in [t for t in gemv.SKINNY if t[-1] in gemv.GLU_MODES]:
+        plain = kernel_sass.report(5, tile, k=4096)
+        glu = kernel_sass.report(5, tile, k=4096, glu=True)
+        assert glu["local_bytes"] == 0, (tile, glu)
+        assert glu["ops"].get("HMMA", 0) + glu["ops"].get("HGMMA", 0) > 0 and glu["ops"].get("LDGSTS", 0) > 0, glu
+        assert glu["per_weight_element"] <= plain["per_weight_element"] + 0.5, (tile, plain, glu)
+
+
 def test_the_fused_kernel_multiplies_a_verify_window_on_tensor_cores():
     """The fused norm + GEMV kernel at five rows and the default teacher's K = 576: its tensor-core tiles
     (``DOT_CONFIGS``, both kinds) multiply with HMMA or wgmma from a cp.async pipeline, spill nothing and issue under
@@ -107,7 +119,8 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     jobs = kernel_sass.check_jobs(ks=(576,))
     assert sum(j[0] == "gemv" and j[1] == 1 for j in jobs) == 2 * len(gemv.CONFIGS)
     assert sorted((tuple(j[1]), j[3]) for j in jobs if j[0] == "glu") == sorted(
-        (t, pdl) for t in gemv.CONFIGS for pdl in (False, True))  # the SwiGLU epilogue, both launch forms
+        [(t, pdl) for t in gemv.CONFIGS for pdl in (False, True)]  # the SwiGLU epilogue, both launch forms
+        + [(t, False) for t in gemv.SKINNY if t[-1] in ("dot", "dotw")])  # and at several rows
     acc = [t for t in gemv.SKINNY if t[-1] == "acc"]
     assert sum(j[0] == "gemv" and j[1] > 1 for j in jobs) == 7 * len(acc) + len(gemv.SKINNY + gemv.EXTRA) - len(acc)
     # the fused kernel: each distinct compilation once (kind, ROWS 1 or 8, tile; the tensor-core tiles are 8 rows'

@@ -38,6 +38,19 @@ import torch.nn.functional as F
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
+from mamballama_cli.ops.gemv_candidates import (  # noqa: F401  (the candidates, also read here by tests and tools)
+    CONFIGS,
+    DTYPES,
+    EXTRA,
+    GLU_MODES,
+    MAX_ROWS,
+    MODES,
+    SKINNY,
+    _row_split,
+    row_groups,
+    tile_name,
+    tuned_tiles,
+)
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 
 try:
@@ -46,32 +59,18 @@ try:
 except Exception:  # pragma: no cover - depends on the machine; the probe says why (ops/common.py)
     triton = tl = None
 
-DTYPES = (torch.bfloat16, torch.float16)
-MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 at batch 1, or a small batch
-# (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
-# every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
-CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
-# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "acc" or "dotw" (above, MODES). How each
-# tile earned its place (H200 timings, sm90 instruction counts) is in docs/gpu.md, "How SKINNY came to be".
-SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
-          (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
-          (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
-          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"),
-          (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
-          (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
-MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
-# Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) or offered to it
-# (speculative_verify.py --gemv-extra) to decide what goes into SKINNY (docs/gpu.md); the CPU tests run each under the
-# interpreter as they run the candidates.
-EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (32, 256, 2, 4, "dot"), (32, 256, 4, 6, "dot"),
-         (16, 256, 2, 4, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 4, 4, "dotw"),
-         (64, 64, 4, 8, "dotw"), (128, 64, 4, 8, "dotw"), (64, 64, 4, 12, "dotw"), (32, 64, 2, 8, "dotw"))
-
 if triton is not None:
     from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
 
     DOT_ROWS = tl.constexpr(16)  # the dot mode's rows, padded to 16 (an m16n8k16 product's M)
     WIDE_ROWS = tl.constexpr(8)  # the dotw mode's rows, padded to 8 (its N): MAX_ROWS
+
+    @triton.jit
+    def _glu(g, u, Y):
+        # silu(gate) * up in the roundings of the ops apart: each projection, silu, the product, to Y's dtype
+        g = g.to(Y.dtype.element_ty).to(tl.float32)
+        act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
+        return act * u.to(Y.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -134,9 +133,7 @@ if triton is not None:
             up = tl.sum(acc_u, axis=1)
             if HAS_BIAS:
                 up += tl.load(BIAS + N + rows_read).to(tl.float32)
-            g = y.to(Y.dtype.element_ty).to(tl.float32)
-            act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
-            y = act * up.to(Y.dtype.element_ty).to(tl.float32)
+            y = _glu(y, up, Y)
         tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
 
     @triton.jit
@@ -149,13 +146,16 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _w_tile(w_ptrs, k0, cols, K, EVEN_K: tl.constexpr):
+        # the weight tile at k0, masked past K unless K is a multiple of the tile
+        if EVEN_K:
+            return tl.load(w_ptrs + k0)
+        return tl.load(w_ptrs + k0, mask=(k0 + cols < K)[None, :], other=0.0)
+
+    @triton.jit
     def _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
         # the rows' x tile and the weight tile at k0
-        if EVEN_K:
-            w = tl.load(w_ptrs + k0)
-        else:
-            w = tl.load(w_ptrs + k0, mask=(k0 + cols < K)[None, :], other=0.0)
-        return _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K), w
+        return _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K), _w_tile(w_ptrs, k0, cols, K, EVEN_K)
 
     @triton.jit
     def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, RA: tl.constexpr, RB: tl.constexpr,
@@ -196,11 +196,13 @@ if triton is not None:
 
     @triton.jit
     def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr):
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
+                  GLU: tl.constexpr):
         # The dot modes: the rows times this program's block of outputs on tensor cores, float32 accumulator. dot:
         # the rows as tl.dot's M, padded to DOT_ROWS = 16. dotw (OUTPUTS_FIRST): the weight tile as tl.dot's first
         # operand (the outputs as its M) and the rows as its N, padded to WIDE_ROWS = 8 only (an m16n8k16 product's
-        # N); its accumulator is transposed once, after the loop.
+        # N); its accumulator is transposed once, after the loop. GLU: W is [gate; up] (2N x K); the up rows N
+        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel.
         PAD: tl.constexpr = WIDE_ROWS if OUTPUTS_FIRST else DOT_ROWS
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
@@ -210,19 +212,31 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        u_ptrs = W + (outs_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # GLU: the up rows
         if OUTPUTS_FIRST:
             acc_t = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
+            acc_ut = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # GLU only (otherwise never touched)
             for k0 in range(0, K, BLOCK_K):
                 x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
                 acc_t = tl.dot(w, tl.trans(x), acc_t)
+                if GLU:
+                    acc_ut = tl.dot(_w_tile(u_ptrs, k0, cols, K, EVEN_K), tl.trans(x), acc_ut)
             acc = tl.trans(acc_t)
+            acc_u = tl.trans(acc_ut)
         else:
             acc = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
                 acc = tl.dot(x, tl.trans(w), acc)
+                if GLU:
+                    acc_u = tl.dot(x, tl.trans(_w_tile(u_ptrs, k0, cols, K, EVEN_K)), acc_u)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
+            if GLU:
+                acc_u += tl.load(BIAS + N + outs_read).to(tl.float32)[None, :]
+        if GLU:
+            acc = _glu(acc, acc_u, Y)
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
                  mask=live_m[:, None] & live_n[None, :])
 
@@ -230,10 +244,10 @@ if triton is not None:
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, MODE: tl.constexpr,
                        ROWS_A: tl.constexpr, ROWS_B: tl.constexpr, ROWS_BP: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr, GLU: tl.constexpr = False):
         # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
         # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
-        # can be helped; one weight load serves both groups), 2 dotw (_dot_rows).
+        # can be helped; one weight load serves both groups), 2 dotw (_dot_rows). GLU: the dot modes only.
         # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
         if PDL:
             _grid_wait()
@@ -242,15 +256,17 @@ if triton is not None:
                       BLOCK_N, BLOCK_K, EVEN_K)
         else:
             _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K,
-                      MODE == 2)
+                      MODE == 2, GLU)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
-    _skinny_tuned = triton.autotune(
+    _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"])[name])
+                                         for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel))
+    # several rows; and with GLU=True, tuned apart, over the dot modes' tiles (GLU_SKINNY)
+    _skinny_tuned, _skinny_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
-                 for n, k, w, st, mode in SKINNY],
+                 for n, k, w, st, mode in tiles],
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
-    )(_even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"])[name])
-                                 for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel)))
+    )(_rows_k) for tiles in (SKINNY, [t for t in SKINNY if t[-1] != "acc"]))
     # one row; and the same kernel with GLU=True, tuned apart (two weight tiles in flight)
     _gemv_tuned, _gemv_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
@@ -271,21 +287,6 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     return added
 
 
-def row_groups(m: int) -> dict:
-    """The acc mode's row constexprs at ``m`` rows: the two groups (:func:`_row_split`) and the second's tile size
-    (at least 1)."""
-    a, b = _row_split(m)
-    return {"ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b)}
-
-
-def _row_split(m: int) -> tuple[int, int]:
-    """The acc mode's two groups of rows: the largest power of two <= m, then a power of two >= the rest (0 if
-    none): 5 -> (4, 1), 6 -> (4, 2), 7 -> (4, 4), 3 -> (2, 1), 8 -> (8, 0)."""
-    a = 1 << (int(m).bit_length() - 1)
-    rest = int(m) - a
-    return a, (1 << (rest - 1).bit_length()) if rest else 0
-
-
 def _rows(x, weight) -> int:
     return x.numel() // max(1, weight.shape[1])
 
@@ -303,27 +304,28 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
     """x (..., K) @ weight (N, K)^T + bias -> (..., N), by the kernel for its number of rows: autotuned, or with
     ``config`` given (an entry of :data:`CONFIGS` for one row, of :data:`SKINNY` for more: the interpreter tests
     run each candidate this way). ``pdl``: the kernel's programmatic-dependent-launch form, launched so (on CUDA).
-    ``glu`` (one row only): weight is [gate; up] (2N, K) and the result silu(gate . x) * (up . x) (..., N), the
-    SwiGLU in the kernel's epilogue (:func:`gemv_swiglu_triton`)."""
+    ``glu``: weight is [gate; up] (2N, K) and the result silu(gate . x) * (up . x) (..., N), the SwiGLU in the
+    kernel's epilogue (:func:`gemv_swiglu_triton`; several rows: the dot modes' tiles, :data:`GLU_MODES`)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     if glu:
-        if M != 1 or N % 2:
-            raise ValueError(f"the SwiGLU GEMV takes one row and an even number of outputs, not {M} x {N}")
+        if N % 2:
+            raise ValueError(f"the SwiGLU GEMV takes [gate; up], an even number of outputs, not {N}")
+        if M > 1 and config is not None and config[-1] not in GLU_MODES:
+            raise ValueError(f"the SwiGLU GEMV at several rows takes a tile of mode {' or '.join(GLU_MODES)}, not "
+                             f"{config[-1]!r}")
         N //= 2
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else weight
-    launch = dict(HAS_BIAS=bias is not None, PDL=bool(pdl))
+    launch = dict(HAS_BIAS=bias is not None, PDL=bool(pdl), **({"GLU": True} if glu else {}))
     if pdl and GDC:
         launch["launch_pdl"] = True
     with _device_guard(x):
         if M == 1:
             args = (x2, weight, b, y, N, K, weight.stride(0))
-            if glu:
-                launch["GLU"] = True
             if config is None:
                 tuner = _gemv_glu_tuned if glu else _gemv_tuned
                 tuner[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
@@ -334,7 +336,8 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
         else:
             args = (x2, weight, b, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0))
             if config is None:
-                _skinny_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
+                tuner = _skinny_glu_tuned if glu else _skinny_tuned
+                tuner[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **launch)
             else:
                 bn, bk, warps, stages, mode = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk,
@@ -371,33 +374,6 @@ def _timings(x, weight, bias) -> dict:
         theirs = do_bench(lambda: F.linear(x, weight, bias), warmup=5, rep=40, return_mode="median")
         return {"kernel_us": 1000.0 * ours, "cublas_us": 1000.0 * theirs, "how": "do_bench",
                 "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
-
-
-def tile_name(config) -> str:
-    """An autotuner config as the tile it came from: ``"BLOCK_N,BLOCK_K,warps"`` (one row, :data:`CONFIGS`) or
-    ``"BLOCK_N,BLOCK_K,warps,stages,mode"`` (:data:`SKINNY`), as ``benchmarks/gemv_tiles.py --extra`` reads it."""
-    kw = config.kwargs
-    if "MODE" not in kw:
-        return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps}"
-    mode = {v: k for k, v in MODES.items()}[kw["MODE"]]
-    return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps},{config.num_stages},{mode}"
-
-
-def tuned_tiles(tuner, before=None) -> dict:
-    """What the autotuner chose on its last run (``tile``) and, if that run timed the candidates afresh (its timing
-    table is no longer ``before``), every candidate's median microseconds (``tiles_us``, one call at a time, as the
-    autotuner times them): the data for pruning candidates that never win. Empty where triton keeps neither."""
-    out = {}
-    best = getattr(tuner, "best_config", None)
-    if best is not None:
-        out["tile"] = tile_name(best)
-    timings = getattr(tuner, "configs_timings", None)
-    if timings and timings is not before:
-        med = lambda v: float(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 - do_bench's (median, ...)
-        # a tile that failed to run is timed inf by the autotuner: None here, so that the JSON stays strict
-        out["tiles_us"] = {tile_name(c): round(1000.0 * med(v), 2) if med(v) < float("inf") else None
-                           for c, v in timings.items()}
-    return out
 
 
 def _kernel_is_faster(x, weight, bias, key=None) -> bool:

@@ -1,16 +1,17 @@
-"""The ``gemv_swiglu`` op on CUDA: the MLP's [gate; up] projection and its SwiGLU in one kernel at one row.
+"""The ``gemv_swiglu`` op on CUDA: the MLP's [gate; up] projection and its SwiGLU in one kernel, 1-8 rows.
 
 A decode step runs, per layer, ``add_rmsnorm``, the [gate; up] GEMV, ``swiglu`` and down_proj. Where the norm does
 not fuse with the GEMV (ops/triton_gemv_fused.py: at the 8B shape every fused tile was timed slower than the ops
 apart on the H200, 2026-12-05), the SwiGLU still can: the one-row GEMV kernel (ops/triton_gemv.py, ``GLU=True``)
 takes each block of gate rows together with the up rows N further, keeps a second accumulator and writes
 silu(gate . x) * (up . x) in its epilogue, in the roundings of the ops apart. That is one kernel launch and one
-round trip of the (2 x 14,336) projection less per layer, and the same weight bytes.
+round trip of the (2 x 14,336) projection less per layer, and the same weight bytes. At 2-8 rows (a verify window)
+the several-row kernel does the same in its tensor-core modes (``dot``, ``dotw``), tuned apart over their tiles.
 
 Like the other per-shape kernels, it serves a shape only where, on its first use, it agreed with the ops apart
 and was timed faster than them inside CUDA graphs, behind the norm that comes before it in a step
-(:data:`GLU_TIMINGS` keeps the numbers; benchmarks report them as ``gemv_swiglu_timings``). Several rows (verify
-windows, batches) and anything the GEMV kernel does not take go to the ops apart.
+(:data:`GLU_TIMINGS` keeps the numbers; benchmarks report them as ``gemv_swiglu_timings``). Anything the GEMV
+kernel does not take goes to the ops apart.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from mamballama_cli.ops.triton_gemv import (
 )
 
 if triton is not None:
-    from mamballama_cli.ops.triton_gemv import _gemv_glu_tuned
+    from mamballama_cli.ops.triton_gemv import _gemv_glu_tuned, _skinny_glu_tuned
 
 # (rows, 2N, K, dtype, device index), as the gemv op's keys -> whether the SwiGLU kernel serves that [gate; up]
 # shape; GLU_TIMINGS: the timings behind each choice (microseconds per call, the kernel against the ops apart).
@@ -44,10 +45,10 @@ GLU = True  # False: never the kernel, the two ops apart (benchmarks/speed.py --
 
 
 def glu_supported(x, weight, bias=None) -> bool:
-    """Whether :func:`gemv_swiglu_triton` can run its kernel here: what the one-row GEMV takes, an even number of
-    outputs ([gate; up]), the references not forced for ``gemv`` (``--kernels ref:gemv``, the A/B against cuBLAS:
-    then every projection is cuBLAS's), and :data:`GLU` on."""
-    return (GLU and gemv_supported(x, weight, bias) and _rows(x, weight) == 1 and weight.shape[0] % 2 == 0
+    """Whether :func:`gemv_swiglu_triton` can run its kernel here: what the GEMV kernels take (1 to ``MAX_ROWS``
+    rows), an even number of outputs ([gate; up]), the references not forced for ``gemv`` (``--kernels ref:gemv``,
+    the A/B against cuBLAS: then every projection is cuBLAS's), and :data:`GLU` on."""
+    return (GLU and gemv_supported(x, weight, bias) and weight.shape[0] % 2 == 0
             and not ops.forced_reference("gemv"))
 
 
@@ -77,7 +78,7 @@ def _glu_is_faster(x, weight, bias, key) -> bool:
         GLU_TIMINGS[key] = {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
         return False
     GLU_TIMINGS[key] = {"glu_us": round(ours, 2), "apart_us": round(apart, 2), "how": "graph", "copies": copies,
-                        "pdl": pdl, **tuned_tiles(_gemv_glu_tuned)}
+                        "pdl": pdl, **tuned_tiles(_gemv_glu_tuned if key[0] == 1 else _skinny_glu_tuned)}
     return ours < apart
 
 
@@ -89,7 +90,7 @@ def gemv_swiglu_triton(x, weight, bias=None):
     ops apart, not remembered."""
     if not glu_supported(x, weight, bias):
         return _apart(x, weight, bias)
-    key = (1, *weight.shape, x.dtype, x.device.index)
+    key = (_rows(x, weight), *weight.shape, x.dtype, x.device.index)
     if not chosen(GLU_CHOICES, key, x, lambda: _glu_is_faster(x, weight, bias, key)):
         return _apart(x, weight, bias)
     return gemv_launch(x, weight, bias, pdl=PDL_CHOICES.get(key, False) and _pdl_usable(x), glu=True)

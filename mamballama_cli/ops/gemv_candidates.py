@@ -1,0 +1,70 @@
+"""The candidates of the gemv kernels (:mod:`mamballama_cli.ops.triton_gemv`): the tiles the autotuners time, the
+acc mode's row groups, and how a tuned tile is named in the benchmarks' JSONs. Plain Python: no Triton needed."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 8  # rows (tokens) one call may hold: a verify window of K + 1 <= 8 at batch 1, or a small batch
+# (BLOCK_N, BLOCK_K, num_warps[, num_stages]): the candidates the autotuner times per shape on CUDA; the CPU tests run
+# every one of them against the reference under Triton's interpreter. CONFIGS: one row; SKINNY: 2..MAX_ROWS rows.
+CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8), (32, 256, 4), (2, 2048, 4))
+# SKINNY: (BLOCK_N, BLOCK_K, num_warps, num_stages, mode), mode "dot", "acc" or "dotw" (above, MODES). How each
+# tile earned its place (H200 timings, sm90 instruction counts) is in docs/gpu.md, "How SKINNY came to be".
+SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
+          (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
+          (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
+          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"),
+          (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
+          (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
+MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
+GLU_MODES = ("dot", "dotw")  # the modes that take [gate; up] with the SwiGLU epilogue at 2..MAX_ROWS rows
+# Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) or offered to it
+# (speculative_verify.py --gemv-extra) to decide what goes into SKINNY (docs/gpu.md); the CPU tests run each under the
+# interpreter as they run the candidates.
+EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (32, 256, 2, 4, "dot"), (32, 256, 4, 6, "dot"),
+         (16, 256, 2, 4, "dotw"), (16, 512, 2, 3, "dotw"), (32, 256, 4, 4, "dotw"),
+         (64, 64, 4, 8, "dotw"), (128, 64, 4, 8, "dotw"), (64, 64, 4, 12, "dotw"), (32, 64, 2, 8, "dotw"))
+
+
+def row_groups(m: int) -> dict:
+    """The acc mode's row constexprs at ``m`` rows: the two groups (:func:`_row_split`) and the second's tile size
+    (at least 1)."""
+    a, b = _row_split(m)
+    return {"ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b)}
+
+
+def _row_split(m: int) -> tuple[int, int]:
+    """The acc mode's two groups of rows: the largest power of two <= m, then a power of two >= the rest (0 if
+    none): 5 -> (4, 1), 6 -> (4, 2), 7 -> (4, 4), 3 -> (2, 1), 8 -> (8, 0)."""
+    a = 1 << (int(m).bit_length() - 1)
+    rest = int(m) - a
+    return a, (1 << (rest - 1).bit_length()) if rest else 0
+
+
+def tile_name(config) -> str:
+    """An autotuner config as the tile it came from: ``"BLOCK_N,BLOCK_K,warps"`` (one row, :data:`CONFIGS`) or
+    ``"BLOCK_N,BLOCK_K,warps,stages,mode"`` (:data:`SKINNY`), as ``benchmarks/gemv_tiles.py --extra`` reads it."""
+    kw = config.kwargs
+    if "MODE" not in kw:
+        return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps}"
+    mode = {v: k for k, v in MODES.items()}[kw["MODE"]]
+    return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps},{config.num_stages},{mode}"
+
+
+def tuned_tiles(tuner, before=None) -> dict:
+    """What the autotuner chose on its last run (``tile``) and, if that run timed the candidates afresh (its timing
+    table is no longer ``before``), every candidate's median microseconds (``tiles_us``, one call at a time, as the
+    autotuner times them): the data for pruning candidates that never win. Empty where triton keeps neither."""
+    out = {}
+    best = getattr(tuner, "best_config", None)
+    if best is not None:
+        out["tile"] = tile_name(best)
+    timings = getattr(tuner, "configs_timings", None)
+    if timings and timings is not before:
+        med = lambda v: float(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 - do_bench's (median, ...)
+        # a tile that failed to run is timed inf by the autotuner: None here, so that the JSON stays strict
+        out["tiles_us"] = {tile_name(c): round(1000.0 * med(v), 2) if med(v) < float("inf") else None
+                           for c, v in timings.items()}
+    return out
