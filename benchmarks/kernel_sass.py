@@ -203,22 +203,26 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
                    arch: int = 90, tile=None):
     """The Mamba-2 replay kernel of a verify window (ops/triton_replay.py) as a run compiles it: W old steps and
     T new ones unrolled, a ``p`` x ``n`` head (64 x 64: the default teacher's, one program a head when ``gated``;
-    128 x 128: the 8B shape's, in 32-row tiles and never gated), bf16 activations, float32 state, unit strides;
-    ``tile`` (BLOCK_P, num_warps, FORM), one of the op's replay_tiles (default: the first)."""
+    128 x 128: the 8B shape's, in 32-row tiles, gated only by a split-norm tile), bf16 activations, float32 state,
+    unit strides; ``tile`` (BLOCK_P, num_warps, FORM[, split norm]), one of the op's replay_tiles or gated_tiles
+    (default: the first)."""
     from mamballama_cli.ops import triton_replay as r
 
     f32, bf16, i32 = "*fp32", "*bf16", "i32"
     ptrs = {"state_ptr": f32, "x_old_ptr": bf16, "dt_old_ptr": bf16, "B_old_ptr": bf16, "n_ptr": "*i64",
             "x_ptr": bf16, "dt_ptr": bf16, "B_ptr": bf16, "C_ptr": bf16, "A_ptr": f32, "dt_bias_ptr": f32,
             "D_ptr": f32, "y_ptr": bf16, "state_out_ptr": f32, "final_ptr": f32, "z_ptr": bf16, "nw_ptr": bf16,
-            "eps": "fp32", "slot_ptr": "*i64"}
+            "eps": "fp32", "slot_ptr": "*i64", "y32_ptr": "*fp32", "cnt_ptr": "*i32"}
     names = [a for a in r._replay_kernel.arg_names if a not in ptrs]
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
-    block_p, warps, form = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
+    tile = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
+    block_p, warps, form = tile[:3]
+    whole = gated and block_p >= r._next_pow2(p)
+    split = gated and not whole and r.splits_norm(tile)
     wp, tp = r.window_rows(W, T)
-    consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": gated, "HAS_Z": gated,
-              "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, gated)[1], "BLOCK_P": block_p, "FORM": int(form),
-              "WP": wp, "TP": tp}
+    consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": whole, "HAS_Z": whole or split,
+              "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, whole)[1], "BLOCK_P": block_p, "FORM": int(form),
+              "WP": wp, "TP": tp, "SPLIT_NORM": split, "HEAD_P": r._next_pow2(p)}
     args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
     const = {**dict.fromkeys(unit, 1), **consts}
     return compile_kernel(r._replay_kernel, args, const, warps, 1, arch,
@@ -285,6 +289,9 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
 
     jobs += [["replay", w, 5, p, n, gated, slotted, 90, list(tile)] for w in (0, 5) for p, n, gated in REPLAY_SHAPES
              for slotted in (False, True) for tile in r.replay_tiles(p, n, gated)[1:]]
+    # and the gated op's split-norm tiles at the 8B head (the norm by the last of a head's programs)
+    jobs += [["replay", w, 5, 128, 128, True, slotted, 90, list(tile)] for w in (0, 5) for slotted in (False, True)
+             for tile in r.gated_tiles(128, 128) if r.splits_norm(tile)]
     # the default teacher's 9 heads over 3 KV heads of 64, the 8B model's 32 over 8 of 128
     return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
                    for r in sorted(attention_rows(heads, kv))]

@@ -1,9 +1,10 @@
 """The ``gemv_swiglu`` op (reference: ``swiglu(gemv(x, [gate; up]))`` in ops/decode.py; on CUDA the one-row GEMV
 kernel with a second accumulator and the SwiGLU in its epilogue, ops/triton_gemv.py ``GLU`` and
 ops/triton_gemv_swiglu.py; at 2-8 rows the several-row kernel's tensor-core modes): every one-row tile and every
-several-row one against the reference under Triton's interpreter, in both launch forms; what the launcher refuses; the per-shape choice against the ops apart with the timing stubbed; the fused
-norm op's fallback routed through it; and on CUDA (gpu, part1 of benchmarks/gpu_session.sh) the kernel at the
-8B and default-teacher shapes and its timed choice."""
+several-row one against the reference under Triton's interpreter, in both launch forms; what the launcher
+refuses; the per-shape choice against the ops apart with the timing stubbed; the fused norm op's fallback routed
+through it; and on CUDA (gpu, part1 of benchmarks/gpu_session.sh) the kernel at the 8B and default-teacher shapes
+and its timed choice."""
 
 import pytest
 import torch
@@ -214,10 +215,10 @@ def test_the_fused_norm_swiglu_op_runs_its_gemv_and_swiglu_as_the_gemv_swiglu_op
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_the_swiglu_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dtype):
     """On CUDA: every tile with the SwiGLU epilogue, one row (plain and pdl launch where the device has it) and a
-    K = 4 verify window's five (the dot modes, plain launch), at the 8B MLP's [gate; up] (2 x 14,336 x 4,096) and the default
-    teacher's (2 x 1,536 x 576) against the reference; the op's first use of each shape checks and times the kernel
-    against the ops apart in CUDA graphs, and serves the shape as that timing says; the op dispatches to the
-    kernel."""
+    K = 4 verify window's five (the dot modes, plain launch), at the 8B MLP's [gate; up] (2 x 14,336 x 4,096) and
+    the default teacher's (2 x 1,536 x 576) against the reference; the op's first use of each shape checks and
+    times the kernel against the ops apart in CUDA graphs, and serves the shape as that timing says; the op
+    dispatches to the kernel."""
     from mamballama_cli import ops
     from mamballama_cli.ops.decode import gemv_swiglu_ref
     from mamballama_cli.ops.triton_gemv import CONFIGS, GLU_MODES, SKINNY, _pdl_usable, gemv_launch

@@ -47,10 +47,20 @@ def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
     return tiles
 
 
-def gated_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
+def gated_tiles(p: int, n: int) -> list[tuple]:
     """The candidates of the gated op (``ssm_replay_gated``): where a head fits one program, its one-program tiles
-    (the norm in the kernel); else the tiled kernel's, each followed by the norm op."""
-    return replay_tiles(p, n, gated_in_one_program(p, n))
+    (the norm in the kernel); else the tiled kernel's, each followed by the norm op, then the same tiles with the
+    norm in the kernel, done by the last of a head's programs to finish (a fourth entry, 1: :func:`splits_norm`;
+    one launch a layer fewer)."""
+    if gated_in_one_program(p, n):
+        return replay_tiles(p, n, True)
+    tiles = replay_tiles(p, n, False)
+    return tiles + [(*t, 1) for t in tiles]
+
+
+def splits_norm(tile) -> bool:
+    """Whether a gated replay tile normalises in the kernel, by the last of a head's programs (``32x4n``)."""
+    return len(tile) > 3 and bool(tile[3])
 
 
 def window_rows(W: int, T: int) -> tuple[int, int]:
@@ -59,11 +69,11 @@ def window_rows(W: int, T: int) -> tuple[int, int]:
 
 
 def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1."""
-    return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}"
+    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``n`` for the norm split over a head's programs."""
+    return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}{'n' if splits_norm(tile) else ''}"
 
 
-def _fastest(launch, state, cands, key) -> tuple[int, int, int]:
+def _fastest(launch, state, cands, key) -> tuple:
     """The fastest of ``cands`` at this shape: each recorded in CUDA graphs over copies of the state (in place, a
     final state beside each) that together pass twice the L2 cache, as a verify call finds its layers' states cold;
     the candidates interleaved over three rounds, the best of each kept. The timings go into ``TIMINGS[key]``."""

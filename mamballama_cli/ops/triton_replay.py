@@ -44,9 +44,11 @@ from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # no
 from mamballama_cli.ops.replay_tiles import (
     TILE_CHOICES,
     _fastest,
+    gated_in_one_program,
     gated_tiles,
     replay_tile,
     replay_tiles,
+    splits_norm,
     window_rows,
 )
 
@@ -83,7 +85,7 @@ def _at(vec, rows, t):
 def _replay_kernel(
     state_ptr, x_old_ptr, dt_old_ptr, B_old_ptr, n_ptr,
     x_ptr, dt_ptr, B_ptr, C_ptr, A_ptr, dt_bias_ptr, D_ptr,
-    y_ptr, state_out_ptr, final_ptr, z_ptr, nw_ptr, eps, slot_ptr, xo_s2, dto_s2, Bo_s2, save_off,
+    y_ptr, state_out_ptr, final_ptr, z_ptr, nw_ptr, eps, slot_ptr, xo_s2, dto_s2, Bo_s2, save_off, y32_ptr, cnt_ptr,
     nheads, headdim, dstate, heads_per_group, heads_per_cgroup,
     s_sb, s_sh, s_sp, s_sn,
     xo_sb, xo_st, xo_sg, xo_sp,
@@ -100,12 +102,16 @@ def _replay_kernel(
     W: tl.constexpr, T: tl.constexpr,
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     GATED: tl.constexpr, HAS_Z: tl.constexpr, SLOTTED: tl.constexpr,
-    FORM: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr,
+    FORM: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr, SPLIT_NORM: tl.constexpr, HEAD_P: tl.constexpr,
 ):
     # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
     # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 loads
     # every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers of
-    # two), then runs the steps in turn, each taking its row out of the tiles.
+    # two), then runs the steps in turn, each taking its row out of the tiles. SPLIT_NORM (the gated op where a head
+    # spans several programs): each program writes its rows of the gated outputs, in float32, to the y32 scratch
+    # (batch x heads, T, headdim) and counts itself in cnt once it is done; the last of a head's programs to count
+    # normalises the head's rows of every step (HEAD_P: headdim padded), stores them, and resets the count. No program
+    # waits on another, so a CUDA graph replays it as it is.
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -228,10 +234,32 @@ def _replay_kernel(
                 y = y * (zt * tl.sigmoid(zt))
             var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
             y = y * tl.rsqrt(var + eps) * nw
-        tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty), mask=mask_p)
+        if SPLIT_NORM:  # this program's rows of the gated output, the norm left to the head's last program
+            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+            if HAS_Z:
+                y = y * (zt * tl.sigmoid(zt))
+            tl.store(y32_ptr + ((b * nheads + h) * T + t) * headdim + offs_p, y, mask=mask_p)
+        else:
+            tl.store(y_ptr + b * y_sb + t * y_st + h * y_sh + offs_p * y_sp, y.to(y_ptr.dtype.element_ty),
+                     mask=mask_p)
     if RETURN_FINAL:
         tl.store(_tile(final_ptr + b * f_sb + h * f_sh, offs_p, f_sp, offs_n, f_sn),
                  s.to(final_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_NORM:
+        row = b * nheads + h
+        tl.debug_barrier()  # every thread's rows stored before the one count (a release, acq_rel) is taken
+        if tl.atomic_add(cnt_ptr + row, 1) == tl.num_programs(0) - 1:
+            st = tl.arange(0, TP)
+            q = tl.arange(0, HEAD_P)
+            on = (st < T)[:, None] & (q < headdim)[None, :]
+            yh = tl.load(y32_ptr + (row * T + st[:, None]) * headdim + q[None, :], mask=on, other=0.0,
+                         cache_modifier=".cg")  # past L1: the other programs' rows
+            var = tl.sum(yh * yh, axis=1) / headdim  # each step's whole row, in one order
+            w = tl.load(nw_ptr + h * headdim + q, mask=q < headdim, other=0.0).to(tl.float32)
+            yh = yh * tl.rsqrt(var + eps)[:, None] * w[None, :]
+            tl.store(y_ptr + b * y_sb + st[:, None] * y_st + h * y_sh + q[None, :] * y_sp,
+                     yh.to(y_ptr.dtype.element_ty), mask=on)
+            tl.atomic_xchg(cnt_ptr + row, 0)  # ready for the next call (and a CUDA graph's next replay)
 
 
 # ================================================================================================
@@ -309,30 +337,37 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     z_flat, nw, eps = gate if gate else (None, None, 0.0)
     z = z_flat.unflatten(-1, (h, p)) if z_flat is not None else None  # (b, T, h * p) -> (b, T, h, p), a view
 
+    capturing = state.is_cuda and torch.cuda.is_current_stream_capturing()
+    scratch = _norm_scratch(state.device, b * h, T, p, capturing) if gated and not gated_in_one_program(p, n) else None
+
     def run(tile, st, out_, fin_):
         """One launch at ``tile``; the gated op's output (b, T, h * p), normalised by the kernel where the tile holds
-        a whole head, else by the norm op after it; the plain op's (b, T, h, p)."""
+        a whole head or (a split-norm tile) by the head's last program, else by the norm op after it; the plain op's
+        (b, T, h, p)."""
         whole = gated and tile[0] >= _next_pow2(p)
-        zt = z if whole and z is not None else y
+        split = gated and not whole and splits_norm(tile)
+        assert not split or scratch is not None, "a split-norm replay tile needs its scratch, made outside a capture"
+        y32, cnt = scratch if split else (A, n_replay)  # unread unless split
+        zt = z if (whole or split) and z is not None else y
         wp, tp = window_rows(W, T)
         with _device_guard(st):
             _replay_kernel[(triton.cdiv(p, tile[0]), b * h)](
                 st, x_old, dt_old, B_old, n_replay,
                 x_new, dt_new, B_new, C_new, A, dt_bias, Dt,
-                y, out_, fin_, zt, nw if whole else A, float(eps), slot, *slot_strides, int(offset),
+                y, out_, fin_, zt, nw if whole or split else A, float(eps), slot, *slot_strides, int(offset), y32, cnt,
                 h, p, n, h // g, h // cg,
                 *st.stride(), *old_strides,
                 *x_new.stride(), *dt_new.stride(), *B_new.stride(), *C_new.stride(),
                 *y.stride(), *out_.stride(), *fin_.stride(), *zt.stride(),
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
-                GATED=whole, HAS_Z=whole and z is not None, SLOTTED=slotted,
-                FORM=int(tile[2]), WP=wp, TP=tp,
+                GATED=whole, HAS_Z=(whole or split) and z is not None, SLOTTED=slotted,
+                FORM=int(tile[2]), WP=wp, TP=tp, SPLIT_NORM=split, HEAD_P=_next_pow2(p),
                 num_warps=tile[1],
             )
         if not gated:
             return y
-        if whole:
+        if whole or split:
             return y.view(b, T, h * p)
         return ops.dispatch("rmsnorm_gated", x_new.device)[1](y.view(b, T, h * p), z_flat, nw, eps, p)
 
@@ -343,7 +378,24 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
         use = chosen(TILE_CHOICES, key, state,
                      lambda: _fastest(lambda c, st, fin: run(c, st, st, fin if want_final else st), state, cands, key))
         tile = use if isinstance(use, tuple) else cands[0]
+    if splits_norm(tile) and scratch is None:  # inside a recording before any scratch was made: the norm op after
+        tile = tuple(tile[:3])
     return run(tile, state, out, final), out, (final if want_final else None)
+
+
+_NORM_SCRATCH: dict = {}  # (device, batch x heads, T, headdim) -> (float32 gated rows of y, int32 counts at zero)
+
+
+def _norm_scratch(device, rows: int, T: int, p: int, capturing: bool):
+    """The split-norm tiles' scratch, made once per shape outside any CUDA graph's recording (inside one, where none
+    exists yet: None, and the caller runs a tile without the split norm)."""
+    key = (device, rows, T, p)
+    if key not in _NORM_SCRATCH:
+        if capturing:
+            return None
+        _NORM_SCRATCH[key] = (torch.empty(max(1, rows * T * p), dtype=torch.float32, device=device),
+                              torch.zeros(rows, dtype=torch.int32, device=device))
+    return _NORM_SCRATCH[key]
 
 
 # ================================================================================================
