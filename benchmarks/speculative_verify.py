@@ -166,6 +166,10 @@ def main() -> None:
     plain_ms, plain_engine = parts["plain_step_ms"], parts["plain_engine"]
     runner_plain_ms, verify_ms = parts["runner_plain_step_ms"], parts["verify_step_ms"]
     draft_ms = parts["draft_step_ms"]
+    # printed now, so that a run cut short later (the loop and the captured round compile more) keeps its ratio
+    print(f"[{time.perf_counter() - t0:.0f} s] parts: verify (K+1={K + 1}) {verify_ms[K + 1]:.3f} ms = "
+          f"{verify_ms[K + 1] / plain_ms:.3f}x plain step {plain_ms:.3f} ms; draft step {draft_ms:.3f} ms",
+          file=sys.stderr, flush=True)
 
     # 4. End to end (random weights: drafts are almost never accepted; this is the per-round cost).
     loop = None
@@ -183,6 +187,7 @@ def main() -> None:
 
     # 5. The captured round (generation/captured_round.py): K draft steps, verify, acceptance and commit in one
     # graph. A round does the same work whatever is accepted, so replaying the graph times it.
+    print(f"[{time.perf_counter() - t0:.0f} s] host loop: {loop}", file=sys.stderr, flush=True)
     captured = None
     if graphs and args.loop_tokens:
         from mamballama_cli.generation.captured_round import CapturedRounds
