@@ -97,7 +97,7 @@ def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch:
         args = {**dict.fromkeys(("X", "W", "BIAS", "Y"), "*bf16"),
                 **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym"), "i32")}
         const = {"HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": k % bk == 0, "MODE": g.MODES[mode],
-                 **g.row_groups(rows), "PDL": pdl, "GLU": glu}
+                 **g.row_groups(rows, g.MODES[mode]), "PDL": pdl, "GLU": glu}
     return compile_kernel(fn, args, const, warps, stages, arch, unaligned=("M",))  # M (the rows) is small, odd
 
 

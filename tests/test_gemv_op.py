@@ -51,13 +51,19 @@ print(json.dumps(out))
 
 
 @NEEDS_TRITON
-def test_the_acc_mode_splits_rows_into_two_power_of_two_groups():
+def test_the_acc_mode_splits_rows_into_two_power_of_two_groups_and_the_dot_modes_take_one_set():
     from mamballama_cli.ops.triton_gemv import MAX_ROWS, _row_split
 
     got = {m: _row_split(m) for m in range(2, MAX_ROWS + 1)}
     assert got == {2: (2, 0), 3: (2, 1), 4: (4, 0), 5: (4, 1), 6: (4, 2), 7: (4, 4), 8: (8, 0)}
     for m, (a, b) in got.items():  # every row covered, at most one padding row
         assert a + b >= m and a + b - m <= 1
+    from mamballama_cli.ops.triton_gemv import MODES, row_groups
+
+    assert row_groups(5) == row_groups(5, MODES["acc"]) == {"ROWS_A": 4, "ROWS_B": 1, "ROWS_BP": 1}
+    # the dot modes read none of them: one set at every row count, so their tiles compile once for all counts
+    for mode in ("dot", "dotw"):
+        assert len({tuple(row_groups(m, MODES[mode]).items()) for m in range(2, MAX_ROWS + 1)}) == 1
 
 
 @NEEDS_TRITON

@@ -28,9 +28,12 @@ EXTRA = ((16, 256, 2, 4, "dot"), (16, 128, 2, 6, "dot"), (32, 256, 2, 4, "dot"),
          (64, 64, 4, 8, "dotw"), (128, 64, 4, 8, "dotw"), (64, 64, 4, 12, "dotw"), (32, 64, 2, 8, "dotw"))
 
 
-def row_groups(m: int) -> dict:
+def row_groups(m: int, mode: int = MODES["acc"]) -> dict:
     """The acc mode's row constexprs at ``m`` rows: the two groups (:func:`_row_split`) and the second's tile size
-    (at least 1)."""
+    (at least 1). The dot modes (``mode``, a :data:`MODES` value) read none of them and get one set for every ``m``,
+    so that their tiles compile once for any number of rows, not once a row count."""
+    if mode != MODES["acc"]:
+        return {"ROWS_A": 1, "ROWS_B": 0, "ROWS_BP": 1}
     a, b = _row_split(m)
     return {"ROWS_A": a, "ROWS_B": b, "ROWS_BP": max(1, b)}
 

@@ -259,14 +259,14 @@ if triton is not None:
                       MODE == 2, GLU)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
-    _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"])[name])
+    _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"], a["MODE"])[name])
                                          for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel))
-    # several rows; and with GLU=True, tuned apart, over the dot modes' tiles (GLU_SKINNY)
+    # several rows; and with GLU=True, tuned apart, over the dot modes' tiles (GLU_MODES)
     _skinny_tuned, _skinny_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in tiles],
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
-    )(_rows_k) for tiles in (SKINNY, [t for t in SKINNY if t[-1] != "acc"]))
+    )(_rows_k) for tiles in (SKINNY, [t for t in SKINNY if t[-1] in GLU_MODES]))
     # one row; and the same kernel with GLU=True, tuned apart (two weight tiles in flight)
     _gemv_tuned, _gemv_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
@@ -342,7 +342,7 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
                 bn, bk, warps, stages, mode = config
                 _skinny_kernel[(triton.cdiv(N, bn),)](*args, BLOCK_N=bn, BLOCK_K=bk,
                                                       EVEN_K=K % bk == 0, MODE=MODES[mode],
-                                                      **row_groups(M),
+                                                      **row_groups(M, MODES[mode]),
                                                       num_warps=warps, num_stages=stages, **launch)
     return y.view(*x.shape[:-1], N)
 
