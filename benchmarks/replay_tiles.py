@@ -61,9 +61,10 @@ def main(argv=None) -> int:
                   f"{time.perf_counter() - t0:.1f} s", flush=True)
     rep = tiles.choices_report()
     for shape, t in rep["replay_timings"].items():
-        best = min(t, key=t.get)
+        timed = {k: v for k, v in t.items() if isinstance(v, float)}  # else "disagrees" or why it was untimed
         print(f"{shape}: chose {rep['replay_tiles'].get(shape)}; " +
-              ", ".join(f"{k} {v:.2f}" for k, v in sorted(t.items(), key=lambda kv: kv[1])) + f" (us; best {best})")
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(timed.items(), key=lambda kv: kv[1])) + " (us)" +
+              "".join(f"; {k}: {v}" for k, v in t.items() if k not in timed))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "batch": b, "k": a.k, "seconds": spent, **rep}, f,

@@ -235,21 +235,24 @@ def test_selective_replay_kernel_is_registered_and_hands_autograd_to_the_referen
 
 @NEEDS_TRITON
 def test_the_replay_tile_is_the_fastest_timed_on_copies_and_named_in_the_report(monkeypatch):
-    """ops/triton_replay.py's choice of tile, with the CUDA timing stubbed: every candidate is timed (three
-    interleaved rounds, the best of each kept) over copies of the state that pass twice the L2 cache, never the
-    state itself; the fastest wins and the report names it. On CPU the op runs the first tile untimed."""
+    """ops/triton_replay.py's choice of tile, with the CUDA timing stubbed: each candidate runs once on a copy of the
+    state and one whose output or replayed state differs from the first tile's is dropped (recorded as such); the
+    others are timed (three interleaved rounds, the best of each kept) over copies of the state that pass twice the
+    L2 cache, never the state itself; the fastest wins and the report names it. On CPU the op runs the first tile
+    untimed."""
     from types import SimpleNamespace
 
     from mamballama_cli.ops import replay_tiles as tr
 
     state = torch.randn(1, 4, 8, 16)  # 2 KiB
-    cands = tr.replay_tiles(8, 16, False)
-    speed = dict(zip(cands, [9.0, 4.0]))
+    cands = tr.replay_tiles(8, 16, False) + [(8, 2, 1)]  # a third: one that computes something else
+    speed = dict(zip(cands, [9.0, 4.0, 1.0]))
     seen = []
 
     def launch(c, st, fin):
         assert st is not state and fin is not state and torch.equal(st, state)
         seen.append(c)
+        return st.sum(-1) * (2.0 if c == (8, 2, 1) else 1.0)  # the output, whatever the timing does to st
 
     def graph_us(calls):
         before = len(seen)
@@ -262,14 +265,24 @@ def test_the_replay_tile_is_the_fastest_timed_on_copies_and_named_in_the_report(
     monkeypatch.setattr(tr, "TIMINGS", {})
     monkeypatch.setattr(tr, "TILE_CHOICES", {})
     key = (1, 4, 8, 16, 5, 5, False, False, True, True, True, torch.float32, torch.float32, 0)
-    assert tr._fastest(launch, state, cands, key) == (4, 2, 1)
-    assert len(seen) == 3 * 4 * len(cands)
-    assert cands == [(8, 4, 0), (4, 2, 1)]
-    assert tr.TIMINGS[key] == {"8x4": 9.0, "4x2p": 4.01}  # the first round's
+    assert tr._fastest(launch, state, cands, key) == (4, 2, 1)  # the fastest that agrees, not (8, 2, 1)
+    assert seen[:3] == cands and len(seen) == 3 + 3 * 4 * 2  # each checked once, the two that agree timed
+    assert cands[:2] == [(8, 4, 0), (4, 2, 1)]
+    assert tr.TIMINGS[key] == {"8x4": 9.01, "4x2p": 4.01, "8x2p": "disagrees"}  # the first round's
+
+    def unset_first(c, st, fin):  # the first tile's results not finite (a warm-up's unset buffers): none is judged
+        y = launch(c, st, fin)
+        return y * float("nan") if c == cands[0] else y
+    before = len(seen)
+    monkeypatch.setattr(tr, "TIMINGS", {})
+    assert tr._fastest(unset_first, state, cands, key) == (8, 2, 1)
+    assert len(seen) - before == 3 + 3 * 4 * 3 and "disagrees" not in tr.TIMINGS[key].values()
+
     def no_memory(*a, **k):
         raise torch.cuda.OutOfMemoryError("no memory")
     monkeypatch.setattr(tr.torch, "empty_like", no_memory)  # a batch that fills the device: the first tile, untimed
-    assert tr._fastest(launch, state, cands, (*key[:-1], 1)) == cands[0] and len(seen) == 3 * 4 * len(cands)
+    before = len(seen)
+    assert tr._fastest(launch, state, cands, (*key[:-1], 1)) == cands[0] and len(seen) == before  # nothing ran
     assert tr.TIMINGS[(*key[:-1], 1)] == {"untimed": "no memory for copies of the state"}
     tr.TILE_CHOICES[key] = (4, 2, 1)
     tr.TILE_CHOICES[(*key[:4], 0, 1, *key[6:])] = True  # a shape that ran off CUDA: the first tile, untimed
