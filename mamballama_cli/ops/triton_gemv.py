@@ -38,19 +38,9 @@ import torch.nn.functional as F
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.gemv_candidates import (  # noqa: F401  (the candidates, also read here by tests and tools)
-    CONFIGS,
-    DTYPES,
-    EXTRA,
-    GLU_MODES,
-    MAX_ROWS,
-    MODES,
-    SKINNY,
-    _row_split,
-    row_groups,
-    tile_name,
-    tuned_tiles,
-)
+# the candidates, also read here by the tests and tools
+from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, EXTRA, GLU_MODES, MAX_ROWS, MODES, SKINNY
+from mamballama_cli.ops.gemv_candidates import _row_split, row_groups, tile_name, tuned_tiles  # noqa: F401
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 
 try:
