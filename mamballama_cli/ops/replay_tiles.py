@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from mamballama_cli.ops.common import _next_pow2
+from mamballama_cli.ops.common import _next_pow2, _rel
 from mamballama_cli.ops.graph_timing import graph_call_us, l2_copies
 
 GATED_TILE = 4096  # the largest (headdim x dstate) state tile, padded to powers of two, that one program keeps
@@ -103,10 +103,6 @@ def _fastest(launch, state, cands, key) -> tuple:
     TIMINGS[key] = {**{tile_name(c): round(t, 2) for c, t in times.items()},
                     **{tile_name(c): "disagrees" for c in disagree}}
     return min(cands, key=times.get)
-
-
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
 def choices_report() -> dict:

@@ -19,8 +19,10 @@ and 6-18x slower.
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
 launches no separate norm kernel. That holds where a head's (headdim x dstate) state fits one program
-(:data:`GATED_TILE`: the default teacher's 64 x 64); the 8B shape's 128 x 128 heads keep the tiled replay kernel and
-the norm op after it, since one program a head would leave most of the GPU idle there.
+(:data:`GATED_TILE`: the default teacher's 64 x 64). The 8B shape's 128 x 128 heads keep the tiled kernel, since one
+program a head would leave most of the GPU idle there: either the norm op runs after it, or (the split-norm tiles)
+each program leaves its gated rows in a scratch and the last of a head's programs to finish normalises the head,
+whichever the timing picks.
 
 With ``slot`` the last window's inputs come from one of two slots and the kernel writes the new steps' x, raw dt
 and B into the other as it loads them (x and B of a group by its first head's programs, dt by one lane of each
@@ -296,7 +298,8 @@ def ssm_replay_gated_triton(state, x_old, dt_old, B_old, n_replay, x_new, dt_new
                             offset=0, read_old=True, tile=None):
     """Same contract as :func:`mamballama_cli.ops.replay.ssm_replay_gated_ref`: the gated RMSNorm inside the replay
     kernel where a head fits one program (:func:`~mamballama_cli.ops.replay_tiles.gated_in_one_program`), else the
-    tiled kernel and then the ``rmsnorm_gated`` op. ``tile``: one of ``gated_tiles``, not the timed choice."""
+    tiled kernel followed by the ``rmsnorm_gated`` op or normalising by the last of a head's programs (split-norm
+    tiles), as timed. ``tile``: one of ``gated_tiles``, not the timed choice."""
     return _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, C_new, A, dt_bias, D,
                           return_final, state_out, final_out, gate=(z, norm_weight, eps),
                           slots=(slot, offset, read_old), tile=tile)
