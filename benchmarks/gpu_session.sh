@@ -16,7 +16,7 @@
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
-#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed),
+#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed, SwiGLU GEMV),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
 # JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
@@ -132,12 +132,12 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
                     ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
-        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py tests/test_gemv_swiglu.py -k "not hybrid_forward_backward" ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
                    tests/test_feature_round.py ;;
-        part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py ;;
+        part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         *) echo "unknown step $step" ;;
     esac
