@@ -12,7 +12,8 @@
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
 # b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B),
-# replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py), gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
+# replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py),
+# gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):

@@ -217,8 +217,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     unit = {"s_sn", "xo_sp", "dto_sh", "Bo_sn", "x_sp", "dt_sh", "B_sn", "C_sn", "y_sp", "so_sn", "f_sn", "z_sp"}
     tile = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
     block_p, warps, form = tile[:3]
-    whole = gated and block_p >= r._next_pow2(p)
-    split = gated and not whole and r.splits_norm(tile)
+    whole, split = r.norm_in_kernel(tile, p, gated)
     wp, tp = r.window_rows(W, T)
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": whole, "HAS_Z": whole or split,
               "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, whole)[1], "BLOCK_P": block_p, "FORM": int(form),

@@ -138,6 +138,23 @@ def _rand(gen, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float32).to(dtype)
 
 
+
+_COUNT_SCRATCH: dict = {}  # (owner, device, rows, floats a row) -> (float32 rows, int32 counts at zero)
+
+
+def count_scratch(owner: str, device, rows: int, width: int, capturing: bool):
+    """The scratch of a kernel whose programs split a row and count themselves in, the last to arrive finishing it
+    (the split Mamba-2 step tiles, the split-norm replay tiles): ``rows`` x ``width`` float32 values and ``rows``
+    int32 counts at zero (each kernel sets its count back), made once per shape outside any CUDA graph's recording;
+    inside one, where none exists yet: None (the caller runs a tile that needs none)."""
+    key = (owner, device, rows, width)
+    if key not in _COUNT_SCRATCH:
+        if capturing:
+            return None
+        _COUNT_SCRATCH[key] = (torch.empty(max(1, rows * width), dtype=torch.float32, device=device),
+                               torch.zeros(rows, dtype=torch.int32, device=device))
+    return _COUNT_SCRATCH[key]
+
 # Shared by the causal-conv1d wrapper (external.py) and the project's conv-window kernel (triton_decode.py).
 def _check_conv_update(fn, inplace=False):
     def check(gen):

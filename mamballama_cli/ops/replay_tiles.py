@@ -63,6 +63,13 @@ def splits_norm(tile) -> bool:
     return len(tile) > 3 and bool(tile[3])
 
 
+def norm_in_kernel(tile, p: int, gated: bool) -> tuple[bool, bool]:
+    """Where the gated op's tile normalises a ``p``-wide head in the kernel: (whole, split). whole: the tile holds
+    the head's whole row (one program a head); split: a split-norm tile, the head's last program normalising."""
+    whole = gated and tile[0] >= _next_pow2(p)
+    return whole, gated and not whole and splits_norm(tile)
+
+
 def window_rows(W: int, T: int) -> tuple[int, int]:
     """(WP, TP): the rows of FORM 1's tiles of the window's old and new steps, W and T rounded up to powers of two."""
     return _next_pow2(max(W, 1)), _next_pow2(max(T, 1))

@@ -26,6 +26,7 @@ from mamballama_cli.ops.common import (
     _probe,
     _rand,
     _rel,
+    count_scratch,
 )
 from mamballama_cli.ops.conv import causal_conv1d_update_ref
 
@@ -279,7 +280,6 @@ def conv_update_inplace_triton(x, conv_state, weight, bias=None, activation=None
 STEP_TILES = ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (128, 16, 1), (128, 4, 4), (64, 4, 4), (128, 8, 2))
 STEP_MAX_TILE = 128 * 128  # state elements a program holds at once at most (the 8B head: 207 registers a thread)
 _STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
-_SPLIT_SCRATCH: dict = {}  # (device, batch x heads, padded headdim) -> (float32 rows of y, int32 counts at zero)
 
 
 def step_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
@@ -288,18 +288,6 @@ def step_tiles(p: int, n: int) -> list[tuple[int, int, int]]:
     wide, rows = max(32, _next_pow2(n)), _next_pow2(p)
     return ([t for t in STEP_TILES if t[0] <= wide and t[0] * rows // t[2] <= STEP_MAX_TILE and rows >= t[2]]
             or list(STEP_TILES[:1]))
-
-
-def _step_scratch(x, rows: int, block_p: int, capturing: bool):
-    """The SPLIT tiles' scratch for ``rows`` (batch x heads) rows of ``block_p``, made once per shape outside any
-    CUDA graph's recording (inside one, where none exists yet: None, and the caller runs an unsplit tile)."""
-    key = (x.device, rows, block_p)
-    if key not in _SPLIT_SCRATCH:
-        if capturing:
-            return None
-        _SPLIT_SCRATCH[key] = (torch.empty(rows * block_p, dtype=torch.float32, device=x.device),
-                               torch.zeros(rows, dtype=torch.int32, device=x.device))
-    return _SPLIT_SCRATCH[key]
 
 
 if triton is not None:
@@ -332,7 +320,7 @@ def ssm_step_gated_triton(state, x, B, C, dt_raw, dt_bias, A_log, D, z, norm_wei
     out = torch.empty(b, h * p, dtype=x.dtype, device=x.device)
     zz = z if z is not None else x
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    scratch = _step_scratch(x, b * h, _next_pow2(p), capturing)
+    scratch = count_scratch("ssm_step", x.device, b * h, _next_pow2(p), capturing)  # rows of y (SPLIT tiles)
     y32, cnt = scratch if scratch is not None else (state, dt_raw.new_zeros(1, dtype=torch.int32))  # unread
     args = (state, x, B, C, dt_raw, dt_bias, A_log, D if D is not None else dt_bias, zz,
             norm_weight if norm_weight is not None else dt_bias, out, y32, cnt,

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter
-from mamballama_cli.ops.common import _device_guard, _next_pow2, _probe, _rand, _rel
+from mamballama_cli.ops.common import _device_guard, _next_pow2, _probe, _rand, _rel, count_scratch
 from mamballama_cli.ops.graph_timing import chosen
 from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
 from mamballama_cli.ops.replay_tiles import (
@@ -48,6 +48,7 @@ from mamballama_cli.ops.replay_tiles import (
     _fastest,
     gated_in_one_program,
     gated_tiles,
+    norm_in_kernel,
     replay_tile,
     replay_tiles,
     splits_norm,
@@ -341,14 +342,14 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     z = z_flat.unflatten(-1, (h, p)) if z_flat is not None else None  # (b, T, h * p) -> (b, T, h, p), a view
 
     capturing = state.is_cuda and torch.cuda.is_current_stream_capturing()
-    scratch = _norm_scratch(state.device, b * h, T, p, capturing) if gated and not gated_in_one_program(p, n) else None
+    split_ok = gated and not gated_in_one_program(p, n)  # the split-norm tiles' scratch: T rows of y a head
+    scratch = count_scratch("ssm_replay", state.device, b * h, T * p, capturing) if split_ok else None
 
     def run(tile, st, out_, fin_):
         """One launch at ``tile``; the gated op's output (b, T, h * p), normalised by the kernel where the tile holds
         a whole head or (a split-norm tile) by the head's last program, else by the norm op after it; the plain op's
         (b, T, h, p)."""
-        whole = gated and tile[0] >= _next_pow2(p)
-        split = gated and not whole and splits_norm(tile)
+        whole, split = norm_in_kernel(tile, p, gated)
         assert not split or scratch is not None, "a split-norm replay tile needs its scratch, made outside a capture"
         y32, cnt = scratch if split else (A, n_replay)  # unread unless split
         zt = z if (whole or split) and z is not None else y
@@ -384,21 +385,6 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
     if splits_norm(tile) and scratch is None:  # inside a recording before any scratch was made: the norm op after
         tile = tuple(tile[:3])
     return run(tile, state, out, final), out, (final if want_final else None)
-
-
-_NORM_SCRATCH: dict = {}  # (device, batch x heads, T, headdim) -> (float32 gated rows of y, int32 counts at zero)
-
-
-def _norm_scratch(device, rows: int, T: int, p: int, capturing: bool):
-    """The split-norm tiles' scratch, made once per shape outside any CUDA graph's recording (inside one, where none
-    exists yet: None, and the caller runs a tile without the split norm)."""
-    key = (device, rows, T, p)
-    if key not in _NORM_SCRATCH:
-        if capturing:
-            return None
-        _NORM_SCRATCH[key] = (torch.empty(max(1, rows * T * p), dtype=torch.float32, device=device),
-                              torch.zeros(rows, dtype=torch.int32, device=device))
-    return _NORM_SCRATCH[key]
 
 
 # ================================================================================================
