@@ -20,6 +20,7 @@
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed, SwiGLU GEMV),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
+# STEP+STEP runs those steps at the same time (e.g. part1+part2: two pytest runs, JOBS workers each), reports after.
 # JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
 # time is Triton compiling and autotuning on the CPU (the first bf16 test of part1 compiled for over 160 s on
 # 2026-12-05), which N workers spread over the 16 cores.
@@ -88,8 +89,20 @@ serve_pair() {  # issue 17's serve line: the default teacher and its 50% hybrid,
     done
 }
 
+together() {  # "part1+part2": the named steps at once, each in its own run of this script (its own pytest and
+    # workers; the parts compile on the CPU, which the 16 cores share), with the time left; their reports after
+    local step=$1 s pids=() rest=$(( DEADLINE - ($(date +%s) - t0) - 5 ))
+    stamp "together: ${step//+/, }"
+    for s in ${step//+/ }; do
+        GS_CHILD=1 DEADLINE=$rest bash "$0" "$s" > "/tmp/gpu-session-$s.out" 2>&1 & pids+=($!)
+    done
+    wait "${pids[@]}"
+    for s in ${step//+/ }; do echo "== $s"; cat "/tmp/gpu-session-$s.out"; done
+}
+
 for step in $STEPS; do
     case $step in
+        *+*) together "$step" ;;
         env) stamp env; python3 -m mamballama_cli env > "$OUT/env.txt" 2>&1; cat "$OUT/env.txt" ;;
         b1) speed b1 200 --models hybrid --batch-sizes 1 --contexts "" ;;
         b1pair) speed b1pair 320 --models hybrid,teacher --teacher-engines static --batch-sizes 1 --contexts "" ;;
@@ -143,6 +156,7 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         *) echo "unknown step $step" ;;
     esac
 done
+[ -n "${GS_CHILD:-}" ] && { stamp done; exit 0; }  # a step run by together(): the parent lists and packs
 ls -la "$OUT"
 # The device returns at most 8 files a call: past that, pack every file into one archive so that none is left
 # behind (the fifteenth session lost speed-b1pair.json and a test log to the limit).

@@ -293,18 +293,11 @@ def test_gemv_kernel_on_cuda_equals_the_reference_and_is_chosen(dtype):
     assert ops.dispatch("gemv", torch.device("cuda"))[0] == "mamballama-triton"
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timing(dtype):
-    """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu at the default teacher's sizes (K = 576: in_proj, [gate; up]
-    with SwiGLU after it, lm_head), one row, two and three (batch 2-3, K = 1-2 verify windows: the rows whose own
-    code crashed triton 3.6's LLVM, now compiled as 8) and a verify window's five: the autotuned kernel against the
-    references in float64, every candidate compiled, and each shape's choice against the ops apart timed in CUDA
-    graphs. Rows wider than MAX_K (the 8B shape's 4,096: a decode step's one row, a verify window's five) run the
-    tensor-core tiles alone, each compiled and checked, and their choice is timed."""
+def _fused_cuda(kind: str, dtype):
+    """The fused op of ``kind`` ("norm": add_rmsnorm_gemv; "swiglu": add_rmsnorm_gemv_swiglu), its reference, its
+    kernel constant and a seeded random-tensor maker on CUDA in ``dtype``."""
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, add_rmsnorm_gemv_swiglu_ref
-    from mamballama_cli.ops.triton_gemv_fused import (CHOICES, MAX_K, NORM, NORM_SWIGLU, TIMINGS, candidates,
-                                                      choices_report, fused_launch)
+    from mamballama_cli.ops.triton_gemv_fused import NORM, NORM_SWIGLU
     from mamballama_cli.ops.triton_gemv_fused import add_rmsnorm_gemv_swiglu_triton as glu_op
     from mamballama_cli.ops.triton_gemv_fused import add_rmsnorm_gemv_triton as norm_op
 
@@ -313,46 +306,81 @@ def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timin
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).to(dtype)
 
-    cases = ((NORM, norm_op, add_rmsnorm_gemv_ref, ((1, 1737, 576), (5, 1737, 576), (2, 1737, 576),
-                                                    (3, 1737, 576), (1, 49152, 576), (1, 1000, 1001))),
-             (NORM_SWIGLU, glu_op, add_rmsnorm_gemv_swiglu_ref, ((1, 3072, 576), (5, 3072, 576),
-                                                                 (2, 3072, 576), (1, 2000, 1001))))
-    for kind, op, ref, shapes in cases:
-        for rows, n, k in shapes:
-            x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(n, k, scale=k**-0.5)
-            y, h = fused_launch(kind, x, w, None, res, nw, 1e-5)
-            want_y, want_h = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
-            assert torch.equal(h, res + x), (rows, n, k)  # the sum rounds in the activation dtype, as the model's
-            assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2, (kind, rows, n, k)
-            y0, h0 = fused_launch(kind, x, w, None, None, nw, 1e-5)  # no residual (a step's first layer)
-            want_y0, _ = ref(x.double(), None, nw.double(), 1e-5, w.double())
-            assert h0.data_ptr() == x.data_ptr() and float((y0.double() - want_y0).norm() / want_y0.norm()) < 1e-2
-            got_y, got_h = op(x, res, nw, 1e-5, w)  # the kernel or the ops apart, as timed
-            key = (kind, rows, n, k, dtype, 0)
-            assert TIMINGS[key]["how"] == "graph", TIMINGS[key]
-            assert torch.equal(got_h, h) and (torch.equal(got_y, y) or not CHOICES[key])
-            print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
-    # every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
-    # two to eight (one code: _padded), K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to it)
+    if kind == "norm":
+        return NORM, norm_op, add_rmsnorm_gemv_ref, r
+    return NORM_SWIGLU, glu_op, add_rmsnorm_gemv_swiglu_ref, r
+
+
+# The fused ops' gpu tests, one per op, dtype and question, so that part1's workers compile them side by side
+# (as one test they took 213-239 s each on an H100, the part's longest; 2026-12-05).
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["norm", "swiglu"])
+def test_fused_gemv_kernels_on_cuda_equal_the_references_and_are_chosen_by_timing(kind, dtype):
+    """add_rmsnorm_gemv and add_rmsnorm_gemv_swiglu at the default teacher's sizes (K = 576: in_proj, [gate; up]
+    with SwiGLU after it, lm_head), one row, two and three (batch 2-3, K = 1-2 verify windows: the rows whose own
+    code crashed triton 3.6's LLVM, now compiled as 8) and a verify window's five: the autotuned kernel against the
+    references in float64, and each shape's choice against the ops apart timed in CUDA graphs."""
+    from mamballama_cli.ops.triton_gemv_fused import CHOICES, TIMINGS, choices_report, fused_launch
+
+    fused, op, ref, r = _fused_cuda(kind, dtype)
+    shapes = {"norm": ((1, 1737, 576), (5, 1737, 576), (2, 1737, 576), (3, 1737, 576), (1, 49152, 576),
+                       (1, 1000, 1001)),
+              "swiglu": ((1, 3072, 576), (5, 3072, 576), (2, 3072, 576), (1, 2000, 1001))}[kind]
+    for rows, n, k in shapes:
+        x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(n, k, scale=k**-0.5)
+        y, h = fused_launch(fused, x, w, None, res, nw, 1e-5)
+        want_y, want_h = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        assert torch.equal(h, res + x), (rows, n, k)  # the sum rounds in the activation dtype, as the model's
+        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2, (fused, rows, n, k)
+        y0, h0 = fused_launch(fused, x, w, None, None, nw, 1e-5)  # no residual (a step's first layer)
+        want_y0, _ = ref(x.double(), None, nw.double(), 1e-5, w.double())
+        assert h0.data_ptr() == x.data_ptr() and float((y0.double() - want_y0).norm() / want_y0.norm()) < 1e-2
+        got_y, got_h = op(x, res, nw, 1e-5, w)  # the kernel or the ops apart, as timed
+        key = (fused, rows, n, k, dtype, 0)
+        assert TIMINGS[key]["how"] == "graph", TIMINGS[key]
+        assert torch.equal(got_h, h) and (torch.equal(got_y, y) or not CHOICES[key])
+        print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
+    assert "fused_gemv_timings" in choices_report()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["norm", "swiglu"])
+def test_every_fused_gemv_candidate_compiles_on_cuda_and_equals_the_reference(kind, dtype):
+    """Every candidate the autotuner may run compiles for the GPU and agrees, not only the tuned one: one row and
+    two to eight (one code: _padded), K masked (1,000) and unmasked (MAX_K, the EVEN_K code of every tile up to
+    it), and rows wider than MAX_K (4,096), which run the tensor-core tiles alone."""
+    from mamballama_cli.ops.triton_gemv_fused import MAX_K, candidates, fused_launch
+
+    fused, _, ref, r = _fused_cuda(kind, dtype)
     for rows, k in ((5, 1000), (1, 1000), (2, MAX_K), (1, MAX_K), (5, 4096), (1, 4096)):
         x, res, nw, w = r(rows, k), r(rows, k), 1 + r(k, scale=0.1), r(600, k, scale=k**-0.5)
-        for kind, ref in ((NORM, add_rmsnorm_gemv_ref), (NORM_SWIGLU, add_rmsnorm_gemv_swiglu_ref)):
-            for cfg in candidates(kind, rows, k):
-                y, _ = fused_launch(kind, x, w, None, res, nw, 1e-5, config=cfg)
-                want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
-                assert float((y.double() - want).norm() / want.norm()) < 1e-2, (kind, cfg, rows, k)
-    assert "fused_gemv_timings" in choices_report()
-    for kind, op, ref, n in ((NORM, norm_op, add_rmsnorm_gemv_ref, 10272), (NORM_SWIGLU, glu_op,
-                                                                            add_rmsnorm_gemv_swiglu_ref, 28672)):
-        nw, w = 1 + r(4096, scale=0.1), r(n, 4096, scale=4096**-0.5)
-        for rows in (1, 5):  # the 8B shape's decode step and K = 4 verify window: the tensor-core tiles, timed
-            x, res = r(rows, 4096), r(rows, 4096)
-            y, h = op(x, res, nw, 1e-5, w)
-            want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
-            key = (kind, rows, n, 4096, dtype, 0)
-            assert TIMINGS[key]["how"] == "graph" and torch.equal(h, res + x), TIMINGS[key]
-            assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
-            print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
+        want, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        for cfg in candidates(fused, rows, k):
+            y, _ = fused_launch(fused, x, w, None, res, nw, 1e-5, config=cfg)
+            assert float((y.double() - want).norm() / want.norm()) < 1e-2, (fused, cfg, rows, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["norm", "swiglu"])
+def test_fused_gemv_at_the_8b_shape_equals_the_reference_and_is_chosen_by_timing(kind, dtype):
+    """The 8B shape's in_proj (10,272 x 4,096) and [gate; up] (28,672 x 4,096) at a decode step's one row and a
+    K = 4 verify window's five: the tensor-core tiles, timed in CUDA graphs against the ops apart."""
+    from mamballama_cli.ops.triton_gemv_fused import CHOICES, TIMINGS
+
+    fused, op, ref, r = _fused_cuda(kind, dtype)
+    n = {"norm": 10272, "swiglu": 28672}[kind]
+    nw, w = 1 + r(4096, scale=0.1), r(n, 4096, scale=4096**-0.5)
+    for rows in (1, 5):
+        x, res = r(rows, 4096), r(rows, 4096)
+        y, h = op(x, res, nw, 1e-5, w)
+        want_y, _ = ref(x.double(), res.double(), nw.double(), 1e-5, w.double())
+        key = (fused, rows, n, 4096, dtype, 0)
+        assert TIMINGS[key]["how"] == "graph" and torch.equal(h, res + x), TIMINGS[key]
+        assert float((y.double() - want_y).norm() / want_y.norm()) < 1e-2
+        print(op.__name__, key, "fused" if CHOICES[key] else "apart", TIMINGS[key])
 
 
 @NEEDS_TRITON
