@@ -142,7 +142,7 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
 
     # and every tile the replay op times, at K = 4 (the first tile above, at every K)
     tiles = {(*j[1:7], tuple(j[8])) for j in jobs if j[0] == "replay" and len(j) > 7}
-    split = [(32, 4, 0, 1), (16, 2, 1, 1)]  # the gated op's split-norm tiles at the 8B head
+    split = [(32, 4, 0, 1), (16, 2, 1, 1), (32, 4, 2, 1)]  # the gated op's split-norm tiles at the 8B head
     assert tiles == {(w, 5, p, n, gated, slotted, t) for w in (0, 5) for p, n, gated in kernel_sass.REPLAY_SHAPES
                      for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]} | {
         (w, 5, 128, 128, True, slotted, t) for w in (0, 5) for slotted in (False, True) for t in split}
@@ -164,11 +164,19 @@ def _resources(kernel) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", res).group(1)), int(re.search(r"LOCAL:(\d+)", res).group(1))
 
 
+def _loads_before_a_store(ptx: str) -> int:
+    """How many global loads a kernel's PTX issues before its first global store."""
+    lines = ptx.splitlines()
+    first_store = next(i for i, line in enumerate(lines) if "st.global" in line)
+    return sum("ld.global" in line for line in lines[:first_store])
+
+
 def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_loads_it_first():
     """The Mamba-2 replay kernel's candidates (ops/replay_tiles.py) at a K = 4 verify window, for the 8B head (128 x
     128, tiled; gated: also with the norm split over a head's programs) and the default teacher's (64 x 64, one
     program a head): none spills; the form that loads the window first (FORM 1) issues at most a third of the first
-    tile's global loads; the split-norm tiles count themselves with one acq_rel atomic and read the rows back past
+    tile's global loads; the form that loads the new steps ahead (FORM 2) issues more loads before its first store
+    (the first two new steps') than the first tile; the split-norm tiles count themselves with one acq_rel atomic and read the rows back past
     L1."""
     from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
@@ -184,6 +192,8 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_load
         for tile in tiles[1:]:
             if tile[2] == 1:  # the window loaded first
                 assert 3 * ptx[tile].count("ld.global") <= first.count("ld.global"), tile
+            if tile[2] == 2:  # the new steps' loads ahead: the first two steps' go out before the first store
+                assert _loads_before_a_store(ptx[tile]) > _loads_before_a_store(first), tile
             if len(tile) > 3:  # the split norm: one acq_rel count after a barrier, the rows read back past L1
                 assert "atom.global.gpu.acq_rel.add" in ptx[tile] and "ld.global.cg" in ptx[tile], tile
 

@@ -27,9 +27,11 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 # that one won a smaller head (64 x 128) by 2%. The six others tried there (FORM 1 at 4 and 8 warps, 13.6-27.6 us;
 # a chunked form in float32 dots, 13.6-17.8 us; whole-head tiles for the gated op, 75-205 us) are gone: each
 # candidate compiles on a shape's first call, and with eight of them a verify benchmark's first calls took over
-# 240 s on an H200.
-REPLAY_FORMS = ((1, 4, 0), (2, 2, 1))
-FORM_NAMES = ("", "p")
+# 240 s on an H200. FORM 2 (since the eighteenth session; not yet timed on a GPU) is the first tile with the new
+# steps' loads two steps ahead of their use: FORM 0's loads of a step wait behind the last step's stores (the
+# compiler cannot move a load above a store it cannot prove apart), so each new step there waits on memory once.
+REPLAY_FORMS = ((1, 4, 0), (2, 2, 1), (1, 4, 2))
+FORM_NAMES = ("", "p", "f")
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
 TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
 
@@ -76,7 +78,8 @@ def window_rows(W: int, T: int) -> tuple[int, int]:
 
 
 def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``n`` for the norm split over a head's programs."""
+    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``f`` for FORM 2, ``n`` for the norm split over a
+    head's programs."""
     return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}{'n' if splits_norm(tile) else ''}"
 
 

@@ -11,10 +11,12 @@ The kernel unrolls the window's steps (its sizes are compile-time constants). St
 dt = 0, the identity. No step's inputs depend on the state: ``FORM`` 1 loads them all before the first step (the
 window's x, dt, B and C as (steps x block) tiles), so that a call waits on memory once rather than once a step (a
 store between two steps keeps the compiler from moving the next step's loads ahead of it), then takes each step's
-row out of the tiles. Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On
-an H100 at the 8B head the first tile (FORM 0) won at every verify shape (docs/gpu.md, the seventeenth session); a
-chunked form (the window as float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x
-and 6-18x slower.
+row out of the tiles. ``FORM`` 2 keeps FORM 0's per-step loads but issues the new steps' two steps ahead of their
+use (steps 0 and 1 during the replay), so that no new step waits on memory behind the last step's stores. Which
+tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On an H100 at the 8B head the
+first tile (FORM 0) won at every verify shape (docs/gpu.md, the seventeenth session); a chunked form (the window as
+float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x and 6-18x slower. FORM 2
+came after that and has not yet been timed on a GPU.
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
@@ -79,6 +81,21 @@ def _row(tile, rows, t):
 
 
 @triton.jit
+def _new_step(xb, dtb, Bb, Cb, zb, t, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z: tl.constexpr):
+    """FORM 2's loads of new step ``t`` from the row's base pointers: raw x, raw dt, raw B, C and z in float32 (z
+    stands in as C without HAS_Z, unread)."""
+    x = tl.load(xb + t * x_st, mask=mask_p, other=0.0)
+    dt = tl.load(dtb + t * dt_st)
+    B = tl.load(Bb + t * B_st, mask=mask_n, other=0.0)
+    C = tl.load(Cb + t * C_st, mask=mask_n, other=0.0).to(tl.float32)
+    if HAS_Z:
+        z = tl.load(zb + t * z_st, mask=mask_p, other=0.0).to(tl.float32)
+    else:
+        z = C
+    return x, dt, B, C, z
+
+
+@triton.jit
 def _at(vec, rows, t):
     """Entry ``t`` of a vector of steps."""
     return tl.sum(tl.where(rows == t, vec, 0.0), axis=0)
@@ -110,7 +127,8 @@ def _replay_kernel(
     # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
     # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 loads
     # every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers of
-    # two), then runs the steps in turn, each taking its row out of the tiles. SPLIT_NORM (the gated op where a head
+    # two), then runs the steps in turn, each taking its row out of the tiles. FORM 2: FORM 0 with the new steps'
+    # loads two steps ahead (steps 0 and 1 before the replay). SPLIT_NORM (the gated op where a head
     # spans several programs): each program writes its rows of the gated outputs, in float32, to the y32 scratch
     # (batch x heads, T, headdim) and counts itself in cnt once it is done; the last of a head's programs to count
     # normalises the head's rows of every step (HEAD_P: headdim padded), stores them, and resets the count. No program
@@ -184,6 +202,19 @@ def _replay_kernel(
         dtn = tl.where(on_t, _softplus(dtn_raw.to(tl.float32) + dt_bias), 0.0)
         Bn = Bn_raw.to(tl.float32)
 
+    if FORM == 2:  # the new steps' loads run two steps ahead of their use: steps 0 and 1 now, under the replay
+        xb = x_ptr + b * x_sb + g * x_sg + offs_p * x_sp
+        dtb = dt_ptr + b * dt_sb + h * dt_sh
+        Bb = B_ptr + b * B_sb + g * B_sg + offs_n * B_sn
+        Cb = C_ptr + b * C_sb + cg * C_sg + offs_n * C_sn
+        zb = z_ptr + b * z_sb + h * z_sh + offs_p * z_sp
+        if T > 0:  # T = 0: no new step to read
+            n0 = _new_step(xb, dtb, Bb, Cb, zb, 0, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z)
+            if T > 1:
+                n1 = _new_step(xb, dtb, Bb, Cb, zb, 1, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z)
+            else:
+                n1 = n0
+
     # 1. Replay the accepted steps of the last window (no outputs).
     for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
         if FORM == 1:
@@ -208,9 +239,15 @@ def _replay_kernel(
             if HAS_Z:
                 zt = _row(zn, rt, t)
         else:
-            x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
-            dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
-            B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
+            if FORM == 2:  # step t's inputs came two steps ago; step t + 2's loads go out before this step's stores
+                x_raw, dt_raw, B_raw, Cv, zt = n0
+                n0 = n1
+                if t + 2 < T:
+                    n1 = _new_step(xb, dtb, Bb, Cb, zb, t + 2, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z)
+            else:
+                x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
+                dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
+                B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
             if SLOTTED:
                 tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
                          x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
@@ -222,11 +259,12 @@ def _replay_kernel(
             x = x_raw.to(tl.float32)
             dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
             Bv = B_raw.to(tl.float32)
-            Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
-                         other=0.0).to(tl.float32)
-            if HAS_Z:
-                zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
+            if FORM != 2:
+                Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
                              other=0.0).to(tl.float32)
+                if HAS_Z:
+                    zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
+                                 other=0.0).to(tl.float32)
         s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
         y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
