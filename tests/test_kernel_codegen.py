@@ -176,8 +176,8 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_load
     128, tiled; gated: also with the norm split over a head's programs) and the default teacher's (64 x 64, one
     program a head): none spills; the form that loads the window first (FORM 1) issues at most a third of the first
     tile's global loads; the form that loads the new steps ahead (FORM 2) issues more loads before its first store
-    (the first two new steps') than the first tile; the split-norm tiles count themselves with one acq_rel atomic and read the rows back past
-    L1."""
+    (the first two new steps') than the first tile; the split-norm tiles count themselves with one acq_rel atomic
+    and read the rows back past L1."""
     from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
     for p, n, gated in ((128, 128, False), (64, 64, True), (128, 128, True)):
