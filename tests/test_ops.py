@@ -214,6 +214,42 @@ def test_kernels_option_chooses_references_per_process_and_names_bad_values(monk
     ops.configure("auto")
 
 
+def test_gpu_session_runs_parts_joined_by_plus_at_once_and_reports_each(tmp_path):
+    """``gpu_session.sh part5+part4`` (benchmarks/gpu_session.sh ``together``) starts both parts before either ends
+    (a stub python3 that waits for its sibling to start stands in for pytest), gives each its own log, prints each
+    part's report after both, and leaves listing (and packing) the output folder to the parent."""
+    import os
+    import stat
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    stub = tmp_path / "bin" / "python3"
+    stub.parent.mkdir()
+    # each fake pytest run marks that it started, then waits (up to 20 s) until two runs have started
+    stub.write_text(f"""#!/bin/sh
+echo "$@"
+touch "{tmp_path}/started.$$"
+i=0
+while [ "$(ls {tmp_path}/started.* | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
+[ "$(ls {tmp_path}/started.* | wc -l)" -ge 2 ] && echo "1 passed" || echo "alone"
+""")
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(out), "DEADLINE": "120"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "part5+part4"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    logs = {p.name: p.read_text() for p in out.iterdir()}
+    assert set(logs) == {"tests-part4.log", "tests-part5.log"}, logs
+    assert "test_large_shapes_gpu.py" in logs["tests-part5.log"] and "1 passed" in logs["tests-part5.log"]
+    assert "test_kd_fused.py" in logs["tests-part4.log"] and "1 passed" in logs["tests-part4.log"]
+    text = proc.stdout
+    assert "together: part5, part4" in text
+    assert text.index("== part5") < text.index("== part4") < text.rindex("done")
+    assert text.count("tests-part4.log") == 1, text  # one listing of $OUT: the parent's, after the reports
+
+
 def test_every_gpu_test_file_is_in_one_part_of_the_gpu_session():
     """The gpu suite runs on the H200 in named parts of at most 8 minutes (benchmarks/gpu_session.sh part1..5);
     a new gpu test file must be given a part, or it would never run there."""
