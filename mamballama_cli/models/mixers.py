@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamballama_cli import ops
-from mamballama_cli.models.step import ReplayWindow, Step, one_token_step, project_in
+from mamballama_cli.models.step import ReplayWindow, Step, one_token_step, project_in, project_in_conv
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -332,10 +332,9 @@ class Mamba2Mixer(AttentionInitMixer):
         norm in one op; ``state`` updated in place."""
         fns = step.fns
         b = x.shape[0]
-        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, fns)  # (batch, d_in_proj)
-        z, xbc, dt_raw = self.split_in(zxbcdt)
-        xbc = fns["conv_update_inplace"](xbc, state["conv"], self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                                         self.activation)
+        zxbcdt, xbc = project_in_conv(x, self.in_proj.weight, self.in_proj.bias, state["conv"],
+                                      self.conv1d.weight[:, 0, :], self.conv1d.bias, self.d_z, self.activation, fns)
+        z, _, dt_raw = self.split_in(zxbcdt)  # xbc: the conv's output, (batch, conv_dim)
         xs, Bs, Cs = torch.split(xbc, [self.d_x, self.d_B, self.d_C], dim=-1)
         gated = self.gated_norm
         y = fns["ssm_step_gated"](

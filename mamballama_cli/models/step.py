@@ -118,6 +118,23 @@ def project_in(x, weight: Tensor, bias: Tensor | None, fns: "OpTable") -> Tensor
     return fns["gemv"](x, weight, bias)
 
 
+def project_in_conv(x, weight: Tensor, bias: Tensor | None, conv_state: Tensor, conv_weight: Tensor,
+                    conv_bias: Tensor | None, start: int, activation: str | None,
+                    fns: OpTable) -> tuple[Tensor, Tensor]:
+    """:func:`project_in`, then the conv step on the projection's columns ``start .. start + C`` (a Mamba-2 layer's
+    [x | B | C]; ``conv_state`` (batch, C, width - 1) slid in place): (the projection, the conv's output); what the
+    projection holds in the conv's columns is unspecified. For a :class:`NormedInput`, the norm, the projection and
+    the conv are one op (``add_rmsnorm_gemv_conv``: at one row on CUDA, the conv in the GEMV's epilogue where that
+    was timed faster)."""
+    if isinstance(x, NormedInput):
+        y, xbc, x.new_residual = fns["add_rmsnorm_gemv_conv"](x.hidden, x.residual, x.weight, x.eps, weight, bias,
+                                                              conv_state, conv_weight, conv_bias, start, activation)
+        return y, xbc
+    y = fns["gemv"](x, weight, bias)
+    xbc = y[..., start: start + conv_state.shape[1]]
+    return y, fns["conv_update_inplace"](xbc, conv_state, conv_weight, conv_bias, activation)
+
+
 def one_token_step(device) -> Step:
     """A decode :class:`Step` without positions: what a Mamba mixer's ``forward`` uses for one cached token. Its
     ops are looked up at this call (as every op of ``forward`` is), so ``MAMBALLAMA_KERNELS`` applies at once."""

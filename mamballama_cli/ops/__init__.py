@@ -74,7 +74,8 @@ _fast_loaded = False
 # must rank ahead of mamba_ssm's (ops.external), as documented; off, the probe's refusal leaves mamba_ssm's in front.
 FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.external", "mamballama_cli.ops.triton_decode",
                 "mamballama_cli.ops.triton_gemv", "mamballama_cli.ops.triton_gemv_swiglu",
-                "mamballama_cli.ops.triton_gemv_fused", "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
+                "mamballama_cli.ops.triton_gemv_fused", "mamballama_cli.ops.triton_gemv_conv",
+                "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
                 "mamballama_cli.ops.triton_selective_replay", "mamballama_cli.ops.triton_attention",
                 "mamballama_cli.ops.kd_triton", "mamballama_cli.ops.triton_conv", "mamballama_cli.ops.triton_rope",
                 "mamballama_cli.ops.triton_commit")

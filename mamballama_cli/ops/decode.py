@@ -80,6 +80,21 @@ def conv_update_inplace_ref(x: Tensor, conv_state: Tensor, weight: Tensor, bias:
     return _activate(y, activation).to(x.dtype)
 
 
+def add_rmsnorm_gemv_conv_ref(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float, weight: Tensor,
+                              bias: Tensor | None, conv_state: Tensor, conv_weight: Tensor,
+                              conv_bias: Tensor | None = None, start: int = 0,
+                              activation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-2 layer's first ops of a decode step: ``add_rmsnorm_gemv`` (in_proj), then ``conv_update_inplace`` on
+    the projection's columns ``start .. start + C`` (C = conv_state's channels: [x | B | C]), which slides
+    ``conv_state`` in place. Returns (the projection, the conv's output (..., C), residual + x); what the
+    projection holds in the conv's columns is unspecified (the fast twin, ops/triton_gemv_conv.py, which applies the
+    conv in the one-row GEMV's epilogue where that was timed faster, writes the conv's output there and returns a
+    view of it)."""
+    y, h = add_rmsnorm_gemv_ref(x, residual, norm_weight, eps, weight, bias)
+    xbc = y[..., start: start + conv_state.shape[1]]
+    return y, conv_update_inplace_ref(xbc, conv_state, conv_weight, conv_bias, activation), h
+
+
 def ssm_step_gated_ref(state: Tensor, x: Tensor, B: Tensor, C: Tensor, dt_raw: Tensor, dt_bias: Tensor,
                        A_log: Tensor, D: Tensor | None, z: Tensor | None, norm_weight: Tensor | None,
                        eps: float) -> Tensor:
@@ -178,6 +193,7 @@ DECODE_REFERENCES = {
     "add_rmsnorm_gemv": add_rmsnorm_gemv_ref,
     "add_rmsnorm_gemv_swiglu": add_rmsnorm_gemv_swiglu_ref,
     "conv_update_inplace": conv_update_inplace_ref,
+    "add_rmsnorm_gemv_conv": add_rmsnorm_gemv_conv_ref,
     "ssm_step_gated": ssm_step_gated_ref,
     "rope_kv_write": rope_kv_write_ref,
     "decode_attention": decode_attention_ref,

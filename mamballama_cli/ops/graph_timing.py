@@ -80,12 +80,14 @@ def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> d
 def kernel_choices() -> dict:
     """What the per-shape choices of this process came to, for a benchmark's JSON: the gemv kernel's
     (``gemv_kernel_shapes``, ``gemv_pdl_shapes``, ``gemv_timings``), the SwiGLU GEMV's (``gemv_swiglu_shapes``,
-    ``gemv_swiglu_timings``), the fused norm + GEMV kernel's (``fused_gemv_shapes``, ``fused_gemv_timings``) and the
+    ``gemv_swiglu_timings``), the fused norm + GEMV kernel's (``fused_gemv_shapes``, ``fused_gemv_timings``), the
+    in_proj GEMV with the conv in its epilogue (``gemv_conv_shapes``, ``gemv_conv_timings``) and the
     replay kernel's tiles (``replay_tiles``, ``replay_timings``) and the Mamba-2 step kernel's (``step_tiles``); empty
     for a module that was never imported (no CUDA, or the references forced)."""
-    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "replay_tiles": {},
-           "step_tiles": {}}
-    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "replay_tiles", "triton_decode"):
+    out = {"gemv_kernel_shapes": [], "gemv_swiglu_shapes": [], "fused_gemv_shapes": [], "gemv_conv_shapes": [],
+           "replay_tiles": {}, "step_tiles": {}}
+    for name in ("triton_gemv", "triton_gemv_swiglu", "triton_gemv_fused", "triton_gemv_conv", "replay_tiles",
+                 "triton_decode"):
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())

@@ -97,13 +97,26 @@ if triton is not None:
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         md = d < dim
         k = tl.arange(0, BLOCK_W)  # window slots 0 .. WIDTH-2 (oldest first)
+        x = tl.load(X + pb * stride_xb + d, mask=md, other=0.0)
+        out, new, m2 = _conv_window(S + pb * stride_sb, stride_sd, stride_sw, x, W, stride_wd, stride_ww, BIAS, Y, d,
+                                    md, k, WIDTH, HAS_BIAS, SILU)
+        tl.store(Y + pb * stride_yb + d, out, mask=md)
+        tl.debug_barrier()  # in place: every thread has read the old window before any slot is overwritten
+        tl.store(SO + pb * stride_ob + d[:, None] * stride_od + k[None, :] * stride_ow,
+                 new.to(SO.dtype.element_ty), mask=m2)
+
+    @triton.jit
+    def _conv_window(S, stride_sd, stride_sw, x, W, stride_wd, stride_ww, BIAS, Y, d, md, k,
+                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+        # One conv step of channels d (md: the live ones; k: the window's slots 0 .. WIDTH-2, oldest first) on
+        # their new inputs x: (y in Y's dtype, the slid window, its mask). Also the epilogue of the one-row in_proj
+        # GEMV (ops/triton_gemv_conv.py), where x is the GEMV's own output.
         m2 = md[:, None] & (k[None, :] < WIDTH - 1)
-        s_ptrs = S + pb * stride_sb + d[:, None] * stride_sd + k[None, :] * stride_sw
+        s_ptrs = S + d[:, None] * stride_sd + k[None, :] * stride_sw
         s = tl.load(s_ptrs, mask=m2, other=0.0)
-        # the slid window's slots (slot k takes slot k+1), loaded now: a load after the output's store below would
+        # the slid window's slots (slot k takes slot k+1), loaded now: a load after the output's store would
         # wait a round trip of its own
         nxt = tl.load(s_ptrs + stride_sw, mask=md[:, None] & (k[None, :] + 1 < WIDTH - 1), other=0.0)
-        x = tl.load(X + pb * stride_xb + d, mask=md, other=0.0)
         w_win = tl.load(W + d[:, None] * stride_wd + k[None, :] * stride_ww, mask=m2, other=0.0).to(tl.float32)
         w_new = tl.load(W + d * stride_wd + (WIDTH - 1) * stride_ww, mask=md, other=0.0).to(tl.float32)
         acc = tl.sum(s.to(tl.float32) * w_win, axis=1) + x.to(tl.float32) * w_new
@@ -113,12 +126,8 @@ if triton is not None:
         if SILU:
             of = out.to(tl.float32)
             out = (of * tl.sigmoid(of)).to(Y.dtype.element_ty)
-        tl.store(Y + pb * stride_yb + d, out, mask=md)
         # slide the window: slot k takes slot k+1, the newest slot takes x
-        new = tl.where(k[None, :] == WIDTH - 2, x[:, None].to(nxt.dtype), nxt)
-        tl.debug_barrier()  # in place: every thread has read the old window before any slot is overwritten
-        tl.store(SO + pb * stride_ob + d[:, None] * stride_od + k[None, :] * stride_ow,
-                 new.to(SO.dtype.element_ty), mask=m2)
+        return out, tl.where(k[None, :] == WIDTH - 2, x[:, None].to(nxt.dtype), nxt), m2
 
     @triton.jit
     def _ssm_step_gated_kernel(STATE, X, B, C, DT, DT_BIAS, A_LOG, D, Z, NW, OUT, Y32, CNT,

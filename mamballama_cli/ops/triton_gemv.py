@@ -68,6 +68,14 @@ if triton is not None:
         # GLU: W is [gate; up] (2N x K) and the output silu(gate . x) * (up . x) (N): each program takes its gate
         # rows and the up rows N further, a second accumulator, and the SwiGLU in its epilogue, in the roundings of
         # the ops apart (each projection, then silu, then the product, rounded to the output's dtype)
+        y, rows, live = _gemv_block(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K, PDL, GLU)
+        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
+
+    @triton.jit
+    def _gemv_block(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
+        # The one-row kernel's work up to its store: (this program's outputs in float32, their rows, which are
+        # live); also the body of the conv-epilogue kernel (ops/triton_gemv_conv.py)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
         rows_read = tl.where(live, rows, 0)  # a last partial block reads row 0 for its dead rows, stores nothing
@@ -124,7 +132,7 @@ if triton is not None:
             if HAS_BIAS:
                 up += tl.load(BIAS + N + rows_read).to(tl.float32)
             y = _glu(y, up, Y)
-        tl.store(Y + rows, y.to(Y.dtype.element_ty), mask=live)
+        return y, rows, live
 
     @triton.jit
     def _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
