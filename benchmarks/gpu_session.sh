@@ -11,13 +11,15 @@
 # the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
-# b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B),
+# b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B), b1noconv (b1 with in_proj
+# and the conv apart, not the gemv_conv kernel: its A/B),
 # replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py),
 # gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
-#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed, SwiGLU GEMV),
+#   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed, SwiGLU GEMV,
+#   conv GEMV),
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
 # STEP+STEP runs those steps at the same time (e.g. part1+part2: two pytest runs, JOBS workers each), reports after;
@@ -110,6 +112,7 @@ for step in $STEPS; do
         b1cublas) MAMBALLAMA_REF_OPS=gemv speed b1cublas 200 --models hybrid --batch-sizes 1 --contexts "" ;;
         b1nopdl) speed b1nopdl 200 --no-pdl --models hybrid --batch-sizes 1 --contexts "" ;;
         b1noglu) speed b1noglu 200 --no-glu --models hybrid --batch-sizes 1 --contexts "" ;;
+        b1noconv) speed b1noconv 200 --no-gemv-conv --models hybrid --batch-sizes 1 --contexts "" ;;
         park) mkdir -p /tmp/teacher && cp .teacher-a/part_aa /tmp/teacher/ && ls -la /tmp/teacher ;;
         serve) serve_pair ;;
         profile) stamp profile; timeout "$(left 120)" python3 benchmarks/profile_step.py > "$OUT/profile.txt" 2>&1
@@ -152,7 +155,8 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
                    tests/test_feature_round.py ;;
-        part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py ;;
+        part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py \
+                   tests/test_gemv_conv.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         *) echo "unknown step $step" ;;
     esac

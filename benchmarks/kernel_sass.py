@@ -101,6 +101,24 @@ def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch:
     return compile_kernel(fn, args, const, warps, stages, arch, unaligned=("M",))  # M (the rows) is small, odd
 
 
+def compile_conv_tile(tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90):
+    """One tile of the one-row GEMV with the conv step in its epilogue (ops/triton_gemv_conv.py), compiled for
+    ``sm<arch>`` as at run time on a bf16 in_proj of width ``k`` with a bf16 width-4 window and SiLU."""
+    from mamballama_cli.ops import triton_gemv_conv as g
+
+    bn, bk, warps = tile
+    args = {**dict.fromkeys(("X", "W", "BIAS", "Y", "S", "CW", "CB"), "*bf16"),
+            **dict.fromkeys(("N", "K", "stride_wn", "C0", "C", "stride_sd", "stride_cwd"), "i32")}
+    const = {"stride_sw": 1, "stride_cww": 1, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk,
+             "EVEN_K": k % bk == 0, "PDL": pdl, "WIDTH": 4, "HAS_CB": True, "SILU": True, "BLOCK_W": 4}
+    return compile_kernel(g._gemv_conv_kernel, args, const, warps, 1, arch, unaligned=("C0", "C"))
+
+
+def report_conv(tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
+    """:func:`report` for the one-row tile with the conv epilogue (:func:`compile_conv_tile`)."""
+    return loop_report(compile_conv_tile(tile, k, pdl), 1, tile, tile[0] * tile[1] / (32 * tile[2]))
+
+
 def _objdump(kernel, flag: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -254,7 +272,8 @@ def attention_rows(heads: int, kv_heads: int) -> set[int]:
 
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
-    the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``); the
+    the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``) and
+    with the conv epilogue (``["gemvconv", tile, K, pdl]``); the
     multi-row ones at each distinct row split of the acc mode (the dot modes pad every count alike, so once); the
     fused kernel's candidates at each distinct padded row count (the tensor-core ones once: 8 rows at any count)
     and each K."""
@@ -265,6 +284,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     for k in ks:
         jobs += [["gemv", 1, list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["glu", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
+        jobs += [["gemvconv", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["glu", list(t), k, False] for t in g.SKINNY if t[-1] in g.GLU_MODES]  # five rows: every count alike
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
@@ -303,6 +323,9 @@ def _compile_job(job) -> None:
     elif job[0] == "glu":
         _, tile, k, pdl = job
         compile_tile(1 if len(tile) == 3 else 5, tuple(tile), k, pdl, glu=True)
+    elif job[0] == "gemvconv":
+        _, tile, k, pdl = job
+        compile_conv_tile(tuple(tile), k, pdl)
     elif job[0] == "replay":
         compile_replay(*job[1:])
     elif job[0] == "attention":

@@ -171,25 +171,28 @@ def test_the_op_runs_the_kernel_only_where_it_can_and_was_chosen(monkeypatch):
 
 
 def test_the_speed_benchmark_takes_no_glu_and_hands_the_rest_to_eval_speed():
-    """``benchmarks/speed.py --no-glu`` (gpu_session.sh b1noglu): the flag is the script's own, so eval speed never
-    sees it, and it switches the SwiGLU kernel off (the rest reaches eval speed)."""
+    """``benchmarks/speed.py --no-glu`` (gpu_session.sh b1noglu) and ``--no-gemv-conv`` (b1noconv): the flags are the
+    script's own, so eval speed never sees them, and each switches its kernel off (the SwiGLU GEMV; the in_proj
+    GEMV with the conv epilogue, ops/triton_gemv_conv.py); the rest reaches eval speed."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
-    done = subprocess.run([sys.executable, str(script), "--no-glu", "--no-pdl", "--help"], capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run([sys.executable, str(script), "--no-glu", "--no-pdl", "--no-gemv-conv", "--help"],
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0 and "--max-batch" in done.stdout, done.stderr[-2000:]
     bad = subprocess.run([sys.executable, str(script), "--no-such-option"], capture_output=True, text=True,
                          timeout=120, check=False)
     assert bad.returncode != 0
-    code = ("import runpy, sys\n"
-            f"sys.argv = [{str(script)!r}, '--no-glu', '--help']\n"
-            "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
-            "from mamballama_cli.ops import triton_gemv_swiglu as s\nprint('GLU', s.GLU)\n")
-    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert "GLU False" in off.stdout, off.stderr[-2000:]
+    for flag, want in (("--no-glu", "GLU False CONV True"), ("--no-gemv-conv", "GLU True CONV False")):
+        code = ("import runpy, sys\n"
+                f"sys.argv = [{str(script)!r}, {flag!r}, '--help']\n"
+                "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "from mamballama_cli.ops import triton_gemv_conv as c, triton_gemv_swiglu as s\n"
+                "print('GLU', s.GLU, 'CONV', c.CONV)\n")
+        off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+        assert want in off.stdout, (flag, off.stdout, off.stderr[-2000:])  # that kernel off, and only by its flag
 
 
 def test_the_fused_norm_swiglu_op_runs_its_gemv_and_swiglu_as_the_gemv_swiglu_op(monkeypatch):
