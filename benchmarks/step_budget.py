@@ -78,6 +78,7 @@ def budget(data: dict, model: str = "hybrid") -> dict:
     step_us = 1e6 / row["decode_tok_s"]
     kernel, pdl = set(row.get("gemv_kernel_shapes", [])), set(row.get("gemv_pdl_shapes", []))
     glu = set(row.get("gemv_swiglu_shapes", []))
+    conv = {name.split(" conv ")[0] for name in row.get("gemv_conv_shapes", [])}  # "NxK conv C": in_proj + its conv
     items, total = [], 0.0
     for shape, count in sorted(projection_shapes(config).items(), key=lambda kv: -kv[1] * _size(kv[0])):
         timing = row.get("gemv_timings", {}).get(f"1x{shape} {dtype}")
@@ -90,6 +91,8 @@ def budget(data: dict, model: str = "hybrid") -> dict:
         us, how = served_us(timing, f"1x{shape}" in kernel, f"1x{shape}" in pdl)
         if f"1x{shape}" in glu:  # the SwiGLU GEMV served it: its own timing has the norm before it in it
             how = "gemv_swiglu (timed: the GEMV alone)"
+        if shape in conv:  # in_proj with the conv step in its epilogue (ops/triton_gemv_conv.py)
+            how = "gemv_conv (timed: the GEMV alone)"
         total += count * us
         items.append({"shape": shape, "count": count, "served_by": how, "us": us, "step_us": count * us,
                       "share": count * us / step_us, "tb_s": weight / us / 1e6})

@@ -122,42 +122,53 @@ def test_the_margin_over_cublas_applies_to_tall_weights_timed_without_graphs_onl
 
 def test_the_decode_step_runs_its_linears_through_the_gemv_ops():
     """Every projection of a one-token step goes through the op table's ``gemv`` (out_proj, o_proj, down_proj) or
-    one of the GEMV ops with the norm before it fused in (``add_rmsnorm_gemv``: in_proj or [q; k; v] after the
-    input norm, lm_head; ``add_rmsnorm_gemv_swiglu``: [gate; up] with SwiGLU after it), so the kernels (or
-    ``--kernels ref:gemv``) apply to all; the step's logits equal those of the same walk with the ops apart."""
+    one of the GEMV ops with the norm before it fused in (``add_rmsnorm_gemv``: [q; k; v] after the input norm,
+    lm_head; ``add_rmsnorm_gemv_conv``: a Mamba-2 in_proj and its conv after it; ``add_rmsnorm_gemv_swiglu``:
+    [gate; up] with SwiGLU after it), so the kernels (or ``--kernels ref:gemv``) apply to all; the step's logits
+    equal those of the same walk with the ops apart."""
     from helpers import tiny_hybrid
     from mamballama_cli.models.runtime import Runtime
-    from mamballama_cli.ops.decode import add_rmsnorm_ref, gemv_ref, swiglu_ref
+    from mamballama_cli.ops.decode import add_rmsnorm_ref, conv_update_inplace_ref, gemv_ref, swiglu_ref
 
     model, _ = tiny_hybrid()
     rt = Runtime(model, 1, 32)
-    calls = {"gemv": [], "add_rmsnorm_gemv": [], "add_rmsnorm_gemv_swiglu": []}
+    calls = {"gemv": [], "add_rmsnorm_gemv": [], "add_rmsnorm_gemv_swiglu": [], "add_rmsnorm_gemv_conv": []}
     refs = {name: rt.fns[name] for name in calls}
     rt.fns["gemv"] = lambda x, w, b=None: calls["gemv"].append(tuple(w.shape)) or refs["gemv"](x, w, b)
     for name in ("add_rmsnorm_gemv", "add_rmsnorm_gemv_swiglu"):
         rt.fns[name] = lambda x, r, nw, eps, w, b=None, name=name: (
             calls[name].append(tuple(w.shape)) or refs[name](x, r, nw, eps, w, b))
+    rt.fns["add_rmsnorm_gemv_conv"] = lambda x, r, nw, eps, w, b, *conv: (
+        calls["add_rmsnorm_gemv_conv"].append(tuple(w.shape)) or refs["add_rmsnorm_gemv_conv"](x, r, nw, eps, w, b,
+                                                                                              *conv))
     ids = torch.randint(0, model.config.vocab_size, (1, 5))
     rt.prefill(ids)
     step = rt.step(pos=torch.tensor([5]), length=torch.tensor([6]))
     logits = rt.walk(ids[:, -1], step)
-    n_layers = model.config.num_hidden_layers
     inter, hidden = model.config.intermediate_size, model.config.hidden_size
+    layers = model.model.layers
     outs = [tuple((layer.self_attn.o_proj.weight if layer.is_attention else layer.mamba.out_proj.weight).shape)
-            for layer in model.model.layers]
+            for layer in layers]
     assert calls["gemv"] == [s for o in outs for s in (o, (hidden, inter))]  # each mixer's output, then down_proj
-    firsts = [tuple((layer.self_attn.q_proj.weight if layer.is_attention else layer.mamba.in_proj.weight).shape)
-              for layer in model.model.layers]  # [q; k; v] is q_proj's rows and k's and v's
-    got = calls["add_rmsnorm_gemv"]
-    assert len(got) == n_layers + 1 and got[-1] == tuple(model.lm_head.weight.shape)
-    assert [s[1] for s in got[:-1]] == [s[1] for s in firsts]
-    assert calls["add_rmsnorm_gemv_swiglu"] == [(2 * inter, hidden)] * n_layers
+    got = calls["add_rmsnorm_gemv"]  # [q; k; v] is q_proj's rows and k's and v's
+    assert len(got) == len(model.config.attn_layers) + 1 and got[-1] == tuple(model.lm_head.weight.shape)
+    assert all(s[1] == hidden for s in got[:-1])
+    assert calls["add_rmsnorm_gemv_conv"] == [tuple(layer.mamba.in_proj.weight.shape) for layer in layers
+                                              if not layer.is_attention]
+    assert calls["add_rmsnorm_gemv_swiglu"] == [(2 * inter, hidden)] * len(layers)
     assert logits.shape == (1, model.config.vocab_size)
-    # the same step with every norm and SwiGLU apart from their GEMVs: the same logits, bit for bit on CPU
+    # the same step with every norm, SwiGLU and conv apart from their GEMVs: the same logits, bit for bit on CPU
     rt.fns["add_rmsnorm_gemv"] = lambda x, r, nw, eps, w, b=None: (
         lambda n_h: (gemv_ref(n_h[0], w, b), n_h[1]))(add_rmsnorm_ref(x, r, nw, eps))
     rt.fns["add_rmsnorm_gemv_swiglu"] = lambda x, r, nw, eps, w, b=None: (
         lambda n_h: (swiglu_ref(gemv_ref(n_h[0], w, b)), n_h[1]))(add_rmsnorm_ref(x, r, nw, eps))
+
+    def conv_apart(x, r, nw, eps, w, b, state, cw, cb, start, act):
+        normed, h = add_rmsnorm_ref(x, r, nw, eps)
+        y = gemv_ref(normed, w, b)
+        return y, conv_update_inplace_ref(y[..., start:start + state.shape[1]], state, cw, cb, act), h
+
+    rt.fns["add_rmsnorm_gemv_conv"] = conv_apart
     rt.prefill(ids)
     assert torch.equal(rt.walk(ids[:, -1], step), logits)
 
@@ -423,11 +434,19 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     config = SimpleNamespace(kwargs={"BLOCK_N": 128, "SPLIT": 4}, num_warps=4)
     monkeypatch.setattr(step._ssm_step_tuned, "cache", {(128, 128, "torch.float32", "torch.bfloat16"): config})
     assert step.choices_report() == {"step_tiles": {"128x128 float32": "128x4/4"}}
+    from mamballama_cli.ops import triton_gemv_conv as conv
+
+    monkeypatch.setattr(conv, "CHOICES", {(10272, 4096, 6144, torch.bfloat16, 0): True,
+                                          (1545, 576, 960, torch.bfloat16, 0): False})
+    monkeypatch.setattr(conv, "TIMINGS", {(1545, 576, 960, torch.bfloat16, 0): {"conv_us": 4.0, "apart_us": 3.0}})
+    assert conv.choices_report() == {"gemv_conv_shapes": ["10272x4096 conv 6144"],
+                                     "gemv_conv_timings": {"1545x576 conv 960 bfloat16": {"conv_us": 4.0,
+                                                                                          "apart_us": 3.0}}}
     from mamballama_cli.ops.graph_timing import kernel_choices
 
     # what the benchmarks' JSONs carry
     assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report(), **replay.choices_report(),
-                                **step.choices_report()}
+                                **step.choices_report(), **conv.choices_report()}
 
 
 def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):

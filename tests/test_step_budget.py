@@ -39,11 +39,13 @@ def test_the_budget_counts_each_gemv_of_a_step_and_adds_up_what_served_it(tmp_pa
     assert out.stat().st_size > 10_000 and json.loads((tmp_path / "b.json").read_text())["tok_s"] == row["decode_tok_s"]
 
 
-def test_a_shape_the_swiglu_gemv_served_is_named_so():
+def test_a_shape_the_swiglu_or_the_conv_gemv_served_is_named_so():
     data = json.loads(SPEED.read_text())
     data["rows"][0]["gemv_swiglu_shapes"] = ["1x28672x4096"]
+    data["rows"][0]["gemv_conv_shapes"] = ["6176x4096 conv 6144"]  # this hybrid's in_proj (no gate), conv epilogue
     served = {it["shape"]: it["served_by"] for it in step_budget.budget(data)["items"]}
     assert served["28672x4096"].startswith("gemv_swiglu") and served["4096x14336"] == "kernel"
+    assert served["6176x4096"].startswith("gemv_conv") and not served["6144x4096"].startswith("gemv_conv")
 
 
 def test_the_gate_adds_its_z_rows_to_in_proj_and_the_teacher_is_all_attention():
