@@ -74,9 +74,9 @@ def test_the_conv_kernel_takes_one_row_a_matching_window_and_known_activations()
     from mamballama_cli import ops
     from mamballama_cli.ops import triton_gemv_conv as g
 
-    half = lambda *s: torch.randn(*s).to(torch.bfloat16)  # noqa: E731
+    half = lambda *s: torch.randn(*s).to(torch.bfloat16)
     x, w, state, cw, cb = half(1, 64), half(100, 64), half(1, 40, 3), half(40, 4), half(40)
-    ok = lambda *a, **k: g.conv_supported(*a, **k)  # noqa: E731
+    ok = lambda *a, **k: g.conv_supported(*a, **k)
     assert ok(x, w, None, state, cw, cb, 10, "silu") and ok(x, w, None, state, cw, None, 60, None)
     assert not ok(half(2, 64), w, None, half(2, 40, 3), cw, cb, 10, "silu")  # two rows
     assert not ok(x, w, None, state, cw, cb, 61, "silu")  # columns 61 .. 100 pass the output's 100
@@ -138,6 +138,7 @@ def test_the_conv_kernel_serves_a_shape_only_where_it_agrees_and_is_timed_faster
     y, xbc, h = g.add_rmsnorm_gemv_conv_triton(*args)  # CPU tensors: the kernel refused (float32), the ops apart
     want = add_rmsnorm_gemv_conv_ref(x, r, nw[0], 1e-5, w, None, before.clone(), cw, None, 8, "silu")
     assert torch.equal(xbc, want[1]) and torch.equal(h, want[2]) and not torch.equal(state, before)
+    assert torch.equal(y[:, :8], want[0][:, :8]) and torch.equal(y[:, 48:], want[0][:, 48:])  # z and dt columns
 
 
 @pytest.mark.parametrize("gate", [True, False])
@@ -161,7 +162,7 @@ def test_a_mamba2_decode_step_runs_in_proj_and_its_conv_as_one_op(gate):
         rt = Runtime(model, 1, 16)
         calls = []
         if not fused:  # the op as the two it replaced
-            def apart(x, r, nw, eps, w, b, s, cw, cb, start, act):
+            def apart(x, r, nw, eps, w, b, s, cw, cb, start, act, calls=calls):
                 calls.append(start)
                 y, h = add_rmsnorm_gemv_ref(x, r, nw, eps, w, b)
                 return y, conv_update_inplace_ref(y[..., start:start + s.shape[1]], s, cw, cb, act), h
@@ -169,7 +170,7 @@ def test_a_mamba2_decode_step_runs_in_proj_and_its_conv_as_one_op(gate):
             rt.fns["add_rmsnorm_gemv_conv"] = apart
         else:
             op = rt.fns["add_rmsnorm_gemv_conv"]
-            rt.fns["add_rmsnorm_gemv_conv"] = lambda *a: calls.append(a[9]) or op(*a)
+            rt.fns["add_rmsnorm_gemv_conv"] = lambda *a, calls=calls, op=op: calls.append(a[9]) or op(*a)
         rt.fns["conv_update_inplace"] = lambda *a: pytest.fail("the conv ran apart from in_proj")
         with torch.no_grad():
             rt.prefill(ids[:, :5])
@@ -194,11 +195,16 @@ def test_the_conv_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dtyp
     from mamballama_cli import ops
     from mamballama_cli.ops.decode import add_rmsnorm_gemv_conv_ref
     from mamballama_cli.ops.triton_gemv import CONFIGS, _pdl_usable
-    from mamballama_cli.ops.triton_gemv_conv import CHOICES, TIMINGS, add_rmsnorm_gemv_conv_triton, gemv_conv_launch
+    from mamballama_cli.ops.triton_gemv_conv import (
+        CHOICES,
+        TIMINGS,
+        add_rmsnorm_gemv_conv_triton,
+        gemv_conv_launch,
+    )
 
     assert ops.dispatch("add_rmsnorm_gemv_conv", torch.device("cuda"))[0] == "mamballama-triton"
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device="cuda") * scale).to(dtype)  # noqa: E731
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen, device="cuda") * scale).to(dtype)
     for n, k, c, start in ((10272, 4096, 6144, 4096), (6176, 4096, 6144, 0), (1545, 576, 960, 576)):
         x, r, nw = rnd(1, k), rnd(1, k), rnd(k)
         w, b = rnd(n, k, scale=k**-0.5), None
@@ -214,7 +220,7 @@ def test_the_conv_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dtyp
                 err = float((y[:, start:start + c].double() - want[1]).norm() / want[1].norm())
                 assert err < 1e-2 and float((s.double() - s_ref).norm() / s_ref.norm()) < 1e-2, (cfg, pdl, n)
         s = state.clone()
-        y, xbc, h = add_rmsnorm_gemv_conv_triton(x, r, nw, 1e-5, w, b, s, cw, cb, start, "silu")
+        _, xbc, h = add_rmsnorm_gemv_conv_triton(x, r, nw, 1e-5, w, b, s, cw, cb, start, "silu")
         key = (n, k, c, dtype, x.device.index)
         assert key in CHOICES and TIMINGS[key]["how"] == "graph", TIMINGS.get(key)
         assert float((xbc.double() - want[1]).norm() / want[1].norm()) < 1e-2
