@@ -285,10 +285,12 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         jobs += [["gemv", 1, list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["glu", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["gemvconv", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
-        jobs += [["glu", list(t), k, False] for t in g.SKINNY if t[-1] in g.GLU_MODES]  # five rows: every count alike
+        # five rows: every count alike; the pdl form too (the dot modes take their first K tile apart from the loop)
+        jobs += [["glu", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.GLU_MODES for pdl in (False, True)]
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
+            jobs += [["gemv", 5, list(t), k, True]]
         fused = {}  # one job per distinct compilation: the tensor-core tiles are one code at any row count
         for kind in (f.NORM, f.NORM_SWIGLU):
             for m in range(1, g.MAX_ROWS + 1):

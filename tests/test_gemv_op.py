@@ -540,31 +540,32 @@ def test_the_fused_candidates_are_what_the_autotuner_keeps_at_each_row_count():
 @NEEDS_TRITON
 def test_the_pdl_form_of_every_gemv_candidate_equals_the_reference_under_the_interpreter():
     """The kernels' programmatic-dependent-launch form (ops/triton_gemv.py, ``pdl=True``): the one-row kernel loads
-    its first weight tile before the wait and keeps the next one in flight, so its loop differs from the plain one;
-    every one-row candidate with K a multiple of the tile, K not, and K shorter than one tile, and the multi-row
-    kernel's CUDA-core modes. The interpreter has no grid dependency control: the wait is a no-op there (on CUDA the
-    gpu test runs the real launch)."""
+    its first weight tile before the wait and keeps the next one in flight, and the multi-row kernel's tensor-core
+    modes take their first K tile apart from the loop, its weights loaded before the wait, so their loops differ
+    from the plain ones. Every one-row candidate and every multi-row one (the EXTRA tiles too), with K a multiple of
+    the tile, K not, and K shorter than one tile (the loop after the first tile empty), in fp16 (the interpreter's
+    tl.dot reads bf16 as raw bits). The interpreter has no grid dependency control: the wait is a no-op there (on
+    CUDA the gpu test runs the real launch)."""
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
 import torch.nn.functional as F
-from mamballama_cli.ops.triton_gemv import CONFIGS, GDC, SKINNY, gemv_launch
+from mamballama_cli.ops.triton_gemv import CONFIGS, EXTRA, GDC, SKINNY, gemv_launch
 assert not GDC
 gen = torch.Generator().manual_seed(1)
 out = {}
 for lead, n, k, bias in (((1,), 37, 4096, True), ((1,), 64, 1000, False), ((1,), 21, 96, True),
-                         ((5,), 70, 1000, True), ((3,), 40, 512, False)):
+                         ((5,), 70, 1000, True), ((3,), 40, 512, False), ((5,), 33, 48, True)):
     x = torch.randn(*lead, k, generator=gen).to(torch.float16)
     w = torch.randn(n, k, generator=gen).to(torch.float16)
     b = torch.randn(n, generator=gen).to(torch.float16) if bias else None
     want = F.linear(x.double(), w.double(), b.double() if bias else None)
-    cfgs = CONFIGS if x.numel() == k else [c for c in SKINNY if c[-1] == "acc"]
-    for cfg in cfgs:
+    for cfg in CONFIGS if x.numel() == k else SKINNY + EXTRA:
         y = gemv_launch(x, w, b, config=cfg, pdl=True)
         out[f"{lead} {n}x{k} {cfg}"] = float((y.double() - want).norm() / want.norm())
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=600)
-    from mamballama_cli.ops.triton_gemv import CONFIGS, SKINNY
+    from mamballama_cli.ops.triton_gemv import CONFIGS, EXTRA, SKINNY
 
-    assert len(errs) == 3 * len(CONFIGS) + 2 * sum(c[-1] == "acc" for c in SKINNY)
+    assert len(errs) == 3 * len(CONFIGS) + 3 * len({tuple(c) for c in SKINNY + EXTRA})
     bad = {k: v for k, v in errs.items() if not v < 4e-3}
     assert not bad, bad
 

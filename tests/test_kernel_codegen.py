@@ -60,6 +60,18 @@ def test_the_swiglu_epilogue_keeps_the_one_row_loop_lean(gemv):
             assert glu["pdl_wait"] == pdl and plain["pdl_wait"] == pdl
 
 
+def test_the_verify_window_pdl_form_keeps_the_tensor_core_loop(gemv):
+    """Five rows in the programmatic-dependent-launch form: the dot and dotw tiles take their first K tile before
+    the loop, its weights loaded before ``griddepcontrol.wait``; the loop still multiplies on tensor cores from a
+    cp.async pipeline at under 4 instructions a weight element, nothing spills, and the wait is there. Compiled
+    for sm90 on 2026-12-05 under triton 3.9: 0.99-3.38 instructions a weight element against 1.0-3.42 before."""
+    for tile in [t for t in gemv.SKINNY + gemv.EXTRA if t[-1] in ("dot", "dotw")]:
+        r = kernel_sass.report(5, tile, k=4096, pdl=True)
+        assert r["pdl_wait"] and r["local_bytes"] == 0, r
+        assert r["ops"].get("HMMA", 0) + r["ops"].get("HGMMA", 0) > 0 and r["ops"].get("LDGSTS", 0) > 0, r
+        assert r["per_weight_element"] < 4.0, r
+
+
 def test_the_conv_epilogue_leaves_the_one_row_loop_as_it_was(gemv):
     """The one-row kernel with the conv step in its epilogue (ops/triton_gemv_conv.py; a Mamba-2 in_proj): in both
     launch forms its weight loop issues what the plain kernel's does, within 0.1 instructions a weight element, with

@@ -193,14 +193,26 @@ if triton is not None:
                      mask=live_b[:, None] & live_n[None, :])
 
     @triton.jit
+    def _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K: tl.constexpr, GLU: tl.constexpr):
+        # The pdl form's first tiles: the weight tile (and GLU's up tile) loaded before waiting on the kernel before
+        # this one (no kernel writes weights, so they may be in flight while it finishes), x once it is done
+        w = _w_tile(w_ptrs, 0, cols, K, EVEN_K)
+        u = w
+        if GLU:
+            u = _w_tile(u_ptrs, 0, cols, K, EVEN_K)
+        _grid_wait()
+        return _x_tile(x_ptrs, 0, cols, K, live_m, EVEN_K), w, u
+
+    @triton.jit
     def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
-                  GLU: tl.constexpr):
+                  GLU: tl.constexpr, PDL: tl.constexpr):
         # The dot modes: the rows times this program's block of outputs on tensor cores, float32 accumulator. dot:
         # the rows as tl.dot's M, padded to DOT_ROWS = 16. dotw (OUTPUTS_FIRST): the weight tile as tl.dot's first
         # operand (the outputs as its M) and the rows as its N, padded to WIDE_ROWS = 8 only (an m16n8k16 product's
         # N); its accumulator is transposed once, after the loop. GLU: W is [gate; up] (2N x K); the up rows N
-        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel.
+        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel. PDL:
+        # the first K tile is taken before the loop, its weights loaded before the grid wait (_first_tiles).
         PAD: tl.constexpr = WIDE_ROWS if OUTPUTS_FIRST else DOT_ROWS
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
@@ -211,10 +223,17 @@ if triton is not None:
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
         u_ptrs = W + (outs_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # GLU: the up rows
+        start = 0
         if OUTPUTS_FIRST:
             acc_t = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
             acc_ut = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # GLU only (otherwise never touched)
-            for k0 in range(0, K, BLOCK_K):
+            if PDL:
+                x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
+                acc_t = tl.dot(w, tl.trans(x), acc_t)
+                if GLU:
+                    acc_ut = tl.dot(u, tl.trans(x), acc_ut)
+                start = BLOCK_K
+            for k0 in range(start, K, BLOCK_K):
                 x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
                 acc_t = tl.dot(w, tl.trans(x), acc_t)
                 if GLU:
@@ -224,7 +243,13 @@ if triton is not None:
         else:
             acc = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            if PDL:
+                x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
+                acc = tl.dot(x, tl.trans(w), acc)
+                if GLU:
+                    acc_u = tl.dot(x, tl.trans(u), acc_u)
+                start = BLOCK_K
+            for k0 in range(start, K, BLOCK_K):
                 x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
                 acc = tl.dot(x, tl.trans(w), acc)
                 if GLU:
@@ -246,15 +271,16 @@ if triton is not None:
         # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
         # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
         # can be helped; one weight load serves both groups), 2 dotw (_dot_rows). GLU: the dot modes only.
-        # PDL: launched beside the kernel before it, it waits for that kernel before its first load.
-        if PDL:
-            _grid_wait()
+        # PDL: launched beside the kernel before it, it waits for that kernel before its first load of x (the acc
+        # mode: before any load; the dot modes load their first weight tile before waiting).
         if MODE == 1:
+            if PDL:
+                _grid_wait()
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
         else:
             _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K,
-                      MODE == 2, GLU)
+                      MODE == 2, GLU, PDL)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"], a["MODE"])[name])
