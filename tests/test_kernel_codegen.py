@@ -145,9 +145,13 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     assert sum(j[0] == "gemv" and j[1] == 1 for j in jobs) == 2 * len(gemv.CONFIGS)
     assert sorted((tuple(j[1]), j[3]) for j in jobs if j[0] == "glu") == sorted(
         [(t, pdl) for t in gemv.CONFIGS for pdl in (False, True)]  # the SwiGLU epilogue, both launch forms
-        + [(t, False) for t in gemv.SKINNY if t[-1] in ("dot", "dotw")])  # and at several rows
+        + [(t, pdl) for t in gemv.SKINNY if t[-1] in ("dot", "dotw") for pdl in (False, True)])  # and at 5 rows
+    assert sorted((tuple(j[1]), j[3]) for j in jobs if j[0] == "gemvconv") == sorted(
+        (t, pdl) for t in gemv.CONFIGS for pdl in (False, True))  # the conv epilogue, both launch forms
     acc = [t for t in gemv.SKINNY if t[-1] == "acc"]
-    assert sum(j[0] == "gemv" and j[1] > 1 for j in jobs) == 7 * len(acc) + len(gemv.SKINNY + gemv.EXTRA) - len(acc)
+    several = [j for j in jobs if j[0] == "gemv" and j[1] > 1]
+    assert sum(not j[4] for j in several) == 7 * len(acc) + len(gemv.SKINNY + gemv.EXTRA) - len(acc)
+    assert sorted(tuple(j[2]) for j in several if j[4]) == sorted(gemv.SKINNY + gemv.EXTRA)  # pdl: 5 rows
     # the fused kernel: each distinct compilation once (kind, ROWS 1 or 8, tile; the tensor-core tiles are 8 rows'
     # code at any row count), every candidate at every row count among them
     compiled = {(j[1], fused.rows_of(tuple(j[3]), j[2]), tuple(j[3])) for j in jobs if j[0] == "fused"}
