@@ -204,6 +204,25 @@ if triton is not None:
         return _x_tile(x_ptrs, 0, cols, K, live_m, EVEN_K), w, u
 
     @triton.jit
+    def _dot_step(acc, acc_u, x, w, u, u_ptrs, k0, cols, K, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
+                  GLU: tl.constexpr, LOAD_U: tl.constexpr):
+        # One K tile of the dot modes: x (rows x K) times the weight tile w into the float32 accumulator, (rows x
+        # outputs), or (outputs x rows) with the weight as tl.dot's first operand; GLU: the up tile too, u or
+        # (LOAD_U) the tile at k0 of u_ptrs, loaded after the first product
+        if OUTPUTS_FIRST:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        if GLU:
+            if LOAD_U:
+                u = _w_tile(u_ptrs, k0, cols, K, EVEN_K)
+            if OUTPUTS_FIRST:
+                acc_u = tl.dot(u, tl.trans(x), acc_u)
+            else:
+                acc_u = tl.dot(x, tl.trans(u), acc_u)
+        return acc, acc_u
+
+    @triton.jit
     def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
                   GLU: tl.constexpr, PDL: tl.constexpr):
@@ -223,37 +242,23 @@ if triton is not None:
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
         w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
         u_ptrs = W + (outs_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # GLU: the up rows
-        start = 0
-        if OUTPUTS_FIRST:
-            acc_t = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
-            acc_ut = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # GLU only (otherwise never touched)
-            if PDL:
-                x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
-                acc_t = tl.dot(w, tl.trans(x), acc_t)
-                if GLU:
-                    acc_ut = tl.dot(u, tl.trans(x), acc_ut)
-                start = BLOCK_K
-            for k0 in range(start, K, BLOCK_K):
-                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-                acc_t = tl.dot(w, tl.trans(x), acc_t)
-                if GLU:
-                    acc_ut = tl.dot(_w_tile(u_ptrs, k0, cols, K, EVEN_K), tl.trans(x), acc_ut)
-            acc = tl.trans(acc_t)
-            acc_u = tl.trans(acc_ut)
+        if OUTPUTS_FIRST:  # (outputs x rows), transposed once after the loop
+            acc = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # GLU only (otherwise never touched)
         else:
             acc = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
-            if PDL:
-                x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
-                acc = tl.dot(x, tl.trans(w), acc)
-                if GLU:
-                    acc_u = tl.dot(x, tl.trans(u), acc_u)
-                start = BLOCK_K
-            for k0 in range(start, K, BLOCK_K):
-                x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-                acc = tl.dot(x, tl.trans(w), acc)
-                if GLU:
-                    acc_u = tl.dot(x, tl.trans(_w_tile(u_ptrs, k0, cols, K, EVEN_K)), acc_u)
+        start = 0
+        if PDL:
+            x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
+            acc, acc_u = _dot_step(acc, acc_u, x, w, u, u_ptrs, 0, cols, K, EVEN_K, OUTPUTS_FIRST, GLU, False)
+            start = BLOCK_K
+        for k0 in range(start, K, BLOCK_K):
+            x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
+            acc, acc_u = _dot_step(acc, acc_u, x, w, w, u_ptrs, k0, cols, K, EVEN_K, OUTPUTS_FIRST, GLU, True)
+        if OUTPUTS_FIRST:
+            acc = tl.trans(acc)
+            acc_u = tl.trans(acc_u)
         if HAS_BIAS:
             acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
             if GLU:
