@@ -18,16 +18,15 @@ kernels; for every shape the per-shape timing against cuBLAS decides.
 
 The launcher takes only what it is built for: at most :data:`MAX_ROWS` rows (all leading dimensions together),
 bf16 or fp16, x and the weight of one dtype, a weight with unit stride along K, and no autograd. Anything else
-goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B
-of these kernels. On the first call of a shape (a static decoder's warm-up, before its graph is recorded) the block
-sizes are autotuned and the tuned kernel is timed against cuBLAS; the faster of the two serves that shape from
-then on (:data:`CHOICES`), so the op cannot make a step slower than cuBLAS would. Where the kernel won, on Hopper
-and later, it is timed once more launched with programmatic dependent launch (``pdl``: the kernel may start while
-the one before it finishes; it loads only weights, which no kernel writes, before ``gdc_wait``, and the one-row
-kernel keeps its next weight tile in flight), behind the norm kernel that precedes a projection in a step, and
-that launch serves the shape if faster (:data:`PDL_CHOICES`). The decode step's small kernels (``add_rmsnorm``,
-``swiglu``, the Mamba-2 step, ops/triton_decode.py) let such a successor start as soon as they do.
-Importing this module registers the kernels on CUDA.
+goes to ``F.linear`` (cuBLAS), which is also what ``--kernels ref:gemv`` forces: the A/B of these kernels. On the
+first call of a shape (a static decoder's warm-up, before its graph is recorded) the block sizes are autotuned and
+the tuned kernel is timed against cuBLAS; the faster serves that shape from then on (:data:`CHOICES`). Where the
+kernel won, on Hopper and later, it is timed once more launched with programmatic dependent launch (``pdl``: it may
+start while the kernel before it finishes; it loads its first weight tile, which no kernel writes, before
+``gdc_wait``, and the one-row kernel keeps its next tile in flight), behind the norm kernel that precedes a
+projection in a step, and that launch serves the shape if faster (:data:`PDL_CHOICES`). The decode step's small
+kernels (ops/triton_decode.py) let such a successor start as soon as they do. Importing this module registers the
+kernels on CUDA.
 """
 
 from __future__ import annotations
@@ -74,8 +73,7 @@ if triton is not None:
     @triton.jit
     def _gemv_block(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, GLU: tl.constexpr):
-        # The one-row kernel's work up to its store: (this program's outputs in float32, their rows, which are
-        # live); also the body of the conv-epilogue kernel (ops/triton_gemv_conv.py)
+        # The one-row kernel up to its store: (outputs in float32, rows, live); also ops/triton_gemv_conv.py's body
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live = rows < N
         rows_read = tl.where(live, rows, 0)  # a last partial block reads row 0 for its dead rows, stores nothing
@@ -161,8 +159,7 @@ if triton is not None:
                   EVEN_K: tl.constexpr):
         # The acc mode: rows 0 .. RA - 1 and RA .. RA + RB - 1 (those below M; RB may be 0) against this program's
         # block of outputs (RBP: RB, at least 1), each weight tile loaded once for both groups; the products
-        # accumulated in float32
-        # (rows x BLOCK_N x BLOCK_K) tiles, summed over K once after the loop, as the one-row kernel does.
+        # accumulated in float32 (rows x BLOCK_N x BLOCK_K) tiles, summed over K once after the loop, as one row.
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
@@ -206,9 +203,8 @@ if triton is not None:
     @triton.jit
     def _dot_step(acc, acc_u, x, w, u, u_ptrs, k0, cols, K, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
                   GLU: tl.constexpr, LOAD_U: tl.constexpr):
-        # One K tile of the dot modes: x (rows x K) times the weight tile w into the float32 accumulator, (rows x
-        # outputs), or (outputs x rows) with the weight as tl.dot's first operand; GLU: the up tile too, u or
-        # (LOAD_U) the tile at k0 of u_ptrs, loaded after the first product
+        # One K tile of the dot modes into the float32 accumulators, (rows x outputs), or (outputs x rows) with w as
+        # tl.dot's first operand; GLU: the up tile too, u or (LOAD_U) u_ptrs' at k0, loaded after the first product
         if OUTPUTS_FIRST:
             acc = tl.dot(w, tl.trans(x), acc)
         else:
@@ -230,8 +226,8 @@ if triton is not None:
         # the rows as tl.dot's M, padded to DOT_ROWS = 16. dotw (OUTPUTS_FIRST): the weight tile as tl.dot's first
         # operand (the outputs as its M) and the rows as its N, padded to WIDE_ROWS = 8 only (an m16n8k16 product's
         # N); its accumulator is transposed once, after the loop. GLU: W is [gate; up] (2N x K); the up rows N
-        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel. PDL:
-        # the first K tile is taken before the loop, its weights loaded before the grid wait (_first_tiles).
+        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel. PDL: the
+        # first K tile before the loop, its weights loaded before the grid wait (_first_tiles).
         PAD: tl.constexpr = WIDE_ROWS if OUTPUTS_FIRST else DOT_ROWS
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
@@ -276,8 +272,7 @@ if triton is not None:
         # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
         # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
         # can be helped; one weight load serves both groups), 2 dotw (_dot_rows). GLU: the dot modes only.
-        # PDL: launched beside the kernel before it, it waits for that kernel before its first load of x (the acc
-        # mode: before any load; the dot modes load their first weight tile before waiting).
+        # PDL: launched beside the kernel before it, it waits for it before loading x (acc: before any load).
         if MODE == 1:
             if PDL:
                 _grid_wait()
