@@ -165,6 +165,17 @@ def test_ops_import_nothing_above_them():
     assert fresh_process_output(code).strip() == "[]"
 
 
+def test_no_python_file_of_the_package_passes_500_lines():
+    """Issue 15's house rule: every Python file under mamballama_cli/ holds at most 500 lines (a module that grows
+    past it splits along what it owns, docs/architecture.md)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "mamballama_cli"
+    sizes = {str(p.relative_to(root)): len(p.read_text().splitlines()) for p in root.rglob("*.py")}
+    assert len(sizes) > 50 and "ops/triton_gemv.py" in sizes
+    assert {name: n for name, n in sizes.items() if n > 500} == {}
+
+
 def test_fast_implementations_rank_by_module_not_by_import_order():
     """Implementations of one op rank in the order of ops.FAST_MODULES whichever module was imported first:
     installed packages' kernels ahead of the project's, except the project's opt-in RMSNorm, which must rank
