@@ -23,7 +23,7 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (this one too)
 from mamballama_cli.ops.common import GDC, _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES
+from mamballama_cli.ops.gemv_candidates import CONFIGS
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 from mamballama_cli.ops.triton_gemv import PDL_CHOICES, _pdl_usable, gemv_supported, triton, tuned_tiles
 
@@ -70,7 +70,7 @@ def conv_supported(x, weight, bias, conv_state, conv_weight, conv_bias, start: i
     kernel takes, a (1, C, width - 1) window and a (C, width) weight with the conv's columns inside the output, a
     known activation, no autograd, the references not forced for ``gemv`` or the conv, and :data:`CONV` on."""
     n, k = weight.shape
-    return (CONV and x.numel() == k and gemv_supported(x, weight, bias) and x.dtype in DTYPES
+    return (CONV and x.numel() == k and gemv_supported(x, weight, bias)
             and conv_state.dim() == 3 and conv_state.shape[0] == 1 and conv_weight.dim() == 2
             and conv_weight.shape[0] == conv_state.shape[1] and conv_weight.shape[1] == conv_state.shape[2] + 1
             and conv_weight.shape[1] >= 2 and 0 <= start and start + conv_state.shape[1] <= n
