@@ -108,6 +108,11 @@ def gemv_conv_launch(x, weight, bias, conv_state, conv_weight, conv_bias=None, s
     return y.view(*x.shape[:-1], N)
 
 
+def _pdl(x, weight) -> bool:
+    """Whether the kernel runs in its pdl launch: where the gemv op chose that launch for this weight at one row."""
+    return PDL_CHOICES.get((1, *weight.shape, x.dtype, x.device.index), False) and _pdl_usable(x)
+
+
 def _apart(x, residual, norm_w, eps, weight, bias, conv_state, conv_weight, conv_bias, start, activation):
     """What the kernel replaces, as dispatched on x's device: the ``add_rmsnorm_gemv`` op (the norm and the GEMV
     apart, or the fused kernel where that serves the shape), then ``conv_update_inplace`` on the conv's columns:
@@ -135,7 +140,7 @@ def _conv_is_faster(args: tuple, key) -> bool:
     try:
         s_want, s_got = conv_state.clone(), conv_state.clone()
         want = _apart(x, residual, norm_w, eps, weight, bias, s_want, *rest)  # also settles the gemv op's choices
-        pdl = PDL_CHOICES.get((1, *weight.shape, x.dtype, x.device.index), False)
+        pdl = _pdl(x, weight)
         got = _ours(x, residual, norm_w, eps, weight, bias, s_got, *rest, pdl)  # autotunes, outside the timing
         c0, c1 = start, start + conv_state.shape[1]
         pairs = ((got[1], want[1]), (s_got, s_want), (got[2], want[2]), (got[0][..., :c0], want[0][..., :c0]),
@@ -168,8 +173,7 @@ def add_rmsnorm_gemv_conv_triton(x, residual, norm_w, eps, weight, bias, conv_st
     key = (*weight.shape, conv_state.shape[1], x.dtype, x.device.index)
     if not chosen(CHOICES, key, x, lambda: _conv_is_faster(args, key)):
         return _apart(*args)
-    pdl = PDL_CHOICES.get((1, *weight.shape, x.dtype, x.device.index), False) and _pdl_usable(x)
-    return _ours(*args, pdl)
+    return _ours(*args, _pdl(x, weight))
 
 
 def choices_report() -> dict:
