@@ -36,11 +36,12 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     ``verify_backends`` the implementation of each op the verify calls ran.
     ``on_runner(runner, pos)`` runs with the target's runner before its verify timings (kernel profiles)."""
     from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.lookup import is_lookup_draft
     from mamballama_cli.generation.runners import as_hybrid, is_hybrid
     from mamballama_cli.generation.speculative import HybridRunner
     from mamballama_cli.models.feature_draft import is_feature_draft
 
-    if not is_hybrid(draft):
+    if not is_hybrid(draft) and not is_lookup_draft(draft):
         draft = as_hybrid(draft) or draft  # a Llama-family draft runs as an all-attention hybrid, as in a round
     device = prompt.device
     graphs = device.type == "cuda"
@@ -74,7 +75,10 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     # which implementation ran each op of the verify walk (a kernel whose probe failed runs its reference)
     out["verify_backends"] = dict(sorted(runner.runtime.fns.backends.items()))
     runner.runtime = runner.cache = None  # free its buffers before the next one
-    if is_feature_draft(draft):
+    if is_lookup_draft(draft):  # all K proposals come from one pass: a K-th of it per draft token
+        out["lookup_ms"] = lookup_ms(draft, prompt, K, capacity, iters)
+        out["draft_step_ms"] = out["lookup_ms"] / K
+    elif is_feature_draft(draft):
         out["draft_step_ms"] = feature_draft_step_ms(draft, prompt, K, capacity, iters)
     else:
         d_runner, d_call = timed_calls(draft, [(1, True, 0)], keep_live=True)
@@ -105,3 +109,25 @@ def feature_draft_step_ms(draft, prompt: torch.Tensor, K: int, capacity: int, it
     ms = cuda_time(fn, iters)
     runner.runtime = runner.cache = None
     return ms
+
+
+def lookup_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
+    """The lookup draft's K proposals over a ``capacity``-token context holding the prompt, as a round computes
+    them (context assembly included), captured on CUDA."""
+    from mamballama_cli.generation.lookup import assemble_context, lookup_propose
+    from mamballama_cli.models.runtime import capture_graph
+
+    device, n = prompt.device, prompt.shape[1]
+    ctx_prompt = torch.zeros(1, capacity, dtype=torch.long, device=device)
+    ctx_prompt[:, :n] = prompt
+    hist = torch.zeros(1, capacity, dtype=torch.long, device=device)
+    plen = torch.full((), n, dtype=torch.long, device=device)
+    hlen = torch.ones(1, dtype=torch.long, device=device)
+    pos = torch.arange(capacity, device=device)
+
+    def step():
+        ctx, length = assemble_context(ctx_prompt, plen, hist, hlen, pos)
+        return lookup_propose(ctx, length, K, draft.max_ngram, draft.min_ngram)
+
+    fn = capture_graph(step, device)[0].replay if device.type == "cuda" else step
+    return cuda_time(fn, iters)

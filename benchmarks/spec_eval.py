@@ -103,6 +103,7 @@ def main() -> None:
     from mamballama_cli.generation.acceptance import teacher_forced_agreement
     from mamballama_cli.generation.captured_round import acceptance_by_position
     from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.lookup import is_lookup_draft
     from mamballama_cli.generation.speculative_run import prepare_pair
     from mamballama_cli.loading import load_causal_lm
     from mamballama_cli.models.feature_draft import is_feature_draft
@@ -114,9 +115,9 @@ def main() -> None:
     n_new = args.max_new_tokens
     capacity = -(-(max(map(len, prompts)) + n_new + 2 * (max(ks) + 1)) // 256) * 256
     engines = args.engines.split(",")
-    if is_feature_draft(draft) and "loop" in engines:  # a feature draft needs the verify call's features
-        engines.remove("loop")
-        print("a feature draft runs in captured rounds only: the host loop is skipped", file=sys.stderr)
+    if (is_feature_draft(draft) or is_lookup_draft(draft)) and "loop" in engines:  # the verify call's features,
+        engines.remove("loop")  # or the device-side history
+        print(f"the {draft_name} draft runs in captured rounds only: the host loop is skipped", file=sys.stderr)
     print(f"{len(prompts)} prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), {n_new} new tokens, "
           f"K={','.join(map(str, ks))}, {device}", file=sys.stderr)
 
@@ -137,7 +138,7 @@ def main() -> None:
         plain_tokens = results["plain"].pop("_tokens")
         dec = None
     agreement = None
-    if plain_tokens and not is_feature_draft(draft):  # what the draft's quality allows (a feature draft's later
+    if plain_tokens and not is_feature_draft(draft) and not is_lookup_draft(draft):  # what the draft's quality allows (a feature draft's later
         # proposals read its own features, which a teacher-forced pass cannot give)
         agreement = [teacher_forced_agreement(draft, p, t) for p, t in zip(prompts, plain_tokens)]
         print(f"draft's teacher-forced agreement with the plain greedy tokens: {agreement_share(agreement):.4f}",
@@ -162,6 +163,8 @@ def main() -> None:
                 r["acceptance_by_position"] = acceptance_by_position(r["accepted_hist"])
             if agreement is not None:
                 r["simulated"] = simulated_rounds(agreement, K, n_new)
+            elif plain_tokens and is_lookup_draft(draft):
+                r["simulated"] = simulated_lookup(draft, prompts, plain_tokens, K)
         runs.append({"k": K, "engines": engines_k, "parts": speculative["parts"]})
         if len(ks) > 1:  # each window's result on disk as it finishes: a run cut short keeps the ones done
             write_result(sweep_result(args, target, draft_name, device, ks, prompts, n_new, runs), args.json)
@@ -196,6 +199,20 @@ def simulated_rounds(agreement: list[list[bool]], K: int, n_new: int) -> dict:
     calls = max(1, len(counts))
     return {"agreement": round(agreement_share(agreement), 4),
             "accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
+            "acceptance_by_position": acceptance_by_position(hist)}
+
+
+def simulated_lookup(draft, prompts, plain_tokens, K: int) -> dict:
+    """What greedy lookup rounds accept over the plain run's tokens (``generation.lookup.simulate_lookup``, the
+    plain-Python twin of the proposals): the engine should accept exactly this where its tokens equal plain's."""
+    from mamballama_cli.generation.acceptance import accepted_hist
+    from mamballama_cli.generation.captured_round import acceptance_by_position
+    from mamballama_cli.generation.lookup import simulate_lookup
+
+    counts = [m for p, t in zip(prompts, plain_tokens) for m in simulate_lookup(p, t, K, draft)]
+    hist = accepted_hist(counts, K)
+    calls = max(1, len(counts))
+    return {"accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
             "acceptance_by_position": acceptance_by_position(hist)}
 
 
@@ -237,7 +254,7 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
         if parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
             round_ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, parts_iters)
-        rounds.t.runtime = rounds.d.runtime = None
+        free_rounds(rounds)
         rounds = None
         if parts_iters:  # the same round with the commit's reference instead of its kernel (A/B)
             try:
@@ -275,7 +292,7 @@ def replayed_round_ms(target, draft, capacity: int, K: int, prompt, device, iter
         rounds = make_rounds(target, draft, 1, capacity, K)
         rounds.generate(torch.tensor([prompt], device=device), 8)
         ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, iters)
-        rounds.t.runtime = rounds.d.runtime = None
+        free_rounds(rounds)
         return ms
     finally:
         for k, v in saved.items():
@@ -283,6 +300,13 @@ def replayed_round_ms(target, draft, capacity: int, K: int, prompt, device, iter
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def free_rounds(rounds) -> None:
+    """Drop the rounds' runtimes (their static buffers) before the next measurement allocates its own."""
+    for runner in (rounds.t, rounds.d):
+        if runner is not None:  # a lookup round has no draft runner
+            runner.runtime = None
 
 
 def run_engine(label: str, fn, prompts, device) -> dict:

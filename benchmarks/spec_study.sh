@@ -52,7 +52,8 @@ PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 # DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft),
 # "feature:DECAY" (the same draft, its later training passes weighted DECAY ** k: --unroll-decay), "cut" (the
-# teacher's DRAFT_LAYERS) or "cut:LAYERS" (e.g. cut:0,6,12,18,24,29). DRAFT_KIND (one kind) is the older knob.
+# teacher's DRAFT_LAYERS), "cut:LAYERS" (e.g. cut:0,6,12,18,24,29) or "lookup" / "lookup:N" (no model, nothing to
+# train: proposals copied from the context, generation/lookup.py). DRAFT_KIND (one kind) is the older knob.
 DRAFTS=${DRAFTS:-${DRAFT_KIND:-cut feature}}
 ENGINES=${ENGINES:-plain,round}  # add loop for the host loop (a cut draft only)
 DRAFT_GEN=${DRAFT_GEN:-3000000}
@@ -79,10 +80,16 @@ draft_name() {
     feature) echo feature ;;
     feature:[0-9]*) echo "feature-d${spec#feature:}" ;;
     cut|cut:*) echo "cut-$(draft_layers "$spec" | tr ',' '-')" ;;
-    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut or cut:LAYERS (e.g. cut:0,10,20,29)" >&2; exit 2 ;;
+    lookup) echo lookup ;;
+    lookup:[0-9]*) echo "lookup-${spec#lookup:}" ;;
+    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut, cut:LAYERS (e.g. cut:0,10,20,29), lookup or lookup:N" >&2; exit 2 ;;
   esac
 }
 for spec in $DRAFTS; do draft_name "$spec" > /dev/null || exit 2; done
+# The drafts that are models (trained in step 3); a lookup draft has no weights.
+MODEL_DRAFTS=$(for spec in $DRAFTS; do [[ "$spec" == lookup* ]] || echo "$spec"; done | xargs)
+# What spec_eval reads as --draft: a trained draft's directory, or the lookup provider's name.
+draft_arg() { [[ "$1" == lookup* ]] && echo "$1" || echo "$WORK/draft-$(draft_name "$1")"; }
 
 stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFTS=\"$DRAFTS\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K KS=\"$KS\" PROMPTS=$PROMPTS NEW=$NEW"
 ensure_data
@@ -97,7 +104,7 @@ stage "data generate ($GEN_TOKENS tokens) beside the drafts' cuts ($DRAFTS)"
 "${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" \
     --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
     > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
-for spec in $DRAFTS; do
+for spec in $MODEL_DRAFTS; do
   [[ "$spec" == feature* ]] && continue
   name=$(draft_name "$spec")
   "${MM[@]}" convert default --draft-layers "$(draft_layers "$spec")" --output "$WORK/draft0-$name" --force --json \
@@ -115,7 +122,9 @@ stage "distill the student (budget $BUDGET_S s)"
     --output "$WORK/student" --force --json > "$RES/distill-student.json" 2> "$RES/distill-student.log"
 stage "distill student exit $?"
 
-# 3. The drafts: the student's own greedy samples, then KL to the student on them.
+# 3. The drafts: the student's own greedy samples, then KL to the student on them (left out when every draft is a
+# lookup draft).
+if [ -n "$MODEL_DRAFTS" ]; then
 stage "data generate: the student's own samples ($DRAFT_GEN tokens, greedy)"
 "${MM[@]}" data generate "$WORK/student" --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" \
     --tokens "$DRAFT_GEN" --batch-size "$GEN_BS" --max-new-tokens "$GEN_NEW" --temperature 0 --seed 1 \
@@ -131,13 +140,13 @@ draft_eval=()
 (( DRAFT_EVAL_GEN > 0 )) && [ -f "$WORK/sgen-eval/manifest.json" ] && draft_eval=(--eval-data "$WORK/sgen-eval" --eval-every "$DRAFT_EVAL_EVERY")
 # Every draft of DRAFTS trains at once on the one GPU, DRAFT_S each: a draft's training (a small model, micro-batches
 # of 8 rows) leaves most of an H200 idle, so side by side they cost about the time of one.
-if [[ " $DRAFTS " == *" feature"* ]]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
+if [[ " $MODEL_DRAFTS " == *" feature"* ]]; then  # a one-layer draft that reads the student's features (docs/speculative.md)
   stage "convert the student's feature draft"
   "${MM[@]}" convert "$WORK/student" --feature-draft --output "$WORK/draft0-feature" --force --json \
       > "$RES/convert-draft0-feature.json" 2> "$RES/convert-draft0-feature.log"
 fi
 pids=(); names=()
-for spec in $DRAFTS; do
+for spec in $MODEL_DRAFTS; do
   name=$(draft_name "$spec"); template=distill-draft; start=$name; extra=()
   if [[ "$spec" == feature* ]]; then
     template=distill-feature-draft; start=feature  # every feature draft starts from the one conversion
@@ -150,6 +159,7 @@ for spec in $DRAFTS; do
   pids+=($!); names+=("$name")
 done
 for i in "${!pids[@]}"; do wait "${pids[$i]}"; stage "distill ${names[$i]} draft exit $?"; done
+fi
 
 # 4. Speculative vs plain decoding of the student, held-out prompts, batch 1: per draft one process that measures
 # the plain engine once and the captured round at each window of K and KS (benchmarks/spec_eval.py -k 2,3,4).
@@ -158,13 +168,14 @@ ks=$K  # K first: a study cut short by its lease keeps that window's result (spe
 for k in $KS; do [ "$k" = "$K" ] || ks="$ks,$k"; done
 for spec in $DRAFTS; do
   name=$(draft_name "$spec")
-  stage "spec_eval: the trained $name draft, K=$ks ($ENGINES)"
-  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft-$name" -k "$ks" "${se[@]}" --engines "$ENGINES" \
+  what="the trained $name draft"; [[ "$spec" == lookup* ]] && what="the $spec draft (no model)"
+  stage "spec_eval: $what, K=$ks ($ENGINES)"
+  "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$(draft_arg "$spec")" -k "$ks" "${se[@]}" --engines "$ENGINES" \
       --json "$RES/spec-eval-$name.json" > /dev/null 2> "$RES/spec-eval-$name.log"
   grep -E "^(plain|speculative|K=)" "$RES/spec-eval-$name.log" | tee -a "$RES/timeline.txt"
 done
-if [ -n "${UNTRAINED:-}" ]; then
-  name=$(draft_name "${DRAFTS%% *}"); [[ "$name" == feature* ]] && name=feature  # one untrained feature draft
+if [ -n "${UNTRAINED:-}" ] && [ -n "$MODEL_DRAFTS" ]; then
+  name=$(draft_name "${MODEL_DRAFTS%% *}"); [[ "$name" == feature* ]] && name=feature  # one untrained feature draft
   stage "spec_eval: the untrained $name draft, K=$K (plain, captured round)"
   "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$WORK/draft0-$name" -k "$K" "${se[@]}" --engines plain,round \
       --json "$RES/spec-eval-untrained.json" > /dev/null 2> "$RES/spec-eval-untrained.log"
@@ -191,7 +202,7 @@ fi
   tail -n 1 "$RES/serve-$name.log" >> "$RES/timeline.txt"
 done
 cp "$WORK/student/training_summary.json" "$RES/summary-student.json" 2>/dev/null
-for spec in $DRAFTS; do
+for spec in $MODEL_DRAFTS; do
   name=$(draft_name "$spec")
   cp "$WORK/draft-$name/training_summary.json" "$RES/summary-draft-$name.json" 2>/dev/null
 done

@@ -51,9 +51,8 @@ class CapturedRounds:
                  stop_tokens=(), capture: bool | None = None):
         if not is_hybrid(target) and getattr(target, "config", None) is not None:
             target = as_hybrid(target) or target  # a Llama-family model runs exactly as an all-attention hybrid
-        if not is_hybrid(draft) and getattr(draft, "config", None) is not None:
-            draft = as_hybrid(draft) or draft
-        if not (is_hybrid(target) and is_hybrid(draft)):
+        draft = self._check_draft(draft)
+        if not is_hybrid(target):
             raise UsageError("captured rounds need a mamballama hybrid (or a Llama-family model) as target and as "
                              "draft")
         if k < 1:
@@ -66,7 +65,7 @@ class CapturedRounds:
             raise UsageError("captured rounds need a CUDA device; run them eagerly elsewhere (capture=False)")
         self.max_length = int(max_length)
         self.t = HybridRunner(target, self.b, self.max_length, window=self.k + 1, static=True)
-        self.d = HybridRunner(draft, self.b, self.max_length, window=self.k + 1, keep_live=True, static=True)
+        self.d = self._draft_runner(draft)
         z = lambda: torch.zeros(self.b, dtype=torch.long, device=self.device)  # noqa: E731
         self.t_start, self.t_keep, self.d_start, self.d_keep = z(), z(), z(), z()
         self.pending = torch.zeros(self.b, 2, dtype=torch.long, device=self.device)
@@ -80,6 +79,18 @@ class CapturedRounds:
         self.row_rounds = torch.zeros((), dtype=torch.long, device=self.device)
         self.acc_hist = torch.zeros(self.k + 1, dtype=torch.long, device=self.device)  # live rows per accepted count
         self.graph = None
+
+    def _check_draft(self, draft):
+        """The draft as a hybrid (a Llama-family model runs as an all-attention one), or a UsageError."""
+        if not is_hybrid(draft) and getattr(draft, "config", None) is not None:
+            draft = as_hybrid(draft) or draft
+        if not is_hybrid(draft):
+            raise UsageError("captured rounds need a mamballama hybrid (or a Llama-family model) as target and as "
+                             "draft")
+        return draft
+
+    def _draft_runner(self, draft) -> HybridRunner | None:
+        return HybridRunner(draft, self.b, self.max_length, window=self.k + 1, keep_live=True, static=True)
 
     # --- one round, all on the device ------------------------------------------------------------------------
     def _pick(self, logits: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -88,3 +88,15 @@ plugins.drafts.register(DraftSpec(
 plugins.drafts.register(DraftSpec(
     name="layers", description="layers:0,10,20,29 - a shrunk draft cut from the teacher in memory (untrained)",
     load=_load_layers))
+
+
+def _load_lookup(target_model=None, arg: str | None = None, **_):
+    """``lookup`` or ``lookup:N``: proposals copied from the context (generation/lookup.py); no weights."""
+    from mamballama_cli.generation.lookup import parse_lookup
+
+    return parse_lookup(arg)
+
+
+plugins.drafts.register(DraftSpec(
+    name="lookup", description="lookup[:N] - no model: the tokens that followed the last N-gram's latest earlier "
+    "occurrence (prompt lookup; N = 3)", load=_load_lookup))

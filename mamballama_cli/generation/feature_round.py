@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.captured_round import CapturedRounds
+from mamballama_cli.generation.lookup import LookupRounds, is_lookup_draft
 from mamballama_cli.models.feature_draft import is_feature_draft
 
 
@@ -98,7 +99,7 @@ class FeatureRounds(CapturedRounds):
 
 
 def make_rounds(target, draft, batch_size: int, max_length: int, k: int, **kw) -> CapturedRounds:
-    """The captured rounds for this pair: :class:`FeatureRounds` for a feature draft, else
-    :class:`CapturedRounds`."""
-    cls = FeatureRounds if is_feature_draft(draft) else CapturedRounds
+    """The captured rounds for this pair: :class:`FeatureRounds` for a feature draft,
+    :class:`~mamballama_cli.generation.lookup.LookupRounds` for the lookup draft, else :class:`CapturedRounds`."""
+    cls = FeatureRounds if is_feature_draft(draft) else LookupRounds if is_lookup_draft(draft) else CapturedRounds
     return cls(target, draft, batch_size, max_length, k, **kw)

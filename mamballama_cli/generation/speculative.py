@@ -30,6 +30,7 @@ from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.runners import HybridRunner, as_hybrid, is_hybrid, make_runner  # noqa: F401
 from mamballama_cli.generation.acceptance import accept_greedy, accept_sampled, draw  # noqa: F401
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
+from mamballama_cli.generation.lookup import is_lookup_draft
 from mamballama_cli.models.feature_draft import is_feature_draft
 
 
@@ -192,7 +193,8 @@ def speculative_generate(
     whole round (draft steps, verify, acceptance, commit) runs on the device, one CUDA graph per round on CUDA
     (generation/captured_round.py; hybrid target and draft, fixed ``k``); tokens reach ``on_tokens`` at the end.
     """
-    if captured_round or is_feature_draft(draft):  # a feature draft reads the verify call's features: rounds only
+    # a feature draft reads the verify call's features, the lookup draft the device-side history: rounds only
+    if captured_round or is_feature_draft(draft) or is_lookup_draft(draft):
         return _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs,
                          adaptive, on_tokens)
     if k < 1:
@@ -326,7 +328,7 @@ def speculative_generate(
 def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens, seed, cuda_graphs, adaptive,
               on_tokens) -> SpecResult:
     """speculative_generate(captured_round=True): the rounds of generation/captured_round.py (or of
-    generation/feature_round.py for a feature draft)."""
+    generation/feature_round.py for a feature draft, generation/lookup.py for the lookup draft)."""
     from mamballama_cli.generation.feature_round import make_rounds
 
     if adaptive:
@@ -340,14 +342,16 @@ def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens
     rounds = make_rounds(target, draft, b, n + max_new_tokens + 2 * (k + 1), k, sampling=sampling or SamplingConfig(),
                          stop_tokens=stop_tokens, capture=capture)
     out, st = rounds.generate(input_ids, max_new_tokens)
+    lookup = is_lookup_draft(draft)
     stats = SpecStats(k=k, rounds=st["rounds"], drafted=k * st["row_rounds"], accepted=st["accepted"],
                       produced=st["accepted"] + st["row_rounds"], row_rounds=st["row_rounds"],
                       new_tokens=len(out[0]), prompt_tokens=n, total_s=st["seconds"],
-                      draft_calls=st["rounds"] * k, target_calls=st["rounds"] + 1)
+                      draft_calls=0 if lookup else st["rounds"] * k, target_calls=st["rounds"] + 1)
     stats.rounds_by_k[k] = st["rounds"]
     if on_tokens is not None:
         on_tokens(out[0])
-    extra = {"cuda_graphs": capture, "draft_runner": "HybridRunner", "round_kind": type(rounds).__name__,
+    extra = {"cuda_graphs": capture, "draft_runner": str(draft) if lookup else "HybridRunner",
+             "round_kind": type(rounds).__name__,
              "target_runner": "HybridRunner",
              "batch_size": b, "adaptive_k": False, "per_row": True, "captured_round": True}
     return SpecResult(out, stats, extra=extra)

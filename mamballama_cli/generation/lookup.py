@@ -1,0 +1,173 @@
+"""A draft without weights: proposals copied from the context (prompt lookup; docs/speculative.md).
+
+Greedy text repeats itself: names, code, phrases of the prompt, and the loops a small model falls into. The lookup
+draft finds the most recent earlier place where the context's last n tokens occurred (the longest n from
+``max_ngram`` down to ``min_ngram`` that occurs) and proposes the K tokens that followed it there. When the
+continuation runs into the present (the match ends P tokens before the last token and P < K), it repeats with
+period P, as a loop would. With no match it proposes the last token again.
+
+A proposal costs a few element-wise passes over the context, not K forward passes of a model: at the default
+teacher's size (135M) a model draft step costs about 0.2 of a target step, so a round with K = 4 model drafts
+pays 0.8 of a step for drafting alone. The proposals need no training and share any tokenizer.
+
+:func:`lookup_propose` runs on the device inside a captured round (:class:`LookupRounds`); :func:`propose_host`
+is its plain-Python twin (the tests check one against the other) and :func:`simulate_lookup` what greedy rounds
+accept over known tokens (benchmarks/spec_eval.py's ``simulated``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mamballama_cli.errors import UsageError
+from mamballama_cli.generation.captured_round import CapturedRounds
+
+MAX_NGRAM = 3
+
+
+@dataclass(frozen=True)
+class LookupDraft:
+    """``--draft lookup`` (or ``lookup:N``, the longest n-gram tried): the marker a round dispatches on."""
+
+    max_ngram: int = MAX_NGRAM
+    min_ngram: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.min_ngram <= self.max_ngram <= 16:
+            raise UsageError(f"--draft lookup:{self.max_ngram}: the n-gram length must be 1 to 16, e.g. lookup:3")
+
+    def __str__(self) -> str:
+        return f"lookup:{self.max_ngram}"
+
+
+def is_lookup_draft(draft) -> bool:
+    return isinstance(draft, LookupDraft)
+
+
+def parse_lookup(arg: str | None) -> LookupDraft:
+    """``lookup`` or ``lookup:N`` -> a LookupDraft (a one-line error naming the value otherwise)."""
+    if not arg:
+        return LookupDraft()
+    try:
+        n = int(arg)
+    except ValueError:
+        raise UsageError(f"--draft lookup:{arg}: expected the longest n-gram as a number, e.g. lookup:3") from None
+    return LookupDraft(max_ngram=n)
+
+
+def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> Tensor:
+    """ctx (b, L) tokens, length (b,) how many are real (at least 1) -> (b, k) proposals.
+
+    For n from ``max_ngram`` down to ``min_ngram``: a match of length n ends at e when ctx[e - i] equals
+    ctx[length - 1 - i] for i < n, with e <= length - 2 (something follows it). The longest n that matches wins,
+    then the latest e. Proposal j is ctx[e + 1 + (j mod P)], P = length - 1 - e. No match: e = length - 2, which
+    proposes the last token K times. Fixed shapes and no host reads, so a CUDA graph can record it."""
+    b, L = ctx.shape
+    dev = ctx.device
+    e = torch.arange(L, device=dev)
+    last = length - 1
+    padded = F.pad(ctx, (max_ngram - 1, 0), value=-1)  # a shifted view per i, -1 before the start
+    tail = ctx.gather(1, (last[:, None] - torch.arange(max_ngram, device=dev)).clamp(min=0))  # tail[:, i] = ctx[last-i]
+    valid = e[None, :] <= (last - 1)[:, None]
+    match = valid
+    best = (last - 1).clamp(min=0)  # no match: the token before the last, whose successor is the last token
+    for n in range(1, max_ngram + 1):
+        i = n - 1
+        shifted = padded[:, max_ngram - 1 - i: max_ngram - 1 - i + L]  # shifted[:, e] = ctx[e - i]
+        match = match & (shifted == tail[:, i: i + 1]) & (last >= i)[:, None]
+        if n >= min_ngram:
+            latest = torch.where(match, e[None, :], -1).amax(1)
+            best = torch.where(latest >= 0, latest, best)  # a longer match overrides a shorter one
+    period = (last - best).clamp(min=1)
+    j = torch.arange(k, device=dev)
+    idx = torch.minimum(best[:, None] + 1 + j[None, :] % period[:, None], last[:, None])
+    return ctx.gather(1, idx)
+
+
+def assemble_context(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor,
+                     pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The (b, L) context [prompt | new tokens] and each row's length, from the prompt (b, L) of length
+    ``prompt_len`` (0-dim: a batch shares it) and the round's history of new tokens ``hist`` (b, L), ``hist_len``
+    (b,). ``pos``: arange(L), when the caller keeps one."""
+    b, L = prompt.shape
+    pos = torch.arange(L, device=prompt.device) if pos is None else pos
+    at = (pos - prompt_len).clamp(min=0, max=L - 1)
+    ctx = torch.where(pos[None, :] < prompt_len, prompt, hist.gather(1, at[None, :].expand(b, -1)))
+    return ctx, prompt_len + hist_len
+
+
+def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+    """:func:`lookup_propose` for one row, in plain Python (the reference the device version is tested against)."""
+    last = len(ctx) - 1
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n > last:  # the suffix and an earlier match cannot both fit
+            continue
+        key = ctx[last - n + 1:]
+        for e in range(last - 1, n - 2, -1):
+            if ctx[e - n + 1: e + 1] == key:
+                period = last - e
+                return [ctx[e + 1 + j % period] for j in range(k)]
+    e = max(last - 1, 0)
+    return [ctx[min(e + 1 + j % max(last - e, 1), last)] for j in range(k)]
+
+
+def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupDraft,
+                    n_new: int | None = None) -> list[int]:
+    """The accepted counts of greedy lookup rounds whose target writes ``tokens`` after ``prompt`` (the first token
+    comes from the prefill) until ``n_new`` tokens (default: all of them): what a round must accept when it decodes
+    exactly these tokens. Tokens past ``n_new`` let the last round accept what a verify call sees beyond it."""
+    seq = list(prompt) + list(tokens)
+    t, end, counts = len(prompt) + 1, len(seq), []
+    stop = len(prompt) + (len(tokens) if n_new is None else min(n_new, len(tokens)))
+    while t < stop:
+        d = propose_host(seq[:t], k, draft.max_ngram, draft.min_ngram)
+        a = 0
+        while a < k and t + a < end and d[a] == seq[t + a]:
+            a += 1
+        counts.append(a)
+        t += a + 1
+    return counts
+
+
+class LookupRounds(CapturedRounds):
+    """:class:`CapturedRounds` with the lookup draft: a round is the proposal over [prompt | new tokens], the
+    target's verify call, acceptance and the commit. The draft keeps no state, so nothing rolls back but the
+    target. Sampling is lossless as for any draft: a lookup proposal is a draw from a one-hot q."""
+
+    def __init__(self, target, draft: LookupDraft, batch_size: int, max_length: int, k: int, **kw):
+        if not is_lookup_draft(draft):
+            raise UsageError("LookupRounds needs a lookup draft (--draft lookup)")
+        self.lookup = draft
+        super().__init__(target, draft, batch_size, max_length, k, **kw)
+        self.prompt = torch.zeros(self.b, self.max_length, dtype=torch.long, device=self.device)
+        self.prompt_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self._pos = torch.arange(self.max_length, device=self.device)
+
+    def _check_draft(self, draft):
+        return draft
+
+    def _draft_runner(self, draft) -> None:
+        return None
+
+    def _round(self) -> None:
+        ctx, length = assemble_context(self.prompt, self.prompt_len, self.hist, self.hist_len, self._pos)
+        d = lookup_propose(ctx, length, self.k, self.lookup.max_ngram, self.lookup.min_ngram)
+        ids = torch.cat([self.pending[:, 1:], d], dim=1)  # (b, K + 1): the last kept token and the K proposals
+        self.t_start.add_(self.t_keep)
+        t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)
+        qs = [None] * self.k
+        if not self.sampling.greedy:
+            qs = list(F.one_hot(d, t_logits.shape[-1]).to(torch.float32).unbind(1))
+        self._accept_and_commit(d, qs, t_logits)
+
+    def _prefill(self, ids: Tensor) -> Tensor:
+        n = ids.shape[1]
+        logits = self.t.prefill(ids)
+        self._begin(n)
+        self.prompt[:, :n].copy_(ids)
+        self.prompt_len.fill_(n)
+        return logits
