@@ -248,3 +248,17 @@ def test_serve_load_benchmark_runs_and_reports(models, tmp_path):
     assert data["requests"] == 8 and data["prompt_tokens_mean"] >= 16 and data["completion_tokens"] > 0
     assert data["completion_tokens_per_s"] > 0 and data["latency_s"]["p95"] >= data["latency_s"]["p50"] > 0
     assert data["server"]["mode"] == "continuous-batched" and data["server"]["largest_batch"] > 1
+
+
+def test_serving_with_the_lookup_draft_answers_as_the_model_alone(models, capsys):
+    """`serve --draft lookup`: the draft without a model (generation/lookup.py) in captured rounds, lossless."""
+    s = Server(models["hybrid"], "--draft", "lookup", "-k", "4", "--name", "tiny", "--max-context", "96")
+    try:
+        assert "draft lookup, k=4" in s.health()["mode"]
+        prompt = "3 apples and pears pears pears"
+        g = run_cli(["generate", models["hybrid"], "--prompt", prompt, "-n", "16"], capsys)
+        assert g.code == 0, g.err
+        got = s.client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0)
+        assert got.choices[0].text == g.out.rstrip("\n")
+    finally:
+        s.stop()

@@ -66,7 +66,7 @@ def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGR
     ctx[length - 1 - i] for i < n, with e <= length - 2 (something follows it). The longest n that matches wins,
     then the latest e. Proposal j is ctx[e + 1 + (j mod P)], P = length - 1 - e. No match: e = length - 2, which
     proposes the last token K times. Fixed shapes and no host reads, so a CUDA graph can record it."""
-    b, L = ctx.shape
+    L = ctx.shape[1]
     dev = ctx.device
     e = torch.arange(L, device=dev)
     last = length - 1
