@@ -112,22 +112,20 @@ def feature_draft_step_ms(draft, prompt: torch.Tensor, K: int, capacity: int, it
 
 
 def lookup_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
-    """The lookup draft's K proposals over a ``capacity``-token context holding the prompt, as a round computes
-    them (context assembly included), captured on CUDA."""
-    from mamballama_cli.generation.lookup import assemble_context, lookup_propose
+    """The lookup draft's K proposals (the op ``lookup_draft``, as a round runs it) over a ``capacity``-token
+    buffer holding the prompt and one new token, captured on CUDA."""
     from mamballama_cli.models.runtime import capture_graph
+    from mamballama_cli.ops.lookup import lookup_draft
 
     device, n = prompt.device, prompt.shape[1]
-    ctx_prompt = torch.zeros(1, capacity, dtype=torch.long, device=device)
-    ctx_prompt[:, :n] = prompt
+    buf = torch.zeros(1, capacity, dtype=torch.long, device=device)
+    buf[:, :n] = prompt
     hist = torch.zeros(1, capacity, dtype=torch.long, device=device)
     plen = torch.full((), n, dtype=torch.long, device=device)
     hlen = torch.ones(1, dtype=torch.long, device=device)
-    pos = torch.arange(capacity, device=device)
 
     def step():
-        ctx, length = assemble_context(ctx_prompt, plen, hist, hlen, pos)
-        return lookup_propose(ctx, length, K, draft.max_ngram, draft.min_ngram)
+        return lookup_draft(buf, plen, hist, hlen, K, draft.max_ngram, draft.min_ngram)
 
     fn = capture_graph(step, device)[0].replay if device.type == "cuda" else step
     return cuda_time(fn, iters)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from clihelp import run_cli
-from helpers import tiny_hybrid
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, run_interpreted, tiny_hybrid
 from test_speculative import greedy_reference
 from test_speculative_cli import pair  # noqa: F401  (module fixture: a converted target and a cut draft)
 
@@ -178,6 +178,41 @@ def test_spec_eval_measures_the_lookup_draft(pair, tmp_path):  # noqa: F811
         i * c for i, c in enumerate(sim["accepted_hist"]))
     assert res["parts"]["lookup_ms"] > 0 and res["parts"]["draft_step_ms"] == pytest.approx(
         res["parts"]["lookup_ms"] / 3, rel=1e-3)
+
+
+def test_the_op_reference_reads_prompt_and_history_in_place_of_a_context():
+    """lookup_draft (ops/lookup.py) over [prompt | new tokens] kept apart, as a round keeps them."""
+    from mamballama_cli.ops.lookup import lookup_draft_ref
+
+    rng = random.Random(1)
+    L = 30
+    for plen in (1, 4, 17):
+        prompt = torch.tensor([[rng.randrange(4) for _ in range(L)] for _ in range(3)])
+        hist = torch.tensor([[rng.randrange(4) for _ in range(L)] for _ in range(3)])
+        hist_len = torch.tensor([0, 5, L - plen])
+        got = lookup_draft_ref(prompt, torch.tensor(plen), hist, hist_len, 6)
+        want = [propose_host(prompt[r, :plen].tolist() + hist[r, :int(hist_len[r])].tolist(), 6) for r in range(3)]
+        assert got.tolist() == want, plen
+
+
+@NEEDS_TRITON
+def test_lookup_kernel_equals_the_reference_under_the_interpreter():
+    """ops/triton_lookup.py: one program per row, blocks of end positions; equal to the reference on random rows
+    (matches of every length, loops, no match, contexts of one token and of more than one block)."""
+    out = run_interpreted(PATCHED_SCRIPT_HEAD + r"""
+from mamballama_cli.ops.triton_lookup import lookup_draft_check, lookup_draft_triton
+print(lookup_draft_check(lookup_draft_triton, device="cpu"), lookup_draft_check(lookup_draft_triton, "cpu", 1))
+""", str(__import__("pathlib").Path(__file__).parent))
+    assert out.split() == ["0", "0"], out
+
+
+@pytest.mark.gpu
+def test_lookup_kernel_equals_the_reference_on_cuda_and_is_chosen():
+    from mamballama_cli import ops
+    from mamballama_cli.ops.triton_lookup import lookup_draft_check, lookup_draft_triton
+
+    assert lookup_draft_check(lookup_draft_triton) == 0 and lookup_draft_check(lookup_draft_triton, seed=3) == 0
+    assert ops.dispatch("lookup_draft", torch.device("cuda"))[0] == "mamballama-triton"
 
 
 @pytest.mark.gpu

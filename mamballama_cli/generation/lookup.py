@@ -10,9 +10,11 @@ A proposal costs a few element-wise passes over the context, not K forward passe
 teacher's size (135M) a model draft step costs about 0.2 of a target step, so a round with K = 4 model drafts
 pays 0.8 of a step for drafting alone. The proposals need no training and share any tokenizer.
 
-:func:`lookup_propose` runs on the device inside a captured round (:class:`LookupRounds`); :func:`propose_host`
-is its plain-Python twin (the tests check one against the other) and :func:`simulate_lookup` what greedy rounds
-accept over known tokens (benchmarks/spec_eval.py's ``simulated``).
+The proposal is the op ``lookup_draft`` (ops/lookup.py: the reference, :func:`lookup_propose` over
+:func:`assemble_context`; ops/triton_lookup.py: one launch per round on CUDA), run on the device inside a
+captured round (:class:`LookupRounds`). :func:`propose_host` is its plain-Python twin (the tests check the two
+against each other) and :func:`simulate_lookup` what greedy rounds accept over known tokens
+(benchmarks/spec_eval.py's ``simulated``).
 """
 
 from __future__ import annotations
@@ -25,8 +27,7 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.captured_round import CapturedRounds
-
-MAX_NGRAM = 3
+from mamballama_cli.ops.lookup import MAX_NGRAM, assemble_context, lookup_draft, lookup_propose  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -57,47 +58,6 @@ def parse_lookup(arg: str | None) -> LookupDraft:
     except ValueError:
         raise UsageError(f"--draft lookup:{arg}: expected the longest n-gram as a number, e.g. lookup:3") from None
     return LookupDraft(max_ngram=n)
-
-
-def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> Tensor:
-    """ctx (b, L) tokens, length (b,) how many are real (at least 1) -> (b, k) proposals.
-
-    For n from ``max_ngram`` down to ``min_ngram``: a match of length n ends at e when ctx[e - i] equals
-    ctx[length - 1 - i] for i < n, with e <= length - 2 (something follows it). The longest n that matches wins,
-    then the latest e. Proposal j is ctx[e + 1 + (j mod P)], P = length - 1 - e. No match: e = length - 2, which
-    proposes the last token K times. Fixed shapes and no host reads, so a CUDA graph can record it."""
-    L = ctx.shape[1]
-    dev = ctx.device
-    e = torch.arange(L, device=dev)
-    last = length - 1
-    padded = F.pad(ctx, (max_ngram - 1, 0), value=-1)  # a shifted view per i, -1 before the start
-    tail = ctx.gather(1, (last[:, None] - torch.arange(max_ngram, device=dev)).clamp(min=0))  # tail[:, i] = ctx[last-i]
-    valid = e[None, :] <= (last - 1)[:, None]
-    match = valid
-    best = (last - 1).clamp(min=0)  # no match: the token before the last, whose successor is the last token
-    for n in range(1, max_ngram + 1):
-        i = n - 1
-        shifted = padded[:, max_ngram - 1 - i: max_ngram - 1 - i + L]  # shifted[:, e] = ctx[e - i]
-        match = match & (shifted == tail[:, i: i + 1]) & (last >= i)[:, None]
-        if n >= min_ngram:
-            latest = torch.where(match, e[None, :], -1).amax(1)
-            best = torch.where(latest >= 0, latest, best)  # a longer match overrides a shorter one
-    period = (last - best).clamp(min=1)
-    j = torch.arange(k, device=dev)
-    idx = torch.minimum(best[:, None] + 1 + j[None, :] % period[:, None], last[:, None])
-    return ctx.gather(1, idx)
-
-
-def assemble_context(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor,
-                     pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The (b, L) context [prompt | new tokens] and each row's length, from the prompt (b, L) of length
-    ``prompt_len`` (0-dim: a batch shares it) and the round's history of new tokens ``hist`` (b, L), ``hist_len``
-    (b,). ``pos``: arange(L), when the caller keeps one."""
-    b, L = prompt.shape
-    pos = torch.arange(L, device=prompt.device) if pos is None else pos
-    at = (pos - prompt_len).clamp(min=0, max=L - 1)
-    ctx = torch.where(pos[None, :] < prompt_len, prompt, hist.gather(1, at[None, :].expand(b, -1)))
-    return ctx, prompt_len + hist_len
 
 
 def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
@@ -145,7 +105,6 @@ class LookupRounds(CapturedRounds):
         super().__init__(target, draft, batch_size, max_length, k, **kw)
         self.prompt = torch.zeros(self.b, self.max_length, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros((), dtype=torch.long, device=self.device)
-        self._pos = torch.arange(self.max_length, device=self.device)
 
     def _check_draft(self, draft):
         return draft
@@ -154,8 +113,8 @@ class LookupRounds(CapturedRounds):
         return None
 
     def _round(self) -> None:
-        ctx, length = assemble_context(self.prompt, self.prompt_len, self.hist, self.hist_len, self._pos)
-        d = lookup_propose(ctx, length, self.k, self.lookup.max_ngram, self.lookup.min_ngram)
+        d = lookup_draft(self.prompt, self.prompt_len, self.hist, self.hist_len, self.k, self.lookup.max_ngram,
+                         self.lookup.min_ngram)
         ids = torch.cat([self.pending[:, 1:], d], dim=1)  # (b, K + 1): the last kept token and the K proposals
         self.t_start.add_(self.t_keep)
         t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)

@@ -78,7 +78,7 @@ FAST_MODULES = ("mamballama_cli.ops.triton_norm", "mamballama_cli.ops.external",
                 "mamballama_cli.ops.cuda_mamba1", "mamballama_cli.ops.triton_replay",
                 "mamballama_cli.ops.triton_selective_replay", "mamballama_cli.ops.triton_attention",
                 "mamballama_cli.ops.kd_triton", "mamballama_cli.ops.triton_conv", "mamballama_cli.ops.triton_rope",
-                "mamballama_cli.ops.triton_commit")
+                "mamballama_cli.ops.triton_commit", "mamballama_cli.ops.triton_lookup")
 
 
 def register_reference(op: str, fn: Callable) -> None:
@@ -120,7 +120,8 @@ def _precedence(impl: FastImpl) -> int:
 _REF_WORDS = ("ref", "reference", "torch")
 # The ops/ modules that declare more ops by their references (register_reference), beside the ones above.
 REFERENCE_MODULES = ("mamballama_cli.ops.decode", "mamballama_cli.ops.kd", "mamballama_cli.ops.replay",
-                     "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref", "mamballama_cli.ops.commit")
+                     "mamballama_cli.ops.selective_scan", "mamballama_cli.ops.verify_ref", "mamballama_cli.ops.commit",
+                     "mamballama_cli.ops.lookup")
 
 
 def _load_references() -> None:
