@@ -227,6 +227,24 @@ def run_interpreted(script: str, *args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
+def interpreted_check(module: str, check: str, kernel: str, seeds=(0, 1)) -> list[int]:
+    """Per seed, how many outputs the kernel launcher ``module.kernel`` gets wrong under the interpreter, as counted
+    by ``module.check(fn, device, seed)`` against the op's reference (the check the kernel's probe runs on CUDA)."""
+    out = run_interpreted(PATCHED_SCRIPT_HEAD + f"""
+from {module} import {check} as check, {kernel} as kernel
+print(*[check(kernel, "cpu", seed) for seed in {list(seeds)}])
+""", str(Path(__file__).parent))
+    return [int(x) for x in out.split()]
+
+
+def write_heldout_text(data: Path, n: int = 2) -> Path:
+    """A data folder holding only ``text-heldout.jsonl`` (n repetitive records), as spec_eval.py reads it."""
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "text-heldout.jsonl").write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 40}) + "\n"
+                                                     for i in range(n)))
+    return data
+
+
 def interpreted_json(script: str, *args: str, timeout: int = 300):
     """:func:`run_interpreted`, and the JSON the script printed on its last line."""
     return json.loads(run_interpreted(script, *args, timeout=timeout).strip().splitlines()[-1])

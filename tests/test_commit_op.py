@@ -6,7 +6,7 @@ and on CUDA (gpu, part3 of benchmarks/gpu_session.sh)."""
 import pytest
 import torch
 
-from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, run_interpreted
+from helpers import NEEDS_TRITON, interpreted_check
 from mamballama_cli.ops.commit import commit_round_ref
 
 
@@ -55,11 +55,7 @@ def test_commit_reference_equals_a_per_row_oracle():
 
 @NEEDS_TRITON
 def test_commit_kernel_equals_the_reference_under_the_interpreter():
-    out = run_interpreted(PATCHED_SCRIPT_HEAD + r"""
-from mamballama_cli.ops.triton_commit import commit_round_check, commit_round_triton
-print(commit_round_check(commit_round_triton, device="cpu"), commit_round_check(commit_round_triton, "cpu", 1))
-""", str(__import__("pathlib").Path(__file__).parent))
-    assert out.split() == ["0", "0"], out
+    assert interpreted_check("mamballama_cli.ops.triton_commit", "commit_round_check", "commit_round_triton") == [0, 0]
 
 
 @pytest.mark.gpu

@@ -180,6 +180,7 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
     from pathlib import Path
 
     from clihelp import run_cli
+    from helpers import write_heldout_text
 
     target, draft = feature_pair / "target", feature_pair / "fdraft"
     plain = run_cli(["generate", target, "--prompt", "hello world", "-n", "24"], capsys)
@@ -190,10 +191,7 @@ def test_generate_and_spec_eval_take_a_feature_draft(feature_pair, tmp_path, cap
     assert r.out == plain.out
     stats = json.loads(stats_file.read_text())
     assert stats["captured_round"] is True and stats["round_kind"] == "FeatureRounds" and stats["rounds"] > 0
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "text-heldout.jsonl").write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 40}) + "\n"
-                                                     for i in range(2)))
+    data = write_heldout_text(tmp_path / "data")
     out = tmp_path / "spec.json"
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(target), "--draft", str(draft),

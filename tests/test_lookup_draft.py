@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 from clihelp import run_cli
-from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, run_interpreted, tiny_hybrid
+from helpers import NEEDS_TRITON, interpreted_check, tiny_hybrid, write_heldout_text
 from test_speculative import greedy_reference
 from test_speculative_cli import pair  # noqa: F401  (module fixture: a converted target and a cut draft)
 
@@ -155,10 +155,7 @@ def test_spec_eval_measures_the_lookup_draft(pair, tmp_path):  # noqa: F811
     import sys
     from pathlib import Path
 
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "text-heldout.jsonl").write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 40}) + "\n"
-                                                     for i in range(2)))
+    data = write_heldout_text(tmp_path / "data")
     out = tmp_path / "spec.json"
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(pair / "target"), "--draft",
@@ -199,11 +196,7 @@ def test_the_op_reference_reads_prompt_and_history_in_place_of_a_context():
 def test_lookup_kernel_equals_the_reference_under_the_interpreter():
     """ops/triton_lookup.py: one program per row, blocks of end positions; equal to the reference on random rows
     (matches of every length, loops, no match, contexts of one token and of more than one block)."""
-    out = run_interpreted(PATCHED_SCRIPT_HEAD + r"""
-from mamballama_cli.ops.triton_lookup import lookup_draft_check, lookup_draft_triton
-print(lookup_draft_check(lookup_draft_triton, device="cpu"), lookup_draft_check(lookup_draft_triton, "cpu", 1))
-""", str(__import__("pathlib").Path(__file__).parent))
-    assert out.split() == ["0", "0"], out
+    assert interpreted_check("mamballama_cli.ops.triton_lookup", "lookup_draft_check", "lookup_draft_triton") == [0, 0]
 
 
 @pytest.mark.gpu

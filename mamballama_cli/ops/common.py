@@ -104,6 +104,17 @@ def _triton_ready() -> tuple[bool, str]:
     return True, ""
 
 
+def exact_probe(check, fn, what: str) -> tuple[bool, str]:
+    """The probe of an integer kernel: Triton ready, then ``check(fn)`` (how many outputs differ from the op's
+    reference on ``what``) must be 0."""
+    ok, why = _triton_ready()
+    if not ok:
+        return ok, why
+    bad = check(fn)
+    return (True, f"ok (equal to the reference on {what})") if bad == 0 else \
+        (False, f"wrong result on {what} ({bad} outputs differ)")
+
+
 def _module_version(name: str) -> str:
     try:
         from importlib.metadata import version

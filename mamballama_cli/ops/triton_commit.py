@@ -9,13 +9,15 @@ work only, so it equals the reference exactly. Importing this module registers i
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.commit import commit_round_ref
-from mamballama_cli.ops.common import _device_guard, _triton_ready
+from mamballama_cli.ops.common import _device_guard, exact_probe
 
 
 @triton.jit
@@ -102,13 +104,5 @@ def commit_round_check(fn, device: str = "cuda", seed: int = 0) -> int:
     return bad
 
 
-def _commit_probe() -> tuple[bool, str]:
-    ok, why = _triton_ready()
-    if not ok:
-        return ok, why
-    bad = commit_round_check(commit_round_triton)
-    return (True, "ok (equal to the reference on a probe round)") if bad == 0 else \
-        (False, f"wrong result on a probe round ({bad} outputs differ)")
-
-
-ops.register_fast("commit_round", "mamballama-triton", commit_round_triton, _commit_probe)
+ops.register_fast("commit_round", "mamballama-triton", commit_round_triton,
+                  partial(exact_probe, commit_round_check, commit_round_triton, "a probe round"))

@@ -11,12 +11,14 @@ reference exactly. Importing this module registers it on CUDA.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
 
 from mamballama_cli import ops
-from mamballama_cli.ops.common import _device_guard, _triton_ready
+from mamballama_cli.ops.common import _device_guard, exact_probe
 from mamballama_cli.ops.lookup import lookup_draft_ref
 
 
@@ -91,13 +93,5 @@ def lookup_draft_check(fn, device: str = "cuda", seed: int = 0) -> int:
     return bad
 
 
-def _lookup_probe() -> tuple[bool, str]:
-    ok, why = _triton_ready()
-    if not ok:
-        return ok, why
-    bad = lookup_draft_check(lookup_draft_triton)
-    return (True, "ok (equal to the reference on probe rows)") if bad == 0 else \
-        (False, f"wrong result on probe rows ({bad} proposals differ)")
-
-
-ops.register_fast("lookup_draft", "mamballama-triton", lookup_draft_triton, _lookup_probe)
+ops.register_fast("lookup_draft", "mamballama-triton", lookup_draft_triton,
+                  partial(exact_probe, lookup_draft_check, lookup_draft_triton, "probe rows"))
