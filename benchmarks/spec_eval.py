@@ -138,8 +138,9 @@ def main() -> None:
         plain_tokens = results["plain"].pop("_tokens")
         dec = None
     agreement = None
-    if plain_tokens and not is_feature_draft(draft) and not is_lookup_draft(draft):  # what the draft's quality allows (a feature draft's later
-        # proposals read its own features, which a teacher-forced pass cannot give)
+    # what the draft's quality allows (a feature draft's later proposals read its own features, which a
+    # teacher-forced pass cannot give; the lookup draft has its own simulation below)
+    if plain_tokens and not is_feature_draft(draft) and not is_lookup_draft(draft):
         agreement = [teacher_forced_agreement(draft, p, t) for p, t in zip(prompts, plain_tokens)]
         print(f"draft's teacher-forced agreement with the plain greedy tokens: {agreement_share(agreement):.4f}",
               file=sys.stderr)
@@ -191,28 +192,27 @@ def simulated_rounds(agreement: list[list[bool]], K: int, n_new: int) -> dict:
     """What greedy rounds at window K accept over the plain run's tokens, given the draft's teacher-forced agreement
     with them (``generation.acceptance.greedy_rounds``): the engine should accept this (its last round per prompt
     may accept a little more, seeing past the plain tokens); much less points at the round, not the draft."""
-    from mamballama_cli.generation.acceptance import accepted_hist, greedy_rounds
-    from mamballama_cli.generation.captured_round import acceptance_by_position
+    from mamballama_cli.generation.acceptance import greedy_rounds
 
     counts = [m for a in agreement for m in greedy_rounds(a, K, n_new)]
-    hist = accepted_hist(counts, K)
-    calls = max(1, len(counts))
-    return {"agreement": round(agreement_share(agreement), 4),
-            "accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
-            "acceptance_by_position": acceptance_by_position(hist)}
+    return {"agreement": round(agreement_share(agreement), 4), **rounds_summary(counts, K)}
 
 
 def simulated_lookup(draft, prompts, plain_tokens, K: int) -> dict:
     """What greedy lookup rounds accept over the plain run's tokens (``generation.lookup.simulate_lookup``, the
     plain-Python twin of the proposals): the engine should accept exactly this where its tokens equal plain's."""
-    from mamballama_cli.generation.acceptance import accepted_hist
-    from mamballama_cli.generation.captured_round import acceptance_by_position
     from mamballama_cli.generation.lookup import simulate_lookup
 
-    counts = [m for p, t in zip(prompts, plain_tokens) for m in simulate_lookup(p, t, K, draft)]
+    return rounds_summary([m for p, t in zip(prompts, plain_tokens) for m in simulate_lookup(p, t, K, draft)], K)
+
+
+def rounds_summary(counts: list[int], K: int) -> dict:
+    """Accepted counts of simulated rounds -> their histogram, tokens per call and acceptance by position."""
+    from mamballama_cli.generation.acceptance import accepted_hist
+    from mamballama_cli.generation.captured_round import acceptance_by_position
+
     hist = accepted_hist(counts, K)
-    calls = max(1, len(counts))
-    return {"accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / calls, 3),
+    return {"accepted_hist": hist, "tokens_per_call": round((sum(counts) + len(counts)) / max(1, len(counts)), 3),
             "acceptance_by_position": acceptance_by_position(hist)}
 
 

@@ -49,13 +49,12 @@ def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGR
     return ctx.gather(1, idx)
 
 
-def assemble_context(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor,
-                     pos: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def assemble_context(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor) -> tuple[Tensor, Tensor]:
     """The (b, L) context [prompt | new tokens] and each row's length, from the prompt (b, L) of length
     ``prompt_len`` (0-dim: a batch shares it) and the round's history of new tokens ``hist`` (b, L), ``hist_len``
-    (b,). ``pos``: arange(L), when the caller keeps one."""
+    (b,)."""
     b, L = prompt.shape
-    pos = torch.arange(L, device=prompt.device) if pos is None else pos
+    pos = torch.arange(L, device=prompt.device)
     at = (pos - prompt_len).clamp(min=0, max=L - 1)
     ctx = torch.where(pos[None, :] < prompt_len, prompt, hist.gather(1, at[None, :].expand(b, -1)))
     return ctx, prompt_len + hist_len
