@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec_eval import held_out_prompts, parse_ks  # noqa: E402
+from spec_eval import held_out_prompts, parse_ks, rounds_summary  # noqa: E402
 
 
 def continuations(model, prompts, n_new: int, path: Path | None) -> list[list[int]]:
@@ -79,7 +79,7 @@ def main() -> None:
             row = {"k": k, "max_ngram": n}
             for name, idx in groups.items():
                 counts = [c for i in idx for c in simulate_lookup(prompts[i], new[i], k, LookupDraft(max_ngram=n))]
-                row[name] = round((sum(counts) + len(counts)) / max(1, len(counts)), 3) if counts else None
+                row[name] = rounds_summary(counts, k)["tokens_per_call"] if counts else None
             row["modelled_speedup"] = round(row["all"] / args.round_cost, 3)
             rows.append(row)
             print(f"K={k} N={n}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; modelled "

@@ -14,13 +14,13 @@ from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.lookup import (
     LookupDraft,
     LookupRounds,
-    lookup_propose,
     parse_lookup,
     propose_host,
     simulate_lookup,
 )
 from mamballama_cli.generation.sampling import SamplingConfig, probabilities
 from mamballama_cli.generation.speculative import speculative_generate
+from mamballama_cli.ops.lookup import lookup_propose
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

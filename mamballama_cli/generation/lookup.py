@@ -10,7 +10,7 @@ A proposal costs a few element-wise passes over the context, not K forward passe
 teacher's size (135M) a model draft step costs about 0.2 of a target step, so a round with K = 4 model drafts
 pays 0.8 of a step for drafting alone. The proposals need no training and share any tokenizer.
 
-The proposal is the op ``lookup_draft`` (ops/lookup.py: the reference, :func:`lookup_propose` over the context
+The proposal is the op ``lookup_draft`` (ops/lookup.py: the reference, ``lookup_propose`` over the context
 [prompt | new tokens]; ops/triton_lookup.py: one launch per round on CUDA), run on the device inside a captured
 round (:class:`LookupRounds`). :func:`propose_host` is its plain-Python twin (the tests check the two against each
 other) and :func:`simulate_lookup` what greedy rounds accept over known tokens (benchmarks/spec_eval.py's
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.captured_round import CapturedRounds
-from mamballama_cli.ops.lookup import MAX_NGRAM, lookup_draft, lookup_propose  # noqa: F401 (lookup_propose: tests)
+from mamballama_cli.ops.lookup import MAX_NGRAM, lookup_draft
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ def parse_lookup(arg: str | None) -> LookupDraft:
 
 
 def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
-    """:func:`lookup_propose` for one row, in plain Python (the reference the device version is tested against)."""
+    """:func:`~mamballama_cli.ops.lookup.lookup_propose` for one row, in plain Python (the reference the device
+    version is tested against)."""
     last = len(ctx) - 1
     for n in range(max_ngram, min_ngram - 1, -1):
         if n > last:  # the suffix and an earlier match cannot both fit
