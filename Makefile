@@ -32,8 +32,11 @@ demo: install
 	$(BIN)/mamballama generate $(DEMO_OUT) --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)"
 	$(BIN)/mamballama generate default --chat --max-new-tokens 48 --prompt "$(DEMO_PROMPT)"
 
+# The CPU suite runs in JOBS pytest-xdist workers (one torch thread each): on the 2-core CI machine 2 workers take it
+# from about 560 s to about 320 s. JOBS=0 runs it in one process.
+JOBS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$(or $(OMP_NUM_THREADS),1) $(BIN)/python -m pytest -q $(if $(filter-out 0,$(JOBS)),-n $(JOBS) --dist worksteal)
 
 test-slow: install
 	$(BIN)/python -m pytest -q -m slow
