@@ -154,7 +154,7 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
-                   tests/test_feature_round.py tests/test_lookup_draft.py ;;
+                   tests/test_feature_round.py tests/test_lookup_draft.py tests/test_ngram_table.py ;;
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py \
                    tests/test_gemv_conv.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;

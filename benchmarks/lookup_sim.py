@@ -2,13 +2,14 @@
 own greedy continuations of spec_eval's held-out prompts (generation/lookup.py, docs/speculative.md).
 
     python benchmarks/lookup_sim.py default --data DATA --prompts 128 --max-new-tokens 128 --ks 3,4,6,8 \
-        --ngrams 2,3,4 --tokens greedy.jsonl
+        --ngrams 2,3,4 --tokens greedy.jsonl [--table TABLE.safetensors]
 
 The continuations are decoded once (``--tokens`` keeps them: a second run with the same file only simulates), then
 for each K and longest n-gram N, :func:`~mamballama_cli.generation.lookup.simulate_lookup` replays the rounds a
 greedy speculative decoder would run over them, the chat prompts and the text windows apart. The modelled speedup
 is tokens per call over the round's cost in plain steps (``--round-cost``, the verify call and commit; the lookup's
-own cost left out).
+own cost left out). ``--table`` adds rows with an n-gram table (`mamballama data ngrams`, generation/ngram_table.py):
+the lookup draft ``lookup:N:TABLE``.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--ngrams", default="2,3,4")
     ap.add_argument("--round-cost", type=float, default=1.23, help="a round's cost in plain steps (2026-12-04: 1.23)")
     ap.add_argument("--tokens", default=None, help="a JSONL file that keeps the continuations (resumable)")
+    ap.add_argument("--table", default=None, help="an n-gram table (`mamballama data ngrams`): rows with it too")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default=None)
@@ -76,14 +78,16 @@ def main() -> None:
     rows = []
     for k in ks:
         for n in ngrams:
-            row = {"k": k, "max_ngram": n}
-            for name, idx in groups.items():
-                counts = [c for i in idx for c in simulate_lookup(prompts[i], new[i], k, LookupDraft(max_ngram=n))]
-                row[name] = rounds_summary(counts, k)["tokens_per_call"] if counts else None
-            row["modelled_speedup"] = round(row["all"] / args.round_cost, 3)
-            rows.append(row)
-            print(f"K={k} N={n}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; modelled "
-                  f"{row['modelled_speedup']}x at a round of {args.round_cost} plain steps")
+            for table in [None] + ([args.table] if args.table else []):
+                draft = LookupDraft(max_ngram=n, table=table)
+                row = {"k": k, "max_ngram": n, "table": table}
+                for name, idx in groups.items():
+                    counts = [c for i in idx for c in simulate_lookup(prompts[i], new[i], k, draft)]
+                    row[name] = rounds_summary(counts, k)["tokens_per_call"] if counts else None
+                row["modelled_speedup"] = round(row["all"] / args.round_cost, 3)
+                rows.append(row)
+                print(f"K={k} {draft}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; "
+                      f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps")
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "lookup_sim", "model": args.model, "prompts": len(prompts),
                                                "chat_prompts": n_chat, "new_tokens": args.max_new_tokens,

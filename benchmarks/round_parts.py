@@ -113,7 +113,8 @@ def feature_draft_step_ms(draft, prompt: torch.Tensor, K: int, capacity: int, it
 
 def lookup_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
     """The lookup draft's K proposals (the op ``lookup_draft``, as a round runs it) over a ``capacity``-token
-    buffer holding the prompt and one new token, captured on CUDA."""
+    buffer holding the prompt and one new token, captured on CUDA. With an n-gram table, the table's chain runs
+    whatever the match (its ``below`` past the longest n-gram): the slowest a proposal can be."""
     from mamballama_cli.models.runtime import capture_graph
     from mamballama_cli.ops.lookup import lookup_draft
 
@@ -123,9 +124,10 @@ def lookup_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) ->
     hist = torch.zeros(1, capacity, dtype=torch.long, device=device)
     plen = torch.full((), n, dtype=torch.long, device=device)
     hlen = torch.ones(1, dtype=torch.long, device=device)
+    table = draft.loaded.arrays(device, below=draft.max_ngram + 1) if draft.loaded is not None else None
 
     def step():
-        return lookup_draft(buf, plen, hist, hlen, K, draft.max_ngram, draft.min_ngram)
+        return lookup_draft(buf, plen, hist, hlen, K, draft.max_ngram, draft.min_ngram, table)
 
     fn = capture_graph(step, device)[0].replay if device.type == "cuda" else step
     return cuda_time(fn, iters)

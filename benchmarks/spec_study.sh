@@ -52,8 +52,10 @@ PLACEMENT=${PLACEMENT---attn-layers auto --placement-score kl+recall}
 DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 # DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft),
 # "feature:DECAY" (the same draft, its later training passes weighted DECAY ** k: --unroll-decay), "cut" (the
-# teacher's DRAFT_LAYERS), "cut:LAYERS" (e.g. cut:0,6,12,18,24,29) or "lookup" / "lookup:N" (no model, nothing to
-# train: proposals copied from the context, generation/lookup.py). DRAFT_KIND (one kind) is the older knob.
+# teacher's DRAFT_LAYERS), "cut:LAYERS" (e.g. cut:0,6,12,18,24,29), "lookup" / "lookup:N" (no model, nothing to
+# train: proposals copied from the context, generation/lookup.py) or "ngram" / "ngram:N" (the lookup draft with an
+# n-gram table of the teacher-generated data, `data ngrams`, where the context has nothing to copy). DRAFT_KIND
+# (one kind) is the older knob.
 DRAFTS=${DRAFTS:-${DRAFT_KIND:-cut feature}}
 ENGINES=${ENGINES:-plain,round}  # add loop for the host loop (a cut draft only)
 DRAFT_GEN=${DRAFT_GEN:-3000000}
@@ -82,14 +84,23 @@ draft_name() {
     cut|cut:*) echo "cut-$(draft_layers "$spec" | tr ',' '-')" ;;
     lookup) echo lookup ;;
     lookup:[0-9]*) echo "lookup-${spec#lookup:}" ;;
-    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut, cut:LAYERS (e.g. cut:0,10,20,29), lookup or lookup:N" >&2; exit 2 ;;
+    ngram) echo lookup-table ;;
+    ngram:[0-9]*) echo "lookup-table-${spec#ngram:}" ;;
+    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut, cut:LAYERS (e.g. cut:0,10,20,29), lookup, lookup:N, ngram or ngram:N" >&2; exit 2 ;;
   esac
 }
 for spec in $DRAFTS; do draft_name "$spec" > /dev/null || exit 2; done
 # The drafts that are models (trained in step 3); a lookup draft has no weights.
-MODEL_DRAFTS=$(for spec in $DRAFTS; do [[ "$spec" == lookup* ]] || echo "$spec"; done | xargs)
-# What spec_eval reads as --draft: a trained draft's directory, or the lookup provider's name.
-draft_arg() { [[ "$1" == lookup* ]] && echo "$1" || echo "$WORK/draft-$(draft_name "$1")"; }
+MODEL_DRAFTS=$(for spec in $DRAFTS; do [[ "$spec" == lookup* || "$spec" == ngram* ]] || echo "$spec"; done | xargs)
+# What spec_eval reads as --draft: a trained draft's directory, or the lookup provider's name (with the table).
+draft_arg() {
+  case "$1" in
+    lookup*) echo "$1" ;;
+    ngram) echo "lookup:3:$WORK/ngrams.safetensors" ;;
+    ngram:*) echo "lookup:${1#ngram:}:$WORK/ngrams.safetensors" ;;
+    *) echo "$WORK/draft-$(draft_name "$1")" ;;
+  esac
+}
 
 stage "start: GEN_TOKENS=$GEN_TOKENS BUDGET_S=$BUDGET_S PLACEMENT=\"$PLACEMENT\" DRAFTS=\"$DRAFTS\" DRAFT_LAYERS=$DRAFT_LAYERS DRAFT_GEN=$DRAFT_GEN DRAFT_S=$DRAFT_S K=$K KS=\"$KS\" PROMPTS=$PROMPTS NEW=$NEW"
 ensure_data
@@ -111,6 +122,10 @@ for spec in $MODEL_DRAFTS; do
       > "$RES/convert-draft0-$name.json" 2> "$RES/convert-draft0-$name.log" &
 done
 wait
+if [[ " $DRAFTS" == *" ngram"* ]]; then
+  stage "n-gram table of the generated data (data ngrams)"
+  "${MM[@]}" data ngrams "$WORK/gen" --output "$WORK/ngrams.safetensors" --force > "$RES/ngrams.json" 2> "$RES/ngrams.log"
+fi
 
 # 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
 write_recipe "$WORK/recipe.yaml" templates/distill-default.yaml "$SEQ" "$MB" "$ACCUM" "$ALIGN_TOK" "$KDM_TOK" "$KDA_TOK"
@@ -168,7 +183,7 @@ ks=$K  # K first: a study cut short by its lease keeps that window's result (spe
 for k in $KS; do [ "$k" = "$K" ] || ks="$ks,$k"; done
 for spec in $DRAFTS; do
   name=$(draft_name "$spec")
-  what="the trained $name draft"; [[ "$spec" == lookup* ]] && what="the $spec draft (no model)"
+  what="the trained $name draft"; [[ "$spec" == lookup* || "$spec" == ngram* ]] && what="the $spec draft (no model)"
   stage "spec_eval: $what, K=$ks ($ENGINES)"
   "$PY" benchmarks/spec_eval.py "$WORK/student" --draft "$(draft_arg "$spec")" -k "$ks" "${se[@]}" --engines "$ENGINES" \
       --json "$RES/spec-eval-$name.json" > /dev/null 2> "$RES/spec-eval-$name.log"

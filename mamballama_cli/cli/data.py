@@ -15,7 +15,8 @@ from mamballama_cli.cli.options import config_option, device_option, dtype_optio
 from mamballama_cli.cli.common import NOTATION, command_io, config_from_flags
 from mamballama_cli.output import out
 
-app = typer.Typer(help="Offline training data: packaged public text (build), teacher-sampled shards (generate).",
+app = typer.Typer(help="Offline training data: packaged public text (build), teacher-sampled shards (generate), "
+                  "n-gram tables of those shards (ngrams).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 
 
@@ -97,6 +98,34 @@ def generate(
     )
     with _token_progress() as on_progress:
         summary = run_generate(cfg, on_progress=on_progress)
+    out(json.dumps(summary, indent=2))
+
+
+@app.command("ngrams", help="An n-gram table from generated shards: the most frequent successor of every pair and "
+             "single token the target wrote, for `--draft lookup:TABLE` (docs/speculative.md).", epilog=NOTATION)
+@command_io
+def ngrams(
+    sources: str = typer.Argument(..., help="`data generate` shard folders, comma-separated (one tokenizer)."),
+    output: str = typer.Option(..., "--output", "-o", help="The table file to write (.safetensors)."),
+    min_count: int = typer.Option(2, "--min-count", help="Keep a successor seen at least this often."),
+    force: bool = force_option(),
+):
+    import json
+
+    from mamballama_cli.errors import UsageError
+    from mamballama_cli.generation.ngram_table import build_from_shards
+
+    path = Path(output)
+    if path.suffix != ".safetensors":
+        raise UsageError(f"--output {output}: the table is a .safetensors file, e.g. --output table.safetensors")
+    if path.exists() and not force:
+        raise UsageError(f"--output {output} exists; pass --force to replace it")
+    dirs = [d for d in sources.split(",") if d]
+    start = time.perf_counter()
+    table, summary = build_from_shards(dirs, min_count)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(path)
+    summary.update(output=str(path), seconds=round(time.perf_counter() - start, 2))
     out(json.dumps(summary, indent=2))
 
 

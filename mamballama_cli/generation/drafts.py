@@ -91,12 +91,14 @@ plugins.drafts.register(DraftSpec(
 
 
 def _load_lookup(target_model=None, arg: str | None = None, **_):
-    """``lookup`` or ``lookup:N``: proposals copied from the context (generation/lookup.py); no weights."""
+    """``lookup``, ``lookup:N``, ``lookup:TABLE``, ``lookup:N:TABLE``: proposals copied from the context
+    (generation/lookup.py), with an n-gram table where the context has nothing to copy; no weights."""
     from mamballama_cli.generation.lookup import parse_lookup
 
     return parse_lookup(arg)
 
 
 plugins.drafts.register(DraftSpec(
-    name="lookup", description="lookup[:N] - no model: the tokens that followed the last N-gram's latest earlier "
-    "occurrence (prompt lookup; N = 3)", load=_load_lookup))
+    name="lookup", description="lookup[:N][:TABLE] - no model: the tokens that followed the last N-gram's latest "
+    "earlier occurrence (prompt lookup; N = 3); TABLE (`data ngrams`) fills in where nothing matches",
+    load=_load_lookup))

@@ -19,7 +19,7 @@ other) and :func:`simulate_lookup` what greedy rounds accept over known tokens (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,22 +27,31 @@ from torch import Tensor
 
 from mamballama_cli.errors import UsageError
 from mamballama_cli.generation.captured_round import CapturedRounds
+from mamballama_cli.generation.ngram_table import NgramTable
 from mamballama_cli.ops.lookup import MAX_NGRAM, lookup_draft
 
 
 @dataclass(frozen=True)
 class LookupDraft:
-    """``--draft lookup`` (or ``lookup:N``, the longest n-gram tried): the marker a round dispatches on."""
+    """``--draft lookup`` (or ``lookup:N``, the longest n-gram tried; ``lookup:TABLE`` or ``lookup:N:TABLE`` with an
+    n-gram table, generation/ngram_table.py): the marker a round dispatches on. ``table`` is the file; the loaded
+    table rides along (``loaded``, left out of comparisons). The table proposes where the context's longest match
+    is shorter than ``below`` tokens."""
 
     max_ngram: int = MAX_NGRAM
     min_ngram: int = 1
+    table: str | None = None
+    below: int = 2
+    loaded: NgramTable | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram <= 16:
             raise UsageError(f"--draft lookup:{self.max_ngram}: the n-gram length must be 1 to 16, e.g. lookup:3")
+        if self.table is not None and self.loaded is None:
+            object.__setattr__(self, "loaded", NgramTable.load(self.table))
 
     def __str__(self) -> str:
-        return f"lookup:{self.max_ngram}"
+        return f"lookup:{self.max_ngram}" + (f":{self.table}" if self.table else "")
 
 
 def is_lookup_draft(draft) -> bool:
@@ -50,20 +59,25 @@ def is_lookup_draft(draft) -> bool:
 
 
 def parse_lookup(arg: str | None) -> LookupDraft:
-    """``lookup`` or ``lookup:N`` -> a LookupDraft (a one-line error naming the value otherwise)."""
+    """``lookup``, ``lookup:N``, ``lookup:TABLE`` or ``lookup:N:TABLE`` -> a LookupDraft (a one-line error naming
+    the value otherwise)."""
     if not arg:
         return LookupDraft()
-    try:
-        n = int(arg)
-    except ValueError:
-        raise UsageError(f"--draft lookup:{arg}: expected the longest n-gram as a number, e.g. lookup:3") from None
-    return LookupDraft(max_ngram=n)
+    head, _, rest = arg.partition(":")
+    if head.isdigit():
+        return LookupDraft(max_ngram=int(head), table=rest or None)
+    if rest or head.lstrip("-").isdigit() or not head.endswith(".safetensors"):
+        raise UsageError(f"--draft lookup:{arg}: expected lookup:N, lookup:TABLE.safetensors or "
+                         "lookup:N:TABLE.safetensors, e.g. lookup:3 (N: the longest n-gram)")
+    return LookupDraft(table=arg)
 
 
-def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1) -> list[int]:
+def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1,
+                 table: NgramTable | None = None, below: int = 2) -> list[int]:
     """:func:`~mamballama_cli.ops.lookup.lookup_propose` for one row, in plain Python (the reference the device
     version is tested against)."""
     last = len(ctx) - 1
+    out, n_match = None, 0
     for n in range(max_ngram, min_ngram - 1, -1):
         if n > last:  # the suffix and an earlier match cannot both fit
             continue
@@ -71,9 +85,23 @@ def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: 
         for e in range(last - 1, n - 2, -1):
             if ctx[e - n + 1: e + 1] == key:
                 period = last - e
-                return [ctx[e + 1 + j % period] for j in range(k)]
-    e = max(last - 1, 0)
-    return [ctx[min(e + 1 + j % max(last - e, 1), last)] for j in range(k)]
+                out, n_match = [ctx[e + 1 + j % period] for j in range(k)], n
+                break
+        if out is not None:
+            break
+    if out is None:
+        e = max(last - 1, 0)
+        out = [ctx[min(e + 1 + j % max(last - e, 1), last)] for j in range(k)]
+    if table is None or n_match >= below:
+        return out
+    a, b = (ctx[last - 1] if last >= 1 else None), ctx[last]
+    for j in range(k):  # the table's chain, until the first step it has nothing for
+        nxt = table.next_host(a, b)
+        if nxt < 0:
+            break
+        out[j] = nxt
+        a, b = b, nxt
+    return out
 
 
 def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupDraft,
@@ -85,7 +113,7 @@ def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupD
     t, end, counts = len(prompt) + 1, len(seq), []
     stop = len(prompt) + (len(tokens) if n_new is None else min(n_new, len(tokens)))
     while t < stop:
-        d = propose_host(seq[:t], k, draft.max_ngram, draft.min_ngram)
+        d = propose_host(seq[:t], k, draft.max_ngram, draft.min_ngram, draft.loaded, draft.below)
         a = 0
         while a < k and t + a < end and d[a] == seq[t + a]:
             a += 1
@@ -106,6 +134,11 @@ class LookupRounds(CapturedRounds):
         super().__init__(target, draft, batch_size, max_length, k, **kw)
         self.prompt = torch.zeros(self.b, self.max_length, dtype=torch.long, device=self.device)
         self.prompt_len = torch.zeros((), dtype=torch.long, device=self.device)
+        self.table = draft.loaded.arrays(self.device, draft.below) if draft.loaded is not None else None
+        vocab = getattr(getattr(target, "config", None), "vocab_size", None)
+        if self.table is not None and vocab is not None and draft.loaded.vocab > vocab:
+            raise UsageError(f"--draft {draft}: the table's vocabulary ({draft.loaded.vocab}) is larger than the "
+                             f"target's ({vocab}); build the table from data the target's tokenizer wrote")
 
     def _check_draft(self, draft):
         return draft
@@ -115,7 +148,7 @@ class LookupRounds(CapturedRounds):
 
     def _round(self) -> None:
         d = lookup_draft(self.prompt, self.prompt_len, self.hist, self.hist_len, self.k, self.lookup.max_ngram,
-                         self.lookup.min_ngram)
+                         self.lookup.min_ngram, self.table)
         ids = torch.cat([self.pending[:, 1:], d], dim=1)  # (b, K + 1): the last kept token and the K proposals
         self.t_start.add_(self.t_keep)
         t_logits = self.t._walk(ids, self.t_start, self.t_keep, True, 0, None)
