@@ -169,6 +169,10 @@ def test_data_ngrams_and_generate_with_a_table_through_the_cli(pair, tmp_path, c
     assert spec.code == 0, spec.err
     assert spec.out == plain.out  # lossless at temperature 0
     assert json.loads(stats_file.read_text())["draft"] == f"lookup:2:{table}"
+    other = tmp_path / "other.safetensors"  # a table of another tokenizer's text (its identity recorded)
+    NgramTable.build([np.array([1, 2, 3])], 8, 1, {"vocab_size": 8, "vocab_sha256": "0" * 16}).save(other)
+    one_line_error(run_cli(["generate", target, "--prompt", text, "--speculative", "--draft", f"lookup:{other}"],
+                           capsys), "another tokenizer")
     missing = run_cli(["generate", target, "--prompt", text, "--speculative", "--draft",
                        f"lookup:{tmp_path / 'none.safetensors'}"], capsys)
     one_line_error(missing, "data ngrams")

@@ -91,6 +91,13 @@ def check_same_tokenizer(target_tok, draft_tok, target, draft) -> None:
                               "must share the target's tokenizer")
     if target_tok is not None and draft_tok is not None and target_tok.get_vocab() != draft_tok.get_vocab():
         raise MamballamaError("the draft's tokenizer differs from the target's; a draft must share the tokenizer")
+    table = getattr(draft, "loaded", None)  # a lookup draft's n-gram table records the tokenizer of its text
+    if table is not None and table.tokenizer and target_tok is not None:
+        from mamballama_cli.shards import same_tokenizer, tokenizer_identity
+
+        if not same_tokenizer(table.tokenizer, tokenizer_identity(target_tok)):
+            raise MamballamaError(f"--draft {draft}: the n-gram table was built from text of another tokenizer "
+                                  f"than the target's; build it from `data generate` shards of this target")
 
 
 def prepare_pair(target, tok, target_path, name: str, draft_spec: str, dtype: str, device: str):
