@@ -13,13 +13,7 @@ from test_speculative import greedy_reference
 from test_speculative_cli import pair  # noqa: F401  (module fixture: a converted target and a cut draft)
 
 from mamballama_cli.errors import UsageError
-from mamballama_cli.generation.lookup import (
-    LookupDraft,
-    LookupRounds,
-    parse_lookup,
-    propose_host,
-    simulate_lookup,
-)
+from mamballama_cli.generation import lookup as lk
 from mamballama_cli.generation.ngram_table import NgramTable
 from mamballama_cli.ops.lookup import lookup_draft_ref, lookup_propose
 
@@ -92,7 +86,7 @@ def test_the_table_proposes_where_the_context_has_nothing_to_copy():
     assert got[1].tolist() == plain[1].tolist() == [5, 6, 1, 2]
     assert got[2].tolist() == [3, 4] + plain[2, 2:].tolist()
     for r in range(3):
-        assert propose_host(ctx[r][: int(length[r])], 4, table=table) == got[r].tolist()
+        assert lk.propose_host(ctx[r][: int(length[r])], 4, table=table) == got[r].tolist()
     # below=4: the table proposes over row 1's 2-gram match too; below=0: never
     assert lookup_propose(torch.tensor(ctx), length, 4, table=table.arrays("cpu", below=4))[1].tolist() == [3, 4, 1, 2]
     assert torch.equal(lookup_propose(torch.tensor(ctx), length, 4, table=table.arrays("cpu", below=0)), plain)
@@ -116,7 +110,7 @@ def test_device_proposals_with_a_table_equal_the_host_twin():
             changed += int((got != lookup_draft_ref(prompt, torch.tensor(plen), hist, hist_len, k)).any(1).sum())
             for r in range(3):
                 ctx = prompt[r, :plen].tolist() + hist[r, : int(hist_len[r])].tolist()
-                assert propose_host(ctx, k, 3, 1, table, below) == got[r].tolist(), (below, trial, r)
+                assert lk.propose_host(ctx, k, 3, 1, table, below) == got[r].tolist(), (below, trial, r)
     assert changed > 100
 
 
@@ -127,16 +121,16 @@ def test_lookup_rounds_with_a_table_give_greedy_tokens_and_accept_what_the_host_
     corpus = [np.array(greedy_reference(target, torch.randint(1, 8, (1, 5), generator=gen), 30)[0])
               for _ in range(6)]
     NgramTable.build(corpus, 8, 1).save(tmp_path / "t.safetensors")
-    draft = LookupDraft(max_ngram=3, table=str(tmp_path / "t.safetensors"))
-    assert str(draft) == f"lookup:3:{tmp_path / 't.safetensors'}" and draft == parse_lookup(f"3:{draft.table}")
+    draft = lk.LookupDraft(max_ngram=3, table=str(tmp_path / "t.safetensors"))
+    assert str(draft) == f"lookup:3:{tmp_path / 't.safetensors'}" and draft == lk.parse_lookup(f"3:{draft.table}")
     prompts = torch.randint(1, 8, (3, 4), generator=gen)
     k, n = 3, 30
     further = [greedy_reference(target, prompts[r: r + 1], n + k + 1)[0] for r in range(3)]
-    rounds = LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=False)
+    rounds = lk.LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=False)
     got, stats = rounds.generate(prompts, n, sync_every=2)
     assert got == [f[:n] for f in further]
-    with_table = [simulate_lookup(prompts[r].tolist(), further[r], k, draft, n) for r in range(3)]
-    without = [simulate_lookup(prompts[r].tolist(), further[r], k, LookupDraft(), n) for r in range(3)]
+    with_table = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, draft, n) for r in range(3)]
+    without = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, lk.LookupDraft(), n) for r in range(3)]
     assert stats["accepted"] == sum(map(sum, with_table)) and stats["row_rounds"] == sum(map(len, with_table))
     assert with_table != without  # the table changed what the rounds proposed
 
@@ -187,11 +181,11 @@ def test_captured_lookup_rounds_with_a_table_equal_the_uncaptured_ones_on_cuda(t
     corpus = [np.array(greedy_reference(target, torch.randint(1, 8, (1, 5), generator=gen).cuda(), 30)[0])
               for _ in range(6)]
     NgramTable.build(corpus, 8, 1).save(tmp_path / "t.safetensors")
-    draft = LookupDraft(max_ngram=3, table=str(tmp_path / "t.safetensors"))
+    draft = lk.LookupDraft(max_ngram=3, table=str(tmp_path / "t.safetensors"))
     prompts = torch.randint(1, 8, (3, 4), generator=gen).cuda()
     n, k = 30, 3
     got = {}
     for capture in (False, True):
-        rounds = LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=capture)
+        rounds = lk.LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=capture)
         got[capture], _ = rounds.generate(prompts, n, sync_every=2)
     assert got[True] == got[False] == [greedy_reference(target, prompts[r: r + 1], n)[0] for r in range(3)]
