@@ -122,9 +122,12 @@ for spec in $MODEL_DRAFTS; do
       > "$RES/convert-draft0-$name.json" 2> "$RES/convert-draft0-$name.log" &
 done
 wait
-if [[ " $DRAFTS" == *" ngram"* ]]; then
-  stage "n-gram table of the generated data (data ngrams)"
-  "${MM[@]}" data ngrams "$WORK/gen" --output "$WORK/ngrams.safetensors" --force > "$RES/ngrams.json" 2> "$RES/ngrams.log"
+ngram_pid=""
+if [[ " $DRAFTS" == *" ngram"* ]]; then  # on the CPU, beside the student's distillation
+  stage "n-gram table of the generated data (data ngrams), beside the student"
+  "${MM[@]}" data ngrams "$WORK/gen" --output "$WORK/ngrams.safetensors" --force > "$RES/ngrams.json" \
+      2> "$RES/ngrams.log" &
+  ngram_pid=$!
 fi
 
 # 2. The student: the default recipe with this study's stage lengths, BUDGET_S of training.
@@ -176,6 +179,7 @@ done
 for i in "${!pids[@]}"; do wait "${pids[$i]}"; stage "distill ${names[$i]} draft exit $?"; done
 fi
 
+[ -n "$ngram_pid" ] && { wait "$ngram_pid"; stage "data ngrams exit $?"; }
 # 4. Speculative vs plain decoding of the student, held-out prompts, batch 1: per draft one process that measures
 # the plain engine once and the captured round at each window of K and KS (benchmarks/spec_eval.py -k 2,3,4).
 se=(--data "$DATA" --prompts "$PROMPTS" --max-new-tokens "$NEW" --parts-iters "${PARTS_ITERS:-100}")
