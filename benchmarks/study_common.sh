@@ -12,9 +12,11 @@ study_init() {
 # stage TEXT: one timeline line ([seconds since the start] TEXT), also on stdout.
 stage() { echo "[$(( $(date +%s) - t0 )) s] $*" | tee -a "$RES/timeline.txt"; }
 
-# ensure_data: the environment report, and `data build` into $DATA unless it is there.
+# ensure_data: the environment report, and `data build` into $DATA unless it is there. The report runs in the
+# background: on a fresh machine its kernel probes compile for about 190 s (the 2026-12-06 H100 study), which
+# the study's first steps need not wait for.
 ensure_data() {
-  "${MM[@]}" env > "$RES/env.txt" 2>&1
+  ("${MM[@]}" env > "$RES/env.txt" 2>&1 &)
   [ -f "$DATA/manifest.json" ] || { stage "data build"; "${MM[@]}" data build --output "$DATA" > /dev/null; }
   [ -n "${TINY:-}" ] || "$PY" benchmarks/check_data.py "$DATA" || exit 1  # every source, or numbers that compare
 }
