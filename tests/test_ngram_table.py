@@ -96,9 +96,10 @@ def test_device_proposals_with_a_table_equal_the_host_twin():
     rng = random.Random(4)
     vocab = 40  # contexts with few repeats: the table proposes in most rows; some chains stop early
     corpus = [np.array([rng.randrange(vocab // 2) for _ in range(rng.randrange(2, 300))]) for _ in range(40)]
-    table = NgramTable.build(corpus, vocab, 2)
     changed = 0
-    for below in (1, 2, 4):
+    # the last table's vocabulary is smaller than the contexts' tokens (a target with a larger vocabulary)
+    for below, table in [(b, NgramTable.build(corpus, vocab, 2)) for b in (1, 2, 4)] + [
+            (2, NgramTable.build(corpus, 30, 2))]:
         arrays = table.arrays("cpu", below=below)
         for trial in range(30):
             L, plen = 32, rng.randrange(1, 12)

@@ -88,7 +88,7 @@ class NgramTable:
 
     def next_host(self, a: int | None, b: int) -> int:
         """The plain-Python twin of :func:`~mamballama_cli.ops.lookup.table_next`: -1 where the table has none."""
-        if a is not None and a >= 0:
+        if a is not None and 0 <= a < self.vocab and 0 <= b < self.vocab:
             key = a * self.vocab + b
             start = pair_slot(key, len(self.keys) - self.probes)
             for d in range(self.probes):

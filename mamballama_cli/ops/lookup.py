@@ -76,13 +76,15 @@ def hash_pairs(keys, *values) -> tuple:
 
 
 def table_next(t: TableArrays, a: Tensor, b: Tensor) -> Tensor:
-    """The table's successor of the pair (a, b) (a < 0: no pair), else of b alone; -1 where it has neither."""
+    """The table's successor of the pair (a, b) (a < 0: no pair), else of b alone; -1 where it has neither. A
+    token outside the table's vocabulary (a target whose vocabulary is larger) has no entry."""
     size = t.keys.shape[0] - t.probes
-    key = torch.where(a >= 0, a * t.vocab + b, -1)
+    ok_b = (b >= 0) & (b < t.vocab)
+    key = torch.where((a >= 0) & (a < t.vocab) & ok_b, a * t.vocab + b, -1)
     slots = pair_slot(key.clamp(min=0), size)[..., None] + torch.arange(t.probes, device=a.device)
     hit = (t.keys[slots] == key[..., None]) & (key >= 0)[..., None]
     pair = torch.where(hit, t.nexts[slots], -1).amax(-1)  # keys are unique: at most one hit
-    return torch.where(pair >= 0, pair, t.single[b.clamp(min=0)])
+    return torch.where(pair >= 0, pair, torch.where(ok_b, t.single[b.clamp(0, t.vocab - 1)], -1))
 
 
 def table_chain(t: TableArrays, ctx: Tensor, length: Tensor, proposal: Tensor, n_match: Tensor) -> Tensor:

@@ -36,15 +36,18 @@ def _token(prompt, hist, p, plen, L, mask):
 @triton.jit
 def _table_next(keys, nexts, single, vocab, size, a, b, PROBES: tl.constexpr, HASH: tl.constexpr):
     """The table's successor of the pair (a, b) (a < 0: no pair), else of b alone; -1 where it has neither (the
-    reference: ops/lookup.py ``table_next``). Scalars in, a scalar out."""
-    key = tl.where(a >= 0, a * vocab + b, -1)
+    reference: ops/lookup.py ``table_next``). Scalars in, a scalar out; a token outside the table's vocabulary has
+    no entry (int flags: scalar booleans combine badly in the interpreter)."""
+    ok_b = (b >= 0).to(tl.int32) * (b < vocab).to(tl.int32)
+    ok = ok_b * (a >= 0).to(tl.int32) * (a < vocab).to(tl.int32)
+    key = tl.where(ok > 0, a * vocab + b, -1)
     k0 = tl.maximum(key, 0)
     start = ((k0 ^ (k0 >> 15)) * HASH >> 4) & (size - 1)
     d = tl.arange(0, PROBES).to(tl.int64)
     hit = (tl.load(keys + start + d) == key) & (key >= 0)
     pair = tl.max(tl.where(hit, tl.load(nexts + start + d), -1), axis=0)
-    one = tl.load(single + tl.maximum(b, 0))
-    return tl.where(pair >= 0, pair, one)
+    one = tl.load(single + tl.minimum(tl.maximum(b, 0), vocab - 1))
+    return tl.where(pair >= 0, pair, tl.where(ok_b > 0, one, -1))
 
 
 @triton.jit
@@ -108,7 +111,8 @@ def lookup_draft_triton(prompt, prompt_len, hist, hist_len, k: int, max_ngram: i
 
 def random_table(vocab: int, n_pairs: int, n_single: int, below: int, gen: torch.Generator,
                  device: str = "cpu") -> TableArrays:
-    """A table of ``n_pairs`` random pairs and ``n_single`` single tokens with random successors (the check's)."""
+    """A table of ``n_pairs`` random pairs and ``n_single`` single tokens with random successors, over a vocabulary
+    of ``vocab`` tokens (the check's)."""
     pairs = torch.randperm(vocab * vocab, generator=gen)[:n_pairs]
     keys, nexts = hash_pairs(pairs.numpy(), torch.randint(0, vocab, (n_pairs,), generator=gen).numpy())
     single = torch.full((vocab,), -1, dtype=torch.long)
@@ -126,7 +130,8 @@ def lookup_draft_check(fn, device: str = "cuda", seed: int = 0) -> int:
     bad = 0
     cases = [(40, 6, 5, 3, None), (1500, 3, 700, 5, None), (64, 4, 1, 2, None), (300, 2, 30, 50, None),
              (40, 6, 3, 30, (900, 30, 2)), (50, 5, 1, 40, (400, 20, 2)), (200, 3, 20, 12, (60, 6, 3)),
-             (24, 4, 2, 60, (3000, 0, 1)), (48, 4, 2, 400, (80000, 200, 2))]  # the last: keys past 2**15
+             (24, 4, 2, 60, (3000, 0, 1)), (48, 4, 2, 400, (80000, 200, 2)),  # keys past 2**15
+             (40, 5, 3, 48, (500, 24, 2, 32))]  # a table of a smaller vocabulary than the context's tokens
     for L, b, plen, vocab, tab in cases:
         prompt = torch.randint(0, vocab, (b, L), generator=gen)
         hist = torch.randint(0, vocab, (b, L), generator=gen)
@@ -134,7 +139,7 @@ def lookup_draft_check(fn, device: str = "cuda", seed: int = 0) -> int:
         hist_len[0] = max(0, 1 - plen)  # the shortest context
         hist_len[-1] = L - plen  # the whole buffer
         args = [prompt, torch.tensor(plen), hist, hist_len]
-        table = random_table(vocab, *tab, gen) if tab else None
+        table = random_table(tab[3] if tab and len(tab) > 3 else vocab, *tab[:3], gen) if tab else None
         on_device = table and TableArrays(*(x.to(device) for x in table[:3]), *table[3:])
         for k, max_n, min_n in ((1, 3, 1), (4, 3, 1), (8, 4, 2), (5, 1, 1)):
             want = lookup_draft_ref(*args, k, max_n, min_n, table)
