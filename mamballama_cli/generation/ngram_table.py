@@ -72,6 +72,7 @@ class NgramTable:
             a.append(s[:-2])
             b.append(s[1:-1])
             c.append(s[2:])
+
         def cat(xs):
             return np.concatenate(xs) if xs else np.zeros(0, np.int64)
 
