@@ -150,6 +150,7 @@ def test_data_ngrams_and_generate_with_a_table_through_the_cli(pair, tmp_path, c
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["pairs"] > 0 and summary["tokens"] > 0 and table.is_file()
+    assert "count and hash pairs" in r.err  # the progress bar, on stderr
     assert summary["vocab"] == json.loads((tmp_path / "gen" / "manifest.json").read_text())["tokenizer"]["vocab_size"]
     again = run_cli(["data", "ngrams", tmp_path / "gen", "--output", table], capsys)  # no --force: refused
     one_line_error(again, "--force")

@@ -122,11 +122,34 @@ def ngrams(
         raise UsageError(f"--output {output} exists; pass --force to replace it")
     dirs = [d for d in sources.split(",") if d]
     start = time.perf_counter()
-    table, summary = build_from_shards(dirs, min_count)
+    with _shard_progress() as on_progress:
+        table, summary = build_from_shards(dirs, min_count, progress=on_progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     table.save(path)
     summary.update(output=str(path), seconds=round(time.perf_counter() - start, 2))
     out(json.dumps(summary, indent=2))
+
+
+@contextmanager
+def _shard_progress():
+    """A rich bar on stderr over the shards read, then a spinner while the pairs are counted and hashed."""
+    from rich import progress as rp
+    from rich.console import Console
+
+    progress = rp.Progress(rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+                           rp.MofNCompleteColumn(), rp.TimeElapsedColumn(), console=Console(stderr=True))
+    state: dict = {}
+
+    def update(done: int, total: int, what: str) -> None:
+        if "task" not in state:
+            state["task"] = progress.add_task("read shards", total=total)
+        if what == "count":
+            progress.update(state["task"], description="count and hash pairs", completed=done)
+        else:
+            progress.update(state["task"], completed=done)
+
+    with progress:
+        yield update
 
 
 @contextmanager

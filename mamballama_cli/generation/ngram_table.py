@@ -140,12 +140,13 @@ class NgramTable:
 def build_from_shards(dirs, min_count: int = 2, progress=None) -> tuple[NgramTable, dict]:
     """A table from the sampled part of ``mamballama data generate`` shard folders (each sequence from two tokens
     before its first sampled token, so the answer's opening has its pair), and a summary. Every folder must come
-    from the same tokenizer."""
+    from the same tokenizer. ``progress(done, total, what)`` is called as shards are read (``what`` "read"), then
+    once before the counting (``what`` "count")."""
     from mamballama_cli.shards import read_manifest, read_shard, same_tokenizer, verify_shard
 
     if min_count < 1:
         raise UsageError(f"--min-count {min_count}: must be at least 1, e.g. --min-count 2")
-    seqs, tokenizer, n_tokens, n_files = [], None, 0, 0
+    manifests, tokenizer = [], None
     for d in dirs:
         manifest = read_manifest(Path(d))
         ident = manifest.get("tokenizer") or {}
@@ -154,6 +155,10 @@ def build_from_shards(dirs, min_count: int = 2, progress=None) -> tuple[NgramTab
         elif not same_tokenizer(tokenizer, ident):
             raise UsageError(f"{d}: its shards come from another tokenizer than {dirs[0]}'s; build one table per "
                              "tokenizer")
+        manifests.append((d, manifest))
+    total = sum(len(m.get("shards", [])) for _, m in manifests)
+    seqs, n_tokens, n_files = [], 0, 0
+    for d, manifest in manifests:
         for entry in manifest.get("shards", []):
             shard = read_shard(verify_shard(Path(d), entry))
             for i in range(shard.n_sequences):
@@ -163,9 +168,11 @@ def build_from_shards(dirs, min_count: int = 2, progress=None) -> tuple[NgramTab
                 n_tokens += len(seq)
             n_files += 1
             if progress is not None:
-                progress(n_files)
+                progress(n_files, total, "read")
     if not seqs:
         raise UsageError(f"{', '.join(map(str, dirs))}: no shards to read; write some with `mamballama data generate`")
+    if progress is not None:
+        progress(n_files, total, "count")
     vocab = int(tokenizer.get("vocab_size") or 0) or int(max(int(s.max()) for s in seqs if len(s)) + 1)
     table = NgramTable.build(seqs, vocab, min_count, tokenizer)
     summary = {"sources": [str(d) for d in dirs], "shards": n_files, "sequences": len(seqs), "tokens": n_tokens,
