@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from spec_eval import held_out_prompts, parse_ks, rounds_summary  # noqa: E402
+from spec_eval import held_out_prompts, parse_ks, rounds_summary, table_split  # noqa: E402
 
 
 def continuations(model, prompts, n_new: int, path: Path | None) -> list[list[int]]:
@@ -82,12 +82,18 @@ def main() -> None:
                 draft = LookupDraft(max_ngram=n, table=table)
                 row = {"k": k, "max_ngram": n, "table": table}
                 for name, idx in groups.items():
-                    counts = [c for i in idx for c in simulate_lookup(prompts[i], new[i], k, draft)]
+                    counts, used = [], []
+                    for i in idx:
+                        counts += simulate_lookup(prompts[i], new[i], k, draft, from_table=used)
                     row[name] = rounds_summary(counts, k)["tokens_per_call"] if counts else None
+                    if table and name == "all":
+                        row.update(table_split(counts, used, k))
                 row["modelled_speedup"] = round(row["all"] / args.round_cost, 3)
                 rows.append(row)
+                split = (f" (the table wrote {row['table_rounds']:.1%} of first proposals: "
+                         f"{row['table_tokens_per_call']} tokens per call there)") if table else ""
                 print(f"K={k} {draft}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; "
-                      f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps")
+                      f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps{split}")
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "lookup_sim", "model": args.model, "prompts": len(prompts),
                                                "chat_prompts": n_chat, "new_tokens": args.max_new_tokens,

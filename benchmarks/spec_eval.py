@@ -203,7 +203,24 @@ def simulated_lookup(draft, prompts, plain_tokens, K: int) -> dict:
     plain-Python twin of the proposals): the engine should accept exactly this where its tokens equal plain's."""
     from mamballama_cli.generation.lookup import simulate_lookup
 
-    return rounds_summary([m for p, t in zip(prompts, plain_tokens) for m in simulate_lookup(p, t, K, draft)], K)
+    counts, used = [], []
+    for p, t in zip(prompts, plain_tokens):
+        counts += simulate_lookup(p, t, K, draft, from_table=used)
+    return {**rounds_summary(counts, K), **table_split(counts, used, K)} if draft.loaded is not None \
+        else rounds_summary(counts, K)
+
+
+def table_split(counts: list[int], from_table: list[bool], K: int) -> dict:
+    """With an n-gram table: the share of rounds whose first proposal the table wrote, and tokens per call in those
+    rounds and in the others (the context's)."""
+    table = [c for c, u in zip(counts, from_table) if u]
+    ctx = [c for c, u in zip(counts, from_table) if not u]
+
+    def per_call(cs):
+        return round((sum(cs) + len(cs)) / len(cs), 3) if cs else None
+
+    return {"table_rounds": round(len(table) / max(1, len(counts)), 4), "table_tokens_per_call": per_call(table),
+            "context_tokens_per_call": per_call(ctx)}
 
 
 def rounds_summary(counts: list[int], K: int) -> dict:

@@ -130,7 +130,9 @@ def test_lookup_rounds_with_a_table_give_greedy_tokens_and_accept_what_the_host_
     rounds = lk.LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=False)
     got, stats = rounds.generate(prompts, n, sync_every=2)
     assert got == [f[:n] for f in further]
-    with_table = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, draft, n) for r in range(3)]
+    used = []
+    with_table = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, draft, n, from_table=used) for r in range(3)]
+    assert len(used) == sum(map(len, with_table)) and 0 < sum(used) < len(used)  # the table wrote some rounds
     without = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, lk.LookupDraft(), n) for r in range(3)]
     assert stats["accepted"] == sum(map(sum, with_table)) and stats["row_rounds"] == sum(map(len, with_table))
     assert with_table != without  # the table changed what the rounds proposed
@@ -191,3 +193,31 @@ def test_captured_lookup_rounds_with_a_table_equal_the_uncaptured_ones_on_cuda(t
         rounds = lk.LookupRounds(target, draft, 3, 4 + n + 2 * (k + 1), k, capture=capture)
         got[capture], _ = rounds.generate(prompts, n, sync_every=2)
     assert got[True] == got[False] == [greedy_reference(target, prompts[r: r + 1], n)[0] for r in range(3)]
+
+
+def test_spec_eval_splits_the_rounds_the_table_proposed(pair, tmp_path):  # noqa: F811
+    """benchmarks/spec_eval.py with --draft lookup:N:TABLE: the simulated rounds say which share of first proposals
+    the table wrote, and tokens per call there and elsewhere, consistent with the whole."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import write_heldout_text
+
+    table = tmp_path / "t.safetensors"
+    NgramTable.build([np.arange(1, 60) % 23 + 1], 64, 1).save(table)  # within the tiny target's vocabulary
+    data = write_heldout_text(tmp_path / "data")
+    out = tmp_path / "spec.json"
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "spec_eval.py"), str(pair / "target"), "--draft",
+                        f"lookup:2:{table}", "-k", "3", "--data", str(data), "--prompts", "2", "--max-new-tokens",
+                        "10", "--text-window", "24", "--device", "cpu", "--dtype", "float32", "--parts-iters", "1",
+                        "--engines", "plain,round", "--json", str(out)], capture_output=True, text=True, timeout=600,
+                       check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    sim = json.loads(out.read_text())["engines"]["round"]["simulated"]
+    share, t, c = sim["table_rounds"], sim["table_tokens_per_call"], sim["context_tokens_per_call"]
+    assert 0 < share < 1  # the table wrote some first proposals (its tokens: single successors of 1..23)
+    whole = share * t + (1 - share) * c
+    assert whole == pytest.approx(sim["tokens_per_call"], abs=0.01)

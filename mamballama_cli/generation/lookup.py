@@ -76,6 +76,12 @@ def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: 
                  table: NgramTable | None = None, below: int = 2) -> list[int]:
     """:func:`~mamballama_cli.ops.lookup.lookup_propose` for one row, in plain Python (the reference the device
     version is tested against)."""
+    return _propose(ctx, k, max_ngram, min_ngram, table, below)[0]
+
+
+def _propose(ctx: list[int], k: int, max_ngram: int, min_ngram: int, table: NgramTable | None,
+             below: int) -> tuple[list[int], bool]:
+    """:func:`propose_host`'s proposal, and whether the table's chain wrote its first token."""
     last = len(ctx) - 1
     out, n_match = None, 0
     for n in range(max_ngram, min_ngram - 1, -1):
@@ -93,27 +99,30 @@ def propose_host(ctx: list[int], k: int, max_ngram: int = MAX_NGRAM, min_ngram: 
         e = max(last - 1, 0)
         out = [ctx[min(e + 1 + j % max(last - e, 1), last)] for j in range(k)]
     if table is None or n_match >= below:
-        return out
+        return out, False
     a, b = (ctx[last - 1] if last >= 1 else None), ctx[last]
     for j in range(k):  # the table's chain, until the first step it has nothing for
         nxt = table.next_host(a, b)
         if nxt < 0:
-            break
+            return out, j > 0
         out[j] = nxt
         a, b = b, nxt
-    return out
+    return out, k > 0
 
 
 def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupDraft,
-                    n_new: int | None = None) -> list[int]:
+                    n_new: int | None = None, from_table: list | None = None) -> list[int]:
     """The accepted counts of greedy lookup rounds whose target writes ``tokens`` after ``prompt`` (the first token
     comes from the prefill) until ``n_new`` tokens (default: all of them): what a round must accept when it decodes
-    exactly these tokens. Tokens past ``n_new`` let the last round accept what a verify call sees beyond it."""
+    exactly these tokens. Tokens past ``n_new`` let the last round accept what a verify call sees beyond it.
+    ``from_table``, a list: gets, per round, whether the n-gram table proposed its first token."""
     seq = list(prompt) + list(tokens)
     t, end, counts = len(prompt) + 1, len(seq), []
     stop = len(prompt) + (len(tokens) if n_new is None else min(n_new, len(tokens)))
     while t < stop:
-        d = propose_host(seq[:t], k, draft.max_ngram, draft.min_ngram, draft.loaded, draft.below)
+        d, used = _propose(seq[:t], k, draft.max_ngram, draft.min_ngram, draft.loaded, draft.below)
+        if from_table is not None:
+            from_table.append(used)
         a = 0
         while a < k and t + a < end and d[a] == seq[t + a]:
             a += 1
