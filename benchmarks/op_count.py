@@ -40,9 +40,8 @@ class Counter(TorchDispatchMode):
             self.glue[name] += 1
         return func(*args, **(kwargs or {}))
 
-    def wrap(self, table) -> None:
-        """Make every op ``table`` resolves count its calls (an OpTable subclass would not reach the runtimes)."""
-        original = type(table).__missing__
+    def missing(self, original):
+        """An ``OpTable.__missing__`` that resolves as ``original`` and makes the op count its calls."""
         counter = self
 
         def missing(tab, op):
@@ -57,7 +56,7 @@ class Counter(TorchDispatchMode):
                     counter.inside -= 1
             tab[op] = counted
             return counted
-        type(table).__missing__ = missing
+        return missing
 
 
 def count(counter: Counter, name: str, fn) -> dict:
@@ -73,13 +72,49 @@ def count(counter: Counter, name: str, fn) -> dict:
     return res
 
 
+def count_walks(model, prompt_len: int, k: int, vocab: int = 1000) -> dict:
+    """The counts of a plain step, a 1-token window walk and a verify call of ``k + 1`` tokens of ``model`` (CPU)."""
+    from mamballama_cli.models.step import OpTable
+
+    ids = torch.randint(3, vocab, (1, prompt_len))
+    counter = Counter()
+    capacity = prompt_len + 4 * (k + 1)
+    out = {}
+    original = OpTable.__missing__
+    OpTable.__missing__ = counter.missing(original)  # the runtimes built below count every op they resolve
+    try:
+        _walks(model, ids, prompt_len, k, capacity, counter, out)
+    finally:
+        OpTable.__missing__ = original
+    return out
+
+
+def _walks(model, ids, prompt_len: int, k: int, capacity: int, counter: Counter, out: dict) -> None:
+    from mamballama_cli.generation.fast import StaticDecoder
+    from mamballama_cli.generation.speculative import HybridRunner
+
+    with torch.no_grad():
+        dec = StaticDecoder(model, 1, capacity, capture=False)
+        dec.prefill(ids)
+        out["plain"] = count(counter, "plain step", dec._step)
+        runner = HybridRunner(model, 1, capacity, window=k + 1)
+        runner.prefill(ids)
+
+        def walk(T: int):
+            x = torch.zeros(1, T, dtype=torch.long)
+
+            def run():
+                runner.start, runner.wlen, runner.keep = [prompt_len], 0, [T]
+                runner.extend(x, rebase=True)
+            return run
+        out["walk1"] = count(counter, "window walk, 1 token", walk(1))
+        out["verify"] = count(counter, f"verify call, {k + 1} tokens", walk(k + 1))
+
+
 def main() -> None:
     from mamballama_cli.convert.placement import attention_layers_for_ratio
     from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
-    from mamballama_cli.generation.fast import StaticDecoder
-    from mamballama_cli.generation.speculative import HybridRunner
     from mamballama_cli.models.modeling import MamballamaForCausalLM
-    from mamballama_cli.models.step import OpTable
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="smollm2-135m")
@@ -91,26 +126,7 @@ def main() -> None:
     tc = teacher_config(args.shape)
     hc = hybrid_config(tc, attention_layers_for_ratio(tc.num_hidden_layers, args.ratio))
     model = random_model(MamballamaForCausalLM, hc, torch.float32, torch.device("cpu"))
-    ids = torch.randint(3, min(1000, tc.vocab_size), (1, args.prompt))
-    counter = Counter()
-    counter.wrap(OpTable(torch.device("cpu")))
-    capacity = args.prompt + 4 * (args.k + 1)
-    with torch.no_grad():
-        dec = StaticDecoder(model, 1, capacity, capture=False)
-        dec.prefill(ids)
-        count(counter, "plain step", dec._step)
-        runner = HybridRunner(model, 1, capacity, window=args.k + 1)
-        runner.prefill(ids)
-
-        def walk(T: int):
-            x = torch.zeros(1, T, dtype=torch.long)
-
-            def run():
-                runner.start, runner.wlen, runner.keep = [args.prompt], 0, [T]
-                runner.extend(x, rebase=True)
-            return run
-        count(counter, "window walk, 1 token", walk(1))
-        count(counter, f"verify call, {args.k + 1} tokens", walk(args.k + 1))
+    count_walks(model, args.prompt, args.k, min(1000, tc.vocab_size))
 
 
 if __name__ == "__main__":
