@@ -217,7 +217,7 @@ def table_split(counts: list[int], from_table: list[bool], K: int) -> dict:
     ctx = [c for c, u in zip(counts, from_table) if not u]
 
     def per_call(cs):
-        return round((sum(cs) + len(cs)) / len(cs), 3) if cs else None
+        return rounds_summary(cs, K)["tokens_per_call"] if cs else None
 
     return {"table_rounds": round(len(table) / max(1, len(counts)), 4), "table_tokens_per_call": per_call(table),
             "context_tokens_per_call": per_call(ctx)}

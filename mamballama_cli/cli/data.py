@@ -143,10 +143,8 @@ def _shard_progress():
     def update(done: int, total: int, what: str) -> None:
         if "task" not in state:
             state["task"] = progress.add_task("read shards", total=total)
-        if what == "count":
-            progress.update(state["task"], description="count and hash pairs", completed=done)
-        else:
-            progress.update(state["task"], completed=done)
+        label = {"count": "count and hash pairs"}.get(what, "read shards")
+        progress.update(state["task"], description=label, completed=done)
 
     with progress:
         yield update
