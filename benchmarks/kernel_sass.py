@@ -236,7 +236,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     tile = tuple(tile) if tile else r.replay_tiles(p, n, gated)[0]
     block_p, warps, form = tile[:3]
     whole, split = r.norm_in_kernel(tile, p, gated)
-    wp, tp = r.window_rows(W, T)
+    wp, tp = r.window_rows(W, T, int(form))
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": whole, "HAS_Z": whole or split,
               "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, whole)[1], "BLOCK_P": block_p, "FORM": int(form),
               "WP": wp, "TP": tp, "SPLIT_NORM": split, "HEAD_P": r._next_pow2(p)}

@@ -205,7 +205,8 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_load
     128, tiled; gated: also with the norm split over a head's programs) and the default teacher's (64 x 64, one
     program a head): none spills; the form that loads the window first (FORM 1) issues at most a third of the first
     tile's global loads; the form that loads the new steps ahead (FORM 2) issues more loads before its first store
-    (the first two new steps') than the first tile; the split-norm tiles count themselves with one acq_rel atomic
+    (the first two new steps') than the first tile; the chunked form (FORM 3, one program a head) issues every load
+    before its first store; the split-norm tiles count themselves with one acq_rel atomic
     and read the rows back past L1."""
     from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
@@ -218,11 +219,14 @@ def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_load
             ptx[tile] = kernel.asm["ptx"]
         first = ptx[tiles[0]]
         assert tiles[0][2] == 0 and len(tiles) >= 1 + (p == 128), tiles
+        assert any(t[2] == 3 for t in tiles) == (gated and p == 64), tiles  # chunked where a head fits a program
         for tile in tiles[1:]:
             if tile[2] == 1:  # the window loaded first
                 assert 3 * ptx[tile].count("ld.global") <= first.count("ld.global"), tile
             if tile[2] == 2:  # the new steps' loads ahead: the first two steps' go out before the first store
                 assert _loads_before_a_store(ptx[tile]) > _loads_before_a_store(first), tile
+            if tile[2] == 3:  # the chunked form: every load of the window before its first store, no chain of steps
+                assert _loads_before_a_store(ptx[tile]) == ptx[tile].count("ld.global") > 0, tile
             if len(tile) > 3:  # the split norm: one acq_rel count after a barrier, the rows read back past L1
                 assert "atom.global.gpu.acq_rel.add" in ptx[tile] and "ld.global.cg" in ptx[tile], tile
 

@@ -189,10 +189,13 @@ for k, (b, W, T, h, g, p, n, counts, cg) in enumerate([
         print("ssm_replay", b, W, T, counts, tile, t.check_ssm_replay("cpu", b, W, T, h, g, p, n, counts, seed=k, cg=cg,
                                                                      tile=tile))
 # the gated op: one kernel (headdim past one block of the ungated tiles; headdim not a power of two; fp16 inputs),
-# and two (a head's state past one program: the 8B shape's case, smaller)
+# and two (a head's state past one program: the 8B shape's case, smaller); where a head fits one program the
+# candidates include the chunked form (FORM 3), here also at the widest window (K = 7), W = 0 and T = 0
 for k, (b, W, T, h, g, p, n, counts, dtype, one) in enumerate([
         (2, 5, 5, 4, 2, 64, 16, [0, 5], f32, True), (2, 3, 2, 2, 1, 24, 16, [2, 1], f16, True),
-        (1, 4, 3, 2, 2, 64, 128, [3], f32, False)]):
+        (1, 4, 3, 2, 2, 64, 128, [3], f32, False), (1, 8, 8, 2, 1, 64, 64, [5], f32, True),
+        (2, 0, 3, 2, 1, 32, 16, [0, 0], f32, True), (1, 3, 0, 2, 1, 32, 16, [2], f32, True)]):
+    assert any(tile[2] == 3 for tile in gated_tiles(p, n)) is one, (p, n)
     for with_z in (True, False) if k != 1 else (True,):  # False: the norm without a gate (convert --no-gate)
         for tile in gated_tiles(p, n):  # one kernel where a head fits a program, else the tiled one and the norm op
             fused, errs = t.check_ssm_replay_gated("cpu", b, W, T, h, g, p, n, counts, dtype, seed=k, with_z=with_z,

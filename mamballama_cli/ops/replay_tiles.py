@@ -30,8 +30,13 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 # 240 s on an H200. FORM 2 (since the eighteenth session; not yet timed on a GPU) is the first tile with the new
 # steps' loads two steps ahead of their use: FORM 0's loads of a step wait behind the last step's stores (the
 # compiler cannot move a load above a store it cannot prove apart), so each new step there waits on memory once.
+# FORM 3 (the twenty-second session; not yet timed on a GPU) is the chunked form for a head that fits one program
+# (ops/triton_replay_math.py): the window as a few float32 dots and one norm, where the other forms are a chain of
+# dependent steps on as few programs as the model has heads (the default teacher's nine).
 REPLAY_FORMS = ((1, 4, 0), (2, 2, 1), (1, 4, 2))
-FORM_NAMES = ("", "p", "f")
+FORM_NAMES = ("", "p", "f", "c")
+CHUNKED_WARPS = (4, 8)  # the chunked tiles' num_warps: under triton 3.6 for sm90 at K = 6, 4,024 instructions a
+# thread at 4 warps and 2,408 at 8 (fewer a thread, more in all): which issues faster on nine SMs is the timing's call
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
 TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
 
@@ -46,6 +51,8 @@ def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:
         if (gated and div != 1) or rows < 1 or rows * block_n < 32 * warps or (rows, warps, form) in tiles:
             continue
         tiles.append((rows, warps, form))
+    if gated and gated_in_one_program(p, n) and base >= 16 and block_n >= 16:  # a tl.dot takes 16 rows at least
+        tiles += [(base, warps, 3) for warps in CHUNKED_WARPS]
     return tiles
 
 
@@ -72,14 +79,16 @@ def norm_in_kernel(tile, p: int, gated: bool) -> tuple[bool, bool]:
     return whole, gated and not whole and splits_norm(tile)
 
 
-def window_rows(W: int, T: int) -> tuple[int, int]:
-    """(WP, TP): the rows of FORM 1's tiles of the window's old and new steps, W and T rounded up to powers of two."""
-    return _next_pow2(max(W, 1)), _next_pow2(max(T, 1))
+def window_rows(W: int, T: int, form: int = 1) -> tuple[int, int]:
+    """(WP, TP): the rows of FORM 1's tiles of the window's old and new steps, W and T rounded up to powers of two;
+    of FORM 3's (the chunked form: the rows of its dots), at least 16."""
+    least = 16 if form == 3 else 1
+    return max(_next_pow2(max(W, 1)), least), max(_next_pow2(max(T, 1)), least)
 
 
 def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``f`` for FORM 2, ``n`` for the norm split over a
-    head's programs."""
+    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``f`` for FORM 2, ``c`` for FORM 3 (chunked), ``n``
+    for the norm split over a head's programs."""
     return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}{'n' if splits_norm(tile) else ''}"
 
 

@@ -16,7 +16,11 @@ use (steps 0 and 1 during the replay), so that no new step waits on memory behin
 tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On an H100 at the 8B head the
 first tile (FORM 0) won at every verify shape (docs/gpu.md, the seventeenth session); a chunked form (the window as
 float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x and 6-18x slower. FORM 2
-came after that and has not yet been timed on a GPU.
+came after that; at the default teacher's head (64 x 64, one program a head) it won every verify window on an H100
+(8.1 against 11.4 us at K = 4, the twenty-first session). ``FORM`` 3 (since the twenty-second session, offered where
+a head fits one program; not yet run on a GPU) loads the window as FORM 1 does, then computes it in its chunked form,
+a few float32 dots over the window and one gated norm for all its rows, not a chain of steps
+(:mod:`mamballama_cli.ops.triton_replay_math`).
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
@@ -56,49 +60,16 @@ from mamballama_cli.ops.replay_tiles import (
     splits_norm,
     window_rows,
 )
-
-
-@triton.jit
-def _softplus(x):
-    # log1p(exp(x)) to full float32 accuracy for very negative x (the usual log(1 + u) loses it when u is
-    # tiny): log1p(u) = log(w) * u / (w - 1) with w = 1 + u (Goldberg); torch uses x itself above 20.
-    u = tl.exp(x)
-    w = 1.0 + u
-    lp = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
-    return tl.where(x > 20.0, x, lp)
-
-
-@triton.jit
-def _tile(ptr, rows, s_row, cols, s_col):
-    """Pointers of a (rows x cols) tile at ``ptr``."""
-    return ptr + rows[:, None] * s_row + cols[None, :] * s_col
-
-
-@triton.jit
-def _row(tile, rows, t):
-    """Row ``t`` of a (steps x block) tile, as a block: exact, the other rows add zeros."""
-    return tl.sum(tl.where(rows[:, None] == t, tile, 0.0), axis=0)
-
-
-@triton.jit
-def _new_step(xb, dtb, Bb, Cb, zb, t, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z: tl.constexpr):
-    """FORM 2's loads of new step ``t`` from the row's base pointers: raw x, raw dt, raw B, C and z in float32 (z
-    stands in as C without HAS_Z, unread)."""
-    x = tl.load(xb + t * x_st, mask=mask_p, other=0.0)
-    dt = tl.load(dtb + t * dt_st)
-    B = tl.load(Bb + t * B_st, mask=mask_n, other=0.0)
-    C = tl.load(Cb + t * C_st, mask=mask_n, other=0.0).to(tl.float32)
-    if HAS_Z:
-        z = tl.load(zb + t * z_st, mask=mask_p, other=0.0).to(tl.float32)
-    else:
-        z = C
-    return x, dt, B, C, z
-
-
-@triton.jit
-def _at(vec, rows, t):
-    """Entry ``t`` of a vector of steps."""
-    return tl.sum(tl.where(rows == t, vec, 0.0), axis=0)
+from mamballama_cli.ops.triton_replay_math import (
+    _at,
+    _chunked_replay,
+    _chunked_window,
+    _gated_norm,
+    _new_step,
+    _row,
+    _softplus,
+    _tile,
+)
 
 
 @triton.jit
@@ -168,7 +139,7 @@ def _replay_kernel(
         Dh = tl.load(D_ptr + h).to(tl.float32)
     if GATED:
         nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if FORM == 1:
+    if FORM == 1 or FORM == 3:  # FORM 3, the chunked form, reads the same tiles (ops/triton_replay_math.py)
         rw = tl.arange(0, WP)
         on_w = rw < r  # the loads are masked by W alone (no wait on r), the steps past r zeroed after
         xo = tl.load(x_old_ptr + b * xo_sb + rw[:, None] * xo_st + g * xo_sg + offs_p[None, :] * xo_sp,
@@ -191,6 +162,8 @@ def _replay_kernel(
         if HAS_Z:  # only with GATED: the gate is the norm's
             zn = tl.load(z_ptr + b * z_sb + rt[:, None] * z_st + h * z_sh + offs_p[None, :] * z_sp,
                          mask=on_t[:, None] & mask_p[None, :], other=0.0).to(tl.float32)
+        else:
+            zn = Cn  # unread
         if SLOTTED:  # every load is issued: the new steps go into their slot now, each value by one writer
             tl.store(x_save + b * xo_sb + rt[:, None] * xo_st + g * xo_sg + offs_p[None, :] * xo_sp,
                      xn_raw.to(x_save.dtype.element_ty), mask=on_t[:, None] & x_lanes[None, :])
@@ -216,7 +189,9 @@ def _replay_kernel(
                 n1 = n0
 
     # 1. Replay the accepted steps of the last window (no outputs).
-    for t in tl.static_range(W):  # t < W: every load is inside the window; only steps t < r replay
+    if FORM == 3:
+        s = _chunked_replay(s, xo, dto, Bo, rw, A)
+    for t in tl.static_range(0 if FORM == 3 else W):  # t < W: every load is inside the window; only t < r replay
         if FORM == 1:
             x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
         else:
@@ -233,7 +208,15 @@ def _replay_kernel(
              s.to(state_out_ptr.dtype.element_ty), mask=mask)
 
     # 2. The new steps, with outputs.
-    for t in tl.static_range(T):
+    if FORM == 3:  # every row at once; s becomes the final state where RETURN_FINAL asks for it
+        y, s = _chunked_window(s, xn, dtn, Bn, Cn, rt, A, T, RETURN_FINAL)
+        if HAS_D:
+            y += Dh * xn
+        if GATED:
+            y = _gated_norm(y, zn, nw, mask_p, eps, headdim, y_ptr.dtype.element_ty, HAS_Z)
+        tl.store(y_ptr + b * y_sb + rt[:, None] * y_st + h * y_sh + offs_p[None, :] * y_sp,
+                 y.to(y_ptr.dtype.element_ty), mask=on_t[:, None] & mask_p[None, :])
+    for t in tl.static_range(0 if FORM == 3 else T):
         if FORM == 1:
             x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
             if HAS_Z:
@@ -270,11 +253,7 @@ def _replay_kernel(
         if HAS_D:
             y += Dh * x
         if GATED:  # the head's whole row is here (one program a head): the gated RMSNorm over it, as ssm_step_gated
-            y = y.to(y_ptr.dtype.element_ty).to(tl.float32)  # the unfused path hands y over in the activation dtype
-            if HAS_Z:
-                y = y * (zt * tl.sigmoid(zt))
-            var = tl.sum(tl.where(mask_p, y * y, 0.0), axis=0) / headdim
-            y = y * tl.rsqrt(var + eps) * nw
+            y = _gated_norm(y, zt if HAS_Z else y, nw, mask_p, eps, headdim, y_ptr.dtype.element_ty, HAS_Z)
         if SPLIT_NORM:  # this program's rows of the gated output, the norm left to the head's last program
             y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
             if HAS_Z:
@@ -391,7 +370,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
         assert not split or scratch is not None, "a split-norm replay tile needs its scratch, made outside a capture"
         y32, cnt = scratch if split else (A, n_replay)  # unread unless split
         zt = z if (whole or split) and z is not None else y
-        wp, tp = window_rows(W, T)
+        wp, tp = window_rows(W, T, tile[2])
         with _device_guard(st):
             _replay_kernel[(triton.cdiv(p, tile[0]), b * h)](
                 st, x_old, dt_old, B_old, n_replay,

@@ -20,7 +20,8 @@ from mamballama_cli import ops
 from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
 from mamballama_cli.ops.selective_scan import check_scan_shapes, selective_replay_ref
-from mamballama_cli.ops.triton_replay import _old_window, _state_buffers, _tile
+from mamballama_cli.ops.triton_replay import _old_window, _state_buffers
+from mamballama_cli.ops.triton_replay_math import _tile
 
 
 @triton.jit
