@@ -13,14 +13,17 @@
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
 # b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B), b1noconv (b1 with in_proj
 # and the conv apart, not the gemv_conv kernel: its A/B),
-# replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py),
+# replaytiles (every Mamba-2 replay tile timed at the 8B head: benchmarks/replay_tiles.py), replaystudent (the same at
+# the 50% student's head, K = 4 and 6, where the chunked form is a candidate),
 # gemvtest (the gemv op's gpu tests alone), gemvtiles (every gemv candidate and ops/triton_gemv.py's EXTRA tiles
 # timed against cuBLAS on the 8B shapes; GEMV_EXTRA="16,256,2,4,dot ..." times those instead of EXTRA), park + serve (issue 17's serve line on the default teacher and its 50% hybrid: `park`
 # carrying .teacher-a, then `serve` in the next call carrying .teacher-b). Default: env tests full.
 # The whole gpu suite in parts of at most 8 minutes each (one or two per device call; docs/gpu.md):
 #   part1 (ops), part2 (model, decode, Mamba-1), part3 (verify, speculative), part4 (KD loss, distributed, SwiGLU GEMV,
 #   conv GEMV),
-#   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes).
+#   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes), part6 (the decode GEMV: its
+#   fused tiles are chosen by timing, 213-239 s a dtype on a cold machine; in part1 until 2026-12-06, when part1 and
+#   part2 run together on an H100 twice left its last three tests unfinished at 460 s).
 # Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
 # STEP+STEP runs those steps at the same time (e.g. part1+part2: two pytest runs, JOBS workers each), reports after;
 # for test parts only: steps that time something would share the GPU.
@@ -146,11 +149,15 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         replaytiles) stamp "every replay tile at the 8B head, K=4 window, plain and gated, slotted and not"
                 timeout -s INT -k 10 "$(left 400)" python3 benchmarks/replay_tiles.py --json "$OUT/replay-tiles.json" \
                     > "$OUT/replay-tiles.txt" 2>&1; echo "exit $?"; cat "$OUT/replay-tiles.txt" ;;
+        replaystudent) stamp "every replay tile at the 50% student's head (9 x 64 x 64), K=4 and K=6, no final state"
+                timeout -s INT -k 10 "$(left 300)" python3 benchmarks/replay_tiles.py --shape student --k 4,6 \
+                    --no-final --json "$OUT/replay-student.json" > "$OUT/replay-student.txt" 2>&1; echo "exit $?"
+                cat "$OUT/replay-student.txt" ;;
         gemvtest) gputest gemv 300 tests/test_gemv_op.py tests/test_gemv_swiglu.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
                     ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
-        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_gemv_op.py -k "not hybrid_forward_backward" ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
@@ -158,6 +165,7 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py \
                    tests/test_gemv_conv.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
+        part6) gputest part6 480 tests/test_gemv_op.py ;;
         *) echo "unknown step $step" ;;
     esac
 done
