@@ -10,6 +10,13 @@ greedy speculative decoder would run over them, the chat prompts and the text wi
 is tokens per call over the round's cost in plain steps (``--round-cost``, the verify call and commit; the lookup's
 own cost left out). ``--table`` adds rows with an n-gram table (`mamballama data ngrams`, generation/ngram_table.py):
 the lookup draft ``lookup:N:TABLE``.
+
+Each row also splits the rounds by the length of the context's match (``by_match``: rounds and tokens per call),
+and ``--gate 2,3`` adds rows for rounds that speculate only where the match is at least that long and otherwise
+decode one token, at ``--step-cost`` plain steps (a one-token window walk with its commit). The modelled speedup is
+then tokens over (verify calls x round cost + one-token rounds x step cost). Rounds that yield fewer tokens than a
+verify call costs in plain steps are worth less than a plain step: on the CPU over the default teacher's greedy
+tokens, rounds with no match yield 1.0 token a call (docs/speculative.md).
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ def main() -> None:
     ap.add_argument("--ks", default="3,4,6,8")
     ap.add_argument("--ngrams", default="2,3,4")
     ap.add_argument("--round-cost", type=float, default=1.23, help="a round's cost in plain steps (2026-12-04: 1.23)")
+    ap.add_argument("--gate", default="0", help="context match lengths below which a round decodes one token "
+                    "instead of speculating, comma-separated (0: always speculate)")
+    ap.add_argument("--step-cost", type=float, default=1.18, help="a one-token round's cost in plain steps (an H100 "
+                    "at the 50%% student, 2026-12-06: 0.708 ms window walk + 0.016 ms commit over a 0.612 ms step)")
     ap.add_argument("--tokens", default=None, help="a JSONL file that keeps the continuations (resumable)")
     ap.add_argument("--table", default=None, help="an n-gram table (`mamballama data ngrams`): rows with it too")
     ap.add_argument("--device", default="cpu")
@@ -63,6 +74,9 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     ks, ngrams = parse_ks(args.ks), parse_ks(args.ngrams)
+    gates = [int(g) for g in args.gate.split(",") if g.strip().isdigit()]
+    if len(gates) != len(args.gate.split(",")):
+        raise SystemExit(f"error: --gate {args.gate!r}: give match lengths (0 or more), comma-separated, e.g. 0,2,3")
 
     from mamballama_cli.generation.lookup import LookupDraft, simulate_lookup
     from mamballama_cli.loading import load_causal_lm
@@ -78,27 +92,49 @@ def main() -> None:
     rows = []
     for k in ks:
         for n in ngrams:
-            for table in [None] + ([args.table] if args.table else []):
+            for table, gate in [(t, g) for t in [None] + ([args.table] if args.table else []) for g in gates]:
                 draft = LookupDraft(max_ngram=n, table=table)
-                row = {"k": k, "max_ngram": n, "table": table}
+                row = {"k": k, "max_ngram": n, "table": table, "gate": gate}
                 for name, idx in groups.items():
-                    counts, used = [], []
+                    counts, used, matches, steps = [], [], [], []
                     for i in idx:
-                        counts += simulate_lookup(prompts[i], new[i], k, draft, from_table=used)
-                    row[name] = rounds_summary(counts, k)["tokens_per_call"] if counts else None
-                    if table and name == "all":
+                        counts += simulate_lookup(prompts[i], new[i], k, draft, from_table=used, matches=matches,
+                                                  gate=gate, steps=steps)
+                    calls = [c for c, s in zip(counts, steps) if not s]
+                    row[name] = rounds_summary(calls, k)["tokens_per_call"] if calls else None
+                    if name == "all":
+                        row.update(gate_split(counts, matches, steps, args.round_cost, args.step_cost))
+                    if table and name == "all" and not gate:
                         row.update(table_split(counts, used, k))
-                row["modelled_speedup"] = round(row["all"] / args.round_cost, 3)
                 rows.append(row)
                 split = (f" (the table wrote {row['table_rounds']:.1%} of first proposals: "
-                         f"{row['table_tokens_per_call']} tokens per call there)") if table else ""
+                         f"{row['table_tokens_per_call']} tokens per call there)") if "table_rounds" in row else ""
+                gated = f", one-token rounds {row['step_rounds']:.1%} (gate {gate})" if gate else ""
                 print(f"K={k} {draft}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; "
-                      f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps{split}")
+                      f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps{gated}{split}")
+                if not gate:
+                    print("  by match length: " + ", ".join(f"{m}: {v[0]} rounds, {v[1]} tokens/call"
+                                                            for m, v in row["by_match"].items()))
     if args.json:
         Path(args.json).write_text(json.dumps({"benchmark": "lookup_sim", "model": args.model, "prompts": len(prompts),
                                                "chat_prompts": n_chat, "new_tokens": args.max_new_tokens,
-                                               "dtype": args.dtype, "round_cost": args.round_cost, "rows": rows},
+                                               "dtype": args.dtype, "round_cost": args.round_cost,
+                                               "step_cost": args.step_cost, "rows": rows},
                                               indent=2))
+
+
+def gate_split(counts: list[int], matches: list[int], steps: list[bool], round_cost: float,
+               step_cost: float) -> dict:
+    """Rounds by the context match they started from (``by_match``: length -> [rounds, tokens per call]), the share of
+    one-token rounds, and the modelled speedup: tokens over the rounds' cost in plain steps."""
+    by = {}
+    for c, m in zip(counts, matches):
+        n, tok = by.get(m, (0, 0))
+        by[m] = (n + 1, tok + c + 1)
+    cost = sum(step_cost if s else round_cost for s in steps)
+    return {"by_match": {m: [n, round(tok / n, 3)] for m, (n, tok) in sorted(by.items())},
+            "step_rounds": round(sum(steps) / len(steps), 4) if steps else 0.0,
+            "modelled_speedup": round((sum(counts) + len(counts)) / cost, 3) if cost else None}
 
 
 if __name__ == "__main__":

@@ -203,11 +203,16 @@ def simulated_lookup(draft, prompts, plain_tokens, K: int) -> dict:
     plain-Python twin of the proposals): the engine should accept exactly this where its tokens equal plain's."""
     from mamballama_cli.generation.lookup import simulate_lookup
 
-    counts, used = [], []
+    counts, used, steps = [], [], []
     for p, t in zip(prompts, plain_tokens):
-        counts += simulate_lookup(p, t, K, draft, from_table=used)
-    return {**rounds_summary(counts, K), **table_split(counts, used, K)} if draft.loaded is not None \
-        else rounds_summary(counts, K)
+        counts += simulate_lookup(p, t, K, draft, from_table=used, gate=draft.gate, steps=steps)
+    calls = [c for c, s in zip(counts, steps) if not s]  # a gated draft's one-token rounds apart
+    out = rounds_summary(calls, K)
+    if draft.gate:
+        out["step_calls"] = sum(steps)
+    if draft.loaded is not None:
+        out.update(table_split(calls, [u for u, s in zip(used, steps) if not s], K))
+    return out
 
 
 def table_split(counts: list[int], from_table: list[bool], K: int) -> dict:
@@ -266,7 +271,9 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
             return out[0], st["seconds"] - st["prefill_s"], {"accepted": st["accepted"],
                                                               "drafted": K * st["row_rounds"],
                                                               "calls": st["row_rounds"],
-                                                              "accepted_hist": st["accepted_hist"]}
+                                                              "accepted_hist": st["accepted_hist"],
+                                                              # a gated lookup draft's one-token rounds
+                                                              "step_calls": st.get("step_row_rounds", 0)}
 
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
         if parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
@@ -289,7 +296,8 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
         parts["sum_ms"] = round(K * parts["draft_step_ms"] + parts["verify_step_ms"][K + 1], 4)
         if "round" in results:
             r = results["round"]
-            parts["round_ms_end_to_end"] = round(r["decode_s"] * 1000 / max(1, r["calls"]), 4)
+            parts["round_ms_end_to_end"] = round(r["decode_s"] * 1000 / max(1, r["calls"] + r.get("step_calls", 0)),
+                                                 4)  # per round, one-token rounds (a gated draft's) included
             if round_ms is not None:
                 parts["round_ms_replayed"] = round(round_ms, 4)
             if round_ms_commit_ref is not None:
@@ -338,12 +346,12 @@ def run_engine(label: str, fn, prompts, device) -> dict:
             if isinstance(v, list):
                 extra[key] = [a + b for a, b in zip(extra.get(key) or [0] * len(v), v)]
             else:
-                extra[key] += v
+                extra[key] = extra.get(key, 0) + v
     rate = total_new / total_s if total_s > 0 else float("nan")
     print(f"{label}: {total_new} decode tokens in {total_s:.2f} s = {rate:.1f} tok/s", file=sys.stderr)
     row = {"decode_tokens": total_new, "decode_s": round(total_s, 4), "decode_tok_s": round(rate, 2),
            "_tokens": tokens}
-    if extra["drafted"]:
+    if extra["drafted"] or extra.get("step_calls"):  # a speculative engine (a gated one may not have verified)
         row.update(extra)
     return row
 

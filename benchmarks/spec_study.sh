@@ -53,7 +53,8 @@ DRAFT_LAYERS=${DRAFT_LAYERS:-0,10,20,29}
 # DRAFTS: the drafts trained side by side and measured, each "feature" (convert STUDENT --feature-draft),
 # "feature:DECAY" (the same draft, its later training passes weighted DECAY ** k: --unroll-decay), "cut" (the
 # teacher's DRAFT_LAYERS), "cut:LAYERS" (e.g. cut:0,6,12,18,24,29), "lookup" / "lookup:N" (no model, nothing to
-# train: proposals copied from the context, generation/lookup.py) or "ngram" / "ngram:N" (the lookup draft with an
+# train: proposals copied from the context, generation/lookup.py), "lookup:N:gate=M" (the same, speculating only
+# from context matches of at least M tokens, one-token rounds elsewhere) or "ngram" / "ngram:N" (the lookup draft with an
 # n-gram table of the teacher-generated data, `data ngrams`, where the context has nothing to copy). DRAFT_KIND
 # (one kind) is the older knob.
 DRAFTS=${DRAFTS:-${DRAFT_KIND:-cut feature}}
@@ -83,10 +84,12 @@ draft_name() {
     feature:[0-9]*) echo "feature-d${spec#feature:}" ;;
     cut|cut:*) echo "cut-$(draft_layers "$spec" | tr ',' '-')" ;;
     lookup) echo lookup ;;
+    lookup:gate=[0-9]*) echo "lookup-gate${spec#lookup:gate=}" ;;
+    lookup:[0-9]*:gate=[0-9]*) local n=${spec#lookup:}; echo "lookup-${n%%:*}-gate${spec##*gate=}" ;;
     lookup:[0-9]*) echo "lookup-${spec#lookup:}" ;;
     ngram) echo lookup-table ;;
     ngram:[0-9]*) echo "lookup-table-${spec#ngram:}" ;;
-    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut, cut:LAYERS (e.g. cut:0,10,20,29), lookup, lookup:N, ngram or ngram:N" >&2; exit 2 ;;
+    *) echo "DRAFTS entry '$spec': give feature, feature:DECAY (e.g. feature:0.5), cut, cut:LAYERS (e.g. cut:0,10,20,29), lookup, lookup:N, lookup:N:gate=M, ngram or ngram:N" >&2; exit 2 ;;
   esac
 }
 for spec in $DRAFTS; do draft_name "$spec" > /dev/null || exit 2; done

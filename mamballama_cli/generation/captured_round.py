@@ -164,16 +164,14 @@ class CapturedRounds:
         first, _ = self._pick(self._prefill(ids))
         self.pending.copy_(torch.stack([ids[:, -1], first], dim=1))
         self._record(first[:, None], torch.ones_like(self.hist_len), torch.ones_like(self.finished))
+        self._started()
         if ids.is_cuda:
             torch.cuda.synchronize(self.device)
         prefilled = time.perf_counter()
         rounds = 0
         while not bool(self.finished.all()):
             for _ in range(sync_every):
-                if self.graph is not None:
-                    self.graph.replay()
-                else:
-                    self._round()
+                self._next_round()
                 rounds += 1
         elapsed = time.perf_counter() - start
         lens, hist = self.hist_len.tolist(), self.hist.tolist()
@@ -193,6 +191,16 @@ class CapturedRounds:
                      "acceptance_rate": acc / (rr * self.k) if rr else float("nan"),
                      "tokens_per_call": (acc + rr) / rr if rr else float("nan")}
 
+    def _started(self) -> None:
+        """After the prefill and the first token, before the first round (a subclass's hook)."""
+
+    def _next_round(self) -> None:
+        """One round: the captured graph's replay, or the round run eagerly (off CUDA)."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._round()
+
     def _prefill(self, ids: Tensor) -> Tensor:
         """Read the prompt into both models (the draft all but its last token, which it re-reads with the first new
         one) and put every device-side position, count and flag at the start. Returns the target's last logits."""
@@ -210,6 +218,10 @@ class CapturedRounds:
 
     def _warm(self, ids: Tensor) -> None:
         """Record the round in a CUDA graph on a prefilled state (the warm-up scribbles; generate() re-prefills)."""
+        self.graph = self._capture(ids, self._round)
+
+    def _capture(self, ids: Tensor, fn):
+        """A CUDA graph of ``fn``, a round, recorded on a prefilled state."""
         n = ids.shape[1]
         self._prefill(ids)
         self.max_new.fill_(self.max_length)
@@ -219,5 +231,6 @@ class CapturedRounds:
             self._begin(n)
             self.max_new.fill_(self.max_length)
 
-        self.graph, _ = capture_graph(self._round, self.device, warmup=2, before=reset)
+        graph, _ = capture_graph(fn, self.device, warmup=2, before=reset)
         torch.cuda.set_rng_state(rng, self.device)
+        return graph

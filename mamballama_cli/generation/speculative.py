@@ -354,4 +354,6 @@ def _captured(target, draft, input_ids, k, max_new_tokens, sampling, stop_tokens
              "round_kind": type(rounds).__name__,
              "target_runner": "HybridRunner",
              "batch_size": b, "adaptive_k": False, "per_row": True, "captured_round": True}
+    if "step_rounds" in st:  # a gated lookup draft: rounds that decoded one token without proposals
+        extra.update(step_rounds=st["step_rounds"], step_row_rounds=st["step_row_rounds"])
     return SpecResult(out, stats, extra=extra)

@@ -1,7 +1,8 @@
 """The lookup draft's proposal as an op (generation/lookup.py): reference here, one Triton launch in
 :mod:`mamballama_cli.ops.triton_lookup`.
 
-    lookup_draft(prompt, prompt_len, hist, hist_len, k, max_ngram=3, min_ngram=1, table=None) -> (b, k) proposals
+    lookup_draft(prompt, prompt_len, hist, hist_len, k, max_ngram=3, min_ngram=1, table=None, match_out=None)
+        -> (b, k) proposals; match_out (b,), when given, gets the length of each row's match (0: none)
 
 prompt (b, L) with its length ``prompt_len`` (0-dim: a batch shares it); hist (b, L) each row's new tokens,
 ``hist_len`` (b,) how many. The context is [prompt | new tokens] (:func:`assemble_context`); the proposal
@@ -105,14 +106,15 @@ def table_chain(t: TableArrays, ctx: Tensor, length: Tensor, proposal: Tensor, n
 
 
 def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGRAM, min_ngram: int = 1,
-                   table: TableArrays | None = None) -> Tensor:
+                   table: TableArrays | None = None, match_out: Tensor | None = None) -> Tensor:
     """ctx (b, L) tokens, length (b,) how many are real (at least 1) -> (b, k) proposals.
 
     For n from ``max_ngram`` down to ``min_ngram``: a match of length n ends at e when ctx[e - i] equals
     ctx[length - 1 - i] for i < n, with e <= length - 2 (something follows it). The longest n that matches wins,
     then the latest e. Proposal j is ctx[e + 1 + (j mod P)], P = length - 1 - e. No match: e = length - 2, which
     proposes the last token K times. Fixed shapes and no host reads, so a CUDA graph can record it. With a
-    ``table``, :func:`table_chain` over that where the longest match is shorter than ``table.below``."""
+    ``table``, :func:`table_chain` over that where the longest match is shorter than ``table.below``. ``match_out``
+    (b,): the longest match's length, 0 where none (what a gated round decides on, generation/lookup.py)."""
     L = ctx.shape[1]
     dev = ctx.device
     e = torch.arange(L, device=dev)
@@ -135,6 +137,8 @@ def lookup_propose(ctx: Tensor, length: Tensor, k: int, max_ngram: int = MAX_NGR
     j = torch.arange(k, device=dev)
     idx = torch.minimum(best[:, None] + 1 + j[None, :] % period[:, None], last[:, None])
     proposal = ctx.gather(1, idx)
+    if match_out is not None:
+        match_out.copy_(n_match)
     return proposal if table is None else table_chain(table, ctx, length, proposal, n_match)
 
 
@@ -150,15 +154,17 @@ def assemble_context(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len:
 
 
 def lookup_draft_ref(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor, k: int,
-                     max_ngram: int = MAX_NGRAM, min_ngram: int = 1, table: TableArrays | None = None) -> Tensor:
+                     max_ngram: int = MAX_NGRAM, min_ngram: int = 1, table: TableArrays | None = None,
+                     match_out: Tensor | None = None) -> Tensor:
     ctx, length = assemble_context(prompt, prompt_len, hist, hist_len)
-    return lookup_propose(ctx, length, k, max_ngram, min_ngram, table)
+    return lookup_propose(ctx, length, k, max_ngram, min_ngram, table, match_out)
 
 
 ops.register_reference("lookup_draft", lookup_draft_ref)
 
 
 def lookup_draft(prompt: Tensor, prompt_len: Tensor, hist: Tensor, hist_len: Tensor, k: int,
-                 max_ngram: int = MAX_NGRAM, min_ngram: int = 1, table: TableArrays | None = None) -> Tensor:
+                 max_ngram: int = MAX_NGRAM, min_ngram: int = 1, table: TableArrays | None = None,
+                 match_out: Tensor | None = None) -> Tensor:
     return ops.dispatch("lookup_draft", prompt.device)[1](prompt, prompt_len, hist, hist_len, k, max_ngram,
-                                                          min_ngram, table)
+                                                          min_ngram, table, match_out)

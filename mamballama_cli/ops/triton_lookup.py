@@ -52,9 +52,9 @@ def _table_next(keys, nexts, single, vocab, size, a, b, PROBES: tl.constexpr, HA
 
 @triton.jit
 def _lookup_draft_kernel(prompt, plen_ptr, hist, hist_len, out, L, K, s_pr, s_hr, s_hl, s_or,
-                         keys, nexts, single, vocab, size, below,
+                         keys, nexts, single, vocab, size, below, match_ptr, s_m,
                          MAX_N: tl.constexpr, MIN_N: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-                         TABLE: tl.constexpr, PROBES: tl.constexpr, HASH: tl.constexpr):
+                         TABLE: tl.constexpr, PROBES: tl.constexpr, HASH: tl.constexpr, MATCH: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     prompt += r * s_pr
     hist += r * s_hr
@@ -81,8 +81,10 @@ def _lookup_draft_kernel(prompt, plen_ptr, hist, hist_len, out, L, K, s_pr, s_hr
     j = tl.arange(0, BLOCK_K).to(tl.int64)
     idx = tl.minimum(e_best + 1 + j % period, last)
     tl.store(out + r * s_or + j, _token(prompt, hist, idx, plen, L, j < K), mask=j < K)
+    n_best = tl.where(score >= 0, score // big, 0)  # the longest match's length, 0 for none
+    if MATCH:
+        tl.store(match_ptr + r * s_m, n_best)
     if TABLE:
-        n_best = tl.where(score >= 0, score // big, 0)
         b = tl.max(_token(prompt, hist, last + offs * 0, plen, L, offs == 0), axis=0)  # the last token
         a = tl.max(_token(prompt, hist, last - 1 + offs * 0, plen, L, offs == 0), axis=0)  # -1 when last is 0
         going = (n_best < below).to(tl.int32)  # an int flag: scalar booleans combine badly in the interpreter
@@ -95,7 +97,7 @@ def _lookup_draft_kernel(prompt, plen_ptr, hist, hist_len, out, L, K, s_pr, s_hr
 
 
 def lookup_draft_triton(prompt, prompt_len, hist, hist_len, k: int, max_ngram: int = 3, min_ngram: int = 1,
-                        table: TableArrays | None = None):
+                        table: TableArrays | None = None, match_out=None):
     b, L = prompt.shape
     out = torch.empty(b, k, dtype=prompt.dtype, device=prompt.device)
     t = table if table is not None else TableArrays(hist_len, hist_len, hist_len, 1, 1, 0)  # unread placeholders
@@ -103,8 +105,10 @@ def lookup_draft_triton(prompt, prompt_len, hist, hist_len, k: int, max_ngram: i
         _lookup_draft_kernel[(b,)](
             prompt, prompt_len, hist, hist_len, out, L, k, prompt.stride(0), hist.stride(0), hist_len.stride(0),
             out.stride(0), t.keys, t.nexts, t.single, t.vocab, t.keys.shape[0] - t.probes, t.below,
+            match_out if match_out is not None else hist_len, match_out.stride(0) if match_out is not None else 0,
             MAX_N=max_ngram, MIN_N=min_ngram, BLOCK=min(1024, triton.next_power_of_2(L)),
-            BLOCK_K=triton.next_power_of_2(k), TABLE=table is not None, PROBES=t.probes, HASH=HASH_MUL, num_warps=4,
+            BLOCK_K=triton.next_power_of_2(k), TABLE=table is not None, PROBES=t.probes, HASH=HASH_MUL,
+            MATCH=match_out is not None, num_warps=4,
         )
     return out
 
@@ -125,7 +129,7 @@ def lookup_draft_check(fn, device: str = "cuda", seed: int = 0) -> int:
     """Run ``fn`` and the reference on random rows (small vocabularies: matches of every length, loops, no match;
     lengths from 1 to the whole buffer, contexts longer than one block), without a table and with tables that
     cover every pair, some pairs, or some pairs and some single tokens (so chains run to the end and stop early);
-    returns how many proposals differ."""
+    returns how many proposals and match lengths differ."""
     gen = torch.Generator().manual_seed(seed)
     bad = 0
     cases = [(40, 6, 5, 3, None), (1500, 3, 700, 5, None), (64, 4, 1, 2, None), (300, 2, 30, 50, None),
@@ -142,9 +146,10 @@ def lookup_draft_check(fn, device: str = "cuda", seed: int = 0) -> int:
         table = random_table(tab[3] if tab and len(tab) > 3 else vocab, *tab[:3], gen) if tab else None
         on_device = table and TableArrays(*(x.to(device) for x in table[:3]), *table[3:])
         for k, max_n, min_n in ((1, 3, 1), (4, 3, 1), (8, 4, 2), (5, 1, 1)):
-            want = lookup_draft_ref(*args, k, max_n, min_n, table)
-            got = fn(*[a.to(device) for a in args], k, max_n, min_n, on_device)
-            bad += int((got.cpu() != want).sum())
+            want_n, got_n = torch.full((b,), -7), torch.full((b,), -7, device=device)
+            want = lookup_draft_ref(*args, k, max_n, min_n, table, want_n)
+            got = fn(*[a.to(device) for a in args], k, max_n, min_n, on_device, got_n)
+            bad += int((got.cpu() != want).sum()) + int((got_n.cpu() != want_n).sum())
     return bad
 
 
