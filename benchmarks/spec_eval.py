@@ -254,7 +254,7 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
     from mamballama_cli.generation.speculative import speculative_generate
 
     results: dict = {}
-    round_ms = round_ms_commit_ref = None
+    round_ms = round_ms_commit_ref = step_round_ms = None
     if "loop" in engines:
         def loop(ids):
             res = speculative_generate(target, draft, ids, k=K, max_new_tokens=n_new)
@@ -278,6 +278,9 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
         results["round"] = run_engine("speculative, captured round", captured, prompts, device)
         if parts_iters:  # the round replayed (eagerly off CUDA): the same work whatever is accepted
             round_ms = cuda_time(rounds.graph.replay if rounds.graph is not None else rounds._round, parts_iters)
+            if getattr(getattr(rounds, "lookup", None), "gate", 0):
+                step = rounds.step_graph.replay if rounds.step_graph is not None else rounds._step_round
+                step_round_ms = cuda_time(step, parts_iters)  # a gated lookup draft's one-token round
         free_rounds(rounds)
         rounds = None
         if parts_iters:  # the same round with the commit's reference instead of its kernel (A/B)
@@ -300,6 +303,8 @@ def speculative_at(target, draft, K: int, prompts, n_new: int, capacity: int, en
                                                  4)  # per round, one-token rounds (a gated draft's) included
             if round_ms is not None:
                 parts["round_ms_replayed"] = round(round_ms, 4)
+            if step_round_ms is not None:
+                parts["step_round_ms_replayed"] = round(step_round_ms, 4)
             if round_ms_commit_ref is not None:
                 parts["round_ms_replayed_commit_ref"] = round(round_ms_commit_ref, 4)
         print("parts: " + json.dumps(parts), file=sys.stderr)

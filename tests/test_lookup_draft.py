@@ -241,6 +241,7 @@ def test_spec_eval_measures_the_lookup_draft(pair, tmp_path, spec):  # noqa: F81
     steps = rnd.get("step_calls", 0)
     assert steps == sim.get("step_calls", 0) and (steps > 0) == (spec != "lookup")
     assert rnd["calls"] > 0 and rnd["tokens_per_call"] >= 1.0
+    assert ("step_round_ms_replayed" in res["parts"]) == (spec != "lookup")  # the one-token round timed apart
     assert res["parts"]["lookup_ms"] > 0 and res["parts"]["draft_step_ms"] == pytest.approx(
         res["parts"]["lookup_ms"] / 3, rel=1e-3)
 
