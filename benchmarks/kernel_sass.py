@@ -317,22 +317,23 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
     # the lookup draft's proposal (ops/triton_lookup.py) at the n-gram lengths and windows a run may ask for
     jobs += [["lookup", n, 1, kb] for n in (1, 2, 3, 4) for kb in (1, 4, 8)] + [["lookup", 4, 2, 8]]
     jobs += [["lookup", n, 1, kb, True] for n in (3, 4) for kb in (4, 8)]  # with an n-gram table
+    jobs += [["lookup", 3, 1, kb, table, True] for kb in (4, 8) for table in (False, True)]  # writing match lengths
     return jobs + [["attention", r, hd] for heads, kv, hd in ((9, 3, 64), (32, 8, 128))
                    for r in sorted(attention_rows(heads, kv))]
 
 
-def compile_lookup(max_n: int, min_n: int, block_k: int, table: bool = False, arch: int = 90):
+def compile_lookup(max_n: int, min_n: int, block_k: int, table: bool = False, match: bool = False, arch: int = 90):
     """The lookup draft's kernel (one program per row, int64 tokens, blocks of 1,024 end positions), with or without
-    an n-gram table's chain."""
+    an n-gram table's chain, with or without writing each row's match length (a gated draft's)."""
     from mamballama_cli.ops import triton_lookup as lk
 
     args = {"prompt": "*i64", "plen_ptr": "*i64", "hist": "*i64", "hist_len": "*i64", "out": "*i64", "L": "i32",
             "K": "i32", "s_pr": "i32", "s_hr": "i32", "s_hl": "i32", "s_or": "i32", "keys": "*i64", "nexts": "*i64",
-            "single": "*i64", "vocab": "i32", "size": "i32", "below": "i32"}
+            "single": "*i64", "vocab": "i32", "size": "i32", "below": "i32", "match_ptr": "*i64", "s_m": "i32"}
     const = {"MAX_N": max_n, "MIN_N": min_n, "BLOCK": 1024, "BLOCK_K": block_k, "TABLE": table,
-             "PROBES": lk.PROBES if table else 1, "HASH": lk.HASH_MUL}
+             "PROBES": lk.PROBES if table else 1, "HASH": lk.HASH_MUL, "MATCH": match}
     return compile_kernel(lk._lookup_draft_kernel, args, const, 4, 1, arch,
-                          unaligned=("K", "s_hl", "s_or", "vocab", "below"))
+                          unaligned=("K", "s_hl", "s_or", "vocab", "below", "s_m"))
 
 
 def _compile_job(job) -> None:
