@@ -204,6 +204,7 @@ def test_generate_with_the_lookup_draft_through_the_cli(pair, tmp_path, capsys):
     assert gated.code == 0, gated.err
     gstats = json.loads(stats_file.read_text())
     assert gated.out == plain.out and gstats["draft"] == "lookup:2:gate=1" and gstats["step_row_rounds"] >= 0
+    assert f"{gstats['rounds'] - gstats['step_rounds']} verify, {gstats['step_rounds']} one-token" in gated.err
     for spec, word in (("lookup:2:gate=3", "gate=3"), ("lookup:gate=x", "gate=x")):
         bad = run_cli(["generate", target, "--prompt", prompt, "--speculative", "--draft", spec], capsys)
         assert bad.code != 0 and word in bad.err and len(bad.err.strip().splitlines()) == 1, bad.err

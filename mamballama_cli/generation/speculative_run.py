@@ -182,8 +182,11 @@ def format_stats(stats: dict) -> str:
     # The target's calls are the prefill plus one verify call per round: the same count as target_calls in the
     # statistics JSON (tokens/call is per verify call, as tokens_per_call).
     kinfo = f"k<={stats['k']} adaptive" if stats.get("adaptive_k") else f"k={stats['k']}"
+    steps = stats.get("step_rounds") or 0  # a gated lookup draft's one-token rounds (host rounds, as rounds)
+    calls = f"{stats['rounds'] - steps} verify, {steps} one-token" if "step_rounds" in stats else \
+        f"{stats['rounds']} verify"
     line = (f"[speculative {kinfo}: {stats['new_tokens']} new tokens in {stats['target_calls']} target calls "
-            f"(prefill + {stats['rounds']} verify); "
+            f"(prefill + {calls}); "
             f"acceptance {num('acceptance_rate', '.3f')}, {num('tokens_per_call', '.2f')} tokens/call (verify), "
             f"{num('tokens_per_s', '.1f')} tok/s")
     if "plain" in stats:
