@@ -186,7 +186,7 @@ class LookupRounds(CapturedRounds):
         self.match = torch.zeros(self.b, dtype=torch.long, device=self.device)
         self.speculate = torch.ones((), dtype=torch.bool, device=self.device)
         self.step_rows = torch.zeros((), dtype=torch.long, device=self.device)
-        self.step_kept = torch.zeros((), dtype=torch.long, device=self.device)
+        self.step_accepted = torch.zeros((), dtype=torch.long, device=self.device)  # stays 0: nothing is drafted
         self.step_graph = None
         self.step_rounds = 0
 
@@ -223,7 +223,7 @@ class LookupRounds(CapturedRounds):
         self.t_start.add_(self.t_keep)
         nxt, _ = self._pick(self.t._walk(self.pending[:, 1:], self.t_start, self.t_keep, True, 0, None)[:, 0])
         commit_round(self.d_next, torch.zeros_like(nxt), nxt, self.pending, self.finished, self.t_keep, self.d_keep,
-                     self.hist, self.hist_len, self.stops, self.max_new, self.step_kept, self.step_rows)
+                     self.hist, self.hist_len, self.stops, self.max_new, self.step_accepted, self.step_rows)
         self._lookahead()
 
     def _started(self) -> None:

@@ -27,7 +27,8 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 # that one won a smaller head (64 x 128) by 2%. The six others tried there (FORM 1 at 4 and 8 warps, 13.6-27.6 us;
 # a chunked form in float32 dots, 13.6-17.8 us; whole-head tiles for the gated op, 75-205 us) are gone: each
 # candidate compiles on a shape's first call, and with eight of them a verify benchmark's first calls took over
-# 240 s on an H200. FORM 2 (since the eighteenth session; not yet timed on a GPU) is the first tile with the new
+# 240 s on an H200. FORM 2 (since the eighteenth session; on an H100 it won every verify window at the default
+# teacher's head, 8.06 against 11.4 us at K = 4, the twenty-first session) is the first tile with the new
 # steps' loads two steps ahead of their use: FORM 0's loads of a step wait behind the last step's stores (the
 # compiler cannot move a load above a store it cannot prove apart), so each new step there waits on memory once.
 # FORM 3 (the twenty-second session; not yet timed on a GPU) is the chunked form for a head that fits one program
