@@ -24,7 +24,10 @@
 #   part5 (large shapes: tens of GiB, kernels compiled and autotuned at those shapes), part6 (the decode GEMV: its
 #   fused tiles are chosen by timing, 213-239 s a dtype on a cold machine; in part1 until 2026-12-06, when part1 and
 #   part2 run together on an H100 twice left its last three tests unfinished at 460 s).
-# Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it).
+# Every test file with a gpu mark belongs to exactly one part (tests/test_ops.py checks it). Each part also writes
+# times-PART.jsonl, where each test's time went (compiling, autotuning, the timed choices, the rest:
+# benchmarks/gpu_test_times.py prints it). tcache packs Triton's compiled kernels into tcache.tgz.partNN (15 MiB each):
+# kept in .tcache/ here and carried, they spare a later session's machine the compiles (docs/gpu.md).
 # STEP+STEP runs those steps at the same time (e.g. part1+part2: two pytest runs, JOBS workers each), reports after;
 # for test parts only: steps that time something would share the GPU.
 # JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
@@ -69,9 +72,12 @@ gputest() {  # name, timeout cap, pytest selection...
     # part5's shapes take tens of GiB: one at a time. worksteal: an idle worker takes tests queued behind a slow one
     # (2026-12-05: part1's two fused-gemv tests, 224 s and 178 s, ran back to back on one worker, 442 s in all)
     [ -n "${JOBS:-}" ] && [ "$name" != part5 ] && par=(-n "$JOBS" --dist worksteal)
-    timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 -m gpu -p no:cacheprovider -o addopts="" \
-        "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
+    # MAMBALLAMA_GPU_TIMES: a JSON line per test, where its time went (tests/gpu_times.py), summed below
+    MAMBALLAMA_GPU_TIMES="$OUT/times-$name.jsonl" timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 \
+        -m gpu -p no:cacheprovider -o addopts="" "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
+    [ -s "$OUT/times-$name.jsonl" ] && python3 benchmarks/gpu_test_times.py "$OUT/times-$name.jsonl" --top 6
+    true
 }
 
 serve_pair() {  # issue 17's serve line: the default teacher and its 50% hybrid, SERVE_CLIENTS clients at SERVE_PROMPT
@@ -166,6 +172,8 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
                    tests/test_gemv_conv.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         part6) gputest part6 480 tests/test_gemv_op.py ;;
+        tcache) stamp "triton cache: this machine's compiled kernels, in pieces for .tcache (benchmarks/triton_cache.py)"
+                python3 benchmarks/triton_cache.py pack --out "$OUT" ;;
         *) echo "unknown step $step" ;;
     esac
 done
@@ -173,9 +181,11 @@ done
 ls -la "$OUT"
 # The device returns at most 8 files a call: past that, pack every file into one archive so that none is left
 # behind (the fifteenth session lost speed-b1pair.json and a test log to the limit).
+# The Triton cache's pieces (tcache) stay apart: each is already as large as a file may be.
 n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
 if [ "$n" -gt 8 ]; then
-    (cd "$OUT" && tar -czf session.tar.gz --remove-files $(find . -maxdepth 1 -type f ! -name session.tar.gz -printf '%P\n'))
+    (cd "$OUT" && tar -czf session.tar.gz --remove-files $(find . -maxdepth 1 -type f ! -name session.tar.gz \
+        ! -name 'tcache.tgz.part*' -printf '%P\n'))
     echo "$n files packed into session.tar.gz"; ls -la "$OUT"
 fi
 stamp done

@@ -48,8 +48,8 @@ def one_thread():
 def models(tmp_path_factory):
     """A tiny teacher and the hybrid converted from it (layers 0 and 2 Mamba), both saved with tokenizers."""
     import torch
-
     from helpers import save_teacher, tiny_llama, tiny_tokenizer
+
     from mamballama_cli.convert.converter import convert_model
 
     root = tmp_path_factory.mktemp("models")
@@ -60,3 +60,22 @@ def models(tmp_path_factory):
     hybrid.save_pretrained(root / "hybrid")
     tiny_tokenizer().save_pretrained(root / "hybrid")
     return {"teacher": tdir, "hybrid": root / "hybrid", "root": root}
+
+
+# MAMBALLAMA_GPU_TIMES=FILE: one JSON line per test saying where its time went (tests/gpu_times.py); set by
+# benchmarks/gpu_session.sh for the gpu suite's parts. Installed here, before any test imports the ops modules.
+_GPU_TIMES = os.environ.get("MAMBALLAMA_GPU_TIMES")
+if _GPU_TIMES:
+    import gpu_times
+
+    gpu_times.install()
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        import time
+
+        gpu_times.LEDGER.reset()
+        start = time.perf_counter()
+        yield
+        gpu_times.write(_GPU_TIMES, gpu_times.LEDGER.record(item.nodeid, time.perf_counter() - start,
+                                                            gpu_times.worker_id()))

@@ -1,0 +1,197 @@
+"""The gpu suite's own accounting (tests/gpu_times.py, benchmarks/gpu_test_times.py) and the Triton cache that
+travels between device sessions (benchmarks/triton_cache.py, ``gpu_session.sh tcache``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gpu_times
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_the_ledger_counts_a_nested_kind_in_the_inner_one_only():
+    ledger = gpu_times.Ledger()
+    inner = ledger.timed("compile", lambda s: time.sleep(s))
+
+    def bench():
+        inner(0.12)  # a compile (over SLOW_COMPILE_S) inside the autotuner's benchmark
+        inner(0.0)  # a cache hit
+        time.sleep(0.05)
+        return "best"
+
+    assert ledger.timed("autotune", bench)() == "best"
+    (c_s, c_n), (a_s, a_n) = ledger.totals["compile"], ledger.totals["autotune"]
+    assert c_n == 2 and a_n == 1 and ledger.compiled == 1
+    assert 0.12 <= c_s < 0.2 and 0.05 <= a_s < 0.1, ledger.totals  # 0.17 s in all, split, not counted twice
+    row = ledger.record("t::x", 0.3, "gw0")
+    assert row["compile_calls"] == 2 and row["autotune_s"] == round(a_s, 3) and row["choice_calls"] == 0
+    ledger.reset()
+    assert ledger.totals["compile"] == [0.0, 0] and ledger.compiled == 0
+
+
+def test_install_times_a_shapes_first_choice_and_only_that(monkeypatch):
+    import torch
+
+    from mamballama_cli.ops import graph_timing
+
+    monkeypatch.setattr(graph_timing, "chosen", graph_timing.chosen)  # restored after the test
+    try:
+        import triton.compiler as tc
+        import triton.compiler.compiler as tcc
+        from triton.runtime import autotuner
+
+        monkeypatch.setattr(tcc, "compile", tcc.compile)
+        monkeypatch.setattr(tc, "compile", tc.compile)
+        monkeypatch.setattr(autotuner.Autotuner, "_bench", autotuner.Autotuner._bench)
+        has_triton = True
+    except ImportError:
+        has_triton = False
+    ledger = gpu_times.Ledger()
+    done = gpu_times.install(ledger)
+    assert "graph_timing.chosen" in done
+    if has_triton:
+        assert {"triton.compile", "Autotuner._bench"} <= set(done)
+        assert tc.compile is tcc.compile and tcc.compile.gpu_times_kind == "compile"
+    choices, x = {}, torch.zeros(1)
+    for _ in range(3):  # on the CPU the choice is True without timing; only the first use decides
+        assert graph_timing.chosen(choices, "k", x, lambda: False) is True
+    assert ledger.totals["choice"][1] == 1 and choices == {"k": True}
+    assert gpu_times.install(ledger) == done and ledger.totals["choice"][1] == 1  # installing twice wraps once
+
+
+def test_inner_run_for_the_conftest_hook():
+    """Run only inside the next test's pytest (MAMBALLAMA_GPU_TIMES set): a test that compiles nothing and spends
+    its time deciding one shape's choice."""
+    if not os.environ.get("MAMBALLAMA_GPU_TIMES"):
+        pytest.skip("the inner half of test_conftest_writes_a_line_per_test_where_its_time_went")
+    from mamballama_cli.ops import graph_timing
+
+    class OnCuda:  # the choice decides only for a CUDA tensor; capturing is asked of torch only then
+        is_cuda = True
+
+    import torch
+
+    capturing = torch.cuda.is_current_stream_capturing
+    torch.cuda.is_current_stream_capturing = lambda: False
+    try:
+        assert graph_timing.chosen({}, "shape", OnCuda(), lambda: time.sleep(0.2) or True) is True
+    finally:
+        torch.cuda.is_current_stream_capturing = capturing
+
+
+def test_conftest_writes_a_line_per_test_where_its_time_went(tmp_path):
+    log = tmp_path / "times.jsonl"
+    env = {**os.environ, "MAMBALLAMA_GPU_TIMES": str(log)}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                           f"{Path(__file__)}::test_inner_run_for_the_conftest_hook"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["test"].endswith("::test_inner_run_for_the_conftest_hook") and row["worker"] == "main"
+    assert row["choice_calls"] == 1 and 0.2 <= row["choice_s"] <= row["wall_s"], row
+
+
+def _rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_gpu_test_times_sums_each_file_and_lists_the_slowest(tmp_path, capsys):
+    import gpu_test_times
+
+    a = _rows(tmp_path / "times-part1.jsonl", [
+        {"test": "t::slow", "wall_s": 100.0, "compile_s": 60.0, "compiled": 40, "autotune_s": 20.0, "choice_s": 5.0},
+        {"test": "t::fast", "wall_s": 2.0, "compile_s": 0.5, "compiled": 1, "autotune_s": 0.0, "choice_s": 0.0}])
+    b = _rows(tmp_path / "times-part2.jsonl", [
+        {"test": "u::mid", "wall_s": 30.0, "compile_s": 1.0, "compiled": 0, "autotune_s": 0.0, "choice_s": 40.0}])
+    out = tmp_path / "sum.json"
+    assert gpu_test_times.main([str(a), str(b), "--top", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads(out.read_text())
+    assert summary["files"]["times-part1.jsonl"] == {"tests": 2, "wall_s": 102.0, "compiled": 41, "compile_s": 60.5,
+                                                     "autotune_s": 20.0, "choice_s": 5.0, "rest_s": 16.5}
+    assert summary["files"]["times-part2.jsonl"]["rest_s"] == 0.0  # parts past the wall never make it negative
+    assert [r["test"] for r in summary["slowest"]] == ["t::slow", "u::mid"]
+    assert "times-part1.jsonl (2 tests)" in text and text.index("t::slow") < text.index("u::mid")
+    assert "t::fast" not in text
+
+
+def test_gpu_test_times_names_a_bad_file(tmp_path):
+    import gpu_test_times
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"test": "x", "wall_s": 1}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not a JSON line"):
+        gpu_test_times.main([str(bad)])
+    with pytest.raises(SystemExit, match="no such file"):
+        gpu_test_times.main([str(tmp_path / "none.jsonl")])
+
+
+def _fake_cache(root: Path) -> None:
+    """Two kernels as Triton lays them out: a folder per hash with the binary, metadata, IR stages and a group file
+    naming its members by absolute path; and a launcher."""
+    for h, name in (("AAA", "_gemv_kernel"), ("BBB", "_replay_kernel")):
+        d = root / h
+        d.mkdir(parents=True)
+        files = {}
+        for ext, data in ((".cubin", b"\x7fELF" + os.urandom(64)), (".json", b'{"name": "%s"}' % name.encode()),
+                          (".ptx", b"// ptx"), (".ttir", b"ir"), (".llir", b"ll")):
+            (d / f"{name}{ext}").write_bytes(data)
+            files[f"{name}{ext}"] = str(d / f"{name}{ext}")
+        (d / f"__grp__{name}.json").write_text(json.dumps({"child_paths": files}))
+    (root / "CCC").mkdir()
+    (root / "CCC" / "__triton_launcher.so").write_bytes(b"\x7fELF so")
+
+
+def test_a_packed_triton_cache_unpacks_elsewhere_with_its_groups_pointing_there(tmp_path):
+    import triton_cache
+
+    src, dest = tmp_path / "a" / "cache", tmp_path / "b" / "cache"
+    _fake_cache(src)
+    pieces, kernels = triton_cache.pack(src, tmp_path / "out", piece_bytes=200)  # tiny pieces: several
+    assert kernels == 2 and len(pieces) >= 2 and all(p.stat().st_size <= 200 for p in pieces)
+    assert triton_cache.unpack(list(reversed(pieces)), dest) == 2  # joined in name order whatever the order given
+    assert (dest / "AAA" / "_gemv_kernel.cubin").read_bytes() == (src / "AAA" / "_gemv_kernel.cubin").read_bytes()
+    assert (dest / "CCC" / "__triton_launcher.so").is_file()
+    assert not list(dest.rglob("*.ptx")) and not list(dest.rglob("*.ttir"))  # the IR stages stay behind
+    grp = json.loads((dest / "BBB" / "__grp___replay_kernel.json").read_text())["child_paths"]
+    assert grp["_replay_kernel.cubin"] == str(dest.resolve() / "BBB" / "_replay_kernel.cubin")
+    assert set(grp) == {"_replay_kernel.cubin", "_replay_kernel.json"}  # the members left behind are dropped
+    with pytest.raises(SystemExit, match="do not make a packed cache"):
+        triton_cache.unpack(pieces[:1], tmp_path / "c")
+    with pytest.raises(SystemExit, match="no such piece"):
+        triton_cache.unpack([tmp_path / "none"], tmp_path / "c")
+
+
+def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path):
+    """``gpu_session.sh tcache`` on one machine, then a later call that carries the pieces in .tcache/: the scripts
+    themselves, with TRITON_CACHE_DIR pointing into tmp_path."""
+    src = tmp_path / "cache1"
+    _fake_cache(src)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "TRITON_CACHE_DIR": str(src), "DEADLINE": "60"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "tcache"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "2 kernels" in proc.stdout, proc.stdout + proc.stderr
+    call = tmp_path / "call"
+    (call / ".tcache").mkdir(parents=True)
+    for p in out.glob("tcache.tgz.part*"):
+        (call / ".tcache" / p.name).write_bytes(p.read_bytes())
+    dest = tmp_path / "cache2"
+    script = f'source "{ROOT}/benchmarks/device_common.sh"; echo "cache=$TRITON_CACHE_DIR"'
+    env = {**os.environ, "OUT": str(tmp_path / "out2"), "TRITON_CACHE_DIR": str(dest)}
+    for kernels in (2, 1):  # the second call on the same machine finds the mark and leaves the cache as it is
+        proc = subprocess.run(["bash", "-c", script], cwd=call, env=env, capture_output=True, text=True, timeout=120,
+                              check=False)
+        assert proc.returncode == 0 and f"cache={dest}" in proc.stdout, proc.stdout + proc.stderr
+        assert (dest / ".from-tcache").is_file() and len(list(dest.rglob("*.cubin"))) == kernels
+        assert ("triton cache: 2 kernels" in proc.stdout) == (kernels == 2), proc.stdout
+        (dest / "AAA" / "_gemv_kernel.cubin").unlink(missing_ok=True)
