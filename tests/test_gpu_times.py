@@ -195,3 +195,30 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
         assert (dest / ".from-tcache").is_file() and len(list(dest.rglob("*.cubin"))) == kernels
         assert ("triton cache: 2 kernels" in proc.stdout) == (kernels == 2), proc.stdout
         (dest / "AAA" / "_gemv_kernel.cubin").unlink(missing_ok=True)
+
+
+_STUDY = "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start"
+_H200 = {"1": ["study_device.sh prep", "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair"],
+         "2": [_STUDY], "3": ["study_device.sh watch"],
+         "4": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch tcache"]}
+_H100 = {"1": ["gpu_session.sh part1+part6 tcache"], "2": ["gpu_session.sh part2+part5 tcache"],
+         "3": ["gpu_session.sh part3+part4 tcache"], "4": ["gpu_session.sh replaystudent"]}
+
+
+@pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
+def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls):
+    """benchmarks/next_session.sh (docs/gpu.md's plan as calls): the H200 measures the issues' lines, an H100 runs
+    the gpu suite's pairs and packs the Triton cache; a stub nvidia-smi names the card, DRY=1 prints the commands."""
+    stub = tmp_path / "nvidia-smi"
+    stub.write_text(f'#!/bin/sh\necho "GPU 0: {card} (UUID: GPU-0)"\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "DRY": "1", "LEFT": "300"}
+    for call, wants in calls.items():
+        proc = subprocess.run(["bash", "benchmarks/next_session.sh", call], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert proc.returncode == 0, proc.stderr
+        commands = [line for line in proc.stdout.splitlines() if line.startswith("+ ")]
+        assert len(commands) == len(wants) and all(w in c for w, c in zip(wants, commands)), proc.stdout
+    bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
