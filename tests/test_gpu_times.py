@@ -89,7 +89,8 @@ def test_inner_run_for_the_conftest_hook():
 
 def test_conftest_writes_a_line_per_test_where_its_time_went(tmp_path):
     log = tmp_path / "times.jsonl"
-    env = {**os.environ, "MAMBALLAMA_GPU_TIMES": str(log)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}  # this run's own, not ours
+    env["MAMBALLAMA_GPU_TIMES"] = str(log)
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                            f"{Path(__file__)}::test_inner_run_for_the_conftest_hook"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, check=False)
