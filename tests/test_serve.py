@@ -215,6 +215,20 @@ def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys
         s.stop()
 
 
+def test_speculative_serving_with_no_draft_uses_the_gated_lookup(models, capsys):
+    """`serve --speculative` alone: the lookup draft (lookup:3:gate=2, no model) at k = 6, answers equal to the
+    model's own greedy ones."""
+    s = Server(models["hybrid"], "--speculative", "--name", "tiny", "--max-context", "96")
+    try:
+        assert s.health()["mode"] == "speculative, one request at a time (draft lookup:3:gate=2, k=6)", s.health()
+        got = s.client.completions.create(model="tiny", prompt="3 apples and pears pears", max_tokens=12,
+                                          temperature=0)
+        want = run_cli(["generate", models["hybrid"], "--prompt", "3 apples and pears pears", "-n", "12"], capsys)
+        assert want.code == 0 and got.choices[0].text == want.out.rstrip("\n")
+    finally:
+        s.stop()
+
+
 @pytest.mark.timeout(300)
 def test_serve_refuses_bad_options_in_one_line(models, capsys):
     busy = socket.socket()
@@ -227,8 +241,8 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
         busy.close()
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--max-context", "100000"], capsys)
     assert r.code == 2 and "--max-context" in r.err and len(r.err.strip().splitlines()) == 1, r.err
-    r = run_cli(["serve", models["hybrid"], "--port", "0", "--speculative"], capsys)
-    assert r.code == 2 and "--draft" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--draft", "lookup:3:gate=9"], capsys)
+    assert r.code == 2 and "gate=9" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--draft", "no-such-draft"], capsys)
     assert r.code == 2 and "--draft 'no-such-draft'" in r.err and len(r.err.strip().splitlines()) == 1, r.err
 

@@ -186,8 +186,28 @@ def test_draft_from_the_plugin_registry(pair, capsys):
     assert calls == ["xyz"]
 
 
+def test_speculative_alone_uses_the_gated_lookup_draft_at_k_6_and_a_model_draft_keeps_k_4(pair, tmp_path, capsys):
+    """`generate --speculative` with no --draft decodes with DEFAULT_DRAFT (lookup:3:gate=2, no model) and -k 6,
+    losslessly; a model draft without -k gets 4; the summary line names the draft."""
+    from mamballama_cli.generation.speculative_run import DEFAULT_DRAFT
+
+    target = pair / "target"
+    plain = run_cli(["generate", target, "--prompt", "abc abc abc", "-n", "20"], capsys)
+    stats_file = tmp_path / "s.json"
+    r = run_cli(["generate", target, "--prompt", "abc abc abc", "-n", "20", "--speculative", "--stats-json",
+                 stats_file], capsys)
+    assert r.code == 0, r.err
+    assert r.out == plain.out  # lossless at temperature 0
+    stats = json.loads(stats_file.read_text())
+    assert DEFAULT_DRAFT == "lookup:3:gate=2" and stats["draft"] == DEFAULT_DRAFT and stats["k"] == 6
+    assert "step_rounds" in stats and f"draft {DEFAULT_DRAFT}, k=6" in r.err, r.err
+    r = run_cli(["generate", target, "--prompt", "abc", "-n", "8", "--draft", pair / "draft", "--no-compare-plain",
+                 "--stats-json", stats_file], capsys)
+    assert r.code == 0 and json.loads(stats_file.read_text())["k"] == 4, r.err
+
+
 @pytest.mark.parametrize("args,msg", [
-    (["--speculative"], "needs --draft"),
+    (["--speculative", "-k", "0"], "-k 0"),
     (["--draft", "self", "-k", "0"], "-k 0"),
     (["--draft", "no-such-provider"], "neither a checkpoint directory nor a draft provider"),
     (["--draft", "self", "--draft-runner", "magic"], "--draft-runner"),

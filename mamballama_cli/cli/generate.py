@@ -27,11 +27,15 @@ def command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
     stats_json: Optional[str] = typer.Option(None, "--stats-json", help="Write timing statistics as JSON here."),
     # --- speculative decoding (generation/speculative.py) ---
-    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding with --draft (lossless)."),
-    draft: Optional[str] = typer.Option(None, "--draft", help="Draft: a checkpoint dir sharing the tokenizer (e.g. "
-                                        "from `convert --draft-layers`), or a provider NAME[:ARG] (self, teacher, "
-                                        "layers:0,29, or a mamballama.drafts plugin). Implies --speculative."),
-    draft_k: int = typer.Option(4, "-k", "--draft-tokens", help="Draft tokens per target call (K)."),
+    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding (lossless), with --draft "
+                                     "or, without it, lookup:3:gate=2."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft: lookup[:N][:TABLE][:gate=M] (no model: copies "
+                                        "from the context, TABLE from `data ngrams`), a checkpoint dir sharing the "
+                                        "tokenizer (e.g. from `convert --draft-layers`), or a provider NAME[:ARG] "
+                                        "(self, teacher, layers:0,29, or a mamballama.drafts plugin). Implies "
+                                        "--speculative."),
+    draft_k: int | None = typer.Option(None, "-k", "--draft-tokens", help="Draft tokens per target call (K; "
+                                          "default 6 with a lookup draft, 4 with a model)."),
     adaptive_k: bool = typer.Option(False, "--adaptive-k", help="With --speculative: -k is the largest window; "
                                     "each round's grows after a fully kept window and shrinks after one that "
                                     "kept fewer than half (still lossless)."),

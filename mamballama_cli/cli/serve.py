@@ -25,12 +25,14 @@ def command(
                                                 "in one piece (default: 4096, fewer for a large batch): bounds "
                                                 "prefill memory."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
-    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding with --draft, one request "
-                                     "at a time (lossless: greedy answers equal the model's own)."),
-    draft: Optional[str] = typer.Option(None, "--draft", help="Draft for --speculative: a checkpoint directory "
-                                        "(`convert --draft-layers`) or a draft provider (e.g. self, layers:0,29). "
-                                        "Implies --speculative."),
-    k: int = typer.Option(4, "-k", "--k", min=1, max=32, help="Draft tokens proposed per round (--speculative)."),
+    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding, one request at a time "
+                                     "(lossless: greedy answers equal the model's own), with --draft or, without "
+                                     "it, lookup:3:gate=2."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft for --speculative: lookup[:N][:TABLE][:gate=M] "
+                                        "(no model), a checkpoint directory (`convert --draft-layers`) or a draft "
+                                        "provider (e.g. self, layers:0,29). Implies --speculative."),
+    k: int | None = typer.Option(None, "-k", "--k", min=1, max=32, help="Draft tokens proposed per round "
+                                    "(--speculative; default 6 with a lookup draft, 4 with a model)."),
     dtype: str = dtype_option(default="auto"),
     device: str = device_option(default="auto"),
 ):
@@ -61,11 +63,11 @@ def command(
     except OSError as exc:
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); pick another "
                          "port, or 0 for any free one") from None
-    if speculative and not draft:
-        raise UsageError("--speculative needs --draft DRAFT (a checkpoint directory or a draft provider name)")
-    if draft:
-        from mamballama_cli.generation.speculative_run import resolve_draft
+    if draft or speculative:
+        from mamballama_cli.generation.speculative_run import DEFAULT_DRAFT, default_k, resolve_draft
 
+        draft = draft or DEFAULT_DRAFT
+        k = default_k(draft) if k is None else k
         resolve_draft(draft)  # a bad --draft fails before any weights are read
     lm, tok, path = load_causal_lm(model, dtype=dtype, device=device)
     if tok is None:
@@ -81,7 +83,7 @@ def command(
 
         lm, draft_model, draft_name = prepare_pair(lm, tok, path, model, draft, dtype, device)
     engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk, draft=draft_model,
-                    k=k, draft_name=draft_name)
+                    k=k or 4, draft_name=draft_name)
     app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens)
     err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})")
     err(f"listening on http://{host}:{sock.getsockname()[1]}/v1")
