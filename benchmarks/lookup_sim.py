@@ -69,6 +69,8 @@ def main() -> None:
                     "at the 50%% student, 2026-12-06: 0.708 ms window walk + 0.016 ms commit over a 0.612 ms step)")
     ap.add_argument("--tokens", default=None, help="a JSONL file that keeps the continuations (resumable)")
     ap.add_argument("--table", default=None, help="an n-gram table (`mamballama data ngrams`): rows with it too")
+    ap.add_argument("--table-passes-gate", action="store_true", help="with --table and a gate: also rows where a "
+                    "round whose first proposal the table wrote speculates (a study; not built on the device)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--json", default=None)
@@ -92,14 +94,17 @@ def main() -> None:
     rows = []
     for k in ks:
         for n in ngrams:
-            for table, gate in [(t, g) for t in [None] + ([args.table] if args.table else []) for g in gates]:
+            variants = [(t, g, False) for t in [None] + ([args.table] if args.table else []) for g in gates]
+            if args.table and args.table_passes_gate:
+                variants += [(args.table, g, True) for g in gates if g]
+            for table, gate, passes in variants:
                 draft = LookupDraft(max_ngram=n, table=table)
-                row = {"k": k, "max_ngram": n, "table": table, "gate": gate}
+                row = {"k": k, "max_ngram": n, "table": table, "gate": gate, "table_passes": passes}
                 for name, idx in groups.items():
                     counts, used, matches, steps = [], [], [], []
                     for i in idx:
                         counts += simulate_lookup(prompts[i], new[i], k, draft, from_table=used, matches=matches,
-                                                  gate=gate, steps=steps)
+                                                  gate=gate, steps=steps, table_passes=passes)
                     calls = [c for c, s in zip(counts, steps) if not s]
                     row[name] = rounds_summary(calls, k)["tokens_per_call"] if calls else None
                     if name == "all":
@@ -109,7 +114,8 @@ def main() -> None:
                 rows.append(row)
                 split = (f" (the table wrote {row['table_rounds']:.1%} of first proposals: "
                          f"{row['table_tokens_per_call']} tokens per call there)") if "table_rounds" in row else ""
-                gated = f", one-token rounds {row['step_rounds']:.1%} (gate {gate})" if gate else ""
+                gated = (f", one-token rounds {row['step_rounds']:.1%} (gate {gate}"
+                         f"{', the table passes' if passes else ''})") if gate else ""
                 print(f"K={k} {draft}: tokens per call chat {row['chat']} text {row['text']} all {row['all']}; "
                       f"modelled {row['modelled_speedup']}x at a round of {args.round_cost} plain steps{gated}{split}")
                 if not gate:

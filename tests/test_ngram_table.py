@@ -136,6 +136,17 @@ def test_lookup_rounds_with_a_table_give_greedy_tokens_and_accept_what_the_host_
     without = [lk.simulate_lookup(prompts[r].tolist(), further[r], k, lk.LookupDraft(), n) for r in range(3)]
     assert stats["accepted"] == sum(map(sum, with_table)) and stats["row_rounds"] == sum(map(len, with_table))
     assert with_table != without  # the table changed what the rounds proposed
+    # the study of a gate that tables pass (simulate_lookup's table_passes): rounds whose first proposal the table
+    # wrote speculate, where the plain gate made them one-token rounds; every token still comes once
+    for passes in (False, True):
+        used, matches, steps = [], [], []
+        counts = lk.simulate_lookup(prompts[0].tolist(), further[0], k, draft, n, from_table=used, matches=matches,
+                                    gate=3, steps=steps, table_passes=passes)
+        assert sum(counts) + len(counts) == n - 1
+        assert steps == [m < 3 and not (passes and u) for m, u in zip(matches, used)]
+        assert all(c == 0 for c, st in zip(counts, steps) if st) and (passes or not any(
+            c for c, u, m in zip(counts, used, matches) if u and m < 3))
+    assert any(u and m < 3 for u, m in zip(used, matches))  # some table round was let through
 
 
 def test_data_ngrams_and_generate_with_a_table_through_the_cli(pair, tmp_path, capsys):  # noqa: F811

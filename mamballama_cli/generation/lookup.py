@@ -130,7 +130,7 @@ def _propose(ctx: list[int], k: int, max_ngram: int, min_ngram: int, table: Ngra
 
 def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupDraft,
                     n_new: int | None = None, from_table: list | None = None, matches: list | None = None,
-                    gate: int = 0, steps: list | None = None) -> list[int]:
+                    gate: int = 0, steps: list | None = None, table_passes: bool = False) -> list[int]:
     """The accepted counts of greedy lookup rounds whose target writes ``tokens`` after ``prompt`` (the first token
     comes from the prefill) until ``n_new`` tokens (default: all of them): what a round must accept when it decodes
     exactly these tokens. Tokens past ``n_new`` let the last round accept what a verify call sees beyond it.
@@ -138,17 +138,20 @@ def simulate_lookup(prompt: list[int], tokens: list[int], k: int, draft: LookupD
     length of the context's match (0: none).
 
     ``gate`` (a study of rounds that speculate only where the draft has support): a round whose context match is
-    shorter than ``gate`` tokens decodes one token with no proposals (count 0), and ``steps`` gets True for it."""
+    shorter than ``gate`` tokens decodes one token with no proposals (count 0), and ``steps`` gets True for it;
+    with ``table_passes`` (a study: the device's gated rounds do not do it), a round whose first proposal the table
+    wrote speculates too."""
     seq = list(prompt) + list(tokens)
     t, end, counts = len(prompt) + 1, len(seq), []
     stop = len(prompt) + (len(tokens) if n_new is None else min(n_new, len(tokens)))
     while t < stop:
         d, used, n_match = _propose(seq[:t], k, draft.max_ngram, draft.min_ngram, draft.loaded, draft.below)
-        for out, v in ((from_table, used), (matches, n_match), (steps, n_match < gate)):
+        speculate = n_match >= gate or (table_passes and used)
+        for out, v in ((from_table, used), (matches, n_match), (steps, not speculate)):
             if out is not None:
                 out.append(v)
         a = 0
-        while n_match >= gate and a < k and t + a < end and d[a] == seq[t + a]:
+        while speculate and a < k and t + a < end and d[a] == seq[t + a]:
             a += 1
         counts.append(a)
         t += a + 1
