@@ -223,3 +223,39 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
+
+
+def test_a_real_triton_cache_unpacked_elsewhere_is_a_hit_without_compiling(tmp_path, monkeypatch):
+    """Triton's own cache (a kernel compiled for sm90 without a GPU, as tests/test_kernel_codegen.py does), packed,
+    unpacked into another folder and compiled again from there: Triton finds it (no file written, the same cubin),
+    though the IR stages stayed behind."""
+    import kernel_sass
+    import triton_cache
+
+    if not kernel_sass.available():
+        pytest.skip("no triton CUDA backend (ptxas, cuobjdump)")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _copy(X, Y, N, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + i, tl.load(X + i, mask=i < N) * 2.0, mask=i < N)
+
+    def build():
+        return kernel_sass.compile_kernel(_copy, {"X": "*fp32", "Y": "*fp32", "N": "i32"}, {"BLOCK": 128}, 4)
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(first))
+    cubin = build().asm["cubin"]
+    pieces, kernels = triton_cache.pack(first, tmp_path / "out")
+    assert kernels >= 1 and list(first.rglob("*.ttgir"))  # a compile writes the IR stages; the pieces leave them
+    assert triton_cache.unpack(pieces, second) == kernels
+    files = sorted(second.rglob("*"))
+    import shutil
+
+    shutil.rmtree(first)  # the group files must name the new folder's members: the old ones are gone
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(second))
+    again = build()
+    assert sorted(second.rglob("*")) == files, "compiled again: the unpacked cache was not found"
+    assert again.asm["cubin"] == cubin and not list(second.rglob("*.ttgir"))
