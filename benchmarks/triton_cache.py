@@ -77,7 +77,7 @@ def unpack(pieces: list[Path], dest: Path) -> int:
     for grp in dest.rglob("__grp__*.json"):
         meta = json.loads(grp.read_text())
         paths = meta.get("child_paths", {})
-        moved = {k: new + v[len(old):] if v.startswith(old) else v for k, v in paths.items()}
+        moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
         meta["child_paths"] = {k: v for k, v in moved.items() if os.path.exists(v)}  # the IR stages left behind
         grp.write_text(json.dumps(meta))
     return sum(1 for _ in dest.rglob("*.cubin"))
