@@ -14,7 +14,8 @@
 # the student's head. DRY=1 prints the commands instead of running them.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
-run() { if [ -n "${DRY:-}" ]; then echo "+ $*"; else echo "+ $*"; bash -c "$*"; fi; }
+[[ "$step" =~ ^[1-4]$ ]] || { echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2; }
+run() { echo "+ $*"; [ -n "${DRY:-}" ] || bash -c "$*"; }
 [ -n "${DRY:-}" ] || source .gpu/activate.sh > /dev/null
 card=$(nvidia-smi -L 2>/dev/null | head -1)
 echo "card: ${card:-none}"
@@ -27,7 +28,6 @@ if [[ "$card" == *H200* ]]; then
     4) left=${LEFT:?give LEFT=device seconds left}
        (( left > 580 )) && left=580
        run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$(( left - 40 )) bash benchmarks/gpu_session.sh maxbatch tcache" ;;
-    *) echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2 ;;
   esac
 else
   case "$step" in
@@ -35,6 +35,5 @@ else
     2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part2+part5 tcache" ;;
     3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part4 tcache" ;;
     4) run "DEADLINE=200 bash benchmarks/gpu_session.sh replaystudent" ;;
-    *) echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2 ;;
   esac
 fi
