@@ -7,12 +7,12 @@ t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
 # Triton's compiled kernels go to /tmp, which the machine keeps between calls until it is given back. Pieces of a
-# cache that an earlier session packed (`gpu_session.sh tcache`) and this call carries in .tcache/ are unpacked into
-# it first, once a machine (benchmarks/triton_cache.py).
+# cache that an earlier session packed (`gpu_session.sh tcache`) and this call carries in .tcache/ (TCACHE: another
+# folder) are unpacked into it first, once a machine (benchmarks/triton_cache.py).
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 mkdir -p "$TRITON_CACHE_DIR"
-if compgen -G ".tcache/tcache.tgz.part*" > /dev/null && [ ! -e "$TRITON_CACHE_DIR/.from-tcache" ]; then
-  python3 "$(dirname "${BASH_SOURCE[0]}")/triton_cache.py" unpack .tcache/tcache.tgz.part* \
+if compgen -G "${TCACHE:-.tcache}/tcache.tgz.part*" > /dev/null && [ ! -e "$TRITON_CACHE_DIR/.from-tcache" ]; then
+  python3 "$(dirname "${BASH_SOURCE[0]}")/triton_cache.py" unpack "${TCACHE:-.tcache}"/tcache.tgz.part* \
     && touch "$TRITON_CACHE_DIR/.from-tcache"
 fi
 

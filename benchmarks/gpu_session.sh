@@ -169,7 +169,7 @@ print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
                    tests/test_feature_round.py tests/test_lookup_draft.py tests/test_ngram_table.py ;;
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py \
-                   tests/test_gemv_conv.py ;;
+                   tests/test_gemv_conv.py tests/test_gemv_spec_conv.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         part6) gputest part6 480 tests/test_gemv_op.py ;;
         tcache) stamp "triton cache: this machine's compiled kernels, in pieces for .tcache (benchmarks/triton_cache.py)"

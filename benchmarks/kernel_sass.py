@@ -114,6 +114,28 @@ def compile_conv_tile(tile: tuple, k: int = 4096, pdl: bool = False, arch: int =
     return compile_kernel(g._gemv_conv_kernel, args, const, warps, 1, arch, unaligned=("C0", "C"))
 
 
+def compile_spec_conv_tile(tile: tuple, k: int = 4096, rows: int = 5, pdl: bool = False, arch: int = 90):
+    """One tile of the several-row GEMV with a verify window's conv in its epilogue (ops/triton_gemv_conv.py),
+    compiled for ``sm<arch>`` as at run time on a bf16 in_proj of width ``k`` over ``rows`` rows, a bf16 width-4
+    conv buffer and SiLU."""
+    from mamballama_cli.ops import triton_gemv_conv as g
+
+    bn, bk, warps, stages, mode = tile
+    args = {**dict.fromkeys(("X", "W", "BIAS", "Y", "BUF", "CW", "CB", "POST"), "*bf16"), "SHIFT": "*i64",
+            **dict.fromkeys(("M", "N", "K", "stride_xm", "stride_wn", "stride_ym", "C0", "C", "offset", "b_sd",
+                             "stride_cwd", "p_st"), "i32")}
+    const = {"b_st": 1, "stride_cww": 1, "p_sd": 1, "HAS_BIAS": False, "BLOCK_N": bn, "BLOCK_K": bk,
+             "EVEN_K": k % bk == 0, "MODE": g.MODES[mode], "PDL": pdl, "WIDTH": 4, "HAS_CB": True, "SILU": True,
+             "BLOCK_T": 1 << (rows - 1).bit_length(), "BLOCK_S": 1 << (rows + 2).bit_length()}
+    return compile_kernel(g._gemv_spec_conv_kernel, args, const, warps, stages, arch,
+                          unaligned=("M", "C0", "C", "offset"))
+
+
+def report_spec_conv(tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
+    """:func:`report` for a window tile with the conv epilogue (:func:`compile_spec_conv_tile`), five rows."""
+    return loop_report(compile_spec_conv_tile(tile, k, 5, pdl), 5, tile, tile[0] * tile[1] / (32 * tile[2]))
+
+
 def report_conv(tile: tuple, k: int = 4096, pdl: bool = False) -> dict:
     """:func:`report` for the one-row tile with the conv epilogue (:func:`compile_conv_tile`)."""
     return loop_report(compile_conv_tile(tile, k, pdl), 1, tile, tile[0] * tile[1] / (32 * tile[2]))
@@ -273,7 +295,8 @@ def attention_rows(heads: int, kv_heads: int) -> set[int]:
 def check_jobs(ks=(576, 4096)) -> list[list]:
     """Every compilation a run can ask for, as ``["gemv", rows, tile, K, pdl]`` or ``["fused", kind, rows, tile, K]``:
     the one-row tiles with and without pdl, and so again with the SwiGLU epilogue (``["glu", tile, K, pdl]``) and
-    with the conv epilogue (``["gemvconv", tile, K, pdl]``); the
+    with the conv epilogue (``["gemvconv", tile, K, pdl]``), the window tiles with theirs (``["specconv", tile, K,
+    pdl]``); the
     multi-row ones at each distinct row split of the acc mode (the dot modes pad every count alike, so once); the
     fused kernel's candidates at each distinct padded row count (the tensor-core ones once: 8 rows at any count)
     and each K."""
@@ -287,6 +310,7 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         jobs += [["gemvconv", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         # five rows: every count alike; the pdl form too (the dot modes take their first K tile apart from the loop)
         jobs += [["glu", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.GLU_MODES for pdl in (False, True)]
+        jobs += [["specconv", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.GLU_MODES for pdl in (False, True)]
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]
@@ -346,6 +370,9 @@ def _compile_job(job) -> None:
     elif job[0] == "gemvconv":
         _, tile, k, pdl = job
         compile_conv_tile(tuple(tile), k, pdl)
+    elif job[0] == "specconv":
+        _, tile, k, pdl = job
+        compile_spec_conv_tile(tuple(tile), k, 5, pdl)
     elif job[0] == "replay":
         compile_replay(*job[1:])
     elif job[0] == "attention":

@@ -5,13 +5,14 @@
 #
 #   call 1, carrying .whl .gpu .teacher-a .datatgz:  bash benchmarks/next_session.sh 1
 #   call 2, carrying .whl .gpu .teacher-b:           bash benchmarks/next_session.sh 2
-#   call 3, carrying .whl .gpu:                      bash benchmarks/next_session.sh 3   (again while the study runs)
+#   call 3, carrying .whl .gpu .tcache:              bash benchmarks/next_session.sh 3   (again while the study runs)
 #   call 4, carrying .whl .gpu:                      LEFT=<device seconds left> bash benchmarks/next_session.sh 4
 #
-# H200: 1 = the study's prep and batch-1 decode of hybrid and teacher (issue 17); 2 = the 50% student's study with
-# the n-gram table draft (issue 18), started detached; 3 = watch it; 4 = the largest batch at 32K (issue 17), then
-# the cache. H100: 1, 2, 3 = the gpu suite's three pairs of parts, each followed by the cache; 4 = the replay tiles at
-# the student's head. DRY=1 prints the commands instead of running them.
+# H200: 1 = the study's prep, batch-1 decode of hybrid and teacher (issue 17) and verify against a step at the 8B
+# shape (issue 15, with the window's conv in the in_proj GEMV); 2 = the 50% student's study with the n-gram table
+# draft (issue 18), started detached; 3 = watch it; 4 = the largest batch at 32K (issue 17), then the cache.
+# H100: 1 = part4 (the window conv GEMV's gpu test) and verify; 2, 3 = the suite's other parts in pairs, each
+# followed by the cache; 4 = part5 and the verify profile. DRY=1 prints the commands instead of running them.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
 [[ "$step" =~ ^[1-4]$ ]] || { echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2; }
@@ -22,7 +23,8 @@ echo "card: ${card:-none}"
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
-       run "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair" ;;
+       run "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair"
+       run "DEADLINE=250 bash benchmarks/gpu_session.sh verify" ;;
     2) run "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start" ;;
     3) run "SCRIPT=spec_study.sh bash benchmarks/study_device.sh watch" ;;
     4) left=${LEFT:?give LEFT=device seconds left}
@@ -31,9 +33,11 @@ if [[ "$card" == *H200* ]]; then
   esac
 else
   case "$step" in
-    1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part6 tcache" ;;
-    2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part2+part5 tcache" ;;
-    3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part4 tcache" ;;
-    4) run "DEADLINE=200 bash benchmarks/gpu_session.sh replaystudent" ;;
+    1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part4 verify" ;;
+    2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
+    3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
+    4) left=${LEFT:?give LEFT=device seconds left}
+       (( left > 580 )) && left=580
+       run "DEADLINE=$(( left - 40 )) bash benchmarks/gpu_session.sh part5 profilev" ;;
   esac
 fi

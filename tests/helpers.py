@@ -248,3 +248,27 @@ def write_heldout_text(data: Path, n: int = 2) -> Path:
 def interpreted_json(script: str, *args: str, timeout: int = 300):
     """:func:`run_interpreted`, and the JSON the script printed on its last line."""
     return json.loads(run_interpreted(script, *args, timeout=timeout).strip().splitlines()[-1])
+
+
+def assert_equal_and_close(out: dict, runs: int, tol_bf16: float = 2e-2, tol: float = 2e-3) -> None:
+    """An interpreter script's verdicts, ``{run: [equal to the ops apart bit for bit, relative error against the
+    float64 reference]}``: ``runs`` of them, every one equal, each error under the tolerance of its dtype (bf16:
+    the interpreter truncates where CUDA rounds to nearest)."""
+    assert len(out) == runs
+    differ = [k for k, (same, _) in out.items() if not same]
+    assert not differ, differ
+    bad = {k: e for k, (_, e) in out.items() if not e < (tol_bf16 if "bfloat16" in k else tol)}
+    assert not bad, bad
+
+
+def route_conv_op(rt, name: str, apart, refuse: str) -> list:
+    """In a runtime's op table: the fused in_proj + conv op ``name`` replaced by ``apart`` (the two ops it fuses, by
+    their references) when given, else kept; either way each call's conv start (its argument ``start``) recorded in
+    the list returned; the op ``refuse`` (the conv apart) made to fail the test if called."""
+    import inspect
+
+    calls, op = [], apart or rt.fns[name]
+    at = list(inspect.signature(rt.fns[name] if apart is None else apart).parameters).index("start")
+    rt.fns[name] = lambda *a: calls.append(a[at]) or op(*a)
+    rt.fns[refuse] = lambda *a: pytest.fail(f"{refuse} ran apart from in_proj")
+    return calls

@@ -7,7 +7,7 @@ the timed choice."""
 
 import pytest
 import torch
-from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, interpreted_json
+from helpers import NEEDS_TRITON, PATCHED_SCRIPT_HEAD, assert_equal_and_close, interpreted_json, route_conv_op
 
 
 @NEEDS_TRITON
@@ -57,12 +57,7 @@ for dtype in (torch.bfloat16, torch.float16):
                 out[f"{dtype} {n}x{k} c{c}@{start} w{width} {cfg} {pdl}"] = [same, err]
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=600)
-    assert len(out) == 2 * 4 * len(CONFIGS) * 2
-    differ = [k for k, (same, _) in out.items() if not same]
-    assert not differ, differ
-    # two roundings (the conv's sum, SiLU); bf16: the interpreter truncates where CUDA rounds to nearest
-    bad = {k: e for k, (_, e) in out.items() if not e < (2e-2 if "bfloat16" in k else 2e-3)}
-    assert not bad, bad
+    assert_equal_and_close(out, 2 * 4 * len(CONFIGS) * 2)  # two roundings: the conv's sum, SiLU
 
 
 @NEEDS_TRITON
@@ -160,18 +155,11 @@ def test_a_mamba2_decode_step_runs_in_proj_and_its_conv_as_one_op(gate):
     outs = []
     for fused in (True, False):
         rt = Runtime(model, 1, 16)
-        calls = []
-        if not fused:  # the op as the two it replaced
-            def apart(x, r, nw, eps, w, b, s, cw, cb, start, act, calls=calls):
-                calls.append(start)
-                y, h = add_rmsnorm_gemv_ref(x, r, nw, eps, w, b)
-                return y, conv_update_inplace_ref(y[..., start:start + s.shape[1]], s, cw, cb, act), h
+        def apart(x, r, nw, eps, w, b, s, cw, cb, start, act):  # the op as the two it replaced
+            y, h = add_rmsnorm_gemv_ref(x, r, nw, eps, w, b)
+            return y, conv_update_inplace_ref(y[..., start:start + s.shape[1]], s, cw, cb, act), h
 
-            rt.fns["add_rmsnorm_gemv_conv"] = apart
-        else:
-            op = rt.fns["add_rmsnorm_gemv_conv"]
-            rt.fns["add_rmsnorm_gemv_conv"] = lambda *a, calls=calls, op=op: calls.append(a[9]) or op(*a)
-        rt.fns["conv_update_inplace"] = lambda *a: pytest.fail("the conv ran apart from in_proj")
+        calls = route_conv_op(rt, "add_rmsnorm_gemv_conv", None if fused else apart, "conv_update_inplace")
         with torch.no_grad():
             rt.prefill(ids[:, :5])
             pos = torch.tensor([5])

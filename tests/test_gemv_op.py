@@ -439,9 +439,15 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
     monkeypatch.setattr(conv, "CHOICES", {(10272, 4096, 6144, torch.bfloat16, 0): True,
                                           (1545, 576, 960, torch.bfloat16, 0): False})
     monkeypatch.setattr(conv, "TIMINGS", {(1545, 576, 960, torch.bfloat16, 0): {"conv_us": 4.0, "apart_us": 3.0}})
+    monkeypatch.setattr(conv, "WINDOW_CHOICES", {(5, 10272, 4096, 6144, torch.bfloat16, 0): True})
+    monkeypatch.setattr(conv, "WINDOW_TIMINGS", {(5, 10272, 4096, 6144, torch.bfloat16, 0): {"conv_us": 30.0,
+                                                                                             "apart_us": 36.0}})
     assert conv.choices_report() == {"gemv_conv_shapes": ["10272x4096 conv 6144"],
                                      "gemv_conv_timings": {"1545x576 conv 960 bfloat16": {"conv_us": 4.0,
-                                                                                          "apart_us": 3.0}}}
+                                                                                          "apart_us": 3.0}},
+                                     "gemv_spec_conv_shapes": ["5x10272x4096 conv 6144"],
+                                     "gemv_spec_conv_timings": {"5x10272x4096 conv 6144 bfloat16": {
+                                         "conv_us": 30.0, "apart_us": 36.0}}}
     from mamballama_cli.ops.graph_timing import kernel_choices
 
     # what the benchmarks' JSONs carry

@@ -178,7 +178,9 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
     src = tmp_path / "cache1"
     _fake_cache(src)
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "TRITON_CACHE_DIR": str(src), "DEADLINE": "60"}
+    # TCACHE: not the checkout's own .tcache/ (a developer's, from a device session), which would be unpacked first
+    env = {**os.environ, "OUT": str(out), "TRITON_CACHE_DIR": str(src), "DEADLINE": "60",
+           "TCACHE": str(tmp_path / "no-tcache")}
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "tcache"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "2 kernels" in proc.stdout, proc.stdout + proc.stderr
@@ -199,11 +201,12 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
 
 
 _STUDY = "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start"
-_H200 = {"1": ["study_device.sh prep", "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair"],
+_H200 = {"1": ["study_device.sh prep", "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair",
+               "DEADLINE=250 bash benchmarks/gpu_session.sh verify"],
          "2": [_STUDY], "3": ["study_device.sh watch"],
          "4": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch tcache"]}
-_H100 = {"1": ["gpu_session.sh part1+part6 tcache"], "2": ["gpu_session.sh part2+part5 tcache"],
-         "3": ["gpu_session.sh part3+part4 tcache"], "4": ["gpu_session.sh replaystudent"]}
+_H100 = {"1": ["gpu_session.sh part4 verify"], "2": ["gpu_session.sh part3+part6 tcache"],
+         "3": ["gpu_session.sh part1+part2 tcache"], "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh part5 profilev"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])

@@ -85,6 +85,21 @@ def test_the_conv_epilogue_leaves_the_one_row_loop_as_it_was(gemv):
             assert conv["pdl_wait"] == pdl
 
 
+def test_the_window_conv_epilogue_leaves_the_five_row_loop_as_it_was(gemv):
+    """The several-row kernel with a verify window's conv in its epilogue (ops/triton_gemv_conv.py): at five rows,
+    in both launch forms, every window tile's weight loop issues what the plain tile's does, within 0.1
+    instructions a weight element, with the same tensor-core products, and nothing spills."""
+    from mamballama_cli.ops.triton_gemv_conv import WINDOW_TILES
+
+    for tile in WINDOW_TILES:
+        for pdl in (False, True):
+            plain, conv = kernel_sass.report(5, tile, pdl=pdl), kernel_sass.report_spec_conv(tile, pdl=pdl)
+            assert conv["local_bytes"] == 0 and conv["pdl_wait"] == pdl, (tile, pdl, conv)
+            assert conv["per_weight_element"] <= plain["per_weight_element"] + 0.1, (tile, pdl, plain, conv)
+            mma = lambda r: r["ops"].get("HMMA", 0) + r["ops"].get("HGMMA", 0)
+            assert mma(conv) == mma(plain) > 0, (tile, pdl, plain, conv)
+
+
 def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv):
     """Five rows (a K = 4 verify window), the candidates and the tiles ``gemvtiles`` times besides them
     (``EXTRA``): the dot and dotw tiles' loop multiplies on tensor cores (HMMA, or Hopper's wgmma) from a cp.async

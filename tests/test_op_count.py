@@ -24,7 +24,7 @@ def test_a_verify_call_runs_the_ops_of_a_one_token_walk_and_no_glue_kernels():
     n_attn = len(model.config.attn_layers)
     n_mamba = model.config.num_hidden_layers - n_attn
     assert verify["ops"]["add_rmsnorm_gemv_swiglu"] == n_attn + n_mamba  # one fused MLP entry per layer
-    assert verify["ops"]["ssm_replay_gated"] == verify["ops"]["spec_conv"] == n_mamba
+    assert verify["ops"]["ssm_replay_gated"] == verify["ops"]["add_rmsnorm_gemv_spec_conv"] == n_mamba
     assert verify["ops"]["window_attention"] == verify["ops"]["rope_kv_write_window"] == n_attn
     assert sum(verify["glue"].values()) <= 2  # the embedding and the replay slot's flip: no copies between ops
     assert plain["ops"]["ssm_step_gated"] == n_mamba and plain["ops"]["decode_attention"] == n_attn

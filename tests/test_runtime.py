@@ -317,7 +317,7 @@ def _walk_launches(model, window: int, monkeypatch):
 
     rt = Runtime(model, 1, 32, window=window)
     rt.prefill(ids(8, 1))
-    names = (["rope_kv_write_window", "window_attention", "spec_conv", "ssm_replay_gated"] if window
+    names = (["rope_kv_write_window", "window_attention", "add_rmsnorm_gemv_spec_conv", "ssm_replay_gated"] if window
              else ["add_rmsnorm_gemv_conv", "conv_update_inplace", "ssm_step_gated", "rope_kv_write",
                    "decode_attention"])
     for name in list(rt.fns.resolve(names)):  # every op of the table, the walk's own ones included
@@ -345,10 +345,11 @@ def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
     n_mamba = n - n_attn
     counts, stray = _walk_launches(model, window, monkeypatch)
     want = {"gemv": 2 * n, "add_rmsnorm_gemv_swiglu": n}
+    # a Mamba-2 layer's norm, in_proj and conv are one op, in a window as at one token (ops/triton_gemv_conv.py)
     if window:
-        want |= {"add_rmsnorm_gemv": n + 1, "spec_conv": n_mamba, "ssm_replay_gated": n_mamba,
-                 "rope_kv_write_window": n_attn, "window_attention": n_attn}
-    else:  # a Mamba-2 layer's norm, in_proj and conv are one op (ops/triton_gemv_conv.py)
+        want |= {"add_rmsnorm_gemv": n_attn + 1, "add_rmsnorm_gemv_spec_conv": n_mamba,
+                 "ssm_replay_gated": n_mamba, "rope_kv_write_window": n_attn, "window_attention": n_attn}
+    else:
         want |= {"add_rmsnorm_gemv": n_attn + 1, "add_rmsnorm_gemv_conv": n_mamba, "ssm_step_gated": n_mamba,
                  "rope_kv_write": n_attn, "decode_attention": n_attn}
     assert dict(counts) == want

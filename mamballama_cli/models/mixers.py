@@ -18,7 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mamballama_cli import ops
-from mamballama_cli.models.step import ReplayWindow, Step, one_token_step, project_in, project_in_conv
+from mamballama_cli.models.step import (
+    ReplayWindow,
+    Step,
+    one_token_step,
+    project_in_conv,
+    project_in_window_conv,
+)
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -351,8 +357,6 @@ class Mamba2Mixer(AttentionInitMixer):
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the window (which then holds ``step.wlen`` entries) from the live state."""
         b, T, _ = x.shape
-        zxbcdt = project_in(x, self.in_proj.weight, self.in_proj.bias, step.fns)
-        z, xbc_in, dt_raw = self.split_in(zxbcdt)
         slot = step.slot if step.slot is not None else win.slot
         if step.rebase:
             # the w1 conv inputs before the new window start keep entries into the buffer
@@ -364,10 +368,11 @@ class Mamba2Mixer(AttentionInitMixer):
             if wlen + T > win.window:
                 raise RuntimeError(f"replay window holds {win.window} tokens; {wlen + T} were fed")
             start, n_replay, offset, shift = win.live, win.no_shift, wlen, win.no_shift
-        # Conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` (it holds only conv
-        # inputs, which the replay does not read): post (b, T, conv_dim) = silu(conv) of [x | B | C].
-        post = step.fns["spec_conv"](xbc_in, win.conv, shift, offset, win.conv_w, self.conv1d.bias,
-                                     self.activation)
+        # in_proj, then the conv over [buffered prefix, new inputs], the buffer rewritten from ``offset`` (it holds
+        # only conv inputs, which the replay does not read): post (b, T, conv_dim) = silu(conv) of [x | B | C].
+        zxbcdt, post = project_in_window_conv(x, self.in_proj.weight, self.in_proj.bias, win.conv, shift, offset,
+                                              win.conv_w, self.conv1d.bias, self.d_z, self.activation, step.fns)
+        z, _, dt_raw = self.split_in(zxbcdt)
         xs, _, B = win.split(post[..., : win.d_xB], dt_raw)
         C = post[..., win.d_xB :].view(b, T, self.n_heads, self.d_state)
         # the op reads the last window's steps from the other slot and writes these into ``slot``: no copies

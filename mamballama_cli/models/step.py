@@ -135,6 +135,24 @@ def project_in_conv(x, weight: Tensor, bias: Tensor | None, conv_state: Tensor, 
     return y, fns["conv_update_inplace"](xbc, conv_state, conv_weight, conv_bias, activation)
 
 
+def project_in_window_conv(x, weight: Tensor, bias: Tensor | None, conv_buf: Tensor, shift: Tensor, offset: int,
+                           conv_weight: Tensor, conv_bias: Tensor | None, start: int, activation: str | None,
+                           fns: OpTable) -> tuple[Tensor, Tensor]:
+    """:func:`project_in_conv`'s form for a verify window: the projection of the window's rows, then ``spec_conv``
+    on its columns ``start .. start + C`` (``conv_buf`` rewritten from ``offset``; ops/verify_ref.py): (the
+    projection, the conv's output (batch, T, C)). For a :class:`NormedInput`, one op
+    (``add_rmsnorm_gemv_spec_conv``: at batch 1 on CUDA, the conv in the several-row GEMV's epilogue where that was
+    timed faster)."""
+    if isinstance(x, NormedInput):
+        y, post, x.new_residual = fns["add_rmsnorm_gemv_spec_conv"](
+            x.hidden, x.residual, x.weight, x.eps, weight, bias, conv_buf, shift, offset, conv_weight, conv_bias,
+            start, activation)
+        return y, post
+    y = fns["gemv"](x, weight, bias)
+    return y, fns["spec_conv"](y[..., start: start + conv_buf.shape[1]], conv_buf, shift, offset, conv_weight,
+                               conv_bias, activation)
+
+
 def one_token_step(device) -> Step:
     """A decode :class:`Step` without positions: what a Mamba mixer's ``forward`` uses for one cached token. Its
     ops are looked up at this call (as every op of ``forward`` is), so ``MAMBALLAMA_KERNELS`` applies at once."""

@@ -192,18 +192,13 @@ def _check_causal_conv(gen):
 # The verify call's conv: T new inputs after a buffered prefix (reference: ops/verify_ref.py spec_conv_ref)
 # ================================================================================================
 @triton.jit
-def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
-                      x_sb, x_st, x_sd, b_sb, b_sd, b_st, w_sd, w_sw, o_sb, o_st, o_sd,
-                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
-    # Program (sequence, block of channels). seq[i] = BUF[offset + shift + i] for i < WIDTH - 1, else
-    # X[i - (WIDTH - 1)]; out[t] = act(bias + sum_j W[j] seq[t + j]); then BUF[offset + i] = seq[i].
-    pb = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    md = d < dim
-    src = offset + tl.load(SHIFT + pb).to(tl.int32)  # buffer index of seq[0]
-    buf_row = BUF + pb * b_sb + d[:, None] * b_sd
-    x_row = X + pb * x_sb + d[:, None] * x_sd
+def _spec_conv_block(x_row, x_st, buf_row, b_st, src, offset, T, W, BIAS, o_row, o_st, d, md, w_sd, w_sw,
+                     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    # The conv of one sequence's channels d (live where md): x_row, buf_row, o_row are (BLOCK_D, 1) pointers at each
+    # channel's new inputs, buffer and outputs, time at strides x_st, b_st, o_st; src: the buffer index of seq[0].
+    # seq[i] = buf[src + i] for i < WIDTH - 1, else x[i - (WIDTH - 1)]; out[t] = act(bias + sum_j W[j] seq[t + j]);
+    # then buf[offset + i] = seq[i]. Also the epilogue of the verify window's in_proj (ops/triton_gemv_conv.py).
     # The whole sequence, for the buffer: loaded with the conv's own inputs, ahead of the output's store (a load
     # after a store waits a round trip of its own; every position of these channels belongs to this program).
     s = tl.arange(0, BLOCK_S)
@@ -225,16 +220,33 @@ def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
         acc += wj[:, None] * val
     if HAS_BIAS:
         acc += tl.load(BIAS + d, mask=md, other=0.0).to(tl.float32)[:, None]
-    out = acc.to(OUT.dtype.element_ty)  # the conv rounds to the activation dtype, then the activation
+    out_ty = o_row.dtype.element_ty
+    out = acc.to(out_ty)  # the conv rounds to the activation dtype, then the activation
     if SILU:
         of = out.to(tl.float32)
-        out = (of * tl.sigmoid(of)).to(OUT.dtype.element_ty)
-    tl.store(OUT + pb * o_sb + t[None, :] * o_st + d[:, None] * o_sd, out, mask=md[:, None] & mt[None, :])
+        out = (of * tl.sigmoid(of)).to(out_ty)
+    tl.store(o_row + t[None, :] * o_st, out, mask=md[:, None] & mt[None, :])
     # The whole sequence back into the buffer, every thread's reads done first (the prefix may overlap the
     # destination when shift > 0).
     seq = tl.where(s_buf[None, :], sb, sx.to(sb.dtype))
     tl.debug_barrier()
-    tl.store(buf_row + (offset + s)[None, :] * b_st, seq.to(BUF.dtype.element_ty), mask=md[:, None] & ms[None, :])
+    tl.store(buf_row + (offset + s)[None, :] * b_st, seq.to(buf_row.dtype.element_ty),
+             mask=md[:, None] & ms[None, :])
+
+
+@triton.jit
+def _spec_conv_kernel(X, BUF, SHIFT, W, BIAS, OUT, T, dim, offset,
+                      x_sb, x_st, x_sd, b_sb, b_sd, b_st, w_sd, w_sw, o_sb, o_st, o_sd,
+                      WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
+    # Program (sequence, block of channels): the conv of T new inputs after the buffer's prefix (_spec_conv_block).
+    pb = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    md = d < dim
+    src = offset + tl.load(SHIFT + pb).to(tl.int32)  # buffer index of seq[0]
+    _spec_conv_block(X + pb * x_sb + d[:, None] * x_sd, x_st, BUF + pb * b_sb + d[:, None] * b_sd, b_st, src, offset,
+                     T, W, BIAS, OUT + pb * o_sb + d[:, None] * o_sd, o_st, d, md, w_sd, w_sw, WIDTH, HAS_BIAS, SILU,
+                     BLOCK_D, BLOCK_T, BLOCK_S)
 
 
 SPEC_CONV_BLOCK_D = 64

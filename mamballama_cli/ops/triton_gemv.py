@@ -219,7 +219,7 @@ if triton is not None:
         return acc, acc_u
 
     @triton.jit
-    def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
+    def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
                   GLU: tl.constexpr, PDL: tl.constexpr):
         # The dot modes: the rows times this program's block of outputs on tensor cores, float32 accumulator. dot:
@@ -261,8 +261,7 @@ if triton is not None:
                 acc_u += tl.load(BIAS + N + outs_read).to(tl.float32)[None, :]
         if GLU:
             acc = _glu(acc, acc_u, Y)
-        tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty),
-                 mask=live_m[:, None] & live_n[None, :])
+        return acc, rows, outs, live_m[:, None] & live_n[None, :]  # stored by the caller (a conv epilogue may follow)
 
     @triton.jit
     def _skinny_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS: tl.constexpr,
@@ -279,8 +278,9 @@ if triton is not None:
             _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, ROWS_A, ROWS_B, ROWS_BP, HAS_BIAS,
                       BLOCK_N, BLOCK_K, EVEN_K)
         else:
-            _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, HAS_BIAS, BLOCK_N, BLOCK_K, EVEN_K,
-                      MODE == 2, GLU, PDL)
+            acc, rows, outs, live = _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, HAS_BIAS, BLOCK_N,
+                                              BLOCK_K, EVEN_K, MODE == 2, GLU, PDL)
+            tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty), mask=live)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"], a["MODE"])[name])

@@ -1,7 +1,7 @@
 """Pure-PyTorch references of the multi-token ops of a speculative verify call (design.md section 4).
 
 A verify call runs a window of T = K + 1 tokens at positions pos .. pos + T - 1 through the target. These
-three ops are what the attention and Mamba-2 mixers' window steps (``Attention.step``, ``Mamba2Mixer.step``)
+ops are what the attention and Mamba-2 mixers' window steps (``Attention.step``, ``Mamba2Mixer.step``)
 run per layer besides the GEMMs and the replay op; each is the T-token generalisation of a one-token decode
 op of :mod:`mamballama_cli.ops.decode` and equals it at T = 1. The fused Triton kernels live in
 :mod:`mamballama_cli.ops.triton_attention` (attention) and :mod:`mamballama_cli.ops.triton_conv` (conv).
@@ -30,6 +30,12 @@ spec_conv(xbc, conv_buf, shift, offset, weight, bias, activation) -> post
     depthwise conv), and conv_buf[:, :, offset : offset + w1 + T] = seq in place. Returns post contiguous
     (batch, T, conv_dim). A rebase step of the replay layer is (offset 0, shift = accepted count), a
     continue step (offset = window length, shift 0).
+
+add_rmsnorm_gemv_spec_conv(x, residual, norm_weight, eps, weight, bias, conv_buf, shift, offset, conv_weight,
+                           conv_bias, start, activation) -> (y, post, h)
+    A Mamba-2 layer's in_proj of the window (``add_rmsnorm_gemv``), then ``spec_conv`` on its columns start ..
+    start + conv_dim: the window's form of ops/decode.py's ``add_rmsnorm_gemv_conv``, one op so that the conv can
+    run in the GEMV's epilogue (ops/triton_gemv_conv.py).
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mamballama_cli.ops.conv import causal_conv1d_ref
-from mamballama_cli.ops.decode import write_positions
+from mamballama_cli.ops.decode import add_rmsnorm_gemv_ref, write_positions
 from mamballama_cli.ops.rope_ops import apply_rotary
 
 
@@ -102,10 +108,26 @@ def spec_conv_ref(xbc: Tensor, conv_buf: Tensor, shift: Tensor, offset: int, wei
     return post[..., w1:].transpose(1, 2).contiguous()
 
 
+def add_rmsnorm_gemv_spec_conv_ref(x: Tensor, residual: Tensor | None, norm_weight: Tensor, eps: float,
+                                   weight: Tensor, bias: Tensor | None, conv_buf: Tensor, shift: Tensor, offset: int,
+                                   conv_weight: Tensor, conv_bias: Tensor | None = None, start: int = 0,
+                                   activation: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """A Mamba-2 layer's first ops of a verify window: ``add_rmsnorm_gemv`` (in_proj of the T rows), then
+    ``spec_conv`` on the projection's columns ``start .. start + C`` (C = conv_buf's channels: [x | B | C]), which
+    rewrites ``conv_buf`` in place. Returns (the projection, the conv's output (batch, T, C), residual + x); what
+    the projection holds in the conv's columns is unspecified (the fast twin, ops/triton_gemv_conv.py, runs the conv
+    in the several-row GEMV's epilogue where that was timed faster)."""
+    y, h = add_rmsnorm_gemv_ref(x, residual, norm_weight, eps, weight, bias)
+    post = spec_conv_ref(y[..., start: start + conv_buf.shape[1]], conv_buf, shift, offset, conv_weight, conv_bias,
+                         activation)
+    return y, post, h
+
+
 VERIFY_REFERENCES = {
     "rope_kv_write_window": rope_kv_write_window_ref,
     "window_attention": window_attention_ref,
     "spec_conv": spec_conv_ref,
+    "add_rmsnorm_gemv_spec_conv": add_rmsnorm_gemv_spec_conv_ref,
 }
 
 
