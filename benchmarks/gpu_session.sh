@@ -72,8 +72,12 @@ gputest() {  # name, timeout cap, pytest selection...
     # part5's shapes take tens of GiB: one at a time. worksteal: an idle worker takes tests queued behind a slow one
     # (2026-12-05: part1's two fused-gemv tests, 224 s and 178 s, ran back to back on one worker, 442 s in all)
     [ -n "${JOBS:-}" ] && [ "$name" != part5 ] && par=(-n "$JOBS" --dist worksteal)
-    # MAMBALLAMA_GPU_TIMES: a JSON line per test, where its time went (tests/gpu_times.py), summed below
-    MAMBALLAMA_GPU_TIMES="$OUT/times-$name.jsonl" timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 \
+    # MAMBALLAMA_GPU_TIMES: a JSON line per test, where its time went (tests/gpu_times.py), summed below.
+    # TRITON_CACHE_AUTOTUNING: each autotuner's timings go into the Triton cache beside the kernels, keyed by the
+    # kernel's source, the tuning key and the candidates, so the workers and a later machine carrying .tcache skip
+    # the tuning (the largest share of most parts on 2026-12-06). Tests only: the tile a test runs is checked
+    # against its reference whichever it is, while the benchmarks (speed, verify) still tune on their own card.
+    TRITON_CACHE_AUTOTUNING=1 MAMBALLAMA_GPU_TIMES="$OUT/times-$name.jsonl" timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 \
         -m gpu -p no:cacheprovider -o addopts="" "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
     [ -s "$OUT/times-$name.jsonl" ] && python3 benchmarks/gpu_test_times.py "$OUT/times-$name.jsonl" --top 6

@@ -228,7 +228,8 @@ def test_kernels_option_chooses_references_per_process_and_names_bad_values(monk
 def test_gpu_session_runs_parts_joined_by_plus_at_once_and_reports_each(tmp_path):
     """``gpu_session.sh part5+part4`` (benchmarks/gpu_session.sh ``together``) starts both parts before either ends
     (a stub python3 that waits for its sibling to start stands in for pytest), gives each its own log, prints each
-    part's report after both, and leaves listing (and packing) the output folder to the parent."""
+    part's report after both, and leaves listing (and packing) the output folder to the parent; the tests run with
+    Triton's autotuning cache on."""
     import os
     import stat
     import subprocess
@@ -240,6 +241,7 @@ def test_gpu_session_runs_parts_joined_by_plus_at_once_and_reports_each(tmp_path
     # each fake pytest run marks that it started, then waits (up to 20 s) until two runs have started
     stub.write_text(f"""#!/bin/sh
 echo "$@"
+echo "autotune cache: $TRITON_CACHE_AUTOTUNING"
 touch "{tmp_path}/started.$$"
 i=0
 while [ "$(ls {tmp_path}/started.* | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
@@ -247,7 +249,8 @@ while [ "$(ls {tmp_path}/started.* | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep
 """)
     stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
     out = tmp_path / "out"
-    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(out), "DEADLINE": "120"}
+    env = {**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}", "OUT": str(out), "DEADLINE": "120",
+           "TRITON_CACHE_DIR": str(tmp_path / "cache"), "TCACHE": str(tmp_path / "no-tcache")}
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "part5+part4"], cwd=root, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -255,6 +258,8 @@ while [ "$(ls {tmp_path}/started.* | wc -l)" -lt 2 ] && [ $i -lt 200 ]; do sleep
     assert set(logs) == {"tests-part4.log", "tests-part5.log"}, logs
     assert "test_large_shapes_gpu.py" in logs["tests-part5.log"] and "1 passed" in logs["tests-part5.log"]
     assert "test_kd_fused.py" in logs["tests-part4.log"] and "1 passed" in logs["tests-part4.log"]
+    # the tests' autotuning results go into the Triton cache (and travel with it); benchmarks tune afresh
+    assert all("autotune cache: 1" in log for log in logs.values()), logs
     text = proc.stdout
     assert "together: part5, part4" in text
     assert text.index("== part5") < text.index("== part4") < text.rindex("done")
