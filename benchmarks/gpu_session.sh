@@ -150,9 +150,11 @@ for step in $STEPS; do
                     $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) --json "$OUT/$v.json" \
                     > "$OUT/$v.txt" 2>&1
                 echo "exit $?"; tail -20 "$OUT/$v.txt"
-                # the replay kernel's tile per shape and the timings behind it (printed: a lost file keeps them)
+                # the replay kernel's tile per shape and the timings behind it, and the window conv GEMV's choice
+                # (printed: a lost file keeps them)
                 python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print('replay tiles:', d.get('replay_tiles'));
-print('replay timings (us a call):', d.get('replay_timings'))" "$OUT/$v.json" 2>/dev/null ;;
+print('replay timings (us a call):', d.get('replay_timings'));
+print('window conv in in_proj:', d.get('gemv_spec_conv_shapes'), d.get('gemv_spec_conv_timings'))" "$OUT/$v.json" 2>/dev/null ;;
         maxbatch) speed maxbatch 500 --max-batch --contexts "${MAXBATCH_CONTEXTS:-4k,32k}" --context-new-tokens 32 ;;
         prefill32k) speed prefill32k 300 --models hybrid --batch-sizes 24 --prompt-tokens 32768 --new-tokens 8 \
                         --contexts "" ;;
