@@ -20,6 +20,11 @@ run() { echo "+ $*"; [ -n "${DRY:-}" ] || bash -c "$*"; }
 [ -n "${DRY:-}" ] || source .gpu/activate.sh > /dev/null
 card=$(nvidia-smi -L 2>/dev/null | head -1)
 echo "card: ${card:-none}"
+if [ "$step" = 4 ]; then  # the last call's deadline: the device time left, at most a call's 580 s, less 40 for the rest
+  left=${LEFT:?give LEFT=device seconds left}
+  (( left > 580 )) && left=580
+  deadline=$(( left - 40 ))
+fi
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
@@ -27,17 +32,13 @@ if [[ "$card" == *H200* ]]; then
        run "DEADLINE=250 bash benchmarks/gpu_session.sh verify" ;;
     2) run "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start" ;;
     3) run "SCRIPT=spec_study.sh bash benchmarks/study_device.sh watch" ;;
-    4) left=${LEFT:?give LEFT=device seconds left}
-       (( left > 580 )) && left=580
-       run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$(( left - 40 )) bash benchmarks/gpu_session.sh maxbatch tcache" ;;
+    4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch tcache" ;;
   esac
 else
   case "$step" in
     1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part4 verify" ;;
     2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
     3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
-    4) left=${LEFT:?give LEFT=device seconds left}
-       (( left > 580 )) && left=580
-       run "DEADLINE=$(( left - 40 )) bash benchmarks/gpu_session.sh part5 profilev" ;;
+    4) run "DEADLINE=$deadline bash benchmarks/gpu_session.sh part5 profilev" ;;
   esac
 fi
