@@ -141,12 +141,14 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
-        verify|verifyx) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
+        verify|verifyx|verifyg) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
                 base=$v; while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="$base-$nv"; done
-                # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY)
+                # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY);
+                # verifyg: with each several-row tile chosen again in CUDA graphs (ops/gemv_tuning.py)
                 stamp "$step vs plain step (8B shape, K=4), run $nv"
                 timeout -s INT -k 10 "$(left "${VERIFY_CAP:-240}")" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
                     --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
+                    $( [ "$step" = verifyg ] && echo --gemv-graph-tiles ) \
                     $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) --json "$OUT/$v.json" \
                     > "$OUT/$v.txt" 2>&1
                 echo "exit $?"; tail -20 "$OUT/$v.txt"

@@ -13,7 +13,8 @@
 # verify against a step at the 8B shape (issue 15, with the window's conv in the in_proj GEMV) as far as the time
 # left reaches, then the cache.
 # H100: 1 = part4 (the window conv GEMV's gpu test) and verify; 2, 3 = the suite's other parts in pairs, each
-# followed by the cache; 4 = part5 and the verify profile. DRY=1 prints the commands instead of running them.
+# followed by the cache; 4 = verify with the GEMV tiles chosen in CUDA graphs (the A/B against call 1's), part5
+# and the verify profile. DRY=1 prints the commands instead of running them.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
 [[ "$step" =~ ^[1-4]$ ]] || { echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2; }
@@ -39,6 +40,6 @@ else
     1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part4 verify" ;;
     2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
     3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
-    4) run "DEADLINE=$deadline bash benchmarks/gpu_session.sh part5 profilev" ;;
+    4) run "DEADLINE=$deadline bash benchmarks/gpu_session.sh verifyg part5 profilev" ;;
   esac
 fi

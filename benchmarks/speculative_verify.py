@@ -129,8 +129,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--gemv-extra", action="store_true",
-                    help="offer the gemv op's EXTRA tiles (ops/triton_gemv.py) to its 2-8-row autotuner beside its "
-                    "candidates: the verify call with them (CUDA)")
+                    help="offer the gemv op's EXTRA tiles (ops/gemv_candidates.py) to its 2-8-row autotuner beside "
+                    "its candidates: the verify call with them (CUDA)")
+    ap.add_argument("--gemv-graph-tiles", action="store_true",
+                    help="choose each 2-8-row GEMV shape's tile again among the autotuner's fastest few by timing "
+                    "them in CUDA graphs (ops/gemv_tuning.py): the verify call with those tiles (CUDA)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
     args = ap.parse_args()
@@ -142,11 +145,16 @@ def main() -> None:
     device = torch.device(args.device)
     graphs = device.type == "cuda"
     extra = []
-    if args.gemv_extra and graphs:
-        from mamballama_cli.ops import triton_gemv
+    if (args.gemv_extra or args.gemv_graph_tiles) and graphs:
+        from mamballama_cli.ops import gemv_tuning
 
-        extra = triton_gemv.offer_extra()
-        print(f"gemv: {len(extra)} EXTRA tiles offered to the 2-8-row autotuner", file=sys.stderr)
+        if args.gemv_extra:
+            extra = gemv_tuning.offer_extra()
+            print(f"gemv: {len(extra)} EXTRA tiles offered to the 2-8-row autotuner", file=sys.stderr)
+        if args.gemv_graph_tiles:
+            gemv_tuning.use_graph_tiles()
+            print(f"gemv: 2-8-row tiles chosen again among the autotuner's {gemv_tuning.TOP} fastest in CUDA graphs",
+                  file=sys.stderr)
     K = args.k
     t0 = time.perf_counter()
     target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device,
@@ -222,6 +230,7 @@ def main() -> None:
         "replay_backend": ops.dispatch("ssm_replay", device)[0],
         "verify_backends": parts["verify_backends"],
         "gemv_extra_offered": extra,
+        "gemv_graph_tiles": bool(args.gemv_graph_tiles and graphs),
         **kernel_choices(),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),

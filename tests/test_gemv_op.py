@@ -630,15 +630,16 @@ def test_offer_extra_gives_the_multi_row_autotuner_the_extra_tiles_once(monkeypa
     autotuner's candidates after SKINNY's, each once, named as gemv_tiles.py reads them; the one-row autotuner is
     untouched."""
     from mamballama_cli.ops import triton_gemv as g
+    from mamballama_cli.ops.gemv_tuning import offer_extra
 
     monkeypatch.setattr(g._skinny_tuned, "configs", list(g._skinny_tuned.configs))
     before = [g.tile_name(c) for c in g._skinny_tuned.configs]
     one_row = [g.tile_name(c) for c in g._gemv_tuned.configs]
     assert before == [",".join(map(str, t)) for t in g.SKINNY]
-    added = g.offer_extra()
+    added = offer_extra()
     assert added == [",".join(map(str, t)) for t in g.EXTRA]
     assert [g.tile_name(c) for c in g._skinny_tuned.configs] == before + added
-    assert g.offer_extra() == [] and g.offer_extra(g.SKINNY[:2]) == []
+    assert offer_extra() == [] and offer_extra(g.SKINNY[:2]) == []
     assert [g.tile_name(c) for c in g._gemv_tuned.configs] == one_row
 
 
@@ -752,3 +753,67 @@ def test_a_per_shape_choice_is_made_once_and_never_inside_a_recording(monkeypatc
     assert chosen(choices, "k", cuda, decide) is False and chosen(choices, "k", cuda, decide) is False
     assert calls == [1] and choices == {"k": False}
     assert chosen(choices, "c", cpu, decide) is True and calls == [1] and choices["c"] is True
+
+
+@NEEDS_TRITON
+def test_graph_retile_keeps_the_tile_fastest_in_cuda_graphs_among_the_autotuners_fastest(monkeypatch):
+    """``speculative_verify.py --gemv-graph-tiles`` (gpu_session.sh verifyg), with the graph timing stubbed: of the
+    autotuner's timings, its TOP fastest tiles are timed again (each launched at its own tile) and the fastest there
+    becomes the tuner's tile for that shape alone; the autotuner's pick and the graph timings are returned for the
+    shape's record; nothing changes where the tuner has no timings or no entry for the shape."""
+    from mamballama_cli.ops import gemv_tuning as t
+    from mamballama_cli.ops import triton_gemv as g
+
+    configs = list(g._skinny_tuned.configs)
+    autotuned = {c: [10.0 + i, 0.0, 0.0] for i, c in enumerate(configs)}  # the autotuner's order: as listed
+    graph = {g.tile_name(c): 9.0 - i for i, c in enumerate(configs[:t.TOP])}  # in graphs: the reverse
+    shape_key, other_key = (5, 96, 64, "torch.bfloat16", "torch.bfloat16"), (5, 96, 128, "torch.bfloat16")
+    monkeypatch.setattr(g._skinny_tuned, "configs_timings", autotuned, raising=False)
+    monkeypatch.setattr(g._skinny_tuned, "cache", {shape_key: configs[0], other_key: configs[0]})
+    launched = []
+
+    def launch(x, w, bias, config=None):
+        launched.append(config)
+        return config
+
+    def timed(a, b, w):
+        return graph[",".join(map(str, a(w)))], 20.0, 2
+
+    monkeypatch.setattr(g, "gemv_launch", launch)
+    monkeypatch.setattr(t, "graph_ab_us", timed)
+    x, w = torch.zeros(1, 5, 64, dtype=torch.bfloat16), torch.zeros(96, 64, dtype=torch.bfloat16)
+    got = t.graph_retile(x, w, None)
+    assert [",".join(map(str, c)) for c in launched] == [g.tile_name(c) for c in configs[:t.TOP]]
+    assert g._skinny_tuned.cache[shape_key] is configs[t.TOP - 1] and g._skinny_tuned.cache[other_key] is configs[0]
+    assert got == {"autotuned_tile": g.tile_name(configs[0]),
+                   "graph_tiles_us": {g.tile_name(c): graph[g.tile_name(c)] for c in configs[:t.TOP]}}
+    assert t.graph_retile(torch.zeros(1, 3, 64, dtype=torch.bfloat16), w, None) == {}  # no entry at 3 rows
+    monkeypatch.setattr(g._skinny_tuned, "configs_timings", {}, raising=False)
+    assert t.graph_retile(x, w, None) == {}
+    monkeypatch.setattr(g, "RETILE", None)
+    t.use_graph_tiles()
+    assert g.RETILE is t.graph_retile
+    t.use_graph_tiles(False)
+    assert g.RETILE is None
+
+
+@NEEDS_TRITON
+def test_the_gemv_choice_retiles_several_rows_before_timing_against_cublas_where_switched_on(monkeypatch):
+    """``_kernel_is_faster`` with RETILE set calls it for a several-row shape after autotuning and before the timing
+    against cuBLAS, and what it returns joins the shape's timings; a one-row shape and an unset RETILE skip it."""
+    from mamballama_cli.ops import triton_gemv as g
+
+    order = []
+    monkeypatch.setattr(g, "gemv_launch", lambda x, w, b=None, **k: order.append("tune") or F.linear(x, w, b))
+    monkeypatch.setattr(g, "_timings", lambda x, w, b: order.append("time") or {"kernel_us": 1.0, "cublas_us": 2.0})
+    monkeypatch.setattr(g, "RETILE", lambda x, w, b: order.append("retile") or {"graph_tiles_us": {"a": 1.0}})
+    monkeypatch.setattr(g, "TIMINGS", {})
+    w = torch.randn(96, 64)
+    assert g._kernel_is_faster(torch.randn(5, 64), w, None, key="five")
+    assert order == ["tune", "retile", "time"] and g.TIMINGS["five"]["graph_tiles_us"] == {"a": 1.0}
+    order.clear()
+    assert g._kernel_is_faster(torch.randn(1, 64), w, None, key="one")
+    assert order == ["tune", "time"] and "graph_tiles_us" not in g.TIMINGS["one"]
+    monkeypatch.setattr(g, "RETILE", None)
+    order.clear()
+    assert g._kernel_is_faster(torch.randn(5, 64), w, None, key="off") and order == ["tune", "time"]

@@ -205,7 +205,7 @@ _H200 = {"1": ["study_device.sh prep", "GATE=0 DEADLINE=160 bash benchmarks/gpu_
          "2": [_STUDY], "3": ["study_device.sh watch"],
          "4": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify tcache"]}
 _H100 = {"1": ["gpu_session.sh part4 verify"], "2": ["gpu_session.sh part3+part6 tcache"],
-         "3": ["gpu_session.sh part1+part2 tcache"], "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh part5 profilev"]}
+         "3": ["gpu_session.sh part1+part2 tcache"], "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh verifyg part5 profilev"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])

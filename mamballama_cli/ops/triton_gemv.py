@@ -38,8 +38,8 @@ from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
 # the candidates, also read here by the tests and tools
-from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, EXTRA, GLU_MODES, MAX_ROWS, MODES, SKINNY
-from mamballama_cli.ops.gemv_candidates import _row_split, row_groups, tile_name, tuned_tiles  # noqa: F401
+from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, GLU_MODES, MAX_ROWS, MODES, SKINNY
+from mamballama_cli.ops.gemv_candidates import EXTRA, _row_split, row_groups, tile_name, tuned_tiles  # noqa: F401
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
 
 try:
@@ -297,20 +297,6 @@ if triton is not None:
         key=["N", "K"])(_even_k(_gemv_kernel)) for _ in range(2))
 
 
-def offer_extra(tiles=EXTRA) -> list[str]:
-    """Give the 2-8-row autotuner ``tiles`` (entries shaped as :data:`SKINNY`'s; default :data:`EXTRA`) besides its
-    candidates, for shapes not yet tuned in this process (``benchmarks/speculative_verify.py --gemv-extra``: the
-    verify call with them, against a run without); returns the names of the tiles added (those already there are
-    skipped)."""
-    added = []
-    for n, k, w, st, mode in tiles:
-        config = triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
-        if tile_name(config) not in {tile_name(c) for c in _skinny_tuned.configs}:
-            _skinny_tuned.configs.append(config)
-            added.append(tile_name(config))
-    return added
-
-
 def _rows(x, weight) -> int:
     return x.numel() // max(1, weight.shape[1])
 
@@ -382,6 +368,9 @@ PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, 
 # The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all),
 # and only where the graph timing failed and do_bench's was used (why: docs/gpu.md, "How SKINNY came to be").
 MARGIN = 1.10
+# RETILE(x, weight, bias) -> dict: where set (ops/gemv_tuning.py, an A/B), a several-row shape's autotuned tile is
+# chosen again by timing in CUDA graphs before the kernel is timed against cuBLAS; what it returns joins TIMINGS.
+RETILE = None
 
 
 def _timings(x, weight, bias) -> dict:
@@ -413,10 +402,11 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
         return False
     if not _rel(y, F.linear(x, weight, bias)) < 1e-2:  # nor one that disagrees with cuBLAS
         return False
+    retiled = RETILE(x, weight, bias) if RETILE is not None and tuner is _skinny_tuned else {}
     t = _timings(x, weight, bias)
     if key is not None:
         TIMINGS[key] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in t.items()}
-        TIMINGS[key].update(tuned_tiles(tuner, before))
+        TIMINGS[key].update(tuned_tiles(tuner, before), **retiled)
     # MARGIN only where cuBLAS adds its split-K reduction (tall weights) and the timing left it out (do_bench, one
     # call at a time): timed inside CUDA graphs, cuBLAS's reduction node is in its own time, so the kernel must be
     # faster outright, as on a wide weight. (Under the margin, the 2026-12-05 verify call kept the five-row
