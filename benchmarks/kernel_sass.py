@@ -245,7 +245,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     T new ones unrolled, a ``p`` x ``n`` head (64 x 64: the default teacher's, one program a head when ``gated``;
     128 x 128: the 8B shape's, in 32-row tiles, gated only by a split-norm tile), bf16 activations, float32 state,
     unit strides; ``tile`` (BLOCK_P, num_warps, FORM[, split norm]), one of the op's replay_tiles or gated_tiles
-    (default: the first)."""
+    (default: the first); in its sm90 form, which lets the projection after it start early (TRIGGER)."""
     from mamballama_cli.ops import triton_replay as r
 
     f32, bf16, i32 = "*fp32", "*bf16", "i32"
@@ -261,7 +261,7 @@ def compile_replay(W: int, T: int, p: int = 64, n: int = 64, gated: bool = True,
     wp, tp = r.window_rows(W, T, int(form))
     consts = {"W": W, "T": T, "HAS_D": True, "RETURN_FINAL": True, "GATED": whole, "HAS_Z": whole or split,
               "SLOTTED": slotted, "BLOCK_N": r.replay_tile(p, n, whole)[1], "BLOCK_P": block_p, "FORM": int(form),
-              "WP": wp, "TP": tp, "SPLIT_NORM": split, "HEAD_P": r._next_pow2(p)}
+              "WP": wp, "TP": tp, "SPLIT_NORM": split, "HEAD_P": r._next_pow2(p), "TRIGGER": True}
     args = {**ptrs, **{a: i32 for a in names if a not in consts and a not in unit}}
     const = {**dict.fromkeys(unit, 1), **consts}
     return compile_kernel(r._replay_kernel, args, const, warps, 1, arch,

@@ -291,3 +291,17 @@ def test_the_replay_tile_is_the_fastest_timed_on_copies_and_named_in_the_report(
     tr.TILE_CHOICES[(*key[:4], 0, 1, *key[6:])] = True  # a shape that ran off CUDA: the first tile, untimed
     assert tr.choices_report()["replay_tiles"] == {"b1 h4 8x16 W5 T5 slotted": "4x2p"}
 
+
+def test_a_split_norm_replay_tile_is_kept_where_it_is_within_the_margin_of_the_fastest():
+    """ops/replay_tiles.py ``_pick``: the fastest tile, except that the fastest split-norm tile (the gated norm in
+    the kernel, which lets the projection after it start early) is kept where it is at most
+    NORM_IN_KERNEL_MARGIN slower; with no split-norm candidate, or one that is slower by more, the fastest."""
+    from mamballama_cli.ops import replay_tiles as tr
+
+    plain, split, other = (32, 4, 2), (32, 4, 2, 1), (16, 2, 1, 1)
+    m = tr.NORM_IN_KERNEL_MARGIN
+    assert tr._pick([plain, split, other], {plain: 10.0, split: 10.0 * (1 + m) - 1e-6, other: 12.0}) == split
+    assert tr._pick([plain, split, other], {plain: 10.0, split: 10.0 * (1 + m) + 1e-3, other: 12.0}) == plain
+    assert tr._pick([plain, split, other], {plain: 10.0, split: 11.0, other: 10.2}) == other  # the fastest split
+    assert tr._pick([plain, (16, 2, 1)], {plain: 10.0, (16, 2, 1): 9.0}) == (16, 2, 1)  # no split-norm tile
+    assert tr._pick([plain, split], {plain: 10.0, split: 8.0}) == split

@@ -46,7 +46,16 @@ import triton.language as tl
 
 from mamballama_cli import ops
 from mamballama_cli.ops.common import INTERPRETING as _INTERPRET  # Triton's CPU interpreter
-from mamballama_cli.ops.common import _device_guard, _next_pow2, _probe, _rand, _rel, count_scratch
+from mamballama_cli.ops.common import (
+    _device_guard,
+    _gdc_on,
+    _grid_launch_dependents,
+    _next_pow2,
+    _probe,
+    _rand,
+    _rel,
+    count_scratch,
+)
 from mamballama_cli.ops.graph_timing import chosen
 from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
 from mamballama_cli.ops.replay_tiles import (
@@ -94,6 +103,7 @@ def _replay_kernel(
     HAS_D: tl.constexpr, RETURN_FINAL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
     GATED: tl.constexpr, HAS_Z: tl.constexpr, SLOTTED: tl.constexpr,
     FORM: tl.constexpr, WP: tl.constexpr, TP: tl.constexpr, SPLIT_NORM: tl.constexpr, HEAD_P: tl.constexpr,
+    TRIGGER: tl.constexpr = False,
 ):
     # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
     # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 loads
@@ -103,7 +113,10 @@ def _replay_kernel(
     # spans several programs): each program writes its rows of the gated outputs, in float32, to the y32 scratch
     # (batch x heads, T, headdim) and counts itself in cnt once it is done; the last of a head's programs to count
     # normalises the head's rows of every step (HEAD_P: headdim padded), stores them, and resets the count. No program
-    # waits on another, so a CUDA graph replays it as it is.
+    # waits on another, so a CUDA graph replays it as it is. TRIGGER (sm90 and later): as the decode step's kernel
+    # does, let the projection after it (the gemv op's pdl launch) start loading its weights while this one runs.
+    if TRIGGER:
+        _grid_launch_dependents()
     pid_p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // nheads
@@ -383,7 +396,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
                 GATED=whole, HAS_Z=(whole or split) and z is not None, SLOTTED=slotted,
-                FORM=int(tile[2]), WP=wp, TP=tp, SPLIT_NORM=split, HEAD_P=_next_pow2(p),
+                FORM=int(tile[2]), WP=wp, TP=tp, SPLIT_NORM=split, HEAD_P=_next_pow2(p), TRIGGER=_gdc_on(st),
                 num_warps=tile[1],
             )
         if not gated:
