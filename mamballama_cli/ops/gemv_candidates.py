@@ -56,6 +56,11 @@ def tile_name(config) -> str:
     return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps},{config.num_stages},{mode}"
 
 
+def median_ms(timing) -> float:
+    """An autotuner's timing of one candidate as a number: do_bench's (median, ...) or a bare median."""
+    return float(timing[0] if isinstance(timing, (list, tuple)) else timing)
+
+
 def tuned_tiles(tuner, before=None) -> dict:
     """What the autotuner chose on its last run (``tile``) and, if that run timed the candidates afresh (its timing
     table is no longer ``before``), every candidate's median microseconds (``tiles_us``, one call at a time, as the
@@ -66,8 +71,7 @@ def tuned_tiles(tuner, before=None) -> dict:
         out["tile"] = tile_name(best)
     timings = getattr(tuner, "configs_timings", None)
     if timings and timings is not before:
-        med = lambda v: float(v[0] if isinstance(v, (list, tuple)) else v)  # noqa: E731 - do_bench's (median, ...)
         # a tile that failed to run is timed inf by the autotuner: None here, so that the JSON stays strict
-        out["tiles_us"] = {tile_name(c): round(1000.0 * med(v), 2) if med(v) < float("inf") else None
+        out["tiles_us"] = {tile_name(c): round(1000.0 * median_ms(v), 2) if median_ms(v) < float("inf") else None
                            for c, v in timings.items()}
     return out

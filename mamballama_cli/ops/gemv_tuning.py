@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mamballama_cli.ops import triton_gemv as g
-from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, tile_name
+from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, median_ms, tile_name
 from mamballama_cli.ops.graph_timing import graph_ab_us
 
 MODE_NAMES = {v: k for k, v in MODES.items()}
@@ -40,10 +40,6 @@ def _tile(config) -> tuple:
     return kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, MODE_NAMES[kw["MODE"]]
 
 
-def _median(v) -> float:
-    return float(v[0] if isinstance(v, (list, tuple)) else v)  # do_bench's (median, ...) or a number
-
-
 def graph_retile(x, weight, bias) -> dict:
     """For a shape the several-row autotuner has just tuned (``_kernel_is_faster`` calls this right after): time its
     :data:`TOP` fastest tiles, by its own timings, inside CUDA graphs over copies of the weight (each against
@@ -58,7 +54,7 @@ def graph_retile(x, weight, bias) -> dict:
     if not timings or len(keys) != 1:
         return {}
     picked = tuner.cache[keys[0]]
-    ranked = sorted(timings, key=lambda c: _median(timings[c]))[:TOP]
+    ranked = sorted(timings, key=lambda c: median_ms(timings[c]))[:TOP]
     graph_us = {}
     for config in ranked:
         tile = _tile(config)
