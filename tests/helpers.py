@@ -268,7 +268,7 @@ def route_conv_op(rt, name: str, apart, refuse: str) -> list:
     import inspect
 
     calls, op = [], apart or rt.fns[name]
-    at = list(inspect.signature(rt.fns[name] if apart is None else apart).parameters).index("start")
+    at = list(inspect.signature(op).parameters).index("start")
     rt.fns[name] = lambda *a: calls.append(a[at]) or op(*a)
     rt.fns[refuse] = lambda *a: pytest.fail(f"{refuse} ran apart from in_proj")
     return calls
