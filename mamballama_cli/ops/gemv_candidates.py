@@ -19,6 +19,7 @@ SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot")
           (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
           (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
 MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
+MODE_NAMES = {v: k for k, v in MODES.items()}  # the kernel's MODE -> its name in a tile
 GLU_MODES = ("dot", "dotw")  # the modes that take [gate; up] with the SwiGLU epilogue at 2..MAX_ROWS rows
 # Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) or offered to it
 # (speculative_verify.py --gemv-extra) to decide what goes into SKINNY (docs/gpu.md); the CPU tests run each under the
@@ -52,7 +53,7 @@ def tile_name(config) -> str:
     kw = config.kwargs
     if "MODE" not in kw:
         return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps}"
-    mode = {v: k for k, v in MODES.items()}[kw["MODE"]]
+    mode = MODE_NAMES[kw["MODE"]]
     return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps},{config.num_stages},{mode}"
 
 

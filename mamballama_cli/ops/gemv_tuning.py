@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from mamballama_cli.ops import triton_gemv as g
-from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, median_ms, tile_name
+from mamballama_cli.ops.gemv_candidates import EXTRA, MODE_NAMES, MODES, median_ms, tile_name
 from mamballama_cli.ops.graph_timing import graph_ab_us
 
-MODE_NAMES = {v: k for k, v in MODES.items()}
 TOP = 4  # the autotuner's fastest tiles that graph_retile times again
 
 
