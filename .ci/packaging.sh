@@ -2,8 +2,11 @@
 # Packaging job (issue 16): what a user gets from `pip install mamballama`, not from the checkout.
 #  1. The wheel, installed non-editable into a fresh venv, converts a tiny teacher and runs
 #     `distill --template distill-e2e` in a folder outside the checkout (templates are package data).
-#  2. torch==2.13.0 and the extras resolve together from the package index's metadata alone (--dry-run: nothing
-#     is downloaded but metadata). The gpu extra is left out: mamba-ssm and causal-conv1d are sdists whose
+#  2. torch==2.13.0 and the extras resolve together from the package index's metadata alone (--dry-run with
+#     --use-feature=fast-deps: the index this CI reaches serves no PEP 658 metadata files, so a plain dry run
+#     downloads every wheel, about 3 GB with torch's nvidia-* pins, and a CI run failed when the network cut
+#     one of them off; with fast-deps pip reads each wheel's METADATA by HTTP range requests, and only the few
+#     sdists (about 3 MB) come whole). The gpu extra is left out: mamba-ssm and causal-conv1d are sdists whose
 #     metadata needs torch and nvcc at build time, so it cannot be resolved on a CPU machine.
 # Variables: PY, TORCH (torch==2.13.0), TORCH_INDEX (empty: pip's configuration, as in the Makefile),
 # RESOLVE_INDEX (the public index the resolver check uses alone; https://pypi.org/simple).
@@ -108,7 +111,8 @@ cd "$ROOT"
 
 step "resolver: $TORCH with the extras dev,train,eval,gguf,serve from $RESOLVE_INDEX${TORCH_INDEX:+ and $TORCH_INDEX} (metadata only)"
 env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
-  "$V/python" -m pip install --isolated --dry-run --ignore-installed -q --report "$WORK/resolve.json" \
+  "$V/python" -m pip install --isolated --dry-run --use-feature=fast-deps --resume-retries 5 --ignore-installed -q \
+  --report "$WORK/resolve.json" \
   --index-url "$RESOLVE_INDEX" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[dev,train,eval,gguf,serve]"
 "$V/python" - "$WORK/resolve.json" "$TORCH" <<'PY'
 import json, sys
