@@ -144,7 +144,7 @@ for step in $STEPS; do
         verify|verifyx|verifyg) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
                 base=$v; while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="$base-$nv"; done
                 # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY);
-                # verifyg: with each several-row tile chosen again in CUDA graphs (ops/gemv_tuning.py)
+                # verifyg: with every GEMV kernel's several-row tiles chosen again in CUDA graphs (ops/gemv_tuning.py)
                 stamp "$step vs plain step (8B shape, K=4), run $nv"
                 timeout -s INT -k 10 "$(left "${VERIFY_CAP:-240}")" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
                     --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
@@ -177,7 +177,7 @@ print('window conv in in_proj:', d.get('gemv_spec_conv_shapes'), d.get('gemv_spe
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \
                    tests/test_feature_round.py tests/test_lookup_draft.py tests/test_ngram_table.py ;;
         part4) gputest part4 480 tests/test_kd_fused.py tests/test_train_distributed.py tests/test_gemv_swiglu.py \
-                   tests/test_gemv_conv.py tests/test_gemv_spec_conv.py ;;
+                   tests/test_gemv_conv.py tests/test_gemv_spec_conv.py tests/test_graph_retile.py ;;
         part5) gputest part5 480 tests/test_large_shapes_gpu.py ;;
         part6) gputest part6 480 tests/test_gemv_op.py ;;
         tcache) stamp "triton cache: this machine's compiled kernels, in pieces for .tcache (benchmarks/triton_cache.py)"

@@ -132,7 +132,8 @@ def main() -> None:
                     help="offer the gemv op's EXTRA tiles (ops/gemv_candidates.py) to its 2-8-row autotuner beside "
                     "its candidates: the verify call with them (CUDA)")
     ap.add_argument("--gemv-graph-tiles", action="store_true",
-                    help="choose each 2-8-row GEMV shape's tile again among the autotuner's fastest few by timing "
+                    help="choose each 2-8-row shape's tile again, for every GEMV kernel a verify call runs (plain, "
+                    "SwiGLU, fused norm + GEMV, the conv epilogue), among its autotuner's fastest few by timing "
                     "them in CUDA graphs (ops/gemv_tuning.py): the verify call with those tiles (CUDA)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
@@ -153,8 +154,8 @@ def main() -> None:
             print(f"gemv: {len(extra)} EXTRA tiles offered to the 2-8-row autotuner", file=sys.stderr)
         if args.gemv_graph_tiles:
             gemv_tuning.use_graph_tiles()
-            print(f"gemv: 2-8-row tiles chosen again among the autotuner's {gemv_tuning.TOP} fastest in CUDA graphs",
-                  file=sys.stderr)
+            print(f"gemv: every GEMV kernel's 2-8-row tiles chosen again among its autotuner's {gemv_tuning.TOP} "
+                  "fastest in CUDA graphs", file=sys.stderr)
     K = args.k
     t0 = time.perf_counter()
     target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device,

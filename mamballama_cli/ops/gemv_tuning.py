@@ -1,20 +1,22 @@
-"""A/B tools over the several-row GEMV's autotuner (ops/triton_gemv.py), for the verify benchmark
-(``benchmarks/speculative_verify.py``): offer it more tiles, or choose its tile again by timing in CUDA graphs.
+"""A/B tools over the several-row GEMV kernels' autotuners, for the verify benchmark
+(``benchmarks/speculative_verify.py``): offer the plain GEMV's more tiles, or choose every several-row kernel's
+tile again by timing in CUDA graphs.
 
 Triton's autotuner times each candidate tile alone, one call at a time (``do_bench``). A verify call runs its GEMVs
 back to back inside a CUDA graph, each weight cold in L2, and there the same tiles take other times: at the 8B
 shape's five-row [gate; up] projection on an H100 the autotuner timed its pick at 92.45 us, and the graph timing
 against cuBLAS found 83.39 us (2026-12-06). Whether the autotuner's order holds in a graph is what
-:func:`graph_retile` lets a run find out: it times the autotuner's fastest few tiles in CUDA graphs and keeps the
-fastest there. Both tools change only shapes tuned after they are switched on, in the process that switched them.
+:func:`graph_retile` lets a run find out, for each kernel that a verify call's GEMVs run at several rows (the plain
+GEMV, the SwiGLU GEMV, the fused norm + GEMV and its SwiGLU kind, the in_proj GEMV with the window's conv): it times
+the autotuner's fastest few tiles in CUDA graphs and keeps the fastest there. Both tools change only shapes tuned
+after they are switched on, in the process that switched them.
 """
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
+from mamballama_cli.ops import graph_timing
 from mamballama_cli.ops import triton_gemv as g
-from mamballama_cli.ops.gemv_candidates import EXTRA, MODE_NAMES, MODES, median_ms, tile_name
+from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, median_ms, tile_name
 from mamballama_cli.ops.graph_timing import graph_ab_us
 
 TOP = 4  # the autotuner's fastest tiles that graph_retile times again
@@ -33,38 +35,47 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     return added
 
 
-def _tile(config) -> tuple:
-    """An autotuner config as ``gemv_launch``'s ``config`` tuple (an entry shaped as ``SKINNY``'s)."""
+def config_name(config) -> str:
+    """An autotuner config of any of the GEMV kernels as a short name: :func:`tile_name`'s for the plain and SwiGLU
+    GEMVs' and the conv epilogue's tiles (they carry a MODE), ``"BLOCK_N,BLOCK_K,warps"`` and, on tensor cores,
+    ``",stages,dot"`` for the fused norm + GEMV's."""
     kw = config.kwargs
-    return kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages, MODE_NAMES[kw["MODE"]]
+    if "MODE" in kw or "DOT" not in kw:
+        return tile_name(config)
+    dot = f",{config.num_stages},dot" if kw["DOT"] else ""
+    return f"{kw['BLOCK_N']},{kw['BLOCK_K']},{config.num_warps}{dot}"
 
 
-def graph_retile(x, weight, bias) -> dict:
-    """For a shape the several-row autotuner has just tuned (``_kernel_is_faster`` calls this right after): time its
-    :data:`TOP` fastest tiles, by its own timings, inside CUDA graphs over copies of the weight (each against
-    ``F.linear``, interleaved, as ``graph_ab_us`` times), and make the fastest there the tuner's tile for this
-    shape. Returns ``{"autotuned_tile": its pick, "graph_tiles_us": {tile: microseconds}}`` for the shape's
-    timings; ``{}`` where the tuner kept no timings or no entry for the shape."""
-    tuner = g._skinny_tuned
+def graph_retile(tuner, before: set, ours, against, weight) -> dict:
+    """For the one shape ``tuner`` has tuned since its cache held the keys ``before`` (the kernels' timed choices
+    call this through ``graph_timing.retiled``, right after autotuning): time the autotuner's :data:`TOP` fastest
+    tiles, by its own timings of that run, inside CUDA graphs over copies of the weight (``ours(w)``, the autotuned
+    kernel, run with the tuner's entry for the shape set to each tile in turn, interleaved with ``against(w)``, as
+    ``graph_ab_us`` times), and make the fastest there the tuner's tile for that shape. Returns ``{"autotuned_tile":
+    its pick, "graph_tiles_us": {tile: microseconds}}`` for the shape's timings; ``{}`` where the run did not tune
+    exactly one new shape or kept no timings (a disk-cached tuning keeps them). A tile whose timing fails ends the
+    retiming: the fastest timed so far, or the autotuner's pick, is kept, and ``graph_retile_failed`` says why."""
+    new = [key for key in tuner.cache if key not in before]
     timings = getattr(tuner, "configs_timings", None) or {}
-    n, k = weight.shape
-    rows = x.numel() // k
-    keys = [key for key in tuner.cache if tuple(key[:3]) == (rows, n, k) and str(x.dtype) in key[3:]]
-    if not timings or len(keys) != 1:
+    if len(new) != 1 or not timings:
         return {}
-    picked = tuner.cache[keys[0]]
-    ranked = sorted(timings, key=lambda c: median_ms(timings[c]))[:TOP]
-    graph_us = {}
+    key, picked = new[0], tuner.cache[new[0]]
+    ranked = sorted((c for c in timings if median_ms(timings[c]) < float("inf")),
+                    key=lambda c: median_ms(timings[c]))[:TOP]
+    graph_us, failed = {}, {}
     for config in ranked:
-        tile = _tile(config)
-        ours, _, _ = graph_ab_us(lambda w, tile=tile: g.gemv_launch(x, w, bias, config=tile),
-                                 lambda w: F.linear(x, w, bias), weight)
-        graph_us[config] = ours
-    tuner.cache[keys[0]] = min(graph_us, key=graph_us.get)
-    return {"autotuned_tile": tile_name(picked),
-            "graph_tiles_us": {tile_name(c): round(us, 2) for c, us in graph_us.items()}}
+        tuner.cache[key] = config
+        try:
+            graph_us[config], _, _ = graph_ab_us(ours, against, weight)
+        except Exception as exc:  # noqa: BLE001 - a tile that cannot be recorded or timed is left out, and said
+            failed = {"graph_retile_failed": f"{config_name(config)}: {type(exc).__name__}: {str(exc)[:120]}"}
+            break
+    tuner.cache[key] = tuner.best_config = min(graph_us, key=graph_us.get) if graph_us else picked
+    return {"autotuned_tile": config_name(picked),
+            "graph_tiles_us": {config_name(c): round(us, 2) for c, us in graph_us.items()}, **failed}
 
 
 def use_graph_tiles(on: bool = True) -> None:
-    """Switch :func:`graph_retile` on (or off) for the shapes the gemv op tunes from now on in this process."""
-    g.RETILE = graph_retile if on else None
+    """Switch :func:`graph_retile` on (or off) for the several-row shapes the GEMV kernels tune from now on in this
+    process."""
+    graph_timing.RETILE = graph_retile if on else None

@@ -40,7 +40,7 @@ from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, 
 # the candidates, also read here by the tests and tools
 from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, GLU_MODES, MAX_ROWS, MODES, SKINNY
 from mamballama_cli.ops.gemv_candidates import EXTRA, _row_split, row_groups, tile_name, tuned_tiles  # noqa: F401
-from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
 
 try:
     import triton
@@ -368,9 +368,6 @@ PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, 
 # The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all),
 # and only where the graph timing failed and do_bench's was used (why: docs/gpu.md, "How SKINNY came to be").
 MARGIN = 1.10
-# RETILE(x, weight, bias) -> dict: where set (ops/gemv_tuning.py, an A/B), a several-row shape's autotuned tile is
-# chosen again by timing in CUDA graphs before the kernel is timed against cuBLAS; what it returns joins TIMINGS.
-RETILE = None
 
 
 def _timings(x, weight, bias) -> dict:
@@ -395,18 +392,19 @@ def _kernel_is_faster(x, weight, bias, key=None) -> bool:
     (one call at a time, without cuBLAS's reduction node), slower by less than :data:`MARGIN`. ``key``: where to
     keep the timings in :data:`TIMINGS`."""
     tuner = _gemv_tuned if _rows(x, weight) == 1 else _skinny_tuned
-    before = getattr(tuner, "configs_timings", None)
+    before, cached = getattr(tuner, "configs_timings", None), set(tuner.cache)
     try:
         y = gemv_launch(x, weight, bias)  # autotunes (outside the timing)
     except Exception:  # a kernel that does not build or launch on this shape: cuBLAS serves it
         return False
     if not _rel(y, F.linear(x, weight, bias)) < 1e-2:  # nor one that disagrees with cuBLAS
         return False
-    retiled = RETILE(x, weight, bias) if RETILE is not None and tuner is _skinny_tuned else {}
+    retile = retiled(tuner, cached, lambda w: gemv_launch(x, w, bias), lambda w: F.linear(x, w, bias), weight,
+                     _rows(x, weight))
     t = _timings(x, weight, bias)
     if key is not None:
         TIMINGS[key] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in t.items()}
-        TIMINGS[key].update(tuned_tiles(tuner, before), **retiled)
+        TIMINGS[key].update(tuned_tiles(tuner, before), **retile)
     # MARGIN only where cuBLAS adds its split-K reduction (tall weights) and the timing left it out (do_bench, one
     # call at a time): timed inside CUDA graphs, cuBLAS's reduction node is in its own time, so the kernel must be
     # faster outright, as on a wide weight. (Under the margin, the 2026-12-05 verify call kept the five-row

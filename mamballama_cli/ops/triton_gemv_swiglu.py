@@ -23,7 +23,7 @@ from mamballama_cli.ops import (
     decode as _decode_refs,  # registers the decode ops' references (gemv_swiglu too)
 )
 from mamballama_cli.ops.common import _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
 from mamballama_cli.ops.triton_gemv import (
     PDL_CHOICES,
     _pdl_usable,
@@ -64,22 +64,30 @@ def _glu_is_faster(x, weight, bias, key) -> bool:
     into :data:`GLU_TIMINGS`."""
     norm = ops.dispatch("add_rmsnorm", x.device)[1]
     norm_w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    tuner = _gemv_glu_tuned if key[0] == 1 else _skinny_glu_tuned
     try:
         want = _apart(x, weight, bias)  # also settles the gemv op's own choice for this weight (and its pdl form)
         pdl = PDL_CHOICES.get(key, False)
+        cached = set(tuner.cache)
         got = gemv_launch(x, weight, bias, pdl=pdl, glu=True)  # autotunes, outside the timing
         if not _rel(got, want) < 1e-2:
             GLU_TIMINGS[key] = {"how": "disagrees"}
             return False
-        ours, apart, copies = graph_ab_us(
-            lambda w: gemv_launch(norm(x, None, norm_w, 1e-5)[0], w, bias, pdl=pdl, glu=True),
-            lambda w: _apart(norm(x, None, norm_w, 1e-5)[0], w, bias), weight)
+
+        def glu(w):
+            return gemv_launch(norm(x, None, norm_w, 1e-5)[0], w, bias, pdl=pdl, glu=True)
+
+        def apart(w):
+            return _apart(norm(x, None, norm_w, 1e-5)[0], w, bias)
+
+        retile = retiled(tuner, cached, glu, apart, weight, key[0])
+        ours, apart_us, copies = graph_ab_us(glu, apart, weight)
     except Exception as exc:  # noqa: BLE001 - a kernel that does not build or time: the two ops serve the shape
         GLU_TIMINGS[key] = {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
         return False
-    GLU_TIMINGS[key] = {"glu_us": round(ours, 2), "apart_us": round(apart, 2), "how": "graph", "copies": copies,
-                        "pdl": pdl, **tuned_tiles(_gemv_glu_tuned if key[0] == 1 else _skinny_glu_tuned)}
-    return ours < apart
+    GLU_TIMINGS[key] = {"glu_us": round(ours, 2), "apart_us": round(apart_us, 2), "how": "graph", "copies": copies,
+                        "pdl": pdl, **tuned_tiles(tuner), **retile}
+    return ours < apart_us
 
 
 def gemv_swiglu_triton(x, weight, bias=None):
