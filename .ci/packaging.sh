@@ -110,10 +110,19 @@ PY
 cd "$ROOT"
 
 step "resolver: $TORCH with the extras dev,train,eval,gguf,serve from $RESOLVE_INDEX${TORCH_INDEX:+ and $TORCH_INDEX} (metadata only)"
-env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
-  "$V/python" -m pip install --isolated --dry-run --use-feature=fast-deps --resume-retries 5 --ignore-installed -q \
-  --report "$WORK/resolve.json" \
-  --index-url "$RESOLVE_INDEX" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[dev,train,eval,gguf,serve]"
+resolve() {
+  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+    "$V/python" -m pip install --isolated --dry-run "$@" --resume-retries 5 --ignore-installed -q \
+    --report "$WORK/resolve.json" \
+    --index-url "$RESOLVE_INDEX" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$TORCH" ".[dev,train,eval,gguf,serve]"
+}
+# fast-deps is experimental: a pip that no longer knows it says "invalid choice", and the check runs without it
+if ! resolve --use-feature=fast-deps 2> "$WORK/resolve.err"; then
+  cat "$WORK/resolve.err" >&2
+  grep -q "use-feature: invalid choice" "$WORK/resolve.err" || exit 1
+  echo "this pip has no fast-deps: resolving with whole wheels" >&2
+  resolve
+fi
 "$V/python" - "$WORK/resolve.json" "$TORCH" <<'PY'
 import json, sys
 want = sys.argv[2].split("==")[-1]
