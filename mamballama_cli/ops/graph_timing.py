@@ -68,7 +68,6 @@ def chosen(choices: dict, key, x, decide) -> bool | None:
     return use
 
 
-
 # RETILE(tuner, before, ours, against, weight) -> dict: where set (ops/gemv_tuning.py's A/B,
 # ``speculative_verify.py --gemv-graph-tiles``), a several-row shape's autotuned tile is chosen again by timing in
 # CUDA graphs, between its autotuning and its timed choice; what it returns joins the shape's timings.
@@ -80,6 +79,7 @@ def retiled(tuner, before: set, ours, against, weight, rows: int) -> dict:
     cache held the keys ``before`` (``ours(w)`` runs the autotuned kernel on weight ``w``, ``against(w)`` what the
     choice times it against); else ``{}``."""
     return RETILE(tuner, before, ours, against, weight) if RETILE is not None and rows > 1 else {}
+
 
 def shape_report(choices: dict, timings: dict, name, what: str, timed: str) -> dict:
     """``{what: the shapes a kernel serves, timed: {shape and dtype: the timings behind its choice}}``, from a
