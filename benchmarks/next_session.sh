@@ -10,8 +10,8 @@
 #
 # H200: 1 = the study's prep and batch-1 decode of hybrid and teacher (issue 17); 2 = the 50% student's study with
 # the n-gram table draft (issue 18), started detached; 3 = watch it; 4 = the largest batch at 32K (issue 17), then
-# verify against a step at the 8B shape (issue 15, with the window's conv in the in_proj GEMV) as far as the time
-# left reaches, then the cache.
+# verify against a step at the 8B shape (issue 15, with the window's conv in the in_proj GEMV), then the same with
+# every GEMV kernel's five-row tiles chosen in CUDA graphs (verifyg), as far as the time left reaches, then the cache.
 # H100: 1 = part4 (the window conv GEMV's gpu test) and verify; 2, 3 = the suite's other parts in pairs, each
 # followed by the cache; 4 = verify with the GEMV tiles chosen in CUDA graphs (the A/B against call 1's), part5
 # and the verify profile. DRY=1 prints the commands instead of running them.
@@ -33,7 +33,7 @@ if [[ "$card" == *H200* ]]; then
        run "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair" ;;
     2) run "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start" ;;
     3) run "SCRIPT=spec_study.sh bash benchmarks/study_device.sh watch" ;;
-    4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch verify tcache" ;;
+    4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch verify verifyg tcache" ;;
   esac
 else
   case "$step" in
