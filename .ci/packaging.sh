@@ -6,7 +6,7 @@
 #     --use-feature=fast-deps: the index this CI reaches serves no PEP 658 metadata files, so a plain dry run
 #     downloads every wheel, about 3 GB with torch's nvidia-* pins, and a CI run failed when the network cut
 #     one of them off; with fast-deps pip reads each wheel's METADATA by HTTP range requests, and only the few
-#     sdists (about 3 MB) come whole). The gpu extra is left out: mamba-ssm and causal-conv1d are sdists whose
+#     sdists and their build requirements (about 6 MB) come whole). The gpu extra is left out: mamba-ssm and causal-conv1d are sdists whose
 #     metadata needs torch and nvcc at build time, so it cannot be resolved on a CPU machine.
 # Variables: PY, TORCH (torch==2.13.0), TORCH_INDEX (empty: pip's configuration, as in the Makefile),
 # RESOLVE_INDEX (the public index the resolver check uses alone; https://pypi.org/simple).
