@@ -57,7 +57,7 @@ from mamballama_cli.ops.common import (
     count_scratch,
 )
 from mamballama_cli.ops.graph_timing import chosen
-from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # noqa: F401  (registers the references first)
+from mamballama_cli.ops.replay import ssm_replay_gated_ref, ssm_replay_ref  # (registers the references first)
 from mamballama_cli.ops.replay_tiles import (
     TILE_CHOICES,
     _fastest,
@@ -423,8 +423,6 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
 def _check_ssm_replay(gen):
     """A verify window (W = T = 5) with counts 0, 2 and W, grouped x/B and C, headdim past one block, in float32,
     against the float64 reference: y, the replayed checkpoint and the final state."""
-    from mamballama_cli.ops.replay import ssm_replay_ref
-
     b, W, T, h, g, cg, p, n = 3, 5, 5, 4, 2, 1, 48, 16
     state = _rand(gen, b, h, p, n)
     old = (_rand(gen, b, W, g, p), _rand(gen, b, W, h), _rand(gen, b, W, g, n))
@@ -458,8 +456,6 @@ def _check_slotted(gen, fast, ref, gate=()):
 def _check_ssm_replay_gated(gen):
     """The gated op in one kernel (headdim 48, dstate 16) and in two (headdim 64, dstate 128), counts 0, 2 and W,
     against the float64 reference: y, the replayed checkpoint and the final state."""
-    from mamballama_cli.ops.replay import ssm_replay_gated_ref
-
     errs = []
     for p, n in ((48, 16), (64, 128)):
         b, W, T, h, g = 3, 5, 5, 4, 2
