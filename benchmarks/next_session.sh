@@ -3,18 +3,19 @@
 # came: an H200 measures the issues' lines; an H100 runs the gpu suite (which shows it passes, not the H200 lines)
 # and brings back the Triton cache. From the project root on the device machine; give each call a limit of 590 s.
 #
-#   call 1, carrying .whl .gpu .teacher-a .datatgz:  bash benchmarks/next_session.sh 1
+#   call 1, carrying .whl .gpu .teacher-a .datatgz:  LEFT=<device seconds left> bash benchmarks/next_session.sh 1
 #   call 2, carrying .whl .gpu .teacher-b:           bash benchmarks/next_session.sh 2
 #   call 3, carrying .whl .gpu .tcache:              bash benchmarks/next_session.sh 3   (again while the study runs)
 #   call 4, carrying .whl .gpu:                      LEFT=<device seconds left> bash benchmarks/next_session.sh 4
 #
-# H200: 1 = the study's prep and batch-1 decode of hybrid and teacher (issue 17); 2 = the 50% student's study with
+# H200: 1 = the study's prep and, with 1,100 s or more left (LEFT, default 1800), batch-1 decode of hybrid and
+# teacher (issue 17; under that the study alone still fits); 2 = the 50% student's study with
 # the n-gram table draft (issue 18), started detached; 3 = watch it; 4 = the largest batch at 32K (issue 17), then
 # verify against a step at the 8B shape (issue 15, with the window's conv in the in_proj GEMV), then the same with
 # every GEMV kernel's five-row tiles chosen in CUDA graphs (verifyg), as far as the time left reaches, then the cache.
-# H100: 1 = part4 (the window conv GEMV's gpu test) and verify; 2, 3 = the suite's other parts in pairs, each
-# followed by the cache; 4 = verify with the GEMV tiles chosen in CUDA graphs (the A/B against call 1's), part5
-# and the verify profile. DRY=1 prints the commands instead of running them.
+# H100: 1 = verify and verifyg twice, alternating (the A/B of the GEMV tiles chosen in CUDA graphs: 1.098x against
+# 1.088x, one run each, on 2026-12-06); 2, 3, 4 = the suite in pairs, each followed by the Triton cache, which
+# then holds the suite's autotuning (the cache in .tcache/ predates it). DRY=1 prints the commands instead.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
 [[ "$step" =~ ^[1-4]$ ]] || { echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2; }
@@ -30,16 +31,17 @@ fi
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
-       run "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair" ;;
+       if (( ${LEFT:-1800} >= 1100 )); then run "GATE=0 DEADLINE=160 bash benchmarks/gpu_session.sh b1pair"
+       else echo "b1pair left out: ${LEFT} s left, under the 1,100 the study and it need"; fi ;;
     2) run "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start" ;;
     3) run "SCRIPT=spec_study.sh bash benchmarks/study_device.sh watch" ;;
     4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch verify verifyg tcache" ;;
   esac
 else
   case "$step" in
-    1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part4 verify" ;;
-    2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
-    3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
-    4) run "DEADLINE=$deadline bash benchmarks/gpu_session.sh verifyg part5 profilev" ;;
+    1) run "DEADLINE=540 bash benchmarks/gpu_session.sh verify verifyg verify verifyg" ;;
+    2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
+    3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
+    4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
   esac
 fi
