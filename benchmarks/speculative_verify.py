@@ -113,6 +113,29 @@ def profile_tables(runner, pos: int, K: int, target, capacity: int, prompt, path
     print(f"profiles written to {path}", file=sys.stderr)
 
 
+def window_switches(args) -> dict:
+    """Set the verify window's A/B switches from the options, before any kernel is chosen, and return them for the
+    JSON: the window conv in the in_proj GEMV (``spec_conv``), the replay's early trigger (``replay_trigger``) and
+    the split-norm replay tile's margin (``replay_norm_margin``). The defaults leave every switch as it is."""
+    from mamballama_cli.ops import replay_tiles
+
+    if args.replay_norm_margin is not None:
+        if not 0.0 <= args.replay_norm_margin < 1.0:
+            raise SystemExit(f"error: --replay-norm-margin {args.replay_norm_margin}: give a share in [0, 1), "
+                             "e.g. 0.05")
+        replay_tiles.NORM_IN_KERNEL_MARGIN = args.replay_norm_margin
+    out = {"replay_norm_margin": replay_tiles.NORM_IN_KERNEL_MARGIN}
+    try:  # the Triton kernels' modules; without Triton nothing runs them, and the switches are moot
+        from mamballama_cli.ops import triton_gemv_conv, triton_replay
+    except Exception:  # noqa: BLE001 - no Triton here
+        return {**out, "spec_conv": None, "replay_trigger": None}
+    if args.no_spec_conv:
+        triton_gemv_conv.SPEC_CONV = False
+    if args.no_replay_trigger:
+        triton_replay.EARLY_TRIGGER = False
+    return {**out, "spec_conv": triton_gemv_conv.SPEC_CONV, "replay_trigger": triton_replay.EARLY_TRIGGER}
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,6 +158,15 @@ def main() -> None:
                     help="choose each 2-8-row shape's tile again, for every GEMV kernel a verify call runs (plain, "
                     "SwiGLU, fused norm + GEMV, the conv epilogue), among its autotuner's fastest few by timing "
                     "them in CUDA graphs (ops/gemv_tuning.py): the verify call with those tiles (CUDA)")
+    ap.add_argument("--no-spec-conv", action="store_true",
+                    help="run a verify window's in_proj and conv apart, not the conv in the in_proj GEMV's epilogue "
+                    "(ops/triton_gemv_conv.py SPEC_CONV): that epilogue's A/B over a verify call")
+    ap.add_argument("--no-replay-trigger", action="store_true",
+                    help="the replay kernel does not let the projection after it start early (ops/triton_replay.py "
+                    "EARLY_TRIGGER): that launch's A/B over a verify call")
+    ap.add_argument("--replay-norm-margin", type=float, default=None, metavar="SHARE",
+                    help="keep a split-norm replay tile over the fastest tile unless that one is faster by more "
+                    "than SHARE (ops/replay_tiles.py NORM_IN_KERNEL_MARGIN, default 0.05; 0: the fastest tile)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
     args = ap.parse_args()
@@ -156,6 +188,7 @@ def main() -> None:
             gemv_tuning.use_graph_tiles()
             print(f"gemv: every GEMV kernel's 2-8-row tiles chosen again among its autotuner's {gemv_tuning.TOP} "
                   "fastest in CUDA graphs", file=sys.stderr)
+    switches = window_switches(args)
     K = args.k
     t0 = time.perf_counter()
     target, draft, attn = build_models(args.shape, args.ratio, args.draft_layers, dtype, device,
@@ -232,6 +265,7 @@ def main() -> None:
         "verify_backends": parts["verify_backends"],
         "gemv_extra_offered": extra,
         "gemv_graph_tiles": bool(args.gemv_graph_tiles and graphs),
+        "window_switches": switches,
         **kernel_choices(),
         "plain_engine": plain_engine,
         "plain_step_ms": round(plain_ms, 4),

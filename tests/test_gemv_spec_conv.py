@@ -62,7 +62,7 @@ def test_the_window_kernel_takes_one_sequence_of_several_rows_and_a_buffer_with_
     """``spec_conv_supported``: one sequence's 2 .. 8 half-precision rows, a (1, C, ...) buffer with room for the
     window after ``offset``, one integer shift, the conv's columns inside the output, SiLU or none; not one row (the
     one-row op's), more than 8, a batch of two, a buffer too short, a float shift, columns past the output, another
-    activation, ``--kernels ref:spec_conv`` or the switch off."""
+    activation, ``--kernels ref:spec_conv``, or either switch off (every conv epilogue, or the window's alone)."""
     from mamballama_cli import ops
     from mamballama_cli.ops import triton_gemv_conv as g
 
@@ -82,11 +82,13 @@ def test_the_window_kernel_takes_one_sequence_of_several_rows_and_a_buffer_with_
         assert not ok(half(1, 5, 64), buf, sh, 0, cw, None, 10, "silu")
     finally:
         ops.configure("auto")
-    g.CONV = False
-    try:
-        assert not ok(half(1, 5, 64), buf, sh, 0, cw, None, 10, "silu")
-    finally:
-        g.CONV = True
+    for switch in ("CONV", "SPEC_CONV"):  # every conv epilogue off, or the window's alone (--no-spec-conv)
+        setattr(g, switch, False)
+        try:
+            assert not ok(half(1, 5, 64), buf, sh, 0, cw, None, 10, "silu")
+        finally:
+            setattr(g, switch, True)
+    assert ok(half(1, 5, 64), buf, sh, 0, cw, None, 10, "silu")
 
 
 @NEEDS_TRITON

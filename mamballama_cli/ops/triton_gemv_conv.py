@@ -104,6 +104,9 @@ TIMINGS: dict[tuple, dict] = {}
 WINDOW_CHOICES: dict[tuple, bool] = {}  # the window kernel's, keyed (rows, N, K, C, dtype, device index)
 WINDOW_TIMINGS: dict[tuple, dict] = {}
 CONV = True  # False: never the kernel, the ops apart (benchmarks/speed.py --no-gemv-conv, the A/B over a step)
+# False: a verify window's in_proj and conv always apart, the one-token step's epilogue kept (speculative_verify.py
+# --no-spec-conv, the A/B of the window's epilogue over a verify call: gpu_session.sh verifync, verifyold)
+SPEC_CONV = True
 ACTIVATIONS = (None, "identity", "silu", "swish")
 
 
@@ -163,10 +166,10 @@ def spec_conv_supported(x, weight, bias, conv_buf, shift, offset: int, conv_weig
     """Whether the window kernel can take these arguments: one sequence's 2 .. MAX_ROWS rows that the several-row
     GEMV kernel takes, a (1, C, width - 1 + window) buffer with room for the rows after ``offset``, one shift, a
     (C, width) weight with the conv's columns inside the output, a known activation, no autograd, the references
-    not forced for ``gemv`` or ``spec_conv``, and :data:`CONV` on."""
+    not forced for ``gemv`` or ``spec_conv``, and :data:`CONV` and :data:`SPEC_CONV` on."""
     n, k = weight.shape
     rows = x.numel() // max(k, 1)
-    return (CONV and 2 <= rows <= MAX_ROWS and x.shape[0] == 1 and gemv_supported(x, weight, bias)
+    return (CONV and SPEC_CONV and 2 <= rows <= MAX_ROWS and x.shape[0] == 1 and gemv_supported(x, weight, bias)
             and conv_buf.dim() == 3 and conv_buf.shape[0] == 1 and conv_weight.dim() == 2
             and conv_weight.shape[0] == conv_buf.shape[1] and conv_weight.shape[1] >= 2
             and 0 <= offset and offset + conv_weight.shape[1] - 1 + rows <= conv_buf.shape[2]

@@ -81,6 +81,16 @@ from mamballama_cli.ops.triton_replay_math import (
     _tile,
 )
 
+# False: the kernel never lets the projection after it start early (TRIGGER below); speculative_verify.py
+# --no-replay-trigger, the A/B of that launch over a verify call (gpu_session.sh verifynt, verifyold).
+EARLY_TRIGGER = True
+
+
+def _trigger(t: torch.Tensor) -> bool:
+    """Whether the replay kernel on ``t``'s device triggers its dependents early: sm90 or later, and
+    :data:`EARLY_TRIGGER` on."""
+    return EARLY_TRIGGER and _gdc_on(t)
+
 
 @triton.jit
 def _replay_kernel(
@@ -397,7 +407,7 @@ def _replay_launch(state, x_old, dt_old, B_old, n_replay, x_new, dt_new, B_new, 
                 W=W, T=T,
                 HAS_D=D is not None, RETURN_FINAL=want_final, BLOCK_P=tile[0], BLOCK_N=BLOCK_N,
                 GATED=whole, HAS_Z=(whole or split) and z is not None, SLOTTED=slotted,
-                FORM=int(tile[2]), WP=wp, TP=tp, SPLIT_NORM=split, HEAD_P=_next_pow2(p), TRIGGER=_gdc_on(st),
+                FORM=int(tile[2]), WP=wp, TP=tp, SPLIT_NORM=split, HEAD_P=_next_pow2(p), TRIGGER=_trigger(st),
                 num_warps=tile[1],
             )
         if not gated:

@@ -1,0 +1,68 @@
+"""The verify window's A/B switches (``benchmarks/speculative_verify.py --no-spec-conv --no-replay-trigger
+--replay-norm-margin``, gpu_session.sh ``verifync``, ``verifynt``, ``verifyold``): each option sets the switch the
+kernels read, the JSON records them, a bad margin is a one-line error, and the replay kernel's trigger follows its
+switch."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from helpers import NEEDS_TRITON
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("speculative_verify", ROOT / "benchmarks" / "speculative_verify.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@NEEDS_TRITON
+def test_each_option_sets_its_switch_and_the_json_says_which(monkeypatch):
+    from mamballama_cli.ops import replay_tiles, triton_gemv_conv, triton_replay
+
+    for mod, name in ((triton_gemv_conv, "SPEC_CONV"), (triton_replay, "EARLY_TRIGGER"),
+                      (replay_tiles, "NORM_IN_KERNEL_MARGIN")):
+        monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
+    sv = _script()
+    args = SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=None)
+    assert sv.window_switches(args) == {"replay_norm_margin": 0.05, "spec_conv": True, "replay_trigger": True}
+    args = SimpleNamespace(no_spec_conv=True, no_replay_trigger=True, replay_norm_margin=0.0)
+    assert sv.window_switches(args) == {"replay_norm_margin": 0.0, "spec_conv": False, "replay_trigger": False}
+    assert not triton_gemv_conv.SPEC_CONV and not triton_replay.EARLY_TRIGGER
+    assert replay_tiles.NORM_IN_KERNEL_MARGIN == 0.0
+    # margin 0: the fastest replay tile, though a split-norm tile is within 5% of it
+    plain, split = (32, 4, 2), (32, 4, 2, 1)
+    assert replay_tiles._pick([plain, split], {plain: 10.0, split: 10.1}) == plain
+    for bad in (-0.1, 1.0):
+        with pytest.raises(SystemExit, match=f"--replay-norm-margin {bad}: give a share in"):
+            sv.window_switches(SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=bad))
+
+
+@NEEDS_TRITON
+def test_the_replay_kernel_triggers_early_only_with_its_switch_on_and_where_the_device_can(monkeypatch):
+    import torch
+
+    from mamballama_cli.ops import triton_replay
+
+    t = torch.zeros(1)
+    assert not triton_replay._trigger(t)  # the CPU: no grid dependency control
+    monkeypatch.setattr(triton_replay, "_gdc_on", lambda t: True)  # as on an sm90 GPU
+    assert triton_replay._trigger(t)
+    monkeypatch.setattr(triton_replay, "EARLY_TRIGGER", False)
+    assert not triton_replay._trigger(t)
+
+
+def test_the_script_takes_the_options_and_gpu_session_names_the_steps():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculative_verify.py"), "--help"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for option in ("--no-spec-conv", "--no-replay-trigger", "--replay-norm-margin"):
+        assert option in out.stdout
+    session = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    assert 'verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0"' in session
