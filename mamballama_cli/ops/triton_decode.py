@@ -285,8 +285,8 @@ def conv_update_inplace_triton(x, conv_state, weight, bias=None, activation=None
 # 128-wide tile at 8 warps holds its 128 x 128 in 207 registers a thread, nothing spilled). An H100 still took
 # 5.9 us a call at 8B with the autotuner's pick (2026-12-05, sixteenth session): 32 programs, one SM each, move
 # the whole 4 MB; the SPLIT tiles spread a head over 2 or 4 programs (an H100 kept 128 x 8 over 2 at the 8B head,
-# 2026-12-06). The autotuner times
-# them per shape on the first call (the static decoder's warm-up), the state restored after each timing.
+# 2026-12-06). The autotuner times them per shape on the first call (the static decoder's warm-up), the state
+# restored after each timing.
 STEP_TILES = ((32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 8, 1), (128, 16, 1), (128, 4, 4), (64, 4, 4), (128, 8, 2))
 STEP_MAX_TILE = 128 * 128  # state elements a program holds at once at most (the 8B head: 207 registers a thread)
 _STEP_TUNED: set = set()  # (headdim, dstate, device index, the tensors' dtypes): shapes the autotuner timed
