@@ -83,7 +83,7 @@ def compile_fused(kind: int, rows: int, tile: tuple, k: int = 4096, arch: int = 
 def compile_tile(rows: int, tile: tuple, k: int = 4096, pdl: bool = False, arch: int = 90, glu: bool = False):
     """One gemv tile compiled for ``sm<arch>`` as it would be at run time on a bf16 (rows, K) x (N, K)^T call with
     the sizes multiples of 16 (the divisibility triton specialises on); ``glu``: the kernel with the SwiGLU
-    epilogue (ops/triton_gemv_swiglu.py; at several rows, the dot modes' tiles)."""
+    epilogue (ops/triton_gemv_swiglu.py; at several rows, the dot modes' tiles and the paired ones)."""
     from mamballama_cli.ops import triton_gemv as g
 
     if rows == 1:
@@ -309,8 +309,8 @@ def check_jobs(ks=(576, 4096)) -> list[list]:
         jobs += [["glu", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         jobs += [["gemvconv", list(t), k, pdl] for t in g.CONFIGS for pdl in (False, True)]
         # five rows: every count alike; the pdl form too (the dot modes take their first K tile apart from the loop)
-        jobs += [["glu", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.GLU_MODES for pdl in (False, True)]
-        jobs += [["specconv", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.GLU_MODES for pdl in (False, True)]
+        jobs += [["glu", list(t), k, pdl] for t in g.GLU_TILES for pdl in (False, True)]
+        jobs += [["specconv", list(t), k, pdl] for t in g.SKINNY if t[-1] in g.DOT_MODES for pdl in (False, True)]
         splits = {g._row_split(m): m for m in range(2, g.MAX_ROWS + 1)}
         for t in g.SKINNY + g.EXTRA:
             jobs += [["gemv", m, list(t), k, False] for m in (splits.values() if t[-1] == "acc" else (5,))]

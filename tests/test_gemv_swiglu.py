@@ -54,17 +54,19 @@ print(json.dumps(out))
 
 @NEEDS_TRITON
 def test_every_several_row_tile_with_the_swiglu_epilogue_equals_the_reference_under_the_interpreter():
-    """Each several-row candidate of the SwiGLU GEMV (the dot modes of SKINNY, ``GLU_MODES``), plain and pdl launch,
+    """Each several-row candidate of the SwiGLU GEMV (``GLU_TILES``: the dot modes of SKINNY, with the gate and up
+    tiles apart, and the paired tiles, dotp and dotwp, one weight tile of gate and up rows side by side, split in the
+    epilogue), plain and pdl launch,
     at 2, 5 and 8 rows (a verify window of K = 1, 4, 7), partial blocks of outputs and of K, with and without bias,
     in fp16 (the interpreter's tl.dot reads bf16 as raw bits; the gpu test runs bf16): against the float64
     reference and the ops apart in fp16. A swapped gate and up, a missing bias half, a wrong up-row offset or a row
     mixed with another is off by tens of percent."""
-    from mamballama_cli.ops.triton_gemv import GLU_MODES, SKINNY
+    from mamballama_cli.ops.triton_gemv import GLU_TILES, PAIRED_TILES, SKINNY
 
     errs = interpreted_json(PATCHED_SCRIPT_HEAD + r"""
 import torch.nn.functional as F
 from mamballama_cli.ops.decode import gemv_swiglu_ref
-from mamballama_cli.ops.triton_gemv import GLU_MODES, SKINNY, gemv_launch
+from mamballama_cli.ops.triton_gemv import GLU_TILES, gemv_launch
 gen = torch.Generator().manual_seed(4)
 out = {}
 dtype = torch.float16
@@ -75,7 +77,7 @@ for m, n, k, bias in ((2, 37, 320, True), (5, 70, 1000, False), (8, 40, 256, Tru
     want = gemv_swiglu_ref(x.double(), w.double(), b.double() if bias else None)
     gu = F.linear(x.float(), w.float(), b.float() if bias else None).to(dtype)
     apart = (F.silu(gu[..., :n].float()).to(dtype).float() * gu[..., n:].float()).to(dtype)
-    for cfg in [c for c in SKINNY if c[-1] in GLU_MODES]:
+    for cfg in GLU_TILES:
         for pdl in (False, True):
             y = gemv_launch(x, w, b, config=cfg, pdl=pdl, glu=True)
             assert y.shape == (m, n) and y.dtype == dtype
@@ -83,8 +85,9 @@ for m, n, k, bias in ((2, 37, 320, True), (5, 70, 1000, False), (8, 40, 256, Tru
                                                 float((y.float() - apart.float()).norm() / apart.float().norm())]
 print(json.dumps(out))
 """, str(__import__("pathlib").Path(__file__).parent), timeout=900)
-    n_glu = sum(c[-1] in GLU_MODES for c in SKINNY)
-    assert set(GLU_MODES) == {"dot", "dotw"} and len(errs) == 3 * n_glu * 2 and n_glu >= 8
+    n_dot = sum(c[-1] in ("dot", "dotw") for c in SKINNY)
+    assert {c[-1] for c in PAIRED_TILES} == {"dotp", "dotwp"} and len(PAIRED_TILES) >= 6
+    assert len(GLU_TILES) == n_dot + len(PAIRED_TILES) and len(errs) == 3 * len(GLU_TILES) * 2 and n_dot >= 8
     bad = {k: v for k, v in errs.items() if not max(v) < 2e-3}
     assert not bad, bad
 
@@ -97,8 +100,10 @@ def test_the_swiglu_launch_takes_an_even_number_of_outputs_and_dot_tiles_at_seve
     with pytest.raises(ValueError, match=r"\[gate; up\], an even number of outputs, not 63"):
         gemv_launch(torch.randn(1, 32, dtype=torch.float16), w[:63], glu=True)
     acc = next(c for c in SKINNY if c[-1] == "acc")
-    with pytest.raises(ValueError, match="at several rows takes a tile of mode dot or dotw, not 'acc'"):
+    with pytest.raises(ValueError, match="at several rows takes a tile of mode dot or dotw or dotp or dotwp, not 'acc'"):
         gemv_launch(torch.randn(2, 32, dtype=torch.float16), w, config=acc, glu=True)
+    with pytest.raises(ValueError, match="without the SwiGLU takes a tile of mode dot or acc or dotw, not 'dotp'"):
+        gemv_launch(torch.randn(2, 32, dtype=torch.float16), w, config=(8, 32, 2, 1, "dotp"))
 
 
 @NEEDS_TRITON
@@ -224,7 +229,7 @@ def test_the_swiglu_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dt
     dispatches to the kernel."""
     from mamballama_cli import ops
     from mamballama_cli.ops.decode import gemv_swiglu_ref
-    from mamballama_cli.ops.triton_gemv import CONFIGS, GLU_MODES, SKINNY, _pdl_usable, gemv_launch
+    from mamballama_cli.ops.triton_gemv import CONFIGS, GLU_TILES, _pdl_usable, gemv_launch
     from mamballama_cli.ops.triton_gemv_swiglu import GLU_CHOICES, GLU_TIMINGS, gemv_swiglu_triton
 
     assert ops.dispatch("gemv_swiglu", torch.device("cuda"))[0] == "mamballama-triton"
@@ -233,7 +238,7 @@ def test_the_swiglu_gemv_on_cuda_equals_the_reference_and_is_chosen_by_timing(dt
         x = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
         w = (torch.randn(2 * inter, hidden, generator=gen, device="cuda") * 2 / hidden**0.5).to(dtype)
         want = gemv_swiglu_ref(x.double(), w.double())
-        for cfg in CONFIGS if rows == 1 else [c for c in SKINNY if c[-1] in GLU_MODES]:
+        for cfg in CONFIGS if rows == 1 else GLU_TILES:
             # five rows: the plain launch here (fewer compiles in part1), both forms in the interpreter test
             for pdl in (False, True) if _pdl_usable(x) and rows == 1 else (False,):
                 y = gemv_launch(x, w, config=cfg, pdl=pdl, glu=True)

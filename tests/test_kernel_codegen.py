@@ -120,13 +120,16 @@ def test_the_verify_window_tiles_use_tensor_cores_or_register_accumulators(gemv)
 def test_the_swiglu_epilogue_at_a_verify_window_keeps_the_tensor_core_loop(gemv):
     """Five rows with ``GLU`` (the several-row SwiGLU GEMV, ops/triton_gemv_swiglu.py): every dot and dotw tile
     multiplies the gate and up tiles on tensor cores from a cp.async pipeline, spills nothing, and issues no more
-    instructions per weight element than the same tile without the epilogue, within 0.5."""
-    for tile in [t for t in gemv.SKINNY if t[-1] in gemv.GLU_MODES]:
-        plain = kernel_sass.report(5, tile, k=4096)
+    instructions per weight element than the same tile without the epilogue, within 0.5. A paired tile (dotp,
+    dotwp: gate and up rows in one weight tile) runs the loop of the plain tile twice as wide, within 0.3 an
+    element (compiled under triton 3.6 on 2026-12-06: within 0.14)."""
+    for tile in gemv.GLU_TILES:
+        paired = tile[-1] in ("dotp", "dotwp")
+        plain = kernel_sass.report(5, (2 * tile[0], *tile[1:4], tile[4][:-1]) if paired else tile, k=4096)
         glu = kernel_sass.report(5, tile, k=4096, glu=True)
         assert glu["local_bytes"] == 0, (tile, glu)
         assert glu["ops"].get("HMMA", 0) + glu["ops"].get("HGMMA", 0) > 0 and glu["ops"].get("LDGSTS", 0) > 0, glu
-        assert glu["per_weight_element"] <= plain["per_weight_element"] + 0.5, (tile, plain, glu)
+        assert glu["per_weight_element"] <= plain["per_weight_element"] + (0.3 if paired else 0.5), (tile, plain, glu)
 
 
 def test_the_fused_kernel_multiplies_a_verify_window_on_tensor_cores():
@@ -160,7 +163,8 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
     assert sum(j[0] == "gemv" and j[1] == 1 for j in jobs) == 2 * len(gemv.CONFIGS)
     assert sorted((tuple(j[1]), j[3]) for j in jobs if j[0] == "glu") == sorted(
         [(t, pdl) for t in gemv.CONFIGS for pdl in (False, True)]  # the SwiGLU epilogue, both launch forms
-        + [(t, pdl) for t in gemv.SKINNY if t[-1] in ("dot", "dotw") for pdl in (False, True)])  # and at 5 rows
+        + [(t, pdl) for t in gemv.GLU_TILES for pdl in (False, True)])  # and at 5 rows, the paired tiles too
+    assert {t[-1] for t in gemv.GLU_TILES} == {"dot", "dotw", "dotp", "dotwp"}
     assert sorted((tuple(j[1]), j[3]) for j in jobs if j[0] == "gemvconv") == sorted(
         (t, pdl) for t in gemv.CONFIGS for pdl in (False, True))  # the conv epilogue, both launch forms
     acc = [t for t in gemv.SKINNY if t[-1] == "acc"]

@@ -18,9 +18,20 @@ SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot")
           (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"),
           (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
           (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
-MODES = {"dot": 0, "acc": 1, "dotw": 2}  # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand
+# the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand; dotp, dotwp: the SwiGLU GEMV's dot and
+# dotw over one weight tile of paired gate and up rows (PAIRED_TILES)
+MODES = {"dot": 0, "acc": 1, "dotw": 2, "dotp": 3, "dotwp": 4}
 MODE_NAMES = {v: k for k, v in MODES.items()}  # the kernel's MODE -> its name in a tile
-GLU_MODES = ("dot", "dotw")  # the modes that take [gate; up] with the SwiGLU epilogue at 2..MAX_ROWS rows
+MODES_PLAIN = ("dot", "acc", "dotw")  # the modes of the GEMV without the SwiGLU
+DOT_MODES = ("dot", "dotw")  # the tensor-core modes over one weight's rows (also the window conv GEMV's)
+GLU_MODES = ("dot", "dotw", "dotp", "dotwp")  # the modes that take [gate; up] with the SwiGLU epilogue at 2..8 rows
+# The SwiGLU GEMV's paired tiles: BLOCK_N outputs a program, a weight tile of their 2 x BLOCK_N gate and up rows, one
+# tensor-core product a K tile, as the plain GEMV's loop (the dot modes with GLU keep two tiles and two products).
+# Each is a plain SKINNY tile of 2 x BLOCK_N outputs: at five rows on an H100 the plain [gate; up] GEMV ran at 83.55
+# us in CUDA graphs and the SwiGLU GEMV's best dot tile at 86.08 (2026-12-06).
+PAIRED_TILES = ((8, 512, 2, 3, "dotp"), (16, 512, 2, 3, "dotp"), (16, 256, 4, 4, "dotp"), (32, 128, 4, 6, "dotp"),
+                (32, 256, 8, 3, "dotp"), (8, 128, 2, 6, "dotwp"), (16, 256, 2, 4, "dotwp"), (32, 128, 4, 4, "dotwp"))
+GLU_TILES = tuple(t for t in SKINNY if t[-1] in DOT_MODES) + PAIRED_TILES  # the SwiGLU GEMV's, 2..MAX_ROWS rows
 # Tiles the autotuner does not try yet, timed by benchmarks/gemv_tiles.py (gpu_session.sh gemvtiles) or offered to it
 # (speculative_verify.py --gemv-extra) to decide what goes into SKINNY (docs/gpu.md); the CPU tests run each under the
 # interpreter as they run the candidates.

@@ -38,8 +38,9 @@ from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references (gemv among them)
 from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, _probe, _rand, _rel
 # the candidates, also read here by the tests and tools
-from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, GLU_MODES, MAX_ROWS, MODES, SKINNY
-from mamballama_cli.ops.gemv_candidates import EXTRA, _row_split, row_groups, tile_name, tuned_tiles  # noqa: F401
+from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, GLU_MODES, GLU_TILES, MAX_ROWS, MODES, SKINNY
+from mamballama_cli.ops.gemv_candidates import DOT_MODES, EXTRA, MODES_PLAIN, PAIRED_TILES, _row_split, row_groups  # noqa: F401
+from mamballama_cli.ops.gemv_candidates import tile_name, tuned_tiles  # noqa: F401
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
 
 try:
@@ -50,16 +51,10 @@ except Exception:  # pragma: no cover - depends on the machine; the probe says w
 
 if triton is not None:
     from mamballama_cli.ops.common import _grid_wait  # a no-op under the interpreter, which runs the pdl code too
+    from mamballama_cli.ops.triton_gemv_tiles import _dot_step, _first_tiles, _glu, _tiles, _x_tile
 
     DOT_ROWS = tl.constexpr(16)  # the dot mode's rows, padded to 16 (an m16n8k16 product's M)
     WIDE_ROWS = tl.constexpr(8)  # the dotw mode's rows, padded to 8 (its N): MAX_ROWS
-
-    @triton.jit
-    def _glu(g, u, Y):
-        # silu(gate) * up in the roundings of the ops apart: each projection, silu, the product, to Y's dtype
-        g = g.to(Y.dtype.element_ty).to(tl.float32)
-        act = (g * tl.sigmoid(g)).to(Y.dtype.element_ty).to(tl.float32)
-        return act * u.to(Y.dtype.element_ty).to(tl.float32)
 
     @triton.jit
     def _gemv_kernel(X, W, BIAS, Y, N, K, stride_wn, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,27 +128,6 @@ if triton is not None:
         return y, rows, live
 
     @triton.jit
-    def _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
-        # rows' x tile at k0, masked past M and (unless K is a multiple of the tile) past K
-        if EVEN_K:
-            x = tl.load(x_ptrs + k0, mask=live_m[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptrs + k0, mask=live_m[:, None] & (k0 + cols < K)[None, :], other=0.0)
-        return x
-
-    @triton.jit
-    def _w_tile(w_ptrs, k0, cols, K, EVEN_K: tl.constexpr):
-        # the weight tile at k0, masked past K unless K is a multiple of the tile
-        if EVEN_K:
-            return tl.load(w_ptrs + k0)
-        return tl.load(w_ptrs + k0, mask=(k0 + cols < K)[None, :], other=0.0)
-
-    @triton.jit
-    def _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K: tl.constexpr):
-        # the rows' x tile and the weight tile at k0
-        return _x_tile(x_ptrs, k0, cols, K, live_m, EVEN_K), _w_tile(w_ptrs, k0, cols, K, EVEN_K)
-
-    @triton.jit
     def _acc_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym, RA: tl.constexpr, RB: tl.constexpr,
                   RBP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr):
@@ -190,45 +164,21 @@ if triton is not None:
                      mask=live_b[:, None] & live_n[None, :])
 
     @triton.jit
-    def _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K: tl.constexpr, GLU: tl.constexpr):
-        # The pdl form's first tiles: the weight tile (and GLU's up tile) loaded before waiting on the kernel before
-        # this one (no kernel writes weights, so they may be in flight while it finishes), x once it is done
-        w = _w_tile(w_ptrs, 0, cols, K, EVEN_K)
-        u = w
-        if GLU:
-            u = _w_tile(u_ptrs, 0, cols, K, EVEN_K)
-        _grid_wait()
-        return _x_tile(x_ptrs, 0, cols, K, live_m, EVEN_K), w, u
-
-    @triton.jit
-    def _dot_step(acc, acc_u, x, w, u, u_ptrs, k0, cols, K, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
-                  GLU: tl.constexpr, LOAD_U: tl.constexpr):
-        # One K tile of the dot modes into the float32 accumulators, (rows x outputs), or (outputs x rows) with w as
-        # tl.dot's first operand; GLU: the up tile too, u or (LOAD_U) u_ptrs' at k0, loaded after the first product
-        if OUTPUTS_FIRST:
-            acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-        if GLU:
-            if LOAD_U:
-                u = _w_tile(u_ptrs, k0, cols, K, EVEN_K)
-            if OUTPUTS_FIRST:
-                acc_u = tl.dot(u, tl.trans(x), acc_u)
-            else:
-                acc_u = tl.dot(x, tl.trans(u), acc_u)
-        return acc, acc_u
-
-    @triton.jit
     def _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, HAS_BIAS: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, OUTPUTS_FIRST: tl.constexpr,
-                  GLU: tl.constexpr, PDL: tl.constexpr):
+                  GLU: tl.constexpr, PDL: tl.constexpr, PAIRED: tl.constexpr = False):
         # The dot modes: the rows times this program's block of outputs on tensor cores, float32 accumulator. dot:
         # the rows as tl.dot's M, padded to DOT_ROWS = 16. dotw (OUTPUTS_FIRST): the weight tile as tl.dot's first
         # operand (the outputs as its M) and the rows as its N, padded to WIDE_ROWS = 8 only (an m16n8k16 product's
         # N); its accumulator is transposed once, after the loop. GLU: W is [gate; up] (2N x K); the up rows N
-        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel. PDL: the
-        # first K tile before the loop, its weights loaded before the grid wait (_first_tiles).
+        # further go into a second accumulator, and the SwiGLU is the epilogue, as in the one-row kernel; with
+        # PAIRED (the dotp and dotwp modes), one weight tile of 2 x BLOCK_N rows instead, each gate row beside its
+        # up row, so that the loop is the plain GEMV's (one load, one product a K tile), and the accumulator is
+        # split into gate and up in the epilogue. PDL: the first K tile before the loop, its weights loaded before
+        # the grid wait (_first_tiles).
         PAD: tl.constexpr = WIDE_ROWS if OUTPUTS_FIRST else DOT_ROWS
+        TWO: tl.constexpr = GLU and not PAIRED  # a second accumulator for the up rows
+        WN: tl.constexpr = 2 * BLOCK_N if PAIRED else BLOCK_N  # the weight tile's rows
         outs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         live_n = outs < N
         outs_read = tl.where(live_n, outs, 0)
@@ -236,29 +186,37 @@ if triton is not None:
         live_m = rows < M
         cols = tl.arange(0, BLOCK_K)
         x_ptrs = X + rows[:, None] * stride_xm + cols[None, :]
-        w_ptrs = W + outs_read[:, None].to(tl.int64) * stride_wn + cols[None, :]
-        u_ptrs = W + (outs_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # GLU: the up rows
-        if OUTPUTS_FIRST:  # (outputs x rows), transposed once after the loop
-            acc = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)
-            acc_u = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # GLU only (otherwise never touched)
+        if PAIRED:  # weight-tile row 2i is output i's gate row, 2i + 1 its up row (N further)
+            lane = tl.arange(0, WN)
+            paired = tl.program_id(0) * BLOCK_N + lane // 2
+            w_rows = tl.where(paired < N, paired, 0) + (lane % 2) * N
         else:
-            acc = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
+            w_rows = outs_read
+        w_ptrs = W + w_rows[:, None].to(tl.int64) * stride_wn + cols[None, :]
+        u_ptrs = W + (outs_read + N)[:, None].to(tl.int64) * stride_wn + cols[None, :]  # TWO: the up rows
+        if OUTPUTS_FIRST:  # (outputs x rows), transposed once after the loop
+            acc = tl.zeros((WN, PAD), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_N, PAD), dtype=tl.float32)  # TWO only (otherwise never touched)
+        else:
+            acc = tl.zeros((PAD, WN), dtype=tl.float32)
             acc_u = tl.zeros((PAD, BLOCK_N), dtype=tl.float32)
         start = 0
         if PDL:
-            x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, GLU)
-            acc, acc_u = _dot_step(acc, acc_u, x, w, u, u_ptrs, 0, cols, K, EVEN_K, OUTPUTS_FIRST, GLU, False)
+            x, w, u = _first_tiles(x_ptrs, w_ptrs, u_ptrs, cols, K, live_m, EVEN_K, TWO)
+            acc, acc_u = _dot_step(acc, acc_u, x, w, u, u_ptrs, 0, cols, K, EVEN_K, OUTPUTS_FIRST, TWO, False)
             start = BLOCK_K
         for k0 in range(start, K, BLOCK_K):
             x, w = _tiles(x_ptrs, w_ptrs, k0, cols, K, live_m, EVEN_K)
-            acc, acc_u = _dot_step(acc, acc_u, x, w, w, u_ptrs, k0, cols, K, EVEN_K, OUTPUTS_FIRST, GLU, True)
+            acc, acc_u = _dot_step(acc, acc_u, x, w, w, u_ptrs, k0, cols, K, EVEN_K, OUTPUTS_FIRST, TWO, True)
         if OUTPUTS_FIRST:
             acc = tl.trans(acc)
             acc_u = tl.trans(acc_u)
         if HAS_BIAS:
-            acc += tl.load(BIAS + outs_read).to(tl.float32)[None, :]
-            if GLU:
+            acc += tl.load(BIAS + w_rows).to(tl.float32)[None, :]
+            if TWO:
                 acc_u += tl.load(BIAS + N + outs_read).to(tl.float32)[None, :]
+        if PAIRED:  # (rows x 2 BLOCK_N) -> gate (even columns) and up (odd)
+            acc, acc_u = tl.split(tl.reshape(acc, (PAD, BLOCK_N, 2)))
         if GLU:
             acc = _glu(acc, acc_u, Y)
         return acc, rows, outs, live_m[:, None] & live_n[None, :]  # stored by the caller (a conv epilogue may follow)
@@ -270,7 +228,8 @@ if triton is not None:
                        PDL: tl.constexpr, GLU: tl.constexpr = False):
         # MODE: 0 dot (the rows padded to DOT_ROWS), 1 acc (the rows as ROWS_A, the largest power of two <= M,
         # then ROWS_B >= the rest, 0 if none: 5 rows are 4 + 1, so no product is spent on a padding row where it
-        # can be helped; one weight load serves both groups), 2 dotw (_dot_rows). GLU: the dot modes only.
+        # can be helped; one weight load serves both groups), 2 dotw (_dot_rows); with GLU, 3 dotp and 4 dotwp, the
+        # dot and dotw modes over paired gate and up rows (_dot_rows' PAIRED). GLU: the dot modes only.
         # PDL: launched beside the kernel before it, it waits for it before loading x (acc: before any load).
         if MODE == 1:
             if PDL:
@@ -279,18 +238,18 @@ if triton is not None:
                       BLOCK_N, BLOCK_K, EVEN_K)
         else:
             acc, rows, outs, live = _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, HAS_BIAS, BLOCK_N,
-                                              BLOCK_K, EVEN_K, MODE == 2, GLU, PDL)
+                                              BLOCK_K, EVEN_K, (MODE == 2) | (MODE == 4), GLU, PDL, MODE >= 3)
             tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty), mask=live)
 
     _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
     _rows_k = _even_k(triton.heuristics({name: (lambda a, name=name: row_groups(a["M"], a["MODE"])[name])
                                          for name in ("ROWS_A", "ROWS_B", "ROWS_BP")})(_skinny_kernel))
-    # several rows; and with GLU=True, tuned apart, over the dot modes' tiles (GLU_MODES)
+    # several rows; and with GLU=True, tuned apart, over the dot modes' tiles and the paired ones (GLU_TILES)
     _skinny_tuned, _skinny_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in tiles],
         key=["M", "N", "K"],  # the pdl form runs the plain form's tuned tiles: it is timed only where those won
-    )(_rows_k) for tiles in (SKINNY, [t for t in SKINNY if t[-1] in GLU_MODES]))
+    )(_rows_k) for tiles in (SKINNY, GLU_TILES))
     # one row; and the same kernel with GLU=True, tuned apart (two weight tiles in flight)
     _gemv_tuned, _gemv_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
@@ -315,7 +274,8 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
     ``config`` given (an entry of :data:`CONFIGS` for one row, of :data:`SKINNY` for more: the interpreter tests
     run each candidate this way). ``pdl``: the kernel's programmatic-dependent-launch form, launched so (on CUDA).
     ``glu``: weight is [gate; up] (2N, K) and the result silu(gate . x) * (up . x) (..., N), the SwiGLU in the
-    kernel's epilogue (:func:`gemv_swiglu_triton`; several rows: the dot modes' tiles, :data:`GLU_MODES`)."""
+    kernel's epilogue (:func:`gemv_swiglu_triton`; several rows: the dot modes' tiles and the paired ones,
+    :data:`GLU_TILES`)."""
     N, K = weight.shape
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -328,6 +288,9 @@ def gemv_launch(x, weight, bias=None, config: tuple | None = None, pdl: bool = F
             raise ValueError(f"the SwiGLU GEMV at several rows takes a tile of mode {' or '.join(GLU_MODES)}, not "
                              f"{config[-1]!r}")
         N //= 2
+    elif M > 1 and config is not None and config[-1] not in MODES_PLAIN:
+        raise ValueError(f"the GEMV without the SwiGLU takes a tile of mode {' or '.join(MODES_PLAIN)}, not "
+                         f"{config[-1]!r}")
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else weight
     launch = dict(HAS_BIAS=bias is not None, PDL=bool(pdl), **({"GLU": True} if glu else {}))

@@ -31,11 +31,11 @@ from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs
 from mamballama_cli.ops import verify_ref as _verify_refs
 from mamballama_cli.ops.common import GDC, _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
-from mamballama_cli.ops.gemv_candidates import CONFIGS, GLU_MODES, MAX_ROWS, MODES, SKINNY
+from mamballama_cli.ops.gemv_candidates import CONFIGS, DOT_MODES, MAX_ROWS, MODES, SKINNY
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
 from mamballama_cli.ops.triton_gemv import PDL_CHOICES, _pdl_usable, gemv_supported, triton, tuned_tiles
 
-WINDOW_TILES = tuple(t for t in SKINNY if t[-1] in GLU_MODES)  # the window kernel's candidates: the dot modes'
+WINDOW_TILES = tuple(t for t in SKINNY if t[-1] in DOT_MODES)  # the window kernel's candidates: the dot modes'
 
 if triton is not None:
     import triton.language as tl
@@ -74,7 +74,7 @@ if triton is not None:
         # outputs hold conv channels (C0 .. C0 + C - 1 of the output: channels 0 .. C - 1 of the buffer BUF), their
         # window conv (spec_conv) on the rounded outputs it just stored, read back, into POST (1, M, C)
         acc, rows, outs, live = _dot_rows(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, HAS_BIAS, BLOCK_N, BLOCK_K,
-                                          EVEN_K, MODE == 2, False, PDL)
+                                          EVEN_K, MODE == 2, False, PDL, False)
         tl.store(Y + rows[:, None] * stride_ym + outs[None, :], acc.to(Y.dtype.element_ty), mask=live)
         first = tl.program_id(0) * BLOCK_N
         if (first + BLOCK_N > C0) & (first < C0 + C):
@@ -203,8 +203,8 @@ def gemv_spec_conv_launch(x, weight, bias, conv_buf, shift, offset: int, conv_we
     tile = None
     if config is not None:
         bn, bk, warps, stages, mode = config
-        if mode not in GLU_MODES:
-            raise ValueError(f"the window's conv GEMV takes a tile of mode {' or '.join(GLU_MODES)}, not {mode!r}")
+        if mode not in DOT_MODES:
+            raise ValueError(f"the window's conv GEMV takes a tile of mode {' or '.join(DOT_MODES)}, not {mode!r}")
         tile = {"BLOCK_N": bn, "BLOCK_K": bk, "EVEN_K": K % bk == 0, "MODE": MODES[mode], "num_warps": warps,
                 "num_stages": stages}
     _launch(x, _gemv_spec_conv_tuned, _gemv_spec_conv_kernel, N, args, launch, pdl, tile)
