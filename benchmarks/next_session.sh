@@ -11,12 +11,13 @@
 # H200: 1 = the study's prep and, with 1,100 s or more left (LEFT, default 1800), batch-1 decode of hybrid and
 # teacher (issue 17; under that the study alone still fits); 2 = the 50% student's study with
 # the n-gram table draft (issue 18), started detached; 3 = watch it; 4 = the largest batch at 32K (issue 17), then
-# verify against a step at the 8B shape (issue 15), the same as the twenty-fourth session ran it (verifyold: no
+# verify against a step at the 8B shape (issue 15), the same without the SwiGLU GEMV's paired tiles (verifynp), as the
+# twenty-fourth session ran it (verifyold: no paired tiles, no
 # window conv epilogue, no early replay trigger; 1.124x on the H200 then), then with every GEMV kernel's five-row
 # tiles chosen in CUDA graphs (verifyg), as far as the time left reaches, then the cache.
-# H100: 1 = verify, verifyold, verifyg, verifyold, verify, the last cut short if the cold first run took long (on
+# H100: 1 = verify, verifynp, verifyg, verifynp, verify, the last cut short if the cold first run took long (on
 # 2026-12-06 one run each of verify and verifyg gave 1.098x and 1.088x, and the 24th session's verify 1.090x on
-# another H100: which cut helps, and how far a run drifts, on one machine); 2, 3, 4 = the suite in pairs, each
+# another H100: whether the paired SwiGLU tiles help, and how far a run drifts, on one machine); 2, 3, 4 = the suite in pairs, each
 # followed by the Triton cache, which then holds the suite's autotuning (the cache in .tcache/ predates it).
 # DRY=1 prints the commands instead.
 set -uo pipefail
@@ -38,11 +39,11 @@ if [[ "$card" == *H200* ]]; then
        else echo "b1pair left out: ${LEFT} s left, under the 1,100 the study and it need"; fi ;;
     2) run "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start" ;;
     3) run "SCRIPT=spec_study.sh bash benchmarks/study_device.sh watch" ;;
-    4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch verify verifyold verifyg tcache" ;;
+    4) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=$deadline bash benchmarks/gpu_session.sh maxbatch verify verifynp verifyold verifyg tcache" ;;
   esac
 else
   case "$step" in
-    1) run "DEADLINE=560 bash benchmarks/gpu_session.sh verify verifyold verifyg verifyold verify" ;;
+    1) run "DEADLINE=560 bash benchmarks/gpu_session.sh verify verifynp verifyg verifynp verify" ;;
     2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
     3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
     4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;

@@ -116,7 +116,8 @@ def profile_tables(runner, pos: int, K: int, target, capacity: int, prompt, path
 def window_switches(args) -> dict:
     """Set the verify window's A/B switches from the options, before any kernel is chosen, and return them for the
     JSON: the window conv in the in_proj GEMV (``spec_conv``), the replay's early trigger (``replay_trigger``) and
-    the split-norm replay tile's margin (``replay_norm_margin``). The defaults leave every switch as it is."""
+    the split-norm replay tile's margin (``replay_norm_margin``), and whether the SwiGLU GEMV's autotuner has the
+    paired tiles (``paired_glu``). The defaults leave every switch as it is."""
     from mamballama_cli.ops import replay_tiles
 
     if args.replay_norm_margin is not None:
@@ -128,12 +129,18 @@ def window_switches(args) -> dict:
     try:  # the Triton kernels' modules; without Triton nothing runs them, and the switches are moot
         from mamballama_cli.ops import triton_gemv_conv, triton_replay
     except Exception:  # noqa: BLE001 - no Triton here
-        return {**out, "spec_conv": None, "replay_trigger": None}
+        return {**out, "spec_conv": None, "replay_trigger": None, "paired_glu": None}
+    from mamballama_cli.ops import gemv_tuning
+
+    if args.no_paired_glu:
+        gemv_tuning.without_paired()
+    paired = any(c.kwargs["MODE"] >= 3 for c in gemv_tuning.g._skinny_glu_tuned.configs)
     if args.no_spec_conv:
         triton_gemv_conv.SPEC_CONV = False
     if args.no_replay_trigger:
         triton_replay.EARLY_TRIGGER = False
-    return {**out, "spec_conv": triton_gemv_conv.SPEC_CONV, "replay_trigger": triton_replay.EARLY_TRIGGER}
+    return {**out, "spec_conv": triton_gemv_conv.SPEC_CONV, "replay_trigger": triton_replay.EARLY_TRIGGER,
+            "paired_glu": paired}
 
 
 @torch.inference_mode()
@@ -164,6 +171,9 @@ def main() -> None:
     ap.add_argument("--no-replay-trigger", action="store_true",
                     help="the replay kernel does not let the projection after it start early (ops/triton_replay.py "
                     "EARLY_TRIGGER): that launch's A/B over a verify call")
+    ap.add_argument("--no-paired-glu", action="store_true",
+                    help="the several-row SwiGLU GEMV's autotuner without its paired tiles (dotp, dotwp: gate and up "
+                    "rows in one weight tile; ops/gemv_candidates.py PAIRED_TILES): their A/B over a verify call")
     ap.add_argument("--replay-norm-margin", type=float, default=None, metavar="SHARE",
                     help="keep a split-norm replay tile over the fastest tile unless that one is faster by more "
                     "than SHARE (ops/replay_tiles.py NORM_IN_KERNEL_MARGIN, default 0.05; 0: the fastest tile)")

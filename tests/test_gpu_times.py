@@ -203,9 +203,9 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
 _STUDY = "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start"
 _H200 = {"1": ["study_device.sh prep"],  # LEFT=300: under the 1,100 s the study and b1pair need, b1pair is left out
          "2": [_STUDY], "3": ["study_device.sh watch"],
-         "4": [("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify verifyold "
+         "4": [("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify verifynp verifyold "
                 "verifyg tcache")]}
-_H100 = {"1": ["DEADLINE=560 bash benchmarks/gpu_session.sh verify verifyold verifyg verifyold verify"],
+_H100 = {"1": ["DEADLINE=560 bash benchmarks/gpu_session.sh verify verifynp verifyg verifynp verify"],
          "2": ["gpu_session.sh part1+part2 tcache"], "3": ["gpu_session.sh part3+part6 tcache"],
          "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}
 

@@ -1,5 +1,5 @@
 """The verify window's A/B switches (``benchmarks/speculative_verify.py --no-spec-conv --no-replay-trigger
---replay-norm-margin``, gpu_session.sh ``verifync``, ``verifynt``, ``verifyold``): each option sets the switch the
+--replay-norm-margin --no-paired-glu``, gpu_session.sh ``verifync``, ``verifynt``, ``verifynp``, ``verifyold``): each option sets the switch the
 kernels read, the JSON records them, a bad margin is a one-line error, and the replay kernel's trigger follows its
 switch."""
 
@@ -24,24 +24,33 @@ def _script():
 
 @NEEDS_TRITON
 def test_each_option_sets_its_switch_and_the_json_says_which(monkeypatch):
-    from mamballama_cli.ops import replay_tiles, triton_gemv_conv, triton_replay
+    from mamballama_cli.ops import replay_tiles, triton_gemv, triton_gemv_conv, triton_replay
+    from mamballama_cli.ops.gemv_candidates import GLU_TILES, PAIRED_TILES, tile_name
 
     for mod, name in ((triton_gemv_conv, "SPEC_CONV"), (triton_replay, "EARLY_TRIGGER"),
                       (replay_tiles, "NORM_IN_KERNEL_MARGIN")):
         monkeypatch.setattr(mod, name, getattr(mod, name))  # restored after the test
+    tuner = triton_gemv._skinny_glu_tuned
+    monkeypatch.setattr(tuner, "configs", list(tuner.configs))  # restored after the test
+    assert len(tuner.configs) == len(GLU_TILES)
     sv = _script()
-    args = SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=None)
-    assert sv.window_switches(args) == {"replay_norm_margin": 0.05, "spec_conv": True, "replay_trigger": True}
-    args = SimpleNamespace(no_spec_conv=True, no_replay_trigger=True, replay_norm_margin=0.0)
-    assert sv.window_switches(args) == {"replay_norm_margin": 0.0, "spec_conv": False, "replay_trigger": False}
+    args = SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=None, no_paired_glu=False)
+    assert sv.window_switches(args) == {"replay_norm_margin": 0.05, "spec_conv": True, "replay_trigger": True,
+                                        "paired_glu": True}
+    args = SimpleNamespace(no_spec_conv=True, no_replay_trigger=True, replay_norm_margin=0.0, no_paired_glu=True)
+    assert sv.window_switches(args) == {"replay_norm_margin": 0.0, "spec_conv": False, "replay_trigger": False,
+                                        "paired_glu": False}
     assert not triton_gemv_conv.SPEC_CONV and not triton_replay.EARLY_TRIGGER
+    names = {tile_name(c) for c in tuner.configs}  # the dot tiles stay, the paired ones are gone
+    assert names == {",".join(map(str, t)) for t in GLU_TILES if t not in PAIRED_TILES}
     assert replay_tiles.NORM_IN_KERNEL_MARGIN == 0.0
     # margin 0: the fastest replay tile, though a split-norm tile is within 5% of it
     plain, split = (32, 4, 2), (32, 4, 2, 1)
     assert replay_tiles._pick([plain, split], {plain: 10.0, split: 10.1}) == plain
     for bad in (-0.1, 1.0):
         with pytest.raises(SystemExit, match=f"--replay-norm-margin {bad}: give a share in"):
-            sv.window_switches(SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=bad))
+            sv.window_switches(SimpleNamespace(no_spec_conv=False, no_replay_trigger=False, replay_norm_margin=bad,
+                                               no_paired_glu=False))
 
 
 @NEEDS_TRITON
@@ -62,7 +71,8 @@ def test_the_script_takes_the_options_and_gpu_session_names_the_steps():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculative_verify.py"), "--help"],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    for option in ("--no-spec-conv", "--no-replay-trigger", "--replay-norm-margin"):
+    for option in ("--no-spec-conv", "--no-replay-trigger", "--replay-norm-margin", "--no-paired-glu"):
         assert option in out.stdout
     session = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
-    assert 'verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0"' in session
+    assert 'verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0 --no-paired-glu"' in session
+    assert 'verifynp) ab="--no-paired-glu"' in session

@@ -35,6 +35,16 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     return added
 
 
+def without_paired() -> list[str]:
+    """Take the paired tiles (``dotp``, ``dotwp``: ``PAIRED_TILES``) from the several-row SwiGLU GEMV's autotuner, for
+    shapes not yet tuned in this process (``speculative_verify.py --no-paired-glu``: the verify call without them,
+    against a run with); returns the names of the tiles taken out."""
+    paired = {MODES["dotp"], MODES["dotwp"]}
+    gone = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] in paired]
+    g._skinny_glu_tuned.configs[:] = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] not in paired]
+    return [tile_name(c) for c in gone]
+
+
 def config_name(config) -> str:
     """An autotuner config of any of the GEMV kernels as a short name: :func:`tile_name`'s for the plain and SwiGLU
     GEMVs' and the conv epilogue's tiles (they carry a MODE), ``"BLOCK_N,BLOCK_K,warps"`` and, on tensor cores,
