@@ -223,6 +223,52 @@ def main() -> None:
           f"{verify_ms[K + 1] / plain_ms:.3f}x plain step {plain_ms:.3f} ms; draft step {draft_ms:.3f} ms",
           file=sys.stderr, flush=True)
 
+    verify = verify_ms[K + 1]  # the most replay work a call can have (all K drafts and the bonus kept)
+
+    def results(loop, captured) -> dict:
+        """The JSON: the parts, and the end-to-end loop and captured round where they ran (``complete``)."""
+        overhead = max(loop["host_overhead_ms_per_round"], 0.0) if loop else 0.0
+        implied = {}
+        for a in (0.6, 0.7, 0.8):
+            e = (1 - a ** (K + 1)) / (1 - a)
+            round_cost = K * draft_ms + verify
+            implied[str(a)] = {"tokens_per_call": round(e, 3),
+                               "speedup": round(e * plain_ms / round_cost, 3),
+                               "speedup_with_host_overhead": round(e * plain_ms / (round_cost + overhead), 3)}
+            if captured:
+                implied[str(a)]["speedup_captured_round"] = round(e * plain_ms / captured["round_ms"], 3)
+        result = {
+            "benchmark": "speculative_verify",
+            "date": datetime.date.today().isoformat(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "machine": {"device": torch.cuda.get_device_name(device) if graphs else platform.processor() or "cpu",
+                        "torch": torch.__version__, "python": platform.python_version()},
+            "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context,
+            "mamba_gate": not args.no_gate,
+            "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
+            "replay_backend": ops.dispatch("ssm_replay", device)[0],
+            "verify_backends": parts["verify_backends"],
+            "gemv_extra_offered": extra,
+            "gemv_graph_tiles": bool(args.gemv_graph_tiles and graphs),
+            "window_switches": switches,
+            **kernel_choices(),
+            "plain_engine": plain_engine,
+            "plain_step_ms": round(plain_ms, 4),
+            "runner_plain_step_ms": round(runner_plain_ms, 4),
+            "verify_step_ms": round(verify, 4),
+            "verify_step_ms_replay1": round(verify_ms[1], 4),
+            "draft_step_ms": round(draft_ms, 4),
+            "verify_over_plain": round(verify / plain_ms, 3),
+            "verify_target_met": verify / plain_ms <= 1.25,
+            "implied": implied,
+            "loop": loop,
+            "captured_round": captured,
+        }
+        return result
+
+    # written now, so that a run cut short later (the loop and the captured round compile more) keeps its parts
+    write_json(args.json, {**results(None, None), "complete": False})
+
     # 4. End to end (random weights: drafts are almost never accepted; this is the per-round cost).
     loop = None
     if args.loop_tokens:
@@ -235,7 +281,6 @@ def main() -> None:
                 "tokens_per_call": round(s.tokens_per_call, 3), "round_ms": round(round_ms, 3),
                 "host_overhead_ms_per_round": round(round_ms - K * draft_ms - verify_ms[1], 3),
                 "tokens_per_s": round(s.tokens_per_s, 2)}
-    overhead = max(loop["host_overhead_ms_per_round"], 0.0) if loop else 0.0
 
     # 5. The captured round (generation/captured_round.py): K draft steps, verify, acceptance and commit in one
     # graph. A round does the same work whatever is accepted, so replaying the graph times it.
@@ -253,49 +298,22 @@ def main() -> None:
                     "round_over_parts": round(round_ms_captured / (K * draft_ms + verify_ms[K + 1]), 3)}
         rr.t.runtime = rr.d.runtime = None
 
-    verify = verify_ms[K + 1]  # the most replay work a call can have (all K drafts and the bonus kept)
-    implied = {}
-    for a in (0.6, 0.7, 0.8):
-        e = (1 - a ** (K + 1)) / (1 - a)
-        round_cost = K * draft_ms + verify
-        implied[str(a)] = {"tokens_per_call": round(e, 3),
-                           "speedup": round(e * plain_ms / round_cost, 3),
-                           "speedup_with_host_overhead": round(e * plain_ms / (round_cost + overhead), 3)}
-        if captured:
-            implied[str(a)]["speedup_captured_round"] = round(e * plain_ms / captured["round_ms"], 3)
-    result = {
-        "benchmark": "speculative_verify",
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"device": torch.cuda.get_device_name(device) if graphs else platform.processor() or "cpu",
-                    "torch": torch.__version__, "python": platform.python_version()},
-        "shape": args.shape, "dtype": args.dtype, "k": K, "context": args.context, "mamba_gate": not args.no_gate,
-        "target_attention_layers": attn, "target_params": params(target), "draft_params": params(draft),
-        "replay_backend": ops.dispatch("ssm_replay", device)[0],
-        "verify_backends": parts["verify_backends"],
-        "gemv_extra_offered": extra,
-        "gemv_graph_tiles": bool(args.gemv_graph_tiles and graphs),
-        "window_switches": switches,
-        **kernel_choices(),
-        "plain_engine": plain_engine,
-        "plain_step_ms": round(plain_ms, 4),
-        "runner_plain_step_ms": round(runner_plain_ms, 4),
-        "verify_step_ms": round(verify, 4),
-        "verify_step_ms_replay1": round(verify_ms[1], 4),
-        "draft_step_ms": round(draft_ms, 4),
-        "verify_over_plain": round(verify / plain_ms, 3),
-        "verify_target_met": verify / plain_ms <= 1.25,
-        "implied": implied,
-        "loop": loop,
-        "captured_round": captured,
-    }
+    result = {**results(loop, captured), "complete": True}
     print(json.dumps(result, indent=2))
     print(f"verify (K+1={K + 1}) {verify:.3f} ms = {verify / plain_ms:.2f}x plain step {plain_ms:.3f} ms "
           f"({'meets' if result['verify_target_met'] else 'MISSES'} <= 1.25x); draft step {draft_ms:.3f} ms; "
-          + ", ".join(f"a={a}: {v['speedup']}x" for a, v in implied.items()), file=sys.stderr)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+          + ", ".join(f"a={a}: {v['speedup']}x" for a, v in result["implied"].items()), file=sys.stderr)
+    write_json(args.json, result)
+
+
+def write_json(path, result: dict) -> None:
+    """Write the results to ``path`` (if given), atomically: a temporary name, then a rename."""
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ kernels read, the JSON records them, a bad margin is a one-line error, and the r
 switch."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,28 @@ def test_the_script_takes_the_options_and_gpu_session_names_the_steps():
     session = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     assert 'verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0 --no-paired-glu"' in session
     assert 'verifynp) ab="--no-paired-glu"' in session
+
+
+def test_a_run_cut_short_after_the_parts_keeps_them_in_its_json(tmp_path, monkeypatch):
+    """The JSON is written once the parts are timed (``complete: false``), before the end-to-end loop, which
+    compiles more and which a session's deadline may interrupt (2026-12-06: a cold H100 run timed its parts, then
+    was stopped in the draft's autotuning and left no JSON); a finished run rewrites it whole (``complete: true``)."""
+    sv = _script()
+    out = tmp_path / "verify.json"
+
+    def interrupted(*args, **kwargs):
+        assert json.loads(out.read_text())["complete"] is False  # the parts are on disk before the loop starts
+        raise KeyboardInterrupt
+
+    from mamballama_cli.generation import speculative
+
+    monkeypatch.setattr(speculative, "speculative_generate", interrupted)  # main() imports it from there
+    argv = ["speculative_verify.py", "--shape", "tiny", "--device", "cpu", "--iters", "2", "--context", "16",
+            "--loop-tokens", "4", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(KeyboardInterrupt):
+        sv.main()
+    got = json.loads(out.read_text())
+    assert got["complete"] is False and got["loop"] is None and got["verify_step_ms"] > 0
+    assert got["verify_over_plain"] == round(got["verify_step_ms"] / got["plain_step_ms"], 3)
+    assert not list(tmp_path.glob("*.tmp"))
