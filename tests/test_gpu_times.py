@@ -205,7 +205,7 @@ _H200 = {"1": ["study_device.sh prep"],  # LEFT=300: under the 1,100 s the study
          "2": [_STUDY], "3": ["study_device.sh watch"],
          "4": [("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify verifynp verifyold "
                 "verifyg tcache")]}
-_H100 = {"1": ["DEADLINE=560 bash benchmarks/gpu_session.sh verify verifynp verifyg verifynp verify"],
+_H100 = {"1": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=560 bash benchmarks/gpu_session.sh maxbatch verify verifynp"],
          "2": ["gpu_session.sh part1+part2 tcache"], "3": ["gpu_session.sh part3+part6 tcache"],
          "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}
 
