@@ -134,13 +134,12 @@ def window_switches(args) -> dict:
 
     if args.no_paired_glu:
         gemv_tuning.without_paired()
-    paired = any(c.kwargs["MODE"] >= 3 for c in gemv_tuning.g._skinny_glu_tuned.configs)
     if args.no_spec_conv:
         triton_gemv_conv.SPEC_CONV = False
     if args.no_replay_trigger:
         triton_replay.EARLY_TRIGGER = False
     return {**out, "spec_conv": triton_gemv_conv.SPEC_CONV, "replay_trigger": triton_replay.EARLY_TRIGGER,
-            "paired_glu": paired}
+            "paired_glu": gemv_tuning.paired_offered()}
 
 
 @torch.inference_mode()

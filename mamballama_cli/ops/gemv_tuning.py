@@ -35,13 +35,20 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     return added
 
 
+PAIRED_MODES = {MODES["dotp"], MODES["dotwp"]}  # the SwiGLU GEMV's paired tiles' MODE values (PAIRED_TILES)
+
+
+def paired_offered() -> bool:
+    """Whether the several-row SwiGLU GEMV's autotuner has paired tiles among its candidates."""
+    return any(c.kwargs["MODE"] in PAIRED_MODES for c in g._skinny_glu_tuned.configs)
+
+
 def without_paired() -> list[str]:
     """Take the paired tiles (``dotp``, ``dotwp``: ``PAIRED_TILES``) from the several-row SwiGLU GEMV's autotuner, for
     shapes not yet tuned in this process (``speculative_verify.py --no-paired-glu``: the verify call without them,
     against a run with); returns the names of the tiles taken out."""
-    paired = {MODES["dotp"], MODES["dotwp"]}
-    gone = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] in paired]
-    g._skinny_glu_tuned.configs[:] = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] not in paired]
+    gone = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] in PAIRED_MODES]
+    g._skinny_glu_tuned.configs[:] = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] not in PAIRED_MODES]
     return [tile_name(c) for c in gone]
 
 
