@@ -24,7 +24,8 @@ MODES = {"dot": 0, "acc": 1, "dotw": 2, "dotp": 3, "dotwp": 4}
 MODE_NAMES = {v: k for k, v in MODES.items()}  # the kernel's MODE -> its name in a tile
 MODES_PLAIN = ("dot", "acc", "dotw")  # the modes of the GEMV without the SwiGLU
 DOT_MODES = ("dot", "dotw")  # the tensor-core modes over one weight's rows (also the window conv GEMV's)
-GLU_MODES = ("dot", "dotw", "dotp", "dotwp")  # the modes that take [gate; up] with the SwiGLU epilogue at 2..8 rows
+PAIRED_MODES = ("dotp", "dotwp")  # the SwiGLU GEMV's tensor-core modes over paired gate and up rows
+GLU_MODES = DOT_MODES + PAIRED_MODES  # the modes that take [gate; up] with the SwiGLU epilogue at 2..8 rows
 # The SwiGLU GEMV's paired tiles: BLOCK_N outputs a program, a weight tile of their 2 x BLOCK_N gate and up rows, one
 # tensor-core product a K tile, as the plain GEMV's loop (the dot modes with GLU keep two tiles and two products).
 # Each is a plain SKINNY tile of 2 x BLOCK_N outputs: at five rows on an H100 the plain [gate; up] GEMV ran at 83.55

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mamballama_cli.ops import graph_timing
 from mamballama_cli.ops import triton_gemv as g
-from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, median_ms, tile_name
+from mamballama_cli.ops.gemv_candidates import EXTRA, MODES, PAIRED_MODES, median_ms, tile_name
 from mamballama_cli.ops.graph_timing import graph_ab_us
 
 TOP = 4  # the autotuner's fastest tiles that graph_retile times again
@@ -35,20 +35,20 @@ def offer_extra(tiles=EXTRA) -> list[str]:
     return added
 
 
-PAIRED_MODES = {MODES["dotp"], MODES["dotwp"]}  # the SwiGLU GEMV's paired tiles' MODE values (PAIRED_TILES)
+_PAIRED = {MODES[m] for m in PAIRED_MODES}  # the SwiGLU GEMV's paired tiles' MODE values (PAIRED_TILES)
 
 
 def paired_offered() -> bool:
     """Whether the several-row SwiGLU GEMV's autotuner has paired tiles among its candidates."""
-    return any(c.kwargs["MODE"] in PAIRED_MODES for c in g._skinny_glu_tuned.configs)
+    return any(c.kwargs["MODE"] in _PAIRED for c in g._skinny_glu_tuned.configs)
 
 
 def without_paired() -> list[str]:
     """Take the paired tiles (``dotp``, ``dotwp``: ``PAIRED_TILES``) from the several-row SwiGLU GEMV's autotuner, for
     shapes not yet tuned in this process (``speculative_verify.py --no-paired-glu``: the verify call without them,
     against a run with); returns the names of the tiles taken out."""
-    gone = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] in PAIRED_MODES]
-    g._skinny_glu_tuned.configs[:] = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] not in PAIRED_MODES]
+    gone = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] in _PAIRED]
+    g._skinny_glu_tuned.configs[:] = [c for c in g._skinny_glu_tuned.configs if c.kwargs["MODE"] not in _PAIRED]
     return [tile_name(c) for c in gone]
 
 
