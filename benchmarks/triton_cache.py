@@ -4,6 +4,10 @@ A fresh GPU machine compiles every kernel the gpu suite and the benchmarks launc
 suite took about 300 s on a cold H100 (docs/gpu.md). The device returns files of at most 16 MiB and a call carries
 at most 64 MiB, so the cache travels as gzip pieces of what a cache hit needs: each kernel's binary (``.cubin``),
 its metadata and group files (``.json``) and the compiled launchers (``.so``); the IR text stages stay behind.
+A call carries the working tree (about 7 MiB) beside the pieces, so ``pack`` stops at ``--max-mib`` (default 48)
+of pieces: it packs the kernels last used first (a kernel folder's newest access or change time; an unpacked
+kernel's times are its packing's until a run reads it), so what it leaves out is what no recent run needed. The
+twenty-seventh session's 61 MiB cache, with the tree, passed the 64 MiB a call carries.
 
     python benchmarks/triton_cache.py pack --out OUT      # on the device: $TRITON_CACHE_DIR -> OUT/tcache.tgz.partNN
     python benchmarks/triton_cache.py unpack PIECE...     # on a later machine: the pieces -> $TRITON_CACHE_DIR
@@ -33,19 +37,38 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
 
 
-def pack(src: Path, out: Path, piece_bytes: int = 15 << 20) -> tuple[list[Path], int]:
-    """The kept files of ``src`` as one tar.gz, cut into ``out/tcache.tgz.partNN``; and the number of kernels."""
+def _last_used(files: list[Path]) -> float:
+    return max(max(st.st_atime, st.st_mtime) for st in (p.stat() for p in files))
+
+
+def pack(src: Path, out: Path, piece_bytes: int = 15 << 20,
+         max_bytes: int | None = None) -> tuple[list[Path], int, int]:
+    """The kept files of ``src`` as one tar.gz, cut into ``out/tcache.tgz.partNN``; the number of kernels packed and
+    of kernels left out. With ``max_bytes`` the kernel folders go in last used first, and packing stops before the
+    archive passes it."""
     if not src.is_dir():
         raise SystemExit(f"error: no Triton cache at {src}: set TRITON_CACHE_DIR to the folder the kernels went to")
-    files = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in KEEP)
+    folders: dict[str, list[Path]] = {}
+    for p in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in KEEP):
+        folders.setdefault(p.relative_to(src).parts[0], []).append(p)
+    order = sorted(folders, key=lambda k: (-_last_used(folders[k]), k))
     buf = io.BytesIO()
+    packed = left = 0
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         root = str(src.resolve()).encode()
         info = tarfile.TarInfo(ROOT_MEMBER)
         info.size = len(root)
         tar.addfile(info, io.BytesIO(root))
-        for p in files:
-            tar.add(p, arcname=str(p.relative_to(src)), recursive=False)
+        for k in order:
+            files = folders[k]
+            kernels = sum(p.suffix == ".cubin" for p in files)
+            size = sum(p.stat().st_size for p in files)  # uncompressed: an upper bound on what the folder adds
+            if max_bytes is not None and (left or buf.tell() + size + (1 << 16) > max_bytes):
+                left += kernels  # the gzip stream may hold up to 64 KiB not yet written to buf
+                continue
+            for p in files:
+                tar.add(p, arcname=str(p.relative_to(src)), recursive=False)
+            packed += kernels
     data = buf.getvalue()
     out.mkdir(parents=True, exist_ok=True)
     pieces = []
@@ -53,7 +76,7 @@ def pack(src: Path, out: Path, piece_bytes: int = 15 << 20) -> tuple[list[Path],
         piece = out / f"{PIECE}{len(pieces):02d}"
         piece.write_bytes(data[i:i + piece_bytes])
         pieces.append(piece)
-    return pieces, sum(p.suffix == ".cubin" for p in files)
+    return pieces, packed, left
 
 
 def unpack(pieces: list[Path], dest: Path) -> int:
@@ -79,7 +102,9 @@ def unpack(pieces: list[Path], dest: Path) -> int:
         paths = meta.get("child_paths", {})
         moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
         meta["child_paths"] = {k: v for k, v in moved.items() if os.path.exists(v)}  # the IR stages left behind
+        st = grp.stat()
         grp.write_text(json.dumps(meta))
+        os.utime(grp, (st.st_atime, st.st_mtime))  # the packed times stay: pack's order reads them
     return sum(1 for _ in dest.rglob("*.cubin"))
 
 
@@ -89,15 +114,19 @@ def main(argv=None) -> int:
     p = sub.add_parser("pack", help="$TRITON_CACHE_DIR -> OUT/tcache.tgz.partNN")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--piece-mb", type=int, default=15, help="size of a piece (default 15; the device returns 16)")
+    p.add_argument("--max-mib", type=int, default=48,
+                   help="stop before the pieces pass this (default 48: with the working tree, under a call's 64)")
     u = sub.add_parser("unpack", help="pieces -> $TRITON_CACHE_DIR")
     u.add_argument("pieces", nargs="+", type=Path)
     args = ap.parse_args(argv)
     if args.cmd == "pack":
-        if args.piece_mb < 1:
-            raise SystemExit(f"error: --piece-mb {args.piece_mb}: give 1 or more")
-        pieces, kernels = pack(cache_dir(), args.out, args.piece_mb << 20)
+        for name, v in (("--piece-mb", args.piece_mb), ("--max-mib", args.max_mib)):
+            if v < 1:
+                raise SystemExit(f"error: {name} {v}: give 1 or more")
+        pieces, kernels, left = pack(cache_dir(), args.out, args.piece_mb << 20, args.max_mib << 20)
         size = sum(p.stat().st_size for p in pieces)
-        print(f"triton cache: {kernels} kernels, {size / 2**20:.1f} MiB in {len(pieces)} piece(s) in {args.out}")
+        print(f"triton cache: {kernels} kernels, {size / 2**20:.1f} MiB in {len(pieces)} piece(s) in {args.out}"
+              + (f"; {left} kernels used least lately left out to stay under {args.max_mib} MiB" if left else ""))
     else:
         kernels = unpack(args.pieces, cache_dir())
         print(f"triton cache: {kernels} kernels in {cache_dir()}")
