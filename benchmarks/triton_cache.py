@@ -102,9 +102,9 @@ def unpack(pieces: list[Path], dest: Path) -> int:
         paths = meta.get("child_paths", {})
         moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
         meta["child_paths"] = {k: v for k, v in moved.items() if os.path.exists(v)}  # the IR stages left behind
-        st = grp.stat()
+        packed = grp.stat().st_mtime  # the packed time (the read above may have moved the access time)
         grp.write_text(json.dumps(meta))
-        os.utime(grp, (st.st_atime, st.st_mtime))  # the packed times stay: pack's order reads them
+        os.utime(grp, (packed, packed))  # as extracted: a later read marks a use, which pack's order reads
     return sum(1 for _ in dest.rglob("*.cubin"))
 
 

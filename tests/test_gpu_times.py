@@ -160,6 +160,8 @@ def test_a_packed_triton_cache_unpacks_elsewhere_with_its_groups_pointing_there(
     pieces, kernels, left = triton_cache.pack(src, tmp_path / "out", piece_bytes=200)  # tiny pieces: several
     assert kernels == 2 and left == 0 and len(pieces) >= 2 and all(p.stat().st_size <= 200 for p in pieces)
     assert triton_cache.unpack(list(reversed(pieces)), dest) == 2  # joined in name order whatever the order given
+    st = (dest / "BBB" / "__grp___replay_kernel.json").stat()  # rewritten, it keeps its packed times as if unread
+    assert st.st_atime == st.st_mtime and abs(st.st_mtime - (src / "BBB" / "__grp___replay_kernel.json").stat().st_mtime) < 1
     assert (dest / "AAA" / "_gemv_kernel.cubin").read_bytes() == (src / "AAA" / "_gemv_kernel.cubin").read_bytes()
     assert (dest / "CCC" / "__triton_launcher.so").is_file()
     assert not list(dest.rglob("*.ptx")) and not list(dest.rglob("*.ttir"))  # the IR stages stay behind
