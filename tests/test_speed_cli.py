@@ -111,6 +111,53 @@ def test_eval_speed_max_batch_finds_the_largest_batch_per_context_and_keeps_fail
     assert len(rows) == 4 and len(failed) < 4
 
 
+def test_max_batch_runs_the_estimates_largest_batch_first_and_bisects_below_only_when_it_fails():
+    """On an H100 at 32K (2026-12-06) the largest batch the memory estimate allowed was the answer for both models,
+    reached after 10 and 6 decode runs by doubling. From the estimate's batch: one run and one free probe when it
+    fits; a bisection below it when the run fails (out of memory); doubling when the estimate was too low."""
+    from mamballama_cli.evaluation.speed_limit import estimated_largest, largest_batch
+
+    assert [estimated_largest(lambda b, k=k: b <= k, upper=64) for k in (0, 1, 7, 64, 99)] == [0, 1, 7, 64, 64]
+
+    def attempt(est, real):
+        def run(b):
+            if b > est:
+                return {"error": "estimated too much"}  # no decode: the estimate alone says no
+            ran.append(b)
+            return {"b": b} if b <= real else {"error": "out of memory"}
+        return run
+
+    ran: list = []
+    best, row, probes = largest_batch(attempt(101, 101), start=101)
+    assert (best, row, ran) == (101, {"b": 101}, [101])  # one decode run
+    assert [(p["batch"], p["ok"]) for p in probes] == [(101, True), (102, False)]
+    ran.clear()
+    best, row, probes = largest_batch(attempt(101, 90), start=101)  # the estimate was too kind
+    assert (best, row) == (90, {"b": 90}) and ran[0] == 101 and 91 in ran and len(ran) <= 8
+    ran.clear()
+    assert largest_batch(attempt(4096, 20), start=5)[0] == 20  # too strict a start: doubling from it finds more
+    assert largest_batch(attempt(8, 0), start=8)[:2] == (0, None)
+    assert largest_batch(attempt(4096, 4096), start=4096)[0] == 4096
+
+
+def test_eval_speed_max_batch_curve_decodes_at_every_doubling(tmp_path, capsys):
+    out = tmp_path / "mb.json"
+    args = ["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32", "--models", "hybrid",
+            "--context-new-tokens", "3", "--max-batch", "--memory-limit", "0.004", "--output", out]
+    fast = run_cli(args, capsys)
+    assert fast.code == 0, fast.err
+    row = json.loads(out.read_text())["rows"][0]
+    b = row["batch"]
+    assert b > 2 and [(p["batch"], p["ok"]) for p in row["probes"]] == [(b, True), (b + 1, False)]
+    curve = run_cli([*args, "--max-batch-curve"], capsys)
+    assert curve.code == 0, curve.err
+    again = json.loads(out.read_text())["rows"][0]
+    assert again["batch"] == b and [p["batch"] for p in again["probes"]][:2] == [1, 2]
+    assert sum(p["ok"] for p in again["probes"]) > 2
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--max-batch-curve"], capsys)
+    assert res.code != 0 and "--max-batch-curve" in res.err and len(res.err.strip().splitlines()) == 1
+
+
 def test_eval_speed_usage_errors(capsys):
     res = run_cli(["eval", "speed"], capsys)
     assert res.code != 0 and "--shape" in res.err

@@ -53,7 +53,10 @@ def command(
                                                 "row read in one piece (default: 4096, fewer for a large batch)."),
     max_batch: bool = typer.Option(False, "--max-batch", help="Per context length (--contexts): the largest "
                                    "batch that fits, for the hybrid and for the teacher on the same static "
-                                   "engine, and decode tokens/s there (doubling, then bisecting)."),
+                                   "engine, and decode tokens/s there (the largest batch the memory estimate "
+                                   "allows first; below it only if that run fails)."),
+    max_batch_curve: bool = typer.Option(False, "--max-batch-curve", help="With --max-batch: double from batch 1 "
+                                         "and bisect, decoding at every step (tokens/s against batch; slower)."),
     memory_limit: Optional[float] = typer.Option(None, "--memory-limit", help="With --max-batch: GB a run may "
                                                  "use, weights included (default: the device's free memory)."),
     seed: Optional[int] = seed_option("the random weights and prompt tokens (default 0)"),
@@ -73,6 +76,7 @@ def command(
         context_new_tokens=context_new_tokens, teacher_new_tokens=teacher_new_tokens, models=names(models),
         teacher_engines=names(teacher_engines), graphs=False if no_graphs else None, seed=seed, output=output,
         prefill_chunk=prefill_chunk, max_batch=max_batch or None, memory_limit_gb=memory_limit,
+        max_batch_curve=max_batch_curve or None,
         gate=False if no_gate else None,
     )
     if cfg.output:

@@ -63,6 +63,7 @@ class SpeedConfig:
     graphs: bool = True  # capture the hybrid's decode step in a CUDA graph (CUDA only)
     prefill_chunk: int | None = None  # static engine: prompt tokens per row read in one piece (None: automatic)
     max_batch: bool = False  # per context: the largest batch that fits, hybrid and teacher on the static engine
+    max_batch_curve: bool = False  # with max_batch: double from batch 1, decoding at each (not the estimate first)
     memory_limit_gb: float | None = None  # with max_batch: the memory a run may use (default: what is free)
     seed: int = 0
     output: str | None = None
@@ -83,6 +84,8 @@ class SpeedConfig:
             raise UsageError(f"--memory-limit {self.memory_limit_gb}: give a positive number of GB")
         if self.max_batch and not self.contexts:
             raise UsageError("--max-batch searches per context length: give --contexts, e.g. 4k,32k")
+        if self.max_batch_curve and not self.max_batch:
+            raise UsageError("--max-batch-curve shapes --max-batch's search: add --max-batch")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise UsageError(f"--prefill-chunk {self.prefill_chunk}: give a positive number of tokens")
         for name in ("prompt_tokens", "new_tokens", "context_new_tokens", "teacher_new_tokens"):
@@ -333,7 +336,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
 def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -> None:
     """Per model (the teacher on the hybrid's static engine: same engine) and context: the largest batch that
     fits (evaluation/speed_limit.py) and its decode throughput. The JSON is rewritten after every row."""
-    from mamballama_cli.evaluation.speed_limit import fits_attempt, largest_batch
+    from mamballama_cli.evaluation.speed_limit import estimate_bytes, estimated_largest, fits_attempt, largest_batch
     from mamballama_cli.generation.fast import available_bytes
 
     limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb else None
@@ -364,15 +367,18 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
 
             attempt = fits_attempt(run, model, n, cfg.context_new_tokens, cfg.prefill_chunk, budget, limit,
                                    lambda r: r.get("peak_mem_bytes"))
-            best, row, probes = largest_batch(attempt)
+            start = None if cfg.max_batch_curve else estimated_largest(
+                lambda b, n=n: estimate_bytes(model, b, n, cfg.context_new_tokens, cfg.prefill_chunk) <= budget)
+            best, row, probes = largest_batch(attempt, start=start)
             base = {"section": "max-batch", "model": label, "prompt_tokens": n, "probes": probes,
                     "budget_bytes": budget}
             if best:
                 result["rows"].append({**row, **base})
                 log(f"  batch {best}: {row['aggregate_tok_s']:.1f} tok/s in all")
             else:
-                result["rows"].append({**base, "batch": 0, "error": f"batch 1 does not fit: {probes[0]['error']}"})
-                log(f"  batch 1 does not fit: {probes[0]['error']}")
+                why = next(p["error"] for p in probes if p["batch"] == 1)
+                result["rows"].append({**base, "batch": 0, "error": f"batch 1 does not fit: {why}"})
+                log(f"  batch 1 does not fit: {why}")
             if cfg.output:
                 write_result({**result, "partial": True}, cfg.output)
         attempt = run = None  # they hold the model too: gone before the next is built (its budget is measured)
