@@ -7,8 +7,7 @@
 #   call 2, carrying .whl .gpu .teacher-b:           bash benchmarks/next_session.sh 2
 #   call 3, carrying .whl .gpu .tcache:              bash benchmarks/next_session.sh 3   (again while the study runs)
 #   call 4, carrying .whl .gpu:                      LEFT=<device seconds left> bash benchmarks/next_session.sh 4
-# Call 1 prints the card. On an H100, calls 2, 3 and 4 carry .whl .gpu .tcache (the cache packs to at most 48 MiB,
-# so that with the working tree it fits the 64 MiB a call carries).
+# Call 1 prints the card; both cards take the same carries.
 #
 # H200: 1 = the study's prep and, with 1,100 s or more left (LEFT, default 1800), batch-1 decode of hybrid and
 # teacher (issue 17; under that the study alone still fits); 2 = the 50% student's study with
@@ -17,9 +16,11 @@
 # twenty-fourth session ran it (verifyold: no paired tiles, no
 # window conv epilogue, no early replay trigger; 1.124x on the H200 then), then with every GEMV kernel's five-row
 # tiles chosen in CUDA graphs (verifyg), as far as the time left reaches, then the cache.
-# H100: 1, 2, 3 = the gpu suite in pairs (each part under 8 minutes), each followed by the Triton cache; 4 = verify,
-# verifyg and verifynp (1.06x on the twenty-eighth session's H100). Issue 17's 32K proxy on an H100 is measured
-# (12.5% hybrid 6.79x its teacher, twenty-eighth session); the H200's line is not.
+# H100: what the gate is worth in quality, which no card has measured and any card can (docs/method.md, "The
+# gate"): 1 = the same prep; 2 = the quality study of the default teacher's 50% hybrid with and without the gate
+# (d50kr, d50krng: same placement, recipe, data and wall time), started detached; 3, 4 = watch it until it is done
+# and packed. The H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.06x, the
+# 12.5% hybrid 6.79x its teacher at 32K); without the gate the hybrid reads the teacher's bytes at batch 1.
 # DRY=1 prints the commands instead.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
@@ -33,6 +34,7 @@ if [ "$step" = 4 ]; then  # the last call's deadline: the device time left, at m
   (( left > 580 )) && left=580
   deadline=$(( left - 40 ))
 fi
+GATE_STUDY="RUNS='d50kr d50krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
@@ -44,9 +46,8 @@ if [[ "$card" == *H200* ]]; then
   esac
 else
   case "$step" in
-    1) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part1+part2 tcache" ;;
-    2) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part3+part6 tcache" ;;
-    3) run "JOBS=6 DEADLINE=540 bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
-    4) run "DEADLINE=$deadline bash benchmarks/gpu_session.sh verify verifyg verifynp" ;;
+    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep" ;;
+    2) run "$GATE_STUDY start" ;;
+    3|4) run "$GATE_STUDY watch" ;;
   esac
 fi

@@ -76,10 +76,15 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
 }
 { ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto --placement-score kl; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto --placement-score kl; } &
-{ ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall; } &
+# d50krng is d50kr without the gate: it takes d50kr's attention layers when both run, since the placement's
+# scores come from each conversion and would otherwise differ with the gate (so would the comparison)
+kr_layers() { "$PY" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["attn_layers"])))' \
+    "$RES/convert-h50kr.json"; }
+{ ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall
+  ! wants d50krng || { if wants d50kr && layers=$(kr_layers); then conv h50krng --attn-layers "$layers" --no-gate
+                       else conv h50krng --ratio 0.5 --attn-layers auto --placement-score kl+recall --no-gate; fi; }; } &
 { ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
 { ! wants d50ng || conv h50ng --ratio 0.5 --no-gate; } &
-{ ! wants d50krng || conv h50krng --ratio 0.5 --attn-layers auto --placement-score kl+recall --no-gate; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
 

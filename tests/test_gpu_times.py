@@ -234,9 +234,8 @@ _H200 = {"1": ["study_device.sh prep"],  # LEFT=300: under the 1,100 s the study
          "2": [_STUDY], "3": ["study_device.sh watch"],
          "4": [("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify verifynp verifyold "
                 "verifyg tcache")]}
-_H100 = {"1": ["gpu_session.sh part1+part2 tcache"], "2": ["gpu_session.sh part3+part6 tcache"],
-         "3": ["gpu_session.sh part4+part5 tcache"],
-         "4": ["DEADLINE=260 bash benchmarks/gpu_session.sh verify verifyg verifynp"]}
+_GATE = "RUNS='d50kr d50krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
+_H100 = {"1": ["study_device.sh prep"], "2": [f"{_GATE} start"], "3": [f"{_GATE} watch"], "4": [f"{_GATE} watch"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
