@@ -24,10 +24,12 @@ RUNS = {
     "d50kr": "50% attention, default recipe, --attn-layers auto --placement-score kl+recall",
     "d25kr": "25% attention, default recipe, --attn-layers auto --placement-score kl+recall",
     "p50": "50% attention, the paper's start and recipe",
+    "d50ng": "50% attention, default recipe (even spacing), without the gate (convert --no-gate)",
+    "d50krng": "50% attention, default recipe, d50kr's attention layers, without the gate (convert --no-gate)",
 }
 
 CONVERTED = {"d50": "h50", "d50nr": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "d50kr": "h50kr", "d25kr": "h25kr",
-             "p50": "h50paper"}
+             "p50": "h50paper", "d50ng": "h50ng", "d50krng": "h50krng"}
 TARGETS = {"50": (1.25, 1.10), "25": (1.50, 1.20)}  # issue 14: (must, aim) as a multiple of the teacher's perplexity
 
 
@@ -149,7 +151,6 @@ def main() -> None:
         study["targets"][f"{name}_within_{round((aim - 1) * 100)}pct_aim"] = rec["ratio_to_teacher"] <= aim
         if rec.get("all_records_ratio"):
             study["targets"][f"{name}_within_{round((must - 1) * 100)}pct_all_records"] = rec["all_records_ratio"] <= must
-    d50 = study["runs"].get("d50", {})
     (out / "study.json").write_text(json.dumps(study, indent=1))
 
     lines = [f"| run | attention layers | tokens trained | eval-data ppl, start -> end (x teacher) | all records @{all_len} (x teacher) | eval ppl | x teacher | agreement | KL | passkey 1x / 4x / 20x |",
@@ -170,7 +171,8 @@ def main() -> None:
         lines.append(f"| {rec['what']} | {rec.get('attn_layers')} | {f((rec.get('tokens_trained') or 0) / 1e6, 1)} M | "
                      f"{trail} | {allr} | {f(rec.get('heldout_ppl'))} | {f(rec.get('ratio_to_teacher'), 3)} | {f(agree, 3)} | {f(kl, 3)} | "
                      f"{' / '.join(f(x) for x in pk) or '-'} |")
-    tpk = [v["teacher"] for k, v in (d50.get("eval") or {}).items() if k.startswith("accuracy @")]
+    first = next((r for r in study["runs"].values() if r.get("eval")), {})  # the teacher's passkey, any run's eval
+    tpk = [v["teacher"] for k, v in (first.get("eval") or {}).items() if k.startswith("accuracy @")]
     lines.append(f"| teacher | all | - | {f(args.teacher_eval_ppl)} | {f(t_all)} | {f(teacher_ppl)} | 1 | - | - | {' / '.join(f(x) for x in tpk) or '-'} |")
     (out / "study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

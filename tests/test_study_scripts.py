@@ -1,0 +1,92 @@
+"""The quality study's scripts (benchmarks/study_smollm2.sh, benchmarks/study_report.py) without a GPU: the script
+with a stub CLI that records each command, and the report on result files shaped as the CLI writes them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KR_LAYERS = [0, 2, 5, 7]  # what the stub's kl+recall placement answers with the gate
+NG_LAYERS = [1, 2, 6, 7]  # and without it: a different placement, as the CPU smoke run of 2026-12-06 found
+
+STUB = f"""#!/usr/bin/env bash
+# python3, except `-m mamballama_cli ...`: logged, and for convert a summary with the placement's layers; and the
+# scripts that evaluate models: nothing
+if [ "$1" = -m ] && [ "$2" = mamballama_cli ]; then
+  shift 2
+  echo "$*" >> "$STUB_LOG"
+  if [ "$1" = convert ]; then
+    case " $* " in
+      *" --attn-layers auto "*" --no-gate "*) echo '{{"attn_layers": {NG_LAYERS}}}' ;;
+      *" --attn-layers auto "*) echo '{{"attn_layers": {KR_LAYERS}}}' ;;
+      *) echo '{{"attn_layers": []}}' ;;
+    esac
+  fi
+  exit 0
+fi
+case "$1" in */heldout_ce.py|*/study_answers.py) exit 0 ;; esac  # they would load models: not this test's business
+exec {sys.executable} "$@"
+"""
+
+
+def _study(tmp_path: Path, runs: str) -> list[str]:
+    tmp_path.mkdir(parents=True)
+    stub = tmp_path / "py"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("manifest.json", "prompts-train.jsonl", "text-train.jsonl", "text-heldout.jsonl",
+                 "prompts-heldout.jsonl"):
+        (data / name).write_text("{}\n")
+    log = tmp_path / "cli.log"
+    env = {**os.environ, "PY": str(stub), "STUB_LOG": str(log), "TINY": "1", "RUNS": runs, "DATA": str(data),
+           "WORK": str(tmp_path / "work"), "EVAL_CAP": "60"}
+    proc = subprocess.run(["bash", "benchmarks/study_smollm2.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return [line for line in log.read_text().splitlines() if line.startswith("convert ")]
+
+
+def test_the_no_gate_student_takes_the_gated_students_attention_layers_when_both_run(tmp_path):
+    """d50krng against d50kr measures the gate: with both, d50krng converts with d50kr's layers (the auto
+    placement scores each conversion, and without the gate it may place them elsewhere); alone, it places its own."""
+    both = _study(tmp_path / "both", "d50kr d50krng")
+    ng = [c for c in both if "/h50krng" in c]
+    assert len(ng) == 1 and f"--attn-layers {','.join(map(str, KR_LAYERS))} --no-gate" in ng[0], both
+    alone = _study(tmp_path / "alone", "d50krng")
+    ng = [c for c in alone if "/h50krng" in c]
+    assert len(ng) == 1 and "--attn-layers auto --placement-score kl+recall --no-gate" in ng[0], alone
+
+
+def _results(res: Path, name: str, layers: list[int], student_ppl: float, passkey: float) -> None:
+    conv = {"h50kr": "d50kr", "h50krng": "d50krng"}
+    (res / f"convert-{next(k for k, v in conv.items() if v == name)}.json").write_text(
+        json.dumps({"attn_layers": layers}))
+    metrics = [{"step": 1, "tokens": 1000, "step_s": 1.0}, {"step": 1, "eval_ce": math.log(student_ppl + 5)},
+               {"step": 2, "tokens": 1000, "step_s": 1.0}, {"step": 2, "eval_ce": math.log(student_ppl)}]
+    (res / f"metrics-{name}.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
+    rows = [{"metric": "perplexity (text-heldout.jsonl, 1016 tokens)", "teacher": 20.0, "student": student_ppl},
+            {"metric": "accuracy @ 128 tokens (1x distill)", "teacher": 1.0, "student": passkey}]
+    (res / f"eval-{name}-results.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_the_study_report_has_a_row_for_each_gate_run_and_the_teachers_passkey_without_d50(tmp_path):
+    res = tmp_path / "results"
+    res.mkdir()
+    _results(res, "d50kr", KR_LAYERS, 21.0, 0.5)
+    _results(res, "d50krng", KR_LAYERS, 22.0, 1.0)
+    proc = subprocess.run([sys.executable, "benchmarks/study_report.py", "--results", str(res), "--out", str(res)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = json.loads((res / "study.json").read_text())
+    assert study["runs"]["d50krng"]["ratio_to_teacher"] == 22.0 / 20.0
+    assert study["runs"]["d50krng"]["attn_layers"] == KR_LAYERS and "without the gate" in study["runs"]["d50krng"]["what"]
+    table = (res / "study.md").read_text().splitlines()
+    assert sum("without the gate" in line for line in table) == 1 and sum("kl+recall" in line for line in table) == 1
+    assert table[-1].startswith("| teacher |") and table[-1].endswith("| 1.00 |")  # the teacher's passkey, no d50
