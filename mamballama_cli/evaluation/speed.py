@@ -336,7 +336,7 @@ def run_speed(cfg: SpeedConfig) -> dict:
 def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -> None:
     """Per model (the teacher on the hybrid's static engine: same engine) and context: the largest batch that
     fits (evaluation/speed_limit.py) and its decode throughput. The JSON is rewritten after every row."""
-    from mamballama_cli.evaluation.speed_limit import estimate_bytes, estimated_largest, fits_attempt, largest_batch
+    from mamballama_cli.evaluation.speed_limit import estimate_largest, fits_attempt, largest_batch
     from mamballama_cli.generation.fast import available_bytes
 
     limit = int(cfg.memory_limit_gb * 1e9) if cfg.memory_limit_gb else None
@@ -367,8 +367,8 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
 
             attempt = fits_attempt(run, model, n, cfg.context_new_tokens, cfg.prefill_chunk, budget, limit,
                                    lambda r: r.get("peak_mem_bytes"))
-            start = None if cfg.max_batch_curve else estimated_largest(
-                lambda b, n=n: estimate_bytes(model, b, n, cfg.context_new_tokens, cfg.prefill_chunk) <= budget)
+            start = None if cfg.max_batch_curve else estimate_largest(model, n, cfg.context_new_tokens,
+                                                                       cfg.prefill_chunk, budget)
             best, row, probes = largest_batch(attempt, start=start)
             base = {"section": "max-batch", "model": label, "prompt_tokens": n, "probes": probes,
                     "budget_bytes": budget}

@@ -53,6 +53,13 @@ def estimated_largest(fits: Callable[[int], bool], upper: int = UPPER) -> int:
     return lo
 
 
+def estimate_largest(model, prompt_len: int, new_tokens: int, prefill_chunk: int | None, budget: int,
+                     upper: int = UPPER) -> int:
+    """The largest batch whose :func:`estimate_bytes` is inside ``budget``, or 0."""
+    return estimated_largest(lambda b: estimate_bytes(model, b, prompt_len, new_tokens, prefill_chunk) <= budget,
+                             upper)
+
+
 def largest_batch(attempt: Callable[[int], dict], upper: int = UPPER,
                   start: int | None = None) -> tuple[int, dict | None, list[dict]]:
     """The largest batch for which ``attempt(b)`` returns a row without "error". With ``start`` (the largest batch
