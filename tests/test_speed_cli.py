@@ -115,9 +115,9 @@ def test_max_batch_runs_the_estimates_largest_batch_first_and_bisects_below_only
     """On an H100 at 32K (2026-12-06) the largest batch the memory estimate allowed was the answer for both models,
     reached after 10 and 6 decode runs by doubling. From the estimate's batch: one run and one free probe when it
     fits; a bisection below it when the run fails (out of memory); doubling when the estimate was too low."""
-    from mamballama_cli.evaluation.speed_limit import estimated_largest, largest_batch
+    from mamballama_cli.evaluation.speed_limit import largest_batch, last_fitting
 
-    assert [estimated_largest(lambda b, k=k: b <= k, upper=64) for k in (0, 1, 7, 64, 99)] == [0, 1, 7, 64, 64]
+    assert [last_fitting(lambda b, k=k: b <= k, upper=64) for k in (0, 1, 7, 64, 99)] == [0, 1, 7, 64, 64]
 
     def attempt(est, real):
         def run(b):

@@ -7,8 +7,9 @@ estimated memory (cache, Mamba state, one prefill piece's activations) is inside
 fail (out of memory, say), and, with ``--memory-limit``, its measured peak stays under the limit. The search runs
 the largest batch the estimate allows first (on an H100 at 32K that was the answer for both models, 2026-12-06,
 found after 10 and 6 decode runs by doubling), and bisects below it only if that run fails; with
-``--max-batch-curve`` it doubles from batch 1 and then bisects, decoding at every step (tokens/s against batch). Every probe is kept in the row, and a context where even batch 1 does not fit becomes a
-row with an error, so one failure loses nothing else.
+``--max-batch-curve`` it doubles from batch 1 and then bisects, decoding at every step (tokens/s against batch).
+Every probe is kept in the row, and a context where even batch 1 does not fit becomes a row with an error, so one
+failure loses nothing else.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def estimate_bytes(model, batch: int, prompt_len: int, new_tokens: int, prefill_
     return int(cache + state + act)
 
 
-def estimated_largest(fits: Callable[[int], bool], upper: int = UPPER) -> int:
-    """The largest batch in [1, upper] that ``fits`` (true up to some batch, false past it; no run), or 0."""
+def last_fitting(fits: Callable[[int], bool], upper: int = UPPER) -> int:
+    """The largest batch in [1, upper] that ``fits`` (true up to some batch, false past it; no run), or 0: a
+    bisection on a predicate alone, as :func:`estimate_largest` runs it on the memory estimate."""
     if not fits(1):
         return 0
     lo, hi = 1, upper + 1
@@ -56,7 +58,7 @@ def estimated_largest(fits: Callable[[int], bool], upper: int = UPPER) -> int:
 def estimate_largest(model, prompt_len: int, new_tokens: int, prefill_chunk: int | None, budget: int,
                      upper: int = UPPER) -> int:
     """The largest batch whose :func:`estimate_bytes` is inside ``budget``, or 0."""
-    return estimated_largest(lambda b: estimate_bytes(model, b, prompt_len, new_tokens, prefill_chunk) <= budget,
+    return last_fitting(lambda b: estimate_bytes(model, b, prompt_len, new_tokens, prefill_chunk) <= budget,
                              upper)
 
 
@@ -82,7 +84,7 @@ def largest_batch(attempt: Callable[[int], dict], upper: int = UPPER,
             bad = start  # bisect (0, start) below
         else:
             best, best_row, b = start, row, min(start + 1, upper)  # the next one should fail by the estimate
-    while bad is None and not (best and best >= upper):
+    while bad is None and best < upper:
         row = probe(b)
         if "error" in row:
             bad = b
