@@ -65,9 +65,7 @@ def test_the_no_gate_student_takes_the_gated_students_attention_layers_when_both
 
 
 def _results(res: Path, name: str, layers: list[int], student_ppl: float, passkey: float) -> None:
-    conv = {"h50kr": "d50kr", "h50krng": "d50krng"}
-    (res / f"convert-{next(k for k, v in conv.items() if v == name)}.json").write_text(
-        json.dumps({"attn_layers": layers}))
+    (res / f"convert-h{name[1:]}.json").write_text(json.dumps({"attn_layers": layers}))  # d50kr -> h50kr
     metrics = [{"step": 1, "tokens": 1000, "step_s": 1.0}, {"step": 1, "eval_ce": math.log(student_ppl + 5)},
                {"step": 2, "tokens": 1000, "step_s": 1.0}, {"step": 2, "eval_ce": math.log(student_ppl)}]
     (res / f"metrics-{name}.jsonl").write_text("\n".join(json.dumps(m) for m in metrics) + "\n")
