@@ -13,7 +13,8 @@ twenty-seventh session's 61 MiB cache, with the tree, passed the 64 MiB a call c
     python benchmarks/triton_cache.py unpack PIECE...     # on a later machine: the pieces -> $TRITON_CACHE_DIR
 
 Triton's group files name their members by absolute path; ``unpack`` rewrites them to the new cache folder and
-drops the members that stayed behind. A
+drops the members that stayed behind. It adds only the kernel folders the cache lacks, by rename, so that a call
+carrying the pieces while a detached study runs cannot write over a kernel that study has loaded. A
 piece set packed under other versions of Triton or the kernels' sources just misses: Triton's cache key covers
 both, and it compiles what it does not find.
 """
@@ -24,8 +25,10 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 KEEP = (".cubin", ".json", ".so")
@@ -80,31 +83,45 @@ def pack(src: Path, out: Path, piece_bytes: int = 15 << 20,
 
 
 def unpack(pieces: list[Path], dest: Path) -> int:
-    """Join ``pieces`` (in name order), extract them into ``dest`` and point the group files at ``dest``; returns
-    the number of kernels."""
+    """Join ``pieces`` (in name order), extract them beside ``dest`` and move into ``dest`` the kernel folders it
+    lacks, their group files pointing at ``dest``; returns the number of kernels in ``dest``.
+
+    A kernel folder ``dest`` already holds stays as it is: a process running on this machine may have loaded its
+    launcher or binary, and writing over a mapped file in place kills that process (the twenty-ninth session's two
+    distill runs died with SIGSEGV the moment a later call unpacked the cache over theirs). New folders arrive by
+    rename, whole."""
     missing = [str(p) for p in pieces if not p.is_file()]
     if missing or not pieces:
         raise SystemExit(f"error: no such piece: {', '.join(missing) or '(none given)'}; give the "
                          f"{PIECE}NN files that `pack` wrote")
     data = b"".join(p.read_bytes() for p in sorted(pieces, key=lambda p: p.name))
     dest.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.unpack-", dir=dest.parent))  # same file system: rename
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
-            old = tar.extractfile(ROOT_MEMBER).read().decode()
-            members = [m for m in tar.getmembers() if m.name != ROOT_MEMBER]
-            tar.extractall(dest, members=members, filter="data")  # no absolute paths, no escapes from dest
-    except (tarfile.TarError, KeyError, EOFError, OSError) as e:
-        raise SystemExit(f"error: the pieces do not make a packed cache ({e}); give every {PIECE}NN of one "
-                         "`pack`") from None
-    new = str(dest.resolve())
-    for grp in dest.rglob("__grp__*.json"):
-        meta = json.loads(grp.read_text())
-        paths = meta.get("child_paths", {})
-        moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
-        meta["child_paths"] = {k: v for k, v in moved.items() if os.path.exists(v)}  # the IR stages left behind
-        packed = grp.stat().st_mtime  # the packed time (the read above may have moved the access time)
-        grp.write_text(json.dumps(meta))
-        os.utime(grp, (packed, packed))  # as extracted: a later read marks a use, which pack's order reads
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+                old = tar.extractfile(ROOT_MEMBER).read().decode()
+                members = [m for m in tar.getmembers() if m.name != ROOT_MEMBER]
+                tar.extractall(stage, members=members, filter="data")  # no absolute paths, no escapes from stage
+        except (tarfile.TarError, KeyError, EOFError, OSError) as e:
+            raise SystemExit(f"error: the pieces do not make a packed cache ({e}); give every {PIECE}NN of one "
+                             "`pack`") from None
+        new = str(dest.resolve())
+        for grp in stage.rglob("__grp__*.json"):
+            meta = json.loads(grp.read_text())
+            paths = meta.get("child_paths", {})
+            moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
+            here = {k: v for k, v in moved.items()  # the IR stages left behind are dropped
+                    if os.path.exists(str(stage) + v[len(new):] if v.startswith(new + os.sep) else v)}
+            meta["child_paths"] = here
+            packed = grp.stat().st_mtime  # the packed time (the read above may have moved the access time)
+            grp.write_text(json.dumps(meta))
+            os.utime(grp, (packed, packed))  # as extracted: a later read marks a use, which pack's order reads
+        for folder in sorted(stage.iterdir()):
+            if not (dest / folder.name).exists():
+                folder.rename(dest / folder.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return sum(1 for _ in dest.rglob("*.cubin"))
 
 

@@ -174,6 +174,29 @@ def test_a_packed_triton_cache_unpacks_elsewhere_with_its_groups_pointing_there(
         triton_cache.unpack([tmp_path / "none"], tmp_path / "c")
 
 
+def test_unpack_never_writes_over_a_kernel_the_machine_already_has(tmp_path):
+    """A study's processes had loaded kernels from the cache when a later call unpacked the carried pieces over
+    it; the in-place rewrite killed both with SIGSEGV. A folder the cache holds stays the same file, byte for byte;
+    only the folders it lacks arrive, and nothing of the staging is left beside it."""
+    import triton_cache
+
+    src, dest = tmp_path / "a" / "cache", tmp_path / "b" / "cache"
+    _fake_cache(src)
+    pieces, _, _ = triton_cache.pack(src, tmp_path / "out")
+    (dest / "AAA").mkdir(parents=True)
+    loaded = dest / "AAA" / "_gemv_kernel.cubin"
+    loaded.write_bytes(b"this machine's own build")
+    inode = loaded.stat().st_ino
+    assert triton_cache.unpack(pieces, dest) == 2  # AAA's own cubin and BBB's
+    assert loaded.read_bytes() == b"this machine's own build" and loaded.stat().st_ino == inode
+    assert sorted(p.name for p in (dest / "AAA").iterdir()) == ["_gemv_kernel.cubin"]
+    assert (dest / "BBB" / "_replay_kernel.cubin").read_bytes() == (src / "BBB" / "_replay_kernel.cubin").read_bytes()
+    grp = json.loads((dest / "BBB" / "__grp___replay_kernel.json").read_text())["child_paths"]
+    assert grp["_replay_kernel.json"] == str(dest.resolve() / "BBB" / "_replay_kernel.json")
+    assert (dest / "CCC" / "__triton_launcher.so").is_file()
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["cache"]  # the staging folder is gone
+
+
 def test_a_cache_over_the_budget_keeps_the_kernels_used_last(tmp_path, capsys, monkeypatch):
     """Past --max-mib the pieces keep the kernel folders read or written last and leave the rest out, whole, so
     that the pieces and the working tree still fit the 64 MiB a call carries."""
