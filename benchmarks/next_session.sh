@@ -16,11 +16,12 @@
 # twenty-fourth session ran it (verifyold: no paired tiles, no
 # window conv epilogue, no early replay trigger; 1.124x on the H200 then), then with every GEMV kernel's five-row
 # tiles chosen in CUDA graphs (verifyg), as far as the time left reaches, then the cache.
-# H100: what the gate is worth in quality, which no card has measured and any card can (docs/method.md, "The
-# gate"): 1 = the same prep; 2 = the quality study of the default teacher's 50% hybrid with and without the gate
-# (d50kr, d50krng: same placement, recipe, data and wall time), started detached; 3, 4 = watch it until it is done
-# and packed. The H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.06x, the
-# 12.5% hybrid 6.79x its teacher at 32K); without the gate the hybrid reads the teacher's bytes at batch 1.
+# H100: what the gate is worth in quality at 25% attention, the ratio whose decode speed the gate's cost was measured
+# at (docs/method.md, "The gate"; at 50% the twenty-ninth session's H100 found 0.4%): 1 = the same prep; 2 = the
+# quality study of the default teacher's 25% hybrid with and without the gate (d25kr, d25krng: same placement,
+# recipe, data and wall time), started detached; 3, 4 = watch it until it is done and packed. The H100 sessions
+# so far measured the H200's lines as proxies (the suite passing, verify 1.06x, the 12.5% hybrid 6.79x its teacher
+# at 32K); without the gate the hybrid reads the teacher's bytes at batch 1.
 # DRY=1 prints the commands instead.
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
@@ -34,7 +35,7 @@ if [ "$step" = 4 ]; then  # the last call's deadline: the device time left, at m
   (( left > 580 )) && left=580
   deadline=$(( left - 40 ))
 fi
-GATE_STUDY="RUNS='d50kr d50krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
+GATE_STUDY="RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"

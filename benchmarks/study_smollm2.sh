@@ -49,7 +49,7 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-240}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
-RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng (h50 always converts first; nr: no recall documents; ng: convert --no-gate, Mamba-2 without its z projection)
+RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng d25krng (h50 always converts first; nr: no recall documents; ng: convert --no-gate, Mamba-2 without its z projection)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
 source "$(dirname "$0")/study_common.sh"
 study_init
@@ -76,14 +76,19 @@ conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/
 }
 { ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto --placement-score kl; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto --placement-score kl; } &
-# d50krng is d50kr without the gate: it takes d50kr's attention layers when both run, since the placement's
-# scores come from each conversion and would otherwise differ with the gate (so would the comparison)
+# d50krng / d25krng are d50kr / d25kr without the gate: each takes its gated twin's attention layers when both run,
+# since the placement's scores come from each conversion and would otherwise differ with the gate (so would the
+# comparison)
 kr_layers() { "$PY" -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["attn_layers"])))' \
-    "$RES/convert-h50kr.json"; }
+    "$RES/convert-$1.json"; }
+ngconv() {  # ngconv PCT RATIO: the kl+recall student of PCT% attention without the gate
+  if wants "d${1}kr" && layers=$(kr_layers "h${1}kr"); then conv "h${1}krng" --attn-layers "$layers" --no-gate
+  else conv "h${1}krng" --ratio "$2" --attn-layers auto --placement-score kl+recall --no-gate; fi
+}
 { ! wants d50kr || conv h50kr --ratio 0.5 --attn-layers auto --placement-score kl+recall
-  ! wants d50krng || { if wants d50kr && layers=$(kr_layers); then conv h50krng --attn-layers "$layers" --no-gate
-                       else conv h50krng --ratio 0.5 --attn-layers auto --placement-score kl+recall --no-gate; fi; }; } &
-{ ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall; } &
+  ! wants d50krng || ngconv 50 0.5; } &
+{ ! wants d25kr || conv h25kr --ratio 0.25 --attn-layers auto --placement-score kl+recall
+  ! wants d25krng || ngconv 25 0.25; } &
 { ! wants d50ng || conv h50ng --ratio 0.5 --no-gate; } &
 wait
 stage "data generate: $(tail -c 400 "$RES/data-generate.log" | tr '\r' '\n' | tail -n 1)"
@@ -122,7 +127,8 @@ for r in $RUNS; do
     p50) run p50 h50paper "$WORK/paper-recipe.yaml" & ;;
     d50ng) run d50ng h50ng "$WORK/default-recipe.yaml" & ;;
     d50krng) run d50krng h50krng "$WORK/default-recipe.yaml" & ;;
-    *) echo "unknown run $r (known: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng)" >&2 ;;
+    d25krng) run d25krng h25krng "$WORK/default-recipe.yaml" & ;;
+    *) echo "unknown run $r (known: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng d25krng)" >&2 ;;
   esac
 done
 wait

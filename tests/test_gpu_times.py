@@ -257,14 +257,14 @@ _H200 = {"1": ["study_device.sh prep"],  # LEFT=300: under the 1,100 s the study
          "2": [_STUDY], "3": ["study_device.sh watch"],
          "4": [("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=260 bash benchmarks/gpu_session.sh maxbatch verify verifynp verifyold "
                 "verifyg tcache")]}
-_GATE = "RUNS='d50kr d50krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
+_GATE = "RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
 _H100 = {"1": ["study_device.sh prep"], "2": [f"{_GATE} start"], "3": [f"{_GATE} watch"], "4": [f"{_GATE} watch"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
 def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls):
     """benchmarks/next_session.sh (docs/gpu.md's plan as calls): the H200 measures the issues' lines, an H100 runs
-    the gpu suite's pairs and packs the Triton cache; a stub nvidia-smi names the card, DRY=1 prints the commands."""
+    the gate's quality study at 25% attention; a stub nvidia-smi names the card, DRY=1 prints the commands."""
     stub = tmp_path / "nvidia-smi"
     stub.write_text(f'#!/bin/sh\necho "GPU 0: {card} (UUID: GPU-0)"\n')
     stub.chmod(0o755)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 KR_LAYERS = [0, 2, 5, 7]  # what the stub's kl+recall placement answers with the gate
 NG_LAYERS = [1, 2, 6, 7]  # and without it: a different placement, as the CPU smoke run of 2026-12-06 found
@@ -53,15 +55,18 @@ def _study(tmp_path: Path, runs: str) -> list[str]:
     return [line for line in log.read_text().splitlines() if line.startswith("convert ")]
 
 
-def test_the_no_gate_student_takes_the_gated_students_attention_layers_when_both_run(tmp_path):
-    """d50krng against d50kr measures the gate: with both, d50krng converts with d50kr's layers (the auto
-    placement scores each conversion, and without the gate it may place them elsewhere); alone, it places its own."""
-    both = _study(tmp_path / "both", "d50kr d50krng")
-    ng = [c for c in both if "/h50krng" in c]
+@pytest.mark.parametrize("pct", ["50", "25"])
+def test_the_no_gate_student_takes_the_gated_students_attention_layers_when_both_run(tmp_path, pct):
+    """d50krng against d50kr (d25krng against d25kr) measures the gate: with both, the no-gate student converts
+    with its gated twin's layers (the auto placement scores each conversion, and without the gate it may place them
+    elsewhere); alone, it places its own."""
+    both = _study(tmp_path / "both", f"d{pct}kr d{pct}krng")
+    ng = [c for c in both if f"/h{pct}krng" in c]
     assert len(ng) == 1 and f"--attn-layers {','.join(map(str, KR_LAYERS))} --no-gate" in ng[0], both
-    alone = _study(tmp_path / "alone", "d50krng")
-    ng = [c for c in alone if "/h50krng" in c]
-    assert len(ng) == 1 and "--attn-layers auto --placement-score kl+recall --no-gate" in ng[0], alone
+    alone = _study(tmp_path / "alone", f"d{pct}krng")
+    ng = [c for c in alone if f"/h{pct}krng" in c]
+    ratio = {"50": "0.5", "25": "0.25"}[pct]
+    assert len(ng) == 1 and f"--ratio {ratio} --attn-layers auto --placement-score kl+recall --no-gate" in ng[0], alone
 
 
 def _results(res: Path, name: str, layers: list[int], student_ppl: float, passkey: float) -> None:
