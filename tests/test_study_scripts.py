@@ -36,23 +36,28 @@ exec {sys.executable} "$@"
 """
 
 
-def _study(tmp_path: Path, runs: str) -> list[str]:
-    tmp_path.mkdir(parents=True)
+def _study(tmp_path: Path, runs: str, **env_extra: str) -> list[str]:
+    """The study with the stub CLI in ``tmp_path``; the convert commands it ran (``_cli_log`` has them all)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     stub = tmp_path / "py"
     stub.write_text(STUB)
     stub.chmod(0o755)
     data = tmp_path / "data"
-    data.mkdir()
+    data.mkdir(exist_ok=True)
     for name in ("manifest.json", "prompts-train.jsonl", "text-train.jsonl", "text-heldout.jsonl",
                  "prompts-heldout.jsonl"):
         (data / name).write_text("{}\n")
     log = tmp_path / "cli.log"
     env = {**os.environ, "PY": str(stub), "STUB_LOG": str(log), "TINY": "1", "RUNS": runs, "DATA": str(data),
-           "WORK": str(tmp_path / "work"), "EVAL_CAP": "60"}
+           "WORK": str(tmp_path / "work"), "EVAL_CAP": "60", **env_extra}
     proc = subprocess.run(["bash", "benchmarks/study_smollm2.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0 and "done" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return [line for line in log.read_text().splitlines() if line.startswith("convert ")]
+    return [line for line in _cli_log(tmp_path) if line.startswith("convert ")]
+
+
+def _cli_log(tmp_path: Path) -> list[str]:
+    return (tmp_path / "cli.log").read_text().splitlines()
 
 
 @pytest.mark.parametrize("pct", ["50", "25"])
@@ -67,6 +72,43 @@ def test_the_no_gate_student_takes_the_gated_students_attention_layers_when_both
     ng = [c for c in alone if f"/h{pct}krng" in c]
     ratio = {"50": "0.5", "25": "0.25"}[pct]
     assert len(ng) == 1 and f"--ratio {ratio} --attn-layers auto --placement-score kl+recall --no-gate" in ng[0], alone
+
+
+def test_resume_keeps_finished_steps_and_continues_the_rest_from_their_checkpoints(tmp_path):
+    """A study cut short (both distill runs of the twenty-ninth session died mid-run) goes on with RESUME=1: the
+    conversions that finished are kept, data generation and a run with a checkpoint resume, a finished run is kept,
+    and a run with nothing to go on from starts over; without RESUME every step starts over."""
+    work, res = tmp_path / "work", tmp_path / "work" / "results"
+    for name in ("h50", "h50kr"):  # finished conversions; h50krng never finished
+        (work / name).mkdir(parents=True)
+        (work / name / "config.json").write_text("{}")
+    res.mkdir(parents=True)
+    (res / "convert-h50.json").write_text('{"attn_layers": []}')
+    (res / "convert-h50kr.json").write_text(json.dumps({"attn_layers": KR_LAYERS}))
+    (work / "run-d50kr" / "checkpoints" / "step-00000191").mkdir(parents=True)  # cut short after a checkpoint
+    (work / "run-d50krng").mkdir()
+    (work / "run-d50krng" / "training_summary.json").write_text("{}")  # finished
+    (res / "distill-d50kr.log").write_text("the run that died\n")
+    _study(tmp_path, "d50kr d50krng d25kr", RESUME="1")
+    log = _cli_log(tmp_path)
+    converts = sorted(line.split("--output ")[1].split()[0].rsplit("/", 1)[1] for line in log if line.startswith("convert "))
+    assert converts == ["h25kr", "h50krng"], log  # the two that had not finished
+    assert any(f"--attn-layers {','.join(map(str, KR_LAYERS))} --no-gate" in line for line in log if "/h50krng" in line)
+    generate = [line for line in log if line.startswith("data generate ")]
+    assert len(generate) == 1 and generate[0].endswith(" --resume"), generate
+    distills = {line.split("--output ")[1].split()[0].rsplit("/", 1)[1]: line for line in log if line.startswith("distill ")}
+    assert sorted(distills) == ["run-d25kr", "run-d50kr"], log  # run-d50krng finished: kept
+    assert distills["run-d50kr"].endswith(" --resume") and distills["run-d25kr"].endswith(" --force")
+    assert (res / "distill-d50kr.log").read_text().startswith("the run that died")  # a resumed run's log goes on
+    timeline = (res / "timeline.txt").read_text()
+    assert "convert h50: kept" in timeline and "distill d50krng kept (finished)" in timeline
+
+    (tmp_path / "cli.log").unlink()
+    _study(tmp_path, "d50kr d50krng")  # no RESUME: everything again, each run from scratch
+    log = _cli_log(tmp_path)
+    assert sum(line.startswith("convert ") for line in log) == 3 and all(
+        line.endswith(" --force") for line in log if line.startswith(("distill ", "data generate ")))
+    assert not (res / "distill-d50kr.log").read_text().startswith("the run that died")
 
 
 def _results(res: Path, name: str, layers: list[int], student_ppl: float, passkey: float) -> None:
