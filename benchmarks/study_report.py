@@ -123,7 +123,8 @@ def main() -> None:
                     teacher_ppl = t
                     rec["heldout_ppl"] = s
                     rec["ratio_to_teacher"] = s / t if s and t else None
-        study["runs"][name] = rec
+        if rec["curve"] or summ or ev:  # a run that trained or was evaluated; h50 converts whatever RUNS says
+            study["runs"][name] = rec
     study["teacher_heldout_ppl"] = teacher_ppl
     # All held-out records, the first 1,024 tokens of each (benchmarks/heldout_ce.py, whatever the training rows'
     # length): the measure the runs of 2026-12-04 used as distill --eval-data.

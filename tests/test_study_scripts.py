@@ -126,10 +126,12 @@ def test_the_study_report_has_a_row_for_each_gate_run_and_the_teachers_passkey_w
     res.mkdir()
     _results(res, "d50kr", KR_LAYERS, 21.0, 0.5)
     _results(res, "d50krng", KR_LAYERS, 22.0, 1.0)
+    (res / "convert-h50.json").write_text(json.dumps({"attn_layers": [1, 3, 5, 7]}))  # always converted, not trained
     proc = subprocess.run([sys.executable, "benchmarks/study_report.py", "--results", str(res), "--out", str(res)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     study = json.loads((res / "study.json").read_text())
+    assert set(study["runs"]) == {"d50kr", "d50krng"}  # not d50 or d50nr, whose conversion h50 is there
     assert study["runs"]["d50krng"]["ratio_to_teacher"] == 22.0 / 20.0
     assert study["runs"]["d50krng"]["attn_layers"] == KR_LAYERS and "without the gate" in study["runs"]["d50krng"]["what"]
     table = (res / "study.md").read_text().splitlines()
