@@ -127,7 +127,12 @@ run() {  # run NAME MODEL CONFIG
   [ "$how" = --resume ] || : > "$RES/distill-$1.log"
   "${MM[@]}" distill "$WORK/$2" --template none --config "$3" --output "$WORK/run-$1" --data "$data" "${common[@]}" \
       "$how" > "$RES/distill-$1.json" 2>> "$RES/distill-$1.log"
-  echo "distill $1 exit $?" >> "$RES/timeline.txt"
+  local rc=$?
+  echo "distill $1 exit $rc" >> "$RES/timeline.txt"
+  if [ "$rc" != 0 ] && [ ! -f "$WORK/run-$1/training_summary.json" ] \
+      && ckpt=$(compgen -G "$WORK/run-$1/checkpoints/step-*" | sort | tail -n 1); then
+    echo "distill $1 cut short: RESUME=1 with the same WORK goes on from ${ckpt##*/}" >> "$RES/timeline.txt"
+  fi
 }
 for r in $RUNS; do
   case $r in

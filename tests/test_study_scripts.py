@@ -22,6 +22,7 @@ STUB = f"""#!/usr/bin/env bash
 if [ "$1" = -m ] && [ "$2" = mamballama_cli ]; then
   shift 2
   echo "$*" >> "$STUB_LOG"
+  if [ "$1" = distill ] && [ -n "${{STUB_DISTILL_RC:-}}" ]; then exit "$STUB_DISTILL_RC"; fi
   if [ "$1" = convert ]; then
     case " $* " in
       *" --attn-layers auto "*" --no-gate "*) echo '{{"attn_layers": {NG_LAYERS}}}' ;;
@@ -102,6 +103,14 @@ def test_resume_keeps_finished_steps_and_continues_the_rest_from_their_checkpoin
     assert (res / "distill-d50kr.log").read_text().startswith("the run that died")  # a resumed run's log goes on
     timeline = (res / "timeline.txt").read_text()
     assert "convert h50: kept" in timeline and "distill d50krng kept (finished)" in timeline
+
+    assert "cut short" not in timeline
+
+    (tmp_path / "cli.log").unlink()
+    _study(tmp_path, "d50kr d50krng", RESUME="1", STUB_DISTILL_RC="139")  # d50kr dies again: the timeline says how on
+    timeline = (res / "timeline.txt").read_text()
+    assert "distill d50kr exit 139" in timeline
+    assert "distill d50kr cut short: RESUME=1 with the same WORK goes on from step-00000191" in timeline
 
     (tmp_path / "cli.log").unlink()
     _study(tmp_path, "d50kr d50krng")  # no RESUME: everything again, each run from scratch
