@@ -30,8 +30,7 @@ RUNS = {
 }
 
 CONVERTED = {"d50": "h50", "d50nr": "h50", "d25": "h25", "d50auto": "h50auto", "d25auto": "h25auto", "d50kr": "h50kr", "d25kr": "h25kr",
-             "p50": "h50paper", "d50ng": "h50ng", "d50krng": "h50krng",
-             "d25krng": "h25krng"}
+             "p50": "h50paper", "d50ng": "h50ng", "d50krng": "h50krng", "d25krng": "h25krng"}
 TARGETS = {"50": (1.25, 1.10), "25": (1.50, 1.20)}  # issue 14: (must, aim) as a multiple of the teacher's perplexity
 
 

@@ -110,9 +110,13 @@ def unpack(pieces: list[Path], dest: Path) -> int:
         for grp in stage.rglob("__grp__*.json"):
             meta = json.loads(grp.read_text())
             paths = meta.get("child_paths", {})
-            moved = {k: new + v[len(old):] if v.startswith(old + os.sep) else v for k, v in paths.items()}
-            here = {k: v for k, v in moved.items()  # the IR stages left behind are dropped
-                    if os.path.exists(str(stage) + v[len(new):] if v.startswith(new + os.sep) else v)}
+            here = {}
+            for k, v in paths.items():  # a member of the packed cache, kept when extracted (not an IR stage)
+                rel = v[len(old) + 1:] if v.startswith(old + os.sep) else None
+                if rel is None and os.path.exists(v):
+                    here[k] = v
+                elif rel is not None and (stage / rel).exists():
+                    here[k] = os.path.join(new, rel)
             meta["child_paths"] = here
             packed = grp.stat().st_mtime  # the packed time (the read above may have moved the access time)
             grp.write_text(json.dumps(meta))
