@@ -753,3 +753,16 @@ def test_a_per_shape_choice_is_made_once_and_never_inside_a_recording(monkeypatc
     assert chosen(choices, "k", cuda, decide) is False and chosen(choices, "k", cuda, decide) is False
     assert calls == [1] and choices == {"k": False}
     assert chosen(choices, "c", cpu, decide) is True and calls == [1] and choices["c"] is True
+
+
+def test_a_timed_choice_records_both_sides_then_its_extras_in_order():
+    """``graph_timing.ab_timings`` and ``failed``, the records the SwiGLU, conv and fused GEMV choices keep: each
+    side's microseconds under its own name, rounded, how they were timed, then the extras, a later one's key winning;
+    a choice that could not be timed says why in one short line."""
+    from mamballama_cli.ops.graph_timing import ab_timings, failed
+
+    got = ab_timings(("glu_us", 60.034), ("apart_us", 62.5), 2, {"pdl": False, "tile": "a"}, {"tile": "b"}, {})
+    assert got == {"glu_us": 60.03, "apart_us": 62.5, "how": "graph", "copies": 2, "pdl": False, "tile": "b"}
+    assert list(got)[:4] == ["glu_us", "apart_us", "how", "copies"]
+    why = failed(RuntimeError("x" * 500))
+    assert why["how"] == "failed" and why["why"] == "RuntimeError: " + "x" * 120

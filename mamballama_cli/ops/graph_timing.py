@@ -56,6 +56,38 @@ def graph_ab_us(a, b, weight) -> tuple[float, float, int]:
     return min(ours), min(theirs), copies
 
 
+def ab_timings(ours: tuple[str, float], theirs: tuple[str, float], copies: int, *more: dict) -> dict:
+    """A per-shape choice's record of :func:`graph_ab_us`: each side's microseconds under its name (``ours`` and
+    ``theirs`` are (name, us)), rounded to 0.01, how they were timed, then each of ``more`` (the launch form, the
+    tiles) in order, a later one's key over an earlier one's."""
+    out = {ours[0]: round(ours[1], 2), theirs[0]: round(theirs[1], 2), "how": "graph", "copies": copies}
+    for extra in more:
+        out.update(extra)
+    return out
+
+
+def failed(exc: BaseException) -> dict:
+    """A per-shape choice's record where the kernel did not build or could not be timed: the ops apart serve it."""
+    return {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
+
+
+def timed_choice(timings: dict, key, names: tuple[str, str], ours, theirs, weight, retile: tuple, timer,
+                 extras=lambda: ()) -> bool:
+    """The timed half of a per-shape choice: :func:`retiled` (``retile`` = (tuner, its cache keys before, rows)),
+    then ``timer`` (:func:`graph_ab_us`, as the caller's module names it) of ``ours(w)`` against ``theirs(w)``,
+    recorded in ``timings[key]`` by :func:`ab_timings` under ``names`` with ``extras()`` (evaluated after the
+    timing: the tile the tuner kept) and the retiling; True where ours is faster. A kernel that does not build or
+    time is recorded as failed: the ops apart serve the shape."""
+    try:
+        tiles = retiled(retile[0], retile[1], ours, theirs, weight, retile[2])
+        t_ours, t_theirs, copies = timer(ours, theirs, weight)
+    except Exception as exc:  # noqa: BLE001 - no fair timing: the ops apart, and why
+        timings[key] = failed(exc)
+        return False
+    timings[key] = ab_timings((names[0], t_ours), (names[1], t_theirs), copies, *extras(), tiles)
+    return t_ours < t_theirs
+
+
 def chosen(choices: dict, key, x, decide) -> bool | None:
     """A per-shape choice, made once: the one remembered for ``key``; on the shape's first use ``decide()`` (which
     times the candidates) on CUDA, True elsewhere (the interpreter tests), remembered. None inside a CUDA graph's

@@ -32,7 +32,7 @@ from mamballama_cli.ops import decode as _decode_refs
 from mamballama_cli.ops import verify_ref as _verify_refs
 from mamballama_cli.ops.common import GDC, _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
 from mamballama_cli.ops.gemv_candidates import CONFIGS, DOT_MODES, MAX_ROWS, MODES, SKINNY
-from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
+from mamballama_cli.ops.graph_timing import chosen, failed, graph_ab_us, shape_report, timed_choice
 from mamballama_cli.ops.triton_gemv import PDL_CHOICES, _pdl_usable, gemv_supported, triton, tuned_tiles
 
 WINDOW_TILES = tuple(t for t in SKINNY if t[-1] in DOT_MODES)  # the window kernel's candidates: the dot modes'
@@ -253,16 +253,13 @@ def _faster(key, weight, state, cols, apart, ours, pdl, tuner, timings=None) -> 
         if not all(_rel(a, b) < 1e-2 for a, b in pairs if a.numel()):
             timings[key] = {"how": "disagrees"}
             return False
-        scratch = state.clone()
-        retile = retiled(tuner, cached, lambda w: ours(w, scratch), lambda w: apart(w, scratch), weight,
-                         got[0].numel() // got[0].shape[-1])
-        t_ours, t_apart, copies = graph_ab_us(lambda w: ours(w, scratch), lambda w: apart(w, scratch), weight)
-    except Exception as exc:  # noqa: BLE001 - a kernel that does not build or time: the ops apart serve the shape
-        timings[key] = {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not build or run: the ops apart serve the shape
+        timings[key] = failed(exc)
         return False
-    timings[key] = {"conv_us": round(t_ours, 2), "apart_us": round(t_apart, 2), "how": "graph", "copies": copies,
-                    "pdl": pdl, **tuned_tiles(tuner), **retile}
-    return t_ours < t_apart
+    scratch = state.clone()
+    return timed_choice(timings, key, ("conv_us", "apart_us"), lambda w: ours(w, scratch),
+                        lambda w: apart(w, scratch), weight, (tuner, cached, got[0].numel() // got[0].shape[-1]),
+                        graph_ab_us, lambda: ({"pdl": pdl}, tuned_tiles(tuner)))
 
 
 def _conv_is_faster(args: tuple, key) -> bool:

@@ -43,7 +43,7 @@ import torch
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the references
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
+from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report, timed_choice
 from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS
 
 try:
@@ -321,15 +321,8 @@ def _fused_is_faster(kind, x, weight, bias, residual, norm_w, eps, key) -> bool:
     def apart(w):
         return _unfused(kind, x, w, bias, residual, norm_w, eps)
 
-    try:
-        retile = retiled(_fused_tuned, cached, ours, apart, weight, key[1])
-        fused, apart_us, copies = graph_ab_us(ours, apart, weight)
-    except Exception as exc:  # noqa: BLE001 - no fair timing: keep the two ops, say why
-        TIMINGS[key] = {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
-        return False
-    TIMINGS[key] = {"fused_us": round(fused, 2), "unfused_us": round(apart_us, 2), "how": "graph", "copies": copies,
-                    **retile}
-    return fused < apart_us
+    return timed_choice(TIMINGS, key, ("fused_us", "unfused_us"), ours, apart, weight, (_fused_tuned, cached, key[1]),
+                        graph_ab_us)
 
 
 def _choose(kind, x, weight, bias, residual, norm_w, eps) -> bool:

@@ -23,7 +23,7 @@ from mamballama_cli.ops import (
     decode as _decode_refs,  # registers the decode ops' references (gemv_swiglu too)
 )
 from mamballama_cli.ops.common import _probe, _rand, _rel
-from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
+from mamballama_cli.ops.graph_timing import chosen, failed, graph_ab_us, shape_report, timed_choice
 from mamballama_cli.ops.triton_gemv import (
     PDL_CHOICES,
     _pdl_usable,
@@ -73,21 +73,18 @@ def _glu_is_faster(x, weight, bias, key) -> bool:
         if not _rel(got, want) < 1e-2:
             GLU_TIMINGS[key] = {"how": "disagrees"}
             return False
-
-        def glu(w):
-            return gemv_launch(norm(x, None, norm_w, 1e-5)[0], w, bias, pdl=pdl, glu=True)
-
-        def apart(w):
-            return _apart(norm(x, None, norm_w, 1e-5)[0], w, bias)
-
-        retile = retiled(tuner, cached, glu, apart, weight, key[0])
-        ours, apart_us, copies = graph_ab_us(glu, apart, weight)
-    except Exception as exc:  # noqa: BLE001 - a kernel that does not build or time: the two ops serve the shape
-        GLU_TIMINGS[key] = {"how": "failed", "why": f"{type(exc).__name__}: {str(exc)[:120]}"}
+    except Exception as exc:  # noqa: BLE001 - a kernel that does not build or run: the two ops serve the shape
+        GLU_TIMINGS[key] = failed(exc)
         return False
-    GLU_TIMINGS[key] = {"glu_us": round(ours, 2), "apart_us": round(apart_us, 2), "how": "graph", "copies": copies,
-                        "pdl": pdl, **tuned_tiles(tuner), **retile}
-    return ours < apart_us
+
+    def glu(w):
+        return gemv_launch(norm(x, None, norm_w, 1e-5)[0], w, bias, pdl=pdl, glu=True)
+
+    def apart(w):
+        return _apart(norm(x, None, norm_w, 1e-5)[0], w, bias)
+
+    return timed_choice(GLU_TIMINGS, key, ("glu_us", "apart_us"), glu, apart, weight, (tuner, cached, key[0]),
+                        graph_ab_us, lambda: ({"pdl": pdl}, tuned_tiles(tuner)))
 
 
 def gemv_swiglu_triton(x, weight, bias=None):
