@@ -36,8 +36,8 @@ fi
 GATE_STUDY="RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
 if [[ "$card" == *H200* ]]; then
   case "$step" in
-    1) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=330 bash benchmarks/gpu_session.sh maxbatch"
-       run "GATE=0 DEADLINE=230 bash benchmarks/gpu_session.sh b1pair" ;;
+    1) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
+       run "GATE=0 DEADLINE=250 bash benchmarks/gpu_session.sh b1pair" ;;
     2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
     3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6" ;;
     4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;

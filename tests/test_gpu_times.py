@@ -277,8 +277,8 @@ def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_k
     assert "rc=1" in proc.stdout and "error: no default teacher: carry .teacher-b" in proc.stderr
 
 
-_H200 = {"1": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=330 bash benchmarks/gpu_session.sh maxbatch",
-               "GATE=0 DEADLINE=230 bash benchmarks/gpu_session.sh b1pair"],
+_H200 = {"1": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch",
+               "GATE=0 DEADLINE=250 bash benchmarks/gpu_session.sh b1pair"],
          "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2"],
          "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6"],
          "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}  # LEFT=300, less 40
