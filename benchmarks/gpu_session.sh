@@ -32,7 +32,7 @@
 # benchmarks/gpu_test_times.py prints it). tcache packs Triton's compiled kernels into tcache.tgz.partNN (15 MiB each):
 # kept in .tcache/ here and carried, they spare a later session's machine the compiles (docs/gpu.md).
 # STEP+STEP runs those steps at the same time (e.g. part1+part2: two pytest runs, JOBS workers each), reports after;
-# for test parts only: steps that time something would share the GPU.
+# test parts only (anything else is refused: a timed step would share the GPU, and its memory with part5's test).
 # JOBS=N runs each part's tests in N pytest-xdist workers on the one GPU (not part5): on a fresh machine most of a part's
 # time is Triton compiling and autotuning on the CPU (the first bf16 test of part1 compiled for over 160 s on
 # 2026-12-05), which N workers spread over the 16 cores.
@@ -119,6 +119,15 @@ together() {  # "part1+part2": the named steps at once, each in its own run of t
     for s in ${step//+/ }; do echo "== $s"; cat "/tmp/gpu-session-$s.out"; done
 }
 
+for step in $STEPS; do  # before anything runs: only test parts run together (a step that times or loads a model
+    # would share the GPU; verify beside part4, part5 and part6 left part5's large-shape test 16 GB short on an H100
+    # in the thirty-first session)
+    [[ "$step" == *+* ]] || continue
+    for s in ${step//+/ }; do
+        [[ "$s" =~ ^part[0-9]$ ]] || { echo "error: '$s' in '$step' is not a test part; only test parts run" \
+            "together: give '$s' as a step of its own" >&2; exit 2; }
+    done
+done
 for step in $STEPS; do
     case $step in
         *+*) together "$step" ;;

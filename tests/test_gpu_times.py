@@ -252,6 +252,18 @@ def test_gpu_session_packs_the_cache_and_device_common_unpacks_it_once(tmp_path)
         (dest / "AAA" / "_gemv_kernel.cubin").unlink(missing_ok=True)
 
 
+def test_gpu_session_runs_only_test_parts_together_and_refuses_the_rest_before_anything_runs(tmp_path):
+    """``part4+verify``: a timed step beside test parts would share the GPU (the thirty-first session's verify left
+    part5's large-shape test 16 GB short): refused by name with exit 2, before the steps before it (env) run."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "DEADLINE": "30", "TCACHE": str(tmp_path / "no-tcache")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "env", "part4+verify"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "'verify' in 'part4+verify' is not a test part" in proc.stderr
+    assert not (out / "env.txt").exists()  # nothing ran
+
+
 def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_keeps_it(tmp_path):
     """device_common.sh's assemble_teacher: the parked first half and the carried second make the GGUF; a later call
     carrying no second half (a resumed study's start) keeps the GGUF rather than writing the first half alone over
