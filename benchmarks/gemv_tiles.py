@@ -8,6 +8,10 @@ together pass twice the L2 cache, interleaved with cuBLAS's, as a decode step ru
 
     python3 benchmarks/gemv_tiles.py --json out/gemv-tiles.json
     python3 benchmarks/gemv_tiles.py --shapes 5x4096x4096 --extra 16,256,2,4,dot 32,256,4,5,dotw
+    python3 benchmarks/gemv_tiles.py --shapes 5x28672x4096 --only 16,128,2,6,dotw --extra 16,64,4,1,acc
+
+``--only TILE ...`` times those tiles (and ``--extra``'s) instead of the candidates: a probe of a few new tiles
+beside the one that serves the shape now, without compiling the rest on a fresh machine.
 """
 
 from __future__ import annotations
@@ -33,11 +37,20 @@ def parse_tile(text: str) -> tuple:
     return nums if len(parts) == 3 else (*nums, parts[4])
 
 
+def tiles_for(rows: int, candidates_one: tuple, candidates_skinny: tuple, extra: list, only: list | None) -> list:
+    """The tiles timed at ``rows``: the candidates of that row count (or ``only``, where given), then ``extra``,
+    each kept only where its kind fits the rows (three numbers for one row, five for more)."""
+    base = list(only) if only is not None else list(candidates_one if rows == 1 else candidates_skinny)
+    return [t for t in base + list(extra) if (len(t) == 3) == (rows == 1)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="ROWSxNxK each (default: %(default)s)")
     ap.add_argument("--extra", nargs="*", default=None, help="tiles to time besides the candidates (see parse_tile; "
                     "default: ops/triton_gemv.py's EXTRA)")
+    ap.add_argument("--only", nargs="+", default=None, help="time these tiles (and --extra's) instead of the "
+                    "autotuner's candidates")
     ap.add_argument("--json", default=None, help="write the table here")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -46,6 +59,7 @@ def main(argv=None) -> int:
     from mamballama_cli.ops import triton_gemv as g
 
     extra = list(g.EXTRA) if args.extra is None else [parse_tile(t) for t in args.extra]
+    only = None if args.only is None else [parse_tile(t) for t in args.only]
     dev = torch.device("cuda")
     rows_out = []
     for shape in args.shapes:
@@ -54,7 +68,7 @@ def main(argv=None) -> int:
         x = torch.randn(m, k, device=dev, generator=gen, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev, generator=gen, dtype=torch.bfloat16) / k ** 0.5
         ref = F.linear(x, w)
-        tiles = [t for t in (g.CONFIGS if m == 1 else g.SKINNY)] + [t for t in extra if (len(t) == 3) == (m == 1)]
+        tiles = tiles_for(m, g.CONFIGS, g.SKINNY, extra, only)
         for tile in tiles:
             t0 = time.time()
             entry = {"shape": shape, "tile": list(tile)}

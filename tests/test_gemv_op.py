@@ -657,6 +657,14 @@ def test_the_tile_benchmark_reads_tiles_and_refuses_without_cuda():
     assert mod.parse_tile("4, 1024, 4") == (4, 1024, 4)
     with pytest.raises(SystemExit, match="'16,256'"):
         mod.parse_tile("16,256")
+    # --only: those tiles instead of the candidates, --extra's after them, each where its kind fits the rows
+    one, skinny = ((4, 1024, 4), (2, 2048, 4)), ((16, 256, 4, 4, "dot"), (64, 128, 4, 4, "dotw"))
+    probe = [(16, 64, 4, 1, "acc")]
+    assert mod.tiles_for(5, one, skinny, probe, None) == [*skinny, *probe]
+    assert mod.tiles_for(1, one, skinny, probe, None) == list(one)
+    only = [(4, 1024, 4), (16, 128, 2, 6, "dotw")]
+    assert mod.tiles_for(5, one, skinny, probe, only) == [(16, 128, 2, 6, "dotw"), *probe]
+    assert mod.tiles_for(1, one, skinny, probe, only) == [(4, 1024, 4)]
     if not torch.cuda.is_available():
         assert mod.main(["--shapes", "5x64x64"]) == 2
 
