@@ -2,7 +2,7 @@
 of the 8B head (32 heads of 128 x 128, 8 groups, K = 4), plain and gated, slotted and not, as the op's first call
 does (CUDA graphs over copies of the state that pass the L2 cache), and prints each shape's timings and the time
 its compiling and timing took. What it is for: pruning REPLAY_FORMS to the tiles that win, so that a verify call's
-first use compiles less (docs/gpu.md, the seventeenth session).
+first use compiles less (docs/device-sessions.md, the seventeenth session).
 
 ``--shape student`` times the default teacher's 50% hybrid's head instead (9 heads of 64 x 64, 3 groups), where a
 head fits one program and the chunked form (FORM 3) is a candidate; ``--k 4,6`` times several windows;

@@ -14,13 +14,13 @@ store between two steps keeps the compiler from moving the next step's loads ahe
 row out of the tiles. ``FORM`` 2 keeps FORM 0's per-step loads but issues the new steps' two steps ahead of their
 use (steps 0 and 1 during the replay), so that no new step waits on memory behind the last step's stores. Which
 tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On an H100 at the 8B head the
-first tile (FORM 0) won at every verify shape (docs/gpu.md, the seventeenth session); a chunked form (the window as
-float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x and 6-18x slower. FORM 2
-came after that; at the default teacher's head (64 x 64, one program a head) it won every verify window on an H100
-(8.1 against 11.4 us at K = 4, the twenty-first session). ``FORM`` 3 (since the twenty-second session, offered where
-a head fits one program; at the default teacher's head on an H100, 8.42 us against 10.60 for FORM 2 at K = 6,
-the twenty-third session) loads the window as FORM 1 does, then computes it in its chunked form, a few float32
-dots over the window and one gated norm for all its rows, not a chain of steps
+first tile (FORM 0) won at every verify shape (docs/device-sessions.md, the seventeenth session); a chunked form
+(the window as float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x and 6-18x
+slower. FORM 2 came after that; at the default teacher's head (64 x 64, one program a head) it won every verify
+window on an H100 (8.1 against 11.4 us at K = 4, the twenty-first session). ``FORM`` 3 (since the twenty-second
+session, offered where a head fits one program; at the default teacher's head on an H100, 8.42 us against 10.60 for
+FORM 2 at K = 6, the twenty-third session) loads the window as FORM 1 does, then computes it in its chunked form, a
+few float32 dots over the window and one gated norm for all its rows, not a chain of steps
 (:mod:`mamballama_cli.ops.triton_replay_math`).
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
