@@ -40,7 +40,7 @@ def task_perplexity(run: Run) -> None:
                     "max_tokens": cfg.ppl_max_tokens, "student": run.hashes[STUDENT],
                     "teacher": run.hashes.get(TEACHER)}
 
-        def compute(docs=docs):
+        def compute(docs=docs, label=label):
             from mamballama_cli.evaluation.perplexity import evaluate_windows, token_windows
 
             student, tok = pair.get(STUDENT)

@@ -353,7 +353,7 @@ def _max_batch_sweep(result: dict, cfg: SpeedConfig, models, device, floor_of) -
         for n in cfg.contexts:
             log(f"[{label}/static] context {n}: the largest batch that fits ({cfg.context_new_tokens} new tokens)")
 
-            def run(b, n=n):
+            def run(b, n=n, model=model):  # called in this iteration only (fits_attempt)
                 row: list = []
                 _guarded(row, {"_device": device}, run_static, model, b, n, cfg.context_new_tokens, cfg.graphs,
                          cfg.seed, cfg.prefill_chunk, True)

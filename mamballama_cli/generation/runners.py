@@ -136,7 +136,8 @@ class HybridRunner:
             self.pos_t.fill_(wlen)
             self.keep_t.fill_(0)
             graph, logits = capture_graph(
-                lambda: self._walk(ids, self.pos_t, self.keep_t, rebase, wlen, kv_len=None), self.device, warmup)
+                lambda ids=ids, rebase=rebase, wlen=wlen: self._walk(ids, self.pos_t, self.keep_t, rebase, wlen,
+                                                                     kv_len=None), self.device, warmup)
             self.graphs[key] = (graph, ids, logits)
         torch.cuda.synchronize()
 
