@@ -9,7 +9,8 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from mamballama_cli.errors import UsageError
 

@@ -15,7 +15,8 @@ import importlib
 import importlib.metadata as md
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 TEACHER_GROUP = "mamballama.teachers"
 DRAFT_GROUP = "mamballama.drafts"

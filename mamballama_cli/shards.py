@@ -79,7 +79,7 @@ class Shard:
         return self.n_tokens - int(self.prompt_lens.sum())
 
     @classmethod
-    def from_sequences(cls, seqs: list[tuple[np.ndarray, int]]) -> "Shard":
+    def from_sequences(cls, seqs: list[tuple[np.ndarray, int]]) -> Shard:
         """From (token ids, prompt length) pairs."""
         lens = np.array([len(s) for s, _ in seqs], dtype=np.int64)
         offsets = np.zeros(len(seqs) + 1, dtype=np.int64)

@@ -273,10 +273,10 @@ def test_every_gpu_test_file_is_in_one_part_of_the_gpu_session():
     from pathlib import Path
 
     root = Path(__file__).resolve().parent
-    mark = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = .*pytest\.mark\.gpu)", flags=re.M)
+    mark = re.compile(r"^(@pytest\.mark\.gpu|pytestmark = .*pytest\.mark\.gpu)", flags=re.MULTILINE)
     marked = {p.name for p in root.glob("test_*.py") if mark.search(p.read_text())}
     script = (root.parent / "benchmarks" / "gpu_session.sh").read_text()
-    parts = re.findall(r"^\s*(part\d)\) gputest \w+ (\d+) (.*?);;", script, flags=re.M | re.S)
+    parts = re.findall(r"^\s*(part\d)\) gputest \w+ (\d+) (.*?);;", script, flags=re.MULTILINE | re.DOTALL)
     assert [p[0] for p in parts] == ["part1", "part2", "part3", "part4", "part5", "part6"]
     assert all(int(cap) <= 480 for _, cap, _ in parts)
     files = [set(re.findall(r"tests/(test_\w+\.py)", body)) for _, _, body in parts]

@@ -15,7 +15,8 @@ import inspect
 import types
 import typing
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
+from collections.abc import Callable
 
 import typer
 from typer.models import OptionInfo

@@ -10,7 +10,8 @@ on this module; the registry imports both before its first lookup.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from mamballama_cli import plugins
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import asdict, dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from mamballama_cli.errors import UsageError
 

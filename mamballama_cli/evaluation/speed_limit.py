@@ -14,7 +14,7 @@ failure loses nothing else.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 UPPER = 4096  # the search stops here: a larger batch is not a decode benchmark any more
 

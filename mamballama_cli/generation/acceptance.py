@@ -6,7 +6,7 @@ draws with :func:`gumbel_draw` because a CUDA graph can record it.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ through the same registry third-party plugins use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 from mamballama_cli import plugins
 

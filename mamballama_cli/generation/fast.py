@@ -15,7 +15,7 @@ step eagerly on the references; greedy output equals the plain ``transformers.ge
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

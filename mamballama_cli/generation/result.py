@@ -4,7 +4,7 @@ that turns new tokens into text as they come, and :func:`stop_token_ids`, the to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable
 
 
 @dataclass

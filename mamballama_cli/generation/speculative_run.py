@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from collections.abc import Callable
 
 from mamballama_cli.errors import MamballamaError, UsageError
 from mamballama_cli.generation.runners import as_hybrid, is_hybrid

@@ -101,7 +101,7 @@ class HybridCache:
         st = sum(t.numel() * t.element_size() for s in self.mamba.values() for t in s.values())
         return {"kv_bytes": kv, "state_bytes": st}
 
-    def copy_row(self, src: "HybridCache", src_row: int, dst_row: int, n: int) -> None:
+    def copy_row(self, src: HybridCache, src_row: int, dst_row: int, n: int) -> None:
         """Row ``dst_row`` of this cache takes row ``src_row`` of ``src``: the first ``n`` positions of every
         attention layer's K/V and every Mamba layer's whole state (in place: views of this cache stay valid)."""
         for i in self.key:

@@ -192,7 +192,7 @@ class Mamba1Mixer(AttentionInitMixer):
         state["ssm"].copy_(new_state)
         return self.output(y, z)
 
-    def _step_window(self, x: Tensor, win: "Mamba1Window", step: Step) -> Tensor:
+    def _step_window(self, x: Tensor, win: Mamba1Window, step: Step) -> Tensor:
         """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the current window (holding ``step.wlen`` entries) from the live state."""

@@ -352,7 +352,7 @@ class Mamba2Mixer(AttentionInitMixer):
         )  # (batch, n_heads * headdim)
         return fns["gemv"](y.to(self.out_proj.weight.dtype), self.out_proj.weight, self.out_proj.bias)
 
-    def _step_window(self, x: Tensor, win: "Mamba2Window", step: Step) -> Tensor:
+    def _step_window(self, x: Tensor, win: Mamba2Window, step: Step) -> Tensor:
         """x (batch, T, hidden) -> (batch, T, hidden). ``step.rebase``: first replay ``step.keep`` (batch,) steps
         of the old window from the checkpoint, which becomes the new checkpoint, and start a new window; else
         append to the window (which then holds ``step.wlen`` entries) from the live state."""

@@ -179,13 +179,13 @@ class Attention(nn.Module):
         return self.o_proj(out)
 
     # --- inference (models/step.py) ----------------------------------------------------------------------
-    def inference_state(self, cache: HybridCache, window: int = 0, keep_live: bool = False) -> "AttentionState":
+    def inference_state(self, cache: HybridCache, window: int = 0, keep_live: bool = False) -> AttentionState:
         """This layer's K/V buffers in the cache (decode and windows alike: rollback is by length) and the fused
         [q; k; v] projection (:func:`fuse_linears`)."""
         qkv_w, qkv_b = fuse_linears(self, ["q_proj", "k_proj", "v_proj"], cache.device.type == "cpu")
         return AttentionState(cache.key[self.layer_idx], cache.value[self.layer_idx], qkv_w, qkv_b)
 
-    def step(self, x: Tensor, state: "AttentionState", step: Step) -> Tensor:
+    def step(self, x: Tensor, state: AttentionState, step: Step) -> Tensor:
         """New tokens' attention over the static K/V buffers, their own K/V written at their positions."""
         fns = step.fns
         qkv = project_in(x, state.qkv_w, state.qkv_b, fns)  # (..., (n_heads + 2 n_kv) * head_dim)

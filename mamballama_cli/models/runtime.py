@@ -18,7 +18,7 @@ step shape). Both capture through :func:`capture_graph`. The prompt goes through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -53,7 +53,7 @@ class OpTable(dict):
         self[op] = fn
         return fn
 
-    def resolve(self, names) -> "OpTable":
+    def resolve(self, names) -> OpTable:
         for name in names:
             self[name]  # noqa: B018  (resolves it)
         return self
@@ -109,7 +109,7 @@ class NormedInput:
         return self.new_residual
 
 
-def project_in(x, weight: Tensor, bias: Tensor | None, fns: "OpTable") -> Tensor:
+def project_in(x, weight: Tensor, bias: Tensor | None, fns: OpTable) -> Tensor:
     """A mixer's first projection of its input: ``gemv`` of a normed tensor, or, for a :class:`NormedInput`, the
     norm and the projection in one op (the new residual kept on ``x``)."""
     if isinstance(x, NormedInput):

@@ -171,7 +171,7 @@ class TrainConfig:
             raise UsageError(f"--save-dtype {self.save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
         _check_stage_values(self, "")
 
-    def resolved_stages(self) -> list["ResolvedStage"]:
+    def resolved_stages(self) -> list[ResolvedStage]:
         return [resolve_stage(self, Stage(name="train"), 0)]
 
 
@@ -220,7 +220,7 @@ class DistillConfig(TrainConfig):
                 raise UsageError(f"stage {s.name!r}: every loss weight is 0: set --w-kl, --w-rkl, --w-ce, --w-hidden "
                                  "or --w-feature")
 
-    def resolved_stages(self) -> list["ResolvedStage"]:
+    def resolved_stages(self) -> list[ResolvedStage]:
         specs = list(self.stages) or [Stage(name="train")]
         return [resolve_stage(self, st, i) for i, st in enumerate(specs)]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -44,7 +44,7 @@ class Recipe:
     unit: str = "rows"  # what one item is, in the run's first log line
     metric_keys: tuple[str, ...] = ("loss",)  # metric sums of a micro-batch, divided by the loss normaliser
 
-    def eval_unit(self, frozen: bool) -> "ResolvedStage":
+    def eval_unit(self, frozen: bool) -> ResolvedStage:
         """The loss terms of a held-out evaluation (:func:`eval_stage`; a recipe may add to them)."""
         return eval_stage(frozen)
 
@@ -52,7 +52,7 @@ class Recipe:
         """(spec, role): the frozen model to load (None: none) and what it is called ("teacher", "reference")."""
         raise NotImplementedError
 
-    def for_model(self, student) -> "Recipe":
+    def for_model(self, student) -> Recipe:
         """The recipe that trains this student (just loaded): this one, or a specialisation of it."""
         return self
 
@@ -76,7 +76,7 @@ class Recipe:
         """The loss normaliser of a global batch (the items at ``indices``)."""
         raise NotImplementedError
 
-    def loss(self, job: "Job", acc, model, items: list, st: ResolvedStage, cfg, kl_scale: float,
+    def loss(self, job: Job, acc, model, items: list, st: ResolvedStage, cfg, kl_scale: float,
              forward: Forward) -> tuple[torch.Tensor, dict]:
         """Loss sum and metric sums of one micro-batch (tensors on the device; ``n_tokens`` among the metrics)."""
         raise NotImplementedError
