@@ -62,6 +62,13 @@ def test_convert_then_generate_through_the_cli(teacher_dir, tmp_path, capsys, mo
                  stdin="hello from stdin", monkeypatch=monkeypatch)
     assert r2.code == 0, r2.err
 
+    # one new token: no decode rate, said in words on stderr and as null in the stats (strict JSON, not NaN)
+    r3 = run_cli(["generate", out, "--prompt", "hello", "-n", "1", "--stats-json", tmp_path / "one.json"], capsys)
+    assert r3.code == 0, r3.err
+    assert "no decode rate (fewer than 2 new tokens)" in r3.err and "nan" not in r3.err
+    one = json.loads((tmp_path / "one.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the stats"))
+    assert one["new_tokens"] == 1 and one["decode_tokens_per_s"] is None
+
 
 def test_attn_layers_override_and_all_mamba(teacher_dir, tmp_path, capsys):
     r = run_cli(["convert", teacher_dir, "--attn-layers", "2", "--output", tmp_path / "a", "--json"], capsys)

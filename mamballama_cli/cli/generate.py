@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import typer
@@ -95,20 +96,23 @@ def command(
 
     result = generate(lm, tok, ids, sampling, on_text=emit, engine=engine)
     out()
+    rate = result.decode_tokens_per_s
     stats = {
         "model": str(path),
         "prompt_tokens": result.prompt_tokens,
         "new_tokens": result.new_tokens,
         "time_to_first_token_s": round(result.time_to_first_token_s, 4),
         "total_s": round(result.total_s, 4),
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
+        # None, not NaN, where there is no decode rate (fewer than two new tokens): the file stays strict JSON
+        "decode_tokens_per_s": round(rate, 2) if math.isfinite(rate) else None,
         "device": str(next(lm.parameters()).device),
         "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
         "engine": result.engine,
     }
+    decode = (f"decode {rate:.1f} tok/s" if stats["decode_tokens_per_s"] is not None
+              else "no decode rate (fewer than 2 new tokens)")
     err(f"[{stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new; first token "
-        f"{stats['time_to_first_token_s']:.3f} s; decode {stats['decode_tokens_per_s']:.1f} tok/s on "
-        f"{stats['device']} {stats['dtype']}, {stats['engine']}]")
+        f"{stats['time_to_first_token_s']:.3f} s; {decode} on {stats['device']} {stats['dtype']}, {stats['engine']}]")
     if stats_json:
         from mamballama_cli.io import write_json_atomic
 
