@@ -190,12 +190,6 @@ print('window conv in in_proj:', d.get('gemv_spec_conv_shapes'), d.get('gemv_spe
                 timeout -s INT -k 10 "$(left 300)" python3 benchmarks/replay_tiles.py --shape student --k 4,6 \
                     --no-final --json "$OUT/replay-student.json" > "$OUT/replay-student.txt" 2>&1; echo "exit $?"
                 cat "$OUT/replay-student.txt" ;;
-        gemvprobe) stamp "the wider acc tiles at five rows beside the tiles serving now and one row (docs/gpu.md)"
-                timeout "$(left 150)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-acc.json" \
-                    --shapes 1x28672x4096 5x28672x4096 1x4096x14336 5x4096x14336 1x4096x4096 5x4096x4096 \
-                    --only 4,1024,4 16,1024,8 16,128,2,6,dotw 16,512,2,3,dot 32,256,2,4,dotw \
-                    --extra 16,64,4,1,acc 8,128,4,1,acc 16,128,8,1,acc 32,64,8,1,acc 8,64,2,1,acc 4,128,2,1,acc \
-                    > "$OUT/gemv-acc.txt" 2>&1; echo "exit $?"; cat "$OUT/gemv-acc.txt" ;;
         gemvtest) gputest gemv 300 tests/test_gemv_op.py tests/test_gemv_swiglu.py ;;
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \

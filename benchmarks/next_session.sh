@@ -12,12 +12,10 @@
 # H200 (issue 18's line was measured there in the thirtieth session, 2.49x): 1 = issue 17's largest batch at 32K
 # (the 12.5% hybrid against the teacher, same engine) and batch-1 decode of the hybrid without the gate beside the
 # teacher (its "not below the teacher"); 2, 3 = the whole gpu suite on the H200 (issues 15, 17), part1+part2, then
-# part3+part6; 4 = the five-row acc tile probe (gemvprobe, docs/gpu.md), part4+part5 (the large-shape test is in
-# part5) and the Triton cache, within LEFT. Deadlines are for a machine without the Triton cache (the thirtieth
-# session's b1pair ran out of its 160 s compiling).
+# part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the Triton cache, within LEFT. Deadlines are
+# for a machine without the Triton cache (the thirtieth session's b1pair ran out of its 160 s compiling).
 # H100: what the gate is worth in quality at 25% attention, the ratio whose decode speed the gate's cost was measured
-# at (docs/method.md, "The gate"; at 50% the twenty-ninth session's H100 found 0.4%): 1 = the same prep and the
-# five-row acc tile probe (gemvprobe); 2 = the
+# at (docs/method.md, "The gate"; at 50% the twenty-ninth session's H100 found 0.4%): 1 = the same prep; 2 = the
 # quality study of the default teacher's 25% hybrid with and without the gate (d25kr, d25krng: same placement,
 # recipe, data and wall time), started detached; 3, 4 = watch it until it is done and packed. The H100 sessions
 # so far measured the H200's lines as proxies (the suite passing, verify 1.06x, the 12.5% hybrid 6.79x its teacher
@@ -42,12 +40,11 @@ if [[ "$card" == *H200* ]]; then
        run "GATE=0 DEADLINE=250 bash benchmarks/gpu_session.sh b1pair" ;;
     2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
     3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6" ;;
-    4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh gemvprobe part4+part5 tcache" ;;
+    4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
   esac
 else
   case "$step" in
-    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
-       run "DEADLINE=150 bash benchmarks/gpu_session.sh gemvprobe" ;;
+    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep" ;;
     2) run "$GATE_STUDY start" ;;
     3|4) run "$GATE_STUDY watch" ;;
   esac
