@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -189,10 +190,23 @@ def atomic_dir(path: str | Path, lock: bool = True) -> Iterator[Path]:
         _SEEN.pop(path.absolute(), None)
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None, so that strict JSON parsers read it (null, not NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
+    """``data`` as strict JSON (a non-finite float is null: :func:`finite_json`), written under a temporary name,
+    then renamed into place."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(json.dumps(finite_json(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -103,14 +103,12 @@ def command(
         "new_tokens": result.new_tokens,
         "time_to_first_token_s": round(result.time_to_first_token_s, 4),
         "total_s": round(result.total_s, 4),
-        # None, not NaN, where there is no decode rate (fewer than two new tokens): the file stays strict JSON
-        "decode_tokens_per_s": round(rate, 2) if math.isfinite(rate) else None,
+        "decode_tokens_per_s": round(rate, 2),  # NaN under two new tokens: null in the file (write_json_atomic)
         "device": str(next(lm.parameters()).device),
         "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
         "engine": result.engine,
     }
-    decode = (f"decode {rate:.1f} tok/s" if stats["decode_tokens_per_s"] is not None
-              else "no decode rate (fewer than 2 new tokens)")
+    decode = f"decode {rate:.1f} tok/s" if math.isfinite(rate) else "no decode rate (fewer than 2 new tokens)"
     err(f"[{stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new; first token "
         f"{stats['time_to_first_token_s']:.3f} s; {decode} on {stats['device']} {stats['dtype']}, {stats['engine']}]")
     if stats_json:

@@ -172,8 +172,7 @@ def run_speculative(cfg: SpeculativeConfig, on_text: Callable[[str], None] | Non
         plain = generate(target, tok, ids, plain_cfg)
         stats["plain"] = {"new_tokens": plain.new_tokens, "total_s": round(plain.total_s, 4),
                           "time_to_first_token_s": round(plain.time_to_first_token_s, 4),
-                          "decode_tokens_per_s": (round(plain.decode_tokens_per_s, 2)
-                                                  if math.isfinite(plain.decode_tokens_per_s) else None),
+                          "decode_tokens_per_s": round(plain.decode_tokens_per_s, 2),
                           "tokens_per_s": round(plain.new_tokens / plain.total_s, 2) if plain.total_s > 0 else None}
         if plain.new_tokens and s.new_tokens and plain.total_s > 0:
             plain_rate = plain.new_tokens / plain.total_s

@@ -16,7 +16,6 @@ part, so a crash leaves either the whole checkpoint or none; the newest ``keep_c
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
@@ -35,20 +34,9 @@ CKPT_RE = re.compile(r"^step-(\d{8})$")
 CHECKSUMS = "checksums.json"
 
 
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by None, so that strict JSON parsers read it (null, not NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
-
-
 def write_json(path: str | Path, data: Any) -> None:
     """Strict JSON, atomically (used by the trainer for trainer_state.json and training_summary.json)."""
-    write_json_atomic(path, finite_json(data))
+    write_json_atomic(path, data)
 
 
 # --- nested state <-> (tensors, JSON) -------------------------------------------------------------------------

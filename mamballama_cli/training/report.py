@@ -66,7 +66,7 @@ class Reporter:
     def write(self, record: dict) -> None:
         """One strict JSON line: a non-finite value is written as null (a bare NaN breaks strict parsers)."""
         if self.enabled:
-            from mamballama_cli.training.checkpoint import finite_json
+            from mamballama_cli.io import finite_json
 
             self.file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
 
