@@ -22,7 +22,7 @@ def test_the_ledger_counts_a_nested_kind_in_the_inner_one_only():
     inner = ledger.timed("compile", lambda s: time.sleep(s))
 
     def bench():
-        inner(0.12)  # a compile (over SLOW_COMPILE_S) inside the autotuner's benchmark
+        inner(0.3)  # a compile (over SLOW_COMPILE_S) inside the autotuner's benchmark
         inner(0.0)  # a cache hit
         time.sleep(0.05)
         return "best"
@@ -30,7 +30,8 @@ def test_the_ledger_counts_a_nested_kind_in_the_inner_one_only():
     assert ledger.timed("autotune", bench)() == "best"
     (c_s, c_n), (a_s, a_n) = ledger.totals["compile"], ledger.totals["autotune"]
     assert c_n == 2 and a_n == 1 and ledger.compiled == 1
-    assert 0.12 <= c_s < 0.2 and 0.05 <= a_s < 0.1, ledger.totals  # 0.17 s in all, split, not counted twice
+    # 0.35 s in all, split, not counted twice (the bounds leave a loaded machine 0.25 s of oversleep)
+    assert 0.3 <= c_s < 0.55 and 0.05 <= a_s < 0.3, ledger.totals
     row = ledger.record("t::x", 0.3, "gw0")
     assert row["compile_calls"] == 2 and row["autotune_s"] == round(a_s, 3) and row["choice_calls"] == 0
     ledger.reset()
