@@ -11,7 +11,7 @@
 # the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), verifyg (every
 # GEMV kernel's several-row tiles chosen again in CUDA graphs), verifync / verifynt / verifynp / verifyold (verify
 # without the window conv epilogue / the replay's early trigger and split-norm preference / the SwiGLU GEMV's paired
-# tiles / all three), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
+# tiles / all three), verifyr (verify, and a K+1-token call without the replay beside it), maxbatch (eval speed --max-batch at 4K and 32K, MAXBATCH_CONTEXTS), prefill32k (batch 24 x 32K
 # prompts, the shape that crashed one-piece prefill; now chunked), b1cublas (b1 with the gemv op forced to cuBLAS: the
 # A/B of ops/triton_gemv.py), b1nopdl (b1 without the gemv kernels' programmatic-dependent-launch form: its A/B),
 # b1noglu (b1 with [gate; up] and SwiGLU apart, not the gemv_swiglu kernel: its A/B), b1noconv (b1 with in_proj
@@ -153,19 +153,21 @@ for step in $STEPS; do
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
         full) speed full 400 ${SPEED_ARGS:-} ;;
-        verify|verifyx|verifyg|verifync|verifynt|verifynp|verifyold) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
+        verify|verifyx|verifyg|verifync|verifynt|verifynp|verifyold|verifyr) nv=1; v="speculative-$step${GATE:+$( [ "$GATE" = 0 ] && echo -nogate )}"  # a repeat: -2, -3, ...
                 base=$v; while [ -e "$OUT/$v.json" ] || [ -e "$OUT/$v.txt" ]; do nv=$(( nv + 1 )); v="$base-$nv"; done
                 # verifyx: the same with the gemv op's EXTRA tiles offered to its autotuner (the A/B for SKINNY);
                 # verifyg: with every GEMV kernel's several-row tiles chosen again in CUDA graphs (ops/gemv_tuning.py);
                 # verifync: the window's in_proj and conv apart; verifynt: the replay without its early trigger and
                 # the fastest replay tile, split-norm or not; verifynp: the SwiGLU GEMV without its paired tiles
                 # (twenty-seventh session); verifyold: all three, as before the twenty-fourth session's cuts, for the
-                # A/B on one machine
+                # A/B on one machine; verifyr: also a K+1-token call without the replay (--no-replay-call), what
+                # the call would cost if every layer's replay left the layer walk
                 case $step in
                     verifync) ab="--no-spec-conv" ;;
                     verifynt) ab="--no-replay-trigger --replay-norm-margin 0" ;;
                     verifynp) ab="--no-paired-glu" ;;
                     verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0 --no-paired-glu" ;;
+                    verifyr) ab="--no-replay-call" ;;
                     *) ab="" ;;
                 esac
                 stamp "$step vs plain step (8B shape, K=4), run $nv"

@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--replay-norm-margin", type=float, default=None, metavar="SHARE",
                     help="keep a split-norm replay tile over the fastest tile unless that one is faster by more "
                     "than SHARE (ops/replay_tiles.py NORM_IN_KERNEL_MARGIN, default 0.05; 0: the fastest tile)")
+    ap.add_argument("--no-replay-call", action="store_true",
+                    help="also time a call on K+1 tokens without the replay (continuing a window from its live state, "
+                    "round_parts' no_replay): the most a verify call could gain if the replay left the layer walk")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
     args = ap.parse_args()
@@ -213,7 +216,8 @@ def main() -> None:
     # runner, one verify call on K+1 tokens, one draft step: each captured the way speculative_generate runs it.
     profile = (lambda runner, pos: profile_tables(runner, pos, K, target, capacity, prompt, args.profile)) \
         if args.profile else None
-    parts = round_parts(target, draft, prompt, K, capacity, args.iters, on_runner=profile)
+    parts = round_parts(target, draft, prompt, K, capacity, args.iters, on_runner=profile,
+                        no_replay=args.no_replay_call)
     plain_ms, plain_engine = parts["plain_step_ms"], parts["plain_engine"]
     runner_plain_ms, verify_ms = parts["runner_plain_step_ms"], parts["verify_step_ms"]
     draft_ms = parts["draft_step_ms"]
@@ -221,6 +225,10 @@ def main() -> None:
     print(f"[{time.perf_counter() - t0:.0f} s] parts: verify (K+1={K + 1}) {verify_ms[K + 1]:.3f} ms = "
           f"{verify_ms[K + 1] / plain_ms:.3f}x plain step {plain_ms:.3f} ms; draft step {draft_ms:.3f} ms",
           file=sys.stderr, flush=True)
+    if "verify_step_ms_no_replay" in parts:
+        no_rep = parts["verify_step_ms_no_replay"]
+        print(f"[{time.perf_counter() - t0:.0f} s] without the replay: {no_rep:.3f} ms = {no_rep / plain_ms:.3f}x",
+              file=sys.stderr, flush=True)
 
     verify = verify_ms[K + 1]  # the most replay work a call can have (all K drafts and the bonus kept)
 
@@ -256,6 +264,9 @@ def main() -> None:
             "runner_plain_step_ms": round(runner_plain_ms, 4),
             "verify_step_ms": round(verify, 4),
             "verify_step_ms_replay1": round(verify_ms[1], 4),
+            **({"verify_step_ms_no_replay": round(parts["verify_step_ms_no_replay"], 4),
+                "no_replay_over_plain": round(parts["verify_step_ms_no_replay"] / plain_ms, 3)}
+               if "verify_step_ms_no_replay" in parts else {}),
             "draft_step_ms": round(draft_ms, 4),
             "verify_over_plain": round(verify / plain_ms, 3),
             "verify_target_met": verify / plain_ms <= 1.25,

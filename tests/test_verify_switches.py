@@ -72,11 +72,12 @@ def test_the_script_takes_the_options_and_gpu_session_names_the_steps():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speculative_verify.py"), "--help"],
                          capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    for option in ("--no-spec-conv", "--no-replay-trigger", "--replay-norm-margin", "--no-paired-glu"):
+    for option in ("--no-spec-conv", "--no-replay-trigger", "--replay-norm-margin", "--no-paired-glu", "--no-replay-call"):
         assert option in out.stdout
     session = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     assert 'verifyold) ab="--no-spec-conv --no-replay-trigger --replay-norm-margin 0 --no-paired-glu"' in session
     assert 'verifynp) ab="--no-paired-glu"' in session
+    assert 'verifyr) ab="--no-replay-call"' in session
 
 
 def test_a_run_cut_short_after_the_parts_keeps_them_in_its_json(tmp_path, monkeypatch):
@@ -103,3 +104,30 @@ def test_a_run_cut_short_after_the_parts_keeps_them_in_its_json(tmp_path, monkey
     # the ratio is rounded from the unrounded times, so the stored (4-decimal) times give it to within 0.001
     assert got["verify_over_plain"] == pytest.approx(got["verify_step_ms"] / got["plain_step_ms"], abs=1.5e-3)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_no_replay_call_is_timed_on_a_runner_of_its_own(tmp_path, monkeypatch):
+    """``--no-replay-call`` times a K+1-token call that continues a window from the live state: the replay op runs
+    without old steps (``read_old=False``), and the JSON gives its time beside the verify call's."""
+    sv = _script()
+    out = tmp_path / "verify.json"
+    from mamballama_cli import ops
+    from mamballama_cli.ops import replay  # noqa: F401  (registers the replay ops' references)
+
+    seen = []
+    real = ops.REFERENCES["ssm_replay_gated"]
+
+    def spy(*args, **kwargs):
+        seen.append((args[5].shape[1], kwargs.get("read_old", True)))  # (new steps, whether it replays old ones)
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(ops.REFERENCES, "ssm_replay_gated", spy)  # the CPU runs the references
+    argv = ["speculative_verify.py", "--shape", "tiny", "--device", "cpu", "--iters", "2", "--context", "16",
+            "--loop-tokens", "0", "--no-replay-call", "--json", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    sv.main()
+    got = json.loads(out.read_text())
+    assert got["complete"] is True and got["verify_step_ms_no_replay"] > 0
+    assert got["no_replay_over_plain"] == pytest.approx(got["verify_step_ms_no_replay"] / got["plain_step_ms"],
+                                                        abs=1.5e-3)
+    assert (5, False) in seen and (5, True) in seen  # K = 4: the continuing call and the verify call
