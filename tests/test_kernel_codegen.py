@@ -190,7 +190,7 @@ def test_the_compile_check_covers_every_tile_and_reports_a_failing_one_without_s
 
     # and every tile the replay op times, at K = 4 (the first tile above, at every K)
     tiles = {(*j[1:7], tuple(j[8])) for j in jobs if j[0] == "replay" and len(j) > 7}
-    split = [(32, 4, 0, 1), (16, 2, 1, 1), (32, 4, 2, 1)]  # the gated op's split-norm tiles at the 8B head
+    split = [(32, 4, 0, 1), (32, 4, 2, 1), (32, 8, 2, 1)]  # the gated op's split-norm tiles at the 8B head
     assert tiles == {(w, 5, p, n, gated, slotted, t) for w in (0, 5) for p, n, gated in kernel_sass.REPLAY_SHAPES
                      for slotted in (False, True) for t in triton_replay.replay_tiles(p, n, gated)[1:]} | {
         (w, 5, 128, 128, True, slotted, t) for w in (0, 5) for slotted in (False, True) for t in split}
@@ -222,30 +222,34 @@ def _loads_before_a_store(ptx: str) -> int:
 def test_every_replay_tile_keeps_its_state_in_registers_and_the_window_form_loads_it_first():
     """The Mamba-2 replay kernel's candidates (ops/replay_tiles.py) at a K = 4 verify window, for the 8B head (128 x
     128, tiled; gated: also with the norm split over a head's programs) and the default teacher's (64 x 64, one
-    program a head): none spills; the form that loads the window first (FORM 1) issues at most a third of the first
-    tile's global loads; the form that loads the new steps ahead (FORM 2) issues more loads before its first store
-    (the first two new steps') than the first tile; the chunked form (FORM 3, one program a head) issues every load
-    before its first store; the split-norm tiles count themselves with one acq_rel atomic
-    and read the rows back past L1; every tile, in its sm90 form, lets its successor launch early."""
+    program a head): none spills; the form that loads the new steps ahead (FORM 2, at 4 and 8 warps) issues a larger
+    share of its loads before its first store (the first two new steps') than the first tile, and at 8 warps fewer
+    instructions a thread than at 4 (a tile's state over twice the threads); the chunked form (FORM 3, one program a head) issues
+    every load before its first store; the split-norm tiles count themselves with one acq_rel atomic and read the
+    rows back past L1; every tile, in its sm90 form, lets its successor launch early."""
     from mamballama_cli.ops.replay_tiles import gated_tiles, replay_tiles
 
     for p, n, gated in ((128, 128, False), (64, 64, True), (128, 128, True)):
         tiles = gated_tiles(p, n) if gated else replay_tiles(p, n, False)
-        ptx = {}
+        ptx, issued = {}, {}
         for tile in tiles:
             kernel = kernel_sass.compile_replay(5, 5, p, n, gated, True, 90, tile)
             assert _resources(kernel)[1] == 0, (p, n, tile)
             ptx[tile] = kernel.asm["ptx"]
+            issued[tile] = sum(1 for line in kernel_sass._objdump(kernel, "-sass").splitlines()
+                               if kernel_sass.ROW.match(line))
             # sm90: the projection after the op may start loading its weights while the replay runs (TRIGGER)
             assert "griddepcontrol.launch_dependents" in ptx[tile], (p, n, tile)
         first = ptx[tiles[0]]
         assert tiles[0][2] == 0 and len(tiles) >= 1 + (p == 128), tiles
         assert any(t[2] == 3 for t in tiles) == (gated and p == 64), tiles  # chunked where a head fits a program
         for tile in tiles[1:]:
-            if tile[2] == 1:  # the window loaded first
-                assert 3 * ptx[tile].count("ld.global") <= first.count("ld.global"), tile
-            if tile[2] == 2:  # the new steps' loads ahead: the first two steps' go out before the first store
-                assert _loads_before_a_store(ptx[tile]) > _loads_before_a_store(first), tile
+            if tile[2] == 2:  # the new steps' loads ahead: the first two steps' go out before the first store (a
+                # share of the thread's loads: at 8 warps a thread has fewer)
+                ahead, whole = _loads_before_a_store(ptx[tile]), ptx[tile].count("ld.global")
+                assert ahead * first.count("ld.global") > _loads_before_a_store(first) * whole, tile
+                if tile[1] == 8:  # the same tile at 4 warps issues more a thread
+                    assert issued[tile] < issued[(tile[0], 4, *tile[2:])], (p, n, tile, issued)
             if tile[2] == 3:  # the chunked form: every load of the window before its first store, no chain of steps
                 assert _loads_before_a_store(ptx[tile]) == ptx[tile].count("ld.global") > 0, tile
             if len(tile) > 3:  # the split norm: one acq_rel count after a barrier, the rows read back past L1

@@ -21,21 +21,24 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 
 
 # The candidates, (rows of replay_tile's BLOCK_P divided by, num_warps, FORM). The first (FORM 0) loads each step's
-# inputs after the last step's stores; FORM 1 loads the whole window first, then goes step by step. On an H100 at
-# the 8B head (a K = 4 window, plain and gated, slotted and not; benchmarks/replay_tiles.py, docs/gpu.md, the
-# seventeenth session) the first won every shape, 9.4-12.3 us a call, then 16 rows with 2 warps in FORM 1 (11.8-13.8);
-# that one won a smaller head (64 x 128) by 2%. The six others tried there (FORM 1 at 4 and 8 warps, 13.6-27.6 us;
-# a chunked form in float32 dots, 13.6-17.8 us; whole-head tiles for the gated op, 75-205 us) are gone: each
-# candidate compiles on a shape's first call, and with eight of them a verify benchmark's first calls took over
-# 240 s on an H200. FORM 2 (since the eighteenth session; on an H100 it won every verify window at the default
-# teacher's head, 8.06 against 11.4 us at K = 4, the twenty-first session) is the first tile with the new
-# steps' loads two steps ahead of their use: FORM 0's loads of a step wait behind the last step's stores (the
-# compiler cannot move a load above a store it cannot prove apart), so each new step there waits on memory once.
-# FORM 3 (the twenty-second session; not yet timed on a GPU) is the chunked form for a head that fits one program
-# (ops/triton_replay_math.py): the window as a few float32 dots and one norm, where the other forms are a chain of
-# dependent steps on as few programs as the model has heads (the default teacher's nine).
-REPLAY_FORMS = ((1, 4, 0), (2, 2, 1), (1, 4, 2))
-FORM_NAMES = ("", "p", "f", "c")
+# inputs after the last step's stores. On an H100 at the 8B head (a K = 4 window, plain and gated, slotted and not;
+# benchmarks/replay_tiles.py, docs/gpu.md, the seventeenth session) the first won every shape, 9.4-12.3 us a call;
+# the six others tried there (FORM 1, the window loaded first, at 4 and 8 warps, 13.6-27.6 us; a chunked form in
+# float32 dots, 13.6-17.8 us; whole-head tiles for the gated op, 75-205 us) are gone: each candidate compiles on a
+# shape's first call, and with eight of them a verify benchmark's first calls took over 240 s on an H200. FORM 2
+# (since the eighteenth session) is the first tile with the new steps' loads two steps ahead of their use: FORM 0's
+# loads of a step wait behind the last step's stores (the compiler cannot move a load above a store it cannot prove
+# apart), so each new step there waits on memory once. It has won every verify window timed since (9.9 us against
+# 11.1 for FORM 0 at the 8B head on the H200, the thirtieth session). FORM 1 at 16 rows and 2 warps lost at every
+# shape there (13.1 us) and was removed in the thirty-second session for FORM 2 at 8 warps: at the 8B head one
+# program of 4 warps a (32 x 128) tile leaves an SM 4 warps, and a K = 4 window is a chain of dependent steps, so
+# the kernel waits on its own latency; compiled for sm90 (benchmarks/kernel_sass.py, triton 3.9), 8 warps issue 28%
+# fewer instructions a thread (2,352 against 3,256; with the split norm 2,568 against 3,608) and 9-14 barriers
+# instead of 39-46, not yet timed on a GPU. FORM 3 (the twenty-second session) is the chunked form for a head that
+# fits one program (ops/triton_replay_math.py): the window as a few float32 dots and one norm, where the other forms
+# are a chain of dependent steps on as few programs as the model has heads (the default teacher's nine).
+REPLAY_FORMS = ((1, 4, 0), (1, 4, 2), (1, 8, 2))
+FORM_NAMES = ("", "p", "f", "c")  # "p": FORM 1, removed (its name read in older results)
 CHUNKED_WARPS = (4, 8)  # the chunked tiles' num_warps: under triton 3.6 for sm90 at K = 6, 4,024 instructions a
 # thread at 4 warps and 2,408 at 8 (fewer a thread, more in all): which issues faster on nine SMs is the timing's call
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
@@ -81,15 +84,16 @@ def norm_in_kernel(tile, p: int, gated: bool) -> tuple[bool, bool]:
 
 
 def window_rows(W: int, T: int, form: int = 1) -> tuple[int, int]:
-    """(WP, TP): the rows of FORM 1's tiles of the window's old and new steps, W and T rounded up to powers of two;
-    of FORM 3's (the chunked form: the rows of its dots), at least 16."""
+    """(WP, TP): the rows of the tiles of the window's old and new steps that FORM 3 (the chunked form) loads, W and
+    T rounded up to powers of two, at least 16 (the rows of its dots); of the other forms, which read none, W and T
+    rounded up."""
     least = 16 if form == 3 else 1
     return max(_next_pow2(max(W, 1)), least), max(_next_pow2(max(T, 1)), least)
 
 
 def tile_name(tile) -> str:
-    """``32x4`` (BLOCK_P x num_warps), ``p`` appended for FORM 1, ``f`` for FORM 2, ``c`` for FORM 3 (chunked), ``n``
-    for the norm split over a head's programs."""
+    """``32x4`` (BLOCK_P x num_warps), ``f`` appended for FORM 2, ``c`` for FORM 3 (chunked), ``n`` for the norm split
+    over a head's programs (``p`` for the removed FORM 1)."""
     return f"{tile[0]}x{tile[1]}{FORM_NAMES[int(tile[2])]}{'n' if splits_norm(tile) else ''}"
 
 

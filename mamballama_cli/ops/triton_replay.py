@@ -8,20 +8,20 @@ new steps, writing one output row per step. State traffic is one read and one or
 K is; no GEMMs.
 
 The kernel unrolls the window's steps (its sizes are compile-time constants). Steps past a row's count run with
-dt = 0, the identity. No step's inputs depend on the state: ``FORM`` 1 loads them all before the first step (the
-window's x, dt, B and C as (steps x block) tiles), so that a call waits on memory once rather than once a step (a
-store between two steps keeps the compiler from moving the next step's loads ahead of it), then takes each step's
-row out of the tiles. ``FORM`` 2 keeps FORM 0's per-step loads but issues the new steps' two steps ahead of their
-use (steps 0 and 1 during the replay), so that no new step waits on memory behind the last step's stores. Which
-tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On an H100 at the 8B head the
-first tile (FORM 0) won at every verify shape (docs/device-sessions.md, the seventeenth session); a chunked form
-(the window as float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x and 6-18x
-slower. FORM 2 came after that; at the default teacher's head (64 x 64, one program a head) it won every verify
-window on an H100 (8.1 against 11.4 us at K = 4, the twenty-first session). ``FORM`` 3 (since the twenty-second
-session, offered where a head fits one program; at the default teacher's head on an H100, 8.42 us against 10.60 for
-FORM 2 at K = 6, the twenty-third session) loads the window as FORM 1 does, then computes it in its chunked form, a
-few float32 dots over the window and one gated norm for all its rows, not a chain of steps
-(:mod:`mamballama_cli.ops.triton_replay_math`).
+dt = 0, the identity. No step's inputs depend on the state, but a store between two steps keeps the compiler from
+moving the next step's loads ahead of it: ``FORM`` 2 keeps FORM 0's per-step loads but issues the new steps' two
+steps ahead of their use (steps 0 and 1 during the replay), so that no new step waits on memory behind the last
+step's stores. Which tile and form runs at a shape is timed once, in CUDA graphs (:func:`replay_tiles`). On an H100
+at the 8B head the first tile (FORM 0) won at every verify shape (docs/device-sessions.md, the seventeenth session);
+a chunked form (the window as float32 dots) and whole-head tiles for the gated op were tried there and removed, 1.4x
+and 6-18x slower. FORM 2 came after that and has won every verify window timed since, at the default teacher's head
+(64 x 64, one program a head: 8.1 against 11.4 us at K = 4 on an H100, the twenty-first session) and at the 8B head
+(9.9 us against 11.1 for FORM 0 on the H200, the thirtieth). FORM 1, which loaded the whole window as (steps x
+block) tiles before the first step, lost at every shape and was removed in the thirty-second session. ``FORM`` 3
+(since the twenty-second session, offered where a head fits one program; at the default teacher's head on an H100,
+8.42 us against 10.60 for FORM 2 at K = 6, the twenty-third session) loads the window as (steps x block) tiles,
+then computes it in its chunked form, a few float32 dots over the window and one gated norm for all its rows, not a
+chain of steps (:mod:`mamballama_cli.ops.triton_replay_math`).
 
 ``ssm_replay_gated`` is the same kernel with the Mamba-2 mixer's gated RMSNorm over each head applied to each
 output row before it is stored, one program a head (its whole row is then in that program), so a verify window
@@ -71,12 +71,10 @@ from mamballama_cli.ops.replay_tiles import (
     window_rows,
 )
 from mamballama_cli.ops.triton_replay_math import (
-    _at,
     _chunked_replay,
     _chunked_window,
     _gated_norm,
     _new_step,
-    _row,
     _softplus,
     _tile,
 )
@@ -117,10 +115,10 @@ def _replay_kernel(
     TRIGGER: tl.constexpr = False,
 ):
     # Steps past the row's count run with dt = 0 and x = B = 0: the identity. FORM 0: the window's steps unrolled
-    # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 1 loads
-    # every input of the window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers of
-    # two), then runs the steps in turn, each taking its row out of the tiles. FORM 2: FORM 0 with the new steps'
-    # loads two steps ahead (steps 0 and 1 before the replay). SPLIT_NORM (the gated op where a head
+    # (W and T are compile-time constants), each loading its own inputs after the last step's stores. FORM 2: FORM 0
+    # with the new steps' loads two steps ahead (steps 0 and 1 before the replay). FORM 3 loads every input of the
+    # window first, as (steps x block) tiles of WP and TP rows (W and T rounded up to powers of two, at least 16),
+    # and computes the window in its chunked form. SPLIT_NORM (the gated op where a head
     # spans several programs): each program writes its rows of the gated outputs, in float32, to the y32 scratch
     # (batch x heads, T, headdim) and counts itself in cnt once it is done; the last of a head's programs to count
     # normalises the head's rows of every step (HEAD_P: headdim padded), stores them, and resets the count. No program
@@ -163,7 +161,7 @@ def _replay_kernel(
         Dh = tl.load(D_ptr + h).to(tl.float32)
     if GATED:
         nw = tl.load(nw_ptr + h * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    if FORM == 1 or FORM == 3:  # FORM 3, the chunked form, reads the same tiles (ops/triton_replay_math.py)
+    if FORM == 3:  # the chunked form reads the window as tiles (ops/triton_replay_math.py)
         rw = tl.arange(0, WP)
         on_w = rw < r  # the loads are masked by W alone (no wait on r), the steps past r zeroed after
         xo = tl.load(x_old_ptr + b * xo_sb + rw[:, None] * xo_st + g * xo_sg + offs_p[None, :] * xo_sp,
@@ -216,17 +214,14 @@ def _replay_kernel(
     if FORM == 3:
         s = _chunked_replay(s, xo, dto, Bo, rw, A)
     for t in tl.static_range(0 if FORM == 3 else W):  # t < W: every load is inside the window; only t < r replay
-        if FORM == 1:
-            x, dt, Bv = _row(xo, rw, t), _at(dto, rw, t), _row(Bo, rw, t)
-        else:
-            on_p = mask_p & (offs_p * 0 + t < r)
-            on_n = mask_n & (offs_n * 0 + t < r)
-            x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
-                        other=0.0).to(tl.float32)
-            dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
-            dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
-            Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
-                         other=0.0).to(tl.float32)
+        on_p = mask_p & (offs_p * 0 + t < r)
+        on_n = mask_n & (offs_n * 0 + t < r)
+        x = tl.load(x_old_ptr + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp, mask=on_p,
+                    other=0.0).to(tl.float32)
+        dt = tl.load(dt_old_ptr + b * dto_sb + t * dto_st + h * dto_sh).to(tl.float32)
+        dt = tl.where(t < r, _softplus(dt + dt_bias), 0.0)
+        Bv = tl.load(B_old_ptr + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn, mask=on_n,
+                     other=0.0).to(tl.float32)
         s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
     tl.store(_tile(state_out_ptr + b * so_sb + h * so_sh, offs_p, so_sp, offs_n, so_sn),
              s.to(state_out_ptr.dtype.element_ty), mask=mask)
@@ -241,37 +236,32 @@ def _replay_kernel(
         tl.store(y_ptr + b * y_sb + rt[:, None] * y_st + h * y_sh + offs_p[None, :] * y_sp,
                  y.to(y_ptr.dtype.element_ty), mask=on_t[:, None] & mask_p[None, :])
     for t in tl.static_range(0 if FORM == 3 else T):
-        if FORM == 1:
-            x, dt, Bv, Cv = _row(xn, rt, t), _at(dtn, rt, t), _row(Bn, rt, t), _row(Cn, rt, t)
-            if HAS_Z:
-                zt = _row(zn, rt, t)
+        if FORM == 2:  # step t's inputs came two steps ago; step t + 2's loads go out before this step's stores
+            x_raw, dt_raw, B_raw, Cv, zt = n0
+            n0 = n1
+            if t + 2 < T:
+                n1 = _new_step(xb, dtb, Bb, Cb, zb, t + 2, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z)
         else:
-            if FORM == 2:  # step t's inputs came two steps ago; step t + 2's loads go out before this step's stores
-                x_raw, dt_raw, B_raw, Cv, zt = n0
-                n0 = n1
-                if t + 2 < T:
-                    n1 = _new_step(xb, dtb, Bb, Cb, zb, t + 2, x_st, dt_st, B_st, C_st, z_st, mask_p, mask_n, HAS_Z)
-            else:
-                x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
-                dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
-                B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
-            if SLOTTED:
-                tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
-                         x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
-                tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
-                         B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
-                tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
-                         (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
-                         mask=dt_lane)
-            x = x_raw.to(tl.float32)
-            dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
-            Bv = B_raw.to(tl.float32)
-            if FORM != 2:
-                Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
+            x_raw = tl.load(x_ptr + b * x_sb + t * x_st + g * x_sg + offs_p * x_sp, mask=mask_p, other=0.0)
+            dt_raw = tl.load(dt_ptr + b * dt_sb + t * dt_st + h * dt_sh)
+            B_raw = tl.load(B_ptr + b * B_sb + t * B_st + g * B_sg + offs_n * B_sn, mask=mask_n, other=0.0)
+        if SLOTTED:
+            tl.store(x_save + b * xo_sb + t * xo_st + g * xo_sg + offs_p * xo_sp,
+                     x_raw.to(x_save.dtype.element_ty), mask=x_lanes)
+            tl.store(B_save + b * Bo_sb + t * Bo_st + g * Bo_sg + offs_n * Bo_sn,
+                     B_raw.to(B_save.dtype.element_ty), mask=B_lanes)
+            tl.store(dt_save + b * dto_sb + t * dto_st + h * dto_sh + offs_p * 0,
+                     (dt_raw + tl.zeros([BLOCK_P], dtype=tl.float32)).to(dt_save.dtype.element_ty),
+                     mask=dt_lane)
+        x = x_raw.to(tl.float32)
+        dt = _softplus(dt_raw.to(tl.float32) + dt_bias)
+        Bv = B_raw.to(tl.float32)
+        if FORM != 2:
+            Cv = tl.load(C_ptr + b * C_sb + t * C_st + cg * C_sg + offs_n * C_sn, mask=mask_n,
+                         other=0.0).to(tl.float32)
+            if HAS_Z:
+                zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
                              other=0.0).to(tl.float32)
-                if HAS_Z:
-                    zt = tl.load(z_ptr + b * z_sb + t * z_st + h * z_sh + offs_p * z_sp, mask=mask_p,
-                                 other=0.0).to(tl.float32)
         s = s * tl.exp(dt * A) + (dt * x)[:, None] * Bv[None, :]
         y = tl.sum(s * Cv[None, :], axis=1)
         if HAS_D:
