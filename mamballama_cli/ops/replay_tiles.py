@@ -32,9 +32,9 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 # 11.1 for FORM 0 at the 8B head on the H200, the thirtieth session). FORM 1 at 16 rows and 2 warps lost at every
 # shape there (13.1 us) and was removed in the thirty-second session for FORM 2 at 8 warps: at the 8B head one
 # program of 4 warps a (32 x 128) tile leaves an SM 4 warps, and a K = 4 window is a chain of dependent steps, so
-# the kernel waits on its own latency; compiled for sm90 (benchmarks/kernel_sass.py, triton 3.9), 8 warps issue 28%
-# fewer instructions a thread (2,352 against 3,256; with the split norm 2,568 against 3,608) and 9-14 barriers
-# instead of 39-46, not yet timed on a GPU. FORM 3 (the twenty-second session) is the chunked form for a head that
+# the kernel waits on its own latency; compiled for sm90 (benchmarks/kernel_sass.py), 8 warps issue 28% fewer
+# instructions a thread (triton 3.6, the H200's: 2,352 against 3,280, with the split norm 2,544 against 3,576; triton
+# 3.9 the same within 1%) and 9-11 barriers instead of 39-43; not yet timed on a GPU. FORM 3 (the twenty-second session) is the chunked form for a head that
 # fits one program (ops/triton_replay_math.py): the window as a few float32 dots and one norm, where the other forms
 # are a chain of dependent steps on as few programs as the model has heads (the default teacher's nine).
 REPLAY_FORMS = ((1, 4, 0), (1, 4, 2), (1, 8, 2))
