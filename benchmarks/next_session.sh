@@ -10,14 +10,17 @@
 # Call 1 prints the card; both cards take the same carries (the H200's calls leave the teacher and data unused).
 #
 # H200 (issue 18's line was measured there in the thirtieth session, 2.49x): 1 = issue 17's largest batch at 32K
-# (the 12.5% hybrid against the teacher, same engine) and batch-1 decode of the hybrid without the gate beside the
-# teacher (its "not below the teacher"); 2, 3 = the whole gpu suite on the H200 (issues 15, 17), part1+part2, then
+# (the 12.5% hybrid against the teacher, same engine) and issue 15's verify call at the 8B shape with the replay's
+# 8-warp tile among those timed, beside the same call without its replay (verifyr; the batch-1 pair without the
+# gate, 236.5 against 234.5 tok/s there on 2026-12-05, waits on the user's call on the gate); 2, 3 = the whole gpu
+# suite on the H200 (issues 15, 17), part1+part2, then
 # part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the Triton cache, within LEFT. Deadlines are
 # for a machine without the Triton cache (the thirtieth session's b1pair ran out of its 160 s compiling).
 # H100: what the gate is worth in quality at 25% attention, the ratio whose decode speed the gate's cost was measured
 # at (docs/method.md, "The gate"; at 50% the twenty-ninth session's H100 found 0.4%): 1 = the same prep; 2 = the
 # quality study of the default teacher's 25% hybrid with and without the gate (d25kr, d25krng: same placement,
-# recipe, data and wall time), started detached; 3, 4 = watch it until it is done and packed. The H100 sessions
+# recipe, data and wall time), started detached, after verifyr in call 1 where LEFT leaves the study 1,200 s;
+# 3, 4 = watch it until it is done and packed. The H100 sessions
 # so far measured the H200's lines as proxies (the suite passing, verify 1.06x, the 12.5% hybrid 6.79x its teacher
 # at 32K); without the gate the hybrid reads the teacher's bytes at batch 1.
 # DRY=1 prints the commands instead.
@@ -37,14 +40,15 @@ GATE_STUDY="RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_d
 if [[ "$card" == *H200* ]]; then
   case "$step" in
     1) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
-       run "GATE=0 DEADLINE=250 bash benchmarks/gpu_session.sh b1pair" ;;
+       run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr" ;;
     2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
     3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6" ;;
     4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
   esac
 else
   case "$step" in
-    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep" ;;
+    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
+       if (( ${LEFT:-0} - 250 >= 1200 )); then run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi ;;
     2) run "$GATE_STUDY start" ;;
     3|4) run "$GATE_STUDY watch" ;;
   esac

@@ -29,16 +29,12 @@ def cuda_time(fn, iters: int, warmup: int = 5) -> float:
     return (time.perf_counter() - t) * 1000 / iters
 
 
-def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iters: int, on_runner=None,
-                no_replay: bool = False) -> dict:
+def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iters: int, on_runner=None) -> dict:
     """Milliseconds: ``plain_step_ms`` (the static decoder of `generate`), ``runner_plain_step_ms`` (the same step
     through the speculative runner), ``verify_step_ms`` by how many tokens it keeps (1 and K+1: the replay does
     more work the more it keeps), ``draft_step_ms``; ``plain_engine`` names the plain step's engine and
     ``verify_backends`` the implementation of each op the verify calls ran.
-    ``on_runner(runner, pos)`` runs with the target's runner before its verify timings (kernel profiles).
-    ``no_replay``: also ``verify_step_ms_no_replay``, a call on K+1 tokens that continues a window from the state
-    after it (a hybrid draft's call: no replay, and the state written once) on a runner of its own: what a verify
-    call would cost if every layer's replay ran elsewhere, e.g. all layers' in one launch before the walk."""
+    ``on_runner(runner, pos)`` runs with the target's runner before its verify timings (kernel profiles)."""
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.lookup import is_lookup_draft
     from mamballama_cli.generation.runners import as_hybrid, is_hybrid
@@ -79,15 +75,6 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     # which implementation ran each op of the verify walk (a kernel whose probe failed runs its reference)
     out["verify_backends"] = dict(sorted(runner.runtime.fns.backends.items()))
     runner.runtime = runner.cache = None  # free its buffers before the next one
-    if no_replay:
-        runner, _ = timed_calls(target, [(K + 1, False, 0)], keep_live=True)
-
-        def go_on():
-            runner.start, runner.wlen, runner.keep = [pos], 0, [K + 1]
-            runner.extend(ids, rebase=False)  # from the live state: the replay op without old steps
-        ids = torch.zeros(1, K + 1, dtype=torch.long, device=device)
-        out["verify_step_ms_no_replay"] = cuda_time(go_on, iters)
-        runner.runtime = runner.cache = None
     if is_lookup_draft(draft):  # all K proposals come from one pass: a K-th of it per draft token
         out["lookup_ms"] = lookup_ms(draft, prompt, K, capacity, iters)
         out["draft_step_ms"] = out["lookup_ms"] / K
@@ -100,6 +87,27 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     if graphs:
         torch.cuda.empty_cache()
     return out
+
+
+def no_replay_ms(target, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
+    """Milliseconds of a call on K+1 tokens that continues a window from the state after it (a hybrid draft's
+    call: the replay op without old steps, the state written once), on a runner of its own, captured on CUDA: what
+    a verify call would cost if every layer's replay ran elsewhere, e.g. all layers' in one launch before the walk."""
+    from mamballama_cli.generation.speculative import HybridRunner
+
+    device, pos = prompt.device, prompt.shape[1]
+    runner = HybridRunner(target, 1, capacity, window=K + 1, keep_live=True)
+    if device.type == "cuda":
+        runner.capture([(K + 1, False, 0)])
+    runner.prefill(prompt)
+    ids = torch.zeros(1, K + 1, dtype=torch.long, device=device)
+
+    def go_on():
+        runner.start, runner.wlen, runner.keep = [pos], 0, [K + 1]  # same position every call
+        runner.extend(ids, rebase=False)
+    ms = cuda_time(go_on, iters)
+    runner.runtime = runner.cache = None
+    return ms
 
 
 def feature_draft_step_ms(draft, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:

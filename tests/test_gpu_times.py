@@ -291,7 +291,7 @@ def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_k
 
 
 _H200 = {"1": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch",
-               "GATE=0 DEADLINE=250 bash benchmarks/gpu_session.sh b1pair"],
+               "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"],
          "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2"],
          "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6"],
          "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}  # LEFT=300, less 40
@@ -317,6 +317,12 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
+    # an H100 that comes with time for the study and more (LEFT 1,450 s and up) times verifyr after the prep
+    first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": "1500"},
+                           capture_output=True, text=True, timeout=60, check=False)
+    commands = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
+    verifyr = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"
+    assert (len(commands) == 2 and verifyr in commands[1]) if "H100" in card else len(commands) == 2, first.stdout
 
 
 def test_a_real_triton_cache_unpacked_elsewhere_is_a_hit_without_compiling(tmp_path, monkeypatch):
