@@ -38,7 +38,6 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     from mamballama_cli.generation.fast import StaticDecoder
     from mamballama_cli.generation.lookup import is_lookup_draft
     from mamballama_cli.generation.runners import as_hybrid, is_hybrid
-    from mamballama_cli.generation.speculative import HybridRunner
     from mamballama_cli.models.feature_draft import is_feature_draft
 
     if not is_hybrid(draft) and not is_lookup_draft(draft):
@@ -52,22 +51,7 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     out = {"plain_engine": dec.engine, "plain_step_ms": plain_ms}
     dec = None
 
-    def timed_calls(model, shapes, keep_live=False):
-        runner = HybridRunner(model, 1, capacity, window=K + 1, keep_live=keep_live)
-        if graphs:
-            runner.capture(shapes)
-        runner.prefill(prompt)
-
-        def call(T, keep):
-            ids = torch.zeros(1, T, dtype=torch.long, device=device)
-
-            def run():
-                runner.start, runner.wlen, runner.keep = [pos], 0, [keep]  # same position every call
-                runner.extend(ids, rebase=True)
-            return run
-        return runner, call
-
-    runner, call = timed_calls(target, [(1, True, 0), (K + 1, True, 0)])
+    runner, call = timed_runner(target, prompt, K, capacity, [(1, True, 0), (K + 1, True, 0)])
     out["runner_plain_step_ms"] = cuda_time(call(1, 1), iters)
     if on_runner is not None:
         on_runner(runner, pos)
@@ -81,7 +65,7 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     elif is_feature_draft(draft):
         out["draft_step_ms"] = feature_draft_step_ms(draft, prompt, K, capacity, iters)
     else:
-        d_runner, d_call = timed_calls(draft, [(1, True, 0)], keep_live=True)
+        d_runner, d_call = timed_runner(draft, prompt, K, capacity, [(1, True, 0)], keep_live=True)
         out["draft_step_ms"] = cuda_time(d_call(1, 1), iters)
         d_runner.runtime = d_runner.cache = None
     if graphs:
@@ -89,23 +73,35 @@ def round_parts(target, draft, prompt: torch.Tensor, K: int, capacity: int, iter
     return out
 
 
+def timed_runner(model, prompt: torch.Tensor, K: int, capacity: int, shapes, keep_live: bool = False):
+    """A speculative runner of ``model`` for windows of K+1 tokens, its graphs of ``shapes`` captured on CUDA, after
+    ``prompt``; and ``call(T, keep, rebase=True)``, which makes a function feeding T tokens at the same position
+    every time (a verify call keeping ``keep`` tokens of the last window, or with ``rebase`` False one continuing
+    the window from its live state)."""
+    from mamballama_cli.generation.speculative import HybridRunner
+
+    device, pos = prompt.device, prompt.shape[1]
+    runner = HybridRunner(model, 1, capacity, window=K + 1, keep_live=keep_live)
+    if device.type == "cuda":
+        runner.capture(shapes)
+    runner.prefill(prompt)
+
+    def call(T, keep, rebase=True):
+        ids = torch.zeros(1, T, dtype=torch.long, device=device)
+
+        def run():
+            runner.start, runner.wlen, runner.keep = [pos], 0, [keep]  # same position every call
+            runner.extend(ids, rebase=rebase)
+        return run
+    return runner, call
+
+
 def no_replay_ms(target, prompt: torch.Tensor, K: int, capacity: int, iters: int) -> float:
     """Milliseconds of a call on K+1 tokens that continues a window from the state after it (a hybrid draft's
     call: the replay op without old steps, the state written once), on a runner of its own, captured on CUDA: what
     a verify call would cost if every layer's replay ran elsewhere, e.g. all layers' in one launch before the walk."""
-    from mamballama_cli.generation.speculative import HybridRunner
-
-    device, pos = prompt.device, prompt.shape[1]
-    runner = HybridRunner(target, 1, capacity, window=K + 1, keep_live=True)
-    if device.type == "cuda":
-        runner.capture([(K + 1, False, 0)])
-    runner.prefill(prompt)
-    ids = torch.zeros(1, K + 1, dtype=torch.long, device=device)
-
-    def go_on():
-        runner.start, runner.wlen, runner.keep = [pos], 0, [K + 1]  # same position every call
-        runner.extend(ids, rebase=False)
-    ms = cuda_time(go_on, iters)
+    runner, call = timed_runner(target, prompt, K, capacity, [(K + 1, False, 0)], keep_live=True)
+    ms = cuda_time(call(K + 1, K + 1, rebase=False), iters)
     runner.runtime = runner.cache = None
     return ms
 

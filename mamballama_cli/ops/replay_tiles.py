@@ -38,7 +38,7 @@ def replay_tile(p: int, n: int, gated: bool) -> tuple[int, int]:
 # fits one program (ops/triton_replay_math.py): the window as a few float32 dots and one norm, where the other forms
 # are a chain of dependent steps on as few programs as the model has heads (the default teacher's nine).
 REPLAY_FORMS = ((1, 4, 0), (1, 4, 2), (1, 8, 2))
-FORM_NAMES = ("", "p", "f", "c")  # "p": FORM 1, removed (its name read in older results)
+FORM_NAMES = ("", "p", "f", "c")  # by FORM; "p" was FORM 1's (removed; it holds FORM 2 and 3 in their places)
 CHUNKED_WARPS = (4, 8)  # the chunked tiles' num_warps: under triton 3.6 for sm90 at K = 6, 4,024 instructions a
 # thread at 4 warps and 2,408 at 8 (fewer a thread, more in all): which issues faster on nine SMs is the timing's call
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
