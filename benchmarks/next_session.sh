@@ -4,6 +4,7 @@
 # From the project root on the device machine; give each call a limit of 590 s.
 #
 #   call 1, carrying .whl .gpu .teacher-a .datatgz:  LEFT=<device seconds left> bash benchmarks/next_session.sh 1
+#     (below 640 s, or on an H100 below 1,300 s, call 1 runs what fits instead: see "by LEFT" below)
 #   call 2, carrying .whl .gpu .teacher-b:           bash benchmarks/next_session.sh 2
 #   call 3, carrying .whl .gpu .tcache:              bash benchmarks/next_session.sh 3   (H100: again while the study runs)
 #   call 4, carrying .whl .gpu:                      LEFT=<device seconds left> bash benchmarks/next_session.sh 4
@@ -27,6 +28,11 @@
 set -uo pipefail
 step=${1:?give the call: 1, 2, 3 or 4}
 [[ "$step" =~ ^[1-4]$ ]] || { echo "error: call '$step': give 1, 2, 3 or 4" >&2; exit 2; }
+low=1800  # call 1's device seconds left (LEFT); see "by LEFT" below
+if [ "$step" = 1 ]; then
+  low=${LEFT:-}
+  [[ "$low" =~ ^[0-9]+$ ]] || { echo "error: LEFT='$low': call 1 takes LEFT=<device seconds left>, a whole number" >&2; exit 2; }
+fi
 run() { echo "+ $*"; [ -n "${DRY:-}" ] || bash -c "$*"; }
 [ -n "${DRY:-}" ] || source .gpu/activate.sh > /dev/null
 card=$(nvidia-smi -L 2>/dev/null | head -1)
@@ -37,18 +43,24 @@ if [ "$step" = 4 ]; then  # the last call's deadline: the device time left, at m
   deadline=$(( left - 40 ))
 fi
 GATE_STUDY="RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
+# A machine that comes late (the thirty-third session's eight starts that failed cost 180 s each, and at 343 s left
+# none could be started) gets call 1 by LEFT: below 640 s there is room for one step, and below 1,300 s an H100's
+# study cannot finish, so it times verifyr and runs part3 (every replay tile against the reference) instead.
 if [[ "$card" == *H200* ]]; then
   case "$step" in
-    1) run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
-       run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr" ;;
+    1) if (( low < 640 )); then run "DEADLINE=$(( low > 310 ? 250 : low - 60 )) bash benchmarks/gpu_session.sh verifyr"
+       else run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
+            run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi ;;
     2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
     3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6" ;;
     4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
   esac
 else
   case "$step" in
-    1) run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
-       if (( ${LEFT:-0} - 250 >= 1200 )); then run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi ;;
+    1) if (( low < 1300 )); then run "DEADLINE=$(( low > 310 ? 250 : low - 60 )) bash benchmarks/gpu_session.sh verifyr"
+            if (( low >= 640 )); then run "JOBS=6 DEADLINE=280 bash benchmarks/gpu_session.sh part3"; fi
+       else run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
+            if (( low - 250 >= 1200 )); then run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi; fi ;;
     2) run "$GATE_STUDY start" ;;
     3|4) run "$GATE_STUDY watch" ;;
   esac

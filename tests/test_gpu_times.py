@@ -290,13 +290,12 @@ def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_k
     assert "rc=1" in proc.stdout and "error: no default teacher: carry .teacher-b" in proc.stderr
 
 
-_H200 = {"1": ["RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch",
-               "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"],
+_H200 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"],  # LEFT=300: room for one step
          "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2"],
          "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6"],
          "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}  # LEFT=300, less 40
 _GATE = "RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
-_H100 = {"1": ["study_device.sh prep"], "2": [f"{_GATE} start"], "3": [f"{_GATE} watch"], "4": [f"{_GATE} watch"]}
+_H100 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"], "2": [f"{_GATE} start"], "3": [f"{_GATE} watch"], "4": [f"{_GATE} watch"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
@@ -317,12 +316,23 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
-    # an H100 that comes with time for the study and more (LEFT 1,450 s and up) times verifyr after the prep
-    first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": "1500"},
-                           capture_output=True, text=True, timeout=60, check=False)
-    commands = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
-    verifyr = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"
-    assert (len(commands) == 2 and verifyr in commands[1]) if "H100" in card else len(commands) == 2, first.stdout
+    # call 1 by LEFT: 1,500 s give an H100 the study's prep and verifyr after it (1,450 s and up), and the H200 issue
+    # 17's 32K batch and verifyr; 1,400 s the prep alone; 700 s leave an H100's study too little, so verifyr and
+    # part3 run instead, while the H200 keeps its call 1; call 1 without LEFT is refused before anything runs
+    verifyr, maxbatch = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr", "DEADLINE=310 bash benchmarks/gpu"
+    h100 = "H100" in card
+    for left, wants in [("1500", ["study_device.sh prep", verifyr] if h100 else [maxbatch, verifyr]),
+                        ("1400", ["study_device.sh prep"] if h100 else [maxbatch, verifyr]),
+                        ("700", [verifyr, "JOBS=6 DEADLINE=280 bash benchmarks/gpu_session.sh part3"] if h100
+                         else [maxbatch, verifyr])]:
+        first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": left},
+                               capture_output=True, text=True, timeout=60, check=False)
+        commands = [line for line in first.stdout.splitlines() if line.startswith("+ ")]
+        assert len(commands) == len(wants) and all(w in c for w, c in zip(wants, commands)), (left, first.stdout)
+    unset = {k: v for k, v in env.items() if k != "LEFT"}
+    refused = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env=unset, capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "call 1 takes LEFT=" in refused.stderr and "+ " not in refused.stdout
 
 
 def test_a_real_triton_cache_unpacked_elsewhere_is_a_hit_without_compiling(tmp_path, monkeypatch):
