@@ -46,9 +46,10 @@ GATE_STUDY="RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_d
 # A machine that comes late (the thirty-third session's eight starts that failed cost 180 s each, and at 343 s left
 # none could be started) gets call 1 by LEFT: below 640 s there is room for one step, and below 1,300 s an H100's
 # study cannot finish, so it times verifyr and runs part3 (every replay tile against the reference) instead.
+short=$(( low > 310 ? 250 : low - 60 ))  # verifyr's deadline where it runs first
 if [[ "$card" == *H200* ]]; then
   case "$step" in
-    1) if (( low < 640 )); then run "DEADLINE=$(( low > 310 ? 250 : low - 60 )) bash benchmarks/gpu_session.sh verifyr"
+    1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
        else run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
             run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi ;;
     2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
@@ -57,7 +58,7 @@ if [[ "$card" == *H200* ]]; then
   esac
 else
   case "$step" in
-    1) if (( low < 1300 )); then run "DEADLINE=$(( low > 310 ? 250 : low - 60 )) bash benchmarks/gpu_session.sh verifyr"
+    1) if (( low < 1300 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
             if (( low >= 640 )); then run "JOBS=6 DEADLINE=280 bash benchmarks/gpu_session.sh part3"; fi
        else run "mkdir -p .data && tar xzf .datatgz/build.tgz -C .data && bash benchmarks/study_device.sh prep"
             if (( low - 250 >= 1200 )); then run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi; fi ;;
