@@ -132,6 +132,9 @@ def is_shard_dir(path: Path) -> bool:
 
 def read_manifest(path: Path) -> dict:
     path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise MamballamaError(f"{path} holds no {MANIFEST}: it is not a shard folder; pass a folder written by "
+                              "`mamballama data generate`")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as exc:

@@ -143,7 +143,7 @@ def test_output_directory_rules(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks", "perplexty"], "did you mean 'perplexity'"),
+    (["--tasks", "perplexty"], "did you mean 'perplexity'? known tasks: perplexity, passkey"),
     (["--tasks", "passkey", "--lengths", "2x"], "--distill-length"),
     (["--tasks", "passkey", "--lengths", "40"], "too short for the passkey prompt"),
     (["--tasks", "passkey", "--depths", "0,1.5"], "outside [0, 1]"),

@@ -169,6 +169,8 @@ def test_data_ngrams_and_generate_with_a_table_through_the_cli(pair, tmp_path, c
     one_line_error(again, "--force")
     bad = run_cli(["data", "ngrams", tmp_path / "gen", "--output", tmp_path / "t.bin"], capsys)
     one_line_error(bad, ".safetensors")
+    nowhere = run_cli(["data", "ngrams", tmp_path / "none", "--output", tmp_path / "u.safetensors"], capsys)
+    one_line_error(nowhere, "none holds no manifest.json", "mamballama data generate")
 
     text = "one two one two three"
     plain = run_cli(["generate", target, "--prompt", text, "-n", "16"], capsys)

@@ -19,7 +19,7 @@ FAST = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-
 
 def test_missing_data_file(models, tmp_path, capsys):
     r = run_cli(["distill", models["hybrid"], "--data", tmp_path / "nope.jsonl", "-o", tmp_path / "o", *FAST], capsys)
-    one_line_error(r, "nope.jsonl", "does not exist")
+    one_line_error(r, "nope.jsonl", "does not exist", "mamballama data build")
     assert not (tmp_path / "o").exists()
 
 

@@ -88,8 +88,8 @@ class EvalConfig:
             name = ALIASES.get(raw.lower(), raw.lower())
             if name not in TASKS:
                 hint = difflib.get_close_matches(name, TASKS + tuple(ALIASES), n=1)
-                raise UsageError(f"--tasks: unknown task {raw!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
-                                 + f" Known: {', '.join(TASKS)}")
+                raise UsageError(f"--tasks: unknown task {raw!r}; " + (f"did you mean {hint[0]!r}? " if hint else "")
+                                 + f"known tasks: {', '.join(TASKS)}")
             if name not in tasks:
                 tasks.append(name)
         return tasks

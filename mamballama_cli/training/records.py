@@ -155,7 +155,8 @@ def load_records(spec: str, *, split: str = "train", skip_bad: bool = False, tex
             records, fields = _read_jsonl(path, skip_bad), None
         elif path.suffix in (".jsonl", ".json", ".txt", ".parquet", ".arrow") or "/" not in spec or spec.startswith(
                 (".", "/", "~")):
-            raise DataError(f"data file {spec} does not exist")
+            raise DataError(f"data file {spec} does not exist; pass a .jsonl file, a data set folder (e.g. from "
+                            f"`mamballama data build`), {BUILTIN_PREFIX}NAME or a Hugging Face dataset name")
         else:
             records, fields = _hf_dataset(spec, split), None
     if text_field:
