@@ -70,16 +70,31 @@ def _fingerprint(path: Path) -> tuple | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
+def refuse_to_replace(path: Path, flag: str = "--output") -> None:
+    """``--force`` replaces (deletes) a non-empty output directory: refuse it where that is surely a slip, for the
+    filesystem root, the home directory, the working directory or a folder above it, and a git repository."""
+    where, here = path.expanduser().resolve(), Path.cwd().resolve()
+    checks = (("the filesystem root", where == where.parent), ("your home directory", where == Path.home().resolve()),
+              ("the working directory", where == here), ("a folder above the working directory", where in here.parents),
+              ("a git repository", (where / ".git").exists()))
+    why = next((name for name, hit in checks if hit), None)
+    if why:
+        raise UsageError(f"{flag} {path} is {why}, which --force would delete; give a new or dedicated folder, "
+                         f"e.g. {flag} runs/NAME")
+
+
 def check_output_dir(path: str | Path, force: bool, flag: str = "--output") -> Path:
-    """Refuse a non-empty output directory unless ``force``, or one that could not be written; call before any
-    expensive work."""
+    """Refuse a non-empty output directory unless ``force`` (never the places :func:`refuse_to_replace` names), or
+    one that could not be written; call before any expensive work."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} exists and is a file; choose a directory path")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise UsageError(
-            f"{flag} {path} exists and is not empty; pass --force to replace it or choose another directory"
-        )
+    if path.is_dir() and any(path.iterdir()):
+        if not force:
+            raise UsageError(
+                f"{flag} {path} exists and is not empty; pass --force to replace it or choose another directory"
+            )
+        refuse_to_replace(path, flag)
     check_writable_parent(path, flag)
     _SEEN[path.absolute()] = _fingerprint(path)
     return path

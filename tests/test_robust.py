@@ -81,6 +81,36 @@ def test_yaml_string_booleans_are_mapped_and_anything_else_names_the_key(models,
     assert saved["gradient_checkpointing"] is False and saved["force"] is False
 
 
+def test_force_never_replaces_the_working_directory_home_or_a_repository(models, tmp_path, capsys, monkeypatch):
+    """--force deletes what --output held; where that is surely a slip, each command refuses before any work."""
+    top = tmp_path / "top"
+    here = top / "project"
+    repo = tmp_path / "repo"
+    home = tmp_path / "home"
+    (repo / ".git").mkdir(parents=True)
+    for d in (here, repo, home):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "keep.txt").write_text("precious")
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("HOME", str(home))
+    cases = ((here, "the working directory"), (Path("."), "the working directory"), (top, "a folder above the working"),
+             (repo, "a git repository"), (home, "your home directory"))
+    for out, why in cases:
+        r = run_cli(["convert", models["teacher"], "--ratio", "0.5", "--output", out, "--force"], capsys)
+        one_line_error(r, f"--output {out} is {why}", "--force would delete", code=2)
+    r = run_cli(["eval", models["hybrid"], "--tasks", "perplexity", "--output", repo, "--force"], capsys)
+    one_line_error(r, "a git repository", code=2)
+    r = run_cli(["data", "build", "--sources", "pydoc", "--output", home, "--force"], capsys)
+    one_line_error(r, "your home directory", code=2)
+    assert all((d / "keep.txt").read_text() == "precious" for d in (here, repo, home)) and (repo / ".git").is_dir()
+    dedicated = here / "runs" / "h50"  # a folder of its own, even inside the working directory, is replaced
+    dedicated.mkdir(parents=True)
+    (dedicated / "old.txt").write_text("old")
+    r = run_cli(["convert", models["teacher"], "--ratio", "0.5", "--output", dedicated, "--force"], capsys)
+    assert r.code == 0, r.err
+    assert not (dedicated / "old.txt").exists() and (dedicated / "config.json").is_file()
+
+
 def test_a_diverging_run_stops_at_the_first_nan_keeps_the_finite_checkpoint_and_writes_strict_json(
         models, tmp_path, capsys):
     run = tmp_path / "run"

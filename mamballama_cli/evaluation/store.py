@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mamballama_cli.errors import UsageError
-from mamballama_cli.io import write_json_atomic
+from mamballama_cli.io import refuse_to_replace, write_json_atomic
 from mamballama_cli.output import log
 
 MANIFEST = "eval_manifest.json"
@@ -49,6 +49,7 @@ def prepare_output(path: str | Path, force: bool, student_hash: str) -> tuple[Pa
     if out.is_dir() and any(out.iterdir()):
         manifest = _read_manifest(out)
         if force:
+            refuse_to_replace(out)
             log(f"--force: emptying {out}")
             for child in out.iterdir():
                 shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
