@@ -147,6 +147,7 @@ def test_output_directory_rules(models, tmp_path, capsys):
     (["--tasks", "passkey", "--lengths", "2x"], "--distill-length"),
     (["--tasks", "passkey", "--lengths", "40"], "too short for the passkey prompt"),
     (["--tasks", "passkey", "--depths", "0,1.5"], "outside [0, 1]"),
+    (["--tasks", "passkey", "--lengths", "100000000000"], "attention K/V alone would take"),  # 1e11 tokens
     (["--tasks", "perplexity", "--ppl-data", "missing.jsonl"], "no such file"),
     (["--tasks", "lm-eval"], "--lm-eval-tasks"),
     (["--tasks", "mt-bench", "--judge-base-url", "http://127.0.0.1:9/v1"], "--judge-model"),

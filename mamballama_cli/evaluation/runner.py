@@ -267,6 +267,28 @@ def check_lengths(run_cfg: EvalConfig, tasks: list[str], pair: ModelPair, distil
         if lengths[0] < need + 16:
             raise UsageError(f"--lengths {lengths[0]} is too short for the {kind} prompt ({need} tokens without "
                              f"filler); use lengths of at least {need + 16}")
+    check_kv_fits(pair, lengths[-1])
+
+
+def check_kv_fits(pair: ModelPair, length: int) -> None:
+    """The longest prompt's attention K/V alone, a lower bound of what a trial needs, must fit the device's free
+    memory: a runaway --lengths is refused at once instead of swapping the machine to a halt or being killed."""
+    from mamballama_cli.generation.fast import available_bytes
+
+    device = pair.device()
+    free = available_bytes(device)
+    if free is None:
+        return
+    elsize = pair.torch_dtype().itemsize
+    for role in pair.roles:
+        c = pair.configs[role]
+        n_attn = len(c.attn_layers) if hasattr(c, "attn_layers") else c.num_hidden_layers
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = 2 * n_attn * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim * elsize
+        if per_token * length > free:
+            raise UsageError(f"--lengths {length}: the {role}'s attention K/V alone would take "
+                             f"{per_token * length / 1e9:,.1f} GB at that length, more than the {free / 1e9:,.1f} GB "
+                             f"free on {device}; use lengths up to about {free // per_token:,} tokens")
 
 
 def _exit_on_sigterm():
