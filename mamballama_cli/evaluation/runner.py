@@ -285,9 +285,11 @@ def check_kv_fits(pair: ModelPair, length: int) -> None:
         n_attn = len(c.attn_layers) if hasattr(c, "attn_layers") else c.num_hidden_layers
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         per_token = 2 * n_attn * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim * elsize
-        if per_token * length > free:
+        window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+        need = per_token * min(length, window or length)  # a sliding window bounds the cache it keeps
+        if need > free:
             raise UsageError(f"--lengths {length}: the {role}'s attention K/V alone would take "
-                             f"{per_token * length / 1e9:,.1f} GB at that length, more than the {free / 1e9:,.1f} GB "
+                             f"{need / 1e9:,.1f} GB at that length, more than the {free / 1e9:,.1f} GB "
                              f"free on {device}; use lengths up to about {free // per_token:,} tokens")
 
 
