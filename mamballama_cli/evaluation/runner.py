@@ -273,7 +273,7 @@ def check_lengths(run_cfg: EvalConfig, tasks: list[str], pair: ModelPair, distil
 def check_kv_fits(pair: ModelPair, length: int) -> None:
     """The longest prompt's attention K/V alone, a lower bound of what a trial needs, must fit the device's free
     memory: a runaway --lengths is refused at once instead of swapping the machine to a halt or being killed."""
-    from mamballama_cli.generation.fast import available_bytes
+    from mamballama_cli.generation.fast import available_bytes, kv_bytes_per_token
 
     device = pair.device()
     free = available_bytes(device)
@@ -282,9 +282,7 @@ def check_kv_fits(pair: ModelPair, length: int) -> None:
     elsize = pair.torch_dtype().itemsize
     for role in pair.roles:
         c = pair.configs[role]
-        n_attn = len(c.attn_layers) if hasattr(c, "attn_layers") else c.num_hidden_layers
-        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-        per_token = 2 * n_attn * (getattr(c, "num_key_value_heads", None) or c.num_attention_heads) * head_dim * elsize
+        per_token = kv_bytes_per_token(c, elsize)
         window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
         need = per_token * min(length, window or length)  # a sliding window bounds the cache it keeps
         if need > free:

@@ -249,9 +249,16 @@ def static_cache_bytes(model, batch_size: int, capacity: int) -> int:
     K/V, the token history and the rotary tables (the Mamba state does not grow with the context)."""
     cfg = model.config
     elsize = model.lm_head.weight.element_size()
-    n_attn = sum(1 for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i))
-    kv = 2 * n_attn * batch_size * cfg.num_key_value_heads * capacity * cfg.head_dim * elsize
+    kv = kv_bytes_per_token(cfg, elsize) * batch_size * capacity
     return kv + batch_size * capacity * 8 + 2 * capacity * cfg.head_dim * elsize
+
+
+def kv_bytes_per_token(cfg, elsize: int) -> int:
+    """The attention K/V one token adds to one sequence: a hybrid's attention layers, or every layer of a plain
+    Transformer's config."""
+    n_attn = len(set(cfg.attn_layers)) if hasattr(cfg, "attn_layers") else cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * n_attn * (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) * head_dim * elsize
 
 
 def available_bytes(device) -> int | None:
