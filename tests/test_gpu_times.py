@@ -334,6 +334,10 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     refused = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env=unset, capture_output=True,
                              text=True, timeout=60, check=False)
     assert refused.returncode == 2 and "call 1 takes LEFT=" in refused.stderr and "+ " not in refused.stdout
+    # under 240 s nothing fits a machine without the Triton cache (the thirty-fifth session's verifyr, 140 s)
+    short = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": "200"},
+                           capture_output=True, text=True, timeout=60, check=False)
+    assert short.returncode == 2 and "LEFT=200" in short.stderr and "+ " not in short.stdout
 
 
 def test_a_real_triton_cache_unpacked_elsewhere_is_a_hit_without_compiling(tmp_path, monkeypatch):
