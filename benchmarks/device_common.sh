@@ -16,6 +16,20 @@ if compgen -G "${TCACHE:-.tcache}/tcache.tgz.part*" > /dev/null && [ ! -e "$TRIT
     && touch "$TRITON_CACHE_DIR/.from-tcache"
 fi
 
+# The tuning table of the speed and verify steps (ops/tuning.py, the CLI's `--tuning`): kept in /tmp beside Triton's
+# cache for the machine's later calls, begun from benchmarks/tuning/<card>.json where the checkout has one (a table of
+# other code or another card is set aside by the benchmark, which then times everything, as without one); the steps
+# copy it into $OUT. With it a cold machine compiles only the tiles the table names. TUNING=0: none.
+TUNING_FILE=
+if [ "${TUNING:-1}" != 0 ]; then
+  TUNING_FILE=${TUNING_FILE_AT:-/tmp/mamballama-tuning.json}
+  card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr ' ' '_')
+  if [ ! -e "$TUNING_FILE" ] && [ -n "$card" ] && [ -f "${TUNING_TABLES:-benchmarks/tuning}/$card.json" ]; then
+    cp "${TUNING_TABLES:-benchmarks/tuning}/$card.json" "$TUNING_FILE"
+  fi
+fi
+keep_tuning() { [ -n "$TUNING_FILE" ] && [ -f "$TUNING_FILE" ] && cp "$TUNING_FILE" "$OUT/tuning.json"; true; }
+
 # run_gpu_tests CAP: the gpu tests of TESTS (files; nothing when empty) filtered by KEXPR (-k), at most
 # TESTS_CAP (else CAP) seconds, into $OUT/gpu-tests.log.
 run_gpu_tests() {

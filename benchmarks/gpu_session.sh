@@ -37,6 +37,8 @@
 # time is Triton compiling and autotuning on the CPU (the first bf16 test of part1 compiled for over 160 s on
 # 2026-12-05), which N workers spread over the 16 cores.
 # VERIFY_CAP=seconds: the verify step's own cap (default 240; interrupted, it prints where it was).
+# TUNING=0: the speed and verify steps time every shape afresh; by default they read and write a tuning table
+# (device_common.sh: /tmp/mamballama-tuning.json, begun from benchmarks/tuning/<card>.json; back as $OUT/tuning.json).
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
 # attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
 # GATE=0: the speed and verify steps time the hybrid without Mamba-2's z projection (convert --no-gate); their
@@ -57,8 +59,9 @@ speed() {  # name, timeout cap, extra args
     [ "${GATE:-1}" = 0 ] && { name="$name-nogate"; set -- "$@" --no-gate; }
     stamp "speed $name: $*"
     timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio "${RATIO:-0.25}" "$@" \
-        --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
-    echo "exit $?"; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
+        ${TUNING_FILE:+--tuning "$TUNING_FILE"} --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" \
+        2> "$OUT/speed-$name.err"
+    echo "exit $?"; keep_tuning; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
     # where a batch-1 step went (benchmarks/step_budget.py), printed so that it survives a lost file; none without
     # a batch-1 row
     for m in hybrid teacher; do python3 benchmarks/step_budget.py "$OUT/speed-$name.json" --model "$m" 2>/dev/null; done
@@ -174,9 +177,9 @@ for step in $STEPS; do
                 timeout -s INT -k 10 "$(left "${VERIFY_CAP:-240}")" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
                     --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
                     $( [ "$step" = verifyg ] && echo --gemv-graph-tiles ) $ab \
-                    $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) --json "$OUT/$v.json" \
-                    > "$OUT/$v.txt" 2>&1
-                echo "exit $?"; tail -20 "$OUT/$v.txt"
+                    $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) ${TUNING_FILE:+--tuning "$TUNING_FILE"} \
+                    --json "$OUT/$v.json" > "$OUT/$v.txt" 2>&1
+                echo "exit $?"; keep_tuning; tail -20 "$OUT/$v.txt"
                 # the replay kernel's tile per shape and the timings behind it, and the window conv GEMV's choice
                 # (printed: a lost file keeps them)
                 python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print('replay tiles:', d.get('replay_tiles'));
@@ -196,7 +199,7 @@ print('window conv in in_proj:', d.get('gemv_spec_conv_shapes'), d.get('gemv_spe
         gemvtiles) stamp "every gemv tile on the 8B decode and verify shapes, against cuBLAS"
                 timeout "$(left 240)" python3 benchmarks/gemv_tiles.py --json "$OUT/gemv-tiles.json" \
                     ${GEMV_EXTRA:+--extra $GEMV_EXTRA} > "$OUT/gemv-tiles.txt" 2>&1; echo "exit $?"; grep -E "best|error" "$OUT/gemv-tiles.txt" | head -20 ;;
-        part1) gputest part1 480 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
+        part1) gputest part1 480 tests/test_gpu_ops.py tests/test_tuning.py -k "not hybrid_forward_backward" ;;
         part2) gputest part2 480 tests/test_gpu_ops.py tests/test_fast_decode.py tests/test_mamba1_gpu.py \
                    -k "hybrid_forward_backward or test_fast_decode or test_mamba1_gpu" ;;
         part3) gputest part3 480 tests/test_verify_ops.py tests/test_speculative_gpu.py tests/test_commit_op.py \

@@ -181,9 +181,17 @@ def main() -> None:
                     "round_parts' no_replay): the most a verify call could gain if the replay left the layer walk")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="write kernel tables (torch.profiler, eager) of the plain and verify steps here")
+    ap.add_argument("--tuning", default=None, metavar="FILE",
+                    help="take the kernels' tiles and per-shape choices from this tuning table where it was made on "
+                    "the same code, software and GPU, and write this run's back to it (ops/tuning.py; the JSON's "
+                    "'tuning' says whether it was used)")
     args = ap.parse_args()
 
     from mamballama_cli import ops
+    from mamballama_cli.ops import tuning as tables
+
+    if args.tuning:
+        tables.open_table(args.tuning)
     from mamballama_cli.generation.speculative import speculative_generate
 
     dtype = getattr(torch, args.dtype)

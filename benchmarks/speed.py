@@ -9,7 +9,8 @@ that launch over a whole step (benchmarks/gpu_session.sh b1nopdl). ``--no-glu``:
 GEMV kernel (ops/triton_gemv_swiglu.py) but runs gemv and swiglu apart, each on its own fast kernel: that kernel's
 A/B over a whole step (gpu_session.sh b1noglu). ``--no-gemv-conv``: a Mamba-2 layer's in_proj never takes the GEMV
 kernel with the conv step in its epilogue (ops/triton_gemv_conv.py) but runs the GEMV and the conv apart: that
-kernel's A/B over a whole step (gpu_session.sh b1noconv).
+kernel's A/B over a whole step (gpu_session.sh b1noconv). ``--tuning FILE``: the kernels' tiles and per-shape
+choices from a tuning table and back to it (the CLI's global option; ops/tuning.py).
 """
 
 import sys
@@ -35,5 +36,10 @@ if __name__ == "__main__":
         from mamballama_cli.ops import triton_gemv_conv
 
         triton_gemv_conv.CONV = False
-    sys.argv = ["mamballama", "eval", "speed", *(args or DEFAULT)]
+    front = []  # --tuning FILE: the CLI's global option (ops/tuning.py), before the command
+    if "--tuning" in args:
+        at = args.index("--tuning")
+        front = args[at:at + 2]
+        del args[at:at + 2]
+    sys.argv = ["mamballama", *front, "eval", "speed", *(args or DEFAULT)]
     main()

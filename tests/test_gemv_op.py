@@ -448,11 +448,12 @@ def test_the_choices_report_names_each_shape_and_its_timings(monkeypatch):
                                      "gemv_spec_conv_shapes": ["5x10272x4096 conv 6144"],
                                      "gemv_spec_conv_timings": {"5x10272x4096 conv 6144 bfloat16": {
                                          "conv_us": 30.0, "apart_us": 36.0}}}
+    from mamballama_cli.ops import tuning
     from mamballama_cli.ops.graph_timing import kernel_choices
 
     # what the benchmarks' JSONs carry
     assert kernel_choices() == {**rep, **glu.choices_report(), **fused.choices_report(), **replay.choices_report(),
-                                **step.choices_report(), **conv.choices_report()}
+                                **step.choices_report(), **conv.choices_report(), "tuning": tuning.report()}
 
 
 def test_rows_wider_than_max_k_take_the_tensor_core_tiles_alone_up_to_dot_max_k(monkeypatch):

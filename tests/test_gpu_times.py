@@ -265,6 +265,34 @@ def test_gpu_session_runs_only_test_parts_together_and_refuses_the_rest_before_a
     assert not (out / "env.txt").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("tuning", ["1", "0"])
+def test_the_verify_step_reads_and_writes_the_cards_tuning_table_unless_told_not_to(tmp_path, tuning):
+    """``gpu_session.sh verify`` hands the benchmark ``--tuning`` on the machine's table (device_common.sh), begun
+    from the card's table in the checkout (``benchmarks/tuning/<card>.json``: a stub nvidia-smi names the card) and
+    brought back as ``$OUT/tuning.json``; ``TUNING=0``: no table, every shape timed afresh."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, body in (("python3", 'echo "python3 $*"'), ("nvidia-smi", "echo 'NVIDIA H100 80GB HBM3'")):
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    tables, live, out = tmp_path / "tables", tmp_path / "live.json", tmp_path / "out"
+    tables.mkdir()
+    (tables / "NVIDIA_H100_80GB_HBM3.json").write_text('{"format": 1}')
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(out), "DEADLINE": "60",
+           "TCACHE": str(tmp_path / "no-tcache"), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "TUNING_TABLES": str(tables), "TUNING_FILE_AT": str(live), "TUNING": tuning}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "verify"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (out / "speculative-verify.txt").read_text()
+    assert "benchmarks/speculative_verify.py --shape 8b" in log
+    if tuning == "1":
+        assert f"--tuning {live}" in log
+        assert live.read_text() == '{"format": 1}' and (out / "tuning.json").read_text() == '{"format": 1}'
+    else:
+        assert "--tuning" not in log and not live.exists() and not (out / "tuning.json").exists()
+
+
 def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_keeps_it(tmp_path):
     """device_common.sh's assemble_teacher: the parked first half and the carried second make the GGUF; a later call
     carrying no second half (a resumed study's start) keeps the GGUF rather than writing the first half alone over
@@ -294,15 +322,16 @@ _H200 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"],  # LEFT=3
          "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2"],
          "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6"],
          "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}  # LEFT=300, less 40
-_GATE = "RUNS='d25kr d25krng' SCRIPT=study_smollm2.sh bash benchmarks/study_device.sh"
-_H100 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"],  # LEFT=300: too little for the study
-         "2": [f"{_GATE} start"], "3": [f"{_GATE} watch"], "4": [f"{_GATE} watch"]}
+_H100 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"],  # LEFT=300: room for one step
+         "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part2+part3"],
+         "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part4+part6"],
+         "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part5 tcache"]}
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
 def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls):
     """benchmarks/next_session.sh (docs/gpu.md's plan as calls): the H200 measures issue 17's lines and runs the
-    gpu suite in parts, an H100 runs the gate's quality study at 25% attention; a stub nvidia-smi names the card,
+    gpu suite in parts, an H100 the same suite and verify call as their proxy; a stub nvidia-smi names the card,
     DRY=1 prints the commands."""
     stub = tmp_path / "nvidia-smi"
     stub.write_text(f'#!/bin/sh\necho "GPU 0: {card} (UUID: GPU-0)"\n')
@@ -317,15 +346,12 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
-    # call 1 by LEFT: 1,500 s give an H100 the study's prep and verifyr after it (1,450 s and up), and the H200 issue
-    # 17's 32K batch and verifyr; 1,400 s the prep alone; 700 s leave an H100's study too little, so verifyr and
-    # part3 run instead, while the H200 keeps its call 1; call 1 without LEFT is refused before anything runs
+    # call 1 by LEFT: from 640 s the H200 times issue 17's 32K batch and verifyr, an H100 verifyr and part1 (the
+    # tuning table's gpu test); call 1 without LEFT is refused before anything runs
     verifyr, maxbatch = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr", "DEADLINE=310 bash benchmarks/gpu"
-    h100 = "H100" in card
-    for left, wants in [("1500", ["study_device.sh prep", verifyr] if h100 else [maxbatch, verifyr]),
-                        ("1400", ["study_device.sh prep"] if h100 else [maxbatch, verifyr]),
-                        ("700", [verifyr, "JOBS=6 DEADLINE=280 bash benchmarks/gpu_session.sh part3"] if h100
-                         else [maxbatch, verifyr])]:
+    h100 = ["DEADLINE=300 bash benchmarks/gpu_session.sh verifyr", "JOBS=6 DEADLINE=270 bash benchmarks/gpu_session.sh part1"]
+    for left, wants in [("1500", h100 if "H100" in card else [maxbatch, verifyr]),
+                        ("700", h100 if "H100" in card else [maxbatch, verifyr])]:
         first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": left},
                                capture_output=True, text=True, timeout=60, check=False)
         commands = [line for line in first.stdout.splitlines() if line.startswith("+ ")]

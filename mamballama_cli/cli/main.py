@@ -40,9 +40,21 @@ def root(
                                 "of each op runs on the GPU: 'auto' (fast kernels where their probe passes), 'ref' "
                                 "(the PyTorch references everywhere) or 'ref:rotary,rmsnorm' (references for the "
                                 "ops named; `mamballama env` lists the ops)."),
+    tuning: str = typer.Option(None, "--tuning", metavar="FILE", help="A tuning table (JSON) for the GPU kernels: "
+                               "the tiles and per-shape choices a run on the same code, software and GPU settled on "
+                               "are taken from it, so that they are neither compiled nor timed again, and this run's "
+                               "are written back at the end. A table made elsewhere is set aside with a note."),
 ):
     STATE["verbose"] = verbose
     common.library_output(verbose)
+    if tuning:
+        from mamballama_cli.errors import UsageError
+        from mamballama_cli.ops import tuning as tables
+
+        try:
+            tables.open_table(tuning)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     if kernels != "auto":
         from mamballama_cli import ops
         from mamballama_cli.errors import UsageError

@@ -136,4 +136,7 @@ def kernel_choices() -> dict:
         module = sys.modules.get(f"mamballama_cli.ops.{name}")
         if module is not None:
             out.update(module.choices_report())
+    from mamballama_cli.ops import tuning
+
+    out["tuning"] = tuning.report()  # whether a tuning table gave the choices above (then their timings are absent)
     return out

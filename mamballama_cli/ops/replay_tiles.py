@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops.common import _next_pow2, _rel
 from mamballama_cli.ops.graph_timing import graph_call_us, l2_copies
 
@@ -43,6 +44,7 @@ CHUNKED_WARPS = (4, 8)  # the chunked tiles' num_warps: under triton 3.6 for sm9
 # thread at 4 warps and 2,408 at 8 (fewer a thread, more in all): which issues faster on nine SMs is the timing's call
 TILE_CHOICES: dict = {}  # shape key -> (BLOCK_P, num_warps, FORM), chosen once by timing
 TIMINGS: dict = {}  # shape key -> {tile name: microseconds a call in CUDA graphs}
+tuning.register_choices("replay", TILE_CHOICES)
 
 
 def replay_tiles(p: int, n: int, gated: bool) -> list[tuple[int, int, int]]:

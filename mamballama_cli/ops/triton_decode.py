@@ -16,6 +16,7 @@ import torch
 
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the decode ops' references
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops.common import (
     INTERPRETING,
     _check_conv_update,
@@ -309,6 +310,7 @@ if triton is not None:
         configs=[triton.Config({"BLOCK_N": bn, "SPLIT": sp}, num_warps=w) for bn, w, sp in STEP_TILES],
         key=["headdim", "dstate"], restore_value=["STATE"], prune_configs_by={"early_config_prune": _prune_step},
     )(_ssm_step_gated_kernel)
+    tuning.register_tuner("ssm_step", _ssm_step_tuned)
 
 
 def choices_report() -> dict:

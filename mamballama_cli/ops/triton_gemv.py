@@ -41,6 +41,7 @@ from mamballama_cli.ops.common import GDC, _device_guard, _gdc_on, _needs_grad, 
 from mamballama_cli.ops.gemv_candidates import CONFIGS, DTYPES, GLU_MODES, GLU_TILES, MAX_ROWS, MODES, SKINNY
 from mamballama_cli.ops.gemv_candidates import DOT_MODES, EXTRA, MODES_PLAIN, PAIRED_TILES, _row_split, row_groups  # noqa: F401
 from mamballama_cli.ops.gemv_candidates import tile_name, tuned_tiles  # noqa: F401
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, retiled, shape_report
 
 try:
@@ -254,6 +255,9 @@ if triton is not None:
     _gemv_tuned, _gemv_glu_tuned = (triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n, k, w in CONFIGS],
         key=["N", "K"])(_even_k(_gemv_kernel)) for _ in range(2))
+    for _name, _tuner in (("gemv", _gemv_tuned), ("gemv_glu", _gemv_glu_tuned), ("gemv_rows", _skinny_tuned),
+                          ("gemv_rows_glu", _skinny_glu_tuned)):
+        tuning.register_tuner(_name, _tuner)
 
 
 def _rows(x, weight) -> int:
@@ -327,6 +331,8 @@ CHOICES: dict[tuple, bool] = {}
 TIMINGS: dict[tuple, dict] = {}
 # The same keys -> whether the kernel, where it serves the shape, is launched with programmatic dependent launch.
 PDL_CHOICES: dict[tuple, bool] = {}
+tuning.register_choices("gemv", CHOICES)
+tuning.register_choices("gemv_pdl", PDL_CHOICES)
 PDL = True  # False: the pdl form is never tried (benchmarks/speed.py --no-pdl, the A/B of that launch over a step)
 # The kernel keeps a tall shape unless it is timed this much slower than cuBLAS (a wide one: unless slower at all),
 # and only where the graph timing failed and do_bench's was used (why: docs/gpu.md, "How SKINNY came to be").

@@ -29,6 +29,7 @@ import torch
 # importing decode and verify_ref registers the ops' references (this module's two ops among them)
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops import verify_ref as _verify_refs
 from mamballama_cli.ops.common import GDC, _device_guard, _needs_grad, _next_pow2, _probe, _rand, _rel
 from mamballama_cli.ops.gemv_candidates import CONFIGS, DOT_MODES, MAX_ROWS, MODES, SKINNY
@@ -96,6 +97,8 @@ if triton is not None:
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k, "MODE": MODES[mode]}, num_warps=w, num_stages=st)
                  for n, k, w, st, mode in WINDOW_TILES],
         key=["M", "N", "K", "C"], restore_value=["BUF"])(_even_k(_gemv_spec_conv_kernel))
+    tuning.register_tuner("gemv_conv", _gemv_conv_tuned)
+    tuning.register_tuner("gemv_spec_conv", _gemv_spec_conv_tuned)
 
 # (N, K, C, dtype, device index) -> whether the kernel serves that in_proj shape; TIMINGS: the timings behind each
 # choice (microseconds per call: the norm and the kernel, against the norm + GEMV op and the conv op).
@@ -103,6 +106,8 @@ CHOICES: dict[tuple, bool] = {}
 TIMINGS: dict[tuple, dict] = {}
 WINDOW_CHOICES: dict[tuple, bool] = {}  # the window kernel's, keyed (rows, N, K, C, dtype, device index)
 WINDOW_TIMINGS: dict[tuple, dict] = {}
+tuning.register_choices("gemv_conv", CHOICES)
+tuning.register_choices("gemv_spec_conv", WINDOW_CHOICES)
 CONV = True  # False: never the kernel, the ops apart (benchmarks/speed.py --no-gemv-conv, the A/B over a step)
 # False: a verify window's in_proj and conv always apart, the one-token step's epilogue kept (speculative_verify.py
 # --no-spec-conv, the A/B of the window's epilogue over a verify call: gpu_session.sh verifync, verifyold)

@@ -42,6 +42,7 @@ import torch
 
 from mamballama_cli import ops
 from mamballama_cli.ops import decode as _decode_refs  # registers the references
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops.common import _device_guard, _needs_grad, _probe, _rand, _rel
 from mamballama_cli.ops.graph_timing import chosen, graph_ab_us, shape_report, timed_choice
 from mamballama_cli.ops.triton_gemv import DTYPES, MAX_ROWS
@@ -186,6 +187,7 @@ if triton is not None:
         prune_configs_by={"early_config_prune": _prune},
     )(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0,
                          "ROWS": lambda a: _kernel_rows(a["DOT"], a["M"])})(_fused_kernel))
+    tuning.register_tuner("gemv_fused", _fused_tuned)
 
 
 def _padded(m: int) -> int:
@@ -291,6 +293,7 @@ def fused_launch(kind: int, x, weight, bias=None, residual=None, norm_w=None, ep
 # behind each choice (microseconds per call of the fused kernel and of the two ops it replaces).
 CHOICES: dict[tuple, bool] = {}
 TIMINGS: dict[tuple, dict] = {}
+tuning.register_choices("gemv_fused", CHOICES)
 
 
 def _unfused(kind: int, x, weight, bias, residual, norm_w, eps):

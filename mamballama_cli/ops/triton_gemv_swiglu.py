@@ -22,6 +22,7 @@ from mamballama_cli import ops
 from mamballama_cli.ops import (
     decode as _decode_refs,  # registers the decode ops' references (gemv_swiglu too)
 )
+from mamballama_cli.ops import tuning
 from mamballama_cli.ops.common import _probe, _rand, _rel
 from mamballama_cli.ops.graph_timing import chosen, failed, graph_ab_us, shape_report, timed_choice
 from mamballama_cli.ops.triton_gemv import (
@@ -41,6 +42,7 @@ if triton is not None:
 # shape; GLU_TIMINGS: the timings behind each choice (microseconds per call, the kernel against the ops apart).
 GLU_CHOICES: dict[tuple, bool] = {}
 GLU_TIMINGS: dict[tuple, dict] = {}
+tuning.register_choices("gemv_swiglu", GLU_CHOICES)
 GLU = True  # False: never the kernel, the two ops apart (benchmarks/speed.py --no-glu, the A/B over a step)
 
 

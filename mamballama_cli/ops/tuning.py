@@ -1,0 +1,228 @@
+"""Tuning tables: what a process's autotuners and per-shape timed choices settled on, kept in a JSON file and given
+back to a later process on the same code, software and GPU, which then times nothing the table holds and compiles
+only the tiles it runs.
+
+On a machine without Triton's cache, the first call of each shape compiles every candidate tile its autotuner offers
+(18 for a several-row GEMV, 7 for one row, 8 for the Mamba-2 step), then times the kernel against cuBLAS or the ops
+apart in CUDA graphs. At the 8B shape a verify benchmark spends minutes on that before it measures anything (the
+thirty-sixth session's H100 ran out of 250 s compiling). With a table, each shape's first call finds its tile and its
+choice already made.
+
+A table is used only where it was made: its fingerprint (a hash of every source file of ``ops/``, the Triton and
+torch versions, the GPU's name) must equal this process's, else it is set aside with the reason and everything is
+timed as before. Entries the table lacks are timed as before too, and added when the table is saved.
+
+Kernel modules hand over what they choose with :func:`register_tuner` (a ``triton.autotune`` object: its ``cache``
+maps a shape's key to a config) and :func:`register_choices` (a dict of per-shape choices: key -> bool or tile
+tuple). :func:`use` seeds them from a table, now and as later modules register; :func:`snapshot` reads them back;
+:func:`open_table` does both around a command or benchmark (the CLI's global ``--tuning FILE``). Plain Python."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+FORMAT = 1
+ENV = "MAMBALLAMA_TUNING"  # the table a worker process started by accelerate or DeepSpeed opens (set by open_table)
+TUNERS: dict[str, object] = {}  # name -> autotuner
+CHOICES: dict[str, dict] = {}  # name -> per-shape choices
+STATE: dict = {"table": None, "file": None, "why": "no table given", "seeded": {"tuners": 0, "choices": 0}, "left": 0}
+
+
+def fingerprint(device=None) -> dict:
+    """What a table must have been made on: the hash of ``ops/``'s sources, Triton's and torch's versions and the
+    GPU's name (``cpu`` off CUDA)."""
+    code = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        import triton
+        version = triton.__version__
+    except ImportError:
+        version = None
+    cuda = torch.cuda.is_available()
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    return {"code": code.hexdigest()[:16], "triton": version, "torch": torch.__version__, "device": name}
+
+
+def _enc(v):
+    if isinstance(v, torch.dtype):
+        return {"dtype": str(v).removeprefix("torch.")}
+    if isinstance(v, (tuple, list)):
+        return [_enc(x) for x in v]
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError(f"a tuning key holds {type(v).__name__} {v!r}, which a table cannot keep")
+
+
+def _dec(v):
+    if isinstance(v, dict):
+        return getattr(torch, v["dtype"])
+    if isinstance(v, list):
+        return tuple(_dec(x) for x in v)
+    return v
+
+
+def config_id(config) -> dict:
+    """An autotuner config as the table writes it: its constexprs, warps, stages and CTAs."""
+    return {"kwargs": dict(sorted(config.kwargs.items())), "num_warps": config.num_warps,
+            "num_stages": config.num_stages, "num_ctas": getattr(config, "num_ctas", 1)}
+
+
+def snapshot() -> dict:
+    """Every registered autotuner's and choice table's entries, with this process's fingerprint. Choices that are not
+    a decision (a shape run off CUDA, its key's device index None, remembered as True untimed) are left out with the
+    rest of what a table cannot keep."""
+    tuners = {}
+    for name, tuner in TUNERS.items():
+        rows = [[_enc(k), config_id(c)] for k, c in getattr(tuner, "cache", {}).items()]
+        if rows:
+            tuners[name] = rows
+    choices = {}
+    for name, table in CHOICES.items():
+        rows = []
+        for k, v in table.items():
+            if isinstance(k, tuple) and k and k[-1] is None:  # keys end in the device index: None off CUDA
+                continue
+            if isinstance(v, (bool, tuple)):
+                try:
+                    rows.append([_enc(k), _enc(v)])
+                except TypeError:
+                    continue
+        if rows:
+            choices[name] = rows
+    return {"format": FORMAT, "fingerprint": fingerprint(), "tuners": tuners, "choices": choices}
+
+
+def _seed_tuner(name: str, tuner) -> None:
+    by_id = {json.dumps(config_id(c), sort_keys=True): c for c in getattr(tuner, "configs", [])}
+    for key, cid in STATE["table"]["tuners"].get(name, []):
+        config = by_id.get(json.dumps(cid, sort_keys=True))
+        if config is None:  # the candidates changed since: timed as before
+            STATE["left"] += 1
+            continue
+        tuner.cache.setdefault(_dec(key), config)
+        STATE["seeded"]["tuners"] += 1
+
+
+def _seed_choices(name: str, table: dict) -> None:
+    for key, value in STATE["table"]["choices"].get(name, []):
+        table.setdefault(_dec(key), _dec(value))
+        STATE["seeded"]["choices"] += 1
+
+
+def _pending() -> bool:
+    """On the first registration: check the table :func:`open_table` read (or a parent process named, :data:`ENV`)
+    against this process's fingerprint, which needs the GPU that only a kernel module's import implies. True where it
+    was checked now (and every registered table seeded)."""
+    if STATE["file"] is None and os.environ.get(ENV):
+        STATE["file"] = os.environ[ENV]
+        try:
+            STATE["pending"] = read(STATE["file"])
+        except ValueError as exc:  # a kernel module's import must not fail over it: timed as before, and why
+            STATE["why"] = f"set aside: {exc}"
+    if "pending" not in STATE:
+        return False
+    _activate(STATE.pop("pending"))
+    return True
+
+
+def _activate(table: dict | None) -> None:
+    here = fingerprint()
+    if table is None:
+        STATE["why"] = "no table there yet: everything is timed, and the table is written at the end"
+    elif table["fingerprint"] != here:
+        diff = [k for k in here if table["fingerprint"].get(k) != here[k]]
+        STATE["why"] = f"set aside: made with another {', '.join(diff)}; everything is timed as before"
+        print(f"note: --tuning {STATE['file']}: {STATE['why']}", file=sys.stderr)
+    else:
+        STATE["table"] = table
+        STATE["why"] = "used"
+        for name, tuner in TUNERS.items():
+            _seed_tuner(name, tuner)
+        for name, choices in CHOICES.items():
+            _seed_choices(name, choices)
+
+
+def register_tuner(name: str, tuner) -> None:
+    """Hand over an autotuner under a name unique in the package; seeded at once if a table is open."""
+    TUNERS[name] = tuner
+    if not _pending() and STATE["table"] is not None:
+        _seed_tuner(name, tuner)
+
+
+def register_choices(name: str, table: dict) -> None:
+    """Hand over a per-shape choices dict under a name unique in the package; seeded at once if a table is open."""
+    CHOICES[name] = table
+    if not _pending() and STATE["table"] is not None:
+        _seed_choices(name, table)
+
+
+def read(path) -> dict | None:
+    """The table at ``path``, or None if there is none there; a file that is not a table is an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--tuning {path}: not a tuning table ({exc}); give a file `--tuning` wrote, or a new "
+                         f"name") from None
+    if not isinstance(table, dict) or table.get("format") != FORMAT or not {"tuners", "choices"} <= set(table):
+        raise ValueError(f"--tuning {path}: not a tuning table of format {FORMAT}; give a file `--tuning` wrote, "
+                         f"or a new name")
+    return table
+
+
+def use(path) -> str:
+    """Open the table at ``path`` for this process now: seed every registered autotuner and choice table from it
+    where its fingerprint is this process's (and those that register later). Returns what happened, in words."""
+    STATE["file"] = str(path)
+    STATE.pop("pending", None)
+    _activate(read(path))
+    return STATE["why"]
+
+
+def save(path) -> int:
+    """Write this process's table to ``path`` (atomically), keeping the entries of the table there where it has this
+    process's fingerprint. Returns the number of entries written; writes nothing where there are none."""
+    path = Path(path)
+    table = snapshot()
+    try:
+        old = read(path)
+    except ValueError:
+        old = None
+    if old is not None and old["fingerprint"] == table["fingerprint"]:
+        for part in ("tuners", "choices"):
+            for name, rows in old[part].items():
+                have = {json.dumps(r[0]) for r in table[part].get(name, [])}
+                table[part].setdefault(name, []).extend(r for r in rows if json.dumps(r[0]) not in have)
+    count = sum(len(rows) for part in ("tuners", "choices") for rows in table[part].values())
+    if count:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(table, indent=1) + "\n")
+        os.replace(tmp, path)
+    return count
+
+
+def open_table(path) -> None:
+    """The CLI's ``--tuning FILE``: read the table at ``path`` now (a file that is not a table is an error before any
+    work), check and seed it when the first kernel module registers (on a GPU; nothing happens on CPU), name it to
+    worker processes (:data:`ENV`), and save this process's table there when it exits."""
+    STATE["file"], STATE["pending"] = str(path), read(path)
+    STATE["why"] = "not used: no GPU kernel ran"
+    os.environ[ENV] = str(path)
+    atexit.register(lambda: save(path) if TUNERS and torch.cuda.is_available() else 0)
+
+
+def report() -> dict:
+    """For a benchmark's JSON: which table was given, whether it was used (or why not) and how much it seeded."""
+    return {"file": STATE["file"], "status": STATE["why"], "seeded": dict(STATE["seeded"]),
+            "stale_entries": STATE["left"]}
