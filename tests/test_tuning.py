@@ -242,3 +242,23 @@ def test_on_cuda_the_next_process_takes_the_gemv_ops_choice_and_tile_from_the_ta
     assert later["err"] < 2e-2
     if first["use"]:  # the kernel serves the shape: with the first process's tile (else it never runs)
         assert later["best"] == first["best"]
+
+
+def test_the_end_of_run_save_skips_what_a_table_cannot_keep_and_never_fails_the_run(clean, tmp_path, monkeypatch,
+                                                                                      capsys):
+    made = _tuner()
+    made.cache[(4096, "torch.bfloat16")] = made.configs[0]
+    made.cache[(object(), "torch.bfloat16")] = made.configs[1]  # not a key a file can hold: left out
+    tuning.register_tuner("gemv", made)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tuning, "fingerprint", lambda device=None: {"code": "c", "triton": "t", "torch": "t",
+                                                                    "device": "NVIDIA H100 80GB HBM3"})
+    path = tmp_path / "tuning.json"
+    tuning._save_at_exit(path)
+    assert json.loads(path.read_text())["tuners"]["gemv"] == [[[4096, "torch.bfloat16"], tuning.config_id(
+        made.configs[0])]]
+    blocked = tmp_path / "a-folder"
+    blocked.mkdir()
+    (blocked / "x").write_text("")
+    tuning._save_at_exit(blocked)  # a folder where the file should be: one line, no exception
+    assert f"note: --tuning {blocked}: not written" in capsys.readouterr().err

@@ -81,7 +81,12 @@ def snapshot() -> dict:
     rest of what a table cannot keep."""
     tuners = {}
     for name, tuner in TUNERS.items():
-        rows = [[_enc(k), config_id(c)] for k, c in getattr(tuner, "cache", {}).items()]
+        rows = []
+        for k, c in getattr(tuner, "cache", {}).items():
+            try:
+                rows.append([_enc(k), config_id(c)])
+            except TypeError:  # a key a table cannot keep: that shape is timed again next time
+                continue
         if rows:
             tuners[name] = rows
     choices = {}
@@ -219,7 +224,18 @@ def open_table(path) -> None:
     STATE["file"], STATE["pending"] = str(path), read(path)
     STATE["why"] = "not used: no GPU kernel ran"
     os.environ[ENV] = str(path)
-    atexit.register(lambda: save(path) if TUNERS and torch.cuda.is_available() else 0)
+    atexit.register(_save_at_exit, path)
+
+
+def _save_at_exit(path) -> None:
+    """The end of a run with ``--tuning`` (also after Ctrl-C or a benchmark's deadline): its table written back, or
+    one line saying why not; never an exit status of its own."""
+    if not (TUNERS and torch.cuda.is_available()):
+        return
+    try:
+        save(path)
+    except Exception as exc:  # noqa: BLE001 - the run's own result stands; the table is only a time-saver
+        print(f"note: --tuning {path}: not written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
 def report() -> dict:
