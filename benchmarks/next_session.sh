@@ -46,22 +46,18 @@ if [ "$step" = 4 ]; then  # the last call's deadline: the device time left, at m
 fi
 # By LEFT: below 640 s there is room for one step (the thirty-third session's eight failed starts cost 180 s each).
 short=$(( low > 310 ? 250 : low - 60 ))  # verifyr's deadline where it runs alone
+# Per card: call 1's steps (from 640 s left), then the test parts of calls 2, 3 and 4
 if [[ "$card" == *H200* ]]; then
-  case "$step" in
-    1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
-       else run "RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
-            run "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr"; fi ;;
-    2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2" ;;
-    3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6" ;;
-    4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part4+part5 tcache" ;;
-  esac
+  first=("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
+         "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr")
+  parts=(part1+part2 part3+part6 part4+part5)
 else
-  case "$step" in
-    1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
-       else run "DEADLINE=300 bash benchmarks/gpu_session.sh verifyr"
-            run "JOBS=6 DEADLINE=270 bash benchmarks/gpu_session.sh part1"; fi ;;
-    2) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part2+part3" ;;
-    3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part4+part6" ;;
-    4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh part5 tcache" ;;
-  esac
+  first=("DEADLINE=300 bash benchmarks/gpu_session.sh verifyr" "JOBS=6 DEADLINE=270 bash benchmarks/gpu_session.sh part1")
+  parts=(part2+part3 part4+part6 part5)
 fi
+case "$step" in
+  1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
+     else for command in "${first[@]}"; do run "$command"; done; fi ;;
+  2|3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh ${parts[step - 2]}" ;;
+  4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh ${parts[2]} tcache" ;;
+esac
