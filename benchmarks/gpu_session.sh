@@ -38,7 +38,8 @@
 # 2026-12-05), which N workers spread over the 16 cores.
 # VERIFY_CAP=seconds: the verify step's own cap (default 240; interrupted, it prints where it was).
 # TUNING=0: the speed and verify steps time every shape afresh; by default they read and write a tuning table
-# (device_common.sh: /tmp/mamballama-tuning.json, begun from benchmarks/tuning/<card>.json; back as $OUT/tuning.json).
+# (device_common.sh: /tmp/mamballama-tuning.json, begun from benchmarks/tuning/<card>.json; back as $OUT/tuning.json),
+# all but the kernel A/Bs (b1cublas, b1nopdl, b1noglu, b1noconv, verifyx/g/nc/nt/np/old), which time afresh.
 # DEADLINE=seconds caps the whole session: each step's timeout shrinks to the time left. RATIO= sets the hybrid's
 # attention ratio of the speed steps (default 0.25; e.g. RATIO=0.125 maxbatch, see benchmarks/kv_budget.py).
 # GATE=0: the speed and verify steps time the hybrid without Mamba-2's z projection (convert --no-gate); their
@@ -58,9 +59,12 @@ speed() {  # name, timeout cap, extra args
     local name=$1 cap=$2; shift 2
     [ "${GATE:-1}" = 0 ] && { name="$name-nogate"; set -- "$@" --no-gate; }
     stamp "speed $name: $*"
+    # the tuning table, except in a kernel A/B (it would hand both sides the choices the switch is to time afresh)
+    local tune=(${TUNING_FILE:+--tuning "$TUNING_FILE"})
+    case " $* " in *" --no-pdl "*|*" --no-glu "*|*" --no-gemv-conv "*) tune=() ;; esac
+    [ -n "${MAMBALLAMA_REF_OPS:-}" ] && tune=()
     timeout "$(left "$cap")" python3 benchmarks/speed.py --shape llama3-8b --ratio "${RATIO:-0.25}" "$@" \
-        ${TUNING_FILE:+--tuning "$TUNING_FILE"} --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" \
-        2> "$OUT/speed-$name.err"
+        "${tune[@]}" --output "$OUT/speed-$name.json" > "$OUT/speed-$name.txt" 2> "$OUT/speed-$name.err"
     echo "exit $?"; keep_tuning; cat "$OUT/speed-$name.txt"; grep -v "^\[" "$OUT/speed-$name.err" | tail -8
     # where a batch-1 step went (benchmarks/step_budget.py), printed so that it survives a lost file; none without
     # a batch-1 row
@@ -177,7 +181,8 @@ for step in $STEPS; do
                 timeout -s INT -k 10 "$(left "${VERIFY_CAP:-240}")" python3 benchmarks/speculative_verify.py --shape 8b --k 4 --context 512 \
                     --loop-tokens 64 $( [ "$step" = verifyx ] && echo --gemv-extra ) \
                     $( [ "$step" = verifyg ] && echo --gemv-graph-tiles ) $ab \
-                    $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) ${TUNING_FILE:+--tuning "$TUNING_FILE"} \
+                    $( [ "${GATE:-1}" = 0 ] && echo --no-gate ) \
+                    $( [[ "$step" == verify || "$step" == verifyr ]] && [ -n "$TUNING_FILE" ] && echo --tuning "$TUNING_FILE" ) \
                     --json "$OUT/$v.json" > "$OUT/$v.txt" 2>&1
                 echo "exit $?"; keep_tuning; tail -20 "$OUT/$v.txt"
                 # the replay kernel's tile per shape and the timings behind it, and the window conv GEMV's choice

@@ -191,6 +191,13 @@ def main() -> None:
     from mamballama_cli.ops import tuning as tables
 
     if args.tuning:
+        ab = [f for f, on in (("--gemv-extra", args.gemv_extra), ("--gemv-graph-tiles", args.gemv_graph_tiles),
+                              ("--no-spec-conv", args.no_spec_conv), ("--no-replay-trigger", args.no_replay_trigger),
+                              ("--no-paired-glu", args.no_paired_glu),
+                              ("--replay-norm-margin", args.replay_norm_margin is not None)) if on]
+        if ab:
+            ap.error(f"{ab[0]} with --tuning: a kernel A/B times the choices afresh, which the table would hand both "
+                     f"sides; leave --tuning out")
         tables.open_table(args.tuning)
     from mamballama_cli.generation.speculative import speculative_generate
 

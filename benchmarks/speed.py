@@ -21,6 +21,10 @@ DEFAULT = ["--shape", "llama3-8b", "--ratio", "0.25", "--prompt-tokens", "128", 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    ab = [a for a in ("--no-pdl", "--no-glu", "--no-gemv-conv") if a in args]
+    if "--tuning" in args and ab:
+        sys.exit(f"error: {ab[0]} with --tuning: a kernel A/B times the choices afresh, which the table would hand "
+                 f"both sides; leave --tuning out")
     if "--no-pdl" in args:
         args.remove("--no-pdl")
         from mamballama_cli.ops import triton_gemv

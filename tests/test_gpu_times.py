@@ -293,6 +293,30 @@ def test_the_verify_step_reads_and_writes_the_cards_tuning_table_unless_told_not
         assert "--tuning" not in log and not live.exists() and not (out / "tuning.json").exists()
 
 
+def test_a_kernel_ab_never_takes_the_tuning_table_and_the_benchmarks_refuse_the_two_together(tmp_path):
+    """The A/B steps time a kernel's choice afresh (``--no-pdl``: the pdl launch never tried): a table would hand both
+    sides the same choices, so gpu_session.sh gives it only to the plain steps, and the benchmarks refuse the two
+    together in one line."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "python3").write_text('#!/bin/sh\necho "python3 $*"\n')
+    (bin_ / "python3").chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(out), "DEADLINE": "60",
+           "TCACHE": str(tmp_path / "no-tcache"), "TRITON_CACHE_DIR": str(tmp_path / "cache"),
+           "TUNING_FILE_AT": str(tmp_path / "live.json")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh", "b1", "b1nopdl", "verifyx", "verifyr"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--tuning" in (out / "speed-b1.txt").read_text() and "--tuning" in (out / "speculative-verifyr.txt").read_text()
+    assert "--tuning" not in (out / "speed-b1nopdl.txt").read_text()
+    assert "--tuning" not in (out / "speculative-verifyx.txt").read_text()
+    for script, switch in (("speed.py", "--no-pdl"), ("speculative_verify.py", "--gemv-extra")):
+        refused = subprocess.run([sys.executable, f"benchmarks/{script}", switch, "--tuning", str(tmp_path / "t.json")],
+                                 cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert refused.returncode != 0 and f"{switch} with --tuning: a kernel A/B" in refused.stderr, refused.stderr
+
+
 def test_assemble_teacher_joins_the_halves_and_a_later_call_without_the_second_keeps_it(tmp_path):
     """device_common.sh's assemble_teacher: the parked first half and the carried second make the GGUF; a later call
     carrying no second half (a resumed study's start) keeps the GGUF rather than writing the first half alone over
