@@ -14,8 +14,7 @@ CONFIGS = ((4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (16, 1024, 8),
 # tile earned its place (H200 timings, sm90 instruction counts) is in docs/gpu.md, "How SKINNY came to be".
 SKINNY = ((16, 256, 4, 4, "dot"), (32, 256, 4, 4, "dot"), (64, 128, 4, 4, "dot"), (32, 128, 4, 6, "dot"),
           (16, 512, 4, 3, "dot"), (64, 256, 8, 3, "dot"),
-          (4, 256, 4, 1, "acc"), (2, 512, 4, 1, "acc"), (4, 512, 8, 1, "acc"), (2, 1024, 8, 1, "acc"),
-          (8, 256, 8, 1, "acc"), (1, 2048, 8, 1, "acc"), (2, 2048, 8, 1, "acc"),
+          (2, 512, 4, 1, "acc"), (2, 1024, 8, 1, "acc"),
           (16, 512, 2, 3, "dot"), (64, 128, 4, 6, "dot"),
           (16, 128, 2, 6, "dotw"), (32, 256, 2, 4, "dotw"), (64, 128, 4, 4, "dotw"))
 # the kernel's MODE; dotw: as dot, the weight tile as tl.dot's first operand; dotp, dotwp: the SwiGLU GEMV's dot and

@@ -3,7 +3,7 @@ back to a later process on the same code, software and GPU, which then times not
 only the tiles it runs.
 
 On a machine without Triton's cache, the first call of each shape compiles every candidate tile its autotuner offers
-(18 for a several-row GEMV, 7 for one row, 8 for the Mamba-2 step), then times the kernel against cuBLAS or the ops
+(13 for a several-row GEMV, 7 for one row, 8 for the Mamba-2 step), then times the kernel against cuBLAS or the ops
 apart in CUDA graphs. At the 8B shape a verify benchmark spends minutes on that before it measures anything (the
 thirty-sixth session's H100 ran out of 250 s compiling). With a table, each shape's first call finds its tile and its
 choice already made.
