@@ -5,6 +5,7 @@ anywhere else the table is set aside and everything is timed as before."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,6 +27,8 @@ def clean(monkeypatch):
     monkeypatch.setattr(tuning, "STATE", {"table": None, "file": None, "why": "no table given",
                                           "seeded": {"tuners": 0, "choices": 0}, "left": 0})
     monkeypatch.delenv(tuning.ENV, raising=False)
+    yield
+    os.environ.pop(tuning.ENV, None)  # set by the CLI's --tuning in this process, which monkeypatch did not record
 
 
 def _config(n, warps):
@@ -262,3 +265,21 @@ def test_the_end_of_run_save_skips_what_a_table_cannot_keep_and_never_fails_the_
     (blocked / "x").write_text("")
     tuning._save_at_exit(blocked)  # a folder where the file should be: one line, no exception
     assert f"note: --tuning {blocked}: not written" in capsys.readouterr().err
+
+
+def test_env_says_what_a_table_holds_and_whether_this_machine_would_use_it(clean, tmp_path, capsys, monkeypatch):
+    made = _tuner()
+    made.cache[(4096, 4096, "torch.bfloat16")] = made.configs[2]
+    tuning.register_tuner("gemv", made)
+    here = tuning.fingerprint()
+    monkeypatch.setattr(tuning, "fingerprint", lambda device=None: {**here, "device": "NVIDIA H100 80GB HBM3"})
+    path = tmp_path / "tuning.json"
+    tuning.save(path)
+    monkeypatch.setattr(tuning, "fingerprint", lambda device=None: here)  # this machine: the CPU
+    r = run_cli(["--tuning", path, "env"], capsys)
+    assert r.code == 0, r.err
+    line = next(ln for ln in r.out.splitlines() if ln.startswith("tuning table"))
+    assert line == (f"tuning table {path}: 1 entries, made on NVIDIA H100 80GB HBM3 (triton {here['triton']}, "
+                    f"torch {here['torch']}, ops {here['code']}); set aside here: made with another device")
+    r = run_cli(["--tuning", tmp_path / "none.json", "env", "--json"], capsys)
+    assert json.loads(r.out)["tuning"]["status"] == "no table there yet"

@@ -66,8 +66,13 @@ def environment_report(device: str | None = None) -> dict:
         else:
             why = next((c.split(": ", 1)[1] for c in row["candidates"] if c.startswith(row["backend"] + ":")), "ok")
         rows.append({"op": row["op"], "backend": row["backend"], "why": why, "candidates": row["candidates"]})
-    return {"versions": versions, "executable": sys.executable, "devices": devices, "report_device": str(dev),
-            "ops": rows}
+    report = {"versions": versions, "executable": sys.executable, "devices": devices, "report_device": str(dev),
+              "ops": rows}
+    from mamballama_cli.ops import tuning
+
+    if tuning.STATE["file"]:  # the global --tuning FILE: what the table holds and whether this machine uses it
+        report["tuning"] = tuning.check(tuning.STATE["file"])
+    return report
 
 
 def format_environment(report: dict) -> str:
@@ -90,4 +95,10 @@ def format_environment(report: dict) -> str:
     bwidth = max(len(r["backend"]) for r in report["ops"])
     for r in report["ops"]:
         lines.append(f"  {r['op']:{width}}  {r['backend']:{bwidth}}  {r['why']}")
+    t = report.get("tuning")
+    if t:
+        made = t["made_with"]
+        lines.append(f"tuning table {t['file']}: {t['entries']} entries"
+                     + (f", made on {made['device']} (triton {made['triton']}, torch {made['torch']}, ops {made['code']})"
+                        if made else "") + f"; {t['status']}")
     return "\n".join(lines)

@@ -238,6 +238,19 @@ def _save_at_exit(path) -> None:
         print(f"note: --tuning {path}: not written ({type(exc).__name__}: {exc})", file=sys.stderr)
 
 
+def check(path) -> dict:
+    """What the table at ``path`` holds and whether this machine would use it (``mamballama --tuning FILE env``):
+    its entries, the fingerprint it was made with and the fields where this process's differs (none: it is used)."""
+    table = read(path)
+    if table is None:
+        return {"file": str(path), "entries": 0, "made_with": None, "differs": [], "status": "no table there yet"}
+    here = fingerprint()
+    differs = [k for k in here if table["fingerprint"].get(k) != here[k]]
+    return {"file": str(path), "entries": sum(len(r) for part in ("tuners", "choices") for r in table[part].values()),
+            "made_with": table["fingerprint"], "differs": differs,
+            "status": f"set aside here: made with another {', '.join(differs)}" if differs else "used here"}
+
+
 def report() -> dict:
     """For a benchmark's JSON: which table was given, whether it was used (or why not) and how much it seeded."""
     return {"file": STATE["file"], "status": STATE["why"], "seeded": dict(STATE["seeded"]),
