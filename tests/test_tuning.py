@@ -283,3 +283,12 @@ def test_env_says_what_a_table_holds_and_whether_this_machine_would_use_it(clean
                     f"torch {here['torch']}, ops {here['code']}); set aside here: made with another device")
     r = run_cli(["--tuning", tmp_path / "none.json", "env", "--json"], capsys)
     assert json.loads(r.out)["tuning"]["status"] == "no table there yet"
+
+
+def test_the_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
+    base = 'def f(x):\n    """Doc: 5.9 us on an H100."""\n    return x + 1  # measured 2026-12-06\n'
+    (tmp_path / "a.py").write_text(base)
+    (tmp_path / "b.py").write_text(base.replace("5.9 us on an H100", "6.1 us on an H200").replace("12-06", "12-07"))
+    (tmp_path / "c.py").write_text(base.replace("x + 1", "x + 2"))
+    code = {n: tuning._code(tmp_path / f"{n}.py") for n in "abc"}
+    assert code["a"] == code["b"] and code["a"] != code["c"]

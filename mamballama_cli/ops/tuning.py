@@ -8,8 +8,8 @@ apart in CUDA graphs. At the 8B shape a verify benchmark spends minutes on that 
 thirty-sixth session's H100 ran out of 250 s compiling). With a table, each shape's first call finds its tile and its
 choice already made.
 
-A table is used only where it was made: its fingerprint (a hash of every source file of ``ops/``, the Triton and
-torch versions, the GPU's name) must equal this process's, else it is set aside with the reason and everything is
+A table is used only where it was made: its fingerprint (a hash of the code of every source file of ``ops/``,
+comments and docstrings aside, the Triton and torch versions, the GPU's name) must equal this process's, else it is set aside with the reason and everything is
 timed as before. Entries the table lacks are timed as before too, and added when the table is saved.
 
 Kernel modules hand over what they choose with :func:`register_tuner` (a ``triton.autotune`` object: its ``cache``
@@ -19,7 +19,9 @@ tuple). :func:`use` seeds them from a table, now and as later modules register; 
 
 from __future__ import annotations
 
+import ast
 import atexit
+import functools
 import hashlib
 import json
 import os
@@ -35,12 +37,29 @@ CHOICES: dict[str, dict] = {}  # name -> per-shape choices
 STATE: dict = {"table": None, "file": None, "why": "no table given", "seeded": {"tuners": 0, "choices": 0}, "left": 0}
 
 
-def fingerprint(device=None) -> dict:
-    """What a table must have been made on: the hash of ``ops/``'s sources, Triton's and torch's versions and the
-    GPU's name (``cpu`` off CUDA)."""
+def _code(path: Path) -> bytes:
+    """A source file as the table's fingerprint reads it: its syntax tree without docstrings, so that an edit to a
+    comment or a docstring (the measured numbers they quote) leaves the tables made before it in use."""
+    tree = ast.parse(path.read_bytes())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree).encode()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_hash() -> str:
     code = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
-        code.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        code.update(path.name.encode() + b"\0" + _code(path) + b"\0")
+    return code.hexdigest()[:16]
+
+
+def fingerprint(device=None) -> dict:
+    """What a table must have been made on: the hash of ``ops/``'s code (comments and docstrings aside), Triton's and
+    torch's versions and the GPU's name (``cpu`` off CUDA)."""
     try:
         import triton
         version = triton.__version__
@@ -48,7 +67,7 @@ def fingerprint(device=None) -> dict:
         version = None
     cuda = torch.cuda.is_available()
     name = torch.cuda.get_device_name(device) if cuda else "cpu"
-    return {"code": code.hexdigest()[:16], "triton": version, "torch": torch.__version__, "device": name}
+    return {"code": _code_hash(), "triton": version, "torch": torch.__version__, "device": name}
 
 
 def _enc(v):
