@@ -52,7 +52,7 @@ if [[ "$card" == *H200* ]]; then
          "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr")
   parts=(part1+part2 part3+part6 part4+part5)
 else
-  first=("DEADLINE=300 bash benchmarks/gpu_session.sh verifyr" "JOBS=6 DEADLINE=270 bash benchmarks/gpu_session.sh part1")
+  first=("VERIFY_CAP=300 DEADLINE=320 bash benchmarks/gpu_session.sh verifyr" "JOBS=6 DEADLINE=240 bash benchmarks/gpu_session.sh part1")
   parts=(part2+part3 part4+part6 part5)
 fi
 case "$step" in
