@@ -20,7 +20,7 @@
 # measured the H200's lines as proxies (the suite passing, verify 1.037x, the 12.5% hybrid 6.79x its teacher at 32K).
 # The verify and speed steps read and write the card's tuning table (gpu_session.sh; $OUT/tuning.json comes back:
 # keep it as benchmarks/tuning/<card>.json, and the next cold machine compiles only the tiles it names).
-# Deadlines are for a machine without the Triton cache (the thirty-sixth session's verifyr ran out of 250 s
+# Deadlines are for a machine without the Triton cache (the thirty-sixth session's verifyr ran out of 240 s
 # compiling on a cold H100, and took 134 s on the same machine once call 1 had compiled most of it).
 # DRY=1 prints the commands instead.
 set -uo pipefail

@@ -5,7 +5,7 @@ only the tiles it runs.
 On a machine without Triton's cache, the first call of each shape compiles every candidate tile its autotuner offers
 (13 for a several-row GEMV, 7 for one row, 8 for the Mamba-2 step), then times the kernel against cuBLAS or the ops
 apart in CUDA graphs. At the 8B shape a verify benchmark spends minutes on that before it measures anything (the
-thirty-sixth session's H100 ran out of 250 s compiling). With a table, each shape's first call finds its tile and its
+thirty-sixth session's H100 ran out of 240 s compiling). With a table, each shape's first call finds its tile and its
 choice already made.
 
 A table is used only where it was made: its fingerprint (a hash of the code of every source file of ``ops/``,
