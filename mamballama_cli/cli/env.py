@@ -98,7 +98,7 @@ def format_environment(report: dict) -> str:
     t = report.get("tuning")
     if t:
         made = t["made_with"]
-        lines.append(f"tuning table {t['file']}: {t['entries']} entries"
-                     + (f", made on {made['device']} (triton {made['triton']}, torch {made['torch']}, ops {made['code']})"
-                        if made else "") + f"; {t['status']}")
+        origin = (f", made on {made['device']} (triton {made['triton']}, torch {made['torch']}, ops {made['code']})"
+                  if made else "")
+        lines.append(f"tuning table {t['file']}: {t['entries']} entries{origin}; {t['status']}")
     return "\n".join(lines)

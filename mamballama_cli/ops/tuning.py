@@ -9,8 +9,9 @@ thirty-sixth session's H100 ran out of 240 s compiling). With a table, each shap
 choice already made.
 
 A table is used only where it was made: its fingerprint (a hash of the code of every source file of ``ops/``,
-comments and docstrings aside, the Triton and torch versions, the GPU's name) must equal this process's, else it is set aside with the reason and everything is
-timed as before. Entries the table lacks are timed as before too, and added when the table is saved.
+comments and docstrings aside, the Triton and torch versions, the GPU's name) must equal this process's, else it is
+set aside with the reason and everything is timed as before. Entries the table lacks are timed as before too, and
+added when the table is saved.
 
 Kernel modules hand over what they choose with :func:`register_tuner` (a ``triton.autotune`` object: its ``cache``
 maps a shape's key to a config) and :func:`register_choices` (a dict of per-shape choices: key -> bool or tile
