@@ -95,34 +95,28 @@ def config_id(config) -> dict:
             "num_stages": config.num_stages, "num_ctas": getattr(config, "num_ctas", 1)}
 
 
+def _rows(pairs) -> list:
+    """[key, value] rows as a table writes them; a pair a file cannot hold is left out (timed again next time)."""
+    rows = []
+    for key, value in pairs:
+        try:
+            rows.append([_enc(key), value if isinstance(value, dict) else _enc(value)])
+        except TypeError:
+            continue
+    return rows
+
+
 def snapshot() -> dict:
     """Every registered autotuner's and choice table's entries, with this process's fingerprint. Choices that are not
     a decision (a shape run off CUDA, its key's device index None, remembered as True untimed) are left out with the
     rest of what a table cannot keep."""
-    tuners = {}
-    for name, tuner in TUNERS.items():
-        rows = []
-        for k, c in getattr(tuner, "cache", {}).items():
-            try:
-                rows.append([_enc(k), config_id(c)])
-            except TypeError:  # a key a table cannot keep: that shape is timed again next time
-                continue
-        if rows:
-            tuners[name] = rows
-    choices = {}
-    for name, table in CHOICES.items():
-        rows = []
-        for k, v in table.items():
-            if isinstance(k, tuple) and k and k[-1] is None:  # keys end in the device index: None off CUDA
-                continue
-            if isinstance(v, (bool, tuple)):
-                try:
-                    rows.append([_enc(k), _enc(v)])
-                except TypeError:
-                    continue
-        if rows:
-            choices[name] = rows
-    return {"format": FORMAT, "fingerprint": fingerprint(), "tuners": tuners, "choices": choices}
+    tuners = {name: _rows((k, config_id(c)) for k, c in getattr(tuner, "cache", {}).items())
+              for name, tuner in TUNERS.items()}
+    choices = {name: _rows((k, v) for k, v in table.items()
+                           if isinstance(v, (bool, tuple)) and not (isinstance(k, tuple) and k and k[-1] is None))
+               for name, table in CHOICES.items()}
+    return {"format": FORMAT, "fingerprint": fingerprint(), "tuners": {n: r for n, r in tuners.items() if r},
+            "choices": {n: r for n, r in choices.items() if r}}
 
 
 def _seed_tuner(name: str, tuner) -> None:
