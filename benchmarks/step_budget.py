@@ -8,7 +8,8 @@ A batch-1 step of an 8B model is mostly GEMVs: each weight read once. The speed 
 step runs each shape and adds the served time up (the kernel where it won, else cuBLAS). What is left of the step is everything else: the norms, the Mamba-2 conv and step,
 attention, and the gaps between kernels. The table gives each shape's share of the step and the bandwidth its
 GEMV reached; ``--plot`` draws the same as bars beside the memory floor. Nothing here is estimated: an untimed
-shape is reported as such.
+shape is reported as such, and where a tuning table (``--tuning``) handed the run its choices, so that nothing was
+timed, the table says so and names the way to time them (run the speed step again without the table).
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ def budget(data: dict, model: str = "hybrid") -> dict:
     kernel, pdl = set(row.get("gemv_kernel_shapes", [])), set(row.get("gemv_pdl_shapes", []))
     glu = set(row.get("gemv_swiglu_shapes", []))
     conv = {name.split(" conv ")[0] for name in row.get("gemv_conv_shapes", [])}  # "NxK conv C": in_proj + its conv
+    table_used = (row.get("tuning") or {}).get("status") == "used"
+    untimed = "not timed: the tuning table chose it" if table_used else "not timed"
     items, total = [], 0.0
     for shape, count in sorted(projection_shapes(config).items(), key=lambda kv: -kv[1] * _size(kv[0])):
         timing = row.get("gemv_timings", {}).get(f"1x{shape} {dtype}")
         rows_, cols = (int(v) for v in shape.split("x"))
         weight = rows_ * cols * 2  # bytes of a bf16 / fp16 weight
         if timing is None:
-            items.append({"shape": shape, "count": count, "served_by": "not timed", "us": None, "step_us": None,
+            items.append({"shape": shape, "count": count, "served_by": untimed, "us": None, "step_us": None,
                           "share": None, "tb_s": None})
             continue
         us, how = served_us(timing, f"1x{shape}" in kernel, f"1x{shape}" in pdl)
@@ -100,7 +103,7 @@ def budget(data: dict, model: str = "hybrid") -> dict:
     return {"model": model, "device": data["machine"].get("name"), "date": data["machine"].get("date"),
             "tok_s": row["decode_tok_s"], "step_us": step_us, "gemv_us": total, "rest_us": step_us - total,
             "floor_us": weights / bandwidth * 1e6 if weights else None, "copy_tb_s": bandwidth / 1e12,
-            "items": items}
+            "items": items, "tuning_table": table_used}
 
 
 def _size(shape: str) -> int:
@@ -116,14 +119,21 @@ def table(b: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for it in b["items"]:
         if it["us"] is None:
-            lines.append(f"| {it['shape']} | {it['count']} | not timed | | | | |")
+            lines.append(f"| {it['shape']} | {it['count']} | {it['served_by']} | | | | |")
             continue
         lines.append(f"| {it['shape']} | {it['count']} | {it['served_by']} | {it['us']:.2f} | {it['step_us']:.0f} | "
                      f"{100 * it['share']:.1f}% | {it['tb_s']:.2f} |")
-    lines.append(f"| **all GEMVs** | {sum(i['count'] for i in b['items'])} | | | **{b['gemv_us']:.0f}** | "
-                 f"**{100 * b['gemv_us'] / b['step_us']:.1f}%** | |")
-    lines.append(f"| everything else (norms, conv, SSM step, attention, gaps) | | | | {b['rest_us']:.0f} | "
-                 f"{100 * b['rest_us'] / b['step_us']:.1f}% | |")
+    count = sum(i["count"] for i in b["items"])
+    if any(it["us"] is not None for it in b["items"]):
+        lines.append(f"| **all GEMVs** | {count} | | | **{b['gemv_us']:.0f}** | "
+                     f"**{100 * b['gemv_us'] / b['step_us']:.1f}%** | |")
+        lines.append(f"| everything else (norms, conv, SSM step, attention, gaps) | | | | {b['rest_us']:.0f} | "
+                     f"{100 * b['rest_us'] / b['step_us']:.1f}% | |")
+    else:  # nothing timed: no split of the step to give
+        lines.append(f"| **all GEMVs** | {count} | not timed | | | | |")
+    if b.get("tuning_table") and all(it["us"] is None for it in b["items"]):
+        lines.append("\nthe GEMVs' choices came from a tuning table, untimed; for their times run the speed step "
+                     "without it (--tuning left out, or TUNING=0 for gpu_session.sh)")
     if b["floor_us"]:
         lines.append(f"\nmemory floor over all weights: {b['floor_us']:.0f} us a step; the step is "
                      f"{b['step_us'] / b['floor_us']:.3f}x it")

@@ -62,3 +62,19 @@ def test_a_json_without_the_row_or_a_missing_file_is_refused(tmp_path, capsys):
         step_budget.budget(data, "teacher")
     assert step_budget.main([str(tmp_path / "nope.json")]) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_a_run_whose_choices_came_from_a_tuning_table_says_so_instead_of_a_bare_not_timed():
+    data = json.loads(SPEED.read_text())
+    row = data["rows"][0]
+    row["gemv_timings"] = {}  # what a run with --tuning records: the table chose, nothing was timed
+    bare = step_budget.table(step_budget.budget(json.loads(json.dumps(data))))
+    assert "| not timed |" in bare and "tuning table" not in bare
+    row["tuning"] = {"file": "t.json", "status": "used", "seeded": {"tuners": 5, "choices": 7}, "stale_entries": 0}
+    b = step_budget.budget(data)
+    assert b["tuning_table"] and {it["served_by"] for it in b["items"]} == {"not timed: the tuning table chose it"}
+    text = step_budget.table(b)
+    assert "without it (--tuning left out, or TUNING=0" in text and b["gemv_us"] == 0
+    assert "everything else" not in text and "| **all GEMVs** | 129 | not timed |" in text  # no split of the step
+    row["tuning"]["status"] = "set aside: made with another GPU; everything is timed as before"  # timed: no note
+    assert "tuning table" not in step_budget.table(step_budget.budget(data))
