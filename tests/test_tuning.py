@@ -24,6 +24,7 @@ def clean(monkeypatch):
     """This process's registry and state, emptied for the test and given back after it."""
     monkeypatch.setattr(tuning, "TUNERS", {})
     monkeypatch.setattr(tuning, "CHOICES", {})
+    monkeypatch.setattr(tuning, "SOURCES", {})
     monkeypatch.setattr(tuning, "STATE", {"table": None, "file": None, "why": "no table given",
                                           "seeded": {"tuners": 0, "choices": 0}, "left": 0})
     monkeypatch.delenv(tuning.ENV, raising=False)
@@ -71,14 +72,14 @@ def test_a_table_round_trips_tiles_and_choices_and_never_overrides_what_a_proces
     assert tuning.report()["status"] == "used" and tuning.report()["seeded"]["tuners"] == 2
 
 
-def test_a_table_made_on_other_code_or_another_gpu_is_set_aside_and_everything_is_timed(clean, tmp_path, capsys):
+def test_a_table_made_with_another_gpu_or_software_is_set_aside_and_everything_is_timed(clean, tmp_path, capsys):
     made = _tuner()
     made.cache[(4096, 4096, "torch.bfloat16")] = made.configs[2]
     tuning.register_tuner("gemv", made)
     path = tmp_path / "tuning.json"
     tuning.save(path)
     saved = path.read_text()
-    for field, other in (("code", "0" * 16), ("device", "NVIDIA H200")):
+    for field, other in (("device", "NVIDIA H200"), ("triton", "0.0"), ("torch", "0.0")):
         table = json.loads(saved)
         table["fingerprint"][field] = other
         path.write_text(json.dumps(table))
@@ -89,6 +90,51 @@ def test_a_table_made_on_other_code_or_another_gpu_is_set_aside_and_everything_i
         assert why.startswith(f"set aside: made with another {field}"), why
         assert fresh.cache == {}
         assert f"--tuning {path}: set aside" in capsys.readouterr().err
+
+
+def test_entries_timed_on_other_code_are_timed_again_and_the_rest_of_the_table_is_used(clean, tmp_path):
+    made, choices = _tuner(), {(5, 4096, 4096, torch.bfloat16, 0): False}
+    made.cache[(4096, 4096, "torch.bfloat16")] = made.configs[2]
+    tuning.register_tuner("gemv", made)
+    tuning.register_choices("replay", choices, source=str(tuning.OPS / "replay_tiles.py"))
+    path = tmp_path / "tuning.json"
+    assert tuning.save(path) == 2
+    table = json.loads(path.read_text())
+    assert table["code"]["tuners"]["gemv"] == {"module": "test_tuning.py", "hash": tuning.code_hash(__file__)}
+    assert table["code"]["choices"]["replay"]["module"] == "replay_tiles.py"
+    table["code"]["tuners"]["gemv"]["hash"] = "0" * 16  # as if this module's code had changed since
+    path.write_text(json.dumps(table))
+    fresh, again = _tuner(), {}
+    tuning.TUNERS.clear()
+    tuning.CHOICES.clear()
+    assert tuning.use(path) == "used"
+    tuning.register_tuner("gemv", fresh)
+    tuning.register_choices("replay", again, source=str(tuning.OPS / "replay_tiles.py"))
+    assert fresh.cache == {} and again == {(5, 4096, 4096, torch.bfloat16, 0): False}
+    report = tuning.report()
+    assert report["code_changed"] == ["gemv"] and report["stale_entries"] == 1 and report["seeded"]["choices"] == 1
+    check = tuning.check(path)
+    assert check["code_changed"] == ["gemv"] and check["status"].startswith("used here, but for gemv (their code")
+    fresh.cache[(1, "torch.bfloat16")] = fresh.configs[0]
+    assert tuning.save(path) == 2  # the stale entry is not carried over; this run's and the replay's are
+    table = json.loads(path.read_text())
+    assert table["tuners"]["gemv"] == [[[1, "torch.bfloat16"], tuning.config_id(fresh.configs[0])]]
+    assert table["code"]["tuners"]["gemv"]["hash"] == tuning.code_hash(__file__)
+
+
+def test_a_table_of_the_older_format_is_set_aside_and_written_over(clean, tmp_path, capsys):
+    path = tmp_path / "tuning.json"
+    here = tuning.fingerprint()
+    path.write_text(json.dumps({"format": 1, "fingerprint": {**here, "code": "b8f3ac66e8f41c89"},
+                                "tuners": {"gemv": [[[4096, "torch.bfloat16"], tuning.config_id(_config(64, 8))]]},
+                                "choices": {}}))
+    fresh = _tuner()
+    tuning.register_tuner("gemv", fresh)
+    assert tuning.use(path) == "set aside: an older table (format 1); everything is timed as before"
+    assert fresh.cache == {} and "an older table (format 1)" in capsys.readouterr().err
+    assert tuning.check(path)["status"] == "set aside here: made with another format"
+    fresh.cache[(1, "torch.bfloat16")] = fresh.configs[0]
+    assert tuning.save(path) == 1 and json.loads(path.read_text())["format"] == tuning.FORMAT
 
 
 def test_saving_keeps_a_same_fingerprint_tables_entries_and_replaces_another(clean, tmp_path):
@@ -122,8 +168,8 @@ def test_a_config_no_longer_offered_is_timed_again_and_counted(clean, tmp_path):
 
 def test_a_file_that_is_not_a_table_is_one_line_naming_it_before_any_work(clean, tmp_path, capsys):
     bad = tmp_path / "bad.json"
-    bad.write_text('{"format": 1}')
-    with pytest.raises(ValueError, match=r"--tuning .*bad.json: not a tuning table of format 1; give a file"):
+    bad.write_text('{"format": 2}')
+    with pytest.raises(ValueError, match=r"--tuning .*bad.json: not a tuning table \(format 1 to 2\); give a file"):
         tuning.read(bad)
     bad.write_text("not json")
     r = run_cli(["--tuning", bad, "plugins", "list"], capsys)
@@ -182,10 +228,12 @@ def test_the_next_process_runs_the_tables_tile_without_timing_and_a_stale_table_
     assert later["timed"] == 0 and later["best"] == first["best"] and later["err"] < 1e-2
     assert later["report"]["status"] == "used" and later["report"]["seeded"]["tuners"] == 1
     table = json.loads(path.read_text())
-    table["fingerprint"]["code"] = "0" * 16  # as if ops/ had changed since
+    assert table["code"]["tuners"]["gemv"]["module"] == "triton_gemv.py"
+    table["code"]["tuners"]["gemv"]["hash"] = "0" * 16  # as if the gemv kernel's code had changed since
     path.write_text(json.dumps(table))
     stale = run("use")
-    assert stale["timed"] == 7 and stale["report"]["status"].startswith("set aside: made with another code")
+    assert stale["timed"] == 7 and stale["report"]["status"] == "used"
+    assert stale["report"]["code_changed"] == ["gemv"] and stale["report"]["stale_entries"] == 1
 
 
 # On CUDA: the gemv op's real choice (the kernel timed against cuBLAS in CUDA graphs) and its autotuner (real
@@ -254,7 +302,7 @@ def test_the_end_of_run_save_skips_what_a_table_cannot_keep_and_never_fails_the_
     made.cache[(object(), "torch.bfloat16")] = made.configs[1]  # not a key a file can hold: left out
     tuning.register_tuner("gemv", made)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tuning, "fingerprint", lambda device=None: {"code": "c", "triton": "t", "torch": "t",
+    monkeypatch.setattr(tuning, "fingerprint", lambda device=None: {"triton": "t", "torch": "t",
                                                                     "device": "NVIDIA H100 80GB HBM3"})
     path = tmp_path / "tuning.json"
     tuning._save_at_exit(path)
@@ -280,15 +328,36 @@ def test_env_says_what_a_table_holds_and_whether_this_machine_would_use_it(clean
     assert r.code == 0, r.err
     line = next(ln for ln in r.out.splitlines() if ln.startswith("tuning table"))
     assert line == (f"tuning table {path}: 1 entries, made on NVIDIA H100 80GB HBM3 (triton {here['triton']}, "
-                    f"torch {here['torch']}, ops {here['code']}); set aside here: made with another device")
+                    f"torch {here['torch']}); set aside here: made with another device")
     r = run_cli(["--tuning", tmp_path / "none.json", "env", "--json"], capsys)
     assert json.loads(r.out)["tuning"]["status"] == "no table there yet"
 
 
-def test_the_fingerprint_reads_code_not_comments_or_docstrings(tmp_path):
-    base = 'def f(x):\n    """Doc: 5.9 us on an H100."""\n    return x + 1  # measured 2026-12-06\n'
-    (tmp_path / "a.py").write_text(base)
-    (tmp_path / "b.py").write_text(base.replace("5.9 us on an H100", "6.1 us on an H200").replace("12-06", "12-07"))
-    (tmp_path / "c.py").write_text(base.replace("x + 1", "x + 2"))
-    code = {n: tuning._code(tmp_path / f"{n}.py") for n in "abc"}
-    assert code["a"] == code["b"] and code["a"] != code["c"]
+def test_the_code_hash_reads_code_not_comments_or_docstrings(tmp_path):
+    base = ('"""Module doc \u2013 5.9 us."""\nimport os  # for the path\n\n\ndef f(x):\n    """Doc: 5.9 us on an H100\n    (\u00b5s)."""'
+            '  # why\n    s = "# not a comment"\n    return x + 1  # measured 2026-12-06\n')
+    variants = {"a": base, "b": base.replace("5.9 us on an H100", "6.1 us on an H200").replace("12-06", "12-07"),
+                "c": base.replace("x + 1", "x + 2"), "d": base.replace('"# not a comment"', '"# changed"'),
+                "e": base.replace("  # why", "").replace("\n\n\ndef", "\ndef")}
+    for n, text in variants.items():
+        (tmp_path / f"{n}.py").write_text(text)
+    code = {n: tuning._code(tmp_path / f"{n}.py") for n in variants}
+    assert code["a"] == code["b"] == code["e"] and code["a"] != code["c"] and code["a"] != code["d"]
+    assert code["a"] == b'import os\ndef f(x):\n    s = "# not a comment"\n    return x + 1'
+
+
+def test_the_code_hash_of_a_kernel_module_covers_the_ops_modules_it_imports_and_nothing_else(tmp_path):
+    imports = {p.name for p in tuning._imports(tuning.OPS / "triton_gemv.py")}
+    assert {"common.py", "gemv_candidates.py", "triton_gemv_tiles.py", "graph_timing.py"} <= imports
+    assert not {"tuning.py", "__init__.py", "triton_replay.py"} & imports
+    mod = tmp_path / "kernels.py"
+    mod.write_text("from mamballama_cli.ops import tuning, common\nfrom mamballama_cli import ops\n\n"
+                   "def k():\n    from mamballama_cli.ops.triton_gemv_tiles import _tiles\n    return _tiles\n")
+    assert tuning._imports(mod) == {tuning.OPS / "common.py", tuning.OPS / "triton_gemv_tiles.py"}
+    first = tuning.code_hash(str(mod))
+    mod.write_text(mod.read_text() + "# a comment\n")
+    tuning.code_hash.cache_clear()
+    assert tuning.code_hash(str(mod)) == first
+    mod.write_text(mod.read_text().replace("return _tiles", "return None"))
+    tuning.code_hash.cache_clear()
+    assert tuning.code_hash(str(mod)) != first

@@ -98,7 +98,6 @@ def format_environment(report: dict) -> str:
     t = report.get("tuning")
     if t:
         made = t["made_with"]
-        origin = (f", made on {made['device']} (triton {made['triton']}, torch {made['torch']}, ops {made['code']})"
-                  if made else "")
+        origin = f", made on {made['device']} (triton {made['triton']}, torch {made['torch']})" if made else ""
         lines.append(f"tuning table {t['file']}: {t['entries']} entries{origin}; {t['status']}")
     return "\n".join(lines)
