@@ -16,8 +16,9 @@
 # H200 (issues 15, 17), part1+part2, then part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the
 # Triton cache, within LEFT.
 # H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = verifyr, then part1 (it
-# holds the tuning table's gpu test, not yet run on a GPU); 2-4 as on the H200 less part1. The H100 sessions so far
-# measured the H200's lines as proxies (the suite passing, verify 1.037x, the 12.5% hybrid 6.79x its teacher at 32K).
+# holds the tuning table's gpu test: passed in the thirty-seventh session, table format 2 since); 2-4 as on the H200
+# less part1. The H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.037x and
+# 1.049-1.050x, the 12.5% hybrid 6.79x its teacher at 32K).
 # The verify and speed steps read and write the card's tuning table (gpu_session.sh; $OUT/tuning.json comes back:
 # keep it as benchmarks/tuning/<card>.json, and the next cold machine compiles only the tiles it names).
 # Deadlines are for a machine without the Triton cache (the thirty-sixth session's verifyr ran out of 240 s
