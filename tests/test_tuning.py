@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
+from types import FunctionType, SimpleNamespace
 
 import pytest
 import torch
@@ -361,3 +361,25 @@ def test_the_code_hash_of_a_kernel_module_covers_the_ops_modules_it_imports_and_
     mod.write_text(mod.read_text().replace("return _tiles", "return None"))
     tuning.code_hash.cache_clear()
     assert tuning.code_hash(str(mod)) != first
+
+
+def test_code_run_from_no_file_registers_and_its_entries_are_left_out_of_the_table(clean, tmp_path):
+    made = _tuner()
+    made.cache[(4096, "torch.bfloat16")] = made.configs[0]
+    def register(name, tuner):
+        tuning.register_tuner(name, tuner)
+
+    fileless = FunctionType(register.__code__, {"tuning": tuning})  # globals without __file__, as `python -c` has
+    fileless("script", made)
+    tuning.register_tuner("gemv", _tuner())
+    tuning.TUNERS["gemv"].cache[(1, "torch.bfloat16")] = made.configs[1]
+    assert "script" in tuning.TUNERS and ("tuners", "script") not in tuning.SOURCES
+    path = tmp_path / "tuning.json"
+    tuning.save(path)
+    table = json.loads(path.read_text())
+    assert set(table["code"]["tuners"]) == {"gemv"}
+    fresh = _tuner()
+    tuning.TUNERS.clear()
+    tuning.use(path)
+    fileless("script", fresh)
+    assert fresh.cache == {} and tuning.report()["code_changed"] == ["script"]

@@ -250,11 +250,20 @@ def _activate(table: dict | None) -> None:
             _seed_choices(name, choices)
 
 
+def _source(part: str, name: str, source: str | None) -> None:
+    """Where the code of ``name``'s tunings is; code run from no file (``python -c``) has none, and its entries are
+    then kept in no table."""
+    if source:
+        SOURCES[part, name] = source
+    else:
+        SOURCES.pop((part, name), None)
+
+
 def register_tuner(name: str, tuner, source: str | None = None) -> None:
     """Hand over an autotuner under a name unique in the package; seeded at once if a table is open. ``source``: the
     file whose code the tunings depend on (by default the calling module's)."""
     TUNERS[name] = tuner
-    SOURCES["tuners", name] = source or sys._getframe(1).f_globals["__file__"]
+    _source("tuners", name, source or sys._getframe(1).f_globals.get("__file__"))
     if not _pending() and STATE["table"] is not None:
         _seed_tuner(name, tuner)
 
@@ -263,7 +272,7 @@ def register_choices(name: str, table: dict, source: str | None = None) -> None:
     """Hand over a per-shape choices dict under a name unique in the package; seeded at once if a table is open.
     ``source``: as for :func:`register_tuner`."""
     CHOICES[name] = table
-    SOURCES["choices", name] = source or sys._getframe(1).f_globals["__file__"]
+    _source("choices", name, source or sys._getframe(1).f_globals.get("__file__"))
     if not _pending() and STATE["table"] is not None:
         _seed_choices(name, table)
 
