@@ -131,9 +131,9 @@ def table(b: dict) -> str:
                      f"{100 * b['rest_us'] / b['step_us']:.1f}% | |")
     else:  # nothing timed: no split of the step to give
         lines.append(f"| **all GEMVs** | {count} | not timed | | | | |")
-    if b.get("tuning_table") and all(it["us"] is None for it in b["items"]):
-        lines.append("\nthe GEMVs' choices came from a tuning table, untimed; for their times run the speed step "
-                     "without it (--tuning left out, or TUNING=0 for gpu_session.sh)")
+        if b.get("tuning_table"):
+            lines.append("\nthe GEMVs' choices came from a tuning table, untimed; for their times run the speed step "
+                         "without it (--tuning left out, or TUNING=0 for gpu_session.sh)")
     if b["floor_us"]:
         lines.append(f"\nmemory floor over all weights: {b['floor_us']:.0f} us a step; the step is "
                      f"{b['step_us'] / b['floor_us']:.3f}x it")
