@@ -104,3 +104,36 @@ def test_studies_refuse_a_data_build_that_skipped_a_source(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"sources": sources}))
     r = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_data_build_folder_feeds_distill_eval_data_and_label(models, tmp_path, capsys):
+    """`--data DIR` takes the train split's texts and recall documents, `--eval-data DIR` the held-out split's,
+    `label --prompts DIR` the train prompts; a command needing what the folder lacks is one line naming it."""
+    from clihelp import one_line_error
+
+    data = tmp_path / "data"
+    r = run_cli(["data", "build", "--sources", "pydoc,recall", "--recall-docs", "20", "--output", data], capsys)
+    assert r.code == 0, r.err
+    fast = ["--template", "none", "--steps", "1", "--seq-len", "96", "--micro-batch-size", "2"]
+    r = run_cli(["distill", models["hybrid"], "--data", data, "--eval-data", data, "-o", tmp_path / "run", *fast],
+                capsys)
+    assert r.code == 0, r.err
+    assert f"data {data}: the train split of a `data build` folder: text-train.jsonl, recall-train.jsonl" in r.err
+    files = json.loads((data / "manifest.json").read_text())["files"]
+    held = ", ".join(f for f in ("text-heldout.jsonl", "recall-heldout.jsonl") if files.get(f, {}).get("records"))  # none empty
+    assert held.startswith("text-heldout.jsonl")
+    assert f"data {data}: the heldout split of a `data build` folder: {held}\n" in r.err
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["steps"] == 1 and summary["evals"] and "eval_ce" in summary["evals"][-1]
+    # the folder's train prompts, answered by the teacher
+    r = run_cli(["label", models["teacher"], "--prompts", data, "-o", tmp_path / "l.jsonl", "-n", "2",
+                 "--max-new-tokens", "4"], capsys)
+    assert r.code == 0, r.err
+    first = json.loads((data / "prompts-train.jsonl").open().readline())["prompt"]
+    assert json.loads((tmp_path / "l.jsonl").open().readline())["messages"][0]["content"] == first
+    r = run_cli(["dpo", models["hybrid"], "--data", data, "-o", tmp_path / "d", *fast], capsys)
+    one_line_error(r, f"data {data} is a `mamballama data build` folder with no preference pairs")
+    r = run_cli(["distill", models["hybrid"], "--data", data, "--data-split", "test", "-o", tmp_path / "t", *fast],
+                capsys)
+    one_line_error(r, "splits are train and heldout", "--data-split test")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t").exists()

@@ -196,3 +196,36 @@ def test_processes_that_accelerate_runs_alone_are_refused(models, tmp_path):
     line = errors.pop()
     assert "2 processes were launched" in line and "accelerate launch --cpu" in line, line
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_cpu_micro_batch_past_the_ram_is_our_error_not_the_oom_killer(models, tmp_path, capsys, monkeypatch):
+    """On a CPU run the trainer caps its writable memory at what the system has available (RLIMIT_DATA), so an
+    allocation past it fails in torch and gets the out-of-memory advice; the cap is lifted when the run ends.
+    Here the system is made to report 256 MiB available and a micro-batch asks 1 GiB more (never touched: without
+    the cap it would be granted, and the run would succeed)."""
+    resource = pytest.importorskip("resource")
+    from mamballama_cli.training import engine, trainer
+
+    if engine._proc_kib("/proc/self/status", "VmData") is None:
+        pytest.skip("no /proc: the cap is Linux-only")
+    real_kib = engine._proc_kib
+    monkeypatch.setattr(engine, "_proc_kib", lambda path, key: 256 << 20 if key == "MemAvailable" else
+                        real_kib(path, key))
+    real_forward = trainer.forward_logits
+
+    def greedy(model, inputs):
+        spare = torch.empty(1 << 30, dtype=torch.uint8)  # 1 GiB of address space, no page of it written
+        del spare
+        return real_forward(model, inputs)
+
+    monkeypatch.setattr(trainer, "forward_logits", greedy)
+    before = resource.getrlimit(resource.RLIMIT_DATA)
+    args = ["distill", models["hybrid"], "--data", TRAIN, "--template", "none", "--steps", "1", "--seq-len", "96",
+            "--micro-batch-size", "4", "--gradient-accumulation-steps", "1"]
+    r = run_cli([*args, "-o", tmp_path / "o"], capsys)
+    one_line_error(r, "out of memory at --micro-batch-size 4", "--micro-batch-size 2 --gradient-accumulation-steps 2")
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before
+    monkeypatch.setattr(engine, "_proc_kib", real_kib)  # the RAM as it is: the same run goes through
+    r = run_cli([*args, "-o", tmp_path / "p"], capsys)
+    assert r.code == 0, r.err
+    assert resource.getrlimit(resource.RLIMIT_DATA) == before

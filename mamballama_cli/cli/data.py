@@ -21,7 +21,9 @@ app = typer.Typer(help="Offline training data: packaged public text (build), tea
 
 
 @app.command("build", help="Write prompts (for `mamballama label`), plain text and long-range recall documents, "
-             "with a held-out split.",
+             "with a held-out split. The folder is training data as it stands: `distill --data DIR` reads its "
+             "train texts and recall documents, `--eval-data DIR` the held-out ones, `label --prompts DIR` its "
+             "train prompts.",
              epilog=NOTATION)
 @command_io
 def build(

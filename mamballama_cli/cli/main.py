@@ -103,7 +103,8 @@ def main() -> None:
         if isinstance(exc, MamballamaError):
             common.err(f"error: {exc}")
             sys.exit(exc.exit_code)
-        if type(exc).__name__ == "OutOfMemoryError":
+        if type(exc).__name__ == "OutOfMemoryError" or isinstance(exc, MemoryError) or (
+                isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc)):  # the GPU's, or the CPU's
             common.err("error: out of memory; reduce --micro-batch-size or sequence length, enable gradient "
                        "checkpointing, or shard with ZeRO-3/FSDP")
             sys.exit(1)

@@ -229,3 +229,50 @@ def clip_and_norm(acc, model, st: ResolvedStage, engine: str) -> float | None:
     max_norm = st.max_grad_norm if st.max_grad_norm and st.max_grad_norm > 0 else float("inf")
     norm = acc.clip_grad_norm_(model.parameters(), max_norm)
     return None if norm is None else float(norm)
+
+
+# --- memory on a CPU run ------------------------------------------------------------------------------------------
+def _proc_kib(path: str, key: str) -> int | None:
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cap_cpu_memory(device, margin: float = 0.05):
+    """On a CPU run, cap this process's writable private memory (RLIMIT_DATA) at what it holds now plus the RAM
+    the system has available, less ``margin`` of it. A micro-batch too large then fails in torch's allocator, which
+    the trainer answers with its out-of-memory advice, instead of the kernel's OOM killer ending the run with no
+    word said. Returns a function that puts the previous limit back (a no-op where none was set: not a CPU run,
+    not Linux, or a tighter limit already in place)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return lambda: None
+    if torch.device(device).type != "cpu":
+        return lambda: None
+    held, free = _proc_kib("/proc/self/status", "VmData"), _proc_kib("/proc/meminfo", "MemAvailable")
+    if held is None or free is None:
+        return lambda: None
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    cap = held + int(free * (1 - margin))
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    if soft != resource.RLIM_INFINITY and soft <= cap:
+        return lambda: None
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A GPU's out-of-memory error, or an allocation that failed on the CPU (torch's allocator, or Python's)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc) and "allocate" in str(exc)

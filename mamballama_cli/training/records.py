@@ -96,16 +96,23 @@ def split_data_spec(spec: str) -> list[str]:
 
 
 def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_bad: bool = False,
-                 text_field: str | None = None) -> list:
+                 text_field: str | None = None, heldout: bool = False) -> list:
     """Records from JSONL files, local data sets, builtin sources or Hugging Face datasets, each checked against
     ``kind``; shard folders come back as :class:`ShardRecord` (pre-tokenised, for ``kind='chat'`` only).
 
-    ``text_field`` names the field holding each record's text (a string) or conversation (a message list).
-    A bad line stops the run with its file and line number, unless ``skip_bad`` (then it is counted and named).
+    A `mamballama data build` folder gives the files of its ``split`` ('train' or 'heldout'; ``heldout`` takes the
+    held-out one whatever ``split`` says, as --eval-data does) that ``kind`` reads: texts and recall documents, or
+    prompts. ``text_field`` names the field holding each record's text (a string) or conversation (a message
+    list). A bad line stops the run with its file and line number, unless ``skip_bad`` (then it is counted and
+    named).
     """
     out: list = []
     for part in split_data_spec(spec):
         path = Path(part).expanduser()
+        if path.is_dir() and (files := _build_folder(part, path, kind, "heldout" if heldout else split)) is not None:
+            for f in files:
+                out += _checked(str(f), load_records(str(f), skip_bad=skip_bad, text_field=text_field), kind, skip_bad)
+            continue
         if path.is_dir() and _is_shards(path):
             if kind != "chat":
                 need = "preference pairs" if kind == "preference" else "prompts"
@@ -116,6 +123,25 @@ def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_ba
         out += _checked(part, load_records(part, split=split, skip_bad=skip_bad, text_field=text_field), kind,
                         skip_bad)
     return out
+
+
+def _build_folder(part: str, path: Path, kind: str, split: str) -> list[Path] | None:
+    """The files to read from a `data build` folder (a note names them), or None where ``path`` is not one."""
+    from mamballama_cli.corpus import folder_files
+
+    if (files := folder_files(path, kind, "train")) is None:
+        return None
+    if split not in ("train", "heldout"):
+        raise DataError(f"data {part} is a `mamballama data build` folder, whose splits are train and heldout; "
+                        f"got --data-split {split} (pass --data-split train or heldout)")
+    files = folder_files(path, kind, split) or []
+    if not files:
+        holds = {"preference": "preference pairs", "prompt": "prompts"}.get(kind, "texts")
+        raise DataError(f"data {part} is a `mamballama data build` folder with no {holds} in its {split} split "
+                        + ("(pass a JSONL file of prompt/chosen/rejected records)" if kind == "preference" else
+                           "(build it again with a source that has them, e.g. --sources pydoc)"))
+    log(f"data {part}: the {split} split of a `data build` folder: {', '.join(f.name for f in files)}")
+    return files
 
 
 def _is_shards(path: Path) -> bool:
@@ -211,9 +237,9 @@ def _local_dataset(path: Path, split: str) -> tuple[list[Record], list[str]]:
             table = pa.ipc.open_stream(str(path)).read_all()
     else:
         if not any((path / n).is_file() for n in ("state.json", "dataset_dict.json", "dataset_info.json")):
-            raise DataError(f"data {path} is a directory but neither a shard folder (manifest.json from `mamballama "
-                            "data generate`) nor a saved `datasets` folder (Dataset.save_to_disk); pass a .jsonl, "
-                            ".parquet or .arrow file")
+            raise DataError(f"data {path} is a directory but neither a shard folder (from `mamballama data "
+                            "generate`), a `mamballama data build` folder nor a saved `datasets` folder "
+                            "(Dataset.save_to_disk); pass a .jsonl, .parquet or .arrow file")
         datasets = _need("datasets", path)
         try:
             ds = datasets.load_from_disk(str(path))

@@ -22,9 +22,9 @@ from mamballama_cli.output import log
 from mamballama_cli.training import checkpoint as ck
 from mamballama_cli.training.config import ResolvedStage, config_dict, config_hash
 from mamballama_cli.training.data import BatchPlan, split_global_batch
-from mamballama_cli.training.engine import (TimeFit, build_optimizer, clip_and_norm, configure_deepspeed,
-                                            engine_name, frozen_dtype, lr_at, make_accelerator, set_lr,
-                                            whole_models)
+from mamballama_cli.training.engine import (TimeFit, build_optimizer, cap_cpu_memory, clip_and_norm,
+                                            configure_deepspeed, engine_name, frozen_dtype, is_out_of_memory, lr_at,
+                                            make_accelerator, set_lr, whole_models)
 from mamballama_cli.training.models import (check_same_vocabulary, load_frozen, load_trainable, relayout,
                                             set_trainable)
 from mamballama_cli.training.recipes import Job, recipe_for
@@ -103,7 +103,7 @@ def run_training(cfg, kind: str) -> dict:
     # Shard folders come back pre-tokenised; encode_records checks them against the tokenizer and passes them on.
     records = read_records(cfg.data, split=cfg.data_split, kind=recipe.records, skip_bad=cfg.skip_bad_lines,
                            text_field=cfg.text_field)
-    eval_records = (read_records(cfg.eval_data, split=cfg.data_split, kind=recipe.records,
+    eval_records = (read_records(cfg.eval_data, split=cfg.data_split, kind=recipe.records, heldout=True,
                                  skip_bad=cfg.skip_bad_lines, text_field=cfg.text_field) if cfg.eval_data else None)
 
     student, job, tok, frozen_spec = load_models(acc, cfg, recipe, str(resume_ckpt) if resume_ckpt else cfg.model)
@@ -154,6 +154,7 @@ def run_training(cfg, kind: str) -> dict:
     fit = (TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan), ceiling=stage_steps)
            if cfg.fit_to_time else None)
 
+    uncap = cap_cpu_memory(acc.device)  # a micro-batch too large for the RAM: our error, not the OOM killer
     try:
         for si in range(si0, len(stages)):
             st, steps, plan = stages[si], stage_steps[si], plans[si]
@@ -243,6 +244,7 @@ def run_training(cfg, kind: str) -> dict:
             if stopped or timed_out:
                 break
     finally:
+        uncap()
         reporter.close()
 
     summary = {
@@ -320,8 +322,10 @@ def train_step(job: Job, acc, model, optimizer, st: ResolvedStage, plan: BatchPl
             try:
                 total, metrics = micro_step(job, acc, model, [job.items[i] for i in micro], st, cfg, kl_scale)
                 acc.backward(total * (G * W / norm))
-            except torch.OutOfMemoryError as exc:
-                raise out_of_memory(cfg) from exc
+            except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+                if is_out_of_memory(exc):
+                    raise out_of_memory(cfg) from exc
+                raise
         for k, v in metrics.items():  # kept on the device: one synchronisation per step, in reduce_sums
             sums[k] = sums[k] + v.detach() if k in sums else v.detach()
         if on_micro is not None:
@@ -369,10 +373,12 @@ def out_of_time(acc, cfg, t_start: float) -> bool:
 
 
 def out_of_memory(cfg) -> MamballamaError:
+    mb, G = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    same = (f" (--micro-batch-size {mb // 2} --gradient-accumulation-steps {G * 2} keeps the global batch)"
+            if mb > 1 and mb % 2 == 0 else " (raise --gradient-accumulation-steps to keep the global batch)")
     return MamballamaError(
-        f"out of memory at --micro-batch-size {cfg.micro_batch_size} with --seq-len {cfg.seq_len}: lower "
-        "--micro-batch-size (raise --gradient-accumulation-steps to keep the global batch), add "
-        "--gradient-checkpointing, or shard the model with DeepSpeed ZeRO-3 (--accelerate-config "
+        f"out of memory at --micro-batch-size {mb} with --seq-len {cfg.seq_len}: lower --micro-batch-size{same}, "
+        "add --gradient-checkpointing, or shard the model with DeepSpeed ZeRO-3 (--accelerate-config "
         "templates/accelerate/zero3.yaml)"
     )
 
