@@ -91,6 +91,24 @@ def test_max_seconds_stops_and_still_writes_the_final_model(models, tmp_path, ca
     assert (out / "model.safetensors").is_file() and s.get("model") == str(out)
 
 
+def test_a_stage_that_ran_no_step_is_evaluated_once_with_progress_shown(models, tmp_path, capsys, monkeypatch):
+    """The budget runs out before the first step: the held-out evaluation at the stage's start is the stage's only
+    one (its end would repeat it on the same weights), and a long evaluation shows its batches as it goes."""
+    from mamballama_cli.training.report import Reporter
+
+    monkeypatch.setattr(Reporter, "MICRO_AFTER_S", 0.0)  # every evaluation counts as long here
+    monkeypatch.setattr(Reporter, "MICRO_EVERY_S", 0.0)
+    out = tmp_path / "budget"
+    r = run_cli(["distill", models["hybrid"], "--output", out, "--json", "--template", "none", "--data", TRAIN,
+                 "--eval-data", TRAIN, "--steps", "50", "--max-seconds", "0.01", *SMALL], capsys)
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    assert s["steps"] == 0 and s["time_budget_reached"]
+    assert [(e["step"], e["stage"]) for e in s["evals"]] == [(0, "train")]
+    assert [m for m in metrics(out) if "eval_kl" in m] == s["evals"]
+    assert "eval at step 0: batch 1/" in r.err
+
+
 def test_concat_packing_fills_every_row(models, tmp_path, capsys):
     from mamballama_cli.training.data import Example, pack_concat
 

@@ -31,7 +31,7 @@ class Reporter:
         self.task = None
         self.t0 = time.perf_counter()
         self.steps_done_here = 0
-        self.step_no = 0
+        self.step_no = self.eval_no = 0
         self.step_t0 = self.micro_t = 0.0
         if not enabled:
             return
@@ -99,9 +99,20 @@ class Reporter:
         self.step_no, self.step_t0 = step, time.perf_counter()
         self.micro_t = self.step_t0
 
+    def begin_eval(self, step: int) -> None:
+        self.eval_no, self.step_t0 = step, time.perf_counter()
+        self.micro_t = self.step_t0
+
     def micro(self, done: int, total: int) -> None:
         """Micro-batch ``done`` of ``total`` finished: shown only inside a step that runs long (not part of the
         metrics). On a terminal it lives in the bar's stats; otherwise it is a plain line."""
+        self._inside(done, total, f"step {self.step_no}/{self.total}: micro-batch")
+
+    def eval_batch(self, done: int, total: int) -> None:
+        """Batch ``done`` of ``total`` of a held-out evaluation (after :meth:`begin_eval`), shown as :meth:`micro`."""
+        self._inside(done, total, f"eval at step {self.eval_no}: batch")
+
+    def _inside(self, done: int, total: int, what: str) -> None:
         if not self.enabled or done >= total:
             return
         now = time.perf_counter()
@@ -109,7 +120,7 @@ class Reporter:
                                                         and now - self.micro_t < self.MICRO_EVERY_S):
             return
         self.micro_t = now
-        msg = f"step {self.step_no}/{self.total}: micro-batch {done}/{total} ({now - self.step_t0:.0f} s)"
+        msg = f"{what} {done}/{total} ({now - self.step_t0:.0f} s)"
         if self.progress is not None:
             self.progress.update(self.task, stats=msg)
         else:

@@ -54,8 +54,9 @@ def reduce_sums(acc, sums: dict, keys) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(job: Job, acc, model, cfg) -> dict:
-    """Held-out metrics per target token (KL at temperature 1, CE) or per pair (DPO); all processes join."""
+def evaluate(job: Job, acc, model, cfg, on_batch=None) -> dict:
+    """Held-out metrics per target token (KL at temperature 1, CE) or per pair (DPO); all processes join.
+    ``on_batch(done, total)`` is called after each batch (progress on a long evaluation)."""
     items = job.eval_items
     if not items:
         return {}
@@ -64,7 +65,8 @@ def evaluate(job: Job, acc, model, cfg) -> dict:
     keys = job.recipe.metric_keys + ("count",)
     sums: dict[str, float] = {}
     unit = job.recipe.eval_unit(job.frozen is not None)
-    for start in range(0, len(items), mb * W):
+    starts = range(0, len(items), mb * W)
+    for done, start in enumerate(starts, 1):
         mine = items[start + r * mb: start + (r + 1) * mb]
         weight = 1.0
         if not mine:  # every process must run the same number of forwards (sharded engines gather weights)
@@ -74,6 +76,8 @@ def evaluate(job: Job, acc, model, cfg) -> dict:
         for k in keys:
             v = count if k == "count" else float(m.get(k, torch.tensor(0.0)))
             sums[k] = sums.get(k, 0.0) + weight * v
+        if on_batch is not None:
+            on_batch(done, len(starts))
     model.train()
     total = reduce_sums(acc, sums, keys)
     n = max(total.pop("count"), 1.0)
@@ -154,6 +158,12 @@ def run_training(cfg, kind: str) -> dict:
     fit = (TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan), ceiling=stage_steps)
            if cfg.fit_to_time else None)
 
+    def held_out(stage: str) -> None:  # evaluate the model now, unless it was at this step of this stage already
+        if not (evals and evals[-1]["step"] == gstep and evals[-1]["stage"] == stage):
+            reporter.begin_eval(gstep)
+            evals.append({"step": gstep, "stage": stage, **evaluate(job, acc, model, cfg, reporter.eval_batch)})
+            reporter.eval(evals[-1])
+
     uncap = cap_cpu_memory(acc.device)  # a micro-batch too large for the RAM: our error, not the OOM killer
     try:
         for si in range(si0, len(stages)):
@@ -183,9 +193,7 @@ def run_training(cfg, kind: str) -> dict:
                 restore_rng(acc, resume_ckpt)
             reporter.stage(st.name, steps)
             if job.eval_items and not mid_stage:
-                ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
-                reporter.eval(ev)
-                evals.append(ev)
+                held_out(st.name)
             start = step0 if si == si0 else 0
             stage_done = start
             if fit is not None:
@@ -224,18 +232,14 @@ def run_training(cfg, kind: str) -> dict:
                                   f"{', '.join(map(str, stage_steps))}) to end inside --max-seconds "
                                   f"{cfg.max_seconds:g}")
                 if cfg.eval_every and job.eval_items and gstep % cfg.eval_every == 0 and step + 1 < steps:
-                    ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
-                    reporter.eval(ev)
-                    evals.append(ev)
+                    held_out(st.name)
                 if cfg.save_every and gstep % cfg.save_every == 0 and step + 1 < steps:
                     last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                                 trainer_state(gstep, si, st, step + 1, steps, h, global_batch, W,
                                                               engine, record, stage_steps), cfg_d, tok,
                                                 cfg.keep_checkpoints)
             if job.eval_items and not stopped:
-                ev = {"step": gstep, "stage": st.name, **evaluate(job, acc, model, cfg)}
-                reporter.eval(ev)
-                evals.append(ev)
+                held_out(st.name)
             last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                         trainer_state(gstep, si, st, stage_done, steps, h, global_batch, W, engine,
                                                       last_record, stage_steps), cfg_d, tok, cfg.keep_checkpoints)
