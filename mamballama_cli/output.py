@@ -46,6 +46,23 @@ def log(msg: str, main: bool = True) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def every(seconds: float, what: str):
+    """A progress callback ``(done, total)`` that logs ``what done/total (N s)`` at most every ``seconds`` (the first
+    line after ``seconds`` too), and never for the last item: for loops that run long only on slow machines."""
+    import time
+
+    t0 = last = time.perf_counter()
+
+    def tick(done: int, total: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if done < total and now - last >= seconds:
+            last = now
+            log(f"{what} {done}/{total} ({now - t0:.0f} s)")
+
+    return tick
+
+
 def console():
     """A rich console on the results stream (for tables that are results, not progress)."""
     from rich.console import Console

@@ -65,6 +65,43 @@ def test_perplexity_agreement_and_kl_equal_a_direct_computation(models, tmp_path
     assert res["student"]["perplexity"] != pytest.approx(res["teacher"]["perplexity"], rel=1e-3)
 
 
+def test_perplexity_shows_its_windows_as_it_goes(models, tmp_path, capsys, monkeypatch):
+    """A perplexity pass that runs long (the CPU) logs its windows, at most every 10 s: here every window is
+    'long', and the last one is left to the "done" line."""
+    from mamballama_cli.evaluation import runner
+    from mamballama_cli.output import every
+
+    monkeypatch.setattr(runner, "every", lambda seconds, what: every(0.0, what))
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT * 2)
+    r = run_cli(["eval", models[1], "--tasks", "perplexity", "--ppl-data", data, "--ppl-max-length", 128,
+                 "--ppl-max-tokens", 400, "--output", tmp_path / "out"], capsys)
+    assert r.code == 0, r.err
+    shown = re.findall(r"\[perplexity\] text.txt: window (\d+)/(\d+) \(\d+ s\)", r.err)
+    assert shown == [("1", "4"), ("2", "4"), ("3", "4")]
+
+
+def test_progress_lines_wait_for_their_interval():
+    import time
+
+    from mamballama_cli import output
+
+    lines = []
+    real = output.log
+    output.log = lines.append
+    try:
+        tick = output.every(0.2, "x")
+        tick(1, 5)  # before 0.2 s: nothing
+        time.sleep(0.25)
+        tick(2, 5)
+        tick(3, 5)  # 0.2 s not passed since the last line
+        time.sleep(0.25)
+        tick(5, 5)  # the last item: its caller says "done"
+    finally:
+        output.log = real
+    assert [ln.split(" (")[0] for ln in lines] == ["x 2/5"]
+
+
 def test_passkey_scorer_is_zero_for_a_model_that_cannot_retrieve_and_one_for_an_oracle(models):
     from mamballama_cli.evaluation.retrieval import PromptBuilder, greedy_answerer, score_trials
 

@@ -81,13 +81,14 @@ def _moments(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def evaluate_windows(windows: list[list[int]], student, teacher=None) -> dict:
-    """Per-token statistics over all windows for the student (and teacher, agreement, KL when given)."""
+def evaluate_windows(windows: list[list[int]], student, teacher=None, on_window=None) -> dict:
+    """Per-token statistics over all windows for the student (and teacher, agreement, KL when given).
+    ``on_window(done, total)`` is called after each window (progress)."""
     nll = {"student": [], "teacher": []}
     agree: list[float] = []
     kl: list[float] = []
     device = next(student.parameters()).device
-    for win in windows:
+    for done, win in enumerate(windows, 1):
         ids = torch.tensor(win, device=device)
         target = ids[1:]
         lp_s = _log_probs(student, ids)  # (seqlen - 1, vocab)
@@ -100,6 +101,8 @@ def evaluate_windows(windows: list[list[int]], student, teacher=None) -> dict:
             nll["teacher"] += (-lp_t.gather(-1, target[:, None])[:, 0]).tolist()
             agree += (lp_t.argmax(-1) == lp_s.argmax(-1)).float().tolist()
             kl += (lp_t.exp() * (lp_t - lp_s)).sum(-1).tolist()
+        if on_window is not None:
+            on_window(done, len(windows))
     out = {"windows": len(windows), "tokens": len(nll["student"])}
     for role, values in nll.items():
         if not values:

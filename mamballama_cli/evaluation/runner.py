@@ -19,7 +19,7 @@ from mamballama_cli.evaluation.models import STUDENT, TEACHER, ModelPair
 from mamballama_cli.evaluation.report import Report
 from mamballama_cli.evaluation.run import Run, resolve_distill_length, safe_name, short_sha
 from mamballama_cli.evaluation.store import CellStore, prepare_output
-from mamballama_cli.output import log
+from mamballama_cli.output import every, log
 
 RETRIEVAL_NEW_TOKENS = {"passkey": 8, "needle": 12}
 
@@ -47,7 +47,7 @@ def task_perplexity(run: Run) -> None:
             teacher = pair.get(TEACHER)[0] if pair.has_teacher else None
             windows = token_windows(tok, docs, cfg.ppl_max_length, cfg.ppl_max_tokens)
             log(f"[perplexity] {label}: {len(windows)} window(s), {sum(map(len, windows))} tokens")
-            return evaluate_windows(windows, student, teacher)
+            return evaluate_windows(windows, student, teacher, on_window=every(10.0, f"[perplexity] {label}: window"))
 
         res = run.store.run("perplexity", "pair", label, settings, compute)
         detail[label] = res
