@@ -158,7 +158,7 @@ def run_training(cfg, kind: str) -> dict:
     fit = (TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan), ceiling=stage_steps)
            if cfg.fit_to_time else None)
 
-    def held_out(stage: str) -> None:  # evaluate the model now, unless it was at this step of this stage already
+    def held_out(stage: str, model) -> None:  # evaluate now, unless at this step of this stage already
         if not (evals and evals[-1]["step"] == gstep and evals[-1]["stage"] == stage):
             reporter.begin_eval(gstep)
             evals.append({"step": gstep, "stage": stage, **evaluate(job, acc, model, cfg, reporter.eval_batch)})
@@ -193,7 +193,7 @@ def run_training(cfg, kind: str) -> dict:
                 restore_rng(acc, resume_ckpt)
             reporter.stage(st.name, steps)
             if job.eval_items and not mid_stage:
-                held_out(st.name)
+                held_out(st.name, model)
             start = step0 if si == si0 else 0
             stage_done = start
             if fit is not None:
@@ -232,14 +232,14 @@ def run_training(cfg, kind: str) -> dict:
                                   f"{', '.join(map(str, stage_steps))}) to end inside --max-seconds "
                                   f"{cfg.max_seconds:g}")
                 if cfg.eval_every and job.eval_items and gstep % cfg.eval_every == 0 and step + 1 < steps:
-                    held_out(st.name)
+                    held_out(st.name, model)
                 if cfg.save_every and gstep % cfg.save_every == 0 and step + 1 < steps:
                     last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                                 trainer_state(gstep, si, st, step + 1, steps, h, global_batch, W,
                                                               engine, record, stage_steps), cfg_d, tok,
                                                 cfg.keep_checkpoints)
             if job.eval_items and not stopped:
-                held_out(st.name)
+                held_out(st.name, model)
             last_ckpt = save_checkpoint(acc, model, optimizer, engine, run_dir,
                                         trainer_state(gstep, si, st, stage_done, steps, h, global_batch, W, engine,
                                                       last_record, stage_steps), cfg_d, tok, cfg.keep_checkpoints)
