@@ -181,11 +181,34 @@ def test_time_fit_measures_after_the_warm_up_steps_and_fits_the_rest():
         now[0] += seconds
         return fit.after_step(done, plan, 0)
 
-    plans = [step(30.0 if i < 2 else 1.0, i + 1, [200]) for i in range(10)]  # 2 slow warm-up steps, then 1 s each
+    plans, plan = [], [200]
+    for i in range(10):  # 2 slow warm-up steps, then 1 s each
+        plans.append(step(30.0 if i < 2 else 1.0, i + 1, plan))
+        plan = plans[-1] or plan
+    # step 3, the first measured (1 s): 197 s of steps left in 34 s usable, more than EARLY (2) times over: fitted
+    # at once to 3 + 34 steps, not after the 8 measured steps
+    assert plans[:2] == [None, None] and plans[2] == [3 + int(197 * (95 - 61) / 197)] == [37]
+    assert plans[3:] == [None] * 7  # step 10's full measurement (1 s a step) agrees: 27 steps in 27 s
+    assert all(step(1.0, i + 1, [37]) is None for i in range(10, 17))  # next look: 8 steps on
+    assert step(2.0, 18, [37]) == [18 + int(19 * (95 - 77) / (19 * 1.125))]  # slower steps: shorter again
+
+
+def test_time_fit_waits_for_the_full_measurement_where_the_plan_is_not_far_too_long():
+    """A plan that overshoots by less than EARLY times at the fastest measured step waits for the 8 measured
+    steps, so that one quick step cannot cut a plan on its own."""
+    from mamballama_cli.training.engine import TimeFit
+
+    now = [0.0]
+    fit = TimeFit(100.0, 0.0, clock=lambda: now[0])
+    fit.stage_start(0)
+    plans = []
+    # 1 s steps but the third, 0.5 s: at step 3 the 147 steps left need 73.5 s at 0.5 s, inside the 92.5 s left, so
+    # no early cut; step 10's full measurement (0.9375 s a step) fits 140 steps into 85.5 s
+    for i in range(10):
+        now[0] += 0.5 if i == 2 else 1.0
+        plans.append(fit.after_step(i + 1, [150], 0))
     assert plans[:9] == [None] * 9
-    assert plans[9] == [10 + int(190 * (95 - 68) / 190)]  # 68 s spent, 95 s usable: 27 more steps at 1 s
-    assert all(step(1.0, i + 1, plans[9]) is None for i in range(10, 17))  # next look: 8 steps on
-    assert step(2.0, 18, plans[9]) == [18 + int(19 * (95 - 77) / (19 * 1.125))]  # slower steps: shorter again
+    assert plans[9] == [10 + int(140 * (95 - 9.5) / (140 * (7 + 0.5) / 8))]
 
 
 def test_time_fit_grows_back_after_slow_first_steps_but_never_past_its_ceiling():
@@ -203,10 +226,10 @@ def test_time_fit_grows_back_after_slow_first_steps_but_never_past_its_ceiling()
         return fit.after_step(done, plan, 0)
 
     plan = [400]
-    for i in range(10):  # 10 slow steps (2 skipped, 8 measured at 2 s): 20 s spent, 75 s usable -> 37 more
-        new = step(2.0, i + 1, plan)
-    assert new == [10 + int(390 * 75 / 780)] == [47]
-    plan, grown = new, None
+    for i in range(10):  # 10 slow steps at 2 s: at step 3 (6 s spent, 89 s usable) 397 steps need 794 s: 44 more
+        plan = step(2.0, i + 1, plan) or plan
+    assert plan == [3 + int(397 * 89 / 794)] == [47]  # step 10's full measurement agrees: 37 steps at 2 s in 75 s
+    grown = None
     for done in range(11, 47):  # fast steps from here: 0.1 s
         grown = step(0.1, done, plan) or grown
         if grown:

@@ -65,7 +65,6 @@ def test_two_cpu_processes_match_one_with_accumulation_and_resume_across_sizes(t
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_fit_to_time_on_two_cpu_processes_follows_one_plan(tmp_path):
     """--fit-to-time across gloo DDP processes: the main process's plan is broadcast (their clocks differ), so both
     run the same shortened stage to the end of its decay and the run ends inside the budget, not cut by it."""

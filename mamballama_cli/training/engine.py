@@ -148,9 +148,16 @@ class TimeFit:
     back (never beyond ``ceiling``, the plan the run started with) only when the fit is :attr:`REGROW` longer than
     the plan in force: on 2026-12-04 an early measurement, slowed by kernels compiling, cut a 300 s feature-draft
     run to 587 steps that then took 136 s. A later stage re-measures its own step time. The main process decides
-    and every process follows (``agree``)."""
+    and every process follows (``agree``).
 
-    SKIP, WINDOW, RESERVE, SPIKE, REGROW = 2, 8, 0.05, 3.0, 1.10
+    Where steps are long against the budget (a CPU trial, a large model on few GPUs), waiting for the first full
+    measurement would spend those steps on the long plan's warm-up, at a sliver of the learning rate (a 180-s CPU
+    run of the default teacher's hybrid: 10 steps at 15 s, 2% of the peak rate). So each step before it, from the
+    first past the skipped ones, checks the plan against the fastest step measured so far: where even at that
+    rate the plan overshoots the time left :attr:`EARLY` times over, it is shrunk to fit at once (once a stage),
+    and the full measurement refines it, growing it back if it was too short."""
+
+    SKIP, WINDOW, RESERVE, SPIKE, REGROW, EARLY = 2, 8, 0.05, 3.0, 1.10, 2.0
 
     def __init__(self, max_seconds: float, t_start: float, agree=None, clock=time.perf_counter,
                  ceiling: list[int] | None = None):
@@ -159,11 +166,13 @@ class TimeFit:
         self.ceiling = list(ceiling) if ceiling is not None else None
         self.times: list[float] = []
         self.next_at = self.last = 0
+        self.early = False  # the stage's plan was shrunk before its first full measurement
 
     def stage_start(self, start: int) -> None:
         self.times = []
         self.next_at = start + self.SKIP + self.WINDOW
         self.last = self.clock()
+        self.early = False
 
     def step_seconds(self) -> float:
         """The time per step from the last :attr:`WINDOW` measured steps, spikes clipped (see the class)."""
@@ -176,9 +185,18 @@ class TimeFit:
         now = self.clock()
         self.times.append(now - self.last)
         self.last = now
-        if done < self.next_at or len(self.times) <= self.SKIP:
+        if len(self.times) <= self.SKIP:
             return None
         left = self.budget * (1.0 - self.RESERVE) - (now - self.t_start)
+        if done < self.next_at:  # before the full measurement: only a plan far too long changes (the class)
+            if self.early:
+                return None
+            fastest = min(self.times[self.SKIP:])
+            rest = plan[si] - done + sum(plan[si + 1:])
+            new = self.agree(fitted_plan(plan, si, done, fastest, left) if fastest * rest > self.EARLY * left
+                             else list(plan))  # every process calls agree at the same steps
+            self.early = new != plan
+            return new if self.early else None
         step_s = self.step_seconds()
         new = fitted_plan(plan, si, done, step_s, left)
         if new == plan and self.ceiling is not None:  # it fits: room to grow back towards the ceiling?
