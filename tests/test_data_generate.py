@@ -112,6 +112,19 @@ def test_generate_builtin_prompts_and_greedy_is_reproducible(models, tmp_path, c
         s["sha256"] for s in json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"]]
 
 
+def test_generate_takes_a_data_build_folder_as_its_prompts(models, tmp_path, capsys):
+    """--prompts DIR of `data build`: its train split's prompts (chats) and texts (continuations), counted as the
+    folder's manifest counts them."""
+    data = tmp_path / "data"
+    assert run_cli(["data", "build", "--sources", "pydoc", "--output", data], capsys).code == 0
+    files = json.loads((data / "manifest.json").read_text())["files"]
+    g = generate(capsys, models["teacher"], tmp_path / "g", "--tokens", "60", "--prompts", str(data))
+    prompts = json.loads((tmp_path / "g" / "manifest.json").read_text())["prompts"]
+    assert prompts["chat_prompts"] + prompts["chat_prompts_too_long"] == files["prompts-train.jsonl"]["records"]
+    assert prompts["sources"] == [str(data)] and g["tokens"] >= 60
+    assert prompts["texts"] == files["text-train.jsonl"]["records"]
+
+
 def test_generate_resumes_after_a_kill_and_matches_an_uninterrupted_run(models, tmp_path, capsys):
     args = ["--prompts", PROMPTS, "--tokens", "2400", "--shard-tokens", "300", "--seed", "7", *GEN]
     full = tmp_path / "full"

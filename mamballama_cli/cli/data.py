@@ -54,8 +54,9 @@ def build(
 def generate(
     teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="'builtin' (packaged text, as `data build`; "
-                                          "default) or JSONL files / local data sets, comma-separated: 'prompt' or "
-                                          "'messages' records are chat prompts, 'text' records start continuations."),
+                                          "default) or JSONL files / local data sets / `data build` folders, "
+                                          "comma-separated: 'prompt' or 'messages' records are chat prompts, 'text' "
+                                          "records start continuations."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Stop once this many tokens (prompt + sampled) are "
                                          "written."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Folder for the shards and manifest.json."),

@@ -19,7 +19,8 @@ HELP = "Have the teacher answer a prompt file (pseudo-labels, resumable JSONL) f
 def command(
     teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help=".jsonl ({'prompt': ...} or {'messages': "
-                                          "[...]}) or .txt (one prompt per line)."),
+                                          "[...]}), .txt (one prompt per line) or a `data build` folder (its "
+                                          "train prompts)."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file of {'messages': [...]} records."),
     system: Optional[str] = typer.Option(None, "--system", help="System message before every prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default 512."),

@@ -76,8 +76,9 @@ KL_REDUCTIONS = ("token", "sequence")
 
 # Help shared by several fields.
 TRAIN_DATA_HELP = ("JSONL ({'messages': [...]}, {'text': ...} or {'prompt', 'response'}), a local data set "
-                   "(save_to_disk folder, .parquet, .arrow), a shard folder from `data generate`, a Hugging Face "
-                   "dataset name, or builtin:pydoc-topics; several comma-separated are concatenated.")
+                   "(save_to_disk folder, .parquet, .arrow), a folder from `data build` (its train split) or `data "
+                   "generate`, a Hugging Face dataset name, or builtin:pydoc-topics; several comma-separated are "
+                   "concatenated.")
 TEXT_FIELD_HELP = "Field holding each record's text (a string) or conversation (a message list)."
 TEXT_FIELD_DEFAULT = "messages, text or prompt+response"
 PACKING_HELP = ("auto, on, off or concat. on packs rows with position ids restarting per example, where every model "
@@ -95,8 +96,9 @@ class TrainConfig:
     data: str = option("", help=TRAIN_DATA_HELP)
     data_split: str = option("train", help="Split of a Hugging Face dataset or of a saved DatasetDict in --data.")
     text_field: str | None = option(None, help=TEXT_FIELD_HELP, default_text=TEXT_FIELD_DEFAULT)
-    eval_data: str | None = option(None, help="Held-out data of the same format: CE, and KL to the teacher, at stage "
-                                   "starts and ends (and every --eval-every steps).")
+    eval_data: str | None = option(None, help="Held-out data of the same format (of a `data build` folder, its "
+                                   "held-out split): CE, and KL to the teacher, at stage starts and ends (and every "
+                                   "--eval-every steps).")
     output: str = option("", flags=("--output", "-o"), help="Run directory: checkpoints, metrics, final model.")
     force: bool = option(False, help="Replace a non-empty --output.")
     resume: bool = option(False, help="Continue the run in --output from its last checkpoint.")
@@ -146,9 +148,9 @@ class TrainConfig:
         if not self.model:
             raise UsageError("MODEL is required: the checkpoint directory to train")
         if not self.data:
-            raise UsageError("--data is required: a JSONL file, a local data set (folder, .parquet, .arrow), a shard "
-                             "folder from `mamballama data generate`, a Hugging Face dataset name or "
-                             "builtin:pydoc-topics")
+            raise UsageError("--data is required: a JSONL file, a local data set (folder, .parquet, .arrow), a "
+                             "folder from `mamballama data build` or `data generate`, a Hugging Face dataset name "
+                             "or builtin:pydoc-topics")
         if not self.output:
             raise UsageError("--output is required: the run directory (checkpoints, metrics, final model)")
         if self.force and self.resume:

@@ -141,9 +141,19 @@ def _builtin_records() -> tuple[list[list[dict]], list[str]]:
 
 
 def _file_records(spec: str, cfg: GenerateDataConfig) -> tuple[list[list[dict]], list[str]]:
-    """Chat prompts ('prompt' or 'messages') and texts ('text') of a JSONL file or local data set."""
+    """Chat prompts ('prompt' or 'messages') and texts ('text') of a JSONL file or local data set; of a `data build`
+    folder, its train split's prompts, texts and recall documents."""
+    from mamballama_cli.corpus import folder_files
     from mamballama_cli.training.records import DataError, load_records
 
+    if Path(spec).is_dir() and (prompts := folder_files(Path(spec), "prompt", "train")) is not None:
+        files = prompts + (folder_files(Path(spec), "chat", "train") or [])
+        log(f"prompts {spec}: the train split of a `data build` folder: {', '.join(f.name for f in files)}")
+        chats, texts = [], []
+        for f in files:
+            c, t = _file_records(str(f), cfg)
+            chats, texts = chats + c, texts + t
+        return chats, texts
     chats, texts, bad = [], [], []
     for rec in load_records(spec, split=cfg.data_split, skip_bad=cfg.skip_bad_lines, text_field=cfg.text_field,
                             string_key="prompt"):
