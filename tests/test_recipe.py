@@ -109,6 +109,21 @@ def test_a_stage_that_ran_no_step_is_evaluated_once_with_progress_shown(models, 
     assert "eval at step 0: batch 1/" in r.err
 
 
+def test_a_stage_starting_on_the_last_stages_weights_is_not_evaluated_again(models, tmp_path, capsys):
+    """Held-out evaluation runs once per state of the weights: a stage that begins where the last one ended is not
+    evaluated at its start (its numbers would repeat the last stage's end), one that converts layers first is."""
+    def evals(name, second):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(f"stages:\n  - {{name: a, steps: 1}}\n  - {{name: b, steps: 1{second}}}\n")
+        s = train(capsys, models["hybrid"], tmp_path / name, "--template", "none", "--config", cfg, "--data", TRAIN,
+                  "--eval-data", TRAIN, *SMALL)
+        assert [m for m in metrics(tmp_path / name) if "eval_kl" in m] == s["evals"]
+        return [(e["step"], e["stage"]) for e in s["evals"]]
+
+    assert evals("same", "") == [(0, "a"), (1, "a"), (2, "b")]
+    assert evals("relaid", ", attn_ratio: 0.25") == [(0, "a"), (1, "a"), (1, "b"), (2, "b")]
+
+
 def test_concat_packing_fills_every_row(models, tmp_path, capsys):
     from mamballama_cli.training.data import Example, pack_concat
 

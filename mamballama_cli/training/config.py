@@ -98,7 +98,7 @@ class TrainConfig:
     text_field: str | None = option(None, help=TEXT_FIELD_HELP, default_text=TEXT_FIELD_DEFAULT)
     eval_data: str | None = option(None, help="Held-out data of the same format (of a `data build` folder, its "
                                    "held-out split): CE, and KL to the teacher, at stage starts and ends (and every "
-                                   "--eval-every steps).")
+                                   "--eval-every steps), once per state of the weights.")
     output: str = option("", flags=("--output", "-o"), help="Run directory: checkpoints, metrics, final model.")
     force: bool = option(False, help="Replace a non-empty --output.")
     resume: bool = option(False, help="Continue the run in --output from its last checkpoint.")

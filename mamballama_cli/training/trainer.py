@@ -158,8 +158,13 @@ def run_training(cfg, kind: str) -> dict:
     fit = (TimeFit(cfg.max_seconds, t_start, agree=lambda plan: agree_on(acc, plan), ceiling=stage_steps)
            if cfg.fit_to_time else None)
 
-    def held_out(stage: str, model) -> None:  # evaluate now, unless at this step of this stage already
-        if not (evals and evals[-1]["step"] == gstep and evals[-1]["stage"] == stage):
+    # Held-out evaluation, once per state of the weights: a stage that ran no step, or one that begins on the
+    # weights the last stage ended with (no relayout between), is not evaluated again.
+    weights = {"relayouts": 0, "evaluated": None}
+
+    def held_out(stage: str, model) -> None:
+        if weights["evaluated"] != (gstep, weights["relayouts"]):
+            weights["evaluated"] = (gstep, weights["relayouts"])
             reporter.begin_eval(gstep)
             evals.append({"step": gstep, "stage": stage, **evaluate(job, acc, model, cfg, reporter.eval_batch)})
             reporter.eval(evals[-1])
@@ -178,6 +183,7 @@ def run_training(cfg, kind: str) -> dict:
             student = None
             target = resolve_attention_layers(model.config.num_hidden_layers, st.ratio, st.attn_layers)
             if target is not None:
+                weights["relayouts"] += 1
                 model = relayout(model, target, cfg.seed + 1000 * (si + 1), st.name,
                                  teacher_info={"name_or_path": str(frozen_spec),
                                                "kind": "default" if frozen_spec == "default" else "dir"})
