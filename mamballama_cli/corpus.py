@@ -236,22 +236,19 @@ def _warn_skipped(source: str, why: str) -> None:
     print(f"warning: data build: source {source} skipped: {why}", file=sys.stderr, flush=True)
 
 
-# What a reader of each record kind takes from a `data build` folder (read_records): chat/text training its texts and
-# recall documents, `label` its prompts; preference pairs it has none of.
-FOLDER_GROUPS = {"chat": ("text", "recall"), "prompt": ("prompts",)}
 _FILE = re.compile(r"(prompts|text|recall)-(train|heldout)\.jsonl")
 
 
-def folder_files(path: Path, kind: str, split: str) -> list[Path] | None:
-    """The non-empty JSONL files of a `data build` folder that a reader of ``kind`` records takes from ``split``
-    ('train' or 'heldout'), in a fixed order; None where ``path`` is not such a folder."""
+def folder_files(path: Path, groups: tuple[str, ...], split: str) -> list[Path] | None:
+    """The non-empty JSONL files of a `data build` folder among ``groups`` (of prompts, text, recall), in that order,
+    of ``split`` ('train' or 'heldout'); None where ``path`` is not such a folder."""
     try:
         files = json.loads((Path(path) / "manifest.json").read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(files, dict) or not any(_FILE.fullmatch(str(name)) for name in files):
         return None
-    names = [f"{group}-{split}.jsonl" for group in FOLDER_GROUPS.get(kind, ())]
+    names = [f"{group}-{split}.jsonl" for group in groups]
     return [Path(path) / n for n in names if (files.get(n) or {}).get("records") and (Path(path) / n).is_file()]
 
 

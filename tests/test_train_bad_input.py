@@ -204,13 +204,13 @@ def test_a_cpu_micro_batch_past_the_ram_is_our_error_not_the_oom_killer(models, 
     Here the system is made to report 256 MiB available and a micro-batch asks 1 GiB more (never touched: without
     the cap it would be granted, and the run would succeed)."""
     resource = pytest.importorskip("resource")
+    from mamballama_cli.generation import fast
     from mamballama_cli.training import engine, trainer
 
-    if engine._proc_kib("/proc/self/status", "VmData") is None:
+    if engine._data_segment() is None:
         pytest.skip("no /proc: the cap is Linux-only")
-    real_kib = engine._proc_kib
-    monkeypatch.setattr(engine, "_proc_kib", lambda path, key: 256 << 20 if key == "MemAvailable" else
-                        real_kib(path, key))
+    real_available = fast.available_bytes
+    monkeypatch.setattr(fast, "available_bytes", lambda device: 256 << 20)
     real_forward = trainer.forward_logits
 
     def greedy(model, inputs):
@@ -225,7 +225,7 @@ def test_a_cpu_micro_batch_past_the_ram_is_our_error_not_the_oom_killer(models, 
     r = run_cli([*args, "-o", tmp_path / "o"], capsys)
     one_line_error(r, "out of memory at --micro-batch-size 4", "--micro-batch-size 2 --gradient-accumulation-steps 2")
     assert resource.getrlimit(resource.RLIMIT_DATA) == before
-    monkeypatch.setattr(engine, "_proc_kib", real_kib)  # the RAM as it is: the same run goes through
+    monkeypatch.setattr(fast, "available_bytes", real_available)  # the RAM as it is: the same run goes through
     r = run_cli([*args, "-o", tmp_path / "p"], capsys)
     assert r.code == 0, r.err
     assert resource.getrlimit(resource.RLIMIT_DATA) == before

@@ -230,6 +230,11 @@ def _pending() -> bool:
     return True
 
 
+def _differs(table: dict, here: dict) -> list[str]:
+    """The fingerprint's fields where ``table`` was made on other software or another GPU than ``here``."""
+    return [k for k in here if table["fingerprint"].get(k) != here[k]]
+
+
 def _activate(table: dict | None) -> None:
     here = fingerprint()
     if table is None:
@@ -237,8 +242,7 @@ def _activate(table: dict | None) -> None:
     elif table["format"] != FORMAT:
         STATE["why"] = f"set aside: an older table (format {table['format']}); everything is timed as before"
         print(f"note: --tuning {STATE['file']}: {STATE['why']}", file=sys.stderr)
-    elif table["fingerprint"] != here:
-        diff = [k for k in here if table["fingerprint"].get(k) != here[k]]
+    elif diff := _differs(table, here):
         STATE["why"] = f"set aside: made with another {', '.join(diff)}; everything is timed as before"
         print(f"note: --tuning {STATE['file']}: {STATE['why']}", file=sys.stderr)
     else:
@@ -356,8 +360,7 @@ def check(path) -> dict:
     table = read(path)
     if table is None:
         return {"file": str(path), "entries": 0, "made_with": None, "differs": [], "status": "no table there yet"}
-    here = fingerprint()
-    differs = [k for k in here if table["fingerprint"].get(k) != here[k]] + (["format"] * (table["format"] != FORMAT))
+    differs = _differs(table, fingerprint()) + (["format"] * (table["format"] != FORMAT))
     changed = [] if table["format"] != FORMAT else sorted(
         {n for part in ("tuners", "choices") for n in table[part] if not _same_code(table, part, n)})
     status = f"set aside here: made with another {', '.join(differs)}" if differs else "used here"

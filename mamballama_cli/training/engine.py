@@ -250,15 +250,13 @@ def clip_and_norm(acc, model, st: ResolvedStage, engine: str) -> float | None:
 
 
 # --- memory on a CPU run ------------------------------------------------------------------------------------------
-def _proc_kib(path: str, key: str) -> int | None:
+def _data_segment() -> int | None:
+    """This process's writable private memory as RLIMIT_DATA counts it (VmData), in bytes; None off Linux."""
     try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:")), None)
     except (OSError, ValueError, IndexError):
         return None
-    return None
 
 
 def cap_cpu_memory(device, margin: float = 0.05):
@@ -273,7 +271,9 @@ def cap_cpu_memory(device, margin: float = 0.05):
         return lambda: None
     if torch.device(device).type != "cpu":
         return lambda: None
-    held, free = _proc_kib("/proc/self/status", "VmData"), _proc_kib("/proc/meminfo", "MemAvailable")
+    from mamballama_cli.generation.fast import available_bytes
+
+    held, free = _data_segment(), available_bytes("cpu")
     if held is None or free is None:
         return lambda: None
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)

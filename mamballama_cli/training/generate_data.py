@@ -146,13 +146,14 @@ def _file_records(spec: str, cfg: GenerateDataConfig) -> tuple[list[list[dict]],
     from mamballama_cli.corpus import folder_files
     from mamballama_cli.training.records import DataError, load_records
 
-    if Path(spec).is_dir() and (prompts := folder_files(Path(spec), "prompt", "train")) is not None:
-        files = prompts + (folder_files(Path(spec), "chat", "train") or [])
+    files = folder_files(Path(spec), ("prompts", "text", "recall"), "train") if Path(spec).is_dir() else None
+    if files is not None:
         log(f"prompts {spec}: the train split of a `data build` folder: {', '.join(f.name for f in files)}")
         chats, texts = [], []
         for f in files:
             c, t = _file_records(str(f), cfg)
-            chats, texts = chats + c, texts + t
+            chats += c
+            texts += t
         return chats, texts
     chats, texts, bad = [], [], []
     for rec in load_records(spec, split=cfg.data_split, skip_bad=cfg.skip_bad_lines, text_field=cfg.text_field,

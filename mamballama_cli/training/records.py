@@ -125,16 +125,20 @@ def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_ba
     return out
 
 
+# What a reader of each record kind takes from a `data build` folder: chat/text training its texts and recall
+# documents, `label` its prompts; preference pairs it has none of.
+_FOLDER_GROUPS = {"chat": ("text", "recall"), "prompt": ("prompts",)}
+
+
 def _build_folder(part: str, path: Path, kind: str, split: str) -> list[Path] | None:
     """The files to read from a `data build` folder (a note names them), or None where ``path`` is not one."""
     from mamballama_cli.corpus import folder_files
 
-    if (files := folder_files(path, kind, "train")) is None:
+    if (files := folder_files(path, _FOLDER_GROUPS.get(kind, ()), split)) is None:
         return None
     if split not in ("train", "heldout"):
         raise DataError(f"data {part} is a `mamballama data build` folder, whose splits are train and heldout; "
                         f"got --data-split {split} (pass --data-split train or heldout)")
-    files = folder_files(path, kind, split) or []
     if not files:
         holds = {"preference": "preference pairs", "prompt": "prompts"}.get(kind, "texts")
         raise DataError(f"data {part} is a `mamballama data build` folder with no {holds} in its {split} split "
