@@ -3,6 +3,13 @@
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# The wheels (mamba_ssm among them) and the project on the path: a call that forgot `source .gpu/activate.sh` would
+# otherwise run the gpu tests against the references and fail every test that asks for mamba_ssm's kernels (it did on
+# 2026-12-07: 13 of part1's 66 failed that way).
+if command -v nvidia-smi > /dev/null && [ -f .gpu/activate.sh ] && ! python3 -c "import mamba_ssm" > /dev/null 2>&1; then
+  echo "note: mamba_ssm not importable; sourcing .gpu/activate.sh"
+  source .gpu/activate.sh > /dev/null
+fi
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 
