@@ -43,6 +43,56 @@ def test_eval_speed_tiny_shape_writes_table_and_json(tmp_path, capsys):
     assert data["models"]["attn_layers"] == [3]
 
 
+def test_eval_speed_draws_its_result_and_redraws_a_saved_one(tmp_path, capsys):
+    """--output writes the figure beside the JSON (a panel per section measured: memory and tokens/s against
+    context, tokens/s against batch, the largest batches); --from prints a saved result's table and --plot draws
+    it without measuring; a saved --max-batch result is one panel."""
+    mpimg = pytest.importorskip("matplotlib.image")
+    out = tmp_path / "speed.json"
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--batch-sizes", "1,2",
+                   "--prompt-tokens", "8", "--new-tokens", "3", "--contexts", "16,32", "--context-new-tokens", "3",
+                   "--output", out], capsys)
+    assert res.code == 0, res.err
+    full = mpimg.imread(tmp_path / "speed.png")
+    assert f"figure written to {tmp_path / 'speed.png'}" in res.err
+
+    again = tmp_path / "again.png"
+    res = run_cli(["eval", "speed", "--from", out, "--plot", again], capsys)
+    assert res.code == 0, res.err
+    assert "memory floor, hybrid" in res.out and "decode" in res.out  # the saved table, printed again
+    assert mpimg.imread(again).shape == full.shape
+
+    mb = tmp_path / "mb.json"
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32",
+                   "--context-new-tokens", "3", "--max-batch", "--memory-limit", "0.004", "--output", mb], capsys)
+    assert res.code == 0, res.err
+    one = mpimg.imread(tmp_path / "mb.png")
+    assert one.shape[1] * 2 < full.shape[1]  # one panel against four
+
+    # a result with no measured row: an error naming why, and no file
+    data = json.loads(out.read_text())
+    data["rows"] = [{**r, "error": "out of memory"} for r in data["rows"]]
+    (tmp_path / "failed.json").write_text(json.dumps(data))
+    res = run_cli(["eval", "speed", "--from", tmp_path / "failed.json", "--plot", tmp_path / "f.png"], capsys)
+    assert res.code != 0 and "no measured row" in res.err and not (tmp_path / "f.png").exists()
+
+
+def test_eval_speed_plot_and_from_bad_input(tmp_path, capsys):
+    (tmp_path / "x.json").write_text("{not json")
+    (tmp_path / "y.json").write_text(json.dumps({"rows": []}))
+    cases = [(["--from", tmp_path / "none.json"], ["none.json", "no such file"]),
+             (["--from", tmp_path / "x.json"], ["x.json", "not JSON"]),
+             (["--from", tmp_path / "y.json"], ["y.json", "not a speed result"]),
+             (["--from", tmp_path / "y.json", "--shape", "tiny"], ["drop --shape"]),
+             (["--shape", "tiny", "--plot", tmp_path / "speed.jpg"], ["speed.jpg", ".png"]),
+             (["--shape", "tiny", "--plot", tmp_path / "no" / "speed.png"], ["does not exist"])]
+    for args, words in cases:
+        res = run_cli(["eval", "speed", *args], capsys)
+        assert res.code != 0 and all(w in res.err for w in words), (args, res.err)
+        assert len(res.err.strip().splitlines()) == 1, res.err
+    assert not list(tmp_path.glob("*.png")) and not (tmp_path / "no").exists()
+
+
 def test_eval_speed_no_gate_reads_the_gate_rows_fewer_a_token(tmp_path, capsys):
     """--no-gate times convert --no-gate's hybrid: the floor's bytes drop by exactly the z rows of in_proj."""
     read = {}

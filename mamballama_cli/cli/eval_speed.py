@@ -60,10 +60,20 @@ def command(
     memory_limit: Optional[float] = typer.Option(None, "--memory-limit", help="With --max-batch: GB a run may "
                                                  "use, weights included (default: the device's free memory)."),
     seed: Optional[int] = seed_option("the random weights and prompt tokens (default 0)"),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Write the full results as JSON here (and "
+                                         "the figure beside it as .png, where matplotlib is installed)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Draw the results here (PNG): memory and tokens/s "
+                                       "against context and batch, the largest batches; needs matplotlib."),
+    from_json: Optional[str] = typer.Option(None, "--from", help="Measure nothing: print the table of a saved "
+                                            "--output JSON (and draw it with --plot)."),
     config: Optional[Path] = config_option(),
 ):
     from mamballama_cli.evaluation.speed import SpeedConfig, format_table, parse_int_list, run_speed, write_result
+
+    if from_json is not None:
+        _render_saved(from_json, plot, given=[f for f, v in (("--shape", shape), ("--model", model),
+                                                               ("--output", output)) if v is not None])
+        return
 
     def names(text):
         return None if text is None else [v.strip() for v in text.split(",") if v.strip()]
@@ -85,7 +95,59 @@ def command(
             from mamballama_cli.errors import UsageError
 
             raise UsageError(f"--output {cfg.output}: folder {parent} does not exist")
+    if plot:
+        _check_plot_path(plot)
     result = run_speed(cfg)
     out(format_table(result))
     if cfg.output:
         write_result(result, cfg.output)
+    _draw(result, plot, cfg.output)
+
+
+def _check_plot_path(plot: str) -> None:
+    from mamballama_cli.errors import UsageError
+
+    path = Path(plot).expanduser()
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--plot {plot}: the figure is a PNG; name a .png file")
+    if not path.resolve().parent.is_dir():
+        raise UsageError(f"--plot {plot}: folder {path.resolve().parent} does not exist")
+
+
+def _draw(result: dict, plot: str | None, output: str | None) -> None:
+    """The figure: at --plot, else beside --output where matplotlib is installed (a note where it is not)."""
+    import importlib.util
+
+    from mamballama_cli.evaluation.plots import speed_figure
+    from mamballama_cli.output import log
+
+    if plot is None and output:
+        if importlib.util.find_spec("matplotlib") is None:
+            log("note: no figure (matplotlib is not installed: pip install 'mamballama[eval]')")
+            return
+        plot = str(Path(output).with_suffix(".png"))
+    if plot:
+        log(f"figure written to {speed_figure(Path(plot).expanduser(), result)}")
+
+
+def _render_saved(path: str, plot: str | None, given: list[str]) -> None:
+    import json
+
+    from mamballama_cli.errors import UsageError
+    from mamballama_cli.evaluation.speed import format_table
+
+    if given:
+        raise UsageError(f"--from {path} measures nothing: drop {', '.join(given)} (or drop --from to measure)")
+    if plot:
+        _check_plot_path(plot)
+    try:
+        result = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise UsageError(f"--from {path}: no such file; give the JSON an earlier `eval speed --output` wrote") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--from {path}: not JSON ({exc}); give the JSON `eval speed --output` wrote") from None
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list) or "floor" not in result:
+        raise UsageError(f"--from {path}: not a speed result (no rows and floor); give the JSON `eval speed "
+                         "--output` wrote")
+    out(format_table(result))
+    _draw(result, plot, None)

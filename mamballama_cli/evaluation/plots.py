@@ -106,3 +106,88 @@ def accuracy_per_length(path: Path, title: str, lengths: list[int], series: dict
     _save(fig, path)
     plt.close(fig)
     return path
+
+
+def _series(rows: list[dict], section: str) -> dict[str, list[dict]]:
+    """The measured rows of one section of the speed benchmark, per "model (engine)", in row order."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("section") == section and not r.get("error") and r.get("decode_tok_s") is not None:
+            out.setdefault(f"{r['model']} ({r.get('engine', '?')})", []).append(r)
+    return out
+
+
+def speed_figure(path: Path, result: dict) -> Path:
+    """The speed benchmark's result (``eval speed``) as one figure, a panel per section it measured: memory and
+    decode tokens/s against context at batch 1, tokens/s against batch, and, for ``--max-batch``, each model's
+    tokens/s at the largest batch it fits per context (the batch over each bar, the hybrid's ratio in the title).
+    """
+    rows = result.get("rows", [])
+    context, decode = _series(rows, "context"), _series(rows, "decode")
+    best = [r for r in rows if r.get("section") == "max-batch" and not r.get("error")]
+    panels = (["memory", "context"] if context else []) + (["batch"] if decode else []) + (["max"] if best else [])
+    if not panels:
+        from mamballama_cli.errors import MamballamaError
+
+        raise MamballamaError("the speed result holds no measured row to plot (every row failed, or none ran)")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel in ("memory", "context"):
+            for label, rs in context.items():
+                xs = [r["prompt_tokens"] for r in rs]
+                if panel == "memory":
+                    line = ax.plot(xs, [(r["kv_bytes"] + r["state_bytes"]) / 1e9 for r in rs], marker="o",
+                                   label=f"{label}: K/V + state")[0]
+                    if all(r.get("peak_mem_bytes") for r in rs):
+                        ax.plot(xs, [r["peak_mem_bytes"] / 1e9 for r in rs], linestyle="--",
+                                color=line.get_color(), label=f"{label}: peak")
+                else:
+                    ax.plot(xs, [r["decode_tok_s"] for r in rs], marker="o", label=label)
+            ticks = sorted({r["prompt_tokens"] for rs in context.values() for r in rs})
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ticks, [length_label(n) for n in ticks])
+            ax.minorticks_off()
+            ax.set_xlabel("context (tokens), batch 1")
+            ax.set_ylabel("GB" if panel == "memory" else "decode tokens/s")
+            ax.set_title("memory against context" if panel == "memory" else "decode speed against context")
+        elif panel == "batch":
+            for label, rs in decode.items():
+                ax.plot([r["batch"] for r in rs], [r["aggregate_tok_s"] for r in rs], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ticks = sorted({r["batch"] for rs in decode.values() for r in rs})
+            ax.set_xticks(ticks, [str(b) for b in ticks])
+            ax.minorticks_off()
+            prompt = sorted({r["prompt_tokens"] for rs in decode.values() for r in rs})
+            ax.set_xlabel(f"batch (prompt {', '.join(map(str, prompt))} tokens)")
+            ax.set_ylabel("decode tokens/s, all sequences")
+            ax.set_title("throughput against batch")
+        else:
+            contexts = sorted({r["prompt_tokens"] for r in best})
+            models = sorted({r["model"] for r in best}, key=lambda m: (m != "hybrid", m))
+            width = 0.8 / len(models)
+            for k, model in enumerate(models):
+                for i, n in enumerate(contexts):
+                    r = next((r for r in best if r["model"] == model and r["prompt_tokens"] == n), None)
+                    if r is None:
+                        continue
+                    x = i + (k - (len(models) - 1) / 2) * width
+                    bar = ax.bar(x, r["aggregate_tok_s"], width, color=f"C{k}", label=model if i == 0 else None)
+                    ax.bar_label(bar, [f"batch {r['batch']}"], fontsize=7)
+            ax.set_xticks(range(len(contexts)), [length_label(n) for n in contexts])
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("decode tokens/s at the largest batch")
+            ratios = [f"{length_label(int(n))}: {cell['hybrid_over_teacher']:.2f}x"
+                      for n, cell in result.get("summary", {}).get("max_batch", {}).items()
+                      if isinstance(cell, dict) and "hybrid_over_teacher" in cell]
+            ax.set_title("largest batch that fits" + (f" (hybrid/teacher {'; '.join(ratios)})" if ratios else ""),
+                         fontsize=9 if ratios else None)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    m = result.get("machine", {})
+    fig.suptitle(f"mamballama eval speed: {m.get('name', '?')}, {result.get('dtype', '?')}, {m.get('date', '')}",
+                 y=1.02)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
