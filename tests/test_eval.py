@@ -252,3 +252,6 @@ def test_speed_task_reports_the_speed_benchmark(models, tmp_path, capsys):
     decode = rows["decode tokens/s per sequence (batch 1, 128-token prompt)"]
     assert decode["teacher"] > 0 and decode["student"] > 0
     assert read_json(out / "speed" / "speed.json")["rows"]  # the speed benchmark's own JSON is kept
+    plots = {p["path"] for p in read_json(out / "results.json")["plots"]}  # and its figure, in the report
+    assert "speed/speed.png" in plots and (out / "speed" / "speed.png").stat().st_size > 10_000
+    assert "speed/speed.png" in (out / "report.md").read_text()

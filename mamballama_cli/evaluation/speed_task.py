@@ -80,6 +80,11 @@ def task_speed(run: Run) -> None:
     write_json_atomic(run.out / "speed" / "speed.json", result)  # the speed benchmark's own JSON
     if hasattr(mod, "format_table"):
         write_text_atomic(run.out / "speed" / "speed.txt", mod.format_table(result) + "\n")
+    if any("error" not in r for r in result.get("rows", [])):  # the figure beside the JSON
+        from mamballama_cli.evaluation.plots import speed_figure
+
+        figure = speed_figure(run.out / "speed" / "speed.png", result)
+        run.report.plots.append({"title": "Speed: memory and decode tokens/s", "path": f"speed/{figure.name}"})
     for metric, t, s in _speed_rows(result):
         run.report.add("speed", metric, t, s)
     machine = result.get("machine", {})
