@@ -191,7 +191,7 @@ def plot(study: dict, path: Path) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for name, rec in study["runs"].items():
+    for rec in study["runs"].values():
         c = rec.get("curve") or []
         if not c:
             continue

@@ -71,7 +71,7 @@ class CapturedRounds:
         self.pending = torch.zeros(self.b, 2, dtype=torch.long, device=self.device)
         self.finished = torch.zeros(self.b, dtype=torch.bool, device=self.device)
         # what the graph reads besides the models' state: fixed buffers, refilled by every generate()
-        self.stops = torch.tensor(sorted(set(int(s) for s in stop_tokens)), dtype=torch.long, device=self.device)
+        self.stops = torch.tensor(sorted({int(s) for s in stop_tokens}), dtype=torch.long, device=self.device)
         self.hist = torch.zeros(self.b, self.max_length, dtype=torch.long, device=self.device)
         self.hist_len = z()
         self.max_new = torch.zeros((), dtype=torch.long, device=self.device)

@@ -125,7 +125,7 @@ def _builtin_records() -> tuple[list[list[dict]], list[str]]:
 
     dcfg = DataBuildConfig(output="-")
     chats, texts = [], []
-    for name, build in BUILDERS.items():
+    for build in BUILDERS.values():
         try:
             records = list(build(dcfg))
         except ImportError:  # the source's package is not installed
