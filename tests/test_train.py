@@ -381,3 +381,40 @@ def test_distill_says_what_the_recipe_sets_and_shows_micro_batches_inside_a_long
                       "trainable all"], r.err
     assert "step 1/2: micro-batch 7/8" in r.err and "step 2/2: micro-batch 1/8" in r.err, r.err
     assert "micro-batch 8/8" not in r.err  # the step's own line follows at once
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the TensorBoard event files under ``folder``: {tag: {step: value}}. The files are TFRecords
+    (length, its CRC, an Event protobuf, its CRC), read here with tensorboardX's protobuf classes."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, dict[int, float]] = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                if v.HasField("simple_value"):
+                    out.setdefault(v.tag, {})[event.step] = v.simple_value
+    return out
+
+
+def test_report_to_tensorboard_logs_every_step_and_evaluation_as_metrics_jsonl_has_them(models, tmp_path, capsys):
+    pytest.importorskip("tensorboardX")
+    out = tmp_path / "sft"
+    s = train(capsys, "sft", models["teacher"], out, "--data", TRAIN, "--eval-data", EVAL, "--steps", "4",
+              "--eval-every", "2", "--lr", "1e-3", "--seq-len", "128", "--micro-batch-size", "2",
+              "--report-to", "tensorboard")
+    scalars = _tensorboard_scalars(out / "trackers")
+    recs = metrics(out)
+    steps = [r for r in recs if "eval_ce" not in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert scalars["loss"] == pytest.approx({r["step"]: r["loss"] for r in steps}, rel=1e-6)
+    assert scalars["lr"] == pytest.approx({r["step"]: r["lr"] for r in steps}, rel=1e-6)
+    evals = {r["step"]: r["eval_ce"] for r in recs if "eval_ce" in r}
+    assert len(evals) == len(s["evals"]) >= 2 and scalars["eval_ce"] == pytest.approx(evals, rel=1e-6)
+    assert "stage" not in scalars  # a name is not a number: it stays in metrics.jsonl

@@ -40,6 +40,19 @@ def test_malformed_line_names_file_and_line_or_is_skipped(models, tmp_path, caps
     one_line_error(r, "wrong.jsonl line 1", "expected 'messages', 'text'")
 
 
+def test_report_to_names_an_unknown_tracker_or_a_missing_package(models, tmp_path, capsys, monkeypatch):
+    import accelerate.utils
+
+    r = run_cli(["sft", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "o", *FAST, "--report-to",
+                 "tensorbord"], capsys)
+    one_line_error(r, "--report-to 'tensorbord'", "tensorboard, wandb")
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    r = run_cli(["distill", models["hybrid"], "--data", TRAIN, "-o", tmp_path / "o", *FAST, "--report-to",
+                 "none,wandb"], capsys)
+    one_line_error(r, "--report-to wandb", "pip install wandb")
+    assert not (tmp_path / "o").exists()
+
+
 def test_preference_file_without_rejected(models, tmp_path, capsys):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")

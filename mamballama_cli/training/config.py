@@ -30,7 +30,7 @@ SAVE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 RUN_CONTROL_KEYS = frozenset({
     "output", "force", "resume", "max_steps", "max_seconds", "fit_to_time", "save_every", "keep_checkpoints",
     "log_every", "eval_every", "eval_data", "accelerate_config", "micro_batch_size", "gradient_accumulation_steps",
-    "gradient_checkpointing", "save_dtype", "nan_patience",
+    "gradient_checkpointing", "save_dtype", "nan_patience", "report_to",
 })
 
 
@@ -140,6 +140,10 @@ class TrainConfig:
                                "stopping (0: stop at the first, keeping the last finite checkpoint).")
     save_dtype: str = option("auto", help=f"Dtype of the final model: {', '.join(SAVE_DTYPES)} (auto: the input "
                              "model's).")
+    report_to: str = option("none", help="Experiment trackers that get every step's and evaluation's metrics, "
+                            "through accelerate: a comma list of tensorboard (into RUN/trackers/), wandb, mlflow, "
+                            "aim, comet_ml, clearml, dvclive, swanlab, trackio; each needs its package. metrics.jsonl "
+                            "is written either way.")
     accelerate_config: str | None = option(None, help="Run under `accelerate launch` with this config: a file, or "
                                            "the name of one of templates/accelerate/*.yaml (single-gpu, ddp, fsdp, "
                                            "zero2, zero3).", default_text="this process alone")
@@ -171,7 +175,26 @@ class TrainConfig:
             raise UsageError(f"--mixed-precision {self.mixed_precision!r} is not one of {', '.join(MIXED_PRECISION)}")
         if self.save_dtype not in SAVE_DTYPES:
             raise UsageError(f"--save-dtype {self.save_dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+        self.trackers()  # a name accelerate does not know, or whose package is missing, fails here
         _check_stage_values(self, "")
+
+    def trackers(self) -> list[str]:
+        """The --report-to names, each checked against accelerate's trackers and its package."""
+        names = [n.strip() for n in str(self.report_to or "").split(",") if n.strip() and n.strip() != "none"]
+        if not names:
+            return []
+        import accelerate.utils
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+        for name in names:
+            if name not in LOGGER_TYPE_TO_CLASS:
+                raise UsageError(f"--report-to {name!r} is not a tracker accelerate knows: give a comma list of "
+                                 f"{', '.join(LOGGER_TYPE_TO_CLASS)}, or none")
+            available = getattr(accelerate.utils, f"is_{name}_available", None)
+            if available is not None and not available():
+                package = {"tensorboard": "tensorboard (or tensorboardX)", "comet_ml": "comet-ml"}.get(name, name)
+                raise UsageError(f"--report-to {name}: its package is not installed; pip install {package}")
+        return names
 
     def resolved_stages(self) -> list[ResolvedStage]:
         return [resolve_stage(self, Stage(name="train"), 0)]

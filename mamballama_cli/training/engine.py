@@ -4,10 +4,12 @@ models around ZeRO-3, the optimizer, its learning-rate schedule and gradient cli
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,11 +31,23 @@ def make_accelerator(cfg):
         # One process: forget a previous run's accelerate state (tests and notebooks run several in one process).
         AcceleratorState._reset_state()
         GradientState._reset_state()
+    trackers = cfg.trackers()
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                      gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+                      gradient_accumulation_steps=cfg.gradient_accumulation_steps, log_with=trackers or None,
+                      project_dir=str(Path(cfg.output) / "trackers") if trackers else None)
     # The recipe decides accumulation, not an environment variable left by `accelerate launch`.
     acc.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     _world_from_process_group(acc)
+    return acc
+
+
+def start_trackers(acc, cfg_d: dict):
+    """The --report-to trackers started with the run's configuration (scalars as they are, anything else as
+    text: TensorBoard's hyperparameters take nothing else); None when there are none."""
+    if not acc.log_with:
+        return None
+    flat = {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg_d.items()}
+    acc.init_trackers("mamballama", config=flat)
     return acc
 
 

@@ -23,8 +23,9 @@ class Reporter:
     MICRO_AFTER_S = 5.0  # progress inside a step only once it has run this long (a long step on CPU) ...
     MICRO_EVERY_S = 5.0  # ... and then at most this often
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, resume_step: int, trackers=None):
         self.enabled = enabled
+        self.trackers = trackers  # the accelerator, where --report-to started trackers (engine.start_trackers)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.total = total_steps
         self.progress = None
@@ -69,6 +70,10 @@ class Reporter:
             from mamballama_cli.io import finite_json
 
             self.file.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+            if self.trackers is not None:  # the numbers, at the record's step (the stage's name stays in the JSONL)
+                values = {k: v for k, v in record.items()
+                          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                self.trackers.log(values, step=record["step"])
 
     def stage(self, name: str, steps: int) -> None:
         if self.enabled and self.progress is None:
@@ -158,3 +163,6 @@ class Reporter:
         if self.progress is not None:
             self.progress.stop()
         self.file.close()
+        if self.trackers is not None:  # not accelerate's end_training: that also ends the process group
+            for tracker in self.trackers.trackers:
+                tracker.finish()

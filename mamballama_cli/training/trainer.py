@@ -24,7 +24,7 @@ from mamballama_cli.training.config import ResolvedStage, config_dict, config_ha
 from mamballama_cli.training.data import BatchPlan, split_global_batch
 from mamballama_cli.training.engine import (TimeFit, build_optimizer, cap_cpu_memory, clip_and_norm,
                                             configure_deepspeed, engine_name, frozen_dtype, is_out_of_memory, lr_at,
-                                            make_accelerator, set_lr, whole_models)
+                                            make_accelerator, set_lr, start_trackers, whole_models)
 from mamballama_cli.training.models import (check_same_vocabulary, load_frozen, load_trainable, relayout,
                                             set_trainable)
 from mamballama_cli.training.recipes import Job, recipe_for
@@ -147,7 +147,7 @@ def run_training(cfg, kind: str) -> dict:
     init_run_dir(acc, cfg)
     if main:
         (run_dir / "run_config.yaml").write_text(yaml.safe_dump(cfg_d, sort_keys=False))
-    reporter = Reporter(run_dir, main, total_steps, gstep)
+    reporter = Reporter(run_dir, main, total_steps, gstep, start_trackers(acc, cfg_d))
     h = config_hash(cfg_d)
     last_ckpt = resume_ckpt
     stopped = timed_out = False
