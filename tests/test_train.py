@@ -418,3 +418,4 @@ def test_report_to_tensorboard_logs_every_step_and_evaluation_as_metrics_jsonl_h
     evals = {r["step"]: r["eval_ce"] for r in recs if "eval_ce" in r}
     assert len(evals) == len(s["evals"]) >= 2 and scalars["eval_ce"] == pytest.approx(evals, rel=1e-6)
     assert "stage" not in scalars  # a name is not a number: it stays in metrics.jsonl
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"  # and the run's curves, drawn at its end

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        from mamballama_cli.errors import MamballamaError
-
-        raise MamballamaError("plots need matplotlib; run: pip install 'mamballama[eval]' "
-                              "(or pip install matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from mamballama_cli.figures import pyplot as _pyplot
+from mamballama_cli.figures import save as _save
 
 
 def length_label(n: int) -> str:
@@ -39,12 +27,6 @@ def _distill_x(lengths: list[int], distill: int) -> float:
         if logs[i] <= d <= logs[i + 1]:
             return i + (d - logs[i]) / (logs[i + 1] - logs[i])
     return 0.0
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
 
 
 def retrieval_heatmap(path: Path, title: str, lengths: list[int], depths: list[float],

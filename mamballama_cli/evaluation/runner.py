@@ -231,10 +231,10 @@ def preflight(cfg: EvalConfig, tasks: list[str]) -> None:
         from mamballama_cli.evaluation.lm_eval_tasks import require_lm_eval
 
         require_lm_eval()
-    if {"passkey", "needle"} & set(tasks):
-        from mamballama_cli.evaluation.plots import _pyplot
+    if {"passkey", "needle", "speed"} & set(tasks):  # their figures: a missing matplotlib fails before the work
+        from mamballama_cli.figures import pyplot
 
-        _pyplot()
+        pyplot()
     if "perplexity" in tasks:
         for src in split_list(cfg.ppl_data):
             load_documents(src, cfg.ppl_field)

@@ -166,3 +166,21 @@ class Reporter:
         if self.trackers is not None:  # not accelerate's end_training: that also ends the process group
             for tracker in self.trackers.trackers:
                 tracker.finish()
+        self.draw()
+
+    def draw(self) -> None:
+        """RUN/curves.png from metrics.jsonl, where matplotlib is installed; a figure never fails a run."""
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            return
+        from mamballama_cli.errors import MamballamaError
+        from mamballama_cli.training.curves import draw_curves
+
+        try:
+            path = draw_curves(self.path.parent)
+        except (MamballamaError, OSError, ValueError) as exc:
+            print(f"note: no curves.png ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
+            return
+        if path is not None:
+            print(f"curves drawn in {path}", file=sys.stderr, flush=True)
