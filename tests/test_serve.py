@@ -49,6 +49,18 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def metrics(self) -> dict[str, float]:
+        """/metrics as {"name{labels}": value}, after checking every sample line parses."""
+        with urllib.request.urlopen(self.url.removesuffix("/v1") + "/metrics", timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/plain")
+            text = r.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, value = line.rsplit(" ", 1)
+                out[key] = float(value)
+        return out
+
     def health(self):
         with urllib.request.urlopen(self.url.removesuffix("/v1") + "/health", timeout=30) as r:
             return json.loads(r.read())
@@ -155,6 +167,38 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         assert payload["error"]["message"] and payload["error"]["code"] == status, payload
         got, payload = server.post("/v1/completions", json.dumps({"prompt": "ok", "max_tokens": 3, "temperature": 0}))
         assert got == 200 and payload["choices"][0]["text"] is not None, (body, payload)
+
+
+def test_metrics_count_requests_tokens_rejections_and_latency(server):
+    """/metrics (Prometheus' text format): the counters move by what the requests between two scrapes did."""
+    before = server.metrics()
+    got, done = server.post("/v1/completions", json.dumps({"prompt": "ok", "max_tokens": 3, "temperature": 0}))
+    got2, chat = server.post("/v1/chat/completions", json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}))
+    got3, _ = server.post("/v1/completions", json.dumps({"prompt": "hi", "max_tokens": -5}))
+    assert (got, got2, got3) == (200, 200, 422)
+    after = server.metrics()
+
+    def delta(key):
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    m = 'model="tiny"'
+    for endpoint, answer in (("/v1/completions", done), ("/v1/chat/completions", chat)):
+        reason = answer["choices"][0]["finish_reason"]
+        assert delta(f'mamballama_requests_total{{{m},endpoint="{endpoint}",finish_reason="{reason}"}}') == 1
+    assert delta(f'mamballama_requests_rejected_total{{{m},status="422"}}') == 1
+    assert delta(f"mamballama_generation_tokens_total{{{m}}}") == (done["usage"]["completion_tokens"]
+                                                                  + chat["usage"]["completion_tokens"])
+    assert delta(f"mamballama_prompt_tokens_total{{{m}}}") == (done["usage"]["prompt_tokens"]
+                                                              + chat["usage"]["prompt_tokens"])
+    assert delta(f"mamballama_request_latency_seconds_count{{{m}}}") == 2
+    assert delta(f"mamballama_request_latency_seconds_sum{{{m}}}") > 0
+    texts = sum(1 for a in (done["choices"][0].get("text"), chat["choices"][0]["message"]["content"]) if a)
+    assert delta(f"mamballama_time_to_first_token_seconds_count{{{m}}}") == texts
+    for name in ("request_latency_seconds", "time_to_first_token_seconds"):  # cumulative buckets, +Inf = count
+        buckets = [v for k, v in after.items() if k.startswith(f"mamballama_{name}_bucket")]
+        assert buckets == sorted(buckets) and buckets[-1] == after[f"mamballama_{name}_count{{{m}}}"]
+    assert after[f"mamballama_num_requests_running{{{m}}}"] == 0 and after["mamballama_uptime_seconds"] > 0
 
 
 def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees_its_row(models):

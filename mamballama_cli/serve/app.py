@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP face of the engine (FastAPI): /v1/models, /v1/completions, /v1/chat/completions.
+"""The OpenAI-compatible HTTP face of the engine (FastAPI): /v1/models, /v1/completions, /v1/chat/completions;
+/health, and /metrics in Prometheus' text format (serve/metrics.py).
 
 Bad input is answered with OpenAI's error body, ``{"error": {"message", "type", "param", "code"}}``, and a status:
 400 for a body that is not JSON (or not an object), 404 for an unknown model, 413 for a prompt longer than
@@ -13,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from mamballama_cli.serve.engine import Engine, Request
+from mamballama_cli.serve.metrics import Metrics
 
 
 class ApiError(Exception):
@@ -50,14 +52,16 @@ def _max_tokens(body: dict, default: int) -> int:
 
 def create_app(engine: Engine, model_name: str, max_context: int, default_max_tokens: int = 256):
     from fastapi import FastAPI, Request as HttpRequest
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
     app = FastAPI(title="mamballama serve", version="1")
     created = int(time.time())
     tok = engine.tokenizer
+    metrics = Metrics()
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
+        metrics.reject(exc.status)
         return JSONResponse(status_code=exc.status, content={"error": {
             "message": exc.message, "type": exc.kind, "param": exc.param, "code": exc.status}})
 
@@ -71,6 +75,10 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
                 "largest_batch": engine.largest_batch, "joined_running": engine.joined_running, "waiting": engine.pending.qsize(), "active": engine.active,
                 "cancelled": engine.cancelled}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(engine, model_name), media_type="text/plain; version=0.0.4")
 
     async def read_body(request: HttpRequest) -> dict:
         raw = await request.body()
@@ -90,7 +98,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             raise ApiError(422, f"stream must be true or false, got {body.get('stream')!r}", "stream")
         return body
 
-    def make_job(body: dict, prompt_ids: list[int]) -> Job:
+    def make_job(body: dict, prompt_ids: list[int], endpoint: str) -> Job:
         if len(prompt_ids) >= max_context:
             raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; this server's --max-context is "
                                 f"{max_context}", "messages" if "messages" in body else "prompt")
@@ -100,22 +108,33 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             raise ApiError(422, "top_p must be greater than 0", "top_p")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p,
-                      emit=lambda text: loop.call_soon_threadsafe(events.put_nowait, ("text", text)),
-                      finish=lambda reason, usage: loop.call_soon_threadsafe(
-                          events.put_nowait, ("end", (reason, usage))))
+        t0, texts = time.perf_counter(), []
+
+        def emit(text: str) -> None:  # on the engine's thread: the metrics and the queue belong to the loop
+            if not texts:
+                texts.append(True)
+                loop.call_soon_threadsafe(metrics.first_text, time.perf_counter() - t0)
+            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+
+        def finish(reason: str, usage: dict) -> None:  # counted even when the client has gone
+            loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage)
+            loop.call_soon_threadsafe(events.put_nowait, ("end", (reason, usage)))
+
+        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, emit=emit, finish=finish)
         return Job(req, events)
 
     from starlette.exceptions import HTTPException
 
     @app.exception_handler(HTTPException)
     async def _http_error(_request, exc: HTTPException):  # unknown routes and methods, in OpenAI's shape too
+        metrics.reject(exc.status_code)
         return JSONResponse(status_code=exc.status_code, content={"error": {
             "message": f"{exc.detail}: this server has /v1/models, /v1/completions and /v1/chat/completions",
             "type": "invalid_request_error", "param": None, "code": exc.status_code}})
 
     @app.exception_handler(Exception)
     async def _any_error(_request, exc: Exception):
+        metrics.reject(500)
         return JSONResponse(status_code=500, content={"error": {
             "message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None, "code": 500}})
 
@@ -186,7 +205,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(422, "prompt must be a non-empty string", "prompt")
-        job = make_job(body, tok(prompt)["input_ids"])
+        job = make_job(body, tok(prompt)["input_ids"], "/v1/completions")
         cid, now = f"cmpl-{job.req.id}", int(time.time())
         if body.get("stream"):
             def chunk(text, reason):
@@ -215,7 +234,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         if not getattr(tok, "chat_template", None):
             raise ApiError(422, f"model {model_name!r} has no chat template; use /v1/completions", "messages")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        job = make_job(body, tok(text, add_special_tokens=False)["input_ids"])
+        job = make_job(body, tok(text, add_special_tokens=False)["input_ids"], "/v1/chat/completions")
         cid, now = f"chatcmpl-{job.req.id}", int(time.time())
         if body.get("stream"):
             def chunk(text, reason):
