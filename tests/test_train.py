@@ -319,6 +319,32 @@ def test_label_writes_resumable_pseudo_labels(models, tmp_path, capsys):
     assert s["steps"] == 1
 
 
+def test_label_reads_stdin_and_writes_stdout_for_pipelines(models, tmp_path, capsys, monkeypatch):
+    """`... | mamballama label T --prompts - --output - | ...`: JSONL records or one prompt per line on stdin, one
+    record per prompt on stdout (nothing else there), the answers a file run gives."""
+    file_out = tmp_path / "labels.jsonl"
+    base = ["label", models["teacher"], "-n", "5", "--batch-size", "2"]
+    assert run_cli([*base, "--prompts", PROMPTS, "--output", file_out], capsys).code == 0
+    expected = [json.loads(x)["messages"] for x in file_out.read_text().splitlines()]
+
+    r = run_cli([*base, "--prompts", "-", "--output", "-"], capsys, stdin=Path(PROMPTS).read_text(),
+                monkeypatch=monkeypatch)
+    assert r.code == 0, r.err
+    assert [json.loads(x)["messages"] for x in r.out.splitlines()] == expected
+    # plain lines: each a user turn
+    users = [m[-2]["content"] for m in expected if len(m) == 2]
+    r = run_cli([*base, "--prompts", "-", "--output", "-"], capsys, stdin="\n".join(users) + "\n\n",
+                monkeypatch=monkeypatch)
+    assert r.code == 0, r.err
+    assert [json.loads(x)["messages"] for x in r.out.splitlines()] == [m for m in expected if len(m) == 2]
+    # what a pipeline cannot do is said in one line
+    for args, stdin, words in (([], "", "stdin holds no prompt"), (["--resume"], "hi\n", "nothing to resume"),
+                               (["--json"], "hi\n", "drop one"), ([], '{"prompt": 3}\n', "stdin line 1")):
+        r = run_cli([*base, "--prompts", "-", "--output", "-", *args], capsys, stdin=stdin, monkeypatch=monkeypatch)
+        assert r.code != 0 and all(w in r.err for w in words.split(" | ")), r.err
+        assert len(r.err.strip().splitlines()) == 1 and r.out == ""
+
+
 def test_a_crash_leaves_the_last_good_checkpoint_resumable(models, tmp_path, capsys, monkeypatch):
     """Ctrl-C while a checkpoint is written, then an exception mid-step: each time --resume picks the last
     complete checkpoint and the loss curve ends up the uninterrupted one."""

@@ -19,9 +19,10 @@ HELP = "Have the teacher answer a prompt file (pseudo-labels, resumable JSONL) f
 def command(
     teacher: str = typer.Argument(..., help="Teacher checkpoint dir, .gguf, hub id or 'default'."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help=".jsonl ({'prompt': ...} or {'messages': "
-                                          "[...]}), .txt (one prompt per line) or a `data build` folder (its "
-                                          "train prompts)."),
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file of {'messages': [...]} records."),
+                                          "[...]}), .txt (one prompt per line), a `data build` folder (its "
+                                          "train prompts), or '-': stdin (JSONL, or one prompt per line)."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file of {'messages': [...]} records; "
+                                         "'-': stdout, a line per prompt as its batch ends."),
     system: Optional[str] = typer.Option(None, "--system", help="System message before every prompt."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Default 512."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy (default)."),
@@ -46,7 +47,13 @@ def command(
         limit=limit, dtype=dtype, device=device, skip_bad_lines=skip_bad_lines or None, resume=resume or None,
         force=force or None,
     )
+    if cfg.output == "-" and json_out:
+        from mamballama_cli.errors import UsageError
+
+        raise UsageError("--json prints the summary on stdout, where --output - writes the answers: drop one")
     summary = run_label(cfg)
+    if cfg.output == "-":
+        return  # stdout holds the answers only (the summary went to stderr as progress)
     if json_out:
         out(json.dumps(summary, indent=2))
     else:

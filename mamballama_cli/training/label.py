@@ -10,6 +10,7 @@ only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ class LabelConfig:
         if not self.prompts:
             raise UsageError("--prompts is required: a .jsonl or .txt file of prompts")
         if not self.output:
-            raise UsageError("--output is required: the .jsonl file to write the answers to")
+            raise UsageError("--output is required: the .jsonl file to write the answers to ('-': stdout)")
         if self.resume and self.force:
             raise UsageError("--force and --resume contradict each other: --force starts over, --resume continues")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -61,7 +62,9 @@ def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     from mamballama_cli.training.records import DataError, read_records
 
     path = Path(cfg.prompts).expanduser()
-    if path.suffix == ".txt":
+    if cfg.prompts == "-":
+        out = _stdin_prompts(cfg)
+    elif path.suffix == ".txt":
         if not path.is_file():
             raise DataError(f"prompts file {path} does not exist")
         out = [(n, [{"role": "user", "content": line.rstrip("\n")}])
@@ -70,21 +73,45 @@ def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
             raise DataError(f"prompts file {path} holds no prompt")
     else:
         recs = read_records(cfg.prompts, kind="prompt", skip_bad=cfg.skip_bad_lines)
-        out = []
-        for r in recs:
-            if "prompt" in r.data:
-                msgs = [{"role": "user", "content": r.data["prompt"]}]
-            else:  # a conversation: drop a trailing assistant turn so the teacher writes it
-                msgs = [dict(m) for m in r.data["messages"]]
-                while msgs and msgs[-1]["role"] == "assistant":
-                    msgs.pop()
-                if not msgs:
-                    raise DataError(f"{r.where}: the conversation has no turn before the answer")
-            out.append((r.line, msgs))
+        out = _prompt_messages(recs)
     if cfg.system:
         out = [(n, [{"role": "system", "content": cfg.system}] + [m for m in msgs if m["role"] != "system"])
                for n, msgs in out]
     return out[: cfg.limit] if cfg.limit else out
+
+
+def _stdin_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
+    """``--prompts -``: JSONL records when the first line is a JSON object, else one prompt per line."""
+    import sys
+
+    from mamballama_cli.training.records import DataError, checked_records, jsonl_records
+
+    lines = sys.stdin.read().splitlines()
+    if any(line.strip() for line in lines) and next(x for x in lines if x.strip()).lstrip().startswith("{"):
+        return _prompt_messages(checked_records("stdin", jsonl_records(lines, "stdin", cfg.skip_bad_lines), "prompt",
+                                                cfg.skip_bad_lines))
+    out = [(n, [{"role": "user", "content": line}]) for n, line in enumerate(lines, 1) if line.strip()]
+    if not out:
+        raise DataError("--prompts -: stdin holds no prompt (one per line, or JSONL records)")
+    return out
+
+
+def _prompt_messages(recs) -> list[tuple[int, list[dict]]]:
+    """(line, the messages the teacher answers) of checked prompt records."""
+    from mamballama_cli.training.records import DataError
+
+    out = []
+    for r in recs:
+        if "prompt" in r.data:
+            msgs = [{"role": "user", "content": r.data["prompt"]}]
+        else:  # a conversation: drop a trailing assistant turn so the teacher writes it
+            msgs = [dict(m) for m in r.data["messages"]]
+            while msgs and msgs[-1]["role"] == "assistant":
+                msgs.pop()
+            if not msgs:
+                raise DataError(f"{r.where}: the conversation has no turn before the answer")
+        out.append((r.line, msgs))
+    return out
 
 
 def prompt_sha(messages: list[dict]) -> str:
@@ -127,15 +154,19 @@ def run_label(cfg: LabelConfig) -> dict:
     from mamballama_cli.training.models import load_frozen
 
     hf_logging.disable_progress_bar()
+    to_stdout = cfg.output == "-"
     out = Path(cfg.output)
-    if out.is_dir():
+    if to_stdout and cfg.resume:
+        raise UsageError("--resume continues an --output file; stdout (--output -) has nothing to resume")
+    if not to_stdout and out.is_dir():
         raise UsageError(f"--output {out} is a directory; give a .jsonl file path")
     from mamballama_cli.io import check_writable_parent
 
-    check_writable_parent(out)  # before the teacher is loaded
+    if not to_stdout:
+        check_writable_parent(out)  # before the teacher is loaded
     prompts = read_prompts(cfg)
     done: set[int] = set()
-    if out.is_file() and out.stat().st_size > 0:
+    if not to_stdout and out.is_file() and out.stat().st_size > 0:
         if cfg.resume:
             done = existing_labels(out, prompts)
         elif not cfg.force:
@@ -156,11 +187,14 @@ def run_label(cfg: LabelConfig) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else (stops[0] if stops else 0)
     log(f"labelling {len(todo)} of {len(prompts)} prompt(s) with {name} (batch {cfg.batch_size}, "
         f"{'greedy' if cfg.temperature == 0 else f'temperature {cfg.temperature}'}, max {cfg.max_new_tokens} new "
-        f"tokens) -> {out}")
-    out.parent.mkdir(parents=True, exist_ok=True)
+        f"tokens) -> {'stdout' if to_stdout else out}")
+    if not to_stdout:
+        out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     new_tokens = 0
-    with out.open("a", encoding="utf-8") as f:
+    from mamballama_cli.output import results_stream
+
+    with (contextlib.nullcontext(results_stream()) if to_stdout else out.open("a", encoding="utf-8")) as f:
         for b in range(0, len(todo), cfg.batch_size):
             ids = todo[b: b + cfg.batch_size]
             encoded = [tok(tok.apply_chat_template(prompts[i][1], tokenize=False, add_generation_prompt=True),
@@ -187,9 +221,10 @@ def run_label(cfg: LabelConfig) -> dict:
                        "new_tokens": len(seq), "finish": finish}
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
-            os.fsync(f.fileno())
+            if not to_stdout:
+                os.fsync(f.fileno())
             done_now = min(b + cfg.batch_size, len(todo))
             rate = new_tokens / max(time.perf_counter() - t0, 1e-9)
             log(f"  {done_now}/{len(todo)} prompts, {rate:.1f} new tok/s")
-    return {"output": str(out), "prompts": len(prompts), "labelled_now": len(todo), "already_done": len(done),
+    return {"output": "stdout" if to_stdout else str(out), "prompts": len(prompts), "labelled_now": len(todo), "already_done": len(done),
             "new_tokens": new_tokens, "seconds": round(time.perf_counter() - t0, 2), "teacher": name}

@@ -111,7 +111,7 @@ def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_ba
         path = Path(part).expanduser()
         if path.is_dir() and (files := _build_folder(part, path, kind, "heldout" if heldout else split)) is not None:
             for f in files:
-                out += _checked(str(f), load_records(str(f), skip_bad=skip_bad, text_field=text_field), kind, skip_bad)
+                out += checked_records(str(f), load_records(str(f), skip_bad=skip_bad, text_field=text_field), kind, skip_bad)
             continue
         if path.is_dir() and _is_shards(path):
             if kind != "chat":
@@ -120,7 +120,7 @@ def read_records(spec: str, *, split: str = "train", kind: str = "chat", skip_ba
                                 f"command needs {need} (JSONL or a data set)")
             out += read_shard_dir(path)
             continue
-        out += _checked(part, load_records(part, split=split, skip_bad=skip_bad, text_field=text_field), kind,
+        out += checked_records(part, load_records(part, split=split, skip_bad=skip_bad, text_field=text_field), kind,
                         skip_bad)
     return out
 
@@ -194,7 +194,9 @@ def load_records(spec: str, *, split: str = "train", skip_bad: bool = False, tex
     return records
 
 
-def _checked(spec: str, records: list[Record], kind: str, skip_bad: bool) -> list[Record]:
+def checked_records(spec: str, records: list[Record], kind: str, skip_bad: bool) -> list[Record]:
+    """``records`` that hold what ``kind`` (chat, preference, prompt) needs; a bad one stops the run, naming its
+    line, or with ``skip_bad`` is counted and left out."""
     checker = {"chat": _check_chat, "preference": _check_preference, "prompt": _check_prompt}[kind]
     good, bad = [], []
     for rec in records:
@@ -271,12 +273,17 @@ def _need(module: str, path: Path):
 
 
 def _read_jsonl(path: Path, skip_bad: bool) -> list[Record]:
-    records, bad = [], []
     with path.open("r", encoding="utf-8", errors="strict") as f:
         try:
             lines = list(f)
         except UnicodeDecodeError as exc:
             raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return jsonl_records(lines, str(path), skip_bad)
+
+
+def jsonl_records(lines: list[str], path: str, skip_bad: bool) -> list[Record]:
+    """JSONL lines (of a file, or of stdin: ``path`` names the source in errors) as records of JSON objects."""
+    records, bad = [], []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -294,7 +301,7 @@ def _read_jsonl(path: Path, skip_bad: bool) -> list[Record]:
                 raise DataError(msg + " (fix the line, or pass --skip-bad-lines to skip such lines)")
             bad.append(msg)
             continue
-        records.append(Record(str(path), n, obj))
+        records.append(Record(path, n, obj))
     if bad:
         log(f"warning: skipped {len(bad)} malformed line(s) of {path}; first: {bad[0]}")
     return records
