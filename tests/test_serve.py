@@ -289,6 +289,28 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
     assert r.code == 2 and "gate=9" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--draft", "no-such-draft"], capsys)
     assert r.code == 2 and "--draft 'no-such-draft'" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--api-key", " "], capsys)
+    assert r.code == 2 and "--api-key is empty" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+
+
+def test_api_key_guards_the_api_but_not_health_and_never_reaches_the_log(models):
+    key = "sk-test-5f1c9a"
+    s = Server(models["hybrid"], "--name", "tiny", env={"MAMBALLAMA_API_KEY": key})
+    try:
+        for client_key in ("wrong", "none"):
+            bad = openai.OpenAI(base_url=s.url, api_key=client_key, max_retries=0, timeout=60)
+            with pytest.raises(openai.AuthenticationError):
+                bad.completions.create(model="tiny", prompt="hi", max_tokens=2)
+        got, payload = s.post("/v1/models", b"")  # no header at all: OpenAI's error body, status 401
+        assert got == 401 and payload["error"]["code"] == 401 and "Bearer" in payload["error"]["message"]
+        good = openai.OpenAI(base_url=s.url, api_key=key, max_retries=0, timeout=60)
+        answer = good.completions.create(model="tiny", prompt="hi", max_tokens=2, temperature=0)
+        assert answer.usage.completion_tokens >= 1
+        assert s.health()["status"] == "ok"  # open, as /metrics
+        assert s.metrics()['mamballama_requests_rejected_total{model="tiny",status="401"}'] >= 2
+    finally:
+        s.stop()
+    assert key not in "".join(s.lines) + s.proc.stderr.read()
 
 
 def test_serve_load_benchmark_runs_and_reports(models, tmp_path):

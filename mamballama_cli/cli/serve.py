@@ -33,6 +33,10 @@ def command(
                                         "provider (e.g. self, layers:0,29). Implies --speculative."),
     k: int | None = typer.Option(None, "-k", "--k", min=1, max=32, help="Draft tokens proposed per round "
                                     "(--speculative; default 6 with a lookup draft, 4 with a model)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MAMBALLAMA_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on /v1/* (HTTP 401 otherwise), "
+                                          "as OpenAI's clients send it (api_key=KEY); /health and /metrics stay "
+                                          "open. Better from the environment than on the command line."),
     dtype: str = dtype_option(default="auto"),
     device: str = device_option(default="auto"),
 ):
@@ -43,6 +47,8 @@ def command(
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"serve needs {' and '.join(missing)}: pip install 'mamballama[serve]'")
+    if api_key is not None and not api_key.strip():
+        raise UsageError("--api-key is empty: give a key, or leave it out to serve without one")
     from pathlib import Path
 
     import uvicorn
@@ -84,7 +90,8 @@ def command(
         lm, draft_model, draft_name = prepare_pair(lm, tok, path, model, draft, dtype, device)
     engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk, draft=draft_model,
                     k=k or 4, draft_name=draft_name)
-    app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens)
-    err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})")
+    app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens, api_key=api_key)
+    err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})"
+        + ("; /v1/* needs the API key" if api_key else ""))
     err(f"listening on http://{host}:{sock.getsockname()[1]}/v1")
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

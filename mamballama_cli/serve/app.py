@@ -50,7 +50,8 @@ def _max_tokens(body: dict, default: int) -> int:
     return default
 
 
-def create_app(engine: Engine, model_name: str, max_context: int, default_max_tokens: int = 256):
+def create_app(engine: Engine, model_name: str, max_context: int, default_max_tokens: int = 256,
+               api_key: str | None = None):
     from fastapi import FastAPI, Request as HttpRequest
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -58,6 +59,22 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
     created = int(time.time())
     tok = engine.tokenizer
     metrics = Metrics()
+
+    if api_key:
+        import hmac
+
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _auth(request: HttpRequest, call_next):  # /v1/* only: /health and /metrics stay open, as vLLM's
+            given = request.headers.get("authorization", "").encode()
+            if request.url.path.startswith("/v1/") and not hmac.compare_digest(given, expected):
+                metrics.reject(401)
+                return JSONResponse(status_code=401, content={"error": {
+                    "message": "invalid or missing API key: send the header 'Authorization: Bearer <key>' with the "
+                               "key the server was started with (--api-key)",
+                    "type": "invalid_request_error", "param": None, "code": 401}})
+            return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
