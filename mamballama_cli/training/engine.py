@@ -43,10 +43,15 @@ def make_accelerator(cfg):
 
 def start_trackers(acc, cfg_d: dict):
     """The --report-to trackers started with the run's configuration (scalars as they are, anything else as
-    text: TensorBoard's hyperparameters take nothing else); None when there are none."""
+    text: TensorBoard's hyperparameters take nothing else; credentials in a URL blanked, since a tracker may upload
+    them); None when there are none."""
     if not acc.log_with:
         return None
-    flat = {k: v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg_d.items()}
+    from mamballama_cli.redact import redact_text
+
+    flat = {k: v if v is None or isinstance(v, (bool, int, float)) else redact_text(v if isinstance(v, str) else
+                                                                                    json.dumps(v))
+            for k, v in cfg_d.items()}
     acc.init_trackers("mamballama", config=flat)
     return acc
 
