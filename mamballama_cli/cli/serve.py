@@ -33,10 +33,10 @@ def command(
                                         "provider (e.g. self, layers:0,29). Implies --speculative."),
     k: int | None = typer.Option(None, "-k", "--k", min=1, max=32, help="Draft tokens proposed per round "
                                     "(--speculative; default 6 with a lookup draft, 4 with a model)."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="MAMBALLAMA_API_KEY", show_default=False,
-                                          help="Require 'Authorization: Bearer KEY' on /v1/* (HTTP 401 otherwise), "
-                                          "as OpenAI's clients send it (api_key=KEY); /health and /metrics stay "
-                                          "open. Better from the environment than on the command line."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar="MAMBALLAMA_API_KEY", show_default=False,
+                                       help="Require 'Authorization: Bearer KEY' on /v1/* (HTTP 401 otherwise), "
+                                       "as OpenAI's clients send it (api_key=KEY); /health and /metrics stay "
+                                       "open. Better from the environment than on the command line."),
     dtype: str = dtype_option(default="auto"),
     device: str = device_option(default="auto"),
 ):
