@@ -201,6 +201,50 @@ def test_metrics_count_requests_tokens_rejections_and_latency(server):
     assert after[f"mamballama_num_requests_running{{{m}}}"] == 0 and after["mamballama_uptime_seconds"] > 0
 
 
+def test_stop_strings_cut_the_answer_streamed_or_not_and_end_its_row(server):
+    """OpenAI's `stop`: the answer ends before the first stop string (finish_reason "stop"), streamed alike; its row
+    stops decoding there; a bad `stop` is a 422."""
+    c = server.client
+    full = c.completions.create(model="tiny", prompt="hello world", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    assert len(text) >= 8, text
+    cut = text[4:7]
+    expected = text[:text.index(cut)]
+    got = c.completions.create(model="tiny", prompt="hello world", max_tokens=24, temperature=0,
+                               stop=["never-there", cut])
+    assert got.choices[0].text == expected and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens < full.usage.completion_tokens
+    pieces = list(c.completions.create(model="tiny", prompt="hello world", max_tokens=24, temperature=0, stop=cut,
+                                       stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == expected and pieces[-1].choices[0].finish_reason == "stop"
+    for bad in ("", [], ["a", "b", "c", "d", "e"], [3], ["ok", ""]):
+        status, payload = server.post("/v1/completions", json.dumps({"prompt": "hi", "stop": bad}))
+        assert status == 422 and payload["error"]["param"] == "stop", (bad, payload)
+
+
+def test_stop_text_holds_back_what_may_begin_a_stop_string():
+    from mamballama_cli.serve.engine import StopText
+
+    sent = []
+    cut = StopText(("END", "\n\n"), sent.append)
+    for piece in ("Hello E", "N", "d wor", "ld\n", "\nmore"):
+        cut.push(piece)
+    assert "".join(sent) == "Hello ENd world" and cut.matched  # "EN" held, then released; "\n\n" across pieces
+    cut.push("ignored")
+    assert "".join(sent) == "Hello ENd world"
+    sent.clear()
+    cut = StopText(("abc",), sent.append)
+    for piece in ("xa", "b"):
+        cut.push(piece)
+    assert sent == ["x"] and not cut.matched
+    cut.flush()  # the answer ended on "ab": it is the answer's end
+    assert "".join(sent) == "xab"
+    sent.clear()
+    cut = StopText(("abc",), sent.append)
+    cut.push("abcdef")
+    assert sent == [] and cut.matched  # the stop string first: an empty answer
+
+
 def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees_its_row(models):
     s = Server(models["hybrid"], "--max-context", "200", env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
     try:
@@ -255,6 +299,12 @@ def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys
         gc = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
         assert whole.choices[0].message.content == gc.out.rstrip("\n")
         assert s.health()["batches"] == 5  # three completions and two chats, one at a time
+        text = got[0].choices[0].text  # a stop string ends a speculative answer too
+        assert len(text) >= 6, text
+        stopped = c.completions.create(model="tiny", prompt=prompts[0], max_tokens=10, temperature=0,
+                                       stop=text[3:5])
+        assert stopped.choices[0].text == text[:text.index(text[3:5])]
+        assert stopped.choices[0].finish_reason == "stop"
     finally:
         s.stop()
 

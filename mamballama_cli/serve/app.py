@@ -50,6 +50,18 @@ def _max_tokens(body: dict, default: int) -> int:
     return default
 
 
+def _stop_strings(body: dict) -> tuple[str, ...]:
+    """OpenAI's ``stop``: a string or a list of at most 4, each non-empty (null: none)."""
+    v = body.get("stop")
+    if v is None:
+        return ()
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, list) or not 1 <= len(items) <= 4 or \
+            not all(isinstance(x, str) and x for x in items):
+        raise ApiError(422, f"stop must be a non-empty string or a list of 1 to 4 of them, got {v!r}", "stop")
+    return tuple(items)
+
+
 def create_app(engine: Engine, model_name: str, max_context: int, default_max_tokens: int = 256,
                api_key: str | None = None):
     from fastapi import FastAPI, Request as HttpRequest
@@ -137,7 +149,8 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage)
             loop.call_soon_threadsafe(events.put_nowait, ("end", (reason, usage)))
 
-        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, emit=emit, finish=finish)
+        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, emit=emit, finish=finish,
+                      stop=_stop_strings(body))
         return Job(req, events)
 
     from starlette.exceptions import HTTPException

@@ -39,6 +39,7 @@ class Request:
     top_k: int = 0
     emit: Callable[[str], None] = lambda text: None
     finish: Callable[[str, dict], None] = lambda reason, usage: None
+    stop: tuple[str, ...] = ()  # OpenAI's `stop`: the answer ends before the first of these strings
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -49,6 +50,51 @@ class Request:
 
 class _Stop(Exception):
     """Raised inside a one-at-a-time decode loop's callback once its client has gone."""
+
+
+class _Matched(Exception):
+    """Raised inside a one-at-a-time decode loop's callback once a stop string appeared."""
+
+
+class StopText:
+    """A request's text cut at the first of its stop strings: what could begin one is held back until it cannot,
+    and once one appears the text before it is sent and nothing after (``matched`` says so)."""
+
+    def __init__(self, stops: tuple[str, ...], emit: Callable[[str], None]):
+        self.stops, self.emit = [x for x in stops if x], emit
+        self.held, self.matched = "", False
+
+    def push(self, text: str) -> None:
+        if self.matched:
+            return
+        buf = self.held + text
+        hits = [i for i in (buf.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            self.matched, self.held = True, ""
+            if min(hits):
+                self.emit(buf[:min(hits)])
+            return
+        keep = 0  # the longest end of buf that begins a stop string
+        for x in self.stops:
+            for k in range(min(len(x) - 1, len(buf)), keep, -1):
+                if buf.endswith(x[:k]):
+                    keep = k
+                    break
+        if len(buf) > keep:
+            self.emit(buf[:len(buf) - keep])
+        self.held = buf[len(buf) - keep:] if keep else ""
+
+    def flush(self) -> None:
+        """The answer ended without a stop string: the text held back is the answer's end."""
+        if self.held and not self.matched:
+            self.emit(self.held)
+        self.held = ""
+
+
+def _text_sink(req: Request):
+    """(where a request's decoded text goes, its stop-string filter or None)."""
+    cut = StopText(req.stop, req.emit) if req.stop else None
+    return (cut.push if cut else req.emit), cut
 
 
 def _fail(req: Request, exc: Exception) -> None:
@@ -62,8 +108,9 @@ class _Row:
     def __init__(self, req: Request, tokenizer):
         from mamballama_cli.generation.result import TextStream
 
-        self.req, self.stream = req, TextStream(tokenizer, req.emit)
-        self.new, self.reason = 0, "length"
+        sink, self.cut = _text_sink(req)
+        self.req, self.stream = req, TextStream(tokenizer, sink)
+        self.new, self.reason, self.eos = 0, "length", False
 
     def take(self, token: int, stops) -> bool:
         if self.req.cancelled.is_set():
@@ -71,15 +118,21 @@ class _Row:
             return True
         self.new += 1
         if token in stops:
-            self.reason = "stop"
+            self.reason, self.eos = "stop", True
             return True
         self.stream.push([token])
+        if self.cut is not None and self.cut.matched:
+            self.reason = "stop"
+            return True
         return self.new >= self.req.max_tokens
 
     def finish(self) -> None:
         self.stream.finish()
+        if self.cut is not None:
+            self.reason = "stop" if self.cut.matched and self.reason == "length" else self.reason  # in the last text
+            self.cut.flush()
         n_prompt = len(self.req.prompt_ids)
-        n = self.new - (self.reason == "stop")
+        n = self.new - self.eos  # the stop token is not part of the answer; a stop string's last token is
         if self.reason == "cancelled":
             self.req.finish("cancelled", {})
             return
@@ -240,7 +293,8 @@ class Engine:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
         self.active = 1
-        stream = TextStream(self.tokenizer, req.emit)
+        sink, cut = _text_sink(req)
+        stream = TextStream(self.tokenizer, sink)
         shown = [0]
 
         def on_tokens(tokens: list[int]) -> None:
@@ -249,6 +303,8 @@ class Engine:
             new = [t for t in tokens[shown[0]:] if t not in self.stops]
             shown[0] = len(tokens)
             stream.push(new)
+            if cut is not None and cut.matched:
+                raise _Matched
             if self.step_delay:
                 time.sleep(self.step_delay)
 
@@ -262,11 +318,17 @@ class Engine:
             self.active = 0
             req.finish("cancelled", {})
             return
+        except _Matched:  # a stop string: the round's tokens so far were generated (some after the string)
+            n = shown[0]
+            req.finish("stop", {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
+            return
         finally:
             self.active = 0
         out = res.tokens[0]
         stream.finish()
-        reason = "stop" if out and out[-1] in self.stops else "length"
+        if cut is not None:
+            cut.flush()
+        reason = "stop" if (out and out[-1] in self.stops) or (cut is not None and cut.matched) else "length"
         n = len(out) - (reason == "stop")
         req.finish(reason, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
 
@@ -279,10 +341,16 @@ class Engine:
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
 
+        sink, cut = _text_sink(req)
+        seen: list[str] = []
+
         def emit(text: str) -> None:
             if req.cancelled.is_set():
                 raise _Stop
-            req.emit(text)
+            seen.append(text)
+            sink(text)
+            if cut is not None and cut.matched:
+                raise _Matched
             if self.step_delay:
                 time.sleep(self.step_delay)
 
@@ -293,6 +361,13 @@ class Engine:
             self.cancelled += 1
             req.finish("cancelled", {})
             return
+        except _Matched:  # the tokens generated, counted by tokenising the text decoded up to the stop string
+            n = len(self.tokenizer("".join(seen), add_special_tokens=False)["input_ids"])
+            req.finish("stop", {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
+                                "total_tokens": len(req.prompt_ids) + n})
+            return
+        if cut is not None:
+            cut.flush()
         reason = "stop" if res.token_ids and res.token_ids[-1] in self.stops else "length"
         n = len(res.token_ids)
         req.finish(reason, {"prompt_tokens": len(req.prompt_ids), "completion_tokens": n,
