@@ -223,7 +223,7 @@ def test_stop_strings_cut_the_answer_streamed_or_not_and_end_its_row(server):
 
 
 def test_stop_text_holds_back_what_may_begin_a_stop_string():
-    from mamballama_cli.serve.engine import StopText
+    from mamballama_cli.generation.result import StopText
 
     sent = []
     cut = StopText(("END", "\n\n"), sent.append)

@@ -1,5 +1,6 @@
 """What a generation hands back, whichever path ran it: :class:`GenerationResult`, the :class:`TextStream`
-that turns new tokens into text as they come, and :func:`stop_token_ids`, the tokens that end it."""
+that turns new tokens into text as they come, :class:`StopText`, which cuts that text at a stop string, and
+:func:`stop_token_ids`, the tokens that end it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,41 @@ class GenerationResult:
     def decode_tokens_per_s(self) -> float:
         dt = self.total_s - self.time_to_first_token_s
         return (self.new_tokens - 1) / dt if self.new_tokens > 1 and dt > 0 else float("nan")
+
+
+class StopText:
+    """A request's text cut at the first of its stop strings: what could begin one is held back until it cannot,
+    and once one appears the text before it is sent and nothing after (``matched`` says so)."""
+
+    def __init__(self, stops: tuple[str, ...], emit: Callable[[str], None]):
+        self.stops, self.emit = [x for x in stops if x], emit
+        self.held, self.matched = "", False
+
+    def push(self, text: str) -> None:
+        if self.matched:
+            return
+        buf = self.held + text
+        hits = [i for i in (buf.find(x) for x in self.stops) if i >= 0]
+        if hits:
+            self.matched, self.held = True, ""
+            if min(hits):
+                self.emit(buf[:min(hits)])
+            return
+        keep = 0  # the longest end of buf that begins a stop string
+        for x in self.stops:
+            for k in range(min(len(x) - 1, len(buf)), keep, -1):
+                if buf.endswith(x[:k]):
+                    keep = k
+                    break
+        if len(buf) > keep:
+            self.emit(buf[:len(buf) - keep])
+        self.held = buf[len(buf) - keep:] if keep else ""
+
+    def flush(self) -> None:
+        """The answer ended without a stop string: the text held back is the answer's end."""
+        if self.held and not self.matched:
+            self.emit(self.held)
+        self.held = ""
 
 
 class TextStream:
