@@ -295,8 +295,9 @@ class Engine:
         stream.finish()
         if cut is not None:
             cut.flush()
-        reason = "stop" if (out and out[-1] in self.stops) or (cut is not None and cut.matched) else "length"
-        n = len(out) - (reason == "stop")
+        eos = bool(out) and out[-1] in self.stops
+        reason = "stop" if eos or (cut is not None and cut.matched) else "length"
+        n = len(out) - eos  # the stop token is not part of the answer
         req.finish(reason, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
 
     def _run_plain(self, req: Request) -> None:
