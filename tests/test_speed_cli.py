@@ -75,6 +75,13 @@ def test_eval_speed_draws_its_result_and_redraws_a_saved_one(tmp_path, capsys):
     (tmp_path / "failed.json").write_text(json.dumps(data))
     res = run_cli(["eval", "speed", "--from", tmp_path / "failed.json", "--plot", tmp_path / "f.png"], capsys)
     assert res.code != 0 and "no measured row" in res.err and not (tmp_path / "f.png").exists()
+    # beside --output the figure is a nicety: a run whose every row failed still ends well, with a note
+    res = run_cli(["eval", "speed", "--shape", "tiny", "--device", "cpu", "--contexts", "32", "--max-batch",
+                   "--context-new-tokens", "3", "--memory-limit", "0.00001", "--output", tmp_path / "none.json"],
+                  capsys)
+    assert res.code == 0, res.err
+    assert "note: no figure" in res.err and not (tmp_path / "none.png").exists()
+    assert all("error" in r for r in json.loads((tmp_path / "none.json").read_text())["rows"])
 
 
 def test_eval_speed_plot_and_from_bad_input(tmp_path, capsys):

@@ -121,11 +121,17 @@ def _draw(result: dict, plot: str | None, output: str | None) -> None:
     from mamballama_cli.evaluation.plots import speed_figure
     from mamballama_cli.output import log
 
-    if plot is None and output:
+    if plot is None and output:  # the figure beside the JSON: a nicety, never the command's failure
+        from mamballama_cli.errors import MamballamaError
+
         if importlib.util.find_spec("matplotlib") is None:
             log("note: no figure (matplotlib is not installed: pip install 'mamballama[eval]')")
             return
-        plot = str(Path(output).with_suffix(".png"))
+        try:
+            log(f"figure written to {speed_figure(Path(output).with_suffix('.png'), result)}")
+        except MamballamaError as exc:
+            log(f"note: no figure ({exc})")
+        return
     if plot:
         log(f"figure written to {speed_figure(Path(plot).expanduser(), result)}")
 

@@ -119,7 +119,7 @@ def speed_figure(path: Path, result: dict) -> Path:
             for label, rs in context.items():
                 xs = [r["prompt_tokens"] for r in rs]
                 if panel == "memory":
-                    line = ax.plot(xs, [(r["kv_bytes"] + r["state_bytes"]) / 1e9 for r in rs], marker="o",
+                    line = ax.plot(xs, [((r.get("kv_bytes") or 0) + (r.get("state_bytes") or 0)) / 1e9 for r in rs], marker="o",
                                    label=f"{label}: K/V + state")[0]
                     if all(r.get("peak_mem_bytes") for r in rs):
                         ax.plot(xs, [r["peak_mem_bytes"] / 1e9 for r in rs], linestyle="--",
