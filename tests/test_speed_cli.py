@@ -203,6 +203,7 @@ def test_eval_speed_max_batch_curve_decodes_at_every_doubling(tmp_path, capsys):
             "--context-new-tokens", "3", "--max-batch", "--memory-limit", "0.004", "--output", out]
     fast = run_cli(args, capsys)
     assert fast.code == 0, fast.err
+    (tmp_path / "mb.png").replace(tmp_path / "first.png")
     row = json.loads(out.read_text())["rows"][0]
     b = row["batch"]
     assert b > 2 and [(p["batch"], p["ok"]) for p in row["probes"]] == [(b, True), (b + 1, False)]
@@ -211,6 +212,12 @@ def test_eval_speed_max_batch_curve_decodes_at_every_doubling(tmp_path, capsys):
     again = json.loads(out.read_text())["rows"][0]
     assert again["batch"] == b and [p["batch"] for p in again["probes"]][:2] == [1, 2]
     assert sum(p["ok"] for p in again["probes"]) > 2
+    # the curve itself: tokens/s at every batch that ran, the largest one's equal to the row's
+    ran = {p["batch"]: p["aggregate_tok_s"] for p in again["probes"] if p["ok"]}
+    assert all(t > 0 for t in ran.values()) and ran[b] == again["aggregate_tok_s"]
+    assert all("aggregate_tok_s" not in p for p in again["probes"] if not p["ok"])
+    mpimg = pytest.importorskip("matplotlib.image")  # and the figure has its panel: two, against one without it
+    assert mpimg.imread(tmp_path / "mb.png").shape[1] > 1.5 * mpimg.imread(tmp_path / "first.png").shape[1]
     res = run_cli(["eval", "speed", "--shape", "tiny", "--max-batch-curve"], capsys)
     assert res.code != 0 and "--max-batch-curve" in res.err and len(res.err.strip().splitlines()) == 1
 

@@ -102,12 +102,18 @@ def _series(rows: list[dict], section: str) -> dict[str, list[dict]]:
 def speed_figure(path: Path, result: dict) -> Path:
     """The speed benchmark's result (``eval speed``) as one figure, a panel per section it measured: memory and
     decode tokens/s against context at batch 1, tokens/s against batch, and, for ``--max-batch``, each model's
-    tokens/s at the largest batch it fits per context (the batch over each bar, the hybrid's ratio in the title).
+    tokens/s at the largest batch it fits per context (the batch over each bar, the hybrid's ratio in the title),
+    with ``--max-batch-curve`` also tokens/s at every batch the search ran.
     """
     rows = result.get("rows", [])
     context, decode = _series(rows, "context"), _series(rows, "decode")
     best = [r for r in rows if r.get("section") == "max-batch" and not r.get("error")]
-    panels = (["memory", "context"] if context else []) + (["batch"] if decode else []) + (["max"] if best else [])
+    curves = {f"{r['model']}, {length_label(r['prompt_tokens'])}": sorted(
+        (p["batch"], p["aggregate_tok_s"]) for p in r.get("probes", []) if p.get("aggregate_tok_s") is not None)
+        for r in best}
+    curves = {k: v for k, v in curves.items() if len(v) > 1}  # --max-batch-curve: tokens/s at every batch run
+    panels = (["memory", "context"] if context else []) + (["batch"] if decode else []) + (["max"] if best else []) \
+        + (["curve"] if curves else [])
     if not panels:
         from mamballama_cli.errors import MamballamaError
 
@@ -144,6 +150,13 @@ def speed_figure(path: Path, result: dict) -> Path:
             ax.set_xlabel(f"batch (prompt {', '.join(map(str, prompt))} tokens)")
             ax.set_ylabel("decode tokens/s, all sequences")
             ax.set_title("throughput against batch")
+        elif panel == "curve":
+            for label, pts in curves.items():
+                ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch")
+            ax.set_ylabel("decode tokens/s, all sequences")
+            ax.set_title("throughput against batch, up to the largest that fits")
         else:
             contexts = sorted({r["prompt_tokens"] for r in best})
             models = sorted({r["model"] for r in best}, key=lambda m: (m != "hybrid", m))

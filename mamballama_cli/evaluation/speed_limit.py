@@ -68,12 +68,15 @@ def largest_batch(attempt: Callable[[int], dict], upper: int = UPPER,
     the estimate allows): try it, then the next one, and bisect below ``start`` only if it failed. Without:
     double from 1, then bisect the last step.
 
-    Returns (largest batch that fitted or 0, its row, every probe as {"batch", "ok"[, "error"]})."""
+    Returns (largest batch that fitted or 0, its row, every probe as {"batch", "ok"[, "error"]}, with the
+    tokens/s and peak memory of a batch that ran: the curve of --max-batch-curve)."""
     probes: list[dict] = []
 
     def probe(b: int) -> dict:
         row = attempt(b)
-        probes.append({"batch": b, "ok": "error" not in row, **({"error": row["error"]} if "error" in row else {})})
+        measured = {k: row[k] for k in ("aggregate_tok_s", "peak_mem_bytes") if row.get(k) is not None}
+        probes.append({"batch": b, "ok": "error" not in row,
+                       **({"error": row["error"]} if "error" in row else measured)})
         return row
 
     best, best_row, bad = 0, None, None
