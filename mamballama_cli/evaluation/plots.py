@@ -119,6 +119,8 @@ def speed_figure(path: Path, result: dict) -> Path:
 
         raise MamballamaError("the speed result holds no measured row to plot (every row failed, or none ran)")
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.6), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         if panel in ("memory", "context"):
@@ -154,6 +156,7 @@ def speed_figure(path: Path, result: dict) -> Path:
             for label, pts in curves.items():
                 ax.plot([b for b, _ in pts], [t for _, t in pts], marker="o", label=label)
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 16, not 2^4
             ax.set_xlabel("batch")
             ax.set_ylabel("decode tokens/s, all sequences")
             ax.set_title("throughput against batch, up to the largest that fits")
