@@ -23,10 +23,10 @@ class Histogram:
             if seconds <= bound:
                 self.counts[i] += 1
 
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in zip(BUCKETS, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
-                      f"{name}_count {self.count}"]
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f'{name}_bucket{{{labels},le="{bound}"}} {n}' for bound, n in zip(BUCKETS, self.counts)]
+        return out + [f'{name}_bucket{{{labels},le="+Inf"}} {self.count}', f"{name}_sum{{{labels}}} {self.sum:.6f}",
+                      f"{name}_count{{{labels}}} {self.count}"]
 
 
 class Metrics:
@@ -67,8 +67,7 @@ class Metrics:
         for name, hist, what in (("time_to_first_token_seconds", self.ttft, "From a request's arrival to its first text."),
                                  ("request_latency_seconds", self.latency, "From a request's arrival to its end.")):
             out += [f"# HELP mamballama_{name} {what}", f"# TYPE mamballama_{name} histogram"]
-            out += [line.replace("{", f"{{{m},", 1) if "{" in line else line.replace(" ", f"{{{m}}} ", 1)
-                    for line in hist.lines(f"mamballama_{name}")]
+            out += hist.lines(f"mamballama_{name}", m)
         for name, value, what in (("num_requests_running", engine.active, "Rows of the running batch decoding."),
                                   ("num_requests_waiting", engine.pending.qsize(), "Requests queued for a row."),
                                   ("largest_batch", engine.largest_batch, "The largest batch run so far.")):

@@ -67,10 +67,7 @@ def read_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     elif path.suffix == ".txt":
         if not path.is_file():
             raise DataError(f"prompts file {path} does not exist")
-        out = [(n, [{"role": "user", "content": line.rstrip("\n")}])
-               for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
-        if not out:
-            raise DataError(f"prompts file {path} holds no prompt")
+        out = _line_prompts(path.read_text(encoding="utf-8").splitlines(), f"prompts file {path} holds no prompt")
     else:
         recs = read_records(cfg.prompts, kind="prompt", skip_bad=cfg.skip_bad_lines)
         out = _prompt_messages(recs)
@@ -84,15 +81,23 @@ def _stdin_prompts(cfg: LabelConfig) -> list[tuple[int, list[dict]]]:
     """``--prompts -``: JSONL records when the first line is a JSON object, else one prompt per line."""
     import sys
 
-    from mamballama_cli.training.records import DataError, checked_records, jsonl_records
+    from mamballama_cli.training.records import checked_records, jsonl_records
 
     lines = sys.stdin.read().splitlines()
-    if any(line.strip() for line in lines) and next(x for x in lines if x.strip()).lstrip().startswith("{"):
+    first = next((x for x in lines if x.strip()), "")
+    if first.lstrip().startswith("{"):
         return _prompt_messages(checked_records("stdin", jsonl_records(lines, "stdin", cfg.skip_bad_lines), "prompt",
                                                 cfg.skip_bad_lines))
+    return _line_prompts(lines, "--prompts -: stdin holds no prompt (one per line, or JSONL records)")
+
+
+def _line_prompts(lines: list[str], empty: str) -> list[tuple[int, list[dict]]]:
+    """One user turn per non-blank line (a .txt prompts file, or stdin); ``empty``: the error where there is none."""
+    from mamballama_cli.training.records import DataError
+
     out = [(n, [{"role": "user", "content": line}]) for n, line in enumerate(lines, 1) if line.strip()]
     if not out:
-        raise DataError("--prompts -: stdin holds no prompt (one per line, or JSONL records)")
+        raise DataError(empty)
     return out
 
 
