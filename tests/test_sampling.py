@@ -8,10 +8,14 @@ from helpers import tiny_hybrid, tiny_tokenizer
 from mamballama_cli.generation import sampling as sampling_mod
 from mamballama_cli.generation.sampling import (
     LogitsFilter,
+    RowSampling,
     SamplingConfig,
     filter_logits,
+    filter_rows,
     probabilities,
+    row_uniform,
     sample,
+    sample_rows,
     transformers_kwargs,
 )
 
@@ -20,9 +24,20 @@ def logits_of(*probs) -> torch.Tensor:
     return torch.log(torch.tensor(probs, dtype=torch.float32))
 
 
+def rows_of(*cfgs: SamplingConfig, seeds=None) -> RowSampling:
+    rs = RowSampling(len(cfgs), "cpu")
+    for i, cfg in enumerate(cfgs):
+        rs.set(i, cfg, 0 if seeds is None else seeds[i])
+    return rs
+
+
 def kept(probs, **kw) -> list[int]:
-    """Indices that survive the filter for a distribution given as probabilities."""
-    scores = filter_logits(logits_of(*probs), SamplingConfig(temperature=1.0, **kw))
+    """Indices that survive the filter for a distribution given as probabilities; the per-row filter of continuous
+    batching (filter_rows) must keep the same ones."""
+    cfg = SamplingConfig(temperature=1.0, **kw)
+    scores = filter_logits(logits_of(*probs), cfg)
+    per_row = filter_rows(logits_of(*probs)[None], rows_of(cfg))[0]
+    assert torch.equal(torch.isfinite(per_row), torch.isfinite(scores)), (probs, kw)
     return torch.isfinite(scores).nonzero().flatten().tolist()
 
 
@@ -129,6 +144,65 @@ def test_sample_draws_from_the_filtered_distribution():
     a = sample(logits[:50], SamplingConfig(temperature=1.0), torch.Generator().manual_seed(3))
     b = sample(logits[:50], SamplingConfig(temperature=1.0), torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
+
+
+# --- per-row settings (continuous batching) -----------------------------------------------------------------
+MIXED = [SamplingConfig(temperature=0.7), SamplingConfig(temperature=1.2, top_p=0.8),
+         SamplingConfig(temperature=1.0, top_k=5), SamplingConfig(temperature=0.9, top_k=10, top_p=0.6),
+         SamplingConfig(temperature=0.0), SamplingConfig(temperature=2.0, top_k=1)]
+
+
+def test_rows_with_different_settings_are_each_filtered_as_alone():
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(len(MIXED), 60, generator=gen) * 2).round(decimals=1)  # rounding makes ties
+    got = filter_rows(logits, rows_of(*MIXED))
+    for i, cfg in enumerate(MIXED):
+        if cfg.greedy:  # a greedy row is never filtered for a draw: sample_rows takes its argmax
+            continue
+        ref = filter_logits(logits[i], cfg)
+        assert torch.equal(torch.isfinite(got[i]), torch.isfinite(ref)), i
+        assert torch.allclose(got[i][torch.isfinite(ref)], ref[torch.isfinite(ref)]), i
+
+
+def test_row_draws_follow_each_rows_distribution():
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(len(MIXED), 40, generator=gen) * 2
+    n = 20000  # draws per setting, each row its own seed
+    rs = rows_of(*[c for c in MIXED for _ in range(n)], seeds=range(len(MIXED) * n))
+    tokens = sample_rows(logits.repeat_interleave(n, 0), rs).view(len(MIXED), n)
+    for i, cfg in enumerate(MIXED):
+        freq = torch.bincount(tokens[i], minlength=40) / n
+        p = probabilities(logits[i], cfg)
+        assert float(freq[p == 0].sum()) == 0.0, i  # nothing the filter removed is ever drawn
+        assert torch.allclose(freq, p, atol=5 * (0.25 / n) ** 0.5), (i, (freq - p).abs().max())
+    assert rs.counter.eq(1).all()
+
+
+def test_a_rows_draw_depends_only_on_its_seed_and_count():
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(len(MIXED), 30, generator=gen)
+    seeds = [11, 12, 13, 14, 15, 2**62 + 11]
+    together = []
+    rs = rows_of(*MIXED, seeds=seeds)
+    live = torch.tensor([1, 1, 0, 1, 1, 1])
+    for _ in range(40):
+        together.append(sample_rows(logits, rs, live))
+    assert rs.counter.tolist() == [40, 40, 0, 40, 40, 40]  # a row that is not live does not count its draws
+    together = torch.stack(together, 1)
+    for i in (0, 1, 3):  # alone, from the same seed: the same 40 tokens
+        alone = rows_of(MIXED[i], seeds=[seeds[i]])
+        assert torch.equal(torch.stack([sample_rows(logits[i:i + 1], alone) for _ in range(40)], 1)[0],
+                           together[i])
+    assert len(set(together[0].tolist())) > 5  # the count moves the draw on
+    assert together[4].eq(logits[4].argmax()).all()  # greedy
+    assert together[5].eq(logits[5].argmax()).all()  # top_k=1
+    # the seed's high bits count too, and another seed draws other tokens
+    other = rows_of(MIXED[0], seeds=[11 + 2**62])
+    assert not torch.equal(torch.stack([sample_rows(logits[:1], other) for _ in range(40)], 1)[0], together[0])
+    u = row_uniform(torch.tensor([0, 1, 2**40]), torch.tensor([0, 0, 5]), 50000)
+    assert 0 < float(u.min()) and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
+    with pytest.raises(ValueError, match="seed -1"):
+        RowSampling(1, "cpu").set(0, MIXED[0], -1)
 
 
 def test_transformers_processor_is_the_same_filter():

@@ -156,6 +156,9 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ("/v1/completions", json.dumps({"prompt": "hi", "temperature": 5}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "top_p": 1.5}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "top_p": "high"}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "seed": "lucky"}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "seed": 1.5}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "top_k": -2}), 422),
         ("/v1/completions", json.dumps({"prompt": "x" * 200}), 413),
         ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}), 404),
         ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "a"}]}), 404),
@@ -276,6 +279,31 @@ def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees
         assert r.choices[0].text == joined.choices[0].text  # alone, the same answer as inside the batch
     finally:
         s.stop()
+
+
+def test_requests_with_different_sampling_share_the_running_batch_and_a_seed_repeats_its_answer(models):
+    """Sampling settings are per row: greedy and sampled requests at different temperatures, top-p and top-k decode
+    in one batch, and a request with a `seed` gets the answer it gets alone; another seed, another answer."""
+    s = Server(models["hybrid"], "--max-batch", "4", "--max-context", "96",
+               env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
+    asks = [{"temperature": 0}, {"temperature": 0.9, "seed": 7}, {"temperature": 1.3, "top_p": 0.9, "seed": 11},
+            {"temperature": 1.0, "seed": 7, "extra_body": {"top_k": 5}}]
+    try:
+        def ask(i, **over):
+            kw = {**asks[i], **over}
+            return s.client.completions.create(model="hybrid", prompt=f"{i} pears and", max_tokens=16,
+                                               **kw).choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, range(4)))
+        h = s.health()
+        alone = [ask(i) for i in range(4)]
+        other_seed = ask(1, seed=8)
+    finally:
+        s.stop()
+    assert h["batches"] == 1 and h["largest_batch"] == 4, h  # one run: every setting in the same batch
+    assert together == alone
+    assert other_seed != alone[1]
 
 
 def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys):

@@ -12,13 +12,17 @@ steps without waiting for each other:
   compute too (the step is one static graph) but do not advance: their writes stay inside their own row.
 * :meth:`SlotDecoder.leave` frees a slot for the next request.
 
-Sampling settings are fixed per decoder (they are in the graph); ``serve`` keeps one decoder per setting.
+Sampling settings are per slot (:class:`~mamballama_cli.generation.sampling.RowSampling`: device tensors the graph
+reads), so requests with different temperatures, top-p, top-k and seeds share one running batch. Each slot draws
+its noise from its own seed and draw count (:func:`~mamballama_cli.generation.sampling.row_uniform`), so a seeded
+request samples the same tokens alone or beside any others. Two graphs are recorded: a step where every live slot
+is greedy takes the argmax only; any sampling slot runs the step with the per-row sampler.
 """
 
 from __future__ import annotations
 
 import torch
-from mamballama_cli.generation.sampling import SamplingConfig, sample
+from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows
 from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
@@ -47,12 +51,14 @@ class SlotDecoder:
         self.live = torch.zeros(self.slots, dtype=torch.long, device=dev)  # 1: the slot advances
         self.length = [0] * self.slots  # host mirror of pos for live slots
         self.free = list(range(self.slots))
-        self.graph = None
+        self.rows = RowSampling(self.slots, dev)  # each slot's sampling settings, seed and draw count
+        self.graphs: dict[bool, object] = {}  # greedy-only step -> its graph
 
     # --- the step ------------------------------------------------------------------------------------------
-    def _step(self) -> None:
+    def _step(self, greedy: bool) -> None:
         step = self.runtime.step(pos=self.pos, length=self.pos + 1)
-        self.tokens.copy_(sample(self.runtime.walk(self.tokens, step), self.sampling))
+        logits = self.runtime.walk(self.tokens, step)
+        self.tokens.copy_(argmax_last(logits) if greedy else sample_rows(logits, self.rows, self.live))
         self.pos.add_(self.live)
 
     @torch.no_grad()
@@ -62,10 +68,11 @@ class SlotDecoder:
             if s not in self.free and self.length[s] >= self.capacity:
                 raise RuntimeError(f"slot {s} is full ({self.capacity} positions): leave() it first")
         self.step_warm()
-        if self.graph is not None:
-            self.graph.replay()
+        greedy = all(self.rows.greedy[s] for s in range(self.slots) if s not in self.free)
+        if self.graphs:
+            self.graphs[greedy].replay()
         else:
-            self._step()
+            self._step(greedy)
         for s in range(self.slots):
             if s not in self.free:
                 self.length[s] += 1
@@ -73,9 +80,13 @@ class SlotDecoder:
 
     # --- slots ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def join(self, prompt_ids: list[int]) -> tuple[int, int]:
-        """Read a prompt into a free slot; returns (slot, first sampled token)."""
+    def join(self, prompt_ids: list[int], sampling: SamplingConfig | None = None,
+             seed: int | None = None) -> tuple[int, int]:
+        """Read a prompt into a free slot, to be sampled with ``sampling`` (default: the decoder's) from ``seed``
+        (default: drawn from torch's generator); returns (slot, first sampled token)."""
         n = len(prompt_ids)
+        cfg = sampling or self.sampling
+        seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
         if not self.free:
             raise RuntimeError("no free slot: every slot holds a request")
         if n < 1 or n + 1 > self.capacity:
@@ -83,7 +94,11 @@ class SlotDecoder:
         self.step_warm()
         slot = self.free.pop(0)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        first = sample(self.stage.prefill(ids), self.sampling)
+        one = RowSampling(1, self.device)
+        one.set(0, cfg, seed)
+        first = sample_rows(self.stage.prefill(ids), one)
+        self.rows.set(slot, cfg, seed)
+        self.rows.counter[slot] = 1  # the first draw was the prompt's
         self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
         self.pos[slot] = n
         self.tokens[slot] = first[0]
@@ -109,17 +124,20 @@ class SlotDecoder:
         return self.capacity - self.length[slot]
 
     def step_warm(self) -> None:
-        """Record the CUDA graph (once, with capture on) while no slot is live: the warm-up steps spoil nothing."""
-        if not self.capture or self.graph is not None:
+        """Record the two CUDA graphs (once, with capture on, in one memory pool: they never run at once) while no
+        slot is live: the warm-up steps spoil nothing."""
+        if not self.capture or self.graphs:
             return
         if self.in_use:
             raise RuntimeError("record the step before any slot is in use")
-        rng = torch.cuda.get_rng_state(self.device)
-        self.graph, _ = capture_graph(self._step, self.device, warmup=2, before=self._clear)
-        torch.cuda.set_rng_state(rng, self.device)
+        pool = None
+        for greedy in (True, False):
+            self.graphs[greedy], _ = capture_graph(lambda g=greedy: self._step(g), self.device, warmup=2,
+                                                   before=self._clear, pool=pool)
+            pool = self.graphs[greedy].pool()
         self._clear()
 
     def _clear(self) -> None:
         self.runtime.reset()
-        for t in (self.pos, self.tokens, self.live):
+        for t in (self.pos, self.tokens, self.live, self.rows.counter):
             t.zero_()

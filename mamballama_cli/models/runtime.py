@@ -204,12 +204,14 @@ def auto_prefill_chunk(config, batch_size: int) -> int:
     return max(256, limit // 256 * 256)
 
 
-def capture_graph(fn: Callable[[], object], device, warmup: int = 2, before: Callable[[], None] | None = None):
+def capture_graph(fn: Callable[[], object], device, warmup: int = 2, before: Callable[[], None] | None = None,
+                  pool=None):
     """Record one call of ``fn`` in a CUDA graph; returns (graph, what the recorded call returned).
 
     ``fn`` first runs ``warmup`` times on a side stream (compiles the Triton kernels, runs autotuning, creates
     cuBLAS handles, settles allocations); ``before`` runs between the warm-up and the recording (the warm-up
-    scribbles on the state)."""
+    scribbles on the state). ``pool``: another graph's memory pool (``graph.pool()``) to share, for graphs that
+    never replay at once."""
     device = torch.device(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -220,6 +222,6 @@ def capture_graph(fn: Callable[[], object], device, warmup: int = 2, before: Cal
     if before is not None:
         before()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out

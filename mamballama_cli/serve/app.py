@@ -50,6 +50,15 @@ def _max_tokens(body: dict, default: int) -> int:
     return default
 
 
+def _integer(body: dict, name: str, lo: int, hi: int, what: str) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ApiError(422, f"{name} must be {what}, got {v!r}", name)
+    return v
+
+
 def _stop_strings(body: dict) -> tuple[str, ...]:
     """OpenAI's ``stop``: a string or a list of at most 4, each non-empty (null: none)."""
     v = body.get("stop")
@@ -149,8 +158,10 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage)
             loop.call_soon_threadsafe(events.put_nowait, ("end", (reason, usage)))
 
-        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, emit=emit, finish=finish,
-                      stop=_stop_strings(body))
+        top_k = _integer(body, "top_k", -1, 2**31 - 1, "an integer, -1 or 0 for off (vLLM's extension)") or 0
+        seed = _integer(body, "seed", -2**63, 2**63 - 1, "an integer")
+        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), emit=emit,
+                      finish=finish, stop=_stop_strings(body), seed=None if seed is None else seed % 2**63)
         return Job(req, events)
 
     from starlette.exceptions import HTTPException

@@ -6,10 +6,9 @@ steps. A :class:`~mamballama_cli.generation.continuous.SlotDecoder` holds ``--ma
 takes a free slot at once (its prompt read on a one-row staging runtime and copied into the slot, reusing the
 slot's K/V and state buffers), and a row that meets a stop token, its ``max_tokens``, a full slot or a cancel (the
 client went away) frees its slot for the next. Every row sits at its own position, so each decodes exactly as if
-alone. Sampling settings are fixed per decoder: requests with other settings wait until the running batch
-drains, then the next setting runs. A Llama-family Transformer (a teacher) is served the same way, as an
-all-attention hybrid sharing its weights. Models the static decoder cannot run (other Transformers, Mamba-1)
-decode one request at a time through transformers' ``generate``.
+alone, and samples with its own settings and seed in the same batch as every other. A Llama-family Transformer
+(a teacher) is served the same way, as an all-attention hybrid sharing its weights. Models the static decoder
+cannot run (other Transformers, Mamba-1) decode one request at a time through transformers' ``generate``.
 
 With a draft (``serve --speculative --draft D``), requests decode one at a time by speculative decoding
 (:func:`~mamballama_cli.generation.speculative.speculative_generate`): greedy answers equal the target's own.
@@ -21,7 +20,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 
 import torch
@@ -40,12 +39,16 @@ class Request:
     emit: Callable[[str], None] = lambda text: None
     finish: Callable[[str, dict], None] = lambda reason, usage: None
     stop: tuple[str, ...] = ()  # OpenAI's `stop`: the answer ends before the first of these strings
+    seed: int | None = None  # the same seed, the same sampled answer (alone or in any batch); None: a fresh one
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
-    def sampling_key(self) -> tuple:
-        return (float(self.temperature), float(self.top_p), int(self.top_k))
+    def sampling(self):
+        from mamballama_cli.generation.sampling import SamplingConfig
+
+        return SamplingConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, seed=self.seed)
 
 
 class _Stop(Exception):
@@ -129,7 +132,7 @@ class Engine:
         self.static_model = model if is_hybrid(model) else (as_hybrid(model) or model)
         self.static_reason = unsupported_reason(self.static_model)  # None: batched on the static decoder
         self.pending: queue.Queue[Request] = queue.Queue()
-        self.decoders: dict[tuple, object] = {}
+        self.decoder = None  # the SlotDecoder, built at the first request (continuous batching)
         self.batches = 0  # batches run (continuous: runs from an idle engine until it drains), and the largest
         self.largest_batch = 0
         self.joined_running = 0  # requests that joined a batch already decoding (continuous batching)
@@ -171,24 +174,19 @@ class Engine:
             except Exception as exc:  # a failed request is answered with the error; the server goes on
                 _fail(req, exc)
 
-    def _decoder(self, key: tuple):
+    def _decoder(self):
         from mamballama_cli.generation.continuous import SlotDecoder
-        from mamballama_cli.generation.sampling import SamplingConfig
 
-        dec = self.decoders.get(key)
-        if dec is None:
-            temperature, top_p, top_k = key
-            sampling = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
-            dec = SlotDecoder(self.static_model, self.max_batch, self.max_context, sampling,
-                              prefill_chunk=self.prefill_chunk)
-            self.decoders[key] = dec
-        return dec
+        if self.decoder is None:
+            self.decoder = SlotDecoder(self.static_model, self.max_batch, self.max_context,
+                                       prefill_chunk=self.prefill_chunk)
+        return self.decoder
 
     def _continuous(self) -> None:
         """The worker's loop for continuous batching (never returns)."""
         waiting: list[Request] = []
         rows: dict[int, _Row] = {}  # slot -> the request decoding there
-        dec, key = None, None
+        dec = None
         while True:
             if not rows and not waiting:
                 waiting.append(self.pending.get())  # idle: block until a request comes
@@ -197,21 +195,20 @@ class Engine:
                     waiting.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
-            if not rows:  # the batch drained: the first waiting request's sampling runs next
+            if not rows:  # idle until now: a new run of batches
                 waiting = [r for r in waiting if not r.cancelled.is_set()]
                 if not waiting:
                     continue
-                key = waiting[0].sampling_key
-                dec = self._decoder(key)
+                dec = self._decoder()
                 self.batches += 1
-            for req in [r for r in waiting if r.sampling_key == key][: len(dec.free)]:
+            for req in waiting[: len(dec.free)]:
                 waiting.remove(req)
                 if req.cancelled.is_set():
                     continue
                 try:
                     with torch.inference_mode():
                         row = _Row(req, self.tokenizer)
-                        slot, first = dec.join(req.prompt_ids)
+                        slot, first = dec.join(req.prompt_ids, req.sampling, req.seed)
                 except Exception as exc:
                     _fail(req, exc)
                     continue
@@ -248,15 +245,13 @@ class Engine:
 
     def _run_speculative(self, req: Request) -> None:
         from mamballama_cli.generation.result import TextStream
-        from mamballama_cli.generation.sampling import SamplingConfig
         from mamballama_cli.generation.speculative import speculative_generate
 
         if req.cancelled.is_set():
             return
         n_prompt = len(req.prompt_ids)
         max_new = max(1, min(req.max_tokens, self.max_context - n_prompt))
-        sampling = SamplingConfig(max_new_tokens=max_new, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k)
+        sampling = replace(req.sampling, max_new_tokens=max_new)
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
         self.active = 1
@@ -279,7 +274,7 @@ class Engine:
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=dev)
         try:
             res = speculative_generate(self.model, self.draft, ids, k=self.k, max_new_tokens=max_new,
-                                       sampling=sampling, stop_tokens=self.stops, on_tokens=on_tokens)
+                                       sampling=sampling, stop_tokens=self.stops, on_tokens=on_tokens, seed=req.seed)
         except _Stop:
             self.cancelled += 1
             self.active = 0
@@ -302,10 +297,8 @@ class Engine:
 
     def _run_plain(self, req: Request) -> None:
         from mamballama_cli.generation.plain import generate
-        from mamballama_cli.generation.sampling import SamplingConfig
 
-        sampling = SamplingConfig(max_new_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k)
+        sampling = req.sampling
         self.batches += 1
         self.largest_batch = max(self.largest_batch, 1)
 
