@@ -159,6 +159,11 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ("/v1/completions", json.dumps({"prompt": "hi", "seed": "lucky"}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "seed": 1.5}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "top_k": -2}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 21}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "echo": True}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "stream": 1}), 422),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 422),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "logprobs": 1}), 422),
         ("/v1/completions", json.dumps({"prompt": "x" * 200}), 413),
         ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "hi"}), 404),
         ("/v1/chat/completions", json.dumps({"model": "gpt-9", "messages": [{"role": "user", "content": "a"}]}), 404),
@@ -281,6 +286,60 @@ def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees
         s.stop()
 
 
+def test_logprobs_are_the_models_own_for_every_answer_token_streamed_or_not(server, models):
+    """`logprobs` (completions) and `logprobs`/`top_logprobs` (chat): each answer token's log-probability under the
+    model, and the most likely tokens, equal to a teacher-forced forward of the prompt and answer in this process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mamballama_cli  # noqa: F401  (registers the hybrid with the Auto classes)
+
+    tok = AutoTokenizer.from_pretrained(models["hybrid"])
+    model = AutoModelForCausalLM.from_pretrained(models["hybrid"]).eval()
+    ids = tok("hello world")["input_ids"]
+    ref = []  # (token text, log-probability, the 3 most likely as {text: log-probability}) of the greedy answer
+    with torch.no_grad():
+        for _ in range(6):
+            lp = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            nxt = int(lp.argmax())
+            top = lp.topk(3)
+            ref.append((tok.decode([nxt]), float(lp[nxt]),
+                        {tok.decode([j]): float(v) for j, v in zip(top.indices.tolist(), top.values)}))
+            ids.append(nxt)
+    c = server.client
+    r = c.completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert n >= 1 and lp.tokens == [t for t, _, _ in ref[:n]] and "".join(lp.tokens) == r.choices[0].text
+    assert lp.token_logprobs == pytest.approx([x for _, x, _ in ref[:n]], abs=1e-4)
+    for got, (_, _, want) in zip(lp.top_logprobs, ref):
+        assert got.keys() == want.keys() and list(got.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(n)]
+    plain = c.completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == r.choices[0].text
+    # streamed: the chunks' logprobs together are the whole answer's, offsets running on
+    events = list(c.completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0, logprobs=3,
+                                       stream=True))
+    streamed = [e.choices[0].logprobs for e in events if e.choices and e.choices[0].logprobs]
+    assert sum((x.tokens for x in streamed), []) == lp.tokens
+    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    # chat: OpenAI's shape, top_logprobs as many as asked, the greedy token first among them
+    msgs = [{"role": "user", "content": "hi there"}]
+    whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                      top_logprobs=2)
+    content = whole.choices[0].logprobs.content
+    assert "".join(x.token for x in content) == whole.choices[0].message.content
+    for x in content:
+        assert len(x.top_logprobs) == 2 and x.top_logprobs[0].token == x.token
+        assert x.logprob == pytest.approx(x.top_logprobs[0].logprob) and x.logprob <= 0
+        assert bytes(x.bytes).decode() == x.token
+    pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                            top_logprobs=2, stream=True))
+    got = [x for p in pieces if p.choices and p.choices[0].logprobs for x in p.choices[0].logprobs.content]
+    assert [(x.token, x.logprob) for x in got] == [(x.token, x.logprob) for x in content]
+    assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
+
+
 def test_requests_with_different_sampling_share_the_running_batch_and_a_seed_repeats_its_answer(models):
     """Sampling settings are per row: greedy and sampled requests at different temperatures, top-p and top-k decode
     in one batch, and a request with a `seed` gets the answer it gets alone; another seed, another answer."""
@@ -328,6 +387,8 @@ def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys
         pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
                                                 stream=True))
         assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
+        status, payload = s.post("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 2}))
+        assert status == 422 and "continuous-batching mode" in payload["error"]["message"], payload
         gc = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
         assert whole.choices[0].message.content == gc.out.rstrip("\n")
         assert s.health()["batches"] == 5  # three completions and two chats, one at a time

@@ -22,7 +22,7 @@ is greedy takes the argmax only; any sampling slot runs the step with the per-ro
 from __future__ import annotations
 
 import torch
-from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows
+from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows, token_logprobs
 from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
@@ -53,11 +53,15 @@ class SlotDecoder:
         self.free = list(range(self.slots))
         self.rows = RowSampling(self.slots, dev)  # each slot's sampling settings, seed and draw count
         self.graphs: dict[bool, object] = {}  # greedy-only step -> its graph
+        self.step_logits: dict[bool, torch.Tensor] = {}  # greedy-only step -> its logits (static under a graph)
+        self.last_logits = None  # (slots, vocab) of the last step, or (1, vocab) of the last join
+        self.joined = None  # the slot of the last join, until the next step
 
     # --- the step ------------------------------------------------------------------------------------------
     def _step(self, greedy: bool) -> None:
         step = self.runtime.step(pos=self.pos, length=self.pos + 1)
         logits = self.runtime.walk(self.tokens, step)
+        self.step_logits[greedy] = logits  # under capture: the graph's output buffer, rewritten by each replay
         self.tokens.copy_(argmax_last(logits) if greedy else sample_rows(logits, self.rows, self.live))
         self.pos.add_(self.live)
 
@@ -73,6 +77,7 @@ class SlotDecoder:
             self.graphs[greedy].replay()
         else:
             self._step(greedy)
+        self.last_logits, self.joined = self.step_logits[greedy], None
         for s in range(self.slots):
             if s not in self.free:
                 self.length[s] += 1
@@ -96,15 +101,32 @@ class SlotDecoder:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         one = RowSampling(1, self.device)
         one.set(0, cfg, seed)
-        first = sample_rows(self.stage.prefill(ids), one)
+        self.last_logits = self.stage.prefill(ids)
+        first = sample_rows(self.last_logits, one)
         self.rows.set(slot, cfg, seed)
         self.rows.counter[slot] = 1  # the first draw was the prompt's
         self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
+        self.joined = slot
         self.pos[slot] = n
         self.tokens[slot] = first[0]
         self.live[slot] = 1
         self.length[slot] = n
         return slot, int(first[0])
+
+    def logprobs(self, slots: list[int], k: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """After :meth:`step`: for each of ``slots``, its new token's log-probability and the ``k`` most likely
+        tokens (:func:`~mamballama_cli.generation.sampling.token_logprobs`); after :meth:`join`, the same for the
+        first token (``slots`` = [the slot joined])."""
+        if self.last_logits is None:
+            raise RuntimeError("no step or join yet: nothing to give log-probabilities of")
+        rows = torch.tensor(slots, dtype=torch.long, device=self.device)
+        if self.joined is not None:  # the last call was a join: its prompt's logits
+            if list(slots) != [self.joined]:
+                raise ValueError(f"after a join, ask for the slot that joined ([{self.joined}]), not {slots}")
+            logits = self.last_logits
+        else:
+            logits = self.last_logits.index_select(0, rows)
+        return token_logprobs(logits, self.tokens.index_select(0, rows), k)
 
     def leave(self, slot: int) -> None:
         """Free ``slot``; its row keeps computing in the step, at position 0 of its own buffers."""

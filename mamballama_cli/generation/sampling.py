@@ -213,6 +213,18 @@ def sample_rows(logits: Tensor, rs: RowSampling, live: Tensor | None = None) -> 
     return torch.where(rs.temperature <= 0, argmax_last(logits), order.gather(-1, at)[:, 0])
 
 
+def token_logprobs(logits: Tensor, tokens: Tensor, k: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+    """(rows, vocab) logits and the (rows,) tokens chosen -> per row (the token's log-probability, the ``k`` most
+    likely tokens with theirs), under the model's own distribution (before temperature and filtering, as vLLM's
+    default and OpenAI's ``logprobs``)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(-1, tokens.view(-1, 1).to(lp.device))[:, 0].tolist()
+    if not k:
+        return [(c, []) for c in chosen]
+    values, ids = lp.topk(min(int(k), lp.shape[-1]), dim=-1)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids.tolist(), values.tolist())]
+
+
 class LogitsFilter:
     """A transformers logits processor that applies :func:`filter_logits`."""
 

@@ -9,6 +9,7 @@ that goes away mid-stream cancels its request; the engine frees its row at the n
 
 
 import asyncio
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -57,6 +58,22 @@ def _integer(body: dict, name: str, lo: int, hi: int, what: str) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ApiError(422, f"{name} must be {what}, got {v!r}", name)
     return v
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many most likely tokens to give beside each answer token's log-probability; None: no log-probabilities.
+    Chat: ``logprobs`` (bool) and ``top_logprobs`` (0-20); completions: ``logprobs`` (0-20, vLLM's bound)."""
+    if body.get("echo"):
+        raise ApiError(422, "echo is not supported: send the prompt's continuation only (echo false)", "echo")
+    if not chat:
+        return _integer(body, "logprobs", 0, 20, "an integer from 0 to 20 (or null)")
+    on = body.get("logprobs")
+    if on is not None and not isinstance(on, bool):
+        raise ApiError(422, f"logprobs must be true or false, got {on!r}", "logprobs")
+    top = _integer(body, "top_logprobs", 0, 20, "an integer from 0 to 20")
+    if top is not None and not on:
+        raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if on else None
 
 
 def _stop_strings(body: dict) -> tuple[str, ...]:
@@ -132,11 +149,15 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                            "not_found_error")
         if body.get("n", 1) != 1:
             raise ApiError(422, "n must be 1", "n")
-        if body.get("stream") not in (None, True, False):
+        if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
             raise ApiError(422, f"stream must be true or false, got {body.get('stream')!r}", "stream")
         return body
 
     def make_job(body: dict, prompt_ids: list[int], endpoint: str) -> Job:
+        logprobs = _logprobs(body, endpoint == "/v1/chat/completions")
+        if logprobs is not None and not engine.serves_logprobs:
+            raise ApiError(422, f"logprobs are given in continuous-batching mode; this server runs {engine.mode}",
+                           "logprobs")
         if len(prompt_ids) >= max_context:
             raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; this server's --max-context is "
                                 f"{max_context}", "messages" if "messages" in body else "prompt")
@@ -154,6 +175,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 loop.call_soon_threadsafe(metrics.first_text, time.perf_counter() - t0)
             loop.call_soon_threadsafe(events.put_nowait, ("text", text))
 
+        def on_logprobs(token: int, logprob: float, top: list) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ("lp", (token, logprob, top)))
+
         def finish(reason: str, usage: dict) -> None:  # counted even when the client has gone
             loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage)
             loop.call_soon_threadsafe(events.put_nowait, ("end", (reason, usage)))
@@ -161,7 +185,8 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         top_k = _integer(body, "top_k", -1, 2**31 - 1, "an integer, -1 or 0 for off (vLLM's extension)") or 0
         seed = _integer(body, "seed", -2**63, 2**63 - 1, "an integer")
         req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), emit=emit,
-                      finish=finish, stop=_stop_strings(body), seed=None if seed is None else seed % 2**63)
+                      finish=finish, stop=_stop_strings(body), seed=None if seed is None else seed % 2**63,
+                      logprobs=logprobs, on_logprobs=on_logprobs)
         return Job(req, events)
 
     from starlette.exceptions import HTTPException
@@ -179,9 +204,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         return JSONResponse(status_code=500, content={"error": {
             "message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None, "code": 500}})
 
-    async def run_to_end(job: Job) -> tuple[str, str, dict]:
+    async def run_to_end(job: Job) -> tuple[str, str, dict, list]:
         engine.submit(job.req)
-        parts = []
+        parts, entries = [], []
         while True:
             try:
                 kind, value = await job.events.get()
@@ -190,16 +215,19 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 raise
             if kind == "text":
                 parts.append(value)
+            elif kind == "lp":
+                entries.append(value)
             else:
                 reason, usage = value
                 if reason == "error":
                     raise ApiError(500, usage.get("error", "generation failed"), kind="server_error")
-                return "".join(parts), reason, usage
+                return "".join(parts), reason, usage, entries
 
     async def stream(job: Job, request: HttpRequest, chunk, include_usage: bool = False):
         """Server-sent events: one chunk per piece of text, a last one with the finish reason (and with
         ``stream_options.include_usage``, one with no choices and the usage, as OpenAI's API), then [DONE]."""
         engine.submit(job.req)
+        entries = []  # log-probabilities of tokens not yet sent, attached to the next chunk
         try:
             first = chunk(None, None)
             if first is not None:
@@ -212,14 +240,17 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                         job.req.cancelled.set()
                         return
                     continue
-                if kind == "text":
-                    yield f"data: {json.dumps(chunk(value, None))}\n\n"
+                if kind == "lp":
+                    entries.append(value)
+                elif kind == "text":
+                    yield f"data: {json.dumps(chunk(value, None, entries))}\n\n"
+                    entries = []
                 else:
                     reason, usage = value
                     if reason == "error":
                         yield f"data: {json.dumps({'error': {'message': usage.get('error'), 'type': 'server_error'}})}\n\n"
                     else:
-                        last = chunk('', reason)
+                        last = chunk('', reason, entries)
                         yield f"data: {json.dumps(last)}\n\n"
                         if include_usage:
                             yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(usage)})}\n\n"
@@ -227,6 +258,23 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                     return
         finally:  # the client went away (the response was cancelled) or the stream ended: free the row
             job.req.cancelled.set()
+
+    def chat_logprobs(entries) -> dict:
+        """OpenAI's chat ``logprobs``: per answer token its text, log-probability, UTF-8 bytes and the most likely
+        tokens with theirs."""
+        def one(token: int, logprob: float) -> dict:
+            text = tok.decode([token])
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {"content": [{**one(t, lp), "top_logprobs": [one(j, v) for j, v in top]} for t, lp, top in entries]}
+
+    def completion_logprobs(entries, offset: int) -> dict:
+        """The completions API's ``logprobs``: tokens, their log-probabilities, the most likely tokens as
+        {text: log-probability}, and each token's character offset in the answer (from ``offset``)."""
+        tokens = [tok.decode([t]) for t, _, _ in entries]
+        starts = list(itertools.accumulate((len(x) for x in tokens[:-1]), initial=offset))[: len(tokens)]
+        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{tok.decode([j]): v for j, v in top} for _, _, top in entries], "text_offset": starts}
 
     def wants_usage(body: dict) -> bool:
         opts = body.get("stream_options")
@@ -247,18 +295,24 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(422, "prompt must be a non-empty string", "prompt")
         job = make_job(body, tok(prompt)["input_ids"], "/v1/completions")
-        cid, now = f"cmpl-{job.req.id}", int(time.time())
+        cid, now, asked = f"cmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
-            def chunk(text, reason):
+            offset = [0]  # characters of the answer's tokens sent so far: the next chunk's first text_offset
+
+            def chunk(text, reason, entries=()):
                 if text is None:
                     return None
+                lp = completion_logprobs(entries, offset[0]) if asked else None
+                if lp is not None:
+                    offset[0] += sum(len(t) for t in lp["tokens"])
                 return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": lp}]}
 
             return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
-        text, reason, usage = await run_to_end(job)
+        text, reason, usage, entries = await run_to_end(job)
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason_of(reason), "logprobs": None}],
+                "choices": [{"index": 0, "text": text, "finish_reason": reason_of(reason),
+                             "logprobs": completion_logprobs(entries, 0) if asked else None}],
                 "usage": usage_of(usage)}
 
     @app.post("/v1/chat/completions")
@@ -276,18 +330,22 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             raise ApiError(422, f"model {model_name!r} has no chat template; use /v1/completions", "messages")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         job = make_job(body, tok(text, add_special_tokens=False)["input_ids"], "/v1/chat/completions")
-        cid, now = f"chatcmpl-{job.req.id}", int(time.time())
+        cid, now, asked = f"chatcmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
-            def chunk(text, reason):
+            def chunk(text, reason, entries=()):
                 delta = {"role": "assistant", "content": ""} if text is None else (
                     {"content": text} if text else {})
+                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                if asked:
+                    choice["logprobs"] = chat_logprobs(entries)
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                        "choices": [choice]}
 
             return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
-        answer, reason, usage = await run_to_end(job)
+        answer, reason, usage, entries = await run_to_end(job)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                             "logprobs": chat_logprobs(entries) if asked else None,
                              "finish_reason": reason_of(reason)}], "usage": usage_of(usage)}
 
     return app

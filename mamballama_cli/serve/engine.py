@@ -40,6 +40,8 @@ class Request:
     finish: Callable[[str, dict], None] = lambda reason, usage: None
     stop: tuple[str, ...] = ()  # OpenAI's `stop`: the answer ends before the first of these strings
     seed: int | None = None  # the same seed, the same sampled answer (alone or in any batch); None: a fresh one
+    logprobs: int | None = None  # None: none; k: each answer token's log-probability and the k most likely
+    on_logprobs: Callable[[int, float, list], None] = lambda token, logprob, top: None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -82,7 +84,9 @@ class _Row:
         self.req, self.stream = req, TextStream(tokenizer, sink)
         self.new, self.reason, self.eos = 0, "length", False
 
-    def take(self, token: int, stops) -> bool:
+    def take(self, token: int, stops, logprob=None) -> bool:
+        """``logprob``: (the token's log-probability, the most likely tokens with theirs), for a request that
+        asked for them."""
         if self.req.cancelled.is_set():
             self.reason = "cancelled"
             return True
@@ -90,6 +94,8 @@ class _Row:
         if token in stops:
             self.reason, self.eos = "stop", True
             return True
+        if logprob is not None:
+            self.req.on_logprobs(token, *logprob)
         self.stream.push([token])
         if self.cut is not None and self.cut.matched:
             self.reason = "stop"
@@ -145,6 +151,11 @@ class Engine:
         self.step_delay = float(os.environ.get("MAMBALLAMA_SERVE_STEP_DELAY", "0") or 0)
         self.thread = threading.Thread(target=self._loop, name="mamballama-serve", daemon=True)
         self.thread.start()
+
+    @property
+    def serves_logprobs(self) -> bool:
+        """Log-probabilities come with continuous batching (the static decoder's logits), not the other modes."""
+        return self.static_reason is None and self.draft is None
 
     @property
     def mode(self) -> str:
@@ -209,12 +220,13 @@ class Engine:
                     with torch.inference_mode():
                         row = _Row(req, self.tokenizer)
                         slot, first = dec.join(req.prompt_ids, req.sampling, req.seed)
+                        lp = None if req.logprobs is None else dec.logprobs([slot], req.logprobs)[0]
                 except Exception as exc:
                     _fail(req, exc)
                     continue
                 self.joined_running += bool(rows)
                 rows[slot] = row
-                if row.take(first, self.stops) or dec.room(slot) <= 0:
+                if row.take(first, self.stops, lp) or dec.room(slot) <= 0:
                     self._close(dec, rows, slot)
             self.active = len(rows)
             self.largest_batch = max(self.largest_batch, len(rows))
@@ -223,6 +235,9 @@ class Engine:
             try:
                 with torch.inference_mode():
                     tokens = dec.step()
+                    asked = [s for s in rows if rows[s].req.logprobs is not None]
+                    lps = dict(zip(asked, dec.logprobs(asked, max(rows[s].req.logprobs for s in asked)))) \
+                        if asked else {}
             except Exception as exc:  # a failed step answers its rows with the error; the server goes on
                 for slot in list(rows):
                     rows[slot].fail(exc)
@@ -231,7 +246,10 @@ class Engine:
                 self.active = 0
                 continue
             for slot in list(rows):
-                if rows[slot].take(tokens[slot], self.stops) or dec.room(slot) <= 0:
+                lp = lps.get(slot)
+                if lp is not None:  # each request gets the number of most likely tokens it asked for
+                    lp = (lp[0], lp[1][: rows[slot].req.logprobs])
+                if rows[slot].take(tokens[slot], self.stops, lp) or dec.room(slot) <= 0:
                     self._close(dec, rows, slot)
             self.active = len(rows)
             if self.step_delay:
