@@ -321,8 +321,8 @@ def test_logprobs_are_the_models_own_for_every_answer_token_streamed_or_not(serv
     events = list(c.completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0, logprobs=3,
                                        stream=True))
     streamed = [e.choices[0].logprobs for e in events if e.choices and e.choices[0].logprobs]
-    assert sum((x.tokens for x in streamed), []) == lp.tokens
-    assert sum((x.text_offset for x in streamed), []) == lp.text_offset
+    assert [t for x in streamed for t in x.tokens] == lp.tokens
+    assert [o for x in streamed for o in x.text_offset] == lp.text_offset
     # chat: OpenAI's shape, top_logprobs as many as asked, the greedy token first among them
     msgs = [{"role": "user", "content": "hi there"}]
     whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
