@@ -162,6 +162,8 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 21}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "echo": True}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "stream": 1}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "n": 0}), 422),
+        ("/v1/completions", json.dumps({"prompt": "hi", "n": 17}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "logprobs": 1}), 422),
         ("/v1/completions", json.dumps({"prompt": "x" * 200}), 413),
@@ -338,6 +340,31 @@ def test_logprobs_are_the_models_own_for_every_answer_token_streamed_or_not(serv
     got = [x for p in pieces if p.choices and p.choices[0].logprobs for x in p.choices[0].logprobs.content]
     assert [(x.token, x.logprob) for x in got] == [(x.token, x.logprob) for x in content]
     assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
+
+
+def test_n_choices_are_the_answers_of_seeds_in_a_row_streamed_or_not(server):
+    """OpenAI's `n`: n answers to one prompt, decoded side by side; with a `seed`, choice i is the answer of a lone
+    request with seed + i. Usage counts the prompt once and every choice's tokens."""
+    c = server.client
+    r = c.completions.create(model="tiny", prompt="5 pears and", max_tokens=10, temperature=1.2, seed=40, n=3)
+    assert [x.index for x in r.choices] == [0, 1, 2]
+    ones = [c.completions.create(model="tiny", prompt="5 pears and", max_tokens=10, temperature=1.2, seed=40 + i)
+            for i in range(3)]
+    assert [x.text for x in r.choices] == [o.choices[0].text for o in ones]
+    assert len({x.text for x in r.choices}) > 1
+    assert r.usage.prompt_tokens == ones[0].usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(o.usage.completion_tokens for o in ones)
+    msgs = [{"role": "user", "content": "hi there"}]
+    whole = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=3, n=2)
+    events = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=1.0, seed=3, n=2,
+                                            stream=True, stream_options={"include_usage": True}))
+    for i in range(2):
+        text = "".join(e.choices[0].delta.content or "" for e in events if e.choices and e.choices[0].index == i)
+        assert text == whole.choices[i].message.content
+        assert sum(1 for e in events if e.choices and e.choices[0].index == i and e.choices[0].finish_reason) == 1
+    assert events[-1].choices == [] and events[-1].usage.completion_tokens == whole.usage.completion_tokens
+    greedy = c.completions.create(model="tiny", prompt="hello", max_tokens=5, temperature=0, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text
 
 
 def test_requests_with_different_sampling_share_the_running_batch_and_a_seed_repeats_its_answer(models):

@@ -9,6 +9,7 @@ that goes away mid-stream cancels its request; the engine frees its row at the n
 
 
 import asyncio
+import functools
 import itertools
 import json
 import time
@@ -26,10 +27,19 @@ class ApiError(Exception):
 
 @dataclass
 class Job:
-    """What the HTTP side keeps of one request: the engine's ``Request`` and the queue its events land in."""
+    """What the HTTP side keeps of one HTTP request: the engine's ``Request`` per choice (OpenAI's ``n``) and the
+    queue their events land in, as (choice, kind, value)."""
 
-    req: Request
+    reqs: list[Request]
     events: asyncio.Queue
+
+    @property
+    def req(self) -> Request:
+        return self.reqs[0]
+
+    def cancel(self) -> None:
+        for r in self.reqs:
+            r.cancelled.set()
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float) -> float:
@@ -147,8 +157,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         if name is not None and name != model_name:
             raise ApiError(404, f"model {name!r} does not exist; this server serves {model_name!r}", "model",
                            "not_found_error")
-        if body.get("n", 1) != 1:
-            raise ApiError(422, "n must be 1", "n")
+        _integer(body, "n", 1, 16, "an integer from 1 to 16")
         if body.get("stream") is not None and not isinstance(body.get("stream"), bool):
             raise ApiError(422, f"stream must be true or false, got {body.get('stream')!r}", "stream")
         return body
@@ -165,29 +174,33 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         temperature, top_p = _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0)
         if top_p == 0.0:
             raise ApiError(422, "top_p must be greater than 0", "top_p")
+        top_k = _integer(body, "top_k", -1, 2**31 - 1, "an integer, -1 or 0 for off (vLLM's extension)") or 0
+        seed = _integer(body, "seed", -2**63, 2**63 - 1, "an integer")
+        stop, n = _stop_strings(body), body.get("n") or 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        t0, texts = time.perf_counter(), []
+        t0, texts, ends = time.perf_counter(), [], []
 
-        def emit(text: str) -> None:  # on the engine's thread: the metrics and the queue belong to the loop
+        def emit(i: int, text: str) -> None:  # on the engine's thread: the metrics and the queue belong to the loop
             if not texts:
                 texts.append(True)
                 loop.call_soon_threadsafe(metrics.first_text, time.perf_counter() - t0)
-            loop.call_soon_threadsafe(events.put_nowait, ("text", text))
+            loop.call_soon_threadsafe(events.put_nowait, (i, "text", text))
 
-        def on_logprobs(token: int, logprob: float, top: list) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ("lp", (token, logprob, top)))
+        def on_logprobs(i: int, token: int, logprob: float, top: list) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (i, "lp", (token, logprob, top)))
 
-        def finish(reason: str, usage: dict) -> None:  # counted even when the client has gone
-            loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage)
-            loop.call_soon_threadsafe(events.put_nowait, ("end", (reason, usage)))
+        def finish(i: int, reason: str, usage: dict) -> None:  # counted (once per HTTP request) even when the
+            ends.append(usage)  # client has gone
+            if len(ends) == n:
+                loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage_of(*ends))
+            loop.call_soon_threadsafe(events.put_nowait, (i, "end", (reason, usage)))
 
-        top_k = _integer(body, "top_k", -1, 2**31 - 1, "an integer, -1 or 0 for off (vLLM's extension)") or 0
-        seed = _integer(body, "seed", -2**63, 2**63 - 1, "an integer")
-        req = Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0), emit=emit,
-                      finish=finish, stop=_stop_strings(body), seed=None if seed is None else seed % 2**63,
-                      logprobs=logprobs, on_logprobs=on_logprobs)
-        return Job(req, events)
+        reqs = [Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+                        emit=functools.partial(emit, i), finish=functools.partial(finish, i), stop=stop,
+                        seed=None if seed is None else (seed + i) % 2**63, logprobs=logprobs,
+                        on_logprobs=functools.partial(on_logprobs, i)) for i in range(n)]
+        return Job(reqs, events)
 
     from starlette.exceptions import HTTPException
 
@@ -204,60 +217,69 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         return JSONResponse(status_code=500, content={"error": {
             "message": f"{type(exc).__name__}: {exc}", "type": "server_error", "param": None, "code": 500}})
 
-    async def run_to_end(job: Job) -> tuple[str, str, dict, list]:
-        engine.submit(job.req)
-        parts, entries = [], []
-        while True:
+    async def run_to_end(job: Job) -> list[tuple[str, str, dict, list]]:
+        """Every choice's (text, finish reason, usage, log-probabilities), once all have ended."""
+        for r in job.reqs:
+            engine.submit(r)
+        parts = [[] for _ in job.reqs]
+        entries = [[] for _ in job.reqs]
+        ends: dict[int, tuple] = {}
+        while len(ends) < len(job.reqs):
             try:
-                kind, value = await job.events.get()
+                i, kind, value = await job.events.get()
             except asyncio.CancelledError:  # the client went away
-                job.req.cancelled.set()
+                job.cancel()
                 raise
             if kind == "text":
-                parts.append(value)
+                parts[i].append(value)
             elif kind == "lp":
-                entries.append(value)
+                entries[i].append(value)
             else:
                 reason, usage = value
                 if reason == "error":
+                    job.cancel()
                     raise ApiError(500, usage.get("error", "generation failed"), kind="server_error")
-                return "".join(parts), reason, usage, entries
+                ends[i] = (reason, usage)
+        return [("".join(parts[i]), *ends[i], entries[i]) for i in range(len(job.reqs))]
 
     async def stream(job: Job, request: HttpRequest, chunk, include_usage: bool = False):
-        """Server-sent events: one chunk per piece of text, a last one with the finish reason (and with
-        ``stream_options.include_usage``, one with no choices and the usage, as OpenAI's API), then [DONE]."""
-        engine.submit(job.req)
-        entries = []  # log-probabilities of tokens not yet sent, attached to the next chunk
+        """Server-sent events: one chunk per piece of text (per choice, ``index`` saying which), a last one per
+        choice with its finish reason (and with ``stream_options.include_usage``, one with no choices and the usage,
+        as OpenAI's API), then [DONE]."""
+        for r in job.reqs:
+            engine.submit(r)
+        entries = [[] for _ in job.reqs]  # log-probabilities of tokens not yet sent, attached to the next chunk
+        usages, last = [], None
         try:
-            first = chunk(None, None)
-            if first is not None:
-                yield f"data: {json.dumps(first)}\n\n"
-            while True:
+            for i in range(len(job.reqs)):
+                first = chunk(i, None, None)
+                if first is not None:
+                    yield f"data: {json.dumps(first)}\n\n"
+            while len(usages) < len(job.reqs):
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    i, kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
-                        job.req.cancelled.set()
                         return
                     continue
                 if kind == "lp":
-                    entries.append(value)
+                    entries[i].append(value)
                 elif kind == "text":
-                    yield f"data: {json.dumps(chunk(value, None, entries))}\n\n"
-                    entries = []
+                    yield f"data: {json.dumps(chunk(i, value, None, entries[i]))}\n\n"
+                    entries[i] = []
                 else:
                     reason, usage = value
                     if reason == "error":
                         yield f"data: {json.dumps({'error': {'message': usage.get('error'), 'type': 'server_error'}})}\n\n"
-                    else:
-                        last = chunk('', reason, entries)
-                        yield f"data: {json.dumps(last)}\n\n"
-                        if include_usage:
-                            yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(usage)})}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-        finally:  # the client went away (the response was cancelled) or the stream ended: free the row
-            job.req.cancelled.set()
+                        break
+                    last = chunk(i, '', reason, entries[i])
+                    yield f"data: {json.dumps(last)}\n\n"
+                    usages.append(usage)
+            if include_usage and last is not None and len(usages) == len(job.reqs):
+                yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(*usages)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # the client went away (the response was cancelled) or the stream ended: free the rows
+            job.cancel()
 
     def chat_logprobs(entries) -> dict:
         """OpenAI's chat ``logprobs``: per answer token its text, log-probability, UTF-8 bytes and the most likely
@@ -280,8 +302,11 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         opts = body.get("stream_options")
         return isinstance(opts, dict) and bool(opts.get("include_usage"))
 
-    def usage_of(usage: dict) -> dict:
-        return {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    def usage_of(*usages: dict) -> dict:
+        """OpenAI's usage of one HTTP request: the prompt once, the completion tokens of every choice."""
+        prompt = max(u.get("prompt_tokens", 0) for u in usages)
+        done = sum(u.get("completion_tokens", 0) for u in usages)
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
     def reason_of(reason: str) -> str:
         return reason if reason in ("stop", "length") else "stop"
@@ -297,23 +322,24 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         job = make_job(body, tok(prompt)["input_ids"], "/v1/completions")
         cid, now, asked = f"cmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
-            offset = [0]  # characters of the answer's tokens sent so far: the next chunk's first text_offset
+            offset = [0] * len(job.reqs)  # per choice, characters of its tokens sent: the next first text_offset
 
-            def chunk(text, reason, entries=()):
+            def chunk(i, text, reason, entries=()):
                 if text is None:
                     return None
-                lp = completion_logprobs(entries, offset[0]) if asked else None
+                lp = completion_logprobs(entries, offset[i]) if asked else None
                 if lp is not None:
-                    offset[0] += sum(len(t) for t in lp["tokens"])
+                    offset[i] += sum(len(t) for t in lp["tokens"])
                 return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": lp}]}
+                        "choices": [{"index": i, "text": text, "finish_reason": reason, "logprobs": lp}]}
 
             return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
-        text, reason, usage, entries = await run_to_end(job)
+        done = await run_to_end(job)
         return {"id": cid, "object": "text_completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "text": text, "finish_reason": reason_of(reason),
-                             "logprobs": completion_logprobs(entries, 0) if asked else None}],
-                "usage": usage_of(usage)}
+                "choices": [{"index": i, "text": text, "finish_reason": reason_of(reason),
+                             "logprobs": completion_logprobs(entries, 0) if asked else None}
+                            for i, (text, reason, _, entries) in enumerate(done)],
+                "usage": usage_of(*(u for _, _, u, _ in done))}
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -332,20 +358,21 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         job = make_job(body, tok(text, add_special_tokens=False)["input_ids"], "/v1/chat/completions")
         cid, now, asked = f"chatcmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
-            def chunk(text, reason, entries=()):
+            def chunk(i, text, reason, entries=()):
                 delta = {"role": "assistant", "content": ""} if text is None else (
                     {"content": text} if text else {})
-                choice = {"index": 0, "delta": delta, "finish_reason": reason}
+                choice = {"index": i, "delta": delta, "finish_reason": reason}
                 if asked:
                     choice["logprobs"] = chat_logprobs(entries)
                 return {"id": cid, "object": "chat.completion.chunk", "created": now, "model": model_name,
                         "choices": [choice]}
 
             return StreamingResponse(stream(job, request, chunk, wants_usage(body)), media_type="text/event-stream")
-        answer, reason, usage, entries = await run_to_end(job)
+        done = await run_to_end(job)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                "choices": [{"index": i, "message": {"role": "assistant", "content": answer},
                              "logprobs": chat_logprobs(entries) if asked else None,
-                             "finish_reason": reason_of(reason)}], "usage": usage_of(usage)}
+                             "finish_reason": reason_of(reason)} for i, (answer, reason, _, entries) in enumerate(done)],
+                "usage": usage_of(*(u for _, _, u, _ in done))}
 
     return app
