@@ -116,7 +116,9 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        one_request(url, prompts[0], 2)  # warm-up: kernels compiled, decoders built
+        # warm-up (kernels compiled, decoders built) on a prompt of its own: a measured one would find its state in
+        # the server's prefix cache
+        one_request(url, prompt_text(tok, random.Random(args.seed + 1), args.prompt_tokens), 2)
         results: list[dict] = []
         lock, nxt = threading.Lock(), [0]
 
@@ -150,6 +152,7 @@ def main() -> None:
     out = {
         "model": args.model, "clients": args.clients, "requests": len(results), "max_tokens": args.max_tokens,
         "prompt_tokens_mean": statistics.mean(r.get("prompt_tokens", 0) for r in results),
+        "prompt_tokens_cached": sum((r.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for r in results),
         "completion_tokens": completion, "wall_s": wall, "completion_tokens_per_s": completion / wall,
         "latency_s": percentiles([r["latency_s"] for r in results]),
         "ttft_s": percentiles([r["ttft_s"] for r in results]),

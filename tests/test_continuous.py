@@ -123,3 +123,63 @@ def test_requests_with_their_own_sampling_share_a_batch_and_a_seed_draws_the_sam
                         [(p[1], reqs[1][1], 6)], [0], [wants[1]])
     assert reseeded[0] != together[1]
     assert len(set(together[4])) > 3  # temperature 1.5 on a tiny random model: the draws differ step to step
+
+
+def _answer(dec, prompt, n, cfg=None, seed=0):
+    """One request alone through ``dec``: its n tokens, and how many prompt tokens came from the prefix cache."""
+    slot, first = dec.join(prompt, cfg, seed)
+    out, cached = [first], dec.cached[slot]
+    while len(out) < n:
+        out.append(dec.step()[slot])
+    dec.leave(slot)
+    return out, cached
+
+
+def test_prefix_cache_serves_a_prompt_that_extends_or_repeats_an_earlier_request_with_the_same_tokens():
+    """The next turn of a conversation (the earlier prompt, its answer, more) resumes from the state the earlier
+    request left; a repeated prompt needs no forward. Every answer equals the one read without the cache."""
+    from mamballama_cli.generation.sampling import SamplingConfig
+
+    model, _ = tiny_hybrid(attn_layers=(1, 3), seed=8)
+    model.eval()
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randint(3, 96, (9,), generator=gen).tolist()
+    hot = SlotDecoder(model, slots=2, capacity=80, capture=False, prefill_chunk=4, prefix_cache_bytes=1 << 30)
+    cold = SlotDecoder(model, slots=2, capacity=80, capture=False, prefill_chunk=4)
+    with torch.no_grad():
+        a, cached = _answer(hot, p, 8)
+        assert cached == 0 and a == _answer(cold, p, 8)[0]
+        turn2 = p + a + [5, 9, 11]  # the conversation goes on: prompt, answer (all 8 tokens), a new message
+        b, cached = _answer(hot, turn2, 10)
+        assert cached == len(p) + 7  # every token request A fed: its prompt and its answer but the last
+        assert b == _answer(cold, turn2, 10)[0]
+        again, cached = _answer(hot, p, 8)  # the same prompt: its kept state and logits, no forward
+        assert cached == len(p) and again == a
+        fed = p + a[:7]  # exactly what A fed: the state and the logits of A's last step
+        c, cached = _answer(hot, fed, 5)
+        assert cached == len(fed) and c == _answer(cold, fed, 5)[0] and c[0] == a[7]
+        cfg = SamplingConfig(temperature=1.1)  # sampled with a seed: the same draws from a restored state
+        s1, cached = _answer(hot, turn2 + [7], 9, cfg, seed=4)
+        assert cached == len(turn2) and s1 == _answer(cold, turn2 + [7], 9, cfg, seed=4)[0]  # B's prompt's entry
+    assert hot.prefix.hits == 4 and len(hot.prefix) >= 5
+
+
+def test_prefix_cache_keeps_to_its_budget_dropping_the_least_recently_used():
+    from mamballama_cli.generation.prefix_cache import PrefixCache
+
+    model, _ = tiny_hybrid(attn_layers=(1,), seed=1)
+    model.eval()
+    dec = SlotDecoder(model, slots=1, capacity=64, capture=False, prefix_cache_bytes=1 << 30)
+    with torch.no_grad():
+        _answer(dec, list(range(3, 23)), 2)
+    one = next(iter(dec.prefix.entries.values())).nbytes  # a 20-token prompt's entry
+    small = PrefixCache(model, budget_bytes=int(2.5 * one))
+    for start in (3, 4, 5):  # three 20-token prompts; room for two
+        small.put(list(range(start, start + 20)), dec.runtime.cache, 0, torch.zeros(1, 8))
+    assert len(small) == 2 and small.bytes <= small.budget
+    assert small.lookup(list(range(3, 30))) is None  # the first was dropped
+    assert small.lookup(list(range(4, 30)))[0] == tuple(range(4, 24))
+    small.put(list(range(6, 26)), dec.runtime.cache, 0, torch.zeros(1, 8))  # drops 5.., not 4.. (just used)
+    assert small.lookup(list(range(5, 30))) is None and small.lookup(list(range(4, 24))) is not None
+    assert not PrefixCache(model, budget_bytes=one // 2).put(list(range(3, 23)), dec.runtime.cache, 0,
+                                                             torch.zeros(1, 8))  # too big on its own

@@ -342,6 +342,37 @@ def test_logprobs_are_the_models_own_for_every_answer_token_streamed_or_not(serv
     assert c.chat.completions.create(model="tiny", messages=msgs, max_tokens=2).choices[0].logprobs is None
 
 
+def test_a_prompt_that_extends_or_repeats_an_earlier_one_resumes_from_its_kept_state(server, models, capsys):
+    """The prefix cache (on by default): the next turn (the earlier prompt, its answer, more) reads only what is
+    new, a repeated prompt nothing; usage says how many prompt tokens were cached, and the answers are the model's
+    own (`generate`, a separate process with no cache)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["hybrid"])
+    c = server.client
+    before = server.metrics()
+    p1 = "a turn of talk: "
+    r1 = c.completions.create(model="tiny", prompt=p1, max_tokens=8, temperature=0)
+    assert r1.usage.prompt_tokens_details.cached_tokens == 0
+    done = r1.usage.completion_tokens
+    assert len(tok(r1.choices[0].text, add_special_tokens=False)["input_ids"]) == done > 0
+    p2 = p1 + r1.choices[0].text + " then more"
+    r2 = c.completions.create(model="tiny", prompt=p2, max_tokens=8, temperature=0)
+    n1 = len(tok(p1)["input_ids"])
+    # the first prompt and every answer token it fed: all of them after a stop token, all but the last at max_tokens
+    fed = n1 + done - (r1.choices[0].finish_reason == "length")
+    assert fed > n1 and r2.usage.prompt_tokens_details.cached_tokens == fed
+    g = run_cli(["generate", models["hybrid"], "--prompt", p2, "-n", "8"], capsys)
+    assert g.code == 0 and r2.choices[0].text == g.out.rstrip("\n")
+    again = c.completions.create(model="tiny", prompt=p1, max_tokens=8, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens == n1
+    assert again.choices[0].text == r1.choices[0].text
+    after, health = server.metrics(), server.health()["prefix_cache"]
+    key = 'mamballama_prompt_tokens_cached_total{model="tiny"}'
+    assert after[key] - before.get(key, 0) == fed + n1
+    assert health["hits"] >= 2 and 0 < health["bytes"] <= health["budget_bytes"] == 4 * 10**9
+
+
 def test_n_choices_are_the_answers_of_seeds_in_a_row_streamed_or_not(server):
     """OpenAI's `n`: n answers to one prompt, decoded side by side; with a `seed`, choice i is the answer of a lone
     request with seed + i. Usage counts the prompt once and every choice's tokens."""

@@ -24,6 +24,10 @@ def command(
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="Prompt tokens per row read "
                                                 "in one piece (default: 4096, fewer for a large batch): bounds "
                                                 "prefill memory."),
+    prefix_cache_gb: float = typer.Option(4.0, "--prefix-cache-gb", min=0.0, help="Memory (GB, on the model's "
+                                          "device) for decoding states kept after each prompt and answer, so a "
+                                          "prompt that repeats or extends an earlier one (a chat's next turn, n "
+                                          "choices) resumes from there; least recently used dropped first; 0: off."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
     speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding, one request at a time "
                                      "(lossless: greedy answers equal the model's own), with --draft or, without "
@@ -89,7 +93,7 @@ def command(
 
         lm, draft_model, draft_name = prepare_pair(lm, tok, path, model, draft, dtype, device)
     engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk, draft=draft_model,
-                    k=k or 4, draft_name=draft_name)
+                    k=k or 4, draft_name=draft_name, prefix_cache_bytes=int(prefix_cache_gb * 1e9))
     app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens, api_key=api_key)
     err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})"
         + ("; /v1/* needs the API key" if api_key else ""))

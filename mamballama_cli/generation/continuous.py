@@ -17,12 +17,16 @@ reads), so requests with different temperatures, top-p, top-k and seeds share on
 its noise from its own seed and draw count (:func:`~mamballama_cli.generation.sampling.row_uniform`), so a seeded
 request samples the same tokens alone or beside any others. Two graphs are recorded: a step where every live slot
 is greedy takes the argmax only; any sampling slot runs the step with the per-row sampler.
+
+With ``prefix_cache_bytes``, the state after each prompt and after each request that leaves is kept
+(generation/prefix_cache.py); a prompt that begins with a kept sequence is read from there on.
 """
 
 from __future__ import annotations
 
 import torch
 from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows, token_logprobs
+from mamballama_cli.generation.prefix_cache import PrefixCache
 from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
@@ -30,7 +34,7 @@ class SlotDecoder:
     """``slots`` independent rows of ``capacity`` positions each, decoded together one token per step."""
 
     def __init__(self, model, slots: int, capacity: int, sampling: SamplingConfig | None = None, capture=None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
         from mamballama_cli.generation.fast import unsupported_reason
 
         why = unsupported_reason(model)
@@ -56,6 +60,14 @@ class SlotDecoder:
         self.step_logits: dict[bool, torch.Tensor] = {}  # greedy-only step -> its logits (static under a graph)
         self.last_logits = None  # (slots, vocab) of the last step, or (1, vocab) of the last join
         self.joined = None  # the slot of the last join, until the next step
+        self.stepped = None  # the last step's logits (slots, vocab): valid until the next step
+        # prefix cache (generation/prefix_cache.py): each slot's tokens fed so far, and how many of its prompt's
+        # tokens came from the cache
+        self.prefix = PrefixCache(model, prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.fed: list[list[int]] = [[] for _ in range(self.slots)]
+        self.next_in = [0] * self.slots  # host mirror of tokens for live slots: the next token a step feeds
+        self.cached = [0] * self.slots
+        self.prompt_len = [0] * self.slots
 
     # --- the step ------------------------------------------------------------------------------------------
     def _step(self, greedy: bool) -> None:
@@ -78,10 +90,15 @@ class SlotDecoder:
         else:
             self._step(greedy)
         self.last_logits, self.joined = self.step_logits[greedy], None
+        self.stepped = self.last_logits
+        out = self.tokens.tolist()
         for s in range(self.slots):
             if s not in self.free:
                 self.length[s] += 1
-        return self.tokens.tolist()
+                if self.prefix is not None:
+                    self.fed[s].append(self.next_in[s])
+                    self.next_in[s] = out[s]
+        return out
 
     # --- slots ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -98,20 +115,43 @@ class SlotDecoder:
             raise ValueError(f"prompt of {n} tokens: a slot holds 1 to {self.capacity - 1}")
         self.step_warm()
         slot = self.free.pop(0)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         one = RowSampling(1, self.device)
         one.set(0, cfg, seed)
-        self.last_logits = self.stage.prefill(ids)
+        self.last_logits = self._read(prompt_ids, slot)
         first = sample_rows(self.last_logits, one)
         self.rows.set(slot, cfg, seed)
         self.rows.counter[slot] = 1  # the first draw was the prompt's
-        self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
         self.joined = slot
         self.pos[slot] = n
         self.tokens[slot] = first[0]
         self.live[slot] = 1
         self.length[slot] = n
+        self.next_in[slot] = int(first[0])
+        self.prompt_len[slot] = n
         return slot, int(first[0])
+
+    def _read(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
+        """Put the state after ``prompt_ids`` into ``slot``; returns the prompt's last logits (1, vocab). From the
+        prefix cache's longest entry that begins the prompt, where there is one (the rest read on the staging
+        runtime from there; nothing read for the whole prompt); the prompt's state is then kept as an entry."""
+        n = len(prompt_ids)
+        hit = self.prefix.lookup(prompt_ids) if self.prefix is not None else None
+        m = 0 if hit is None else len(hit[0])
+        self.cached[slot] = m
+        if self.prefix is not None:
+            self.fed[slot] = list(prompt_ids)
+        if m == n:  # the whole prompt: its state and logits as they were kept
+            self.runtime.cache.copy_row(hit[1].cache, 0, slot, n)
+            return hit[1].logits.clone()
+        ids = torch.tensor([prompt_ids[m:]], dtype=torch.long, device=self.device)
+        if m:
+            self.stage.cache.copy_row(hit[1].cache, 0, 0, m)
+            self.stage.cache.seqlen = m
+        logits = self.stage.prefill(ids, resume=bool(m))
+        self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
+        if self.prefix is not None:
+            self.prefix.put(prompt_ids, self.stage.cache, 0, logits)
+        return logits
 
     def logprobs(self, slots: list[int], k: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
         """After :meth:`step`: for each of ``slots``, its new token's log-probability and the ``k`` most likely
@@ -132,6 +172,11 @@ class SlotDecoder:
         """Free ``slot``; its row keeps computing in the step, at position 0 of its own buffers."""
         if slot in self.free or not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is not in use")
+        if self.prefix is not None and self.length[slot] > self.prompt_len[slot]:
+            # every token it fed, with the logits the last one gave: the last step's (every step feeds every live
+            # slot). A slot that leaves before any step was kept as its prompt when it joined.
+            self.prefix.put(self.fed[slot], self.runtime.cache, slot, self.stepped[slot])
+        self.fed[slot] = []
         self.live[slot] = 0
         self.pos[slot] = 0
         self.length[slot] = 0

@@ -157,7 +157,8 @@ class Runtime:
         return linear(x, self.lm_head_w)
 
     # --- the prompt ----------------------------------------------------------------------------------------
-    def prefill(self, ids: Tensor, features: Tensor | None = None, features_out: Tensor | None = None) -> Tensor:
+    def prefill(self, ids: Tensor, features: Tensor | None = None, features_out: Tensor | None = None,
+                resume: bool = False) -> Tensor:
         """Read the prompt (batch, n) into a reset cache with the model's own forward; fill the replay windows.
         Returns the last position's logits (batch, vocab).
 
@@ -168,8 +169,11 @@ class Runtime:
 
         ``features`` (a feature draft: the target's features one position back, (batch, n, hidden)) and
         ``features_out`` (a (batch, n, hidden) buffer for the prompt's own features) as in :meth:`walk`.
+        ``resume``: the cache already holds a prefix (``cache.seqlen`` tokens, a prefix cache's entry restored):
+        ``ids`` are the tokens after it, read from there instead of from a reset cache.
         """
-        self.cache.reset()
+        if not resume:
+            self.cache.reset()
         n = ids.shape[1]
         for s in range(0, n, self.prefill_chunk):
             piece = slice(s, s + self.prefill_chunk)

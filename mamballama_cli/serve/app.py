@@ -138,8 +138,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
-                "largest_batch": engine.largest_batch, "joined_running": engine.joined_running, "waiting": engine.pending.qsize(), "active": engine.active,
-                "cancelled": engine.cancelled}
+                "largest_batch": engine.largest_batch, "joined_running": engine.joined_running,
+                "waiting": engine.pending.qsize(), "active": engine.active, "cancelled": engine.cancelled,
+                "prefix_cache": engine.prefix_stats()}
 
     @app.get("/metrics")
     async def prometheus():
@@ -306,7 +307,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         """OpenAI's usage of one HTTP request: the prompt once, the completion tokens of every choice."""
         prompt = max(u.get("prompt_tokens", 0) for u in usages)
         done = sum(u.get("completion_tokens", 0) for u in usages)
-        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+        cached = min(u.get("cached_tokens", 0) for u in usages)  # from the prefix cache, before this request
+        return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def reason_of(reason: str) -> str:
         return reason if reason in ("stop", "length") else "stop"

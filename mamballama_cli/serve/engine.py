@@ -83,6 +83,7 @@ class _Row:
         sink, self.cut = _text_sink(req)
         self.req, self.stream = req, TextStream(tokenizer, sink)
         self.new, self.reason, self.eos = 0, "length", False
+        self.cached = 0  # prompt tokens whose state came from the prefix cache
 
     def take(self, token: int, stops, logprob=None) -> bool:
         """``logprob``: (the token's log-probability, the most likely tokens with theirs), for a request that
@@ -113,7 +114,7 @@ class _Row:
             self.req.finish("cancelled", {})
             return
         self.req.finish(self.reason, {"prompt_tokens": n_prompt, "completion_tokens": n,
-                                      "total_tokens": n_prompt + n})
+                                      "total_tokens": n_prompt + n, "cached_tokens": self.cached})
 
     def fail(self, exc: Exception) -> None:
         _fail(self.req, exc)
@@ -123,7 +124,8 @@ class Engine:
     """Owns the model on one worker thread; :meth:`submit` queues a request and returns at once."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096,
-                 prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = ""):
+                 prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = "",
+                 prefix_cache_bytes: int = 0):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
         from mamballama_cli.generation.runners import as_hybrid, is_hybrid
@@ -131,6 +133,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context = int(max_batch), int(max_context)
         self.prefill_chunk = prefill_chunk
+        self.prefix_cache_bytes = int(prefix_cache_bytes)  # continuous batching's prefix cache; 0: none
         self.draft, self.k, self.draft_name = draft, int(k), draft_name
         self.stops = stop_token_ids(model, tokenizer)
         # A Llama-family Transformer decodes exactly as an all-attention hybrid sharing its weights (as_hybrid):
@@ -151,6 +154,14 @@ class Engine:
         self.step_delay = float(os.environ.get("MAMBALLAMA_SERVE_STEP_DELAY", "0") or 0)
         self.thread = threading.Thread(target=self._loop, name="mamballama-serve", daemon=True)
         self.thread.start()
+
+    def prefix_stats(self) -> dict:
+        """The prefix cache's entries, bytes held, hits and prompt tokens it spared (zeros without one)."""
+        cache = getattr(self.decoder, "prefix", None)
+        if cache is None:
+            return {"entries": 0, "bytes": 0, "budget_bytes": self.prefix_cache_bytes, "hits": 0, "tokens_reused": 0}
+        return {"entries": len(cache), "bytes": cache.bytes, "budget_bytes": cache.budget, "hits": cache.hits,
+                "tokens_reused": cache.tokens_reused}
 
     @property
     def serves_logprobs(self) -> bool:
@@ -190,7 +201,7 @@ class Engine:
 
         if self.decoder is None:
             self.decoder = SlotDecoder(self.static_model, self.max_batch, self.max_context,
-                                       prefill_chunk=self.prefill_chunk)
+                                       prefill_chunk=self.prefill_chunk, prefix_cache_bytes=self.prefix_cache_bytes)
         return self.decoder
 
     def _continuous(self) -> None:
@@ -220,6 +231,7 @@ class Engine:
                     with torch.inference_mode():
                         row = _Row(req, self.tokenizer)
                         slot, first = dec.join(req.prompt_ids, req.sampling, req.seed)
+                        row.cached = dec.cached[slot]
                         lp = None if req.logprobs is None else dec.logprobs([slot], req.logprobs)[0]
                 except Exception as exc:
                     _fail(req, exc)

@@ -36,7 +36,7 @@ class Metrics:
         self.started = time.time()
         self.finished: Counter = Counter()  # (endpoint, reason) -> requests
         self.rejected: Counter = Counter()  # status -> requests answered with an error body
-        self.prompt_tokens = self.generation_tokens = 0
+        self.prompt_tokens = self.generation_tokens = self.cached_tokens = 0
         self.ttft, self.latency = Histogram(), Histogram()
 
     def first_text(self, seconds: float) -> None:
@@ -47,6 +47,7 @@ class Metrics:
         self.latency.observe(seconds)
         self.prompt_tokens += int(usage.get("prompt_tokens", 0) or 0)
         self.generation_tokens += int(usage.get("completion_tokens", 0) or 0)
+        self.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0) or 0)
 
     def reject(self, status: int) -> None:
         self.rejected[status] += 1
@@ -61,6 +62,8 @@ class Metrics:
                 "# TYPE mamballama_requests_rejected_total counter"]
         out += [f'mamballama_requests_rejected_total{{{m},status="{s}"}} {n}' for s, n in sorted(self.rejected.items())]
         for name, value, what in (("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of answered requests."),
+                                  ("prompt_tokens_cached_total", self.cached_tokens,
+                                   "Prompt tokens whose state came from the prefix cache."),
                                   ("generation_tokens_total", self.generation_tokens, "Tokens generated.")):
             out += [f"# HELP mamballama_{name} {what}", f"# TYPE mamballama_{name} counter",
                     f"mamballama_{name}{{{m}}} {value}"]
