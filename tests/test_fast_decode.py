@@ -289,24 +289,29 @@ def test_captured_forced_tokens_equal_uncaptured():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_continuous_batching_equals_uncaptured_and_fp32_equals_each_prompt_alone(dtype):
     """Slots at different positions, requests joining a running batch and reusing freed slots, greedy and seeded
-    sampled requests side by side (both recorded steps run): the captured steps give the eager step's tokens, and
-    in float32 every greedy request its own greedy tokens."""
+    sampled requests side by side (both recorded steps run), and the prefix cache (a request repeating an earlier
+    prompt, one extending an earlier request's prompt and answer): the captured steps give the eager step's tokens,
+    and in float32 every greedy request its own greedy tokens."""
     from mamballama_cli.generation.continuous import SlotDecoder
     from mamballama_cli.generation.sampling import SamplingConfig
 
     model = gpu_model(dtype)
     gen = torch.Generator().manual_seed(4)
     reqs = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (40, 7, 100, 23, 61)]
-    runs = {}
+    reqs += [reqs[0], None]  # 5 repeats request 0; 6 extends request 2 (its prompt and answer), made when it joins
+    runs, prompts = {}, {}
     for capture in (True, False):
-        dec = SlotDecoder(model, slots=3, capacity=200, capture=capture)
-        out, where, queue = {}, {}, list(range(len(reqs)))
-        for step in range(120):
+        dec = SlotDecoder(model, slots=3, capacity=200, capture=capture, prefix_cache_bytes=1 << 30)
+        out, where, queue, cached = {}, {}, list(range(len(reqs))), {}
+        for step in range(200):
             if queue and dec.free and step % 7 == 0:  # a request joins every 7 steps while a slot is free
                 i = queue.pop(0)
-                cfg = SamplingConfig(temperature=0.0 if i % 2 == 0 else 0.8 + 0.1 * i, top_k=8 * (i == 3))
+                if i == 6:
+                    assert len(out[2]) >= 30 and 2 not in where
+                    reqs[6] = reqs[2] + out[2][:29] + [5, 6, 7]
+                cfg = SamplingConfig(temperature=0.0 if i not in (1, 3) else 0.8 + 0.1 * i, top_k=8 * (i == 3))
                 where[i], first = dec.join(reqs[i], cfg, seed=100 + i)
-                out[i] = [first]
+                out[i], cached[i] = [first], dec.cached[where[i]]
             for i in [i for i in where if len(out[i]) >= 30]:
                 dec.leave(where.pop(i))
             if not where:
@@ -317,9 +322,10 @@ def test_captured_continuous_batching_equals_uncaptured_and_fp32_equals_each_pro
             for i, slot in where.items():
                 out[i].append(toks[slot])
         assert not queue and all(len(v) >= 30 for v in out.values())
-        runs[capture] = {i: v[:30] for i, v in out.items()}
+        assert cached[5] == 40 and cached[6] == 100 + 29, cached  # the whole prompt; request 2's prompt and answer
+        runs[capture], prompts[capture] = {i: v[:30] for i, v in out.items()}, list(reqs)
     assert runs[True] == runs[False]
     if dtype == torch.float32:
-        for i, p in enumerate(reqs[::2]):
-            ids = torch.tensor([p], device="cuda")
-            assert runs[True][2 * i] == plain_greedy(model, ids, 30)[0].tolist(), i
+        for i in (0, 2, 4, 5, 6):
+            ids = torch.tensor([prompts[True][i]], device="cuda")
+            assert runs[True][i] == plain_greedy(model, ids, 30)[0].tolist(), i
