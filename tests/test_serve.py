@@ -163,6 +163,10 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ("/v1/completions", json.dumps({"prompt": "hi", "echo": True}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "stream": 1}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "n": 0}), 422),
+        ("/v1/completions", json.dumps({"prompt": []}), 422),
+        ("/v1/completions", json.dumps({"prompt": [5, "a"]}), 422),
+        ("/v1/completions", json.dumps({"prompt": [5, 10**6]}), 422),
+        ("/v1/completions", json.dumps({"prompt": ["a"] * 65}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "n": 17}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "logprobs": 1}), 422),
@@ -371,6 +375,26 @@ def test_a_prompt_that_extends_or_repeats_an_earlier_one_resumes_from_its_kept_s
     key = 'mamballama_prompt_tokens_cached_total{model="tiny"}'
     assert after[key] - before.get(key, 0) == fed + n1
     assert health["hits"] >= 2 and 0 < health["bytes"] <= health["budget_bytes"] == 4 * 10**9
+
+
+def test_completions_take_token_ids_and_lists_of_prompts_each_answered_as_alone(server, models):
+    """The completions API's other prompt forms (as vLLM's, and lm-eval's local-completions sends them): token ids,
+    a list of strings or of token-id lists; choice i * n + j is prompt i's j-th."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models["hybrid"])
+    c = server.client
+    texts = ["one pear", "two apples and", "x"]
+    alone = [c.completions.create(model="tiny", prompt=t, max_tokens=6, temperature=0) for t in texts]
+    ids = [tok(t)["input_ids"] for t in texts]
+    by_ids = c.completions.create(model="tiny", prompt=ids[1], max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == alone[1].choices[0].text
+    for prompt in (texts, ids):
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, n=2)
+        assert [x.index for x in r.choices] == list(range(6))
+        assert [x.text for x in r.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+        assert r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+        assert r.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
 
 
 def test_n_choices_are_the_answers_of_seeds_in_a_row_streamed_or_not(server):

@@ -32,6 +32,7 @@ class Job:
 
     reqs: list[Request]
     events: asyncio.Queue
+    prompt_of: list[int]  # choice -> the prompt it answers (a list of prompts times n choices each)
 
     @property
     def req(self) -> Request:
@@ -84,6 +85,10 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     if top is not None and not on:
         raise ApiError(422, "top_logprobs needs logprobs: true", "top_logprobs")
     return (top or 0) if on else None
+
+
+def _is_ids(v: list) -> bool:
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
 
 def _stop_strings(body: dict) -> tuple[str, ...]:
@@ -163,15 +168,18 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             raise ApiError(422, f"stream must be true or false, got {body.get('stream')!r}", "stream")
         return body
 
-    def make_job(body: dict, prompt_ids: list[int], endpoint: str) -> Job:
+    def make_job(body: dict, prompts: list[list[int]], endpoint: str) -> Job:
+        """The engine's requests for ``prompts`` (token ids), ``n`` choices each: choice i * n + j is prompt i's
+        j-th (with a ``seed``, drawn from seed + j)."""
         logprobs = _logprobs(body, endpoint == "/v1/chat/completions")
         if logprobs is not None and not engine.serves_logprobs:
             raise ApiError(422, f"logprobs are given in continuous-batching mode; this server runs {engine.mode}",
                            "logprobs")
-        if len(prompt_ids) >= max_context:
-            raise ApiError(413, f"the prompt has {len(prompt_ids)} tokens; this server's --max-context is "
+        longest = max(len(p) for p in prompts)
+        if longest >= max_context:
+            raise ApiError(413, f"the prompt has {longest} tokens; this server's --max-context is "
                                 f"{max_context}", "messages" if "messages" in body else "prompt")
-        max_tokens = min(_max_tokens(body, default_max_tokens), max_context - len(prompt_ids))
+        asked_tokens = _max_tokens(body, default_max_tokens)
         temperature, top_p = _number(body, "temperature", 1.0, 0.0, 2.0), _number(body, "top_p", 1.0, 0.0, 1.0)
         if top_p == 0.0:
             raise ApiError(422, "top_p must be greater than 0", "top_p")
@@ -180,7 +188,8 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         stop, n = _stop_strings(body), body.get("n") or 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        t0, texts, ends = time.perf_counter(), [], []
+        t0, texts, ends = time.perf_counter(), [], {}
+        prompt_of = [i for i in range(len(prompts)) for _ in range(n)]
 
         def emit(i: int, text: str) -> None:  # on the engine's thread: the metrics and the queue belong to the loop
             if not texts:
@@ -192,16 +201,18 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
             loop.call_soon_threadsafe(events.put_nowait, (i, "lp", (token, logprob, top)))
 
         def finish(i: int, reason: str, usage: dict) -> None:  # counted (once per HTTP request) even when the
-            ends.append(usage)  # client has gone
-            if len(ends) == n:
-                loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason, usage_of(*ends))
+            ends[i] = usage  # client has gone
+            if len(ends) == len(prompt_of):
+                loop.call_soon_threadsafe(metrics.end, endpoint, time.perf_counter() - t0, reason,
+                                          usage_of(ends, prompt_of))
             loop.call_soon_threadsafe(events.put_nowait, (i, "end", (reason, usage)))
 
-        reqs = [Request(prompt_ids, max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
-                        emit=functools.partial(emit, i), finish=functools.partial(finish, i), stop=stop,
-                        seed=None if seed is None else (seed + i) % 2**63, logprobs=logprobs,
-                        on_logprobs=functools.partial(on_logprobs, i)) for i in range(n)]
-        return Job(reqs, events)
+        reqs = [Request(prompts[p], min(asked_tokens, max_context - len(prompts[p])), temperature=temperature,
+                        top_p=top_p, top_k=max(top_k, 0), emit=functools.partial(emit, i),
+                        finish=functools.partial(finish, i), stop=stop,
+                        seed=None if seed is None else (seed + i % n) % 2**63, logprobs=logprobs,
+                        on_logprobs=functools.partial(on_logprobs, i)) for i, p in enumerate(prompt_of)]
+        return Job(reqs, events, prompt_of)
 
     from starlette.exceptions import HTTPException
 
@@ -250,7 +261,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         for r in job.reqs:
             engine.submit(r)
         entries = [[] for _ in job.reqs]  # log-probabilities of tokens not yet sent, attached to the next chunk
-        usages, last = [], None
+        usages, last = {}, None
         try:
             for i in range(len(job.reqs)):
                 first = chunk(i, None, None)
@@ -275,9 +286,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                         break
                     last = chunk(i, '', reason, entries[i])
                     yield f"data: {json.dumps(last)}\n\n"
-                    usages.append(usage)
+                    usages[i] = usage
             if include_usage and last is not None and len(usages) == len(job.reqs):
-                yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(*usages)})}\n\n"
+                yield f"data: {json.dumps({**last, 'choices': [], 'usage': usage_of(usages, job.prompt_of)})}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (the response was cancelled) or the stream ended: free the rows
             job.cancel()
@@ -303,26 +314,50 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         opts = body.get("stream_options")
         return isinstance(opts, dict) and bool(opts.get("include_usage"))
 
-    def usage_of(*usages: dict) -> dict:
-        """OpenAI's usage of one HTTP request: the prompt once, the completion tokens of every choice."""
-        prompt = max(u.get("prompt_tokens", 0) for u in usages)
-        done = sum(u.get("completion_tokens", 0) for u in usages)
-        cached = min(u.get("cached_tokens", 0) for u in usages)  # from the prefix cache, before this request
+    def usage_of(usages: dict[int, dict], prompt_of: list[int]) -> dict:
+        """OpenAI's usage of one HTTP request: each prompt once, the completion tokens of every choice; cached: per
+        prompt, the fewest any of its choices found in the prefix cache (what earlier requests left)."""
+        prompt = cached = 0
+        for p in set(prompt_of):
+            group = [u for i, u in usages.items() if prompt_of[i] == p]
+            if group:
+                prompt += max(u.get("prompt_tokens", 0) for u in group)
+                cached += min(u.get("cached_tokens", 0) for u in group)
+        done = sum(u.get("completion_tokens", 0) for u in usages.values())
         return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     def reason_of(reason: str) -> str:
         return reason if reason in ("stop", "length") else "stop"
 
+    vocab = int(getattr(engine.model.config, "vocab_size", 0) or 0) or len(tok)
+
+    def read_prompts(prompt) -> list[list[int]]:
+        """The completions API's ``prompt``: a string, token ids, or a list of up to 64 of either (one choice set
+        each); -> token ids per prompt."""
+        what = "prompt must be a non-empty string, a list of token ids, or a list of up to 64 of either"
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_ids(prompt)):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not 1 <= len(prompt) <= 64:
+            raise ApiError(422, what, "prompt")
+        out = []
+        for p in prompt:
+            if isinstance(p, str) and p:
+                out.append(tok(p)["input_ids"])
+            elif isinstance(p, list) and p and _is_ids(p):
+                bad = [t for t in p if not 0 <= t < vocab]
+                if bad:
+                    raise ApiError(422, f"prompt token id {bad[0]} is outside this model's vocabulary [0, {vocab})",
+                                   "prompt")
+                out.append(list(p))
+            else:
+                raise ApiError(422, what, "prompt")
+        return out
+
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         body = await read_body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise ApiError(422, "prompt must be a non-empty string", "prompt")
-        job = make_job(body, tok(prompt)["input_ids"], "/v1/completions")
+        job = make_job(body, read_prompts(body.get("prompt")), "/v1/completions")
         cid, now, asked = f"cmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
             offset = [0] * len(job.reqs)  # per choice, characters of its tokens sent: the next first text_offset
@@ -342,7 +377,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 "choices": [{"index": i, "text": text, "finish_reason": reason_of(reason),
                              "logprobs": completion_logprobs(entries, 0) if asked else None}
                             for i, (text, reason, _, entries) in enumerate(done)],
-                "usage": usage_of(*(u for _, _, u, _ in done))}
+                "usage": usage_of({i: u for i, (_, _, u, _) in enumerate(done)}, job.prompt_of)}
 
     @app.post("/v1/chat/completions")
     async def chat(request: HttpRequest):
@@ -358,7 +393,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         if not getattr(tok, "chat_template", None):
             raise ApiError(422, f"model {model_name!r} has no chat template; use /v1/completions", "messages")
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        job = make_job(body, tok(text, add_special_tokens=False)["input_ids"], "/v1/chat/completions")
+        job = make_job(body, [tok(text, add_special_tokens=False)["input_ids"]], "/v1/chat/completions")
         cid, now, asked = f"chatcmpl-{job.req.id}", int(time.time()), job.req.logprobs is not None
         if body.get("stream"):
             def chunk(i, text, reason, entries=()):
@@ -376,6 +411,6 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
                 "choices": [{"index": i, "message": {"role": "assistant", "content": answer},
                              "logprobs": chat_logprobs(entries) if asked else None,
                              "finish_reason": reason_of(reason)} for i, (answer, reason, _, entries) in enumerate(done)],
-                "usage": usage_of(*(u for _, _, u, _ in done))}
+                "usage": usage_of({i: u for i, (_, _, u, _) in enumerate(done)}, job.prompt_of)}
 
     return app
