@@ -16,6 +16,33 @@ def _solo(model, prompt: list[int], n: int) -> list[int]:
     return tokens[0, len(prompt):].tolist()
 
 
+def _run(dec, reqs, arrive, wants, slots_used=None) -> dict[int, list[int]]:
+    """Drive ``dec`` through a schedule: request i = (prompt, sampling, seed) joins before step arrive[i] when a
+    slot is free and leaves once it has wants[i] tokens; ``slots_used`` collects the slot of each join."""
+    got, slot_of, waiting = {}, {}, list(range(len(reqs)))
+    for step in range(200):
+        for i in list(waiting):
+            if arrive[i] <= step and dec.free:
+                prompt, cfg, seed = reqs[i]
+                slot_of[i], first = dec.join(prompt, cfg, seed)
+                got[i] = [first]
+                waiting.remove(i)
+                if slots_used is not None:
+                    slots_used.append(slot_of[i])
+        for i, slot in list(slot_of.items()):
+            if len(got[i]) >= wants[i]:
+                dec.leave(slot)
+                del slot_of[i]
+        if not slot_of and not waiting:
+            break
+        if slot_of:
+            tokens = dec.step()
+            for i, slot in slot_of.items():
+                got[i].append(tokens[slot])
+    assert not waiting and not slot_of
+    return {i: v[: wants[i]] for i, v in got.items()}
+
+
 @pytest.mark.parametrize("attn_layers", [(1, 3), (1,)])
 def test_requests_joining_and_leaving_a_running_batch_get_their_solo_answers(attn_layers):
     model, _ = tiny_hybrid(attn_layers=attn_layers, seed=3)
@@ -26,32 +53,11 @@ def test_requests_joining_and_leaving_a_running_batch_get_their_solo_answers(att
     # schedule: request i arrives before step arrive[i]; three slots, so request 3 waits for a slot to free
     arrive = [0, 0, 2, 3, 5]
     dec = SlotDecoder(model, slots=3, capacity=40, capture=False, prefill_chunk=4)
-    got: dict[int, list[int]] = {}
-    slot_of: dict[int, int] = {}
-    waiting = list(range(len(prompts)))
-    slots_used = []
+    slots_used: list[int] = []
     with torch.no_grad():
-        for step in range(60):
-            for i in list(waiting):
-                if arrive[i] <= step and dec.free:
-                    slot, first = dec.join(prompts[i])
-                    slot_of[i], got[i] = slot, [first]
-                    slots_used.append(slot)
-                    waiting.remove(i)
-            for i, slot in list(slot_of.items()):
-                if len(got[i]) >= wants[i]:
-                    dec.leave(slot)
-                    del slot_of[i]
-            if not slot_of and not waiting:
-                break
-            if not slot_of:
-                continue
-            tokens = dec.step()
-            for i, slot in slot_of.items():
-                got[i].append(tokens[slot])
-    assert not waiting and not slot_of
+        got = _run(dec, [(p, None, 0) for p in prompts], arrive, wants, slots_used)
     for i, p in enumerate(prompts):
-        assert got[i][: wants[i]] == _solo(model, p, wants[i]), i
+        assert got[i] == _solo(model, p, wants[i]), i
     assert len(set(slots_used)) == 3 and len(slots_used) == 5  # slots were reused by later requests
 
 
@@ -71,31 +77,6 @@ def test_slot_errors_name_the_problem():
     with pytest.raises(ValueError, match="slot 0 is not in use"):
         dec.leave(slot)
     dec.join([4, 4])  # the freed slot takes the next request
-
-
-def _run(dec, reqs, arrive, wants) -> dict[int, list[int]]:
-    """Drive ``dec`` through a schedule: request i = (prompt, sampling, seed) joins before step arrive[i] when a
-    slot is free and leaves once it has wants[i] tokens."""
-    got, slot_of, waiting = {}, {}, list(range(len(reqs)))
-    for step in range(200):
-        for i in list(waiting):
-            if arrive[i] <= step and dec.free:
-                prompt, cfg, seed = reqs[i]
-                slot_of[i], first = dec.join(prompt, cfg, seed)
-                got[i] = [first]
-                waiting.remove(i)
-        for i, slot in list(slot_of.items()):
-            if len(got[i]) >= wants[i]:
-                dec.leave(slot)
-                del slot_of[i]
-        if not slot_of and not waiting:
-            break
-        if slot_of:
-            tokens = dec.step()
-            for i, slot in slot_of.items():
-                got[i].append(tokens[slot])
-    assert not waiting and not slot_of
-    return {i: v[: wants[i]] for i, v in got.items()}
 
 
 def test_requests_with_their_own_sampling_share_a_batch_and_a_seed_draws_the_same_tokens_alone():
