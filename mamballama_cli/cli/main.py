@@ -9,6 +9,7 @@ import typer
 
 from mamballama_cli import __version__
 from mamballama_cli.cli import common, convert, distill, dpo, env, export, generate, plugins_cmd, sft, templates_cmd
+from mamballama_cli.cli import chat as chat_cmd
 from mamballama_cli.cli import data as data_cmd
 from mamballama_cli.cli import eval as eval_cmd
 from mamballama_cli.cli.common import NOTATION, command_io
@@ -81,6 +82,7 @@ from mamballama_cli.cli import label as label_cmd  # noqa: E402  (pseudo-labels 
 _add("label", label_cmd)
 app.add_typer(data_cmd.app, name="data")
 _add("generate", generate)
+_add("chat", chat_cmd)
 app.add_typer(eval_cmd.app, name="eval")
 _add("export", export)
 from mamballama_cli.cli import serve as serve_cmd  # noqa: E402

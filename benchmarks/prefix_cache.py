@@ -1,0 +1,89 @@
+"""What the prefix cache (generation/prefix_cache.py) saves `serve` and `chat`: the time to read a prompt into a
+slot (a request's time to its first token, less queueing) when the prompt extends a kept state, against reading it
+whole, at a model shape with random weights.
+
+    python benchmarks/prefix_cache.py --shape llama3-8b --ratio 0.25 --context 4096 --turn 128 --json out.json
+
+For each repetition: a conversation of ``--context`` tokens is read into a slot (cold, kept as an entry), then the
+next turn (those tokens and ``--turn`` more) is read from the kept state, the same prompt again is read whole with
+the cache off, and the first prompt is read again from its kept state (a retry, or ``n`` choices: no forward).
+Times are CUDA-synchronised wall seconds of ``SlotDecoder.join``; the first of each kind is a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> dict:
+    import torch
+    from bench_common import run_facts, write_result
+
+    from mamballama_cli.convert.placement import resolve_attention_layers
+    from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
+    from mamballama_cli.generation.continuous import SlotDecoder
+    from mamballama_cli.models.modeling import MamballamaForCausalLM
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--context", type=int, default=4096, help="tokens of the conversation so far")
+    ap.add_argument("--turn", type=int, default=128, help="tokens the next turn adds")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    tc = teacher_config(args.shape)
+    hc = hybrid_config(tc, resolve_attention_layers(tc.num_hidden_layers, args.ratio, None))
+    model = random_model(MamballamaForCausalLM, hc, dtype, dev)
+    cap = args.context + args.turn + 8
+    hot = SlotDecoder(model, 1, cap, capture=False, prefix_cache_bytes=16 << 30)
+    cold = SlotDecoder(model, 1, cap, capture=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def timed(dec, prompt) -> tuple[float, int]:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        slot, _ = dec.join(prompt)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        seconds, cached = time.perf_counter() - t0, dec.cached[slot]
+        dec.leave(slot)
+        return seconds, cached
+
+    rows = []
+    for rep in range(args.reps + 1):
+        first = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
+        nxt = first + torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist()
+        row = {"rep": rep}
+        row["first_cold_s"], _ = timed(hot, first)
+        row["next_turn_kept_s"], row["next_turn_cached_tokens"] = timed(hot, nxt)
+        row["next_turn_whole_s"], _ = timed(cold, nxt)
+        row["repeat_kept_s"], row["repeat_cached_tokens"] = timed(hot, first)
+        rows.append(row)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    measured = rows[1:]
+    out = {**run_facts(sys.argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
+           "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows}
+    for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s"):
+        out[key + "_median"] = statistics.median(r[key] for r in measured)
+    out["next_turn_speedup"] = out["next_turn_whole_s_median"] / out["next_turn_kept_s_median"]
+    out["prefix_cache_bytes"] = hot.prefix.bytes
+    print(f"{args.shape} {args.ratio:.0%} attention, {args.context} + {args.turn} tokens: next turn "
+          f"{out['next_turn_kept_s_median'] * 1e3:.1f} ms from the kept state vs {out['next_turn_whole_s_median'] * 1e3:.1f}"
+          f" ms whole ({out['next_turn_speedup']:.1f}x); a repeated prompt {out['repeat_kept_s_median'] * 1e3:.2f} ms")
+    write_result(out, args.json)
+    return out
+
+
+if __name__ == "__main__":
+    main()
