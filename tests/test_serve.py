@@ -75,8 +75,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(models):
+    # prompts read in pieces (answers still equal `generate`'s); 10 ms a decode step, so that concurrent requests
+    # overlap however fast the tiny model decodes
     s = Server(models["hybrid"], "--max-batch", "4", "--max-context", "96", "--name", "tiny",
-               "--prefill-chunk", "7")  # prompts read in pieces; answers still equal `generate`'s
+               "--prefill-chunk", "7", env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.01"})
     yield s
     s.stop()
 
@@ -106,14 +108,19 @@ def test_completions_chat_and_streamed_chat_through_the_openai_client(server, mo
     assert "".join(e.choices[0].text for e in events if e.choices) == r.choices[0].text
 
 
-def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(server):
+def test_sixteen_concurrent_requests_get_their_solo_greedy_answers(server, models, capsys):
     c = server.client
     prompts = [f"{i} apples and " + "pears " * (i % 5) for i in range(16)]  # unequal lengths in one batch
 
     def ask(p):
         return c.completions.create(model="tiny", prompt=p, max_tokens=6 + p.count("pears"), temperature=0)
 
-    solo = [ask(p).choices[0].text for p in prompts]
+    # each alone through `generate` (not the server, whose prefix cache would then hold every prompt)
+    solo = []
+    for p in prompts:
+        g = run_cli(["generate", models["hybrid"], "--prompt", p, "-n", str(6 + p.count("pears"))], capsys)
+        assert g.code == 0, g.err
+        solo.append(g.out.rstrip("\n"))
     before = server.health()["batches"]
     with ThreadPoolExecutor(16) as pool:
         together = [r.choices[0].text for r in pool.map(ask, prompts)]
@@ -469,11 +476,14 @@ def test_speculative_serving_answers_as_the_model_alone(models, tmp_path, capsys
         pieces = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0,
                                                 stream=True))
         assert "".join(p.choices[0].delta.content or "" for p in pieces) == whole.choices[0].message.content
-        status, payload = s.post("/v1/completions", json.dumps({"prompt": "hi", "logprobs": 2}))
-        assert status == 422 and "continuous-batching mode" in payload["error"]["message"], payload
         gc = run_cli(["generate", models["hybrid"], "--chat", "--prompt", "hi there", "-n", "12"], capsys)
         assert whole.choices[0].message.content == gc.out.rstrip("\n")
-        assert s.health()["batches"] == 5  # three completions and two chats, one at a time
+        runs = s.health()["speculative_runs"]
+        assert runs >= 2  # the two chats came alone: speculative decoding
+        # log-probabilities: such a request decodes in the continuous batch, with the model's own answer
+        lp = c.completions.create(model="tiny", prompt=prompts[0], max_tokens=10, temperature=0, logprobs=2)
+        assert lp.choices[0].text == got[0].choices[0].text and len(lp.choices[0].logprobs.tokens) >= 1
+        assert s.health()["speculative_runs"] == runs
         text = got[0].choices[0].text  # a stop string ends a speculative answer too
         assert len(text) >= 6, text
         stopped = c.completions.create(model="tiny", prompt=prompts[0], max_tokens=10, temperature=0,
@@ -489,13 +499,40 @@ def test_speculative_serving_with_no_draft_uses_the_gated_lookup(models, capsys)
     model's own greedy ones."""
     s = Server(models["hybrid"], "--speculative", "--name", "tiny", "--max-context", "96")
     try:
-        assert s.health()["mode"] == "speculative, one request at a time (draft lookup:3:gate=2, k=6)", s.health()
+        assert s.health()["mode"] == ("speculative when alone, continuous-batched under load (draft lookup:3:gate=2, "
+                                      "k=6)"), s.health()
         got = s.client.completions.create(model="tiny", prompt="3 apples and pears pears", max_tokens=12,
                                           temperature=0)
         want = run_cli(["generate", models["hybrid"], "--prompt", "3 apples and pears pears", "-n", "12"], capsys)
         assert want.code == 0 and got.choices[0].text == want.out.rstrip("\n")
     finally:
         s.stop()
+
+
+def test_speculative_serving_batches_the_requests_that_wait_while_one_decodes(models, capsys):
+    """With a draft, a greedy request that finds the engine idle decodes speculatively; requests that queue meanwhile
+    decode together in the continuous batch once it ends, not one by one. Every answer is the model's own."""
+    s = Server(models["hybrid"], "--draft", "lookup", "-k", "4", "--name", "tiny", "--max-context", "96",
+               env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
+    prompts = ["a long one: pears", "3 apples and", "tell me"]
+    try:
+        def ask(p, n):
+            return s.client.completions.create(model="tiny", prompt=p, max_tokens=n, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(ask, prompts[0], 40)
+            deadline = time.time() + 30
+            while s.health()["active"] == 0 and time.time() < deadline:  # the first is decoding, alone
+                time.sleep(0.02)
+            rest = [pool.submit(ask, p, 8) for p in prompts[1:]]
+            got = [first.result()] + [r.result() for r in rest]
+        h = s.health()
+    finally:
+        s.stop()
+    assert h["speculative_runs"] == 1 and h["largest_batch"] == 2, h  # the two that waited ran together
+    for p, n, text in zip(prompts, (40, 8, 8), got):
+        g = run_cli(["generate", models["hybrid"], "--prompt", p, "-n", str(n)], capsys)
+        assert g.code == 0 and text == g.out.rstrip("\n"), p
 
 
 @pytest.mark.timeout(300)

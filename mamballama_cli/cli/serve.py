@@ -29,9 +29,9 @@ def command(
                                           "prompt that repeats or extends an earlier one (a chat's next turn, n "
                                           "choices) resumes from there; least recently used dropped first; 0: off."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id in the API (default: the folder's name)."),
-    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding, one request at a time "
-                                     "(lossless: greedy answers equal the model's own), with --draft or, without "
-                                     "it, lookup:3:gate=2."),
+    speculative: bool = typer.Option(False, "--speculative", help="Speculative decoding for a greedy request "
+                                     "that finds the server idle (lossless); requests that queue meanwhile decode "
+                                     "batched. With --draft or, without it, lookup:3:gate=2."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Draft for --speculative: lookup[:N][:TABLE][:gate=M] "
                                         "(no model), a checkpoint directory (`convert --draft-layers`) or a draft "
                                         "provider (e.g. self, layers:0,29). Implies --speculative."),

@@ -145,6 +145,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
                 "largest_batch": engine.largest_batch, "joined_running": engine.joined_running,
                 "waiting": engine.pending.qsize(), "active": engine.active, "cancelled": engine.cancelled,
+                "speculative_runs": engine.speculative_runs,
                 "prefix_cache": engine.prefix_stats()}
 
     @app.get("/metrics")
@@ -173,7 +174,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         j-th (with a ``seed``, drawn from seed + j)."""
         logprobs = _logprobs(body, endpoint == "/v1/chat/completions")
         if logprobs is not None and not engine.serves_logprobs:
-            raise ApiError(422, f"logprobs are given in continuous-batching mode; this server runs {engine.mode}",
+            raise ApiError(422, f"logprobs come with continuous batching; this server runs {engine.mode}",
                            "logprobs")
         longest = max(len(p) for p in prompts)
         if longest >= max_context:

@@ -10,8 +10,10 @@ alone, and samples with its own settings and seed in the same batch as every oth
 (a teacher) is served the same way, as an all-attention hybrid sharing its weights. Models the static decoder
 cannot run (other Transformers, Mamba-1) decode one request at a time through transformers' ``generate``.
 
-With a draft (``serve --speculative --draft D``), requests decode one at a time by speculative decoding
-(:func:`~mamballama_cli.generation.speculative.speculative_generate`): greedy answers equal the target's own.
+With a draft (``serve --speculative --draft D``), a greedy request that finds the engine idle decodes by speculative
+decoding (:func:`~mamballama_cli.generation.speculative.speculative_generate`; its answer equals the target's own);
+requests that queue meanwhile, sampled ones and ones asking for log-probabilities decode in the continuous batch
+until it drains (a target the static decoder cannot run: every request speculatively, one at a time).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class Engine:
         self.joined_running = 0  # requests that joined a batch already decoding (continuous batching)
         self.active = 0  # rows of the running batch still decoding
         self.cancelled = 0  # requests whose client went away before their answer was complete
+        self.speculative_runs = 0  # requests answered by speculative decoding (with a draft)
         # Seconds to wait after each decode step: 0 in use; tests and demos set MAMBALLAMA_SERVE_STEP_DELAY to watch
         # streaming (and a client leaving mid-answer) at a human pace.
         import os
@@ -165,12 +168,16 @@ class Engine:
 
     @property
     def serves_logprobs(self) -> bool:
-        """Log-probabilities come with continuous batching (the static decoder's logits), not the other modes."""
-        return self.static_reason is None and self.draft is None
+        """Log-probabilities come with continuous batching (the static decoder's logits; with a draft, such a
+        request decodes in the batch), not with transformers' one-at-a-time decoding."""
+        return self.static_reason is None
 
     @property
     def mode(self) -> str:
         if self.draft is not None:
+            if self.static_reason is None:
+                return (f"speculative when alone, continuous-batched under load (draft {self.draft_name}, "
+                        f"k={self.k})")
             return f"speculative, one request at a time (draft {self.draft_name}, k={self.k})"
         if self.static_reason is not None:
             return "one request at a time (transformers)"
@@ -186,6 +193,12 @@ class Engine:
         while True:
             req = self.pending.get()
             if req.cancelled.is_set():
+                continue
+            if self.draft is not None and self.static_reason is None and (
+                    req.temperature > 0 or req.logprobs is not None or not self.pending.empty()):
+                # under load (others waiting), sampled (a seed then gives the batch's answer, the same alone or
+                # not) or asking for log-probabilities: the continuous batch, until it drains
+                self._continuous(start=req)
                 continue
             try:
                 with torch.inference_mode():
@@ -204,13 +217,16 @@ class Engine:
                                        prefill_chunk=self.prefill_chunk, prefix_cache_bytes=self.prefix_cache_bytes)
         return self.decoder
 
-    def _continuous(self) -> None:
-        """The worker's loop for continuous batching (never returns)."""
-        waiting: list[Request] = []
+    def _continuous(self, start: Request | None = None) -> None:
+        """The worker's loop for continuous batching: forever, or with ``start`` (speculative serving under load),
+        from that request until the batch drains and nobody waits."""
+        waiting: list[Request] = [start] if start is not None else []
         rows: dict[int, _Row] = {}  # slot -> the request decoding there
         dec = None
         while True:
             if not rows and not waiting:
+                if start is not None and self.pending.empty():
+                    return  # drained: the next request alone may decode speculatively again
                 waiting.append(self.pending.get())  # idle: block until a request comes
             while True:
                 try:
@@ -283,6 +299,7 @@ class Engine:
         max_new = max(1, min(req.max_tokens, self.max_context - n_prompt))
         sampling = replace(req.sampling, max_new_tokens=max_new)
         self.batches += 1
+        self.speculative_runs += 1
         self.largest_batch = max(self.largest_batch, 1)
         self.active = 1
         sink, cut = _text_sink(req)
