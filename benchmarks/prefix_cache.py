@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     measured = rows[1:]
-    out = {**run_facts(sys.argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
+    out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
            "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows}
     for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s"):
         out[key + "_median"] = statistics.median(r[key] for r in measured)
