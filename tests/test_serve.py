@@ -174,6 +174,7 @@ def test_bad_requests_get_their_status_and_the_server_keeps_serving(server):
         ("/v1/completions", json.dumps({"prompt": [5, "a"]}), 422),
         ("/v1/completions", json.dumps({"prompt": [5, 10**6]}), 422),
         ("/v1/completions", json.dumps({"prompt": ["a"] * 65}), 422),
+        ("/v1/completions", json.dumps({"prompt": ["a"] * 17, "n": 16}), 422),
         ("/v1/completions", json.dumps({"prompt": "hi", "n": 17}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}), 422),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "a"}], "logprobs": 1}), 422),

@@ -187,6 +187,9 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         top_k = _integer(body, "top_k", -1, 2**31 - 1, "an integer, -1 or 0 for off (vLLM's extension)") or 0
         seed = _integer(body, "seed", -2**63, 2**63 - 1, "an integer")
         stop, n = _stop_strings(body), body.get("n") or 1
+        if len(prompts) * n > 256:
+            raise ApiError(422, f"{len(prompts)} prompts x n={n} is {len(prompts) * n} answers; one request asks for "
+                                "at most 256: send fewer prompts or a smaller n", "n")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         t0, texts, ends = time.perf_counter(), [], {}
