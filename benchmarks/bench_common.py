@@ -48,3 +48,10 @@ def write_result(result: dict, json_out: str | None) -> None:
         out = Path(json_out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def finish(result: dict, summary: str, json_out: str | None) -> dict:
+    """Print a result's one-line summary, write the result (:func:`write_result`) and return it."""
+    print(summary, flush=True)
+    write_result(result, json_out)
+    return result

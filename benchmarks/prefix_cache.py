@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> dict:
     import torch
-    from bench_common import run_facts, write_result
+    from bench_common import finish, run_facts
 
     from mamballama_cli.convert.placement import resolve_attention_layers
     from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
@@ -78,11 +78,10 @@ def main(argv=None) -> dict:
         out[key + "_median"] = statistics.median(r[key] for r in measured)
     out["next_turn_speedup"] = out["next_turn_whole_s_median"] / out["next_turn_kept_s_median"]
     out["prefix_cache_bytes"] = hot.prefix.bytes
-    print(f"{args.shape} {args.ratio:.0%} attention, {args.context} + {args.turn} tokens: next turn "
-          f"{out['next_turn_kept_s_median'] * 1e3:.1f} ms from the kept state vs {out['next_turn_whole_s_median'] * 1e3:.1f}"
-          f" ms whole ({out['next_turn_speedup']:.1f}x); a repeated prompt {out['repeat_kept_s_median'] * 1e3:.2f} ms")
-    write_result(out, args.json)
-    return out
+    ms = {k: out[k + "_s_median"] * 1e3 for k in ("next_turn_kept", "next_turn_whole", "repeat_kept")}
+    return finish(out, f"{args.shape} {args.ratio:.0%} attention, {args.context} + {args.turn} tokens: next turn "
+                  f"{ms['next_turn_kept']:.1f} ms from the kept state vs {ms['next_turn_whole']:.1f} ms whole "
+                  f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms", args.json)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,12 @@ def command(
     dtype: str = dtype_option(default="auto"),
     device: str = device_option(default="auto"),
 ):
-    from mamballama_cli.cli.common import err
+    from mamballama_cli.cli.common import err, load_with_context
     from mamballama_cli.errors import UsageError
     from mamballama_cli.generation.sampling import SamplingConfig
     from mamballama_cli.generation.session import ChatSession
-    from mamballama_cli.loading import load_causal_lm
 
-    lm, tok, _ = load_causal_lm(model, dtype=dtype, device=device)
-    if tok is None:
-        raise UsageError(f"{model}: no tokenizer next to the weights; chat needs one")
-    limit = int(getattr(lm.config, "max_position_embeddings", 4096) or 4096)
-    ctx = max_context or min(limit, 4096)
-    if ctx > limit:
-        raise UsageError(f"--max-context {ctx} is longer than the model's context length {limit}; use {limit} or less")
+    lm, tok, _, ctx = load_with_context(model, dtype, device, max_context, "chat")
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed)
     try:
         session = ChatSession(lm, tok, sampling, ctx, system, prefix_cache_bytes=int(prefix_cache_gb * 1e9))

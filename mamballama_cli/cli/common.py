@@ -63,3 +63,19 @@ def config_from_flags(cls, config_file, **flags):
     from mamballama_cli.config import merge_config
 
     return merge_config(cls, config_file=config_file, overrides=flags)
+
+
+def load_with_context(model: str, dtype: str, device: str, max_context: int | None, command: str):
+    """(model, tokenizer, path, context) for a command that reads prompts (`serve`, `chat`): the tokenizer must be
+    there, and the context is ``--max-context`` or the model's length up to 4096, never past the model's."""
+    from mamballama_cli.errors import UsageError
+    from mamballama_cli.loading import load_causal_lm
+
+    lm, tok, path = load_causal_lm(model, dtype=dtype, device=device)
+    if tok is None:
+        raise UsageError(f"{model}: no tokenizer next to the weights; {command} needs one to read prompts")
+    limit = int(getattr(lm.config, "max_position_embeddings", 4096) or 4096)
+    ctx = max_context or min(limit, 4096)
+    if ctx > limit:
+        raise UsageError(f"--max-context {ctx} is longer than the model's context length {limit}; use {limit} or less")
+    return lm, tok, path, ctx

@@ -57,8 +57,7 @@ def command(
 
     import uvicorn
 
-    from mamballama_cli.cli.common import err
-    from mamballama_cli.loading import load_causal_lm
+    from mamballama_cli.cli.common import err, load_with_context
     from mamballama_cli.serve.app import create_app
     from mamballama_cli.serve.engine import Engine
 
@@ -79,13 +78,7 @@ def command(
         draft = draft or DEFAULT_DRAFT
         k = default_k(draft) if k is None else k
         resolve_draft(draft)  # a bad --draft fails before any weights are read
-    lm, tok, path = load_causal_lm(model, dtype=dtype, device=device)
-    if tok is None:
-        raise UsageError(f"{model}: no tokenizer next to the weights; serve needs one to read prompts")
-    limit = int(getattr(lm.config, "max_position_embeddings", 4096) or 4096)
-    ctx = max_context or min(limit, 4096)
-    if ctx > limit:
-        raise UsageError(f"--max-context {ctx} is longer than the model's context length {limit}; use {limit} or less")
+    lm, tok, path, ctx = load_with_context(model, dtype, device, max_context, "serve")
     model_name = name or Path(str(path)).name
     draft_model, draft_name = None, ""
     if draft:
