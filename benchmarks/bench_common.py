@@ -55,3 +55,25 @@ def finish(result: dict, summary: str, json_out: str | None) -> dict:
     print(summary, flush=True)
     write_result(result, json_out)
     return result
+
+
+def write_profile(step, sync, path: str, what: str = "one step") -> None:
+    """torch.profiler's table of one call of ``step`` (then ``sync``), sorted by total device time where there is
+    a GPU (CPU time otherwise; the CPU ops are in it either way, with their self time: host overhead shows), to
+    ``path``."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        sync()
+    averages = prof.key_averages()
+    tables = [averages.table(sort_by="device_time_total" if torch.cuda.is_available() else "cpu_time_total",
+                             row_limit=60, max_name_column_width=90)]
+    if torch.cuda.is_available():  # where the host spends its time (launch overhead, allocation, copies)
+        tables.append(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n\n".join(tables) + "\n")
+    print(f"profile of {what} written to {path}", file=sys.stderr)

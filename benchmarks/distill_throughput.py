@@ -17,12 +17,11 @@ import argparse
 import platform
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-from bench_common import run_facts, write_result
+from bench_common import run_facts, write_profile, write_result
 
 
 def smollm2_shaped_teacher():
@@ -35,21 +34,6 @@ def smollm2_shaped_teacher():
                                                                                     "rope_theta": 100000.0})
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg)
-
-
-def write_profile(step, sync, path: str) -> None:
-    """Kernel table of one profiled step (GPU time), sorted by total time, to ``path``."""
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
-        sync()
-    key = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(table + "\n")
-    print(f"profile of one step written to {path}", file=sys.stderr)
 
 
 def main(argv=None) -> dict:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> dict:
     import torch
-    from bench_common import finish, run_facts
+    from bench_common import finish, run_facts, write_profile
 
     from mamballama_cli.convert.placement import resolve_attention_layers
     from mamballama_cli.evaluation.shapes import hybrid_config, random_model, teacher_config
@@ -38,6 +38,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="FILE",
+                    help="also profile one more next turn read from the kept state (torch.profiler) into FILE")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -71,6 +73,12 @@ def main(argv=None) -> dict:
         row["repeat_kept_s"], row["repeat_cached_tokens"] = timed(hot, first)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    if args.profile:
+        first = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
+        timed(hot, first)
+        nxt = first + torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        write_profile(lambda: hot.leave(hot.join(nxt)[0]), sync, args.profile, "a next turn from the kept state")
     measured = rows[1:]
     out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
            "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows}

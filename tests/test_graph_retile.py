@@ -246,8 +246,8 @@ def test_graph_retile_on_cuda_keeps_each_kernels_fastest_graph_tile_and_the_ops_
 
     def retimed(timings, tuner):
         assert "graph_retile_failed" not in timings and timings.get("graph_tiles_us"), timings
-        tiles = timings["graph_tiles_us"]
-        assert gemv_tuning.config_name(tuner.best_config) == min(tiles, key=tiles.get), (timings, tuner.best_config)
+        tiles = timings["graph_tiles_us"]  # rounded to 0.01 us: two tiles can tie there (a part4 run on 2026-12-07)
+        assert tiles.get(gemv_tuning.config_name(tuner.best_config)) == min(tiles.values()), (tiles, tuner.best_config)
 
     before = graph_timing.RETILE
     gemv_tuning.use_graph_tiles()

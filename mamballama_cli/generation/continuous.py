@@ -135,22 +135,29 @@ class SlotDecoder:
         prefix cache's longest entry that begins the prompt, where there is one (the rest read on the staging
         runtime from there; nothing read for the whole prompt); the prompt's state is then kept as an entry."""
         n = len(prompt_ids)
-        hit = self.prefix.lookup(prompt_ids) if self.prefix is not None else None
+        label = torch.profiler.record_function  # named ranges in a profile (benchmarks/prefix_cache.py --profile)
+        with label("prefix_cache.lookup"):
+            hit = self.prefix.lookup(prompt_ids) if self.prefix is not None else None
         m = 0 if hit is None else len(hit[0])
         self.cached[slot] = m
         if self.prefix is not None:
             self.fed[slot] = list(prompt_ids)
         if m == n:  # the whole prompt: its state and logits as they were kept
-            self.runtime.cache.copy_row(hit[1].cache, 0, slot, n)
+            with label("prefix_cache.restore"):
+                self.runtime.cache.copy_row(hit[1].cache, 0, slot, n)
             return hit[1].logits.clone()
         ids = torch.tensor([prompt_ids[m:]], dtype=torch.long, device=self.device)
         if m:
-            self.stage.cache.copy_row(hit[1].cache, 0, 0, m)
-            self.stage.cache.seqlen = m
-        logits = self.stage.prefill(ids, resume=bool(m))
-        self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
+            with label("prefix_cache.restore"):
+                self.stage.cache.copy_row(hit[1].cache, 0, 0, m)
+                self.stage.cache.seqlen = m
+        with label("prefill"):
+            logits = self.stage.prefill(ids, resume=bool(m))
+        with label("slot.copy_in"):
+            self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
         if self.prefix is not None:
-            self.prefix.put(prompt_ids, self.stage.cache, 0, logits)
+            with label("prefix_cache.put"):
+                self.prefix.put(prompt_ids, self.stage.cache, 0, logits)
         return logits
 
     def logprobs(self, slots: list[int], k: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
