@@ -115,10 +115,13 @@ class SlotDecoder:
             raise ValueError(f"prompt of {n} tokens: a slot holds 1 to {self.capacity - 1}")
         self.step_warm()
         slot = self.free.pop(0)
-        one = RowSampling(1, self.device)
-        one.set(0, cfg, seed)
         self.last_logits = self._read(prompt_ids, slot)
-        first = sample_rows(self.last_logits, one)
+        if cfg.greedy:  # the argmax alone (no sort of the vocabulary)
+            first = argmax_last(self.last_logits)
+        else:
+            one = RowSampling(1, self.device)
+            one.set(0, cfg, seed)
+            first = sample_rows(self.last_logits, one)
         self.rows.set(slot, cfg, seed)
         self.rows.counter[slot] = 1  # the first draw was the prompt's
         self.joined = slot
