@@ -155,6 +155,12 @@ for step in $STEPS; do
         profilespec) stamp "profile: plain step and verify call at the default teacher's 50% shape"
                  timeout "$(left 150)" python3 benchmarks/profile_step.py --shape smollm2-135m --ratio 0.5 --verify 4 \
                      > "$OUT/profile-spec.txt" 2>&1; echo "exit $?"; grep -E "ms|tok/s" "$OUT/profile-spec.txt" | head ;;
+        prefixprof) stamp "prefix cache at the 8B shape: a chat's next turn from the kept state, timed and profiled"
+                 timeout "$(left 240)" python3 benchmarks/prefix_cache.py --shape llama3-8b --ratio 0.25 --context 4096 \
+                     --turn 128 --reps 2 --json "$OUT/prefix-cache-8b.json" --profile "$OUT/prefix-cache-profile.txt" \
+                     > "$OUT/prefix-cache.txt" 2>&1; echo "exit $?"; grep -v "^USDT\|Activity" "$OUT/prefix-cache.txt" | tail -4
+                 grep -E "prefix_cache\.|  prefill |slot\.copy_in|Self CPU time total|Self CUDA time total" \
+                     "$OUT/prefix-cache-profile.txt" 2>/dev/null | cut -c1-200 | head -14 ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;
         optests) gputest ops 300 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;

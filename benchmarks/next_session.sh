@@ -15,10 +15,11 @@
 # against 234.5 tok/s there on 2026-12-05, waits on the user's call on the gate); 2, 3 = the whole gpu suite on the
 # H200 (issues 15, 17), part1+part2, then part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the
 # Triton cache, within LEFT.
-# H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = verifyr, then part1 (it
-# holds the tuning table's gpu test: passed in the thirty-seventh session, table format 2 since); 2-4 as on the H200
-# less part1. The H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.037x and
-# 1.049-1.050x, the 12.5% hybrid 6.79x its teacher at 32K).
+# H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = the prefix cache's next
+# turn profiled at the 8B shape (prefixprof: 69 ms where a few were expected, the fortieth session), then verifyr;
+# 2-4 as on the H200 (part1 and part3-6 passed on an H100 in the forty-first session, part2 in the fortieth). The
+# H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.037x and 1.049-1.050x, the
+# 12.5% hybrid 6.79x its teacher at 32K).
 # The verify and speed steps read and write the card's tuning table (gpu_session.sh; $OUT/tuning.json comes back:
 # keep it as benchmarks/tuning/<card>.json, and the next cold machine compiles only the tiles it names).
 # Deadlines are for a machine without the Triton cache (the thirty-sixth session's verifyr ran out of 240 s
@@ -51,11 +52,10 @@ short=$(( low > 310 ? 250 : low - 60 ))  # verifyr's deadline where it runs alon
 if [[ "$card" == *H200* ]]; then
   first=("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
          "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr")
-  parts=(part1+part2 part3+part6 part4+part5)
 else
-  first=("VERIFY_CAP=300 DEADLINE=320 bash benchmarks/gpu_session.sh verifyr" "JOBS=6 DEADLINE=240 bash benchmarks/gpu_session.sh part1")
-  parts=(part2+part3 part4+part6 part5)
+  first=("DEADLINE=250 bash benchmarks/gpu_session.sh prefixprof" "VERIFY_CAP=300 DEADLINE=320 bash benchmarks/gpu_session.sh verifyr")
 fi
+parts=(part1+part2 part3+part6 part4+part5)
 case "$step" in
   1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh verifyr"
      else for command in "${first[@]}"; do run "$command"; done; fi ;;
