@@ -164,3 +164,77 @@ def test_prefix_cache_keeps_to_its_budget_dropping_the_least_recently_used():
     assert small.lookup(list(range(5, 30))) is None and small.lookup(list(range(4, 24))) is not None
     assert not PrefixCache(model, budget_bytes=one // 2).put(list(range(3, 23)), dec.runtime.cache, 0,
                                                              torch.zeros(1, 8))  # too big on its own
+
+
+def _shared_beginnings(seed: int):
+    """Three prompts that begin with the same 40 tokens (a system prompt) and go on differently, and a fourth that
+    shares only its first 35."""
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.randint(3, 96, (40,), generator=gen).tolist()
+    tails = [torch.randint(3, 96, (n,), generator=gen).tolist() for n in (7, 5, 9)]
+    return [head + t for t in tails] + [head[:35] + [4, 4, 4, 4, 4, 4, 4]]
+
+
+def test_a_hybrid_keeps_the_state_where_requests_share_a_beginning_and_later_ones_resume_there():
+    """Two requests with the same 40-token beginning: the second reads its prompt in two pieces and keeps the state
+    after the shared whole blocks (32 tokens), so a third and a fourth that begin the same way read only from there.
+    Every answer equals the one read without the cache."""
+    from mamballama_cli.generation.prefix_cache import BLOCK
+
+    model, _ = tiny_hybrid(attn_layers=(1, 3), seed=5)
+    model.eval()
+    a, b, c, d = _shared_beginnings(1)
+    hot = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30)
+    cold = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8)
+    with torch.no_grad():
+        got = [_answer(hot, p, 6) for p in (a, b, c, d)]
+        for p, (answer, _) in zip((a, b, c, d), got):
+            assert answer == _answer(cold, p, 6)[0]
+    shared = 40 // BLOCK * BLOCK
+    assert [cached for _, cached in got] == [0, 0, shared, shared]  # a hybrid's state exists only where kept
+    assert tuple(b[:shared]) in hot.prefix.entries  # the state at the branch point, kept by the second request
+    # the cache forgets the block hashes of what it drops
+    for key in list(hot.prefix.entries):
+        hot.prefix._drop(key)
+    assert not hot.prefix.blocks and not hot.prefix.lengths and hot.prefix.bytes == 0
+
+
+def test_a_transformer_resumes_from_the_blocks_its_prompt_shares_with_any_kept_prompt():
+    """Every layer attention (a Llama through ``as_hybrid``, as `serve` runs a Transformer): the K/V of a shared
+    beginning are a slice of a longer prompt's, so the second request already resumes from the shared whole
+    blocks, and its answer is the model's own."""
+    from helpers import tiny_llama
+
+    from mamballama_cli.generation.prefix_cache import BLOCK
+    from mamballama_cli.generation.runners import as_hybrid
+
+    model = as_hybrid(tiny_llama(seed=6)).eval()
+    a, b, c, _ = _shared_beginnings(2)
+    hot = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30)
+    with torch.no_grad():
+        got = [_answer(hot, p, 6) for p in (a, b, c)]
+        for p, (answer, _) in zip((a, b, c), got):
+            assert answer == _solo(model, p, 6)
+    assert [cached for _, cached in got] == [0, 40 // BLOCK * BLOCK, 40 // BLOCK * BLOCK]
+    assert hot.prefix.hits == 2
+
+
+def test_shared_beginnings_are_found_in_whole_blocks_and_checked_token_by_token():
+    from mamballama_cli.generation.prefix_cache import BLOCK, PrefixCache, block_hashes
+
+    model, _ = tiny_hybrid(attn_layers=(1,), seed=1)
+    model.eval()
+    dec = SlotDecoder(model, slots=1, capacity=80, capture=False)
+    cache = PrefixCache(model, budget_bytes=1 << 30)
+    kept = list(range(3, 3 + 3 * BLOCK + 5))  # three whole blocks and five tokens
+    cache.put(kept, dec.runtime.cache, 0, torch.zeros(1, 8))
+    assert len(block_hashes(kept)) == 3 and block_hashes(kept, 2 * BLOCK + 1) == block_hashes(kept)[:2]
+    other = kept[: 2 * BLOCK + 3] + [99] * 20  # differs inside the third block
+    assert cache.shared(other, len(other) - 1) == (2 * BLOCK, tuple(kept))
+    assert cache.shared(other, BLOCK + 4) == (BLOCK, tuple(kept))  # no further than the limit
+    assert cache.shared([99] + kept, 60) == (0, None)  # the first block differs
+    # a hash that matched by collision is caught by comparing the tokens
+    fake = [7] * (2 * BLOCK)
+    for h in block_hashes(fake):
+        cache.blocks[h] = {tuple(kept): None}
+    assert cache.shared(fake, 40) == (0, None)

@@ -385,6 +385,26 @@ def test_a_prompt_that_extends_or_repeats_an_earlier_one_resumes_from_its_kept_s
     assert health["hits"] >= 2 and 0 < health["bytes"] <= health["budget_bytes"] == 4 * 10**9
 
 
+def test_requests_that_share_a_beginning_resume_where_the_earlier_ones_branched(server, models, capsys):
+    """Requests with the same beginning (a system prompt) and different endings: the second keeps the hybrid's
+    state at the end of the whole blocks both share, and the third reads only from there; its answer is the
+    model's own (`generate`, a separate process with no cache)."""
+    from transformers import AutoTokenizer
+
+    from mamballama_cli.generation.prefix_cache import BLOCK
+
+    tok = AutoTokenizer.from_pretrained(models["hybrid"])
+    head = "You are a terse helper; answer in one line: "
+    prompts = [head + t for t in ("pears?", "apples!", "plums, then")]
+    rs = [server.client.completions.create(model="tiny", prompt=p, max_tokens=6, temperature=0) for p in prompts]
+    ids = [tok(p)["input_ids"] for p in prompts[:2]]
+    common = next(i for i, (x, y) in enumerate(zip(*ids)) if x != y)
+    shared = common // BLOCK * BLOCK
+    assert shared >= BLOCK and [r.usage.prompt_tokens_details.cached_tokens for r in rs] == [0, 0, shared]
+    g = run_cli(["generate", models["hybrid"], "--prompt", prompts[2], "-n", "6"], capsys)
+    assert g.code == 0 and rs[2].choices[0].text == g.out.rstrip("\n")
+
+
 def test_completions_take_token_ids_and_lists_of_prompts_each_answered_as_alone(server, models):
     """The completions API's other prompt forms (as vLLM's, and lm-eval's local-completions sends them): token ids,
     a list of strings or of token-id lists; choice i * n + j is prompt i's j-th."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows, token_logprobs
-from mamballama_cli.generation.prefix_cache import PrefixCache
+from mamballama_cli.generation.prefix_cache import BLOCK, PrefixCache
 from mamballama_cli.models.runtime import Runtime, capture_graph
 
 
@@ -136,26 +136,43 @@ class SlotDecoder:
     def _read(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
         """Put the state after ``prompt_ids`` into ``slot``; returns the prompt's last logits (1, vocab). From the
         prefix cache's longest entry that begins the prompt, where there is one (the rest read on the staging
-        runtime from there; nothing read for the whole prompt); the prompt's state is then kept as an entry."""
+        runtime from there; nothing read for the whole prompt); the prompt's state is then kept as an entry.
+
+        A prompt that shares whole blocks with an entry beyond that (:meth:`PrefixCache.shared`): a Transformer
+        resumes from the end of those blocks (its K/V there are a slice of the entry's); a hybrid reads the prompt
+        in two pieces and keeps the state at that point too, for the next request that begins the same way."""
         n = len(prompt_ids)
         label = torch.profiler.record_function  # named ranges in a profile (benchmarks/prefix_cache.py --profile)
-        with label("prefix_cache.lookup"):
-            hit = self.prefix.lookup(prompt_ids) if self.prefix is not None else None
-        m = 0 if hit is None else len(hit[0])
-        self.cached[slot] = m
+        m, src, split = 0, None, 0
         if self.prefix is not None:
+            with label("prefix_cache.lookup"):
+                hit = self.prefix.lookup(prompt_ids)
+                if hit is not None:
+                    m, src = len(hit[0]), hit[1]
+                shared, owner = self.prefix.shared(prompt_ids, n - 1) if m < n - 1 else (0, None)
+            if shared > m and not self.runtime.cache.mamba:  # every layer attention: a slice of the owner's K/V
+                m, src = shared, self.prefix.entries[owner]
+                self.prefix.take(owner, m)
+            elif shared >= m + BLOCK:  # a hybrid: worth a piece of its own and an entry
+                split = shared
             self.fed[slot] = list(prompt_ids)
+        self.cached[slot] = m
         if m == n:  # the whole prompt: its state and logits as they were kept
             with label("prefix_cache.restore"):
-                self.runtime.cache.copy_row(hit[1].cache, 0, slot, n)
-            return hit[1].logits.clone()
-        ids = torch.tensor([prompt_ids[m:]], dtype=torch.long, device=self.device)
+                self.runtime.cache.copy_row(src.cache, 0, slot, n)
+            return src.logits.clone()
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         if m:
             with label("prefix_cache.restore"):
-                self.stage.cache.copy_row(hit[1].cache, 0, 0, m)
+                self.stage.cache.copy_row(src.cache, 0, 0, m)
                 self.stage.cache.seqlen = m
         with label("prefill"):
-            logits = self.stage.prefill(ids, resume=bool(m))
+            if split:  # to the end of the shared blocks, kept for the requests that begin the same way
+                logits = self.stage.prefill(ids[:, m:split], resume=bool(m))
+                with label("prefix_cache.put"):
+                    self.prefix.put(prompt_ids[:split], self.stage.cache, 0, logits)
+                m = split
+            logits = self.stage.prefill(ids[:, m:], resume=bool(m))
         with label("slot.copy_in"):
             self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
         if self.prefix is not None:
