@@ -29,7 +29,6 @@ import torch
 
 from mamballama_cli.models.cache import HybridCache
 
-
 BLOCK = 16  # tokens: a prompt's beginning shared with an entry is found in whole blocks of this many
 
 
