@@ -7,6 +7,9 @@ whole, at a model shape with random weights.
 For each repetition: a conversation of ``--context`` tokens is read into a slot (cold, kept as an entry), then the
 next turn (those tokens and ``--turn`` more) is read from the kept state, the same prompt again is read whole with
 the cache off, and the first prompt is read again from its kept state (a retry, or ``n`` choices: no forward).
+Then three requests that share their first ``--context`` tokens (a system prompt) and end in ``--turn`` tokens of
+their own: the second finds the shared blocks and, for a hybrid, reads its prompt in two pieces and keeps the state
+there (``branch_second``); the third resumes there (``branch_third``).
 Times are CUDA-synchronised wall seconds of ``SlotDecoder.join``; the first of each kind is a warm-up.
 """
 
@@ -71,6 +74,11 @@ def main(argv=None) -> dict:
         row["next_turn_kept_s"], row["next_turn_cached_tokens"] = timed(hot, nxt)
         row["next_turn_whole_s"], _ = timed(cold, nxt)
         row["repeat_kept_s"], row["repeat_cached_tokens"] = timed(hot, first)
+        head = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
+        a, b, c = (head + torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist() for _ in range(3))
+        timed(hot, a)
+        row["branch_second_s"], row["branch_second_cached_tokens"] = timed(hot, b)
+        row["branch_third_s"], row["branch_third_cached_tokens"] = timed(hot, c)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     if args.profile:
@@ -82,14 +90,17 @@ def main(argv=None) -> dict:
     measured = rows[1:]
     out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
            "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows}
-    for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s"):
+    for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s", "branch_second_s",
+                "branch_third_s"):
         out[key + "_median"] = statistics.median(r[key] for r in measured)
     out["next_turn_speedup"] = out["next_turn_whole_s_median"] / out["next_turn_kept_s_median"]
     out["prefix_cache_bytes"] = hot.prefix.bytes
-    ms = {k: out[k + "_s_median"] * 1e3 for k in ("next_turn_kept", "next_turn_whole", "repeat_kept")}
+    ms = {k: out[k + "_s_median"] * 1e3 for k in ("next_turn_kept", "next_turn_whole", "repeat_kept",
+                                                    "branch_second", "branch_third")}
     return finish(out, f"{args.shape} {args.ratio:.0%} attention, {args.context} + {args.turn} tokens: next turn "
                   f"{ms['next_turn_kept']:.1f} ms from the kept state vs {ms['next_turn_whole']:.1f} ms whole "
-                  f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms", args.json)
+                  f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms; a shared beginning: "
+                  f"the second request {ms['branch_second']:.1f} ms, the third {ms['branch_third']:.1f} ms", args.json)
 
 
 if __name__ == "__main__":
