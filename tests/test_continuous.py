@@ -238,3 +238,25 @@ def test_shared_beginnings_are_found_in_whole_blocks_and_checked_token_by_token(
     for h in block_hashes(fake):
         cache.blocks[h] = {tuple(kept): None}
     assert cache.shared(fake, 40) == (0, None)
+
+
+def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp_path):
+    """benchmarks/prefix_cache.py on the tiny shape: a next turn and a repeat resume from the kept state, and of
+    three requests sharing a beginning the third resumes from its whole blocks; --profile writes the tables."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, prof = tmp_path / "pc.json", tmp_path / "profile.txt"
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "prefix_cache.py"), "--shape", "tiny", "--context",
+                        "40", "--turn", "8", "--reps", "1", "--dtype", "float32", "--json", str(out), "--profile",
+                        str(prof)], capture_output=True, text=True, timeout=300, check=False,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert all(row["next_turn_cached_tokens"] == row["repeat_cached_tokens"] == 40 for row in rows)
+    assert all((row["branch_second_cached_tokens"], row["branch_third_cached_tokens"]) == (0, 32) for row in rows)
+    assert "prefix_cache.lookup" in prof.read_text() and "a shared beginning" in r.stdout
