@@ -103,14 +103,16 @@ class PrefixCache:
         if key in self.entries:
             self.entries.move_to_end(key)
             return True
-        snap = HybridCache(self.model, 1, max_length=n)
+        with torch.profiler.record_function("prefix_cache.alloc"):  # a named range: allocation apart from copies
+            snap = HybridCache(self.model, 1, max_length=n)
         mem = snap.memory_bytes()
         nbytes = mem["kv_bytes"] + mem["state_bytes"] + logits.numel() * logits.element_size()
         if nbytes > self.budget:
             return False
         while self.bytes + nbytes > self.budget:
             self._drop(next(iter(self.entries)))
-        snap.copy_row(src, row, 0, n)
+        with torch.profiler.record_function("prefix_cache.copy"):
+            snap.copy_row(src, row, 0, n)
         snap.seqlen = n
         self.entries[key] = entry = Entry(snap, logits.detach().reshape(1, -1).clone(), nbytes, block_hashes(key))
         self.lengths[n] = self.lengths.get(n, 0) + 1
