@@ -72,7 +72,7 @@ def command(
             target=model, draft=draft or "", k=draft_k, prompt=text, chat=chat, system=system,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
             dtype=dtype, device=device, cuda_graphs=cuda_graphs, compare_plain=compare_plain,
-            draft_runner=draft_runner, stats_json=stats_json, adaptive_k=adaptive_k or None,
+            draft_runner=draft_runner, adaptive_k=adaptive_k or None,
             round_graph=round_graph or None))
         spec_stats = run_speculative(cfg, on_text=lambda piece: out(piece, end=""))
         out()

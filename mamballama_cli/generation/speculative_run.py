@@ -45,7 +45,6 @@ class SpeculativeConfig:
     cuda_graphs: bool | None = None  # None = on CUDA
     compare_plain: bool = True  # also time the target's plain decoding in the same run
     draft_runner: str = "auto"
-    stats_json: str | None = None
 
     def validate(self) -> None:
         self.draft = self.draft or DEFAULT_DRAFT
