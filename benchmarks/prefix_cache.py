@@ -81,6 +81,9 @@ def main(argv=None) -> dict:
         row["branch_third_s"], row["branch_third_cached_tokens"] = timed(hot, c)
         rows.append(row)
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    phases = phase_times(hot, dev, lambda: torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist(),
+                         lambda: torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist(), timed)
+    print("a next turn's phases, synchronised (ms):", {k: round(v * 1e3, 2) for k, v in phases.items()}, flush=True)
     if args.profile:
         first = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
         timed(hot, first)
@@ -89,7 +92,8 @@ def main(argv=None) -> dict:
         write_profile(lambda: hot.leave(hot.join(nxt)[0]), sync, args.profile, "a next turn from the kept state")
     measured = rows[1:]
     out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
-           "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows}
+           "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows,
+           "next_turn_phases_s": phases}
     for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s", "branch_second_s",
                 "branch_third_s"):
         out[key + "_median"] = statistics.median(r[key] for r in measured)
@@ -101,6 +105,54 @@ def main(argv=None) -> dict:
                   f"{ms['next_turn_kept']:.1f} ms from the kept state vs {ms['next_turn_whole']:.1f} ms whole "
                   f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms; a shared beginning: "
                   f"the second request {ms['branch_second']:.1f} ms, the third {ms['branch_third']:.1f} ms", args.json)
+
+
+def phase_times(dec, dev, context, turn, timed) -> dict[str, float]:
+    """Where one next turn's time goes: a conversation is read and kept, then its next turn joins with each step of
+    the prompt read (``SlotDecoder._read``) wrapped in a device-synchronised timer: the lookup, the restore into the
+    staging cache, the prefill piece, the copy into the slot, the new entry's allocation and its copy. Seconds per
+    phase (summed where a phase runs twice), and ``join_s`` for the whole join with the timers in place."""
+    import torch
+
+    from mamballama_cli.models.cache import HybridCache
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    spent: dict[str, float] = {}
+    first = context()
+    timed(dec, first)  # kept as an entry
+
+    def clocked(name, fn):
+        def run(*a, **kw):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            sync()
+            spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+            return out
+        return run
+
+    stage, slots, prefix = dec.stage.cache, dec.runtime.cache, dec.prefix
+    patched = [(dec.prefix, "lookup"), (dec.prefix, "shared"), (stage, "copy_row"), (dec.stage, "prefill"),
+               (slots, "copy_row"), (dec.prefix, "put")]
+    names = ["lookup", "shared", "restore", "prefill", "slot_copy_in", "put"]
+    for (obj, attr), name in zip(patched, names):
+        setattr(obj, attr, clocked(name, getattr(obj, attr)))
+    real_init = HybridCache.__init__
+
+    def init(self, *a, **kw):  # the new entry's one-row cache (the only HybridCache a join makes)
+        clocked("put_alloc", real_init)(self, *a, **kw)
+    HybridCache.__init__ = init
+    try:
+        spent["join_s"], cached = timed(dec, first + turn())
+    finally:
+        HybridCache.__init__ = real_init
+        for obj, attr in patched:
+            delattr(obj, attr)  # the instance attribute goes; the class's method is back
+    if cached != len(first):
+        raise RuntimeError(f"the next turn resumed from {cached} tokens, not the {len(first)} kept")
+    if "put" in spent and "put_alloc" in spent:
+        spent["put"] -= spent["put_alloc"]  # put's own time apart from the allocation inside it
+    return spent
 
 
 if __name__ == "__main__":

@@ -259,6 +259,9 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     rows = json.loads(out.read_text())["rows"]
     assert all(row["next_turn_cached_tokens"] == row["repeat_cached_tokens"] == 40 for row in rows)
     assert all((row["branch_second_cached_tokens"], row["branch_third_cached_tokens"]) == (0, 32) for row in rows)
+    phases = json.loads(out.read_text())["next_turn_phases_s"]  # the synchronised breakdown of one next turn
+    assert {"lookup", "restore", "prefill", "slot_copy_in", "put_alloc", "put", "join_s"} <= set(phases), phases
+    assert sum(v for k, v in phases.items() if k != "join_s") <= phases["join_s"]
     text = prof.read_text()
     assert all(f"prefix_cache.{name}" in text for name in ("lookup", "restore", "alloc", "copy")), text[:3000]
     assert "a shared beginning" in r.stdout
