@@ -131,7 +131,7 @@ def phase_times(dec, dev, context, turn, timed) -> dict[str, float]:
             return out
         return run
 
-    stage, slots, prefix = dec.stage.cache, dec.runtime.cache, dec.prefix
+    stage, slots = dec.stage.cache, dec.runtime.cache
     patched = [(dec.prefix, "lookup"), (dec.prefix, "shared"), (stage, "copy_row"), (dec.stage, "prefill"),
                (slots, "copy_row"), (dec.prefix, "put")]
     names = ["lookup", "shared", "restore", "prefill", "slot_copy_in", "put"]
