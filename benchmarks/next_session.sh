@@ -16,7 +16,8 @@
 # H200 (issues 15, 17), part1+part2, then part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the
 # Triton cache, within LEFT.
 # H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = the prefix cache's next
-# turn profiled at the 8B shape (prefixprof: 69 ms where a few were expected, the fortieth session), then verifyr;
+# turn profiled at the 8B shape (prefixprof: 69 ms where a few were expected, the fortieth session; host-bound, the
+# forty-second found: rerun it after a fix to the prefill piece's host time), then verifyr;
 # 2-4 as on the H200 (part1 and part3-6 passed on an H100 in the forty-first session, part2 in the fortieth). The
 # H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.037x and 1.049-1.050x, the
 # 12.5% hybrid 6.79x its teacher at 32K).
