@@ -287,6 +287,7 @@ class Engine:
         row = rows.pop(slot)
         dec.leave(slot)
         self.cancelled += row.reason == "cancelled"
+        self.active = len(rows)  # before the answer goes out: a client reading /health next sees its row gone
         row.finish()
 
     def _run_speculative(self, req: Request) -> None:
@@ -329,6 +330,7 @@ class Engine:
             return
         except _Matched:  # a stop string: the round's tokens so far were generated (some after the string)
             n = shown[0]
+            self.active = 0
             req.finish("stop", {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
             return
         finally:
