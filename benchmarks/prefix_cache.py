@@ -41,6 +41,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--pieces", choices=("graph", "walk", "forward"), default=None,
+                    help="how a prompt of at most 1,024 tokens is read (Runtime.read_on): the layer walk in one CUDA "
+                         "graph per piece length (default on CUDA), the walk eagerly, or the model's forward "
+                         "(default on CPU); every repetition also times a next turn through the forward (the A/B)")
     ap.add_argument("--profile", default=None, metavar="FILE",
                     help="also profile one more next turn read from the kept state (torch.profiler) into FILE")
     args = ap.parse_args(argv)
@@ -50,7 +54,8 @@ def main(argv=None) -> dict:
     hc = hybrid_config(tc, resolve_attention_layers(tc.num_hidden_layers, args.ratio, None))
     model = random_model(MamballamaForCausalLM, hc, dtype, dev)
     cap = args.context + args.turn + 8
-    hot = SlotDecoder(model, 1, cap, capture=False, prefix_cache_bytes=16 << 30)
+    pieces = args.pieces or ("graph" if dev.type == "cuda" else "forward")
+    hot = SlotDecoder(model, 1, cap, capture=False, prefix_cache_bytes=16 << 30, pieces=pieces)
     cold = SlotDecoder(model, 1, cap, capture=False)
     gen = torch.Generator().manual_seed(0)
 
@@ -72,6 +77,10 @@ def main(argv=None) -> dict:
         row = {"rep": rep}
         row["first_cold_s"], _ = timed(hot, first)
         row["next_turn_kept_s"], row["next_turn_cached_tokens"] = timed(hot, nxt)
+        hot.stage.pieces = "forward"  # the A/B: another next turn of the same conversation through the forward
+        other = first + torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist()
+        row["next_turn_kept_forward_s"], _ = timed(hot, other)
+        hot.stage.pieces = pieces
         row["next_turn_whole_s"], _ = timed(cold, nxt)
         row["repeat_kept_s"], row["repeat_cached_tokens"] = timed(hot, first)
         head = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
@@ -92,17 +101,18 @@ def main(argv=None) -> dict:
         write_profile(lambda: hot.leave(hot.join(nxt)[0]), sync, args.profile, "a next turn from the kept state")
     measured = rows[1:]
     out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
-           "context": args.context, "turn": args.turn, "dtype": args.dtype, "rows": rows,
+           "context": args.context, "turn": args.turn, "dtype": args.dtype, "pieces": pieces, "rows": rows,
            "next_turn_phases_s": phases}
-    for key in ("first_cold_s", "next_turn_kept_s", "next_turn_whole_s", "repeat_kept_s", "branch_second_s",
-                "branch_third_s"):
+    for key in ("first_cold_s", "next_turn_kept_s", "next_turn_kept_forward_s", "next_turn_whole_s", "repeat_kept_s",
+                "branch_second_s", "branch_third_s"):
         out[key + "_median"] = statistics.median(r[key] for r in measured)
     out["next_turn_speedup"] = out["next_turn_whole_s_median"] / out["next_turn_kept_s_median"]
     out["prefix_cache_bytes"] = hot.prefix.bytes
-    ms = {k: out[k + "_s_median"] * 1e3 for k in ("next_turn_kept", "next_turn_whole", "repeat_kept",
-                                                    "branch_second", "branch_third")}
+    ms = {k: out[k + "_s_median"] * 1e3 for k in ("next_turn_kept", "next_turn_kept_forward", "next_turn_whole",
+                                                    "repeat_kept", "branch_second", "branch_third")}
     return finish(out, f"{args.shape} {args.ratio:.0%} attention, {args.context} + {args.turn} tokens: next turn "
-                  f"{ms['next_turn_kept']:.1f} ms from the kept state vs {ms['next_turn_whole']:.1f} ms whole "
+                  f"{ms['next_turn_kept']:.1f} ms from the kept state ({pieces}; "
+                  f"{ms['next_turn_kept_forward']:.1f} through the forward) vs {ms['next_turn_whole']:.1f} ms whole "
                   f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms; a shared beginning: "
                   f"the second request {ms['branch_second']:.1f} ms, the third {ms['branch_third']:.1f} ms", args.json)
 

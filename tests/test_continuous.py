@@ -116,16 +116,21 @@ def _answer(dec, prompt, n, cfg=None, seed=0):
     return out, cached
 
 
-def test_prefix_cache_serves_a_prompt_that_extends_or_repeats_an_earlier_request_with_the_same_tokens():
+@pytest.mark.parametrize("pieces", ["forward", "walk"])
+def test_prefix_cache_serves_a_prompt_that_extends_or_repeats_an_earlier_request_with_the_same_tokens(pieces):
     """The next turn of a conversation (the earlier prompt, its answer, more) resumes from the state the earlier
-    request left; a repeated prompt needs no forward. Every answer equals the one read without the cache."""
+    request left; a repeated prompt needs no forward. Every answer equals the one read without the cache, with
+    the staging runtime reading prompts through the model's forward or through the layer walk's pieces (what the
+    CUDA graphs of ``pieces="graph"`` record: tests/test_runtime_gpu.py)."""
     from mamballama_cli.generation.sampling import SamplingConfig
 
     model, _ = tiny_hybrid(attn_layers=(1, 3), seed=8)
     model.eval()
     gen = torch.Generator().manual_seed(2)
     p = torch.randint(3, 96, (9,), generator=gen).tolist()
-    hot = SlotDecoder(model, slots=2, capacity=80, capture=False, prefill_chunk=4, prefix_cache_bytes=1 << 30)
+    hot = SlotDecoder(model, slots=2, capacity=80, capture=False, prefill_chunk=4, prefix_cache_bytes=1 << 30,
+                      pieces=pieces)
+    assert hot.stage.pieces == pieces
     cold = SlotDecoder(model, slots=2, capacity=80, capture=False, prefill_chunk=4)
     with torch.no_grad():
         a, cached = _answer(hot, p, 8)
@@ -175,7 +180,8 @@ def _shared_beginnings(seed: int):
     return [head + t for t in tails] + [head[:35] + [4, 4, 4, 4, 4, 4, 4]]
 
 
-def test_a_hybrid_keeps_the_state_where_requests_share_a_beginning_and_later_ones_resume_there():
+@pytest.mark.parametrize("pieces", ["forward", "walk"])
+def test_a_hybrid_keeps_the_state_where_requests_share_a_beginning_and_later_ones_resume_there(pieces):
     """Two requests with the same 40-token beginning: the second reads its prompt in two pieces and keeps the state
     after the shared whole blocks (32 tokens), so a third and a fourth that begin the same way read only from there.
     Every answer equals the one read without the cache."""
@@ -184,7 +190,8 @@ def test_a_hybrid_keeps_the_state_where_requests_share_a_beginning_and_later_one
     model, _ = tiny_hybrid(attn_layers=(1, 3), seed=5)
     model.eval()
     a, b, c, d = _shared_beginnings(1)
-    hot = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30)
+    hot = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30,
+                      pieces=pieces)
     cold = SlotDecoder(model, slots=1, capacity=80, capture=False, prefill_chunk=8)
     with torch.no_grad():
         got = [_answer(hot, p, 6) for p in (a, b, c, d)]
@@ -252,11 +259,13 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     root = Path(__file__).resolve().parents[1]
     out, prof = tmp_path / "pc.json", tmp_path / "profile.txt"
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "prefix_cache.py"), "--shape", "tiny", "--context",
-                        "40", "--turn", "8", "--reps", "1", "--dtype", "float32", "--json", str(out), "--profile",
-                        str(prof)], capture_output=True, text=True, timeout=300, check=False,
+                        "40", "--turn", "8", "--reps", "1", "--dtype", "float32", "--pieces", "walk", "--json", str(out),
+                        "--profile", str(prof)], capture_output=True, text=True, timeout=300, check=False,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)))
     assert r.returncode == 0, r.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    got = json.loads(out.read_text())
+    rows = got["rows"]
+    assert got["pieces"] == "walk" and got["next_turn_kept_forward_s_median"] > 0  # the A/B's other side
     assert all(row["next_turn_cached_tokens"] == row["repeat_cached_tokens"] == 40 for row in rows)
     assert all((row["branch_second_cached_tokens"], row["branch_third_cached_tokens"]) == (0, 32) for row in rows)
     phases = json.loads(out.read_text())["next_turn_phases_s"]  # the synchronised breakdown of one next turn
@@ -264,4 +273,5 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     assert sum(v for k, v in phases.items() if k != "join_s") <= phases["join_s"]
     text = prof.read_text()
     assert all(f"prefix_cache.{name}" in text for name in ("lookup", "restore", "alloc", "copy")), text[:3000]
+    assert "runtime.read_on.walk" in text  # the profiled next turn read its 8 new tokens through the walk
     assert "a shared beginning" in r.stdout

@@ -287,6 +287,55 @@ def test_captured_forced_tokens_equal_uncaptured():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_piece_graphs_equal_the_eager_walk_and_the_forward(dtype):
+    """Runtime.read_on with one CUDA graph per piece length: a prompt read whole (cold) and its last part read on
+    from a prefix (a prefix cache's next turn) give the eager walk's logits and states exactly and the forward's
+    within the dtype's rounding; a second prompt at other positions replays the graphs recorded by the first."""
+    from mamballama_cli.models.runtime import Runtime
+
+    model = gpu_model(dtype)
+    seq = prompts(1, 150, seed=3).cuda()
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    with torch.no_grad():
+        want = model(seq).logits[:, -1].float()
+        got = {}
+        for pieces in ("graph", "walk", "forward"):
+            rt = Runtime(model, 1, 256, pieces=pieces)
+            cold = rt.prefill(seq)
+            rt.pieces = "forward"
+            rt.prefill(seq[:, :41])
+            rt.pieces = pieces
+            resumed = rt.prefill(seq[:, 41:], resume=True)  # 109 = 64 + 32 + 8 + 4 + 1
+            states = [t.clone() for s in rt.cache.mamba.values() for t in s.values()]
+            keys = [k[:, :, :150].clone() for k in rt.cache.key.values()]
+            got[pieces] = (cold.float(), resumed.float(), states, keys)
+            if pieces == "graph":
+                # 150 = 128 + 16 + 4 + 2 cold, 109 = 64 + 32 + 8 + 4 + 1 resumed: one graph per length
+                assert sorted(rt.piece_graphs) == [1, 2, 4, 8, 16, 32, 64, 128], sorted(rt.piece_graphs)
+                recorded = dict(rt.piece_graphs)
+                rt.pieces = "forward"
+                rt.prefill(seq[:, :23])
+                rt.pieces = "graph"
+                again = rt.prefill(seq[:, 23:], resume=True)  # 127 = 64 + 32 + 16 + 8 + 4 + 2 + 1: no new graph
+                assert rel_err(again.float(), resumed.float()) < tol
+                assert rt.piece_graphs.keys() == recorded.keys()
+                assert all(rt.piece_graphs[t] is recorded[t] for t in recorded)
+    exact = tol / 100  # a graph replays the walk's own kernels
+    for a, b in zip(got["graph"][2] + got["graph"][3], got["walk"][2] + got["walk"][3]):
+        assert rel_err(a.float(), b.float()) < exact
+    assert rel_err(got["graph"][0], got["walk"][0]) < exact and rel_err(got["graph"][1], got["walk"][1]) < exact
+    for pieces in ("graph", "forward"):
+        assert rel_err(got[pieces][0], want) < tol and rel_err(got[pieces][1], want) < tol, pieces
+    for a, b in zip(got["graph"][2] + got["graph"][3], got["forward"][2] + got["forward"][3]):
+        assert rel_err(a.float(), b.float()) < tol
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_captured_continuous_batching_equals_uncaptured_and_fp32_equals_each_prompt_alone(dtype):
     """Slots at different positions, requests joining a running batch and reusing freed slots, greedy and seeded
     sampled requests side by side (both recorded steps run), and the prefix cache (a request repeating an earlier
@@ -301,7 +350,9 @@ def test_captured_continuous_batching_equals_uncaptured_and_fp32_equals_each_pro
     reqs += [reqs[0], None]  # 5 repeats request 0; 6 extends request 2 (its prompt and answer), made when it joins
     runs, prompts = {}, {}
     for capture in (True, False):
-        dec = SlotDecoder(model, slots=3, capacity=200, capture=capture, prefix_cache_bytes=1 << 30)
+        # prompts through the layer walk's pieces: CUDA graphs when captured, the same walk eagerly when not
+        dec = SlotDecoder(model, slots=3, capacity=200, capture=capture, prefix_cache_bytes=1 << 30,
+                          pieces="graph" if capture else "walk")
         out, where, queue, cached = {}, {}, list(range(len(reqs))), {}
         for step in range(200):
             if queue and dec.free and step % 7 == 0:  # a request joins every 7 steps while a slot is free

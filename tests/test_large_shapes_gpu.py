@@ -39,7 +39,7 @@ def test_lower_right_attention_on_cuda_equals_the_masked_attention(dtype, gqa):
     keys it does not materialise the (b, h, Lq, Lk) scores (64 GiB) that a tensor mask would."""
     import torch.nn.functional as F
 
-    from mamballama_cli.models import modeling
+    from mamballama_cli.models import attention_masks
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 37, 64, generator=gen).cuda().to(dtype)
@@ -48,7 +48,7 @@ def test_lower_right_attention_on_cuda_equals_the_masked_attention(dtype, gqa):
     mask = (torch.arange(300, device="cuda")[None] <= qi)[None, None]
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=0.125,
                                           enable_gqa=gqa)
-    got = modeling.lower_right_attention(q, k, v, 0.125, gqa).float()
+    got = attention_masks.lower_right_attention(q, k, v, 0.125, gqa).float()
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
     b, h, lq, lk = 64, 4, 1024, 70_000
@@ -57,7 +57,7 @@ def test_lower_right_attention_on_cuda_equals_the_masked_attention(dtype, gqa):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    out = modeling.lower_right_attention(q, k, v, 0.125, gqa)
+    out = attention_masks.lower_right_attention(q, k, v, 0.125, gqa)
     torch.cuda.synchronize()
     assert torch.isfinite(out[:, :, -1]).all()
     assert torch.cuda.max_memory_allocated() - base < 16 * 2**30  # the scores alone would be 68 GiB in float32

@@ -267,7 +267,7 @@ def test_lower_right_attention_in_bounded_blocks_equals_the_masked_attention(gqa
     whose scores stay under a budget: the same result as one masked SDPA call."""
     import torch.nn.functional as F
 
-    from mamballama_cli.models import modeling
+    from mamballama_cli.models import attention_masks
 
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 8, 13, 16, generator=gen)
@@ -275,10 +275,10 @@ def test_lower_right_attention_in_bounded_blocks_equals_the_masked_attention(gqa
     qi = torch.arange(13)[:, None] + 27
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=(torch.arange(40)[None] <= qi)[None, None], scale=0.2,
                                           enable_gqa=gqa)
-    monkeypatch.setattr(modeling, "SCORES_BUDGET", 2 * 8 * 40 * 3)  # blocks of 3 queries
-    got = modeling.lower_right_attention(q, k, v, 0.2, gqa)
+    monkeypatch.setattr(attention_masks, "SCORES_BUDGET", 2 * 8 * 40 * 3)  # blocks of 3 queries
+    got = attention_masks.lower_right_attention(q, k, v, 0.2, gqa)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    assert modeling.attention_mask_4d(13, 40, None, None, "cpu") is modeling.LOWER_RIGHT
+    assert attention_masks.attention_mask_4d(13, 40, None, None, "cpu") is attention_masks.LOWER_RIGHT
 
 
 _VIEWS = {"view", "_unsafe_view", "split", "split_with_sizes", "slice", "select", "t", "transpose", "expand",
@@ -354,3 +354,122 @@ def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
                  "rope_kv_write": n_attn, "decode_attention": n_attn}
     assert dict(counts) == want
     assert dict(stray) == ({"embedding": 1, "bitwise_xor_": 1} if window else {"embedding": 1})
+
+
+# --- prompt pieces through the walk (Runtime.read_on): what the forward reads, without its host cost ----------
+@pytest.mark.parametrize("mixer,attn_layers,sliding", [("mamba2", (1, 3), None), ("mamba1", (2,), None),
+                                                       ("mamba2-nogate", (1, 3), None), ("mamba2", (0, 2), 4),
+                                                       ("mamba2", (), None)])
+def test_prompt_pieces_through_the_walk_equal_the_forward(mixer, attn_layers, sliding):
+    """A prompt read whole through the walk's pieces (cold), and its last part read on from a prefix the forward
+    read (a prefix cache's next turn): the forward's logits, the same K/V and Mamba states, and the decode step
+    after it gives the model's next logits (sliding-window attention: the pieces mask their window too). Piece lengths 8, 2, 1 (11 tokens, at most 8 a piece) and 4, 1."""
+    model = hybrid(mixer, attn_layers)
+    if sliding:
+        model.config.sliding_window = sliding
+        for i in attn_layers:
+            model.model.layers[i].self_attn.sliding_window = sliding
+    P, n, b = 6, 11, 2
+    seq = ids(P + n + 1, b, seed=7)
+    with torch.no_grad():
+        want = model(seq).logits
+        ref = Runtime(model, b, 32)
+        ref.prefill(seq[:, :P + n])
+        for cold in (True, False):
+            rt = Runtime(model, b, 32, pieces="walk")
+            rt.piece_max = 8
+            if cold:
+                got = rt.prefill(seq[:, :P + n])
+            else:
+                rt.pieces = "forward"
+                rt.prefill(seq[:, :P])
+                rt.pieces = "walk"
+                got = rt.prefill(seq[:, P:P + n], resume=True)
+            assert rt.cache.seqlen == P + n
+            assert rel(got, want[:, P + n - 1]) < TOL, cold
+            for i in range(model.config.num_hidden_layers):
+                if i in attn_layers:
+                    assert rel(rt.cache.key[i][:, :, :P + n], ref.cache.key[i][:, :, :P + n]) < TOL
+                    assert rel(rt.cache.value[i][:, :, :P + n], ref.cache.value[i][:, :, :P + n]) < TOL
+                else:
+                    for k, v in rt.cache.mamba_state(i).items():
+                        assert rel(v, ref.cache.mamba_state(i)[k]) < TOL, (cold, i, k)
+            if sliding:  # the decode step has no sliding window (the static decoder refuses such models)
+                continue
+            pos = torch.tensor([P + n])
+            nxt = rt.walk(seq[:, P + n], rt.step(pos=pos, length=pos + 1))
+            assert rel(nxt, want[:, P + n]) < TOL, cold
+
+
+def test_piece_lengths_and_the_longest_piece():
+    from types import SimpleNamespace
+
+    from mamballama_cli.models.runtime import PIECE_SCORES, piece_lengths, piece_max
+
+    assert piece_lengths(100, 64) == [64, 32, 4]
+    assert piece_lengths(300, 128) == [128, 128, 32, 8, 4]
+    assert piece_lengths(7, 256) == [4, 2, 1] and piece_lengths(256, 256) == [256] and piece_lengths(0, 8) == []
+    for n in range(1, 70):
+        lengths = piece_lengths(n, 16)
+        assert sum(lengths) == n and all(t & (t - 1) == 0 and t <= 16 for t in lengths)
+        assert len(set(lengths) - {16}) == len([t for t in lengths if t != 16])  # each shorter length once
+    llama8b = SimpleNamespace(num_attention_heads=32)
+    assert piece_max(llama8b, 4096 + 136) == 256  # a 4K chat: the longest piece the cap allows
+    assert piece_max(llama8b, 32768) == 64 and 64 * 32 * 32768 <= PIECE_SCORES  # 32K: its scores bounded
+    assert piece_max(llama8b, 1 << 22) == 16  # never below 16
+
+
+def test_pieces_bad_value_and_where_the_forward_stays():
+    model = hybrid("mamba2")
+    with pytest.raises(ValueError, match="pieces='fast': give one of forward, walk, graph"):
+        Runtime(model, 1, 8, pieces="fast")
+    assert Runtime(model, 1, 8, window=3, pieces="walk").pieces == "forward"  # speculative windows: the forward
+    rt = Runtime(model, 1, 40, pieces="walk")
+    rt.prefill(ids(20, 1))
+    with pytest.raises(RuntimeError, match="20 cached \\+ 21 new tokens: the cache holds 40"):
+        rt.prefill(ids(21, 1), resume=True)
+
+
+def test_piece_graph_bookkeeping_with_a_stand_in_graph_on_cpu(monkeypatch):
+    """read_on's "graph" branch on a CPU: capture_graph replaced by a stand-in whose recording runs nothing that
+    stays (its warm-ups' changes to the Mamba states are undone, as the real one's are) and whose replay reruns the
+    recorded call into the recorded output. Each length is recorded once and replayed after, its ids copied in and
+    its position read from ``piece_pos``: the eager walk's values."""
+    from mamballama_cli.models import runtime as rtmod
+
+    recorded = []
+
+    class StandIn:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+        def pool(self):
+            return "pool"
+
+    def capture(fn, device, warmup=2, before=None, pool=None):
+        for _ in range(warmup):
+            fn()
+        before()
+        out = fn().clone()
+        before()  # a recording runs nothing
+        recorded.append(pool)
+        return StandIn(fn, out), out
+
+    monkeypatch.setattr(rtmod, "capture_graph", capture)
+    model = hybrid("mamba2")
+    seq = ids(40, 1, seed=9)
+    with torch.no_grad():
+        want = model(seq).logits
+        walk, graph = Runtime(model, 1, 64, pieces="walk"), Runtime(model, 1, 64, pieces="graph")
+        for rt in (walk, graph):
+            rt.piece_max = 16
+        for a, b in ((0, 13), (13, 29), (29, 40)):  # 13 = 8 + 4 + 1; 16; 8 + 2 + 1
+            outs = [rt.prefill(seq[:, a:b], resume=a > 0) for rt in (walk, graph)]
+            assert rel(outs[1], outs[0]) < 1e-6 and rel(outs[1], want[:, b - 1]) < TOL
+    assert sorted(graph.piece_graphs) == [1, 2, 4, 8, 16] and recorded == [None] + ["pool"] * 4
+    for i, state in graph.cache.mamba.items():
+        for k, t in state.items():
+            assert rel(t, walk.cache.mamba[i][k]) < 1e-6

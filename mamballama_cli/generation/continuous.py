@@ -6,7 +6,8 @@ and one decode step over all of them, captured once in a CUDA graph on GPU. Ever
 steps without waiting for each other:
 
 * :meth:`SlotDecoder.join` reads a prompt into a free slot: the prompt goes through the model's own forward on a
-  one-row staging runtime (chunked prefill), then that row's K/V prefix and Mamba state are copied into the slot,
+  one-row staging runtime (chunked prefill; a short one through the layer walk, captured per piece length on
+  GPU: :meth:`~mamballama_cli.models.runtime.Runtime.read_on`), then that row's K/V prefix and Mamba state are copied into the slot,
   overwriting whatever the slot's last request left there. The first token is sampled from the prompt's logits.
 * :meth:`SlotDecoder.step` runs one decode step for every slot and returns each slot's new token. Free slots
   compute too (the step is one static graph) but do not advance: their writes stay inside their own row.
@@ -34,7 +35,7 @@ class SlotDecoder:
     """``slots`` independent rows of ``capacity`` positions each, decoded together one token per step."""
 
     def __init__(self, model, slots: int, capacity: int, sampling: SamplingConfig | None = None, capture=None,
-                 prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
+                 prefill_chunk: int | None = None, prefix_cache_bytes: int = 0, pieces: str | None = None):
         from mamballama_cli.generation.fast import unsupported_reason
 
         why = unsupported_reason(model)
@@ -48,7 +49,10 @@ class SlotDecoder:
         self.sampling = sampling or SamplingConfig(temperature=0.0)
         self.capture = (self.device.type == "cuda") if capture is None else bool(capture)
         self.runtime = Runtime(model, self.slots, self.capacity, prefill_chunk=prefill_chunk)
-        self.stage = Runtime(model, 1, self.capacity, prefill_chunk=prefill_chunk)
+        # prompts (the part after a kept prefix, or short ones whole) read on the staging runtime: short ones through
+        # the layer walk, one CUDA graph per piece length where the step is captured (Runtime.read_on)
+        pieces = pieces or ("graph" if self.capture else "forward")
+        self.stage = Runtime(model, 1, self.capacity, prefill_chunk=prefill_chunk, pieces=pieces)
         dev = self.device
         self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)  # where each slot's next K/V go
         self.tokens = torch.zeros(self.slots, dtype=torch.long, device=dev)  # each slot's next input token
@@ -230,6 +234,9 @@ class SlotDecoder:
                                                    before=self._clear, pool=pool)
             pool = self.graphs[greedy].pool()
         self._clear()
+        if self.stage.pieces == "graph":  # every piece length a prompt can need, recorded now rather than mid-request
+            for k in range(self.stage.piece_max.bit_length()):
+                self.stage.warm_piece(1 << k)
 
     def _clear(self) -> None:
         self.runtime.reset()

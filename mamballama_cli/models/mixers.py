@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mamballama_cli import ops
 from mamballama_cli.models.step import (
+    NormedInput,
     ReplayWindow,
     Step,
     one_token_step,
@@ -81,8 +82,12 @@ class AttentionInitMixer(nn.Module):
             hidden = torch.where(attention_mask[..., None].bool(), hidden, torch.zeros_like(hidden))
         if state is not None and continuing and hidden.shape[1] == 1:  # one cached token: the decode step
             return self.step(hidden[:, 0], state, one_token_step(hidden.device))[:, None]
+        return self._scan_into(hidden, state, continuing, attention_mask)
+
+    def _scan_into(self, hidden: Tensor, state: dict | None, continuing: bool, mask: Tensor | None) -> Tensor:
+        """The parallel scan from ``state`` (when ``continuing``; else from zeros), the state then updated in place."""
         carried = state if (state is not None and continuing) else None
-        y, z, new_conv, final_state = self.scan(hidden, carried, attention_mask)
+        y, z, new_conv, final_state = self.scan(hidden, carried, mask)
         if state is not None:
             state["conv"].copy_(new_conv)
             state["ssm"].copy_(final_state)
@@ -115,7 +120,13 @@ class AttentionInitMixer(nn.Module):
         return self.WINDOW(self, cache.batch_size, window, cache.dtype, cache.device, keep_live)
 
     def step(self, x: Tensor, state, step: Step) -> Tensor:
-        """The new tokens' output (models/step.py): one token in place, or a window with replay."""
+        """The new tokens' output (models/step.py): one token in place, a window with replay, or a prompt piece (the
+        parallel scan from the decode state, which it updates in place; the norm apart, then ``forward``'s path)."""
+        if step.piece:
+            h = x
+            if isinstance(x, NormedInput):
+                h, x.new_residual = step.fns["add_rmsnorm"](x.hidden, x.residual, x.weight, x.eps)
+            return self._scan_into(h, state, True, None)
         return self._step_window(x, state, step) if step.window else self._step_one(x, state, step)
 
     @staticmethod

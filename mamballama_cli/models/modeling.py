@@ -17,6 +17,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from mamballama_cli import ops
+from mamballama_cli.models.attention_masks import LOWER_RIGHT, attention_mask_4d, lower_right_attention
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.configuration import MamballamaConfig
 from mamballama_cli.models.mixers import Mamba2Mixer
@@ -70,69 +71,6 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def attention_mask_4d(
-    q_len: int, kv_len: int, padding_mask: Tensor | None, sliding_window: int | None, device
-):
-    """Boolean mask (batch or 1, 1, q_len, kv_len), True = attend; None when plain causal suffices.
-
-    Queries are the last ``q_len`` of ``kv_len`` positions. Each query may always see itself, so rows of
-    left padding never become all-masked (which would give NaN). A later piece of a chunked prefill (no
-    padding, no sliding window) gets :data:`LOWER_RIGHT` instead of a tensor (:func:`lower_right_attention`).
-    """
-    offset = kv_len - q_len
-    if padding_mask is None and sliding_window is None:
-        if q_len == 1 or offset == 0:
-            return None  # decode step (sees everything) or plain causal prefill (is_causal)
-        return LOWER_RIGHT  # a later piece of a chunked prefill: Attention.forward runs lower_right_attention
-    qi = torch.arange(q_len, device=device)[:, None] + offset
-    kj = torch.arange(kv_len, device=device)[None, :]
-    mask = kj <= qi
-    if sliding_window is not None:
-        mask = mask & (kj > qi - sliding_window)
-    mask = mask[None, None]
-    if padding_mask is not None:
-        mask = mask & padding_mask[:, None, None, :kv_len].bool()
-        mask = mask | (kj == qi)[None, None]
-    return mask
-
-
-LOWER_RIGHT = "lower-right causal"  # attention_mask_4d's answer for a prefill piece after cached positions
-SCORES_BUDGET = 1 << 28  # score elements one materialised attention block may hold
-
-
-def lower_right_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, gqa: bool) -> Tensor:
-    """Causal attention of q (b, h, Lq, d), the last Lq of Lk positions, over k, v (b, hk, Lk, d).
-
-    A later piece of a chunked prefill. With a (Lq, Lk) tensor mask SDPA materialises (b, h, Lq, Lk) scores: 64
-    GiB for 64 rows x 1,024 queries x 70,000 keys, an out-of-memory error on the H200. Where SDPA has a fused
-    kernel for lower-right causal attention (``torch.nn.attention.bias.causal_lower_right``) it runs that: flash
-    with GQA as it is, the memory-efficient kernel (no GQA) with K/V repeated per query head. Otherwise the
-    queries go through in blocks whose scores stay under :data:`SCORES_BUDGET` elements."""
-    b, h, Lq, _ = q.shape
-    Lk = k.shape[2]
-    if q.is_cuda:
-        from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
-        from torch.nn.attention.bias import causal_lower_right
-
-        if can_use_flash_attention(SDPAParams(q, k, v, None, 0.0, False, gqa)):  # flash takes GQA as it is
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale,
-                                                  enable_gqa=gqa)
-        if gqa:  # the memory-efficient kernel (float32, say) has no GQA: a K/V head per query head
-            k, v = (t.repeat_interleave(h // t.shape[1], dim=1) for t in (k, v))
-            gqa = False
-        if can_use_efficient_attention(SDPAParams(q, k, v, None, 0.0, False, False)):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(Lq, Lk), scale=scale)
-    rows = max(1, SCORES_BUDGET // max(1, b * h * Lk))
-    kj = torch.arange(Lk, device=q.device)
-    outs = []
-    for s in range(0, Lq, rows):
-        qi = torch.arange(s, min(Lq, s + rows), device=q.device) + (Lk - Lq)
-        mask = (kj <= qi[:, None])[None, None]
-        outs.append(F.scaled_dot_product_attention(q[:, :, s : s + rows], k, v, attn_mask=mask, scale=scale,
-                                                   enable_gqa=gqa))
-    return torch.cat(outs, dim=2)
 
 
 class Attention(nn.Module):
@@ -190,18 +128,19 @@ class Attention(nn.Module):
         fns = step.fns
         qkv = project_in(x, state.qkv_w, state.qkv_b, fns)  # (..., (n_heads + 2 n_kv) * head_dim)
         kb, vb = state.key, state.value
-        if not step.window:  # one token per row, x (batch, hidden), at step.pos
+        if not (step.window or step.piece):  # one token per row, x (batch, hidden), at step.pos
             q = fns["rope_kv_write"](qkv, step.cos, step.sin, kb, vb, step.pos, self.n_heads, self.n_kv)
             o = fns["decode_attention"](q, kb, vb, step.length, self.scaling)  # (batch, n_heads, head_dim)
             return fns["gemv"](o.reshape(x.shape[0], -1), self.o_proj.weight, self.o_proj.bias)
         b, T, _ = x.shape
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        if self.sliding_window is None:
+        if self.sliding_window is None and not step.piece:
             # RoPE + K/V write at pos + t, then causal attention over [0, pos + t]
             q = fns["rope_kv_write_window"](qkv, step.cos, step.sin, kb, vb, step.pos, nh, nkv)  # (b, T, nh, hd)
             out = fns["window_attention"](q, kb, vb, step.pos, self.scaling)
             return fns["gemv"](out.reshape(b, T, nh * hd), self.o_proj.weight, self.o_proj.bias)
-        # Sliding-window layers: the masked SDPA over the buffer (the window ops have no sliding window).
+        # Sliding-window layers and prompt pieces: the masked SDPA over the buffer (the window ops have no sliding
+        # window, and their tile holds a verify window's queries, not a prompt piece's hundreds).
         idx = step.pos.reshape(-1, 1) + torch.arange(T, device=x.device)  # (1 or batch, T): a position per row
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = q.view(b, T, nh, hd).transpose(1, 2)
@@ -212,7 +151,9 @@ class Attention(nn.Module):
         write_positions(vb, idx, v)
         L = kb.shape[2] if step.kv_len is None else step.kv_len  # graphs attend over the whole buffer, masked
         kj = torch.arange(L, device=x.device)
-        mask = (kj <= idx[..., None]) & (kj > idx[..., None] - self.sliding_window)  # a token sees its window
+        mask = kj <= idx[..., None]
+        if self.sliding_window is not None:
+            mask &= kj > idx[..., None] - self.sliding_window  # a token sees its window
         out = F.scaled_dot_product_attention(
             q, kb[:, :, :L].to(q.dtype), vb[:, :, :L].to(q.dtype), attn_mask=mask[:, None],
             scale=self.scaling, enable_gqa=nkv != nh,

@@ -83,7 +83,9 @@ class Runtime:
     """
 
     def __init__(self, model, batch_size: int, capacity: int, window: int = 0, keep_live: bool = False,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, pieces: str = "forward"):
+        if pieces not in PIECE_MODES:
+            raise ValueError(f"pieces={pieces!r}: give one of {', '.join(PIECE_MODES)}")
         self.model, self.base = model, model.model
         ref = model.lm_head.weight
         self.device, self.dtype = ref.device, ref.dtype
@@ -118,6 +120,12 @@ class Runtime:
         with torch.no_grad():  # the model's own rotary tables, indexed by position on the device
             cos, sin = self.base.rotary_emb(torch.arange(self.capacity, device=self.device)[None], self.dtype)
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()  # (capacity, rotary_dim)
+        # short prompts through the walk (:meth:`read_on`): "walk" eagerly, "graph" one CUDA graph per piece length
+        self.pieces = pieces if window == 0 and self.fc_w is None else "forward"
+        self.piece_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # where the piece's first token goes
+        self.piece_max = piece_max(model.config, self.capacity)
+        self.piece_graphs: dict[int, tuple[object, Tensor, Tensor]] = {}  # length -> (graph, its ids, its logits)
+        self.piece_pool = None  # one memory pool for every piece graph: they never run at once
 
     def step(self, **kw) -> Step:
         """A :class:`Step` over this runtime's op table and rotary tables (``kw``: its other fields)."""
@@ -125,9 +133,10 @@ class Runtime:
 
     # --- the walk ------------------------------------------------------------------------------------------
     def walk(self, ids: Tensor, step: Step, features: Tensor | None = None,
-             features_out: Tensor | None = None) -> Tensor:
+             features_out: Tensor | None = None, last: bool = False) -> Tensor:
         """Logits of the new tokens: ids (batch,) -> (batch, vocab) for a decode step, (batch, T) ->
-        (batch, T, vocab) for a window. Graph-safe: no host sync, every buffer static.
+        (batch, T, vocab) for a window, (batch, vocab) of the last token with ``last``. Graph-safe: no host sync,
+        every buffer static.
 
         ``features``: a feature draft's second input, the target's features one position back (ids' shape plus
         hidden). ``features_out``: a buffer of ids' shape plus hidden that receives the new tokens' features (the
@@ -150,6 +159,8 @@ class Runtime:
             residual = x.residual_out(p.mixer)
             act, residual = norm_glu(hidden, residual, p.ln2, eps, p.gate_up_w, p.gate_up_b)
             hidden = linear(act, p.down_w, p.down_b)
+        if last:  # a prompt piece: only the last token's logits
+            hidden, residual = hidden[:, -1].contiguous(), residual[:, -1].contiguous()
         if features_out is None:
             return norm_linear(hidden, residual, self.norm_w, eps, self.lm_head_w)[0]
         x, _ = add_norm(hidden, residual, self.norm_w, eps)
@@ -171,10 +182,15 @@ class Runtime:
         ``features_out`` (a (batch, n, hidden) buffer for the prompt's own features) as in :meth:`walk`.
         ``resume``: the cache already holds a prefix (``cache.seqlen`` tokens, a prefix cache's entry restored):
         ``ids`` are the tokens after it, read from there instead of from a reset cache.
+
+        With ``pieces`` "walk" or "graph" (a decode runtime, no features), a prompt of at most
+        :data:`PIECE_TOKENS` tokens goes through :meth:`read_on` instead of the forward.
         """
         if not resume:
             self.cache.reset()
         n = ids.shape[1]
+        if self.pieces != "forward" and features is None and n <= PIECE_TOKENS:
+            return self.read_on(ids)
         for s in range(0, n, self.prefill_chunk):
             piece = slice(s, s + self.prefill_chunk)
             kw = dict(past_key_values=self.cache, use_cache=True)
@@ -189,8 +205,79 @@ class Runtime:
             state.load(self.cache)
         return self.model.lm_head(hidden[:, -1:])[:, -1]
 
+    def read_on(self, ids: Tensor) -> Tensor:
+        """Read ``ids`` (batch, n) on from the cache's ``seqlen`` through :meth:`walk` with every mixer's prompt-piece
+        form (models/step.py: the parallel scan from the decode state, attention over the K/V buffer masked at its
+        positions); returns the last token's logits (batch, vocab).
+
+        The model's forward spends most of a short prompt's time on the host (launches, Python), not the device. Here
+        the prompt goes through in pieces whose lengths are powers of two (:func:`piece_lengths`); with ``pieces``
+        "graph" each length is one CUDA graph, recorded on its first use (:meth:`warm_piece`), so a piece costs one
+        replay. Same values as :meth:`prefill`'s forward (tests/test_runtime.py)."""
+        b, n = ids.shape
+        start = self.cache.seqlen
+        if start + n > self.capacity:
+            raise RuntimeError(f"{start} cached + {n} new tokens: the cache holds {self.capacity}")
+        done, logits = 0, None
+        with torch.profiler.record_function(f"runtime.read_on.{self.pieces}"):  # named in a profile
+            for T in piece_lengths(n, self.piece_max):
+                self.piece_pos.fill_(start + done)
+                if self.pieces == "graph":
+                    graph, buf, logits = self.warm_piece(T, ids[:, done : done + T])
+                    graph.replay()
+                else:
+                    logits = self._piece(ids[:, done : done + T])
+                done += T
+                self.cache.seqlen = start + done
+            return logits.clone()  # a graph's output lives in the pool every piece graph shares
+
+    def _piece(self, ids: Tensor) -> Tensor:
+        return self.walk(ids, self.step(pos=self.piece_pos, piece=True), last=True)
+
+    def warm_piece(self, T: int, ids: Tensor | None = None) -> tuple[object, Tensor, Tensor]:
+        """The CUDA graph of a piece of ``T`` tokens at ``piece_pos`` (recorded on first use: its warm-up runs
+        write the K/V at ``piece_pos`` onwards and change the Mamba states, which are restored before the
+        recording); ``ids`` are copied into its input first. Returns (graph, its ids buffer, its logits)."""
+        if T not in self.piece_graphs:
+            buf = torch.zeros(self.batch_size, T, dtype=torch.long, device=self.device)
+            saved = [(t, t.clone()) for state in self.cache.mamba.values() for t in state.values()]
+
+            def restore() -> None:
+                for t, copy in saved:
+                    t.copy_(copy)
+            graph, logits = capture_graph(lambda: self._piece(buf), self.device, warmup=2, before=restore,
+                                          pool=self.piece_pool)
+            self.piece_pool = self.piece_pool or graph.pool()
+            self.piece_graphs[T] = (graph, buf, logits)
+        graph, buf, logits = self.piece_graphs[T]
+        if ids is not None:
+            buf.copy_(ids)
+        return graph, buf, logits
+
     def reset(self) -> None:
         self.cache.reset()
+
+
+PIECE_MODES = ("forward", "walk", "graph")
+PIECE_TOKENS = 1024  # prompts of at most this many tokens go through :meth:`Runtime.read_on` when it is on
+PIECE_SCORES = 1 << 26  # attention scores (heads x queries x buffer positions) one piece may hold
+
+
+def piece_max(config, capacity: int) -> int:
+    """The longest piece :meth:`Runtime.read_on` runs: a power of two, at most 256, and small enough that one
+    attention layer's masked scores over the whole buffer stay under :data:`PIECE_SCORES` (at least 16)."""
+    heads = int(getattr(config, "num_attention_heads", 1))
+    most = max(1, PIECE_SCORES // max(1, heads * int(capacity)))
+    return max(16, min(256, 1 << (most.bit_length() - 1)))
+
+
+def piece_lengths(n: int, most: int) -> list[int]:
+    """``n`` as pieces of ``most`` tokens, then the powers of two of the rest, longest first (100, 64: 64, 32,
+    4): few lengths, so few graphs, and no piece padded."""
+    out = [most] * (n // most)
+    rest = n % most
+    out += [1 << k for k in range(rest.bit_length() - 1, -1, -1) if rest >> k & 1]
+    return out
 
 
 PREFILL_CHUNK = 4096  # tokens per row and prefill piece, unless a smaller piece keeps activations under 2^31

@@ -16,7 +16,10 @@ methods, besides its parallel ``forward`` (training and prefill):
     T tokens, x (batch, T, hidden): with ``step.rebase``, first replay ``step.keep`` (batch,) steps of the
     last window from its checkpoint and start a new window; else append to the window (``step.wlen``
     entries so far, hybrid drafts only). Positions and replay counts are device tensors (no host sync), so
-    one captured graph serves every position and every accepted count.
+    one captured graph serves every position and every accepted count. ``step.piece`` True: T tokens of a prompt,
+    x (batch, T, hidden), at ``step.pos`` onwards: each mixer's parallel form read on from its decode state, which
+    it updates in place (:meth:`~mamballama_cli.models.runtime.Runtime.read_on`: a prompt without the model's
+    host-bound forward, one graph per piece length).
 
 Every op a step runs comes from :class:`OpTable`, the op dispatch of :mod:`mamballama_cli.ops` resolved once
 per device: the Triton kernels on CUDA, the PyTorch references elsewhere.
@@ -70,6 +73,7 @@ class Step:
     kv_len: window only, how much of the K/V buffer a sliding-window layer attends over (None: all of it,
     as a captured graph must). slot: window only, which of its two slots every Mamba-2 window writes this call
     ((1,) on the device; the runtime flips it once before a rebase walk); None: each window flips its own.
+    piece: a prompt piece of T tokens from ``pos`` over decode states (module doc).
     """
 
     fns: OpTable
@@ -83,6 +87,7 @@ class Step:
     wlen: int = 0
     kv_len: int | None = None
     slot: Tensor | None = None
+    piece: bool = False
 
 
 class NormedInput:
