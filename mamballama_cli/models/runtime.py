@@ -214,7 +214,7 @@ class Runtime:
         the prompt goes through in pieces whose lengths are powers of two (:func:`piece_lengths`); with ``pieces``
         "graph" each length is one CUDA graph, recorded on its first use (:meth:`warm_piece`), so a piece costs one
         replay. Same values as :meth:`prefill`'s forward (tests/test_runtime.py)."""
-        b, n = ids.shape
+        n = ids.shape[1]
         start = self.cache.seqlen
         if start + n > self.capacity:
             raise RuntimeError(f"{start} cached + {n} new tokens: the cache holds {self.capacity}")
@@ -223,7 +223,7 @@ class Runtime:
             for T in piece_lengths(n, self.piece_max):
                 self.piece_pos.fill_(start + done)
                 if self.pieces == "graph":
-                    graph, buf, logits = self.warm_piece(T, ids[:, done : done + T])
+                    graph, _, logits = self.warm_piece(T, ids[:, done : done + T])
                     graph.replay()
                 else:
                     logits = self._piece(ids[:, done : done + T])
