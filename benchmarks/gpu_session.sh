@@ -6,6 +6,7 @@
 # same static engine, one process: issue 17's line), profile (kernel times of one step),
 # profilespec (the same for a plain step and a K=4 verify call at the default teacher's 50% shape, issue 18),
 # profilev (the same at the 8B shape: which kernels a verify call adds, issue 15),
+# piecetest (the gpu tests of a short prompt's pieces in CUDA graphs and of continuous batching with them),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), verifyg (every
@@ -163,6 +164,7 @@ for step in $STEPS; do
                  grep -E "prefix_cache\.|  prefill |slot\.copy_in|Self CPU time total|Self CUDA time total" \
                      "$OUT/prefix-cache-profile.txt" 2>/dev/null | cut -c1-200 | head -14 ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;
+        piecetest) gputest pieces 110 tests/test_fast_decode.py -k "piece_graphs or continuous_batching" ;;
         optests) gputest ops 300 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;
