@@ -473,3 +473,36 @@ def test_piece_graph_bookkeeping_with_a_stand_in_graph_on_cpu(monkeypatch):
     for i, state in graph.cache.mamba.items():
         for k, t in state.items():
             assert rel(t, walk.cache.mamba[i][k]) < 1e-6
+
+
+def test_piece_graphs_recorded_in_inference_mode_serve_calls_outside_it(monkeypatch):
+    """`serve` records the piece graphs under torch.inference_mode; a later read under no_grad alone still writes
+    the recorded ids buffer (a tensor made in inference mode could not be written outside it)."""
+    from mamballama_cli.models import runtime as rtmod
+
+    class StandIn:
+        def __init__(self, fn, out):
+            self.fn, self.out = fn, out
+
+        def replay(self):
+            self.out.copy_(self.fn())
+
+        def pool(self):
+            return None
+
+    def capture(fn, device, warmup=2, before=None, pool=None):
+        out = fn()
+        with torch.inference_mode(False):  # a real graph's replay writes its output whatever the mode
+            out = out.clone()
+        before()
+        return StandIn(fn, out), out
+
+    monkeypatch.setattr(rtmod, "capture_graph", capture)
+    model = hybrid("mamba2")
+    rt = Runtime(model, 1, 32, pieces="graph")
+    with torch.inference_mode():
+        rt.warm_piece(4)
+    with torch.no_grad():
+        got = rt.prefill(ids(4, 1, seed=2))
+        want = model(ids(4, 1, seed=2)).logits[:, -1]
+    assert rel(got, want) < TOL

@@ -239,7 +239,8 @@ class Runtime:
         write the K/V at ``piece_pos`` onwards and change the Mamba states, which are restored before the
         recording); ``ids`` are copied into its input first. Returns (graph, its ids buffer, its logits)."""
         if T not in self.piece_graphs:
-            buf = torch.zeros(self.batch_size, T, dtype=torch.long, device=self.device)
+            with torch.inference_mode(False):  # a plain tensor, written in or out of inference mode later
+                buf = torch.zeros(self.batch_size, T, dtype=torch.long, device=self.device)
             saved = [(t, t.clone()) for state in self.cache.mamba.values() for t in state.values()]
 
             def restore() -> None:
