@@ -430,6 +430,29 @@ def test_pieces_bad_value_and_where_the_forward_stays():
         rt.prefill(ids(21, 1), resume=True)
 
 
+class StandInGraph:
+    """A CUDA graph's stand-in on a CPU: :meth:`record` runs the call once for its output's shape and undoes what
+    it did (``before``: a recording runs nothing), and :meth:`replay` reruns the call into that output."""
+
+    def __init__(self, fn, out):
+        self.fn, self.out = fn, out
+
+    @classmethod
+    def record(cls, fn, before):
+        out = fn()
+        with torch.inference_mode(False):  # a real graph's replay writes its output whatever the mode
+            out = out.clone()
+        before()
+        graph = cls(fn, out)
+        return graph, out
+
+    def replay(self):
+        self.out.copy_(self.fn())
+
+    def pool(self):
+        return "pool"
+
+
 def test_piece_graph_bookkeeping_with_a_stand_in_graph_on_cpu(monkeypatch):
     """read_on's "graph" branch on a CPU: capture_graph replaced by a stand-in whose recording runs nothing that
     stays (its warm-ups' changes to the Mamba states are undone, as the real one's are) and whose replay reruns the
@@ -439,24 +462,12 @@ def test_piece_graph_bookkeeping_with_a_stand_in_graph_on_cpu(monkeypatch):
 
     recorded = []
 
-    class StandIn:
-        def __init__(self, fn, out):
-            self.fn, self.out = fn, out
-
-        def replay(self):
-            self.out.copy_(self.fn())
-
-        def pool(self):
-            return "pool"
-
     def capture(fn, device, warmup=2, before=None, pool=None):
         for _ in range(warmup):
             fn()
         before()
-        out = fn().clone()
-        before()  # a recording runs nothing
         recorded.append(pool)
-        return StandIn(fn, out), out
+        return StandInGraph.record(fn, before)
 
     monkeypatch.setattr(rtmod, "capture_graph", capture)
     model = hybrid("mamba2")
@@ -480,24 +491,8 @@ def test_piece_graphs_recorded_in_inference_mode_serve_calls_outside_it(monkeypa
     the recorded ids buffer (a tensor made in inference mode could not be written outside it)."""
     from mamballama_cli.models import runtime as rtmod
 
-    class StandIn:
-        def __init__(self, fn, out):
-            self.fn, self.out = fn, out
-
-        def replay(self):
-            self.out.copy_(self.fn())
-
-        def pool(self):
-            return None
-
-    def capture(fn, device, warmup=2, before=None, pool=None):
-        out = fn()
-        with torch.inference_mode(False):  # a real graph's replay writes its output whatever the mode
-            out = out.clone()
-        before()
-        return StandIn(fn, out), out
-
-    monkeypatch.setattr(rtmod, "capture_graph", capture)
+    monkeypatch.setattr(rtmod, "capture_graph", lambda fn, device, warmup=2, before=None, pool=None:
+                        StandInGraph.record(fn, before))
     model = hybrid("mamba2")
     rt = Runtime(model, 1, 32, pieces="graph")
     with torch.inference_mode():
