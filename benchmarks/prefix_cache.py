@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
 
 def phase_times(dec, dev, context, turn, timed) -> dict[str, float]:
     """Where one next turn's time goes: a conversation is read and kept, then its next turn joins with each step of
-    the prompt read (``SlotDecoder._read``) wrapped in a device-synchronised timer: the lookup, the restore into the
+    the prompt read (``SlotDecoder.begin`` and ``advance``) wrapped in a device-synchronised timer: the lookup, the restore into the
     staging cache, the prefill piece, the copy into the slot, the new entry's allocation and its copy. Seconds per
     phase (summed where a phase runs twice), and ``join_s`` for the whole join with the timers in place."""
     import torch

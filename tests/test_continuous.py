@@ -275,3 +275,50 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     assert all(f"prefix_cache.{name}" in text for name in ("lookup", "restore", "alloc", "copy")), text[:3000]
     assert "runtime.read_on.walk" in text  # the profiled next turn read its 8 new tokens through the walk
     assert "a shared beginning" in r.stdout
+
+
+def test_a_prompt_read_a_few_tokens_at_a_time_between_steps_joins_as_if_read_whole():
+    """`serve --prefill-per-step`: a prompt read into a slot in budgets of 5 tokens while another slot decodes
+    (begin, advance between steps, finish) answers as the same prompt joined whole, its slot left alone by the steps
+    meanwhile; with the prefix cache, a next turn and a request sharing a beginning with a kept one (its piece stops
+    at the end of the shared blocks, which is kept) resume as when read whole. Misuse is refused."""
+    from mamballama_cli.generation.prefix_cache import BLOCK
+
+    model, _ = tiny_hybrid(attn_layers=(1, 3), seed=5)
+    model.eval()
+    a, b, c, _ = _shared_beginnings(3)
+    gen = torch.Generator().manual_seed(9)
+    other = torch.randint(3, 96, (11,), generator=gen).tolist()
+    whole = SlotDecoder(model, slots=2, capacity=90, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30)
+    paced = SlotDecoder(model, slots=2, capacity=90, capture=False, prefill_chunk=8, prefix_cache_bytes=1 << 30)
+    with torch.no_grad():
+        want = {i: _answer(whole, p, 6) for i, p in enumerate((a, a + [7, 8, 9], b, c))}
+        got = {}
+        for i, p in enumerate((a, a + [7, 8, 9], b, c)):
+            busy, _ = paced.join(other)  # a row decoding meanwhile
+            reading = paced.begin(p)
+            steps = 0
+            while not reading.done:
+                assert paced.advance(reading, 5) <= 5
+                before = paced.length[reading.slot]
+                paced.step()
+                steps += 1
+                assert paced.length[reading.slot] == before  # the step leaves the reading slot alone
+            slot, tok = paced.finish(reading)
+            out = [tok] + [paced.step()[slot] for _ in range(5)]
+            got[i] = (out, paced.cached[slot])
+            assert steps >= 1 and (steps > 1) == (len(p) - paced.cached[slot] > 5), (i, steps)
+            paced.leave(slot)
+            paced.leave(busy)
+        assert got == want, (got, want)
+        assert [cached for _, cached in got.values()] == [0, len(a), 0, 40 // BLOCK * BLOCK]
+        reading = paced.begin(torch.randint(3, 96, (20,), generator=gen).tolist())  # nothing of it kept
+        paced.advance(reading, 5)
+        with pytest.raises(RuntimeError, match="a prompt is being read already"):
+            paced.begin(b)
+        with pytest.raises(RuntimeError, match="15 tokens of the prompt are still to read"):
+            paced.finish(reading)
+        with pytest.raises(ValueError, match="still reading its prompt"):
+            paced.leave(reading.slot)
+        paced.drop(reading)
+        assert sorted(paced.free) == [0, 1] and paced.reading is None

@@ -271,8 +271,14 @@ def test_stop_text_holds_back_what_may_begin_a_stop_string():
     assert sent == [] and cut.matched  # the stop string first: an empty answer
 
 
+LONGER = "next, and then a little more"
+
+
 def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees_its_row(models):
-    s = Server(models["hybrid"], "--max-context", "200", env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})
+    """Continuous batching: a request joins a batch that is decoding, its prompt read 3 tokens between two steps
+    (--prefill-per-step 3), and answers as it would alone; a client leaving mid-stream frees its row."""
+    s = Server(models["hybrid"], "--max-context", "200", "--prefill-per-step", "3", "--prefix-cache-gb", "0",
+               env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})  # no prefix cache: the solo answer is read anew
     try:
         host, port = s.url.removeprefix("http://").removesuffix("/v1").split(":")
         body = json.dumps({"prompt": "a long answer please", "max_tokens": 150, "stream": True, "temperature": 0})
@@ -284,18 +290,20 @@ def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees
             got += sock.recv(4096)
         assert s.health()["active"] == 1
         # continuous batching: a short request joins the running batch and is answered while the long one streams
-        joined = s.client.completions.create(model="hybrid", prompt="next", max_tokens=3, temperature=0)
+        joined = s.client.completions.create(model="hybrid", prompt=LONGER, max_tokens=3, temperature=0)
         h = s.health()
         assert h["joined_running"] == 1 and h["active"] == 1 and h["batches"] == 1, h
+        assert joined.usage.prompt_tokens > 3 and h["read_in_pieces"] == 1, (joined.usage, h)
         sock.close()  # 150 tokens at 0.05 s a step would take 7.5 s more
         deadline = time.time() + 5
         while time.time() < deadline and not (s.health()["cancelled"] == 1 and s.health()["active"] == 0):
             time.sleep(0.1)
         h = s.health()
         assert h["cancelled"] == 1 and h["active"] == 0, h
-        r = s.client.completions.create(model="hybrid", prompt="next", max_tokens=3, temperature=0)
+        r = s.client.completions.create(model="hybrid", prompt=LONGER, max_tokens=3, temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
-        assert r.choices[0].text == joined.choices[0].text  # alone, the same answer as inside the batch
+        assert r.choices[0].text == joined.choices[0].text  # alone (read whole), the same answer as inside the batch
+        assert s.health()["read_in_pieces"] == 1
     finally:
         s.stop()
 

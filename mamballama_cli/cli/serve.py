@@ -24,6 +24,10 @@ def command(
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="Prompt tokens per row read "
                                                 "in one piece (default: 4096, fewer for a large batch): bounds "
                                                 "prefill memory."),
+    prefill_per_step: int = typer.Option(512, "--prefill-per-step", min=0, help="While answers decode, prompt "
+                                         "tokens read between two decode steps: a longer prompt joins over several "
+                                         "steps, so streaming answers never stall for a whole long prompt; 0: each "
+                                         "prompt whole before the next step."),
     prefix_cache_gb: float = typer.Option(4.0, "--prefix-cache-gb", min=0.0, help="Memory (GB, on the model's "
                                           "device) for decoding states kept after each prompt and answer, so a "
                                           "prompt that repeats or extends an earlier one (a chat's next turn, n "
@@ -86,7 +90,8 @@ def command(
 
         lm, draft_model, draft_name = prepare_pair(lm, tok, path, model, draft, dtype, device)
     engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk, draft=draft_model,
-                    k=k or 4, draft_name=draft_name, prefix_cache_bytes=int(prefix_cache_gb * 1e9))
+                    k=k or 4, draft_name=draft_name, prefix_cache_bytes=int(prefix_cache_gb * 1e9),
+                    prefill_per_step=prefill_per_step)
     app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens, api_key=api_key)
     err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})"
         + ("; /v1/* needs the API key" if api_key else ""))

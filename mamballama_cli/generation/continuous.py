@@ -25,10 +25,31 @@ With ``prefix_cache_bytes``, the state after each prompt and after each request 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from mamballama_cli.generation.sampling import RowSampling, SamplingConfig, argmax_last, sample_rows, token_logprobs
 from mamballama_cli.generation.prefix_cache import BLOCK, PrefixCache
 from mamballama_cli.models.runtime import Runtime, capture_graph
+
+
+@dataclass
+class Reading:
+    """A prompt being read into a slot (:meth:`SlotDecoder.begin`): ``at`` tokens read so far (a kept prefix
+    counts), ``split`` where a piece stops to keep the state (0: nowhere), ``logits`` the prompt's last once read."""
+
+    prompt: list[int]
+    slot: int
+    sampling: SamplingConfig
+    seed: int
+    at: int = 0
+    split: int = 0
+    logits: torch.Tensor | None = None
+    source: object = None  # the cache whose row 0 finish copies into the slot: the staging cache or a kept entry's
+
+    @property
+    def done(self) -> bool:
+        return self.logits is not None
 
 
 class SlotDecoder:
@@ -72,6 +93,7 @@ class SlotDecoder:
         self.next_in = [0] * self.slots  # host mirror of tokens for live slots: the next token a step feeds
         self.cached = [0] * self.slots
         self.prompt_len = [0] * self.slots
+        self.reading: Reading | None = None  # the prompt being read into a slot (begin .. finish)
 
     # --- the step ------------------------------------------------------------------------------------------
     def _step(self, greedy: bool) -> None:
@@ -84,11 +106,12 @@ class SlotDecoder:
     @torch.no_grad()
     def step(self) -> list[int]:
         """One token for every slot (free slots' entries mean nothing). A live slot must have room."""
-        for s in range(self.slots):
-            if s not in self.free and self.length[s] >= self.capacity:
+        live = self.live_slots()
+        for s in live:
+            if self.length[s] >= self.capacity:
                 raise RuntimeError(f"slot {s} is full ({self.capacity} positions): leave() it first")
         self.step_warm()
-        greedy = all(self.rows.greedy[s] for s in range(self.slots) if s not in self.free)
+        greedy = all(self.rows.greedy[s] for s in live)
         if self.graphs:
             self.graphs[greedy].replay()
         else:
@@ -96,37 +119,120 @@ class SlotDecoder:
         self.last_logits, self.joined = self.step_logits[greedy], None
         self.stepped = self.last_logits
         out = self.tokens.tolist()
-        for s in range(self.slots):
-            if s not in self.free:
-                self.length[s] += 1
-                if self.prefix is not None:
-                    self.fed[s].append(self.next_in[s])
-                    self.next_in[s] = out[s]
+        for s in live:
+            self.length[s] += 1
+            if self.prefix is not None:
+                self.fed[s].append(self.next_in[s])
+                self.next_in[s] = out[s]
         return out
+
+    def live_slots(self) -> list[int]:
+        """The slots a step advances: those in use, but the one whose prompt is being read."""
+        held = self.reading.slot if self.reading is not None else None
+        return [s for s in range(self.slots) if s not in self.free and s != held]
 
     # --- slots ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def join(self, prompt_ids: list[int], sampling: SamplingConfig | None = None,
              seed: int | None = None) -> tuple[int, int]:
         """Read a prompt into a free slot, to be sampled with ``sampling`` (default: the decoder's) from ``seed``
-        (default: drawn from torch's generator); returns (slot, first sampled token)."""
+        (default: drawn from torch's generator); returns (slot, first sampled token). :meth:`begin`,
+        :meth:`advance` to the end, :meth:`finish`."""
+        reading = self.begin(prompt_ids, sampling, seed)
+        self.advance(reading)
+        return self.finish(reading)
+
+    @torch.no_grad()
+    def begin(self, prompt_ids: list[int], sampling: SamplingConfig | None = None,
+              seed: int | None = None) -> Reading:
+        """Start reading a prompt into a free slot, which it holds from now on (steps leave it alone); the prompt is
+        then read by :meth:`advance`, a piece at a time if the caller wants (`serve` reads a long prompt between
+        decode steps, so running answers never wait for all of it), and the slot joins with :meth:`finish`. One
+        prompt at a time: the staging runtime holds it until then. The prefix cache is looked up here (module doc)."""
         n = len(prompt_ids)
-        cfg = sampling or self.sampling
-        seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
         if not self.free:
             raise RuntimeError("no free slot: every slot holds a request")
+        if self.reading is not None:
+            raise RuntimeError("a prompt is being read already: finish() or drop() it first")
         if n < 1 or n + 1 > self.capacity:
             raise ValueError(f"prompt of {n} tokens: a slot holds 1 to {self.capacity - 1}")
+        seed = int(torch.randint(0, 2**62, (1,))) if seed is None else int(seed)
         self.step_warm()
-        slot = self.free.pop(0)
-        self.last_logits = self._read(prompt_ids, slot)
+        r = Reading(list(prompt_ids), self.free.pop(0), sampling or self.sampling, seed)
+        self.reading = r
+        label = torch.profiler.record_function  # named ranges in a profile (benchmarks/prefix_cache.py --profile)
+        if self.prefix is not None:
+            with label("prefix_cache.lookup"):
+                hit = self.prefix.lookup(r.prompt)
+                src = None
+                if hit is not None:
+                    r.at, src = len(hit[0]), hit[1]
+                shared, owner = self.prefix.shared(r.prompt, n - 1) if r.at < n - 1 else (0, None)
+            if shared > r.at and not self.runtime.cache.mamba:  # every layer attention: a slice of the owner's K/V
+                r.at, src = shared, self.prefix.entries[owner]
+                self.prefix.take(owner, r.at)
+            elif shared >= r.at + BLOCK:  # a hybrid: worth a piece of its own and an entry
+                r.split = shared
+            self.fed[r.slot] = list(r.prompt)
+            if r.at == n:  # the whole prompt: its state and logits as they were kept (copied in by finish)
+                r.source, r.logits = src.cache, src.logits.clone()
+            elif r.at:
+                with label("prefix_cache.restore"):
+                    self.stage.cache.copy_row(src.cache, 0, 0, r.at)
+                    self.stage.cache.seqlen = r.at
+        self.cached[r.slot] = r.at
+        return r
+
+    @torch.no_grad()
+    def advance(self, r: Reading, budget: int | None = None) -> int:
+        """Read up to ``budget`` more tokens of the prompt (None: the rest) on the staging runtime; returns how many
+        were read. Once the last is read, ``r.done``: the prefix cache keeps the prompt's state, and :meth:`finish`
+        copies it into the slot. A hybrid's prompt that shares blocks with a kept one stops a piece at the end of the shared
+        blocks and keeps the state there too."""
+        label = torch.profiler.record_function
+        n, read = len(r.prompt), 0
+        ids = None
+        while r.logits is None and (budget is None or read < budget):
+            end = r.split if r.split > r.at else n
+            if budget is not None:
+                end = min(end, r.at + budget - read)
+            if ids is None:
+                ids = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
+            with label("prefill"):
+                logits = self.stage.prefill(ids[:, r.at:end], resume=bool(r.at))
+            read += end - r.at
+            r.at = end
+            if r.at == r.split:  # the end of the shared blocks, kept for the requests that begin the same way
+                with label("prefix_cache.put"):
+                    self.prefix.put(r.prompt[: r.split], self.stage.cache, 0, logits)
+            if r.at == n:
+                r.source = self.stage.cache
+                if self.prefix is not None:
+                    with label("prefix_cache.put"):
+                        self.prefix.put(r.prompt, self.stage.cache, 0, logits)
+                r.logits = logits
+        return read
+
+    @torch.no_grad()
+    def finish(self, r: Reading) -> tuple[int, int]:
+        """The slot of a prompt read to its end joins the batch: its first token sampled from the prompt's logits;
+        returns (slot, first token)."""
+        if r.logits is None:
+            raise RuntimeError(f"{len(r.prompt) - r.at} tokens of the prompt are still to read: advance() first")
+        slot, n, cfg = r.slot, len(r.prompt), r.sampling
+        # into the slot now, not when read: a step between the two writes into the reading slot's row
+        with torch.profiler.record_function("prefix_cache.restore" if r.source is not self.stage.cache
+                                            else "slot.copy_in"):
+            self.runtime.cache.copy_row(r.source, 0, slot, n)
+        self.reading = None
+        self.last_logits = r.logits
         if cfg.greedy:  # the argmax alone (no sort of the vocabulary)
             first = argmax_last(self.last_logits)
         else:
             one = RowSampling(1, self.device)
-            one.set(0, cfg, seed)
+            one.set(0, cfg, r.seed)
             first = sample_rows(self.last_logits, one)
-        self.rows.set(slot, cfg, seed)
+        self.rows.set(slot, cfg, r.seed)
         self.rows.counter[slot] = 1  # the first draw was the prompt's
         self.joined = slot
         self.pos[slot] = n
@@ -137,52 +243,12 @@ class SlotDecoder:
         self.prompt_len[slot] = n
         return slot, int(first[0])
 
-    def _read(self, prompt_ids: list[int], slot: int) -> torch.Tensor:
-        """Put the state after ``prompt_ids`` into ``slot``; returns the prompt's last logits (1, vocab). From the
-        prefix cache's longest entry that begins the prompt, where there is one (the rest read on the staging
-        runtime from there; nothing read for the whole prompt); the prompt's state is then kept as an entry.
-
-        A prompt that shares whole blocks with an entry beyond that (:meth:`PrefixCache.shared`): a Transformer
-        resumes from the end of those blocks (its K/V there are a slice of the entry's); a hybrid reads the prompt
-        in two pieces and keeps the state at that point too, for the next request that begins the same way."""
-        n = len(prompt_ids)
-        label = torch.profiler.record_function  # named ranges in a profile (benchmarks/prefix_cache.py --profile)
-        m, src, split = 0, None, 0
-        if self.prefix is not None:
-            with label("prefix_cache.lookup"):
-                hit = self.prefix.lookup(prompt_ids)
-                if hit is not None:
-                    m, src = len(hit[0]), hit[1]
-                shared, owner = self.prefix.shared(prompt_ids, n - 1) if m < n - 1 else (0, None)
-            if shared > m and not self.runtime.cache.mamba:  # every layer attention: a slice of the owner's K/V
-                m, src = shared, self.prefix.entries[owner]
-                self.prefix.take(owner, m)
-            elif shared >= m + BLOCK:  # a hybrid: worth a piece of its own and an entry
-                split = shared
-            self.fed[slot] = list(prompt_ids)
-        self.cached[slot] = m
-        if m == n:  # the whole prompt: its state and logits as they were kept
-            with label("prefix_cache.restore"):
-                self.runtime.cache.copy_row(src.cache, 0, slot, n)
-            return src.logits.clone()
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        if m:
-            with label("prefix_cache.restore"):
-                self.stage.cache.copy_row(src.cache, 0, 0, m)
-                self.stage.cache.seqlen = m
-        with label("prefill"):
-            if split:  # to the end of the shared blocks, kept for the requests that begin the same way
-                logits = self.stage.prefill(ids[:, m:split], resume=bool(m))
-                with label("prefix_cache.put"):
-                    self.prefix.put(prompt_ids[:split], self.stage.cache, 0, logits)
-                m = split
-            logits = self.stage.prefill(ids[:, m:], resume=bool(m))
-        with label("slot.copy_in"):
-            self.runtime.cache.copy_row(self.stage.cache, 0, slot, n)
-        if self.prefix is not None:
-            with label("prefix_cache.put"):
-                self.prefix.put(prompt_ids, self.stage.cache, 0, logits)
-        return logits
+    def drop(self, r: Reading) -> None:
+        """Give up reading ``r`` (its client left, or reading it failed): its slot is free again."""
+        if self.reading is r:
+            self.reading = None
+            self.fed[r.slot] = []
+            self.free.append(r.slot)
 
     def logprobs(self, slots: list[int], k: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
         """After :meth:`step`: for each of ``slots``, its new token's log-probability and the ``k`` most likely
@@ -203,6 +269,8 @@ class SlotDecoder:
         """Free ``slot``; its row keeps computing in the step, at position 0 of its own buffers."""
         if slot in self.free or not 0 <= slot < self.slots:
             raise ValueError(f"slot {slot} is not in use")
+        if self.reading is not None and self.reading.slot == slot:
+            raise ValueError(f"slot {slot} is still reading its prompt: drop() the reading instead")
         if self.prefix is not None and self.length[slot] > self.prompt_len[slot]:
             # every token it fed, with the logits the last one gave: the last step's (every step feeds every live
             # slot). A slot that leaves before any step was kept as its prompt when it joined.

@@ -145,7 +145,7 @@ def create_app(engine: Engine, model_name: str, max_context: int, default_max_to
         return {"status": "ok", "model": model_name, "mode": engine.mode, "batches": engine.batches,
                 "largest_batch": engine.largest_batch, "joined_running": engine.joined_running,
                 "waiting": engine.pending.qsize(), "active": engine.active, "cancelled": engine.cancelled,
-                "speculative_runs": engine.speculative_runs,
+                "speculative_runs": engine.speculative_runs, "read_in_pieces": engine.read_in_pieces,
                 "prefix_cache": engine.prefix_stats()}
 
     @app.get("/metrics")

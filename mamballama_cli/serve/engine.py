@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096,
                  prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = "",
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, prefill_per_step: int = 512):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
         from mamballama_cli.generation.runners import as_hybrid, is_hybrid
@@ -135,6 +135,11 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_context = int(max_batch), int(max_context)
         self.prefill_chunk = prefill_chunk
+        # while rows decode, prompt tokens read between two steps (0: whole prompts): a long prompt joins over
+        # several steps, so the running answers never wait for all of it
+        self.prefill_per_step = int(prefill_per_step)
+        self.reading = None  # (request, its Reading): the prompt being read into a slot, a piece per step
+        self.read_in_pieces = 0  # requests whose prompt was read over more than one step
         self.prefix_cache_bytes = int(prefix_cache_bytes)  # continuous batching's prefix cache; 0: none
         self.draft, self.k, self.draft_name = draft, int(k), draft_name
         self.stops = stop_token_ids(model, tokenizer)
@@ -224,7 +229,7 @@ class Engine:
         rows: dict[int, _Row] = {}  # slot -> the request decoding there
         dec = None
         while True:
-            if not rows and not waiting:
+            if not rows and not waiting and self.reading is None:
                 if start is not None and self.pending.empty():
                     return  # drained: the next request alone may decode speculatively again
                 waiting.append(self.pending.get())  # idle: block until a request comes
@@ -233,29 +238,13 @@ class Engine:
                     waiting.append(self.pending.get_nowait())
                 except queue.Empty:
                     break
-            if not rows:  # idle until now: a new run of batches
+            if not rows and self.reading is None:  # idle until now: a new run of batches
                 waiting = [r for r in waiting if not r.cancelled.is_set()]
                 if not waiting:
                     continue
                 dec = self._decoder()
                 self.batches += 1
-            for req in waiting[: len(dec.free)]:
-                waiting.remove(req)
-                if req.cancelled.is_set():
-                    continue
-                try:
-                    with torch.inference_mode():
-                        row = _Row(req, self.tokenizer)
-                        slot, first = dec.join(req.prompt_ids, req.sampling, req.seed)
-                        row.cached = dec.cached[slot]
-                        lp = None if req.logprobs is None else dec.logprobs([slot], req.logprobs)[0]
-                except Exception as exc:
-                    _fail(req, exc)
-                    continue
-                self.joined_running += bool(rows)
-                rows[slot] = row
-                if row.take(first, self.stops, lp) or dec.room(slot) <= 0:
-                    self._close(dec, rows, slot)
+            self._admit(dec, rows, waiting)
             self.active = len(rows)
             self.largest_batch = max(self.largest_batch, len(rows))
             if not rows:
@@ -282,6 +271,58 @@ class Engine:
             self.active = len(rows)
             if self.step_delay:
                 time.sleep(self.step_delay)
+
+    def _admit(self, dec, rows: dict, waiting: list) -> None:
+        """Waiting requests take free slots, their prompts read on the decoder's staging runtime. While rows decode,
+        at most ``prefill_per_step`` prompt tokens are read before the next step: a longer prompt goes on at the
+        next (``SlotDecoder.begin``/``advance``/``finish``). An idle batch reads whole prompts."""
+        budget = self.prefill_per_step if rows and self.prefill_per_step > 0 else None
+        while budget is None or budget > 0:
+            if self.reading is None:
+                while waiting and waiting[0].cancelled.is_set():
+                    waiting.pop(0)
+                if not waiting or not dec.free:
+                    return
+                self.reading = (waiting.pop(0), None, [0])  # its Reading once begun
+            req, r, calls = self.reading
+            if req.cancelled.is_set():  # the client left before its first token
+                if r is not None:
+                    dec.drop(r)
+                self.reading = None
+                self.cancelled += 1
+                req.finish("cancelled", {})
+                continue
+            calls[0] += 1
+            slot = None
+            try:
+                with torch.inference_mode():
+                    if r is None:
+                        r = dec.begin(req.prompt_ids, req.sampling, req.seed)
+                        self.reading = (req, r, calls)
+                    read = dec.advance(r, budget)
+                    if r.done:
+                        row = _Row(req, self.tokenizer)
+                        slot, first = dec.finish(r)
+                        row.cached = dec.cached[slot]
+                        lp = None if req.logprobs is None else dec.logprobs([slot], req.logprobs)[0]
+            except Exception as exc:  # a failed request is answered with the error; the others go on
+                if slot is not None:
+                    dec.leave(slot)
+                elif r is not None:
+                    dec.drop(r)
+                self.reading = None
+                _fail(req, exc)
+                continue
+            if budget is not None:
+                budget -= read
+            if not r.done:
+                return  # the rest after the next step
+            self.reading = None
+            self.read_in_pieces += calls[0] > 1
+            self.joined_running += bool(rows)
+            rows[slot] = row
+            if row.take(first, self.stops, lp) or dec.room(slot) <= 0:
+                self._close(dec, rows, slot)
 
     def _close(self, dec, rows: dict, slot: int) -> None:
         row = rows.pop(slot)
