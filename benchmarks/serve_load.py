@@ -8,8 +8,10 @@ It starts `python -m mamballama_cli serve MODEL --port 0 --max-batch CLIENTS --m
 for its "listening on" line, then runs CLIENTS threads that send `/v1/completions` requests (greedy, streamed, so
 that the time to the first token is seen) until REQUESTS are done. Prompts are distinct random words cut to the
 prompt length by the model's tokenizer (the server's count, `usage.prompt_tokens`, is reported). Written: completion tokens per second
-over the whole run, per-request latency and time to first token (p50, p95, max), and the server's /health (how
-many batches it ran and the largest). Only the standard library talks HTTP, so it runs wherever serve does.
+over the whole run, per-request latency and time to first token (p50, p95, max), the wait between two streamed
+pieces of an answer over all answers (``inter_token_s``: where another prompt's read stalls the running answers;
+``serve --prefill-per-step`` bounds it), and the server's /health (how many batches it ran, the largest, and the
+prompts read over several steps). Only the standard library talks HTTP, so it runs wherever serve does.
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
                        "stream_options": {"include_usage": True}}).encode()
     req = urllib.request.Request(url + "/v1/completions", data=body, headers={"content-type": "application/json"})
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     usage = {}
-    pieces = 0
+    pieces, gaps = 0, []
     with urllib.request.urlopen(req, timeout=3600) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -74,10 +76,14 @@ def one_request(url: str, prompt: str, max_tokens: int) -> dict:
                 usage = event["usage"]
             if any(c.get("text") for c in event.get("choices", [])):
                 pieces += 1
+                now = time.perf_counter()
                 if first is None:
-                    first = time.perf_counter()
+                    first = now
+                else:  # the wait between two streamed pieces: a stall (another prompt read meanwhile) shows here
+                    gaps.append(now - last)
+                last = now
     t1 = time.perf_counter()
-    return {"latency_s": t1 - t0, "ttft_s": (first or t1) - t0, "pieces": pieces, **usage}
+    return {"latency_s": t1 - t0, "ttft_s": (first or t1) - t0, "pieces": pieces, "gaps_s": gaps, **usage}
 
 
 def percentiles(xs: list[float]) -> dict:
@@ -156,13 +162,15 @@ def main() -> None:
         "completion_tokens": completion, "wall_s": wall, "completion_tokens_per_s": completion / wall,
         "latency_s": percentiles([r["latency_s"] for r in results]),
         "ttft_s": percentiles([r["ttft_s"] for r in results]),
-        "server": {k: health.get(k) for k in ("mode", "batches", "largest_batch")},
+        "inter_token_s": percentiles([g for r in results for g in r["gaps_s"]]),
+        "server": {k: health.get(k) for k in ("mode", "batches", "largest_batch", "read_in_pieces")},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "serve_args": args.serve_args,
     }
     print(json.dumps(out, indent=1))
     print(f"{args.model}: {len(results)} requests from {args.clients} clients, {out['prompt_tokens_mean']:.0f} prompt "
           f"tokens: {out['completion_tokens_per_s']:.1f} completion tok/s, latency p50 {out['latency_s']['p50']:.2f} s "
-          f"p95 {out['latency_s']['p95']:.2f} s, first token p50 {out['ttft_s']['p50']:.2f} s "
+          f"p95 {out['latency_s']['p95']:.2f} s, first token p50 {out['ttft_s']['p50']:.2f} s, between tokens p95 "
+          f"{out['inter_token_s'].get('p95', 0) * 1e3:.1f} ms max {out['inter_token_s'].get('max', 0) * 1e3:.1f} ms "
           f"({health.get('mode')})", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:

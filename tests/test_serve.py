@@ -619,6 +619,9 @@ def test_serve_load_benchmark_runs_and_reports(models, tmp_path):
     assert data["requests"] == 8 and data["prompt_tokens_mean"] >= 16 and data["completion_tokens"] > 0
     assert data["completion_tokens_per_s"] > 0 and data["latency_s"]["p95"] >= data["latency_s"]["p50"] > 0
     assert data["server"]["mode"] == "continuous-batched" and data["server"]["largest_batch"] > 1
+    gaps = data["inter_token_s"]  # 8 answers of up to 5 streamed pieces: the waits between them
+    assert 0 < gaps["p50"] <= gaps["p95"] <= gaps["max"] < data["latency_s"]["max"]
+    assert data["server"]["read_in_pieces"] >= 0
 
 
 def test_serving_with_the_lookup_draft_answers_as_the_model_alone(models, capsys):
