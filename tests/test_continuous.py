@@ -259,8 +259,8 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     root = Path(__file__).resolve().parents[1]
     out, prof = tmp_path / "pc.json", tmp_path / "profile.txt"
     r = subprocess.run([sys.executable, str(root / "benchmarks" / "prefix_cache.py"), "--shape", "tiny", "--context",
-                        "40", "--turn", "8", "--reps", "1", "--dtype", "float32", "--pieces", "walk", "--json", str(out),
-                        "--profile", str(prof)], capture_output=True, text=True, timeout=300, check=False,
+                        "40", "--turn", "8", "--reps", "1", "--dtype", "float32", "--pieces", "walk", "--json",
+                        str(out), "--profile", str(prof)], capture_output=True, text=True, timeout=300, check=False,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root)))
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(out.read_text())

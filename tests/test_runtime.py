@@ -363,7 +363,8 @@ def test_a_walk_launches_its_ops_and_nothing_else(window, monkeypatch):
 def test_prompt_pieces_through_the_walk_equal_the_forward(mixer, attn_layers, sliding):
     """A prompt read whole through the walk's pieces (cold), and its last part read on from a prefix the forward
     read (a prefix cache's next turn): the forward's logits, the same K/V and Mamba states, and the decode step
-    after it gives the model's next logits (sliding-window attention: the pieces mask their window too). Piece lengths 8, 2, 1 (11 tokens, at most 8 a piece) and 4, 1."""
+    after it gives the model's next logits (sliding-window attention: the pieces mask their window too). At most 8
+    tokens a piece: 17 cold = 8 + 8 + 1, 11 resumed = 8 + 2 + 1."""
     model = hybrid(mixer, attn_layers)
     if sliding:
         model.config.sliding_window = sliding

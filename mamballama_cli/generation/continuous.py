@@ -6,9 +6,11 @@ and one decode step over all of them, captured once in a CUDA graph on GPU. Ever
 steps without waiting for each other:
 
 * :meth:`SlotDecoder.join` reads a prompt into a free slot: the prompt goes through the model's own forward on a
-  one-row staging runtime (chunked prefill; a short one through the layer walk, captured per piece length on
-  GPU: :meth:`~mamballama_cli.models.runtime.Runtime.read_on`), then that row's K/V prefix and Mamba state are copied into the slot,
-  overwriting whatever the slot's last request left there. The first token is sampled from the prompt's logits.
+  one-row staging runtime (chunked prefill; a short one through the layer walk, captured per piece length on GPU:
+  :meth:`~mamballama_cli.models.runtime.Runtime.read_on`), then that row's K/V prefix and Mamba state are copied
+  into the slot, overwriting whatever the slot's last request left there. The first token is sampled from the
+  prompt's logits. :meth:`SlotDecoder.begin`, :meth:`~SlotDecoder.advance` and :meth:`~SlotDecoder.finish` do the
+  same a budget of tokens at a time, between steps (`serve --prefill-per-step`).
 * :meth:`SlotDecoder.step` runs one decode step for every slot and returns each slot's new token. Free slots
   compute too (the step is one static graph) but do not advance: their writes stay inside their own row.
 * :meth:`SlotDecoder.leave` frees a slot for the next request.
@@ -187,8 +189,8 @@ class SlotDecoder:
     def advance(self, r: Reading, budget: int | None = None) -> int:
         """Read up to ``budget`` more tokens of the prompt (None: the rest) on the staging runtime; returns how many
         were read. Once the last is read, ``r.done``: the prefix cache keeps the prompt's state, and :meth:`finish`
-        copies it into the slot. A hybrid's prompt that shares blocks with a kept one stops a piece at the end of the shared
-        blocks and keeps the state there too."""
+        copies it into the slot. A hybrid's prompt that shares blocks with a kept one stops a piece at the end of
+        the shared blocks and keeps the state there too."""
         label = torch.profiler.record_function
         n, read = len(r.prompt), 0
         ids = None
