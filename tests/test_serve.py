@@ -636,3 +636,53 @@ def test_serving_with_the_lookup_draft_answers_as_the_model_alone(models, capsys
         assert got.choices[0].text == g.out.rstrip("\n")
     finally:
         s.stop()
+
+
+def test_a_client_leaving_while_its_prompt_is_read_between_steps_frees_the_slot(models, monkeypatch):
+    """The engine in this process: while a row streams, a long prompt is read 2 tokens a step; its client leaves
+    mid-read. The reading is dropped (answered "cancelled", counted), its slot is free again, and the next request
+    is read and answered as when the engine was idle."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import mamballama_cli  # noqa: F401  (registers the hybrid with the Auto classes)
+    from mamballama_cli.serve.engine import Engine, Request
+
+    monkeypatch.setenv("MAMBALLAMA_SERVE_STEP_DELAY", "0.02")
+    model = AutoModelForCausalLM.from_pretrained(models["hybrid"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(models["hybrid"])
+    engine = Engine(model, tok, max_batch=2, max_context=200, prefill_per_step=2, prefix_cache_bytes=0)
+    ended: dict[str, tuple] = {}
+    events = {name: threading.Event() for name in ("long", "late", "next", "alone")}
+
+    def request(name, ids, n):
+        def finish(reason, usage):
+            ended[name] = (reason, usage)
+            events[name].set()
+        return Request(prompt_ids=ids, max_tokens=n, temperature=0.0, finish=finish,
+                       emit=lambda text: ended.setdefault(name + ":text", []).append(text))
+
+    gen = torch.Generator().manual_seed(5)
+    long_prompt = torch.randint(5, 96, (40,), generator=gen).tolist()
+    nxt = torch.randint(5, 96, (9,), generator=gen).tolist()
+    engine.submit(request("long", [7, 8, 9], 150))  # 150 steps of 0.02 s: streams while the rest happens
+    deadline = time.time() + 60
+    while engine.active < 1 and time.time() < deadline:
+        time.sleep(0.01)
+    late = request("late", long_prompt, 5)
+    engine.submit(late)
+    while engine.reading is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert engine.reading is not None and engine.reading[0] is late  # 40 tokens, 2 a step: read over 20 steps
+    late.cancelled.set()
+    assert events["late"].wait(30) and ended["late"][0] == "cancelled"
+    assert engine.cancelled == 1 and engine.reading is None and len(engine.decoder.free) == 1
+    engine.submit(request("next", nxt, 4))  # read 2 tokens a step too, beside the long row
+    assert events["next"].wait(60) and ended["next"][0] == "length"
+    assert engine.read_in_pieces == 1 and engine.joined_running == 1
+    events["long"].wait(60)
+    engine.submit(request("alone", nxt, 4))  # the engine idle: read whole
+    assert events["alone"].wait(60) and ended["alone"][0] == "length"
+    assert "".join(ended["next:text"]) == "".join(ended["alone:text"])
