@@ -322,3 +322,10 @@ def test_a_prompt_read_a_few_tokens_at_a_time_between_steps_joins_as_if_read_who
             paced.leave(reading.slot)
         paced.drop(reading)
         assert sorted(paced.free) == [0, 1] and paced.reading is None
+
+
+def test_piece_graphs_need_cuda():
+    model, _ = tiny_hybrid(attn_layers=(1,), seed=1)
+    with pytest.raises(ValueError, match="pieces='graph' records CUDA graphs; the model is on cpu: give walk or forward"):
+        SlotDecoder(model.eval(), slots=1, capacity=16, capture=False, pieces="graph")
+    assert SlotDecoder(model, slots=1, capacity=16).stage.pieces == "forward"  # the CPU's default

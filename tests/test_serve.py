@@ -276,8 +276,10 @@ LONGER = "next, and then a little more"
 
 def test_a_request_joins_the_running_batch_and_a_client_leaving_mid_stream_frees_its_row(models):
     """Continuous batching: a request joins a batch that is decoding, its prompt read 3 tokens between two steps
-    (--prefill-per-step 3), and answers as it would alone; a client leaving mid-stream frees its row."""
+    (--prefill-per-step 3) through the layer walk (--prompt-pieces walk), and answers as it would alone; a client
+    leaving mid-stream frees its row."""
     s = Server(models["hybrid"], "--max-context", "200", "--prefill-per-step", "3", "--prefix-cache-gb", "0",
+               "--prompt-pieces", "walk",  # prompts through the layer walk's pieces, as CUDA graphs replay it
                env={"MAMBALLAMA_SERVE_STEP_DELAY": "0.05"})  # no prefix cache: the solo answer is read anew
     try:
         host, port = s.url.removeprefix("http://").removesuffix("/v1").split(":")
@@ -582,6 +584,11 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
     assert r.code == 2 and "--draft 'no-such-draft'" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--api-key", " "], capsys)
     assert r.code == 2 and "--api-key is empty" in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--prompt-pieces", "fast"], capsys)
+    assert r.code == 2 and "--prompt-pieces fast: give graph, walk or forward" in r.err, r.err
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--prompt-pieces", "graph"], capsys)  # no CUDA here
+    assert r.code == 2 and "--prompt-pieces graph records CUDA graphs" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1, r.err
 
 
 def test_api_key_guards_the_api_but_not_health_and_never_reaches_the_log(models):

@@ -28,6 +28,10 @@ def command(
                                          "tokens read between two decode steps: a longer prompt joins over several "
                                          "steps, so streaming answers never stall for a whole long prompt; 0: each "
                                          "prompt whole before the next step."),
+    prompt_pieces: str | None = typer.Option(None, "--prompt-pieces", help="How a prompt of at most 1,024 "
+                                                "tokens is read: 'graph' (the layer walk, one CUDA graph per piece "
+                                                "length; the default on CUDA), 'walk' (the same walk, eagerly) or "
+                                                "'forward' (the model's own forward; the default on CPU)."),
     prefix_cache_gb: float = typer.Option(4.0, "--prefix-cache-gb", min=0.0, help="Memory (GB, on the model's "
                                           "device) for decoding states kept after each prompt and answer, so a "
                                           "prompt that repeats or extends an earlier one (a chat's next turn, n "
@@ -55,6 +59,8 @@ def command(
     missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"serve needs {' and '.join(missing)}: pip install 'mamballama[serve]'")
+    if prompt_pieces not in (None, "graph", "walk", "forward"):
+        raise UsageError(f"--prompt-pieces {prompt_pieces}: give graph, walk or forward")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave it out to serve without one")
     from pathlib import Path
@@ -83,6 +89,9 @@ def command(
         k = default_k(draft) if k is None else k
         resolve_draft(draft)  # a bad --draft fails before any weights are read
     lm, tok, path, ctx = load_with_context(model, dtype, device, max_context, "serve")
+    if prompt_pieces == "graph" and next(lm.parameters()).device.type != "cuda":
+        raise UsageError("--prompt-pieces graph records CUDA graphs and the model is not on a GPU: give walk or "
+                         "forward")
     model_name = name or Path(str(path)).name
     draft_model, draft_name = None, ""
     if draft:
@@ -91,7 +100,7 @@ def command(
         lm, draft_model, draft_name = prepare_pair(lm, tok, path, model, draft, dtype, device)
     engine = Engine(lm, tok, max_batch=max_batch, max_context=ctx, prefill_chunk=prefill_chunk, draft=draft_model,
                     k=k or 4, draft_name=draft_name, prefix_cache_bytes=int(prefix_cache_gb * 1e9),
-                    prefill_per_step=prefill_per_step)
+                    prefill_per_step=prefill_per_step, pieces=prompt_pieces)
     app = create_app(engine, model_name, ctx, default_max_tokens=max_tokens, api_key=api_key)
     err(f"serving {model_name} ({engine.mode}, up to {max_batch} at once, context {ctx})"
         + ("; /v1/* needs the API key" if api_key else ""))

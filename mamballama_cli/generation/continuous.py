@@ -75,6 +75,8 @@ class SlotDecoder:
         # prompts (the part after a kept prefix, or short ones whole) read on the staging runtime: short ones through
         # the layer walk, one CUDA graph per piece length where the step is captured (Runtime.read_on)
         pieces = pieces or ("graph" if self.capture else "forward")
+        if pieces == "graph" and self.device.type != "cuda":
+            raise ValueError(f"pieces='graph' records CUDA graphs; the model is on {self.device}: give walk or forward")
         self.stage = Runtime(model, 1, self.capacity, prefill_chunk=prefill_chunk, pieces=pieces)
         dev = self.device
         self.pos = torch.zeros(self.slots, dtype=torch.long, device=dev)  # where each slot's next K/V go

@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096,
                  prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = "",
-                 prefix_cache_bytes: int = 0, prefill_per_step: int = 512):
+                 prefix_cache_bytes: int = 0, prefill_per_step: int = 512, pieces: str | None = None):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
         from mamballama_cli.generation.runners import as_hybrid, is_hybrid
@@ -138,6 +138,7 @@ class Engine:
         # while rows decode, prompt tokens read between two steps (0: whole prompts): a long prompt joins over
         # several steps, so the running answers never wait for all of it
         self.prefill_per_step = int(prefill_per_step)
+        self.pieces = pieces  # how the slot decoder reads short prompts (SlotDecoder's pieces; None: by device)
         self.reading = None  # (request, its Reading): the prompt being read into a slot, a piece per step
         self.read_in_pieces = 0  # requests whose prompt was read over more than one step
         self.prefix_cache_bytes = int(prefix_cache_bytes)  # continuous batching's prefix cache; 0: none
@@ -219,7 +220,8 @@ class Engine:
 
         if self.decoder is None:
             self.decoder = SlotDecoder(self.static_model, self.max_batch, self.max_context,
-                                       prefill_chunk=self.prefill_chunk, prefix_cache_bytes=self.prefix_cache_bytes)
+                                       prefill_chunk=self.prefill_chunk, prefix_cache_bytes=self.prefix_cache_bytes,
+                                       pieces=self.pieces)
         return self.decoder
 
     def _continuous(self, start: Request | None = None) -> None:
