@@ -24,10 +24,10 @@ def command(
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", min=1, help="Prompt tokens per row read "
                                                 "in one piece (default: 4096, fewer for a large batch): bounds "
                                                 "prefill memory."),
-    prefill_per_step: int = typer.Option(512, "--prefill-per-step", min=0, help="While answers decode, prompt "
+    prefill_per_step: int = typer.Option(0, "--prefill-per-step", min=0, help="While answers decode, prompt "
                                          "tokens read between two decode steps: a longer prompt joins over several "
-                                         "steps, so streaming answers never stall for a whole long prompt; 0: each "
-                                         "prompt whole before the next step."),
+                                         "steps, so streaming answers never stall for a whole long prompt, at some "
+                                         "cost in throughput (docs/serve.md); 0: each prompt whole."),
     prompt_pieces: str | None = typer.Option(None, "--prompt-pieces", help="How a prompt of at most 1,024 "
                                                 "tokens is read: 'graph' (the layer walk, one CUDA graph per piece "
                                                 "length; the default on CUDA), 'walk' (the same walk, eagerly) or "

@@ -127,7 +127,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 8, max_context: int = 4096,
                  prefill_chunk: int | None = None, draft=None, k: int = 4, draft_name: str = "",
-                 prefix_cache_bytes: int = 0, prefill_per_step: int = 512, pieces: str | None = None):
+                 prefix_cache_bytes: int = 0, prefill_per_step: int = 0, pieces: str | None = None):
         from mamballama_cli.generation.fast import unsupported_reason
         from mamballama_cli.generation.result import stop_token_ids
         from mamballama_cli.generation.runners import as_hybrid, is_hybrid
