@@ -418,6 +418,7 @@ def test_piece_lengths_and_the_longest_piece():
     assert piece_max(llama8b, 4096 + 136) == 256  # a 4K chat: the longest piece the cap allows
     assert piece_max(llama8b, 32768) == 64 and 64 * 32 * 32768 <= PIECE_SCORES  # 32K: its scores bounded
     assert piece_max(llama8b, 1 << 22) == 16  # never below 16
+    assert piece_max(llama8b, 4096 + 136, batch_size=4) == 64  # every row's scores count (123 fit: 64)
 
 
 def test_pieces_bad_value_and_where_the_forward_stays():

@@ -123,7 +123,7 @@ class Runtime:
         # short prompts through the walk (:meth:`read_on`): "walk" eagerly, "graph" one CUDA graph per piece length
         self.pieces = pieces if window == 0 and self.fc_w is None else "forward"
         self.piece_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # where the piece's first token goes
-        self.piece_max = piece_max(model.config, self.capacity)
+        self.piece_max = piece_max(model.config, self.capacity, self.batch_size)
         self.piece_graphs: dict[int, tuple[object, Tensor, Tensor]] = {}  # length -> (graph, its ids, its logits)
         self.piece_pool = None  # one memory pool for every piece graph: they never run at once
 
@@ -223,7 +223,7 @@ class Runtime:
             for T in piece_lengths(n, self.piece_max):
                 self.piece_pos.fill_(start + done)
                 if self.pieces == "graph":
-                    graph, _, logits = self.warm_piece(T, ids[:, done : done + T])
+                    graph, logits = self.warm_piece(T, ids[:, done : done + T])
                     graph.replay()
                 else:
                     logits = self._piece(ids[:, done : done + T])
@@ -234,10 +234,10 @@ class Runtime:
     def _piece(self, ids: Tensor) -> Tensor:
         return self.walk(ids, self.step(pos=self.piece_pos, piece=True), last=True)
 
-    def warm_piece(self, T: int, ids: Tensor | None = None) -> tuple[object, Tensor, Tensor]:
+    def warm_piece(self, T: int, ids: Tensor | None = None) -> tuple[object, Tensor]:
         """The CUDA graph of a piece of ``T`` tokens at ``piece_pos`` (recorded on first use: its warm-up runs
         write the K/V at ``piece_pos`` onwards and change the Mamba states, which are restored before the
-        recording); ``ids`` are copied into its input first. Returns (graph, its ids buffer, its logits)."""
+        recording); ``ids`` are copied into its input first. Returns (graph, its logits)."""
         if T not in self.piece_graphs:
             with torch.inference_mode(False):  # a plain tensor, written in or out of inference mode later
                 buf = torch.zeros(self.batch_size, T, dtype=torch.long, device=self.device)
@@ -253,7 +253,7 @@ class Runtime:
         graph, buf, logits = self.piece_graphs[T]
         if ids is not None:
             buf.copy_(ids)
-        return graph, buf, logits
+        return graph, logits
 
     def reset(self) -> None:
         self.cache.reset()
@@ -264,11 +264,12 @@ PIECE_TOKENS = 1024  # prompts of at most this many tokens go through :meth:`Run
 PIECE_SCORES = 1 << 26  # attention scores (heads x queries x buffer positions) one piece may hold
 
 
-def piece_max(config, capacity: int) -> int:
+def piece_max(config, capacity: int, batch_size: int = 1) -> int:
     """The longest piece :meth:`Runtime.read_on` runs: a power of two, at most 256, and small enough that one
-    attention layer's masked scores over the whole buffer stay under :data:`PIECE_SCORES` (at least 16)."""
+    attention layer's masked scores over the whole buffer (every row's) stay under :data:`PIECE_SCORES` (at
+    least 16)."""
     heads = int(getattr(config, "num_attention_heads", 1))
-    most = max(1, PIECE_SCORES // max(1, heads * int(capacity)))
+    most = max(1, PIECE_SCORES // max(1, heads * int(capacity) * int(batch_size)))
     return max(16, min(256, 1 << (most.bit_length() - 1)))
 
 

@@ -285,7 +285,8 @@ class Engine:
                     waiting.pop(0)
                 if not waiting or not dec.free:
                     return
-                self.reading = (waiting.pop(0), None, [0])  # its Reading once begun
+                # (the request, its Reading once begun, the steps it has been read over so far)
+                self.reading = (waiting.pop(0), None, [0])
             req, r, calls = self.reading
             if req.cancelled.is_set():  # the client left before its first token
                 if r is not None:
