@@ -160,7 +160,7 @@ for step in $STEPS; do
                  timeout "$(left 240)" python3 benchmarks/prefix_cache.py --shape llama3-8b --ratio 0.25 --context 4096 \
                      --turn 128 --reps 2 --json "$OUT/prefix-cache-8b.json" --profile "$OUT/prefix-cache-profile.txt" \
                      > "$OUT/prefix-cache.txt" 2>&1; echo "exit $?"; grep -v "^USDT\|Activity" "$OUT/prefix-cache.txt" | tail -4
-                 grep "phases" "$OUT/prefix-cache.txt"
+                 grep -E "phases|against the forward" "$OUT/prefix-cache.txt"
                  grep -E "prefix_cache\.|  prefill |runtime\.read_on|slot\.copy_in|Self CPU time total|Self CUDA time total" \
                      "$OUT/prefix-cache-profile.txt" 2>/dev/null | cut -c1-200 | head -14 ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;

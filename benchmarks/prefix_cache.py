@@ -93,6 +93,9 @@ def main(argv=None) -> dict:
     phases = phase_times(hot, dev, lambda: torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist(),
                          lambda: torch.randint(3, hc.vocab_size, (args.turn,), generator=gen).tolist(), timed)
     print("a next turn's phases, synchronised (ms):", {k: round(v * 1e3, 2) for k, v in phases.items()}, flush=True)
+    agree = same_logits(hot.stage, pieces, torch.randint(3, hc.vocab_size, (args.context + args.turn,), generator=gen),
+                        args.context)
+    print(f"a next turn's logits, {pieces} against the forward:", agree, flush=True)
     if args.profile:
         first = torch.randint(3, hc.vocab_size, (args.context,), generator=gen).tolist()
         timed(hot, first)
@@ -102,7 +105,7 @@ def main(argv=None) -> dict:
     measured = rows[1:]
     out = {**run_facts(argv), "shape": args.shape, "ratio": args.ratio, "attn_layers": hc.attn_layers,
            "context": args.context, "turn": args.turn, "dtype": args.dtype, "pieces": pieces, "rows": rows,
-           "next_turn_phases_s": phases}
+           "next_turn_phases_s": phases, "next_turn_pieces_vs_forward": agree}
     for key in ("first_cold_s", "next_turn_kept_s", "next_turn_kept_forward_s", "next_turn_whole_s", "repeat_kept_s",
                 "branch_second_s", "branch_third_s"):
         out[key + "_median"] = statistics.median(r[key] for r in measured)
@@ -115,6 +118,25 @@ def main(argv=None) -> dict:
                   f"{ms['next_turn_kept_forward']:.1f} through the forward) vs {ms['next_turn_whole']:.1f} ms whole "
                   f"({out['next_turn_speedup']:.1f}x); a repeated prompt {ms['repeat_kept']:.2f} ms; a shared beginning: "
                   f"the second request {ms['branch_second']:.1f} ms, the third {ms['branch_third']:.1f} ms", args.json)
+
+
+def same_logits(stage, pieces: str, tokens, context: int) -> dict:
+    """Whether a next turn read ``pieces``'s way gives the forward's logits: the first ``context`` of ``tokens`` read
+    on the staging runtime, the rest read on from there, once each way (the relative error of the logits, and
+    whether their argmax agrees)."""
+    import torch
+
+    ids = tokens[None].to(stage.device)
+    got = {}
+    for mode in (pieces, "forward"):
+        stage.pieces = "forward"
+        stage.prefill(ids[:, :context])
+        stage.pieces = mode
+        got[mode] = stage.prefill(ids[:, context:], resume=True).float()
+    stage.pieces = pieces
+    a, b = got[pieces], got["forward"]
+    return {"rel_err": float((a - b).norm() / b.norm().clamp_min(1e-30)),
+            "same_argmax": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
 
 
 def phase_times(dec, dev, context, turn, timed) -> dict[str, float]:

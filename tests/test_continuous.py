@@ -266,6 +266,8 @@ def test_the_prefix_cache_benchmark_reports_each_case_with_its_cached_tokens(tmp
     got = json.loads(out.read_text())
     rows = got["rows"]
     assert got["pieces"] == "walk" and got["next_turn_kept_forward_s_median"] > 0  # the A/B's other side
+    agree = got["next_turn_pieces_vs_forward"]  # the walk's next turn gives the forward's logits (float32)
+    assert agree["rel_err"] < 1e-4 and agree["same_argmax"], agree
     assert all(row["next_turn_cached_tokens"] == row["repeat_cached_tokens"] == 40 for row in rows)
     assert all((row["branch_second_cached_tokens"], row["branch_third_cached_tokens"]) == (0, 32) for row in rows)
     phases = json.loads(out.read_text())["next_turn_phases_s"]  # the synchronised breakdown of one next turn
