@@ -503,3 +503,25 @@ def test_piece_graphs_recorded_in_inference_mode_serve_calls_outside_it(monkeypa
         got = rt.prefill(ids(4, 1, seed=2))
         want = model(ids(4, 1, seed=2)).logits[:, -1]
     assert rel(got, want) < TOL
+
+
+def test_copy_row_moves_one_rows_prefix_and_state_and_nothing_else():
+    """HybridCache.copy_row (a prefix cache's restore, a slot's copy-in; one _foreach_copy_ call): row 1 of a
+    two-row cache takes row 0 of another cache's first 5 positions of K/V and its whole Mamba state; row 0 and the
+    positions from 5 on keep what they held."""
+    model = hybrid("mamba2")
+    src, dst = HybridCache(model, 1, max_length=12), HybridCache(model, 2, max_length=12)
+    gen = torch.Generator().manual_seed(3)
+    for cache in (src, dst):
+        for t in [*cache.key.values(), *cache.value.values(), *(x for s in cache.mamba.values() for x in s.values())]:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    before = {id(t): t.clone() for t in [*dst.key.values(), *dst.value.values()]}
+    before_state = {(i, k): t.clone() for i, s in dst.mamba.items() for k, t in s.items()}
+    dst.copy_row(src, 0, 1, 5)
+    for d, s in ((dst.key, src.key), (dst.value, src.value)):
+        for i in d:
+            assert torch.equal(d[i][1, :, :5], s[i][0, :, :5])
+            assert torch.equal(d[i][1, :, 5:], before[id(d[i])][1, :, 5:]) and torch.equal(d[i][0], before[id(d[i])][0])
+    for i, state in dst.mamba.items():
+        for k, t in state.items():
+            assert torch.equal(t[1], src.mamba[i][k][0]) and torch.equal(t[0], before_state[(i, k)][0])
