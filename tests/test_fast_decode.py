@@ -326,8 +326,11 @@ def test_prompt_piece_graphs_equal_the_eager_walk_and_the_forward(dtype):
     assert rel_err(got["graph"][0], got["walk"][0]) < exact and rel_err(got["graph"][1], got["walk"][1]) < exact
     for pieces in ("graph", "forward"):
         assert rel_err(got[pieces][0], want) < tol and rel_err(got[pieces][1], want) < tol, pieces
+    # a state sums a whole prompt, and the forward's chunked scan adds it up in another order than the pieces' scan
+    # (float32 on an H100: 1.06e-4 for 150 tokens, where the logits agree within 1e-4)
+    state_tol = 1e-3 if dtype == torch.float32 else tol
     for a, b in zip(got["graph"][2] + got["graph"][3], got["forward"][2] + got["forward"][3]):
-        assert rel_err(a.float(), b.float()) < tol
+        assert rel_err(a.float(), b.float()) < state_tol
 
 
 def rel_err(a, b) -> float:

@@ -307,6 +307,7 @@ class SlotDecoder:
             pool = self.graphs[greedy].pool()
         self._clear()
         if self.stage.pieces == "graph":  # every piece length a prompt can need, recorded now rather than mid-request
+            self.stage.piece_pos.zero_()  # the warm-up runs write K/V from here: the longest piece fits from 0
             for k in range(self.stage.piece_max.bit_length()):
                 self.stage.warm_piece(1 << k)
 

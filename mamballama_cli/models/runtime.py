@@ -267,10 +267,11 @@ PIECE_SCORES = 1 << 26  # attention scores (heads x queries x buffer positions) 
 def piece_max(config, capacity: int, batch_size: int = 1) -> int:
     """The longest piece :meth:`Runtime.read_on` runs: a power of two, at most 256, and small enough that one
     attention layer's masked scores over the whole buffer (every row's) stay under :data:`PIECE_SCORES` (at
-    least 16)."""
+    least 16), and never longer than the buffer (a piece graph is recorded at position 0: its K/V must fit)."""
     heads = int(getattr(config, "num_attention_heads", 1))
     most = max(1, PIECE_SCORES // max(1, heads * int(capacity) * int(batch_size)))
-    return max(16, min(256, 1 << (most.bit_length() - 1)))
+    fits = 1 << (max(1, int(capacity)).bit_length() - 1)
+    return min(fits, max(16, min(256, 1 << (most.bit_length() - 1))))
 
 
 def piece_lengths(n: int, most: int) -> list[int]:
