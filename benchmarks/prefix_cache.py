@@ -128,11 +128,12 @@ def same_logits(stage, pieces: str, tokens, context: int) -> dict:
 
     ids = tokens[None].to(stage.device)
     got = {}
-    for mode in (pieces, "forward"):
-        stage.pieces = "forward"
-        stage.prefill(ids[:, :context])
-        stage.pieces = mode
-        got[mode] = stage.prefill(ids[:, context:], resume=True).float()
+    with torch.no_grad():  # as the slot decoder reads (its warning on the H100: no graph of autograd wanted here)
+        for mode in (pieces, "forward"):
+            stage.pieces = "forward"
+            stage.prefill(ids[:, :context])
+            stage.pieces = mode
+            got[mode] = stage.prefill(ids[:, context:], resume=True).float()
     stage.pieces = pieces
     a, b = got[pieces], got["forward"]
     return {"rel_err": float((a - b).norm() / b.norm().clamp_min(1e-30)),
