@@ -7,6 +7,8 @@
 # profilespec (the same for a plain step and a K=4 verify call at the default teacher's 50% shape, issue 18),
 # profilev (the same at the 8B shape: which kernels a verify call adds, issue 15),
 # piecetest (the gpu tests of a short prompt's pieces in CUDA graphs and of continuous batching with them),
+# servecuda (tests/test_serve.py and tests/test_chat.py on CUDA, where serve and chat capture their steps and read
+# prompts through the piece graphs; carry .whl-serve),
 # fasttests / optests / modeltests / tests (gpu tests of test_fast_decode, of the ops, the model-level
 # fast-vs-reference test, all), full (the whole speed benchmark), verify (one verify call vs one decode step at
 # the 8B shape), verifyx (verify with the gemv op's EXTRA tiles offered to its 2-8-row autotuner), verifyg (every
@@ -89,19 +91,23 @@ gputest() {  # name, timeout cap, pytest selection...
     # the tuning (the largest share of most parts on 2026-12-06). Tests only: the tile a test runs is checked
     # against its reference whichever it is, while the benchmarks (speed, verify) still tune on their own card.
     TRITON_CACHE_AUTOTUNING=1 MAMBALLAMA_GPU_TIMES="$OUT/times-$name.jsonl" timeout "$(left "$cap")" python3 -m pytest -v -rfE --durations=8 \
-        -m gpu -p no:cacheprovider -o addopts="" "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
+        -m "${MARK:-gpu}" -p no:cacheprovider -o addopts="" "${par[@]}" "$@" > "$OUT/tests-$name.log" 2>&1
     echo "pytest exit $?"; grep -E "PASSED|FAILED|ERROR|passed|failed|error" "$OUT/tests-$name.log" | tail -40
     [ -s "$OUT/times-$name.jsonl" ] && python3 benchmarks/gpu_test_times.py "$OUT/times-$name.jsonl" --top 6
     true
+}
+
+serve_wheels() {  # fastapi, uvicorn and openai (the serve extra, and the client its tests use) from wheels carried in
+    # .whl-serve, where the image lacks them (docs/gpu.md says how to download them)
+    python3 -c "import fastapi, uvicorn, openai" 2>/dev/null || python3 -m pip install -q --no-index \
+        --find-links .whl-serve fastapi uvicorn openai || echo "note: no fastapi/uvicorn/openai: carry .whl-serve"
 }
 
 serve_pair() {  # issue 17's serve line: the default teacher and its 50% hybrid, SERVE_CLIENTS clients at SERVE_PROMPT
     # tokens, same engine (needs `park` in an earlier call on this machine, carrying .teacher-a; this one carries
     # .teacher-b)
     stamp "serve: convert the default teacher's 50% hybrid"
-    # fastapi and uvicorn (the serve extra) from wheels carried in .whl-serve, where the image lacks them
-    python3 -c "import fastapi, uvicorn" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl-serve \
-        fastapi uvicorn || echo "note: no fastapi/uvicorn: carry .whl-serve (pip download fastapi uvicorn ...)"
+    serve_wheels
     assemble_teacher
     timeout "$(left 240)" python3 -m mamballama_cli convert default --ratio 0.5 --output /tmp/h50 --force --json \
         > "$OUT/serve-convert.json" 2> "$OUT/serve-convert.log"; echo "convert exit $?"
@@ -164,7 +170,9 @@ for step in $STEPS; do
                  grep -E "prefix_cache\.|  prefill |runtime\.read_on|slot\.copy_in|Self CPU time total|Self CUDA time total" \
                      "$OUT/prefix-cache-profile.txt" 2>/dev/null | cut -c1-200 | head -14 ;;
         fasttests) gputest fast 150 tests/test_fast_decode.py ;;
-        piecetest) gputest pieces 110 tests/test_fast_decode.py -k "piece_graphs or continuous_batching" ;;
+        piecetest) gputest pieces 300 tests/test_fast_decode.py -k "piece_graphs or continuous_batching" ;;
+        servecuda) serve_wheels  # the serve and chat tests (CPU tests) on CUDA: captured steps and piece graphs
+                 MARK="not slow" gputest servecuda 300 tests/test_serve.py tests/test_chat.py ;;
         optests) gputest ops 300 tests/test_gpu_ops.py -k "not hybrid_forward_backward" ;;
         modeltests) gputest model 150 tests/test_gpu_ops.py -k hybrid_forward_backward ;;
         tests) gputest all 400 tests/test_gpu_ops.py tests/test_fast_decode.py ;;

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The next device session's calls, as docs/gpu.md ("Next on the H200") plans them, each branching on the card that
 # came: an H200 measures the issues' lines; an H100 runs the same gpu suite and verify call as their proxy.
-# From the project root on the device machine; give each call a limit of 590 s. Every call carries .whl .gpu (and
-# .tcache where this checkout has one: Triton's compiled kernels from an earlier session).
+# From the project root on the device machine; give each call a limit of 590 s. Every call carries .whl .gpu .whl-serve
+# (and .tcache where this checkout has one: Triton's compiled kernels from an earlier session).
 #
 #   call 1:  LEFT=<device seconds left> bash benchmarks/next_session.sh 1   (below 640 s: verifyr alone; an H100:
-#            piecetest and prefixprof in one deadline)
+#            piecetest alone)
 #   call 2:  bash benchmarks/next_session.sh 2
 #   call 3:  bash benchmarks/next_session.sh 3
 #   call 4:  LEFT=<device seconds left> bash benchmarks/next_session.sh 4
@@ -16,10 +16,12 @@
 # against 234.5 tok/s there on 2026-12-05, waits on the user's call on the gate); 2, 3 = the whole gpu suite on the
 # H200 (issues 15, 17), part1+part2, then part3+part6; 4 = part4+part5 (the large-shape test is in part5) and the
 # Triton cache, within LEFT.
-# H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = the prompt-piece graphs'
-# gpu test (piecetest: the forty-third session's fix for the host-bound prefill piece, not yet run on a GPU), the
-# prefix cache's next turn at the 8B shape (prefixprof: 69-95 ms through the forward, host-bound; now through the
-# piece graphs, with the forward beside it in every repetition; verifyr, an H100 proxy measured four times, left out);
+# H100 (the gate's quality at 25% attention was measured in the thirty-sixth session): 1 = the gpu tests of the
+# prompt-piece graphs and of continuous batching through them (piecetest: the forty-fourth session's H100 passed the
+# first, and the second found a piece graph recorded past a short buffer, fixed but not rerun), then the serve and
+# chat tests on CUDA (servecuda, carrying .whl-serve: serve's default there is the captured step with piece graphs;
+# the prefix cache's 8B next turn, prefixprof, was timed in the forty-fourth session: 14.8 ms; verifyr, an H100
+# proxy measured four times, left out);
 # 2-4 as on the H200 (part1 and part3-6 passed on an H100 in the forty-first session, part2 in the fortieth). The
 # H100 sessions so far measured the H200's lines as proxies (the suite passing, verify 1.037x and 1.049-1.050x, the
 # 12.5% hybrid 6.79x its teacher at 32K).
@@ -56,13 +58,15 @@ if [[ "$card" == *H200* ]]; then
   first=("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
          "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr")
 else
-  first=("DEADLINE=120 bash benchmarks/gpu_session.sh piecetest" "DEADLINE=250 bash benchmarks/gpu_session.sh prefixprof")
+  first=("JOBS=4 DEADLINE=300 bash benchmarks/gpu_session.sh piecetest"
+         "JOBS=4 DEADLINE=250 bash benchmarks/gpu_session.sh servecuda")
 fi
-alone=verifyr  # below 640 s: one step (an H100: the piece graphs' test and the next turn in one deadline)
-[[ "$card" == *H200* ]] || alone="piecetest prefixprof"
+alone=verifyr  # below 640 s: one step (an H100: the piece graphs' and continuous batching's gpu tests)
+[[ "$card" == *H200* ]] || alone="piecetest"
 parts=(part1+part2 part3+part6 part4+part5)
+jobs=""; [[ "$card" == *H200* ]] || jobs="JOBS=4 "  # the four piece and batching tests on four workers
 case "$step" in
-  1) if (( low < 640 )); then run "DEADLINE=$short bash benchmarks/gpu_session.sh $alone"
+  1) if (( low < 640 )); then run "${jobs}DEADLINE=$short bash benchmarks/gpu_session.sh $alone"
      else for command in "${first[@]}"; do run "$command"; done; fi ;;
   2|3) run "JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh ${parts[step - 2]}" ;;
   4) run "JOBS=6 DEADLINE=$deadline bash benchmarks/gpu_session.sh ${parts[2]} tcache" ;;

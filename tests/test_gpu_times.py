@@ -346,7 +346,7 @@ _H200 = {"1": ["DEADLINE=240 bash benchmarks/gpu_session.sh verifyr"],  # LEFT=3
          "2": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part1+part2"],
          "3": ["JOBS=6 DEADLINE=560 bash benchmarks/gpu_session.sh part3+part6"],
          "4": ["JOBS=6 DEADLINE=260 bash benchmarks/gpu_session.sh part4+part5 tcache"]}  # LEFT=300, less 40
-_H100 = {**_H200, "1": ["DEADLINE=240 bash benchmarks/gpu_session.sh piecetest prefixprof"]}  # the same parts
+_H100 = {**_H200, "1": ["JOBS=4 DEADLINE=240 bash benchmarks/gpu_session.sh piecetest"]}  # the same parts
 
 
 @pytest.mark.parametrize("card,calls", [("NVIDIA H200", _H200), ("NVIDIA H100 80GB HBM3", _H100)])
@@ -367,11 +367,12 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     bad = subprocess.run(["bash", "benchmarks/next_session.sh", "5"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60, check=False)
     assert bad.returncode == 2 and "give 1, 2, 3 or 4" in bad.stderr
-    # call 1 by LEFT: from 640 s the H200 times issue 17's 32K batch and verifyr, an H100 runs the prompt-piece
-    # graphs' gpu test and profiles the prefix cache's next turn; call 1 without LEFT is refused before anything runs
+    # call 1 by LEFT: from 640 s the H200 times issue 17's 32K batch and verifyr, an H100 runs the gpu tests of the
+    # prompt-piece graphs and continuous batching, then the serve and chat tests on CUDA; call 1 without LEFT is
+    # refused before anything runs
     verifyr, maxbatch = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr", "DEADLINE=310 bash benchmarks/gpu"
-    h100 = ["DEADLINE=120 bash benchmarks/gpu_session.sh piecetest",
-            "DEADLINE=250 bash benchmarks/gpu_session.sh prefixprof"]
+    h100 = ["JOBS=4 DEADLINE=300 bash benchmarks/gpu_session.sh piecetest",
+            "JOBS=4 DEADLINE=250 bash benchmarks/gpu_session.sh servecuda"]
     for left, wants in [("1500", h100 if "H100" in card else [maxbatch, verifyr]),
                         ("700", h100 if "H100" in card else [maxbatch, verifyr])]:
         first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": left},

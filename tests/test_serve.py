@@ -586,7 +586,8 @@ def test_serve_refuses_bad_options_in_one_line(models, capsys):
     assert r.code == 2 and "--api-key is empty" in r.err and len(r.err.strip().splitlines()) == 1, r.err
     r = run_cli(["serve", models["hybrid"], "--port", "0", "--prompt-pieces", "fast"], capsys)
     assert r.code == 2 and "--prompt-pieces fast: give graph, walk or forward" in r.err, r.err
-    r = run_cli(["serve", models["hybrid"], "--port", "0", "--prompt-pieces", "graph"], capsys)  # no CUDA here
+    # graph pieces on the CPU (named, so that the check holds on the CUDA machine too, where serve would start)
+    r = run_cli(["serve", models["hybrid"], "--port", "0", "--device", "cpu", "--prompt-pieces", "graph"], capsys)
     assert r.code == 2 and "--prompt-pieces graph records CUDA graphs" in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1, r.err
 
