@@ -4,7 +4,7 @@ slot at its own position, and every request gets the greedy tokens it gets alone
 import pytest
 import torch
 
-from helpers import decode_with_cache, tiny_hybrid
+from helpers import StandInGraph, decode_with_cache, tiny_hybrid
 from mamballama_cli.generation.continuous import SlotDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -324,6 +324,39 @@ def test_a_prompt_read_a_few_tokens_at_a_time_between_steps_joins_as_if_read_who
             paced.leave(reading.slot)
         paced.drop(reading)
         assert sorted(paced.free) == [0, 1] and paced.reading is None
+
+
+def test_captured_steps_and_piece_graphs_record_within_a_short_buffer_and_answer_as_the_eager_walk(monkeypatch):
+    """step_warm with the decode step captured and prompts read in piece graphs, on a CPU with a stand-in for the
+    CUDA graph (helpers.StandInGraph): it records every piece length a 40-position buffer allows and no longer one
+    (on an H100 the warm-up of a 256-token piece wrote past a 200-token buffer), and requests read through those
+    pieces, a next turn from the prefix cache among them, answer as through the eager walk and as alone."""
+    from mamballama_cli.generation import continuous
+    from mamballama_cli.models import runtime as rtmod
+
+    def capture(fn, device, warmup=2, before=None, pool=None):
+        for _ in range(warmup):
+            fn()
+        if before is not None:
+            before()
+        return StandInGraph.record(fn, before)
+
+    monkeypatch.setattr(rtmod, "capture_graph", capture)
+    monkeypatch.setattr(continuous, "capture_graph", capture)
+    model, _ = tiny_hybrid(attn_layers=(1, 3), seed=8)
+    model.eval()
+    p = torch.randint(3, 96, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    graphed = SlotDecoder(model, slots=2, capacity=40, capture=True, prefix_cache_bytes=1 << 30, pieces="walk")
+    graphed.stage.pieces = "graph"  # refused off CUDA when asked for; the stand-in records the pieces here
+    eager = SlotDecoder(model, slots=2, capacity=40, capture=False, prefix_cache_bytes=1 << 30, pieces="walk")
+    with torch.no_grad():
+        a = _answer(graphed, p, 6)[0]
+        assert set(graphed.graphs) == {True, False}
+        assert sorted(graphed.stage.piece_graphs) == [1, 2, 4, 8, 16, 32]  # every length up to the buffer's 40
+        assert a == _answer(eager, p, 6)[0] == _solo(model, p, 6)
+        turn2 = p + a + [5, 9]  # the next turn: 26 tokens kept, 3 read through the pieces (2 + 1)
+        b, cached = _answer(graphed, turn2, 5)
+        assert cached == len(p) + 5 and b == _answer(eager, turn2, 5)[0] == _solo(model, turn2, 5)
 
 
 def test_piece_graphs_need_cuda():

@@ -8,7 +8,7 @@ on tiny random hybrids, Mamba-2 and Mamba-1, with and without attention layers.
 import pytest
 import torch
 
-from helpers import tiny_hybrid
+from helpers import StandInGraph, tiny_hybrid
 from mamballama_cli.models.cache import HybridCache
 from mamballama_cli.models.runtime import Runtime
 from mamballama_cli.models.step import OpTable, Step
@@ -433,29 +433,6 @@ def test_pieces_bad_value_and_where_the_forward_stays():
     rt.prefill(ids(20, 1))
     with pytest.raises(RuntimeError, match="20 cached \\+ 21 new tokens: the cache holds 40"):
         rt.prefill(ids(21, 1), resume=True)
-
-
-class StandInGraph:
-    """A CUDA graph's stand-in on a CPU: :meth:`record` runs the call once for its output's shape and undoes what
-    it did (``before``: a recording runs nothing), and :meth:`replay` reruns the call into that output."""
-
-    def __init__(self, fn, out):
-        self.fn, self.out = fn, out
-
-    @classmethod
-    def record(cls, fn, before):
-        out = fn()
-        with torch.inference_mode(False):  # a real graph's replay writes its output whatever the mode
-            out = out.clone()
-        before()
-        graph = cls(fn, out)
-        return graph, out
-
-    def replay(self):
-        self.out.copy_(self.fn())
-
-    def pool(self):
-        return "pool"
 
 
 def test_piece_graph_bookkeeping_with_a_stand_in_graph_on_cpu(monkeypatch):
