@@ -58,8 +58,8 @@ if [[ "$card" == *H200* ]]; then
   first=("RATIO=0.125 MAXBATCH_CONTEXTS=32k DEADLINE=310 bash benchmarks/gpu_session.sh maxbatch"
          "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr")
 else
-  first=("JOBS=4 DEADLINE=300 bash benchmarks/gpu_session.sh piecetest"
-         "JOBS=4 DEADLINE=250 bash benchmarks/gpu_session.sh servecuda")
+  first=("JOBS=4 DEADLINE=280 bash benchmarks/gpu_session.sh piecetest"
+         "JOBS=4 DEADLINE=280 bash benchmarks/gpu_session.sh servecuda")
 fi
 alone=verifyr  # below 640 s: one step (an H100: the piece graphs' and continuous batching's gpu tests)
 [[ "$card" == *H200* ]] || alone="piecetest"

@@ -371,8 +371,8 @@ def test_next_session_runs_the_plan_for_the_card_that_came(tmp_path, card, calls
     # prompt-piece graphs and continuous batching, then the serve and chat tests on CUDA; call 1 without LEFT is
     # refused before anything runs
     verifyr, maxbatch = "DEADLINE=250 bash benchmarks/gpu_session.sh verifyr", "DEADLINE=310 bash benchmarks/gpu"
-    h100 = ["JOBS=4 DEADLINE=300 bash benchmarks/gpu_session.sh piecetest",
-            "JOBS=4 DEADLINE=250 bash benchmarks/gpu_session.sh servecuda"]
+    h100 = ["JOBS=4 DEADLINE=280 bash benchmarks/gpu_session.sh piecetest",
+            "JOBS=4 DEADLINE=280 bash benchmarks/gpu_session.sh servecuda"]
     for left, wants in [("1500", h100 if "H100" in card else [maxbatch, verifyr]),
                         ("700", h100 if "H100" in card else [maxbatch, verifyr])]:
         first = subprocess.run(["bash", "benchmarks/next_session.sh", "1"], cwd=ROOT, env={**env, "LEFT": left},
