@@ -420,7 +420,7 @@ def test_piece_lengths_and_the_longest_piece():
     assert piece_max(llama8b, 1 << 22) == 16  # never below 16
     assert piece_max(llama8b, 4096 + 136, batch_size=4) == 64  # every row's scores count (123 fit: 64)
     # never past the buffer: a piece graph's warm-up writes K/V from position 0 (an H100 found an index past a
-    # 43-token buffer when every length up to 256 was recorded)
+    # 200-token buffer when every length up to 256 was recorded)
     assert piece_max(llama8b, 43) == 32 and piece_max(llama8b, 8) == 8 and piece_max(llama8b, 1) == 1
 
 
